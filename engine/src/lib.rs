@@ -1,0 +1,8 @@
+//! sxm-engine: the control plane of an sxm host.
+//!
+//! This crate will own the storage interface's model (`vdi_info`, `Mirror.t`, task records and
+//! the `Storage_error` variants with their exact wire tags), the `Backend` trait that each SR type
+//! implements, the mux that routes `SR.*`, `VDI.*` and `DP.*` calls by SR type, the staged
+//! migration with rollback, persisted state, tasks, the JSON-RPC and XML-RPC codecs, and the HTTP
+//! server and client. It names no backend and uses nothing else of ours: the `sxm` binary
+//! registers the backends (see `../shared/DESIGN.md`, "Layout").

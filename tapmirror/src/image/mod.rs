@@ -1,0 +1,169 @@
+//! Disk images behind one trait: what the NBD server, the copy and the mirror need of a disk.
+//!
+//! The trait is defined here by its consumers (the server and, later, copy and mirror) and
+//! implemented per format: `raw` now; VHD and qcow2 implement the same trait. Operations take
+//! owned buffers (see `io::IoBuf`) so a driver can hand them to io_uring without copying.
+//!
+//! ```text
+//!            Image (size, features, read, write, write_zeroes, trim, flush, allocation)
+//!              ▲
+//!     ┌────────┼──────────┐
+//!   RawImage  (VhdImage)  (Qcow2Image)      (the latter two: the image-format issue)
+//! ```
+
+pub mod raw;
+
+use std::future::Future;
+use std::io;
+use std::sync::Arc;
+
+use crate::io::{Durability, IoBuf};
+
+pub use raw::RawImage;
+
+/// What an image can do; the server derives its transmission flags from this.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Features {
+    /// Writes, zeroes and trims are refused.
+    pub read_only: bool,
+    /// `trim` can deallocate.
+    pub trim: bool,
+    /// `write_zeroes` with `ZeroAlloc::Keep` and `ZeroSpeed::FastOnly` can succeed (zeroing is
+    /// cheaper than writing zeroes).
+    pub fast_zero: bool,
+    /// Every handle to the image sees the same data and one flush covers all of them, so several
+    /// NBD connections may share it (`NBD_FLAG_CAN_MULTI_CONN`).
+    pub multi_conn: bool,
+}
+
+/// Whether zeroing may deallocate the range.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ZeroAlloc {
+    /// The range may become a hole (NBD's default).
+    MayDeallocate,
+    /// The range must stay allocated (`NBD_CMD_FLAG_NO_HOLE`).
+    Keep,
+}
+
+/// Whether a slow zeroing (writing zero buffers) is acceptable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ZeroSpeed {
+    /// Any way that leaves zeroes.
+    Any,
+    /// Fail with `ImageError::NotFast` rather than write zero buffers (`NBD_CMD_FLAG_FAST_ZERO`).
+    FastOnly,
+}
+
+/// What a range of an image holds, as far as the format knows without reading data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExtentState {
+    /// Allocated; may hold anything.
+    Data,
+    /// Allocated and known to read as zeroes.
+    Zero,
+    /// Not allocated; reads as zeroes (or, in a chain, from the parent).
+    Hole,
+}
+
+/// A run of one state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Extent {
+    /// First byte.
+    pub offset: u64,
+    /// Length in bytes (never 0).
+    pub length: u64,
+    /// What the run holds.
+    pub state: ExtentState,
+}
+
+/// Why an image operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    /// The range does not lie inside the image.
+    #[error("range {offset}+{length} outside image of {size} bytes")]
+    OutOfRange {
+        /// First byte asked for.
+        offset: u64,
+        /// Bytes asked for.
+        length: u64,
+        /// Image size.
+        size: u64,
+    },
+    /// The image is read-only.
+    #[error("image is read-only")]
+    ReadOnly,
+    /// Fast zeroing was asked for and is not possible here.
+    #[error("zeroing would not be faster than writing")]
+    NotFast,
+    /// The operating system refused the I/O.
+    #[error("{op} at offset {offset}")]
+    Io {
+        /// Operation that failed.
+        op: &'static str,
+        /// Where.
+        offset: u64,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl ImageError {
+    /// The OS error number underneath, if any (to map `ENOSPC` and friends onto the wire).
+    pub fn raw_os_error(&self) -> Option<i32> {
+        match self {
+            ImageError::Io { source, .. } => source.raw_os_error(),
+            _ => None,
+        }
+    }
+}
+
+/// Result of image operations.
+pub type Result<T> = std::result::Result<T, ImageError>;
+
+/// A disk image as the data path sees it. Implementations are shared between connections and
+/// tasks (`Send + Sync`) and must give every caller the same view of the data.
+pub trait Image: Send + Sync + 'static {
+    /// Virtual size in bytes.
+    fn size(&self) -> u64;
+
+    /// Capabilities.
+    fn features(&self) -> Features;
+
+    /// Fills `buf` with the bytes at `[offset, offset + buf.len())`. The buffer comes back in
+    /// every case, so the caller can reuse or release it.
+    fn read(&self, offset: u64, buf: IoBuf) -> impl Future<Output = (IoBuf, Result<()>)> + Send;
+
+    /// Writes all of `buf` at `offset`.
+    fn write(&self, offset: u64, buf: Arc<IoBuf>, durability: Durability) -> impl Future<Output = Result<()>> + Send;
+
+    /// Makes `[offset, offset + length)` read as zeroes.
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        length: u64,
+        alloc: ZeroAlloc,
+        speed: ZeroSpeed,
+        durability: Durability,
+    ) -> impl Future<Output = Result<()>> + Send;
+
+    /// Hints that `[offset, offset + length)` is unused; contents afterwards are unspecified.
+    fn trim(&self, offset: u64, length: u64) -> impl Future<Output = Result<()>> + Send;
+
+    /// Makes every completed write durable.
+    fn flush(&self) -> impl Future<Output = Result<()>> + Send;
+
+    /// The allocation of `[offset, offset + length)`: consecutive extents that start at
+    /// `offset` and cover at least one byte, never past `offset + length`. May stop early
+    /// (callers ask again from where it ended).
+    fn allocation(&self, offset: u64, length: u64) -> impl Future<Output = Result<Vec<Extent>>> + Send;
+}
+
+/// Checks that `[offset, offset + length)` lies inside `size`.
+pub fn check_range(offset: u64, length: u64, size: u64) -> Result<()> {
+    match offset.checked_add(length) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(ImageError::OutOfRange { offset, length, size }),
+    }
+}

@@ -1,0 +1,338 @@
+//! File I/O for image drivers: io_uring when the kernel allows it, a portable thread-pool path
+//! when it does not.
+//!
+//! The engine is chosen once per process (probe, cache, log the choice) and can be forced with
+//! `TAPMIRROR_IO_ENGINE=uring|portable` or `tapmirror serve --io-engine`, so both paths are
+//! testable on one machine. `kernel.io_uring_disabled` and container seccomp profiles are the
+//! usual reasons io_uring is refused.
+
+mod buf;
+mod uring;
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::sync::{Arc, OnceLock};
+
+pub use buf::{FixedPool, IoBuf, SLOT_COUNT, SLOT_SIZE};
+use uring::{Op, Target, UringDriver};
+
+/// Which implementation moves bytes between buffers and files.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineKind {
+    /// io_uring with registered buffers and fixed files.
+    Uring,
+    /// `pread`/`pwrite`/`fdatasync`/`fallocate` on tokio's blocking pool.
+    Portable,
+}
+
+/// What the caller asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum EngineChoice {
+    /// io_uring when the probe succeeds, else portable.
+    #[default]
+    Auto,
+    /// io_uring or fail.
+    Uring,
+    /// Always portable.
+    Portable,
+}
+
+impl EngineChoice {
+    /// The choice from `TAPMIRROR_IO_ENGINE`, defaulting to `Auto`.
+    pub fn from_env() -> EngineChoice {
+        match std::env::var("TAPMIRROR_IO_ENGINE").as_deref() {
+            Ok("uring") => EngineChoice::Uring,
+            Ok("portable") => EngineChoice::Portable,
+            _ => EngineChoice::Auto,
+        }
+    }
+
+    /// Resolves the choice against this kernel.
+    pub fn resolve(self) -> io::Result<EngineKind> {
+        match self {
+            EngineChoice::Portable => Ok(EngineKind::Portable),
+            EngineChoice::Uring => UringDriver::global()
+                .map(|_| EngineKind::Uring)
+                .map_err(|e| io::Error::new(io::ErrorKind::Unsupported, format!("io_uring unavailable: {e}"))),
+            EngineChoice::Auto => Ok(auto_engine()),
+        }
+    }
+}
+
+fn auto_engine() -> EngineKind {
+    static CHOICE: OnceLock<EngineKind> = OnceLock::new();
+    *CHOICE.get_or_init(|| match UringDriver::global() {
+        Ok(_) => EngineKind::Uring,
+        Err(e) => {
+            tracing::info!(reason = %e, "io_uring unavailable, using the portable I/O engine");
+            EngineKind::Portable
+        }
+    })
+}
+
+/// How durable a write must be when it completes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Durability {
+    /// In the page cache is enough; a later flush makes it durable.
+    Cached,
+    /// On stable storage before completion (NBD's FUA).
+    Stable,
+}
+
+/// `fallocate` modes we use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fallocate {
+    /// Deallocate the range; it reads as zeroes. The file size is kept.
+    PunchHole,
+    /// Make the range read as zeroes and stay allocated.
+    ZeroRange,
+}
+
+impl Fallocate {
+    fn mode(self) -> i32 {
+        match self {
+            Fallocate::PunchHole => libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            Fallocate::ZeroRange => libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+        }
+    }
+}
+
+/// A file opened for one of the engines.
+pub struct FileIo {
+    target: Target,
+    kind: EngineKind,
+}
+
+impl FileIo {
+    /// Wraps `file` for `kind`, registering it as a fixed file on io_uring.
+    pub async fn new(file: File, kind: EngineKind) -> io::Result<FileIo> {
+        let file = Arc::new(file);
+        let slot = match kind {
+            EngineKind::Uring => {
+                let driver = UringDriver::global().map_err(io::Error::other)?;
+                driver.register_file(&file).await
+            }
+            EngineKind::Portable => None,
+        };
+        Ok(FileIo { target: Target { file, slot }, kind })
+    }
+
+    /// The engine this file uses.
+    pub fn kind(&self) -> EngineKind {
+        self.kind
+    }
+
+    /// The underlying file (for metadata calls such as `lseek(SEEK_DATA)`).
+    pub fn file(&self) -> &File {
+        &self.target.file
+    }
+
+    /// Whether reads and writes use registered buffers (io_uring with the pool registered).
+    pub fn uses_fixed_buffers(&self) -> bool {
+        self.kind == EngineKind::Uring && UringDriver::global().map(|d| d.fixed_buffers).unwrap_or(false)
+    }
+
+    /// Fills all of `buf` from `offset`. Hitting end of file is an error (`UnexpectedEof`).
+    pub async fn read_exact_at(&self, buf: IoBuf, offset: u64) -> (IoBuf, io::Result<()>) {
+        match self.kind {
+            EngineKind::Portable => {
+                let file = Arc::clone(&self.target.file);
+                let mut buf = buf;
+                match tokio::task::spawn_blocking(move || {
+                    let r = file.read_exact_at(&mut buf, offset);
+                    (buf, r)
+                })
+                .await
+                {
+                    Ok(out) => out,
+                    Err(e) => (IoBuf::new(0), Err(io::Error::other(e))),
+                }
+            }
+            EngineKind::Uring => {
+                let Ok(driver) = UringDriver::global() else {
+                    return (buf, Err(io::Error::other("io_uring driver gone")));
+                };
+                let mut buf = buf;
+                let mut done = 0usize;
+                while done < buf.len() {
+                    let op = Op::Read { buf, buf_start: done, offset: offset + done as u64 };
+                    let out = match driver.submit(self.target.clone(), op).await {
+                        Ok(out) => out,
+                        Err(e) => return (IoBuf::new(0), Err(e)),
+                    };
+                    buf = match out.buf {
+                        Some(b) => b,
+                        None => return (IoBuf::new(0), Err(io::Error::other("read buffer lost"))),
+                    };
+                    match out.result {
+                        n if n == -libc::EINTR || n == -libc::EAGAIN => continue,
+                        n if n < 0 => return (buf, Err(io::Error::from_raw_os_error(-n))),
+                        0 => return (buf, Err(io::ErrorKind::UnexpectedEof.into())),
+                        n => done += n as usize,
+                    }
+                }
+                (buf, Ok(()))
+            }
+        }
+    }
+
+    /// Writes `buf[range]` at `offset`.
+    pub async fn write_all_at(
+        &self,
+        buf: &Arc<IoBuf>,
+        range: std::ops::Range<usize>,
+        offset: u64,
+        durability: Durability,
+    ) -> io::Result<()> {
+        if range.end > buf.len() || range.start > range.end {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "write range outside its buffer"));
+        }
+        match self.kind {
+            EngineKind::Portable => {
+                let file = Arc::clone(&self.target.file);
+                let buf = Arc::clone(buf);
+                tokio::task::spawn_blocking(move || {
+                    file.write_all_at(&buf[range], offset)?;
+                    if durability == Durability::Stable {
+                        file.sync_data()?;
+                    }
+                    Ok(())
+                })
+                .await
+                .map_err(io::Error::other)?
+            }
+            EngineKind::Uring => {
+                let driver = UringDriver::global().map_err(io::Error::other)?;
+                let mut start = range.start;
+                while start < range.end {
+                    let op = Op::Write {
+                        buf: Arc::clone(buf),
+                        start,
+                        end: range.end,
+                        offset: offset + (start - range.start) as u64,
+                        dsync: durability == Durability::Stable,
+                    };
+                    match driver.submit(self.target.clone(), op).await?.result {
+                        n if n == -libc::EINTR || n == -libc::EAGAIN => continue,
+                        n if n < 0 => return Err(io::Error::from_raw_os_error(-n)),
+                        0 => return Err(io::ErrorKind::WriteZero.into()),
+                        n => start += n as usize,
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// `fdatasync`: every completed write is on stable storage afterwards.
+    pub async fn sync_data(&self) -> io::Result<()> {
+        match self.kind {
+            EngineKind::Portable => {
+                let file = Arc::clone(&self.target.file);
+                tokio::task::spawn_blocking(move || file.sync_data()).await.map_err(io::Error::other)?
+            }
+            EngineKind::Uring => {
+                let driver = UringDriver::global().map_err(io::Error::other)?;
+                errno_result(driver.submit(self.target.clone(), Op::SyncData).await?.result)
+            }
+        }
+    }
+
+    /// `fallocate` with `mode` over `[offset, offset + len)`. `Unsupported` when the file system
+    /// does not implement the mode (callers fall back to writing zeroes).
+    pub async fn fallocate(&self, mode: Fallocate, offset: u64, len: u64) -> io::Result<()> {
+        let r = match self.kind {
+            EngineKind::Portable => {
+                let file = Arc::clone(&self.target.file);
+                tokio::task::spawn_blocking(move || {
+                    let (Ok(off), Ok(l)) = (i64::try_from(offset), i64::try_from(len)) else {
+                        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+                    };
+                    // SAFETY: plain syscall on a descriptor kept open by the `Arc<File>`.
+                    let rc = unsafe { libc::fallocate(file.as_raw_fd(), mode.mode(), off, l) };
+                    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+                })
+                .await
+                .map_err(io::Error::other)?
+            }
+            EngineKind::Uring => {
+                let driver = UringDriver::global().map_err(io::Error::other)?;
+                let op = Op::Fallocate { mode: mode.mode(), offset, len };
+                errno_result(driver.submit(self.target.clone(), op).await?.result)
+            }
+        };
+        r.map_err(|e| match e.raw_os_error() {
+            Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => io::Error::new(io::ErrorKind::Unsupported, e),
+            _ => e,
+        })
+    }
+}
+
+impl Drop for FileIo {
+    fn drop(&mut self) {
+        if let (Some(slot), Ok(driver)) = (self.target.slot, UringDriver::global()) {
+            driver.unregister_file(slot);
+        }
+    }
+}
+
+fn errno_result(r: i32) -> io::Result<()> {
+    if r < 0 { Err(io::Error::from_raw_os_error(-r)) } else { Ok(()) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn engines() -> Vec<EngineKind> {
+        let mut v = vec![EngineKind::Portable];
+        if EngineChoice::Uring.resolve().is_ok() {
+            v.push(EngineKind::Uring);
+        }
+        v
+    }
+
+    #[tokio::test]
+    async fn every_engine_writes_reads_syncs_and_punches() {
+        for kind in engines().await {
+            let f = tempfile::tempfile().expect("tempfile");
+            f.set_len(1 << 20).expect("set_len");
+            let io = FileIo::new(f, kind).await.expect("open");
+            // A registered-slot write and a heap write larger than one slot.
+            for len in [4096usize, SLOT_SIZE + 4096] {
+                let mut b = IoBuf::new(len);
+                for (i, x) in b.iter_mut().enumerate() {
+                    *x = (i % 251) as u8;
+                }
+                let b = Arc::new(b);
+                io.write_all_at(&b, 0..len, 8192, Durability::Stable).await.expect("write");
+                let (r, res) = io.read_exact_at(IoBuf::new(len), 8192).await;
+                res.expect("read");
+                assert_eq!(&r[..], &b[..], "{kind:?} round trip of {len} bytes");
+            }
+            io.sync_data().await.expect("sync");
+            match io.fallocate(Fallocate::PunchHole, 8192, 4096).await {
+                Ok(()) => {
+                    let (r, res) = io.read_exact_at(IoBuf::new(4096), 8192).await;
+                    res.expect("read");
+                    assert!(r.iter().all(|&x| x == 0), "{kind:?}: punched range reads as zero");
+                }
+                Err(e) => assert_eq!(e.kind(), io::ErrorKind::Unsupported),
+            }
+            let (_, res) = io.read_exact_at(IoBuf::new(4096), (1 << 20) - 1024).await;
+            assert_eq!(res.expect_err("past end").kind(), io::ErrorKind::UnexpectedEof, "{kind:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn uring_is_chosen_where_the_kernel_allows_it() {
+        if let Ok(kind) = EngineChoice::Uring.resolve() {
+            assert_eq!(kind, EngineKind::Uring);
+            assert_eq!(EngineChoice::Auto.resolve().ok(), Some(EngineKind::Uring));
+        }
+        assert_eq!(EngineChoice::Portable.resolve().ok(), Some(EngineKind::Portable));
+    }
+}

@@ -1,0 +1,12 @@
+//! tapmirror: the data path of sxm, one process per datapath.
+//!
+//! It knows disks and blocks, never SRs, VDIs or RPC (see `../shared/DESIGN.md`). Modules:
+//!
+//! - [`io`]: file I/O on io_uring (registered buffers, fixed files) with a portable fallback
+//!   chosen at run time;
+//! - [`image`]: the `Image` trait and its drivers (raw today);
+//! - [`nbd`]: the NBD wire codec, a server that exports an `Image`, and an async client.
+
+pub mod image;
+pub mod io;
+pub mod nbd;

@@ -1,0 +1,831 @@
+//! An async NBD client: many requests in flight on one connection.
+//!
+//! ```text
+//!  callers ─(header + owned payload)─▶ writer task ─writev─▶ socket
+//!     ▲                                                        │
+//!     └── oneshot ◀── pending table (by cookie) ◀── reader task ┘
+//! ```
+//!
+//! Requests go to a writer task with their payload owned (`Payload`), so a caller that drops
+//! its future can never leave half a request on the wire. The reader task matches replies to
+//! requests by cookie and reads data chunks straight into the request's buffer. The client is a
+//! cheap `Clone` handle; when the connection fails, every pending and later request gets the
+//! error that broke it.
+
+use std::collections::HashMap;
+use std::io::{self, IoSlice};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::sync::{Semaphore, mpsc, oneshot};
+
+use super::proto::{self, BlockSize, Descriptor, Errno, InfoItem, Request, ReplyHeader, chunk, cmd, cmd_flags, opt, rep, tflags};
+use crate::io::IoBuf;
+
+/// Where an NBD server listens.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    /// A Unix stream socket.
+    Unix(PathBuf),
+    /// A TCP host and port.
+    Tcp(String, u16),
+}
+
+/// An NBD URI: `nbd+unix:///EXPORT?socket=PATH` or `nbd://HOST[:PORT]/EXPORT`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NbdUri {
+    /// Where to connect.
+    pub endpoint: Endpoint,
+    /// Export name ("" for the default).
+    pub export: String,
+}
+
+impl NbdUri {
+    /// Parses the subset of the NBD URI scheme that local and TCP peers use.
+    pub fn parse(s: &str) -> Result<NbdUri, ClientError> {
+        let bad = |why: &str| ClientError::BadUri(format!("{s}: {why}"));
+        if let Some(rest) = s.strip_prefix("nbd+unix://") {
+            let (path, query) = rest.split_once('?').ok_or_else(|| bad("missing ?socket="))?;
+            let path = path.strip_prefix('/').unwrap_or(path);
+            let socket = query
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("socket="))
+                .ok_or_else(|| bad("missing socket= parameter"))?;
+            Ok(NbdUri { endpoint: Endpoint::Unix(PathBuf::from(percent_decode(socket))), export: percent_decode(path) })
+        } else if let Some(rest) = s.strip_prefix("nbd://") {
+            let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+            let (host, port) = match authority.rsplit_once(':') {
+                Some((h, p)) if !h.ends_with(']') || authority.starts_with('[') => {
+                    (h.trim_start_matches('[').trim_end_matches(']').to_owned(), p.parse().map_err(|_| bad("bad port"))?)
+                }
+                _ => (authority.to_owned(), 10809),
+            };
+            if host.is_empty() {
+                return Err(bad("missing host"));
+            }
+            Ok(NbdUri { endpoint: Endpoint::Tcp(host, port), export: percent_decode(path) })
+        } else {
+            Err(bad("expected nbd:// or nbd+unix://"))
+        }
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    fn hex(c: u8) -> Option<u8> {
+        (c as char).to_digit(16).map(|d| d as u8)
+    }
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%'
+            && i + 3 <= b.len()
+            && let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2]))
+        {
+            out.push(h << 4 | l);
+            i += 3;
+            continue;
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Why a client operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The URI cannot be used.
+    #[error("bad NBD URI {0}")]
+    BadUri(String),
+    /// Connecting or talking to the socket failed.
+    #[error("NBD connection")]
+    Io(#[from] io::Error),
+    /// The server broke the protocol.
+    #[error("NBD protocol: {0}")]
+    Protocol(String),
+    /// The server refused an option during negotiation.
+    #[error("server refused option {option}: reply {reply:#x} {message:?}")]
+    Refused {
+        /// The option.
+        option: u32,
+        /// The error reply type.
+        reply: u32,
+        /// The server's message.
+        message: String,
+    },
+    /// The server answered a request with an error.
+    #[error("server error {errno}{}", message.as_deref().map(|m| format!(": {m}")).unwrap_or_default())]
+    Server {
+        /// The error value.
+        errno: Errno,
+        /// The message of a structured error chunk.
+        message: Option<String>,
+    },
+    /// The request is not possible on this export (too long, unsupported command).
+    #[error("request not possible: {0}")]
+    Unsupported(String),
+    /// The connection is gone.
+    #[error("NBD connection closed: {0}")]
+    Closed(String),
+}
+
+impl ClientError {
+    /// The server's error value, if this is a server error.
+    pub fn errno(&self) -> Option<Errno> {
+        match self {
+            ClientError::Server { errno, .. } => Some(*errno),
+            _ => None,
+        }
+    }
+}
+
+/// What negotiation learnt about the export.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExportInfo {
+    /// Export name used.
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Transmission flags.
+    pub flags: u16,
+    /// Block size constraints (the protocol's defaults when the server sent none).
+    pub block_size: BlockSize,
+    /// Structured replies are on.
+    pub structured: bool,
+    /// Context id of `base:allocation`, when selected.
+    pub base_allocation: Option<u32>,
+}
+
+impl ExportInfo {
+    /// Whether a transmission flag is set.
+    pub fn has(&self, flag: u16) -> bool {
+        self.flags & flag != 0
+    }
+}
+
+/// Tunables of a client connection.
+#[derive(Clone, Debug)]
+pub struct ClientOptions {
+    /// Export to open.
+    pub export: String,
+    /// Ask for structured replies (and `base:allocation`).
+    pub structured: bool,
+    /// Most requests in flight at once.
+    pub max_in_flight: usize,
+}
+
+impl Default for ClientOptions {
+    fn default() -> ClientOptions {
+        ClientOptions { export: String::new(), structured: true, max_in_flight: 64 }
+    }
+}
+
+/// A write payload the writer task owns until it is on the wire.
+pub enum Payload {
+    /// A buffer shared with other users (e.g. the local write of a mirrored request).
+    Shared(Arc<IoBuf>),
+    /// A plain vector.
+    Owned(Vec<u8>),
+}
+
+impl Payload {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Payload::Shared(b) => b,
+            Payload::Owned(v) => v,
+        }
+    }
+}
+
+impl From<Vec<u8>> for Payload {
+    fn from(v: Vec<u8>) -> Payload {
+        Payload::Owned(v)
+    }
+}
+
+impl From<Arc<IoBuf>> for Payload {
+    fn from(b: Arc<IoBuf>) -> Payload {
+        Payload::Shared(b)
+    }
+}
+
+/// A run in a block status answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct StatusExtent {
+    /// First byte.
+    pub offset: u64,
+    /// Length.
+    pub length: u64,
+    /// `base:allocation` flags (`HOLE` = 1, `ZERO` = 2).
+    pub flags: u32,
+}
+
+struct Outgoing {
+    header: [u8; proto::REQUEST_LEN],
+    payload: Option<Payload>,
+}
+
+enum Expect {
+    Simple,
+    Read { buf: Vec<u8>, offset: u64 },
+    Status { descriptors: Vec<Descriptor> },
+}
+
+enum Answer {
+    Done,
+    Data(Vec<u8>),
+    Status(Vec<Descriptor>),
+}
+
+struct Pending {
+    expect: Expect,
+    error: Option<ClientError>,
+    tx: oneshot::Sender<Result<Answer, ClientError>>,
+}
+
+struct Shared {
+    pending: Mutex<HashMap<u64, Pending>>,
+    /// Set once the connection is broken; later requests fail with it.
+    dead: Mutex<Option<String>>,
+}
+
+impl Shared {
+    fn fail_all(&self, why: &str) {
+        if let Ok(mut d) = self.dead.lock()
+            && d.is_none()
+        {
+            *d = Some(why.to_owned());
+        }
+        let drained: Vec<Pending> = match self.pending.lock() {
+            Ok(mut p) => p.drain().map(|(_, v)| v).collect(),
+            Err(_) => Vec::new(),
+        };
+        for p in drained {
+            let _ = p.tx.send(Err(ClientError::Closed(why.to_owned())));
+        }
+    }
+}
+
+struct Inner {
+    info: ExportInfo,
+    tx: mpsc::UnboundedSender<Outgoing>,
+    shared: Arc<Shared>,
+    next_cookie: AtomicU64,
+    slots: Semaphore,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+/// A connected NBD client. Clones share the connection.
+#[derive(Clone)]
+pub struct NbdClient {
+    inner: Arc<Inner>,
+}
+
+impl NbdClient {
+    /// Connects to `uri` with default options and its export name.
+    pub async fn connect(uri: &NbdUri) -> Result<NbdClient, ClientError> {
+        let opts = ClientOptions { export: uri.export.clone(), ..ClientOptions::default() };
+        Self::connect_with(&uri.endpoint, opts).await
+    }
+
+    /// Connects to `endpoint` with `opts`.
+    pub async fn connect_with(endpoint: &Endpoint, opts: ClientOptions) -> Result<NbdClient, ClientError> {
+        match endpoint {
+            Endpoint::Unix(path) => Self::connect_unix(path, opts).await,
+            Endpoint::Tcp(host, port) => {
+                let s = tokio::net::TcpStream::connect((host.as_str(), *port)).await?;
+                s.set_nodelay(true)?;
+                let (r, w) = s.into_split();
+                Self::handshake(r, w, opts).await
+            }
+        }
+    }
+
+    /// Connects over a Unix socket.
+    pub async fn connect_unix(path: &Path, opts: ClientOptions) -> Result<NbdClient, ClientError> {
+        let s = tokio::net::UnixStream::connect(path)
+            .await
+            .map_err(|e| io::Error::new(e.kind(), format!("connect {}: {e}", path.display())))?;
+        let (r, w) = s.into_split();
+        Self::handshake(r, w, opts).await
+    }
+
+    /// Uses an already connected socket (Unix or TCP), e.g. one handed over by `SCM_RIGHTS`
+    /// after an HTTP upgrade. Must be called inside a tokio runtime.
+    pub async fn from_fd(fd: OwnedFd, opts: ClientOptions) -> Result<NbdClient, ClientError> {
+        use nix::sys::socket::SockaddrLike;
+        let family = nix::sys::socket::getsockname::<nix::sys::socket::SockaddrStorage>(fd.as_raw_fd())
+            .map_err(|e| io::Error::from_raw_os_error(e as i32))?
+            .family();
+        match family {
+            Some(nix::sys::socket::AddressFamily::Unix) => {
+                let std = std::os::unix::net::UnixStream::from(fd);
+                std.set_nonblocking(true)?;
+                let (r, w) = tokio::net::UnixStream::from_std(std)?.into_split();
+                Self::handshake(r, w, opts).await
+            }
+            Some(nix::sys::socket::AddressFamily::Inet) | Some(nix::sys::socket::AddressFamily::Inet6) => {
+                let std = std::net::TcpStream::from(fd);
+                std.set_nonblocking(true)?;
+                std.set_nodelay(true)?;
+                let (r, w) = tokio::net::TcpStream::from_std(std)?.into_split();
+                Self::handshake(r, w, opts).await
+            }
+            other => Err(ClientError::Unsupported(format!("socket family {other:?}"))),
+        }
+    }
+
+    /// Negotiates over any byte stream halves and starts the connection's tasks.
+    pub async fn handshake<R, W>(r: R, mut w: W, opts: ClientOptions) -> Result<NbdClient, ClientError>
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        let mut r = BufReader::with_capacity(256 * 1024, r);
+        let info = negotiate(&mut r, &mut w, &opts).await?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let shared = Arc::new(Shared { pending: Mutex::new(HashMap::new()), dead: Mutex::new(None) });
+        let reader_shared = Arc::clone(&shared);
+        let writer_shared = Arc::clone(&shared);
+        tokio::spawn(async move {
+            if let Err(e) = write_requests(w, rx).await {
+                writer_shared.fail_all(&format!("write failed: {e}"));
+            }
+        });
+        let reader = tokio::spawn(async move {
+            let why = match read_replies(&mut r, &reader_shared).await {
+                Ok(()) => "server closed the connection".to_owned(),
+                Err(e) => e.to_string(),
+            };
+            reader_shared.fail_all(&why);
+        });
+        Ok(NbdClient {
+            inner: Arc::new(Inner {
+                info,
+                tx,
+                shared,
+                next_cookie: AtomicU64::new(1),
+                slots: Semaphore::new(opts.max_in_flight.max(1)),
+                reader,
+            }),
+        })
+    }
+
+    /// What negotiation learnt.
+    pub fn info(&self) -> &ExportInfo {
+        &self.inner.info
+    }
+
+    /// Export size.
+    pub fn size(&self) -> u64 {
+        self.inner.info.size
+    }
+
+    async fn request(&self, kind: u16, flags: u16, offset: u64, length: u32, payload: Option<Payload>, expect: Expect) -> Result<Answer, ClientError> {
+        let _slot = self.inner.slots.acquire().await.map_err(|_| ClientError::Closed("client closed".into()))?;
+        if let Ok(d) = self.inner.shared.dead.lock()
+            && let Some(why) = d.as_ref()
+        {
+            return Err(ClientError::Closed(why.clone()));
+        }
+        let cookie = self.inner.next_cookie.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.inner
+            .shared
+            .pending
+            .lock()
+            .map_err(|_| ClientError::Closed("pending table poisoned".into()))?
+            .insert(cookie, Pending { expect, error: None, tx });
+        let header = Request { flags, kind, cookie, offset, length }.encode();
+        if self.inner.tx.send(Outgoing { header, payload }).is_err() {
+            return Err(ClientError::Closed("writer stopped".into()));
+        }
+        rx.await.map_err(|_| ClientError::Closed("connection dropped".into()))?
+    }
+
+    fn check_payload(&self, len: usize) -> Result<u32, ClientError> {
+        let max = self.inner.info.block_size.maximum;
+        u32::try_from(len)
+            .ok()
+            .filter(|&l| l <= max)
+            .ok_or_else(|| ClientError::Unsupported(format!("{len} bytes exceeds the server's maximum of {max}")))
+    }
+
+    /// Reads `len` bytes at `offset`.
+    pub async fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>, ClientError> {
+        let length = self.check_payload(len)?;
+        match self.request(cmd::READ, 0, offset, length, None, Expect::Read { buf: vec![0u8; len], offset }).await? {
+            Answer::Data(v) => Ok(v),
+            _ => Err(ClientError::Protocol("read answered without data".into())),
+        }
+    }
+
+    /// Writes `data` at `offset`; `fua` makes it durable before the reply.
+    pub async fn write(&self, offset: u64, data: impl Into<Payload>, fua: bool) -> Result<(), ClientError> {
+        let data = data.into();
+        let length = self.check_payload(data.bytes().len())?;
+        if self.inner.info.has(tflags::READ_ONLY) {
+            return Err(ClientError::Unsupported("export is read-only".into()));
+        }
+        let flags = if fua { cmd_flags::FUA } else { 0 };
+        self.request(cmd::WRITE, flags, offset, length, Some(data), Expect::Simple).await.map(|_| ())
+    }
+
+    /// Makes `[offset, offset + len)` read as zeroes. `no_hole` keeps it allocated; `fast`
+    /// fails with `ENOTSUP` unless the server can zero faster than it can write.
+    pub async fn write_zeroes(&self, offset: u64, len: u32, no_hole: bool, fast: bool) -> Result<(), ClientError> {
+        if !self.inner.info.has(tflags::SEND_WRITE_ZEROES) {
+            return Err(ClientError::Unsupported("server does not support WRITE_ZEROES".into()));
+        }
+        if fast && !self.inner.info.has(tflags::SEND_FAST_ZERO) {
+            return Err(ClientError::Unsupported("server does not support FAST_ZERO".into()));
+        }
+        let mut flags = 0;
+        if no_hole {
+            flags |= cmd_flags::NO_HOLE;
+        }
+        if fast {
+            flags |= cmd_flags::FAST_ZERO;
+        }
+        self.request(cmd::WRITE_ZEROES, flags, offset, len, None, Expect::Simple).await.map(|_| ())
+    }
+
+    /// Tells the server a range is unused.
+    pub async fn trim(&self, offset: u64, len: u32) -> Result<(), ClientError> {
+        if !self.inner.info.has(tflags::SEND_TRIM) {
+            return Err(ClientError::Unsupported("server does not support TRIM".into()));
+        }
+        self.request(cmd::TRIM, 0, offset, len, None, Expect::Simple).await.map(|_| ())
+    }
+
+    /// Makes every replied write durable.
+    pub async fn flush(&self) -> Result<(), ClientError> {
+        if !self.inner.info.has(tflags::SEND_FLUSH) {
+            return Err(ClientError::Unsupported("server does not support FLUSH".into()));
+        }
+        self.request(cmd::FLUSH, 0, 0, 0, None, Expect::Simple).await.map(|_| ())
+    }
+
+    /// `base:allocation` for `[offset, offset + len)`: extents starting at `offset`, at least
+    /// one, possibly covering less than asked (ask again from where they end).
+    pub async fn block_status(&self, offset: u64, len: u32) -> Result<Vec<StatusExtent>, ClientError> {
+        if self.inner.info.base_allocation.is_none() {
+            return Err(ClientError::Unsupported("base:allocation was not negotiated".into()));
+        }
+        let answer = self.request(cmd::BLOCK_STATUS, 0, offset, len, None, Expect::Status { descriptors: Vec::new() }).await?;
+        let Answer::Status(descriptors) = answer else {
+            return Err(ClientError::Protocol("block status answered without descriptors".into()));
+        };
+        let mut out = Vec::with_capacity(descriptors.len());
+        let mut at = offset;
+        let end = offset + u64::from(len);
+        for d in descriptors {
+            if d.length == 0 || at >= end {
+                break;
+            }
+            let length = u64::from(d.length).min(end - at);
+            out.push(StatusExtent { offset: at, length, flags: d.flags });
+            at += length;
+        }
+        if out.is_empty() {
+            return Err(ClientError::Protocol("block status reply without usable extents".into()));
+        }
+        Ok(out)
+    }
+
+    /// The allocation map of the whole export, by repeated `block_status`.
+    pub async fn allocation_map(&self) -> Result<Vec<StatusExtent>, ClientError> {
+        let size = self.size();
+        let mut out: Vec<StatusExtent> = Vec::new();
+        let mut at = 0u64;
+        while at < size {
+            let len = (size - at).min(1 << 30) as u32;
+            for e in self.block_status(at, len).await? {
+                at = e.offset + e.length;
+                match out.last_mut() {
+                    Some(l) if l.flags == e.flags && l.offset + l.length == e.offset => l.length += e.length,
+                    _ => out.push(e),
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Sends `NBD_CMD_DISC` after every request sent so far.
+    pub async fn disconnect(&self) -> Result<(), ClientError> {
+        let header = Request { flags: 0, kind: cmd::DISC, cookie: 0, offset: 0, length: 0 }.encode();
+        self.inner.tx.send(Outgoing { header, payload: None }).map_err(|_| ClientError::Closed("writer stopped".into()))
+    }
+}
+
+async fn write_requests<W: AsyncWrite + Unpin>(mut w: W, mut rx: mpsc::UnboundedReceiver<Outgoing>) -> io::Result<()> {
+    let mut batch: Vec<Outgoing> = Vec::with_capacity(64);
+    while let Some(first) = rx.recv().await {
+        batch.push(first);
+        while batch.len() < 64 {
+            match rx.try_recv() {
+                Ok(m) => batch.push(m),
+                Err(_) => break,
+            }
+        }
+        let disconnect = batch.iter().any(|o| o.header[6..8] == cmd::DISC.to_be_bytes());
+        {
+            let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(batch.len() * 2);
+            for o in &batch {
+                slices.push(IoSlice::new(&o.header));
+                if let Some(p) = &o.payload
+                    && !p.bytes().is_empty()
+                {
+                    slices.push(IoSlice::new(p.bytes()));
+                }
+            }
+            let mut rest: &mut [IoSlice<'_>] = &mut slices;
+            while !rest.is_empty() {
+                let n = w.write_vectored(rest).await?;
+                if n == 0 {
+                    return Err(io::ErrorKind::WriteZero.into());
+                }
+                IoSlice::advance_slices(&mut rest, n);
+            }
+        }
+        w.flush().await?;
+        batch.clear();
+        if disconnect {
+            let _ = w.shutdown().await;
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+/// Largest chunk payload other than read data we accept (a block status of 2^20 descriptors).
+const MAX_META_PAYLOAD: u32 = 8 * 1024 * 1024 + 4;
+
+async fn read_replies<R: AsyncRead + Unpin>(r: &mut R, shared: &Shared) -> Result<(), ClientError> {
+    loop {
+        let mut head = [0u8; proto::CHUNK_HEADER_LEN];
+        match r.read_exact(&mut head[..4]).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e.into()),
+        }
+        let magic = u32::from_be_bytes([head[0], head[1], head[2], head[3]]);
+        let len = ReplyHeader::header_len(magic).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        r.read_exact(&mut head[4..len]).await?;
+        let header = ReplyHeader::decode(&head[..len]).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let cookie = match header {
+            ReplyHeader::Simple { cookie, .. } | ReplyHeader::Chunk { cookie, .. } => cookie,
+        };
+        // Take the entry out while its payload is read, so no lock is held across an await.
+        let mut p = shared
+            .pending
+            .lock()
+            .map_err(|_| ClientError::Protocol("pending table poisoned".into()))?
+            .remove(&cookie)
+            .ok_or_else(|| ClientError::Protocol(format!("reply for unknown cookie {cookie}")))?;
+        let done = match header {
+            ReplyHeader::Simple { error, .. } => {
+                if error != 0 {
+                    p.error = Some(ClientError::Server { errno: Errno::from_wire(error), message: None });
+                } else if let Expect::Read { buf, .. } = &mut p.expect {
+                    r.read_exact(buf).await?;
+                }
+                true
+            }
+            ReplyHeader::Chunk { flags, kind, length, .. } => {
+                read_chunk(r, &mut p, kind, length).await?;
+                flags & chunk::FLAG_DONE != 0
+            }
+        };
+        if done {
+            let answer = match p.error {
+                Some(e) => Err(e),
+                None => Ok(match p.expect {
+                    Expect::Simple => Answer::Done,
+                    Expect::Read { buf, .. } => Answer::Data(buf),
+                    Expect::Status { descriptors } => Answer::Status(descriptors),
+                }),
+            };
+            let _ = p.tx.send(answer);
+        } else {
+            shared.pending.lock().map_err(|_| ClientError::Protocol("pending table poisoned".into()))?.insert(cookie, p);
+        }
+    }
+}
+
+async fn read_chunk<R: AsyncRead + Unpin>(r: &mut R, p: &mut Pending, kind: u16, length: u32) -> Result<(), ClientError> {
+    match kind {
+        chunk::OFFSET_DATA => {
+            let Expect::Read { buf, offset } = &mut p.expect else {
+                return Err(ClientError::Protocol("data chunk for a request that is not a read".into()));
+            };
+            if length < 8 {
+                return Err(ClientError::Protocol("data chunk shorter than its offset".into()));
+            }
+            let at = r.read_u64().await?;
+            let n = u64::from(length - 8);
+            let start = at.checked_sub(*offset).filter(|s| s + n <= buf.len() as u64);
+            let Some(start) = start else {
+                return Err(ClientError::Protocol(format!("data chunk {at}+{n} outside the request")));
+            };
+            let start = start as usize;
+            r.read_exact(&mut buf[start..start + n as usize]).await?;
+        }
+        chunk::OFFSET_HOLE => {
+            let Expect::Read { buf, offset } = &mut p.expect else {
+                return Err(ClientError::Protocol("hole chunk for a request that is not a read".into()));
+            };
+            if length != 12 {
+                return Err(ClientError::Protocol("hole chunk of wrong length".into()));
+            }
+            let at = r.read_u64().await?;
+            let n = u64::from(r.read_u32().await?);
+            let start = at.checked_sub(*offset).filter(|s| s + n <= buf.len() as u64);
+            let Some(start) = start else {
+                return Err(ClientError::Protocol(format!("hole chunk {at}+{n} outside the request")));
+            };
+            buf[start as usize..(start + n) as usize].fill(0);
+        }
+        chunk::BLOCK_STATUS => {
+            if length > MAX_META_PAYLOAD {
+                return Err(ClientError::Protocol("block status chunk too large".into()));
+            }
+            let mut payload = vec![0u8; length as usize];
+            r.read_exact(&mut payload).await?;
+            let (_, ds) = proto::decode_block_status(&payload).map_err(|e| ClientError::Protocol(e.to_string()))?;
+            match &mut p.expect {
+                Expect::Status { descriptors } => descriptors.extend(ds),
+                _ => return Err(ClientError::Protocol("block status chunk for another request".into())),
+            }
+        }
+        chunk::NONE => {
+            if length != 0 {
+                return Err(ClientError::Protocol("NONE chunk with a payload".into()));
+            }
+        }
+        k if k & (1 << 15) != 0 => {
+            if length > MAX_META_PAYLOAD {
+                return Err(ClientError::Protocol("error chunk too large".into()));
+            }
+            let mut payload = vec![0u8; length as usize];
+            r.read_exact(&mut payload).await?;
+            let (errno, message) = proto::decode_error_payload(&payload).map_err(|e| ClientError::Protocol(e.to_string()))?;
+            p.error.get_or_insert(ClientError::Server { errno: Errno::from_wire(errno), message: Some(message) });
+        }
+        other => return Err(ClientError::Protocol(format!("unknown chunk type {other}"))),
+    }
+    Ok(())
+}
+
+/// Largest option reply data we accept during negotiation.
+const MAX_OPTION_REPLY: u32 = 1 << 20;
+
+async fn read_option_reply<R: AsyncRead + Unpin>(r: &mut R, option: u32) -> Result<(u32, Vec<u8>), ClientError> {
+    let mut h = [0u8; proto::OPTION_REPLY_HEADER_LEN];
+    r.read_exact(&mut h).await?;
+    let header = proto::OptionReplyHeader::decode(&h).map_err(|e| ClientError::Protocol(e.to_string()))?;
+    if header.option != option {
+        return Err(ClientError::Protocol(format!("reply to option {} while waiting for {option}", header.option)));
+    }
+    if header.length > MAX_OPTION_REPLY {
+        return Err(ClientError::Protocol("option reply too large".into()));
+    }
+    let mut data = vec![0u8; header.length as usize];
+    r.read_exact(&mut data).await?;
+    Ok((header.kind, data))
+}
+
+async fn send_option<W: AsyncWrite + Unpin>(w: &mut W, option: u32, data: &[u8]) -> io::Result<()> {
+    w.write_all(&proto::encode_option(option, data)).await?;
+    w.flush().await
+}
+
+fn refused(option: u32, reply: u32, data: &[u8]) -> ClientError {
+    ClientError::Refused { option, reply, message: String::from_utf8_lossy(data).into_owned() }
+}
+
+async fn negotiate<R, W>(r: &mut R, w: &mut W, opts: &ClientOptions) -> Result<ExportInfo, ClientError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let magic = r.read_u64().await?;
+    if magic != proto::NBD_MAGIC {
+        return Err(ClientError::Protocol(format!("not an NBD server (magic {magic:#x})")));
+    }
+    let second = r.read_u64().await?;
+    if second != proto::IHAVEOPT {
+        return Err(ClientError::Protocol("oldstyle negotiation is not supported".into()));
+    }
+    let hflags = r.read_u16().await?;
+    if hflags & proto::handshake::FIXED_NEWSTYLE == 0 {
+        return Err(ClientError::Protocol("server does not speak fixed newstyle".into()));
+    }
+    let no_zeroes = hflags & proto::handshake::NO_ZEROES != 0;
+    let mut cflags = proto::client_flags::FIXED_NEWSTYLE;
+    if no_zeroes {
+        cflags |= proto::client_flags::NO_ZEROES;
+    }
+    w.write_all(&cflags.to_be_bytes()).await?;
+
+    let mut structured = false;
+    let mut base_allocation = None;
+    if opts.structured {
+        send_option(w, opt::STRUCTURED_REPLY, &[]).await?;
+        let (kind, _) = read_option_reply(r, opt::STRUCTURED_REPLY).await?;
+        structured = kind == rep::ACK;
+    }
+    if structured {
+        let req = proto::MetaContextRequest { export: opts.export.clone(), queries: vec![proto::BASE_ALLOCATION.into()] };
+        send_option(w, opt::SET_META_CONTEXT, &req.encode()).await?;
+        loop {
+            let (kind, data) = read_option_reply(r, opt::SET_META_CONTEXT).await?;
+            match kind {
+                rep::META_CONTEXT => {
+                    let (id, name) = proto::decode_meta_context_reply(&data).map_err(|e| ClientError::Protocol(e.to_string()))?;
+                    if name == proto::BASE_ALLOCATION {
+                        base_allocation = Some(id);
+                    }
+                }
+                rep::ACK => break,
+                // No block status then; reads and writes still work.
+                k if k & rep::ERR_BIT != 0 => break,
+                other => return Err(ClientError::Protocol(format!("unexpected reply {other} to SET_META_CONTEXT"))),
+            }
+        }
+    }
+
+    let req = proto::InfoRequest { name: opts.export.clone(), requests: vec![proto::info::BLOCK_SIZE] };
+    send_option(w, opt::GO, &req.encode()).await?;
+    let mut size_flags = None;
+    // The protocol's defaults when the server sends no BLOCK_SIZE: portable clients use 32 MiB.
+    let mut block_size = BlockSize { minimum: 1, preferred: 4096, maximum: 32 << 20 };
+    loop {
+        let (kind, data) = read_option_reply(r, opt::GO).await?;
+        match kind {
+            rep::INFO => match InfoItem::decode(&data).map_err(|e| ClientError::Protocol(e.to_string()))? {
+                InfoItem::Export { size, flags } => size_flags = Some((size, flags)),
+                InfoItem::BlockSize(b) => block_size = b,
+                _ => {}
+            },
+            rep::ACK => break,
+            rep::ERR_UNSUP => {
+                // An old server: fall back to NBD_OPT_EXPORT_NAME, which cannot report errors.
+                send_option(w, opt::EXPORT_NAME, opts.export.as_bytes()).await?;
+                let size = r.read_u64().await?;
+                let flags = r.read_u16().await?;
+                if !no_zeroes {
+                    let mut z = [0u8; 124];
+                    r.read_exact(&mut z).await?;
+                }
+                size_flags = Some((size, flags));
+                break;
+            }
+            k if k & rep::ERR_BIT != 0 => return Err(refused(opt::GO, k, &data)),
+            other => return Err(ClientError::Protocol(format!("unexpected reply {other} to GO"))),
+        }
+    }
+    let (size, flags) = size_flags.ok_or_else(|| ClientError::Protocol("server sent no export size".into()))?;
+    if block_size.maximum == 0 || block_size.minimum == 0 {
+        return Err(ClientError::Protocol("server sent a zero block size".into()));
+    }
+    Ok(ExportInfo { name: opts.export.clone(), size, flags, block_size, structured, base_allocation })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_unix_and_tcp_uris() {
+        let u = NbdUri::parse("nbd+unix:///disk0?socket=/run/x%20y.sock").expect("unix");
+        assert_eq!(u.endpoint, Endpoint::Unix(PathBuf::from("/run/x y.sock")));
+        assert_eq!(u.export, "disk0");
+        let u = NbdUri::parse("nbd+unix:///?socket=/tmp/s").expect("unix default");
+        assert_eq!(u.export, "");
+        let u = NbdUri::parse("nbd://127.0.0.1:10900/exp").expect("tcp");
+        assert_eq!(u.endpoint, Endpoint::Tcp("127.0.0.1".into(), 10900));
+        assert_eq!(u.export, "exp");
+        let u = NbdUri::parse("nbd://localhost").expect("tcp default port");
+        assert_eq!(u.endpoint, Endpoint::Tcp("localhost".into(), 10809));
+        let u = NbdUri::parse("nbd://[::1]:9000/e").expect("ipv6");
+        assert_eq!(u.endpoint, Endpoint::Tcp("::1".into(), 9000));
+    }
+
+    #[test]
+    fn rejects_other_uris() {
+        for bad in ["http://x", "nbd+unix:///e", "nbd://:80/x", "nbd://h:notaport/x", "/tmp/file"] {
+            assert!(matches!(NbdUri::parse(bad), Err(ClientError::BadUri(_))), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,882 @@
+//! The NBD server: one export of one `Image`, many connections.
+//!
+//! Per connection:
+//!
+//! ```text
+//!  socket ─▶ reader loop ──(permits: request count, payload bytes)──▶ tokio task per request
+//!                                                                         │ image I/O
+//!  socket ◀─ writer task (batches replies into one writev) ◀── mpsc ◀─────┘
+//! ```
+//!
+//! Requests run concurrently and reply out of order, as the protocol allows. The reader takes
+//! permits before it reads a payload, so a fast client is slowed by the socket, not by memory.
+//! A request the protocol can answer (out of range, too long, unknown command or flag, write to
+//! a read-only export) gets its error reply and the connection goes on; a write's payload is read
+//! and dropped first so the stream stays in step. Only a broken stream (bad magic, truncated
+//! header, garbage in negotiation) closes the connection, and only that one.
+
+use std::io::{self, IoSlice};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use super::proto::{self, BlockSize, Errno, Request, alloc_flags, chunk, cmd, cmd_flags, opt, rep, tflags};
+use crate::image::{ExtentState, Image, ImageError, ZeroAlloc, ZeroSpeed};
+use crate::io::{Durability, IoBuf};
+
+/// Largest payload (read or write) a request may carry.
+pub const MAX_PAYLOAD: u32 = 32 * 1024 * 1024;
+/// Largest option data accepted during negotiation.
+const MAX_OPTION_DATA: u32 = 64 * 1024;
+/// Options a client may send before it must pick an export.
+const MAX_OPTIONS: usize = 256;
+/// Reads at least this long are split into data and hole chunks from the allocation map.
+const HOLE_SCAN_MIN: u32 = 64 * 1024;
+/// Context id we give `base:allocation`.
+const BASE_ALLOCATION_ID: u32 = 1;
+
+/// Tunables of a server.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Requests in flight per connection.
+    pub max_requests: usize,
+    /// Payload bytes in flight per connection (at least `MAX_PAYLOAD`).
+    pub max_bytes: usize,
+    /// Time a client has to finish negotiation.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits { max_requests: 128, max_bytes: 64 << 20, handshake_timeout: Duration::from_secs(30) }
+    }
+}
+
+/// The one export a server offers.
+#[derive(Clone, Debug)]
+pub struct ExportConfig {
+    /// Its name; the empty name also selects it.
+    pub name: String,
+    /// Optional description sent with `NBD_INFO_DESCRIPTION`.
+    pub description: Option<String>,
+    /// Refuse writes even when the image allows them.
+    pub read_only: bool,
+}
+
+/// Counters of what a server did, for logs and (later) the control socket.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Connections accepted.
+    pub connections: AtomicU64,
+    /// Requests answered.
+    pub requests: AtomicU64,
+    /// Requests answered with an error.
+    pub errors: AtomicU64,
+    /// Bytes read by clients.
+    pub bytes_read: AtomicU64,
+    /// Bytes written by clients.
+    pub bytes_written: AtomicU64,
+}
+
+/// Why a connection ended abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnError {
+    /// The socket failed or closed mid-message.
+    #[error("connection I/O")]
+    Io(#[from] io::Error),
+    /// The client broke the protocol in a way that desynchronises the stream.
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+    /// Negotiation took longer than allowed.
+    #[error("negotiation timed out")]
+    Timeout,
+}
+
+impl From<proto::WireError> for ConnError {
+    fn from(e: proto::WireError) -> ConnError {
+        ConnError::Protocol(e.to_string())
+    }
+}
+
+/// What negotiation settled for one connection.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Session {
+    /// Structured replies are on.
+    pub structured: bool,
+    /// `base:allocation` is selected for `BLOCK_STATUS`.
+    pub base_allocation: bool,
+}
+
+/// An NBD server for one image.
+pub struct NbdServer<I: Image> {
+    image: Arc<I>,
+    export: ExportConfig,
+    limits: Limits,
+    stats: Stats,
+}
+
+impl<I: Image> NbdServer<I> {
+    /// A server for `image` with default limits.
+    pub fn new(image: Arc<I>, export: ExportConfig) -> Arc<Self> {
+        Self::with_limits(image, export, Limits::default())
+    }
+
+    /// A server for `image` with the given limits.
+    pub fn with_limits(image: Arc<I>, export: ExportConfig, limits: Limits) -> Arc<Self> {
+        Arc::new(NbdServer { image, export, limits, stats: Stats::default() })
+    }
+
+    /// The image served.
+    pub fn image(&self) -> &Arc<I> {
+        &self.image
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    fn read_only(&self) -> bool {
+        self.export.read_only || self.image.features().read_only
+    }
+
+    fn transmission_flags(&self, session: &Session) -> u16 {
+        let f = self.image.features();
+        let mut flags = tflags::HAS_FLAGS | tflags::SEND_FLUSH | tflags::SEND_FUA;
+        if f.multi_conn {
+            flags |= tflags::CAN_MULTI_CONN;
+        }
+        if session.structured {
+            flags |= tflags::SEND_DF;
+        }
+        if self.read_only() {
+            flags |= tflags::READ_ONLY;
+        } else {
+            flags |= tflags::SEND_TRIM | tflags::SEND_WRITE_ZEROES;
+            if f.fast_zero {
+                flags |= tflags::SEND_FAST_ZERO;
+            }
+        }
+        flags
+    }
+
+    fn block_size(&self) -> BlockSize {
+        BlockSize { minimum: 1, preferred: 4096, maximum: MAX_PAYLOAD }
+    }
+
+    fn export_matches(&self, name: &str) -> bool {
+        name.is_empty() || name == self.export.name
+    }
+
+    /// Accepts connections on `listener` until `shutdown`, serving each in its own task.
+    pub async fn serve_unix(self: Arc<Self>, listener: UnixListener, shutdown: CancellationToken) {
+        let tracker = tokio_util::task::TaskTracker::new();
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => {
+                        let (r, w) = stream.into_split();
+                        let this = Arc::clone(&self);
+                        let stop = shutdown.child_token();
+                        tracker.spawn(async move { this.serve_logged(r, w, stop).await });
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+        }
+        tracker.close();
+        tracker.wait().await;
+    }
+
+    /// As `serve_unix`, for TCP (with `TCP_NODELAY`: replies are small and latency matters).
+    pub async fn serve_tcp(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken) {
+        let tracker = tokio_util::task::TaskTracker::new();
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, peer)) => {
+                        let _ = stream.set_nodelay(true);
+                        tracing::debug!(%peer, "tcp connection");
+                        let (r, w) = stream.into_split();
+                        let this = Arc::clone(&self);
+                        let stop = shutdown.child_token();
+                        tracker.spawn(async move { this.serve_logged(r, w, stop).await });
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+        }
+        tracker.close();
+        tracker.wait().await;
+    }
+
+    async fn serve_logged<R, W>(self: Arc<Self>, r: R, w: W, stop: CancellationToken)
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        match self.serve_connection(r, w, stop).await {
+            Ok(()) => tracing::debug!("connection closed"),
+            Err(ConnError::Io(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                tracing::debug!("client went away mid-message")
+            }
+            Err(e) => tracing::info!(error = %e, "connection dropped"),
+        }
+    }
+
+    /// Serves one connection: negotiation, then transmission until the client disconnects or
+    /// `stop` is cancelled (then in-flight requests finish and the connection closes).
+    pub async fn serve_connection<R, W>(self: Arc<Self>, r: R, mut w: W, stop: CancellationToken) -> Result<(), ConnError>
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        self.stats.connections.fetch_add(1, Ordering::Relaxed);
+        let mut r = BufReader::with_capacity(256 * 1024, r);
+        let session = match tokio::time::timeout(self.limits.handshake_timeout, self.negotiate(&mut r, &mut w)).await {
+            Err(_) => return Err(ConnError::Timeout),
+            Ok(res) => match res? {
+                Some(s) => s,
+                None => return Ok(()),
+            },
+        };
+        self.transmit(r, w, session, stop).await
+    }
+
+    async fn negotiate<R, W>(&self, r: &mut R, w: &mut W) -> Result<Option<Session>, ConnError>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let mut greeting = Vec::with_capacity(18);
+        greeting.extend_from_slice(&proto::NBD_MAGIC.to_be_bytes());
+        greeting.extend_from_slice(&proto::IHAVEOPT.to_be_bytes());
+        greeting.extend_from_slice(&(proto::handshake::FIXED_NEWSTYLE | proto::handshake::NO_ZEROES).to_be_bytes());
+        w.write_all(&greeting).await?;
+        w.flush().await?;
+
+        let client_flags = r.read_u32().await?;
+        if client_flags & !proto::client_flags::KNOWN != 0 {
+            return Err(ConnError::Protocol(format!("unknown client flags {client_flags:#x}")));
+        }
+        if client_flags & proto::client_flags::FIXED_NEWSTYLE == 0 {
+            return Err(ConnError::Protocol("client does not speak fixed newstyle".into()));
+        }
+        let no_zeroes = client_flags & proto::client_flags::NO_ZEROES != 0;
+        let mut session = Session::default();
+
+        for _ in 0..MAX_OPTIONS {
+            let mut h = [0u8; proto::OPTION_HEADER_LEN];
+            r.read_exact(&mut h).await?;
+            let header = proto::OptionHeader::decode(&h)?;
+            let option = header.option;
+            if header.length > MAX_OPTION_DATA {
+                if option == opt::EXPORT_NAME {
+                    return Err(ConnError::Protocol("export name too long".into()));
+                }
+                discard(r, u64::from(header.length)).await?;
+                reply(w, option, rep::ERR_TOO_BIG, b"option data too large").await?;
+                continue;
+            }
+            let mut data = vec![0u8; header.length as usize];
+            r.read_exact(&mut data).await?;
+            match option {
+                opt::EXPORT_NAME => {
+                    let name = String::from_utf8_lossy(&data);
+                    if !self.export_matches(&name) {
+                        return Err(ConnError::Protocol(format!("unknown export {name:?}")));
+                    }
+                    let mut out = Vec::with_capacity(134);
+                    out.extend_from_slice(&self.image.size().to_be_bytes());
+                    out.extend_from_slice(&self.transmission_flags(&session).to_be_bytes());
+                    if !no_zeroes {
+                        out.extend_from_slice(&[0u8; 124]);
+                    }
+                    w.write_all(&out).await?;
+                    w.flush().await?;
+                    return Ok(Some(session));
+                }
+                opt::ABORT => {
+                    // The client may hang up without reading the ACK; ignore write errors.
+                    let _ = reply(w, option, rep::ACK, &[]).await;
+                    return Ok(None);
+                }
+                opt::LIST => {
+                    if !data.is_empty() {
+                        reply(w, option, rep::ERR_INVALID, b"NBD_OPT_LIST takes no data").await?;
+                        continue;
+                    }
+                    reply(w, option, rep::SERVER, &proto::encode_server_reply(&self.export.name)).await?;
+                    reply(w, option, rep::ACK, &[]).await?;
+                }
+                opt::INFO | opt::GO => {
+                    let req = match proto::InfoRequest::decode(&data) {
+                        Ok(req) => req,
+                        Err(e) => {
+                            reply(w, option, rep::ERR_INVALID, e.to_string().as_bytes()).await?;
+                            continue;
+                        }
+                    };
+                    if !self.export_matches(&req.name) {
+                        reply(w, option, rep::ERR_UNKNOWN, format!("no export {:?}", req.name).as_bytes()).await?;
+                        continue;
+                    }
+                    let flags = self.transmission_flags(&session);
+                    reply(w, option, rep::INFO, &proto::encode_info_export(self.image.size(), flags)).await?;
+                    reply(w, option, rep::INFO, &self.block_size().encode_info()).await?;
+                    if req.requests.contains(&proto::info::NAME) {
+                        let mut d = proto::info::NAME.to_be_bytes().to_vec();
+                        d.extend_from_slice(self.export.name.as_bytes());
+                        reply(w, option, rep::INFO, &d).await?;
+                    }
+                    if req.requests.contains(&proto::info::DESCRIPTION)
+                        && let Some(desc) = &self.export.description
+                    {
+                        let mut d = proto::info::DESCRIPTION.to_be_bytes().to_vec();
+                        d.extend_from_slice(desc.as_bytes());
+                        reply(w, option, rep::INFO, &d).await?;
+                    }
+                    reply(w, option, rep::ACK, &[]).await?;
+                    if option == opt::GO {
+                        return Ok(Some(session));
+                    }
+                }
+                opt::STRUCTURED_REPLY => {
+                    if !data.is_empty() {
+                        reply(w, option, rep::ERR_INVALID, b"NBD_OPT_STRUCTURED_REPLY takes no data").await?;
+                    } else if session.structured {
+                        reply(w, option, rep::ERR_INVALID, b"structured replies already negotiated").await?;
+                    } else {
+                        session.structured = true;
+                        reply(w, option, rep::ACK, &[]).await?;
+                    }
+                }
+                opt::LIST_META_CONTEXT | opt::SET_META_CONTEXT => {
+                    if !session.structured {
+                        reply(w, option, rep::ERR_INVALID, b"negotiate structured replies first").await?;
+                        continue;
+                    }
+                    let req = match proto::MetaContextRequest::decode(&data) {
+                        Ok(req) => req,
+                        Err(e) => {
+                            reply(w, option, rep::ERR_INVALID, e.to_string().as_bytes()).await?;
+                            continue;
+                        }
+                    };
+                    if !self.export_matches(&req.export) {
+                        reply(w, option, rep::ERR_UNKNOWN, format!("no export {:?}", req.export).as_bytes()).await?;
+                        continue;
+                    }
+                    let listing = option == opt::LIST_META_CONTEXT;
+                    let selected = if listing {
+                        req.queries.is_empty() || req.queries.iter().any(|q| q == "base:" || q == proto::BASE_ALLOCATION)
+                    } else {
+                        req.queries.iter().any(|q| q == proto::BASE_ALLOCATION)
+                    };
+                    if !listing {
+                        session.base_allocation = selected;
+                    }
+                    if selected {
+                        let d = proto::encode_meta_context_reply(BASE_ALLOCATION_ID, proto::BASE_ALLOCATION);
+                        reply(w, option, rep::META_CONTEXT, &d).await?;
+                    }
+                    reply(w, option, rep::ACK, &[]).await?;
+                }
+                opt::STARTTLS => reply(w, option, rep::ERR_UNSUP, b"TLS is not offered").await?,
+                _ => reply(w, option, rep::ERR_UNSUP, b"option not supported").await?,
+            }
+        }
+        Err(ConnError::Protocol("too many options".into()))
+    }
+
+    async fn transmit<R, W>(self: Arc<Self>, mut r: R, w: W, session: Session, stop: CancellationToken) -> Result<(), ConnError>
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        let (tx, rx) = mpsc::unbounded_channel::<OutMsg>();
+        let broken = CancellationToken::new();
+        let writer = tokio::spawn(write_replies(w, rx, broken.clone()));
+        let requests = Arc::new(Semaphore::new(self.limits.max_requests));
+        let byte_units = units(self.limits.max_bytes.max(MAX_PAYLOAD as usize));
+        let bytes = Arc::new(Semaphore::new(byte_units as usize));
+
+        let result: Result<(), ConnError> = loop {
+            let mut h = [0u8; proto::REQUEST_LEN];
+            let read = tokio::select! {
+                _ = stop.cancelled() => break Ok(()),
+                _ = broken.cancelled() => break Ok(()),
+                read = r.read_exact(&mut h) => read,
+            };
+            match read {
+                Ok(_) => {}
+                // A clean close between requests (no NBD_CMD_DISC) is common and harmless.
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break Ok(()),
+                Err(e) => break Err(e.into()),
+            }
+            let req = match Request::decode(&h) {
+                Ok(req) => req,
+                Err(e) => break Err(e.into()),
+            };
+            if req.kind == cmd::DISC {
+                break Ok(());
+            }
+            let carries_data = matches!(req.kind, cmd::READ | cmd::WRITE) && req.length <= MAX_PAYLOAD;
+            let cost = if carries_data { units(req.length as usize) } else { 1 };
+            let (Ok(req_permit), Ok(byte_permit)) = (
+                Arc::clone(&requests).acquire_owned().await,
+                Arc::clone(&bytes).acquire_many_owned(cost).await,
+            ) else {
+                break Ok(());
+            };
+            let permits = Permits { _request: req_permit, _bytes: byte_permit };
+
+            let verdict = validate(&req, &session, self.image.size(), self.read_only());
+            if req.kind == cmd::WRITE {
+                if let Err(errno) = verdict {
+                    // Keep the stream in step: the payload follows whatever we think of it.
+                    if let Err(e) = discard(&mut r, u64::from(req.length)).await {
+                        break Err(e.into());
+                    }
+                    self.count_reply(Some(errno));
+                    let _ = tx.send(simple_reply(req.cookie, Some(errno), permits));
+                    continue;
+                }
+                let mut buf = IoBuf::for_overwrite(req.length as usize);
+                if let Err(e) = r.read_exact(&mut buf).await {
+                    break Err(e.into());
+                }
+                let this = Arc::clone(&self);
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let msg = this.handle_write(req, buf, permits).await;
+                    let _ = tx.send(msg);
+                });
+                continue;
+            }
+            if let Err(errno) = verdict {
+                self.count_reply(Some(errno));
+                let msg = if req.kind == cmd::READ && session.structured {
+                    error_chunk(req.cookie, errno, "request rejected", permits)
+                } else {
+                    simple_reply(req.cookie, Some(errno), permits)
+                };
+                let _ = tx.send(msg);
+                continue;
+            }
+            let this = Arc::clone(&self);
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let msg = this.handle(req, session, permits).await;
+                let _ = tx.send(msg);
+            });
+        };
+
+        // Every spawned handler holds a sender; the writer ends once they have all replied.
+        drop(tx);
+        let written = writer.await.map_err(|e| ConnError::Protocol(format!("writer task: {e}")))?;
+        result?;
+        written.map_err(ConnError::Io)
+    }
+
+    fn count_reply(&self, error: Option<Errno>) {
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        if error.is_some() {
+            self.stats.errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    async fn handle_write(&self, req: Request, buf: IoBuf, permits: Permits) -> OutMsg {
+        let durability = if req.flags & cmd_flags::FUA != 0 { Durability::Stable } else { Durability::Cached };
+        let len = buf.len() as u64;
+        let r = self.image.write(req.offset, Arc::new(buf), durability).await;
+        if r.is_ok() {
+            self.stats.bytes_written.fetch_add(len, Ordering::Relaxed);
+        }
+        let errno = r.err().map(|e| errno_of(&e, "write"));
+        self.count_reply(errno);
+        simple_reply(req.cookie, errno, permits)
+    }
+
+    async fn handle(&self, req: Request, session: Session, permits: Permits) -> OutMsg {
+        let fua = req.flags & cmd_flags::FUA != 0;
+        let durability = if fua { Durability::Stable } else { Durability::Cached };
+        let result: Result<(), ImageError> = match req.kind {
+            cmd::READ => return self.handle_read(req, session, permits).await,
+            cmd::BLOCK_STATUS => return self.handle_block_status(req, permits).await,
+            cmd::FLUSH => self.image.flush().await,
+            cmd::TRIM => match self.image.trim(req.offset, u64::from(req.length)).await {
+                Ok(()) if fua => self.image.flush().await,
+                other => other,
+            },
+            cmd::WRITE_ZEROES => {
+                let alloc = if req.flags & cmd_flags::NO_HOLE != 0 { ZeroAlloc::Keep } else { ZeroAlloc::MayDeallocate };
+                let speed = if req.flags & cmd_flags::FAST_ZERO != 0 { ZeroSpeed::FastOnly } else { ZeroSpeed::Any };
+                self.image.write_zeroes(req.offset, u64::from(req.length), alloc, speed, durability).await
+            }
+            // `validate` let through only the commands above.
+            _ => Ok(()),
+        };
+        let errno = result.err().map(|e| errno_of(&e, "request"));
+        self.count_reply(errno);
+        simple_reply(req.cookie, errno, permits)
+    }
+
+    async fn handle_read(&self, req: Request, session: Session, permits: Permits) -> OutMsg {
+        let len = req.length;
+        if !session.structured {
+            let (buf, r) = self.image.read(req.offset, IoBuf::for_overwrite(len as usize)).await;
+            return match r {
+                Ok(()) => {
+                    self.count_reply(None);
+                    self.stats.bytes_read.fetch_add(u64::from(len), Ordering::Relaxed);
+                    let mut m = simple_reply(req.cookie, None, permits);
+                    m.segments.push(Segment::Buf(buf));
+                    m
+                }
+                Err(e) => {
+                    let errno = errno_of(&e, "read");
+                    self.count_reply(Some(errno));
+                    simple_reply(req.cookie, Some(errno), permits)
+                }
+            };
+        }
+
+        // Structured: data chunks for data, hole chunks for what reads as zeroes.
+        let mut pieces: Vec<(u64, u64, bool)> = Vec::new();
+        if len >= HOLE_SCAN_MIN && req.flags & cmd_flags::DF == 0 {
+            if let Ok(extents) = self.image.allocation(req.offset, u64::from(len)).await {
+                for e in extents {
+                    let zero = matches!(e.state, ExtentState::Hole | ExtentState::Zero);
+                    pieces.push((e.offset, e.length, zero));
+                }
+            }
+        }
+        let covered = pieces.last().map(|&(o, l, _)| o + l).unwrap_or(req.offset);
+        let end = req.offset + u64::from(len);
+        if covered < end {
+            pieces.push((covered, end - covered, false));
+        }
+        let mut msg = OutMsg { segments: Vec::with_capacity(pieces.len() * 2), _permits: Some(permits) };
+        let last = pieces.len().saturating_sub(1);
+        for (i, (offset, length, zero)) in pieces.into_iter().enumerate() {
+            let flags = if i == last { chunk::FLAG_DONE } else { 0 };
+            if zero {
+                let mut b = [0u8; 32];
+                b[..20].copy_from_slice(&proto::encode_chunk_header(flags, chunk::OFFSET_HOLE, req.cookie, 12));
+                b[20..28].copy_from_slice(&offset.to_be_bytes());
+                // Pieces lie inside a request of at most 32 MiB.
+                b[28..32].copy_from_slice(&(length as u32).to_be_bytes());
+                msg.segments.push(Segment::Small(b, 32));
+                continue;
+            }
+            let (buf, r) = self.image.read(offset, IoBuf::for_overwrite(length as usize)).await;
+            if let Err(e) = r {
+                let errno = errno_of(&e, "read");
+                self.count_reply(Some(errno));
+                let permits = msg._permits.take();
+                return OutMsg::error_chunk(req.cookie, errno, &e.to_string(), permits);
+            }
+            let mut b = [0u8; 32];
+            b[..20].copy_from_slice(&proto::encode_chunk_header(flags, chunk::OFFSET_DATA, req.cookie, length as u32 + 8));
+            b[20..28].copy_from_slice(&offset.to_be_bytes());
+            msg.segments.push(Segment::Small(b, 28));
+            msg.segments.push(Segment::Buf(buf));
+        }
+        self.count_reply(None);
+        self.stats.bytes_read.fetch_add(u64::from(len), Ordering::Relaxed);
+        msg
+    }
+
+    async fn handle_block_status(&self, req: Request, permits: Permits) -> OutMsg {
+        let extents = match self.image.allocation(req.offset, u64::from(req.length)).await {
+            Ok(e) if !e.is_empty() => e,
+            Ok(_) => {
+                // The trait promises at least one extent; never send an empty reply.
+                vec![crate::image::Extent { offset: req.offset, length: u64::from(req.length), state: ExtentState::Data }]
+            }
+            Err(e) => {
+                let errno = errno_of(&e, "block status");
+                self.count_reply(Some(errno));
+                return OutMsg::error_chunk(req.cookie, errno, &e.to_string(), Some(permits));
+            }
+        };
+        let mut descriptors: Vec<proto::Descriptor> = Vec::with_capacity(extents.len());
+        for e in extents {
+            let flags = match e.state {
+                ExtentState::Data => 0,
+                ExtentState::Zero => alloc_flags::ZERO,
+                ExtentState::Hole => alloc_flags::HOLE | alloc_flags::ZERO,
+            };
+            // Extents lie inside the request, whose length is a u32.
+            let length = e.length as u32;
+            match descriptors.last_mut() {
+                Some(d) if d.flags == flags => d.length += length,
+                _ => descriptors.push(proto::Descriptor { length, flags }),
+            }
+        }
+        if req.flags & cmd_flags::REQ_ONE != 0 {
+            descriptors.truncate(1);
+        }
+        let payload = proto::encode_block_status(BASE_ALLOCATION_ID, &descriptors);
+        let header = proto::encode_chunk_header(chunk::FLAG_DONE, chunk::BLOCK_STATUS, req.cookie, payload.len() as u32);
+        self.count_reply(None);
+        let mut b = [0u8; 32];
+        b[..20].copy_from_slice(&header);
+        OutMsg { segments: vec![Segment::Small(b, 20), Segment::Vec(payload)], _permits: Some(permits) }
+    }
+}
+
+/// Checks a request against the protocol before any I/O: the error reply it gets, if any.
+/// `WRITE` past the end is `ENOSPC`, other ranges past the end `EINVAL`, writes to a read-only
+/// export `EPERM`, unknown commands and flags `EINVAL` (proto.md, "Error values").
+pub fn validate(req: &Request, session: &Session, size: u64, read_only: bool) -> Result<(), Errno> {
+    use cmd_flags::*;
+    let allowed = match req.kind {
+        cmd::READ if session.structured => FUA | DF,
+        cmd::READ | cmd::WRITE | cmd::FLUSH | cmd::TRIM => FUA,
+        cmd::WRITE_ZEROES => FUA | NO_HOLE | FAST_ZERO,
+        cmd::BLOCK_STATUS => FUA | REQ_ONE,
+        _ => return Err(Errno::Inval),
+    };
+    if req.flags & !allowed != 0 {
+        return Err(Errno::Inval);
+    }
+    let in_range = req.offset.checked_add(u64::from(req.length)).is_some_and(|end| end <= size);
+    match req.kind {
+        cmd::READ => {
+            if req.length > MAX_PAYLOAD || !in_range {
+                return Err(Errno::Inval);
+            }
+        }
+        cmd::WRITE => {
+            if read_only {
+                return Err(Errno::Perm);
+            }
+            if req.length > MAX_PAYLOAD {
+                return Err(Errno::Inval);
+            }
+            if !in_range {
+                return Err(Errno::NoSpc);
+            }
+        }
+        cmd::WRITE_ZEROES | cmd::TRIM => {
+            if read_only {
+                return Err(Errno::Perm);
+            }
+            if !in_range {
+                return Err(if req.kind == cmd::TRIM { Errno::Inval } else { Errno::NoSpc });
+            }
+        }
+        cmd::BLOCK_STATUS => {
+            if !session.structured || !session.base_allocation || req.length == 0 || !in_range {
+                return Err(Errno::Inval);
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+fn errno_of(e: &ImageError, what: &str) -> Errno {
+    let errno = match e {
+        ImageError::OutOfRange { .. } => Errno::Inval,
+        ImageError::ReadOnly => Errno::Perm,
+        ImageError::NotFast => Errno::NotSup,
+        ImageError::Io { .. } => match e.raw_os_error() {
+            Some(libc::ENOSPC) | Some(libc::EDQUOT) | Some(libc::EFBIG) => Errno::NoSpc,
+            Some(libc::EPERM) | Some(libc::EACCES) | Some(libc::EROFS) => Errno::Perm,
+            Some(libc::ENOMEM) => Errno::NoMem,
+            _ => Errno::Io,
+        },
+    };
+    if !matches!(e, ImageError::NotFast) {
+        tracing::warn!(error = %e, %errno, "{what} failed");
+    }
+    errno
+}
+
+/// Payload bytes expressed in 4 KiB permit units.
+fn units(bytes: usize) -> u32 {
+    u32::try_from(bytes.div_ceil(4096).max(1)).unwrap_or(u32::MAX)
+}
+
+struct Permits {
+    _request: OwnedSemaphorePermit,
+    _bytes: OwnedSemaphorePermit,
+}
+
+enum Segment {
+    Small([u8; 32], usize),
+    Vec(Vec<u8>),
+    Buf(IoBuf),
+}
+
+impl Segment {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Segment::Small(b, n) => &b[..*n],
+            Segment::Vec(v) => v,
+            Segment::Buf(b) => b,
+        }
+    }
+}
+
+/// One complete reply; the permits it holds are released once it is on the wire.
+struct OutMsg {
+    segments: Vec<Segment>,
+    _permits: Option<Permits>,
+}
+
+impl OutMsg {
+    fn error_chunk(cookie: u64, errno: Errno, message: &str, permits: Option<Permits>) -> OutMsg {
+        let payload = proto::encode_error_payload(errno, message);
+        let header = proto::encode_chunk_header(chunk::FLAG_DONE, chunk::ERROR, cookie, payload.len() as u32);
+        let mut b = [0u8; 32];
+        b[..20].copy_from_slice(&header);
+        OutMsg { segments: vec![Segment::Small(b, 20), Segment::Vec(payload)], _permits: permits }
+    }
+}
+
+fn error_chunk(cookie: u64, errno: Errno, message: &str, permits: Permits) -> OutMsg {
+    OutMsg::error_chunk(cookie, errno, message, Some(permits))
+}
+
+fn simple_reply(cookie: u64, errno: Option<Errno>, permits: Permits) -> OutMsg {
+    let mut b = [0u8; 32];
+    b[..16].copy_from_slice(&proto::encode_simple_reply(errno.map(|e| e as u32).unwrap_or(0), cookie));
+    OutMsg { segments: vec![Segment::Small(b, 16)], _permits: Some(permits) }
+}
+
+async fn write_replies<W: AsyncWrite + Unpin>(
+    mut w: W,
+    mut rx: mpsc::UnboundedReceiver<OutMsg>,
+    broken: CancellationToken,
+) -> io::Result<()> {
+    let mut batch: Vec<OutMsg> = Vec::with_capacity(64);
+    while let Some(first) = rx.recv().await {
+        batch.push(first);
+        while batch.len() < 64 {
+            match rx.try_recv() {
+                Ok(m) => batch.push(m),
+                Err(_) => break,
+            }
+        }
+        let r = write_batch(&mut w, &batch).await;
+        batch.clear();
+        if let Err(e) = r {
+            broken.cancel();
+            // Drain so handlers never block; their replies have nowhere to go.
+            while rx.recv().await.is_some() {}
+            return Err(e);
+        }
+    }
+    w.flush().await?;
+    let _ = w.shutdown().await;
+    Ok(())
+}
+
+async fn write_batch<W: AsyncWrite + Unpin>(w: &mut W, batch: &[OutMsg]) -> io::Result<()> {
+    let mut slices: Vec<IoSlice<'_>> =
+        batch.iter().flat_map(|m| m.segments.iter()).map(|s| IoSlice::new(s.bytes())).filter(|s| !s.is_empty()).collect();
+    let mut rest: &mut [IoSlice<'_>] = &mut slices;
+    while !rest.is_empty() {
+        let n = w.write_vectored(rest).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut rest, n);
+    }
+    w.flush().await
+}
+
+async fn reply<W: AsyncWrite + Unpin>(w: &mut W, option: u32, kind: u32, data: &[u8]) -> io::Result<()> {
+    w.write_all(&proto::encode_option_reply(option, kind, data)).await?;
+    w.flush().await
+}
+
+/// Reads and drops `n` bytes without holding them all in memory.
+async fn discard<R: AsyncRead + Unpin>(r: &mut R, n: u64) -> io::Result<()> {
+    let copied = tokio::io::copy(&mut r.take(n), &mut tokio::io::sink()).await?;
+    if copied < n { Err(io::ErrorKind::UnexpectedEof.into()) } else { Ok(()) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(kind: u16, flags: u16, offset: u64, length: u32) -> Request {
+        Request { flags, kind, cookie: 7, offset, length }
+    }
+
+    const SIZE: u64 = 1 << 20;
+    const S: Session = Session { structured: true, base_allocation: true };
+    const PLAIN: Session = Session { structured: false, base_allocation: false };
+
+    #[test]
+    fn in_range_requests_pass() {
+        for kind in [cmd::READ, cmd::WRITE, cmd::TRIM, cmd::WRITE_ZEROES, cmd::BLOCK_STATUS] {
+            assert_eq!(validate(&req(kind, 0, SIZE - 4096, 4096), &S, SIZE, false), Ok(()), "{kind}");
+        }
+        assert_eq!(validate(&req(cmd::FLUSH, 0, 0, 0), &S, SIZE, false), Ok(()));
+    }
+
+    #[test]
+    fn past_the_end_gets_the_spec_errors() {
+        assert_eq!(validate(&req(cmd::READ, 0, SIZE, 1), &S, SIZE, false), Err(Errno::Inval));
+        assert_eq!(validate(&req(cmd::WRITE, 0, SIZE - 1, 2), &S, SIZE, false), Err(Errno::NoSpc));
+        assert_eq!(validate(&req(cmd::WRITE_ZEROES, 0, SIZE, 512), &S, SIZE, false), Err(Errno::NoSpc));
+        assert_eq!(validate(&req(cmd::TRIM, 0, SIZE, 512), &S, SIZE, false), Err(Errno::Inval));
+        assert_eq!(validate(&req(cmd::BLOCK_STATUS, 0, SIZE, 512), &S, SIZE, false), Err(Errno::Inval));
+        // Offsets that overflow u64 when the length is added.
+        assert_eq!(validate(&req(cmd::READ, 0, u64::MAX, 2), &S, SIZE, false), Err(Errno::Inval));
+    }
+
+    #[test]
+    fn lengths_over_the_maximum_are_invalid() {
+        assert_eq!(validate(&req(cmd::READ, 0, 0, MAX_PAYLOAD + 1), &S, u64::MAX, false), Err(Errno::Inval));
+        assert_eq!(validate(&req(cmd::WRITE, 0, 0, MAX_PAYLOAD + 1), &S, u64::MAX, false), Err(Errno::Inval));
+        // Zeroing and trimming carry no payload and may be long.
+        assert_eq!(validate(&req(cmd::WRITE_ZEROES, 0, 0, u32::MAX), &S, u64::MAX, false), Ok(()));
+    }
+
+    #[test]
+    fn read_only_refuses_every_write_kind_with_eperm() {
+        for kind in [cmd::WRITE, cmd::TRIM, cmd::WRITE_ZEROES] {
+            assert_eq!(validate(&req(kind, 0, 0, 512), &S, SIZE, true), Err(Errno::Perm), "{kind}");
+        }
+        assert_eq!(validate(&req(cmd::READ, 0, 0, 512), &S, SIZE, true), Ok(()));
+    }
+
+    #[test]
+    fn unknown_commands_and_inapplicable_flags_are_invalid() {
+        assert_eq!(validate(&req(cmd::CACHE, 0, 0, 512), &S, SIZE, false), Err(Errno::Inval));
+        assert_eq!(validate(&req(99, 0, 0, 512), &S, SIZE, false), Err(Errno::Inval));
+        assert_eq!(validate(&req(cmd::WRITE, cmd_flags::NO_HOLE, 0, 512), &S, SIZE, false), Err(Errno::Inval));
+        assert_eq!(validate(&req(cmd::READ, cmd_flags::DF, 0, 512), &PLAIN, SIZE, false), Err(Errno::Inval));
+        assert_eq!(validate(&req(cmd::READ, 1 << 9, 0, 512), &S, SIZE, false), Err(Errno::Inval));
+        // FUA is valid on every command.
+        assert_eq!(validate(&req(cmd::READ, cmd_flags::FUA, 0, 512), &S, SIZE, false), Ok(()));
+    }
+
+    #[test]
+    fn block_status_needs_structured_replies_and_a_context() {
+        assert_eq!(validate(&req(cmd::BLOCK_STATUS, 0, 0, 512), &PLAIN, SIZE, false), Err(Errno::Inval));
+        let no_ctx = Session { structured: true, base_allocation: false };
+        assert_eq!(validate(&req(cmd::BLOCK_STATUS, 0, 0, 512), &no_ctx, SIZE, false), Err(Errno::Inval));
+        assert_eq!(validate(&req(cmd::BLOCK_STATUS, 0, 0, 0), &S, SIZE, false), Err(Errno::Inval));
+    }
+}
