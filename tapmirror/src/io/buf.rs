@@ -88,6 +88,55 @@ impl FixedPool {
     }
 }
 
+/// Heap buffers are recycled by power-of-two size class, so bulk I/O that outgrows the registered
+/// pool does not pay for fresh pages (and their page faults) on every request.
+struct HeapCache {
+    classes: Mutex<Vec<Vec<Vec<u8>>>>,
+}
+
+/// Most bytes the heap cache keeps idle.
+const HEAP_CACHE_BYTES: usize = 64 << 20;
+const MIN_CLASS: usize = 4096;
+const MAX_CLASS: usize = 32 << 20;
+
+impl HeapCache {
+    fn global() -> &'static HeapCache {
+        static CACHE: OnceLock<HeapCache> = OnceLock::new();
+        CACHE.get_or_init(|| HeapCache { classes: Mutex::new(vec![Vec::new(); 64]) })
+    }
+
+    fn class_of(len: usize) -> Option<usize> {
+        (len <= MAX_CLASS).then(|| len.max(MIN_CLASS).next_power_of_two())
+    }
+
+    /// A vector of exactly the class size for `len`, recycled when one is idle. Recycled
+    /// vectors hold old bytes; `fresh` says whether the vector is known to be zeroed.
+    fn take(len: usize) -> (Vec<u8>, bool) {
+        let Some(class) = Self::class_of(len) else { return (vec![0u8; len], true) };
+        let idx = class.trailing_zeros() as usize;
+        if let Ok(mut c) = Self::global().classes.lock()
+            && let Some(v) = c[idx].pop()
+        {
+            return (v, false);
+        }
+        (vec![0u8; class], true)
+    }
+
+    fn give(v: Vec<u8>) {
+        let len = v.len();
+        if !(MIN_CLASS..=MAX_CLASS).contains(&len) || !len.is_power_of_two() {
+            return;
+        }
+        let idx = len.trailing_zeros() as usize;
+        if let Ok(mut c) = Self::global().classes.lock() {
+            let cached: usize = c.iter().enumerate().map(|(i, l)| l.len() << i).sum();
+            if cached + len <= HEAP_CACHE_BYTES {
+                c[idx].push(v);
+            }
+        }
+    }
+}
+
 enum Storage {
     Heap(Vec<u8>),
     Fixed { pool: Arc<FixedPool>, index: u16 },
@@ -112,7 +161,11 @@ impl IoBuf {
             unsafe { std::ptr::write_bytes(pool.slot_ptr(index), 0, len) };
             return IoBuf { storage: Storage::Fixed { pool: Arc::clone(pool), index }, len };
         }
-        IoBuf { storage: Storage::Heap(vec![0u8; len]), len }
+        let (mut v, fresh) = HeapCache::take(len);
+        if !fresh {
+            v[..len].fill(0);
+        }
+        IoBuf { storage: Storage::Heap(v), len }
     }
 
     /// A buffer whose every byte the caller will overwrite before anyone reads it (a write
@@ -125,7 +178,7 @@ impl IoBuf {
         {
             return IoBuf { storage: Storage::Fixed { pool: Arc::clone(pool), index }, len };
         }
-        IoBuf { storage: Storage::Heap(vec![0u8; len]), len }
+        IoBuf { storage: Storage::Heap(HeapCache::take(len).0), len }
     }
 
     /// A heap buffer holding `data`.
@@ -183,8 +236,9 @@ impl DerefMut for IoBuf {
 
 impl Drop for IoBuf {
     fn drop(&mut self) {
-        if let Storage::Fixed { pool, index } = &self.storage {
-            pool.give_back(*index);
+        match &mut self.storage {
+            Storage::Fixed { pool, index } => pool.give_back(*index),
+            Storage::Heap(v) => HeapCache::give(std::mem::take(v)),
         }
     }
 }
@@ -213,6 +267,17 @@ mod tests {
         let big = IoBuf::new(SLOT_SIZE + 1);
         assert_eq!(big.fixed_index(), None);
         assert_eq!(big.len(), SLOT_SIZE + 1);
+    }
+
+    #[test]
+    fn recycled_heap_buffers_are_zeroed_by_new() {
+        let mut a = IoBuf::new(SLOT_SIZE * 2);
+        assert_eq!(a.fixed_index(), None);
+        a.fill(0xcd);
+        drop(a);
+        let b = IoBuf::new(SLOT_SIZE * 2 - 100);
+        assert_eq!(b.len(), SLOT_SIZE * 2 - 100);
+        assert!(b.iter().all(|&x| x == 0));
     }
 
     #[test]

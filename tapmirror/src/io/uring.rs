@@ -1,24 +1,31 @@
-//! The io_uring engine: one worker thread owns one ring for the whole process.
+//! The io_uring engine: one ring for the whole process, fed directly by tokio tasks.
 //!
 //! ```text
-//!  tokio tasks ──Submission──▶ queue (mutex) ──▶ worker thread ──SQE──▶ kernel
-//!       ▲                        │ eventfd write when the worker sleeps      │
-//!       └──────── oneshot ◀── completion table (slab keyed by user_data) ◀─CQE
+//!  tokio task ─lock─▶ push SQE ─unlock─▶ io_uring_enter(submit) ─▶ kernel
+//!      ▲                                   │ page-cache hit: completes inside the enter
+//!      └── oneshot ◀── reap CQEs (lock) ◀──┘
+//!                         ▲
+//!  reaper thread ─────────┘ woken by an eventfd registered with IORING_REGISTER_EVENTFD_ASYNC,
+//!                           which fires only for completions that did not happen inline
+//!                           (punted to io-wq, e.g. buffered writes on ext4, or real disk reads)
 //! ```
 //!
+//! A read served from the page cache therefore costs no thread hop at all: the submitting task
+//! reaps its own completion right after `io_uring_enter` returns. Only truly asynchronous
+//! completions go through the reaper thread.
+//!
 //! Every operation owns what the kernel touches (its buffer and an `Arc` of its file) inside the
-//! worker's in-flight table until its CQE arrives, so cancelling the waiting future is always
-//! memory-safe: the buffer is simply dropped after the kernel is done with it. Buffers from the
+//! in-flight table until its CQE is reaped, so cancelling the waiting future is always
+//! memory-safe: the buffer is dropped only after the kernel is done with it. Buffers from the
 //! registered pool use `READ_FIXED`/`WRITE_FIXED`; files are registered in a sparse table and
-//! addressed as fixed files. The worker waits for completions and for new work in one
-//! `io_uring_enter`, because a read of the wake-up eventfd is itself armed in the ring.
+//! addressed as fixed files. The submission and completion queues are only touched under
+//! `state`'s mutex; `io_uring_enter` runs outside it so inline work on two threads overlaps.
 
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use io_uring::{IoUring, Probe, opcode, types};
 use tokio::sync::oneshot;
@@ -27,13 +34,12 @@ use super::buf::{FixedPool, IoBuf};
 
 const RING_ENTRIES: u32 = 256;
 /// At most this many operations in the kernel at once, so the completion queue (twice the
-/// submission queue) can never overflow.
+/// submission queue) can never overflow; more wait in a backlog.
 const MAX_IN_FLIGHT: usize = RING_ENTRIES as usize;
 /// Size of the sparse fixed-file table.
 const FILE_SLOTS: u32 = 1024;
-const WAKE_TOKEN: u64 = u64::MAX;
 
-/// What the worker does for one submission.
+/// What the kernel does for one submission.
 pub(crate) enum Op {
     /// Read into `buf[buf_start..]` from `offset`.
     Read { buf: IoBuf, buf_start: usize, offset: u64 },
@@ -59,10 +65,10 @@ pub(crate) struct Done {
     pub buf: Option<IoBuf>,
 }
 
-enum Submission {
-    Io { target: Target, op: Op, done: oneshot::Sender<Done> },
-    RegisterFile { fd: RawFd, done: oneshot::Sender<Option<u32>> },
-    UnregisterFile { slot: u32 },
+struct Queued {
+    target: Target,
+    op: Op,
+    done: oneshot::Sender<Done>,
 }
 
 struct InFlight {
@@ -72,11 +78,19 @@ struct InFlight {
     _write_buf: Option<Arc<IoBuf>>,
 }
 
-/// Handle to the process's io_uring worker.
+struct State {
+    table: Vec<Option<InFlight>>,
+    free_keys: Vec<usize>,
+    in_flight: usize,
+    backlog: VecDeque<Queued>,
+    free_slots: Vec<u32>,
+}
+
+/// The process's ring.
 pub(crate) struct UringDriver {
-    queue: Mutex<VecDeque<Submission>>,
-    sleeping: AtomicBool,
-    wake: OwnedFd,
+    ring: IoUring,
+    state: Mutex<State>,
+    async_completions: OwnedFd,
     /// Whether the registered pool is registered with the ring (else fixed ops are not used).
     pub fixed_buffers: bool,
 }
@@ -126,159 +140,146 @@ impl UringDriver {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: `raw` is a fresh, valid descriptor that nothing else owns.
-        let wake = unsafe { OwnedFd::from_raw_fd(raw) };
+        let async_completions = unsafe { OwnedFd::from_raw_fd(raw) };
+        ring.submitter().register_eventfd_async(async_completions.as_raw_fd())?;
         let driver = Arc::new(UringDriver {
-            queue: Mutex::new(VecDeque::new()),
-            sleeping: AtomicBool::new(false),
-            wake,
+            ring,
+            state: Mutex::new(State {
+                table: Vec::with_capacity(MAX_IN_FLIGHT),
+                free_keys: Vec::new(),
+                in_flight: 0,
+                backlog: VecDeque::new(),
+                free_slots: (0..FILE_SLOTS).rev().collect(),
+            }),
+            async_completions,
             fixed_buffers,
         });
-        let worker = Arc::clone(&driver);
-        std::thread::Builder::new().name("tapmirror-uring".into()).spawn(move || worker.run(ring))?;
-        tracing::debug!(fixed_buffers, "io_uring worker started");
+        let reaper = Arc::clone(&driver);
+        std::thread::Builder::new().name("tapmirror-uring".into()).spawn(move || reaper.reap_async_forever())?;
+        tracing::debug!(fixed_buffers, "io_uring ready");
         Ok(driver)
     }
 
-    fn enqueue(&self, s: Submission) -> io::Result<()> {
-        self.queue.lock().map_err(|_| io::Error::other("io_uring queue poisoned"))?.push_back(s);
-        if self.sleeping.swap(false, Ordering::SeqCst) {
-            let one: u64 = 1;
-            // SAFETY: writes 8 bytes from a live u64 to our own eventfd.
-            let n = unsafe { libc::write(self.wake.as_raw_fd(), (&raw const one).cast(), 8) };
-            if n != 8 {
-                return Err(io::Error::last_os_error());
-            }
-        }
-        Ok(())
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave the queues half-updated in a way that
+        // matters more than losing the process's I/O altogether; keep going with the data.
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Runs `op` on `target` and waits for its completion.
     pub async fn submit(&self, target: Target, op: Op) -> io::Result<Done> {
         let (tx, rx) = oneshot::channel();
-        self.enqueue(Submission::Io { target, op, done: tx })?;
-        rx.await.map_err(|_| io::Error::other("io_uring worker dropped the operation"))
+        let pushed = {
+            let mut st = self.lock();
+            st.backlog.push_back(Queued { target, op, done: tx });
+            self.pump(&mut st)
+        };
+        if pushed {
+            self.enter_submit();
+            // Page-cache hits completed inside the enter: hand them out without a thread hop.
+            self.reap();
+        }
+        rx.await.map_err(|_| io::Error::other("io_uring dropped the operation"))
     }
 
     /// Puts `file` in the fixed-file table; `None` when the table is full (plain fds then work).
     pub async fn register_file(&self, file: &File) -> Option<u32> {
-        let (tx, rx) = oneshot::channel();
-        self.enqueue(Submission::RegisterFile { fd: file.as_raw_fd(), done: tx }).ok()?;
-        rx.await.ok().flatten()
+        let mut st = self.lock();
+        let slot = st.free_slots.pop()?;
+        match self.ring.submitter().register_files_update(slot, &[file.as_raw_fd()]) {
+            Ok(_) => Some(slot),
+            Err(e) => {
+                st.free_slots.push(slot);
+                tracing::debug!(error = %e, "fixed file registration failed");
+                None
+            }
+        }
     }
 
     /// Frees a fixed-file slot. In-flight operations keep their own reference in the kernel.
     pub fn unregister_file(&self, slot: u32) {
-        let _ = self.enqueue(Submission::UnregisterFile { slot });
+        let mut st = self.lock();
+        if self.ring.submitter().register_files_update(slot, &[-1 as RawFd]).is_ok() {
+            st.free_slots.push(slot);
+        }
     }
 
-    fn run(self: Arc<Self>, mut ring: IoUring) {
-        let mut table: Vec<Option<InFlight>> = Vec::with_capacity(MAX_IN_FLIGHT);
-        let mut free_keys: Vec<usize> = Vec::new();
-        let mut in_flight = 0usize;
-        let mut backlog: VecDeque<Submission> = VecDeque::new();
-        let mut free_slots: Vec<u32> = (0..FILE_SLOTS).rev().collect();
-        let mut wake_buf: Box<u64> = Box::new(0);
-        let mut wake_armed = false;
+    /// Moves backlog entries into the submission queue while there is room. Returns whether
+    /// anything was pushed (and so needs an `io_uring_enter`).
+    fn pump(&self, st: &mut State) -> bool {
+        let mut pushed = false;
+        // SAFETY: the submission queue is only ever accessed under `state`'s mutex, which the
+        // caller holds through `st`.
+        let mut sq = unsafe { self.ring.submission_shared() };
+        while st.in_flight < MAX_IN_FLIGHT && !sq.is_full() {
+            let Some(q) = st.backlog.pop_front() else { break };
+            let key = st.free_keys.pop().unwrap_or_else(|| {
+                st.table.push(None);
+                st.table.len() - 1
+            });
+            let (entry, flight) = self.prepare(key as u64, &q.target, q.op, q.done);
+            // SAFETY: everything the entry points at (buffer, file) is owned by `flight`,
+            // stored in the table until this key's CQE is reaped; `is_full` was checked.
+            if unsafe { sq.push(&entry) }.is_err() {
+                let _ = flight.done.send(Done { result: -libc::EAGAIN, buf: flight.read_buf });
+                st.free_keys.push(key);
+                break;
+            }
+            st.table[key] = Some(flight);
+            st.in_flight += 1;
+            pushed = true;
+        }
+        pushed
+    }
 
+    fn enter_submit(&self) {
         loop {
-            if !wake_armed {
-                let e = opcode::Read::new(types::Fd(self.wake.as_raw_fd()), (&raw mut *wake_buf).cast(), 8)
-                    .build()
-                    .user_data(WAKE_TOKEN);
-                // SAFETY: `wake_buf` is boxed and lives as long as this loop, which outlives the op.
-                if unsafe { ring.submission().push(&e) }.is_ok() {
-                    wake_armed = true;
+            match self.ring.submit() {
+                Ok(_) => return,
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                // EBUSY/EAGAIN: the kernel is short of resources or completions must be reaped
+                // first; the entries stay queued and the next enter submits them.
+                Err(e) => {
+                    tracing::debug!(error = %e, "io_uring submit deferred");
+                    return;
                 }
             }
-            if let Ok(mut q) = self.queue.lock() {
-                backlog.extend(q.drain(..));
-            }
-            while in_flight < MAX_IN_FLIGHT {
-                let Some(sub) = backlog.pop_front() else { break };
-                match sub {
-                    Submission::RegisterFile { fd, done } => {
-                        let slot = free_slots.pop();
-                        let registered = slot.and_then(|s| match ring.submitter().register_files_update(s, &[fd]) {
-                            Ok(_) => Some(s),
-                            Err(e) => {
-                                free_slots.push(s);
-                                tracing::debug!(error = %e, "fixed file registration failed");
-                                None
-                            }
-                        });
-                        let _ = done.send(registered);
-                    }
-                    Submission::UnregisterFile { slot } => {
-                        if ring.submitter().register_files_update(slot, &[-1]).is_ok() {
-                            free_slots.push(slot);
-                        }
-                    }
-                    Submission::Io { target, op, done } => {
-                        let key = free_keys.pop().unwrap_or_else(|| {
-                            table.push(None);
-                            table.len() - 1
-                        });
-                        let (entry, flight) = self.prepare(key as u64, &target, op, done);
-                        if ring.submission().is_full() {
-                            let _ = ring.submit();
-                        }
-                        // SAFETY: everything the entry points at (buffer, file) is owned by
-                        // `flight`, stored in `table` until this key's CQE is reaped.
-                        match unsafe { ring.submission().push(&entry) } {
-                            Ok(()) => {
-                                table[key] = Some(flight);
-                                in_flight += 1;
-                            }
-                            Err(_) => {
-                                // Cannot happen after the submit above freed the queue; fail the
-                                // op rather than lose it.
-                                let _ = flight.done.send(Done { result: -libc::EAGAIN, buf: flight.read_buf });
-                                free_keys.push(key);
-                            }
-                        }
-                    }
-                }
-            }
+        }
+    }
 
-            let must_wait = in_flight > 0 || wake_armed;
-            let queued = self.queue.lock().map(|q| !q.is_empty()).unwrap_or(false);
-            let result = if backlog.is_empty() && !queued && must_wait {
-                self.sleeping.store(true, Ordering::SeqCst);
-                // Re-check after announcing sleep: a submitter that enqueued before seeing the
-                // flag would not have written the eventfd.
-                let queued = self.queue.lock().map(|q| !q.is_empty()).unwrap_or(false);
-                if queued {
-                    self.sleeping.store(false, Ordering::SeqCst);
-                    ring.submit()
-                } else {
-                    ring.submit_and_wait(1)
-                }
-            } else if !backlog.is_empty() {
-                ring.submit_and_wait(1)
-            } else {
-                ring.submit()
-            };
-            if let Err(e) = result
-                && e.raw_os_error() != Some(libc::EINTR)
-                && e.raw_os_error() != Some(libc::EBUSY)
-            {
-                tracing::error!(error = %e, "io_uring_enter failed");
-            }
-
-            for cqe in ring.completion() {
-                let key = cqe.user_data();
-                if key == WAKE_TOKEN {
-                    wake_armed = false;
-                    self.sleeping.store(false, Ordering::SeqCst);
+    /// Hands out every available completion and refills the ring from the backlog.
+    fn reap(&self) {
+        let pushed = {
+            let mut st = self.lock();
+            // SAFETY: the completion queue is only ever accessed under `state`'s mutex.
+            let cq = unsafe { self.ring.completion_shared() };
+            for cqe in cq {
+                let Some(slot) = usize::try_from(cqe.user_data()).ok().and_then(|k| st.table.get_mut(k)) else {
                     continue;
-                }
-                let Some(slot) = usize::try_from(key).ok().and_then(|k| table.get_mut(k)) else { continue };
+                };
                 if let Some(flight) = slot.take() {
-                    in_flight -= 1;
-                    free_keys.push(key as usize);
+                    st.in_flight -= 1;
+                    st.free_keys.push(cqe.user_data() as usize);
                     let _ = flight.done.send(Done { result: cqe.result(), buf: flight.read_buf });
                 }
             }
+            !st.backlog.is_empty() && self.pump(&mut st)
+        };
+        if pushed {
+            self.enter_submit();
+        }
+    }
+
+    fn reap_async_forever(self: Arc<Self>) {
+        let mut count = [0u8; 8];
+        loop {
+            // SAFETY: reads 8 bytes into a live local buffer from our own eventfd.
+            let n = unsafe { libc::read(self.async_completions.as_raw_fd(), count.as_mut_ptr().cast(), 8) };
+            if n < 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+                tracing::error!(error = %io::Error::last_os_error(), "io_uring completion eventfd failed");
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            self.reap();
         }
     }
 

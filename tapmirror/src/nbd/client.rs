@@ -231,7 +231,9 @@ struct Outgoing {
 
 enum Expect {
     Simple,
-    Read { buf: Vec<u8>, offset: u64 },
+    /// `covered` collects the (start, end) ranges of the request that data and hole chunks
+    /// filled, so a reply that leaves a gap is caught rather than read as zeroes.
+    Read { buf: Vec<u8>, offset: u64, covered: Vec<(usize, usize)> },
     Status { descriptors: Vec<Descriptor> },
 }
 
@@ -406,6 +408,16 @@ impl NbdClient {
             .lock()
             .map_err(|_| ClientError::Closed("pending table poisoned".into()))?
             .insert(cookie, Pending { expect, error: None, tx });
+        // `fail_all` marks the connection dead and then drains the table. Checking again after
+        // registering closes the window in which a request would miss both.
+        if let Ok(d) = self.inner.shared.dead.lock()
+            && let Some(why) = d.as_ref()
+        {
+            if let Ok(mut p) = self.inner.shared.pending.lock() {
+                p.remove(&cookie);
+            }
+            return Err(ClientError::Closed(why.clone()));
+        }
         let header = Request { flags, kind, cookie, offset, length }.encode();
         if self.inner.tx.send(Outgoing { header, payload }).is_err() {
             return Err(ClientError::Closed("writer stopped".into()));
@@ -424,7 +436,7 @@ impl NbdClient {
     /// Reads `len` bytes at `offset`.
     pub async fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>, ClientError> {
         let length = self.check_payload(len)?;
-        match self.request(cmd::READ, 0, offset, length, None, Expect::Read { buf: vec![0u8; len], offset }).await? {
+        match self.request(cmd::READ, 0, offset, length, None, Expect::Read { buf: vec![0u8; len], offset, covered: Vec::new() }).await? {
             Answer::Data(v) => Ok(v),
             _ => Err(ClientError::Protocol("read answered without data".into())),
         }
@@ -523,6 +535,12 @@ impl NbdClient {
 
     /// Sends `NBD_CMD_DISC` after every request sent so far.
     pub async fn disconnect(&self) -> Result<(), ClientError> {
+        // Nothing may follow NBD_CMD_DISC: later requests fail here instead of reaching the wire.
+        if let Ok(mut d) = self.inner.shared.dead.lock()
+            && d.is_none()
+        {
+            *d = Some("disconnected by the client".into());
+        }
         let header = Request { flags: 0, kind: cmd::DISC, cookie: 0, offset: 0, length: 0 }.encode();
         self.inner.tx.send(Outgoing { header, payload: None }).map_err(|_| ClientError::Closed("writer stopped".into()))
     }
@@ -538,7 +556,12 @@ async fn write_requests<W: AsyncWrite + Unpin>(mut w: W, mut rx: mpsc::Unbounded
                 Err(_) => break,
             }
         }
-        let disconnect = batch.iter().any(|o| o.header[6..8] == cmd::DISC.to_be_bytes());
+        // Nothing may follow NBD_CMD_DISC on the wire: cut the batch after it.
+        let disc_at = batch.iter().position(|o| o.header[6..8] == cmd::DISC.to_be_bytes());
+        let disconnect = disc_at.is_some();
+        if let Some(i) = disc_at {
+            batch.truncate(i + 1);
+        }
         {
             let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(batch.len() * 2);
             for o in &batch {
@@ -597,8 +620,9 @@ async fn read_replies<R: AsyncRead + Unpin>(r: &mut R, shared: &Shared) -> Resul
             ReplyHeader::Simple { error, .. } => {
                 if error != 0 {
                     p.error = Some(ClientError::Server { errno: Errno::from_wire(error), message: None });
-                } else if let Expect::Read { buf, .. } = &mut p.expect {
+                } else if let Expect::Read { buf, covered, .. } = &mut p.expect {
                     r.read_exact(buf).await?;
+                    covered.push((0, buf.len()));
                 }
                 true
             }
@@ -608,6 +632,12 @@ async fn read_replies<R: AsyncRead + Unpin>(r: &mut R, shared: &Shared) -> Resul
             }
         };
         if done {
+            if p.error.is_none()
+                && let Expect::Read { buf, covered, .. } = &mut p.expect
+                && !covers_exactly(covered, buf.len())
+            {
+                p.error = Some(ClientError::Protocol(format!("read reply for cookie {cookie} does not cover the request exactly")));
+            }
             let answer = match p.error {
                 Some(e) => Err(e),
                 None => Ok(match p.expect {
@@ -626,7 +656,7 @@ async fn read_replies<R: AsyncRead + Unpin>(r: &mut R, shared: &Shared) -> Resul
 async fn read_chunk<R: AsyncRead + Unpin>(r: &mut R, p: &mut Pending, kind: u16, length: u32) -> Result<(), ClientError> {
     match kind {
         chunk::OFFSET_DATA => {
-            let Expect::Read { buf, offset } = &mut p.expect else {
+            let Expect::Read { buf, offset, covered } = &mut p.expect else {
                 return Err(ClientError::Protocol("data chunk for a request that is not a read".into()));
             };
             if length < 8 {
@@ -640,9 +670,10 @@ async fn read_chunk<R: AsyncRead + Unpin>(r: &mut R, p: &mut Pending, kind: u16,
             };
             let start = start as usize;
             r.read_exact(&mut buf[start..start + n as usize]).await?;
+            covered.push((start, start + n as usize));
         }
         chunk::OFFSET_HOLE => {
-            let Expect::Read { buf, offset } = &mut p.expect else {
+            let Expect::Read { buf, offset, covered } = &mut p.expect else {
                 return Err(ClientError::Protocol("hole chunk for a request that is not a read".into()));
             };
             if length != 12 {
@@ -655,6 +686,7 @@ async fn read_chunk<R: AsyncRead + Unpin>(r: &mut R, p: &mut Pending, kind: u16,
                 return Err(ClientError::Protocol(format!("hole chunk {at}+{n} outside the request")));
             };
             buf[start as usize..(start + n) as usize].fill(0);
+            covered.push((start as usize, (start + n) as usize));
         }
         chunk::BLOCK_STATUS => {
             if length > MAX_META_PAYLOAD {
@@ -685,6 +717,19 @@ async fn read_chunk<R: AsyncRead + Unpin>(r: &mut R, p: &mut Pending, kind: u16,
         other => return Err(ClientError::Protocol(format!("unknown chunk type {other}"))),
     }
     Ok(())
+}
+
+/// Whether the ranges tile `[0, len)` with no gap and no overlap (the protocol forbids both).
+fn covers_exactly(ranges: &mut [(usize, usize)], len: usize) -> bool {
+    ranges.sort_unstable();
+    let mut at = 0;
+    for &(start, end) in ranges.iter() {
+        if start != at {
+            return false;
+        }
+        at = end;
+    }
+    at == len
 }
 
 /// Largest option reply data we accept during negotiation.

@@ -570,7 +570,14 @@ impl<I: Image> NbdServer<I> {
         if covered < end {
             pieces.push((covered, end - covered, false));
         }
-        let mut msg = OutMsg { segments: Vec::with_capacity(pieces.len() * 2), _permits: Some(permits) };
+        let mut msg = OutMsg { segments: Vec::with_capacity(pieces.len() * 2 + 1), _permits: Some(permits) };
+        if pieces.is_empty() {
+            // A zero-length read still needs a reply, and a structured reply ends with a chunk
+            // flagged DONE: a NONE chunk says "nothing more".
+            let mut b = [0u8; 32];
+            b[..20].copy_from_slice(&proto::encode_chunk_header(chunk::FLAG_DONE, chunk::NONE, req.cookie, 0));
+            msg.segments.push(Segment::Small(b, 20));
+        }
         let last = pieces.len().saturating_sub(1);
         for (i, (offset, length, zero)) in pieces.into_iter().enumerate() {
             let flags = if i == last { chunk::FLAG_DONE } else { 0 };

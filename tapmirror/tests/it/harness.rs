@@ -1,0 +1,171 @@
+//! Shared test plumbing: temporary images, a served export, peer processes.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Whether `tool` is on PATH. Under CI a missing peer is a failure, elsewhere a skip.
+pub fn require_tool(tool: &str) -> bool {
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !found {
+        if std::env::var_os("CI").is_some() {
+            panic!("{tool} is required under CI (.ci/run installs it)");
+        }
+        eprintln!("skipping: {tool} not installed");
+    }
+    found
+}
+
+/// Skips the calling test unless every tool is installed.
+#[macro_export]
+macro_rules! require {
+    ($($tool:expr),+) => {
+        if !($($crate::harness::require_tool($tool))&&+) {
+            return;
+        }
+    };
+}
+
+/// Deterministic, non-repeating-looking test data.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// Runs a command to completion and returns its output, failing the test with its stderr when
+/// it exits non-zero.
+pub fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// A child process killed (SIGKILL) when dropped, unless it was already reaped.
+pub struct Proc(pub Option<Child>);
+
+impl Proc {
+    /// Sends SIGTERM and waits up to 10 s for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.0.take().expect("process already reaped");
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("process did not exit within 10 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A temporary folder with a raw image served by `tapmirror serve`.
+pub struct Served {
+    /// The server process.
+    pub proc: Proc,
+    /// The folder holding the image and socket.
+    pub dir: tempfile::TempDir,
+    /// The image file.
+    pub image: PathBuf,
+    /// The Unix socket.
+    pub socket: PathBuf,
+    /// The TCP address, when asked for.
+    pub tcp: Option<SocketAddr>,
+}
+
+impl Served {
+    /// The export's `nbd+unix` URI.
+    pub fn uri(&self) -> String {
+        format!("nbd+unix:///?socket={}", self.socket.display())
+    }
+
+    /// The export's `nbd://` URI, when serving TCP.
+    pub fn tcp_uri(&self) -> String {
+        format!("nbd://{}/", self.tcp.expect("served without --listen"))
+    }
+
+    /// The image's bytes, read from the file.
+    pub fn contents(&self) -> Vec<u8> {
+        std::fs::read(&self.image).expect("read image")
+    }
+}
+
+/// Path of the tapmirror binary under test.
+pub fn tapmirror() -> &'static str {
+    env!("CARGO_BIN_EXE_tapmirror")
+}
+
+/// Serves a fresh sparse raw image of `size` bytes with extra `serve` arguments.
+pub fn serve(size: u64, extra: &[&str]) -> Served {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = dir.path().join("disk.raw");
+    std::fs::File::create(&image).and_then(|f| f.set_len(size)).expect("create image");
+    serve_file(dir, image, extra)
+}
+
+/// Serves an existing image file that lives in `dir`.
+pub fn serve_file(dir: tempfile::TempDir, image: PathBuf, extra: &[&str]) -> Served {
+    let socket = dir.path().join("nbd.sock");
+    let mut child = Command::new(tapmirror())
+        .arg("serve")
+        .arg(&image)
+        .arg("--socket")
+        .arg(&socket)
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn tapmirror serve");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).expect("read ready line");
+    assert!(line.starts_with("ready"), "tapmirror serve did not get ready: {line:?}");
+    let tcp = line.split_whitespace().find_map(|w| w.strip_prefix("tcp=")).map(|a| a.parse().expect("tcp address"));
+    Served { proc: Proc(Some(child)), dir, image, socket, tcp }
+}
+
+/// Starts `cmd` as a peer server listening on the Unix socket `socket` and waits until it accepts.
+pub fn spawn_server(cmd: &mut Command, socket: &Path) -> Proc {
+    let child = cmd.stdout(Stdio::null()).spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    let proc = Proc(Some(child));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::os::unix::net::UnixStream::connect(socket).is_err() {
+        assert!(Instant::now() < deadline, "{cmd:?} did not listen on {}", socket.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    proc
+}

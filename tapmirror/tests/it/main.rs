@@ -1,0 +1,11 @@
+//! tapmirror's integration tests: one binary, real processes, real peers.
+//!
+//! Each test starts `tapmirror serve` (or a peer server) in its own temporary folder and kills it
+//! on drop. Peers (nbdinfo, nbdcopy, qemu-io, qemu-img, qemu-nbd, nbdkit, fio) are required under
+//! CI (`CI` set) and skipped with a message elsewhere when missing.
+
+mod harness;
+
+mod bad_input;
+mod client;
+mod peers;
