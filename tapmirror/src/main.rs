@@ -43,8 +43,10 @@ struct ServeArgs {
     /// Image format.
     #[arg(long, value_enum, default_value = "raw")]
     format: Format,
-    /// Listen on this Unix socket (created mode 0600; a stale socket file is replaced).
-    #[arg(long, required_unless_present = "listen")]
+    /// Listen on this Unix socket (created mode 0600; a stale socket file is replaced). Without
+    /// --socket or --listen, the listening socket must come by systemd socket activation
+    /// (LISTEN_FDS), as `nbdinfo [ CMD ]` and `nbdcopy [ CMD ]` pass it.
+    #[arg(long)]
     socket: Option<PathBuf>,
     /// Listen on this TCP address (port 0 picks a free port; the ready line says which).
     #[arg(long)]
@@ -55,6 +57,10 @@ struct ServeArgs {
     /// Refuse writes, trims and zeroes.
     #[arg(long)]
     read_only: bool,
+    /// Create IMAGE as a sparse raw file of this size (e.g. 10G, 512M) when it does not exist;
+    /// an existing file is served as it is.
+    #[arg(long, value_parser = parse_size)]
+    create: Option<u64>,
     /// I/O engine (also TAPMIRROR_IO_ENGINE).
     #[arg(long, value_enum)]
     io_engine: Option<EngineChoice>,
@@ -68,6 +74,8 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    // Before the runtime starts any thread: socket activation edits the environment.
+    let activated = activated_listeners();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -77,7 +85,7 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Serve(args) => serve(args).await,
+            Command::Serve(args) => serve(args, activated).await,
             Command::Info { uri } => info(&uri).await,
         }
     });
@@ -90,7 +98,60 @@ fn main() -> ExitCode {
     }
 }
 
-async fn serve(args: ServeArgs) -> Result<()> {
+fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    let (digits, shift) = match s.trim().char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => return Err(format!("unknown size suffix in {s:?} (use K, M, G or T)")),
+            };
+            (&s.trim()[..i], shift)
+        }
+        _ => (s.trim(), 0),
+    };
+    let n: u64 = digits.parse().map_err(|_| format!("not a size: {s:?}"))?;
+    n.checked_mul(1u64 << shift).ok_or_else(|| format!("size {s:?} is too large"))
+}
+
+/// Listening sockets passed by systemd-style socket activation (`LISTEN_PID`, `LISTEN_FDS`,
+/// first descriptor 3), taken once and removed from the environment so children don't inherit
+/// them.
+fn activated_listeners() -> Vec<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    let pid_ok = std::env::var("LISTEN_PID").ok().and_then(|p| p.parse::<u32>().ok()) == Some(std::process::id());
+    let count = std::env::var("LISTEN_FDS").ok().and_then(|n| n.parse::<i32>().ok()).unwrap_or(0);
+    if !pid_ok || count <= 0 {
+        return Vec::new();
+    }
+    // SAFETY: called before any thread is started by us; these variables are ours to consume.
+    unsafe {
+        std::env::remove_var("LISTEN_PID");
+        std::env::remove_var("LISTEN_FDS");
+        std::env::remove_var("LISTEN_FDNAMES");
+    }
+    (3..3 + count.min(64))
+        // SAFETY: fcntl on a plain integer descriptor touches no memory; it fails for fds that
+        // are not open, which are skipped.
+        .filter(|&fd| unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } == 0)
+        // SAFETY: the activation protocol hands these descriptors to this process; each is taken
+        // exactly once (the variables are removed above).
+        .map(|fd| unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+        .collect()
+}
+
+async fn serve(args: ServeArgs, activated: Vec<std::os::fd::OwnedFd>) -> Result<()> {
+    if let Some(size) = args.create
+        && !args.image.exists()
+    {
+        RawImage::create(&args.image, size).with_context(|| format!("creating {}", args.image.display()))?;
+        tracing::info!(image = %args.image.display(), size, "created sparse raw image");
+    }
+    if args.socket.is_none() && args.listen.is_none() && activated.is_empty() {
+        bail!("nothing to listen on: give --socket or --listen (or start under socket activation)");
+    }
     let engine = args.io_engine.unwrap_or_else(EngineChoice::from_env).resolve().context("choosing the I/O engine")?;
     let access = if args.read_only { Access::ReadOnly } else { Access::ReadWrite };
     let image = match args.format {
@@ -120,9 +181,29 @@ async fn serve(args: ServeArgs) -> Result<()> {
         ready.push(format!("tcp={bound}"));
         tasks.spawn(Arc::clone(&server).serve_tcp(listener, shutdown.clone()));
     }
+    for fd in activated {
+        let std_listener = std::os::unix::net::UnixListener::from(fd);
+        let is_unix = std_listener.local_addr().is_ok();
+        if is_unix {
+            std_listener.set_nonblocking(true)?;
+            let listener = tokio::net::UnixListener::from_std(std_listener).context("activated Unix socket")?;
+            ready.push("activated=unix".to_owned());
+            tasks.spawn(Arc::clone(&server).serve_unix(listener, shutdown.clone()));
+        } else {
+            let tcp = std::net::TcpListener::from(std::os::fd::OwnedFd::from(std_listener));
+            tcp.set_nonblocking(true)?;
+            let listener = tokio::net::TcpListener::from_std(tcp).context("activated TCP socket")?;
+            ready.push(format!("activated=tcp:{}", listener.local_addr()?));
+            tasks.spawn(Arc::clone(&server).serve_tcp(listener, shutdown.clone()));
+        }
+    }
     tracing::info!(image = %args.image.display(), size = image.size(), engine = ?image.engine(), "serving");
-    // One line on stdout tells scripts and tests where we listen.
-    println!("ready {}", ready.join(" "));
+    if args.socket.is_some() || args.listen.is_some() {
+        // One line on stdout tells scripts and tests where we listen. Under socket activation
+        // stdout belongs to whoever started us, so the line goes to the log only.
+        println!("ready {}", ready.join(" "));
+    }
+    tracing::debug!(listeners = %ready.join(" "), "ready");
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
