@@ -232,6 +232,10 @@ fn bind_unix(path: &Path) -> Result<tokio::net::UnixListener> {
         if !meta.file_type().is_socket() {
             bail!("{} exists and is not a socket", path.display());
         }
+        // Replace only a stale socket: if something answers, another server owns it.
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            bail!("{} is in use by a running server", path.display());
+        }
         std::fs::remove_file(path).with_context(|| format!("removing stale socket {}", path.display()))?;
     }
     let listener = tokio::net::UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;

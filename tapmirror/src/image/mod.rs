@@ -154,10 +154,11 @@ pub trait Image: Send + Sync + 'static {
     /// Makes every completed write durable.
     fn flush(&self) -> impl Future<Output = Result<()>> + Send;
 
-    /// The allocation of `[offset, offset + length)`: consecutive extents that start at
-    /// `offset` and cover at least one byte, never past `offset + length`. May stop early
-    /// (callers ask again from where it ended).
-    fn allocation(&self, offset: u64, length: u64) -> impl Future<Output = Result<Vec<Extent>>> + Send;
+    /// The allocation of `[offset, offset + length)`: at most `limit` (at least 1) consecutive
+    /// extents that start at `offset` and cover at least one byte, never past
+    /// `offset + length`. May stop early (callers ask again from where it ended); a caller that
+    /// wants only the first extent passes 1, so the cost stays proportional to what is used.
+    fn allocation(&self, offset: u64, length: u64, limit: usize) -> impl Future<Output = Result<Vec<Extent>>> + Send;
 }
 
 /// Checks that `[offset, offset + length)` lies inside `size`.

@@ -208,13 +208,15 @@ impl Image for RawImage {
         self.io.sync_data().await.map_err(|source| ImageError::Io { op: "flush", offset: 0, source })
     }
 
-    async fn allocation(&self, offset: u64, length: u64) -> Result<Vec<Extent>> {
+    async fn allocation(&self, offset: u64, length: u64, limit: usize) -> Result<Vec<Extent>> {
+        let limit = limit.clamp(1, MAX_EXTENTS);
         check_range(offset, length, self.size)?;
         let end = offset + length;
         let mut out = Vec::new();
         let mut pos = offset;
         let io_err = |source| ImageError::Io { op: "seek", offset, source };
-        while pos < end && out.len() < MAX_EXTENTS {
+        // An extent is only final once the next one has started, so stop one past the limit.
+        while pos < end && out.len() <= limit {
             let data = self.seek(pos, libc::SEEK_DATA).map_err(io_err)?.unwrap_or(end).min(end);
             if data > pos {
                 push_extent(&mut out, pos, data - pos, ExtentState::Hole);
@@ -228,6 +230,7 @@ impl Image for RawImage {
             push_extent(&mut out, pos, hole - pos, ExtentState::Data);
             pos = hole;
         }
+        out.truncate(limit);
         Ok(out)
     }
 }
@@ -276,14 +279,16 @@ mod tests {
     async fn allocation_follows_writes_and_trims() {
         for kind in engines() {
             let (_d, img) = image(8 << 20, kind).await;
-            let all = img.allocation(0, img.size()).await.expect("map");
+            let all = img.allocation(0, img.size(), usize::MAX).await.expect("map");
             assert_eq!(all, vec![Extent { offset: 0, length: 8 << 20, state: ExtentState::Hole }]);
             img.write(1 << 20, pattern(1 << 20, 7), Durability::Cached).await.expect("write");
-            let map = img.allocation(0, img.size()).await.expect("map");
+            let map = img.allocation(0, img.size(), usize::MAX).await.expect("map");
             assert!(map.iter().any(|e| e.state == ExtentState::Data && e.offset <= 1 << 20 && e.offset + e.length >= 2 << 20), "{map:?}");
             assert_eq!(map.iter().map(|e| e.length).sum::<u64>(), 8 << 20);
+            let first = img.allocation(0, img.size(), 1).await.expect("first extent");
+            assert_eq!(first, vec![Extent { offset: 0, length: 1 << 20, state: ExtentState::Hole }], "{kind:?}");
             img.trim(1 << 20, 1 << 20).await.expect("trim");
-            let map = img.allocation(0, img.size()).await.expect("map");
+            let map = img.allocation(0, img.size(), usize::MAX).await.expect("map");
             assert!(map.iter().all(|e| e.state == ExtentState::Hole), "{kind:?} {map:?}");
         }
     }
@@ -325,6 +330,6 @@ mod tests {
         assert!(matches!(ro.write(0, pattern(512, 1), Durability::Cached).await, Err(ImageError::ReadOnly)));
         assert!(matches!(ro.trim(0, 512).await, Err(ImageError::ReadOnly)));
         assert_eq!(std::fs::metadata(&p).expect("stat").len(), 1 << 20);
-        assert!(ro.allocation(0, 1 << 20).await.expect("map").iter().all(|e| e.state == ExtentState::Hole));
+        assert!(ro.allocation(0, 1 << 20, usize::MAX).await.expect("map").iter().all(|e| e.state == ExtentState::Hole));
     }
 }

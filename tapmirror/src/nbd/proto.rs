@@ -445,7 +445,7 @@ pub fn encode_block_status(context_id: u32, descriptors: &[Descriptor]) -> Vec<u
 /// Decodes a `BLOCK_STATUS` chunk payload into its context id and descriptors.
 pub fn decode_block_status(b: &[u8]) -> Result<(u32, Vec<Descriptor>), WireError> {
     need(b, 4)?;
-    if (b.len() - 4) % 8 != 0 || b.len() < 12 {
+    if !(b.len() - 4).is_multiple_of(8) || b.len() < 12 {
         return Err(WireError::Invalid("block status payload length"));
     }
     let id = be_u32(b, 0);

@@ -246,11 +246,16 @@ impl<I: Image> NbdServer<I> {
     {
         self.stats.connections.fetch_add(1, Ordering::Relaxed);
         let mut r = BufReader::with_capacity(256 * 1024, r);
-        let session = match tokio::time::timeout(self.limits.handshake_timeout, self.negotiate(&mut r, &mut w)).await {
-            Err(_) => return Err(ConnError::Timeout),
-            Ok(res) => match res? {
-                Some(s) => s,
-                None => return Ok(()),
+        let negotiation = tokio::time::timeout(self.limits.handshake_timeout, self.negotiate(&mut r, &mut w));
+        let session = tokio::select! {
+            // Shutting down: a client still negotiating has nothing in flight to lose.
+            _ = stop.cancelled() => return Ok(()),
+            res = negotiation => match res {
+                Err(_) => return Err(ConnError::Timeout),
+                Ok(res) => match res? {
+                    Some(s) => s,
+                    None => return Ok(()),
+                },
             },
         };
         self.transmit(r, w, session, stop).await
@@ -448,7 +453,11 @@ impl<I: Image> NbdServer<I> {
             if req.kind == cmd::WRITE {
                 if let Err(errno) = verdict {
                     // Keep the stream in step: the payload follows whatever we think of it.
-                    if let Err(e) = discard(&mut r, u64::from(req.length)).await {
+                    let drained = tokio::select! {
+                        _ = stop.cancelled() => break Ok(()),
+                        d = discard(&mut r, u64::from(req.length)) => d,
+                    };
+                    if let Err(e) = drained {
                         break Err(e.into());
                     }
                     self.count_reply(Some(errno));
@@ -456,7 +465,13 @@ impl<I: Image> NbdServer<I> {
                     continue;
                 }
                 let mut buf = IoBuf::for_overwrite(req.length as usize);
-                if let Err(e) = r.read_exact(&mut buf).await {
+                // A client that stalls mid-payload must not hold up shutdown; its half-sent
+                // write was never acknowledged, so dropping it loses nothing it was promised.
+                let read = tokio::select! {
+                    _ = stop.cancelled() => break Ok(()),
+                    read = r.read_exact(&mut buf) => read,
+                };
+                if let Err(e) = read {
                     break Err(e.into());
                 }
                 let this = Arc::clone(&self);
@@ -557,14 +572,13 @@ impl<I: Image> NbdServer<I> {
 
         // Structured: data chunks for data, hole chunks for what reads as zeroes.
         let mut pieces: Vec<(u64, u64, bool)> = Vec::new();
-        if len >= HOLE_SCAN_MIN && req.flags & cmd_flags::DF == 0 {
-            if let Ok(extents) = self.image.allocation(req.offset, u64::from(len)).await {
+        if len >= HOLE_SCAN_MIN && req.flags & cmd_flags::DF == 0
+            && let Ok(extents) = self.image.allocation(req.offset, u64::from(len), usize::MAX).await {
                 for e in extents {
                     let zero = matches!(e.state, ExtentState::Hole | ExtentState::Zero);
                     pieces.push((e.offset, e.length, zero));
                 }
             }
-        }
         let covered = pieces.last().map(|&(o, l, _)| o + l).unwrap_or(req.offset);
         let end = req.offset + u64::from(len);
         if covered < end {
@@ -609,7 +623,10 @@ impl<I: Image> NbdServer<I> {
     }
 
     async fn handle_block_status(&self, req: Request, permits: Permits) -> OutMsg {
-        let extents = match self.image.allocation(req.offset, u64::from(req.length)).await {
+        // REQ_ONE (how qemu asks) wants one extent: compute only that, or a client walking a
+        // fragmented disk extent by extent would cost quadratic work.
+        let limit = if req.flags & cmd_flags::REQ_ONE != 0 { 1 } else { usize::MAX };
+        let extents = match self.image.allocation(req.offset, u64::from(req.length), limit).await {
             Ok(e) if !e.is_empty() => e,
             Ok(_) => {
                 // The trait promises at least one extent; never send an empty reply.
@@ -664,11 +681,10 @@ pub fn validate(req: &Request, session: &Session, size: u64, read_only: bool) ->
     }
     let in_range = req.offset.checked_add(u64::from(req.length)).is_some_and(|end| end <= size);
     match req.kind {
-        cmd::READ => {
-            if req.length > MAX_PAYLOAD || !in_range {
+        cmd::READ
+            if (req.length > MAX_PAYLOAD || !in_range) => {
                 return Err(Errno::Inval);
             }
-        }
         cmd::WRITE => {
             if read_only {
                 return Err(Errno::Perm);
@@ -688,11 +704,10 @@ pub fn validate(req: &Request, session: &Session, size: u64, read_only: bool) ->
                 return Err(if req.kind == cmd::TRIM { Errno::Inval } else { Errno::NoSpc });
             }
         }
-        cmd::BLOCK_STATUS => {
-            if !session.structured || !session.base_allocation || req.length == 0 || !in_range {
+        cmd::BLOCK_STATUS
+            if (!session.structured || !session.base_allocation || req.length == 0 || !in_range) => {
                 return Err(Errno::Inval);
             }
-        }
         _ => {}
     }
     Ok(())
