@@ -11,7 +11,9 @@
 //!   RawImage  (VhdImage)  (Qcow2Image)      (the latter two: the image-format issue)
 //! ```
 
+pub mod qcow2;
 pub mod raw;
+pub mod vhd;
 
 use std::future::Future;
 use std::io;
@@ -20,6 +22,15 @@ use std::sync::Arc;
 use crate::io::{Durability, IoBuf};
 
 pub use raw::RawImage;
+
+/// Whether an image is opened for writing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// Reads only; files are opened `O_RDONLY`.
+    ReadOnly,
+    /// Reads and writes (of the leaf, for chains).
+    ReadWrite,
+}
 
 /// What an image can do; the server derives its transmission flags from this.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -62,7 +73,7 @@ pub enum ExtentState {
     Data,
     /// Allocated and known to read as zeroes.
     Zero,
-    /// Not allocated; reads as zeroes (or, in a chain, from the parent).
+    /// Not allocated anywhere in the image (for a chain: in any layer); reads as zeroes.
     Hole,
 }
 

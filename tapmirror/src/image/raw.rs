@@ -11,17 +11,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
+pub use super::Access;
 use super::{Extent, ExtentState, Features, Image, ImageError, Result, ZeroAlloc, ZeroSpeed, check_range};
 use crate::io::{Durability, EngineKind, Fallocate, FileIo, IoBuf};
-
-/// Whether an image is opened for writing.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Access {
-    /// Reads only; the file is opened `O_RDONLY`.
-    ReadOnly,
-    /// Reads and writes.
-    ReadWrite,
-}
 
 /// Most extents one `allocation` call returns; callers continue from where it stopped.
 const MAX_EXTENTS: usize = 4096;

@@ -1,4 +1,4 @@
-//! The io_uring engine: one ring for the whole process, fed directly by tokio tasks.
+//! The io_uring engine: a few rings for the whole process, fed directly by tokio tasks.
 //!
 //! ```text
 //!  tokio task ─lock─▶ push SQE ─unlock─▶ io_uring_enter(submit) ─▶ kernel
@@ -13,6 +13,12 @@
 //! A read served from the page cache therefore costs no thread hop at all: the submitting task
 //! reaps its own completion right after `io_uring_enter` returns. Only truly asynchronous
 //! completions go through the reaper thread.
+//!
+//! The kernel issues a ring's inline work under that ring's `uring_lock`, copy included, so
+//! threads sharing one ring serialise (measured: 13% of server time spinning on it while nbdcopy
+//! read through two workers). Each thread is therefore assigned a ring of its own, round-robin
+//! over one ring per CPU; the buffer pool is registered with every ring, and every file sits at
+//! the same fixed-file slot in all of them.
 //!
 //! Every operation owns what the kernel touches (its buffer and an `Arc` of its file) inside the
 //! in-flight table until its CQE is reaped, so cancelling the waiting future is always
@@ -83,15 +89,14 @@ struct State {
     free_keys: Vec<usize>,
     in_flight: usize,
     backlog: VecDeque<Queued>,
-    free_slots: Vec<u32>,
 }
 
-/// The process's ring.
+/// The process's rings.
 pub(crate) struct UringDriver {
-    ring: IoUring,
-    state: Mutex<State>,
-    async_completions: OwnedFd,
-    /// Whether the registered pool is registered with the ring (else fixed ops are not used).
+    rings: Vec<Arc<Ring>>,
+    /// Free fixed-file slots; a slot means the same file in every ring.
+    free_slots: Mutex<Vec<u32>>,
+    /// Whether the registered pool is registered with every ring (else fixed ops are not used).
     pub fixed_buffers: bool,
 }
 
@@ -103,6 +108,72 @@ impl UringDriver {
     }
 
     fn start() -> io::Result<Arc<UringDriver>> {
+        let count = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).clamp(2, 8);
+        let rings = (0..count).map(|_| Ring::start()).collect::<io::Result<Vec<_>>>()?;
+        let fixed_buffers = rings.iter().all(|r| r.fixed_buffers);
+        tracing::debug!(rings = count, fixed_buffers, "io_uring ready");
+        Ok(Arc::new(UringDriver { rings, free_slots: Mutex::new((0..FILE_SLOTS).rev().collect()), fixed_buffers }))
+    }
+
+    /// This thread's ring.
+    fn ring(&self) -> &Ring {
+        use std::cell::Cell;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        thread_local!(static INDEX: Cell<Option<usize>> = const { Cell::new(None) });
+        let index = INDEX.with(|i| {
+            *i.get().get_or_insert_with(|| {
+                let n = NEXT.fetch_add(1, Ordering::Relaxed);
+                i.set(Some(n));
+                n
+            })
+        });
+        &self.rings[index % self.rings.len()]
+    }
+
+    /// Runs `op` on `target` (on this thread's ring) and waits for its completion.
+    pub async fn submit(&self, target: Target, op: Op) -> io::Result<Done> {
+        self.ring().submit(target, op).await
+    }
+
+    /// Puts `file` in the fixed-file table of every ring, at one slot; `None` when the table
+    /// is full or a ring refuses (plain descriptors then work).
+    pub async fn register_file(&self, file: &File) -> Option<u32> {
+        let slot = self.free_slots.lock().ok()?.pop()?;
+        for (i, ring) in self.rings.iter().enumerate() {
+            if let Err(e) = ring.ring.submitter().register_files_update(slot, &[file.as_raw_fd()]) {
+                tracing::debug!(error = %e, "fixed file registration failed");
+                for r in &self.rings[..i] {
+                    let _ = r.ring.submitter().register_files_update(slot, &[-1 as RawFd]);
+                }
+                if let Ok(mut f) = self.free_slots.lock() {
+                    f.push(slot);
+                }
+                return None;
+            }
+        }
+        Some(slot)
+    }
+
+    /// Frees a fixed-file slot. In-flight operations keep their own reference in the kernel.
+    pub fn unregister_file(&self, slot: u32) {
+        let all = self.rings.iter().all(|r| r.ring.submitter().register_files_update(slot, &[-1 as RawFd]).is_ok());
+        if all && let Ok(mut f) = self.free_slots.lock() {
+            f.push(slot);
+        }
+    }
+}
+
+/// One ring, its in-flight table and its reaper thread.
+struct Ring {
+    ring: IoUring,
+    state: Mutex<State>,
+    async_completions: OwnedFd,
+    fixed_buffers: bool,
+}
+
+impl Ring {
+    fn start() -> io::Result<Arc<Ring>> {
         let ring = IoUring::builder().build(RING_ENTRIES)?;
         let mut probe = Probe::new();
         ring.submitter().register_probe(&mut probe)?;
@@ -142,21 +213,19 @@ impl UringDriver {
         // SAFETY: `raw` is a fresh, valid descriptor that nothing else owns.
         let async_completions = unsafe { OwnedFd::from_raw_fd(raw) };
         ring.submitter().register_eventfd_async(async_completions.as_raw_fd())?;
-        let driver = Arc::new(UringDriver {
+        let driver = Arc::new(Ring {
             ring,
             state: Mutex::new(State {
                 table: Vec::with_capacity(MAX_IN_FLIGHT),
                 free_keys: Vec::new(),
                 in_flight: 0,
                 backlog: VecDeque::new(),
-                free_slots: (0..FILE_SLOTS).rev().collect(),
             }),
             async_completions,
             fixed_buffers,
         });
         let reaper = Arc::clone(&driver);
         std::thread::Builder::new().name("tapmirror-uring".into()).spawn(move || reaper.reap_async_forever())?;
-        tracing::debug!(fixed_buffers, "io_uring ready");
         Ok(driver)
     }
 
@@ -166,8 +235,7 @@ impl UringDriver {
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Runs `op` on `target` and waits for its completion.
-    pub async fn submit(&self, target: Target, op: Op) -> io::Result<Done> {
+    async fn submit(&self, target: Target, op: Op) -> io::Result<Done> {
         let (tx, rx) = oneshot::channel();
         let pushed = {
             let mut st = self.lock();
@@ -180,28 +248,6 @@ impl UringDriver {
             self.reap();
         }
         rx.await.map_err(|_| io::Error::other("io_uring dropped the operation"))
-    }
-
-    /// Puts `file` in the fixed-file table; `None` when the table is full (plain fds then work).
-    pub async fn register_file(&self, file: &File) -> Option<u32> {
-        let mut st = self.lock();
-        let slot = st.free_slots.pop()?;
-        match self.ring.submitter().register_files_update(slot, &[file.as_raw_fd()]) {
-            Ok(_) => Some(slot),
-            Err(e) => {
-                st.free_slots.push(slot);
-                tracing::debug!(error = %e, "fixed file registration failed");
-                None
-            }
-        }
-    }
-
-    /// Frees a fixed-file slot. In-flight operations keep their own reference in the kernel.
-    pub fn unregister_file(&self, slot: u32) {
-        let mut st = self.lock();
-        if self.ring.submitter().register_files_update(slot, &[-1 as RawFd]).is_ok() {
-            st.free_slots.push(slot);
-        }
     }
 
     /// Moves backlog entries into the submission queue while there is room. Returns whether
