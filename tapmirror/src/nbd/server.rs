@@ -15,6 +15,7 @@
 //! and dropped first so the stream stays in step. Only a broken stream (bad magic, truncated
 //! header, garbage in negotiation) closes the connection, and only that one.
 
+use std::future::Future;
 use std::io::{self, IoSlice};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -173,46 +174,42 @@ impl<I: Image> NbdServer<I> {
         name.is_empty() || name == self.export.name
     }
 
-    /// Accepts connections on `listener` until `shutdown`, serving each in its own task.
+    /// Accepts connections on a Unix socket until `shutdown`, serving each in its own task;
+    /// returns once every connection has ended.
     pub async fn serve_unix(self: Arc<Self>, listener: UnixListener, shutdown: CancellationToken) {
-        let tracker = tokio_util::task::TaskTracker::new();
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                accepted = listener.accept() => match accepted {
-                    Ok((stream, _)) => {
-                        let (r, w) = stream.into_split();
-                        let this = Arc::clone(&self);
-                        let stop = shutdown.child_token();
-                        tracker.spawn(async move { this.serve_logged(r, w, stop).await });
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                }
-            }
-        }
-        tracker.close();
-        tracker.wait().await;
+        self.accept_loop(shutdown, || async { listener.accept().await.map(|(s, _)| s.into_split()) }).await
     }
 
     /// As `serve_unix`, for TCP (with `TCP_NODELAY`: replies are small and latency matters).
     pub async fn serve_tcp(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken) {
+        self.accept_loop(shutdown, || async {
+            let (stream, peer) = listener.accept().await?;
+            stream.set_nodelay(true)?;
+            tracing::debug!(%peer, "tcp connection");
+            Ok(stream.into_split())
+        })
+        .await
+    }
+
+    async fn accept_loop<A, F, R, W>(self: Arc<Self>, shutdown: CancellationToken, mut accept: A)
+    where
+        A: FnMut() -> F,
+        F: Future<Output = io::Result<(R, W)>>,
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
         let tracker = tokio_util::task::TaskTracker::new();
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                accepted = listener.accept() => match accepted {
-                    Ok((stream, peer)) => {
-                        let _ = stream.set_nodelay(true);
-                        tracing::debug!(%peer, "tcp connection");
-                        let (r, w) = stream.into_split();
+                accepted = accept() => match accepted {
+                    Ok((r, w)) => {
                         let this = Arc::clone(&self);
                         let stop = shutdown.child_token();
                         tracker.spawn(async move { this.serve_logged(r, w, stop).await });
                     }
                     Err(e) => {
+                        // Out of descriptors and the like: back off rather than spin.
                         tracing::warn!(error = %e, "accept failed");
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }
@@ -485,7 +482,7 @@ impl<I: Image> NbdServer<I> {
             if let Err(errno) = verdict {
                 self.count_reply(Some(errno));
                 let msg = if req.kind == cmd::READ && session.structured {
-                    error_chunk(req.cookie, errno, "request rejected", permits)
+                    OutMsg::error_chunk(req.cookie, errno, "request rejected", Some(permits))
                 } else {
                     simple_reply(req.cookie, Some(errno), permits)
                 };
@@ -771,10 +768,6 @@ impl OutMsg {
         b[..20].copy_from_slice(&header);
         OutMsg { segments: vec![Segment::Small(b, 20), Segment::Vec(payload)], _permits: permits }
     }
-}
-
-fn error_chunk(cookie: u64, errno: Errno, message: &str, permits: Permits) -> OutMsg {
-    OutMsg::error_chunk(cookie, errno, message, Some(permits))
 }
 
 fn simple_reply(cookie: u64, errno: Option<Errno>, permits: Permits) -> OutMsg {
