@@ -5,8 +5,10 @@
 //! - [`io`]: file I/O on io_uring (registered buffers, fixed files) with a portable fallback
 //!   chosen at run time;
 //! - [`image`]: the `Image` trait and its drivers (raw today);
-//! - [`nbd`]: the NBD wire codec, a server that exports an `Image`, and an async client.
+//! - [`nbd`]: the NBD wire codec, a server that exports an `Image`, and an async client;
+//! - [`copy`]: sparse copy of an image or export into an export or file.
 
+pub mod copy;
 pub mod image;
 pub mod io;
 pub mod nbd;

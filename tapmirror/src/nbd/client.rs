@@ -188,6 +188,8 @@ impl Default for ClientOptions {
 pub enum Payload {
     /// A buffer shared with other users (e.g. the local write of a mirrored request).
     Shared(Arc<IoBuf>),
+    /// Part of a shared buffer: a copy sends the data runs of one read without copying them.
+    Slice(Arc<IoBuf>, std::ops::Range<usize>),
     /// A plain vector.
     Owned(Vec<u8>),
 }
@@ -196,6 +198,8 @@ impl Payload {
     fn bytes(&self) -> &[u8] {
         match self {
             Payload::Shared(b) => b,
+            // Ranges come from the buffer's own length; a bad one sends nothing rather than panic.
+            Payload::Slice(b, r) => b.get(r.clone()).unwrap_or(&[]),
             Payload::Owned(v) => v,
         }
     }

@@ -8,4 +8,5 @@ mod harness;
 
 mod bad_input;
 mod client;
+mod copy;
 mod peers;

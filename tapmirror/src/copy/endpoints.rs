@@ -1,0 +1,212 @@
+//! What a copy reads from and writes to.
+//!
+//! A source is an image (any format, the whole chain) or an NBD export; a destination is an
+//! NBD export (one or more connections) or an image file. Both are closed sets, so enums.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use anyhow::{Context, Result, bail};
+
+use crate::image::{Extent, ExtentState, Image, ZeroAlloc, ZeroSpeed};
+use crate::io::{Durability, IoBuf};
+use crate::nbd::proto::{alloc_flags, tflags};
+use crate::nbd::{NbdClient, Payload};
+
+/// Where the data comes from.
+pub enum Source<I: Image> {
+    /// An open image (its allocation map says what to skip).
+    Image(Arc<I>),
+    /// An NBD export (its `base:allocation`, when offered, says what to skip).
+    Nbd(NbdClient),
+}
+
+impl<I: Image> Source<I> {
+    /// Virtual size in bytes.
+    pub fn size(&self) -> u64 {
+        match self {
+            Source::Image(i) => i.size(),
+            Source::Nbd(c) => c.size(),
+        }
+    }
+
+    /// Largest read this source takes in one request.
+    pub fn max_read(&self) -> usize {
+        match self {
+            Source::Image(_) => 32 << 20,
+            Source::Nbd(c) => c.info().block_size.maximum as usize,
+        }
+    }
+
+    /// Extents from `offset`, at least one, within `length`.
+    pub async fn allocation(&self, offset: u64, length: u64) -> Result<Vec<Extent>> {
+        match self {
+            Source::Image(i) => Ok(i.allocation(offset, length, usize::MAX).await?),
+            Source::Nbd(c) => {
+                let len = u32::try_from(length.min(1 << 30)).unwrap_or(1 << 30);
+                if c.info().base_allocation.is_none() {
+                    return Ok(vec![Extent { offset, length: u64::from(len), state: ExtentState::Data }]);
+                }
+                Ok(c.block_status(offset, len)
+                    .await?
+                    .into_iter()
+                    .map(|e| Extent {
+                        offset: e.offset,
+                        length: e.length,
+                        state: if e.flags & alloc_flags::ZERO != 0 {
+                            if e.flags & alloc_flags::HOLE != 0 { ExtentState::Hole } else { ExtentState::Zero }
+                        } else {
+                            ExtentState::Data
+                        },
+                    })
+                    .collect())
+            }
+        }
+    }
+
+    /// Reads `len` bytes at `offset`.
+    pub async fn read(&self, offset: u64, len: usize) -> Result<IoBuf> {
+        match self {
+            Source::Image(i) => {
+                let (buf, r) = i.read(offset, IoBuf::for_overwrite(len)).await;
+                r.with_context(|| format!("reading source at {offset}"))?;
+                Ok(buf)
+            }
+            Source::Nbd(c) => Ok(IoBuf::from_vec(c.read(offset, len).await.with_context(|| format!("reading source at {offset}"))?)),
+        }
+    }
+}
+
+/// Where the data goes.
+pub enum Dest<J: Image> {
+    /// One or more connections to one NBD export (several only when it offers multi-conn).
+    Nbd {
+        /// The connections, used round-robin.
+        clients: Vec<NbdClient>,
+        /// Next connection to use.
+        next: AtomicUsize,
+    },
+    /// An image file.
+    Image(Arc<J>),
+}
+
+impl<J: Image> Dest<J> {
+    /// A destination over `clients`, which must all reach the same export.
+    pub fn nbd(clients: Vec<NbdClient>) -> Result<Dest<J>> {
+        let Some(first) = clients.first() else { bail!("no destination connection") };
+        if first.info().has(tflags::READ_ONLY) {
+            bail!("the destination export is read-only");
+        }
+        Ok(Dest::Nbd { clients, next: AtomicUsize::new(0) })
+    }
+
+    fn client(&self) -> Option<&NbdClient> {
+        match self {
+            Dest::Nbd { clients, next } => clients.get(next.fetch_add(1, Ordering::Relaxed) % clients.len()),
+            Dest::Image(_) => None,
+        }
+    }
+
+    /// Virtual size in bytes.
+    pub fn size(&self) -> u64 {
+        match self {
+            Dest::Nbd { clients, .. } => clients.first().map(|c| c.size()).unwrap_or(0),
+            Dest::Image(i) => i.size(),
+        }
+    }
+
+    /// Largest write this destination takes in one request.
+    pub fn max_write(&self) -> usize {
+        match self {
+            Dest::Nbd { clients, .. } => clients.first().map(|c| c.info().block_size.maximum as usize).unwrap_or(1 << 20),
+            Dest::Image(_) => 32 << 20,
+        }
+    }
+
+    /// Whether zeroing is possible without writing zero buffers over the wire.
+    pub fn can_zero(&self) -> bool {
+        match self {
+            Dest::Nbd { clients, .. } => clients.first().is_some_and(|c| c.info().has(tflags::SEND_WRITE_ZEROES)),
+            Dest::Image(_) => true,
+        }
+    }
+
+    /// Writes `buf[range]` at `offset`.
+    pub async fn write(&self, offset: u64, buf: &Arc<IoBuf>, range: std::ops::Range<usize>) -> Result<()> {
+        match self {
+            Dest::Nbd { .. } => {
+                let c = self.client().context("no destination connection")?;
+                let payload = if range.start == 0 && range.end == buf.len() {
+                    Payload::Shared(Arc::clone(buf))
+                } else {
+                    Payload::Slice(Arc::clone(buf), range)
+                };
+                c.write(offset, payload, false).await.with_context(|| format!("writing destination at {offset}"))
+            }
+            Dest::Image(i) => {
+                let data = if range.start == 0 && range.end == buf.len() {
+                    Arc::clone(buf)
+                } else {
+                    let mut part = IoBuf::for_overwrite(range.len());
+                    part.copy_from_slice(&buf[range]);
+                    Arc::new(part)
+                };
+                i.write(offset, data, Durability::Cached).await.with_context(|| format!("writing destination at {offset}"))
+            }
+        }
+    }
+
+    /// Makes `[offset, offset + len)` read as zeroes (deallocating where the target can).
+    pub async fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        match self {
+            Dest::Nbd { .. } => {
+                let c = self.client().context("no destination connection")?;
+                if c.info().has(tflags::SEND_WRITE_ZEROES) {
+                    let mut at = 0;
+                    while at < len {
+                        let n = (len - at).min(1 << 30) as u32;
+                        c.write_zeroes(offset + at, n, false, false)
+                            .await
+                            .with_context(|| format!("zeroing destination at {}", offset + at))?;
+                        at += u64::from(n);
+                    }
+                    return Ok(());
+                }
+                // A server without WRITE_ZEROES (tapdisk's) gets zero buffers; never TRIM, whose
+                // content afterwards is unspecified.
+                let zeroes = Arc::new(IoBuf::new(len.min(1 << 20) as usize));
+                let mut at = 0;
+                while at < len {
+                    let n = (len - at).min(zeroes.len() as u64) as usize;
+                    c.write(offset + at, Payload::Slice(Arc::clone(&zeroes), 0..n), false)
+                        .await
+                        .with_context(|| format!("zeroing destination at {}", offset + at))?;
+                    at += n as u64;
+                }
+                Ok(())
+            }
+            Dest::Image(i) => i
+                .write_zeroes(offset, len, ZeroAlloc::MayDeallocate, ZeroSpeed::Any, Durability::Cached)
+                .await
+                .with_context(|| format!("zeroing destination at {offset}")),
+        }
+    }
+
+    /// Makes every completed write durable (one flush covers all connections of a multi-conn
+    /// export; every connection is flushed otherwise).
+    pub async fn flush(&self) -> Result<()> {
+        match self {
+            Dest::Nbd { clients, .. } => {
+                let multi = clients.first().is_some_and(|c| c.info().has(tflags::CAN_MULTI_CONN));
+                let n = if multi { 1 } else { clients.len() };
+                for c in clients.iter().take(n) {
+                    if c.info().has(tflags::SEND_FLUSH) {
+                        c.flush().await.context("flushing destination")?;
+                    }
+                }
+                Ok(())
+            }
+            Dest::Image(i) => i.flush().await.context("flushing destination"),
+        }
+    }
+}

@@ -1,0 +1,419 @@
+//! Sparse copy: an image (or NBD export) into an NBD export (or file), sending only what holds
+//! data.
+//!
+//! ```text
+//!  allocation map ─▶ slices ─▶ data: read ─▶ zero scan ─▶ data runs → WRITE (shared buffer)
+//!                           │                           └─ zero runs → WRITE_ZEROES / nothing
+//!                           └▶ holes and zeroes ───────────────────────▶ WRITE_ZEROES / nothing
+//! ```
+//!
+//! Requests run concurrently up to `connections × requests`, each at most `request_size`
+//! bytes (clamped to both ends' limits), spread over the destination's connections. Zero runs
+//! cost nothing when the target is known to read as zero. What has been written and flushed is
+//! tracked as a low-water mark (every byte below it is on the target), which `--checkpoint`
+//! persists so an interrupted copy resumes without resending it.
+
+mod endpoints;
+mod progress;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use tokio::sync::Semaphore;
+
+pub use endpoints::{Dest, Source};
+pub use progress::{Progress, ProgressMode};
+
+use crate::image::{ExtentState, Image};
+
+/// How a copy runs.
+#[derive(Clone, Debug)]
+pub struct CopyOptions {
+    /// Requests in flight per destination connection.
+    pub requests: usize,
+    /// Largest request in bytes (clamped to what both ends accept).
+    pub request_size: usize,
+    /// The destination reads as zeroes already: skip zero runs entirely.
+    pub target_is_zero: bool,
+    /// Bytes of data per second at most (zeroing is not counted: it moves no data).
+    pub bwlimit: Option<u64>,
+    /// Where to persist progress, to resume an interrupted copy.
+    pub checkpoint: Option<PathBuf>,
+    /// Persist progress after this many bytes (or every 5 s, whichever comes first). Each
+    /// checkpoint costs a flush of the destination.
+    pub checkpoint_every: u64,
+    /// How to report progress.
+    pub progress: ProgressMode,
+    /// Granularity of zero detection in data read from the source.
+    pub sparse_size: usize,
+}
+
+impl Default for CopyOptions {
+    fn default() -> CopyOptions {
+        CopyOptions {
+            requests: 16,
+            request_size: 1 << 20,
+            target_is_zero: false,
+            bwlimit: None,
+            checkpoint: None,
+            checkpoint_every: 1 << 30,
+            progress: ProgressMode::None,
+            sparse_size: 4096,
+        }
+    }
+}
+
+/// What a finished copy did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct CopyReport {
+    /// Size of the source.
+    pub size: u64,
+    /// Bytes sent as data.
+    pub data_bytes: u64,
+    /// Bytes zeroed on the target (by WRITE_ZEROES or equivalent).
+    pub zeroed_bytes: u64,
+    /// Bytes skipped because the target already reads as zero there.
+    pub skipped_bytes: u64,
+    /// Bytes not copied again because a checkpoint said they were already on the target.
+    pub resumed_bytes: u64,
+}
+
+/// Every byte below `mark` has been written (not necessarily flushed).
+struct Watermark {
+    mark: u64,
+    done: BTreeMap<u64, u64>,
+}
+
+impl Watermark {
+    fn new(start: u64) -> Watermark {
+        Watermark { mark: start, done: BTreeMap::new() }
+    }
+
+    fn complete(&mut self, offset: u64, len: u64) {
+        self.done.insert(offset, len);
+        while let Some(len) = self.done.remove(&self.mark) {
+            self.mark += len;
+        }
+    }
+}
+
+/// The persisted state of a resumable copy.
+#[derive(Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Checkpoint {
+    /// Format version.
+    pub version: u32,
+    /// What is copied (as given on the command line).
+    pub source: String,
+    /// Where to.
+    pub dest: String,
+    /// Source size: a different size means a different copy.
+    pub size: u64,
+    /// Every byte below this is written and flushed on the destination.
+    pub done: u64,
+}
+
+impl Checkpoint {
+    /// Loads a checkpoint; `None` when the file does not exist.
+    pub fn load(path: &Path) -> Result<Option<Checkpoint>> {
+        match std::fs::read(path) {
+            Ok(b) => Ok(Some(serde_json::from_slice(&b).with_context(|| format!("corrupt checkpoint {}", path.display()))?)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("reading checkpoint {}", path.display())),
+        }
+    }
+
+    /// Writes it atomically: temporary file, fsync, rename, fsync of the folder.
+    pub fn store(&self, path: &Path) -> Result<()> {
+        use std::io::Write;
+        let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let tmp = dir.join(format!(".{}.tmp", path.file_name().and_then(|n| n.to_str()).unwrap_or("checkpoint")));
+        let mut f = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        f.write_all(&serde_json::to_vec(self)?)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path).with_context(|| format!("renaming onto {}", path.display()))?;
+        std::fs::File::open(dir)?.sync_all()?;
+        Ok(())
+    }
+}
+
+/// A token bucket over data bytes.
+struct Limiter {
+    rate: u64,
+    state: Mutex<(Instant, f64)>,
+}
+
+impl Limiter {
+    fn new(rate: u64) -> Limiter {
+        Limiter { rate: rate.max(1), state: Mutex::new((Instant::now(), 0.0)) }
+    }
+
+    /// Waits until `bytes` may be sent. The bucket holds at most 100 ms of credit, so bursts
+    /// stay short.
+    async fn take(&self, bytes: u64) {
+        let wait = {
+            let Ok(mut s) = self.state.lock() else { return };
+            let now = Instant::now();
+            let rate = self.rate as f64;
+            let credit = (s.1 + now.duration_since(s.0).as_secs_f64() * rate).min(rate / 10.0);
+            let after = credit - bytes as f64;
+            *s = (now, after);
+            if after >= 0.0 { Duration::ZERO } else { Duration::from_secs_f64(-after / rate) }
+        };
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+/// Whether `b` is all zeroes (word-wise: this runs over every byte read).
+pub fn is_zero(b: &[u8]) -> bool {
+    // SAFETY: any bytes are valid u128s; align_to only splits the slice at alignment bounds.
+    let (head, mid, tail) = unsafe { b.align_to::<u128>() };
+    head.iter().all(|&x| x == 0) && mid.iter().all(|&x| x == 0) && tail.iter().all(|&x| x == 0)
+}
+
+/// Copies `source` into `dest`. `names` identify the two ends in a checkpoint.
+pub async fn copy<I: Image, J: Image>(
+    source: Arc<Source<I>>,
+    dest: Arc<Dest<J>>,
+    connections: usize,
+    opts: &CopyOptions,
+    names: (&str, &str),
+) -> Result<CopyReport> {
+    let size = source.size();
+    if dest.size() < size {
+        bail!("destination ({} bytes) is smaller than the source ({size} bytes)", dest.size());
+    }
+    let request_size = opts.request_size.clamp(4096, source.max_read().min(dest.max_write()));
+    let sparse = opts.sparse_size.clamp(512, request_size);
+
+    // Resume from a checkpoint of the same copy.
+    let mut start = 0;
+    if let Some(path) = &opts.checkpoint
+        && let Some(cp) = Checkpoint::load(path)?
+    {
+        if cp.source != names.0 || cp.dest != names.1 || cp.size != size {
+            bail!("checkpoint {} is for another copy ({} -> {}, {} bytes)", path.display(), cp.source, cp.dest, cp.size);
+        }
+        start = cp.done.min(size);
+        tracing::info!(resume_at = start, "resuming from checkpoint");
+    }
+
+    let report = Arc::new(Mutex::new(CopyReport { size, resumed_bytes: start, ..CopyReport::default() }));
+    let progress = Arc::new(Progress::new(opts.progress, size, start));
+    let slots = Arc::new(Semaphore::new(connections.max(1) * opts.requests.max(1)));
+    let watermark = Arc::new(Mutex::new(Watermark::new(start)));
+    let limiter = opts.bwlimit.map(|r| Arc::new(Limiter::new(r)));
+    let failed: Arc<Mutex<Option<anyhow::Error>>> = Arc::new(Mutex::new(None));
+    let mut tasks = tokio::task::JoinSet::new();
+    let ticker = progress.spawn_ticker();
+    let mut last_checkpoint = (Instant::now(), start);
+
+    let mut at = start;
+    'walk: while at < size {
+        let extents = source.allocation(at, (size - at).min(1 << 30)).await?;
+        if extents.is_empty() {
+            bail!("source reported no allocation at offset {at}");
+        }
+        for e in extents {
+            let end = e.offset + e.length;
+            if e.state != ExtentState::Data {
+                // Zeroes and holes: nothing on the wire when the target already reads as zero.
+                let len = e.length;
+                let (dest, report, watermark, failed, progress) =
+                    (Arc::clone(&dest), Arc::clone(&report), Arc::clone(&watermark), Arc::clone(&failed), Arc::clone(&progress));
+                let permit = Arc::clone(&slots).acquire_owned().await?;
+                let skip = opts.target_is_zero;
+                let offset = e.offset;
+                tasks.spawn(async move {
+                    let r = if skip { Ok(()) } else { dest.write_zeroes(offset, len).await };
+                    finish(r, offset, len, &watermark, &failed, &progress, |rep| {
+                        if skip { rep.skipped_bytes += len } else { rep.zeroed_bytes += len }
+                    }, &report);
+                    drop(permit);
+                });
+            } else {
+                let mut off = e.offset;
+                while off < end {
+                    let len = (end - off).min(request_size as u64) as usize;
+                    if let Some(l) = &limiter {
+                        l.take(len as u64).await;
+                    }
+                    let permit = Arc::clone(&slots).acquire_owned().await?;
+                    let (source, dest, report, watermark, failed, progress) = (
+                        Arc::clone(&source),
+                        Arc::clone(&dest),
+                        Arc::clone(&report),
+                        Arc::clone(&watermark),
+                        Arc::clone(&failed),
+                        Arc::clone(&progress),
+                    );
+                    let skip_zero = opts.target_is_zero;
+                    tasks.spawn(async move {
+                        let r = copy_chunk(&source, &dest, off, len, sparse, skip_zero).await;
+                        let (data, zero) = *r.as_ref().unwrap_or(&(0, 0));
+                        finish(r.map(|_| ()), off, len as u64, &watermark, &failed, &progress, |rep| {
+                            rep.data_bytes += data;
+                            if skip_zero { rep.skipped_bytes += zero } else { rep.zeroed_bytes += zero }
+                        }, &report);
+                        drop(permit);
+                    });
+                    off += len as u64;
+                }
+            }
+            at = end;
+            // Reap finished tasks so the set does not grow with the disk.
+            while let Some(r) = tasks.try_join_next() {
+                r?;
+            }
+            if failed.lock().map(|f| f.is_some()).unwrap_or(true) {
+                break 'walk;
+            }
+            if let Some(path) = &opts.checkpoint
+                && (last_checkpoint.0.elapsed() > Duration::from_secs(5) || at - last_checkpoint.1 >= opts.checkpoint_every)
+            {
+                let mark = watermark.lock().map(|w| w.mark).unwrap_or(0);
+                // The mark is only persisted after a flush that covers it.
+                dest.flush().await?;
+                Checkpoint { version: 1, source: names.0.into(), dest: names.1.into(), size, done: mark }.store(path)?;
+                last_checkpoint = (Instant::now(), at);
+            }
+        }
+    }
+    while let Some(r) = tasks.join_next().await {
+        r?;
+    }
+    ticker.abort();
+    if let Some(e) = failed.lock().ok().and_then(|mut f| f.take()) {
+        progress.finish(false);
+        return Err(e);
+    }
+    dest.flush().await?;
+    if let Some(path) = &opts.checkpoint {
+        Checkpoint { version: 1, source: names.0.into(), dest: names.1.into(), size, done: size }.store(path)?;
+    }
+    progress.finish(true);
+    let report = report.lock().map(|r| r.clone()).unwrap_or_default();
+    Ok(report)
+}
+
+/// Copies one chunk of source data: reads it, sends its data runs, zeroes (or skips) its zero
+/// runs. Returns (data bytes, zero bytes).
+async fn copy_chunk<I: Image, J: Image>(
+    source: &Source<I>,
+    dest: &Dest<J>,
+    offset: u64,
+    len: usize,
+    sparse: usize,
+    target_is_zero: bool,
+) -> Result<(u64, u64)> {
+    let buf = Arc::new(source.read(offset, len).await?);
+    let (mut data, mut zero) = (0u64, 0u64);
+    let mut run_start = 0usize;
+    let mut run_zero = None::<bool>;
+    let mut pos = 0usize;
+    let mut runs = Vec::new();
+    while pos < len {
+        let n = sparse.min(len - pos);
+        let z = is_zero(&buf[pos..pos + n]);
+        match run_zero {
+            Some(prev) if prev == z => {}
+            Some(prev) => {
+                runs.push((run_start, pos, prev));
+                run_start = pos;
+                run_zero = Some(z);
+            }
+            None => run_zero = Some(z),
+        }
+        pos += n;
+    }
+    if let Some(z) = run_zero {
+        runs.push((run_start, len, z));
+    }
+    for (s, e, z) in runs {
+        let at = offset + s as u64;
+        if z {
+            zero += (e - s) as u64;
+            if !target_is_zero {
+                dest.write_zeroes(at, (e - s) as u64).await?;
+            }
+        } else {
+            data += (e - s) as u64;
+            dest.write(at, &buf, s..e).await?;
+        }
+    }
+    Ok((data, zero))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn finish(
+    r: Result<()>,
+    offset: u64,
+    len: u64,
+    watermark: &Mutex<Watermark>,
+    failed: &Mutex<Option<anyhow::Error>>,
+    progress: &Progress,
+    count: impl FnOnce(&mut CopyReport),
+    report: &Mutex<CopyReport>,
+) {
+    match r {
+        Ok(()) => {
+            if let Ok(mut w) = watermark.lock() {
+                w.complete(offset, len);
+            }
+            if let Ok(mut rep) = report.lock() {
+                count(&mut rep);
+            }
+            progress.add(len);
+        }
+        Err(e) => {
+            if let Ok(mut f) = failed.lock() {
+                f.get_or_insert(e);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn watermark_advances_only_over_contiguous_completions() {
+        let mut w = Watermark::new(0);
+        w.complete(100, 50);
+        assert_eq!(w.mark, 0);
+        w.complete(0, 100);
+        assert_eq!(w.mark, 150);
+        w.complete(200, 10);
+        w.complete(150, 50);
+        assert_eq!(w.mark, 210);
+    }
+
+    #[test]
+    fn zero_scan_sees_any_nonzero_byte_at_any_alignment() {
+        let mut b = vec![0u8; 4096 + 7];
+        assert!(is_zero(&b));
+        for i in [0, 1, 15, 16, 2048, 4095, 4102] {
+            b[i] = 1;
+            assert!(!is_zero(&b), "byte {i}");
+            assert!(!is_zero(&b[i.min(3)..]) || i < 3, "byte {i} in an unaligned slice");
+            b[i] = 0;
+        }
+    }
+
+    #[test]
+    fn checkpoint_round_trips_atomically() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("cp.json");
+        assert_eq!(Checkpoint::load(&p).expect("load missing"), None);
+        let cp = Checkpoint { version: 1, source: "a".into(), dest: "b".into(), size: 10, done: 5 };
+        cp.store(&p).expect("store");
+        assert_eq!(Checkpoint::load(&p).expect("load"), Some(cp));
+        std::fs::write(&p, b"{not json").expect("corrupt");
+        assert!(Checkpoint::load(&p).is_err());
+    }
+}

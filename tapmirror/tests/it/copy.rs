@@ -1,0 +1,177 @@
+//! The copy engine against real targets: our `tapmirror serve`, `qemu-nbd`, and `nbdkit` with
+//! its error filter to interrupt a copy that a checkpoint then resumes.
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+
+use tapmirror::copy::{self, CopyOptions, Dest, Source};
+use tapmirror::image::{Access, RawImage};
+use tapmirror::io::EngineKind;
+use tapmirror::nbd::{ClientOptions, NbdClient};
+
+use crate::harness::{pattern, serve, spawn_server};
+
+const MIB: u64 = 1 << 20;
+
+/// A 64 MiB source: data, allocated zeroes and holes in 1 MiB runs, plus an unaligned data
+/// island inside a zero run (zero detection must split around it).
+fn make_source(path: &Path) -> Vec<u8> {
+    let size = 64 * MIB;
+    let mut content = vec![0u8; size as usize];
+    let f = std::fs::File::create(path).expect("create source");
+    f.set_len(size).expect("size");
+    use std::os::unix::fs::FileExt;
+    for i in 0..64u64 {
+        let at = i * MIB;
+        match i % 5 {
+            0 | 1 => {
+                let d = pattern(MIB as usize, i);
+                f.write_all_at(&d, at).expect("data");
+                content[at as usize..(at + MIB) as usize].copy_from_slice(&d);
+            }
+            2 => f.write_all_at(&vec![0u8; MIB as usize], at).expect("allocated zeroes"),
+            3 => {
+                let mut d = vec![0u8; MIB as usize];
+                d[12345..12345 + 700].copy_from_slice(&pattern(700, i));
+                f.write_all_at(&d, at).expect("island");
+                content[at as usize..(at + MIB) as usize].copy_from_slice(&d);
+            }
+            _ => {} // hole
+        }
+    }
+    content
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime")
+}
+
+async fn source(path: &Path) -> Arc<Source<RawImage>> {
+    Arc::new(Source::Image(Arc::new(RawImage::open(path, Access::ReadOnly, EngineKind::Portable).await.expect("open source"))))
+}
+
+async fn nbd_dest(socket: &Path, connections: usize) -> (Arc<Dest<RawImage>>, usize) {
+    let first = NbdClient::connect_unix(socket, ClientOptions::default()).await.expect("connect dest");
+    let multi = first.info().has(tapmirror::nbd::proto::tflags::CAN_MULTI_CONN);
+    let n = if multi { connections } else { 1 };
+    let mut clients = vec![first];
+    for _ in 1..n {
+        clients.push(NbdClient::connect_unix(socket, ClientOptions::default()).await.expect("connect dest"));
+    }
+    (Arc::new(Dest::nbd(clients).expect("dest")), n)
+}
+
+#[test]
+fn copies_into_our_server_sending_only_data() {
+    let rt = runtime();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = dir.path().join("src.raw");
+    let content = make_source(&src);
+    // The target starts full of garbage: zero runs must really be zeroed.
+    let target = serve(64 * MIB, &[]);
+    std::fs::write(&target.image, vec![0xeeu8; 64 << 20]).expect("garbage target");
+    let report = rt.block_on(async {
+        let (dest, n) = nbd_dest(&target.socket, 4).await;
+        assert_eq!(n, 4, "our server offers multi-conn");
+        copy::copy(source(&src).await, dest, n, &CopyOptions::default(), ("src", "dst")).await.expect("copy")
+    });
+    assert!(target.contents() == content, "target differs from source");
+    // 26 data MiB (runs 0 and 1 of every 5) plus 13 islands of 1 KiB-ish: only those travel.
+    assert_eq!(report.size, 64 * MIB);
+    assert!(report.data_bytes < 27 * MIB && report.data_bytes >= 26 * MIB, "data sent: {}", report.data_bytes);
+    assert_eq!(report.data_bytes + report.zeroed_bytes, 64 * MIB);
+}
+
+#[test]
+fn target_known_zero_gets_no_zeroing_and_stays_sparse() {
+    let rt = runtime();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = dir.path().join("src.raw");
+    let content = make_source(&src);
+    let target = serve(64 * MIB, &[]);
+    let report = rt.block_on(async {
+        let (dest, n) = nbd_dest(&target.socket, 2).await;
+        let opts = CopyOptions { target_is_zero: true, ..CopyOptions::default() };
+        copy::copy(source(&src).await, dest, n, &opts, ("src", "dst")).await.expect("copy")
+    });
+    assert!(target.contents() == content);
+    assert_eq!(report.zeroed_bytes, 0);
+    assert_eq!(report.data_bytes + report.skipped_bytes, 64 * MIB);
+    use std::os::unix::fs::MetadataExt;
+    let allocated = std::fs::metadata(&target.image).expect("stat").blocks() * 512;
+    assert!(allocated < 40 * MIB, "target allocated {allocated} bytes for 26 MiB of data");
+}
+
+#[test]
+fn copies_into_qemu_nbd() {
+    crate::require!("qemu-nbd");
+    let rt = runtime();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = dir.path().join("src.raw");
+    let content = make_source(&src);
+    let dst = dir.path().join("dst.raw");
+    std::fs::write(&dst, vec![0x11u8; 64 << 20]).expect("target");
+    let socket = dir.path().join("q.sock");
+    let _q = spawn_server(
+        Command::new("qemu-nbd").args(["-f", "raw", "-t", "-e", "4", "--discard=unmap", "-k"]).arg(&socket).arg(&dst),
+        &socket,
+    );
+    rt.block_on(async {
+        let (dest, n) = nbd_dest(&socket, 4).await;
+        copy::copy(source(&src).await, dest, n, &CopyOptions { request_size: 256 << 10, ..CopyOptions::default() }, ("s", "d"))
+            .await
+            .expect("copy")
+    });
+    assert!(std::fs::read(&dst).expect("read") == content, "qemu-nbd target differs");
+}
+
+#[test]
+fn interrupted_copy_resumes_from_its_checkpoint() {
+    crate::require!("nbdkit");
+    let rt = runtime();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = dir.path().join("src.raw");
+    let content = make_source(&src);
+    let dst = dir.path().join("dst.raw");
+    std::fs::write(&dst, vec![0x22u8; 64 << 20]).expect("target");
+    let cp = dir.path().join("copy.checkpoint");
+    let opts = CopyOptions { checkpoint: Some(cp.clone()), checkpoint_every: 4 * MIB, requests: 2, ..CopyOptions::default() };
+
+    // First run: the target fails a write now and then, so the copy stops part-way.
+    let socket = dir.path().join("k.sock");
+    let failing = spawn_server(
+        Command::new("nbdkit")
+            .args(["-f", "-U"])
+            .arg(&socket)
+            .args(["--filter=error", "file"])
+            .arg(&dst)
+            .args(["error-pwrite-rate=3%", "error=EIO"]),
+        &socket,
+    );
+    let first = rt.block_on(async {
+        let (dest, n) = nbd_dest(&socket, 1).await;
+        copy::copy(source(&src).await, dest, n, &opts, ("src", "dst")).await
+    });
+    drop(failing);
+    assert!(first.is_err(), "the failing target should have stopped the copy");
+    let saved = copy::Checkpoint::load(&cp).expect("load").expect("a checkpoint was written before the failure");
+    assert!(saved.done > 0 && saved.done < 64 * MIB, "checkpoint at {}", saved.done);
+
+    // Second run, healthy target: resumes at the checkpoint and finishes the job.
+    let target = crate::harness::serve_file(tempfile::tempdir().expect("tempdir"), dst.clone(), &[]);
+    let report = rt.block_on(async {
+        let (dest, n) = nbd_dest(&target.socket, 1).await;
+        copy::copy(source(&src).await, dest, n, &opts, ("src", "dst")).await.expect("resumed copy")
+    });
+    assert_eq!(report.resumed_bytes, saved.done);
+    assert!(std::fs::read(&dst).expect("read") == content, "resumed copy differs from the source");
+    assert_eq!(copy::Checkpoint::load(&cp).expect("load").expect("final").done, 64 * MIB);
+
+    // A checkpoint of another copy is refused, not silently applied.
+    let err = rt.block_on(async {
+        let (dest, n) = nbd_dest(&target.socket, 1).await;
+        copy::copy(source(&src).await, dest, n, &opts, ("other-src", "dst")).await
+    });
+    assert!(err.expect_err("mismatched checkpoint").to_string().contains("another copy"));
+}
