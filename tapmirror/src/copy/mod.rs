@@ -139,15 +139,16 @@ impl Checkpoint {
     }
 }
 
-/// A token bucket over data bytes.
+/// A token bucket over data bytes. It reads tokio's clock, which is the system's except in
+/// tests that pause time.
 struct Limiter {
     rate: u64,
-    state: Mutex<(Instant, f64)>,
+    state: Mutex<(tokio::time::Instant, f64)>,
 }
 
 impl Limiter {
     fn new(rate: u64) -> Limiter {
-        Limiter { rate: rate.max(1), state: Mutex::new((Instant::now(), 0.0)) }
+        Limiter { rate: rate.max(1), state: Mutex::new((tokio::time::Instant::now(), 0.0)) }
     }
 
     /// Waits until `bytes` may be sent. The bucket holds at most 100 ms of credit, so bursts
@@ -155,7 +156,7 @@ impl Limiter {
     async fn take(&self, bytes: u64) {
         let wait = {
             let Ok(mut s) = self.state.lock() else { return };
-            let now = Instant::now();
+            let now = tokio::time::Instant::now();
             let rate = self.rate as f64;
             let credit = (s.1 + now.duration_since(s.0).as_secs_f64() * rate).min(rate / 10.0);
             let after = credit - bytes as f64;
@@ -403,6 +404,20 @@ mod tests {
             assert!(!is_zero(&b[i.min(3)..]) || i < 3, "byte {i} in an unaligned slice");
             b[i] = 0;
         }
+    }
+
+    /// On tokio's paused clock (virtual time, so nothing here depends on machine speed):
+    /// 10 MB through a 1 MB/s limiter must take about 10 virtual seconds, minus the 100 ms of
+    /// burst credit.
+    #[tokio::test(start_paused = true)]
+    async fn limiter_holds_data_to_the_rate() {
+        let l = Limiter::new(1_000_000);
+        let start = tokio::time::Instant::now();
+        for _ in 0..100 {
+            l.take(100_000).await;
+        }
+        let elapsed = start.elapsed().as_secs_f64();
+        assert!((9.8..=10.1).contains(&elapsed), "10 MB at 1 MB/s took {elapsed} virtual seconds");
     }
 
     #[test]
