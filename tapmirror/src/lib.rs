@@ -6,9 +6,13 @@
 //!   chosen at run time;
 //! - [`image`]: the `Image` trait and its drivers (raw today);
 //! - [`nbd`]: the NBD wire codec, a server that exports an `Image`, and an async client;
-//! - [`copy`]: sparse copy of an image or export into an export or file.
+//! - [`copy`]: sparse copy of an image or export into an export or file;
+//! - [`mirror`]: live mirroring of guest writes to a remote target;
+//! - [`control`]: the control socket (stats, pause, mirror attach by descriptor, drain).
 
+pub mod control;
 pub mod copy;
 pub mod image;
 pub mod io;
+pub mod mirror;
 pub mod nbd;

@@ -23,6 +23,8 @@ struct Cli {
 enum Command {
     /// Serve an image over NBD until SIGTERM or SIGINT, then flush and exit.
     Serve(ServeArgs),
+    /// Send one command to a server's control socket and print the JSON answer.
+    Ctl(CtlArgs),
     /// Print an NBD export's size, flags and allocation map as JSON.
     Info {
         /// nbd+unix:///EXPORT?socket=PATH or nbd://HOST:PORT/EXPORT
@@ -61,9 +63,56 @@ struct ServeArgs {
     /// an existing file is served as it is.
     #[arg(long, value_parser = parse_size)]
     create: Option<u64>,
+    /// Control socket (mode 0600): stats, pause, unpause, mirror-attach, drain, shutdown.
+    #[arg(long)]
+    control: Option<PathBuf>,
     /// I/O engine (also TAPMIRROR_IO_ENGINE).
     #[arg(long, value_enum)]
     io_engine: Option<EngineChoice>,
+}
+
+#[derive(clap::Args)]
+struct CtlArgs {
+    /// The server's control socket.
+    socket: PathBuf,
+    #[command(subcommand)]
+    command: CtlCommand,
+}
+
+#[derive(Subcommand)]
+enum CtlCommand {
+    /// Counters, outstanding requests and mirror state.
+    Stats,
+    /// Finish in-flight guest requests and hold new ones.
+    Pause,
+    /// Resume, optionally on a new leaf (the snapshot switch).
+    Unpause {
+        /// The image to serve from now on (same size).
+        #[arg(long)]
+        leaf: Option<PathBuf>,
+    },
+    /// Connect to the target and hand the socket to the server, which mirrors onto it.
+    MirrorAttach {
+        /// The mirror target: nbd+unix:///EXPORT?socket=PATH or nbd://HOST:PORT/EXPORT
+        #[arg(long)]
+        target: String,
+        /// sync: new writes only (the base is copied separately).
+        #[arg(long, value_enum, default_value = "sync")]
+        mode: tapmirror::mirror::MirrorMode,
+        /// How long the target may take to answer one request before the mirror is failed.
+        #[arg(long, default_value_t = 30_000)]
+        timeout_ms: u64,
+    },
+    /// Stop mirroring.
+    MirrorDetach,
+    /// Wait until no request is outstanding on either side.
+    Drain {
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 30.0)]
+        timeout: f64,
+    },
+    /// Stop serving, flush and exit.
+    Shutdown,
 }
 
 fn main() -> ExitCode {
@@ -86,6 +135,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Serve(args) => serve(args, activated).await,
+            Command::Ctl(args) => ctl(args).await,
             Command::Info { uri } => info(&uri).await,
         }
     });
@@ -205,15 +255,27 @@ async fn serve(args: ServeArgs, activated: Vec<std::os::fd::OwnedFd>) -> Result<
     }
     tracing::debug!(listeners = %ready.join(" "), "ready");
 
+    if let Some(path) = &args.control {
+        let listener = bind_unix(path)?;
+        let (leaf_access, leaf_engine) = (access, engine);
+        let control = Arc::new(tapmirror::control::Control {
+            server: Arc::clone(&server),
+            open_leaf: Box::new(move |leaf: PathBuf| Box::pin(async move { open_leaf(&leaf, leaf_access, leaf_engine).await })),
+            shutdown: shutdown.clone(),
+        });
+        tokio::spawn(tapmirror::control::serve(listener, control));
+    }
+
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM"),
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT"),
+        _ = shutdown.cancelled() => tracing::info!("shutdown by control socket"),
     }
     shutdown.cancel();
     while tasks.join_next().await.is_some() {}
     image.flush().await.context("final flush")?;
-    if let Some(path) = &args.socket {
+    for path in [&args.socket, &args.control].into_iter().flatten() {
         let _ = std::fs::remove_file(path);
     }
     let s = server.stats();
@@ -223,6 +285,46 @@ async fn serve(args: ServeArgs, activated: Vec<std::os::fd::OwnedFd>) -> Result<
         errors = s.errors.load(std::sync::atomic::Ordering::Relaxed),
         "stopped"
     );
+    Ok(())
+}
+
+async fn open_leaf(path: &Path, access: Access, engine: tapmirror::io::EngineKind) -> Result<RawImage> {
+    Ok(RawImage::open(path, access, engine).await?)
+}
+
+async fn ctl(args: CtlArgs) -> Result<()> {
+    use serde_json::json;
+    let mut fd = None;
+    let request = match args.command {
+        CtlCommand::Stats => json!({"cmd": "stats"}),
+        CtlCommand::Pause => json!({"cmd": "pause"}),
+        CtlCommand::Unpause { leaf: None } => json!({"cmd": "unpause"}),
+        CtlCommand::Unpause { leaf: Some(l) } => json!({"cmd": "unpause", "leaf": l}),
+        CtlCommand::MirrorAttach { target, mode, timeout_ms } => {
+            // Connect as the engine will (it does HTTP first), and pass the connected socket.
+            let uri = NbdUri::parse(&target)?;
+            fd = Some(match uri.endpoint {
+                tapmirror::nbd::Endpoint::Unix(p) => std::os::fd::OwnedFd::from(
+                    std::os::unix::net::UnixStream::connect(&p).with_context(|| format!("connecting {}", p.display()))?,
+                ),
+                tapmirror::nbd::Endpoint::Tcp(h, port) => {
+                    let s = std::net::TcpStream::connect((h.as_str(), port)).with_context(|| format!("connecting {h}:{port}"))?;
+                    s.set_nodelay(true)?;
+                    std::os::fd::OwnedFd::from(s)
+                }
+            });
+            json!({"cmd": "mirror-attach", "mode": mode, "timeout_ms": timeout_ms, "export": uri.export})
+        }
+        CtlCommand::MirrorDetach => json!({"cmd": "mirror-detach"}),
+        CtlCommand::Drain { timeout } => json!({"cmd": "drain", "timeout_s": timeout}),
+        CtlCommand::Shutdown => json!({"cmd": "shutdown"}),
+    };
+    let socket = args.socket.clone();
+    let answer = tokio::task::spawn_blocking(move || tapmirror::control::request(&socket, &request, fd.as_ref())).await??;
+    println!("{answer}");
+    if answer.get("ok").and_then(serde_json::Value::as_bool) != Some(true) {
+        bail!("{}", answer.get("error").and_then(serde_json::Value::as_str).unwrap_or("command failed"));
+    }
     Ok(())
 }
 

@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 use super::proto::{self, BlockSize, Errno, Request, alloc_flags, chunk, cmd, cmd_flags, opt, rep, tflags};
 use crate::image::{ExtentState, Image, ImageError, ZeroAlloc, ZeroSpeed};
 use crate::io::{Durability, IoBuf};
+use crate::mirror::MirrorSlot;
 
 /// Largest payload (read or write) a request may carry.
 pub const MAX_PAYLOAD: u32 = 32 * 1024 * 1024;
@@ -115,10 +116,29 @@ pub struct Session {
 
 /// An NBD server for one image.
 pub struct NbdServer<I: Image> {
-    image: Arc<I>,
+    /// Swappable while paused (`unpause --leaf`: the snapshot switch).
+    image: std::sync::RwLock<Arc<I>>,
     export: ExportConfig,
     limits: Limits,
     stats: Stats,
+    mirror: MirrorSlot,
+    /// Every request holds this for reading while it runs; `pause` takes it for writing.
+    gate: Arc<tokio::sync::RwLock<()>>,
+    paused: std::sync::Mutex<Option<tokio::sync::OwnedRwLockWriteGuard<()>>>,
+    /// Requests dispatched and not yet answered, for `drain`.
+    outstanding: AtomicU64,
+    idle: tokio::sync::Notify,
+}
+
+/// Counts a request as outstanding for as long as it lives.
+struct Outstanding<'a>(&'a AtomicU64, &'a tokio::sync::Notify);
+
+impl Drop for Outstanding<'_> {
+    fn drop(&mut self) {
+        if self.0.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.1.notify_waiters();
+        }
+    }
 }
 
 impl<I: Image> NbdServer<I> {
@@ -129,12 +149,86 @@ impl<I: Image> NbdServer<I> {
 
     /// A server for `image` with the given limits.
     pub fn with_limits(image: Arc<I>, export: ExportConfig, limits: Limits) -> Arc<Self> {
-        Arc::new(NbdServer { image, export, limits, stats: Stats::default() })
+        Arc::new(NbdServer {
+            image: std::sync::RwLock::new(image),
+            export,
+            limits,
+            stats: Stats::default(),
+            mirror: MirrorSlot::default(),
+            gate: Arc::new(tokio::sync::RwLock::new(())),
+            paused: std::sync::Mutex::new(None),
+            outstanding: AtomicU64::new(0),
+            idle: tokio::sync::Notify::new(),
+        })
     }
 
-    /// The image served.
-    pub fn image(&self) -> &Arc<I> {
-        &self.image
+    /// The image served now.
+    pub fn image(&self) -> Arc<I> {
+        match self.image.read() {
+            Ok(i) => Arc::clone(&i),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
+    }
+
+    /// Serves `new` from now on (the snapshot switch). Only while paused, so no request runs
+    /// across the switch, and only an image of the same size, which clients already know.
+    pub fn replace_image(&self, new: Arc<I>) -> Result<Arc<I>, String> {
+        if !self.is_paused() {
+            return Err("the server must be paused to switch images".into());
+        }
+        let mut cur = self.image.write().map_err(|_| "image slot poisoned".to_owned())?;
+        if new.size() != cur.size() {
+            return Err(format!("new image is {} bytes, clients know {}", new.size(), cur.size()));
+        }
+        Ok(std::mem::replace(&mut *cur, new))
+    }
+
+    /// The mirror slot.
+    pub fn mirror(&self) -> &MirrorSlot {
+        &self.mirror
+    }
+
+    /// Lets in-flight requests finish and holds new ones until `unpause`.
+    pub async fn pause(&self) {
+        let guard = Arc::clone(&self.gate).write_owned().await;
+        if let Ok(mut p) = self.paused.lock() {
+            *p = Some(guard);
+        }
+    }
+
+    /// Releases requests held by `pause`. Returns whether the server was paused.
+    pub fn unpause(&self) -> bool {
+        self.paused.lock().map(|mut p| p.take().is_some()).unwrap_or(false)
+    }
+
+    /// Whether `pause` is in force.
+    pub fn is_paused(&self) -> bool {
+        self.paused.lock().map(|p| p.is_some()).unwrap_or(false)
+    }
+
+    /// Requests dispatched and not yet answered.
+    pub fn outstanding(&self) -> u64 {
+        self.outstanding.load(Ordering::Acquire)
+    }
+
+    /// Waits until no request is outstanding (with a mirror, a write is outstanding until both
+    /// sides have it). `false` if that did not happen within `timeout`.
+    pub async fn drain(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let idle = self.idle.notified();
+            if self.outstanding() == 0 {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, idle).await.is_err() {
+                return self.outstanding() == 0;
+            }
+        }
+    }
+
+    fn begin(&self) -> Outstanding<'_> {
+        self.outstanding.fetch_add(1, Ordering::AcqRel);
+        Outstanding(&self.outstanding, &self.idle)
     }
 
     /// Counters.
@@ -143,11 +237,11 @@ impl<I: Image> NbdServer<I> {
     }
 
     fn read_only(&self) -> bool {
-        self.export.read_only || self.image.features().read_only
+        self.export.read_only || self.image().features().read_only
     }
 
     fn transmission_flags(&self, session: &Session) -> u16 {
-        let f = self.image.features();
+        let f = self.image().features();
         let mut flags = tflags::HAS_FLAGS | tflags::SEND_FLUSH | tflags::SEND_FUA;
         if f.multi_conn {
             flags |= tflags::CAN_MULTI_CONN;
@@ -302,7 +396,7 @@ impl<I: Image> NbdServer<I> {
                         return Err(ConnError::Protocol(format!("unknown export {name:?}")));
                     }
                     let mut out = Vec::with_capacity(134);
-                    out.extend_from_slice(&self.image.size().to_be_bytes());
+                    out.extend_from_slice(&self.image().size().to_be_bytes());
                     out.extend_from_slice(&self.transmission_flags(&session).to_be_bytes());
                     if !no_zeroes {
                         out.extend_from_slice(&[0u8; 124]);
@@ -337,7 +431,7 @@ impl<I: Image> NbdServer<I> {
                         continue;
                     }
                     let flags = self.transmission_flags(&session);
-                    reply(w, option, rep::INFO, &proto::encode_info_export(self.image.size(), flags)).await?;
+                    reply(w, option, rep::INFO, &proto::encode_info_export(self.image().size(), flags)).await?;
                     reply(w, option, rep::INFO, &self.block_size().encode_info()).await?;
                     if req.requests.contains(&proto::info::NAME) {
                         let mut d = proto::info::NAME.to_be_bytes().to_vec();
@@ -446,7 +540,7 @@ impl<I: Image> NbdServer<I> {
             };
             let permits = Permits { _request: req_permit, _bytes: byte_permit };
 
-            let verdict = validate(&req, &session, self.image.size(), self.read_only());
+            let verdict = validate(&req, &session, self.image().size(), self.read_only());
             if req.kind == cmd::WRITE {
                 if let Err(errno) = verdict {
                     // Keep the stream in step: the payload follows whatever we think of it.
@@ -474,6 +568,8 @@ impl<I: Image> NbdServer<I> {
                 let this = Arc::clone(&self);
                 let tx = tx.clone();
                 tokio::spawn(async move {
+                    let _running = this.gate.read().await;
+                    let _outstanding = this.begin();
                     let msg = this.handle_write(req, buf, permits).await;
                     let _ = tx.send(msg);
                 });
@@ -492,6 +588,8 @@ impl<I: Image> NbdServer<I> {
             let this = Arc::clone(&self);
             let tx = tx.clone();
             tokio::spawn(async move {
+                let _running = this.gate.read().await;
+                let _outstanding = this.begin();
                 let msg = this.handle(req, session, permits).await;
                 let _ = tx.send(msg);
             });
@@ -514,7 +612,18 @@ impl<I: Image> NbdServer<I> {
     async fn handle_write(&self, req: Request, buf: IoBuf, permits: Permits) -> OutMsg {
         let durability = if req.flags & cmd_flags::FUA != 0 { Durability::Stable } else { Durability::Cached };
         let len = buf.len() as u64;
-        let r = self.image.write(req.offset, Arc::new(buf), durability).await;
+        let buf = Arc::new(buf);
+        let image = self.image();
+        let local = image.write(req.offset, Arc::clone(&buf), durability);
+        // With a mirror, both sides write the same buffer at once; the guest hears back when
+        // both are done, and only the local result decides its answer.
+        let r = match self.mirror.get() {
+            None => local.await,
+            Some(m) => {
+                let fua = durability == Durability::Stable;
+                tokio::join!(local, self.mirror.write(&m, req.offset, &buf, fua)).0
+            }
+        };
         if r.is_ok() {
             self.stats.bytes_written.fetch_add(len, Ordering::Relaxed);
         }
@@ -526,18 +635,40 @@ impl<I: Image> NbdServer<I> {
     async fn handle(&self, req: Request, session: Session, permits: Permits) -> OutMsg {
         let fua = req.flags & cmd_flags::FUA != 0;
         let durability = if fua { Durability::Stable } else { Durability::Cached };
-        let result: Result<(), ImageError> = match req.kind {
-            cmd::READ => return self.handle_read(req, session, permits).await,
-            cmd::BLOCK_STATUS => return self.handle_block_status(req, permits).await,
-            cmd::FLUSH => self.image.flush().await,
-            cmd::TRIM => match self.image.trim(req.offset, u64::from(req.length)).await {
-                Ok(()) if fua => self.image.flush().await,
+        let image = self.image();
+        let mirror = self.mirror.get();
+        let result: Result<(), ImageError> = match (req.kind, &mirror) {
+            (cmd::READ, _) => return self.handle_read(req, session, permits).await,
+            (cmd::BLOCK_STATUS, _) => return self.handle_block_status(req, permits).await,
+            (cmd::FLUSH, None) => image.flush().await,
+            (cmd::FLUSH, Some(m)) => tokio::join!(image.flush(), self.mirror.flush(m)).0,
+            (cmd::TRIM, None) => match image.trim(req.offset, u64::from(req.length)).await {
+                Ok(()) if fua => image.flush().await,
                 other => other,
             },
-            cmd::WRITE_ZEROES => {
+            // Under a mirror a trim zeroes both sides: what a trim leaves is up to each image,
+            // and the two must keep reading alike. Zeroes are a valid result of a trim.
+            (cmd::TRIM, Some(m)) => {
+                let local = image.write_zeroes(req.offset, u64::from(req.length), ZeroAlloc::MayDeallocate, ZeroSpeed::Any, durability);
+                tokio::join!(local, self.mirror.write_zeroes(m, req.offset, req.length)).0
+            }
+            (cmd::WRITE_ZEROES, _) => {
                 let alloc = if req.flags & cmd_flags::NO_HOLE != 0 { ZeroAlloc::Keep } else { ZeroAlloc::MayDeallocate };
                 let speed = if req.flags & cmd_flags::FAST_ZERO != 0 { ZeroSpeed::FastOnly } else { ZeroSpeed::Any };
-                self.image.write_zeroes(req.offset, u64::from(req.length), alloc, speed, durability).await
+                let local = image.write_zeroes(req.offset, u64::from(req.length), alloc, speed, durability);
+                match mirror {
+                    None => local.await,
+                    // A fast zero that fails locally fails before any I/O, so mirroring it
+                    // afterwards would zero the target alone: mirror only what succeeded.
+                    Some(m) if speed == ZeroSpeed::FastOnly => match local.await {
+                        Ok(()) => {
+                            self.mirror.write_zeroes(&m, req.offset, req.length).await;
+                            Ok(())
+                        }
+                        e => e,
+                    },
+                    Some(m) => tokio::join!(local, self.mirror.write_zeroes(&m, req.offset, req.length)).0,
+                }
             }
             // `validate` let through only the commands above.
             _ => Ok(()),
@@ -550,7 +681,7 @@ impl<I: Image> NbdServer<I> {
     async fn handle_read(&self, req: Request, session: Session, permits: Permits) -> OutMsg {
         let len = req.length;
         if !session.structured {
-            let (buf, r) = self.image.read(req.offset, IoBuf::for_overwrite(len as usize)).await;
+            let (buf, r) = self.image().read(req.offset, IoBuf::for_overwrite(len as usize)).await;
             return match r {
                 Ok(()) => {
                     self.count_reply(None);
@@ -570,7 +701,7 @@ impl<I: Image> NbdServer<I> {
         // Structured: data chunks for data, hole chunks for what reads as zeroes.
         let mut pieces: Vec<(u64, u64, bool)> = Vec::new();
         if len >= HOLE_SCAN_MIN && req.flags & cmd_flags::DF == 0
-            && let Ok(extents) = self.image.allocation(req.offset, u64::from(len), usize::MAX).await {
+            && let Ok(extents) = self.image().allocation(req.offset, u64::from(len), usize::MAX).await {
                 for e in extents {
                     let zero = matches!(e.state, ExtentState::Hole | ExtentState::Zero);
                     pieces.push((e.offset, e.length, zero));
@@ -601,7 +732,7 @@ impl<I: Image> NbdServer<I> {
                 msg.segments.push(Segment::Small(b, 32));
                 continue;
             }
-            let (buf, r) = self.image.read(offset, IoBuf::for_overwrite(length as usize)).await;
+            let (buf, r) = self.image().read(offset, IoBuf::for_overwrite(length as usize)).await;
             if let Err(e) = r {
                 let errno = errno_of(&e, "read");
                 self.count_reply(Some(errno));
@@ -623,7 +754,7 @@ impl<I: Image> NbdServer<I> {
         // REQ_ONE (how qemu asks) wants one extent: compute only that, or a client walking a
         // fragmented disk extent by extent would cost quadratic work.
         let limit = if req.flags & cmd_flags::REQ_ONE != 0 { 1 } else { usize::MAX };
-        let extents = match self.image.allocation(req.offset, u64::from(req.length), limit).await {
+        let extents = match self.image().allocation(req.offset, u64::from(req.length), limit).await {
             Ok(e) if !e.is_empty() => e,
             Ok(_) => {
                 // The trait promises at least one extent; never send an empty reply.

@@ -1,0 +1,277 @@
+//! The control socket: what tap-ctl is to tapdisk, for one `tapmirror serve`.
+//!
+//! One JSON object per line in each direction. A request is `{"cmd": NAME, ...arguments}`; the
+//! answer is `{"ok": true, ...}` or `{"ok": false, "error": MESSAGE}`. `mirror-attach` takes the
+//! target's already connected socket as an `SCM_RIGHTS` descriptor sent with the request line
+//! (the engine does the HTTP upgrade and authentication; the data path only speaks NBD on it).
+//!
+//! | command | arguments | does |
+//! | --- | --- | --- |
+//! | `stats` | | counters, outstanding requests, mirror state and bytes left |
+//! | `pause` | | lets in-flight guest requests finish and holds new ones |
+//! | `unpause` | `leaf`: path (optional) | resumes, first switching to the image at `leaf` |
+//! | `mirror-attach` | `mode`: sync, `timeout_ms`, `export`; one descriptor | negotiates NBD on the descriptor and mirrors onto it |
+//! | `mirror-detach` | | stops mirroring (after in-flight writes) |
+//! | `drain` | `timeout_s` (default 30) | waits until no request is outstanding on either side |
+//! | `shutdown` | | stops serving, flushes, exits |
+//!
+//! A bad request (malformed JSON, unknown command, missing or extra descriptor, attach while
+//! attached) gets an error and changes nothing.
+
+use std::future::Future;
+use std::io::{IoSlice, IoSliceMut};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+use crate::image::Image;
+use crate::mirror::{Mirror, MirrorMode};
+use crate::nbd::{ClientOptions, NbdClient, NbdServer};
+
+/// Opens the image a server switches to on `unpause --leaf`.
+pub type OpenLeaf<I> = Box<dyn Fn(PathBuf) -> Pin<Box<dyn Future<Output = anyhow::Result<I>> + Send>> + Send + Sync>;
+
+/// What the control socket acts on.
+pub struct Control<I: Image> {
+    /// The data server.
+    pub server: Arc<NbdServer<I>>,
+    /// How to open a new leaf.
+    pub open_leaf: OpenLeaf<I>,
+    /// Cancelled by `shutdown`.
+    pub shutdown: CancellationToken,
+}
+
+/// Longest request line accepted.
+const MAX_LINE: usize = 64 * 1024;
+
+/// Serves the control socket until `shutdown`.
+pub async fn serve<I: Image>(listener: tokio::net::UnixListener, control: Arc<Control<I>>) {
+    loop {
+        tokio::select! {
+            _ = control.shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let control = Arc::clone(&control);
+                    let handle = tokio::runtime::Handle::current();
+                    let Ok(std) = stream.into_std() else { continue };
+                    // Control traffic is rare: a blocking thread per connection keeps recvmsg
+                    // (for descriptors) simple; async work runs on the runtime via the handle.
+                    tokio::task::spawn_blocking(move || {
+                        if std.set_nonblocking(false).is_ok() {
+                            connection(std, &control, &handle);
+                        }
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "control accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+}
+
+fn connection<I: Image>(stream: UnixStream, control: &Control<I>, rt: &tokio::runtime::Handle) {
+    let mut pending: Vec<u8> = Vec::new();
+    let mut fds: Vec<OwnedFd> = Vec::new();
+    loop {
+        let Some(line_end) = pending.iter().position(|&b| b == b'\n') else {
+            if pending.len() > MAX_LINE {
+                let _ = send(&stream, &json!({"ok": false, "error": "request line too long"}));
+                return;
+            }
+            match receive(&stream, &mut pending, &mut fds) {
+                Ok(0) | Err(_) => return,
+                Ok(_) => continue,
+            }
+        };
+        let line: Vec<u8> = pending.drain(..=line_end).collect();
+        let taken = std::mem::take(&mut fds);
+        let answer = match serde_json::from_slice::<Value>(&line) {
+            Ok(request) => rt.block_on(execute(control, &request, taken)),
+            Err(e) => json!({"ok": false, "error": format!("malformed JSON: {e}")}),
+        };
+        if send(&stream, &answer).is_err() {
+            return;
+        }
+    }
+}
+
+fn receive(stream: &UnixStream, into: &mut Vec<u8>, fds: &mut Vec<OwnedFd>) -> std::io::Result<usize> {
+    let mut buf = [0u8; 4096];
+    let mut space = nix::cmsg_space!([RawFd; 4]);
+    let (n, received) = {
+        let mut iov = [IoSliceMut::new(&mut buf)];
+        let msg = recvmsg::<()>(stream.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)
+            .map_err(std::io::Error::from)?;
+        let mut received = Vec::new();
+        for c in msg.cmsgs().map_err(std::io::Error::from)? {
+            if let ControlMessageOwned::ScmRights(list) = c {
+                received.extend(list);
+            }
+        }
+        (msg.bytes, received)
+    };
+    for fd in received {
+        // SAFETY: the kernel just installed this descriptor in our table for us alone.
+        fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+    }
+    into.extend_from_slice(&buf[..n]);
+    Ok(n)
+}
+
+fn send(stream: &UnixStream, v: &Value) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut line = v.to_string();
+    line.push('\n');
+    (&*stream).write_all(line.as_bytes())
+}
+
+fn err(msg: impl Into<String>) -> Value {
+    json!({"ok": false, "error": msg.into()})
+}
+
+async fn execute<I: Image>(control: &Control<I>, request: &Value, mut fds: Vec<OwnedFd>) -> Value {
+    let server = &control.server;
+    let Some(cmd) = request.get("cmd").and_then(Value::as_str) else {
+        return err("missing \"cmd\"");
+    };
+    if cmd != "mirror-attach" && !fds.is_empty() {
+        return err(format!("{cmd} takes no descriptor"));
+    }
+    match cmd {
+        "stats" => {
+            let s = server.stats();
+            let slot = server.mirror();
+            let mirror = slot.get();
+            let counters = mirror.as_ref().map(|m| m.counters());
+            use std::sync::atomic::Ordering::Relaxed;
+            json!({
+                "ok": true,
+                "size": server.image().size(),
+                "paused": server.is_paused(),
+                "outstanding": server.outstanding(),
+                "connections": s.connections.load(Relaxed),
+                "requests": s.requests.load(Relaxed),
+                "errors": s.errors.load(Relaxed),
+                "bytes_read": s.bytes_read.load(Relaxed),
+                "bytes_written": s.bytes_written.load(Relaxed),
+                "mirror": {
+                    "state": slot.state(),
+                    "mode": mirror.as_ref().map(|m| m.mode()),
+                    // A sync mirror carries new writes only; there is nothing for it to catch up.
+                    "bytes_left": 0,
+                    "counters": counters,
+                    "failure": slot.failure(),
+                },
+            })
+        }
+        "pause" => {
+            if server.is_paused() {
+                return err("already paused");
+            }
+            server.pause().await;
+            json!({"ok": true})
+        }
+        "unpause" => {
+            if !server.is_paused() {
+                return err("not paused");
+            }
+            if let Some(leaf) = request.get("leaf") {
+                let Some(path) = leaf.as_str() else { return err("\"leaf\" must be a path") };
+                let image = match (control.open_leaf)(PathBuf::from(path)).await {
+                    Ok(i) => i,
+                    Err(e) => return err(format!("opening leaf {path}: {e:#}")),
+                };
+                if let Err(e) = server.replace_image(Arc::new(image)) {
+                    return err(e);
+                }
+                tracing::info!(leaf = path, "switched to a new leaf");
+            }
+            server.unpause();
+            json!({"ok": true})
+        }
+        "mirror-attach" => {
+            let mode = match request.get("mode").map(|m| serde_json::from_value::<MirrorMode>(m.clone())) {
+                None => MirrorMode::Sync,
+                Some(Ok(m)) => m,
+                Some(Err(_)) => return err("\"mode\" must be \"sync\" or \"full\""),
+            };
+            if mode == MirrorMode::Full {
+                return err("full mirror mode is not available yet; use sync");
+            }
+            if fds.len() != 1 {
+                return err(format!("mirror-attach needs exactly one descriptor, got {}", fds.len()));
+            }
+            if server.mirror().get().is_some() {
+                return err("a mirror is already attached");
+            }
+            let timeout = Duration::from_millis(request.get("timeout_ms").and_then(Value::as_u64).unwrap_or(30_000).max(1));
+            let fd = fds.remove(0);
+            let export = request.get("export").and_then(Value::as_str).unwrap_or("").to_owned();
+            let client = match NbdClient::from_fd(fd, ClientOptions { export, ..ClientOptions::default() }).await {
+                Ok(c) => c,
+                Err(e) => return err(format!("NBD on the mirror socket: {e}")),
+            };
+            let size = server.image().size();
+            if client.size() != size {
+                return err(format!("mirror target is {} bytes, the image {size}", client.size()));
+            }
+            if let Err(e) = server.mirror().attach(Mirror::new(client, mode, timeout)) {
+                return err(e);
+            }
+            tracing::info!(?mode, "mirror attached");
+            json!({"ok": true, "state": server.mirror().state()})
+        }
+        "mirror-detach" => match server.mirror().detach() {
+            Some(m) => {
+                // Writes already sent finish on their own; flush what reached the target.
+                let _ = m.client().flush().await;
+                let _ = m.client().disconnect().await;
+                json!({"ok": true, "counters": m.counters()})
+            }
+            None => err("no mirror attached"),
+        },
+        "drain" => {
+            let secs = request.get("timeout_s").and_then(Value::as_f64).unwrap_or(30.0).clamp(0.0, 3600.0);
+            if server.drain(Duration::from_secs_f64(secs)).await {
+                json!({"ok": true, "mirror": server.mirror().state()})
+            } else {
+                err(format!("{} requests still outstanding after {secs} s", server.outstanding()))
+            }
+        }
+        "shutdown" => {
+            control.shutdown.cancel();
+            json!({"ok": true})
+        }
+        other => err(format!("unknown command {other:?}")),
+    }
+}
+
+/// Client side: sends one request (with an optional descriptor) and returns the answer.
+pub fn request(socket: &std::path::Path, request: &Value, fd: Option<&OwnedFd>) -> anyhow::Result<Value> {
+    use std::io::BufRead;
+    let stream = UnixStream::connect(socket).map_err(|e| anyhow::anyhow!("connecting {}: {e}", socket.display()))?;
+    let mut line = request.to_string();
+    line.push('\n');
+    let fds: Vec<RawFd> = fd.iter().map(|f| f.as_raw_fd()).collect();
+    let cmsgs: Vec<ControlMessage<'_>> = if fds.is_empty() { Vec::new() } else { vec![ControlMessage::ScmRights(&fds)] };
+    let sent = sendmsg::<()>(stream.as_raw_fd(), &[IoSlice::new(line.as_bytes())], &cmsgs, MsgFlags::empty(), None)?;
+    if sent < line.len() {
+        use std::io::Write;
+        (&stream).write_all(&line.as_bytes()[sent..])?;
+    }
+    let mut answer = String::new();
+    std::io::BufReader::new(&stream).read_line(&mut answer)?;
+    if answer.is_empty() {
+        anyhow::bail!("control socket closed without an answer");
+    }
+    Ok(serde_json::from_str(&answer)?)
+}
