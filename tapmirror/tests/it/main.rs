@@ -9,4 +9,5 @@ mod harness;
 mod bad_input;
 mod client;
 mod copy;
+mod mirror;
 mod peers;

@@ -1,0 +1,226 @@
+//! The live mirror and the control socket, driven as the engine will: `tapmirror ctl`
+//! commands, a target socket passed by descriptor, a live guest writing throughout.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+use crate::harness::{Served, run, serve_file, spawn_server, tapmirror};
+
+const MIB: u64 = 1 << 20;
+
+/// A server with a control socket on a fresh zeroed image of `size` bytes.
+fn serve_controlled(size: u64) -> (Served, PathBuf) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = dir.path().join("source.raw");
+    std::fs::File::create(&image).and_then(|f| f.set_len(size)).expect("image");
+    let ctl = dir.path().join("ctl.sock");
+    let ctl_arg = ctl.display().to_string();
+    (serve_file(dir, image, &["--control", &ctl_arg]), ctl)
+}
+
+fn ctl_output(ctl: &Path, args: &[&str]) -> Output {
+    Command::new(tapmirror()).arg("ctl").arg(ctl).args(args).output().expect("run tapmirror ctl")
+}
+
+/// Runs a control command that must succeed; returns its JSON answer.
+fn ctl(ctl: &Path, args: &[&str]) -> Value {
+    let out = ctl_output(ctl, args);
+    assert!(out.status.success(), "ctl {args:?}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("ctl answer is JSON")
+}
+
+/// A guest that writes with fio (crc32c verified) and with unaligned qemu-io writes, zeroes
+/// and discards.
+fn guest_writes(uri: &str) {
+    crate::require!("fio", "qemu-io");
+    let out = run(Command::new("fio").args([
+        "--name=guest",
+        "--ioengine=nbd",
+        &format!("--uri={uri}"),
+        "--rw=randwrite",
+        "--bs=4k",
+        "--size=32M",
+        "--io_size=16M",
+        "--iodepth=16",
+        "--verify=crc32c",
+        "--do_verify=1",
+        "--output-format=json",
+        "--output=/dev/stdout",
+    ]));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let json: Value = serde_json::from_str(&text[text.find('{').expect("fio json")..]).expect("fio json");
+    assert_eq!(json["jobs"][0]["error"], 0, "fio saw an error");
+    run(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x5c 1000 3000", "-c", "write -z 5M 70000", "-c", "discard 9M 1M", "-c", "write -P 0x17 40M 1234567", uri]));
+}
+
+#[test]
+fn sync_mirror_onto_our_server_ends_byte_identical() {
+    let (source, ctl_path) = serve_controlled(64 * MIB);
+    // The target holds what the source held when mirroring started (both start zeroed here;
+    // with data, a copy brings the base across).
+    let target = crate::harness::serve(64 * MIB, &[]);
+    assert_eq!(ctl(&ctl_path, &["stats"])["mirror"]["state"], "none");
+    let attached = ctl(&ctl_path, &["mirror-attach", "--target", &target.uri()]);
+    assert_eq!(attached["state"], "ready");
+    guest_writes(&source.uri());
+    assert_eq!(ctl(&ctl_path, &["drain", "--timeout", "10"])["mirror"], "ready");
+    let stats = ctl(&ctl_path, &["stats"]);
+    assert_eq!(stats["mirror"]["state"], "ready");
+    assert!(stats["mirror"]["counters"]["writes"].as_u64().unwrap_or(0) >= 4096, "{stats}");
+    assert_eq!(stats["outstanding"], 0);
+    assert!(source.contents() == target.contents(), "target differs from the source after drain");
+}
+
+#[test]
+fn sync_mirror_onto_qemu_nbd_ends_byte_identical() {
+    crate::require!("qemu-nbd", "qemu-img");
+    let (source, ctl_path) = serve_controlled(64 * MIB);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let target_file = dir.path().join("target.raw");
+    std::fs::File::create(&target_file).and_then(|f| f.set_len(64 * MIB)).expect("target");
+    let socket = dir.path().join("q.sock");
+    let _q = spawn_server(Command::new("qemu-nbd").args(["-f", "raw", "-t", "--discard=unmap", "-k"]).arg(&socket).arg(&target_file), &socket);
+    ctl(&ctl_path, &["mirror-attach", "--target", &format!("nbd+unix:///?socket={}", socket.display())]);
+    guest_writes(&source.uri());
+    ctl(&ctl_path, &["drain"]);
+    ctl(&ctl_path, &["mirror-detach"]);
+    run(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw"]).arg(&source.image).arg(&target_file));
+}
+
+/// nbdkit in front of the target: every write fails. The guest never sees it; the mirror is
+/// failed and detached, and the server stays healthy.
+#[test]
+fn target_errors_fail_the_mirror_not_the_guest() {
+    crate::require!("nbdkit");
+    let (source, ctl_path) = serve_controlled(64 * MIB);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("k.sock");
+    let _k = spawn_server(
+        Command::new("nbdkit").args(["-f", "-U"]).arg(&socket).args(["--filter=error", "memory", "64M", "error-pwrite-rate=100%", "error=EIO"]),
+        &socket,
+    );
+    ctl(&ctl_path, &["mirror-attach", "--target", &format!("nbd+unix:///?socket={}", socket.display())]);
+    guest_writes(&source.uri());
+    let stats = ctl(&ctl_path, &["stats"]);
+    assert_eq!(stats["mirror"]["state"], "failed", "{stats}");
+    assert!(stats["mirror"]["failure"].as_str().unwrap_or("").contains("write"), "{stats}");
+    assert_eq!(stats["errors"], 0, "the guest saw errors: {stats}");
+    // Healthy afterwards: more guest I/O works, and a new mirror can be attached.
+    run(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x42 0 64k", "-c", "read -P 0x42 0 64k", &source.uri()]));
+    let target = crate::harness::serve(64 * MIB, &[]);
+    assert_eq!(ctl(&ctl_path, &["mirror-attach", "--target", &target.uri()])["state"], "ready");
+}
+
+/// A target that stops answering (nbdkit's delay filter, 5 s per write) fails the mirror after
+/// its timeout; a target killed mid-run fails it at once. The guest carries on in both cases.
+#[test]
+fn stalled_or_killed_targets_fail_the_mirror_not_the_guest() {
+    crate::require!("nbdkit", "qemu-io");
+    let (source, ctl_path) = serve_controlled(64 * MIB);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("slow.sock");
+    let slow = spawn_server(
+        Command::new("nbdkit").args(["-f", "-U"]).arg(&socket).args(["--filter=delay", "memory", "64M", "delay-write=5"]),
+        &socket,
+    );
+    ctl(&ctl_path, &["mirror-attach", "--timeout-ms", "300", "--target", &format!("nbd+unix:///?socket={}", socket.display())]);
+    run(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x61 0 4k", "-c", "read -P 0x61 0 4k", &source.uri()]));
+    let stats = ctl(&ctl_path, &["stats"]);
+    assert_eq!(stats["mirror"]["state"], "failed", "{stats}");
+    assert!(stats["mirror"]["failure"].as_str().unwrap_or("").contains("no answer"), "{stats}");
+    drop(slow);
+
+    let target = crate::harness::serve(64 * MIB, &[]);
+    ctl(&ctl_path, &["mirror-attach", "--target", &target.uri()]);
+    let mut target = target;
+    let _ = target.proc.0.take().map(|mut c| {
+        let _ = c.kill();
+        c.wait()
+    });
+    guest_writes(&source.uri());
+    let stats = ctl(&ctl_path, &["stats"]);
+    assert_eq!(stats["mirror"]["state"], "failed", "{stats}");
+    assert_eq!(stats["errors"], 0, "{stats}");
+}
+
+#[test]
+fn bad_control_input_gets_an_error_and_changes_nothing() {
+    use std::io::{BufRead, BufReader, Write};
+    let (source, ctl_path) = serve_controlled(16 * MIB);
+    let before = ctl(&ctl_path, &["stats"]);
+    let raw = |line: &str| -> Value {
+        let mut s = std::os::unix::net::UnixStream::connect(&ctl_path).expect("connect control");
+        s.write_all(line.as_bytes()).expect("send");
+        let mut answer = String::new();
+        BufReader::new(&s).read_line(&mut answer).expect("answer");
+        serde_json::from_str(&answer).expect("answer is JSON")
+    };
+    for (line, why) in [
+        ("{not json\n", "malformed JSON"),
+        ("{\"cmd\":\"explode\"}\n", "unknown command"),
+        ("{\"nocmd\":1}\n", "missing \"cmd\""),
+        ("{\"cmd\":\"mirror-attach\"}\n", "exactly one descriptor"),
+        ("{\"cmd\":\"mirror-attach\",\"mode\":\"sideways\"}\n", "\"mode\""),
+        ("{\"cmd\":\"unpause\"}\n", "not paused"),
+        ("{\"cmd\":\"mirror-detach\"}\n", "no mirror"),
+    ] {
+        let a = raw(line);
+        assert_eq!(a["ok"], false, "{line}: {a}");
+        assert!(a["error"].as_str().unwrap_or("").contains(why), "{line}: {a}");
+    }
+    // A descriptor that is not an NBD server: refused, nothing attached.
+    let junk = tempfile::tempfile().expect("tempfile");
+    let fd = std::os::fd::OwnedFd::from(junk);
+    let a = tapmirror::control::request(&ctl_path, &serde_json::json!({"cmd": "mirror-attach"}), Some(&fd)).expect("request");
+    assert_eq!(a["ok"], false, "{a}");
+    // A descriptor with a command that takes none.
+    let a = tapmirror::control::request(&ctl_path, &serde_json::json!({"cmd": "stats"}), Some(&fd)).expect("request");
+    assert_eq!(a["ok"], false, "{a}");
+    // Attach twice: the second is refused and the first keeps working.
+    let target = crate::harness::serve(16 * MIB, &[]);
+    ctl(&ctl_path, &["mirror-attach", "--target", &target.uri()]);
+    let second = ctl_output(&ctl_path, &["mirror-attach", "--target", &target.uri()]);
+    assert!(!second.status.success());
+    assert!(String::from_utf8_lossy(&second.stdout).contains("already attached"));
+    let after = ctl(&ctl_path, &["stats"]);
+    assert_eq!(after["mirror"]["state"], "ready");
+    assert_eq!(after["requests"], before["requests"]);
+    assert_eq!(after["paused"], false);
+    drop(source);
+}
+
+/// pause holds guest requests; unpause --leaf switches the image under a paused server (the
+/// snapshot switch), and reads then come from the new leaf.
+#[test]
+fn pause_holds_requests_and_unpause_switches_the_leaf() {
+    crate::require!("qemu-io");
+    let (source, ctl_path) = serve_controlled(16 * MIB);
+    run(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x0a 0 1M", &source.uri()]));
+    ctl(&ctl_path, &["pause"]);
+    assert_eq!(ctl(&ctl_path, &["stats"])["paused"], true);
+    // A write sent while paused is held: it has not reached the file when we look.
+    let mut held = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 0x0b 0 1M", &source.uri()])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn held writer");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(std::fs::read(&source.image).expect("read")[0], 0x0a, "a write went through a paused server");
+    // The new leaf: a copy of the image as it stands, which then takes the held write.
+    let leaf = source.dir.path().join("leaf.raw");
+    std::fs::copy(&source.image, &leaf).expect("copy leaf");
+    ctl(&ctl_path, &["unpause", "--leaf", leaf.to_str().expect("utf-8 path")]);
+    assert!(held.wait().expect("held writer").success());
+    assert_eq!(std::fs::read(&leaf).expect("read leaf")[0], 0x0b, "the held write went to the new leaf");
+    assert_eq!(std::fs::read(&source.image).expect("read old")[0], 0x0a, "the old leaf was left alone");
+    // A leaf of another size is refused and the server stays paused-free and serving.
+    ctl(&ctl_path, &["pause"]);
+    let other = source.dir.path().join("other.raw");
+    std::fs::File::create(&other).and_then(|f| f.set_len(8 * MIB)).expect("other");
+    let refused = ctl_output(&ctl_path, &["unpause", "--leaf", other.to_str().expect("utf-8")]);
+    assert!(!refused.status.success());
+    ctl(&ctl_path, &["unpause"]);
+    run(Command::new("qemu-io").args(["-f", "raw", "-c", "read -P 0x0b 0 1M", &source.uri()]));
+}
