@@ -10,7 +10,7 @@
 //! | `stats` | | counters, outstanding requests, mirror state and bytes left |
 //! | `pause` | | lets in-flight guest requests finish and holds new ones |
 //! | `unpause` | `leaf`: path (optional) | resumes, first switching to the image at `leaf` |
-//! | `mirror-attach` | `mode`: sync, `timeout_ms`, `export`; one descriptor | negotiates NBD on the descriptor and mirrors onto it |
+//! | `mirror-attach` | `mode` (sync, full), `timeout_ms`, `export`, `granularity`, `target_is_zero`; one descriptor | negotiates NBD on the descriptor and mirrors onto it (full: and copies the disk in the background) |
 //! | `mirror-detach` | | stops mirroring (after in-flight writes) |
 //! | `drain` | `timeout_s` (default 30) | waits until no request is outstanding on either side |
 //! | `shutdown` | | stops serving, flushes, exits |
@@ -167,7 +167,8 @@ async fn execute<I: Image>(control: &Control<I>, request: &Value, mut fds: Vec<O
                     "state": slot.state(),
                     "mode": mirror.as_ref().map(|m| m.mode()),
                     // A sync mirror carries new writes only; there is nothing for it to catch up.
-                    "bytes_left": 0,
+                    "bytes_left": mirror.as_ref().and_then(|m| m.progress()).map(|p| p.bytes_left).unwrap_or(0),
+                    "progress": mirror.as_ref().and_then(|m| m.progress()),
                     "counters": counters,
                     "failure": slot.failure(),
                 },
@@ -204,9 +205,6 @@ async fn execute<I: Image>(control: &Control<I>, request: &Value, mut fds: Vec<O
                 Some(Ok(m)) => m,
                 Some(Err(_)) => return err("\"mode\" must be \"sync\" or \"full\""),
             };
-            if mode == MirrorMode::Full {
-                return err("full mirror mode is not available yet; use sync");
-            }
             if fds.len() != 1 {
                 return err(format!("mirror-attach needs exactly one descriptor, got {}", fds.len()));
             }
@@ -224,10 +222,33 @@ async fn execute<I: Image>(control: &Control<I>, request: &Value, mut fds: Vec<O
             if client.size() != size {
                 return err(format!("mirror target is {} bytes, the image {size}", client.size()));
             }
-            if let Err(e) = server.mirror().attach(Mirror::new(client, mode, timeout)) {
+            let granularity = request.get("granularity").and_then(Value::as_u64).unwrap_or(crate::mirror::dirty::DEFAULT_GRANULARITY);
+            if !granularity.is_power_of_two() || !(512..=64 << 20).contains(&granularity) {
+                return err("\"granularity\" must be a power of two from 512 to 64 MiB");
+            }
+            let mirror = Mirror::with_granularity(client, mode, timeout, granularity);
+            let target_is_zero = request.get("target_is_zero").and_then(Value::as_bool).unwrap_or(false);
+            if mode == MirrorMode::Full && target_is_zero {
+                // Holes need no copy onto a target that reads as zero.
+                let image = server.image();
+                let mut at = 0;
+                while at < size {
+                    let Ok(extents) = image.allocation(at, size - at, usize::MAX).await else { break };
+                    let Some(last) = extents.last() else { break };
+                    at = last.offset + last.length;
+                    for e in extents.iter().filter(|e| e.state == crate::image::ExtentState::Hole) {
+                        mirror.mark_clean(e.offset, e.length);
+                    }
+                }
+            }
+            if let Err(e) = server.mirror().attach(Arc::clone(&mirror)) {
                 return err(e);
             }
-            tracing::info!(?mode, "mirror attached");
+            if mode == MirrorMode::Full {
+                let source = Arc::clone(server);
+                tokio::spawn(crate::mirror::run_full_copy(Arc::clone(server.mirror()), mirror, move || source.image()));
+            }
+            tracing::info!(?mode, granularity, "mirror attached");
             json!({"ok": true, "state": server.mirror().state()})
         }
         "mirror-detach" => match server.mirror().detach() {

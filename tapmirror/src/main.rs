@@ -96,9 +96,16 @@ enum CtlCommand {
         /// The mirror target: nbd+unix:///EXPORT?socket=PATH or nbd://HOST:PORT/EXPORT
         #[arg(long)]
         target: String,
-        /// sync: new writes only (the base is copied separately).
+        /// sync: new writes only (the base is copied separately); full: new writes and, in the
+        /// background, the whole disk (no snapshot needed).
         #[arg(long, value_enum, default_value = "sync")]
         mode: tapmirror::mirror::MirrorMode,
+        /// Full mode: bytes per dirty-bitmap bit (power of two, 512 B to 64 MiB).
+        #[arg(long, default_value_t = 4096)]
+        granularity: u64,
+        /// Full mode: the target reads as zeroes already, so holes are not copied.
+        #[arg(long)]
+        target_is_zero: bool,
         /// How long the target may take to answer one request before the mirror is failed.
         #[arg(long, default_value_t = 30_000)]
         timeout_ms: u64,
@@ -300,7 +307,7 @@ async fn ctl(args: CtlArgs) -> Result<()> {
         CtlCommand::Pause => json!({"cmd": "pause"}),
         CtlCommand::Unpause { leaf: None } => json!({"cmd": "unpause"}),
         CtlCommand::Unpause { leaf: Some(l) } => json!({"cmd": "unpause", "leaf": l}),
-        CtlCommand::MirrorAttach { target, mode, timeout_ms } => {
+        CtlCommand::MirrorAttach { target, mode, timeout_ms, granularity, target_is_zero } => {
             // Connect as the engine will (it does HTTP first), and pass the connected socket.
             let uri = NbdUri::parse(&target)?;
             fd = Some(match uri.endpoint {
@@ -313,7 +320,8 @@ async fn ctl(args: CtlArgs) -> Result<()> {
                     std::os::fd::OwnedFd::from(s)
                 }
             });
-            json!({"cmd": "mirror-attach", "mode": mode, "timeout_ms": timeout_ms, "export": uri.export})
+            json!({"cmd": "mirror-attach", "mode": mode, "timeout_ms": timeout_ms, "export": uri.export,
+                   "granularity": granularity, "target_is_zero": target_is_zero})
         }
         CtlCommand::MirrorDetach => json!({"cmd": "mirror-detach"}),
         CtlCommand::Drain { timeout } => json!({"cmd": "drain", "timeout_s": timeout}),

@@ -7,11 +7,24 @@
 //! does not answer within the timeout, the mirror is marked failed and detached: the guest's
 //! request still succeeds locally, and the failure shows in `stats` and in the log, never as a
 //! silent divergence (tapdisk drops a failed mirror without a word).
+//!
+//! In `full` mode (the SMAPIv3 way: no snapshot) a dirty bitmap also records what the target may
+//! lack, and a background pass copies it while guest writes keep being mirrored synchronously.
+//! Guest writes therefore never add to the bitmap, so the pass only ever shrinks it: the mirror
+//! converges under any guest write rate. A range being copied is locked exclusively (dirty bits
+//! cleared, source read, target written) and guest writes lock their range shared, so a copy can
+//! never overwrite the target with data older than a guest write. Ready means nothing dirty,
+//! nothing in flight and the target flushed.
+
+pub mod dirty;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use dirty::{DirtyBitmap, RangeGuard, RangeLocks};
+
+use crate::image::{ExtentState, Image};
 use crate::io::IoBuf;
 use crate::nbd::{ClientError, NbdClient, Payload};
 
@@ -50,6 +63,39 @@ pub struct MirrorCounters {
     pub flushes: u64,
 }
 
+/// The background half of a full mirror.
+pub struct FullSync {
+    bitmap: DirtyBitmap,
+    locks: RangeLocks,
+    /// Bytes the background pass has copied (data or zeroes).
+    copied: AtomicU64,
+    /// Of those, bytes sent as data.
+    sent: AtomicU64,
+    /// Bytes cleared from the bitmap and being copied now.
+    in_flight: AtomicU64,
+    ready: AtomicBool,
+    started: Instant,
+}
+
+/// Progress of a full mirror.
+#[derive(Debug, serde::Serialize)]
+pub struct FullProgress {
+    /// Bytes the background pass has copied.
+    pub bytes_done: u64,
+    /// Bytes still to copy.
+    pub bytes_left: u64,
+    /// Bytes the background pass sent as data (zeroes travel as WRITE_ZEROES).
+    pub bytes_sent: u64,
+    /// Background copy rate, bytes per second.
+    pub rate: f64,
+    /// Seconds to ready at that rate.
+    pub eta_s: Option<f64>,
+    /// Guest write rate, bytes per second, since the mirror started.
+    pub guest_write_rate: f64,
+    /// Granularity of the dirty bitmap.
+    pub granularity: u64,
+}
+
 /// An attached target.
 pub struct Mirror {
     client: NbdClient,
@@ -59,11 +105,31 @@ pub struct Mirror {
     writes: AtomicU64,
     bytes: AtomicU64,
     flushes: AtomicU64,
+    full: Option<FullSync>,
 }
 
 impl Mirror {
-    /// A mirror onto `client`'s export.
+    /// A mirror onto `client`'s export. In full mode the whole disk of `size` bytes starts
+    /// dirty; `run_full_copy` must then be started to copy it.
     pub fn new(client: NbdClient, mode: MirrorMode, timeout: Duration) -> Arc<Mirror> {
+        Self::with_granularity(client, mode, timeout, dirty::DEFAULT_GRANULARITY)
+    }
+
+    /// As `new`, with the dirty bitmap's granularity.
+    pub fn with_granularity(client: NbdClient, mode: MirrorMode, timeout: Duration, granularity: u64) -> Arc<Mirror> {
+        let full = (mode == MirrorMode::Full).then(|| {
+            let bitmap = DirtyBitmap::new(client.size(), granularity);
+            bitmap.mark(0, client.size());
+            FullSync {
+                bitmap,
+                locks: RangeLocks::default(),
+                copied: AtomicU64::new(0),
+                sent: AtomicU64::new(0),
+                in_flight: AtomicU64::new(0),
+                ready: AtomicBool::new(false),
+                started: Instant::now(),
+            }
+        });
         Arc::new(Mirror {
             client,
             mode,
@@ -72,7 +138,41 @@ impl Mirror {
             writes: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
             flushes: AtomicU64::new(0),
+            full,
         })
+    }
+
+    /// Progress of the background pass (full mode).
+    pub fn progress(&self) -> Option<FullProgress> {
+        let f = self.full.as_ref()?;
+        let secs = f.started.elapsed().as_secs_f64().max(1e-3);
+        let done = f.copied.load(Ordering::Relaxed);
+        let left = f.bitmap.dirty_bytes() + f.in_flight.load(Ordering::Relaxed);
+        let rate = done as f64 / secs;
+        Some(FullProgress {
+            bytes_done: done,
+            bytes_left: left,
+            bytes_sent: f.sent.load(Ordering::Relaxed),
+            rate,
+            eta_s: (rate > 0.0).then(|| left as f64 / rate),
+            guest_write_rate: self.bytes.load(Ordering::Relaxed) as f64 / secs,
+            granularity: f.bitmap.granularity(),
+        })
+    }
+
+    /// Marks ranges the target is known to hold already (e.g. holes of a zeroed target) as
+    /// clean before the background pass starts.
+    pub fn mark_clean(&self, offset: u64, len: u64) {
+        if let Some(f) = &self.full {
+            f.bitmap.clear_covered(offset, len);
+        }
+    }
+
+    /// Holds `[offset, offset + len)` against the background copy for the life of the guard;
+    /// `None` outside full mode. A guest write takes this before writing either side.
+    pub async fn guard(&self, offset: u64, len: u64) -> Option<RangeGuard<'_>> {
+        let f = self.full.as_ref()?;
+        Some(f.locks.lock(offset, offset + len, false).await)
     }
 
     /// The mode.
@@ -131,13 +231,19 @@ impl MirrorSlot {
     pub fn state(&self) -> MirrorState {
         match self.current.read().ok().and_then(|c| c.clone()) {
             Some(m) if m.failed.load(Ordering::Acquire) => MirrorState::Failed,
-            Some(m) => match m.mode {
-                MirrorMode::Sync => MirrorState::Ready,
-                MirrorMode::Full => MirrorState::Syncing,
+            Some(m) => match &m.full {
+                None => MirrorState::Ready,
+                Some(f) if f.ready.load(Ordering::Acquire) => MirrorState::Ready,
+                Some(_) => MirrorState::Syncing,
             },
             None if self.last_failure.lock().map(|f| f.is_some()).unwrap_or(false) => MirrorState::Failed,
             None => MirrorState::None,
         }
+    }
+
+    /// Whether `m` is the attached mirror.
+    pub fn is_current(&self, m: &Arc<Mirror>) -> bool {
+        self.current.read().ok().and_then(|c| c.clone()).is_some_and(|c| Arc::ptr_eq(&c, m))
     }
 
     /// Why the last mirror failed, if it did.
@@ -180,6 +286,8 @@ impl MirrorSlot {
         if self.run(m, "write", m.client.write(offset, Payload::Shared(Arc::clone(buf)), fua)).await {
             m.writes.fetch_add(1, Ordering::Relaxed);
             m.bytes.fetch_add(len, Ordering::Relaxed);
+            // Whole granules the guest just wrote are on the target: no need to copy them.
+            m.mark_clean(offset, len);
         }
     }
 
@@ -189,6 +297,7 @@ impl MirrorSlot {
         if self.run(m, "write zeroes", m.client.write_zeroes(offset, len, false, false)).await {
             m.writes.fetch_add(1, Ordering::Relaxed);
             m.bytes.fetch_add(u64::from(len), Ordering::Relaxed);
+            m.mark_clean(offset, u64::from(len));
         }
     }
 
@@ -198,4 +307,91 @@ impl MirrorSlot {
             m.flushes.fetch_add(1, Ordering::Relaxed);
         }
     }
+}
+
+/// Requests of the background pass in flight at once.
+const COPY_DEPTH: usize = 4;
+/// Largest background copy request.
+const COPY_CHUNK: u64 = 1 << 20;
+
+/// The background pass of a full mirror: copies dirty ranges from the image (as `image` gives
+/// it at each step, so a leaf switch is followed) until nothing is dirty, then flushes the
+/// target and marks the mirror ready. Ends early when the mirror fails or is detached.
+pub async fn run_full_copy<I: Image>(slot: Arc<MirrorSlot>, m: Arc<Mirror>, image: impl Fn() -> Arc<I> + Send + Sync + 'static) {
+    let Some(f) = m.full.as_ref() else { return };
+    let image = Arc::new(image);
+    let depth = Arc::new(tokio::sync::Semaphore::new(COPY_DEPTH));
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut cursor = 0;
+    loop {
+        if m.failed.load(Ordering::Acquire) || !slot.is_current(&m) {
+            return;
+        }
+        let Some((offset, len)) = f.bitmap.next_run(cursor, COPY_CHUNK) else {
+            while tasks.join_next().await.is_some() {}
+            if f.bitmap.dirty_granules() > 0 {
+                continue;
+            }
+            if slot.run(&m, "flush", m.client.flush()).await {
+                f.ready.store(true, Ordering::Release);
+                tracing::info!(sent = f.sent.load(Ordering::Relaxed), "full mirror ready");
+            }
+            return;
+        };
+        let Ok(permit) = Arc::clone(&depth).acquire_owned().await else { return };
+        // Clear first: a guest write that lands after this is mirrored synchronously anyway,
+        // and the exclusive lock below orders this copy after any write still in flight.
+        f.bitmap.clear_covered(offset, len);
+        f.in_flight.fetch_add(len, Ordering::Relaxed);
+        cursor = offset + len;
+        let (m, slot, image) = (Arc::clone(&m), Arc::clone(&slot), Arc::clone(&image));
+        tasks.spawn(async move {
+            let Some(f) = m.full.as_ref() else { return };
+            let ok = {
+                let _exclusive = f.locks.lock(offset, offset + len, true).await;
+                copy_range(&slot, &m, &*image(), offset, len).await
+            };
+            f.in_flight.fetch_sub(len, Ordering::Relaxed);
+            if ok {
+                f.copied.fetch_add(len, Ordering::Relaxed);
+            } else {
+                f.bitmap.mark(offset, len);
+            }
+            drop(permit);
+        });
+        while tasks.try_join_next().is_some() {}
+    }
+}
+
+async fn copy_range<I: Image>(slot: &MirrorSlot, m: &Mirror, image: &I, offset: u64, len: u64) -> bool {
+    let extents = match image.allocation(offset, len, usize::MAX).await {
+        Ok(e) if !e.is_empty() => e,
+        _ => vec![crate::image::Extent { offset, length: len, state: ExtentState::Data }],
+    };
+    let mut at = offset;
+    for e in extents {
+        at = e.offset + e.length;
+        let ok = if e.state == ExtentState::Data {
+            let (buf, r) = image.read(e.offset, IoBuf::for_overwrite(e.length as usize)).await;
+            if let Err(err) = r {
+                slot.fail(m, format!("reading the source at {}: {err}", e.offset));
+                return false;
+            }
+            let sent = slot.run(m, "background copy", m.client.write(e.offset, Payload::Shared(Arc::new(buf)), false)).await;
+            if sent && let Some(f) = &m.full {
+                f.sent.fetch_add(e.length, Ordering::Relaxed);
+            }
+            sent
+        } else {
+            slot.run(m, "background zeroing", m.client.write_zeroes(e.offset, e.length as u32, false, false)).await
+        };
+        if !ok {
+            return false;
+        }
+    }
+    // Extents may stop short of the range; what is left is copied as data.
+    if at < offset + len {
+        return Box::pin(copy_range(slot, m, image, at, offset + len - at)).await;
+    }
+    true
 }

@@ -121,7 +121,7 @@ pub struct NbdServer<I: Image> {
     export: ExportConfig,
     limits: Limits,
     stats: Stats,
-    mirror: MirrorSlot,
+    mirror: Arc<MirrorSlot>,
     /// Every request holds this for reading while it runs; `pause` takes it for writing.
     gate: Arc<tokio::sync::RwLock<()>>,
     paused: std::sync::Mutex<Option<tokio::sync::OwnedRwLockWriteGuard<()>>>,
@@ -154,7 +154,7 @@ impl<I: Image> NbdServer<I> {
             export,
             limits,
             stats: Stats::default(),
-            mirror: MirrorSlot::default(),
+            mirror: Arc::new(MirrorSlot::default()),
             gate: Arc::new(tokio::sync::RwLock::new(())),
             paused: std::sync::Mutex::new(None),
             outstanding: AtomicU64::new(0),
@@ -184,7 +184,7 @@ impl<I: Image> NbdServer<I> {
     }
 
     /// The mirror slot.
-    pub fn mirror(&self) -> &MirrorSlot {
+    pub fn mirror(&self) -> &Arc<MirrorSlot> {
         &self.mirror
     }
 
@@ -621,6 +621,8 @@ impl<I: Image> NbdServer<I> {
             None => local.await,
             Some(m) => {
                 let fua = durability == Durability::Stable;
+                // Full mode: hold the range against the background copy across both writes.
+                let _range = m.guard(req.offset, len).await;
                 tokio::join!(local, self.mirror.write(&m, req.offset, &buf, fua)).0
             }
         };
@@ -649,25 +651,30 @@ impl<I: Image> NbdServer<I> {
             // Under a mirror a trim zeroes both sides: what a trim leaves is up to each image,
             // and the two must keep reading alike. Zeroes are a valid result of a trim.
             (cmd::TRIM, Some(m)) => {
+                let _range = m.guard(req.offset, u64::from(req.length)).await;
                 let local = image.write_zeroes(req.offset, u64::from(req.length), ZeroAlloc::MayDeallocate, ZeroSpeed::Any, durability);
                 tokio::join!(local, self.mirror.write_zeroes(m, req.offset, req.length)).0
             }
             (cmd::WRITE_ZEROES, _) => {
                 let alloc = if req.flags & cmd_flags::NO_HOLE != 0 { ZeroAlloc::Keep } else { ZeroAlloc::MayDeallocate };
                 let speed = if req.flags & cmd_flags::FAST_ZERO != 0 { ZeroSpeed::FastOnly } else { ZeroSpeed::Any };
+                let _range = match &mirror {
+                    Some(m) => m.guard(req.offset, u64::from(req.length)).await,
+                    None => None,
+                };
                 let local = image.write_zeroes(req.offset, u64::from(req.length), alloc, speed, durability);
-                match mirror {
+                match &mirror {
                     None => local.await,
                     // A fast zero that fails locally fails before any I/O, so mirroring it
                     // afterwards would zero the target alone: mirror only what succeeded.
                     Some(m) if speed == ZeroSpeed::FastOnly => match local.await {
                         Ok(()) => {
-                            self.mirror.write_zeroes(&m, req.offset, req.length).await;
+                            self.mirror.write_zeroes(m, req.offset, req.length).await;
                             Ok(())
                         }
                         e => e,
                     },
-                    Some(m) => tokio::join!(local, self.mirror.write_zeroes(&m, req.offset, req.length)).0,
+                    Some(m) => tokio::join!(local, self.mirror.write_zeroes(m, req.offset, req.length)).0,
                 }
             }
             // `validate` let through only the commands above.
