@@ -25,6 +25,9 @@ enum Command {
     Serve(ServeArgs),
     /// Send one command to a server's control socket and print the JSON answer.
     Ctl(CtlArgs),
+    /// Copy an image (any format, a whole chain) or an NBD export into an NBD export or a file,
+    /// sending only what holds data.
+    Copy(CopyArgs),
     /// Print an NBD export's size, flags and allocation map as JSON.
     Info {
         /// nbd+unix:///EXPORT?socket=PATH or nbd://HOST:PORT/EXPORT
@@ -69,6 +72,39 @@ struct ServeArgs {
     /// I/O engine (also TAPMIRROR_IO_ENGINE).
     #[arg(long, value_enum)]
     io_engine: Option<EngineChoice>,
+}
+
+#[derive(clap::Args)]
+struct CopyArgs {
+    /// Source: an image file, or nbd+unix:///EXPORT?socket=PATH, nbd://HOST:PORT/EXPORT.
+    src: String,
+    /// Destination: an NBD URI, or a file (created as a sparse raw file of the source's size
+    /// when missing).
+    dest: String,
+    /// Send only what differs from BASE, a chain the destination already holds.
+    #[arg(long)]
+    base: Option<PathBuf>,
+    /// The destination reads as zeroes: skip zero runs entirely.
+    #[arg(long)]
+    target_is_zero: bool,
+    /// Connections to the destination (used only if it offers multi-conn).
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    /// Requests in flight per connection.
+    #[arg(long, default_value_t = 16)]
+    requests: usize,
+    /// Largest request, in bytes (clamped to what both ends accept).
+    #[arg(long, value_parser = parse_size, default_value = "1M")]
+    request_size: u64,
+    /// Data bytes per second at most (e.g. 100M).
+    #[arg(long, value_parser = parse_size)]
+    bwlimit: Option<u64>,
+    /// Progress on stderr (human) or as JSON lines on stdout (json).
+    #[arg(long, value_enum, default_value = "none")]
+    progress: tapmirror::copy::ProgressMode,
+    /// Persist progress here, and resume from it when it names this same copy.
+    #[arg(long)]
+    checkpoint: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -143,6 +179,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Serve(args) => serve(args, activated).await,
             Command::Ctl(args) => ctl(args).await,
+            Command::Copy(args) => copy(args).await,
             Command::Info { uri } => info(&uri).await,
         }
     });
@@ -293,6 +330,68 @@ async fn serve(args: ServeArgs, activated: Vec<std::os::fd::OwnedFd>) -> Result<
         "stopped"
     );
     Ok(())
+}
+
+fn is_uri(s: &str) -> bool {
+    s.starts_with("nbd://") || s.starts_with("nbd+unix://")
+}
+
+/// Opens `count` connections to `uri` (one unless it offers multi-conn).
+async fn connect_dest(uri: &NbdUri, count: usize) -> Result<Vec<NbdClient>> {
+    let first = NbdClient::connect(uri).await.context("connecting to the destination")?;
+    let n = if first.info().flags & tflags::CAN_MULTI_CONN != 0 { count.max(1) } else { 1 };
+    let mut clients = vec![first];
+    for _ in 1..n {
+        clients.push(NbdClient::connect(uri).await.context("connecting to the destination")?);
+    }
+    Ok(clients)
+}
+
+async fn copy(args: CopyArgs) -> Result<()> {
+    use tapmirror::copy::{CopyOptions, Dest, Source};
+    let engine = EngineChoice::from_env().resolve()?;
+    if args.base.is_some() {
+        bail!("--base needs the image formats' difference maps, which this build does not have yet");
+    }
+    let source: Source<CopyImage> = if is_uri(&args.src) {
+        Source::Nbd(NbdClient::connect(&NbdUri::parse(&args.src)?).await.context("connecting to the source")?)
+    } else {
+        Source::Image(Arc::new(open_copy_image(Path::new(&args.src), Access::ReadOnly, engine).await?))
+    };
+    let size = source.size();
+    let (dest, connections): (Dest<CopyImage>, usize) = if is_uri(&args.dest) {
+        let clients = connect_dest(&NbdUri::parse(&args.dest)?, args.connections).await?;
+        let n = clients.len();
+        (Dest::nbd(clients)?, n)
+    } else {
+        let path = Path::new(&args.dest);
+        if !path.exists() {
+            RawImage::create(path, size).with_context(|| format!("creating {}", path.display()))?;
+        }
+        (Dest::Image(Arc::new(open_copy_image(path, Access::ReadWrite, engine).await?)), 1)
+    };
+    let opts = CopyOptions {
+        requests: args.requests,
+        request_size: usize::try_from(args.request_size).unwrap_or(usize::MAX),
+        target_is_zero: args.target_is_zero,
+        bwlimit: args.bwlimit,
+        checkpoint: args.checkpoint.clone(),
+        progress: args.progress,
+        ..CopyOptions::default()
+    };
+    let report = tapmirror::copy::copy(Arc::new(source), Arc::new(dest), connections, &opts, (&args.src, &args.dest)).await?;
+    tracing::info!(?report, "copy done");
+    if args.progress != tapmirror::copy::ProgressMode::Json {
+        eprintln!("{}", serde_json::to_string(&report)?);
+    }
+    Ok(())
+}
+
+/// The image type copies read and write.
+type CopyImage = RawImage;
+
+async fn open_copy_image(path: &Path, access: Access, engine: tapmirror::io::EngineKind) -> Result<CopyImage> {
+    Ok(RawImage::open(path, access, engine).await.with_context(|| format!("opening {}", path.display()))?)
 }
 
 async fn open_leaf(path: &Path, access: Access, engine: tapmirror::io::EngineKind) -> Result<RawImage> {

@@ -175,3 +175,34 @@ fn interrupted_copy_resumes_from_its_checkpoint() {
     });
     assert!(err.expect_err("mismatched checkpoint").to_string().contains("another copy"));
 }
+
+/// `tapmirror copy` as a user runs it: JSON progress lines that end in a finished line, into our
+/// server and back out into a new sparse file.
+#[test]
+fn copy_command_reports_progress_and_round_trips() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = dir.path().join("src.raw");
+    let content = make_source(&src);
+    let target = serve(64 * MIB, &[]);
+    let out = crate::harness::run(
+        Command::new(crate::harness::tapmirror())
+            .arg("copy")
+            .arg(&src)
+            .arg(target.uri())
+            .args(["--progress", "json", "--request-size", "256K", "--connections", "2"]),
+    );
+    let lines: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).expect("JSON progress line")).collect();
+    let last = lines.last().expect("a progress line");
+    assert_eq!(last["finished"], true);
+    assert_eq!(last["done"], last["total"]);
+    assert_eq!(last["total"], 64 * MIB);
+    assert!(target.contents() == content);
+
+    let back = dir.path().join("back.raw");
+    crate::harness::run(Command::new(crate::harness::tapmirror()).arg("copy").arg(target.uri()).arg(&back));
+    assert!(std::fs::read(&back).expect("read back") == content);
+    use std::os::unix::fs::MetadataExt;
+    let allocated = std::fs::metadata(&back).expect("stat").blocks() * 512;
+    assert!(allocated < 40 * MIB, "the new file should stay sparse: {allocated} bytes allocated");
+}
