@@ -11,3 +11,4 @@ mod client;
 mod copy;
 mod mirror;
 mod peers;
+mod qcow2;

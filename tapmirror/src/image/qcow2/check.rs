@@ -1,0 +1,374 @@
+//! A read-only walk of one qcow2 file's metadata: what `qemu-img check` verifies, done by us
+//! because imago 0.2.6 has no checker.
+//!
+//! Every host cluster the image references is counted (header, L1 tables, L2 tables, data and
+//! compressed clusters, refcount table and blocks, snapshot table and snapshot L1s, persistent
+//! bitmaps when their autoclear bit says they are valid), then compared with the stored
+//! refcounts. As in QEMU, a stored refcount below the references is a corruption (the cluster
+//! could be handed out twice), one above is a leak (wasted space), and an L1/L2 entry's COPIED
+//! bit must be set exactly when its cluster's refcount is 1. The first problem found is
+//! returned; corruptions are looked for before leaks.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+
+use super::header::{AUTOCLEAR_BITMAPS, EXT_BITMAPS, Header, Problem};
+
+/// Bits 9..=55 of an L1/L2 entry: the host offset.
+const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+/// Bit 63: refcount is exactly 1, so the cluster may be written in place.
+const COPIED: u64 = 1 << 63;
+/// Bit 62 of an L2 entry: compressed cluster.
+const COMPRESSED: u64 = 1 << 62;
+/// Bit 0 of an L2 entry (v3): reads as zeroes.
+const ZERO: u64 = 1;
+/// L1 entry bits that must be 0.
+const L1_RESERVED: u64 = 0x7f00_0000_0000_01ff;
+/// Standard L2 entry bits that must be 0 (bit 0 is the zero flag from v3 on).
+const L2_RESERVED: u64 = 0x3f00_0000_0000_01fe;
+
+/// Why a check stopped.
+#[derive(Debug)]
+pub enum CheckError {
+    /// The metadata is wrong.
+    Problem(Problem),
+    /// Reading the file failed.
+    Io(io::Error),
+}
+
+impl From<io::Error> for CheckError {
+    fn from(e: io::Error) -> Self {
+        CheckError::Io(e)
+    }
+}
+
+fn corrupt(s: String) -> CheckError {
+    CheckError::Problem(Problem::Corrupt(s))
+}
+
+/// Reads `entries` big-endian u64 values at `offset`.
+fn read_table(file: &File, offset: u64, entries: u64) -> io::Result<Vec<u64>> {
+    let len = usize::try_from(entries * 8).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let mut raw = vec![0u8; len];
+    file.read_exact_at(&mut raw, offset)?;
+    Ok(raw.chunks_exact(8).map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8]))).collect())
+}
+
+/// The active L2 tables: (L1 index, L1 entry, its entries).
+fn for_each_l2(
+    file: &File,
+    h: &Header,
+    l1_offset: u64,
+    l1_size: u32,
+    file_len: u64,
+    mut f: impl FnMut(u64, u64, &[u64]) -> Result<(), CheckError>,
+) -> Result<(), CheckError> {
+    let cs = h.cluster_size();
+    let l1 = read_table(file, l1_offset, u64::from(l1_size))?;
+    for (i, &e) in l1.iter().enumerate() {
+        let off = e & OFFSET_MASK;
+        if e & L1_RESERVED != 0 {
+            return Err(corrupt(format!("L1 entry {i} ({e:#x}) has reserved bits set")));
+        }
+        if off == 0 {
+            continue;
+        }
+        if !off.is_multiple_of(cs) {
+            return Err(corrupt(format!("L2 table at {off:#x} (L1 entry {i}) is not cluster aligned")));
+        }
+        if off + cs > file_len {
+            return Err(corrupt(format!("L2 table at {off:#x} (L1 entry {i}) lies beyond the end of the file")));
+        }
+        let l2 = read_table(file, off, h.l2_entries())?;
+        f(i as u64, e, &l2)?;
+    }
+    Ok(())
+}
+
+/// What one L2 entry points at.
+enum L2Ref {
+    /// Nothing in this file (unallocated, or a zero cluster without a host cluster).
+    None,
+    /// A standard cluster at this host offset (data, or a preallocated zero cluster).
+    Cluster { offset: u64, zero: bool },
+    /// Compressed data occupying host bytes `[start, end)`.
+    Compressed { start: u64, end: u64 },
+}
+
+fn decode_l2(h: &Header, e: u64, guest: u64) -> Result<L2Ref, CheckError> {
+    let cs = h.cluster_size();
+    if e & COMPRESSED != 0 {
+        if e & COPIED != 0 {
+            return Err(corrupt(format!("compressed cluster at guest {guest:#x} has the COPIED bit set")));
+        }
+        let x = 62 - (h.cluster_bits - 8);
+        let start = e & ((1u64 << x) - 1);
+        let sectors = ((e >> x) & ((1u64 << (h.cluster_bits - 8)) - 1)) + 1;
+        let end = (start & !511) + sectors * 512;
+        return Ok(L2Ref::Compressed { start, end });
+    }
+    let reserved = if h.version >= 3 { L2_RESERVED } else { L2_RESERVED | ZERO };
+    if e & reserved != 0 {
+        return Err(corrupt(format!("L2 entry for guest {guest:#x} ({e:#x}) has reserved bits set")));
+    }
+    let offset = e & OFFSET_MASK;
+    if offset == 0 {
+        return Ok(L2Ref::None);
+    }
+    if !offset.is_multiple_of(cs) {
+        return Err(corrupt(format!("cluster for guest {guest:#x} at host {offset:#x} is not cluster aligned")));
+    }
+    Ok(L2Ref::Cluster { offset, zero: e & ZERO != 0 })
+}
+
+/// Guest bytes whose data this file holds itself (data and compressed clusters of the active
+/// L1; zero clusters and unallocated ones count nothing).
+pub fn allocated_bytes(file: &File, h: &Header, file_len: u64) -> Result<u64, CheckError> {
+    let cs = h.cluster_size();
+    let mut total = 0u64;
+    for_each_l2(file, h, h.l1_table_offset, h.l1_size, file_len, |l1_index, _, l2| {
+        for (j, &e) in l2.iter().enumerate() {
+            let guest = (l1_index * h.l2_entries() + j as u64) * cs;
+            if guest >= h.size {
+                break;
+            }
+            match decode_l2(h, e, guest)? {
+                L2Ref::Cluster { zero: false, .. } | L2Ref::Compressed { .. } => total += cs.min(h.size - guest),
+                _ => {}
+            }
+        }
+        Ok(())
+    })?;
+    Ok(total)
+}
+
+/// The checks cheap enough for every open: each active L1 entry and each refcount table entry
+/// is well-formed and points at a whole cluster inside the file. (A truncated file fails here
+/// instead of reading its lost tables as zeroes and being "repaired" by the next write.)
+pub fn quick(file: &File, h: &Header, file_len: u64) -> Result<(), CheckError> {
+    let cs = h.cluster_size();
+    let l1 = read_table(file, h.l1_table_offset, u64::from(h.l1_size))?;
+    for (i, &e) in l1.iter().enumerate() {
+        let off = e & OFFSET_MASK;
+        if e & L1_RESERVED != 0 {
+            return Err(corrupt(format!("L1 entry {i} ({e:#x}) has reserved bits set")));
+        }
+        if off != 0 && (!off.is_multiple_of(cs) || off + cs > file_len) {
+            return Err(corrupt(format!("L2 table at {off:#x} (L1 entry {i}) is unaligned or beyond the end of the file")));
+        }
+    }
+    let rt = read_table(file, h.refcount_table_offset, u64::from(h.refcount_table_clusters) * cs / 8)?;
+    for (i, &e) in rt.iter().enumerate() {
+        let off = e & !0x1ff;
+        if e & 0x1ff != 0 || (off != 0 && (!off.is_multiple_of(cs) || off + cs > file_len)) {
+            return Err(corrupt(format!("refcount table entry {i} ({e:#x}) is malformed or beyond the end of the file")));
+        }
+    }
+    Ok(())
+}
+
+/// Counts references per host cluster.
+struct Refs {
+    counts: Vec<u16>,
+    cs: u64,
+}
+
+impl Refs {
+    fn add(&mut self, offset: u64, len: u64, what: &str) -> Result<(), CheckError> {
+        if len == 0 {
+            return Ok(());
+        }
+        let first = offset / self.cs;
+        let last = (offset + len - 1) / self.cs;
+        for c in first..=last {
+            let slot = usize::try_from(c).ok().and_then(|c| self.counts.get_mut(c));
+            let Some(slot) = slot else {
+                return Err(corrupt(format!("{what} at {offset:#x} lies beyond the end of the file")));
+            };
+            *slot = slot.saturating_add(1);
+        }
+        Ok(())
+    }
+}
+
+/// Stored refcounts, read block by block.
+struct Stored<'a> {
+    file: &'a File,
+    table: Vec<u64>,
+    order: u32,
+    per_block: u64,
+    cached: Option<(u64, Vec<u8>)>,
+    cs: u64,
+}
+
+impl Stored<'_> {
+    fn get(&mut self, cluster: u64) -> io::Result<u64> {
+        let block = cluster / self.per_block;
+        let index = cluster % self.per_block;
+        let Some(&entry) = self.table.get(block as usize) else { return Ok(0) };
+        let off = entry & !0x1ff;
+        if off == 0 {
+            return Ok(0);
+        }
+        if self.cached.as_ref().is_none_or(|(b, _)| *b != block) {
+            let mut raw = vec![0u8; self.cs as usize];
+            self.file.read_exact_at(&mut raw, off)?;
+            self.cached = Some((block, raw));
+        }
+        let raw = self.cached.as_ref().map(|(_, r)| r.as_slice()).unwrap_or(&[]);
+        let width = 1u64 << self.order;
+        Ok(if width >= 8 {
+            let bytes = (width / 8) as usize;
+            let at = index as usize * bytes;
+            raw[at..at + bytes].iter().fold(0u64, |acc, &b| (acc << 8) | u64::from(b))
+        } else {
+            // Sub-byte widths are packed least significant bits first (QEMU's get_refcount_ro0..2).
+            let bit = index * width;
+            u64::from(raw[(bit / 8) as usize] >> (bit % 8)) & ((1 << width) - 1)
+        })
+    }
+}
+
+/// Checks the metadata of the qcow2 file `file` (of `file_len` bytes) whose header is `h`.
+pub fn check(file: &File, h: &Header, file_len: u64) -> Result<(), CheckError> {
+    let cs = h.cluster_size();
+    let mut refs = Refs { counts: vec![0; usize::try_from(file_len.div_ceil(cs)).unwrap_or(usize::MAX)], cs };
+    refs.add(0, cs, "header")?;
+
+    // Active L1 and everything it reaches.
+    refs.add(h.l1_table_offset, u64::from(h.l1_size) * 8, "L1 table")?;
+    let mut active_l1 = Vec::new();
+    let mut active_l2 = Vec::new();
+    let mut count_l2 = |refs: &mut Refs, l1_index: u64, l2_off: u64, l2: &[u64], keep: bool| -> Result<(), CheckError> {
+        refs.add(l2_off, cs, "L2 table")?;
+        for (j, &e) in l2.iter().enumerate() {
+            let guest = (l1_index * h.l2_entries() + j as u64) * cs;
+            match decode_l2(h, e, guest)? {
+                L2Ref::None => {}
+                L2Ref::Cluster { offset, .. } => {
+                    if offset >= file_len {
+                        return Err(corrupt(format!(
+                            "cluster for guest {guest:#x} at host {offset:#x} lies beyond the end of the file"
+                        )));
+                    }
+                    refs.add(offset, cs, "data cluster")?;
+                    if keep {
+                        active_l2.push((guest, offset, e & COPIED != 0));
+                    }
+                }
+                L2Ref::Compressed { start, end } => refs.add(start, end - start, "compressed cluster")?,
+            }
+        }
+        Ok(())
+    };
+    for_each_l2(file, h, h.l1_table_offset, h.l1_size, file_len, |i, e, l2| {
+        active_l1.push((i, e & OFFSET_MASK, e & COPIED != 0));
+        count_l2(&mut refs, i, e & OFFSET_MASK, l2, true)
+    })?;
+
+    // Refcount table and blocks.
+    let rt_entries = u64::from(h.refcount_table_clusters) * cs / 8;
+    refs.add(h.refcount_table_offset, rt_entries * 8, "refcount table")?;
+    let table = read_table(file, h.refcount_table_offset, rt_entries)?;
+    for (i, &e) in table.iter().enumerate() {
+        let off = e & !0x1ff;
+        if e & 0x1ff != 0 {
+            return Err(corrupt(format!("refcount table entry {i} ({e:#x}) has reserved bits set")));
+        }
+        if off == 0 {
+            continue;
+        }
+        if !off.is_multiple_of(cs) || off + cs > file_len {
+            return Err(corrupt(format!("refcount block {i} at {off:#x} is unaligned or beyond the end of the file")));
+        }
+        refs.add(off, cs, "refcount block")?;
+    }
+
+    // Internal snapshots: their table, L1 tables and everything those reach.
+    if h.nb_snapshots > 0 {
+        let mut at = h.snapshots_offset;
+        for n in 0..h.nb_snapshots {
+            let mut fixed = [0u8; 40];
+            file.read_exact_at(&mut fixed, at)
+                .map_err(|_| corrupt(format!("snapshot {n} lies beyond the end of the file")))?;
+            let l1_off = u64::from_be_bytes(fixed[0..8].try_into().unwrap_or([0; 8]));
+            let l1_size = u32::from_be_bytes(fixed[8..12].try_into().unwrap_or([0; 4]));
+            let id_len = u64::from(u16::from_be_bytes([fixed[12], fixed[13]]));
+            let name_len = u64::from(u16::from_be_bytes([fixed[14], fixed[15]]));
+            let extra = u64::from(u32::from_be_bytes(fixed[36..40].try_into().unwrap_or([0; 4])));
+            at += (40 + extra + id_len + name_len).next_multiple_of(8);
+            if !l1_off.is_multiple_of(cs) || l1_off + u64::from(l1_size) * 8 > file_len {
+                return Err(corrupt(format!("snapshot {n}'s L1 table at {l1_off:#x} is unaligned or beyond the end of the file")));
+            }
+            refs.add(l1_off, u64::from(l1_size) * 8, "snapshot L1 table")?;
+            for_each_l2(file, h, l1_off, l1_size, file_len, |i, e, l2| count_l2(&mut refs, i, e & OFFSET_MASK, l2, false))?;
+        }
+        refs.add(h.snapshots_offset, at - h.snapshots_offset, "snapshot table")?;
+    }
+
+    // Persistent bitmaps, counted only when QEMU would load them.
+    if h.autoclear & AUTOCLEAR_BITMAPS != 0
+        && let Some(ext) = h.extensions.iter().find(|e| e.kind == EXT_BITMAPS)
+        && ext.data.len() >= 24
+    {
+        let d = &ext.data;
+        let nb = u32::from_be_bytes(d[0..4].try_into().unwrap_or([0; 4]));
+        let dir_size = u64::from_be_bytes(d[8..16].try_into().unwrap_or([0; 8]));
+        let dir_off = u64::from_be_bytes(d[16..24].try_into().unwrap_or([0; 8]));
+        refs.add(dir_off, dir_size, "bitmap directory")?;
+        let mut dir = vec![0u8; usize::try_from(dir_size).map_err(|_| corrupt("bitmap directory too large".into()))?];
+        file.read_exact_at(&mut dir, dir_off)
+            .map_err(|_| corrupt("bitmap directory lies beyond the end of the file".into()))?;
+        let mut at = 0usize;
+        for n in 0..nb {
+            let entry = dir.get(at..at + 24).ok_or_else(|| corrupt(format!("bitmap {n} lies outside the directory")))?;
+            let table_off = u64::from_be_bytes(entry[0..8].try_into().unwrap_or([0; 8]));
+            let table_size = u64::from(u32::from_be_bytes(entry[8..12].try_into().unwrap_or([0; 4])));
+            let name_len = usize::from(u16::from_be_bytes([entry[18], entry[19]]));
+            let extra = u32::from_be_bytes(entry[20..24].try_into().unwrap_or([0; 4])) as usize;
+            at += (24 + extra + name_len).next_multiple_of(8);
+            refs.add(table_off, table_size * 8, "bitmap table")?;
+            for e in read_table(file, table_off, table_size)? {
+                let off = e & OFFSET_MASK;
+                if off != 0 {
+                    refs.add(off, cs, "bitmap data cluster")?;
+                }
+            }
+        }
+    }
+
+    let mut stored = Stored { file, table, order: h.refcount_order, per_block: (cs * 8) >> h.refcount_order, cached: None, cs };
+    let counts = std::mem::take(&mut refs.counts);
+    for (c, &want) in counts.iter().enumerate() {
+        let have = stored.get(c as u64)?;
+        if have < u64::from(want) {
+            return Err(corrupt(format!(
+                "cluster {c} (host {:#x}) has refcount {have} but is referenced {want} times",
+                c as u64 * cs
+            )));
+        }
+    }
+    for (i, off, copied) in active_l1 {
+        let rc = stored.get(off / cs)?;
+        if (rc == 1) != copied {
+            return Err(corrupt(format!("L1 entry {i}: COPIED is {copied} but the L2 table's refcount is {rc}")));
+        }
+    }
+    for (guest, off, copied) in active_l2 {
+        let rc = stored.get(off / cs)?;
+        if (rc == 1) != copied {
+            return Err(corrupt(format!("L2 entry for guest {guest:#x}: COPIED is {copied} but the refcount is {rc}")));
+        }
+    }
+    for (c, &want) in counts.iter().enumerate() {
+        let have = stored.get(c as u64)?;
+        if have > u64::from(want) {
+            return Err(corrupt(format!(
+                "leaked cluster {c} (host {:#x}): refcount {have}, referenced {want} times",
+                c as u64 * cs
+            )));
+        }
+    }
+    Ok(())
+}

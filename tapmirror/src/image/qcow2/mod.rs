@@ -1,0 +1,703 @@
+//! qcow2 images through `imago` 0.2.6 (pinned; `../shared/research/ecosystem.md` says why),
+//! behind the [`Image`] trait, as the SMAPIv3 backend keeps volumes.
+//!
+//! ```text
+//!  Qcow2Image (Image: Send futures)
+//!      │ Req + owned IoBuf over a channel, reply over a oneshot
+//!      ▼
+//!  image thread: current-thread runtime + LocalSet, one local task per request
+//!      imago FormatAccess (top qcow2) ─▶ backing qcow2 ─▶ … ─▶ qcow2 or raw base
+//!      each layer's storage: IoStorage ─▶ FileIo (io_uring, or the portable thread pool)
+//!
+//!  create, create_overlay(_with), rebase, resize, info, check: standalone, by path
+//! ```
+//!
+//! Files: `header` parses and rewrites the qcow2 header, `chain` resolves backing chains,
+//! `storage` puts imago's `Storage` trait on our `FileIo`, `worker` owns the open chain, `check`
+//! walks metadata like `qemu-img check`.
+//!
+//! # Does imago's `Storage` sit on our `FileIo`? Yes, for one copy per request
+//!
+//! `storage::IoStorage` implements `imago::Storage` with `FileIo`, so qcow2 data and metadata
+//! take the io_uring path whenever raw images do. Two things in imago 0.2.6 shape the fit:
+//!
+//! - imago lends a storage driver *borrowed* buffers inside futures it may drop at any moment.
+//!   Handing borrowed memory to io_uring is unsound (a dropped future frees what the kernel still
+//!   writes), so every request is bounced through an owned `IoBuf`: one `memcpy` per request,
+//!   into a registered slot up to 256 KiB. Modifying requests run in their own task and are
+//!   counted, so `settle_writes` (which imago requires of drivers whose writes can outlive their
+//!   future) really waits for them. Bytes reach imago without a copy on our side: the caller's
+//!   `IoBuf` is lent to imago on the image thread.
+//! - imago's format layer uses `async_trait(?Send)`, so its futures are not `Send` and cannot run
+//!   as tasks of the multi-threaded runtime. Each open image gets its own thread (see `worker`);
+//!   the price is a channel hop per request. imago's own `file::File` driver would not help
+//!   there either: in async mode it calls `preadv`/`pwritev` synchronously inside its futures,
+//!   blocking whichever thread polls them and serialising every request of the image.
+//!
+//! # Overlays on a backing that is still being filled
+//!
+//! During a live migration the destination disk is a qcow2 overlay whose backing is filled by a
+//! background copy while the guest's mirrored writes land in the overlay. A write that covers
+//! only part of a cluster the overlay does not hold yet makes qcow2 copy-on-write the rest of
+//! that cluster from the backing *at that moment*. imago does exactly what QEMU does here
+//! (`qcow2/cow.rs`: `prepare_cow_cluster` → `cow_copy_format` reads the backing and writes the
+//! whole cluster before mapping it), and it has no subclusters (it refuses extended-L2 images,
+//! incompatible bit 4). If the copy has not reached that cluster yet, stale backing bytes would
+//! be frozen into the overlay and the later copy could never replace them. Two mechanisms
+//! prevent it, and they compose:
+//!
+//! 1. **Geometry.** [`create_overlay_with`] with [`OverlayKind::FillingBacking`] gives the
+//!    overlay the smallest cluster size QEMU accepts for the disk size: 512 bytes up to 128 GiB
+//!    (1 KiB up to 512 GiB, 2 KiB up to 2 TiB; QEMU caps the L1 table at 32 MiB). With 512-byte
+//!    clusters every sector-aligned write covers whole clusters, imago skips the copy entirely
+//!    (`full_skip_cow`), and the rest of what the guest did not write keeps falling through to
+//!    the backing, which the copy may still fill. Tested by
+//!    `tests::sector_writes_on_a_filling_overlay_never_freeze_stale_backing_bytes`.
+//! 2. **Ordering.** [`Qcow2Image::open_with`] and [`BackingState::Filling`] make the driver,
+//!    before a write or zeroing that covers only part of a cluster still falling through to the
+//!    backing, await [`BackingFill::ready`] for that cluster's range: the background copy
+//!    resolves it once that range of the backing holds its final bytes (it would copy that range
+//!    next). This covers what geometry cannot: writes not aligned to 512 bytes, disks above
+//!    128 GiB, overlays with larger clusters. After the wait the driver drops imago's cached
+//!    metadata of the backing chain (under an exclusive lock), so a qcow2 backing filled through
+//!    another handle is read afresh: without that, the copy-on-write would read the backing
+//!    through L2 tables cached before the fill. Whole-cluster writes and clusters the overlay
+//!    already holds never wait. [`Qcow2Image::set_backing_state`] switches back to
+//!    [`BackingState::Complete`] when the copy has finished. Tested by
+//!    `tests::a_partial_write_waits_for_the_backing_cluster_when_filling`.
+//!
+//! Reads of clusters the overlay does not hold show the backing as it is at that moment; that is
+//! inherent and harmless (nothing is persisted, and the guest reads the destination only after
+//! the copy ends). Small clusters cost metadata: a 512-byte L2 table maps 32 KiB, so overlays
+//! meant to last should be committed or rebased once the migration is over.
+//!
+//! # Other choices
+//!
+//! - Chains are resolved from the headers by us (`chain`) and opened bottom-up with every
+//!   dependency passed explicitly and imago's `DenyImplicitOpenGate`, so nothing is opened that
+//!   we did not check; backings are opened read-only.
+//! - Allocation of a chain: `Data` where the first layer that allocates a range holds data (a raw
+//!   layer answers with its file's data and holes), `Zero` where that layer says zero cluster,
+//!   `Hole` where no layer allocates it.
+//! - `write_zeroes` turns whole clusters into zero clusters and writes zeroes into partial ones;
+//!   `trim` frees whole clusters (they read as zeroes) and leaves partial ones, which a trim may.
+//!   Freeing clusters needs the image to itself, so a trim briefly waits for in-flight requests.
+//! - `Durability::Stable` writes back imago's metadata caches and `fdatasync`s. Closing (or
+//!   dropping) an image waits for its requests and flushes.
+//! - Persistent dirty bitmaps survive reads but not writes: imago does not know them and, as the
+//!   specification asks of such writers, clears their autoclear bit on a writable open; QEMU
+//!   then drops the bitmaps and reports their clusters as leaks until `qemu-img check -r leaks`
+//!   (a warning is logged on such an open; our `check` agrees with QEMU).
+//! - Not handled: external data files, encryption, extended L2, zstd compression, images left
+//!   dirty by lazy refcounts (refused with the reason), and discard on version 2 images (a no-op).
+//!   An image must not be open for writing twice: we take no lock yet (QEMU's OFD locks are not
+//!   honoured either way).
+
+mod chain;
+mod check;
+mod header;
+mod storage;
+mod worker;
+
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, RwLock};
+
+use imago::qcow2::Qcow2;
+use imago::FormatCreateBuilder;
+use tokio::sync::{mpsc, oneshot};
+
+use self::chain::{io_error, problem};
+use self::header::Header;
+use self::storage::IoStorage;
+use self::worker::Req;
+use super::{Access, Extent, Features, Image, ImageError, Result, ZeroSpeed, check_range};
+use crate::io::{Durability, EngineKind, IoBuf};
+
+pub use header::MAGIC;
+
+/// Default cluster size for new images, as QEMU's.
+pub const DEFAULT_CLUSTER_SIZE: u32 = 65536;
+
+/// Why a qcow2 operation failed. Every variant names the file it is about.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Qcow2Error {
+    /// The file breaks the qcow2 format (or QEMU marked it corrupt).
+    #[error("{}: corrupt qcow2 image: {reason}", path.display())]
+    Corrupt {
+        /// The image.
+        path: PathBuf,
+        /// What is wrong, first problem found.
+        reason: String,
+    },
+    /// A backing file the chain names does not exist.
+    #[error("{}: backing file {} not found", path.display(), backing.display())]
+    MissingBacking {
+        /// The image that names the backing.
+        path: PathBuf,
+        /// Where the backing was looked for.
+        backing: PathBuf,
+    },
+    /// A valid image using a feature this driver does not handle.
+    #[error("{}: unsupported: {what}", path.display())]
+    Unsupported {
+        /// The image.
+        path: PathBuf,
+        /// The feature.
+        what: String,
+    },
+    /// The request does not make sense for this image.
+    #[error("{}: {reason}", path.display())]
+    InvalidArgument {
+        /// The image.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// The operating system refused I/O.
+    #[error("{}: {op}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What was being done.
+        op: &'static str,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl Qcow2Error {
+    /// The file the error is about.
+    pub fn path(&self) -> &Path {
+        match self {
+            Qcow2Error::Corrupt { path, .. }
+            | Qcow2Error::MissingBacking { path, .. }
+            | Qcow2Error::Unsupported { path, .. }
+            | Qcow2Error::InvalidArgument { path, .. }
+            | Qcow2Error::Io { path, .. } => path,
+        }
+    }
+}
+
+fn invalid(path: &Path, reason: impl Into<String>) -> Qcow2Error {
+    Qcow2Error::InvalidArgument { path: path.to_owned(), reason: reason.into() }
+}
+
+/// Whether `head` (a file's first bytes) starts with the qcow2 magic `QFI\xfb`.
+pub fn is_qcow2(head: &[u8]) -> bool {
+    head.len() >= 4 && head[..4] == MAGIC
+}
+
+/// Tells an overlay's driver when the backing holds its final bytes for a range (implemented by
+/// whatever fills the backing, e.g. the migration's background copy).
+pub trait BackingFill: Send + Sync + 'static {
+    /// Resolves once `[offset, offset + length)` of the backing (guest offsets) holds its final
+    /// content, written to the backing's file (for a qcow2 backing, its metadata too: the driver
+    /// then drops its cached view of the backing and reads it afresh). An error fails the write
+    /// that waited for it. The future is polled on the image's own thread (a current-thread
+    /// runtime with I/O and timers): it should wait for the filler, e.g. on a channel, rather
+    /// than do the filling itself.
+    fn ready(&self, offset: u64, length: u64) -> Pin<Box<dyn Future<Output = io::Result<()>> + Send + 'static>>;
+}
+
+/// What an overlay's backing holds while the overlay takes writes.
+#[derive(Clone, Default)]
+pub enum BackingState {
+    /// Its final content (a snapshot's backing, or a finished copy): qcow2's copy-on-write is
+    /// always right.
+    #[default]
+    Complete,
+    /// Still being filled: partial-cluster writes onto clusters that fall through to the backing
+    /// wait for `ready` first (see the module docs).
+    Filling(Arc<dyn BackingFill>),
+}
+
+impl fmt::Debug for BackingState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            BackingState::Complete => "Complete",
+            BackingState::Filling(_) => "Filling",
+        })
+    }
+}
+
+/// The backing state shared by an image's handle and its thread.
+pub(super) struct BackingSlot(RwLock<BackingState>);
+
+impl BackingSlot {
+    fn filling(&self) -> Option<Arc<dyn BackingFill>> {
+        match &*self.0.read().unwrap_or_else(|e| e.into_inner()) {
+            BackingState::Filling(f) => Some(Arc::clone(f)),
+            BackingState::Complete => None,
+        }
+    }
+}
+
+/// How [`create_overlay_with`] lays out a new overlay.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OverlayKind {
+    /// A snapshot: the backing is final. Cluster size: the backing's when it is qcow2, else 64 KiB.
+    #[default]
+    Snapshot,
+    /// A migration destination whose backing is still being filled: the smallest cluster size
+    /// QEMU accepts for the disk size (512 B up to 128 GiB), so that sector-aligned writes never
+    /// copy from the backing.
+    FillingBacking,
+}
+
+/// An open qcow2 image and its backing chain; writes go to the top file.
+pub struct Qcow2Image {
+    tx: mpsc::UnboundedSender<Req>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    chain: Vec<PathBuf>,
+    size: u64,
+    cluster_size: u64,
+    version: u32,
+    access: Access,
+    engine: EngineKind,
+    backing: Arc<BackingSlot>,
+}
+
+/// What [`info`] reports.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Qcow2Info {
+    /// Always "qcow2".
+    pub format: &'static str,
+    /// qcow2 version (2 or 3).
+    pub version: u32,
+    /// Virtual disk size in bytes.
+    pub virtual_size: u64,
+    /// Cluster size in bytes.
+    pub cluster_size: u64,
+    /// The chain, this image first, then each backing as resolved.
+    pub chain: Vec<PathBuf>,
+    /// The backing name as recorded in the header.
+    pub backing_file: Option<String>,
+    /// The backing format as recorded in the header.
+    pub backing_format: Option<String>,
+    /// Guest bytes whose data this file holds (data and compressed clusters; zero clusters and
+    /// what falls through to the backing count nothing).
+    pub allocated_bytes: u64,
+    /// Bytes the file occupies on disk.
+    pub disk_bytes: u64,
+}
+
+impl Qcow2Image {
+    /// Opens the qcow2 image at `path` and its backing chain, with a complete backing.
+    pub async fn open(path: &Path, access: Access, engine: EngineKind) -> std::result::Result<Qcow2Image, Qcow2Error> {
+        Qcow2Image::open_with(path, access, engine, BackingState::Complete).await
+    }
+
+    /// Opens the qcow2 image at `path` and its backing chain, stating what the backing holds.
+    pub async fn open_with(
+        path: &Path,
+        access: Access,
+        engine: EngineKind,
+        backing: BackingState,
+    ) -> std::result::Result<Qcow2Image, Qcow2Error> {
+        let chain = resolve_for_open(path).await?;
+        let paths = chain.iter().map(|l| l.path.clone()).collect();
+        let (cluster_size, version) = chain[0].header().map(|h| (h.cluster_size(), h.version)).unwrap_or((65536, 3));
+        if access == Access::ReadWrite && chain[0].header().is_some_and(Header::has_valid_bitmaps) {
+            // imago does not know persistent bitmaps; per the spec it clears their autoclear bit
+            // on a writable open, so QEMU drops them and then counts their clusters as leaks
+            // (`qemu-img check -r leaks` reclaims them).
+            tracing::warn!(path = %path.display(), "writing invalidates this image's persistent dirty bitmaps");
+        }
+        let slot = Arc::new(BackingSlot(RwLock::new(backing)));
+        let (tx, thread, opened) = worker::start(chain, access, engine, Arc::clone(&slot)).await?;
+        tracing::debug!(path = %path.display(), size = opened.size, cluster_size, ?engine, "qcow2 image open");
+        Ok(Qcow2Image {
+            tx,
+            thread: Some(thread),
+            chain: paths,
+            size: opened.size,
+            cluster_size,
+            version,
+            access,
+            engine,
+            backing: slot,
+        })
+    }
+
+    /// The files of the chain, this image first.
+    pub fn chain(&self) -> Vec<PathBuf> {
+        self.chain.clone()
+    }
+
+    /// The top file.
+    pub fn path(&self) -> &Path {
+        &self.chain[0]
+    }
+
+    /// The cluster size of the top file.
+    pub fn cluster_size(&self) -> u64 {
+        self.cluster_size
+    }
+
+    /// The I/O engine in use.
+    pub fn engine(&self) -> EngineKind {
+        self.engine
+    }
+
+    /// Changes what the backing is said to hold, e.g. to `Complete` once the copy has finished.
+    pub fn set_backing_state(&self, state: BackingState) {
+        *self.backing.0.write().unwrap_or_else(|e| e.into_inner()) = state;
+    }
+
+    /// Waits for every request, writes back imago's caches and syncs, and closes the image,
+    /// reporting a failure that dropping could only log.
+    pub async fn close(mut self) -> Result<()> {
+        let (reply, rx) = oneshot::channel();
+        let r = match self.tx.send(Req::Close { reply }) {
+            Ok(()) => rx.await.unwrap_or_else(|_| Err(gone("close", 0))),
+            Err(_) => Err(gone("close", 0)),
+        };
+        if let Some(t) = self.thread.take() {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
+        r
+    }
+
+    fn writable(&self) -> Result<()> {
+        match self.access {
+            Access::ReadOnly => Err(ImageError::ReadOnly),
+            Access::ReadWrite => Ok(()),
+        }
+    }
+
+    async fn call<T>(&self, op: &'static str, offset: u64, make: impl FnOnce(oneshot::Sender<Result<T>>) -> Req) -> Result<T> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(make(reply)).map_err(|_| gone(op, offset))?;
+        rx.await.unwrap_or_else(|_| Err(gone(op, offset)))
+    }
+}
+
+fn gone(op: &'static str, offset: u64) -> ImageError {
+    ImageError::Io { op, offset, source: io::Error::other("qcow2 image thread is gone") }
+}
+
+impl Drop for Qcow2Image {
+    fn drop(&mut self) {
+        // The thread flushes on Close (or when the channel closes) and then ends; waiting for it
+        // means a dropped image is complete on disk, for whoever opens the file next.
+        let (reply, _) = oneshot::channel();
+        let _ = self.tx.send(Req::Close { reply });
+        if let Some(t) = self.thread.take()
+            && t.join().is_err()
+        {
+            tracing::error!(path = %self.chain[0].display(), "qcow2 image thread panicked");
+        }
+    }
+}
+
+impl Image for Qcow2Image {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn features(&self) -> Features {
+        Features {
+            read_only: self.access == Access::ReadOnly,
+            trim: self.version >= 3,
+            fast_zero: self.version >= 3,
+            // One imago instance per open image serves every connection.
+            multi_conn: true,
+        }
+    }
+
+    async fn read(&self, offset: u64, buf: IoBuf) -> (IoBuf, Result<()>) {
+        if let Err(e) = check_range(offset, buf.len() as u64, self.size) {
+            return (buf, Err(e));
+        }
+        let (reply, rx) = oneshot::channel();
+        if let Err(mpsc::error::SendError(req)) = self.tx.send(Req::Read { offset, buf, reply }) {
+            let Req::Read { buf, .. } = req else { unreachable!() };
+            return (buf, Err(gone("read", offset)));
+        }
+        rx.await.unwrap_or_else(|_| (IoBuf::new(0), Err(gone("read", offset))))
+    }
+
+    async fn write(&self, offset: u64, buf: Arc<IoBuf>, durability: Durability) -> Result<()> {
+        self.writable()?;
+        check_range(offset, buf.len() as u64, self.size)?;
+        self.call("write", offset, |reply| Req::Write { offset, buf, durability, reply }).await
+    }
+
+    async fn write_zeroes(
+        &self,
+        offset: u64,
+        length: u64,
+        _alloc: super::ZeroAlloc,
+        speed: ZeroSpeed,
+        durability: Durability,
+    ) -> Result<()> {
+        self.writable()?;
+        check_range(offset, length, self.size)?;
+        if length == 0 {
+            return Ok(());
+        }
+        if self.version < 3 && speed == ZeroSpeed::FastOnly {
+            // Version 2 has no zero clusters: zeroing means writing zero data.
+            return Err(ImageError::NotFast);
+        }
+        // Zero clusters keep their host clusters, so both ZeroAlloc modes are served alike.
+        self.call("write zeroes", offset, |reply| Req::Zero { offset, length, durability, reply }).await
+    }
+
+    async fn trim(&self, offset: u64, length: u64) -> Result<()> {
+        self.writable()?;
+        check_range(offset, length, self.size)?;
+        if length == 0 {
+            return Ok(());
+        }
+        self.call("trim", offset, |reply| Req::Trim { offset, length, reply }).await
+    }
+
+    async fn flush(&self) -> Result<()> {
+        self.call("flush", 0, |reply| Req::Flush { reply }).await
+    }
+
+    async fn allocation(&self, offset: u64, length: u64, limit: usize) -> Result<Vec<Extent>> {
+        check_range(offset, length, self.size)?;
+        if length == 0 {
+            return Ok(Vec::new());
+        }
+        self.call("map", offset, |reply| Req::Map { offset, length, limit, reply }).await
+    }
+}
+
+/// Runs blocking header and metadata work off the async threads.
+async fn blocking<T: Send + 'static>(
+    path: &Path,
+    f: impl FnOnce() -> std::result::Result<T, Qcow2Error> + Send + 'static,
+) -> std::result::Result<T, Qcow2Error> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| io_error(path, "run blocking task", io::Error::other(e)))?
+}
+
+/// Resolves and checks the chain of the qcow2 image at `path` for opening.
+async fn resolve_for_open(path: &Path) -> std::result::Result<Vec<chain::Layer>, Qcow2Error> {
+    let p = path.to_owned();
+    blocking(path, move || {
+        require_qcow2(&p)?;
+        let chain = chain::resolve(&p, Some("qcow2"))?;
+        for layer in &chain {
+            if let Some(h) = layer.header() {
+                let f = std::fs::File::open(&layer.path).map_err(|e| io_error(&layer.path, "open", e))?;
+                check::quick(&f, h, layer.file_len).map_err(|e| check_error(&layer.path, e))?;
+            }
+        }
+        Ok(chain)
+    })
+    .await
+}
+
+fn require_qcow2(path: &Path) -> std::result::Result<(), Qcow2Error> {
+    use std::io::Read;
+    let mut head = [0u8; 4];
+    let mut f = std::fs::File::open(path).map_err(|e| io_error(path, "open", e))?;
+    let n = f.read(&mut head).map_err(|e| io_error(path, "read", e))?;
+    if !is_qcow2(&head[..n]) {
+        return Err(invalid(path, "not a qcow2 image (no QFI\\xfb magic)"));
+    }
+    Ok(())
+}
+
+fn check_error(path: &Path, e: check::CheckError) -> Qcow2Error {
+    match e {
+        check::CheckError::Problem(p) => problem(path, p),
+        check::CheckError::Io(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+            Qcow2Error::Corrupt { path: path.to_owned(), reason: "metadata lies beyond the end of the file".into() }
+        }
+        check::CheckError::Io(e) => io_error(path, "read metadata", e),
+    }
+}
+
+fn cluster_bits_of(path: &Path, cluster_size: u32) -> std::result::Result<u32, Qcow2Error> {
+    let bits = cluster_size.trailing_zeros();
+    if !cluster_size.is_power_of_two() || !(header::MIN_CLUSTER_BITS..=header::MAX_CLUSTER_BITS).contains(&bits) {
+        return Err(invalid(path, format!("cluster size {cluster_size} is not a power of two from 512 to 2 MiB")));
+    }
+    Ok(bits)
+}
+
+fn check_size(path: &Path, size: u64, bits: u32) -> std::result::Result<(), Qcow2Error> {
+    if !size.is_multiple_of(512) {
+        return Err(invalid(path, format!("size {size} is not a multiple of 512")));
+    }
+    let max = header::max_size(bits);
+    if size > max {
+        return Err(invalid(path, format!("size {size} exceeds {max}, the most {}-byte clusters can map", 1u64 << bits)));
+    }
+    Ok(())
+}
+
+/// Creates a qcow2 image and makes it durable; removes the file again on failure.
+async fn create_file(
+    path: &Path,
+    size: u64,
+    bits: u32,
+    backing: Option<(String, String)>,
+) -> std::result::Result<(), Qcow2Error> {
+    let p = path.to_owned();
+    let r = worker::on_local_thread(move || async move {
+        let storage = IoStorage::create_new(&p, EngineKind::Portable).await.map_err(|e| io_error(&p, "create", e))?;
+        let mut builder = Qcow2::<IoStorage>::create_builder(storage).size(size).cluster_size(1 << bits);
+        if let Some((name, format)) = backing {
+            builder = builder.backing(name, format);
+        }
+        let r = builder.create().await.map_err(|e| worker::imago_error(&p, "create", e));
+        if let Err(e) = r {
+            let _ = std::fs::remove_file(&p);
+            return Err(e);
+        }
+        sync_file_and_dir(&p)
+    })
+    .await;
+    r.map_err(|e| io_error(path, "create", e))?
+}
+
+fn sync_file_and_dir(path: &Path) -> std::result::Result<(), Qcow2Error> {
+    std::fs::File::open(path).and_then(|f| f.sync_all()).map_err(|e| io_error(path, "sync", e))?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::File::open(dir).and_then(|f| f.sync_all()).map_err(|e| io_error(dir, "sync folder", e))?;
+    }
+    Ok(())
+}
+
+/// Creates an empty qcow2 image (version 3, no backing) of `size` bytes at `path`, which must
+/// not exist. `cluster_size` defaults to 64 KiB.
+pub async fn create(path: &Path, size: u64, cluster_size: Option<u32>) -> std::result::Result<(), Qcow2Error> {
+    let bits = cluster_bits_of(path, cluster_size.unwrap_or(DEFAULT_CLUSTER_SIZE))?;
+    check_size(path, size, bits)?;
+    create_file(path, size, bits, None).await
+}
+
+/// The overlay snapshot: a new, empty qcow2 image at `path` on top of `backing` (qcow2 or raw),
+/// of the backing's size, with the backing's format recorded. See [`create_overlay_with`].
+pub async fn create_overlay(path: &Path, backing: &Path) -> std::result::Result<(), Qcow2Error> {
+    create_overlay_with(path, backing, OverlayKind::Snapshot).await
+}
+
+/// As [`create_overlay`], laid out for `kind`. The backing is named by its file name when it
+/// lives in the overlay's folder, else by its absolute path; its whole chain must open.
+pub async fn create_overlay_with(path: &Path, backing: &Path, kind: OverlayKind) -> std::result::Result<(), Qcow2Error> {
+    let (p, b) = (path.to_owned(), backing.to_owned());
+    let (name, format, size, base_bits) = blocking(path, move || {
+        let chain = chain::resolve(&b, None)?;
+        let name = chain::backing_reference(&p, &b)?;
+        let base = &chain[0];
+        Ok((name, base.format_name().to_owned(), base.size, base.header().map(|h| h.cluster_bits)))
+    })
+    .await?;
+    let bits = match kind {
+        OverlayKind::Snapshot => base_bits.unwrap_or(DEFAULT_CLUSTER_SIZE.trailing_zeros()),
+        OverlayKind::FillingBacking => header::smallest_cluster_bits(size)
+            .ok_or_else(|| invalid(path, format!("no cluster size maps {size} bytes")))?,
+    };
+    if size > header::max_size(bits) {
+        return Err(invalid(path, format!("backing of {size} bytes is too large for {}-byte clusters", 1u64 << bits)));
+    }
+    create_file(path, size, bits, Some((name, format))).await
+}
+
+/// Points the overlay at `path` to `new_backing` by rewriting its header only, like
+/// `qemu-img rebase -u`: no data is copied, so the caller vouches that the new backing holds
+/// what the old one did where the overlay falls through. Refused when the new backing (whose
+/// chain must open) is larger than the overlay or would make the chain loop. The image must not
+/// be open.
+pub async fn rebase(path: &Path, new_backing: &Path) -> std::result::Result<(), Qcow2Error> {
+    let (p, b) = (path.to_owned(), new_backing.to_owned());
+    blocking(path, move || {
+        require_qcow2(&p)?;
+        let file = std::fs::OpenOptions::new().read(true).write(true).open(&p).map_err(|e| io_error(&p, "open", e))?;
+        let (h, file_len) = chain::read_header_of(&file, &p)?;
+        check::quick(&file, &h, file_len).map_err(|e| check_error(&p, e))?;
+        let new_chain = chain::resolve(&b, None)?;
+        let me = std::fs::canonicalize(&p).map_err(|e| io_error(&p, "resolve path", e))?;
+        for layer in &new_chain {
+            if std::fs::canonicalize(&layer.path).is_ok_and(|c| c == me) {
+                return Err(invalid(&p, format!("rebasing onto {} would make the chain loop", b.display())));
+            }
+        }
+        let base = &new_chain[0];
+        if base.size > h.size {
+            return Err(invalid(
+                &p,
+                format!("new backing {} is larger than the image ({} > {} bytes)", b.display(), base.size, h.size),
+            ));
+        }
+        let name = chain::backing_reference(&p, &b)?;
+        let bytes = h.with_backing(Some((&name, base.format_name()))).map_err(|e| problem(&p, e))?;
+        use std::os::unix::fs::FileExt;
+        file.write_all_at(&bytes, 0).map_err(|e| io_error(&p, "write header", e))?;
+        file.sync_all().map_err(|e| io_error(&p, "sync", e))
+    })
+    .await
+}
+
+/// Changes the virtual size of the qcow2 image at `path` to `new_size` (a multiple of 512).
+/// Growing an overlay zeroes the new area where a longer backing would otherwise show through;
+/// shrinking drops the data past the new end. The image must not be open.
+pub async fn resize(path: &Path, new_size: u64) -> std::result::Result<(), Qcow2Error> {
+    let chain = resolve_for_open(path).await?;
+    let bits = chain[0].header().map(|h| h.cluster_bits).unwrap_or(16);
+    check_size(path, new_size, bits)?;
+    let p = path.to_owned();
+    let r = worker::on_local_thread(move || async move {
+        let mut top = worker::open_chain(&chain, Access::ReadWrite, EngineKind::Portable).await?;
+        let backing_size = chain.get(1).map(|l| l.size);
+        worker::resize(&mut top, &p, new_size, backing_size).await
+    })
+    .await;
+    r.map_err(|e| io_error(path, "resize", e))?
+}
+
+/// Describes the qcow2 image at `path` and its chain.
+pub async fn info(path: &Path) -> std::result::Result<Qcow2Info, Qcow2Error> {
+    let p = path.to_owned();
+    blocking(path, move || {
+        require_qcow2(&p)?;
+        let chain = chain::resolve(&p, Some("qcow2"))?;
+        let h: &Header = chain[0].header().ok_or_else(|| invalid(&p, "not a qcow2 image"))?;
+        let file = std::fs::File::open(&p).map_err(|e| io_error(&p, "open", e))?;
+        let meta = file.metadata().map_err(|e| io_error(&p, "stat", e))?;
+        let allocated_bytes = check::allocated_bytes(&file, h, meta.len()).map_err(|e| check_error(&p, e))?;
+        use std::os::unix::fs::MetadataExt;
+        Ok(Qcow2Info {
+            format: "qcow2",
+            version: h.version,
+            virtual_size: h.size,
+            cluster_size: h.cluster_size(),
+            backing_file: h.backing_file.clone(),
+            backing_format: h.backing_format(),
+            chain: chain.iter().map(|l| l.path.clone()).collect(),
+            allocated_bytes,
+            disk_bytes: meta.blocks() * 512,
+        })
+    })
+    .await
+}
+
+/// Checks the qcow2 image at `path`: its header and every backing's (and that they exist), then
+/// its metadata as `qemu-img check` does (tables inside the file, reserved bits clear, refcounts
+/// matching references, COPIED flags). Returns the first problem found.
+pub async fn check(path: &Path) -> std::result::Result<(), Qcow2Error> {
+    let p = path.to_owned();
+    blocking(path, move || {
+        require_qcow2(&p)?;
+        let chain = chain::resolve(&p, Some("qcow2"))?;
+        let h = chain[0].header().ok_or_else(|| invalid(&p, "not a qcow2 image"))?;
+        let file = std::fs::File::open(&p).map_err(|e| io_error(&p, "open", e))?;
+        check::check(&file, h, chain[0].file_len).map_err(|e| check_error(&p, e))
+    })
+    .await
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,360 @@
+//! Unit tests of the qcow2 driver that need no QEMU (the QEMU-judged ones live in
+//! `tests/it/qcow2.rs`).
+
+use std::sync::Mutex;
+
+use super::*;
+use crate::image::{ExtentState, ZeroAlloc};
+use crate::io::EngineChoice;
+
+const K64: u64 = 64 << 10;
+
+fn engines() -> Vec<EngineKind> {
+    let mut v = vec![EngineKind::Portable];
+    if let Ok(k) = EngineChoice::Uring.resolve() {
+        v.push(k);
+    }
+    v
+}
+
+fn pat(len: usize, seed: u8) -> Vec<u8> {
+    (0..len).map(|i| seed.wrapping_add((i % 251) as u8) | 1).collect()
+}
+
+async fn put(img: &Qcow2Image, offset: u64, data: &[u8]) {
+    img.write(offset, Arc::new(IoBuf::from_vec(data.to_vec())), Durability::Cached).await.expect("write");
+}
+
+async fn get(img: &Qcow2Image, offset: u64, len: usize) -> Vec<u8> {
+    let (buf, r) = img.read(offset, IoBuf::new(len)).await;
+    r.expect("read");
+    buf.into_vec()
+}
+
+async fn map(img: &Qcow2Image) -> Vec<(u64, u64, ExtentState)> {
+    let mut out = Vec::new();
+    let mut pos = 0;
+    while pos < img.size() {
+        for e in img.allocation(pos, img.size() - pos, usize::MAX).await.expect("map") {
+            out.push((e.offset, e.length, e.state));
+            pos = e.offset + e.length;
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn writes_zeroes_and_trims_read_back_and_pass_our_check() {
+    for engine in engines() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("disk.qcow2");
+        create(&p, 4 << 20, None).await.expect("create");
+        let img = Qcow2Image::open(&p, Access::ReadWrite, engine).await.expect("open");
+        assert_eq!((img.size(), img.cluster_size()), (4 << 20, K64));
+        let mut model = vec![0u8; 4 << 20];
+        let data = pat(100 << 10, 3);
+        put(&img, 10_000, &data).await;
+        model[10_000..10_000 + data.len()].copy_from_slice(&data);
+        let big = pat(300 << 10, 9);
+        put(&img, 1 << 20, &big).await;
+        model[1 << 20..(1 << 20) + big.len()].copy_from_slice(&big);
+        assert_eq!(get(&img, 0, 4 << 20).await, model, "{engine:?}: after writes");
+
+        // Zeroes: cluster 1 whole (a zero cluster), the head of cluster 2 partially.
+        img.write_zeroes(K64, K64 + 100, ZeroAlloc::MayDeallocate, ZeroSpeed::FastOnly, Durability::Stable)
+            .await
+            .expect("zeroes");
+        model[K64 as usize..(2 * K64 + 100) as usize].fill(0);
+        // Trim: clusters 17..=19 whole, ragged ends left as they are.
+        img.trim(17 * K64 - 100, 3 * K64 + 200).await.expect("trim");
+        model[(17 * K64) as usize..(20 * K64) as usize].fill(0);
+        assert_eq!(get(&img, 0, 4 << 20).await, model, "{engine:?}: after zeroes and trim");
+
+        let m = map(&img).await;
+        assert_eq!(m[0], (0, K64, ExtentState::Data), "{engine:?} {m:?}");
+        // Cluster 2 was unallocated, so zeroing its head made all of it a zero cluster.
+        assert_eq!(m[1], (K64, 2 * K64, ExtentState::Zero), "{engine:?} {m:?}");
+        assert!(m.contains(&(17 * K64, 3 * K64, ExtentState::Zero)), "{engine:?} {m:?}");
+        assert_eq!(m.last().map(|e| e.2), Some(ExtentState::Hole));
+        assert_eq!(m.iter().map(|e| e.1).sum::<u64>(), 4 << 20);
+        let first = img.allocation(0, 4 << 20, 1).await.expect("first");
+        assert_eq!(first.len(), 1);
+        img.close().await.expect("close");
+
+        check(&p).await.expect("our check passes");
+        let i = info(&p).await.expect("info");
+        // Cluster 0, and 16..=20 (the 300 KiB write) minus the trimmed 17..=19.
+        assert_eq!(i.allocated_bytes, 3 * K64, "{i:?}");
+        assert_eq!((i.virtual_size, i.cluster_size, i.chain.clone()), (4 << 20, K64, vec![p.clone()]));
+        let ro = Qcow2Image::open(&p, Access::ReadOnly, engine).await.expect("reopen");
+        assert_eq!(get(&ro, 0, 4 << 20).await, model, "{engine:?}: after reopening");
+        assert!(matches!(ro.write(0, Arc::new(IoBuf::new(512)), Durability::Cached).await, Err(ImageError::ReadOnly)));
+    }
+}
+
+#[tokio::test]
+async fn chain_allocation_reports_data_zero_and_hole_per_layer() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (base, top) = (dir.path().join("base.qcow2"), dir.path().join("top.qcow2"));
+    create(&base, 1 << 20, None).await.expect("create base");
+    {
+        let b = Qcow2Image::open(&base, Access::ReadWrite, EngineKind::Portable).await.expect("open base");
+        put(&b, 0, &pat(K64 as usize, 1)).await;
+        put(&b, 3 * K64, &pat(K64 as usize, 2)).await;
+        b.write_zeroes(2 * K64, K64, ZeroAlloc::Keep, ZeroSpeed::Any, Durability::Cached).await.expect("zero");
+    }
+    create_overlay(&top, &base).await.expect("overlay");
+    let t = Qcow2Image::open(&top, Access::ReadWrite, EngineKind::Portable).await.expect("open top");
+    assert_eq!(t.chain(), vec![top.clone(), base.clone()]);
+    put(&t, 4 * K64, &pat(K64 as usize, 3)).await;
+    t.write_zeroes(3 * K64, K64, ZeroAlloc::MayDeallocate, ZeroSpeed::Any, Durability::Cached).await.expect("zero");
+    assert_eq!(
+        map(&t).await,
+        vec![
+            (0, K64, ExtentState::Data),
+            (K64, K64, ExtentState::Hole),
+            (2 * K64, 2 * K64, ExtentState::Zero),
+            (4 * K64, K64, ExtentState::Data),
+            (5 * K64, (1 << 20) - 5 * K64, ExtentState::Hole),
+        ]
+    );
+    let got = get(&t, 0, 5 * K64 as usize).await;
+    assert_eq!(&got[..K64 as usize], &pat(K64 as usize, 1)[..], "base data shows through");
+    assert!(got[K64 as usize..4 * K64 as usize].iter().all(|&b| b == 0));
+    assert_eq!(&got[4 * K64 as usize..], &pat(K64 as usize, 3)[..]);
+}
+
+#[tokio::test]
+async fn a_raw_backing_reports_its_holes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (base, top) = (dir.path().join("base.raw"), dir.path().join("top.qcow2"));
+    {
+        let f = std::fs::File::create(&base).expect("raw");
+        f.set_len(1 << 20).expect("size");
+        use std::os::unix::fs::FileExt;
+        f.write_all_at(&pat(K64 as usize, 5), 4 * K64).expect("data");
+    }
+    create_overlay_with(&top, &base, OverlayKind::FillingBacking).await.expect("overlay");
+    let t = Qcow2Image::open(&top, Access::ReadWrite, EngineKind::Portable).await.expect("open");
+    assert_eq!(t.cluster_size(), 512);
+    put(&t, 0, &pat(512, 6)).await;
+    let m = map(&t).await;
+    assert_eq!(m[0], (0, 512, ExtentState::Data), "{m:?}");
+    assert_eq!(m[1].2, ExtentState::Hole, "{m:?}");
+    assert!(m.contains(&(4 * K64, K64, ExtentState::Data)), "{m:?}");
+    let i = info(&top).await.expect("info");
+    assert_eq!(i.backing_format.as_deref(), Some("raw"));
+    assert_eq!(i.backing_file.as_deref(), Some("base.raw"), "same folder: recorded by file name");
+}
+
+/// The case: a 512-byte write into a cluster of an overlay whose backing is still being
+/// filled, then the backing changes under that cluster, then the rest of the cluster is read.
+#[tokio::test]
+async fn sector_writes_on_a_filling_overlay_never_freeze_stale_backing_bytes() {
+    for (kind, freezes) in [(OverlayKind::FillingBacking, false), (OverlayKind::Snapshot, true)] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (base, top) = (dir.path().join("base.raw"), dir.path().join("top.qcow2"));
+        let (old, new, guest) = (pat(K64 as usize, 10), pat(K64 as usize, 20), pat(512, 30));
+        {
+            let f = std::fs::File::create(&base).expect("raw");
+            f.set_len(1 << 20).expect("size");
+            use std::os::unix::fs::FileExt;
+            f.write_all_at(&old, K64).expect("old backing bytes");
+        }
+        create_overlay_with(&top, &base, kind).await.expect("overlay");
+        let t = Qcow2Image::open(&top, Access::ReadWrite, EngineKind::Portable).await.expect("open");
+        put(&t, K64 + 512, &guest).await;
+        {
+            use std::os::unix::fs::FileExt;
+            let f = std::fs::OpenOptions::new().write(true).open(&base).expect("open base");
+            f.write_all_at(&new, K64).expect("the copy reaches the cluster");
+        }
+        let got = get(&t, K64, K64 as usize).await;
+        assert_eq!(&got[512..1024], &guest[..], "{kind:?}: the guest's sector");
+        let rest_is = |want: &[u8]| got[..512] == want[..512] && got[1024..] == want[1024..];
+        if freezes {
+            // What the mechanism prevents: 64 KiB clusters copied the old bytes in.
+            assert!(rest_is(&old), "{kind:?}: qcow2 copy-on-write froze the stale backing bytes");
+        } else {
+            assert!(rest_is(&new), "{kind:?}: the rest of the cluster must show the new backing bytes");
+        }
+    }
+}
+
+/// Fills the backing through its own read-write handle when asked, as a background copy would.
+struct Filler {
+    base: Qcow2Image,
+    new: Vec<u8>,
+    calls: Mutex<Vec<(u64, u64)>>,
+}
+
+struct FillerRef(Arc<Filler>);
+
+impl BackingFill for FillerRef {
+    fn ready(&self, offset: u64, length: u64) -> Pin<Box<dyn Future<Output = io::Result<()>> + Send + 'static>> {
+        let f = Arc::clone(&self.0);
+        Box::pin(async move {
+            f.calls.lock().expect("lock").push((offset, length));
+            let data = f.new[offset as usize..(offset + length) as usize].to_vec();
+            f.base.write(offset, Arc::new(IoBuf::from_vec(data)), Durability::Cached).await.map_err(io::Error::other)?;
+            f.base.flush().await.map_err(io::Error::other)
+        })
+    }
+}
+
+#[tokio::test]
+async fn a_partial_write_waits_for_the_backing_cluster_when_filling() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (base, top) = (dir.path().join("base.qcow2"), dir.path().join("top.qcow2"));
+    create(&base, 1 << 20, None).await.expect("base");
+    create_overlay(&top, &base).await.expect("overlay with 64 KiB clusters");
+    let new = pat(1 << 20, 40);
+    let filler = Arc::new(Filler {
+        base: Qcow2Image::open(&base, Access::ReadWrite, EngineKind::Portable).await.expect("filler"),
+        new: new.clone(),
+        calls: Mutex::new(Vec::new()),
+    });
+    let fill: Arc<dyn BackingFill> = Arc::new(FillerRef(Arc::clone(&filler)));
+    let t = Qcow2Image::open_with(&top, Access::ReadWrite, EngineKind::Portable, BackingState::Filling(fill))
+        .await
+        .expect("open");
+    // Cache the backing's (still empty) metadata in the overlay first.
+    assert!(get(&t, K64, K64 as usize).await.iter().all(|&b| b == 0));
+    let guest = pat(512, 50);
+    put(&t, K64 + 512, &guest).await;
+    put(&t, K64 + 4096, &guest).await; // same cluster, now the overlay's: no wait
+    put(&t, 3 * K64, &pat(K64 as usize, 60)).await; // a whole cluster: no wait
+    assert_eq!(*filler.calls.lock().expect("lock"), vec![(K64, K64)]);
+    let got = get(&t, K64, K64 as usize).await;
+    let mut want = new[K64 as usize..2 * K64 as usize].to_vec();
+    want[512..1024].copy_from_slice(&guest);
+    want[4096..4608].copy_from_slice(&guest);
+    let diff = got.iter().zip(&want).position(|(a, b)| a != b);
+    assert!(got == want, "the copy-on-write read the filled backing, not a cached view of it (first difference at {diff:?}: {:?})", diff.map(|i| (got[i], want[i], new[K64 as usize + i])));
+    t.set_backing_state(BackingState::Complete);
+    put(&t, 5 * K64 + 512, &guest).await;
+    assert_eq!(filler.calls.lock().expect("lock").len(), 1, "complete: no more waiting");
+}
+
+#[tokio::test]
+async fn broken_chains_and_files_give_named_errors_and_stay_untouched() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let e = Qcow2Image::open(&d.join("absent.qcow2"), Access::ReadOnly, EngineKind::Portable).await.err();
+    assert!(matches!(e, Some(Qcow2Error::Io { .. })), "{e:?}");
+    std::fs::write(d.join("raw"), vec![0u8; 4096]).expect("raw");
+    let e = Qcow2Image::open(&d.join("raw"), Access::ReadOnly, EngineKind::Portable).await.err();
+    assert!(matches!(e, Some(Qcow2Error::InvalidArgument { .. })), "{e:?}");
+
+    create(&d.join("base.qcow2"), 1 << 20, None).await.expect("base");
+    create_overlay(&d.join("top.qcow2"), &d.join("base.qcow2")).await.expect("top");
+    std::fs::rename(d.join("base.qcow2"), d.join("moved.qcow2")).expect("move");
+    let before = std::fs::read(d.join("top.qcow2")).expect("read");
+    let e = Qcow2Image::open(&d.join("top.qcow2"), Access::ReadWrite, EngineKind::Portable).await.err();
+    match e {
+        Some(Qcow2Error::MissingBacking { path, backing }) => {
+            assert_eq!(path, d.join("top.qcow2"));
+            assert_eq!(backing, d.join("base.qcow2"));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(check(&d.join("top.qcow2")).await, Err(Qcow2Error::MissingBacking { .. })));
+    assert_eq!(std::fs::read(d.join("top.qcow2")).expect("read"), before);
+
+    // A loop: moved -> top -> moved, written behind rebase's back.
+    rebase(&d.join("top.qcow2"), &d.join("moved.qcow2")).await.expect("rebase");
+    let e = rebase(&d.join("moved.qcow2"), &d.join("top.qcow2")).await.err();
+    assert!(matches!(e, Some(Qcow2Error::InvalidArgument { ref reason, .. }) if reason.contains("loop")), "{e:?}");
+    let (h, _) = chain::read_header(&d.join("moved.qcow2")).expect("header");
+    let bytes = h.with_backing(Some(("top.qcow2", "qcow2"))).expect("bytes");
+    {
+        use std::os::unix::fs::FileExt;
+        std::fs::OpenOptions::new().write(true).open(d.join("moved.qcow2")).expect("open").write_all_at(&bytes, 0).expect("w");
+    }
+    let e = Qcow2Image::open(&d.join("top.qcow2"), Access::ReadOnly, EngineKind::Portable).await.err();
+    assert!(matches!(e, Some(Qcow2Error::Corrupt { ref reason, .. }) if reason.contains("loops")), "{e:?}");
+
+    // Truncated: the L1 table is gone.
+    create(&d.join("t.qcow2"), 1 << 20, None).await.expect("t");
+    {
+        let t = Qcow2Image::open(&d.join("t.qcow2"), Access::ReadWrite, EngineKind::Portable).await.expect("open");
+        put(&t, 0, &pat(4096, 1)).await;
+    }
+    let (h, _) = chain::read_header(&d.join("t.qcow2")).expect("header");
+    std::fs::OpenOptions::new().write(true).open(d.join("t.qcow2")).expect("o").set_len(h.l1_table_offset).expect("cut");
+    let before = std::fs::read(d.join("t.qcow2")).expect("read");
+    let e = Qcow2Image::open(&d.join("t.qcow2"), Access::ReadWrite, EngineKind::Portable).await.err();
+    assert!(matches!(e, Some(Qcow2Error::Corrupt { ref reason, .. }) if reason.contains("L1")), "{e:?}");
+    assert_eq!(std::fs::read(d.join("t.qcow2")).expect("read"), before);
+}
+
+#[tokio::test]
+async fn check_finds_leaks_and_refcounts_that_are_too_small() {
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = dir.path().join("c.qcow2");
+    create(&p, 1 << 20, None).await.expect("create");
+    {
+        let t = Qcow2Image::open(&p, Access::ReadWrite, EngineKind::Portable).await.expect("open");
+        put(&t, 0, &pat(K64 as usize, 1)).await;
+    }
+    check(&p).await.expect("clean");
+    let (h, len) = chain::read_header(&p).expect("header");
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(&p).expect("open");
+    let mut rt = [0u8; 8];
+    f.read_exact_at(&mut rt, h.refcount_table_offset).expect("rt");
+    let block = u64::from_be_bytes(rt);
+    // One more cluster in the file, counted as used: a leak.
+    let extra = len / K64;
+    f.set_len(len + K64).expect("grow");
+    f.write_all_at(&1u16.to_be_bytes(), block + extra * 2).expect("refcount 1");
+    let e = check(&p).await.err();
+    assert!(matches!(e, Some(Qcow2Error::Corrupt { ref reason, .. }) if reason.contains("leaked")), "{e:?}");
+    // The header cluster counted as free: a corruption.
+    f.write_all_at(&0u16.to_be_bytes(), block).expect("refcount 0");
+    let e = check(&p).await.err();
+    assert!(matches!(e, Some(Qcow2Error::Corrupt { ref reason, .. }) if reason.contains("referenced 1")), "{e:?}");
+}
+
+#[tokio::test]
+async fn rebase_and_resize_keep_content() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let (base, copy, top) = (d.join("base.qcow2"), d.join("copy.qcow2"), d.join("top.qcow2"));
+    create(&base, 2 << 20, None).await.expect("base");
+    {
+        let b = Qcow2Image::open(&base, Access::ReadWrite, EngineKind::Portable).await.expect("open");
+        put(&b, 0, &pat(2 << 20, 7)).await;
+    }
+    std::fs::copy(&base, &copy).expect("copy");
+    create_overlay(&top, &base).await.expect("overlay");
+    {
+        let t = Qcow2Image::open(&top, Access::ReadWrite, EngineKind::Portable).await.expect("open");
+        put(&t, 4096, &pat(8192, 8)).await;
+    }
+    let mut model = pat(2 << 20, 7);
+    model[4096..4096 + 8192].copy_from_slice(&pat(8192, 8));
+
+    rebase(&top, &copy).await.expect("rebase");
+    assert_eq!(info(&top).await.expect("info").chain, vec![top.clone(), copy.clone()]);
+    {
+        let t = Qcow2Image::open(&top, Access::ReadOnly, EngineKind::Portable).await.expect("open");
+        assert!(get(&t, 0, 2 << 20).await == model, "content after rebase");
+    }
+    create(&d.join("big.qcow2"), 4 << 20, None).await.expect("big");
+    let e = rebase(&top, &d.join("big.qcow2")).await.err();
+    assert!(matches!(e, Some(Qcow2Error::InvalidArgument { .. })), "{e:?}");
+
+    // Shrink below the backing, grow past it: the backing must not reappear.
+    resize(&top, 1 << 20).await.expect("shrink");
+    resize(&top, 3 << 20).await.expect("grow");
+    model.truncate(1 << 20);
+    model.resize(3 << 20, 0);
+    let t = Qcow2Image::open(&top, Access::ReadOnly, EngineKind::Portable).await.expect("open");
+    assert_eq!(t.size(), 3 << 20);
+    assert!(get(&t, 0, 3 << 20).await == model, "content after shrink and grow");
+    drop(t);
+    check(&top).await.expect("clean after resize");
+    let e = resize(&top, 1000).await.err();
+    assert!(matches!(e, Some(Qcow2Error::InvalidArgument { .. })), "{e:?}");
+}

@@ -1,0 +1,416 @@
+//! The thread that owns an open chain.
+//!
+//! imago's format layer is built on `async_trait(?Send)`: its futures are not `Send`, so they
+//! cannot run on tokio's multi-threaded runtime where the NBD server and the copy live. Each open
+//! image therefore gets one thread running a current-thread runtime and a `LocalSet`; requests
+//! arrive over a channel and each runs as its own local task, so many are in flight at once (their
+//! file I/O is asynchronous through `FileIo`). Replies go back over oneshot channels, which keeps
+//! the `Image` futures `Send`. Buffers move by ownership both ways, so nothing is copied here.
+//!
+//! A `tokio::sync::RwLock` around the top layer lets every request share it except discards:
+//! imago's safe discard needs `&mut`, because freeing clusters while another request holds a
+//! mapping to them could send that request's data to a reused cluster.
+
+use std::future::Future;
+use std::io;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use imago::format::Format;
+use imago::qcow2::Qcow2;
+use imago::raw::Raw;
+use imago::{DenyImplicitOpenGate, FormatAccess, FormatDriverBuilder, ShallowMapping};
+use tokio::sync::{mpsc, oneshot};
+
+use super::chain::{Layer, LayerFormat, io_error};
+use super::storage::IoStorage;
+use super::{BackingSlot, Qcow2Error};
+use crate::image::{Access, Extent, ExtentState, ImageError, Result};
+use crate::io::{Durability, EngineKind, IoBuf};
+
+/// Most extents one `allocation` call returns; callers continue from where it stopped.
+const MAX_EXTENTS: usize = 4096;
+
+/// A request to the image thread.
+pub(super) enum Req {
+    Read { offset: u64, buf: IoBuf, reply: oneshot::Sender<(IoBuf, Result<()>)> },
+    Write { offset: u64, buf: Arc<IoBuf>, durability: Durability, reply: oneshot::Sender<Result<()>> },
+    Zero { offset: u64, length: u64, durability: Durability, reply: oneshot::Sender<Result<()>> },
+    Trim { offset: u64, length: u64, reply: oneshot::Sender<Result<()>> },
+    Flush { reply: oneshot::Sender<Result<()>> },
+    Map { offset: u64, length: u64, limit: usize, reply: oneshot::Sender<Result<Vec<Extent>>> },
+    Close { reply: oneshot::Sender<Result<()>> },
+}
+
+/// What the opener learns about the chain.
+pub(super) struct Opened {
+    pub size: u64,
+}
+
+/// The image thread's state.
+struct State {
+    top: tokio::sync::RwLock<FormatAccess<IoStorage>>,
+    size: u64,
+    cluster: u64,
+    version: u32,
+    writable: bool,
+    backing: Arc<BackingSlot>,
+    path: std::path::PathBuf,
+}
+
+fn io_err(op: &'static str, offset: u64) -> impl FnOnce(io::Error) -> ImageError {
+    move |source| ImageError::Io { op, offset, source }
+}
+
+/// Maps an imago error met while opening or changing `path`.
+pub(super) fn imago_error(path: &std::path::Path, op: &'static str, e: io::Error) -> Qcow2Error {
+    match e.kind() {
+        io::ErrorKind::InvalidData => Qcow2Error::Corrupt { path: path.to_owned(), reason: e.to_string() },
+        io::ErrorKind::Unsupported => Qcow2Error::Unsupported { path: path.to_owned(), what: e.to_string() },
+        _ => io_error(path, op, e),
+    }
+}
+
+/// Opens `chain` (top first) bottom-up with imago, every dependency given explicitly.
+pub(super) async fn open_chain(
+    chain: &[Layer],
+    access: Access,
+    engine: EngineKind,
+) -> std::result::Result<FormatAccess<IoStorage>, Qcow2Error> {
+    let mut lower: Option<FormatAccess<IoStorage>> = None;
+    for (depth, layer) in chain.iter().enumerate().rev() {
+        let writable = depth == 0 && access == Access::ReadWrite;
+        let storage = IoStorage::open(&layer.path, writable, engine).await.map_err(|e| io_error(&layer.path, "open", e))?;
+        let gate = DenyImplicitOpenGate::default();
+        let opened = match &layer.format {
+            LayerFormat::Raw => Raw::builder(storage).write(writable).open(gate).await.map(FormatAccess::new),
+            LayerFormat::Qcow2(_) => Qcow2::<IoStorage>::builder(storage)
+                .backing(lower.take())
+                .data_file(None)
+                .write(writable)
+                .open(gate)
+                .await
+                .map(FormatAccess::new),
+        };
+        lower = Some(opened.map_err(|e| imago_error(&layer.path, "open", e))?);
+    }
+    lower.ok_or_else(|| Qcow2Error::InvalidArgument { path: Default::default(), reason: "empty chain".into() })
+}
+
+/// Runs `f` on a fresh thread with a current-thread runtime and a `LocalSet`, for imago work
+/// whose futures are not `Send`; the returned future is.
+pub(super) async fn on_local_thread<T, F, Fut>(f: F) -> io::Result<T>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: Future<Output = T> + 'static,
+{
+    let (tx, rx) = oneshot::channel();
+    std::thread::Builder::new().name("qcow2-admin".into()).spawn(move || {
+        let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(rt) => rt,
+            Err(e) => {
+                tracing::error!(error = %e, "no runtime for a qcow2 operation");
+                return;
+            }
+        };
+        let local = tokio::task::LocalSet::new();
+        let _ = tx.send(local.block_on(&rt, f()));
+    })?;
+    rx.await.map_err(|_| io::Error::other("qcow2 operation thread ended without an answer"))
+}
+
+/// Starts the thread for `chain`; resolves once imago has opened it (or failed to).
+pub(super) async fn start(
+    chain: Vec<Layer>,
+    access: Access,
+    engine: EngineKind,
+    backing: Arc<BackingSlot>,
+) -> std::result::Result<(mpsc::UnboundedSender<Req>, std::thread::JoinHandle<()>, Opened), Qcow2Error> {
+    let path = chain[0].path.clone();
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (ready_tx, ready_rx) = oneshot::channel();
+    let thread = std::thread::Builder::new()
+        .name("qcow2".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(io_error(&chain[0].path, "start runtime", e)));
+                    return;
+                }
+            };
+            let local = tokio::task::LocalSet::new();
+            local.block_on(&rt, async move {
+                let top = match open_chain(&chain, access, engine).await {
+                    Ok(top) => top,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let h = chain[0].header();
+                let state = Rc::new(State {
+                    size: top.size(),
+                    cluster: h.map(|h| h.cluster_size()).unwrap_or(65536),
+                    version: h.map(|h| h.version).unwrap_or(3),
+                    writable: access == Access::ReadWrite,
+                    top: tokio::sync::RwLock::new(top),
+                    backing,
+                    path: chain[0].path.clone(),
+                });
+                let _ = ready_tx.send(Ok(Opened { size: state.size }));
+                serve(state, rx).await;
+            });
+        })
+        .map_err(|e| io_error(&path, "start thread", e))?;
+    match ready_rx.await {
+        Ok(Ok(opened)) => Ok((tx, thread, opened)),
+        Ok(Err(e)) => {
+            let _ = thread.join();
+            Err(e)
+        }
+        Err(_) => {
+            let _ = thread.join();
+            Err(io_error(&path, "open", io::Error::other("image thread ended during open")))
+        }
+    }
+}
+
+async fn serve(state: Rc<State>, mut rx: mpsc::UnboundedReceiver<Req>) {
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut closing = None;
+    loop {
+        tokio::select! {
+            req = rx.recv() => match req {
+                Some(Req::Close { reply }) => {
+                    closing = Some(reply);
+                    break;
+                }
+                Some(req) => {
+                    tasks.spawn_local(handle(Rc::clone(&state), req));
+                }
+                None => break,
+            },
+            Some(done) = tasks.join_next(), if !tasks.is_empty() => {
+                if let Err(e) = done {
+                    tracing::error!(error = %e, "qcow2 request task failed");
+                }
+            }
+        }
+    }
+    while tasks.join_next().await.is_some() {}
+    // imago keeps L2 and refcount updates in its caches until flushed; never leave them there.
+    let r = flush(&state).await;
+    if let Err(e) = &r {
+        tracing::error!(path = %state.path.display(), error = %e, "flushing qcow2 image on close");
+    }
+    if let Some(reply) = closing {
+        let _ = reply.send(r);
+    }
+}
+
+async fn flush(state: &State) -> Result<()> {
+    if !state.writable {
+        return Ok(());
+    }
+    let top = state.top.read().await;
+    top.flush().await.map_err(io_err("flush", 0))?;
+    top.sync().await.map_err(io_err("flush", 0))
+}
+
+async fn handle(state: Rc<State>, req: Req) {
+    match req {
+        Req::Read { offset, mut buf, reply } => {
+            let r = {
+                let top = state.top.read().await;
+                top.read(&mut buf[..], offset).await.map_err(io_err("read", offset))
+            };
+            let _ = reply.send((buf, r));
+        }
+        Req::Write { offset, buf, durability, reply } => {
+            let r = async {
+                wait_for_backing(&state, offset, buf.len() as u64).await?;
+                let top = state.top.read().await;
+                top.write(&buf[..], offset).await.map_err(io_err("write", offset))?;
+                drop(top);
+                if durability == Durability::Stable {
+                    flush(&state).await?;
+                }
+                Ok(())
+            }
+            .await;
+            let _ = reply.send(r);
+        }
+        Req::Zero { offset, length, durability, reply } => {
+            let r = async {
+                wait_for_backing(&state, offset, length).await?;
+                let top = state.top.read().await;
+                // Whole clusters become zero clusters (their host clusters stay allocated, so
+                // concurrent requests' mappings remain valid); partial ones get zero data.
+                top.write_zeroes(offset, length).await.map_err(io_err("write zeroes", offset))?;
+                drop(top);
+                if durability == Durability::Stable {
+                    flush(&state).await?;
+                }
+                Ok(())
+            }
+            .await;
+            let _ = reply.send(r);
+        }
+        Req::Trim { offset, length, reply } => {
+            let _ = reply.send(trim(&state, offset, length).await);
+        }
+        Req::Flush { reply } => {
+            let _ = reply.send(flush(&state).await);
+        }
+        Req::Map { offset, length, limit, reply } => {
+            let top = state.top.read().await;
+            let _ = reply.send(allocation(&top, offset, length, limit).await);
+        }
+        Req::Close { reply } => {
+            let _ = reply.send(Ok(()));
+        }
+    }
+}
+
+/// Frees whole clusters inside the range (they read as zeroes afterwards); partial clusters at
+/// the ends are left alone, which a trim (a hint) allows, and which never copies a cluster.
+async fn trim(state: &State, offset: u64, length: u64) -> Result<()> {
+    if state.version < 3 {
+        // v2 has no zero clusters, so imago cannot discard safely there; a no-op is a valid trim.
+        return Ok(());
+    }
+    let cs = state.cluster;
+    let start = offset.next_multiple_of(cs);
+    let end = if offset + length >= state.size { state.size } else { (offset + length) / cs * cs };
+    if start >= end {
+        return Ok(());
+    }
+    let mut top = state.top.write().await;
+    top.discard_to_zero(start, end - start).await.map_err(io_err("trim", start))
+}
+
+/// Before a write or zeroing that covers only part of a cluster the overlay does not hold yet,
+/// wait until the backing holds that cluster's final bytes (see the module docs, "Overlays on a
+/// backing that is still being filled").
+async fn wait_for_backing(state: &State, offset: u64, length: u64) -> Result<()> {
+    let Some(fill) = state.backing.filling() else { return Ok(()) };
+    if length == 0 {
+        return Ok(());
+    }
+    let (cs, size, end) = (state.cluster, state.size, offset + length);
+    let head = offset / cs * cs;
+    let tail = (end - 1) / cs * cs;
+    let partial = |c: u64| offset > c || end < (c + cs).min(size);
+    let mut clusters = Vec::with_capacity(2);
+    if partial(head) {
+        clusters.push(head);
+    }
+    if tail != head && partial(tail) {
+        clusters.push(tail);
+    }
+    for c in clusters {
+        let falls_through = {
+            let top = state.top.read().await;
+            let (m, _) = top.get_shallow_mapping(c, 1).await.map_err(io_err("map", c))?;
+            matches!(m, ShallowMapping::Indirect { .. })
+        };
+        if falls_through {
+            let len = (c + cs).min(size) - c;
+            fill.ready(c, len).await.map_err(io_err("wait for backing", c))?;
+            forget_backing_metadata(state, c).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Drops what imago has cached of the backing chain's metadata (L1/L2 tables, header), so a
+/// qcow2 backing filled through another handle is read afresh before the copy-on-write.
+async fn forget_backing_metadata(state: &State, offset: u64) -> Result<()> {
+    // Exclusive: no request may hold a cached table while the caches are emptied.
+    let top = state.top.write().await;
+    let (m, _) = top.get_shallow_mapping(offset, 1).await.map_err(io_err("map", offset))?;
+    if let ShallowMapping::Indirect { layer, .. } = m {
+        // SAFETY: imago requires the on-disk state to be consistent and nothing unwritten to be
+        // dropped. Backing layers are opened read-only, so they hold no unwritten state; the
+        // `BackingFill::ready` contract says the filler has written the range (metadata included)
+        // to the file; and the exclusive lock above means no request is using a cached table.
+        unsafe { layer.invalidate_cache() }.await.map_err(io_err("reload backing metadata", offset))?;
+    }
+    Ok(())
+}
+
+/// Resizes `top` (opened writable, alone) to `new_size`. `backing_size` is the size of its
+/// backing, if any: growing past the old end must not let a longer backing show through the new
+/// area, so that part is zeroed, as QEMU does.
+pub(super) async fn resize(
+    top: &mut FormatAccess<IoStorage>,
+    path: &std::path::Path,
+    new_size: u64,
+    backing_size: Option<u64>,
+) -> std::result::Result<(), Qcow2Error> {
+    let old = top.size();
+    top.resize(new_size, imago::format::PreallocateMode::None).await.map_err(|e| imago_error(path, "resize", e))?;
+    if let Some(b) = backing_size
+        && new_size > old
+        && b > old
+    {
+        let end = b.min(new_size);
+        top.write_zeroes(old, end - old).await.map_err(|e| imago_error(path, "zero the new area", e))?;
+    }
+    top.flush().await.map_err(|e| imago_error(path, "flush", e))?;
+    top.sync().await.map_err(|e| imago_error(path, "sync", e))
+}
+
+/// What `[offset, ..)` holds across the chain, and for how long (at most `max`).
+///
+/// Walks the layers with imago's shallow mappings: the first layer that allocates the range
+/// decides it (data, or zero for a zero cluster); a raw layer answers with its file's data and
+/// holes; falling off the bottom (or past a shorter backing's end) is a hole.
+async fn extent_at(top: &FormatAccess<IoStorage>, offset: u64, max: u64) -> io::Result<(ExtentState, u64)> {
+    let (mut layer, mut off, mut len) = (top, offset, max);
+    loop {
+        let (mapping, l) = layer.get_shallow_mapping(off, len).await?;
+        let l = l.min(len);
+        match mapping {
+            ShallowMapping::Raw { storage, offset: host, .. } if layer.inner().format() == Format::Raw => {
+                let data = storage.seek_data(host)?.unwrap_or(u64::MAX);
+                if data > host {
+                    return Ok((ExtentState::Hole, l.min(data - host)));
+                }
+                let hole = storage.seek_hole(host)?.unwrap_or(u64::MAX).max(host + 1);
+                return Ok((ExtentState::Data, l.min(hole - host)));
+            }
+            ShallowMapping::Raw { .. } | ShallowMapping::Special { .. } => return Ok((ExtentState::Data, l)),
+            ShallowMapping::Indirect { layer: lower, offset: o, .. } => {
+                (layer, off, len) = (lower, o, l);
+            }
+            ShallowMapping::Zero { explicit: true, .. } => return Ok((ExtentState::Zero, l)),
+            ShallowMapping::Zero { .. } => return Ok((ExtentState::Hole, l)),
+            ShallowMapping::Eof { .. } => return Ok((ExtentState::Hole, len)),
+            _ => return Ok((ExtentState::Data, l)),
+        }
+    }
+}
+
+async fn allocation(top: &FormatAccess<IoStorage>, offset: u64, length: u64, limit: usize) -> Result<Vec<Extent>> {
+    let limit = limit.clamp(1, MAX_EXTENTS);
+    let end = offset + length;
+    let mut out: Vec<Extent> = Vec::new();
+    let mut pos = offset;
+    // An extent is only final once the next one has started, so stop one past the limit.
+    while pos < end && out.len() <= limit {
+        let (state, len) = extent_at(top, pos, end - pos).await.map_err(io_err("map", pos))?;
+        if len == 0 {
+            return Err(ImageError::Io { op: "map", offset: pos, source: io::Error::other("empty mapping") });
+        }
+        match out.last_mut() {
+            Some(last) if last.state == state && last.offset + last.length == pos => last.length += len,
+            _ => out.push(Extent { offset: pos, length: len, state }),
+        }
+        pos += len;
+    }
+    out.truncate(limit);
+    Ok(out)
+}
