@@ -684,17 +684,26 @@ pub async fn info(path: &Path) -> std::result::Result<Qcow2Info, Qcow2Error> {
     .await
 }
 
+/// What a sound image's check found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Qcow2Check {
+    /// Clusters counted as used but referenced by nothing: wasted space, not corruption (a crash
+    /// during allocation can leave them; `qemu-img check -r leaks` reclaims them).
+    pub leaked_clusters: u64,
+}
+
 /// Checks the qcow2 image at `path`: its header and every backing's (and that they exist), then
 /// its metadata as `qemu-img check` does (tables inside the file, reserved bits clear, refcounts
-/// matching references, COPIED flags). Returns the first problem found.
-pub async fn check(path: &Path) -> std::result::Result<(), Qcow2Error> {
+/// matching references, COPIED flags). Returns the first corruption found as the error; leaks
+/// are counted in the report, as `qemu-img check` tells them apart (exit 3, not 2).
+pub async fn check(path: &Path) -> std::result::Result<Qcow2Check, Qcow2Error> {
     let p = path.to_owned();
     blocking(path, move || {
         require_qcow2(&p)?;
         let chain = chain::resolve(&p, Some("qcow2"))?;
         let h = chain[0].header().ok_or_else(|| invalid(&p, "not a qcow2 image"))?;
         let file = std::fs::File::open(&p).map_err(|e| io_error(&p, "open", e))?;
-        check::check(&file, h, chain[0].file_len).map_err(|e| check_error(&p, e))
+        check::check(&file, h, chain[0].file_len).map(|leaked_clusters| Qcow2Check { leaked_clusters }).map_err(|e| check_error(&p, e))
     })
     .await
 }
