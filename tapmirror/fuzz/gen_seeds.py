@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Writes the seed corpora of the tapmirror fuzz targets (seeds/nbd_server, seeds/nbd_proto).
+"""Writes the seed corpora of the tapmirror fuzz targets (seeds/nbd_server, seeds/nbd_proto,
+seeds/vhd_parse).
 
 The bytes are built here from the protocol document (NetworkBlockDevice/nbd doc/proto.md), not
 with tapmirror's own encoders, so the seeds are an independent picture of the wire format.
@@ -218,6 +219,99 @@ def write(dirname, seeds):
     print(f"{path}: {len(seeds)} seeds, {sum(len(d) for d in seeds.values())} bytes")
 
 
+# --- VHD files (Microsoft VHD specification 1.0), built field by field. -----------------------
+
+VHD_EPOCH_STAMP = 0x2A000000  # a fixed timestamp, so the seeds are deterministic
+
+
+def vhd_checksum(b, field):
+    total = sum(x for i, x in enumerate(b) if not field <= i < field + 4)
+    return (~total) & 0xFFFFFFFF
+
+
+def vhd_footer(size, disk_type, creator=b"tap\0", uuid=b"\x11" * 16, geometry=None):
+    if geometry is None:
+        geometry = (min(size // 512 // (16 * 63), 65535), 16, 63)
+    c, h, s = geometry
+    b = bytearray(512)
+    b[0:8] = b"conectix"
+    b[8:12] = u32(2)
+    b[12:16] = u32(0x00010000)
+    b[16:24] = u64(512)
+    b[24:28] = u32(VHD_EPOCH_STAMP)
+    b[28:32] = creator
+    b[32:36] = u32(0x00010001)
+    b[40:48] = u64(size)
+    b[48:56] = u64(size)
+    b[56:60] = u16(c) + bytes([h, s])
+    b[60:64] = u32(disk_type)
+    b[68:84] = uuid
+    b[64:68] = u32(vhd_checksum(b, 64))
+    return bytes(b)
+
+
+def vhd_header(entries, block_size, parent_uuid=b"\0" * 16, parent_name="", locators=()):
+    b = bytearray(1024)
+    b[0:8] = b"cxsparse"
+    b[8:16] = u64(0xFFFFFFFFFFFFFFFF)
+    b[16:24] = u64(1536)
+    b[24:28] = u32(0x00010000)
+    b[28:32] = u32(entries)
+    b[32:36] = u32(block_size)
+    b[40:56] = parent_uuid
+    name = parent_name.encode("utf-16-be")
+    b[64 : 64 + len(name)] = name
+    for i, (code, space, length, offset) in enumerate(locators):
+        at = 576 + 24 * i
+        b[at : at + 24] = u32(code) + u32(space) + u32(length) + u32(0) + u64(offset)
+    b[36:40] = u32(vhd_checksum(b, 36))
+    return bytes(b)
+
+
+def vhd_file(size, block_size, blocks, disk_type=3, creator=b"tap\0", uuid=b"\x11" * 16, geometry=None,
+             parent=None):
+    """A sparse disk: `blocks` maps a block number to (bitmap bytes, data byte)."""
+    entries = (size + block_size - 1) // block_size
+    bat_len = (entries * 4 + 511) // 512 * 512
+    bitmap_len = ((block_size // 512 + 7) // 8 + 511) // 512 * 512
+    footer = vhd_footer(size, disk_type, creator, uuid, geometry)
+    locators, loc_data = [], b""
+    start = 1536 + bat_len
+    if parent is not None:
+        parent_uuid, parent_name = parent
+        rel = (".\\" + parent_name).encode("utf-16-le")
+        space = (len(rel) + 511) // 512 * 512
+        locators = [(0x57327275, space, len(rel), start)]  # W2ru
+        loc_data = rel + b"\0" * (space - len(rel))
+    bat = [0xFFFFFFFF] * entries
+    body = b""
+    pos = start + len(loc_data)
+    for n, (bitmap, byte) in sorted(blocks.items()):
+        bat[n] = pos // 512
+        body += bitmap + b"\0" * (bitmap_len - len(bitmap)) + bytes([byte]) * block_size
+        pos += bitmap_len + block_size
+    bat_bytes = b"".join(u32(e) for e in bat)
+    bat_bytes += b"\xff" * (bat_len - len(bat_bytes))
+    if parent is None:
+        header = vhd_header(entries, block_size)
+    else:
+        header = vhd_header(entries, block_size, parent[0], parent[1], locators)
+    return footer + header + bat_bytes + loc_data + body + footer
+
+
+def vhd_seeds():
+    s = {}
+    s["dynamic_empty"] = vhd_file(1 << 20, 65536, {})
+    s["dynamic_two_blocks"] = vhd_file(64 << 10, 4096, {0: (b"\xff", 0xAB), 3: (b"\x0f", 0xCD)})
+    s["dynamic_tiny_blocks"] = vhd_file(16 << 10, 512, {1: (b"\x80", 0x42), 15: (b"\x80", 0x43)})
+    s["dynamic_2mib_block_empty"] = vhd_file(4 << 20, 2 << 20, {})
+    s["qemu_chs_size"] = vhd_file(10 << 20, 1 << 20, {}, creator=b"qemu", geometry=(301, 4, 17))
+    s["differencing_missing_parent"] = vhd_file(64 << 10, 4096, {0: (b"\x3c", 0x99)}, disk_type=4,
+                                                uuid=b"\x22" * 16, parent=(b"\x11" * 16, "parent.vhd"))
+    return s
+
+
 if __name__ == "__main__":
     write("nbd_server", server_seeds())
     write("nbd_proto", proto_seeds())
+    write("vhd_parse", vhd_seeds())

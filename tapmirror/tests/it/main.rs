@@ -12,3 +12,4 @@ mod copy;
 mod mirror;
 mod peers;
 mod qcow2;
+mod vhd;

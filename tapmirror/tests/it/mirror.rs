@@ -35,7 +35,9 @@ fn ctl(ctl: &Path, args: &[&str]) -> Value {
 /// and discards.
 fn guest_writes(uri: &str) {
     crate::require!("fio", "qemu-io");
-    let out = run(Command::new("fio").args([
+    // fio leaves a verify-state file in its working folder: keep it out of the tree.
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let out = run(Command::new("fio").current_dir(scratch.path()).args([
         "--name=guest",
         "--ioengine=nbd",
         &format!("--uri={uri}"),
