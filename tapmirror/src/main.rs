@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
-use tapmirror::image::{Image, RawImage, raw::Access};
+use tapmirror::image::{Access, AnyImage, ExtentState, Format, Image, RawImage, qcow2, vhd};
 use tapmirror::io::EngineChoice;
 use tapmirror::nbd::{ExportConfig, NbdClient, NbdServer, NbdUri, proto::tflags};
 use tokio_util::sync::CancellationToken;
@@ -33,12 +33,56 @@ enum Command {
         /// nbd+unix:///EXPORT?socket=PATH or nbd://HOST:PORT/EXPORT
         uri: String,
     },
+    /// Create, describe, map and check image files.
+    #[command(subcommand)]
+    Image(ImageCommand),
 }
 
+#[derive(Subcommand)]
+enum ImageCommand {
+    /// Create an image of SIZE, or (with --parent) an empty child of PARENT: a differencing VHD
+    /// or a qcow2 overlay, which takes the parent's size.
+    Create {
+        /// raw, vhd or qcow2.
+        #[arg(value_enum)]
+        format: Format,
+        /// The new file (never overwritten).
+        path: PathBuf,
+        /// Virtual size, e.g. 10G; optional with --parent (must then equal the parent's).
+        #[arg(value_parser = parse_size, required_unless_present = "parent")]
+        size: Option<u64>,
+        /// Parent image for a differencing VHD or a qcow2 overlay.
+        #[arg(long)]
+        parent: Option<PathBuf>,
+    },
+    /// Print format, virtual size, chain and allocated bytes as JSON.
+    Info {
+        /// The image (the top of its chain).
+        path: PathBuf,
+    },
+    /// Print the allocation map of the whole chain as JSON.
+    Map {
+        /// The image (the top of its chain).
+        path: PathBuf,
+    },
+    /// Check an image and its chain: exit 0 when sound, else print the first problem and exit 1.
+    Check {
+        /// The image (the top of its chain).
+        path: PathBuf,
+    },
+}
+
+/// `--format` of `serve`: a format, or `auto` to go by the file's magic.
 #[derive(Clone, Copy, ValueEnum)]
-enum Format {
+enum FormatArg {
+    /// VHD and qcow2 by their magic bytes, anything else raw.
+    Auto,
     /// The file's bytes are the disk's bytes.
     Raw,
+    /// Dynamic or differencing VHD (the whole chain is opened; the leaf is served).
+    Vhd,
+    /// qcow2 (the whole backing chain is opened; the top is served).
+    Qcow2,
 }
 
 #[derive(clap::Args)]
@@ -46,8 +90,8 @@ struct ServeArgs {
     /// The image file.
     image: PathBuf,
     /// Image format.
-    #[arg(long, value_enum, default_value = "raw")]
-    format: Format,
+    #[arg(long, value_enum, default_value = "auto")]
+    format: FormatArg,
     /// Listen on this Unix socket (created mode 0600; a stale socket file is replaced). Without
     /// --socket or --listen, the listening socket must come by systemd socket activation
     /// (LISTEN_FDS), as `nbdinfo [ CMD ]` and `nbdcopy [ CMD ]` pass it.
@@ -181,6 +225,7 @@ fn main() -> ExitCode {
             Command::Ctl(args) => ctl(args).await,
             Command::Copy(args) => copy(args).await,
             Command::Info { uri } => info(&uri).await,
+            Command::Image(cmd) => image_command(cmd).await,
         }
     });
     match result {
@@ -248,11 +293,15 @@ async fn serve(args: ServeArgs, activated: Vec<std::os::fd::OwnedFd>) -> Result<
     }
     let engine = args.io_engine.unwrap_or_else(EngineChoice::from_env).resolve().context("choosing the I/O engine")?;
     let access = if args.read_only { Access::ReadOnly } else { Access::ReadWrite };
-    let image = match args.format {
-        Format::Raw => RawImage::open(&args.image, access, engine)
-            .await
-            .with_context(|| format!("opening {}", args.image.display()))?,
+    let format = match args.format {
+        FormatArg::Auto => None,
+        FormatArg::Raw => Some(Format::Raw),
+        FormatArg::Vhd => Some(Format::Vhd),
+        FormatArg::Qcow2 => Some(Format::Qcow2),
     };
+    let image = AnyImage::open(&args.image, format, access, engine)
+        .await
+        .with_context(|| format!("opening {}", args.image.display()))?;
     let image = Arc::new(image);
     let export = ExportConfig {
         name: args.export_name.clone(),
@@ -291,7 +340,7 @@ async fn serve(args: ServeArgs, activated: Vec<std::os::fd::OwnedFd>) -> Result<
             tasks.spawn(Arc::clone(&server).serve_tcp(listener, shutdown.clone()));
         }
     }
-    tracing::info!(image = %args.image.display(), size = image.size(), engine = ?image.engine(), "serving");
+    tracing::info!(image = %args.image.display(), format = ?image.format(), size = image.size(), chain = image.chain().len(), ?engine, "serving");
     if args.socket.is_some() || args.listen.is_some() {
         // One line on stdout tells scripts and tests where we listen. Under socket activation
         // stdout belongs to whoever started us, so the line goes to the log only.
@@ -350,13 +399,20 @@ async fn connect_dest(uri: &NbdUri, count: usize) -> Result<Vec<NbdClient>> {
 async fn copy(args: CopyArgs) -> Result<()> {
     use tapmirror::copy::{CopyOptions, Dest, Source};
     let engine = EngineChoice::from_env().resolve()?;
-    if args.base.is_some() {
-        bail!("--base needs the image formats' difference maps, which this build does not have yet");
-    }
-    let source: Source<CopyImage> = if is_uri(&args.src) {
-        Source::Nbd(NbdClient::connect(&NbdUri::parse(&args.src)?).await.context("connecting to the source")?)
-    } else {
-        Source::Image(Arc::new(open_copy_image(Path::new(&args.src), Access::ReadOnly, engine).await?))
+    let source: Source<CopyImage> = match &args.base {
+        _ if is_uri(&args.src) && args.base.is_some() => bail!("--base needs an image source, not an NBD export"),
+        _ if is_uri(&args.src) => {
+            Source::Nbd(NbdClient::connect(&NbdUri::parse(&args.src)?).await.context("connecting to the source")?)
+        }
+        None => Source::Image(Arc::new(open_copy_image(Path::new(&args.src), Access::ReadOnly, engine).await?)),
+        Some(base) => {
+            let src = Path::new(&args.src);
+            if Format::detect(src)? != Format::Vhd || Format::detect(base)? != Format::Vhd {
+                bail!("--base works on VHD chains (a source and a base that share ancestors)");
+            }
+            let ranges = vhd::diff_map(src, base).await.with_context(|| format!("comparing {} with {}", src.display(), base.display()))?;
+            Source::Diff { image: Arc::new(open_copy_image(src, Access::ReadOnly, engine).await?), ranges }
+        }
     };
     let size = source.size();
     let (dest, connections): (Dest<CopyImage>, usize) = if is_uri(&args.dest) {
@@ -388,14 +444,14 @@ async fn copy(args: CopyArgs) -> Result<()> {
 }
 
 /// The image type copies read and write.
-type CopyImage = RawImage;
+type CopyImage = AnyImage;
 
 async fn open_copy_image(path: &Path, access: Access, engine: tapmirror::io::EngineKind) -> Result<CopyImage> {
-    Ok(RawImage::open(path, access, engine).await.with_context(|| format!("opening {}", path.display()))?)
+    AnyImage::open(path, None, access, engine).await.with_context(|| format!("opening {}", path.display()))
 }
 
-async fn open_leaf(path: &Path, access: Access, engine: tapmirror::io::EngineKind) -> Result<RawImage> {
-    Ok(RawImage::open(path, access, engine).await?)
+async fn open_leaf(path: &Path, access: Access, engine: tapmirror::io::EngineKind) -> Result<AnyImage> {
+    AnyImage::open(path, None, access, engine).await
 }
 
 async fn ctl(args: CtlArgs) -> Result<()> {
@@ -486,4 +542,102 @@ async fn info(uri: &str) -> Result<()> {
     });
     println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(())
+}
+
+async fn image_command(cmd: ImageCommand) -> Result<()> {
+    match cmd {
+        ImageCommand::Create { format, path, size, parent } => {
+            if path.exists() {
+                bail!("{} exists; image create never overwrites", path.display());
+            }
+            match (format, parent) {
+                (Format::Raw, Some(_)) => bail!("raw images have no parent"),
+                (Format::Raw, None) => RawImage::create(&path, size.unwrap_or(0))?,
+                (Format::Vhd, None) => vhd::create_dynamic(&path, size.unwrap_or(0), vhd::DEFAULT_BLOCK_SIZE)?,
+                (Format::Qcow2, None) => qcow2::create(&path, size.unwrap_or(0), None).await?,
+                (f, Some(parent)) => {
+                    let parent_size = AnyImage::open(&parent, None, Access::ReadOnly, EngineChoice::Portable.resolve()?)
+                        .await
+                        .with_context(|| format!("opening parent {}", parent.display()))?
+                        .size();
+                    if let Some(size) = size
+                        && size != parent_size
+                    {
+                        bail!("a child takes its parent's size ({parent_size} bytes), not {size}");
+                    }
+                    match f {
+                        Format::Vhd => vhd::create_differencing(&path, &parent)?,
+                        _ => qcow2::create_overlay(&path, &parent).await?,
+                    }
+                }
+            }
+            Ok(())
+        }
+        ImageCommand::Info { path } => {
+            let format = Format::detect(&path)?;
+            let info = match format {
+                Format::Raw => {
+                    use std::os::unix::fs::MetadataExt;
+                    let meta = std::fs::metadata(&path)?;
+                    serde_json::json!({
+                        "virtual_size": meta.len(),
+                        "chain": [path],
+                        "allocated_bytes": meta.blocks() * 512,
+                    })
+                }
+                Format::Vhd => serde_json::to_value(vhd::info(&path)?)?,
+                Format::Qcow2 => serde_json::to_value(qcow2::info(&path).await?)?,
+            };
+            let mut out = serde_json::json!({ "format": format });
+            if let (Some(o), serde_json::Value::Object(i)) = (out.as_object_mut(), info) {
+                o.extend(i);
+            }
+            println!("{}", serde_json::to_string_pretty(&out)?);
+            Ok(())
+        }
+        ImageCommand::Map { path } => {
+            let image = AnyImage::open(&path, None, Access::ReadOnly, EngineChoice::Portable.resolve()?).await?;
+            let size = image.size();
+            let mut map: Vec<serde_json::Value> = Vec::new();
+            let mut at = 0;
+            while at < size {
+                let extents = image.allocation(at, size - at, usize::MAX).await?;
+                let Some(last) = extents.last() else { bail!("no allocation reported at offset {at}") };
+                at = last.offset + last.length;
+                for e in extents {
+                    let kind = match e.state {
+                        ExtentState::Data => "data",
+                        ExtentState::Zero => "zero",
+                        ExtentState::Hole => "hole",
+                    };
+                    map.push(serde_json::json!({ "offset": e.offset, "length": e.length, "type": kind }));
+                }
+            }
+            let out = serde_json::json!({ "format": image.format(), "size": size, "chain": image.chain(), "map": map });
+            println!("{}", serde_json::to_string_pretty(&out)?);
+            Ok(())
+        }
+        ImageCommand::Check { path } => {
+            match Format::detect(&path)? {
+                Format::Raw => {
+                    std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+                }
+                Format::Vhd => {
+                    vhd::check(&path)?;
+                }
+                Format::Qcow2 => {
+                    let report = qcow2::check(&path).await?;
+                    if report.leaked_clusters > 0 {
+                        eprintln!(
+                            "{}: {} leaked clusters (wasted space, not damage; `qemu-img check -r leaks` reclaims them)",
+                            path.display(),
+                            report.leaked_clusters
+                        );
+                    }
+                }
+            }
+            println!("{}: ok", path.display());
+            Ok(())
+        }
+    }
 }

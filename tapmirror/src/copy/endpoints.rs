@@ -17,6 +17,14 @@ use crate::nbd::{NbdClient, Payload};
 pub enum Source<I: Image> {
     /// An open image (its allocation map says what to skip).
     Image(Arc<I>),
+    /// An image of which only `ranges` (sorted, disjoint) may differ from what the destination
+    /// holds already (a related chain): the rest is left alone, not zeroed.
+    Diff {
+        /// The image.
+        image: Arc<I>,
+        /// The ranges that may differ.
+        ranges: Vec<Extent>,
+    },
     /// An NBD export (its `base:allocation`, when offered, says what to skip).
     Nbd(NbdClient),
 }
@@ -25,7 +33,7 @@ impl<I: Image> Source<I> {
     /// Virtual size in bytes.
     pub fn size(&self) -> u64 {
         match self {
-            Source::Image(i) => i.size(),
+            Source::Image(i) | Source::Diff { image: i, .. } => i.size(),
             Source::Nbd(c) => c.size(),
         }
     }
@@ -33,15 +41,38 @@ impl<I: Image> Source<I> {
     /// Largest read this source takes in one request.
     pub fn max_read(&self) -> usize {
         match self {
-            Source::Image(_) => 32 << 20,
+            Source::Image(_) | Source::Diff { .. } => 32 << 20,
             Source::Nbd(c) => c.info().block_size.maximum as usize,
         }
+    }
+
+    /// Whether extents that are not data are to be left alone on the destination (it holds
+    /// them already) rather than zeroed.
+    pub fn skips_non_data(&self) -> bool {
+        matches!(self, Source::Diff { .. })
     }
 
     /// Extents from `offset`, at least one, within `length`.
     pub async fn allocation(&self, offset: u64, length: u64) -> Result<Vec<Extent>> {
         match self {
             Source::Image(i) => Ok(i.allocation(offset, length, usize::MAX).await?),
+            Source::Diff { ranges, .. } => {
+                let end = offset + length;
+                let mut out = Vec::new();
+                let mut at = offset;
+                for r in ranges.iter().filter(|r| r.offset + r.length > offset && r.offset < end) {
+                    let (s, e) = (r.offset.max(offset), (r.offset + r.length).min(end));
+                    if s > at {
+                        out.push(Extent { offset: at, length: s - at, state: ExtentState::Hole });
+                    }
+                    out.push(Extent { offset: s, length: e - s, state: ExtentState::Data });
+                    at = e;
+                }
+                if at < end {
+                    out.push(Extent { offset: at, length: end - at, state: ExtentState::Hole });
+                }
+                Ok(out)
+            }
             Source::Nbd(c) => {
                 let len = u32::try_from(length.min(1 << 30)).unwrap_or(1 << 30);
                 if c.info().base_allocation.is_none() {
@@ -67,7 +98,7 @@ impl<I: Image> Source<I> {
     /// Reads `len` bytes at `offset`.
     pub async fn read(&self, offset: u64, len: usize) -> Result<IoBuf> {
         match self {
-            Source::Image(i) => {
+            Source::Image(i) | Source::Diff { image: i, .. } => {
                 let (buf, r) = i.read(offset, IoBuf::for_overwrite(len)).await;
                 r.with_context(|| format!("reading source at {offset}"))?;
                 Ok(buf)

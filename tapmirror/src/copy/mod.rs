@@ -227,7 +227,9 @@ pub async fn copy<I: Image, J: Image>(
                 let (dest, report, watermark, failed, progress) =
                     (Arc::clone(&dest), Arc::clone(&report), Arc::clone(&watermark), Arc::clone(&failed), Arc::clone(&progress));
                 let permit = Arc::clone(&slots).acquire_owned().await?;
-                let skip = opts.target_is_zero;
+                // Zero where the target could hold something else; leave alone where it holds
+                // this already (a known-zero target, or what a diff source says is unchanged).
+                let skip = opts.target_is_zero || source.skips_non_data();
                 let offset = e.offset;
                 tasks.spawn(async move {
                     let r = if skip { Ok(()) } else { dest.write_zeroes(offset, len).await };

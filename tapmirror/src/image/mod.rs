@@ -1,16 +1,17 @@
 //! Disk images behind one trait: what the NBD server, the copy and the mirror need of a disk.
 //!
 //! The trait is defined here by its consumers (the server and, later, copy and mirror) and
-//! implemented per format: `raw` now; VHD and qcow2 implement the same trait. Operations take
-//! owned buffers (see `io::IoBuf`) so a driver can hand them to io_uring without copying.
+//! implemented per format (raw, VHD, qcow2); `AnyImage` picks one by name or magic. Operations
+//! take owned buffers (see `io::IoBuf`) so a driver can hand them to io_uring without copying.
 //!
 //! ```text
 //!            Image (size, features, read, write, write_zeroes, trim, flush, allocation)
 //!              ▲
 //!     ┌────────┼──────────┐
-//!   RawImage  (VhdImage)  (Qcow2Image)      (the latter two: the image-format issue)
+//!   RawImage   VhdImage   Qcow2Image      AnyImage: one of them, chosen at run time
 //! ```
 
+mod any;
 pub mod qcow2;
 pub mod raw;
 pub mod vhd;
@@ -21,6 +22,7 @@ use std::sync::Arc;
 
 use crate::io::{Durability, IoBuf};
 
+pub use any::{AnyImage, Format};
 pub use raw::RawImage;
 
 /// Whether an image is opened for writing.

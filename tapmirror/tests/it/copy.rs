@@ -206,3 +206,50 @@ fn copy_command_reports_progress_and_round_trips() {
     let allocated = std::fs::metadata(&back).expect("stat").blocks() * 512;
     assert!(allocated < 40 * MIB, "the new file should stay sparse: {allocated} bytes allocated");
 }
+
+/// `copy --base`: the destination holds BASE already; only what the child changed travels, and
+/// the destination ends equal to the child, zeroes included.
+#[test]
+fn copy_with_base_sends_only_what_differs() {
+    crate::require!("qemu-io");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base = dir.path().join("base.vhd");
+    let child = dir.path().join("child.vhd");
+    let tm = crate::harness::tapmirror();
+    crate::harness::run(Command::new(tm).args(["image", "create", "vhd"]).arg(&base).arg("32M"));
+    let write = |img: &Path, cmds: &[&str]| {
+        let d = tempfile::tempdir().expect("tempdir");
+        let s = crate::harness::serve_file(d, img.to_owned(), &[]);
+        let mut c = Command::new("qemu-io");
+        c.args(["-f", "raw"]);
+        for cmd in cmds {
+            c.args(["-c", cmd]);
+        }
+        crate::harness::run(c.arg(s.uri()));
+    };
+    write(&base, &["write -P 0x41 0 8M"]);
+    // The destination holds the base's content.
+    let target = serve(32 * MIB, &[]);
+    crate::harness::run(Command::new(tm).arg("copy").arg(&base).arg(target.uri()));
+    crate::harness::run(Command::new(tm).args(["image", "create", "vhd"]).arg(&child).arg("--parent").arg(&base));
+    write(&child, &["write -P 0x42 1M 512k", "write -z 4M 1M", "write -P 0x43 20M 64k"]);
+
+    let out = crate::harness::run(Command::new(tm).arg("copy").arg("--base").arg(&base).arg(&child).arg(target.uri()));
+    let report: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stderr).lines().filter(|l| l.starts_with('{')).last().expect("report"))
+            .expect("report JSON");
+    // Only the child's blocks (2 MiB each: three touched) can have been read and sent.
+    assert!(report["data_bytes"].as_u64().expect("data") <= 6 * MIB, "{report}");
+    assert!(report["skipped_bytes"].as_u64().expect("skipped") >= 26 * MIB, "{report}");
+
+    let expected = {
+        let d = tempfile::tempdir().expect("tempdir");
+        let s = crate::harness::serve_file(d, child.clone(), &["--read-only"]);
+        let out = dir.path().join("expected.raw");
+        crate::harness::run(Command::new(tm).arg("copy").arg(s.uri()).arg(&out));
+        std::fs::read(&out).expect("expected")
+    };
+    assert!(target.contents() == expected, "destination differs from the child");
+    assert_eq!(expected[4 * MIB as usize], 0, "the zeroed range");
+    assert_eq!(expected[1 * MIB as usize], 0x42);
+}

@@ -9,6 +9,8 @@ mod harness;
 mod bad_input;
 mod client;
 mod copy;
+mod crash;
+mod image_cli;
 mod mirror;
 mod peers;
 mod qcow2;

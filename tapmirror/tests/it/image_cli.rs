@@ -1,0 +1,113 @@
+//! `tapmirror image` and `serve --format auto` across formats, judged by qemu where it reads
+//! the format.
+
+use std::process::Command;
+
+use serde_json::Value;
+
+use crate::harness::{run, serve_file, tapmirror};
+
+const MIB: u64 = 1 << 20;
+
+fn image(args: &[&str], path: &std::path::Path) -> Value {
+    let out = run(Command::new(tapmirror()).arg("image").arg(args[0]).args(&args[1..]).arg(path));
+    serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+}
+
+fn create(format: &str, path: &std::path::Path, size: &str) {
+    run(Command::new(tapmirror()).args(["image", "create", format]).arg(path).arg(size));
+}
+
+#[test]
+fn create_info_map_check_for_every_format() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for format in ["raw", "vhd", "qcow2"] {
+        let path = dir.path().join(format!("d.{format}"));
+        create(format, &path, "64M");
+        let info = image(&["info"], &path);
+        assert_eq!(info["format"], format, "{info}");
+        assert_eq!(info["virtual_size"], 64 * MIB, "{info}");
+        assert_eq!(info["chain"].as_array().map(|c| c.len()), Some(1), "{info}");
+        let map = image(&["map"], &path);
+        assert_eq!(map["map"][0]["type"], "hole", "{format}: a new image is all hole: {map}");
+        run(Command::new(tapmirror()).args(["image", "check"]).arg(&path));
+        // Never overwritten.
+        let again = Command::new(tapmirror()).args(["image", "create", format]).arg(&path).arg("1M").output().expect("run");
+        assert!(!again.status.success(), "{format}: create over an existing file must fail");
+        assert_eq!(image(&["info"], &path)["virtual_size"], 64 * MIB);
+    }
+}
+
+/// Each format served with `--format auto`, written by qemu-io, then read back through a fresh
+/// server and mapped: data where written, the rest holes.
+#[test]
+fn serve_auto_detects_and_serves_every_format() {
+    crate::require!("qemu-io");
+    for format in ["raw", "vhd", "qcow2"] {
+        // The image lives apart from the server's folder, which goes when the server does.
+        let keep = tempfile::tempdir().expect("tempdir");
+        let path = keep.path().join(format!("d.{format}"));
+        create(format, &path, "64M");
+        let served = serve_file(tempfile::tempdir().expect("tempdir"), path.clone(), &["--format", "auto"]);
+        run(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x3c 8M 1M", "-c", "write -P 0x3d 100 1000", &served.uri()]));
+        drop(served);
+        let map = image(&["map"], &path);
+        let data: u64 = map["map"].as_array().expect("map").iter().filter(|e| e["type"] == "data").map(|e| e["length"].as_u64().unwrap_or(0)).sum();
+        assert!(data >= MIB + 1000 && data <= 8 * MIB, "{format}: {map}");
+        let dir2 = tempfile::tempdir().expect("tempdir");
+        let served = serve_file(dir2, path.clone(), &[]);
+        run(Command::new("qemu-io").args(["-f", "raw", "-c", "read -P 0x3c 8M 1M", "-c", "read -P 0x3d 100 1000", "-c", "read -P 0 2M 1M", &served.uri()]));
+    }
+}
+
+#[test]
+fn children_of_vhd_and_qcow2_read_through_to_their_parents() {
+    crate::require!("qemu-io");
+    for format in ["vhd", "qcow2"] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let base = dir.path().join(format!("base.{format}"));
+        let child = dir.path().join(format!("child.{format}"));
+        create(format, &base, "32M");
+        {
+            let d = tempfile::tempdir().expect("tempdir");
+            let s = serve_file(d, base.clone(), &[]);
+            run(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x11 0 2M", &s.uri()]));
+        }
+        run(Command::new(tapmirror()).args(["image", "create", format]).arg(&child).arg("--parent").arg(&base));
+        let info = image(&["info"], &child);
+        assert_eq!(info["chain"].as_array().map(|c| c.len()), Some(2), "{info}");
+        let d = tempfile::tempdir().expect("tempdir");
+        let s = serve_file(d, child.clone(), &[]);
+        run(Command::new("qemu-io").args(["-f", "raw", "-c", "read -P 0x11 0 2M", "-c", "write -P 0x22 512 512", "-c", "read -P 0x22 512 512", "-c", "read -P 0x11 1024 1M", &s.uri()]));
+        drop(s);
+        // The parent did not change.
+        let d = tempfile::tempdir().expect("tempdir");
+        let s = serve_file(d, base.clone(), &["--read-only"]);
+        run(Command::new("qemu-io").args(["-f", "raw", "-r", "-c", "read -P 0x11 0 2M", &s.uri()]));
+        // A child with a size other than its parent's is refused.
+        let bad = Command::new(tapmirror()).args(["image", "create", format]).arg(dir.path().join("bad")).arg("64M").arg("--parent").arg(&base).output().expect("run");
+        assert!(!bad.status.success());
+    }
+}
+
+#[test]
+fn check_fails_on_a_damaged_image_with_a_message() {
+    for format in ["vhd", "qcow2"] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(format!("d.{format}"));
+        create(format, &path, "16M");
+        let mut bytes = std::fs::read(&path).expect("read");
+        // Damage the header area (VHD: the footer copy and header; qcow2: the header fields).
+        for b in bytes.iter_mut().skip(64).take(64) {
+            *b ^= 0xff;
+        }
+        std::fs::write(&path, &bytes).expect("write");
+        let out = Command::new(tapmirror()).args(["image", "check"]).arg(&path).output().expect("run");
+        assert!(!out.status.success(), "{format}: check passed a damaged image");
+        assert!(!out.stderr.is_empty(), "{format}: no message");
+        assert_eq!(std::fs::read(&path).expect("read"), bytes, "{format}: check changed the file");
+        let served = Command::new(tapmirror()).args(["serve", "--socket"]).arg(dir.path().join("s")).arg(&path).output().expect("run");
+        assert!(!served.status.success(), "{format}: serve opened a damaged image");
+        assert_eq!(std::fs::read(&path).expect("read"), bytes, "{format}: serve changed the file");
+    }
+}
