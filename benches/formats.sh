@@ -6,13 +6,14 @@
 #      cannot open differencing VHDs) and qcow2 overlay chains (both servers).
 # Prints each figure and the ratios tapmirror/qemu-nbd and format/raw.
 #
-#   benches/formats.sh [SIZE_MIB] [SECONDS_PER_JOB]
+#   benches/formats.sh [SIZE_MIB] [SECONDS_PER_JOB] [ROUNDS]
 #
 # Needs: cargo, fio, qemu-img, qemu-nbd, python3. Builds tapmirror in release mode.
 set -euo pipefail
 
 SIZE_MIB=${1:-512}
 SECS=${2:-4}
+ROUNDS=${3:-3}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 for tool in fio qemu-img qemu-nbd python3; do
     command -v "$tool" >/dev/null || { echo "missing $tool" >&2; exit 2; }
@@ -71,10 +72,14 @@ record() { echo "$1 $2 $3" >>"$RESULTS"; }
 # Part 1: one image per format, each server in turn on a fresh copy (writes change it).
 qemu-img convert -f raw -O vpc -o subformat=dynamic,force_size=on "$WORK/base.raw" "$WORK/base.vhd"
 qemu-img convert -f raw -O qcow2 "$WORK/base.raw" "$WORK/base.qcow2"
+# Rounds alternate the servers; each figure is the median over rounds. Writes into sparse
+# regions vary a lot on a small VM (writeback of the copy competes), hence the sync and rounds.
+for _ in $(seq "$ROUNDS"); do
 for fmt in raw vhd qcow2; do
     qfmt=$fmt; [ "$fmt" = vhd ] && qfmt=vpc
     for server in tapmirror qemu-nbd; do
         cp --sparse=always "$WORK/base.$fmt" "$WORK/run.$fmt"
+        sync
         serve "$server" "$WORK/run.$fmt" "$qfmt"
         read -r iops _ < <(fio_job randread 4k 16);  record "$server" "$fmt-randread-4k-qd16-iops" "$iops"
         read -r _ bw < <(fio_job read 1M 8);          record "$server" "$fmt-seqread-1m-Bps" "$bw"
@@ -83,6 +88,7 @@ for fmt in raw vhd qcow2; do
         unserve
         echo "$fmt: $server done" >&2
     done
+done
 done
 
 # Part 2: chains. Layer i (i = 1..depth) holds 1 MiB of new data every 16 MiB, at an offset that
@@ -124,15 +130,19 @@ done
 
 python3 - "$RESULTS" "$SIZE_MIB" "$SECS" <<'EOF'
 import sys
+import statistics
 rows = [l.split() for l in open(sys.argv[1]) if l.strip()]
-v = {(s, n): float(x) for s, n, x in rows}
+samples = {}
+for s, n, x in rows:
+    samples.setdefault((s, n), []).append(float(x))
+v = {k: statistics.median(xs) for k, xs in samples.items()}
 names = []
 for _, n, _ in rows:
     if n not in names:
         names.append(n)
 def show(n, x):
     return f"{x / 1e6:12.1f}" if n.endswith("Bps") else f"{x:12.0f}"
-print(f"image {sys.argv[2]} MiB (half allocated), {sys.argv[3]} s per fio job; MB/s or IOPS")
+print(f"image {sys.argv[2]} MiB (half allocated), {sys.argv[3]} s per fio job; MB/s or IOPS; medians")
 print(f"{'figure':36} {'tapmirror':>12} {'qemu-nbd':>12} {'tm/qemu':>8} {'tm/tm-raw':>9}")
 for n in names:
     a, b = v.get(("tapmirror", n)), v.get(("qemu-nbd", n))
