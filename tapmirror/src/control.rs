@@ -10,7 +10,7 @@
 //! | `stats` | | counters, outstanding requests, mirror state and bytes left |
 //! | `pause` | | lets in-flight guest requests finish and holds new ones |
 //! | `unpause` | `leaf`: path (optional) | resumes, first switching to the image at `leaf` |
-//! | `mirror-attach` | `mode` (sync, full), `timeout_ms`, `export`, `granularity`, `target_is_zero`; one descriptor | negotiates NBD on the descriptor and mirrors onto it (full: and copies the disk in the background) |
+//! | `mirror-attach` | `mode` (sync, full), `timeout_ms`, `export`, `granularity`, `target_is_zero`; one descriptor (full: optionally a second, for the background pass) | negotiates NBD on the descriptors and mirrors onto the target (full: and copies the disk in the background) |
 //! | `mirror-detach` | | stops mirroring (after in-flight writes) |
 //! | `drain` | `timeout_s` (default 30) | waits until no request is outstanding on either side |
 //! | `shutdown` | | stops serving, flushes, exits |
@@ -205,8 +205,10 @@ async fn execute<I: Image>(control: &Control<I>, request: &Value, mut fds: Vec<O
                 Some(Ok(m)) => m,
                 Some(Err(_)) => return err("\"mode\" must be \"sync\" or \"full\""),
             };
-            if fds.len() != 1 {
-                return err(format!("mirror-attach needs exactly one descriptor, got {}", fds.len()));
+            // One descriptor, or (full mode) two: the second carries the background pass.
+            let allowed = if mode == MirrorMode::Full { 1..=2 } else { 1..=1 };
+            if !allowed.contains(&fds.len()) {
+                return err(format!("mirror-attach in {mode:?} mode needs {allowed:?} descriptors, got {}", fds.len()));
             }
             if server.mirror().get().is_some() {
                 return err("a mirror is already attached");
@@ -214,9 +216,17 @@ async fn execute<I: Image>(control: &Control<I>, request: &Value, mut fds: Vec<O
             let timeout = Duration::from_millis(request.get("timeout_ms").and_then(Value::as_u64).unwrap_or(30_000).max(1));
             let fd = fds.remove(0);
             let export = request.get("export").and_then(Value::as_str).unwrap_or("").to_owned();
-            let client = match NbdClient::from_fd(fd, ClientOptions { export, ..ClientOptions::default() }).await {
+            let client = match NbdClient::from_fd(fd, ClientOptions { export: export.clone(), ..ClientOptions::default() }).await {
                 Ok(c) => c,
                 Err(e) => return err(format!("NBD on the mirror socket: {e}")),
+            };
+            let copier = match fds.pop() {
+                None => None,
+                Some(fd) => match NbdClient::from_fd(fd, ClientOptions { export, ..ClientOptions::default() }).await {
+                    Ok(c) if c.size() == client.size() => Some(c),
+                    Ok(_) => return err("the two mirror sockets reach exports of different sizes"),
+                    Err(e) => return err(format!("NBD on the second mirror socket: {e}")),
+                },
             };
             let size = server.image().size();
             if client.size() != size {
@@ -226,7 +236,10 @@ async fn execute<I: Image>(control: &Control<I>, request: &Value, mut fds: Vec<O
             if !granularity.is_power_of_two() || !(512..=64 << 20).contains(&granularity) {
                 return err("\"granularity\" must be a power of two from 512 to 64 MiB");
             }
-            let mirror = Mirror::with_granularity(client, mode, timeout, granularity);
+            let mut mirror = Mirror::with_granularity(client, mode, timeout, granularity);
+            if let Some(c) = copier {
+                mirror = mirror.with_copier(c);
+            }
             let target_is_zero = request.get("target_is_zero").and_then(Value::as_bool).unwrap_or(false);
             if mode == MirrorMode::Full && target_is_zero {
                 // Holes need no copy onto a target that reads as zero.
@@ -278,11 +291,16 @@ async fn execute<I: Image>(control: &Control<I>, request: &Value, mut fds: Vec<O
 
 /// Client side: sends one request (with an optional descriptor) and returns the answer.
 pub fn request(socket: &std::path::Path, request: &Value, fd: Option<&OwnedFd>) -> anyhow::Result<Value> {
+    request_with(socket, request, fd.into_iter().collect())
+}
+
+/// As `request`, with any number of descriptors.
+pub fn request_with(socket: &std::path::Path, request: &Value, fds: Vec<&OwnedFd>) -> anyhow::Result<Value> {
     use std::io::BufRead;
     let stream = UnixStream::connect(socket).map_err(|e| anyhow::anyhow!("connecting {}: {e}", socket.display()))?;
     let mut line = request.to_string();
     line.push('\n');
-    let fds: Vec<RawFd> = fd.iter().map(|f| f.as_raw_fd()).collect();
+    let fds: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
     let cmsgs: Vec<ControlMessage<'_>> = if fds.is_empty() { Vec::new() } else { vec![ControlMessage::ScmRights(&fds)] };
     let sent = sendmsg::<()>(stream.as_raw_fd(), &[IoSlice::new(line.as_bytes())], &cmsgs, MsgFlags::empty(), None)?;
     if sent < line.len() {

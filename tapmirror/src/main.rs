@@ -456,25 +456,32 @@ async fn open_leaf(path: &Path, access: Access, engine: tapmirror::io::EngineKin
 
 async fn ctl(args: CtlArgs) -> Result<()> {
     use serde_json::json;
-    let mut fd = None;
+    let mut fds: Vec<std::os::fd::OwnedFd> = Vec::new();
     let request = match args.command {
         CtlCommand::Stats => json!({"cmd": "stats"}),
         CtlCommand::Pause => json!({"cmd": "pause"}),
         CtlCommand::Unpause { leaf: None } => json!({"cmd": "unpause"}),
         CtlCommand::Unpause { leaf: Some(l) } => json!({"cmd": "unpause", "leaf": l}),
         CtlCommand::MirrorAttach { target, mode, timeout_ms, granularity, target_is_zero } => {
-            // Connect as the engine will (it does HTTP first), and pass the connected socket.
+            // Connect as the engine will (it does HTTP first), and pass the connected socket;
+            // a full mirror gets a second one for its background pass.
             let uri = NbdUri::parse(&target)?;
-            fd = Some(match uri.endpoint {
-                tapmirror::nbd::Endpoint::Unix(p) => std::os::fd::OwnedFd::from(
-                    std::os::unix::net::UnixStream::connect(&p).with_context(|| format!("connecting {}", p.display()))?,
-                ),
-                tapmirror::nbd::Endpoint::Tcp(h, port) => {
-                    let s = std::net::TcpStream::connect((h.as_str(), port)).with_context(|| format!("connecting {h}:{port}"))?;
-                    s.set_nodelay(true)?;
-                    std::os::fd::OwnedFd::from(s)
-                }
-            });
+            let connect = || -> Result<std::os::fd::OwnedFd> {
+                Ok(match &uri.endpoint {
+                    tapmirror::nbd::Endpoint::Unix(p) => std::os::fd::OwnedFd::from(
+                        std::os::unix::net::UnixStream::connect(p).with_context(|| format!("connecting {}", p.display()))?,
+                    ),
+                    tapmirror::nbd::Endpoint::Tcp(h, port) => {
+                        let s = std::net::TcpStream::connect((h.as_str(), *port)).with_context(|| format!("connecting {h}:{port}"))?;
+                        s.set_nodelay(true)?;
+                        std::os::fd::OwnedFd::from(s)
+                    }
+                })
+            };
+            fds.push(connect()?);
+            if mode == tapmirror::mirror::MirrorMode::Full {
+                fds.push(connect()?);
+            }
             json!({"cmd": "mirror-attach", "mode": mode, "timeout_ms": timeout_ms, "export": uri.export,
                    "granularity": granularity, "target_is_zero": target_is_zero})
         }
@@ -483,7 +490,7 @@ async fn ctl(args: CtlArgs) -> Result<()> {
         CtlCommand::Shutdown => json!({"cmd": "shutdown"}),
     };
     let socket = args.socket.clone();
-    let answer = tokio::task::spawn_blocking(move || tapmirror::control::request(&socket, &request, fd.as_ref())).await??;
+    let answer = tokio::task::spawn_blocking(move || tapmirror::control::request_with(&socket, &request, fds.iter().collect())).await??;
     println!("{answer}");
     if answer.get("ok").and_then(serde_json::Value::as_bool) != Some(true) {
         bail!("{}", answer.get("error").and_then(serde_json::Value::as_str).unwrap_or("command failed"));

@@ -65,6 +65,9 @@ pub struct MirrorCounters {
 
 /// The background half of a full mirror.
 pub struct FullSync {
+    /// A second connection for the background pass, when the engine passed one: guest writes
+    /// then never queue behind megabytes of copy traffic in the target.
+    copier: Option<NbdClient>,
     bitmap: DirtyBitmap,
     locks: RangeLocks,
     /// Bytes the background pass has copied (data or zeroes).
@@ -121,6 +124,7 @@ impl Mirror {
             let bitmap = DirtyBitmap::new(client.size(), granularity);
             bitmap.mark(0, client.size());
             FullSync {
+                copier: None,
                 bitmap,
                 locks: RangeLocks::default(),
                 copied: AtomicU64::new(0),
@@ -140,6 +144,21 @@ impl Mirror {
             flushes: AtomicU64::new(0),
             full,
         })
+    }
+
+    /// Gives the background pass its own connection to the target (full mode; before the pass
+    /// starts).
+    pub fn with_copier(mut self: Arc<Self>, copier: NbdClient) -> Arc<Self> {
+        if let Some(m) = Arc::get_mut(&mut self)
+            && let Some(f) = m.full.as_mut()
+        {
+            f.copier = Some(copier);
+        }
+        self
+    }
+
+    fn copy_client(&self) -> &NbdClient {
+        self.full.as_ref().and_then(|f| f.copier.as_ref()).unwrap_or(&self.client)
     }
 
     /// Progress of the background pass (full mode).
@@ -309,10 +328,15 @@ impl MirrorSlot {
     }
 }
 
-/// Requests of the background pass in flight at once.
-const COPY_DEPTH: usize = 4;
-/// Largest background copy request.
+/// Requests of the background pass in flight at once while the guest is idle.
+const COPY_DEPTH: u32 = 4;
+/// Largest background copy request while the guest is idle.
 const COPY_CHUNK: u64 = 1 << 20;
+/// While the guest writes, the pass steps aside: one small request at a time, so a guest
+/// write waits for at most one short copy (on the CPU, in the target, on a range lock).
+const BUSY_CHUNK: u64 = 128 << 10;
+/// A guest write within this long makes the guest count as busy.
+const BUSY_WINDOW: Duration = Duration::from_millis(20);
 
 /// The background pass of a full mirror: copies dirty ranges from the image (as `image` gives
 /// it at each step, so a leaf switch is followed) until nothing is dirty, then flushes the
@@ -320,25 +344,38 @@ const COPY_CHUNK: u64 = 1 << 20;
 pub async fn run_full_copy<I: Image>(slot: Arc<MirrorSlot>, m: Arc<Mirror>, image: impl Fn() -> Arc<I> + Send + Sync + 'static) {
     let Some(f) = m.full.as_ref() else { return };
     let image = Arc::new(image);
-    let depth = Arc::new(tokio::sync::Semaphore::new(COPY_DEPTH));
+    let depth = Arc::new(tokio::sync::Semaphore::new(COPY_DEPTH as usize));
     let mut tasks = tokio::task::JoinSet::new();
     let mut cursor = 0;
+    let (mut seen_writes, mut last_guest_write) = (m.writes.load(Ordering::Relaxed), None::<Instant>);
     loop {
         if m.failed.load(Ordering::Acquire) || !slot.is_current(&m) {
             return;
         }
-        let Some((offset, len)) = f.bitmap.next_run(cursor, COPY_CHUNK) else {
+        let writes = m.writes.load(Ordering::Relaxed);
+        if writes != seen_writes {
+            (seen_writes, last_guest_write) = (writes, Some(Instant::now()));
+        }
+        let busy = last_guest_write.is_some_and(|t| t.elapsed() < BUSY_WINDOW);
+        let Some((offset, len)) = f.bitmap.next_run(cursor, if busy { BUSY_CHUNK } else { COPY_CHUNK }) else {
             while tasks.join_next().await.is_some() {}
             if f.bitmap.dirty_granules() > 0 {
                 continue;
             }
-            if slot.run(&m, "flush", m.client.flush()).await {
+            // Ready means flushed on every connection the pass or the guest wrote through.
+            let flushed = slot.run(&m, "flush", m.client.flush()).await
+                && match &f.copier {
+                    Some(c) => slot.run(&m, "flush", c.flush()).await,
+                    None => true,
+                };
+            if flushed {
                 f.ready.store(true, Ordering::Release);
                 tracing::info!(sent = f.sent.load(Ordering::Relaxed), "full mirror ready");
             }
             return;
         };
-        let Ok(permit) = Arc::clone(&depth).acquire_owned().await else { return };
+        // A busy guest gets the whole depth taken: one copy at a time.
+        let Ok(permit) = Arc::clone(&depth).acquire_many_owned(if busy { COPY_DEPTH } else { 1 }).await else { return };
         // Clear first: a guest write that lands after this is mirrored synchronously anyway,
         // and the exclusive lock below orders this copy after any write still in flight.
         f.bitmap.clear_covered(offset, len);
@@ -377,13 +414,13 @@ async fn copy_range<I: Image>(slot: &MirrorSlot, m: &Mirror, image: &I, offset: 
                 slot.fail(m, format!("reading the source at {}: {err}", e.offset));
                 return false;
             }
-            let sent = slot.run(m, "background copy", m.client.write(e.offset, Payload::Shared(Arc::new(buf)), false)).await;
+            let sent = slot.run(m, "background copy", m.copy_client().write(e.offset, Payload::Shared(Arc::new(buf)), false)).await;
             if sent && let Some(f) = &m.full {
                 f.sent.fetch_add(e.length, Ordering::Relaxed);
             }
             sent
         } else {
-            slot.run(m, "background zeroing", m.client.write_zeroes(e.offset, e.length as u32, false, false)).await
+            slot.run(m, "background zeroing", m.copy_client().write_zeroes(e.offset, e.length as u32, false, false)).await
         };
         if !ok {
             return false;

@@ -163,7 +163,7 @@ fn bad_control_input_gets_an_error_and_changes_nothing() {
         ("{not json\n", "malformed JSON"),
         ("{\"cmd\":\"explode\"}\n", "unknown command"),
         ("{\"nocmd\":1}\n", "missing \"cmd\""),
-        ("{\"cmd\":\"mirror-attach\"}\n", "exactly one descriptor"),
+        ("{\"cmd\":\"mirror-attach\"}\n", "descriptors, got 0"),
         ("{\"cmd\":\"mirror-attach\",\"mode\":\"sideways\"}\n", "\"mode\""),
         ("{\"cmd\":\"unpause\"}\n", "not paused"),
         ("{\"cmd\":\"mirror-detach\"}\n", "no mirror"),
