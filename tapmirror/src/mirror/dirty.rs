@@ -160,7 +160,9 @@ impl RangeLocks {
                     x.id != id
                         && x.start < end
                         && start < x.end
-                        && (exclusive && x.granted || !exclusive && x.exclusive || exclusive && x.exclusive && x.id < id)
+                        // Exclusive waits for anything granted and for earlier exclusive requests
+                        // (first come, first served); shared waits for any exclusive one.
+                        && (exclusive && x.granted || !exclusive && x.exclusive || x.exclusive && x.id < id)
                 });
                 if !blocked {
                     match h.iter_mut().find(|x| x.id == id) {

@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{Semaphore, oneshot};
 
 use super::proto::{self, BlockSize, Descriptor, Errno, InfoItem, Request, ReplyHeader, chunk, cmd, cmd_flags, opt, rep, tflags};
 use crate::io::IoBuf;
@@ -231,6 +231,171 @@ pub struct StatusExtent {
 struct Outgoing {
     header: [u8; proto::REQUEST_LEN],
     payload: Option<Payload>,
+    /// Bytes of this request already on the wire (a direct write the socket took in part).
+    sent: usize,
+}
+
+impl Outgoing {
+    fn new(header: [u8; proto::REQUEST_LEN], payload: Option<Payload>) -> Outgoing {
+        Outgoing { header, payload, sent: 0 }
+    }
+
+    fn len(&self) -> usize {
+        self.header.len() + self.payload.as_ref().map(|p| p.bytes().len()).unwrap_or(0)
+    }
+
+    fn is_disc(&self) -> bool {
+        self.header[6..8] == cmd::DISC.to_be_bytes()
+    }
+
+    /// The slices still to send.
+    fn slices(&self) -> Vec<IoSlice<'_>> {
+        let mut v = Vec::with_capacity(2);
+        let mut skip = self.sent;
+        for part in [&self.header[..], self.payload.as_ref().map(|p| p.bytes()).unwrap_or(&[])] {
+            if skip >= part.len() {
+                skip -= part.len();
+                continue;
+            }
+            v.push(IoSlice::new(&part[skip..]));
+            skip = 0;
+        }
+        v
+    }
+}
+
+/// The write side of a connection. Unix and TCP sockets can be written without waiting
+/// (`try_write_vectored`), so a request usually goes on the wire from the task that makes it,
+/// with no hop to the writer task; other streams always go through the writer task.
+enum Sink {
+    Unix(tokio::net::unix::OwnedWriteHalf),
+    Tcp(tokio::net::tcp::OwnedWriteHalf),
+    Other(tokio::sync::Mutex<std::pin::Pin<Box<dyn AsyncWrite + Send>>>),
+}
+
+impl Sink {
+    fn try_write(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            Sink::Unix(w) => w.try_write_vectored(bufs),
+            Sink::Tcp(w) => w.try_write_vectored(bufs),
+            Sink::Other(_) => Err(io::ErrorKind::WouldBlock.into()),
+        }
+    }
+
+    async fn write_all(&self, mut rest: &mut [IoSlice<'_>]) -> io::Result<()> {
+        if let Sink::Other(m) = self {
+            let mut w = m.lock().await;
+            while !rest.is_empty() {
+                let n = w.write_vectored(rest).await?;
+                if n == 0 {
+                    return Err(io::ErrorKind::WriteZero.into());
+                }
+                IoSlice::advance_slices(&mut rest, n);
+            }
+            return w.flush().await;
+        }
+        while !rest.is_empty() {
+            match self {
+                Sink::Unix(w) => w.writable().await?,
+                Sink::Tcp(w) => w.writable().await?,
+                Sink::Other(_) => {}
+            }
+            match self.try_write(rest) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => IoSlice::advance_slices(&mut rest, n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Orders requests onto the sink: directly when nothing is queued and the writer task is idle,
+/// else through the queue, which only the writer task drains. Only the task that holds
+/// `state` writes directly, and only while the writer task is idle, so requests never
+/// interleave on the wire. A direct write never awaits, so a caller that drops its future
+/// cannot leave half a request behind.
+struct Writer {
+    sink: Sink,
+    state: Mutex<WriterState>,
+    wake: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct WriterState {
+    queue: std::collections::VecDeque<Outgoing>,
+    /// The writer task owns the wire until the queue is empty.
+    busy: bool,
+    /// Why nothing more may be sent (after DISC, an error, or the client's end).
+    closed: Option<String>,
+}
+
+impl Writer {
+    fn send(&self, mut out: Outgoing) -> Result<(), ClientError> {
+        let mut st = self.state.lock().map_err(|_| ClientError::Closed("writer poisoned".into()))?;
+        if let Some(why) = &st.closed {
+            return Err(ClientError::Closed(why.clone()));
+        }
+        let disc = out.is_disc();
+        if !st.busy && st.queue.is_empty() {
+            let total = out.len();
+            match self.sink.try_write(&out.slices()) {
+                Ok(n) if n == total => {
+                    if disc {
+                        st.closed = Some("disconnected by the client".into());
+                    }
+                    return Ok(());
+                }
+                Ok(n) => out.sent = n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => {
+                    st.closed = Some(format!("write failed: {e}"));
+                    return Err(ClientError::Io(e));
+                }
+            }
+        }
+        st.queue.push_back(out);
+        if disc {
+            // Nothing may follow NBD_CMD_DISC on the wire.
+            st.closed = Some("disconnected by the client".into());
+        }
+        if !st.busy {
+            st.busy = true;
+            self.wake.notify_one();
+        }
+        Ok(())
+    }
+
+    fn close(&self, why: &str) {
+        if let Ok(mut st) = self.state.lock() {
+            st.closed.get_or_insert_with(|| why.to_owned());
+        }
+        self.wake.notify_one();
+    }
+
+    /// The writer task: drains the queue whenever a sender handed the wire over.
+    async fn run(&self) -> io::Result<()> {
+        loop {
+            self.wake.notified().await;
+            loop {
+                let batch: Vec<Outgoing> = {
+                    let Ok(mut st) = self.state.lock() else { return Ok(()) };
+                    if st.queue.is_empty() {
+                        st.busy = false;
+                        if st.closed.is_some() {
+                            return Ok(());
+                        }
+                        break;
+                    }
+                    let n = st.queue.len().min(64);
+                    st.queue.drain(..n).collect()
+                };
+                let mut slices: Vec<IoSlice<'_>> = batch.iter().flat_map(|o| o.slices()).collect();
+                self.sink.write_all(&mut slices).await?;
+            }
+        }
+    }
 }
 
 enum Expect {
@@ -278,7 +443,7 @@ impl Shared {
 
 struct Inner {
     info: ExportInfo,
-    tx: mpsc::UnboundedSender<Outgoing>,
+    writer: Arc<Writer>,
     shared: Arc<Shared>,
     next_cookie: AtomicU64,
     slots: Semaphore,
@@ -288,6 +453,7 @@ struct Inner {
 impl Drop for Inner {
     fn drop(&mut self) {
         self.reader.abort();
+        self.writer.close("client dropped");
     }
 }
 
@@ -312,7 +478,7 @@ impl NbdClient {
                 let s = tokio::net::TcpStream::connect((host.as_str(), *port)).await?;
                 s.set_nodelay(true)?;
                 let (r, w) = s.into_split();
-                Self::handshake(r, w, opts).await
+                Self::start(r, w, opts, Sink::Tcp).await
             }
         }
     }
@@ -323,7 +489,7 @@ impl NbdClient {
             .await
             .map_err(|e| io::Error::new(e.kind(), format!("connect {}: {e}", path.display())))?;
         let (r, w) = s.into_split();
-        Self::handshake(r, w, opts).await
+        Self::start(r, w, opts, Sink::Unix).await
     }
 
     /// Uses an already connected socket (Unix or TCP), e.g. one handed over by `SCM_RIGHTS`
@@ -338,33 +504,43 @@ impl NbdClient {
                 let std = std::os::unix::net::UnixStream::from(fd);
                 std.set_nonblocking(true)?;
                 let (r, w) = tokio::net::UnixStream::from_std(std)?.into_split();
-                Self::handshake(r, w, opts).await
+                Self::start(r, w, opts, Sink::Unix).await
             }
             Some(nix::sys::socket::AddressFamily::Inet) | Some(nix::sys::socket::AddressFamily::Inet6) => {
                 let std = std::net::TcpStream::from(fd);
                 std.set_nonblocking(true)?;
                 std.set_nodelay(true)?;
                 let (r, w) = tokio::net::TcpStream::from_std(std)?.into_split();
-                Self::handshake(r, w, opts).await
+                Self::start(r, w, opts, Sink::Tcp).await
             }
             other => Err(ClientError::Unsupported(format!("socket family {other:?}"))),
         }
     }
 
     /// Negotiates over any byte stream halves and starts the connection's tasks.
-    pub async fn handshake<R, W>(r: R, mut w: W, opts: ClientOptions) -> Result<NbdClient, ClientError>
+    pub async fn handshake<R, W>(r: R, w: W, opts: ClientOptions) -> Result<NbdClient, ClientError>
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        Self::start(r, w, opts, |w| Sink::Other(tokio::sync::Mutex::new(Box::pin(w)))).await
+    }
+
+    async fn start<R, W>(r: R, mut w: W, opts: ClientOptions, sink: impl FnOnce(W) -> Sink) -> Result<NbdClient, ClientError>
     where
         R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
     {
         let mut r = BufReader::with_capacity(256 * 1024, r);
         let info = negotiate(&mut r, &mut w, &opts).await?;
-        let (tx, rx) = mpsc::unbounded_channel();
+        let writer = Arc::new(Writer { sink: sink(w), state: Mutex::new(WriterState::default()), wake: tokio::sync::Notify::new() });
         let shared = Arc::new(Shared { pending: Mutex::new(HashMap::new()), dead: Mutex::new(None) });
         let reader_shared = Arc::clone(&shared);
         let writer_shared = Arc::clone(&shared);
+        let writer_task = Arc::clone(&writer);
         tokio::spawn(async move {
-            if let Err(e) = write_requests(w, rx).await {
+            if let Err(e) = writer_task.run().await {
+                writer_task.close(&format!("write failed: {e}"));
                 writer_shared.fail_all(&format!("write failed: {e}"));
             }
         });
@@ -378,7 +554,7 @@ impl NbdClient {
         Ok(NbdClient {
             inner: Arc::new(Inner {
                 info,
-                tx,
+                writer,
                 shared,
                 next_cookie: AtomicU64::new(1),
                 slots: Semaphore::new(opts.max_in_flight.max(1)),
@@ -423,8 +599,11 @@ impl NbdClient {
             return Err(ClientError::Closed(why.clone()));
         }
         let header = Request { flags, kind, cookie, offset, length }.encode();
-        if self.inner.tx.send(Outgoing { header, payload }).is_err() {
-            return Err(ClientError::Closed("writer stopped".into()));
+        if let Err(e) = self.inner.writer.send(Outgoing::new(header, payload)) {
+            if let Ok(mut p) = self.inner.shared.pending.lock() {
+                p.remove(&cookie);
+            }
+            return Err(e);
         }
         rx.await.map_err(|_| ClientError::Closed("connection dropped".into()))?
     }
@@ -546,53 +725,8 @@ impl NbdClient {
             *d = Some("disconnected by the client".into());
         }
         let header = Request { flags: 0, kind: cmd::DISC, cookie: 0, offset: 0, length: 0 }.encode();
-        self.inner.tx.send(Outgoing { header, payload: None }).map_err(|_| ClientError::Closed("writer stopped".into()))
+        self.inner.writer.send(Outgoing::new(header, None))
     }
-}
-
-async fn write_requests<W: AsyncWrite + Unpin>(mut w: W, mut rx: mpsc::UnboundedReceiver<Outgoing>) -> io::Result<()> {
-    let mut batch: Vec<Outgoing> = Vec::with_capacity(64);
-    while let Some(first) = rx.recv().await {
-        batch.push(first);
-        while batch.len() < 64 {
-            match rx.try_recv() {
-                Ok(m) => batch.push(m),
-                Err(_) => break,
-            }
-        }
-        // Nothing may follow NBD_CMD_DISC on the wire: cut the batch after it.
-        let disc_at = batch.iter().position(|o| o.header[6..8] == cmd::DISC.to_be_bytes());
-        let disconnect = disc_at.is_some();
-        if let Some(i) = disc_at {
-            batch.truncate(i + 1);
-        }
-        {
-            let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(batch.len() * 2);
-            for o in &batch {
-                slices.push(IoSlice::new(&o.header));
-                if let Some(p) = &o.payload
-                    && !p.bytes().is_empty()
-                {
-                    slices.push(IoSlice::new(p.bytes()));
-                }
-            }
-            let mut rest: &mut [IoSlice<'_>] = &mut slices;
-            while !rest.is_empty() {
-                let n = w.write_vectored(rest).await?;
-                if n == 0 {
-                    return Err(io::ErrorKind::WriteZero.into());
-                }
-                IoSlice::advance_slices(&mut rest, n);
-            }
-        }
-        w.flush().await?;
-        batch.clear();
-        if disconnect {
-            let _ = w.shutdown().await;
-            return Ok(());
-        }
-    }
-    Ok(())
 }
 
 /// Largest chunk payload other than read data we accept (a block status of 2^20 descriptors).

@@ -89,11 +89,10 @@ fn crash_rounds(format: &str) {
                 let data = vec![w.value; (w.sectors * SECTOR) as usize];
                 let offset = w.offset;
                 set.spawn(async move { c.write(offset, data, false).await.map(|_| i) });
-                if set.len() >= 32 {
-                    if let Some(Ok(Ok(i))) = set.join_next().await {
+                if set.len() >= 32
+                    && let Some(Ok(Ok(i))) = set.join_next().await {
                         completed.push(i);
                     }
-                }
                 if !killed && completed.len() >= kill_at {
                     let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
                     killed = true;

@@ -53,7 +53,7 @@ fn serve_auto_detects_and_serves_every_format() {
         drop(served);
         let map = image(&["map"], &path);
         let data: u64 = map["map"].as_array().expect("map").iter().filter(|e| e["type"] == "data").map(|e| e["length"].as_u64().unwrap_or(0)).sum();
-        assert!(data >= MIB + 1000 && data <= 8 * MIB, "{format}: {map}");
+        assert!((MIB + 1000..=8 * MIB).contains(&data), "{format}: {map}");
         let dir2 = tempfile::tempdir().expect("tempdir");
         let served = serve_file(dir2, path.clone(), &[]);
         run(Command::new("qemu-io").args(["-f", "raw", "-c", "read -P 0x3c 8M 1M", "-c", "read -P 0x3d 100 1000", "-c", "read -P 0 2M 1M", &served.uri()]));
