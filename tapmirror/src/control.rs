@@ -8,8 +8,8 @@
 //! | command | arguments | does |
 //! | --- | --- | --- |
 //! | `stats` | | counters, outstanding requests, mirror state and bytes left |
-//! | `pause` | | lets in-flight guest requests finish and holds new ones |
-//! | `unpause` | `leaf`: path (optional) | resumes, first switching to the image at `leaf` |
+//! | `pause` | | lets in-flight guest requests finish, holds new ones, and lets go of the image for writing (tap-ctl pause: the backend may now snapshot or compose it) |
+//! | `unpause` | `leaf`: path (optional) | reopens the image (or the one at `leaf`) for writing and resumes |
 //! | `mirror-attach` | `mode` (sync, full), `timeout_ms`, `export`, `granularity`, `target_is_zero`; one descriptor (full: optionally a second, for the background pass) | negotiates NBD on the descriptors and mirrors onto the target (full: and copies the disk in the background) |
 //! | `mirror-detach` | | stops mirroring (after in-flight writes) |
 //! | `drain` | `timeout_s` (default 30) | waits until no request is outstanding on either side |
@@ -31,19 +31,24 @@ use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, s
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-use crate::image::Image;
+use crate::image::{Access, Image};
 use crate::mirror::{Mirror, MirrorMode};
 use crate::nbd::{ClientOptions, NbdClient, NbdServer};
 
-/// Opens the image a server switches to on `unpause --leaf`.
-pub type OpenLeaf<I> = Box<dyn Fn(PathBuf) -> Pin<Box<dyn Future<Output = anyhow::Result<I>> + Send>> + Send + Sync>;
+/// Opens an image at a path with an access mode (for `pause` and `unpause`).
+pub type OpenImage<I> =
+    Box<dyn Fn(PathBuf, Access) -> Pin<Box<dyn Future<Output = anyhow::Result<I>> + Send>> + Send + Sync>;
 
 /// What the control socket acts on.
 pub struct Control<I: Image> {
     /// The data server.
     pub server: Arc<NbdServer<I>>,
-    /// How to open a new leaf.
-    pub open_leaf: OpenLeaf<I>,
+    /// How to open an image.
+    pub open: OpenImage<I>,
+    /// The path the server serves (the leaf), updated by `unpause --leaf`.
+    pub path: std::sync::Mutex<PathBuf>,
+    /// The access the server serves with.
+    pub access: Access,
     /// Cancelled by `shutdown`.
     pub shutdown: CancellationToken,
 }
@@ -102,6 +107,46 @@ fn connection<I: Image>(stream: UnixStream, control: &Control<I>, rt: &tokio::ru
             return;
         }
     }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn attach<I: Image>(
+    server: &Arc<NbdServer<I>>,
+    client: NbdClient,
+    copier: Option<NbdClient>,
+    mode: MirrorMode,
+    timeout: Duration,
+    granularity: u64,
+    request: &Value,
+    size: u64,
+) -> Value {
+    let mut mirror = Mirror::with_granularity(client, mode, timeout, granularity);
+    if let Some(c) = copier {
+        mirror = mirror.with_copier(c);
+    }
+    let target_is_zero = request.get("target_is_zero").and_then(Value::as_bool).unwrap_or(false);
+    if mode == MirrorMode::Full && target_is_zero {
+        // Holes need no copy onto a target that reads as zero.
+        let image = server.image();
+        let mut at = 0;
+        while at < size {
+            let Ok(extents) = image.allocation(at, size - at, usize::MAX).await else { break };
+            let Some(last) = extents.last() else { break };
+            at = last.offset + last.length;
+            for e in extents.iter().filter(|e| e.state == crate::image::ExtentState::Hole) {
+                mirror.mark_clean(e.offset, e.length);
+            }
+        }
+    }
+    if let Err(e) = server.mirror().attach(Arc::clone(&mirror)) {
+        return err(e);
+    }
+    if mode == MirrorMode::Full {
+        let source = Arc::clone(server);
+        tokio::spawn(crate::mirror::run_full_copy(Arc::clone(server.mirror()), mirror, move || source.image()));
+    }
+    tracing::info!(?mode, granularity, "mirror attached");
+    json!({"ok": true, "state": server.mirror().state()})
 }
 
 fn receive(stream: &UnixStream, into: &mut Vec<u8>, fds: &mut Vec<OwnedFd>) -> std::io::Result<usize> {
@@ -179,22 +224,47 @@ async fn execute<I: Image>(control: &Control<I>, request: &Value, mut fds: Vec<O
                 return err("already paused");
             }
             server.pause().await;
+            // As tap-ctl pause does, let go of the image for writing, so the backend can
+            // snapshot or compose it: hold a read-only instance (which takes no lock) while
+            // paused. No request runs until unpause reopens it for writing.
+            let path = control.path.lock().map(|p| p.clone()).unwrap_or_default();
+            match (control.open)(path.clone(), Access::ReadOnly).await {
+                Ok(ro) => {
+                    if let Err(e) = server.replace_image(Arc::new(ro)) {
+                        tracing::warn!(error = %e, "kept the image open for writing while paused");
+                    }
+                }
+                Err(e) => tracing::warn!(error = %format!("{e:#}"), path = %path.display(), "kept the image open while paused"),
+            }
             json!({"ok": true})
         }
         "unpause" => {
             if !server.is_paused() {
                 return err("not paused");
             }
-            if let Some(leaf) = request.get("leaf") {
-                let Some(path) = leaf.as_str() else { return err("\"leaf\" must be a path") };
-                let image = match (control.open_leaf)(PathBuf::from(path)).await {
-                    Ok(i) => i,
-                    Err(e) => return err(format!("opening leaf {path}: {e:#}")),
-                };
-                if let Err(e) = server.replace_image(Arc::new(image)) {
-                    return err(e);
+            let leaf = match request.get("leaf") {
+                None => None,
+                Some(v) => match v.as_str() {
+                    Some(p) => Some(PathBuf::from(p)),
+                    None => return err("\"leaf\" must be a path"),
+                },
+            };
+            let path = match &leaf {
+                Some(p) => p.clone(),
+                None => control.path.lock().map(|p| p.clone()).unwrap_or_default(),
+            };
+            let image = match (control.open)(path.clone(), control.access).await {
+                Ok(i) => i,
+                Err(e) => return err(format!("opening {}: {e:#}", path.display())),
+            };
+            if let Err(e) = server.replace_image(Arc::new(image)) {
+                return err(e);
+            }
+            if leaf.is_some() {
+                tracing::info!(leaf = %path.display(), "switched to a new leaf");
+                if let Ok(mut p) = control.path.lock() {
+                    *p = path;
                 }
-                tracing::info!(leaf = path, "switched to a new leaf");
             }
             server.unpause();
             json!({"ok": true})
@@ -236,33 +306,18 @@ async fn execute<I: Image>(control: &Control<I>, request: &Value, mut fds: Vec<O
             if !granularity.is_power_of_two() || !(512..=64 << 20).contains(&granularity) {
                 return err("\"granularity\" must be a power of two from 512 to 64 MiB");
             }
-            let mut mirror = Mirror::with_granularity(client, mode, timeout, granularity);
-            if let Some(c) = copier {
-                mirror = mirror.with_copier(c);
+            // Quiesce while attaching: a guest write already in flight started without the mirror
+            // and reaches only the local side, and in full mode the allocation read below must
+            // not miss a write that lands just after it. Requests wait for the moment it takes.
+            let quiesced = !server.is_paused();
+            if quiesced {
+                server.pause().await;
             }
-            let target_is_zero = request.get("target_is_zero").and_then(Value::as_bool).unwrap_or(false);
-            if mode == MirrorMode::Full && target_is_zero {
-                // Holes need no copy onto a target that reads as zero.
-                let image = server.image();
-                let mut at = 0;
-                while at < size {
-                    let Ok(extents) = image.allocation(at, size - at, usize::MAX).await else { break };
-                    let Some(last) = extents.last() else { break };
-                    at = last.offset + last.length;
-                    for e in extents.iter().filter(|e| e.state == crate::image::ExtentState::Hole) {
-                        mirror.mark_clean(e.offset, e.length);
-                    }
-                }
+            let attached = attach(server, client, copier, mode, timeout, granularity, request, size).await;
+            if quiesced {
+                server.unpause();
             }
-            if let Err(e) = server.mirror().attach(Arc::clone(&mirror)) {
-                return err(e);
-            }
-            if mode == MirrorMode::Full {
-                let source = Arc::clone(server);
-                tokio::spawn(crate::mirror::run_full_copy(Arc::clone(server.mirror()), mirror, move || source.image()));
-            }
-            tracing::info!(?mode, granularity, "mirror attached");
-            json!({"ok": true, "state": server.mirror().state()})
+            attached
         }
         "mirror-detach" => match server.mirror().detach() {
             Some(m) => {

@@ -302,13 +302,15 @@ async fn serve(args: ServeArgs, activated: Vec<std::os::fd::OwnedFd>) -> Result<
     let image = AnyImage::open(&args.image, format, access, engine)
         .await
         .with_context(|| format!("opening {}", args.image.display()))?;
-    let image = Arc::new(image);
+    let (format, size, chain) = (image.format(), image.size(), image.chain().len());
     let export = ExportConfig {
         name: args.export_name.clone(),
         description: Some(format!("tapmirror {}", args.image.display())),
         read_only: args.read_only,
     };
-    let server = NbdServer::new(Arc::clone(&image), export);
+    // The server holds the only reference: pause must be able to close the image for writing
+    // (so the backend can snapshot it), and unpause --leaf to replace it.
+    let server = NbdServer::new(Arc::new(image), export);
     let shutdown = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
     let mut ready = Vec::new();
@@ -340,7 +342,7 @@ async fn serve(args: ServeArgs, activated: Vec<std::os::fd::OwnedFd>) -> Result<
             tasks.spawn(Arc::clone(&server).serve_tcp(listener, shutdown.clone()));
         }
     }
-    tracing::info!(image = %args.image.display(), format = ?image.format(), size = image.size(), chain = image.chain().len(), ?engine, "serving");
+    tracing::info!(image = %args.image.display(), ?format, size, chain, ?engine, "serving");
     if args.socket.is_some() || args.listen.is_some() {
         // One line on stdout tells scripts and tests where we listen. Under socket activation
         // stdout belongs to whoever started us, so the line goes to the log only.
@@ -350,10 +352,11 @@ async fn serve(args: ServeArgs, activated: Vec<std::os::fd::OwnedFd>) -> Result<
 
     if let Some(path) = &args.control {
         let listener = bind_unix(path)?;
-        let (leaf_access, leaf_engine) = (access, engine);
         let control = Arc::new(tapmirror::control::Control {
             server: Arc::clone(&server),
-            open_leaf: Box::new(move |leaf: PathBuf| Box::pin(async move { open_leaf(&leaf, leaf_access, leaf_engine).await })),
+            open: Box::new(move |path: PathBuf, access| Box::pin(async move { open_leaf(&path, access, engine).await })),
+            path: std::sync::Mutex::new(args.image.clone()),
+            access,
             shutdown: shutdown.clone(),
         });
         tokio::spawn(tapmirror::control::serve(listener, control));
@@ -367,7 +370,7 @@ async fn serve(args: ServeArgs, activated: Vec<std::os::fd::OwnedFd>) -> Result<
     }
     shutdown.cancel();
     while tasks.join_next().await.is_some() {}
-    image.flush().await.context("final flush")?;
+    server.image().flush().await.context("final flush")?;
     for path in [&args.socket, &args.control].into_iter().flatten() {
         let _ = std::fs::remove_file(path);
     }

@@ -118,6 +118,9 @@ pub struct Session {
 pub struct NbdServer<I: Image> {
     /// Swappable while paused (`unpause --leaf`: the snapshot switch).
     image: std::sync::RwLock<Arc<I>>,
+    /// Whether the export refuses writes: fixed at creation, since a paused server may hold a
+    /// read-only stand-in of a writable image.
+    read_only: bool,
     export: ExportConfig,
     limits: Limits,
     stats: Stats,
@@ -150,6 +153,7 @@ impl<I: Image> NbdServer<I> {
     /// A server for `image` with the given limits.
     pub fn with_limits(image: Arc<I>, export: ExportConfig, limits: Limits) -> Arc<Self> {
         Arc::new(NbdServer {
+            read_only: export.read_only || image.features().read_only,
             image: std::sync::RwLock::new(image),
             export,
             limits,
@@ -237,7 +241,7 @@ impl<I: Image> NbdServer<I> {
     }
 
     fn read_only(&self) -> bool {
-        self.export.read_only || self.image().features().read_only
+        self.read_only
     }
 
     fn transmission_flags(&self, session: &Session) -> u16 {

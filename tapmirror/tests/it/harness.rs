@@ -169,3 +169,67 @@ pub fn spawn_server(cmd: &mut Command, socket: &Path) -> Proc {
     }
     proc
 }
+
+/// A guest of our own: writes runs of 1 to 8 sectors at any 512-byte offset (so most writes are
+/// not 4 KiB aligned), each filled with a value that names the write, one at a time over NBD,
+/// until stopped; it keeps the model of what every sector must hold.
+pub struct Guest {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: std::thread::JoinHandle<(Vec<u8>, u64)>,
+}
+
+impl Guest {
+    /// Starts writing to the export at `uri` (of `size` bytes).
+    pub fn start(uri: String, size: u64, seed: u64) -> Guest {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let flag = std::sync::Arc::clone(&stop);
+        let handle = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("guest runtime");
+            rt.block_on(async move {
+                let uri = tapmirror::nbd::NbdUri::parse(&uri).expect("guest uri");
+                let client = tapmirror::nbd::NbdClient::connect(&uri).await.expect("guest connect");
+                let sectors = size / 512;
+                let mut model = vec![0u8; sectors as usize];
+                let mut x = seed | 1;
+                let mut writes = 0u64;
+                while !flag.load(Ordering::Relaxed) {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    let n = 1 + x % 8;
+                    let start = (x >> 8) % (sectors - n);
+                    // 1..=255, never 0: 0 means "never written by the guest".
+                    let value = (writes % 255 + 1) as u8;
+                    client.write(start * 512, vec![value; (n * 512) as usize], false).await.expect("guest write failed");
+                    model[start as usize..(start + n) as usize].fill(value);
+                    writes += 1;
+                }
+                client.flush().await.expect("guest flush");
+                (model, writes)
+            })
+        });
+        Guest { stop, handle }
+    }
+
+    /// Stops after the write in progress; returns the model (one byte per sector, 0 where the
+    /// guest never wrote) and how many writes it made.
+    pub fn stop(self) -> (Vec<u8>, u64) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.handle.join().expect("guest thread")
+    }
+}
+
+/// Checks `disk` against a guest's model: every sector the guest wrote holds its last value,
+/// every other sector equals `before`.
+pub fn assert_matches_guest(disk: &[u8], model: &[u8], before: &[u8], what: &str) {
+    assert_eq!(disk.len(), before.len(), "{what}: size");
+    for (s, &v) in model.iter().enumerate() {
+        let sector = &disk[s * 512..(s + 1) * 512];
+        if v == 0 {
+            assert!(sector == &before[s * 512..(s + 1) * 512], "{what}: sector {s} changed though the guest never wrote it");
+        } else {
+            assert!(sector.iter().all(|&b| b == v), "{what}: sector {s} does not hold the guest's last write ({v})");
+        }
+    }
+}

@@ -11,6 +11,7 @@ mod client;
 mod copy;
 mod crash;
 mod image_cli;
+mod migrate;
 mod mirror;
 mod peers;
 mod qcow2;
