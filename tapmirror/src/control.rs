@@ -208,6 +208,10 @@ async fn execute<I: Image>(control: &Control<I>, request: &Value, mut fds: Vec<O
                 "errors": s.errors.load(Relaxed),
                 "bytes_read": s.bytes_read.load(Relaxed),
                 "bytes_written": s.bytes_written.load(Relaxed),
+                "uptime_s": s.started.elapsed().as_secs_f64(),
+                // Averages since start, bytes per second.
+                "read_rate": s.bytes_read.load(Relaxed) as f64 / s.started.elapsed().as_secs_f64().max(1e-3),
+                "write_rate": s.bytes_written.load(Relaxed) as f64 / s.started.elapsed().as_secs_f64().max(1e-3),
                 "mirror": {
                     "state": slot.state(),
                     "mode": mirror.as_ref().map(|m| m.mode()),

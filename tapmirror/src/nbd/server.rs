@@ -70,9 +70,11 @@ pub struct ExportConfig {
     pub read_only: bool,
 }
 
-/// Counters of what a server did, for logs and (later) the control socket.
-#[derive(Debug, Default)]
+/// Counters of what a server did, for logs and the control socket.
+#[derive(Debug)]
 pub struct Stats {
+    /// When the server started (rates are averages since then).
+    pub started: std::time::Instant,
     /// Connections accepted.
     pub connections: AtomicU64,
     /// Requests answered.
@@ -83,6 +85,19 @@ pub struct Stats {
     pub bytes_read: AtomicU64,
     /// Bytes written by clients.
     pub bytes_written: AtomicU64,
+}
+
+impl Default for Stats {
+    fn default() -> Stats {
+        Stats {
+            started: std::time::Instant::now(),
+            connections: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            bytes_read: AtomicU64::new(0),
+            bytes_written: AtomicU64::new(0),
+        }
+    }
 }
 
 /// Why a connection ended abnormally.

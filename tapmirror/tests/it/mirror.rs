@@ -72,6 +72,8 @@ fn sync_mirror_onto_our_server_ends_byte_identical() {
     assert_eq!(stats["mirror"]["state"], "ready");
     assert!(stats["mirror"]["counters"]["writes"].as_u64().unwrap_or(0) >= 4096, "{stats}");
     assert_eq!(stats["outstanding"], 0);
+    assert!(stats["write_rate"].as_f64().unwrap_or(0.0) > 0.0, "{stats}");
+    assert!(stats["bytes_written"].as_u64().unwrap_or(0) >= 16 << 20, "{stats}");
     assert!(source.contents() == target.contents(), "target differs from the source after drain");
 }
 
