@@ -44,6 +44,8 @@ const RING_ENTRIES: u32 = 256;
 const MAX_IN_FLIGHT: usize = RING_ENTRIES as usize;
 /// Size of the sparse fixed-file table.
 const FILE_SLOTS: u32 = 1024;
+/// How often the reaper sweeps the completion queue while operations are in flight, in ms.
+const SWEEP_MS: i32 = 2;
 
 /// What the kernel does for one submission.
 pub(crate) enum Op {
@@ -245,7 +247,7 @@ impl Ring {
         if pushed {
             self.enter_submit();
             // Page-cache hits completed inside the enter: hand them out without a thread hop.
-            self.reap();
+            let _ = self.reap();
         }
         rx.await.map_err(|_| io::Error::other("io_uring dropped the operation"))
     }
@@ -293,8 +295,10 @@ impl Ring {
         }
     }
 
-    /// Hands out every available completion and refills the ring from the backlog.
-    fn reap(&self) {
+    /// Hands out every available completion and refills the ring from the backlog; returns how
+    /// many completions it handed out.
+    fn reap(&self) -> usize {
+        let mut handed = 0;
         let pushed = {
             let mut st = self.lock();
             // SAFETY: the completion queue is only ever accessed under `state`'s mutex.
@@ -307,6 +311,7 @@ impl Ring {
                     st.in_flight -= 1;
                     st.free_keys.push(cqe.user_data() as usize);
                     let _ = flight.done.send(Done { result: cqe.result(), buf: flight.read_buf });
+                    handed += 1;
                 }
             }
             !st.backlog.is_empty() && self.pump(&mut st)
@@ -314,18 +319,42 @@ impl Ring {
         if pushed {
             self.enter_submit();
         }
+        handed
     }
 
     fn reap_async_forever(self: Arc<Self>) {
         let mut count = [0u8; 8];
+        let fd = self.async_completions.as_raw_fd();
         loop {
-            // SAFETY: reads 8 bytes into a live local buffer from our own eventfd.
-            let n = unsafe { libc::read(self.async_completions.as_raw_fd(), count.as_mut_ptr().cast(), 8) };
-            if n < 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
-                tracing::error!(error = %io::Error::last_os_error(), "io_uring completion eventfd failed");
-                std::thread::sleep(std::time::Duration::from_millis(10));
+            // The async eventfd fires only for completions an io-wq worker posts itself; the
+            // kernel may post others through task_work in the submitting thread, which signals
+            // nothing, and at queue depth 1 no later submission would reap them. So while
+            // anything is in flight, wait at most SWEEP and reap anyway: a missed signal costs
+            // milliseconds, never a hung request (seen once under CI load: a qemu-io write stuck
+            // with the server idle; not reproduced since, so the sweep covers every lost wake-up
+            // of this path, whatever its cause).
+            let busy = self.lock().in_flight > 0;
+            let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+            let timeout = if busy { SWEEP_MS } else { -1 };
+            // SAFETY: polls one live pollfd on our own eventfd.
+            let ready = unsafe { libc::poll(&raw mut pfd, 1, timeout) };
+            if ready > 0 {
+                // SAFETY: reads 8 bytes into a live local buffer from our own eventfd.
+                let n = unsafe { libc::read(fd, count.as_mut_ptr().cast(), 8) };
+                if n < 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+                    tracing::error!(error = %io::Error::last_os_error(), "io_uring completion eventfd failed");
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
             }
-            self.reap();
+            if ready == 0 {
+                // Also submit anything an earlier io_uring_enter left queued (EBUSY, EAGAIN):
+                // at queue depth 1 nothing else would.
+                self.enter_submit();
+            }
+            let handed = self.reap();
+            if ready == 0 && handed > 0 {
+                tracing::debug!(completions = handed, "sweep reaped completions no eventfd signal announced");
+            }
         }
     }
 
