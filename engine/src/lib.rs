@@ -6,3 +6,8 @@
 //! migration with rollback, persisted state, tasks, the JSON-RPC and XML-RPC codecs, and the HTTP
 //! server and client. It names no backend and uses nothing else of ours: the `sxm` binary
 //! registers the backends (see `../shared/DESIGN.md`, "Layout").
+//!
+//! Built so far: [`rpc`], the value tree and its XML-RPC and JSON encodings, checked against
+//! xapi's recorded wire vectors.
+
+pub mod rpc;
