@@ -7,7 +7,8 @@
 //! server and client. It names no backend and uses nothing else of ours: the `sxm` binary
 //! registers the backends (see `../shared/DESIGN.md`, "Layout").
 //!
-//! Built so far: [`rpc`], the value tree and its XML-RPC and JSON encodings, checked against
-//! xapi's recorded wire vectors.
+//! Built so far: [`rpc`], the value tree and its XML-RPC and JSON encodings, and [`model`]'s
+//! storage errors, checked against xapi's recorded wire vectors.
 
+pub mod model;
 pub mod rpc;

@@ -74,3 +74,29 @@ fn every_recorded_response_parses_and_reencodes_exactly() {
     }
     assert!(ok > 0 && failed > 0, "{ok} successes, {failed} failures");
 }
+
+/// Every recorded failure decodes to a storage error with a known tag (only the vectors that
+/// say `Unknown_error` decode to it) and encodes back to the very same tree.
+#[test]
+fn every_recorded_failure_is_a_storage_error_that_reencodes_exactly() {
+    use sxm_engine::model::StorageError;
+    let Some(responses) = vectors("responses") else { return };
+    let mut seen = std::collections::BTreeSet::new();
+    for (name, text) in &responses {
+        let v = xmlrpc::parse_response(text).unwrap_or_else(|e| panic!("{name}: {e}"));
+        if v.get("Status").and_then(Value::as_str) != Some("Failure") {
+            continue;
+        }
+        let desc = v.get("ErrorDescription").expect("ErrorDescription");
+        let e = StorageError::from_value(desc).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let tag = match desc {
+            Value::String(t) => t.clone(),
+            Value::Array(a) => a[0].as_str().expect("tag").to_owned(),
+            other => panic!("{name}: {other:?}"),
+        };
+        assert_eq!(e == StorageError::UnknownError, tag == "Unknown_error", "{name}: {tag} decoded to {e:?}");
+        assert_eq!(&e.to_value(), desc, "{name}: re-encoding differs");
+        seen.insert(tag);
+    }
+    assert!(seen.len() >= 17, "only these error tags were seen: {seen:?}");
+}
