@@ -546,6 +546,7 @@ impl<I: Image> NbdServer<I> {
                 Ok(req) => req,
                 Err(e) => break Err(e.into()),
             };
+            tracing::trace!(pid = std::process::id(), cookie = req.cookie, kind = req.kind, offset = req.offset, length = req.length, "request header read");
             if req.kind == cmd::DISC {
                 break Ok(());
             }
@@ -558,6 +559,7 @@ impl<I: Image> NbdServer<I> {
                 break Ok(());
             };
             let permits = Permits { _request: req_permit, _bytes: byte_permit };
+            tracing::trace!(pid = std::process::id(), cookie = req.cookie, "permits taken");
 
             let verdict = validate(&req, &session, self.image().size(), self.read_only());
             if req.kind == cmd::WRITE {
@@ -586,10 +588,12 @@ impl<I: Image> NbdServer<I> {
                 }
                 let this = Arc::clone(&self);
                 let tx = tx.clone();
+                tracing::trace!(pid = std::process::id(), cookie = req.cookie, "payload read");
                 tokio::spawn(async move {
                     let _running = this.gate.read().await;
                     let _outstanding = this.begin();
                     let msg = this.handle_write(req, buf, permits).await;
+                    tracing::trace!(pid = std::process::id(), cookie = req.cookie, "reply queued");
                     let _ = tx.send(msg);
                 });
                 continue;
@@ -610,6 +614,7 @@ impl<I: Image> NbdServer<I> {
                 let _running = this.gate.read().await;
                 let _outstanding = this.begin();
                 let msg = this.handle(req, session, permits).await;
+                tracing::trace!(pid = std::process::id(), cookie = req.cookie, "reply queued");
                 let _ = tx.send(msg);
             });
         };
@@ -948,6 +953,7 @@ async fn write_replies<W: AsyncWrite + Unpin>(
             }
         }
         let r = write_batch(&mut w, &batch).await;
+        tracing::trace!(pid = std::process::id(), replies = batch.len(), ok = r.is_ok(), "replies written");
         batch.clear();
         if let Err(e) = r {
             broken.cancel();
