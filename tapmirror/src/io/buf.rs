@@ -18,7 +18,8 @@ pub const SLOT_COUNT: usize = 64;
 
 /// The process-wide pool of registered slots.
 pub struct FixedPool {
-    map: memmap2::MmapMut,
+    /// Owns the memory `base` points into; never read, only kept alive.
+    _map: memmap2::MmapMut,
     base: NonNull<u8>,
     free: Mutex<Vec<u16>>,
 }
@@ -34,7 +35,7 @@ impl FixedPool {
         let mut map = memmap2::MmapMut::map_anon(SLOT_SIZE * SLOT_COUNT)?;
         let base = NonNull::new(map.as_mut_ptr()).ok_or_else(|| std::io::Error::other("null mapping"))?;
         let free = (0..SLOT_COUNT as u16).rev().collect();
-        Ok(FixedPool { map, base, free: Mutex::new(free) })
+        Ok(FixedPool { _map: map, base, free: Mutex::new(free) })
     }
 
     /// The pool, created on first use; `None` when anonymous memory cannot be mapped.
@@ -75,16 +76,6 @@ impl FixedPool {
         debug_assert!(usize::from(index) < SLOT_COUNT);
         // SAFETY: index < SLOT_COUNT (only indices from the free list exist), inside the mapping.
         unsafe { self.base.as_ptr().add(usize::from(index) * SLOT_SIZE) }
-    }
-
-    /// Total bytes of the mapping (for diagnostics).
-    pub fn len(&self) -> usize {
-        self.map.len()
-    }
-
-    /// Whether the pool is empty (never: it always holds `SLOT_COUNT` slots).
-    pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
     }
 }
 
