@@ -10,5 +10,6 @@
 //! Built so far: [`rpc`], the value tree and its XML-RPC and JSON encodings, and [`model`]'s
 //! storage errors, checked against xapi's recorded wire vectors.
 
+pub mod http;
 pub mod model;
 pub mod rpc;

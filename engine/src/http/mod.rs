@@ -1,0 +1,15 @@
+//! The host's HTTP face: xapi's `/services/SM` (XML-RPC) and `/jsonrpc` (JSON-RPC 1.0 and 2.0)
+//! on TCP and on a Unix socket, and the client other hosts and the CLI use to call it.
+
+use std::future::Future;
+
+use crate::model::StorageError;
+use crate::rpc::Value;
+
+/// What the server runs for each call. The mux implements it; the server only decodes the
+/// envelope, authenticates, and encodes the answer in the caller's own encoding and version.
+pub trait Dispatch: Send + Sync + 'static {
+    /// Runs `method` with its parameters (xapi sends one struct of named arguments) and answers
+    /// its result, or the storage error to send back.
+    fn dispatch(&self, method: String, params: Vec<Value>) -> impl Future<Output = Result<Value, StorageError>> + Send;
+}
