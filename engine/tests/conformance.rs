@@ -100,3 +100,117 @@ fn every_recorded_failure_is_a_storage_error_that_reencodes_exactly() {
     }
     assert!(seen.len() >= 17, "only these error tags were seen: {seen:?}");
 }
+
+/// Every recorded request decodes into its typed call (or is one the host answers
+/// `Unimplemented`), and the typed call encodes back to the very same bytes; it also survives
+/// the trip through JSON.
+#[test]
+fn every_recorded_request_decodes_into_its_typed_call_and_back() {
+    use sxm_engine::model::{Call, StorageError, call::UNSERVED};
+    let Some(requests) = vectors("requests") else { return };
+    let (mut typed, mut unserved) = (0, 0);
+    for (name, text) in &requests {
+        let raw = xmlrpc::parse_call(text).unwrap_or_else(|e| panic!("{name}: {e}"));
+        match Call::decode(&raw.method, &raw.params) {
+            Ok(call) => {
+                assert_eq!(call.method(), raw.method, "{name}");
+                assert_eq!(xmlrpc::encode_call(call.method(), &call.params()), text.trim_end(), "{name}: typed re-encoding differs");
+                let json = through_json(&raw.params[0]);
+                assert_eq!(Call::decode(&raw.method, &[json]).as_ref(), Ok(&call), "{name}: differs after JSON");
+                typed += 1;
+            }
+            Err(StorageError::Unimplemented(m)) => {
+                assert_eq!(m, raw.method, "{name}");
+                assert!(UNSERVED.contains(&m.as_str()), "{name}: {m} is neither served nor a known unserved method");
+                unserved += 1;
+            }
+            Err(e) => panic!("{name}: {e}"),
+        }
+    }
+    assert!(typed >= 450, "only {typed} requests decoded ({unserved} unserved)");
+}
+
+/// Every recorded answer of a served method decodes into its typed result and encodes back to
+/// the very same bytes.
+#[test]
+fn every_recorded_result_of_a_served_method_decodes_typed_and_back() {
+    use sxm_engine::model::*;
+    use sxm_engine::rpc::marshal::{DecodeError, Map, Marshal};
+
+    fn rt<T: Marshal>(v: &Value) -> Result<Value, DecodeError> {
+        T::from_value(v).map(|t| t.to_value())
+    }
+    type Rt = fn(&Value) -> Result<Value, DecodeError>;
+    let table: &[(&str, Rt)] = &[
+        ("SR.create", rt::<Map<String>>),
+        ("SR.attach", rt::<()>),
+        ("SR.detach", rt::<()>),
+        ("SR.destroy", rt::<()>),
+        ("SR.scan", rt::<Vec<VdiInfo>>),
+        ("SR.list", rt::<Vec<String>>),
+        ("SR.stat", rt::<SrInfo>),
+        ("SR.set_name_label", rt::<()>),
+        ("SR.set_name_description", rt::<()>),
+        ("SR.update_snapshot_info_dest", rt::<()>),
+        ("VDI.create", rt::<VdiInfo>),
+        ("VDI.destroy", rt::<()>),
+        ("VDI.snapshot", rt::<VdiInfo>),
+        ("VDI.clone", rt::<VdiInfo>),
+        ("VDI.resize", rt::<i64>),
+        ("VDI.compose", rt::<()>),
+        ("VDI.set_content_id", rt::<()>),
+        ("VDI.set_name_label", rt::<()>),
+        ("VDI.set_name_description", rt::<()>),
+        ("VDI.set_persistent", rt::<()>),
+        ("VDI.similar_content", rt::<Vec<VdiInfo>>),
+        ("VDI.add_to_sm_config", rt::<()>),
+        ("VDI.remove_from_sm_config", rt::<()>),
+        ("VDI.stat", rt::<VdiInfo>),
+        ("VDI.get_by_name", rt::<VdiInfo>),
+        ("VDI.attach", rt::<Value>),
+        ("VDI.attach2", rt::<AttachInfo>),
+        ("VDI.attach3", rt::<AttachInfo>),
+        ("VDI.activate", rt::<()>),
+        ("VDI.activate3", rt::<()>),
+        ("VDI.deactivate", rt::<()>),
+        ("VDI.detach", rt::<()>),
+        ("DP.create", rt::<String>),
+        ("DP.destroy", rt::<()>),
+        ("DP.attach_info", rt::<AttachInfo>),
+        ("DP.stat_vdi", rt::<DpStatVdi>),
+        ("TASK.stat", rt::<Task>),
+        ("TASK.list", rt::<Vec<Task>>),
+        ("TASK.cancel", rt::<()>),
+        ("TASK.destroy", rt::<()>),
+        ("UPDATES.get", rt::<(Vec<Dynamic>, String)>),
+        ("Query.query", rt::<QueryResult>),
+        ("DATA.copy", rt::<String>),
+        ("DATA.MIRROR.start", rt::<String>),
+        ("DATA.MIRROR.stop", rt::<()>),
+        ("DATA.MIRROR.stat", rt::<Mirror>),
+        ("DATA.MIRROR.list", rt::<Map<Mirror>>),
+        ("DATA.MIRROR.receive_start", rt::<MirrorReceiveResult>),
+        ("DATA.MIRROR.receive_finalize", rt::<()>),
+        ("DATA.MIRROR.receive_cancel", rt::<()>),
+    ];
+    let Some(responses) = vectors("responses") else { return };
+    let mut checked = std::collections::BTreeMap::<&str, usize>::new();
+    for (name, text) in &responses {
+        let method = name.split(".response.").next().expect("method in name");
+        let v = xmlrpc::parse_response(text).unwrap_or_else(|e| panic!("{name}: {e}"));
+        if v.get("Status").and_then(Value::as_str) != Some("Success") {
+            continue;
+        }
+        let Some((m, rt)) = table.iter().find(|(m, _)| *m == method) else {
+            assert!(!Call::METHODS.contains(&method), "{name}: a served method without a typed result in this table");
+            continue;
+        };
+        let value = v.get("Value").expect("Value");
+        let back = rt(value).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let again = Value::Struct(vec![("Status".into(), Value::String("Success".into())), ("Value".into(), back)]);
+        assert_eq!(xmlrpc::encode_response(&again), text.trim_end(), "{name}: typed re-encoding differs");
+        *checked.entry(m).or_default() += 1;
+    }
+    let missing: Vec<_> = table.iter().map(|(m, _)| *m).filter(|m| !checked.contains_key(m)).collect();
+    assert!(missing.is_empty(), "no recorded success for {missing:?}");
+}

@@ -135,7 +135,7 @@ impl Rw {
 }
 
 impl VdiState {
-    fn to_value(self) -> Value {
+    pub(crate) fn to_value(self) -> Value {
         match self {
             VdiState::Detached => s("Detached"),
             VdiState::Attached(rw) => tagged("Attached", rw.to_value()),
@@ -143,7 +143,7 @@ impl VdiState {
         }
     }
 
-    fn from_value(v: &Value) -> Result<VdiState, NotAnError> {
+    pub(crate) fn from_value(v: &Value) -> Result<VdiState, NotAnError> {
         let (tag, payload) = split(v)?;
         match (tag.as_str(), payload) {
             ("detached", None) => Ok(VdiState::Detached),
@@ -320,5 +320,23 @@ mod tests {
         for e in all {
             assert_eq!(StorageError::from_value(&e.to_value()).as_ref(), Ok(&e), "{e:?}");
         }
+    }
+}
+
+impl crate::rpc::marshal::Marshal for VdiState {
+    fn to_value(&self) -> Value {
+        VdiState::to_value(*self)
+    }
+    fn from_value(v: &Value) -> Result<Self, crate::rpc::marshal::DecodeError> {
+        VdiState::from_value(v).map_err(|e| crate::rpc::marshal::DecodeError::new(e.0))
+    }
+}
+
+impl crate::rpc::marshal::Marshal for StorageError {
+    fn to_value(&self) -> Value {
+        StorageError::to_value(self)
+    }
+    fn from_value(v: &Value) -> Result<Self, crate::rpc::marshal::DecodeError> {
+        StorageError::from_value(v).map_err(|e| crate::rpc::marshal::DecodeError::new(e.0))
     }
 }

@@ -5,6 +5,7 @@
 //! tree is the same in both encodings; typed calls and results are decoded from it.
 
 pub mod json;
+pub mod marshal;
 pub mod value;
 pub mod xmlrpc;
 
