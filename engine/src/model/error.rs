@@ -281,6 +281,24 @@ impl StorageError {
     }
 }
 
+impl crate::rpc::marshal::Marshal for VdiState {
+    fn to_value(&self) -> Value {
+        VdiState::to_value(*self)
+    }
+    fn from_value(v: &Value) -> Result<Self, crate::rpc::marshal::DecodeError> {
+        VdiState::from_value(v).map_err(|e| crate::rpc::marshal::DecodeError::new(e.0))
+    }
+}
+
+impl crate::rpc::marshal::Marshal for StorageError {
+    fn to_value(&self) -> Value {
+        StorageError::to_value(self)
+    }
+    fn from_value(v: &Value) -> Result<Self, crate::rpc::marshal::DecodeError> {
+        StorageError::from_value(v).map_err(|e| crate::rpc::marshal::DecodeError::new(e.0))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -320,23 +338,5 @@ mod tests {
         for e in all {
             assert_eq!(StorageError::from_value(&e.to_value()).as_ref(), Ok(&e), "{e:?}");
         }
-    }
-}
-
-impl crate::rpc::marshal::Marshal for VdiState {
-    fn to_value(&self) -> Value {
-        VdiState::to_value(*self)
-    }
-    fn from_value(v: &Value) -> Result<Self, crate::rpc::marshal::DecodeError> {
-        VdiState::from_value(v).map_err(|e| crate::rpc::marshal::DecodeError::new(e.0))
-    }
-}
-
-impl crate::rpc::marshal::Marshal for StorageError {
-    fn to_value(&self) -> Value {
-        StorageError::to_value(self)
-    }
-    fn from_value(v: &Value) -> Result<Self, crate::rpc::marshal::DecodeError> {
-        StorageError::from_value(v).map_err(|e| crate::rpc::marshal::DecodeError::new(e.0))
     }
 }

@@ -331,7 +331,7 @@ impl Marshal for MirrorReceiveResult {
 #[derive(Clone, Debug, PartialEq)]
 pub enum TaskResult {
     /// A VDI (`DATA.copy`).
-    VdiInfo(VdiInfo),
+    VdiInfo(Box<VdiInfo>),
     /// A mirror (`DATA.MIRROR.start`).
     MirrorId(String),
 }
@@ -346,7 +346,7 @@ impl Marshal for TaskResult {
     fn from_value(v: &Value) -> Result<Self, DecodeError> {
         let (tag, p) = variant(v)?;
         match tag.as_str() {
-            "vdi_info" => Ok(TaskResult::VdiInfo(VdiInfo::from_value(payload("Vdi_info", p)?)?)),
+            "vdi_info" => Ok(TaskResult::VdiInfo(Box::new(VdiInfo::from_value(payload("Vdi_info", p)?)?))),
             "mirror_id" => Ok(TaskResult::MirrorId(String::from_value(payload("Mirror_id", p)?)?)),
             other => Err(DecodeError::new(format!("unknown task result {other:?}"))),
         }

@@ -261,6 +261,8 @@ macro_rules! record {
         }
 
         impl $crate::rpc::marshal::Marshal for $name {
+            // One push per field, written by the macro (an option field may push nothing).
+            #[allow(clippy::vec_init_then_push)]
             fn to_value(&self) -> $crate::rpc::Value {
                 #[allow(unused_mut)]
                 let mut m: Vec<(String, $crate::rpc::Value)> = Vec::new();
