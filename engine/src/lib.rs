@@ -10,6 +10,8 @@
 //! Built so far: [`rpc`], the value tree and its XML-RPC and JSON encodings, and [`model`]'s
 //! storage errors, checked against xapi's recorded wire vectors.
 
+pub mod backend;
 pub mod http;
 pub mod model;
 pub mod rpc;
+pub mod state;

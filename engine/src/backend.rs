@@ -1,0 +1,237 @@
+//! The seam between the engine and an SR type. Each SR type (SMAPIv1 `ext`, SMAPIv3 `qcow2`)
+//! implements [`Backend`]; the binary registers them with the [`Mux`](crate::mux::Mux) by type
+//! name, and the engine never names one.
+//!
+//! The engine owns what is the same for every SR type: the SR registry (id, type, names,
+//! device_config, the SR's folder), datapath states and their transitions, tasks and updates.
+//! A backend owns what is inside its SR's folder and its datapath processes. Calls reach a
+//! backend with the SR already resolved ([`SrContext`]) and, for datapath calls, only on a
+//! transition of the VDI's combined state (the first datapath to attach a VDI attaches it, the
+//! last to detach it detaches it), as xapi's SMAPIv1 wrapper does.
+//!
+//! Methods are blocking: the mux runs them on tokio's blocking pool, with the SR's lock held
+//! (shared for reads, exclusive for changes), so a backend needs no locking of its own between
+//! calls on one SR. A method a backend does not provide answers `Unimplemented`.
+
+use std::path::{Path, PathBuf};
+
+use crate::model::{AttachInfo, StorageError, VdiInfo};
+use crate::rpc::marshal::Map;
+
+/// A storage call's outcome.
+pub type StorageResult<T> = Result<T, StorageError>;
+
+/// An SR as its backend sees it.
+#[derive(Clone, Debug)]
+pub struct SrContext {
+    /// The SR's id (xapi's SR uuid).
+    pub sr: String,
+    /// The SR's folder: everything the backend stores for this SR lives here.
+    pub dir: PathBuf,
+    /// A short folder for this SR's sockets and process files. Unix socket paths are limited
+    /// to 107 bytes, so this is kept short (`<root>/run/<n>`); the backend keeps names inside
+    /// it short too.
+    pub run_dir: PathBuf,
+    /// The SR's device_config, as given at `SR.create` (and returned by the backend then).
+    pub device_config: Map<String>,
+}
+
+/// What a backend reports of its SR's space (`SR.stat`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SrSpace {
+    /// Bytes the SR can hold.
+    pub total: i64,
+    /// Bytes still free.
+    pub free: i64,
+}
+
+/// The VDI fields a caller may change after creation.
+#[derive(Clone, Debug, PartialEq)]
+pub enum VdiChange {
+    /// `VDI.set_content_id`.
+    ContentId(String),
+    /// `VDI.set_name_label`.
+    NameLabel(String),
+    /// `VDI.set_name_description`.
+    NameDescription(String),
+    /// `VDI.set_persistent`.
+    Persistent(bool),
+    /// `VDI.add_to_sm_config`.
+    AddSmConfig(String, String),
+    /// `VDI.remove_from_sm_config`.
+    RemoveSmConfig(String),
+    /// `SR.update_snapshot_info_dest`: mark a VDI as a snapshot of another.
+    SnapshotOf {
+        /// The VDI it is a snapshot of.
+        of: String,
+        /// When the snapshot was taken.
+        time: String,
+    },
+}
+
+fn unimplemented<T>(what: &str) -> StorageResult<T> {
+    Err(StorageError::Unimplemented(what.to_owned()))
+}
+
+/// One SR type.
+#[allow(unused_variables)]
+pub trait Backend: Send + Sync + 'static {
+    /// `SR.create`: make a new, empty SR in `sr.dir` (which exists and is empty). Answers the
+    /// device_config to keep for it.
+    fn sr_create(&self, sr: &SrContext, name_label: &str, physical_size: i64) -> StorageResult<Map<String>> {
+        unimplemented("SR.create")
+    }
+
+    /// `SR.attach`: check the SR's storage is sound, and take up its datapaths again:
+    /// `datapaths` lists each VDI the engine's records say is attached, with whether it is
+    /// also active and read-write. The backend re-adopts the processes that still run for
+    /// them, starts the ones that should run but do not, and reaps anything of its own that
+    /// belongs to no VDI in the list (after a restart of the host).
+    fn sr_attach(&self, sr: &SrContext, datapaths: &[AttachedVdi]) -> StorageResult<()> {
+        Ok(())
+    }
+
+    /// `SR.detach`: stop using the SR. The engine only calls it when no VDI is attached.
+    fn sr_detach(&self, sr: &SrContext) -> StorageResult<()> {
+        Ok(())
+    }
+
+    /// `SR.destroy`: remove everything the SR holds. The engine removes `sr.dir` afterwards.
+    fn sr_destroy(&self, sr: &SrContext) -> StorageResult<()> {
+        Ok(())
+    }
+
+    /// `SR.scan`: every VDI in the SR.
+    fn sr_scan(&self, sr: &SrContext) -> StorageResult<Vec<VdiInfo>> {
+        unimplemented("SR.scan")
+    }
+
+    /// `SR.stat`'s space figures.
+    fn sr_space(&self, sr: &SrContext) -> StorageResult<SrSpace> {
+        unimplemented("SR.stat")
+    }
+
+    /// `VDI.create`: a new VDI of `info.virtual_size` bytes. The backend picks the VDI's id
+    /// (`info.vdi` is ignored) and answers the stored record.
+    fn vdi_create(&self, sr: &SrContext, info: &VdiInfo) -> StorageResult<VdiInfo> {
+        unimplemented("VDI.create")
+    }
+
+    /// `VDI.destroy`.
+    fn vdi_destroy(&self, sr: &SrContext, vdi: &str) -> StorageResult<()> {
+        unimplemented("VDI.destroy")
+    }
+
+    /// `VDI.stat`.
+    fn vdi_stat(&self, sr: &SrContext, vdi: &str) -> StorageResult<VdiInfo> {
+        unimplemented("VDI.stat")
+    }
+
+    /// `VDI.snapshot`: a read-only copy of `info.vdi` as it is now, taking the other fields of
+    /// `info` (name, sm_config, …) for the new VDI. Works while the VDI is active: the guest's
+    /// writes after the instant of the snapshot land only in the VDI.
+    fn vdi_snapshot(&self, sr: &SrContext, info: &VdiInfo) -> StorageResult<VdiInfo> {
+        unimplemented("VDI.snapshot")
+    }
+
+    /// `VDI.clone`: a writable copy of `info.vdi`.
+    fn vdi_clone(&self, sr: &SrContext, info: &VdiInfo) -> StorageResult<VdiInfo> {
+        unimplemented("VDI.clone")
+    }
+
+    /// `VDI.resize`: answers the new virtual size.
+    fn vdi_resize(&self, sr: &SrContext, vdi: &str, new_size: i64) -> StorageResult<i64> {
+        unimplemented("VDI.resize")
+    }
+
+    /// `VDI.compose`: layer the child VDI's data onto the parent's, so that the child reads as
+    /// the parent with the child's writes on top.
+    fn vdi_compose(&self, sr: &SrContext, parent: &str, child: &str) -> StorageResult<()> {
+        unimplemented("VDI.compose")
+    }
+
+    /// Changes a VDI's record (content_id, names, sm_config, …), persisted atomically.
+    fn vdi_update(&self, sr: &SrContext, vdi: &str, change: &VdiChange) -> StorageResult<()> {
+        unimplemented("VDI update")
+    }
+
+    /// `VDI.similar_content`: VDIs holding similar data, nearest first.
+    fn vdi_similar_content(&self, sr: &SrContext, vdi: &str) -> StorageResult<Vec<VdiInfo>> {
+        unimplemented("VDI.similar_content")
+    }
+
+    /// `VDI.attach*` (the VDI's first datapath): make the VDI reachable and say how.
+    fn vdi_attach(&self, sr: &SrContext, vdi: &str, read_write: bool) -> StorageResult<AttachInfo> {
+        unimplemented("VDI.attach")
+    }
+
+    /// `VDI.activate*`: the VDI starts taking I/O.
+    fn vdi_activate(&self, sr: &SrContext, vdi: &str) -> StorageResult<()> {
+        unimplemented("VDI.activate")
+    }
+
+    /// `VDI.deactivate`: wait for outstanding I/O (bounded) and stop taking I/O.
+    fn vdi_deactivate(&self, sr: &SrContext, vdi: &str) -> StorageResult<()> {
+        unimplemented("VDI.deactivate")
+    }
+
+    /// `VDI.detach` (the VDI's last datapath): the VDI is no longer reachable.
+    fn vdi_detach(&self, sr: &SrContext, vdi: &str) -> StorageResult<()> {
+        unimplemented("VDI.detach")
+    }
+
+    /// How an attached VDI is reached (`DP.attach_info`).
+    fn vdi_attach_info(&self, sr: &SrContext, vdi: &str) -> StorageResult<AttachInfo> {
+        unimplemented("DP.attach_info")
+    }
+}
+
+/// A VDI the engine's records say is attached (for [`Backend::sr_attach`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AttachedVdi {
+    /// The VDI.
+    pub vdi: String,
+    /// Attached read-write.
+    pub read_write: bool,
+    /// Also activated.
+    pub active: bool,
+}
+
+/// Checks that an id a caller gave (an SR or VDI id) can name a single path component inside
+/// its folder: not empty, not `.` or `..`, no `/`, no NUL, no leading `.` (the backends keep
+/// their own files there), at most 128 bytes. Answers the id back.
+pub fn safe_component<'a>(kind: &str, id: &'a str) -> Result<&'a str, StorageError> {
+    let ok = !id.is_empty()
+        && id.len() <= 128
+        && !id.starts_with('.')
+        && !id.contains('/')
+        && !id.contains('\0')
+        && !id.contains('\\');
+    if ok {
+        Ok(id)
+    } else {
+        Err(StorageError::DoesNotExist(kind.to_owned(), id.to_owned()))
+    }
+}
+
+/// `dir/id`, for an id that passed [`safe_component`]; an id that did not is `DoesNotExist`.
+pub fn inside(dir: &Path, kind: &str, id: &str) -> Result<PathBuf, StorageError> {
+    Ok(dir.join(safe_component(kind, id)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_that_would_leave_their_folder_are_refused() {
+        for bad in ["", ".", "..", "../x", "a/b", "/etc/passwd", ".hidden", "a\0b", "a\\b", &"x".repeat(129)] {
+            assert!(safe_component("VDI", bad).is_err(), "{bad:?}");
+        }
+        for good in ["3f1c0e9a-7a51-4b43-9a57-1d7a1a6c2b11", "disk0.vhd", "a..b"] {
+            assert_eq!(safe_component("VDI", good), Ok(good));
+        }
+        assert_eq!(inside(Path::new("/sr"), "VDI", "v1"), Ok(PathBuf::from("/sr/v1")));
+        assert_eq!(inside(Path::new("/sr"), "VDI", "../v1"), Err(StorageError::DoesNotExist("VDI".into(), "../v1".into())));
+    }
+}
