@@ -11,7 +11,11 @@
 //! storage errors, checked against xapi's recorded wire vectors.
 
 pub mod backend;
+pub mod datapaths;
 pub mod http;
 pub mod model;
+pub mod mux;
 pub mod rpc;
+pub mod srs;
 pub mod state;
+pub mod tasks;

@@ -1,0 +1,595 @@
+//! The mux: every storage call comes here, is decoded into its [`Call`], and is either
+//! answered by the engine (SR registry, datapaths, tasks, updates) or routed to the backend of
+//! the SR it names. xapi's `storage_mux.ml` plus its SMAPIv1 wrapper's datapath bookkeeping.
+//!
+//! Order of effects: a change is made by the backend first and recorded second, so a crash in
+//! between leaves something the records do not mention (an SR folder with no record, a
+//! datapath process no record asks for), which the next start clears; never a record naming
+//! something that was not made.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::backend::{AttachedVdi, Backend, SrContext, StorageResult, VdiChange};
+use crate::datapaths::{Datapaths, DpRecord, superstate};
+use crate::http::Dispatch;
+use crate::model::call::args;
+use crate::model::{
+    AttachInfo, Call, Dynamic, QueryResult, SrHealth, SrInfo, StorageError, VdiInfo, VdiState,
+};
+use crate::rpc::Value;
+use crate::rpc::marshal::{Map, Marshal};
+use crate::srs::{SrEntry, SrRegistry};
+use crate::tasks::Tasks;
+
+/// The SR type `SR.create` makes when its device_config names none.
+pub const DEFAULT_SR_TYPE: &str = "ext";
+
+/// The host's storage service.
+pub struct Mux {
+    root: PathBuf,
+    backends: HashMap<String, Arc<dyn Backend>>,
+    srs: Mutex<SrRegistry>,
+    dps: Mutex<Datapaths>,
+    tasks: Tasks,
+}
+
+/// Builds a [`Mux`]: the binary registers each SR type's backend, then opens the root.
+#[derive(Default)]
+pub struct MuxBuilder {
+    backends: HashMap<String, Arc<dyn Backend>>,
+}
+
+impl MuxBuilder {
+    /// Serves SRs of type `ty` with `backend`.
+    pub fn backend(mut self, ty: &str, backend: Arc<dyn Backend>) -> MuxBuilder {
+        self.backends.insert(ty.to_owned(), backend);
+        self
+    }
+
+    /// Opens (or creates) the host's state under `root` and takes up every SR that was
+    /// attached: each backend re-adopts its datapaths. An SR that fails to come back is
+    /// logged and left detached in memory; its record is kept for the next try.
+    pub async fn open(self, root: &Path) -> std::io::Result<Arc<Mux>> {
+        std::fs::create_dir_all(root)?;
+        let mux = Arc::new(Mux {
+            root: root.to_owned(),
+            backends: self.backends,
+            srs: Mutex::new(SrRegistry::load(root)?),
+            dps: Mutex::new(Datapaths::load(root)?),
+            tasks: Tasks::new(),
+        });
+        let attached: Vec<SrEntry> = mux.registry().all().filter(|e| e.record.attached).cloned().collect();
+        for entry in attached {
+            let sr = entry.record.sr.clone();
+            let datapaths = mux.attached_vdis(&sr);
+            let result = mux.run(&entry, true, move |b, ctx| b.sr_attach(ctx, &datapaths)).await;
+            match result {
+                Ok(()) => tracing::info!(sr = %sr, "SR taken up again"),
+                Err(e) => tracing::error!(sr = %sr, error = %e, "SR could not be taken up again"),
+            }
+        }
+        Ok(mux)
+    }
+}
+
+impl Mux {
+    /// A builder with no backends.
+    pub fn builder() -> MuxBuilder {
+        MuxBuilder::default()
+    }
+
+    /// The host's root folder.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Tasks and updates.
+    pub fn tasks(&self) -> &Tasks {
+        &self.tasks
+    }
+
+    fn registry(&self) -> std::sync::MutexGuard<'_, SrRegistry> {
+        self.srs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn datapaths(&self) -> std::sync::MutexGuard<'_, Datapaths> {
+        self.dps.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn attached_vdis(&self, sr: &str) -> Vec<AttachedVdi> {
+        let dps = self.datapaths();
+        let mut out: Vec<AttachedVdi> = Vec::new();
+        for r in dps.of_sr(sr) {
+            match out.iter_mut().find(|a| a.vdi == r.vdi) {
+                Some(a) => {
+                    a.read_write |= r.read_write;
+                    a.active |= r.active;
+                }
+                None => out.push(AttachedVdi { vdi: r.vdi.clone(), read_write: r.read_write, active: r.active }),
+            }
+        }
+        out
+    }
+
+    fn backend_of(&self, ty: &str, sr: &str) -> StorageResult<Arc<dyn Backend>> {
+        self.backends.get(ty).cloned().ok_or_else(|| StorageError::NoStoragePluginForSr(sr.to_owned()))
+    }
+
+    fn entry(&self, sr: &str) -> StorageResult<SrEntry> {
+        self.registry().get(sr).cloned()
+    }
+
+    fn attached_entry(&self, sr: &str) -> StorageResult<SrEntry> {
+        let entry = self.entry(sr)?;
+        if !entry.record.attached {
+            return Err(StorageError::SrNotAttached(sr.to_owned()));
+        }
+        Ok(entry)
+    }
+
+    /// Runs a backend call on the blocking pool with the SR's lock held.
+    async fn run<T: Send + 'static>(
+        &self,
+        entry: &SrEntry,
+        exclusive: bool,
+        f: impl FnOnce(&dyn Backend, &SrContext) -> StorageResult<T> + Send + 'static,
+    ) -> StorageResult<T> {
+        let backend = self.backend_of(&entry.record.ty, &entry.record.sr)?;
+        let ctx = self.registry().context(&entry.record);
+        // Held across the blocking call: an owned guard moves with it.
+        let guard = if exclusive {
+            Guard::Write(entry.lock.clone().write_owned().await)
+        } else {
+            Guard::Read(entry.lock.clone().read_owned().await)
+        };
+        let job = tokio::task::spawn_blocking(move || {
+            let _guard = guard;
+            f(backend.as_ref(), &ctx)
+        });
+        job.await.map_err(|e| StorageError::InternalError(format!("backend call on SR {} did not finish: {e}", entry.record.sr)))?
+    }
+
+    /// Runs one decoded call.
+    pub async fn call(&self, call: Call) -> StorageResult<Value> {
+        use Call::*;
+        match call {
+            SrCreate(a) => self.sr_create(a).await.map(|m| m.to_value()),
+            SrAttach(a) => self.sr_attach(&a.sr).await.map(|()| Value::Null),
+            SrDetach(a) => self.sr_detach(&a.sr).await.map(|()| Value::Null),
+            SrDestroy(a) => self.sr_destroy(&a.sr).await.map(|()| Value::Null),
+            SrScan(a) => self.sr_scan(&a.sr).await.map(|v| v.to_value()),
+            SrScan2(a) => {
+                let vdis = self.sr_scan(&a.sr).await?;
+                let info = self.sr_stat(&a.sr).await?;
+                Ok((vdis, info).to_value())
+            }
+            SrList(_) => Ok(self.registry().all().filter(|e| e.record.attached).map(|e| e.record.sr.clone()).collect::<Vec<_>>().to_value()),
+            SrStat(a) => self.sr_stat(&a.sr).await.map(|i| i.to_value()),
+            SrSetNameLabel(a) => self.sr_rename(&a.sr, Some(a.new_name_label), None).map(|()| Value::Null),
+            SrSetNameDescription(a) => self.sr_rename(&a.sr, None, Some(a.new_name_description)).map(|()| Value::Null),
+            SrUpdateSnapshotInfoDest(a) => self.update_snapshot_info_dest(a).await.map(|()| Value::Null),
+            VdiCreate(a) => {
+                let entry = self.attached_entry(&a.sr)?;
+                let info = self.run(&entry, true, move |b, ctx| b.vdi_create(ctx, &a.vdi_info)).await?;
+                self.tasks.changed(Dynamic::Vdi(info.vdi.clone()));
+                Ok(info.to_value())
+            }
+            VdiDestroy(a) => {
+                if self.datapaths().of_vdi(&a.sr, &a.vdi).next().is_some() {
+                    return Err(in_use(&a.vdi));
+                }
+                let entry = self.attached_entry(&a.sr)?;
+                let vdi = a.vdi.clone();
+                self.run(&entry, true, move |b, ctx| b.vdi_destroy(ctx, &vdi)).await?;
+                self.tasks.changed(Dynamic::Vdi(a.vdi));
+                Ok(Value::Null)
+            }
+            VdiStat(a) => {
+                let entry = self.attached_entry(&a.sr)?;
+                self.run(&entry, false, move |b, ctx| b.vdi_stat(ctx, &a.vdi)).await.map(|i| i.to_value())
+            }
+            VdiSnapshot(a) => self.vdi_copy(a.sr, a.vdi_info, true).await.map(|i| i.to_value()),
+            VdiClone(a) => self.vdi_copy(a.sr, a.vdi_info, false).await.map(|i| i.to_value()),
+            VdiResize(a) => {
+                if a.new_size < 0 {
+                    return Err(StorageError::BackendError("INVALID_SIZE".into(), vec![a.new_size.to_string()]));
+                }
+                let entry = self.attached_entry(&a.sr)?;
+                let vdi = a.vdi.clone();
+                let size = self.run(&entry, true, move |b, ctx| b.vdi_resize(ctx, &vdi, a.new_size)).await?;
+                self.tasks.changed(Dynamic::Vdi(a.vdi));
+                Ok(size.to_value())
+            }
+            VdiCompose(a) => {
+                let entry = self.attached_entry(&a.sr)?;
+                let child = a.vdi2.clone();
+                self.run(&entry, true, move |b, ctx| b.vdi_compose(ctx, &a.vdi1, &a.vdi2)).await?;
+                self.tasks.changed(Dynamic::Vdi(child));
+                Ok(Value::Null)
+            }
+            VdiSetContentId(a) => self.vdi_update(a.sr, a.vdi, VdiChange::ContentId(a.content_id)).await,
+            VdiSetNameLabel(a) => self.vdi_update(a.sr, a.vdi, VdiChange::NameLabel(a.new_name_label)).await,
+            VdiSetNameDescription(a) => self.vdi_update(a.sr, a.vdi, VdiChange::NameDescription(a.new_name_description)).await,
+            VdiSetPersistent(a) => self.vdi_update(a.sr, a.vdi, VdiChange::Persistent(a.persistent)).await,
+            VdiAddToSmConfig(a) => self.vdi_update(a.sr, a.vdi, VdiChange::AddSmConfig(a.key, a.value)).await,
+            VdiRemoveFromSmConfig(a) => self.vdi_update(a.sr, a.vdi, VdiChange::RemoveSmConfig(a.key)).await,
+            VdiSimilarContent(a) => {
+                let entry = self.attached_entry(&a.sr)?;
+                self.run(&entry, false, move |b, ctx| b.vdi_similar_content(ctx, &a.vdi)).await.map(|v| v.to_value())
+            }
+            VdiGetByName(a) => {
+                let vdis = self.sr_scan(&a.sr).await?;
+                vdis.into_iter()
+                    .find(|v| v.vdi == a.name || v.name_label == a.name)
+                    .map(|v| v.to_value())
+                    .ok_or_else(|| StorageError::DoesNotExist("VDI".into(), a.name))
+            }
+            VdiAttach(a) => self.attach(a.dp, a.sr, a.vdi, a.read_write, None).await.map(|i| i.to_value()),
+            VdiAttach2(a) => self.attach(a.dp, a.sr, a.vdi, a.read_write, a.vm).await.map(|i| i.to_value()),
+            VdiAttach3(a) => self.attach(a.dp, a.sr, a.vdi, a.read_write, a.vm).await.map(|i| i.to_value()),
+            VdiActivate(a) => self.activate(a.dp, a.sr, a.vdi).await.map(|()| Value::Null),
+            VdiActivate3(a) => self.activate(a.dp, a.sr, a.vdi).await.map(|()| Value::Null),
+            VdiDeactivate(a) => self.deactivate(a.dp, a.sr, a.vdi).await.map(|()| Value::Null),
+            VdiDetach(a) => self.detach(a.dp, a.sr, a.vdi).await.map(|()| Value::Null),
+            DpCreate(a) => Ok(Value::String(a.id)),
+            DpDestroy(a) => self.dp_destroy(&a.dp, None, a.allow_leak).await.map(|()| Value::Null),
+            DpDestroy2(a) => self.dp_destroy(&a.dp, Some((&a.sr, &a.vdi)), a.allow_leak).await.map(|()| Value::Null),
+            DpAttachInfo(a) => self.dp_attach_info(a).await.map(|i| i.to_value()),
+            DpStatVdi(a) => {
+                self.entry(&a.sr)?;
+                let dps = self.datapaths();
+                let records: Vec<DpRecord> = dps.of_vdi(&a.sr, &a.vdi).cloned().collect();
+                let stat = crate::model::DpStatVdi {
+                    dps: records.iter().map(|r| (r.dp.clone(), r.state())).collect(),
+                    superstate: superstate(&records),
+                };
+                Ok(stat.to_value())
+            }
+            TaskStat(a) => self.tasks.stat(&a.task).map(|t| t.to_value()),
+            TaskList(_) => Ok(self.tasks.list().to_value()),
+            TaskCancel(a) => self.tasks.cancel(&a.task).map(|()| Value::Null),
+            TaskDestroy(a) => self.tasks.destroy(&a.task).map(|()| Value::Null),
+            UpdatesGet(a) => {
+                let timeout = Duration::from_secs(a.timeout.unwrap_or(0).max(0) as u64);
+                let (changes, next) = self
+                    .tasks
+                    .updates(&a.from, timeout, || {
+                        let dps = self.datapaths();
+                        let mut all: Vec<Dynamic> = Vec::new();
+                        for sr in self.registry().all().filter(|e| e.record.attached) {
+                            for r in dps.of_sr(&sr.record.sr) {
+                                let d = Dynamic::Dp(r.dp.clone());
+                                if !all.contains(&d) {
+                                    all.push(d);
+                                }
+                            }
+                        }
+                        all
+                    })
+                    .await;
+                Ok((changes, next).to_value())
+            }
+            Query(_) => Ok(self.query().to_value()),
+            call @ (DataCopy(_)
+            | DataMirrorStart(_)
+            | DataMirrorStop(_)
+            | DataMirrorStat(_)
+            | DataMirrorList(_)
+            | DataMirrorReceiveStart(_)
+            | DataMirrorReceiveStart2(_)
+            | DataMirrorReceiveFinalize(_)
+            | DataMirrorReceiveFinalize2(_)
+            | DataMirrorReceiveCancel(_)) => Err(StorageError::Unimplemented(call.method().to_owned())),
+        }
+    }
+
+    fn query(&self) -> QueryResult {
+        let mut types: Vec<String> = self.backends.keys().cloned().collect();
+        types.sort();
+        QueryResult {
+            required_cluster_stack: Vec::new(),
+            configuration: Map::from_iter([("root".to_owned(), self.root.display().to_string())]),
+            features: ["SR_PROBE", "VDI_CREATE", "VDI_DELETE", "VDI_ATTACH", "VDI_DETACH", "VDI_ACTIVATE", "VDI_DEACTIVATE", "VDI_SNAPSHOT", "VDI_CLONE", "VDI_RESIZE", "VDI_MIRROR"]
+                .iter()
+                .map(|s| (*s).to_owned())
+                .chain(types.iter().map(|t| format!("SR_TYPE/{t}")))
+                .collect(),
+            required_api_version: "2.0".to_owned(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            copyright: "the sxm developers".to_owned(),
+            vendor: "sxm".to_owned(),
+            description: "sxm: live storage motion".to_owned(),
+            name: "sxm".to_owned(),
+            driver: "sxm".to_owned(),
+        }
+    }
+
+    async fn sr_create(&self, a: args::SrCreate) -> StorageResult<Map<String>> {
+        let ty = a.device_config.get("type").cloned().unwrap_or_else(|| DEFAULT_SR_TYPE.to_owned());
+        let backend = self.backend_of(&ty, &a.sr)?;
+        let mut record = self.registry().prepare(&a.sr, &ty, &a.name_label, &a.name_description, a.device_config.clone())?;
+        let ctx = self.registry().context(&record);
+        let (name, size) = (a.name_label.clone(), a.physical_size);
+        let made = tokio::task::spawn_blocking(move || backend.sr_create(&ctx, &name, size))
+            .await
+            .map_err(|e| StorageError::InternalError(format!("SR.create did not finish: {e}")))?;
+        let device_config = match made {
+            Ok(dc) => dc,
+            Err(e) => {
+                // Nothing refers to the folders yet: take them away again.
+                let ctx = self.registry().context(&record);
+                let _ = std::fs::remove_dir_all(&ctx.dir);
+                let _ = std::fs::remove_dir_all(&ctx.run_dir);
+                return Err(e);
+            }
+        };
+        record.device_config = device_config.clone();
+        self.registry().put(record)?;
+        tracing::info!(sr = %a.sr, ty = %ty, "SR created");
+        Ok(device_config)
+    }
+
+    async fn sr_attach(&self, sr: &str) -> StorageResult<()> {
+        let entry = self.entry(sr)?;
+        let datapaths = self.attached_vdis(sr);
+        self.run(&entry, true, move |b, ctx| b.sr_attach(ctx, &datapaths)).await?;
+        let mut record = entry.record;
+        if !record.attached {
+            record.attached = true;
+            self.registry().put(record)?;
+        }
+        Ok(())
+    }
+
+    async fn sr_detach(&self, sr: &str) -> StorageResult<()> {
+        let entry = self.entry(sr)?;
+        if !entry.record.attached {
+            return Ok(());
+        }
+        if let Some(r) = self.datapaths().of_sr(sr).next() {
+            return Err(StorageError::BackendError("SR_IN_USE".into(), vec![sr.into(), format!("VDI {} is attached on datapath {}", r.vdi, r.dp)]));
+        }
+        self.run(&entry, true, |b, ctx| b.sr_detach(ctx)).await?;
+        let mut record = entry.record;
+        record.attached = false;
+        self.registry().put(record)
+    }
+
+    async fn sr_destroy(&self, sr: &str) -> StorageResult<()> {
+        let entry = self.entry(sr)?;
+        if let Some(r) = self.datapaths().of_sr(sr).next() {
+            return Err(StorageError::BackendError("SR_IN_USE".into(), vec![sr.into(), format!("VDI {} is attached on datapath {}", r.vdi, r.dp)]));
+        }
+        self.run(&entry, true, |b, ctx| b.sr_destroy(ctx)).await?;
+        self.registry().remove(sr)?;
+        tracing::info!(sr = %sr, "SR destroyed");
+        Ok(())
+    }
+
+    async fn sr_scan(&self, sr: &str) -> StorageResult<Vec<VdiInfo>> {
+        let entry = self.attached_entry(sr)?;
+        self.run(&entry, false, |b, ctx| b.sr_scan(ctx)).await
+    }
+
+    async fn sr_stat(&self, sr: &str) -> StorageResult<SrInfo> {
+        let entry = self.attached_entry(sr)?;
+        let space = self.run(&entry, false, |b, ctx| b.sr_space(ctx)).await?;
+        Ok(SrInfo {
+            health: SrHealth::Healthy,
+            clustered: false,
+            free_space: space.free,
+            total_space: space.total,
+            name_description: entry.record.name_description.clone(),
+            name_label: entry.record.name_label.clone(),
+            sr_uuid: Some(entry.record.sr.clone()),
+        })
+    }
+
+    fn sr_rename(&self, sr: &str, label: Option<String>, description: Option<String>) -> StorageResult<()> {
+        let mut registry = self.registry();
+        let mut record = registry.get(sr)?.record.clone();
+        if let Some(l) = label {
+            record.name_label = l;
+        }
+        if let Some(d) = description {
+            record.name_description = d;
+        }
+        registry.put(record)
+    }
+
+    async fn vdi_copy(&self, sr: String, info: VdiInfo, snapshot: bool) -> StorageResult<VdiInfo> {
+        let entry = self.attached_entry(&sr)?;
+        let made = self
+            .run(&entry, true, move |b, ctx| if snapshot { b.vdi_snapshot(ctx, &info) } else { b.vdi_clone(ctx, &info) })
+            .await?;
+        self.tasks.changed(Dynamic::Vdi(made.vdi.clone()));
+        Ok(made)
+    }
+
+    async fn vdi_update(&self, sr: String, vdi: String, change: VdiChange) -> StorageResult<Value> {
+        let entry = self.attached_entry(&sr)?;
+        let id = vdi.clone();
+        self.run(&entry, true, move |b, ctx| b.vdi_update(ctx, &id, &change)).await?;
+        self.tasks.changed(Dynamic::Vdi(vdi));
+        Ok(Value::Null)
+    }
+
+    async fn update_snapshot_info_dest(&self, a: args::SrUpdateSnapshotInfoDest) -> StorageResult<()> {
+        let entry = self.attached_entry(&a.sr)?;
+        let (vdi, pairs) = (a.vdi.clone(), a.snapshot_pairs.clone());
+        self.run(&entry, true, move |b, ctx| {
+            // Check every pair before changing any, so a mismatch changes nothing.
+            for (local, src) in &pairs {
+                let mine = b.vdi_stat(ctx, local)?;
+                if mine.content_id != src.content_id {
+                    return Err(StorageError::ContentIdsDoNotMatch(mine.content_id, src.content_id.clone()));
+                }
+            }
+            for (local, src) in &pairs {
+                b.vdi_update(ctx, local, &VdiChange::SnapshotOf { of: vdi.clone(), time: src.snapshot_time.clone() })?;
+            }
+            Ok(())
+        })
+        .await?;
+        for local in a.snapshot_pairs.keys() {
+            self.tasks.changed(Dynamic::Vdi(local.clone()));
+        }
+        Ok(())
+    }
+
+    async fn attach(&self, dp: String, sr: String, vdi: String, read_write: bool, vm: Option<String>) -> StorageResult<AttachInfo> {
+        let entry = self.attached_entry(&sr)?;
+        let (before, mine) = {
+            let dps = self.datapaths();
+            (superstate(dps.of_vdi(&sr, &vdi)), dps.get(&dp, &sr, &vdi).cloned())
+        };
+        if let Some(r) = &mine {
+            // Attaching again on the same datapath in the same mode answers the same thing.
+            if r.read_write != read_write {
+                return Err(StorageError::IllegalTransition(r.state(), VdiState::Attached(if read_write { crate::model::Rw::Rw } else { crate::model::Rw::Ro })));
+            }
+        }
+        let id = vdi.clone();
+        let info = match before {
+            VdiState::Detached => self.run(&entry, true, move |b, ctx| b.vdi_attach(ctx, &id, read_write)).await?,
+            // Already attached for another datapath: a writer joining readers is refused,
+            // since the process serves the mode it was started in.
+            VdiState::Attached(rw) | VdiState::Activated(rw) => {
+                if read_write && rw == crate::model::Rw::Ro {
+                    return Err(StorageError::IllegalTransition(before, VdiState::Attached(crate::model::Rw::Rw)));
+                }
+                self.run(&entry, false, move |b, ctx| b.vdi_attach_info(ctx, &id)).await?
+            }
+        };
+        if mine.is_none() {
+            let record = DpRecord { dp: dp.clone(), sr, vdi, read_write, active: false, vm: vm.unwrap_or_else(|| "0".into()) };
+            self.datapaths().put(record)?;
+        }
+        self.tasks.changed(Dynamic::Dp(dp));
+        Ok(info)
+    }
+
+    fn dp_record(&self, dp: &str, sr: &str, vdi: &str, wanted: VdiState) -> StorageResult<DpRecord> {
+        self.datapaths().get(dp, sr, vdi).cloned().ok_or(StorageError::IllegalTransition(VdiState::Detached, wanted))
+    }
+
+    async fn activate(&self, dp: String, sr: String, vdi: String) -> StorageResult<()> {
+        let entry = self.attached_entry(&sr)?;
+        let mut record = self.dp_record(&dp, &sr, &vdi, VdiState::Activated(crate::model::Rw::Rw))?;
+        if record.active {
+            return Ok(());
+        }
+        let already = matches!(superstate(self.datapaths().of_vdi(&sr, &vdi)), VdiState::Activated(_));
+        if !already {
+            let id = vdi.clone();
+            self.run(&entry, true, move |b, ctx| b.vdi_activate(ctx, &id)).await?;
+        }
+        record.active = true;
+        self.datapaths().put(record)?;
+        self.tasks.changed(Dynamic::Dp(dp));
+        Ok(())
+    }
+
+    async fn deactivate(&self, dp: String, sr: String, vdi: String) -> StorageResult<()> {
+        let entry = self.attached_entry(&sr)?;
+        let mut record = self.dp_record(&dp, &sr, &vdi, VdiState::Attached(crate::model::Rw::Rw))?;
+        if !record.active {
+            return Ok(());
+        }
+        let others_active = self.datapaths().of_vdi(&sr, &vdi).any(|r| r.dp != dp && r.active);
+        if !others_active {
+            let id = vdi.clone();
+            self.run(&entry, true, move |b, ctx| b.vdi_deactivate(ctx, &id)).await?;
+        }
+        record.active = false;
+        self.datapaths().put(record)?;
+        self.tasks.changed(Dynamic::Dp(dp));
+        Ok(())
+    }
+
+    async fn detach(&self, dp: String, sr: String, vdi: String) -> StorageResult<()> {
+        let entry = self.attached_entry(&sr)?;
+        let Some(record) = self.datapaths().get(&dp, &sr, &vdi).cloned() else {
+            // Detaching what is not attached is a no-op, as in xapi.
+            return Ok(());
+        };
+        if record.active {
+            return Err(StorageError::IllegalTransition(record.state(), VdiState::Detached));
+        }
+        let others = self.datapaths().of_vdi(&sr, &vdi).any(|r| r.dp != dp);
+        if !others {
+            let id = vdi.clone();
+            self.run(&entry, true, move |b, ctx| b.vdi_detach(ctx, &id)).await?;
+        }
+        self.datapaths().remove(&dp, &sr, &vdi)?;
+        self.tasks.changed(Dynamic::Dp(dp));
+        Ok(())
+    }
+
+    async fn dp_destroy(&self, dp: &str, only: Option<(&str, &str)>, allow_leak: bool) -> StorageResult<()> {
+        let records: Vec<DpRecord> = self
+            .datapaths()
+            .of_dp(dp)
+            .filter(|r| only.is_none_or(|(sr, vdi)| r.sr == sr && r.vdi == vdi))
+            .cloned()
+            .collect();
+        for r in records {
+            let mut result = Ok(());
+            if r.active {
+                result = self.deactivate(r.dp.clone(), r.sr.clone(), r.vdi.clone()).await;
+            }
+            if result.is_ok() {
+                result = self.detach(r.dp.clone(), r.sr.clone(), r.vdi.clone()).await;
+            }
+            if let Err(e) = result {
+                if !allow_leak {
+                    return Err(e);
+                }
+                // The caller accepts a leak: forget the datapath even though the backend
+                // could not let go of the VDI.
+                tracing::warn!(dp = %r.dp, vdi = %r.vdi, error = %e, "datapath destroyed with a leak");
+                self.datapaths().remove(&r.dp, &r.sr, &r.vdi)?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn dp_attach_info(&self, a: args::DpAttachInfo) -> StorageResult<AttachInfo> {
+        let entry = self.attached_entry(&a.sr)?;
+        if self.datapaths().get(&a.dp, &a.sr, &a.vdi).is_none() {
+            return Err(StorageError::DoesNotExist("datapath".into(), a.dp));
+        }
+        self.run(&entry, false, move |b, ctx| b.vdi_attach_info(ctx, &a.vdi)).await
+    }
+}
+
+fn in_use(vdi: &str) -> StorageError {
+    StorageError::BackendError("VDI_IN_USE".into(), vec![vdi.to_owned()])
+}
+
+enum Guard {
+    Read(#[allow(dead_code)] tokio::sync::OwnedRwLockReadGuard<()>),
+    Write(#[allow(dead_code)] tokio::sync::OwnedRwLockWriteGuard<()>),
+}
+
+impl Dispatch for Mux {
+    async fn dispatch(&self, method: String, params: Vec<Value>) -> Result<Value, StorageError> {
+        let call = Call::decode(&method, &params)?;
+        let started = std::time::Instant::now();
+        let result = self.call(call).await;
+        match &result {
+            Ok(_) => tracing::debug!(method = %method, ms = started.elapsed().as_millis() as u64, "call done"),
+            Err(e) => tracing::info!(method = %method, ms = started.elapsed().as_millis() as u64, error = %e, "call failed"),
+        }
+        result
+    }
+}
+
+impl Dispatch for Arc<Mux> {
+    async fn dispatch(&self, method: String, params: Vec<Value>) -> Result<Value, StorageError> {
+        Mux::dispatch(self, method, params).await
+    }
+}

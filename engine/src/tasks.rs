@@ -1,0 +1,256 @@
+//! Tasks (the handles of asynchronous calls: progress, cancel, result or error) and updates
+//! (`UPDATES.get`: which tasks, VDIs, datapaths and mirrors changed since a token, waiting for
+//! a change when there is none yet, as xapi's event loop expects).
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::model::{Completion, Dynamic, StorageError, Task, TaskResult, TaskState};
+use crate::rpc::marshal::Map;
+
+/// How many changes are kept for `UPDATES.get`; a caller further behind gets everything that
+/// exists instead (a resync), which is always correct, only larger.
+const HISTORY: usize = 10_000;
+
+/// The longest an `UPDATES.get` waits, whatever it asks for.
+pub const MAX_WAIT: Duration = Duration::from_secs(60);
+
+struct Entry {
+    task: Task,
+    cancel: CancellationToken,
+    started: std::time::Instant,
+}
+
+struct Log {
+    next: u64,
+    changes: VecDeque<(u64, Dynamic)>,
+}
+
+/// Tasks and the change log.
+pub struct Tasks {
+    tasks: Mutex<BTreeMap<String, Entry>>,
+    log: Mutex<Log>,
+    changed: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for Tasks {
+    fn default() -> Self {
+        Tasks::new()
+    }
+}
+
+fn now() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+fn no_task(id: &str) -> StorageError {
+    StorageError::DoesNotExist("task".into(), id.into())
+}
+
+impl Tasks {
+    /// No tasks, an empty log.
+    pub fn new() -> Tasks {
+        Tasks {
+            tasks: Mutex::new(BTreeMap::new()),
+            log: Mutex::new(Log { next: 1, changes: VecDeque::new() }),
+            changed: tokio::sync::watch::channel(0).0,
+        }
+    }
+
+    /// Records that something changed and wakes the waiting `UPDATES.get`s.
+    pub fn changed(&self, what: Dynamic) {
+        let seq = {
+            let mut log = self.log.lock().unwrap_or_else(|p| p.into_inner());
+            let seq = log.next;
+            log.next += 1;
+            log.changes.push_back((seq, what));
+            while log.changes.len() > HISTORY {
+                log.changes.pop_front();
+            }
+            seq
+        };
+        self.changed.send_replace(seq);
+    }
+
+    /// A new pending task; the token tells its worker when `TASK.cancel` was called.
+    pub fn create(&self, dbg: &str) -> (String, CancellationToken) {
+        let id = uuid::Uuid::new_v4().to_string();
+        let cancel = CancellationToken::new();
+        let task = Task {
+            backtrace: String::new(),
+            debug_info: Map::new(),
+            subtasks: Map::new(),
+            state: TaskState::Pending(0.0),
+            ctime: now(),
+            dbg: dbg.to_owned(),
+            id: id.clone(),
+        };
+        self.lock().insert(id.clone(), Entry { task, cancel: cancel.clone(), started: std::time::Instant::now() });
+        self.changed(Dynamic::Task(id.clone()));
+        (id, cancel)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Entry>> {
+        self.tasks.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn update(&self, id: &str, f: impl FnOnce(&mut Entry)) {
+        let found = self.lock().get_mut(id).map(f).is_some();
+        if found {
+            self.changed(Dynamic::Task(id.to_owned()));
+        }
+    }
+
+    /// Sets a pending task's progress (0..=1).
+    pub fn progress(&self, id: &str, fraction: f64) {
+        self.update(id, |e| {
+            if matches!(e.task.state, TaskState::Pending(_)) {
+                e.task.state = TaskState::Pending(fraction.clamp(0.0, 1.0));
+            }
+        });
+    }
+
+    /// Sets a free-form fact of the task (its stage, rate, …).
+    pub fn debug_info(&self, id: &str, key: &str, value: &str) {
+        self.update(id, |e| {
+            e.task.debug_info.insert(key.to_owned(), value.to_owned());
+        });
+    }
+
+    /// Sets a subtask's state.
+    pub fn subtask(&self, id: &str, name: &str, state: TaskState) {
+        self.update(id, |e| {
+            e.task.subtasks.insert(name.to_owned(), state);
+        });
+    }
+
+    /// Ends a task with its result.
+    pub fn complete(&self, id: &str, result: Option<TaskResult>) {
+        self.update(id, |e| {
+            e.task.state = TaskState::Completed(Completion { result, duration: e.started.elapsed().as_secs_f64() });
+        });
+    }
+
+    /// Ends a task with an error.
+    pub fn fail(&self, id: &str, error: &StorageError) {
+        self.update(id, |e| {
+            e.task.state = TaskState::Failed(error.to_value());
+            e.task.backtrace = error.to_string();
+        });
+    }
+
+    /// `TASK.stat`.
+    pub fn stat(&self, id: &str) -> Result<Task, StorageError> {
+        self.lock().get(id).map(|e| e.task.clone()).ok_or_else(|| no_task(id))
+    }
+
+    /// `TASK.list`.
+    pub fn list(&self) -> Vec<Task> {
+        self.lock().values().map(|e| e.task.clone()).collect()
+    }
+
+    /// `TASK.cancel`: asks the task's worker to stop; the worker ends the task `Cancelled`.
+    pub fn cancel(&self, id: &str) -> Result<(), StorageError> {
+        let token = self.lock().get(id).map(|e| e.cancel.clone()).ok_or_else(|| no_task(id))?;
+        token.cancel();
+        self.changed(Dynamic::Task(id.to_owned()));
+        Ok(())
+    }
+
+    /// `TASK.destroy`: forgets a task (cancelling it first if it is still running).
+    pub fn destroy(&self, id: &str) -> Result<(), StorageError> {
+        let entry = self.lock().remove(id).ok_or_else(|| no_task(id))?;
+        entry.cancel.cancel();
+        self.changed(Dynamic::Task(id.to_owned()));
+        Ok(())
+    }
+
+    /// `UPDATES.get`: what changed after token `from`, and the token to ask from next. An
+    /// empty or unknown token, or one older than the log keeps, answers every task that
+    /// exists plus `extra` (the caller's other live objects): a resync. With nothing new,
+    /// waits up to `timeout` for a change.
+    pub async fn updates(&self, from: &str, timeout: Duration, extra: impl Fn() -> Vec<Dynamic>) -> (Vec<Dynamic>, String) {
+        let mut rx = self.changed.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout.min(MAX_WAIT);
+        loop {
+            if let Some(answer) = self.since(from, &extra) {
+                return answer;
+            }
+            tokio::select! {
+                r = rx.changed() => if r.is_err() { break },
+                _ = tokio::time::sleep_until(deadline) => break,
+            }
+        }
+        let next = self.log.lock().unwrap_or_else(|p| p.into_inner()).next - 1;
+        (Vec::new(), next.to_string())
+    }
+
+    fn since(&self, from: &str, extra: &impl Fn() -> Vec<Dynamic>) -> Option<(Vec<Dynamic>, String)> {
+        let log = self.log.lock().unwrap_or_else(|p| p.into_inner());
+        let latest = log.next - 1;
+        let oldest = log.changes.front().map(|(s, _)| *s).unwrap_or(log.next);
+        match from.parse::<u64>() {
+            Ok(token) if token <= latest && token + 1 >= oldest => {
+                let mut seen = Vec::new();
+                for (_, d) in log.changes.iter().filter(|(s, _)| *s > token) {
+                    if !seen.contains(d) {
+                        seen.push(d.clone());
+                    }
+                }
+                (!seen.is_empty()).then(|| (seen, latest.to_string()))
+            }
+            _ => {
+                drop(log);
+                let mut all: Vec<Dynamic> = self.lock().keys().map(|id| Dynamic::Task(id.clone())).collect();
+                all.extend(extra());
+                Some((all, latest.to_string()))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn tasks_report_progress_results_and_cancellation() {
+        let t = Tasks::new();
+        let (id, cancel) = t.create("dbg");
+        t.progress(&id, 0.5);
+        assert_eq!(t.stat(&id).expect("stat").state, TaskState::Pending(0.5));
+        t.cancel(&id).expect("cancel");
+        assert!(cancel.is_cancelled());
+        t.fail(&id, &StorageError::Cancelled(id.clone()));
+        assert!(matches!(t.stat(&id).expect("stat").state, TaskState::Failed(_)));
+        t.destroy(&id).expect("destroy");
+        assert_eq!(t.stat(&id), Err(StorageError::DoesNotExist("task".into(), id.clone())));
+        assert!(t.cancel("nope").is_err());
+    }
+
+    #[tokio::test]
+    async fn updates_resync_then_report_changes_and_wait_for_them() {
+        let t = std::sync::Arc::new(Tasks::new());
+        let (a, _) = t.create("a");
+        let (all, token) = t.updates("", Duration::ZERO, || vec![Dynamic::Vdi("v".into())]).await;
+        assert_eq!(all, vec![Dynamic::Task(a.clone()), Dynamic::Vdi("v".into())]);
+        // Nothing new: the call waits, and a change wakes it.
+        let t2 = t.clone();
+        let a2 = a.clone();
+        let waker = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            t2.progress(&a2, 0.25);
+        });
+        let (changes, next) = t.updates(&token, Duration::from_secs(10), Vec::new).await;
+        waker.await.expect("waker");
+        assert_eq!(changes, vec![Dynamic::Task(a.clone())]);
+        assert_ne!(next, token);
+        // Still nothing new after that: an empty answer once the timeout passes.
+        let (none, same) = t.updates(&next, Duration::from_millis(20), Vec::new).await;
+        assert!(none.is_empty());
+        assert_eq!(same, next);
+    }
+}
