@@ -16,3 +16,5 @@ pub mod image;
 pub mod io;
 pub mod mirror;
 pub mod nbd;
+#[doc(hidden)]
+pub mod testkit;
