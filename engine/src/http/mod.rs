@@ -1,10 +1,17 @@
 //! The host's HTTP face: xapi's `/services/SM` (XML-RPC) and `/jsonrpc` (JSON-RPC 1.0 and 2.0)
 //! on TCP and on a Unix socket, and the client other hosts and the CLI use to call it.
+//!
+//! - [`envelope`]: the call and reply envelopes both share, including the JSON-RPC 2.0 error
+//!   object xapi writes.
 
 use std::future::Future;
 
 use crate::model::StorageError;
 use crate::rpc::Value;
+
+pub mod envelope;
+
+pub use envelope::JsonVersion;
 
 /// What the server runs for each call. The mux implements it; the server only decodes the
 /// envelope, authenticates, and encodes the answer in the caller's own encoding and version.
