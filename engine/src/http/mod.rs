@@ -3,6 +3,7 @@
 //!
 //! - [`server`]: the routes, the secret check on TCP, the Unix socket's housekeeping, and the
 //!   hook for routes that take a connection over (the planned NBD `PUT`).
+//! - [`client`]: [`Endpoint`] and [`RpcClient`], over TCP or a Unix socket.
 //! - [`envelope`]: the call and reply envelopes both share, including the JSON-RPC 2.0 error
 //!   object xapi writes.
 
@@ -11,9 +12,11 @@ use std::future::Future;
 use crate::model::StorageError;
 use crate::rpc::Value;
 
+pub mod client;
 pub mod envelope;
 pub mod server;
 
+pub use client::{CallError, CallErrorKind, Endpoint, EndpointError, RpcClient};
 pub use envelope::JsonVersion;
 pub use server::{Bound, Running, ServeError, ServerConfig, Transport, router, serve};
 
