@@ -1,10 +1,24 @@
 //! The host's HTTP face: xapi's `/services/SM` (XML-RPC) and `/jsonrpc` (JSON-RPC 1.0 and 2.0)
 //! on TCP and on a Unix socket, and the client other hosts and the CLI use to call it.
+//!
+//! - [`server`]: the routes, the secret check on TCP, the Unix socket's housekeeping, and the
+//!   hook for routes that take a connection over (the planned NBD `PUT`).
+//! - [`client`]: [`Endpoint`] and [`RpcClient`], over TCP or a Unix socket.
+//! - [`envelope`]: the call and reply envelopes both share, including the JSON-RPC 2.0 error
+//!   object xapi writes.
 
 use std::future::Future;
 
 use crate::model::StorageError;
 use crate::rpc::Value;
+
+pub mod client;
+pub mod envelope;
+pub mod server;
+
+pub use client::{CallError, CallErrorKind, Endpoint, EndpointError, RpcClient};
+pub use envelope::JsonVersion;
+pub use server::{Bound, Running, ServeError, ServerConfig, Transport, router, serve};
 
 /// What the server runs for each call. The mux implements it; the server only decodes the
 /// envelope, authenticates, and encodes the answer in the caller's own encoding and version.

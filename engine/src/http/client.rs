@@ -1,0 +1,437 @@
+//! The client other hosts and the CLI use to call a server: JSON-RPC (1.0 or 2.0) to
+//! `/jsonrpc`, or XML-RPC to `/services/SM` as xapi calls another host, over TCP or a Unix
+//! socket, with hyper's HTTP/1 connection API and no further crates.
+//!
+//! One connection per call: storage calls are few and long, and a fresh connection can never
+//! be one the server has just closed.
+
+use std::fmt;
+use std::io;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Bytes;
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper::http::{HeaderValue, Method, Request, StatusCode, header};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpStream, UnixStream};
+
+use super::envelope::{self, JsonVersion};
+use super::server::{JSONRPC_PATH, XMLRPC_PATH};
+use crate::model::StorageError;
+use crate::rpc::{Value, xmlrpc};
+
+/// The largest reply body read (a storage reply is a few KiB; `SR.scan` of a big SR a few MiB).
+const MAX_REPLY: usize = 256 << 20;
+
+/// Where a server listens.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    /// A Unix socket path; no secret is sent.
+    Unix(PathBuf),
+    /// A TCP server.
+    Tcp {
+        /// `host:port` (port 80 when the URL gave none).
+        authority: String,
+        /// A path in front of the RPC paths (for a server behind a proxy), without a trailing
+        /// `/`; usually empty.
+        path_prefix: String,
+        /// The host secret to present.
+        secret: Option<String>,
+    },
+}
+
+/// Why a string is not an endpoint. Never quotes the input, which may hold a secret.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("Bad endpoint: {0}")]
+pub struct EndpointError(String);
+
+impl Endpoint {
+    /// Parses `http://host[:port][/prefix][?session_id=<secret>]` or a filesystem path (also
+    /// written `unix:<path>`). A path ending in `/services/SM` or `/jsonrpc` names the RPC path
+    /// itself and is dropped from the prefix, so the URL xapi hands out for a host
+    /// (`http://<ip>/services/SM?session_id=…`) works for both encodings.
+    pub fn parse(s: &str) -> Result<Endpoint, EndpointError> {
+        if let Some(rest) = s.strip_prefix("http://") {
+            return parse_http(rest);
+        }
+        if s.starts_with("https://") {
+            return Err(EndpointError("https is not supported: use http:// or a Unix socket".into()));
+        }
+        let path = s.strip_prefix("unix:").unwrap_or(s);
+        if let Some((scheme, _)) = path.split_once("://") {
+            return Err(EndpointError(format!("unsupported scheme {scheme:?}: use http:// or a Unix socket path")));
+        }
+        if path.is_empty() {
+            return Err(EndpointError("empty socket path".into()));
+        }
+        Ok(Endpoint::Unix(PathBuf::from(path)))
+    }
+
+    /// The same endpoint presenting `secret` (TCP only; a Unix socket needs none).
+    pub fn with_secret(self, secret: impl Into<String>) -> Endpoint {
+        match self {
+            Endpoint::Tcp { authority, path_prefix, .. } => Endpoint::Tcp { authority, path_prefix, secret: Some(secret.into()) },
+            unix => unix,
+        }
+    }
+}
+
+fn parse_http(rest: &str) -> Result<Endpoint, EndpointError> {
+    let (before_query, query) = match rest.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (rest, None),
+    };
+    let (authority, path) = match before_query.find('/') {
+        Some(i) => before_query.split_at(i),
+        None => (before_query, ""),
+    };
+    if authority.is_empty() {
+        return Err(EndpointError("no host in the URL".into()));
+    }
+    if authority.contains('@') {
+        return Err(EndpointError("user information in the URL is not supported: pass the secret as ?session_id=".into()));
+    }
+    // `host`, `host:port`, `[v6]`, `[v6]:port`: add the default port when there is none.
+    let has_port = match authority.rfind(']') {
+        Some(close) => authority[close..].contains(':'),
+        None => authority.contains(':'),
+    };
+    let authority = if has_port { authority.to_owned() } else { format!("{authority}:80") };
+    let mut prefix = path.trim_end_matches('/');
+    for rpc_path in [XMLRPC_PATH, JSONRPC_PATH] {
+        if let Some(p) = prefix.strip_suffix(rpc_path) {
+            prefix = p;
+            break;
+        }
+    }
+    let mut secret = None;
+    for pair in query.into_iter().flat_map(|q| q.split('&')).filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        match k {
+            "session_id" => secret = Some(percent_decode(v).ok_or_else(|| EndpointError("bad percent-encoding in session_id".into()))?),
+            other => return Err(EndpointError(format!("unsupported query parameter {other:?}: only session_id is understood"))),
+        }
+    }
+    Ok(Endpoint::Tcp { authority, path_prefix: prefix.to_owned(), secret })
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let mut out = Vec::with_capacity(s.len());
+    let mut bytes = s.bytes();
+    while let Some(b) = bytes.next() {
+        match b {
+            b'%' => {
+                let hi = char::from(bytes.next()?).to_digit(16)?;
+                let lo = char::from(bytes.next()?).to_digit(16)?;
+                out.push(u8::try_from(hi * 16 + lo).ok()?);
+            }
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~:".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+impl FromStr for Endpoint {
+    type Err = EndpointError;
+
+    fn from_str(s: &str) -> Result<Endpoint, EndpointError> {
+        Endpoint::parse(s)
+    }
+}
+
+impl fmt::Display for Endpoint {
+    // Without the secret: this is what errors and logs show.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Endpoint::Unix(p) => write!(f, "unix:{}", p.display()),
+            Endpoint::Tcp { authority, path_prefix, .. } => write!(f, "http://{authority}{path_prefix}"),
+        }
+    }
+}
+
+impl fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Endpoint::Unix(p) => f.debug_tuple("Unix").field(p).finish(),
+            Endpoint::Tcp { authority, path_prefix, secret } => f.debug_struct("Tcp").field("authority", authority).field("path_prefix", path_prefix).field("secret", &secret.as_ref().map(|_| "<redacted>")).finish(),
+        }
+    }
+}
+
+/// A failed call: where, what, and why.
+#[derive(Debug, thiserror::Error)]
+#[error("Calling {method} on {endpoint}")]
+pub struct CallError {
+    /// The endpoint called (without its secret).
+    pub endpoint: String,
+    /// The method called.
+    pub method: String,
+    /// What went wrong.
+    #[source]
+    pub kind: CallErrorKind,
+}
+
+impl CallError {
+    /// The storage error the server answered, if that is what this is.
+    pub fn storage(&self) -> Option<&StorageError> {
+        match &self.kind {
+            CallErrorKind::Storage(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+/// What went wrong in a call. Only [`CallErrorKind::Storage`] means the server ran the call
+/// and it failed; the others mean the call may not have reached it, or its answer was lost.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CallErrorKind {
+    /// The server answered with a storage error.
+    #[error("The server answered with an error")]
+    Storage(#[source] StorageError),
+    /// No connection.
+    #[error("Cannot connect")]
+    Connect(#[source] io::Error),
+    /// The HTTP exchange failed.
+    #[error("HTTP exchange failed")]
+    Http(#[source] hyper::Error),
+    /// The reply body could not be read.
+    #[error("Cannot read the reply")]
+    Body(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// HTTP 401: no secret, or the wrong one.
+    #[error("The server refused the host secret (HTTP 401)")]
+    Unauthorised,
+    /// Another HTTP status than 200.
+    #[error("HTTP {status}: {body}")]
+    Status {
+        /// The status.
+        status: StatusCode,
+        /// The start of the body.
+        body: String,
+    },
+    /// The reply is not a valid reply, or the request could not be made.
+    #[error("Protocol error: {0}")]
+    Protocol(String),
+    /// No reply in time.
+    #[error("No reply within {0:?}")]
+    Timeout(Duration),
+}
+
+/// Calls one server.
+#[derive(Debug)]
+pub struct RpcClient {
+    endpoint: Endpoint,
+    version: JsonVersion,
+    timeout: Option<Duration>,
+    next_id: AtomicU64,
+}
+
+/// How the host secret travels on TCP.
+#[derive(Clone, Copy)]
+enum Credential {
+    /// `Authorization: Bearer` (JSON-RPC).
+    Bearer,
+    /// Already in the query as `session_id`, as xapi sends it (XML-RPC).
+    InQuery,
+}
+
+impl RpcClient {
+    /// A client speaking JSON-RPC 2.0 (for [`RpcClient::call_json`]), with no timeout.
+    pub fn new(endpoint: Endpoint) -> RpcClient {
+        RpcClient { endpoint, version: JsonVersion::V2, timeout: None, next_id: AtomicU64::new(1) }
+    }
+
+    /// Speaks JSON-RPC `version` instead.
+    pub fn with_json_version(mut self, version: JsonVersion) -> RpcClient {
+        self.version = version;
+        self
+    }
+
+    /// Gives up on a call (connect, send and reply) after `timeout`.
+    pub fn with_timeout(mut self, timeout: Duration) -> RpcClient {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// The endpoint called.
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    /// Calls `method` with one struct of named arguments over JSON-RPC.
+    pub async fn call_json(&self, method: &str, params: Value) -> Result<Value, CallError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let body = envelope::json_request(self.version, id, method, &params).to_string();
+        let path = format!("{}{JSONRPC_PATH}", self.prefix());
+        let reply = self.post(&path, "application/json", body, Credential::Bearer).await.map_err(|k| self.error(method, k))?;
+        match envelope::parse_json_reply(&reply, id) {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(self.error(method, failure(&e))),
+            Err(bad) => Err(self.error(method, CallErrorKind::Protocol(bad.0))),
+        }
+    }
+
+    /// Calls `method` with one struct of named arguments over XML-RPC to `/services/SM`, the
+    /// secret in the query as `session_id`, as xapi does.
+    pub async fn call_xml(&self, method: &str, params: Value) -> Result<Value, CallError> {
+        let body = xmlrpc::encode_call(method, std::slice::from_ref(&params));
+        let mut path = format!("{}{XMLRPC_PATH}", self.prefix());
+        if let Endpoint::Tcp { secret: Some(s), .. } = &self.endpoint {
+            path.push_str("?session_id=");
+            path.push_str(&percent_encode(s));
+        }
+        let reply = self.post(&path, "text/xml", body, Credential::InQuery).await.map_err(|k| self.error(method, k))?;
+        let parsed = std::str::from_utf8(&reply)
+            .map_err(|e| format!("reply is not UTF-8: {e}"))
+            .and_then(|text| xmlrpc::parse_response(text).map_err(|e| e.to_string()))
+            .and_then(|v| envelope::parse_xml_reply(v).map_err(|e| e.0));
+        match parsed {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(self.error(method, failure(&e))),
+            Err(why) => Err(self.error(method, CallErrorKind::Protocol(why))),
+        }
+    }
+
+    fn prefix(&self) -> &str {
+        match &self.endpoint {
+            Endpoint::Tcp { path_prefix, .. } => path_prefix,
+            Endpoint::Unix(_) => "",
+        }
+    }
+
+    fn error(&self, method: &str, kind: CallErrorKind) -> CallError {
+        CallError { endpoint: self.endpoint.to_string(), method: method.to_owned(), kind }
+    }
+
+    /// POSTs `body` and returns the body of a 200 reply.
+    async fn post(&self, path_and_query: &str, content_type: &'static str, body: String, credential: Credential) -> Result<Bytes, CallErrorKind> {
+        let exchange = async {
+            let mut req = Request::builder().method(Method::POST).uri(path_and_query).header(header::CONTENT_TYPE, content_type).header(header::USER_AGENT, concat!("sxm/", env!("CARGO_PKG_VERSION")));
+            let mut sender = match &self.endpoint {
+                Endpoint::Unix(path) => {
+                    req = req.header(header::HOST, "localhost");
+                    handshake(UnixStream::connect(path).await.map_err(CallErrorKind::Connect)?).await?
+                }
+                Endpoint::Tcp { authority, secret, .. } => {
+                    req = req.header(header::HOST, authority.as_str());
+                    if let (Some(s), Credential::Bearer) = (secret, credential) {
+                        let mut v = HeaderValue::from_str(&format!("Bearer {s}")).map_err(|_| CallErrorKind::Protocol("the secret cannot travel in an HTTP header".into()))?;
+                        v.set_sensitive(true);
+                        req = req.header(header::AUTHORIZATION, v);
+                    }
+                    let stream = TcpStream::connect(authority.as_str()).await.map_err(CallErrorKind::Connect)?;
+                    // The request is written in one go; Nagle would only delay its last segment.
+                    let _ = stream.set_nodelay(true);
+                    handshake(stream).await?
+                }
+            };
+            let req = req.body(Full::new(Bytes::from(body))).map_err(|e| CallErrorKind::Protocol(format!("cannot build the request: {e}")))?;
+            let resp = sender.send_request(req).await.map_err(CallErrorKind::Http)?;
+            let status = resp.status();
+            let bytes = Limited::new(resp.into_body(), MAX_REPLY).collect().await.map_err(CallErrorKind::Body)?.to_bytes();
+            match status {
+                StatusCode::OK => Ok(bytes),
+                StatusCode::UNAUTHORIZED => Err(CallErrorKind::Unauthorised),
+                status => {
+                    let text = String::from_utf8_lossy(&bytes[..bytes.len().min(512)]).trim_end().to_owned();
+                    Err(CallErrorKind::Status { status, body: text })
+                }
+            }
+        };
+        match self.timeout {
+            Some(t) => tokio::time::timeout(t, exchange).await.map_err(|_| CallErrorKind::Timeout(t))?,
+            None => exchange.await,
+        }
+    }
+}
+
+/// A failure's value as the storage error it carries.
+fn failure(v: &Value) -> CallErrorKind {
+    match StorageError::from_value(v) {
+        Ok(e) => CallErrorKind::Storage(e),
+        Err(e) => CallErrorKind::Protocol(format!("the server failed with something that is not a storage error ({e})")),
+    }
+}
+
+async fn handshake<S>(stream: S) -> Result<SendRequest<Full<Bytes>>, CallErrorKind>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = http1::handshake(TokioIo::new(stream)).await.map_err(CallErrorKind::Http)?;
+    // The connection runs beside the request; it ends when the sender is dropped after the reply.
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "client connection ended with an error");
+        }
+    });
+    Ok(sender)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tcp(authority: &str, prefix: &str, secret: Option<&str>) -> Endpoint {
+        Endpoint::Tcp { authority: authority.into(), path_prefix: prefix.into(), secret: secret.map(Into::into) }
+    }
+
+    #[test]
+    fn xapis_host_url_parses_with_its_session_id() {
+        assert_eq!(Endpoint::parse("http://10.0.0.7/services/SM?session_id=OpaqueRef:ab%2Fc"), Ok(tcp("10.0.0.7:80", "", Some("OpaqueRef:ab/c"))));
+    }
+
+    #[test]
+    fn ports_prefixes_and_ipv6_hosts_parse() {
+        assert_eq!(Endpoint::parse("http://h:8080"), Ok(tcp("h:8080", "", None)));
+        assert_eq!(Endpoint::parse("http://h:8080/"), Ok(tcp("h:8080", "", None)));
+        assert_eq!(Endpoint::parse("http://h/proxy/sxm/jsonrpc"), Ok(tcp("h:80", "/proxy/sxm", None)));
+        assert_eq!(Endpoint::parse("http://[::1]:9/"), Ok(tcp("[::1]:9", "", None)));
+        assert_eq!(Endpoint::parse("http://[::1]"), Ok(tcp("[::1]:80", "", None)));
+    }
+
+    #[test]
+    fn paths_are_unix_sockets() {
+        assert_eq!(Endpoint::parse("/run/sxm.sock"), Ok(Endpoint::Unix("/run/sxm.sock".into())));
+        assert_eq!(Endpoint::parse("unix:rel.sock"), Ok(Endpoint::Unix("rel.sock".into())));
+    }
+
+    #[test]
+    fn unsupported_forms_are_refused_without_echoing_secrets() {
+        for bad in ["https://h/", "ftp://h/", "http://", "http:///x", "", "http://u:p@h/", "http://h/?token=x", "http://h/?session_id=%zz"] {
+            assert!(Endpoint::parse(bad).is_err(), "{bad:?} parsed");
+        }
+        let e = Endpoint::parse("http://h/?session_id=topsecret&x=1").expect_err("unknown parameter");
+        assert!(!e.to_string().contains("topsecret"), "{e}");
+    }
+
+    #[test]
+    fn display_and_debug_hide_the_secret() {
+        let e = tcp("h:1", "/p", Some("topsecret"));
+        assert_eq!(e.to_string(), "http://h:1/p");
+        assert!(!format!("{e:?}").contains("topsecret"));
+    }
+
+    #[test]
+    fn secrets_survive_percent_encoding() {
+        let s = "a b&c=d/é%";
+        assert_eq!(percent_decode(&percent_encode(s)).as_deref(), Some(s));
+    }
+}
