@@ -1,14 +1,21 @@
 //! sxm-engine: the control plane of an sxm host.
 //!
-//! This crate will own the storage interface's model (`vdi_info`, `Mirror.t`, task records and
-//! the `Storage_error` variants with their exact wire tags), the `Backend` trait that each SR type
-//! implements, the mux that routes `SR.*`, `VDI.*` and `DP.*` calls by SR type, the staged
-//! migration with rollback, persisted state, tasks, the JSON-RPC and XML-RPC codecs, and the HTTP
-//! server and client. It names no backend and uses nothing else of ours: the `sxm` binary
-//! registers the backends (see `../shared/DESIGN.md`, "Layout").
+//! It owns xapi's storage interface (SMAPIv2) as a host serves it: the wire, the typed model,
+//! the mux that routes `SR.*`, `VDI.*` and `DP.*` calls by SR type, datapath states, tasks and
+//! persisted state. It names no backend and uses nothing else of ours: the `sxm` binary
+//! registers the backends (see `../shared/DESIGN.md`, "Layout"). The staged migration
+//! (`DATA.*`) arrives with the next issue; until then those calls answer `Unimplemented`.
 //!
-//! Built so far: [`rpc`], the value tree and its XML-RPC and JSON encodings, and [`model`]'s
-//! storage errors, checked against xapi's recorded wire vectors.
+//! Modules, from the wire inwards:
+//!
+//! - [`rpc`]: the value tree, its XML-RPC and JSON encodings, and typed marshalling;
+//! - [`http`]: the server (`/services/SM`, `/jsonrpc`, on TCP with the host secret and on a
+//!   Unix socket) and the client other hosts and the CLI use;
+//! - [`model`]: the interface's records, variants, errors, and every call typed;
+//! - [`mux`]: routes each call to the backend of the SR it names; keeps [`srs`] (the SR
+//!   registry), [`datapaths`] (which VDI each datapath holds) and [`tasks`] (tasks, updates);
+//! - [`backend`]: the trait an SR type implements;
+//! - [`state`]: atomic, durable records on disk.
 
 pub mod backend;
 pub mod datapaths;

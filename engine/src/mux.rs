@@ -587,9 +587,3 @@ impl Dispatch for Mux {
         result
     }
 }
-
-impl Dispatch for Arc<Mux> {
-    async fn dispatch(&self, method: String, params: Vec<Value>) -> Result<Value, StorageError> {
-        Mux::dispatch(self, method, params).await
-    }
-}
