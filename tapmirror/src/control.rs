@@ -355,8 +355,25 @@ pub fn request(socket: &std::path::Path, request: &Value, fd: Option<&OwnedFd>) 
 
 /// As `request`, with any number of descriptors.
 pub fn request_with(socket: &std::path::Path, request: &Value, fds: Vec<&OwnedFd>) -> anyhow::Result<Value> {
+    request_timeout(socket, request, fds, None)
+}
+
+/// As `request_with`, failing when sending the request or reading the answer stalls for longer
+/// than `timeout` (each). A stopped or wedged server still accepts connections (the kernel
+/// queues them on its listening socket) but never answers: a caller that must not hang (a
+/// liveness probe, a daemon talking to many servers) gives a timeout.
+pub fn request_timeout(
+    socket: &std::path::Path,
+    request: &Value,
+    fds: Vec<&OwnedFd>,
+    timeout: Option<Duration>,
+) -> anyhow::Result<Value> {
     use std::io::BufRead;
     let stream = UnixStream::connect(socket).map_err(|e| anyhow::anyhow!("connecting {}: {e}", socket.display()))?;
+    // A zero timeout means "none" to the socket options; the smallest real one stands in for it.
+    let timeout = timeout.map(|t| t.max(Duration::from_millis(1)));
+    stream.set_write_timeout(timeout)?;
+    stream.set_read_timeout(timeout)?;
     let mut line = request.to_string();
     line.push('\n');
     let fds: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
@@ -367,7 +384,12 @@ pub fn request_with(socket: &std::path::Path, request: &Value, fds: Vec<&OwnedFd
         (&stream).write_all(&line.as_bytes()[sent..])?;
     }
     let mut answer = String::new();
-    std::io::BufReader::new(&stream).read_line(&mut answer)?;
+    std::io::BufReader::new(&stream).read_line(&mut answer).map_err(|e| match e.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+            anyhow::anyhow!("no answer on {} within {:?}", socket.display(), timeout.unwrap_or_default())
+        }
+        _ => anyhow::Error::from(e),
+    })?;
     if answer.is_empty() {
         anyhow::bail!("control socket closed without an answer");
     }

@@ -8,7 +8,9 @@
 //! - [`nbd`]: the NBD wire codec, a server that exports an `Image`, and an async client;
 //! - [`copy`]: sparse copy of an image or export into an export or file;
 //! - [`mirror`]: live mirroring of guest writes to a remote target;
-//! - [`control`]: the control socket (stats, pause, mirror attach by descriptor, drain).
+//! - [`control`]: the control socket (stats, pause, mirror attach by descriptor, drain);
+//! - [`process`]: `tapmirror serve` as a detached process that outlives its starter: spawn,
+//!   adopt after a restart, stop, reap.
 
 pub mod control;
 pub mod copy;
@@ -16,3 +18,4 @@ pub mod image;
 pub mod io;
 pub mod mirror;
 pub mod nbd;
+pub mod process;

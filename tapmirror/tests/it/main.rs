@@ -14,5 +14,6 @@ mod image_cli;
 mod migrate;
 mod mirror;
 mod peers;
+mod process;
 mod qcow2;
 mod vhd;
