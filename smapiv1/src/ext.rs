@@ -233,8 +233,8 @@ impl Backend for ExtBackend {
         let meta = SrMeta::load_existing(&sr.dir)?;
         self.datapaths.recover(sr, datapaths, &|vdi: &str| {
             let id = vdi_id(vdi)?;
-            let info = meta.vdi(id)?;
-            Ok((vhd_path(&sr.dir, id), info.read_only))
+            meta.vdi(id)?;
+            Ok(vhd_path(&sr.dir, id))
         })
     }
 

@@ -86,6 +86,19 @@ macro_rules! require {
     };
 }
 
+/// Deterministic test data.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
 /// Longest a peer command may run: each finishes in seconds, so one still running has hung.
 const RUN_DEADLINE: Duration = Duration::from_secs(120);
 
