@@ -1,0 +1,74 @@
+//! How this backend's failures reach the caller: as the storage interface's variants, with the
+//! codes xapi and its SMAPIv1 plugins use, so an orchestrator written for xapi recognises them.
+//!
+//! | condition | error |
+//! | --- | --- |
+//! | an id that names no VDI of the SR (bad characters, unknown, a hidden parent) | `Vdi_does_not_exist id` |
+//! | destroy, resize or compose of a VDI a datapath holds; a VHD another writer locks | `Backend_error ("VDI_IN_USE", [vdi; operation])` |
+//! | a read-write attach of a read-only VDI | `Backend_error ("VDI_READONLY", [vdi])` |
+//! | a size beyond the VHD limit | `Backend_error ("VDI_TOO_LARGE", [vdi; limit])` |
+//! | no space left (`ENOSPC`) | `Backend_error ("SR_BACKEND_FAILURE_44", ["", "There is insufficient space", detail])`, SM's `SRNoSpace`, which xapi's migration turns into `SR_SOURCE_SPACE_INSUFFICIENT` |
+//! | anything else (corrupt VHD, missing file, refused shrink, a datapath that fails) | `Backend_error ("SR_BACKEND_FAILURE", [kind; message; ""])`, xapi's generic backend failure with its three parameters (status, stdout, stderr) |
+//!
+//! Messages name the SR's VDI and file; the `kind` parameter is a short stable word
+//! (`corrupt`, `missing_parent`, `io`, `invalid`, `unsupported`, `metadata`, `datapath`) to
+//! match on.
+
+use std::fmt::Display;
+use std::io;
+
+use sxm_engine::model::StorageError;
+use tapmirror::image::vhd::{VhdError, VhdErrorKind};
+
+/// `Backend_error ("SR_BACKEND_FAILURE", [kind; message; ""])`.
+pub(crate) fn failure(kind: &str, message: impl Display) -> StorageError {
+    StorageError::BackendError("SR_BACKEND_FAILURE".to_owned(), vec![kind.to_owned(), message.to_string(), String::new()])
+}
+
+/// `Backend_error ("VDI_IN_USE", [vdi; operation])`.
+pub(crate) fn in_use(vdi: &str, operation: &str) -> StorageError {
+    StorageError::BackendError("VDI_IN_USE".to_owned(), vec![vdi.to_owned(), operation.to_owned()])
+}
+
+/// SM's `SRNoSpace` (code 44), as xapi receives it.
+pub(crate) fn no_space(detail: impl Display) -> StorageError {
+    StorageError::BackendError(
+        "SR_BACKEND_FAILURE_44".to_owned(),
+        vec![String::new(), "There is insufficient space".to_owned(), detail.to_string()],
+    )
+}
+
+fn is_no_space(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(libc::ENOSPC) || e.raw_os_error() == Some(libc::EDQUOT)
+}
+
+/// An I/O failure of the SR's own files (`what` says what was being done, with the path).
+pub(crate) fn io(what: impl Display, e: &io::Error) -> StorageError {
+    if is_no_space(e) { no_space(format!("{what}: {e}")) } else { failure("io", format!("{what}: {e}")) }
+}
+
+/// A VHD operation's failure on VDI `vdi` during `operation`.
+pub(crate) fn vhd(vdi: &str, operation: &str, e: &VhdError) -> StorageError {
+    let message = format!("{operation} of VDI {vdi}: {}", chain(e));
+    match (e.kind(), e) {
+        (VhdErrorKind::Busy, _) => in_use(vdi, operation),
+        (_, VhdError::Io { source, .. }) if is_no_space(source) => no_space(message),
+        (VhdErrorKind::Corrupt, _) => failure("corrupt", message),
+        (VhdErrorKind::MissingParent, _) => failure("missing_parent", message),
+        (VhdErrorKind::InvalidArgument, _) => failure("invalid", message),
+        (VhdErrorKind::Unsupported, _) => failure("unsupported", message),
+        _ => failure("io", message),
+    }
+}
+
+/// An error and its sources, `: `-separated.
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        s.push_str(": ");
+        s.push_str(&cause.to_string());
+        next = cause.source();
+    }
+    s
+}

@@ -1,0 +1,460 @@
+//! [`ExtBackend`]: the engine's [`Backend`] for `ext` SRs, one VHD file per node of the SR's
+//! tree (see [`crate::meta`] for the tree and [`crate::recover`] for crash recovery).
+//!
+//! # The order of each change (what a crash leaves)
+//!
+//! | call | steps | a crash between steps leaves |
+//! | --- | --- | --- |
+//! | create | new `<id>.vhd` (synced) → record | an orphan file: deleted at attach |
+//! | destroy | record without the VDI (and without hidden parents it alone used) → delete files | orphans: deleted at attach |
+//! | snapshot, clone | pause the datapath → `vhd::snapshot` (link the VDI's file as the base, rename a new empty leaf over the VDI's name) → unpause → new leaf on the base → record (base hidden, VDI on it, new VDI on it) | before the rename: an orphan link to the VDI's file, deleted; after it: the VDI on an unrecorded base, which attach adopts as a hidden parent, and perhaps an orphan new leaf, deleted. The VDI reads the same in every case |
+//! | compose | pause the child's datapath → rewrite the child's parent locators (`vhd::compose`) → unpause → record (parent hidden, child on it, old hidden parents no one uses dropped) → delete those files | the child on its new parent with the old record: attach takes the files' parent and hides the parent VDI, as compose would have |
+//! | resize | grow the file (`vhd::resize`) → record the size | the old size in the record, which is only a cache: calls answer the file's size |
+//!
+//! # Sizes
+//!
+//! A new VDI's size is rounded up to a whole 512-byte sector, the VHD's unit, and a size of 0
+//! becomes 2 MiB, the smallest VHD SM's `vhdutil` makes. SM also rounds every size up to its
+//! 2 MiB block; we do not, because a VDI created to receive a mirror must have exactly the
+//! source's size, and a source on a `qcow2` SR need not be a multiple of 2 MiB. Resize grows
+//! only.
+//!
+//! # Records
+//!
+//! A VDI's record is the `vdi_info` its creator gave (id, `uuid` and sizes chosen here), with
+//! `content_id` defaulting to the VDI's id as xapi's SMAPIv1 adapter presents a VDI without
+//! one. Answers add `sm_config["vhd-parent"]`, the node the VDI's file is a differencing disk
+//! of, as SM reports it (xapi's SMAPIv1 `similar_content` walks it); callers cannot set it.
+//! A snapshot or clone takes its name and description from the call's `vdi_info`, keeps only
+//! `base_mirror` of its `sm_config` (as xapi does), and carries the VDI's `content_id`, type,
+//! persistence and size over.
+
+use std::path::PathBuf;
+
+use sxm_engine::backend::{AttachedVdi, Backend, SrContext, SrSpace, StorageResult, VdiChange, safe_component};
+use sxm_engine::model::{AttachInfo, Rw, StorageError, VdiInfo};
+use sxm_engine::rpc::marshal::Map;
+use sxm_engine::state;
+use tapmirror::image::vhd;
+
+use crate::datapath::Datapaths;
+use crate::errors;
+use crate::meta::{Node, SrMeta, is_node_id, new_id, now_xapi_time, vhd_path};
+use crate::recover;
+
+/// `sm_config` key naming the node a VDI's file is a differencing disk of (answered, never
+/// stored or taken from callers).
+pub const VHD_PARENT_KEY: &str = "vhd-parent";
+/// `sm_config` key a scan sets on a VDI whose file cannot be read, saying why.
+pub const VHD_ERROR_KEY: &str = "vhd-error";
+/// The one `sm_config` key a snapshot or clone takes from its caller (xapi's
+/// `sm_config_keys_to_preserve_on_clone`).
+const PRESERVED_ON_CLONE: &str = "base_mirror";
+/// SM's smallest VHD (`vhdutil.MIN_VHD_SIZE`), the size of a VDI created with size 0.
+const MIN_SIZE: u64 = 2 << 20;
+/// A VHD sector.
+const SECTOR: u64 = 512;
+
+/// The `ext` SR type: VHD files in the SR's folder, served by one `tapmirror serve` per
+/// attached VDI.
+pub struct ExtBackend {
+    datapaths: Datapaths,
+}
+
+impl ExtBackend {
+    /// A backend whose datapaths run `tapmirror_exe serve`.
+    pub fn new(tapmirror_exe: PathBuf) -> ExtBackend {
+        ExtBackend { datapaths: Datapaths::new(tapmirror_exe) }
+    }
+}
+
+/// A VDI id from a caller: one that could not be ours (not a single safe path component, not a
+/// UUID) names no VDI.
+fn vdi_id(vdi: &str) -> StorageResult<&str> {
+    match safe_component("VDI", vdi) {
+        Ok(id) if is_node_id(id) => Ok(id),
+        _ => Err(StorageError::VdiDoesNotExist(vdi.to_owned())),
+    }
+}
+
+/// [`vdi_id`], and the VDI exists in the SR.
+fn known<'a>(sr: &SrContext, vdi: &'a str) -> StorageResult<&'a str> {
+    let id = vdi_id(vdi)?;
+    SrMeta::load_existing(&sr.dir)?.vdi(id)?;
+    Ok(id)
+}
+
+/// A requested size in bytes, as the VHD will hold it.
+fn vhd_size(vdi: &str, size: i64) -> StorageResult<u64> {
+    let Ok(size) = u64::try_from(size) else {
+        return Err(errors::failure("invalid", format!("VDI {vdi}: size {size} is negative")));
+    };
+    let size = if size == 0 { MIN_SIZE } else { size.div_ceil(SECTOR).saturating_mul(SECTOR) };
+    if size > vhd::MAX_SIZE {
+        return Err(StorageError::BackendError("VDI_TOO_LARGE".to_owned(), vec![vdi.to_owned(), vhd::MAX_SIZE.to_string()]));
+    }
+    Ok(size)
+}
+
+fn to_i64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// Takes keys callers may not set out of an `sm_config`.
+fn caller_sm_config(mut sm_config: Map<String>) -> Map<String> {
+    sm_config.shift_remove(VHD_PARENT_KEY);
+    sm_config.shift_remove(VHD_ERROR_KEY);
+    sm_config
+}
+
+/// What a call answers for visible node `id`: its record with the sizes its file has now and
+/// its parent. `Err` when the file cannot be read.
+fn present(sr: &SrContext, meta: &SrMeta, id: &str) -> StorageResult<VdiInfo> {
+    let node = meta.nodes.get(id).ok_or_else(|| StorageError::VdiDoesNotExist(id.to_owned()))?;
+    let mut info = meta.vdi(id)?.clone();
+    let path = vhd_path(&sr.dir, id);
+    let v = vhd::info(&path).map_err(|e| errors::vhd(id, "reading the VHD", &e))?;
+    info.virtual_size = to_i64(v.virtual_size);
+    info.physical_utilisation = to_i64(v.file_size);
+    if let Some(p) = &node.parent {
+        info.sm_config.insert(VHD_PARENT_KEY.to_owned(), p.clone());
+    }
+    Ok(info)
+}
+
+/// [`present`] for listings: a VDI whose file cannot be read is still listed (its recorded
+/// record, with the reason in `sm_config["vhd-error"]`), so one damaged file hides nothing else.
+fn present_listed(sr: &SrContext, meta: &SrMeta, id: &str) -> StorageResult<VdiInfo> {
+    match present(sr, meta, id) {
+        Ok(info) => Ok(info),
+        Err(StorageError::BackendError(code, params)) => {
+            let reason = params.get(1).cloned().unwrap_or_else(|| code.clone());
+            tracing::error!(sr = %sr.sr, vdi = %id, %code, error = %reason, "a VDI's VHD file cannot be read");
+            let mut info = meta.vdi(id)?.clone();
+            info.sm_config.insert(VHD_ERROR_KEY.to_owned(), reason);
+            Ok(info)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Deletes the files of nodes the record no longer names (the record is saved already).
+fn delete_files(sr: &SrContext, ids: &[String]) {
+    for id in ids {
+        match state::remove_durably(&vhd_path(&sr.dir, id)) {
+            Ok(()) => tracing::info!(sr = %sr.sr, node = %id, "deleted a VHD file"),
+            // Left as an orphan: the next attach deletes it.
+            Err(e) => tracing::warn!(sr = %sr.sr, node = %id, error = %e, "could not delete an unused VHD file"),
+        }
+    }
+}
+
+/// Snapshot or clone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Branch {
+    Snapshot,
+    Clone,
+}
+
+impl Branch {
+    fn call(self) -> &'static str {
+        match self {
+            Branch::Snapshot => "VDI.snapshot",
+            Branch::Clone => "VDI.clone",
+        }
+    }
+}
+
+impl ExtBackend {
+    /// Snapshot and clone: the VDI's data moves into a new hidden base, the VDI becomes an
+    /// empty leaf on it, and the new VDI another empty leaf on it.
+    fn branch(&self, sr: &SrContext, info: &VdiInfo, kind: Branch) -> StorageResult<VdiInfo> {
+        let src = vdi_id(&info.vdi)?;
+        let mut meta = SrMeta::load_existing(&sr.dir)?;
+        let src_info = meta.vdi(src)?.clone();
+        let (base, new) = (new_id(), new_id());
+        let (src_path, base_path, new_path) = (vhd_path(&sr.dir, src), vhd_path(&sr.dir, &base), vhd_path(&sr.dir, &new));
+        self.datapaths
+            .with_quiesced(sr, src, kind.call(), || vhd::snapshot(&src_path, &base_path).map_err(|e| errors::vhd(src, kind.call(), &e)))?;
+        // From here the VDI's file is a child of the base whatever happens next: record that
+        // even if the new leaf cannot be made, so the record never lags the files for long.
+        let old_parent = meta.nodes.get(src).and_then(|n| n.parent.clone());
+        meta.nodes.insert(base.clone(), Node { parent: old_parent, info: None });
+        if let Some(n) = meta.nodes.get_mut(src) {
+            n.parent = Some(base.clone());
+        }
+        let made = vhd::clone(&base_path, &new_path).map_err(|e| errors::vhd(src, kind.call(), &e));
+        if let Err(e) = made {
+            meta.save(&sr.dir)?;
+            tracing::info!(sr = %sr.sr, vdi = %src, base = %base, "moved a VDI onto a new hidden base; its new leaf failed");
+            return Err(e);
+        }
+
+        let mut new_info = VdiInfo::new(new.clone(), info.name_label.clone());
+        new_info.uuid = Some(new.clone());
+        new_info.name_description = info.name_description.clone();
+        if let Some(v) = info.sm_config.get(PRESERVED_ON_CLONE) {
+            new_info.sm_config.insert(PRESERVED_ON_CLONE.to_owned(), v.clone());
+        }
+        new_info.ty = src_info.ty.clone();
+        new_info.persistent = src_info.persistent;
+        new_info.sharable = src_info.sharable;
+        new_info.virtual_size = src_info.virtual_size;
+        new_info.content_id = if src_info.content_id.is_empty() { new_id() } else { src_info.content_id.clone() };
+        if kind == Branch::Snapshot {
+            new_info.is_a_snapshot = true;
+            new_info.snapshot_of = src.to_owned();
+            new_info.snapshot_time = now_xapi_time();
+            new_info.read_only = true;
+        }
+        meta.nodes.insert(new.clone(), Node { parent: Some(base.clone()), info: Some(new_info) });
+        if let Err(e) = meta.save(&sr.dir) {
+            let _ = state::remove_durably(&new_path);
+            return Err(e);
+        }
+        tracing::info!(sr = %sr.sr, vdi = %src, new = %new, base = %base, call = kind.call(), "branched a VDI on a new hidden base");
+        present(sr, &meta, &new)
+    }
+}
+
+impl Backend for ExtBackend {
+    fn sr_create(&self, sr: &SrContext, name_label: &str, _physical_size: i64) -> StorageResult<Map<String>> {
+        if SrMeta::load(&sr.dir)?.is_some() {
+            return Err(errors::failure("invalid", format!("{} already holds an SR", sr.dir.display())));
+        }
+        SrMeta::default().save(&sr.dir)?;
+        tracing::info!(sr = %sr.sr, name_label, dir = %sr.dir.display(), "created an ext SR");
+        Ok(sr.device_config.clone())
+    }
+
+    fn sr_attach(&self, sr: &SrContext, datapaths: &[AttachedVdi]) -> StorageResult<()> {
+        let r = recover::recover(&sr.sr, &sr.dir)?;
+        tracing::info!(sr = %sr.sr, recovery = ?r, "attached an ext SR");
+        let meta = SrMeta::load_existing(&sr.dir)?;
+        self.datapaths.recover(sr, datapaths, &|vdi: &str| {
+            let id = vdi_id(vdi)?;
+            meta.vdi(id)?;
+            Ok(vhd_path(&sr.dir, id))
+        })
+    }
+
+    fn sr_detach(&self, sr: &SrContext) -> StorageResult<()> {
+        if let Some(vdi) = self.datapaths.attached(sr).first() {
+            return Err(errors::in_use(vdi, "SR.detach"));
+        }
+        self.datapaths.forget(sr);
+        tracing::info!(sr = %sr.sr, "detached an ext SR");
+        Ok(())
+    }
+
+    fn sr_destroy(&self, sr: &SrContext) -> StorageResult<()> {
+        if let Some(vdi) = self.datapaths.attached(sr).first() {
+            return Err(errors::in_use(vdi, "SR.destroy"));
+        }
+        let files = recover::vhd_files(&sr.dir)?;
+        for id in &files {
+            state::remove_durably(&vhd_path(&sr.dir, id)).map_err(|e| errors::io("destroying the SR", &e))?;
+        }
+        state::remove_durably(&SrMeta::path(&sr.dir)).map_err(|e| errors::io("destroying the SR", &e))?;
+        tracing::info!(sr = %sr.sr, files = files.len(), "destroyed an ext SR");
+        Ok(())
+    }
+
+    fn sr_scan(&self, sr: &SrContext) -> StorageResult<Vec<VdiInfo>> {
+        let meta = SrMeta::load_existing(&sr.dir)?;
+        meta.nodes.iter().filter(|(_, n)| n.info.is_some()).map(|(id, _)| present_listed(sr, &meta, id)).collect()
+    }
+
+    fn sr_space(&self, sr: &SrContext) -> StorageResult<SrSpace> {
+        let s = nix::sys::statvfs::statvfs(&sr.dir)
+            .map_err(|e| errors::io(format!("statvfs {}", sr.dir.display()), &std::io::Error::from(e)))?;
+        let unit = s.fragment_size() as u64;
+        Ok(SrSpace { total: to_i64(s.blocks() as u64 * unit), free: to_i64(s.blocks_available() as u64 * unit) })
+    }
+
+    fn vdi_create(&self, sr: &SrContext, info: &VdiInfo) -> StorageResult<VdiInfo> {
+        let mut meta = SrMeta::load_existing(&sr.dir)?;
+        let id = new_id();
+        let size = vhd_size(&id, info.virtual_size)?;
+        let path = vhd_path(&sr.dir, &id);
+        vhd::create_dynamic(&path, size, vhd::DEFAULT_BLOCK_SIZE).map_err(|e| errors::vhd(&id, "VDI.create", &e))?;
+        let mut record = info.clone();
+        record.vdi = id.clone();
+        record.uuid = Some(id.clone());
+        record.virtual_size = to_i64(size);
+        record.cbt_enabled = false;
+        record.sm_config = caller_sm_config(record.sm_config);
+        if record.content_id.is_empty() {
+            record.content_id = id.clone();
+        }
+        meta.nodes.insert(id.clone(), Node { parent: None, info: Some(record) });
+        if let Err(e) = meta.save(&sr.dir) {
+            let _ = state::remove_durably(&path);
+            return Err(e);
+        }
+        tracing::info!(sr = %sr.sr, vdi = %id, size, name_label = %info.name_label, "created a VDI");
+        present(sr, &meta, &id)
+    }
+
+    fn vdi_destroy(&self, sr: &SrContext, vdi: &str) -> StorageResult<()> {
+        let id = vdi_id(vdi)?;
+        let mut meta = SrMeta::load_existing(&sr.dir)?;
+        meta.vdi(id)?;
+        if self.datapaths.is_attached(sr, id) {
+            return Err(errors::in_use(id, "VDI.destroy"));
+        }
+        if !meta.children(id).is_empty() {
+            // Never the case while visible VDIs stay leaves, but should another node still read
+            // through this file, the data stays as a hidden parent (SMAPIv1's model).
+            if let Some(n) = meta.nodes.get_mut(id) {
+                n.info = None;
+            }
+            meta.save(&sr.dir)?;
+            tracing::info!(sr = %sr.sr, vdi = %id, "destroyed a VDI that others depend on: its file stays as a hidden parent");
+            return Ok(());
+        }
+        let parent = meta.nodes.remove(id).and_then(|n| n.parent);
+        let mut garbage = vec![id.to_owned()];
+        garbage.extend(meta.drop_unused_hidden(parent));
+        meta.save(&sr.dir)?;
+        tracing::info!(sr = %sr.sr, vdi = %id, hidden_parents_dropped = garbage.len() - 1, "destroyed a VDI");
+        delete_files(sr, &garbage);
+        Ok(())
+    }
+
+    fn vdi_stat(&self, sr: &SrContext, vdi: &str) -> StorageResult<VdiInfo> {
+        let id = vdi_id(vdi)?;
+        present(sr, &SrMeta::load_existing(&sr.dir)?, id)
+    }
+
+    fn vdi_snapshot(&self, sr: &SrContext, info: &VdiInfo) -> StorageResult<VdiInfo> {
+        self.branch(sr, info, Branch::Snapshot)
+    }
+
+    fn vdi_clone(&self, sr: &SrContext, info: &VdiInfo) -> StorageResult<VdiInfo> {
+        self.branch(sr, info, Branch::Clone)
+    }
+
+    fn vdi_resize(&self, sr: &SrContext, vdi: &str, new_size: i64) -> StorageResult<i64> {
+        let id = vdi_id(vdi)?;
+        let mut meta = SrMeta::load_existing(&sr.dir)?;
+        meta.vdi(id)?;
+        if self.datapaths.is_attached(sr, id) {
+            return Err(errors::in_use(id, "VDI.resize"));
+        }
+        let path = vhd_path(&sr.dir, id);
+        let size = vhd_size(id, new_size)?;
+        let current = vhd::info(&path).map_err(|e| errors::vhd(id, "VDI.resize", &e))?.virtual_size;
+        if size < current {
+            return Err(errors::failure("invalid", format!("VDI {id}: shrinking from {current} to {size} bytes is not supported")));
+        }
+        vhd::resize(&path, size).map_err(|e| errors::vhd(id, "VDI.resize", &e))?;
+        let now = vhd::info(&path).map_err(|e| errors::vhd(id, "VDI.resize", &e))?.virtual_size;
+        meta.vdi_mut(id)?.virtual_size = to_i64(now);
+        meta.save(&sr.dir)?;
+        tracing::info!(sr = %sr.sr, vdi = %id, from = current, to = now, "resized a VDI");
+        Ok(to_i64(now))
+    }
+
+    fn vdi_compose(&self, sr: &SrContext, parent: &str, child: &str) -> StorageResult<()> {
+        let (parent, child) = (vdi_id(parent)?, vdi_id(child)?);
+        let mut meta = SrMeta::load_existing(&sr.dir)?;
+        meta.vdi(parent)?;
+        meta.vdi(child)?;
+        if parent == child {
+            return Err(errors::failure("invalid", format!("VDI {child} cannot be composed onto itself")));
+        }
+        // The parent's file becomes a hidden, read-only layer under the child: nothing may be
+        // writing it or reading it as a VDI.
+        if self.datapaths.is_attached(sr, parent) {
+            return Err(errors::in_use(parent, "VDI.compose"));
+        }
+        let (parent_path, child_path) = (vhd_path(&sr.dir, parent), vhd_path(&sr.dir, child));
+        self.datapaths.with_quiesced(sr, child, "VDI.compose", || {
+            vhd::compose(&child_path, &parent_path).map_err(|e| errors::vhd(child, "VDI.compose", &e))
+        })?;
+        let old_parent = meta.nodes.get_mut(child).and_then(|n| n.parent.replace(parent.to_owned()));
+        if let Some(n) = meta.nodes.get_mut(parent) {
+            n.info = None;
+        }
+        let garbage = meta.drop_unused_hidden(old_parent);
+        meta.save(&sr.dir)?;
+        tracing::info!(sr = %sr.sr, parent, child, dropped = ?garbage, "composed a VDI onto another, which is now its hidden parent");
+        delete_files(sr, &garbage);
+        Ok(())
+    }
+
+    fn vdi_update(&self, sr: &SrContext, vdi: &str, change: &VdiChange) -> StorageResult<()> {
+        let id = vdi_id(vdi)?;
+        let mut meta = SrMeta::load_existing(&sr.dir)?;
+        if let VdiChange::SnapshotOf { of, .. } = change {
+            meta.vdi(vdi_id(of)?)?;
+        }
+        let info = meta.vdi_mut(id)?;
+        match change {
+            VdiChange::ContentId(c) => info.content_id = c.clone(),
+            VdiChange::NameLabel(n) => info.name_label = n.clone(),
+            VdiChange::NameDescription(d) => info.name_description = d.clone(),
+            VdiChange::Persistent(p) => info.persistent = *p,
+            VdiChange::AddSmConfig(k, v) => {
+                if k == VHD_PARENT_KEY || k == VHD_ERROR_KEY {
+                    return Err(errors::failure("invalid", format!("sm_config key {k:?} is the backend's own")));
+                }
+                info.sm_config.insert(k.clone(), v.clone());
+            }
+            VdiChange::RemoveSmConfig(k) => {
+                info.sm_config.shift_remove(k);
+            }
+            VdiChange::SnapshotOf { of, time } => {
+                info.is_a_snapshot = true;
+                info.snapshot_of = of.clone();
+                info.snapshot_time = time.clone();
+            }
+        }
+        meta.save(&sr.dir)?;
+        tracing::info!(sr = %sr.sr, vdi = %id, ?change, "updated a VDI's record");
+        Ok(())
+    }
+
+    fn vdi_similar_content(&self, sr: &SrContext, vdi: &str) -> StorageResult<Vec<VdiInfo>> {
+        let id = vdi_id(vdi)?;
+        let meta = SrMeta::load_existing(&sr.dir)?;
+        meta.vdi(id)?;
+        let mut out = Vec::new();
+        for other in meta.similar(id) {
+            let info = present_listed(sr, &meta, &other)?;
+            // xapi drops CBT metadata VDIs, which hold no data.
+            if info.ty != "cbt_metadata" {
+                out.push(info);
+            }
+        }
+        Ok(out)
+    }
+
+    fn vdi_attach(&self, sr: &SrContext, vdi: &str, read_write: bool) -> StorageResult<AttachInfo> {
+        let id = vdi_id(vdi)?;
+        let meta = SrMeta::load_existing(&sr.dir)?;
+        let info = meta.vdi(id)?;
+        let rw = if read_write { Rw::Rw } else { Rw::Ro };
+        if rw == Rw::Rw && info.read_only {
+            return Err(StorageError::BackendError("VDI_READONLY".to_owned(), vec![id.to_owned()]));
+        }
+        self.datapaths.attach(sr, id, &vhd_path(&sr.dir, id), rw)
+    }
+
+    fn vdi_activate(&self, sr: &SrContext, vdi: &str) -> StorageResult<()> {
+        self.datapaths.activate(sr, known(sr, vdi)?)
+    }
+
+    fn vdi_deactivate(&self, sr: &SrContext, vdi: &str) -> StorageResult<()> {
+        self.datapaths.deactivate(sr, known(sr, vdi)?)
+    }
+
+    fn vdi_detach(&self, sr: &SrContext, vdi: &str) -> StorageResult<()> {
+        self.datapaths.detach(sr, known(sr, vdi)?)
+    }
+
+    fn vdi_attach_info(&self, sr: &SrContext, vdi: &str) -> StorageResult<AttachInfo> {
+        self.datapaths.attach_info(sr, known(sr, vdi)?)
+    }
+}

@@ -1,0 +1,416 @@
+//! Datapaths: real `tapmirror serve` processes, written and read by real NBD clients.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use sxm_engine::backend::{AttachedVdi, Backend};
+use sxm_engine::model::{AttachInfo, Implementation, StorageError};
+use tapmirror::nbd::{NbdClient, NbdUri};
+
+use crate::harness::{TestSr, pattern, run, try_run, vhd_check};
+use crate::require;
+
+const MIB: i64 = 1 << 20;
+
+/// xapi's `nbd:unix:<socket>:exportname=<name>` as (socket, export).
+fn xapi_nbd(info: &AttachInfo) -> (PathBuf, String) {
+    let [Implementation::Nbd { uri }] = info.implementations.as_slice() else { panic!("one Nbd implementation: {info:?}") };
+    let rest = uri.strip_prefix("nbd:unix:").unwrap_or_else(|| panic!("xapi's form: {uri}"));
+    let (socket, export) = rest.rsplit_once(":exportname=").unwrap_or_else(|| panic!("an export name: {uri}"));
+    (PathBuf::from(socket), export.to_owned())
+}
+
+/// The same export as a standard NBD URI, which qemu-io, nbdcopy and our client take.
+fn nbd_uri(info: &AttachInfo) -> String {
+    let (socket, export) = xapi_nbd(info);
+    format!("nbd+unix:///{export}?socket={}", socket.display())
+}
+
+fn qemu_io(uri: &str, cmd: &str) -> Result<String, String> {
+    try_run(Command::new("qemu-io").args(["-f", "raw", "-c", cmd, uri])).map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+}
+
+/// qemu-io on a read-only export (it opens read-write unless told).
+fn qemu_io_ro(uri: &str, cmd: &str) -> Result<String, String> {
+    try_run(Command::new("qemu-io").args(["-r", "-f", "raw", "-c", cmd, uri])).map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+}
+
+/// The pid in a datapath folder's pid file.
+fn pid_in(dir: &Path) -> i32 {
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("serve.pid")).expect("pid file")).expect("pid JSON");
+    v["pid"].as_i64().expect("pid") as i32
+}
+
+/// Every datapath folder in the SR's run folder.
+fn dp_dirs(sr: &TestSr) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(&sr.ctx.run_dir).expect("run dir").map(|e| e.expect("entry").path()).collect();
+    v.sort();
+    v
+}
+
+/// The datapath folder serving `info`.
+fn dp_dir(info: &AttachInfo) -> PathBuf {
+    xapi_nbd(info).0.parent().expect("socket in a folder").to_path_buf()
+}
+
+/// Whether `pid` is a live process (a zombie is not).
+fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => s.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next()).is_some_and(|st| st != 'Z' && st != 'X'),
+        Err(_) => false,
+    }
+}
+
+fn in_use(e: &StorageError) -> bool {
+    matches!(e, StorageError::BackendError(c, _) if c == "VDI_IN_USE")
+}
+
+fn stats(info: &AttachInfo) -> serde_json::Value {
+    let socket = dp_dir(info).join("control.sock");
+    tapmirror::control::request(&socket, &serde_json::json!({"cmd": "stats"}), None).expect("stats")
+}
+
+#[test]
+fn attach_activate_write_read_deactivate_detach() {
+    require!("qemu-io", "nbdcopy");
+    let sr = TestSr::new();
+    let v = sr.create("disk", 16 * MIB);
+    let info = sr.backend.vdi_attach(&sr.ctx, &v.vdi, true).expect("attach");
+    let (socket, export) = xapi_nbd(&info);
+    assert_eq!(export, v.vdi, "the export is named after the VDI");
+    assert!(socket.as_os_str().len() < 107, "{}", socket.display());
+    assert!(socket.starts_with(&sr.ctx.run_dir));
+    assert_eq!(sr.backend.vdi_attach_info(&sr.ctx, &v.vdi).expect("attach_info"), info);
+    let dir = dp_dir(&info);
+    let pid = pid_in(&dir);
+    assert!(alive(pid));
+    // Attached but not active: it takes no I/O yet.
+    assert_eq!(stats(&info)["paused"], true);
+    sr.backend.vdi_activate(&sr.ctx, &v.vdi).expect("activate");
+    assert_eq!(stats(&info)["paused"], false);
+
+    let uri = nbd_uri(&info);
+    qemu_io(&uri, "write -P 0x5a 1M 64k").expect("qemu-io write");
+    qemu_io(&uri, "read -P 0x5a 1M 64k").expect("qemu-io reads back what it wrote");
+    // nbdcopy: a whole disk in, the whole disk out.
+    let src = sr._tmp.path().join("src.raw");
+    let mut data = vec![0u8; 16 << 20];
+    data[3 << 20..(3 << 20) + 300_000].copy_from_slice(&pattern(300_000, 7));
+    data[(16 << 20) - 4096..].copy_from_slice(&pattern(4096, 8));
+    std::fs::write(&src, &data).expect("source");
+    run(Command::new("nbdcopy").arg(&src).arg(&uri));
+    let out = sr._tmp.path().join("out.raw");
+    run(Command::new("nbdcopy").arg(&uri).arg(&out));
+    assert!(std::fs::read(&out).expect("copy out") == data, "nbdcopy reads back what it wrote");
+
+    // Busy while attached.
+    assert!(in_use(&sr.backend.vdi_destroy(&sr.ctx, &v.vdi).expect_err("destroy while attached")));
+    assert!(in_use(&sr.backend.vdi_resize(&sr.ctx, &v.vdi, 32 * MIB).expect_err("resize while attached")));
+    assert!(in_use(&sr.backend.sr_destroy(&sr.ctx).expect_err("SR.destroy while attached")));
+    let other = sr.create("other", 16 * MIB);
+    assert!(in_use(&sr.backend.vdi_compose(&sr.ctx, &v.vdi, &other.vdi).expect_err("compose onto an attached parent")));
+
+    sr.backend.vdi_deactivate(&sr.ctx, &v.vdi).expect("deactivate");
+    assert_eq!(stats(&info)["paused"], true);
+    assert!(alive(pid), "deactivate keeps the process");
+    sr.backend.vdi_detach(&sr.ctx, &v.vdi).expect("detach");
+    assert!(!alive(pid), "detach stops the process");
+    assert!(!dir.exists() && !socket.exists(), "detach removes the folder and sockets");
+    assert!(dp_dirs(&sr).is_empty());
+    assert!(sr.backend.vdi_attach_info(&sr.ctx, &v.vdi).is_err());
+    // What the clients wrote is in the file.
+    assert!(sr.read_all(&v.vdi) == data);
+    vhd_check(&sr.vhd(&v.vdi)).expect("sound VHD");
+    sr.backend.vdi_destroy(&sr.ctx, &v.vdi).expect("destroy once detached");
+}
+
+#[test]
+fn read_only_vdis_attach_read_only() {
+    require!("qemu-io");
+    let sr = TestSr::new();
+    let v = sr.create("disk", 4 * MIB);
+    let s = sr.backend.vdi_snapshot(&sr.ctx, &v).expect("snapshot");
+    let e = sr.backend.vdi_attach(&sr.ctx, &s.vdi, true).expect_err("read-write attach of a snapshot");
+    assert!(matches!(&e, StorageError::BackendError(c, p) if c == "VDI_READONLY" && p.as_slice() == std::slice::from_ref(&s.vdi)), "{e:?}");
+    assert!(dp_dirs(&sr).is_empty(), "a refused attach starts nothing");
+    let info = sr.backend.vdi_attach(&sr.ctx, &s.vdi, false).expect("read-only attach");
+    sr.backend.vdi_activate(&sr.ctx, &s.vdi).expect("activate");
+    let uri = nbd_uri(&info);
+    qemu_io_ro(&uri, "read -P 0 0 64k").expect("reads");
+    assert!(qemu_io(&uri, "write -P 1 0 64k").is_err(), "a read-only export refuses writes");
+    // A second attach in the same mode answers the same; in another mode it is refused.
+    assert_eq!(sr.backend.vdi_attach(&sr.ctx, &s.vdi, false).expect("again"), info);
+    sr.backend.vdi_deactivate(&sr.ctx, &s.vdi).expect("deactivate");
+    sr.backend.vdi_detach(&sr.ctx, &s.vdi).expect("detach");
+    assert_eq!(sr.read_all(&s.vdi), vec![0u8; 4 << 20]);
+}
+
+/// One guest write: which block, which round, when it started and completed.
+#[derive(Clone, Copy, Debug)]
+struct Write {
+    block: u64,
+    round: u64,
+    start: Instant,
+    end: Instant,
+}
+
+const BLOCK: usize = 64 << 10;
+const BLOCKS: u64 = 48;
+const WRITERS: u64 = 4;
+
+/// Block `b`'s content in round `r`: the block and round numbers, then a pattern of both.
+fn block_data(b: u64, r: u64) -> Vec<u8> {
+    let mut d = pattern(BLOCK, b * 1_000_003 + r);
+    d[..8].copy_from_slice(&b.to_le_bytes());
+    d[8..16].copy_from_slice(&r.to_le_bytes());
+    d
+}
+
+fn round_of(data: &[u8], b: u64) -> u64 {
+    let block = &data[(b as usize) * BLOCK..(b as usize + 1) * BLOCK];
+    let r = u64::from_le_bytes(block[8..16].try_into().expect("8 bytes"));
+    if block.iter().all(|&x| x == 0) {
+        return 0;
+    }
+    assert_eq!(u64::from_le_bytes(block[..8].try_into().expect("8 bytes")), b, "block {b} holds another block's data");
+    assert!(block == block_data(b, r).as_slice(), "block {b} round {r} is torn");
+    r
+}
+
+#[test]
+fn snapshot_while_a_guest_writes_loses_nothing_and_freezes_the_instant() {
+    let sr = TestSr::new();
+    let v = sr.create("busy disk", 4 * MIB);
+    let info = sr.backend.vdi_attach(&sr.ctx, &v.vdi, true).expect("attach");
+    sr.backend.vdi_activate(&sr.ctx, &v.vdi).expect("activate");
+    let pid = pid_in(&dp_dir(&info));
+    let uri = NbdUri::parse(&nbd_uri(&info)).expect("uri");
+
+    // The guest: WRITERS tasks, each rewriting its own blocks round after round, one write at a
+    // time, over one NBD connection; a pinned region past them: A before, B after the snapshot.
+    let stop = Arc::new(AtomicBool::new(false));
+    let rounds = Arc::new(AtomicU64::new(0));
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let client = rt.block_on(NbdClient::connect(&uri)).expect("connect");
+    let pinned = BLOCKS * BLOCK as u64;
+    rt.block_on(client.write(pinned, vec![0xA1u8; BLOCK], false)).expect("write A");
+    let mut tasks = Vec::new();
+    for w in 0..WRITERS {
+        let (client, stop, rounds) = (client.clone(), Arc::clone(&stop), Arc::clone(&rounds));
+        tasks.push(rt.spawn(async move {
+            let mut log = Vec::new();
+            let mut round = 0;
+            while !stop.load(Ordering::Relaxed) {
+                round += 1;
+                for block in (w..BLOCKS).step_by(WRITERS as usize) {
+                    let start = Instant::now();
+                    client.write(block * BLOCK as u64, block_data(block, round), false).await.map_err(|e| format!("block {block} round {round}: {e}"))?;
+                    log.push(Write { block, round, start, end: Instant::now() });
+                }
+                if w == 0 {
+                    rounds.store(round, Ordering::Relaxed);
+                }
+            }
+            Ok::<_, String>(log)
+        }));
+    }
+    let wait_rounds = |n: u64| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while rounds.load(Ordering::Relaxed) < n {
+            assert!(Instant::now() < deadline, "the writers stalled");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    wait_rounds(3);
+    let t0 = Instant::now();
+    let mut req = v.clone();
+    req.name_label = "under load".into();
+    let s = sr.backend.vdi_snapshot(&sr.ctx, &req).expect("snapshot while writing");
+    let t1 = Instant::now();
+    let after = rounds.load(Ordering::Relaxed);
+    rt.block_on(client.write(pinned, vec![0xB2u8; BLOCK], false)).expect("write B");
+    wait_rounds(after + 3);
+    stop.store(true, Ordering::Relaxed);
+    let mut log = Vec::new();
+    for t in tasks {
+        log.extend(rt.block_on(t).expect("writer task").expect("the guest saw no error"));
+    }
+    rt.block_on(client.flush()).expect("flush");
+    // The live datapath serves the leaf: read it back through it before stopping anything.
+    let live = rt.block_on(client.read(0, (BLOCKS as usize + 1) * BLOCK)).expect("read the leaf");
+    rt.block_on(client.disconnect()).expect("disconnect");
+    assert_eq!(pid_in(&dp_dir(&info)), pid, "the same process served throughout");
+
+    let last = |b: u64| log.iter().filter(|w| w.block == b).map(|w| w.round).max().expect("written");
+    let snap = sr.read_all(&s.vdi);
+    let mut moved = 0;
+    for b in 0..BLOCKS {
+        // No write lost: the leaf holds each block's last round, live and on disk.
+        assert_eq!(round_of(&live, b), last(b), "block {b} in the live leaf");
+        // The snapshot holds the round current at its instant: a round written before t1,
+        // whose successor did not complete before t0.
+        let r = round_of(&snap, b);
+        let w = log.iter().find(|w| w.block == b && w.round == r).unwrap_or_else(|| panic!("block {b}: round {r} never written"));
+        assert!(w.start < t1, "block {b}: the snapshot holds round {r}, written after the snapshot returned");
+        if let Some(next) = log.iter().find(|w| w.block == b && w.round == r + 1) {
+            assert!(next.end > t0, "block {b}: the snapshot misses round {}, completed before the snapshot began", r + 1);
+        }
+        if r < last(b) {
+            moved += 1;
+        }
+    }
+    assert!(moved > 0, "the guest kept writing after the snapshot");
+    let pinned = pinned as usize..pinned as usize + BLOCK;
+    assert!(snap[pinned.clone()].iter().all(|&b| b == 0xA1), "the snapshot holds A");
+    assert!(live[pinned].iter().all(|&b| b == 0xB2), "the leaf holds B");
+
+    sr.backend.vdi_deactivate(&sr.ctx, &v.vdi).expect("deactivate");
+    sr.backend.vdi_detach(&sr.ctx, &v.vdi).expect("detach");
+    let disk = sr.read_all(&v.vdi);
+    assert!(disk[..live.len()] == live[..], "the leaf on disk is what the guest read");
+    for id in [&v.vdi, &s.vdi] {
+        vhd_check(&sr.vhd(id)).expect("sound chain");
+    }
+    eprintln!("snapshot under load: {} writes, snapshot call {:?}", log.len(), t1 - t0);
+}
+
+#[test]
+fn compose_onto_a_copied_parent_while_the_leaf_is_active() {
+    require!("qemu-io");
+    let sr = TestSr::new();
+    // The destination of a migration: parent receives the copy, leaf the mirrored writes.
+    let parent = sr.create("parent", 8 * MIB);
+    let pi = sr.backend.vdi_attach(&sr.ctx, &parent.vdi, true).expect("attach parent");
+    sr.backend.vdi_activate(&sr.ctx, &parent.vdi).expect("activate parent");
+    qemu_io(&nbd_uri(&pi), "write -P 0x11 0 8M").expect("the copy");
+    sr.backend.vdi_deactivate(&sr.ctx, &parent.vdi).expect("deactivate parent");
+    sr.backend.vdi_detach(&sr.ctx, &parent.vdi).expect("detach parent");
+
+    let leaf = sr.create("leaf", 8 * MIB);
+    let dummy = sr.backend.vdi_snapshot(&sr.ctx, &leaf).expect("dummy");
+    let li = sr.backend.vdi_attach(&sr.ctx, &leaf.vdi, true).expect("attach leaf");
+    sr.backend.vdi_activate(&sr.ctx, &leaf.vdi).expect("activate leaf");
+    let uri = nbd_uri(&li);
+    qemu_io(&uri, "write -P 0x22 1M 4k").expect("a mirrored write");
+    // Sector-aligned, not block-aligned. (A write of part of a sector would have the rest of
+    // its sector completed from what the leaf read through before compose, its empty base.)
+    qemu_io(&uri, "write -P 0x23 4608 1536").expect("a small mirrored write");
+    sr.backend.vdi_compose(&sr.ctx, &parent.vdi, &leaf.vdi).expect("compose while active");
+    // The leaf now reads as the parent with its own writes on top, and keeps taking writes.
+    qemu_io(&uri, "read -P 0x22 1M 4k").expect("the leaf's write");
+    qemu_io(&uri, "read -P 0x23 4608 1536").expect("the leaf's small write");
+    qemu_io(&uri, "read -P 0x11 0 4608").expect("the parent around it");
+    qemu_io(&uri, "read -P 0x11 6144 1042432").expect("the parent around it");
+    qemu_io(&uri, "read -P 0x11 2M 6M").expect("the parent elsewhere");
+    qemu_io(&uri, "write -P 0x33 7M 512").expect("writes after compose");
+    sr.backend.vdi_deactivate(&sr.ctx, &leaf.vdi).expect("deactivate");
+    sr.backend.vdi_detach(&sr.ctx, &leaf.vdi).expect("detach");
+    sr.backend.vdi_destroy(&sr.ctx, &dummy.vdi).expect("destroy the dummy");
+    let mut expect = vec![0x11u8; 8 << 20];
+    expect[1 << 20..(1 << 20) + 4096].fill(0x22);
+    expect[4608..6144].fill(0x23);
+    expect[7 << 20..(7 << 20) + 512].fill(0x33);
+    assert!(sr.read_all(&leaf.vdi) == expect);
+    assert_eq!(sr.scan_ids(), vec![leaf.vdi.clone()]);
+    let mut files = vec![leaf.vdi.clone(), parent.vdi.clone()];
+    files.sort();
+    assert_eq!(sr.files(), files, "the leaf's old base went with the dummy");
+    vhd_check(&sr.vhd(&leaf.vdi)).expect("sound chain");
+}
+
+#[test]
+fn clone_of_an_active_vdi_and_snapshot_of_an_attached_one() {
+    require!("qemu-io");
+    let sr = TestSr::new();
+    let v = sr.create("v", 4 * MIB);
+    let info = sr.backend.vdi_attach(&sr.ctx, &v.vdi, true).expect("attach");
+    sr.backend.vdi_activate(&sr.ctx, &v.vdi).expect("activate");
+    let uri = nbd_uri(&info);
+    qemu_io(&uri, "write -P 0x44 0 64k").expect("write");
+    let c = sr.backend.vdi_clone(&sr.ctx, &v).expect("clone while active");
+    qemu_io(&uri, "write -P 0x45 0 4k").expect("write after clone");
+    sr.backend.vdi_deactivate(&sr.ctx, &v.vdi).expect("deactivate");
+    // Attached, paused: a snapshot needs no pause of its own, and activate opens the new leaf.
+    let s = sr.backend.vdi_snapshot(&sr.ctx, &v).expect("snapshot while attached");
+    sr.backend.vdi_activate(&sr.ctx, &v.vdi).expect("activate again");
+    qemu_io(&uri, "write -P 0x46 4k 4k").expect("write after the second snapshot");
+    qemu_io(&uri, "read -P 0x45 0 4k").expect("read");
+    sr.backend.vdi_deactivate(&sr.ctx, &v.vdi).expect("deactivate");
+    sr.backend.vdi_detach(&sr.ctx, &v.vdi).expect("detach");
+    let mut at_clone = vec![0u8; 4 << 20];
+    at_clone[..64 << 10].fill(0x44);
+    assert!(sr.read_all(&c.vdi) == at_clone);
+    let mut at_snap = at_clone.clone();
+    at_snap[..4096].fill(0x45);
+    assert!(sr.read_all(&s.vdi) == at_snap);
+    let mut now = at_snap.clone();
+    now[4096..8192].fill(0x46);
+    assert!(sr.read_all(&v.vdi) == now);
+}
+
+#[test]
+fn a_restarted_daemon_readopts_running_datapaths_and_reaps_the_rest() {
+    require!("qemu-io");
+    let mut sr = TestSr::new();
+    let v = sr.create("active", 4 * MIB);
+    let w = sr.create("attached", 4 * MIB);
+    let vi = sr.backend.vdi_attach(&sr.ctx, &v.vdi, true).expect("attach v");
+    sr.backend.vdi_activate(&sr.ctx, &v.vdi).expect("activate v");
+    let wi = sr.backend.vdi_attach(&sr.ctx, &w.vdi, false).expect("attach w");
+    qemu_io(&nbd_uri(&vi), "write -P 0x77 0 64k").expect("write");
+    let (vpid, wpid) = (pid_in(&dp_dir(&vi)), pid_in(&dp_dir(&wi)));
+    // A folder of an earlier life that no VDI owns any more, and a stray file.
+    let leftover = sr.ctx.run_dir.join("deadbeef");
+    std::fs::create_dir(&leftover).expect("leftover folder");
+    std::fs::write(leftover.join("serve.pid"), br#"{"pid": 1, "start_time": 1}"#).expect("a pid file naming init");
+    std::fs::write(sr.ctx.run_dir.join("stray"), b"x").expect("stray file");
+
+    // The daemon restarts: its backend goes, the processes stay.
+    sr.restart();
+    assert!(alive(vpid) && alive(wpid));
+    let list = [
+        AttachedVdi { vdi: v.vdi.clone(), read_write: true, active: true },
+        AttachedVdi { vdi: w.vdi.clone(), read_write: false, active: false },
+    ];
+    sr.backend.sr_attach(&sr.ctx, &list).expect("attach with the datapaths");
+    assert_eq!(pid_in(&dp_dir(&vi)), vpid, "re-adopted, not restarted");
+    assert_eq!(pid_in(&dp_dir(&wi)), wpid, "re-adopted, not restarted");
+    assert!(alive(1), "a pid file naming another process is never acted on");
+    assert_eq!(dp_dirs(&sr).len(), 2, "the leftover folder and the stray file are gone");
+    assert_eq!(sr.backend.vdi_attach_info(&sr.ctx, &v.vdi).expect("attach_info"), vi);
+    assert_eq!(sr.backend.vdi_attach_info(&sr.ctx, &w.vdi).expect("attach_info"), wi);
+    qemu_io(&nbd_uri(&vi), "read -P 0x77 0 64k").expect("still serving what was written");
+    qemu_io(&nbd_uri(&vi), "write -P 0x78 64k 64k").expect("and still taking writes");
+    assert_eq!(stats(&wi)["paused"], true, "the attached-only datapath stays paused");
+    assert!(in_use(&sr.backend.vdi_destroy(&sr.ctx, &v.vdi).expect_err("a re-adopted VDI is in use")));
+
+    // One died meanwhile: the next attach starts it again.
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(wpid), nix::sys::signal::Signal::SIGKILL).expect("kill");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while alive(wpid) {
+        assert!(Instant::now() < deadline, "SIGKILL did not take");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    sr.restart();
+    sr.backend.sr_attach(&sr.ctx, &list).expect("attach again");
+    let wpid2 = pid_in(&dp_dir(&wi));
+    assert_ne!(wpid2, wpid);
+    assert!(alive(wpid2));
+    assert_eq!(pid_in(&dp_dir(&vi)), vpid);
+    assert_eq!(stats(&wi)["paused"], true);
+    qemu_io(&nbd_uri(&vi), "read -P 0x78 64k 64k").expect("still serving");
+
+    // Nothing attached any more in the engine's records: everything is reaped.
+    sr.restart();
+    sr.backend.sr_attach(&sr.ctx, &[]).expect("attach with no datapaths");
+    assert!(!alive(vpid) && !alive(wpid2));
+    assert!(dp_dirs(&sr).is_empty());
+    let mut expect = vec![0u8; 4 << 20];
+    expect[..64 << 10].fill(0x77);
+    expect[64 << 10..128 << 10].fill(0x78);
+    assert!(sr.read_all(&v.vdi) == expect, "the data outlives its datapath");
+    sr.backend.vdi_destroy(&sr.ctx, &v.vdi).expect("destroy once reaped");
+}

@@ -1,0 +1,10 @@
+//! sxm-smapiv1's integration tests: one binary, real VHD files, real `tapmirror serve`
+//! processes, real peers (qemu-img, qemu-io, nbdcopy), each test in its own SR under /tmp.
+//! Peers are required under CI (`CI` set) and skipped with a message elsewhere when missing.
+
+mod harness;
+
+mod bad_input;
+mod datapath;
+mod recovery;
+mod vdi;

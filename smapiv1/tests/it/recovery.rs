@@ -1,0 +1,176 @@
+//! Crashes in the middle of multi-step changes, simulated by doing the file steps a call does
+//! (with tapmirror's own VHD operations) and stopping before the record is written; then
+//! `SR.attach` must leave every VDI whole and nothing behind.
+
+use std::fs;
+
+use sxm_engine::backend::Backend;
+use sxm_engine::model::StorageError;
+use sxm_smapiv1::recover::recover;
+use tapmirror::image::vhd;
+
+use crate::harness::{TestSr, qemu_write, vhd_check};
+use crate::require;
+
+const MIB: i64 = 1 << 20;
+
+fn new_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+#[test]
+fn temporaries_and_orphan_files_are_swept_at_attach() {
+    let sr = TestSr::new();
+    let v = sr.create("v", 2 * MIB);
+    // A create that crashed before its record, a torn record write, a snapshot's temporary.
+    let orphan = new_id();
+    vhd::create_dynamic(&sr.vhd(&orphan), 2 << 20, vhd::DEFAULT_BLOCK_SIZE).expect("orphan");
+    let torn = sr.ctx.dir.join("..sxm-ext.json.tmp");
+    fs::write(&torn, b"{\"vers").expect("torn record");
+    let tmp_leaf = sr.ctx.dir.join(format!(".{}.vhd.snapshot-tmp", v.vdi));
+    fs::write(&tmp_leaf, b"partial").expect("snapshot temporary");
+    // Someone else's file is not ours to delete.
+    let foreign = sr.ctx.dir.join("notes.txt");
+    fs::write(&foreign, b"keep").expect("foreign");
+
+    let r = recover(&sr.ctx.sr, &sr.ctx.dir).expect("recover");
+    assert_eq!(r.temporaries, 2);
+    assert_eq!(r.deleted, vec![orphan.clone()]);
+    assert!(!torn.exists() && !tmp_leaf.exists() && !sr.vhd(&orphan).exists());
+    assert!(foreign.exists());
+    assert_eq!(sr.files(), vec![v.vdi.clone()]);
+    assert_eq!(sr.backend.vdi_stat(&sr.ctx, &v.vdi).expect("stat"), v);
+    // A second pass finds nothing to do.
+    assert_eq!(recover(&sr.ctx.sr, &sr.ctx.dir).expect("recover"), Default::default());
+}
+
+#[test]
+fn a_snapshot_cut_after_the_link_leaves_the_vdi_as_it_was() {
+    require!("qemu-io");
+    let sr = TestSr::new();
+    let v = sr.create("v", 4 * MIB);
+    qemu_write(&sr.vhd(&v.vdi), 0, 0x33, 65536);
+    let v = sr.backend.vdi_stat(&sr.ctx, &v.vdi).expect("stat");
+    let before = sr.read_all(&v.vdi);
+    // vhd::snapshot's first step: the base is a second name of the VDI's file.
+    let base = new_id();
+    fs::hard_link(sr.vhd(&v.vdi), sr.vhd(&base)).expect("link");
+    sr.backend.sr_attach(&sr.ctx, &[]).expect("attach");
+    assert_eq!(sr.files(), vec![v.vdi.clone()]);
+    assert!(sr.read_all(&v.vdi) == before, "content differs");
+    assert_eq!(sr.backend.vdi_stat(&sr.ctx, &v.vdi).expect("stat"), v);
+}
+
+#[test]
+fn a_snapshot_cut_after_the_rename_keeps_the_new_base_as_a_hidden_parent() {
+    require!("qemu-io");
+    let sr = TestSr::new();
+    let v = sr.create("v", 4 * MIB);
+    qemu_write(&sr.vhd(&v.vdi), 512, 0x44, 65536);
+    let before = sr.read_all(&v.vdi);
+    let (base, snap) = (new_id(), new_id());
+    vhd::snapshot(&sr.vhd(&v.vdi), &sr.vhd(&base)).expect("snapshot");
+    vhd::clone(&sr.vhd(&base), &sr.vhd(&snap)).expect("the snapshot's leaf");
+    // Crash: the record still says v has no parent and knows neither file.
+    let r = recover(&sr.ctx.sr, &sr.ctx.dir).expect("recover");
+    assert_eq!(r.adopted, vec![base.clone()]);
+    assert_eq!(r.reparented, vec![v.vdi.clone()]);
+    assert_eq!(r.deleted, vec![snap.clone()], "the unrecorded snapshot leaf is garbage");
+    assert_eq!(sr.scan_ids(), vec![v.vdi.clone()]);
+    let mut files = vec![v.vdi.clone(), base.clone()];
+    files.sort();
+    assert_eq!(sr.files(), files);
+    let now = sr.backend.vdi_stat(&sr.ctx, &v.vdi).expect("stat");
+    assert_eq!(now.sm_config.get("vhd-parent"), Some(&base));
+    assert!(sr.read_all(&v.vdi) == before, "content differs");
+    // And the tree is whole again: destroying v drops the adopted base too.
+    sr.backend.vdi_destroy(&sr.ctx, &v.vdi).expect("destroy");
+    assert!(sr.files().is_empty());
+}
+
+#[test]
+fn a_compose_cut_before_its_record_is_finished_at_attach() {
+    require!("qemu-io");
+    let sr = TestSr::new();
+    let parent = sr.create("parent", 4 * MIB);
+    qemu_write(&sr.vhd(&parent.vdi), 0, 0x55, 65536);
+    let leaf = sr.create("leaf", 4 * MIB);
+    let dummy = sr.backend.vdi_snapshot(&sr.ctx, &leaf).expect("dummy");
+    vhd::compose(&sr.vhd(&leaf.vdi), &sr.vhd(&parent.vdi)).expect("compose");
+    let r = recover(&sr.ctx.sr, &sr.ctx.dir).expect("recover");
+    assert_eq!(r.reparented, vec![leaf.vdi.clone()]);
+    assert_eq!(r.hidden, vec![parent.vdi.clone()]);
+    assert_eq!(sr.backend.vdi_stat(&sr.ctx, &parent.vdi), Err(StorageError::VdiDoesNotExist(parent.vdi.clone())));
+    let l = sr.backend.vdi_stat(&sr.ctx, &leaf.vdi).expect("stat");
+    assert_eq!(l.sm_config.get("vhd-parent"), Some(&parent.vdi));
+    let mut expect = vec![0u8; 4 << 20];
+    expect[..65536].fill(0x55);
+    assert!(sr.read_all(&leaf.vdi) == expect, "content differs");
+    assert!(sr.backend.vdi_stat(&sr.ctx, &dummy.vdi).is_ok());
+}
+
+#[test]
+fn vhd_files_without_a_record_are_refused_not_deleted() {
+    let sr = TestSr::new();
+    let v = sr.create("v", 2 * MIB);
+    fs::remove_file(sr.ctx.dir.join(".sxm-ext.json")).expect("lose the record");
+    let e = sr.backend.sr_attach(&sr.ctx, &[]).expect_err("attach without a record");
+    assert!(matches!(&e, StorageError::BackendError(c, p) if c == "SR_BACKEND_FAILURE" && p[0] == "metadata"), "{e:?}");
+    assert_eq!(sr.files(), vec![v.vdi.clone()]);
+    let e = sr.backend.sr_scan(&sr.ctx).expect_err("scan without a record");
+    assert!(matches!(&e, StorageError::BackendError(_, p) if p[0] == "metadata"), "{e:?}");
+}
+
+#[test]
+fn a_corrupt_vhd_is_reported_for_its_vdi_and_loses_nothing_else() {
+    require!("qemu-io");
+    let sr = TestSr::new();
+    let good = sr.create("good", 4 * MIB);
+    qemu_write(&sr.vhd(&good.vdi), 0, 0x66, 4096);
+    let good = sr.backend.vdi_stat(&sr.ctx, &good.vdi).expect("stat");
+    let bad = sr.create("bad", 4 * MIB);
+    let s = sr.backend.vdi_snapshot(&sr.ctx, &bad).expect("snapshot");
+    let base = sr.backend.vdi_stat(&sr.ctx, &bad.vdi).expect("stat").sm_config["vhd-parent"].clone();
+    let orphan = new_id();
+    vhd::create_dynamic(&sr.vhd(&orphan), 2 << 20, vhd::DEFAULT_BLOCK_SIZE).expect("orphan");
+    // Damage the hidden base's footer and header: both bad and its snapshot read through it.
+    let mut bytes = fs::read(sr.vhd(&base)).expect("read");
+    bytes[..1536].fill(0xEE);
+    let n = bytes.len();
+    bytes[n - 512..].fill(0xEE);
+    fs::write(sr.vhd(&base), &bytes).expect("corrupt");
+    let record = fs::read(sr.ctx.dir.join(".sxm-ext.json")).expect("record");
+
+    for id in [&bad.vdi, &s.vdi] {
+        let e = sr.backend.vdi_stat(&sr.ctx, id).expect_err("stat of a VDI over a corrupt file");
+        match &e {
+            StorageError::BackendError(c, p) => {
+                assert_eq!(c, "SR_BACKEND_FAILURE");
+                assert_eq!(p[0], "corrupt", "{p:?}");
+                assert!(p[1].contains(id.as_str()) && p[1].contains(&base), "names the VDI and the file: {p:?}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    let scan = sr.backend.sr_scan(&sr.ctx).expect("scan still answers");
+    assert_eq!(scan.len(), 3);
+    for i in &scan {
+        let err = i.sm_config.get("vhd-error");
+        if i.vdi == good.vdi {
+            assert!(err.is_none());
+        } else {
+            assert!(err.is_some_and(|e| e.contains("corrupt")), "{:?}", i.sm_config);
+        }
+    }
+    assert_eq!(sr.backend.vdi_stat(&sr.ctx, &good.vdi).expect("stat"), good);
+    assert_eq!(sr.read_all(&good.vdi)[..4096], [0x66; 4096]);
+
+    // Attach deletes nothing while a file cannot be read, not even the orphan, and keeps the
+    // record as it was.
+    let r = recover(&sr.ctx.sr, &sr.ctx.dir).expect("recover");
+    assert!(r.deleted.is_empty() && r.unreadable.len() == 3, "{r:?}");
+    assert!(sr.vhd(&orphan).exists());
+    assert_eq!(fs::read(sr.ctx.dir.join(".sxm-ext.json")).expect("record"), record);
+    vhd_check(&sr.vhd(&good.vdi)).expect("the good VDI is sound");
+    assert!(vhd_check(&sr.vhd(&bad.vdi)).is_err());
+}
