@@ -1,24 +1,59 @@
-//! The `sxm` binary: argument parsing and wiring only.
-//!
-//! Today it only identifies itself; `sxm serve`, the admin CLI, `sxm migrate` and `sxm demo`
-//! arrive with the engine issues. The data path is the `tapmirror` binary.
+//! The `sxm` binary: argument parsing and wiring only. `sxm serve` runs one host; the other
+//! commands are the admin CLI, which talks JSON-RPC to a host.
 
-use clap::Parser;
+mod admin;
+mod serve;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(
-    name = "sxm",
-    version,
-    about = "Live storage motion: moves the disks of running VMs between storage repositories",
-    long_about = "Live storage motion: moves the disks of running VMs between storage repositories.\n\n\
-                  The host daemon, admin CLI and demo are not built yet; the data path is `tapmirror` \
-                  (try `tapmirror serve --help`)."
-)]
-struct Cli {}
+#[command(name = "sxm", version, about = "Live storage motion: moves the disks of running VMs between storage repositories")]
+struct Cli {
+    #[command(flatten)]
+    host: admin::HostArgs,
+    #[command(subcommand)]
+    command: Command,
+}
 
-fn main() {
-    let _ = Cli::parse();
-    // Keep the crates linked so the dependency direction (binary -> engine, backends) is real.
-    let _ = (std::any::type_name::<Cli>(), env!("CARGO_PKG_VERSION"));
-    println!("sxm {}: the data path is `tapmirror`; the host daemon arrives with the engine issues", env!("CARGO_PKG_VERSION"));
+#[derive(Subcommand)]
+enum Command {
+    /// Run a host: serve the storage interface (xapi's SMAPIv2) over HTTP on TCP and a Unix socket.
+    Serve(serve::ServeArgs),
+    /// Storage repositories.
+    #[command(subcommand)]
+    Sr(admin::SrCommand),
+    /// Virtual disks.
+    #[command(subcommand)]
+    Vdi(admin::VdiCommand),
+    /// Tasks.
+    #[command(subcommand)]
+    Task(admin::TaskCommand),
+}
+
+fn main() -> std::process::ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // The whole chain on one line: what was being done, and why it failed.
+            eprintln!("sxm: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async {
+        match cli.command {
+            Command::Serve(args) => serve::run(args).await,
+            Command::Sr(cmd) => admin::Admin::new(&cli.host)?.sr(cmd).await,
+            Command::Vdi(cmd) => admin::Admin::new(&cli.host)?.vdi(cmd).await,
+            Command::Task(cmd) => admin::Admin::new(&cli.host)?.task(cmd).await,
+        }
+    })
 }

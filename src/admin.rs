@@ -1,0 +1,461 @@
+//! The admin CLI: SRs, VDIs, datapaths and tasks of one host, over JSON-RPC. Human tables by
+//! default, JSON (the interface's own values) with `--json` for scripts.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
+use sxm_engine::http::client::{Endpoint, RpcClient};
+use sxm_engine::model::{AttachInfo, Implementation, Task, TaskState, VdiInfo};
+use sxm_engine::rpc::Value;
+use sxm_engine::rpc::marshal::Marshal;
+
+/// Which host to talk to, and how to print.
+#[derive(clap::Args, Clone)]
+pub struct HostArgs {
+    /// The host: `http://ADDR:PORT` (with the host secret from --secret-file, $SXM_SECRET or
+    /// `?session_id=`) or the path of its Unix socket.
+    #[arg(long, env = "SXM_HOST", global = true, default_value = "/var/lib/sxm/sxm.sock")]
+    host: String,
+    /// A file holding the host secret (a host keeps it in ROOT/secret).
+    #[arg(long, env = "SXM_SECRET_FILE", global = true)]
+    secret_file: Option<PathBuf>,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+/// `sxm sr …`.
+#[derive(clap::Subcommand)]
+pub enum SrCommand {
+    /// Create an SR (and attach it).
+    Create {
+        /// SR type.
+        #[arg(long = "type", default_value = "ext", value_parser = ["ext", "qcow2"])]
+        ty: String,
+        /// Name.
+        #[arg(long)]
+        name: String,
+        /// Description.
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    /// List attached SRs.
+    List,
+}
+
+/// `sxm vdi …`.
+#[derive(clap::Subcommand)]
+pub enum VdiCommand {
+    /// Create an empty VDI.
+    Create {
+        /// The SR.
+        #[arg(long)]
+        sr: String,
+        /// Size: bytes, or with a suffix K, M, G, T (powers of 1024).
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+        /// Name.
+        #[arg(long)]
+        name: String,
+    },
+    /// List an SR's VDIs.
+    List {
+        /// The SR.
+        #[arg(long)]
+        sr: String,
+    },
+    /// Create a VDI holding an image file's content (raw, VHD or qcow2).
+    Import {
+        /// The SR.
+        #[arg(long)]
+        sr: String,
+        /// Name (default: the file's name).
+        #[arg(long)]
+        name: Option<String>,
+        /// The image file.
+        file: PathBuf,
+    },
+    /// Write a VDI's content to a raw file.
+    Export {
+        /// The SR.
+        #[arg(long)]
+        sr: String,
+        /// The VDI.
+        #[arg(long)]
+        vdi: String,
+        /// The file to write (created; must not exist).
+        file: PathBuf,
+    },
+    /// Snapshot a VDI (works while it is attached and written to).
+    Snapshot {
+        /// The SR.
+        #[arg(long)]
+        sr: String,
+        /// The VDI.
+        #[arg(long)]
+        vdi: String,
+        /// The snapshot's name (default: the VDI's name).
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Attach and activate a VDI; prints its NBD URI.
+    Attach {
+        /// The SR.
+        #[arg(long)]
+        sr: String,
+        /// The VDI.
+        #[arg(long)]
+        vdi: String,
+        /// Read-only.
+        #[arg(long)]
+        read_only: bool,
+    },
+    /// Deactivate and detach a VDI attached with `vdi attach`.
+    Detach {
+        /// The SR.
+        #[arg(long)]
+        sr: String,
+        /// The VDI.
+        #[arg(long)]
+        vdi: String,
+    },
+    /// Destroy a VDI.
+    Destroy {
+        /// The SR.
+        #[arg(long)]
+        sr: String,
+        /// The VDI.
+        #[arg(long)]
+        vdi: String,
+    },
+}
+
+/// `sxm task …`.
+#[derive(clap::Subcommand)]
+pub enum TaskCommand {
+    /// List tasks.
+    List,
+}
+
+/// A connected CLI.
+pub struct Admin {
+    client: RpcClient,
+    json: bool,
+}
+
+fn named(args: &[(&str, Value)]) -> Value {
+    let mut members: Vec<(String, Value)> = args.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect();
+    members.push(("dbg".to_owned(), Value::String("sxm-cli".to_owned())));
+    Value::Struct(members)
+}
+
+fn s(x: &str) -> Value {
+    Value::String(x.to_owned())
+}
+
+/// Parses `10G`, `512M`, `4096`.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let (num, mult) = match t.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
+        Some((i, _)) => {
+            let unit = t[i..].to_ascii_uppercase();
+            let m: u64 = match unit.trim_end_matches("IB").trim_end_matches('B') {
+                "" => 1,
+                "K" => 1 << 10,
+                "M" => 1 << 20,
+                "G" => 1 << 30,
+                "T" => 1 << 40,
+                _ => return Err(format!("unknown size unit in {text:?}")),
+            };
+            (&t[..i], m)
+        }
+        None => (t, 1),
+    };
+    let n: u64 = num.trim().parse().map_err(|_| format!("not a size: {text:?}"))?;
+    n.checked_mul(mult).ok_or_else(|| format!("size {text:?} is too large"))
+}
+
+/// The datapath id the CLI uses for a VDI it attaches, so `detach` finds it again.
+fn cli_dp(vdi: &str) -> String {
+    format!("sxm-cli/{vdi}")
+}
+
+/// xapi's `nbd:unix:<socket>:exportname=<name>` as a standard NBD URI.
+pub fn nbd_uri(info: &AttachInfo) -> Result<String> {
+    for i in &info.implementations {
+        if let Implementation::Nbd { uri } = i {
+            let rest = uri.strip_prefix("nbd:unix:").with_context(|| format!("unexpected NBD URI {uri}"))?;
+            let (socket, export) = rest.rsplit_once(":exportname=").with_context(|| format!("no export name in {uri}"))?;
+            return Ok(format!("nbd+unix:///{export}?socket={socket}"));
+        }
+    }
+    bail!("the host offers no NBD implementation for this VDI")
+}
+
+impl Admin {
+    /// Connects (lazily: each call opens its connection).
+    pub fn new(host: &HostArgs) -> Result<Admin> {
+        let mut endpoint = Endpoint::parse(&host.host).with_context(|| "--host / $SXM_HOST")?;
+        if let Endpoint::Tcp { secret: None, .. } = &endpoint {
+            let secret = match (&host.secret_file, std::env::var("SXM_SECRET")) {
+                (Some(f), _) => std::fs::read_to_string(f).with_context(|| format!("read {}", f.display()))?.trim().to_owned(),
+                (None, Ok(s)) => s,
+                (None, Err(_)) => bail!("a TCP host needs its secret: --secret-file ROOT/secret or $SXM_SECRET"),
+            };
+            endpoint = endpoint.with_secret(secret);
+        }
+        Ok(Admin { client: RpcClient::new(endpoint), json: host.json })
+    }
+
+    async fn call(&self, method: &str, args: &[(&str, Value)]) -> Result<Value> {
+        Ok(self.client.call_json(method, named(args)).await?)
+    }
+
+    async fn call_as<T: Marshal>(&self, method: &str, args: &[(&str, Value)]) -> Result<T> {
+        let v = self.call(method, args).await?;
+        T::from_value(&v).with_context(|| format!("{method} answered something unexpected"))
+    }
+
+    fn print_json(&self, v: &Value) -> Result<()> {
+        let j: serde_json::Value = v.into();
+        println!("{}", serde_json::to_string_pretty(&j)?);
+        Ok(())
+    }
+
+    /// `sxm sr …`.
+    pub async fn sr(&self, cmd: SrCommand) -> Result<()> {
+        match cmd {
+            SrCommand::Create { ty, name, description } => {
+                let sr = uuid::Uuid::new_v4().to_string();
+                let dc = Value::Struct(vec![("type".into(), s(&ty))]);
+                self.call(
+                    "SR.create",
+                    &[("physical_size", Value::Int(0)), ("device_config", dc), ("name_description", s(&description)), ("name_label", s(&name)), ("sr", s(&sr))],
+                )
+                .await?;
+                self.call("SR.attach", &[("device_config", Value::Struct(vec![])), ("sr", s(&sr))]).await?;
+                if self.json {
+                    self.print_json(&s(&sr))
+                } else {
+                    println!("{sr}");
+                    Ok(())
+                }
+            }
+            SrCommand::List => {
+                let srs: Vec<String> = self.call_as("SR.list", &[]).await?;
+                let mut rows = Vec::new();
+                for sr in &srs {
+                    rows.push((sr.clone(), self.call("SR.stat", &[("sr", s(sr))]).await?));
+                }
+                if self.json {
+                    return self.print_json(&Value::Struct(rows));
+                }
+                let mut t = table(["SR", "NAME", "SIZE", "FREE"]);
+                for (sr, stat) in rows {
+                    let get = |k: &str| stat.get(k).and_then(Value::as_i64).unwrap_or(0);
+                    let name = stat.get("name_label").and_then(Value::as_str).unwrap_or("").to_owned();
+                    t.add_row(vec![sr, name, human(get("total_space")), human(get("free_space"))]);
+                }
+                println!("{t}");
+                Ok(())
+            }
+        }
+    }
+
+    /// `sxm vdi …`.
+    pub async fn vdi(&self, cmd: VdiCommand) -> Result<()> {
+        match cmd {
+            VdiCommand::Create { sr, size, name } => {
+                let info = self.create(&sr, size, &name).await?;
+                self.show_vdi(&info)
+            }
+            VdiCommand::List { sr } => {
+                let vdis: Vec<VdiInfo> = self.call_as("SR.scan", &[("sr", s(&sr))]).await?;
+                if self.json {
+                    return self.print_json(&vdis.to_value());
+                }
+                let mut t = table(["VDI", "NAME", "SIZE", "USED", "SNAPSHOT OF", "READ-ONLY"]);
+                for v in vdis {
+                    t.add_row(vec![
+                        v.vdi,
+                        v.name_label,
+                        human(v.virtual_size),
+                        human(v.physical_utilisation),
+                        v.snapshot_of,
+                        if v.read_only { "yes".into() } else { "no".into() },
+                    ]);
+                }
+                println!("{t}");
+                Ok(())
+            }
+            VdiCommand::Snapshot { sr, vdi, name } => {
+                let mut info: VdiInfo = self.call_as("VDI.stat", &[("vdi", s(&vdi)), ("sr", s(&sr))]).await?;
+                if let Some(n) = name {
+                    info.name_label = n;
+                }
+                let snap: VdiInfo = self.call_as("VDI.snapshot", &[("vdi_info", info.to_value()), ("sr", s(&sr))]).await?;
+                self.show_vdi(&snap)
+            }
+            VdiCommand::Attach { sr, vdi, read_only } => {
+                let uri = self.attach(&sr, &vdi, !read_only).await?;
+                if self.json {
+                    return self.print_json(&s(&uri));
+                }
+                println!("{uri}");
+                Ok(())
+            }
+            VdiCommand::Detach { sr, vdi } => {
+                self.call("DP.destroy2", &[("allow_leak", Value::Bool(false)), ("vdi", s(&vdi)), ("sr", s(&sr)), ("dp", s(&cli_dp(&vdi)))]).await?;
+                Ok(())
+            }
+            VdiCommand::Destroy { sr, vdi } => {
+                self.call("VDI.destroy", &[("vdi", s(&vdi)), ("sr", s(&sr))]).await?;
+                Ok(())
+            }
+            VdiCommand::Import { sr, name, file } => self.import(&sr, name, &file).await,
+            VdiCommand::Export { sr, vdi, file } => self.export(&sr, &vdi, &file).await,
+        }
+    }
+
+    /// `sxm task …`.
+    pub async fn task(&self, cmd: TaskCommand) -> Result<()> {
+        match cmd {
+            TaskCommand::List => {
+                let tasks: Vec<Task> = self.call_as("TASK.list", &[]).await?;
+                if self.json {
+                    return self.print_json(&tasks.to_value());
+                }
+                let mut t = table(["TASK", "STATE", "PROGRESS", "DBG"]);
+                for task in tasks {
+                    let (state, progress) = match &task.state {
+                        TaskState::Pending(p) => ("pending", format!("{:.0}%", p * 100.0)),
+                        TaskState::Completed(_) => ("completed", "100%".to_owned()),
+                        TaskState::Failed(_) => ("failed", "-".to_owned()),
+                    };
+                    t.add_row(vec![task.id, state.to_owned(), progress, task.dbg]);
+                }
+                println!("{t}");
+                Ok(())
+            }
+        }
+    }
+
+    async fn create(&self, sr: &str, size: u64, name: &str) -> Result<VdiInfo> {
+        let mut info = VdiInfo::new("", name);
+        info.virtual_size = i64::try_from(size).context("size too large")?;
+        self.call_as("VDI.create", &[("vdi_info", info.to_value()), ("sr", s(sr))]).await
+    }
+
+    async fn attach(&self, sr: &str, vdi: &str, read_write: bool) -> Result<String> {
+        let dp = cli_dp(vdi);
+        let args = [("read_write", Value::Bool(read_write)), ("vdi", s(vdi)), ("vm", s("0")), ("sr", s(sr)), ("dp", s(&dp))];
+        let info: AttachInfo = self.call_as("VDI.attach3", &args).await?;
+        self.call("VDI.activate3", &[("vdi", s(vdi)), ("vm", s("0")), ("sr", s(sr)), ("dp", s(&dp))]).await?;
+        nbd_uri(&info)
+    }
+
+    async fn release(&self, sr: &str, vdi: &str) -> Result<()> {
+        self.call("DP.destroy2", &[("allow_leak", Value::Bool(false)), ("vdi", s(vdi)), ("sr", s(sr)), ("dp", s(&cli_dp(vdi)))]).await?;
+        Ok(())
+    }
+
+    async fn import(&self, sr: &str, name: Option<String>, file: &Path) -> Result<()> {
+        let size = image_size(file)?;
+        let name = name.unwrap_or_else(|| file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "import".into()));
+        let info = self.create(sr, size, &name).await?;
+        let outcome = async {
+            let uri = self.attach(sr, &info.vdi, true).await?;
+            // A new VDI reads as zeroes: nothing needs writing where the image has no data.
+            tapmirror_copy(&[file.as_os_str(), uri.as_ref(), "--target-is-zero".as_ref()])
+        }
+        .await;
+        let released = self.release(sr, &info.vdi).await;
+        if let Err(e) = outcome {
+            // Take the half-made VDI away again; the import failed as a whole.
+            let _ = self.call("VDI.destroy", &[("vdi", s(&info.vdi)), ("sr", s(sr))]).await;
+            return Err(e.context(format!("import {} into SR {sr}", file.display())));
+        }
+        released?;
+        let info: VdiInfo = self.call_as("VDI.stat", &[("vdi", s(&info.vdi)), ("sr", s(sr))]).await?;
+        self.show_vdi(&info)
+    }
+
+    async fn export(&self, sr: &str, vdi: &str, file: &Path) -> Result<()> {
+        if file.exists() {
+            bail!("{} exists; export writes a new file", file.display());
+        }
+        let uri = self.attach(sr, vdi, false).await?;
+        let outcome = tapmirror_copy(&[uri.as_ref(), file.as_os_str()]);
+        let released = self.release(sr, vdi).await;
+        outcome.with_context(|| format!("export VDI {vdi} to {}", file.display()))?;
+        released
+    }
+
+    fn show_vdi(&self, info: &VdiInfo) -> Result<()> {
+        if self.json {
+            return self.print_json(&info.to_value());
+        }
+        println!("{}", info.vdi);
+        Ok(())
+    }
+}
+
+/// The guest-visible size of an image file (raw, VHD or qcow2), from `tapmirror image info`.
+fn image_size(file: &Path) -> Result<u64> {
+    let tapmirror = crate::serve::find_tapmirror(std::env::var_os("SXM_TAPMIRROR").map(PathBuf::from))?;
+    let out = Command::new(&tapmirror).arg("image").arg("info").arg(file).output().with_context(|| format!("run {}", tapmirror.display()))?;
+    if !out.status.success() {
+        bail!("{}: {}", file.display(), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).context("tapmirror image info --json")?;
+    j.get("virtual_size").or_else(|| j.get("size")).and_then(serde_json::Value::as_u64).with_context(|| format!("no size in {j}"))
+}
+
+fn tapmirror_copy(args: &[&std::ffi::OsStr]) -> Result<()> {
+    let tapmirror = crate::serve::find_tapmirror(std::env::var_os("SXM_TAPMIRROR").map(PathBuf::from))?;
+    let status = Command::new(&tapmirror).arg("copy").args(args).status().with_context(|| format!("run {}", tapmirror.display()))?;
+    anyhow::ensure!(status.success(), "tapmirror copy failed ({status})");
+    Ok(())
+}
+
+fn table<const N: usize>(header: [&str; N]) -> Table {
+    let mut t = Table::new();
+    t.load_style(UTF8_BORDERS_ONLY).set_header(header.to_vec());
+    t
+}
+
+fn human(bytes: i64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 { format!("{bytes} B") } else { format!("{v:.1} {}", UNITS[u]) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_and_without_units() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64M"), Ok(64 << 20));
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_size("2g"), Ok(2 << 30));
+        assert!(parse_size("12Q").is_err());
+        assert!(parse_size("abc").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn xapi_nbd_uris_become_standard_ones() {
+        let info = AttachInfo { implementations: vec![Implementation::nbd_unix("/run/sxm/1/nbd.sock", "v1")] };
+        assert_eq!(nbd_uri(&info).expect("uri"), "nbd+unix:///v1?socket=/run/sxm/1/nbd.sock");
+        assert!(nbd_uri(&AttachInfo { implementations: vec![] }).is_err());
+    }
+}

@@ -1,0 +1,107 @@
+//! `sxm serve`: one host. Opens the host's root folder, registers each SR type's backend with
+//! the mux, and serves the storage interface on TCP and on a Unix socket until SIGINT or
+//! SIGTERM. Datapath processes are not stopped on exit: they keep serving their guests, and the
+//! next `sxm serve` on the same root takes them up again.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use sxm_engine::http::server::{ServerConfig, serve};
+use sxm_engine::mux::Mux;
+use tokio_util::sync::CancellationToken;
+
+/// `sxm serve`'s options.
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    /// The host's folder: SR records and folders, datapath state, the host secret.
+    #[arg(long)]
+    root: PathBuf,
+    /// TCP address for other hosts and remote callers (they must present the host secret).
+    #[arg(long, value_name = "ADDR:PORT")]
+    listen: Option<std::net::SocketAddr>,
+    /// Unix socket for local callers (mode 0600; no secret needed). Default: ROOT/sxm.sock.
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// The `tapmirror` binary that serves datapaths. Default: beside `sxm`, then $PATH.
+    #[arg(long, env = "SXM_TAPMIRROR", value_name = "PATH")]
+    tapmirror: Option<PathBuf>,
+}
+
+/// The host secret TCP callers must present: read from `ROOT/secret`, created (mode 0600) on
+/// first start.
+pub fn host_secret(root: &Path) -> Result<String> {
+    let path = root.join("secret");
+    match std::fs::read_to_string(&path) {
+        Ok(s) if !s.trim().is_empty() => return Ok(s.trim().to_owned()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("read {}", path.display())),
+    }
+    let secret = format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple());
+    let tmp = root.join(".secret.tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("create {}", tmp.display()))?;
+    f.write_all(secret.as_bytes()).and_then(|()| f.sync_all()).with_context(|| format!("write {}", tmp.display()))?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("rename into {}", path.display()))?;
+    Ok(secret)
+}
+
+/// Where the `tapmirror` binary is: given, beside this executable, or on $PATH.
+pub fn find_tapmirror(given: Option<PathBuf>) -> Result<PathBuf> {
+    if let Some(p) = given {
+        anyhow::ensure!(p.is_file(), "tapmirror binary {} does not exist", p.display());
+        return Ok(p);
+    }
+    let exe = std::env::current_exe().context("where is sxm")?;
+    if let Some(beside) = exe.parent().map(|d| d.join("tapmirror"))
+        && beside.is_file()
+    {
+        return Ok(beside);
+    }
+    std::env::var_os("PATH")
+        .and_then(|paths| std::env::split_paths(&paths).map(|d| d.join("tapmirror")).find(|p| p.is_file()))
+        .context("no tapmirror binary beside sxm or on $PATH (build it with `cargo build`, or pass --tapmirror)")
+}
+
+/// Runs the host until a signal.
+pub async fn run(args: ServeArgs) -> Result<()> {
+    std::fs::create_dir_all(&args.root).with_context(|| format!("create {}", args.root.display()))?;
+    let root = args.root.canonicalize().with_context(|| format!("resolve {}", args.root.display()))?;
+    let tapmirror = find_tapmirror(args.tapmirror)?;
+    let secret = host_secret(&root)?;
+
+    let mux = Mux::builder()
+        .backend("ext", Arc::new(sxm_smapiv1::ExtBackend::new(tapmirror.clone())))
+        .open(&root)
+        .await
+        .with_context(|| format!("open host state in {}", root.display()))?;
+
+    let mut cfg = ServerConfig::new(secret);
+    cfg.tcp = args.listen;
+    cfg.unix = Some(args.socket.unwrap_or_else(|| root.join("sxm.sock")));
+    let shutdown = CancellationToken::new();
+    let running = serve(&cfg, mux, shutdown.clone()).await.context("start the RPC server")?;
+    // One line on stdout saying where the host listens: scripts and tests wait for it.
+    let tcp = running.tcp_addr().map(|a| format!("http://{a}")).unwrap_or_else(|| "-".into());
+    let unix = running.unix_path().map(|p| p.display().to_string()).unwrap_or_else(|| "-".into());
+    println!("sxm serve: listening tcp={tcp} unix={unix} root={}", root.display());
+    tracing::info!(%tcp, %unix, root = %root.display(), tapmirror = %tapmirror.display(), "host up");
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).context("SIGTERM handler")?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("stopping; datapaths keep running");
+    shutdown.cancel();
+    running.wait().await.context("RPC server")?;
+    Ok(())
+}

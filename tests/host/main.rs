@@ -1,0 +1,324 @@
+//! End-to-end tests of one host: `sxm serve` started for real, driven over XML-RPC (Python's
+//! xmlrpc.client, curl), JSON-RPC 1.0 and 2.0 (curl, the `sxm` CLI), its VDIs read and written
+//! through their NBD URIs by qemu-io, nbdcopy and our own guest writer.
+
+mod support;
+
+use std::process::Command;
+
+use serde_json::json;
+use support::*;
+
+const MIB: u64 = 1 << 20;
+
+/// A host with one attached `ext` SR; answers (host, sr).
+fn host_with_sr(dir: &tempfile::TempDir) -> (Host, String) {
+    let host = Host::start(&dir.path().join("host"));
+    let sr = host.cli(&["sr", "create", "--type", "ext", "--name", "local"]);
+    assert_eq!(sr.len(), 36, "an SR uuid: {sr}");
+    (host, sr)
+}
+
+fn vdi_ids(host: &Host, sr: &str) -> Vec<String> {
+    let mut ids: Vec<String> = host.call("SR.scan", json!({"sr": sr, "dbg": "t"})).as_array().expect("list").iter().map(|v| v["vdi"].as_str().expect("vdi").to_owned()).collect();
+    ids.sort();
+    ids
+}
+
+#[test]
+fn srs_and_vdis_over_xmlrpc_and_both_jsonrpc_versions() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir_all(dir.path().join("host")).expect("root");
+    let host = Host::start(&dir.path().join("host"));
+
+    // XML-RPC from a client that is not ours, xapi's way: one struct of named args, sizes as
+    // untyped strings, the secret as session_id.
+    let out = host.python_xmlrpc(
+        r#"
+r = proxy.SR.create({"dbg": "py", "sr": "sr-xml", "name_label": "from python", "name_description": "", "device_config": {"type": "ext"}, "physical_size": "0"})
+assert r["Status"] == "Success", r
+r = proxy.SR.attach({"dbg": "py", "sr": "sr-xml", "device_config": {}})
+assert r["Status"] == "Success", r
+info = {"vdi": "", "name_label": "disk0", "virtual_size": str(64 << 20)}
+r = proxy.VDI.create({"dbg": "py", "sr": "sr-xml", "vdi_info": info})
+assert r["Status"] == "Success", r
+print(json.dumps(r["Value"]))
+"#,
+    );
+    let made: serde_json::Value = serde_json::from_str(&out).expect("python printed the VDI");
+    assert_eq!(made["name_label"], "disk0");
+    // XML-RPC integers travel untyped, as strings.
+    assert_eq!(made["virtual_size"], json!((64 * MIB).to_string()));
+    let vdi = made["vdi"].as_str().expect("vdi id").to_owned();
+
+    // The same SR over JSON-RPC 1.0: the reply is 1.0 (`error: null`, no `jsonrpc`).
+    let body = json!({"method": "SR.scan", "params": [{"sr": "sr-xml", "dbg": "v1"}], "id": 7}).to_string();
+    let (status, reply) = host.post_tcp(&format!("/jsonrpc?session_id={}", host.secret), &body, "application/json");
+    assert_eq!(status, 200, "{reply}");
+    let reply: serde_json::Value = serde_json::from_str(&reply).expect("json");
+    assert_eq!(reply["id"], 7);
+    assert!(reply.get("jsonrpc").is_none(), "{reply}");
+    assert_eq!(reply["error"], serde_json::Value::Null);
+    assert_eq!(reply["result"][0]["vdi"], json!(vdi));
+    assert_eq!(reply["result"][0]["virtual_size"], json!(64 * MIB));
+
+    // JSON-RPC 2.0 over the Unix socket (no secret needed there), with a bearer-less call.
+    let reply = host.jsonrpc("VDI.stat", json!({"sr": "sr-xml", "vdi": vdi, "dbg": "v2"}));
+    assert_eq!(reply["jsonrpc"], "2.0");
+    assert_eq!(reply["result"]["name_label"], "disk0");
+
+    // A VDI made over JSON-RPC is seen over XML-RPC.
+    let made = host.call("VDI.create", json!({"sr": "sr-xml", "dbg": "j", "vdi_info": {"vdi": "", "name_label": "disk1", "virtual_size": 8 * MIB}}));
+    let out = host.python_xmlrpc(
+        r#"
+r = proxy.SR.scan({"dbg": "py", "sr": "sr-xml"})
+assert r["Status"] == "Success", r
+print(json.dumps(sorted(v["name_label"] for v in r["Value"])))
+"#,
+    );
+    assert_eq!(out, r#"["disk0", "disk1"]"#);
+    let stat = host.call("SR.stat", json!({"sr": "sr-xml", "dbg": "j"}));
+    assert_eq!(stat["name_label"], "from python");
+    assert!(stat["total_space"].as_i64().expect("total") > 0);
+    assert!(stat["free_space"].as_i64().expect("free") <= stat["total_space"].as_i64().expect("total"));
+    assert_eq!(host.call("SR.list", json!({"dbg": "j"})), json!(["sr-xml"]));
+
+    // Errors come back as xapi's variants in each encoding.
+    let reply = host.jsonrpc("VDI.stat", json!({"sr": "sr-xml", "vdi": "no-such-vdi", "dbg": "e"}));
+    let err = serde_json::to_string(&reply["error"]).expect("error");
+    assert!(err.contains("Vdi_does_not_exist") || err.contains("Does_not_exist"), "{reply}");
+    let out = host.python_xmlrpc(
+        r#"
+r = proxy.VDI.destroy({"dbg": "py", "sr": "sr-xml", "vdi": "no-such-vdi"})
+print(json.dumps(r))
+"#,
+    );
+    let r: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(r["Status"], "Failure", "{r}");
+
+    // Destroying a VDI and the SR.
+    host.call("VDI.destroy", json!({"sr": "sr-xml", "vdi": made["vdi"], "dbg": "j"}));
+    assert_eq!(vdi_ids(&host, "sr-xml"), vec![vdi.clone()]);
+    host.call("VDI.destroy", json!({"sr": "sr-xml", "vdi": vdi, "dbg": "j"}));
+    host.call("SR.destroy", json!({"sr": "sr-xml", "dbg": "j"}));
+    assert_eq!(host.call("SR.list", json!({"dbg": "j"})), json!([]));
+    assert!(!host.root.join("sr").join("sr-xml").exists(), "the SR's folder is gone");
+}
+
+#[test]
+fn the_cli_makes_lists_imports_exports_and_snapshots() {
+    require!("qemu-img");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (host, sr) = host_with_sr(&dir);
+    let listed = host.cli_json(&["sr", "list"]);
+    assert!(listed.get(&sr).is_some(), "{listed}");
+    let table = host.cli(&["sr", "list"]);
+    assert!(table.contains(&sr) && table.contains("local"), "{table}");
+
+    let empty = host.cli(&["vdi", "create", "--sr", &sr, "--size", "16M", "--name", "scratch"]);
+    let data = pattern((24 * MIB) as usize, 5);
+    let image = dir.path().join("image.raw");
+    std::fs::write(&image, &data).expect("write image");
+    let imported = host.cli_json(&["vdi", "import", "--sr", &sr, "--name", "imported", image.to_str().expect("path")]);
+    let imported_id = imported["vdi"].as_str().expect("vdi").to_owned();
+    assert_eq!(imported["virtual_size"], json!(24 * MIB));
+
+    let list = host.cli_json(&["vdi", "list", "--sr", &sr]);
+    let names: Vec<&str> = list.as_array().expect("list").iter().map(|v| v["name_label"].as_str().expect("name")).collect();
+    assert!(names.contains(&"scratch") && names.contains(&"imported"), "{list}");
+    let table = host.cli(&["vdi", "list", "--sr", &sr]);
+    assert!(table.contains(&empty) && table.contains("imported"), "{table}");
+
+    let exported = dir.path().join("exported.raw");
+    host.cli(&["vdi", "export", "--sr", &sr, "--vdi", &imported_id, exported.to_str().expect("path")]);
+    assert!(std::fs::read(&exported).expect("exported") == data, "export differs from what was imported");
+
+    let snap = host.cli_json(&["vdi", "snapshot", "--sr", &sr, "--vdi", &imported_id, "--name", "before"]);
+    assert_eq!(snap["is_a_snapshot"], true);
+    assert_eq!(snap["snapshot_of"], json!(imported_id));
+    assert_eq!(snap["name_label"], "before");
+
+    // Nothing is left attached by the CLI's own datapaths.
+    for id in [&imported_id, &empty] {
+        let stat = host.call("DP.stat_vdi", json!({"sr": sr, "vdi": id, "dbg": "t"}));
+        assert_eq!(stat["superstate"], "Detached", "{id}: {stat}");
+    }
+    assert!(host.cli(&["task", "list"]).contains("TASK"));
+    assert_eq!(host.cli_json(&["task", "list"]), json!([]));
+}
+
+#[test]
+fn an_attached_vdi_is_read_and_written_through_its_nbd_uri() {
+    require!("qemu-io", "nbdcopy", "nbdinfo");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (host, sr) = host_with_sr(&dir);
+    let vdi = host.cli(&["vdi", "create", "--sr", &sr, "--size", "32M", "--name", "disk"]);
+    let uri = host.cli(&["vdi", "attach", "--sr", &sr, "--vdi", &vdi]);
+    assert!(uri.starts_with(&format!("nbd+unix:///{vdi}?socket=")), "{uri}");
+
+    let size = run(Command::new("nbdinfo").args(["--size", &uri]));
+    assert_eq!(String::from_utf8_lossy(&size.stdout).trim(), (32 * MIB).to_string());
+    // qemu-io writes at unaligned offsets and reads them back through its own client.
+    run(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0xa5 1536 70000", "-c", "read -P 0xa5 1536 70000", &uri]));
+    // nbdcopy writes a whole pattern in and reads it out again.
+    let data = pattern((32 * MIB) as usize, 9);
+    let src = dir.path().join("in.raw");
+    std::fs::write(&src, &data).expect("write");
+    run(Command::new("nbdcopy").arg("--").arg(&src).arg(&uri));
+    assert!(read_export(&uri, dir.path()) == data, "nbdcopy read back something else");
+
+    let stat = host.call("DP.stat_vdi", json!({"sr": sr, "vdi": vdi, "dbg": "t"}));
+    assert_eq!(stat["superstate"], json!(["Activated", "RW"]), "{stat}");
+    let attach = host.call("DP.attach_info", json!({"sr": sr, "vdi": vdi, "dp": format!("sxm-cli/{vdi}"), "dbg": "t"}));
+    assert_eq!(attach["implementations"][0][0], "Nbd", "{attach}");
+
+    host.cli(&["vdi", "detach", "--sr", &sr, "--vdi", &vdi]);
+    let stat = host.call("DP.stat_vdi", json!({"sr": sr, "vdi": vdi, "dbg": "t"}));
+    assert_eq!(stat["superstate"], "Detached");
+    let out = Command::new("nbdinfo").args(["--size", &uri]).output().expect("nbdinfo");
+    assert!(!out.status.success(), "the export still answers after detach");
+    // The data stays in the VDI.
+    let exported = dir.path().join("out.raw");
+    host.cli(&["vdi", "export", "--sr", &sr, "--vdi", &vdi, exported.to_str().expect("path")]);
+    assert!(std::fs::read(&exported).expect("read") == data);
+}
+
+#[test]
+fn a_snapshot_of_a_vdi_being_written_holds_the_instant_and_the_leaf_loses_nothing() {
+    require!("qemu-io", "nbdcopy");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (host, sr) = host_with_sr(&dir);
+    let size = 16 * MIB;
+    let vdi = host.cli(&["vdi", "create", "--sr", &sr, "--size", "16M", "--name", "disk"]);
+    let uri = host.cli(&["vdi", "attach", "--sr", &sr, "--vdi", &vdi]);
+
+    // A known state A, a snapshot, then B over part of it.
+    let a = pattern(size as usize, 1);
+    let file_a = dir.path().join("a.raw");
+    std::fs::write(&file_a, &a).expect("write a");
+    run(Command::new("nbdcopy").arg("--").arg(&file_a).arg(&uri));
+    let snap_a = host.cli_json(&["vdi", "snapshot", "--sr", &sr, "--vdi", &vdi, "--name", "A"]);
+    run(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x5b 512 1048576", &uri]));
+    let mut b = a.clone();
+    b[512..512 + MIB as usize].fill(0x5b);
+
+    // Now a guest writes without pause while a second snapshot is taken under it.
+    let guest = Guest::start(uri.clone(), size, 77);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    host.cli_json(&["vdi", "snapshot", "--sr", &sr, "--vdi", &vdi, "--name", "live"]);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let (model, writes) = guest.stop();
+    assert!(writes > 10, "the guest hardly wrote ({writes})");
+
+    let leaf = read_export(&uri, dir.path());
+    assert_matches_guest(&leaf, &model, &b, "leaf after a live snapshot");
+    host.cli(&["vdi", "detach", "--sr", &sr, "--vdi", &vdi]);
+
+    let snap_id = snap_a["vdi"].as_str().expect("id");
+    let out = dir.path().join("snap.raw");
+    host.cli(&["vdi", "export", "--sr", &sr, "--vdi", snap_id, out.to_str().expect("path")]);
+    assert!(std::fs::read(&out).expect("snapshot") == a, "snapshot A does not hold A");
+}
+
+#[test]
+fn a_restarted_host_takes_up_its_datapaths_and_the_guest_never_notices() {
+    require!("nbdcopy");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (host, sr) = host_with_sr(&dir);
+    let size = 16 * MIB;
+    let vdi = host.cli(&["vdi", "create", "--sr", &sr, "--size", "16M", "--name", "disk"]);
+    let uri = host.cli(&["vdi", "attach", "--sr", &sr, "--vdi", &vdi]);
+    let before = host.files();
+    let guest = Guest::start(uri.clone(), size, 3);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+
+    // SIGKILL: no chance to clean up. The datapath keeps serving the guest meanwhile.
+    let root = host.root.clone();
+    host.kill();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let host = Host::start(&root);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let (model, writes) = guest.stop();
+    assert!(writes > 10, "the guest hardly wrote ({writes})");
+
+    // Everything is as it was: the SR attached, the VDI active on its datapath.
+    assert_eq!(host.call("SR.list", json!({"dbg": "t"})), json!([sr]));
+    let stat = host.call("DP.stat_vdi", json!({"sr": sr, "vdi": vdi, "dbg": "t"}));
+    assert_eq!(stat["superstate"], json!(["Activated", "RW"]), "{stat}");
+    let after: Vec<String> = host.files().into_iter().map(|(n, _)| n).filter(|n| !n.ends_with(".vhd")).collect();
+    let before: Vec<String> = before.into_iter().map(|(n, _)| n).filter(|n| !n.ends_with(".vhd")).collect();
+    assert_eq!(after, before, "files under the root changed across the restart");
+
+    let disk = read_export(&uri, dir.path());
+    assert_matches_guest(&disk, &model, &vec![0u8; size as usize], "disk after the host restarted");
+    host.cli(&["vdi", "detach", "--sr", &sr, "--vdi", &vdi]);
+}
+
+#[test]
+fn bad_calls_get_the_right_error_and_change_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (host, sr) = host_with_sr(&dir);
+    let vdi = host.cli(&["vdi", "create", "--sr", &sr, "--size", "1M", "--name", "disk"]);
+    let before = host.files();
+    let error_of = |reply: &serde_json::Value| serde_json::to_string(&reply["error"]).expect("error");
+
+    // Unknown and unserved methods.
+    let e = error_of(&host.jsonrpc("VDI.frobnicate", json!({"dbg": "x"})));
+    assert!(e.contains("Unimplemented") && e.contains("VDI.frobnicate"), "{e}");
+    let e = error_of(&host.jsonrpc("VDI.enable_cbt", json!({"dbg": "x", "sr": sr, "vdi": vdi})));
+    assert!(e.contains("Unimplemented"), "{e}");
+    // Wrong types and missing arguments.
+    let e = error_of(&host.jsonrpc("VDI.resize", json!({"dbg": "x", "sr": sr, "vdi": vdi, "new_size": "huge"})));
+    assert!(e.contains("Internal_error") && e.contains("new_size"), "{e}");
+    let e = error_of(&host.jsonrpc("VDI.stat", json!({"dbg": "x", "sr": sr})));
+    assert!(e.contains("Internal_error") && e.contains("missing vdi"), "{e}");
+    let e = error_of(&host.jsonrpc("VDI.create", json!({"dbg": "x", "sr": sr, "vdi_info": "not a record"})));
+    assert!(e.contains("Internal_error") && e.contains("vdi_info"), "{e}");
+    // Names that would leave the SR.
+    for bad in ["../../secret", "..", "/etc/passwd", ""] {
+        let e = error_of(&host.jsonrpc("VDI.destroy", json!({"dbg": "x", "sr": sr, "vdi": bad})));
+        assert!(e.contains("does_not_exist") || e.contains("Does_not_exist"), "{bad:?}: {e}");
+        let e = error_of(&host.jsonrpc("VDI.stat", json!({"dbg": "x", "sr": sr, "vdi": bad})));
+        assert!(e.to_lowercase().contains("does_not_exist"), "{bad:?}: {e}");
+    }
+    let e = error_of(&host.jsonrpc("SR.create", json!({"dbg": "x", "sr": "../escape", "device_config": {}})));
+    assert!(e.contains("Backend_error"), "{e}");
+    let e = error_of(&host.jsonrpc("SR.scan", json!({"dbg": "x", "sr": "../../.."})));
+    assert!(e.contains("Does_not_exist"), "{e}");
+    let e = error_of(&host.jsonrpc("SR.create", json!({"dbg": "x", "sr": "s2", "device_config": {"type": "zfs"}})));
+    assert!(e.contains("No_storage_plugin_for_sr"), "{e}");
+    // Malformed bodies, over both transports and encodings.
+    let (status, reply) = host.post_unix("/jsonrpc", "{\"method\": ");
+    assert!(status == 200 || status == 400, "{status}: {reply}");
+    assert!(reply.contains("Internal_error") || reply.contains("-32700"), "{reply}");
+    let (status, reply) = host.post_tcp(&format!("/services/SM?session_id={}", host.secret), "<methodCall><methodName>SR.list", "text/xml");
+    assert_eq!(status, 200, "{reply}");
+    assert!(reply.contains("Failure") && reply.contains("Internal_error"), "{reply}");
+    // Unauthenticated and wrongly authenticated TCP calls.
+    let body = json!({"method": "VDI.destroy", "params": [{"dbg": "x", "sr": sr, "vdi": vdi}], "id": 1}).to_string();
+    let (status, _) = host.post_tcp("/jsonrpc", &body, "application/json");
+    assert_eq!(status, 401);
+    let (status, _) = host.post_tcp("/jsonrpc?session_id=wrong", &body, "application/json");
+    assert_eq!(status, 401);
+    // An oversized body.
+    let big = format!("{{\"method\":\"SR.list\",\"params\":[{{\"dbg\":\"{}\"}}],\"id\":1}}", "x".repeat(17 << 20));
+    let path = dir.path().join("big.json");
+    std::fs::write(&path, big).expect("write");
+    let out = Command::new("curl")
+        .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "--unix-socket", host.socket.to_str().expect("utf-8"), "-H", "Content-Type: application/json", "--data-binary"])
+        .arg(format!("@{}", path.display()))
+        .arg("http://localhost/jsonrpc")
+        .output()
+        .expect("curl");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "413");
+
+    // The CLI says what is wrong and exits non-zero.
+    let out = host.cli_raw(&["vdi", "snapshot", "--sr", &sr, "--vdi", "../../secret"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("VDI.stat") && err.to_lowercase().contains("does not exist"), "{err}");
+
+    // Nothing changed, and the host still answers.
+    assert_eq!(host.files(), before, "a bad call changed files under the root");
+    assert_eq!(vdi_ids(&host, &sr), vec![vdi]);
+}

@@ -1,0 +1,181 @@
+//! Running `sxm serve` hosts and talking to them the ways callers do: the `sxm` CLI (JSON-RPC
+//! over the Unix socket), curl (raw JSON-RPC 1.0/2.0 and XML-RPC over TCP), and Python's
+//! xmlrpc.client (an XML-RPC client that is not ours).
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+pub use tapmirror::testkit::{Guest, Proc, assert_matches_guest, pattern, require_tool, run};
+
+/// Skips the calling test unless every tool is installed (a failure under CI).
+#[macro_export]
+macro_rules! require {
+    ($($tool:expr),+) => {
+        if !($($crate::support::require_tool($tool))&&+) {
+            return;
+        }
+    };
+}
+
+pub fn sxm() -> &'static str {
+    env!("CARGO_BIN_EXE_sxm")
+}
+
+/// The tapmirror binary the hosts under test use: built by the same `cargo test --workspace`
+/// into the same folder as `sxm`, where `sxm serve` finds it.
+pub fn tapmirror() -> PathBuf {
+    let beside = Path::new(sxm()).with_file_name("tapmirror");
+    assert!(beside.is_file(), "{} is not built (run the tests with `cargo test --workspace`)", beside.display());
+    beside
+}
+
+/// One running `sxm serve`.
+pub struct Host {
+    pub root: PathBuf,
+    pub socket: PathBuf,
+    pub tcp: String,
+    pub secret: String,
+    pub proc: Proc,
+}
+
+impl Host {
+    /// Starts a host on `root` (kept across restarts) listening on loopback TCP and a socket.
+    pub fn start(root: &Path) -> Host {
+        Host::start_on(root, "127.0.0.1:0")
+    }
+
+    /// Starts a host on `root` listening on `listen`.
+    pub fn start_on(root: &Path, listen: &str) -> Host {
+        let socket = root.join("sxm.sock");
+        let mut child = Command::new(sxm())
+            .args(["serve", "--root"])
+            .arg(root)
+            .args(["--listen", listen, "--socket"])
+            .arg(&socket)
+            .arg("--tapmirror")
+            .arg(tapmirror())
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn sxm serve");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            if let Some(Ok(line)) = lines.next() {
+                let _ = tx.send(line);
+            }
+            // Keep draining so the host never blocks on a full pipe.
+            for _ in lines {}
+        });
+        let line = rx.recv_timeout(Duration::from_secs(30)).expect("sxm serve did not say where it listens within 30 s");
+        let tcp = line.split_whitespace().find_map(|w| w.strip_prefix("tcp=")).expect("tcp= in the listening line").to_owned();
+        let secret = std::fs::read_to_string(root.join("secret")).expect("host secret").trim().to_owned();
+        Host { root: root.to_owned(), socket, tcp, secret, proc: Proc(Some(child)) }
+    }
+
+    /// Kills the host with SIGKILL (datapath processes are not its children's group and live on).
+    pub fn kill(mut self) {
+        if let Some(mut c) = self.proc.0.take() {
+            c.kill().expect("kill sxm serve");
+            c.wait().expect("reap sxm serve");
+        }
+    }
+
+    /// Runs the CLI against this host; fails the test if it fails.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = run(Command::new(sxm()).arg("--host").arg(&self.socket).args(args).env("SXM_TAPMIRROR", tapmirror()));
+        String::from_utf8(out.stdout).expect("utf-8").trim().to_owned()
+    }
+
+    /// Runs the CLI and returns its whole output, success or not.
+    pub fn cli_raw(&self, args: &[&str]) -> Output {
+        Command::new(sxm()).arg("--host").arg(&self.socket).args(args).env("SXM_TAPMIRROR", tapmirror()).output().expect("run sxm")
+    }
+
+    /// The CLI with `--json`, parsed.
+    pub fn cli_json(&self, args: &[&str]) -> serde_json::Value {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        let text = self.cli(&all);
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("sxm {args:?} printed no JSON ({e}): {text}"))
+    }
+
+    /// POSTs `body` to `path` over TCP with curl; answers (HTTP status, body).
+    pub fn post_tcp(&self, path: &str, body: &str, content_type: &str) -> (u16, String) {
+        curl(&["-H", &format!("Content-Type: {content_type}"), "--data-binary", body, &format!("{}{path}", self.tcp)])
+    }
+
+    /// POSTs a JSON-RPC body over the Unix socket with curl.
+    pub fn post_unix(&self, path: &str, body: &str) -> (u16, String) {
+        curl(&["--unix-socket", self.socket.to_str().expect("utf-8 path"), "-H", "Content-Type: application/json", "--data-binary", body, &format!("http://localhost{path}")])
+    }
+
+    /// One JSON-RPC 2.0 call over the Unix socket; the reply object.
+    pub fn jsonrpc(&self, method: &str, params: serde_json::Value) -> serde_json::Value {
+        let body = serde_json::json!({"jsonrpc": "2.0", "method": method, "params": [params], "id": 1}).to_string();
+        let (status, reply) = self.post_unix("/jsonrpc", &body);
+        assert_eq!(status, 200, "{method}: {reply}");
+        serde_json::from_str(&reply).unwrap_or_else(|e| panic!("{method}: not JSON ({e}): {reply}"))
+    }
+
+    /// A successful JSON-RPC 2.0 call's result.
+    pub fn call(&self, method: &str, params: serde_json::Value) -> serde_json::Value {
+        let reply = self.jsonrpc(method, params);
+        assert!(reply.get("error").is_none(), "{method} failed: {reply}");
+        reply["result"].clone()
+    }
+
+    /// Runs a Python xmlrpc.client script against the host's `/services/SM` (as `proxy`).
+    pub fn python_xmlrpc(&self, script: &str) -> String {
+        let url = format!("{}/services/SM?session_id={}", self.tcp, self.secret);
+        let program = format!("import xmlrpc.client, json, sys\nproxy = xmlrpc.client.ServerProxy({url:?}, allow_none=True)\n{script}\n");
+        let out = run(Command::new("/usr/bin/python3").arg("-c").arg(program));
+        String::from_utf8(out.stdout).expect("utf-8").trim().to_owned()
+    }
+
+    /// Every file under the root (path and size), sockets and all: to show a call changed nothing.
+    pub fn files(&self) -> Vec<(String, u64)> {
+        let mut out = Vec::new();
+        let mut stack = vec![self.root.clone()];
+        while let Some(dir) = stack.pop() {
+            for e in std::fs::read_dir(&dir).expect("read dir") {
+                let e = e.expect("entry");
+                let meta = e.metadata().expect("metadata");
+                if meta.is_dir() {
+                    stack.push(e.path());
+                } else {
+                    let name = e.path().strip_prefix(&self.root).expect("under root").display().to_string();
+                    // Logs grow on their own; everything else must stay put.
+                    if !name.ends_with(".log") {
+                        out.push((name, meta.len()));
+                    }
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+}
+
+fn curl(args: &[&str]) -> (u16, String) {
+    let out = Command::new("curl").args(["-sS", "--max-time", "60", "-w", "\n%{http_code}"]).args(args).output().expect("run curl");
+    assert!(out.status.success(), "curl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).expect("utf-8");
+    let (body, code) = text.rsplit_once('\n').expect("status line");
+    (code.trim().parse().expect("status"), body.to_owned())
+}
+
+/// Reads a whole export over NBD with nbdcopy.
+pub fn read_export(uri: &str, dir: &Path) -> Vec<u8> {
+    let out = dir.join(format!("export-{}.raw", std::process::id()));
+    let _ = std::fs::remove_file(&out);
+    run(Command::new("nbdcopy").arg("--").arg(uri).arg(&out));
+    let data = std::fs::read(&out).expect("read export");
+    std::fs::remove_file(&out).expect("remove export copy");
+    data
+}
