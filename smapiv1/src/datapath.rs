@@ -92,7 +92,7 @@ pub struct Datapaths {
 /// Runs an async control call to completion from blocking code: on a private current-thread
 /// runtime in a scoped thread, so it works from the engine's blocking pool, from a test, and
 /// even from inside a runtime.
-fn block_on<F>(f: F) -> F::Output
+fn block_on<F>(f: F) -> StorageResult<F::Output>
 where
     F: std::future::Future + Send,
     F::Output: Send,
@@ -100,12 +100,11 @@ where
     std::thread::scope(|s| {
         s.spawn(|| match tokio::runtime::Builder::new_current_thread().enable_all().build() {
             Ok(rt) => Ok(rt.block_on(f)),
-            Err(e) => Err(e),
+            Err(e) => Err(errors::failure("datapath", format!("starting a runtime for a control call: {e}"))),
         })
         .join()
     })
     .unwrap_or_else(|p| std::panic::resume_unwind(p))
-    .unwrap_or_else(|e| panic!("cannot start a runtime for a control call: {e}"))
 }
 
 fn dp_error(vdi: &str, what: &str, e: &ProcessError) -> sxm_engine::model::StorageError {
@@ -130,7 +129,7 @@ impl Datapaths {
         self.live.lock().unwrap_or_else(PoisonError::into_inner).get(&key(sr, vdi)).cloned()
     }
 
-    fn expect(&self, sr: &SrContext, vdi: &str) -> StorageResult<Arc<Datapath>> {
+    fn attached_dp(&self, sr: &SrContext, vdi: &str) -> StorageResult<Arc<Datapath>> {
         self.get(sr, vdi).ok_or_else(|| errors::failure("datapath", format!("VDI {vdi} is not attached")))
     }
 
@@ -193,13 +192,13 @@ impl Datapaths {
     }
 
     fn command(&self, vdi: &str, dp: &Datapath, cmd: &str) -> StorageResult<serde_json::Value> {
-        block_on(dp.process.command(json!({"cmd": cmd}), Vec::new(), CONTROL_TIMEOUT)).map_err(|e| dp_error(vdi, cmd, &e))
+        block_on(dp.process.command(json!({"cmd": cmd}), Vec::new(), CONTROL_TIMEOUT))?.map_err(|e| dp_error(vdi, cmd, &e))
     }
 
     /// Sends `cmd`, for which a refusal saying `already` means the process is in the state
     /// wanted already (pause of a paused server, unpause of a running one).
     fn to_state(&self, vdi: &str, dp: &Datapath, cmd: &str, already: &str) -> StorageResult<()> {
-        match block_on(dp.process.command(json!({"cmd": cmd}), Vec::new(), CONTROL_TIMEOUT)) {
+        match block_on(dp.process.command(json!({"cmd": cmd}), Vec::new(), CONTROL_TIMEOUT))? {
             Ok(_) => Ok(()),
             Err(ProcessError::Refused { message, .. }) if message == already => Ok(()),
             Err(e) => Err(dp_error(vdi, cmd, &e)),
@@ -243,7 +242,7 @@ impl Datapaths {
 
     /// `VDI.activate`: the datapath takes I/O.
     pub fn activate(&self, sr: &SrContext, vdi: &str) -> StorageResult<()> {
-        let dp = self.expect(sr, vdi)?;
+        let dp = self.attached_dp(sr, vdi)?;
         self.unpause(vdi, &dp)?;
         tracing::info!(sr = %sr.sr, vdi, pid = dp.process.pid(), "datapath activated");
         Ok(())
@@ -253,8 +252,8 @@ impl Datapaths {
     /// taking I/O. Requests still outstanding at the timeout fail the call and leave the VDI
     /// active.
     pub fn deactivate(&self, sr: &SrContext, vdi: &str) -> StorageResult<()> {
-        let dp = self.expect(sr, vdi)?;
-        block_on(dp.process.drain(DRAIN_TIMEOUT)).map_err(|e| dp_error(vdi, "draining", &e))?;
+        let dp = self.attached_dp(sr, vdi)?;
+        block_on(dp.process.drain(DRAIN_TIMEOUT))?.map_err(|e| dp_error(vdi, "draining", &e))?;
         self.pause(vdi, &dp)?;
         tracing::info!(sr = %sr.sr, vdi, pid = dp.process.pid(), "datapath deactivated (drained, paused)");
         Ok(())
@@ -263,8 +262,8 @@ impl Datapaths {
     /// `VDI.detach`: shuts the process down (it flushes), killing it if it does not exit in
     /// time, and removes its folder.
     pub fn detach(&self, sr: &SrContext, vdi: &str) -> StorageResult<()> {
-        let dp = self.expect(sr, vdi)?;
-        let stopped = block_on(dp.process.shutdown(SHUTDOWN_TIMEOUT)).map_err(|e| dp_error(vdi, "stopping the datapath", &e))?;
+        let dp = self.attached_dp(sr, vdi)?;
+        let stopped = block_on(dp.process.shutdown(SHUTDOWN_TIMEOUT))?.map_err(|e| dp_error(vdi, "stopping the datapath", &e))?;
         let dir = dp.process.dir().to_path_buf();
         self.live.lock().unwrap_or_else(PoisonError::into_inner).remove(&key(sr, vdi));
         std::fs::remove_dir_all(&dir).map_err(|e| errors::io(format!("removing {}", dir.display()), &e))?;
@@ -274,7 +273,7 @@ impl Datapaths {
 
     /// How the attached `vdi` is reached.
     pub fn attach_info(&self, sr: &SrContext, vdi: &str) -> StorageResult<AttachInfo> {
-        Ok(attach_info(&self.expect(sr, vdi)?.process, vdi))
+        Ok(attach_info(&self.attached_dp(sr, vdi)?.process, vdi))
     }
 
     /// Runs `f` (a change of `vdi`'s files) with `vdi`'s datapath quiesced, when it is active:
@@ -448,8 +447,10 @@ fn same_dir(a: &Path, b: &Path) -> bool {
 
 /// Stops a process on a failure path, logging what it cannot do.
 fn stop(vdi: &str, process: &ServeProcess) {
-    if let Err(e) = block_on(process.shutdown(SHUTDOWN_TIMEOUT)) {
-        tracing::error!(vdi, pid = process.pid(), error = %e, "could not stop a datapath");
+    match block_on(process.shutdown(SHUTDOWN_TIMEOUT)) {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::error!(vdi, pid = process.pid(), error = %e, "could not stop a datapath"),
+        Err(e) => tracing::error!(vdi, pid = process.pid(), error = %e, "could not stop a datapath"),
     }
     let _ = std::fs::remove_dir_all(process.dir());
 }

@@ -138,6 +138,12 @@ fn present_listed(sr: &SrContext, meta: &SrMeta, id: &str) -> StorageResult<VdiI
     }
 }
 
+/// Whether node `id`'s file now names `parent` as its parent (a file change happened even
+/// though the call around it failed).
+fn file_moved_to(sr: &SrContext, id: &str, parent: &str) -> bool {
+    recover::file_parent(&sr.dir, id).is_ok_and(|p| p.as_deref() == Some(parent))
+}
+
 /// Deletes the files of nodes the record no longer names (the record is saved already).
 fn delete_files(sr: &SrContext, ids: &[String]) {
     for id in ids {
@@ -174,19 +180,26 @@ impl ExtBackend {
         let src_info = meta.vdi(src)?.clone();
         let (base, new) = (new_id(), new_id());
         let (src_path, base_path, new_path) = (vhd_path(&sr.dir, src), vhd_path(&sr.dir, &base), vhd_path(&sr.dir, &new));
-        self.datapaths
-            .with_quiesced(sr, src, kind.call(), || vhd::snapshot(&src_path, &base_path).map_err(|e| errors::vhd(src, kind.call(), &e)))?;
-        // From here the VDI's file is a child of the base whatever happens next: record that
-        // even if the new leaf cannot be made, so the record never lags the files for long.
-        let old_parent = meta.nodes.get(src).and_then(|n| n.parent.clone());
-        meta.nodes.insert(base.clone(), Node { parent: old_parent, info: None });
-        if let Some(n) = meta.nodes.get_mut(src) {
-            n.parent = Some(base.clone());
+        let swapped = self
+            .datapaths
+            .with_quiesced(sr, src, kind.call(), || vhd::snapshot(&src_path, &base_path).map_err(|e| errors::vhd(src, kind.call(), &e)));
+        // Once the VDI's file is a child of the base, record that whatever happens next (the
+        // datapath failing to resume, the new leaf failing), so the record does not lag the
+        // files until the next attach.
+        let moved = swapped.is_ok() || file_moved_to(sr, src, &base);
+        if moved {
+            let old_parent = meta.nodes.get(src).and_then(|n| n.parent.clone());
+            meta.nodes.insert(base.clone(), Node { parent: old_parent, info: None });
+            if let Some(n) = meta.nodes.get_mut(src) {
+                n.parent = Some(base.clone());
+            }
         }
-        let made = vhd::clone(&base_path, &new_path).map_err(|e| errors::vhd(src, kind.call(), &e));
+        let made = swapped.and_then(|()| vhd::clone(&base_path, &new_path).map_err(|e| errors::vhd(src, kind.call(), &e)));
         if let Err(e) = made {
-            meta.save(&sr.dir)?;
-            tracing::info!(sr = %sr.sr, vdi = %src, base = %base, "moved a VDI onto a new hidden base; its new leaf failed");
+            if moved {
+                meta.save(&sr.dir)?;
+                tracing::warn!(sr = %sr.sr, vdi = %src, base = %base, error = %e, "moved a VDI onto a new hidden base, then failed");
+            }
             return Err(e);
         }
 
@@ -370,9 +383,14 @@ impl Backend for ExtBackend {
             return Err(errors::in_use(parent, "VDI.compose"));
         }
         let (parent_path, child_path) = (vhd_path(&sr.dir, parent), vhd_path(&sr.dir, child));
-        self.datapaths.with_quiesced(sr, child, "VDI.compose", || {
+        let composed = self.datapaths.with_quiesced(sr, child, "VDI.compose", || {
             vhd::compose(&child_path, &parent_path).map_err(|e| errors::vhd(child, "VDI.compose", &e))
-        })?;
+        });
+        // A failure after the child's header changed (its datapath not resuming) still
+        // records the compose: the files say it happened.
+        if composed.is_err() && !file_moved_to(sr, child, parent) {
+            return composed;
+        }
         let old_parent = meta.nodes.get_mut(child).and_then(|n| n.parent.replace(parent.to_owned()));
         if let Some(n) = meta.nodes.get_mut(parent) {
             n.info = None;
@@ -381,7 +399,7 @@ impl Backend for ExtBackend {
         meta.save(&sr.dir)?;
         tracing::info!(sr = %sr.sr, parent, child, dropped = ?garbage, "composed a VDI onto another, which is now its hidden parent");
         delete_files(sr, &garbage);
-        Ok(())
+        composed
     }
 
     fn vdi_update(&self, sr: &SrContext, vdi: &str, change: &VdiChange) -> StorageResult<()> {

@@ -10,6 +10,29 @@
 //!   datapath.rs  tapmirror processes: attach, activate, quiesce, adopt after a restart
 //!   errors.rs    failures as the storage interface's errors
 //! ```
+//!
+//! # On disk
+//!
+//! ```text
+//!   <SrContext.dir>/
+//!     .sxm-ext.json        the SR's record (meta.rs), replaced atomically on every change
+//!     <uuid>.vhd           one per node of the VHD tree: each VDI (always a leaf) and each
+//!                          hidden parent; the VDI's id is its file's name
+//!   <SrContext.run_dir>/
+//!     <8 hex>/             one per attached VDI (datapath.rs)
+//!       owner.json         which VDI, read-write or not
+//!       nbd.sock           the export (named after the VDI), for the guest
+//!       control.sock       tapmirror's control socket
+//!       serve.pid, serve.log
+//! ```
+//!
+//! # The SMAPIv1 model
+//!
+//! A snapshot or clone moves the VDI's data into a new hidden base; the VDI and the new VDI are
+//! both empty leaves on it. Destroying a VDI deletes its file and every hidden parent nothing
+//! else reads through. Compose re-parents the child onto the parent, which becomes hidden (as
+//! SM hides it and xapi unmanages it); the child's old parents go when no VDI needs them.
+//! `SR.scan` lists the visible VDIs only.
 
 mod datapath;
 mod errors;
@@ -17,4 +40,5 @@ pub mod ext;
 pub mod meta;
 pub mod recover;
 
+pub use datapath::{DRAIN_TIMEOUT, OWNER_FILE};
 pub use ext::ExtBackend;

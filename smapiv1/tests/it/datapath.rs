@@ -75,7 +75,7 @@ fn stats(info: &AttachInfo) -> serde_json::Value {
 
 #[test]
 fn attach_activate_write_read_deactivate_detach() {
-    require!("qemu-io", "nbdcopy");
+    require!("qemu-io", "nbdcopy", "qemu-img");
     let sr = TestSr::new();
     let v = sr.create("disk", 16 * MIB);
     let info = sr.backend.vdi_attach(&sr.ctx, &v.vdi, true).expect("attach");
@@ -121,9 +121,11 @@ fn attach_activate_write_read_deactivate_detach() {
     assert!(!dir.exists() && !socket.exists(), "detach removes the folder and sockets");
     assert!(dp_dirs(&sr).is_empty());
     assert!(sr.backend.vdi_attach_info(&sr.ctx, &v.vdi).is_err());
-    // What the clients wrote is in the file.
+    // What the clients wrote is in the file, as we read it and as QEMU's own VHD driver does
+    // (the VDI is a dynamic disk, which QEMU reads; it has no `check` for VHD).
     assert!(sr.read_all(&v.vdi) == data);
     vhd_check(&sr.vhd(&v.vdi)).expect("sound VHD");
+    run(Command::new("qemu-img").args(["compare", "-f", "vpc", "-F", "raw"]).arg(sr.vhd(&v.vdi)).arg(&src));
     sr.backend.vdi_destroy(&sr.ctx, &v.vdi).expect("destroy once detached");
 }
 
@@ -413,4 +415,27 @@ fn a_restarted_daemon_readopts_running_datapaths_and_reaps_the_rest() {
     expect[64 << 10..128 << 10].fill(0x78);
     assert!(sr.read_all(&v.vdi) == expect, "the data outlives its datapath");
     sr.backend.vdi_destroy(&sr.ctx, &v.vdi).expect("destroy once reaped");
+}
+
+#[test]
+fn a_dead_datapath_refuses_snapshots_and_still_detaches() {
+    let sr = TestSr::new();
+    let v = sr.create("v", 4 * MIB);
+    let info = sr.backend.vdi_attach(&sr.ctx, &v.vdi, true).expect("attach");
+    sr.backend.vdi_activate(&sr.ctx, &v.vdi).expect("activate");
+    let pid = pid_in(&dp_dir(&info));
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).expect("kill");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while alive(pid) {
+        assert!(Instant::now() < deadline, "SIGKILL did not take");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let files = sr.files();
+    let e = sr.backend.vdi_snapshot(&sr.ctx, &v).expect_err("snapshot with a dead datapath");
+    assert!(matches!(&e, StorageError::BackendError(c, p) if c == "SR_BACKEND_FAILURE" && p[0] == "datapath" && p[1].contains(&v.vdi)), "{e:?}");
+    assert_eq!(sr.files(), files, "nothing changed");
+    assert_eq!(sr.scan_ids(), vec![v.vdi.clone()]);
+    sr.backend.vdi_detach(&sr.ctx, &v.vdi).expect("detach a dead datapath");
+    assert!(dp_dirs(&sr).is_empty());
+    sr.backend.vdi_destroy(&sr.ctx, &v.vdi).expect("destroy");
 }

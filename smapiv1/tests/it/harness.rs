@@ -146,6 +146,20 @@ pub struct TestSr {
     pub _tmp: tempfile::TempDir,
 }
 
+/// A test that fails leaves its datapaths running (they outlive their starter by design):
+/// kill whatever serves the SR's run folder before the folder goes.
+impl Drop for TestSr {
+    fn drop(&mut self) {
+        if let Ok(entries) = std::fs::read_dir(&self.ctx.run_dir) {
+            for entry in entries.flatten() {
+                if let Ok(Some(pid)) = tapmirror::process::ServeProcess::reap(&entry.path()) {
+                    eprintln!("reaped a datapath left running: pid {pid} in {}", entry.path().display());
+                }
+            }
+        }
+    }
+}
+
 impl TestSr {
     /// A new, created and attached SR.
     pub fn new() -> TestSr {
