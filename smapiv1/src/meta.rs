@@ -52,6 +52,29 @@ pub const META_FILE: &str = ".sxm-ext.json";
 pub const VHD_SUFFIX: &str = ".vhd";
 const VERSION: u32 = 1;
 
+/// Identifies one version of a record file: replaced files get a new inode.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime_ns: i128,
+}
+
+impl Stamp {
+    fn of(m: &std::fs::Metadata) -> Stamp {
+        use std::os::unix::fs::MetadataExt;
+        Stamp { dev: m.dev(), ino: m.ino(), len: m.len(), mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()) }
+    }
+}
+
+type Cache = std::sync::Mutex<std::collections::HashMap<PathBuf, (Stamp, SrMeta)>>;
+
+fn cache() -> &'static Cache {
+    static CACHE: std::sync::OnceLock<Cache> = std::sync::OnceLock::new();
+    CACHE.get_or_init(Default::default)
+}
+
 #[derive(Serialize, Deserialize)]
 struct Record {
     version: u32,
@@ -108,6 +131,29 @@ impl SrMeta {
     /// Reads the SR's record; `None` when there is none.
     pub fn load(dir: &Path) -> StorageResult<Option<SrMeta>> {
         let path = Self::path(dir);
+        // Reads (VDI.stat, SR.scan) far outnumber changes, and parsing the whole SR's record
+        // costs more than the rest of a stat: keep the last parse of each record, valid while
+        // the file is the same file. Every save replaces the file by rename (a new inode), so
+        // a stale entry can never match.
+        let stamp = match std::fs::metadata(&path) {
+            Ok(m) => Some(Stamp::of(&m)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(_) => None,
+        };
+        if let Some(stamp) = stamp
+            && let Some(meta) = cache().lock().unwrap_or_else(|p| p.into_inner()).get(&path).filter(|(s, _)| *s == stamp).map(|(_, m)| m.clone())
+        {
+            return Ok(Some(meta));
+        }
+        let meta = Self::parse(&path)?;
+        if let (Some(stamp), Some(meta)) = (stamp, &meta) {
+            cache().lock().unwrap_or_else(|p| p.into_inner()).insert(path.clone(), (stamp, meta.clone()));
+        }
+        Ok(meta)
+    }
+
+    fn parse(path: &Path) -> StorageResult<Option<SrMeta>> {
+        let path = path.to_owned();
         let record: Record = match state::read_json(&path) {
             Ok(Some(r)) => r,
             Ok(None) => return Ok(None),
