@@ -13,7 +13,11 @@
 //! (shared for reads, exclusive for changes), so a backend needs no locking of its own between
 //! calls on one SR. A method a backend does not provide answers `Unimplemented`.
 
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
 
 use crate::model::{AttachInfo, StorageError, VdiInfo};
 use crate::rpc::marshal::Map;
@@ -184,6 +188,104 @@ pub trait Backend: Send + Sync + 'static {
     fn vdi_attach_info(&self, sr: &SrContext, vdi: &str) -> StorageResult<AttachInfo> {
         unimplemented("DP.attach_info")
     }
+
+    // The data-path side of a storage migration (`DATA.*`). The engine runs the stages and
+    // their rollback; these are the steps only a backend can take, on a VDI's datapath.
+
+    /// Destination, pass fds: serve NBD for the attached VDI on `conn`, an accepted connection
+    /// whose HTTP exchange is over (the peer speaks NBD next, client side). The datapath keeps
+    /// the connection until the peer closes it.
+    fn vdi_serve_nbd(&self, sr: &SrContext, vdi: &str, conn: OwnedFd) -> StorageResult<()> {
+        unimplemented("NBD import")
+    }
+
+    /// Source, pass fds: mirror every guest write on the active VDI's datapath into `target`,
+    /// an NBD connection (server side past its HTTP exchange) to export `export`. `Sync` mirrors
+    /// new writes only (a snapshot and a copy move the rest); `Full` also copies the whole disk
+    /// in the background (SMAPIv3). A guest write completes only when both sides have it.
+    fn vdi_mirror_attach(&self, sr: &SrContext, vdi: &str, target: OwnedFd, export: &str, mode: MirrorMode) -> StorageResult<()> {
+        unimplemented("mirror")
+    }
+
+    /// Source: the mirror's state on the VDI's datapath (`None` state when none is attached).
+    fn vdi_mirror_status(&self, sr: &SrContext, vdi: &str) -> StorageResult<MirrorStatus> {
+        unimplemented("mirror status")
+    }
+
+    /// Source: stop mirroring (after in-flight writes); the guest goes on locally.
+    fn vdi_mirror_detach(&self, sr: &SrContext, vdi: &str) -> StorageResult<()> {
+        unimplemented("mirror detach")
+    }
+
+    /// Source, finalize: wait until no write is outstanding on the datapath, locally or on its
+    /// mirror, for at most `timeout`.
+    fn vdi_drain(&self, sr: &SrContext, vdi: &str, timeout: Duration) -> StorageResult<()> {
+        unimplemented("drain")
+    }
+
+    /// Source, copy: write the VDI's content into `dest`, an NBD connection (past its HTTP
+    /// exchange) to export `export`, which reads as zeroes before the copy. Only what the VDI
+    /// holds is sent: allocated data, as data or zeroes; with `base` (a VDI of this SR whose
+    /// content the destination already holds), only what differs from it. Reports
+    /// `(bytes done, bytes to do)` through `progress`; stops with `Cancelled` when `cancel`
+    /// fires. Called without the SR's lock: the engine keeps the VDI (a snapshot) from
+    /// changing meanwhile.
+    fn vdi_copy_into(
+        &self,
+        sr: &SrContext,
+        vdi: &str,
+        base: Option<&str>,
+        dest: OwnedFd,
+        export: &str,
+        progress: &(dyn Fn(u64, u64) + Sync),
+        cancel: &CancellationToken,
+    ) -> StorageResult<CopyStats> {
+        unimplemented("copy")
+    }
+}
+
+/// How a datapath mirrors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MirrorMode {
+    /// New writes only.
+    Sync,
+    /// New writes, and a background copy of everything.
+    Full,
+}
+
+/// A mirror's state on a datapath.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MirrorHealth {
+    /// No mirror attached.
+    None,
+    /// Mirroring; a full mirror still has data to copy.
+    Syncing,
+    /// Mirroring, and the target holds everything (a sync mirror is ready at once).
+    Ready,
+    /// The target failed: the mirror stopped, the guest went on locally.
+    Failed,
+}
+
+/// [`Backend::vdi_mirror_status`]'s answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MirrorStatus {
+    /// The state.
+    pub state: MirrorHealth,
+    /// Bytes a full mirror has still to copy.
+    pub bytes_left: u64,
+    /// Bytes of guest writes mirrored so far.
+    pub bytes_mirrored: u64,
+}
+
+/// What a copy moved.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CopyStats {
+    /// The VDI's size.
+    pub size: u64,
+    /// Bytes sent as data.
+    pub data_bytes: u64,
+    /// Bytes written as zeroes.
+    pub zero_bytes: u64,
 }
 
 /// A VDI the engine's records say is attached (for [`Backend::sr_attach`]).
