@@ -522,7 +522,8 @@ async fn socket_housekeeping_replaces_only_stale_sockets_and_cleans_up() {
 
 #[tokio::test]
 async fn routes_merged_into_the_router_sit_behind_the_secret() {
-    // The hook the NBD PUT route will use: merge into `router`, then `Bound::run`.
+    // Merge into `router`, then `Bound::run`. Without an NBD handover the NBD paths are the
+    // router's like any other, so a merged route answers them (tests/nbd_put.rs has the handover).
     let mut cfg = ServerConfig::new(SECRET);
     cfg.tcp = Some("127.0.0.1:0".parse().expect("addr"));
     let bound = Bound::bind(&cfg).await.expect("bind");

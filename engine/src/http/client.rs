@@ -1,12 +1,15 @@
 //! The client other hosts and the CLI use to call a server: JSON-RPC (1.0 or 2.0) to
 //! `/jsonrpc`, or XML-RPC to `/services/SM` as xapi calls another host, over TCP or a Unix
-//! socket, with hyper's HTTP/1 connection API and no further crates.
+//! socket, with hyper's HTTP/1 connection API and no further crates; and [`connect_nbd`], the
+//! `PUT` that turns a connection into an NBD connection, by hand (hyper would read past the
+//! answer into the NBD stream).
 //!
 //! One connection per call: storage calls are few and long, and a fresh connection can never
 //! be one the server has just closed.
 
 use std::fmt;
 use std::io;
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,16 +20,22 @@ use hyper::body::Bytes;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper::http::{HeaderValue, Method, Request, StatusCode, header};
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 
 use super::envelope::{self, JsonVersion};
+use super::nbd::IntoBlockingFd;
 use super::server::{JSONRPC_PATH, XMLRPC_PATH};
 use crate::model::StorageError;
 use crate::rpc::{Value, xmlrpc};
 
 /// The largest reply body read (a storage reply is a few KiB; `SR.scan` of a big SR a few MiB).
 const MAX_REPLY: usize = 256 << 20;
+/// The largest answer head [`connect_nbd`] reads.
+const MAX_NBD_REPLY_HEAD: usize = 16 << 10;
+/// The most of a refused NBD `PUT`'s body read, and how long it may take to arrive.
+const MAX_REFUSAL_BODY: usize = 4096;
+const REFUSAL_BODY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Where a server listens.
 #[derive(Clone, PartialEq, Eq)]
@@ -137,7 +146,9 @@ fn percent_decode(s: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
-fn percent_encode(s: &str) -> String {
+/// Percent-encodes everything but unreserved characters and `:` (for a query value or a path
+/// component).
+pub(super) fn percent_encode(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || b"-._~:".contains(&b) {
@@ -182,7 +193,7 @@ impl fmt::Debug for Endpoint {
 pub struct CallError {
     /// The endpoint called (without its secret).
     pub endpoint: String,
-    /// The method called.
+    /// The method called; for [`connect_nbd`], `PUT <path>`.
     pub method: String,
     /// What went wrong.
     #[source]
@@ -213,6 +224,10 @@ pub enum CallErrorKind {
     /// The HTTP exchange failed.
     #[error("HTTP exchange failed")]
     Http(#[source] hyper::Error),
+    /// The connection failed after it was made ([`connect_nbd`]: writing the request, reading the
+    /// answer, or taking the socket out of the reactor).
+    #[error("The connection failed")]
+    Io(#[source] io::Error),
     /// The reply body could not be read.
     #[error("Cannot read the reply")]
     Body(#[source] Box<dyn std::error::Error + Send + Sync>),
@@ -310,6 +325,16 @@ impl RpcClient {
         }
     }
 
+    /// [`connect_nbd`] to this client's endpoint, giving up after the client's timeout.
+    pub async fn connect_nbd(&self, path: &str) -> Result<OwnedFd, CallError> {
+        let put = nbd_put(&self.endpoint, path);
+        let outcome = match self.timeout {
+            Some(t) => tokio::time::timeout(t, put).await.unwrap_or(Err(CallErrorKind::Timeout(t))),
+            None => put.await,
+        };
+        outcome.map_err(|k| self.error(&nbd_what(path), k))
+    }
+
     fn prefix(&self) -> &str {
         match &self.endpoint {
             Endpoint::Tcp { path_prefix, .. } => path_prefix,
@@ -369,6 +394,112 @@ fn failure(v: &Value) -> CallErrorKind {
         Ok(e) => CallErrorKind::Storage(e),
         Err(e) => CallErrorKind::Protocol(format!("the server failed with something that is not a storage error ({e})")),
     }
+}
+
+/// Opens an NBD connection as xapi's source does: `PUT <path>` (`/services/SM/nbd/…` or
+/// `/services/SM/nbdproxy/…`, see [`super::NbdRequest::path`]; under the endpoint's path prefix,
+/// with its secret as `session_id` on TCP), and once the server answers `200` with
+/// `Transfer-encoding: nbd` returns the socket, in blocking mode, with nothing past the answer's
+/// head read from it: the next bytes are the NBD server's. Any other answer is an error: 401 is
+/// [`CallErrorKind::Unauthorised`], another status [`CallErrorKind::Status`] with the start of
+/// its body, a `200` without `Transfer-encoding: nbd` [`CallErrorKind::Protocol`]. No timeout:
+/// [`RpcClient::connect_nbd`] has the client's.
+pub async fn connect_nbd(endpoint: &Endpoint, path: &str) -> Result<OwnedFd, CallError> {
+    nbd_put(endpoint, path).await.map_err(|kind| CallError { endpoint: endpoint.to_string(), method: nbd_what(path), kind })
+}
+
+/// How an NBD `PUT` is named in errors: without a query, which could hold a secret.
+fn nbd_what(path: &str) -> String {
+    format!("PUT {}", path.split('?').next().unwrap_or_default())
+}
+
+async fn nbd_put(endpoint: &Endpoint, path: &str) -> Result<OwnedFd, CallErrorKind> {
+    // The path goes into the request line as it is.
+    if !path.starts_with('/') || path.bytes().any(|b| b <= b' ' || b >= 0x7f) {
+        return Err(CallErrorKind::Protocol("an NBD path starts with / and holds no spaces, control or non-ASCII characters (percent-encode them)".into()));
+    }
+    match endpoint {
+        Endpoint::Unix(sock) => {
+            let mut s = UnixStream::connect(sock).await.map_err(CallErrorKind::Connect)?;
+            nbd_exchange(&mut s, path, "localhost").await?;
+            s.into_blocking_fd().map_err(CallErrorKind::Io)
+        }
+        Endpoint::Tcp { authority, path_prefix, secret } => {
+            let mut target = format!("{path_prefix}{path}");
+            if let Some(secret) = secret {
+                target.push(if target.contains('?') { '&' } else { '?' });
+                target.push_str("session_id=");
+                target.push_str(&percent_encode(secret));
+            }
+            let mut s = TcpStream::connect(authority.as_str()).await.map_err(CallErrorKind::Connect)?;
+            // NBD requests and replies are small messages; Nagle would only delay them.
+            let _ = s.set_nodelay(true);
+            nbd_exchange(&mut s, &target, authority).await?;
+            s.into_blocking_fd().map_err(CallErrorKind::Io)
+        }
+    }
+}
+
+/// Sends the `PUT` and reads the answer's head, and on a refusal the start of its body.
+async fn nbd_exchange<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, target: &str, host: &str) -> Result<(), CallErrorKind> {
+    // `Content-Length: 0`: the request has no body, whatever follows is NBD.
+    let request = format!("PUT {target} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: sxm/{}\r\nContent-Length: 0\r\n\r\n", env!("CARGO_PKG_VERSION"));
+    s.write_all(request.as_bytes()).await.map_err(CallErrorKind::Io)?;
+    let head = read_reply_head(s).await?;
+    let (status, headers) = parse_reply_head(&head).map_err(CallErrorKind::Protocol)?;
+    let header = |name: &str| headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str());
+    match status {
+        StatusCode::OK if header("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("nbd")) => Ok(()),
+        StatusCode::OK => Err(CallErrorKind::Protocol("the server answered 200 without Transfer-encoding: nbd, so the connection is not NBD".into())),
+        StatusCode::UNAUTHORIZED => Err(CallErrorKind::Unauthorised),
+        status => {
+            let length = header("content-length").and_then(|v| v.parse::<usize>().ok());
+            Err(CallErrorKind::Status { status, body: read_refusal_body(s, length).await })
+        }
+    }
+}
+
+/// Reads an answer's head through its blank line and not a byte more.
+async fn read_reply_head<S: AsyncRead + Unpin>(s: &mut S) -> Result<Vec<u8>, CallErrorKind> {
+    // One byte per read: after a 200 the next bytes are the NBD server's greeting, which belong
+    // to whoever gets the socket, and a socket cannot be un-read.
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if head.len() >= MAX_NBD_REPLY_HEAD {
+            return Err(CallErrorKind::Protocol(format!("the answer's head is over {MAX_NBD_REPLY_HEAD} bytes")));
+        }
+        match s.read(&mut byte).await.map_err(CallErrorKind::Io)? {
+            0 => return Err(CallErrorKind::Protocol("the server closed the connection before the end of its answer's head".into())),
+            _ => head.push(byte[0]),
+        }
+    }
+    Ok(head)
+}
+
+/// The status and headers of an answer head: `HTTP/1.x <code> <reason>`, then `name: value`.
+fn parse_reply_head(head: &[u8]) -> Result<(StatusCode, Vec<(String, String)>), String> {
+    let text = String::from_utf8_lossy(head);
+    let mut lines = text.trim_end_matches("\r\n").split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let code = status_line
+        .strip_prefix("HTTP/1.1 ")
+        .or_else(|| status_line.strip_prefix("HTTP/1.0 "))
+        .and_then(|rest| rest.get(..3))
+        .and_then(|code| StatusCode::from_bytes(code.as_bytes()).ok())
+        .ok_or_else(|| format!("not an HTTP/1 status line: {:?}", status_line.chars().take(80).collect::<String>()))?;
+    let headers = lines.filter_map(|l| l.split_once(':')).map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned())).collect();
+    Ok((code, headers))
+}
+
+/// The start of a refusal's body, for the error: at most [`MAX_REFUSAL_BODY`] bytes, read for
+/// at most [`REFUSAL_BODY_TIMEOUT`] (a server that keeps the connection open after an answer
+/// without a length would otherwise hold the caller here).
+async fn read_refusal_body<S: AsyncRead + Unpin>(s: &mut S, length: Option<usize>) -> String {
+    let limit = length.unwrap_or(MAX_REFUSAL_BODY).min(MAX_REFUSAL_BODY);
+    let mut body = Vec::new();
+    let _ = tokio::time::timeout(REFUSAL_BODY_TIMEOUT, (&mut *s).take(limit as u64).read_to_end(&mut body)).await;
+    String::from_utf8_lossy(&body[..body.len().min(512)]).trim_end().to_owned()
 }
 
 async fn handshake<S>(stream: S) -> Result<SendRequest<Full<Bytes>>, CallErrorKind>

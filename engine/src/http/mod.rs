@@ -2,8 +2,10 @@
 //! on TCP and on a Unix socket, and the client other hosts and the CLI use to call it.
 //!
 //! - [`server`]: the routes, the secret check on TCP, the Unix socket's housekeeping, and the
-//!   hook for routes that take a connection over (the planned NBD `PUT`).
-//! - [`client`]: [`Endpoint`] and [`RpcClient`], over TCP or a Unix socket.
+//!   accept loop that sends xapi's NBD `PUT`s to an [`NbdHandover`] and the rest to the router.
+//! - [`nbd`]: those `PUT`s, which turn their connection into an NBD connection.
+//! - [`client`]: [`Endpoint`] and [`RpcClient`], over TCP or a Unix socket, and
+//!   [`connect_nbd`], which opens an NBD connection with such a `PUT`.
 //! - [`envelope`]: the call and reply envelopes both share, including the JSON-RPC 2.0 error
 //!   object xapi writes.
 
@@ -14,11 +16,13 @@ use crate::rpc::Value;
 
 pub mod client;
 pub mod envelope;
+pub mod nbd;
 pub mod server;
 
-pub use client::{CallError, CallErrorKind, Endpoint, EndpointError, RpcClient};
+pub use client::{CallError, CallErrorKind, Endpoint, EndpointError, RpcClient, connect_nbd};
 pub use envelope::JsonVersion;
-pub use server::{Bound, Running, ServeError, ServerConfig, Transport, router, serve};
+pub use nbd::{HandoverError, NbdHandover, NbdKind, NbdRequest};
+pub use server::{Bound, Running, ServeError, ServerConfig, Transport, router, serve, serve_with};
 
 /// What the server runs for each call. The mux implements it; the server only decodes the
 /// envelope, authenticates, and encodes the answer in the caller's own encoding and version.

@@ -25,43 +25,59 @@
 //!
 //! Adding routes. [`router`] gives the RPC routes without a fallback, so a caller can
 //! `merge` more into it before [`Bound::run`], which adds the 404 fallback and, on TCP, the
-//! secret check in front of everything. The planned `PUT /services/SM/nbd/…` route fits there:
-//! its handler takes the whole `Request`, answers 200, and takes the connection over with
-//! `hyper::upgrade::on(&mut request)`; axum's `serve` already serves connections with
-//! upgrades enabled.
+//! secret check in front of everything.
+//!
+//! NBD `PUT`s. xapi's `PUT /services/SM/nbd/…` and `PUT /services/SM/nbdproxy/…` answer `200`
+//! and then carry NBD on the same socket, which hyper cannot give away; with an
+//! [`NbdHandover`] ([`Bound::run_with`], [`serve_with`]) the server reads the first bytes of each
+//! connection itself and serves those requests without hyper (see [`super::nbd`]); every other
+//! request reaches the router unchanged. Without one, those paths are the router's like any
+//! other (404 unless routes were merged in). With one, a connection must show its first bytes
+//! (enough to tell an NBD `PUT` from anything else, at most 26) within
+//! [`ServerConfig::head_timeout`], or it is closed.
 //!
 //! Shutdown is graceful: when the token is cancelled the listeners stop accepting, idle
-//! connections close, calls in flight finish, and the Unix socket file is removed.
+//! connections close, calls in flight finish (an NBD handler's `prepare` included, not what it
+//! does with a connection it has taken over), and the Unix socket file is removed.
 
 use std::net::SocketAddr;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use std::{fmt, io};
 
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::{Query, Request, State};
 use axum::http::request::Parts;
-use axum::http::{HeaderValue, Method, StatusCode, Uri, header};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use axum::serve::ListenerExt;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
-use tokio::net::{TcpListener, UnixListener, UnixSocket};
+use hyper::server::conn::http1;
+use hyper_util::rt::TokioIo;
+use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixSocket, UnixStream};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::Dispatch;
 use super::envelope::{self, JsonBody, JsonCall, JsonVersion, Rejected};
+use super::nbd::{self, DynHandover, IntoBlockingFd, NbdContext, NbdHandover, Prefixed, Sniffed};
 use crate::model::StorageError;
 use crate::rpc::{Value, xmlrpc};
 
 /// The default largest request body: 16 MiB, far above any storage call (the largest recorded
 /// xapi request is a few KiB) and small enough that a bad client cannot make us buffer much.
 pub const DEFAULT_MAX_BODY: usize = 16 << 20;
+
+/// The default [`ServerConfig::head_timeout`]: a caller sends its request line and head at
+/// once, so ten seconds is only ever reached by a dead or hostile one.
+pub const DEFAULT_HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The XML-RPC path, as xapi calls other hosts.
 pub const XMLRPC_PATH: &str = "/services/SM";
@@ -79,19 +95,22 @@ pub struct ServerConfig {
     pub secret: String,
     /// The largest request body accepted, in bytes; larger ones are answered 413.
     pub max_body: usize,
+    /// With an [`NbdHandover`]: how long after the accept a connection may take to show whether
+    /// it is an NBD `PUT`, and an NBD `PUT` to send its whole head, before it is closed.
+    pub head_timeout: Duration,
 }
 
 impl ServerConfig {
     /// A config with no listeners yet and the default body limit.
     pub fn new(secret: impl Into<String>) -> ServerConfig {
-        ServerConfig { tcp: None, unix: None, secret: secret.into(), max_body: DEFAULT_MAX_BODY }
+        ServerConfig { tcp: None, unix: None, secret: secret.into(), max_body: DEFAULT_MAX_BODY, head_timeout: DEFAULT_HEAD_TIMEOUT }
     }
 }
 
 impl fmt::Debug for ServerConfig {
     // By hand, so the secret never reaches a log line.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ServerConfig").field("tcp", &self.tcp).field("unix", &self.unix).field("secret", &"<redacted>").field("max_body", &self.max_body).finish()
+        f.debug_struct("ServerConfig").field("tcp", &self.tcp).field("unix", &self.unix).field("secret", &"<redacted>").field("max_body", &self.max_body).field("head_timeout", &self.head_timeout).finish()
     }
 }
 
@@ -173,6 +192,7 @@ pub struct Bound {
     tcp: Option<(TcpListener, SocketAddr)>,
     unix: Option<BoundUnix>,
     secret: Arc<str>,
+    head_timeout: Duration,
 }
 
 #[derive(Debug)]
@@ -204,7 +224,7 @@ impl Bound {
             }
             None => None,
         };
-        Ok(Bound { tcp, unix, secret: cfg.secret.as_str().into() })
+        Ok(Bound { tcp, unix, secret: cfg.secret.as_str().into(), head_timeout: cfg.head_timeout })
     }
 
     /// The TCP address actually bound (with the port chosen when 0 was asked for).
@@ -221,39 +241,153 @@ impl Bound {
     /// until `shutdown` is cancelled, then removes the Unix socket file. Adds the 404 fallback,
     /// and on TCP the secret check in front of every route.
     pub async fn run(self, app: Router, shutdown: CancellationToken) -> Result<(), ServeError> {
+        self.serve(app, None, shutdown).await
+    }
+
+    /// As [`Bound::run`], and serves xapi's NBD `PUT`s with `handover` (see [`super::nbd`]):
+    /// on TCP behind the same secret check as the routes.
+    pub async fn run_with<H: NbdHandover>(self, app: Router, handover: Arc<H>, shutdown: CancellationToken) -> Result<(), ServeError> {
+        self.serve(app, Some(handover as Arc<dyn DynHandover>), shutdown).await
+    }
+
+    async fn serve(self, app: Router, handover: Option<Arc<dyn DynHandover>>, shutdown: CancellationToken) -> Result<(), ServeError> {
         let app = app.fallback(not_found);
+        let head_timeout = self.head_timeout;
+        let nbd_ctx = |transport, secret| handover.clone().map(|handover| NbdContext { handover, transport, secret, head_timeout });
         let tcp = self.tcp.map(|(listener, _)| {
             let app = app.clone().layer(middleware::from_fn_with_state(self.secret.clone(), require_secret)).layer(axum::Extension(Transport::Tcp));
-            // Replies are written in one go; Nagle would only delay a small last segment.
-            let listener = listener.tap_io(|s| {
-                let _ = s.set_nodelay(true);
-            });
-            axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned())
+            serve_listener(listener, app, nbd_ctx(Transport::Tcp, Some(self.secret.clone())), shutdown.clone())
         });
         let (unix, unix_file) = match self.unix {
             Some(u) => {
                 let app = app.layer(axum::Extension(Transport::Unix));
-                (Some(axum::serve(u.listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned())), Some((u.path, u.id)))
+                (Some(serve_listener(u.listener, app, nbd_ctx(Transport::Unix, None), shutdown.clone())), Some((u.path, u.id)))
             }
             None => (None, None),
         };
-        let tcp = async move {
-            match tcp {
-                Some(s) => s.await.map_err(|source| ServeError::Serve { listener: Transport::Tcp, source }),
-                None => Ok(()),
+        tokio::join!(
+            async move {
+                if let Some(s) = tcp {
+                    s.await;
+                }
+            },
+            async move {
+                if let Some(s) = unix {
+                    s.await;
+                }
             }
-        };
-        let unix = async move {
-            match unix {
-                Some(s) => s.await.map_err(|source| ServeError::Serve { listener: Transport::Unix, source }),
-                None => Ok(()),
-            }
-        };
-        let (tcp, unix) = tokio::join!(tcp, unix);
+        );
         if let Some((path, id)) = unix_file {
             remove_own_socket(&path, id);
         }
-        tcp.and(unix)
+        Ok(())
+    }
+}
+
+/// A listener the server accepts on.
+trait Accept: Send + 'static {
+    type Io: AsyncRead + AsyncWrite + IntoBlockingFd + Unpin + Send + 'static;
+
+    fn accept_io(&mut self) -> impl Future<Output = io::Result<Self::Io>> + Send;
+}
+
+impl Accept for TcpListener {
+    type Io = TcpStream;
+
+    async fn accept_io(&mut self) -> io::Result<TcpStream> {
+        let (s, _) = self.accept().await?;
+        // Replies are written in one go; Nagle would only delay a small last segment.
+        let _ = s.set_nodelay(true);
+        Ok(s)
+    }
+}
+
+impl Accept for UnixListener {
+    type Io = UnixStream;
+
+    async fn accept_io(&mut self) -> io::Result<UnixStream> {
+        Ok(self.accept().await?.0)
+    }
+}
+
+/// Accepts and serves connections until `shutdown`, then waits for the connections to finish
+/// (see [`serve_http`] and [`nbd::serve`] for what each waits for).
+async fn serve_listener<L: Accept>(mut listener: L, app: Router, nbd: Option<NbdContext>, shutdown: CancellationToken) {
+    let connections = TaskTracker::new();
+    loop {
+        let accepted = tokio::select! {
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept_io() => accepted,
+        };
+        match accepted {
+            Ok(io) => {
+                connections.spawn(serve_connection(io, app.clone(), nbd.clone(), shutdown.clone()));
+            }
+            // The caller gave up before we accepted: nothing to serve, nothing wrong here.
+            Err(e) if matches!(e.kind(), io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionRefused) => {}
+            Err(e) => {
+                // Most likely out of file descriptors: pause instead of spinning, as hyper and
+                // axum do, until connections close.
+                tracing::error!(error = %e, "accepting a connection failed; retrying in 1 s");
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        }
+    }
+    drop(listener);
+    connections.close();
+    connections.wait().await;
+}
+
+/// Serves one connection: straight to hyper, or with a handover first looks whether it starts
+/// with an NBD `PUT`.
+async fn serve_connection<S>(mut io: S, app: Router, nbd: Option<NbdContext>, shutdown: CancellationToken)
+where
+    S: AsyncRead + AsyncWrite + IntoBlockingFd + Unpin + Send + 'static,
+{
+    let Some(nbd) = nbd else {
+        return serve_http(io, app, &shutdown).await;
+    };
+    let deadline = tokio::time::Instant::now() + nbd.head_timeout;
+    let mut seen = Vec::new();
+    let sniffed = tokio::select! {
+        // Nothing read yet that could be a request in flight: close like any idle connection.
+        () = shutdown.cancelled() => return,
+        sniffed = tokio::time::timeout_at(deadline, nbd::sniff(&mut io, &mut seen)) => sniffed,
+    };
+    match sniffed {
+        Ok(Ok(Sniffed::Other)) => serve_http(Prefixed::new(seen, io), app, &shutdown).await,
+        Ok(Ok(Sniffed::Nbd)) => nbd::serve(io, seen, &nbd, deadline, &shutdown).await,
+        Ok(Err(e)) => tracing::debug!(transport = %nbd.transport, error = %e, "a connection failed before its request line"),
+        Err(_) => tracing::info!(transport = %nbd.transport, timeout = ?nbd.head_timeout, "closed a connection that sent no request line in time"),
+    }
+}
+
+/// Serves HTTP/1 on `io` with `app` until the caller closes, or `shutdown` and the request in
+/// flight (if any) is answered.
+async fn serve_http<S>(io: S, app: Router, shutdown: &CancellationToken)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    // Upgrades stay enabled, as `axum::serve` has them, for routes merged into the router.
+    let conn = http1::Builder::new().serve_connection(TokioIo::new(io), TowerToHyperService::new(app)).with_upgrades();
+    let mut conn = std::pin::pin!(conn);
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            served = conn.as_mut() => {
+                if let Err(e) = served {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+                return;
+            }
+            () = shutdown.cancelled(), if !draining => {
+                draining = true;
+                conn.as_mut().graceful_shutdown();
+            }
+        }
     }
 }
 
@@ -263,6 +397,15 @@ pub async fn serve<D: Dispatch>(cfg: &ServerConfig, dispatch: Arc<D>, shutdown: 
     let tcp_addr = bound.tcp_addr();
     let unix_path = bound.unix_path().map(Path::to_path_buf);
     let task = tokio::spawn(bound.run(router(dispatch, cfg.max_body), shutdown));
+    Ok(Running { tcp_addr, unix_path, task })
+}
+
+/// As [`serve`], and serves xapi's NBD `PUT`s with `handover` (see [`Bound::run_with`]).
+pub async fn serve_with<D: Dispatch, H: NbdHandover>(cfg: &ServerConfig, dispatch: Arc<D>, handover: Arc<H>, shutdown: CancellationToken) -> Result<Running, ServeError> {
+    let bound = Bound::bind(cfg).await?;
+    let tcp_addr = bound.tcp_addr();
+    let unix_path = bound.unix_path().map(Path::to_path_buf);
+    let task = tokio::spawn(bound.run_with(router(dispatch, cfg.max_body), handover, shutdown));
     Ok(Running { tcp_addr, unix_path, task })
 }
 
@@ -483,19 +626,39 @@ async fn method_not_allowed(method: Method, uri: Uri) -> Response {
     resp
 }
 
-/// Lets a TCP request through only with the host secret.
-async fn require_secret(State(secret): State<Arc<str>>, req: Request, next: Next) -> Response {
-    let bearer = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")).map(str::trim);
-    let session = Query::<Vec<(String, String)>>::try_from_uri(req.uri()).ok().and_then(|Query(q)| q.into_iter().find(|(k, _)| k == "session_id").map(|(_, v)| v));
+/// What a request presented of the host secret.
+pub(super) struct Presented {
+    /// It presented the secret.
+    pub ok: bool,
+    /// It presented something (right or wrong).
+    pub any: bool,
+}
+
+/// Whether a request presents the host secret, as `session_id` in the query or as
+/// `Authorization: Bearer`.
+pub(super) fn check_secret(secret: &str, headers: &HeaderMap, uri: &Uri) -> Presented {
+    let bearer = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")).map(str::trim);
+    let session = Query::<Vec<(String, String)>>::try_from_uri(uri).ok().and_then(|Query(q)| q.into_iter().find(|(k, _)| k == "session_id").map(|(_, v)| v));
     // Both are compared, whichever is present, so the time taken does not tell which was wrong.
     let bearer_ok = bearer.is_some_and(|b| secret_eq(b.as_bytes(), secret.as_bytes()));
     let session_ok = session.as_deref().is_some_and(|s| secret_eq(s.as_bytes(), secret.as_bytes()));
-    if bearer_ok | session_ok {
+    Presented { ok: bearer_ok | session_ok, any: bearer.is_some() || session.is_some() }
+}
+
+/// The error an unauthenticated caller gets.
+pub(super) fn unauthorised() -> StorageError {
+    StorageError::InternalError("unauthorised: present the host secret as the session_id query parameter or as Authorization: Bearer".into())
+}
+
+/// Lets a TCP request through only with the host secret.
+async fn require_secret(State(secret): State<Arc<str>>, req: Request, next: Next) -> Response {
+    let presented = check_secret(&secret, req.headers(), req.uri());
+    if presented.ok {
         return next.run(req).await;
     }
     let path = req.uri().path();
-    tracing::info!(path, presented = bearer.is_some() || session.is_some(), "refused an unauthenticated TCP request");
-    let err = StorageError::InternalError("unauthorised: present the host secret as the session_id query parameter or as Authorization: Bearer".into());
+    tracing::info!(path, presented = presented.any, "refused an unauthenticated TCP request");
+    let err = unauthorised();
     let mut resp = if path == XMLRPC_PATH {
         xml_response(StatusCode::UNAUTHORIZED, Err(&err))
     } else if path == JSONRPC_PATH || path == "/" {
