@@ -11,8 +11,8 @@
 //! `CONNECT`, so these requests never reach it: when a handover is configured
 //! ([`super::Bound::run_with`]) the server reads the first bytes of every new connection itself,
 //! at most as many as it takes to tell one of the two path prefixes from anything else
-//! ([`sniff`]). Anything else goes to hyper with those bytes replayed in front of the rest
-//! ([`Prefixed`]), so the router sees the request untouched. An NBD `PUT` has its head read
+//! (`sniff`). Anything else goes to hyper with those bytes replayed in front of the rest
+//! (`Prefixed`), so the router sees the request untouched. An NBD `PUT` has its head read
 //! here, byte by byte up to the blank line so that nothing of the NBD stream is consumed, within
 //! [`super::ServerConfig::head_timeout`] of the accept and in at most [`MAX_NBD_HEAD`] bytes;
 //! then the caller is checked exactly as on the RPC routes (TCP: the host secret as
@@ -60,6 +60,10 @@ pub const NBD_OK: &[u8] = b"HTTP/1.1 200 OK\r\nTransfer-encoding: nbd\r\n\r\n";
 
 /// The most header lines read in an NBD `PUT` head.
 const MAX_HEADERS: usize = 100;
+/// After a refusal, how long and how much of what the caller still sends is read and dropped
+/// before the connection closes.
+const LINGER: Duration = Duration::from_secs(2);
+const LINGER_BYTES: usize = 64 << 10;
 
 const NBD_PREFIX: &[u8] = b"PUT /services/SM/nbd/";
 const NBDPROXY_PREFIX: &[u8] = b"PUT /services/SM/nbdproxy/";
@@ -467,7 +471,7 @@ where
         let presented = check_secret(secret, &head.headers, &uri);
         if !presented.ok {
             tracing::info!(path = uri.path(), presented = presented.any, "refused an unauthenticated NBD PUT");
-            let extra = [(header::WWW_AUTHENTICATE.as_str(), "Bearer realm=\"sxm\"")];
+            let extra = [("WWW-Authenticate", "Bearer realm=\"sxm\"")];
             return answer(&mut stream, StatusCode::UNAUTHORIZED, &unauthorised().to_string(), &extra, ctx.head_timeout).await;
         }
     }
@@ -511,12 +515,29 @@ where
 }
 
 /// Writes a refusal and closes the write side, giving up after `timeout` on a caller that does
-/// not read.
-async fn answer<S: AsyncWrite + Unpin>(stream: &mut S, status: StatusCode, text: &str, extra: &[(&str, &str)], timeout: Duration) {
+/// not read; then lingers (see [`LINGER`]).
+async fn answer<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, status: StatusCode, text: &str, extra: &[(&str, &str)], timeout: Duration) {
     let bytes = refusal(status, text, extra);
-    let _ = tokio::time::timeout(timeout, async {
+    let written = tokio::time::timeout(timeout, async {
         stream.write_all(&bytes).await?;
         stream.shutdown().await
+    })
+    .await;
+    if !matches!(written, Ok(Ok(()))) {
+        return;
+    }
+    // Closing a socket with unread input resets the connection, and a reset can destroy the
+    // answer before the caller reads it: the rest of an oversized head, a body sent anyway. So
+    // read and drop what still comes until the caller closes, within bounds.
+    let mut sink = [0u8; 4096];
+    let mut left = LINGER_BYTES;
+    let _ = tokio::time::timeout(LINGER, async {
+        while left > 0 {
+            match stream.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
     })
     .await;
 }
