@@ -616,3 +616,43 @@ async fn connect_nbd_leaves_the_greeting_in_the_socket_and_checks_the_answer() {
     let e = connect_nbd(&Endpoint::Unix(Path::new("/nonexistent").into()), "/services/SM/nbd/a b/c/d").await.expect_err("bad path");
     assert!(matches!(e.kind, CallErrorKind::Protocol(_)), "{e:?}");
 }
+
+#[tokio::test]
+async fn trickled_and_pipelined_requests_are_served_either_way() {
+    let server = Server::start().await;
+    async fn trickle(s: &mut Box<dyn Io>, bytes: &[u8]) {
+        for b in bytes {
+            s.write_all(std::slice::from_ref(b)).await.expect("write");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    // A near miss that diverges only at its 26th byte: the router gets all of it back.
+    let mut s = server.raw(Transport::Unix).await;
+    trickle(&mut s, b"PUT /services/SM/nbdproxyz/vm/sr/vdi/dp HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: 0\r\n\r\n").await;
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut raw)).await.expect("answered").expect("read");
+    let text = String::from_utf8_lossy(&raw);
+    assert!(text.starts_with("HTTP/1.1 404") && text.contains("no such path /services/SM/nbdproxyz/vm/sr/vdi/dp:"), "{text}");
+
+    // An NBD PUT a byte at a time.
+    let mut s = server.raw(Transport::Tcp).await;
+    trickle(&mut s, &put(&authed("/services/SM/nbd/sr/vdi/dp"), &[])).await;
+    assert_eq!(read_n(&mut s, NBD_OK.len() + GREETING.len()).await, [NBD_OK, GREETING].concat());
+    assert_eq!(server.prepared(), 1);
+
+    // Two JSON-RPC calls in one write on a kept-alive connection.
+    let call = |id: u32, last: bool| {
+        let body = format!(r#"{{"jsonrpc":"2.0","method":"SR.list","params":[{{}}],"id":{id}}}"#);
+        let close = if last { "Connection: close\r\n" } else { "" };
+        format!("POST /jsonrpc HTTP/1.1\r\nHost: t\r\n{close}Content-Length: {}\r\n\r\n{body}", body.len())
+    };
+    let mut s = server.raw(Transport::Unix).await;
+    s.write_all(format!("{}{}", call(1, false), call(2, true)).as_bytes()).await.expect("write");
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut raw)).await.expect("answered").expect("read");
+    let text = String::from_utf8_lossy(&raw);
+    assert_eq!(text.matches("HTTP/1.1 200 OK").count(), 2, "{text}");
+    assert!(text.contains(r#""id":1"#) && text.contains(r#""id":2"#), "{text}");
+    assert_eq!(server.rpc.calls.load(Ordering::SeqCst), 2);
+    server.stop().await;
+}
