@@ -347,16 +347,22 @@ async fn execute<I: Image>(control: &Control<I>, request: &Value, mut fds: Vec<O
             let timeout = Duration::from_millis(request.get("timeout_ms").and_then(Value::as_u64).unwrap_or(30_000).max(1));
             let fd = fds.remove(0);
             let export = request.get("export").and_then(Value::as_str).unwrap_or("").to_owned();
-            let client = match NbdClient::from_fd(fd, ClientOptions { export: export.clone(), ..ClientOptions::default() }).await {
-                Ok(c) => c,
-                Err(e) => return err(format!("NBD on the mirror socket: {e}")),
+            // A peer that never answers the handshake must not hold this connection forever.
+            let connect = |fd| {
+                tokio::time::timeout(timeout, NbdClient::from_fd(fd, ClientOptions { export: export.clone(), ..ClientOptions::default() }))
+            };
+            let client = match connect(fd).await {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => return err(format!("NBD on the mirror socket: {e}")),
+                Err(_) => return err(format!("NBD on the mirror socket: no handshake within {timeout:?}")),
             };
             let copier = match fds.pop() {
                 None => None,
-                Some(fd) => match NbdClient::from_fd(fd, ClientOptions { export, ..ClientOptions::default() }).await {
-                    Ok(c) if c.size() == client.size() => Some(c),
-                    Ok(_) => return err("the two mirror sockets reach exports of different sizes"),
-                    Err(e) => return err(format!("NBD on the second mirror socket: {e}")),
+                Some(fd) => match connect(fd).await {
+                    Ok(Ok(c)) if c.size() == client.size() => Some(c),
+                    Ok(Ok(_)) => return err("the two mirror sockets reach exports of different sizes"),
+                    Ok(Err(e)) => return err(format!("NBD on the second mirror socket: {e}")),
+                    Err(_) => return err(format!("NBD on the second mirror socket: no handshake within {timeout:?}")),
                 },
             };
             let size = server.image().size();
@@ -380,15 +386,30 @@ async fn execute<I: Image>(control: &Control<I>, request: &Value, mut fds: Vec<O
             }
             attached
         }
-        "mirror-detach" => match server.mirror().detach() {
-            Some(m) => {
-                // Writes already sent finish on their own; flush what reached the target.
-                let _ = m.client().flush().await;
-                let _ = m.client().disconnect().await;
-                json!({"ok": true, "counters": m.counters()})
+        "mirror-detach" => {
+            if server.mirror().get().is_none() {
+                return err("no mirror attached");
             }
-            None => err("no mirror attached"),
-        },
+            // Quiesce, as attach does: guest writes in flight finish on both sides first, so
+            // none is left half-mirrored and the disconnect below fails nothing.
+            let quiesced = !server.is_paused();
+            if quiesced {
+                server.pause().await;
+            }
+            let detached = server.mirror().detach();
+            if quiesced {
+                server.unpause();
+            }
+            match detached {
+                Some(m) => {
+                    // Flush what reached the target.
+                    let _ = m.client().flush().await;
+                    let _ = m.client().disconnect().await;
+                    json!({"ok": true, "counters": m.counters()})
+                }
+                None => err("no mirror attached"),
+            }
+        }
         "nbd-accept" => {
             if fds.len() != 1 {
                 return err(format!("nbd-accept needs one descriptor, got {}", fds.len()));
