@@ -600,9 +600,10 @@ impl<I: Image> NbdServer<I> {
                 }
                 let this = Arc::clone(&self);
                 let tx = tx.clone();
+                let stop = stop.clone();
                 tracing::trace!(pid = std::process::id(), cookie = req.cookie, "payload read");
                 tokio::spawn(async move {
-                    let _running = this.gate.read().await;
+                    let Some(_running) = this.admit(&stop).await else { return };
                     let _outstanding = this.begin();
                     let msg = this.handle_write(req, buf, permits).await;
                     tracing::trace!(pid = std::process::id(), cookie = req.cookie, "reply queued");
@@ -622,8 +623,9 @@ impl<I: Image> NbdServer<I> {
             }
             let this = Arc::clone(&self);
             let tx = tx.clone();
+            let stop = stop.clone();
             tokio::spawn(async move {
-                let _running = this.gate.read().await;
+                let Some(_running) = this.admit(&stop).await else { return };
                 let _outstanding = this.begin();
                 let msg = this.handle(req, session, permits).await;
                 tracing::trace!(pid = std::process::id(), cookie = req.cookie, "reply queued");
@@ -636,6 +638,18 @@ impl<I: Image> NbdServer<I> {
         let written = writer.await.map_err(|e| ConnError::Protocol(format!("writer task: {e}")))?;
         result?;
         written.map_err(ConnError::Io)
+    }
+
+    /// Waits until the request may run (not paused). `None` when the connection is stopped
+    /// (shutdown) first: a request held by `pause` has not started, and its client gets no
+    /// reply on a connection that is closing, so it is dropped rather than holding shutdown up
+    /// until an unpause that may never come (a datapath detached while attached but inactive).
+    async fn admit(&self, stop: &CancellationToken) -> Option<tokio::sync::RwLockReadGuard<'_, ()>> {
+        tokio::select! {
+            biased;
+            g = self.gate.read() => Some(g),
+            _ = stop.cancelled() => None,
+        }
     }
 
     fn count_reply(&self, error: Option<Errno>) {

@@ -432,3 +432,35 @@ fn a_mirror_attached_before_a_leaf_switch_stays_attached() {
     assert_eq!(stats["mirror"]["state"], "none", "{stats}");
     assert_eq!(stats["errors"], 0, "{stats}");
 }
+
+/// Shutting down a paused server whose client has a request held: the held request (never
+/// started) is dropped and the server exits at once, rather than waiting for an unpause that
+/// will not come.
+#[test]
+fn shutdown_of_a_paused_server_drops_held_requests() {
+    let (mut source, ctl_path) = serve_controlled(16 * MIB);
+    ctl(&ctl_path, &["pause"]);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let client = rt
+        .block_on(tapmirror::nbd::NbdClient::connect(&tapmirror::nbd::NbdUri::parse(&source.uri()).expect("uri")))
+        .expect("connect");
+    let held = rt.spawn({
+        let c = client.clone();
+        async move { c.write(0, vec![0x6du8; 4096], false).await }
+    });
+    // Let the request reach the server and wait at its gate.
+    rt.block_on(async { tokio::time::sleep(std::time::Duration::from_millis(300)).await });
+    let started = std::time::Instant::now();
+    ctl(&ctl_path, &["shutdown"]);
+    let status = loop {
+        if let Some(s) = source.proc.0.as_mut().expect("child").try_wait().expect("try_wait") {
+            source.proc.0 = None;
+            break s;
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(10), "a paused server with a held request did not shut down");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}");
+    assert!(rt.block_on(held).expect("join").is_err(), "the held write was answered");
+    assert_eq!(source.contents()[0], 0, "the held write reached the image");
+}
