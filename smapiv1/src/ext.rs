@@ -29,9 +29,13 @@
 //! `base_mirror` of its `sm_config` (as xapi does), and carries the VDI's `content_id`, type,
 //! persistence and size over.
 
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
+use std::time::Duration;
 
-use sxm_engine::backend::{AttachedVdi, Backend, SrContext, SrSpace, StorageResult, VdiChange, safe_component};
+use sxm_engine::backend::{
+    AttachedVdi, Backend, MirrorMode, MirrorStatus, SrContext, SrSpace, StorageResult, VdiChange, safe_component,
+};
 use sxm_engine::model::{AttachInfo, Rw, StorageError, VdiInfo};
 use sxm_engine::rpc::marshal::Map;
 use sxm_engine::state;
@@ -474,5 +478,28 @@ impl Backend for ExtBackend {
 
     fn vdi_attach_info(&self, sr: &SrContext, vdi: &str) -> StorageResult<AttachInfo> {
         self.datapaths.attach_info(sr, known(sr, vdi)?)
+    }
+
+    fn vdi_serve_nbd(&self, sr: &SrContext, vdi: &str, conn: OwnedFd) -> StorageResult<()> {
+        self.datapaths.serve_nbd(sr, known(sr, vdi)?, conn)
+    }
+
+    /// Sync is SMAPIv1's way (tapdisk's secondary: new writes only; the snapshot and the copy
+    /// move the rest). Full works too, tapmirror copying the chain in the background, should a
+    /// caller want a VHD source moved without a snapshot.
+    fn vdi_mirror_attach(&self, sr: &SrContext, vdi: &str, target: OwnedFd, export: &str, mode: MirrorMode) -> StorageResult<()> {
+        self.datapaths.mirror_attach(sr, known(sr, vdi)?, target, export, mode)
+    }
+
+    fn vdi_mirror_status(&self, sr: &SrContext, vdi: &str) -> StorageResult<MirrorStatus> {
+        self.datapaths.mirror_status(sr, known(sr, vdi)?)
+    }
+
+    fn vdi_mirror_detach(&self, sr: &SrContext, vdi: &str) -> StorageResult<()> {
+        self.datapaths.mirror_detach(sr, known(sr, vdi)?)
+    }
+
+    fn vdi_drain(&self, sr: &SrContext, vdi: &str, timeout: Duration) -> StorageResult<()> {
+        self.datapaths.drain(sr, known(sr, vdi)?, timeout)
     }
 }

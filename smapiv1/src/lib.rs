@@ -7,7 +7,8 @@
 //!   ext.rs       ExtBackend: the Backend calls, and the order of each change's steps
 //!   meta.rs      the SR's record: the VHD tree, which nodes are VDIs, their vdi_info
 //!   recover.rs   SR.attach: temporaries, the files' tree over the record's, orphans
-//!   datapath.rs  tapmirror processes: attach, activate, quiesce, adopt after a restart
+//!   datapath.rs  tapmirror processes: attach, activate, quiesce, adopt after a restart; a
+//!                migration's data path on them (serve NBD, mirror, drain)
 //!   errors.rs    failures as the storage interface's errors
 //! ```
 //!
