@@ -34,12 +34,13 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use sxm_engine::backend::{
-    AttachedVdi, Backend, MirrorMode, MirrorStatus, SrContext, SrSpace, StorageResult, VdiChange, safe_component,
+    AttachedVdi, Backend, CopyStats, MirrorMode, MirrorStatus, SrContext, SrSpace, StorageResult, VdiChange, safe_component,
 };
 use sxm_engine::model::{AttachInfo, Rw, StorageError, VdiInfo};
 use sxm_engine::rpc::marshal::Map;
 use sxm_engine::state;
 use tapmirror::image::vhd;
+use tokio_util::sync::CancellationToken;
 
 use crate::datapath::Datapaths;
 use crate::errors;
@@ -501,5 +502,21 @@ impl Backend for ExtBackend {
 
     fn vdi_drain(&self, sr: &SrContext, vdi: &str, timeout: Duration) -> StorageResult<()> {
         self.datapaths.drain(sr, known(sr, vdi)?, timeout)
+    }
+
+    fn vdi_copy_into(
+        &self,
+        sr: &SrContext,
+        vdi: &str,
+        base: Option<&str>,
+        dest: OwnedFd,
+        export: &str,
+        progress: &(dyn Fn(u64, u64) + Sync),
+        cancel: &CancellationToken,
+    ) -> StorageResult<CopyStats> {
+        let id = known(sr, vdi)?;
+        let base = base.map(|b| known(sr, b)).transpose()?;
+        let base_path = base.map(|b| vhd_path(&sr.dir, b));
+        crate::copy::copy_into(id, &vhd_path(&sr.dir, id), base_path.as_deref(), dest, export, progress, cancel)
     }
 }
