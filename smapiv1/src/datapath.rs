@@ -16,6 +16,20 @@
 //! leaf is let go), the change on the files, unpause (the process reopens the VDI's path, now
 //! the new leaf); the guest sees a pause and no error, and no write is lost.
 //!
+//! # A migration's data path
+//!
+//! | call | control command | notes |
+//! | --- | --- | --- |
+//! | `serve_nbd` (destination, pass fds) | `nbd-accept` with the upgraded connection | served like the guest's connections: while the VDI is only attached, its requests wait |
+//! | `mirror_attach` (source, pass fds) | `mirror-attach` with the target connection | sync: new writes only, each completing when both sides have it; a target that fails or stalls past [`MIRROR_TIMEOUT`] fails the mirror, never the guest |
+//! | `mirror_status` | `stats` | `none`, `syncing`, `ready`, `failed` |
+//! | `mirror_detach` | `mirror-detach` | after the writes in flight; none attached (or a failed one) is not an error |
+//! | `drain` (finalize) | `drain` | no request outstanding, locally or on the mirror |
+//!
+//! The mirror lives in the process, not in the image: the snapshot's pause and unpause (onto
+//! the new leaf, [`Datapaths::with_quiesced`]) keep it, and writes after the snapshot go to the
+//! new leaf and to the target.
+//!
 //! # Folders
 //!
 //! Each datapath has a folder `<run_dir>/<8 hex>/` (the VDI id's first group, or a random one
@@ -34,13 +48,14 @@
 //! every folder in `run_dir` that belongs to no listed VDI.
 
 use std::collections::HashMap;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use sxm_engine::backend::{AttachedVdi, SrContext, StorageResult};
+use sxm_engine::backend::{AttachedVdi, MirrorHealth, MirrorMode, MirrorStatus, SrContext, StorageResult};
 use sxm_engine::model::{AttachInfo, Implementation, Rw};
 use sxm_engine::state;
 use tapmirror::process::{ProcessError, ServeProcess, ServeSpec};
@@ -56,6 +71,11 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(150);
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long `detach` waits for the process to flush and exit before killing it.
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the mirror target may take to answer one request (and its NBD handshake) before
+/// the mirror is failed and the guest goes on locally. tapdisk has no such bound of its own
+/// (its guest requests time out after 120 s); a shorter one fails a dead target sooner
+/// without holding guest writes for long.
+const MIRROR_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 struct Owner {
@@ -92,7 +112,7 @@ pub struct Datapaths {
 /// Runs an async control call to completion from blocking code: on a private current-thread
 /// runtime in a scoped thread, so it works from the engine's blocking pool, from a test, and
 /// even from inside a runtime.
-fn block_on<F>(f: F) -> StorageResult<F::Output>
+pub(crate) fn block_on<F>(f: F) -> StorageResult<F::Output>
 where
     F: std::future::Future + Send,
     F::Output: Send,
@@ -297,6 +317,73 @@ impl Datapaths {
         r
     }
 
+    /// Sends `request` with `fds` to `vdi`'s datapath, which must exist.
+    fn command_with(&self, sr: &SrContext, vdi: &str, request: serde_json::Value, fds: Vec<OwnedFd>, timeout: Duration) -> StorageResult<Result<serde_json::Value, ProcessError>> {
+        let dp = self.attached_dp(sr, vdi)?;
+        block_on(dp.process.command(request, fds, timeout))
+    }
+
+    /// Destination, pass fds: the datapath serves NBD on `conn` (`nbd-accept`) until the peer
+    /// closes it. Requests wait while the VDI is attached but not active, as the guest's do.
+    pub fn serve_nbd(&self, sr: &SrContext, vdi: &str, conn: OwnedFd) -> StorageResult<()> {
+        let answer = self
+            .command_with(sr, vdi, json!({"cmd": "nbd-accept"}), vec![conn], CONTROL_TIMEOUT)?
+            .map_err(|e| dp_error(vdi, "serving an NBD connection", &e))?;
+        tracing::info!(sr = %sr.sr, vdi, socket = %answer["socket"], "datapath serves a passed NBD connection");
+        Ok(())
+    }
+
+    /// Source, pass fds: the datapath mirrors guest writes onto `target` (`mirror-attach`).
+    pub fn mirror_attach(&self, sr: &SrContext, vdi: &str, target: OwnedFd, export: &str, mode: MirrorMode) -> StorageResult<()> {
+        let mode = match mode {
+            MirrorMode::Sync => "sync",
+            // The whole disk in the background too; holes are zeroed on the target, which may
+            // hold anything.
+            MirrorMode::Full => "full",
+        };
+        let request = json!({"cmd": "mirror-attach", "mode": mode, "export": export,
+                             "timeout_ms": MIRROR_TIMEOUT.as_millis() as u64, "target_is_zero": false});
+        // The handshake may take the mirror timeout; the answer comes after it.
+        let answer = self
+            .command_with(sr, vdi, request, vec![target], MIRROR_TIMEOUT + CONTROL_TIMEOUT)?
+            .map_err(|e| dp_error(vdi, "attaching the mirror", &e))?;
+        tracing::info!(sr = %sr.sr, vdi, mode, export, state = %answer["state"], "mirror attached");
+        Ok(())
+    }
+
+    /// Source: the mirror's state, from the datapath's `stats`.
+    pub fn mirror_status(&self, sr: &SrContext, vdi: &str) -> StorageResult<MirrorStatus> {
+        let stats = self
+            .command_with(sr, vdi, json!({"cmd": "stats"}), Vec::new(), CONTROL_TIMEOUT)?
+            .map_err(|e| dp_error(vdi, "stats", &e))?;
+        mirror_status(&stats["mirror"]).ok_or_else(|| errors::failure("datapath", format!("VDI {vdi}: stats without a mirror state: {stats}")))
+    }
+
+    /// Source: stops mirroring after the writes in flight. Without a mirror attached (none ever,
+    /// or a failed one, which tapmirror has detached already) there is nothing to stop.
+    pub fn mirror_detach(&self, sr: &SrContext, vdi: &str) -> StorageResult<()> {
+        match self.command_with(sr, vdi, json!({"cmd": "mirror-detach"}), Vec::new(), MIRROR_TIMEOUT + CONTROL_TIMEOUT)? {
+            Ok(answer) => {
+                tracing::info!(sr = %sr.sr, vdi, counters = %answer["counters"], "mirror detached");
+                Ok(())
+            }
+            Err(ProcessError::Refused { message, .. }) if message == "no mirror attached" => {
+                tracing::info!(sr = %sr.sr, vdi, "no mirror to detach");
+                Ok(())
+            }
+            Err(e) => Err(dp_error(vdi, "detaching the mirror", &e)),
+        }
+    }
+
+    /// Waits (up to `timeout`) until no request is outstanding on the datapath, locally or on
+    /// its mirror (a mirrored write is outstanding until both sides have it).
+    pub fn drain(&self, sr: &SrContext, vdi: &str, timeout: Duration) -> StorageResult<()> {
+        let dp = self.attached_dp(sr, vdi)?;
+        let answer = block_on(dp.process.drain(timeout))?.map_err(|e| dp_error(vdi, "draining", &e))?;
+        tracing::info!(sr = %sr.sr, vdi, mirror = %answer["mirror"], "datapath drained");
+        Ok(())
+    }
+
     /// `SR.attach` after a restart: takes up the datapaths of `list`, and reaps everything else
     /// in `run_dir` (see the module documentation). `image_of` says where a VDI's VHD is.
     /// Every datapath is tried; the first failure is answered.
@@ -432,6 +519,23 @@ impl Datapaths {
             _ => Ok(()),
         }
     }
+}
+
+/// The `mirror` object of tapmirror's `stats` as a [`MirrorStatus`]. A failed mirror is
+/// detached by tapmirror, so its counters are gone: `bytes_mirrored` is then 0.
+fn mirror_status(m: &serde_json::Value) -> Option<MirrorStatus> {
+    let state = match m["state"].as_str()? {
+        "none" => MirrorHealth::None,
+        "syncing" => MirrorHealth::Syncing,
+        "ready" => MirrorHealth::Ready,
+        "failed" => MirrorHealth::Failed,
+        _ => return None,
+    };
+    Some(MirrorStatus {
+        state,
+        bytes_left: m["bytes_left"].as_u64().unwrap_or(0),
+        bytes_mirrored: m["counters"]["bytes"].as_u64().unwrap_or(0),
+    })
 }
 
 fn read_owner(dir: &Path) -> Option<Owner> {

@@ -29,13 +29,18 @@
 //! `base_mirror` of its `sm_config` (as xapi does), and carries the VDI's `content_id`, type,
 //! persistence and size over.
 
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
+use std::time::Duration;
 
-use sxm_engine::backend::{AttachedVdi, Backend, SrContext, SrSpace, StorageResult, VdiChange, safe_component};
+use sxm_engine::backend::{
+    AttachedVdi, Backend, CopyStats, MirrorMode, MirrorStatus, SrContext, SrSpace, StorageResult, VdiChange, safe_component,
+};
 use sxm_engine::model::{AttachInfo, Rw, StorageError, VdiInfo};
 use sxm_engine::rpc::marshal::Map;
 use sxm_engine::state;
 use tapmirror::image::vhd;
+use tokio_util::sync::CancellationToken;
 
 use crate::datapath::Datapaths;
 use crate::errors;
@@ -474,5 +479,44 @@ impl Backend for ExtBackend {
 
     fn vdi_attach_info(&self, sr: &SrContext, vdi: &str) -> StorageResult<AttachInfo> {
         self.datapaths.attach_info(sr, known(sr, vdi)?)
+    }
+
+    fn vdi_serve_nbd(&self, sr: &SrContext, vdi: &str, conn: OwnedFd) -> StorageResult<()> {
+        self.datapaths.serve_nbd(sr, known(sr, vdi)?, conn)
+    }
+
+    /// Sync is SMAPIv1's way (tapdisk's secondary: new writes only; the snapshot and the copy
+    /// move the rest). Full works too, tapmirror copying the chain in the background, should a
+    /// caller want a VHD source moved without a snapshot.
+    fn vdi_mirror_attach(&self, sr: &SrContext, vdi: &str, target: OwnedFd, export: &str, mode: MirrorMode) -> StorageResult<()> {
+        self.datapaths.mirror_attach(sr, known(sr, vdi)?, target, export, mode)
+    }
+
+    fn vdi_mirror_status(&self, sr: &SrContext, vdi: &str) -> StorageResult<MirrorStatus> {
+        self.datapaths.mirror_status(sr, known(sr, vdi)?)
+    }
+
+    fn vdi_mirror_detach(&self, sr: &SrContext, vdi: &str) -> StorageResult<()> {
+        self.datapaths.mirror_detach(sr, known(sr, vdi)?)
+    }
+
+    fn vdi_drain(&self, sr: &SrContext, vdi: &str, timeout: Duration) -> StorageResult<()> {
+        self.datapaths.drain(sr, known(sr, vdi)?, timeout)
+    }
+
+    fn vdi_copy_into(
+        &self,
+        sr: &SrContext,
+        vdi: &str,
+        base: Option<&str>,
+        dest: OwnedFd,
+        export: &str,
+        progress: &(dyn Fn(u64, u64) + Sync),
+        cancel: &CancellationToken,
+    ) -> StorageResult<CopyStats> {
+        let id = known(sr, vdi)?;
+        let base = base.map(|b| known(sr, b)).transpose()?;
+        let base_path = base.map(|b| vhd_path(&sr.dir, b));
+        crate::copy::copy_into(id, &vhd_path(&sr.dir, id), base_path.as_deref(), dest, export, progress, cancel)
     }
 }

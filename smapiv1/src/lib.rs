@@ -7,7 +7,9 @@
 //!   ext.rs       ExtBackend: the Backend calls, and the order of each change's steps
 //!   meta.rs      the SR's record: the VHD tree, which nodes are VDIs, their vdi_info
 //!   recover.rs   SR.attach: temporaries, the files' tree over the record's, orphans
-//!   datapath.rs  tapmirror processes: attach, activate, quiesce, adopt after a restart
+//!   datapath.rs  tapmirror processes: attach, activate, quiesce, adopt after a restart; a
+//!                migration's data path on them (serve NBD, mirror, drain)
+//!   copy.rs      a migration's copy: a VDI's chain (or its difference from a base) over NBD
 //!   errors.rs    failures as the storage interface's errors
 //! ```
 //!
@@ -34,6 +36,7 @@
 //! SM hides it and xapi unmanages it); the child's old parents go when no VDI needs them.
 //! `SR.scan` lists the visible VDIs only.
 
+mod copy;
 mod datapath;
 mod errors;
 pub mod ext;

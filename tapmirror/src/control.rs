@@ -1,9 +1,12 @@
 //! The control socket: what tap-ctl is to tapdisk, for one `tapmirror serve`.
 //!
 //! One JSON object per line in each direction. A request is `{"cmd": NAME, ...arguments}`; the
-//! answer is `{"ok": true, ...}` or `{"ok": false, "error": MESSAGE}`. `mirror-attach` takes the
-//! target's already connected socket as an `SCM_RIGHTS` descriptor sent with the request line
-//! (the engine does the HTTP upgrade and authentication; the data path only speaks NBD on it).
+//! answer is `{"ok": true, ...}` or `{"ok": false, "error": MESSAGE}`. `mirror-attach` and
+//! `nbd-accept` take an already connected socket as an `SCM_RIGHTS` descriptor sent with the
+//! request line (the engine does the HTTP upgrade and authentication; the data path only speaks
+//! NBD on it): `mirror-attach` as the NBD client of a remote target, `nbd-accept` as the NBD
+//! server of a remote client (the destination of a migration, handed the socket of
+//! `PUT /services/SM/nbd/...`).
 //!
 //! | command | arguments | does |
 //! | --- | --- | --- |
@@ -12,11 +15,13 @@
 //! | `unpause` | `leaf`: path (optional) | reopens the image (or the one at `leaf`) for writing and resumes |
 //! | `mirror-attach` | `mode` (sync, full), `timeout_ms`, `export`, `granularity`, `target_is_zero`; one descriptor (full: optionally a second, for the background pass) | negotiates NBD on the descriptors and mirrors onto the target (full: and copies the disk in the background) |
 //! | `mirror-detach` | | stops mirroring (after in-flight writes) |
+//! | `nbd-accept` | one descriptor: a connected stream socket (TCP or Unix) | serves the export on it as on any accepted connection (fixed newstyle, the server speaks first; same image, pause and drain gating, counted in `connections`) until the peer closes it or shutdown |
 //! | `drain` | `timeout_s` (default 30) | waits until no request is outstanding on either side |
 //! | `shutdown` | | stops serving, flushes, exits |
 //!
-//! A bad request (malformed JSON, unknown command, missing or extra descriptor, attach while
-//! attached) gets an error and changes nothing.
+//! A bad request (malformed JSON, unknown command, missing or extra descriptor, a descriptor
+//! that is not a connected stream socket, attach while attached) gets an error and changes
+//! nothing.
 
 use std::future::Future;
 use std::io::{IoSlice, IoSliceMut};
@@ -51,6 +56,9 @@ pub struct Control<I: Image> {
     pub access: Access,
     /// Cancelled by `shutdown`.
     pub shutdown: CancellationToken,
+    /// Connections taken by `nbd-accept`; the owner waits for them (they end at `shutdown`)
+    /// before the final flush.
+    pub accepted: tokio_util::task::TaskTracker,
 }
 
 /// Longest request line accepted.
@@ -149,6 +157,55 @@ async fn attach<I: Image>(
     json!({"ok": true, "state": server.mirror().state()})
 }
 
+/// `nbd-accept`: checks that `fd` is a connected stream socket and serves the export on it in
+/// a task of `control.accepted`, until the peer closes it or shutdown. Answers the socket's
+/// kind.
+fn accept<I: Image>(control: &Control<I>, fd: OwnedFd) -> Result<&'static str, String> {
+    use nix::sys::socket::{AddressFamily, SockType, SockaddrLike, SockaddrStorage, getpeername, getsockname, getsockopt, sockopt};
+    let ty = getsockopt(&fd, sockopt::SockType).map_err(|e| format!("the descriptor is not a socket ({e})"))?;
+    if ty != SockType::Stream {
+        return Err(format!("a {ty:?} socket, not a stream"));
+    }
+    if getsockopt(&fd, sockopt::AcceptConn).unwrap_or(false) {
+        return Err("a listening socket, not a connection".into());
+    }
+    getpeername::<SockaddrStorage>(fd.as_raw_fd()).map_err(|e| format!("the socket is not connected ({e})"))?;
+    let family = getsockname::<SockaddrStorage>(fd.as_raw_fd()).map_err(|e| format!("the socket has no address ({e})"))?.family();
+    let server = Arc::clone(&control.server);
+    let stop = control.shutdown.child_token();
+    let io = |e: std::io::Error| e.to_string();
+    match family {
+        Some(AddressFamily::Unix) => {
+            let std = UnixStream::from(fd);
+            std.set_nonblocking(true).map_err(io)?;
+            let (r, w) = tokio::net::UnixStream::from_std(std).map_err(io)?.into_split();
+            control.accepted.spawn(serve_accepted(server, r, w, stop));
+            Ok("unix")
+        }
+        Some(AddressFamily::Inet | AddressFamily::Inet6) => {
+            let std = std::net::TcpStream::from(fd);
+            std.set_nonblocking(true).map_err(io)?;
+            std.set_nodelay(true).map_err(io)?;
+            let (r, w) = tokio::net::TcpStream::from_std(std).map_err(io)?.into_split();
+            control.accepted.spawn(serve_accepted(server, r, w, stop));
+            Ok("tcp")
+        }
+        other => Err(format!("a socket of family {other:?}, not TCP or Unix")),
+    }
+}
+
+async fn serve_accepted<I, R, W>(server: Arc<NbdServer<I>>, r: R, w: W, stop: CancellationToken)
+where
+    I: Image,
+    R: tokio::io::AsyncRead + Unpin + Send + 'static,
+    W: tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    match server.serve_connection(r, w, stop).await {
+        Ok(()) => tracing::info!("a connection passed by descriptor closed"),
+        Err(e) => tracing::warn!(error = %e, "a connection passed by descriptor ended with an error"),
+    }
+}
+
 fn receive(stream: &UnixStream, into: &mut Vec<u8>, fds: &mut Vec<OwnedFd>) -> std::io::Result<usize> {
     let mut buf = [0u8; 4096];
     let mut space = nix::cmsg_space!([RawFd; 4]);
@@ -188,7 +245,7 @@ async fn execute<I: Image>(control: &Control<I>, request: &Value, mut fds: Vec<O
     let Some(cmd) = request.get("cmd").and_then(Value::as_str) else {
         return err("missing \"cmd\"");
     };
-    if cmd != "mirror-attach" && !fds.is_empty() {
+    if cmd != "mirror-attach" && cmd != "nbd-accept" && !fds.is_empty() {
         return err(format!("{cmd} takes no descriptor"));
     }
     match cmd {
@@ -290,16 +347,22 @@ async fn execute<I: Image>(control: &Control<I>, request: &Value, mut fds: Vec<O
             let timeout = Duration::from_millis(request.get("timeout_ms").and_then(Value::as_u64).unwrap_or(30_000).max(1));
             let fd = fds.remove(0);
             let export = request.get("export").and_then(Value::as_str).unwrap_or("").to_owned();
-            let client = match NbdClient::from_fd(fd, ClientOptions { export: export.clone(), ..ClientOptions::default() }).await {
-                Ok(c) => c,
-                Err(e) => return err(format!("NBD on the mirror socket: {e}")),
+            // A peer that never answers the handshake must not hold this connection forever.
+            let connect = |fd| {
+                tokio::time::timeout(timeout, NbdClient::from_fd(fd, ClientOptions { export: export.clone(), ..ClientOptions::default() }))
+            };
+            let client = match connect(fd).await {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => return err(format!("NBD on the mirror socket: {e}")),
+                Err(_) => return err(format!("NBD on the mirror socket: no handshake within {timeout:?}")),
             };
             let copier = match fds.pop() {
                 None => None,
-                Some(fd) => match NbdClient::from_fd(fd, ClientOptions { export, ..ClientOptions::default() }).await {
-                    Ok(c) if c.size() == client.size() => Some(c),
-                    Ok(_) => return err("the two mirror sockets reach exports of different sizes"),
-                    Err(e) => return err(format!("NBD on the second mirror socket: {e}")),
+                Some(fd) => match connect(fd).await {
+                    Ok(Ok(c)) if c.size() == client.size() => Some(c),
+                    Ok(Ok(_)) => return err("the two mirror sockets reach exports of different sizes"),
+                    Ok(Err(e)) => return err(format!("NBD on the second mirror socket: {e}")),
+                    Err(_) => return err(format!("NBD on the second mirror socket: no handshake within {timeout:?}")),
                 },
             };
             let size = server.image().size();
@@ -323,15 +386,42 @@ async fn execute<I: Image>(control: &Control<I>, request: &Value, mut fds: Vec<O
             }
             attached
         }
-        "mirror-detach" => match server.mirror().detach() {
-            Some(m) => {
-                // Writes already sent finish on their own; flush what reached the target.
-                let _ = m.client().flush().await;
-                let _ = m.client().disconnect().await;
-                json!({"ok": true, "counters": m.counters()})
+        "mirror-detach" => {
+            if server.mirror().get().is_none() {
+                return err("no mirror attached");
             }
-            None => err("no mirror attached"),
-        },
+            // Quiesce, as attach does: guest writes in flight finish on both sides first, so
+            // none is left half-mirrored and the disconnect below fails nothing.
+            let quiesced = !server.is_paused();
+            if quiesced {
+                server.pause().await;
+            }
+            let detached = server.mirror().detach();
+            if quiesced {
+                server.unpause();
+            }
+            match detached {
+                Some(m) => {
+                    // Flush what reached the target.
+                    let _ = m.client().flush().await;
+                    let _ = m.client().disconnect().await;
+                    json!({"ok": true, "counters": m.counters()})
+                }
+                None => err("no mirror attached"),
+            }
+        }
+        "nbd-accept" => {
+            if fds.len() != 1 {
+                return err(format!("nbd-accept needs one descriptor, got {}", fds.len()));
+            }
+            match accept(control, fds.remove(0)) {
+                Ok(kind) => {
+                    tracing::info!(socket = kind, "serving a connection passed by descriptor");
+                    json!({"ok": true, "socket": kind})
+                }
+                Err(e) => err(format!("nbd-accept: {e}")),
+            }
+        }
         "drain" => {
             let secs = request.get("timeout_s").and_then(Value::as_f64).unwrap_or(30.0).clamp(0.0, 3600.0);
             if server.drain(Duration::from_secs_f64(secs)).await {

@@ -110,7 +110,8 @@ struct ServeArgs {
     /// an existing file is served as it is.
     #[arg(long, value_parser = parse_size)]
     create: Option<u64>,
-    /// Control socket (mode 0600): stats, pause, unpause, mirror-attach, drain, shutdown.
+    /// Control socket (mode 0600): stats, pause, unpause, mirror-attach, nbd-accept, drain,
+    /// shutdown.
     #[arg(long)]
     control: Option<PathBuf>,
     /// I/O engine (also TAPMIRROR_IO_ENGINE).
@@ -350,6 +351,9 @@ async fn serve(args: ServeArgs, activated: Vec<std::os::fd::OwnedFd>) -> Result<
     }
     tracing::debug!(listeners = %ready.join(" "), "ready");
 
+    // Connections passed by descriptor (`nbd-accept`) are served until shutdown, like accepted
+    // ones, and waited for before the final flush.
+    let accepted = tokio_util::task::TaskTracker::new();
     if let Some(path) = &args.control {
         let listener = bind_unix(path)?;
         let control = Arc::new(tapmirror::control::Control {
@@ -358,6 +362,7 @@ async fn serve(args: ServeArgs, activated: Vec<std::os::fd::OwnedFd>) -> Result<
             path: std::sync::Mutex::new(args.image.clone()),
             access,
             shutdown: shutdown.clone(),
+            accepted: accepted.clone(),
         });
         tokio::spawn(tapmirror::control::serve(listener, control));
     }
@@ -370,6 +375,8 @@ async fn serve(args: ServeArgs, activated: Vec<std::os::fd::OwnedFd>) -> Result<
     }
     shutdown.cancel();
     while tasks.join_next().await.is_some() {}
+    accepted.close();
+    accepted.wait().await;
     server.image().flush().await.context("final flush")?;
     for path in [&args.socket, &args.control].into_iter().flatten() {
         let _ = std::fs::remove_file(path);

@@ -6,5 +6,6 @@ mod harness;
 
 mod bad_input;
 mod datapath;
+mod migrate;
 mod recovery;
 mod vdi;

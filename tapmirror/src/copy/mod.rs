@@ -49,6 +49,9 @@ pub struct CopyOptions {
     pub progress: ProgressMode,
     /// Granularity of zero detection in data read from the source.
     pub sparse_size: usize,
+    /// Also counts the bytes done (copied, zeroed or skipped; resumed ones included) here, as
+    /// requests complete, for a caller that reports progress its own way.
+    pub done_counter: Option<Arc<std::sync::atomic::AtomicU64>>,
 }
 
 impl Default for CopyOptions {
@@ -62,6 +65,7 @@ impl Default for CopyOptions {
             checkpoint_every: 1 << 30,
             progress: ProgressMode::None,
             sparse_size: 4096,
+            done_counter: None,
         }
     }
 }
@@ -204,7 +208,7 @@ pub async fn copy<I: Image, J: Image>(
     }
 
     let report = Arc::new(Mutex::new(CopyReport { size, resumed_bytes: start, ..CopyReport::default() }));
-    let progress = Arc::new(Progress::new(opts.progress, size, start));
+    let progress = Arc::new(Progress::new(opts.progress, size, start).counting_into(opts.done_counter.clone()));
     let slots = Arc::new(Semaphore::new(connections.max(1) * opts.requests.max(1)));
     let watermark = Arc::new(Mutex::new(Watermark::new(start)));
     let limiter = opts.bwlimit.map(|r| Arc::new(Limiter::new(r)));

@@ -26,17 +26,31 @@ pub struct Progress {
     /// Bytes already done when this run started (a resumed copy): not part of the rate.
     resumed: u64,
     started: Instant,
+    /// A caller's counter that follows `done`.
+    also: Option<Arc<AtomicU64>>,
 }
 
 impl Progress {
     /// A counter for `total` bytes of which `resumed` were done before this run.
     pub fn new(mode: ProgressMode, total: u64, resumed: u64) -> Progress {
-        Progress { mode, total, done: AtomicU64::new(resumed), resumed, started: Instant::now() }
+        Progress { mode, total, done: AtomicU64::new(resumed), resumed, started: Instant::now(), also: None }
+    }
+
+    /// Also counts into `counter` (which gets the resumed bytes now), when given.
+    pub fn counting_into(mut self, counter: Option<Arc<AtomicU64>>) -> Progress {
+        if let Some(c) = &counter {
+            c.fetch_add(self.resumed, Ordering::Relaxed);
+        }
+        self.also = counter;
+        self
     }
 
     /// Records `n` more bytes done.
     pub fn add(&self, n: u64) {
         self.done.fetch_add(n, Ordering::Relaxed);
+        if let Some(c) = &self.also {
+            c.fetch_add(n, Ordering::Relaxed);
+        }
     }
 
     /// Bytes done so far.
@@ -126,5 +140,14 @@ mod tests {
         assert_eq!(rate, 0.0);
         p.add(10);
         assert_eq!(p.done(), 50);
+    }
+
+    #[test]
+    fn a_callers_counter_follows_the_bytes_done() {
+        let c = Arc::new(AtomicU64::new(0));
+        let p = Progress::new(ProgressMode::None, 100, 40).counting_into(Some(Arc::clone(&c)));
+        assert_eq!(c.load(Ordering::Relaxed), 40);
+        p.add(25);
+        assert_eq!((p.done(), c.load(Ordering::Relaxed)), (65, 65));
     }
 }

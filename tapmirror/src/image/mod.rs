@@ -47,6 +47,14 @@ pub struct Features {
     /// Every handle to the image sees the same data and one flush covers all of them, so several
     /// NBD connections may share it (`NBD_FLAG_CAN_MULTI_CONN`).
     pub multi_conn: bool,
+    /// The smallest unit (a power of two) in which a write lands as it is: the NBD server
+    /// advertises it as its minimum block size and refuses requests not aligned to it. 1 where
+    /// any byte range is written as given (raw; qcow2, which orders a partial cluster write
+    /// after the fill of its backing). 512 for VHD, whose unit is the sector:
+    /// a write of part of a sector would be completed with the bytes the chain below holds at
+    /// that instant and frozen into the leaf, which is wrong when the layer below is still
+    /// being filled (a migration's leaf, composed later onto the copied parent).
+    pub min_block: u32,
 }
 
 /// Whether zeroing may deallocate the range.

@@ -136,6 +136,7 @@ impl Image for RawImage {
             fast_zero: true,
             // One file, one page cache: a flush on any connection covers every connection.
             multi_conn: true,
+            min_block: 1,
         }
     }
 

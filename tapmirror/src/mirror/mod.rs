@@ -274,14 +274,16 @@ impl MirrorSlot {
         if m.failed.swap(true, Ordering::AcqRel) {
             return;
         }
+        let Ok(mut cur) = self.current.write() else { return };
+        if !cur.as_ref().is_some_and(|c| std::ptr::eq(Arc::as_ptr(c), m)) {
+            // Detached already (by `mirror-detach`): its late failure says nothing of the slot.
+            tracing::debug!(reason = %why, "a detached mirror's request failed");
+            return;
+        }
+        *cur = None;
         tracing::error!(reason = %why, "mirror target failed; mirror detached, guest I/O continues locally");
         if let Ok(mut f) = self.last_failure.lock() {
             *f = Some(why);
-        }
-        if let Ok(mut cur) = self.current.write()
-            && cur.as_ref().is_some_and(|c| std::ptr::eq(Arc::as_ptr(c), m))
-        {
-            *cur = None;
         }
     }
 

@@ -8,6 +8,12 @@
 //!  socket ◀─ writer task (batches replies into one writev) ◀── mpsc ◀─────┘
 //! ```
 //!
+//! The export's minimum block size is the image's write unit (`Features::min_block`: 1, or 512
+//! for VHD); requests not aligned to it get `EINVAL` (proto.md, "Block size constraints": a
+//! client that negotiated sizes must honour them, and qemu, nbdcopy and libnbd do, splitting or
+//! read-modify-writing on their side, where the data they complete a sector with is the
+//! export's own).
+//!
 //! Requests run concurrently and reply out of order, as the protocol allows. The reader takes
 //! permits before it reads a payload, so a fast client is slowed by the socket, not by memory.
 //! A request the protocol can answer (out of range, too long, unknown command or flag, write to
@@ -136,6 +142,8 @@ pub struct NbdServer<I: Image> {
     /// Whether the export refuses writes: fixed at creation, since a paused server may hold a
     /// read-only stand-in of a writable image.
     read_only: bool,
+    /// The minimum block size clients are told: fixed at creation, as clients learn it once.
+    min_block: u32,
     export: ExportConfig,
     limits: Limits,
     stats: Stats,
@@ -169,6 +177,7 @@ impl<I: Image> NbdServer<I> {
     pub fn with_limits(image: Arc<I>, export: ExportConfig, limits: Limits) -> Arc<Self> {
         Arc::new(NbdServer {
             read_only: export.read_only || image.features().read_only,
+            min_block: image.features().min_block.max(1),
             image: std::sync::RwLock::new(image),
             export,
             limits,
@@ -198,6 +207,9 @@ impl<I: Image> NbdServer<I> {
         let mut cur = self.image.write().map_err(|_| "image slot poisoned".to_owned())?;
         if new.size() != cur.size() {
             return Err(format!("new image is {} bytes, clients know {}", new.size(), cur.size()));
+        }
+        if new.features().min_block > self.min_block {
+            return Err(format!("new image writes in units of {} bytes, clients know {}", new.features().min_block, self.min_block));
         }
         Ok(std::mem::replace(&mut *cur, new))
     }
@@ -280,7 +292,7 @@ impl<I: Image> NbdServer<I> {
     }
 
     fn block_size(&self) -> BlockSize {
-        BlockSize { minimum: 1, preferred: 4096, maximum: MAX_PAYLOAD }
+        BlockSize { minimum: self.min_block, preferred: 4096.max(self.min_block), maximum: MAX_PAYLOAD }
     }
 
     fn export_matches(&self, name: &str) -> bool {
@@ -561,7 +573,7 @@ impl<I: Image> NbdServer<I> {
             let permits = Permits { _request: req_permit, _bytes: byte_permit };
             tracing::trace!(pid = std::process::id(), cookie = req.cookie, "permits taken");
 
-            let verdict = validate(&req, &session, self.image().size(), self.read_only());
+            let verdict = validate(&req, &session, self.image().size(), self.read_only(), self.min_block);
             if req.kind == cmd::WRITE {
                 if let Err(errno) = verdict {
                     // Keep the stream in step: the payload follows whatever we think of it.
@@ -588,9 +600,10 @@ impl<I: Image> NbdServer<I> {
                 }
                 let this = Arc::clone(&self);
                 let tx = tx.clone();
+                let stop = stop.clone();
                 tracing::trace!(pid = std::process::id(), cookie = req.cookie, "payload read");
                 tokio::spawn(async move {
-                    let _running = this.gate.read().await;
+                    let Some(_running) = this.admit(&stop).await else { return };
                     let _outstanding = this.begin();
                     let msg = this.handle_write(req, buf, permits).await;
                     tracing::trace!(pid = std::process::id(), cookie = req.cookie, "reply queued");
@@ -610,8 +623,9 @@ impl<I: Image> NbdServer<I> {
             }
             let this = Arc::clone(&self);
             let tx = tx.clone();
+            let stop = stop.clone();
             tokio::spawn(async move {
-                let _running = this.gate.read().await;
+                let Some(_running) = this.admit(&stop).await else { return };
                 let _outstanding = this.begin();
                 let msg = this.handle(req, session, permits).await;
                 tracing::trace!(pid = std::process::id(), cookie = req.cookie, "reply queued");
@@ -624,6 +638,18 @@ impl<I: Image> NbdServer<I> {
         let written = writer.await.map_err(|e| ConnError::Protocol(format!("writer task: {e}")))?;
         result?;
         written.map_err(ConnError::Io)
+    }
+
+    /// Waits until the request may run (not paused). `None` when the connection is stopped
+    /// (shutdown) first: a request held by `pause` has not started, and its client gets no
+    /// reply on a connection that is closing, so it is dropped rather than holding shutdown up
+    /// until an unpause that may never come (a datapath detached while attached but inactive).
+    async fn admit(&self, stop: &CancellationToken) -> Option<tokio::sync::RwLockReadGuard<'_, ()>> {
+        tokio::select! {
+            biased;
+            g = self.gate.read() => Some(g),
+            _ = stop.cancelled() => None,
+        }
     }
 
     fn count_reply(&self, error: Option<Errno>) {
@@ -825,8 +851,10 @@ impl<I: Image> NbdServer<I> {
 
 /// Checks a request against the protocol before any I/O: the error reply it gets, if any.
 /// `WRITE` past the end is `ENOSPC`, other ranges past the end `EINVAL`, writes to a read-only
-/// export `EPERM`, unknown commands and flags `EINVAL` (proto.md, "Error values").
-pub fn validate(req: &Request, session: &Session, size: u64, read_only: bool) -> Result<(), Errno> {
+/// export `EPERM`, unknown commands and flags `EINVAL` (proto.md, "Error values"), and so are
+/// reads, writes, zeroes and trims whose offset or length is not a multiple of `min_block`, the
+/// advertised minimum block size (proto.md, "Block size constraints"; block status is exempt).
+pub fn validate(req: &Request, session: &Session, size: u64, read_only: bool, min_block: u32) -> Result<(), Errno> {
     use cmd_flags::*;
     let allowed = match req.kind {
         cmd::READ if session.structured => FUA | DF,
@@ -839,16 +867,18 @@ pub fn validate(req: &Request, session: &Session, size: u64, read_only: bool) ->
         return Err(Errno::Inval);
     }
     let in_range = req.offset.checked_add(u64::from(req.length)).is_some_and(|end| end <= size);
+    let unit = u64::from(min_block.max(1));
+    let aligned = req.offset.is_multiple_of(unit) && u64::from(req.length).is_multiple_of(unit);
     match req.kind {
         cmd::READ
-            if (req.length > MAX_PAYLOAD || !in_range) => {
+            if (req.length > MAX_PAYLOAD || !in_range || !aligned) => {
                 return Err(Errno::Inval);
             }
         cmd::WRITE => {
             if read_only {
                 return Err(Errno::Perm);
             }
-            if req.length > MAX_PAYLOAD {
+            if req.length > MAX_PAYLOAD || !aligned {
                 return Err(Errno::Inval);
             }
             if !in_range {
@@ -858,6 +888,9 @@ pub fn validate(req: &Request, session: &Session, size: u64, read_only: bool) ->
         cmd::WRITE_ZEROES | cmd::TRIM => {
             if read_only {
                 return Err(Errno::Perm);
+            }
+            if !aligned {
+                return Err(Errno::Inval);
             }
             if !in_range {
                 return Err(if req.kind == cmd::TRIM { Errno::Inval } else { Errno::NoSpc });
@@ -1007,54 +1040,70 @@ mod tests {
     #[test]
     fn in_range_requests_pass() {
         for kind in [cmd::READ, cmd::WRITE, cmd::TRIM, cmd::WRITE_ZEROES, cmd::BLOCK_STATUS] {
-            assert_eq!(validate(&req(kind, 0, SIZE - 4096, 4096), &S, SIZE, false), Ok(()), "{kind}");
+            assert_eq!(validate(&req(kind, 0, SIZE - 4096, 4096), &S, SIZE, false, 1), Ok(()), "{kind}");
         }
-        assert_eq!(validate(&req(cmd::FLUSH, 0, 0, 0), &S, SIZE, false), Ok(()));
+        assert_eq!(validate(&req(cmd::FLUSH, 0, 0, 0), &S, SIZE, false, 1), Ok(()));
     }
 
     #[test]
     fn past_the_end_gets_the_spec_errors() {
-        assert_eq!(validate(&req(cmd::READ, 0, SIZE, 1), &S, SIZE, false), Err(Errno::Inval));
-        assert_eq!(validate(&req(cmd::WRITE, 0, SIZE - 1, 2), &S, SIZE, false), Err(Errno::NoSpc));
-        assert_eq!(validate(&req(cmd::WRITE_ZEROES, 0, SIZE, 512), &S, SIZE, false), Err(Errno::NoSpc));
-        assert_eq!(validate(&req(cmd::TRIM, 0, SIZE, 512), &S, SIZE, false), Err(Errno::Inval));
-        assert_eq!(validate(&req(cmd::BLOCK_STATUS, 0, SIZE, 512), &S, SIZE, false), Err(Errno::Inval));
+        assert_eq!(validate(&req(cmd::READ, 0, SIZE, 1), &S, SIZE, false, 1), Err(Errno::Inval));
+        assert_eq!(validate(&req(cmd::WRITE, 0, SIZE - 1, 2), &S, SIZE, false, 1), Err(Errno::NoSpc));
+        assert_eq!(validate(&req(cmd::WRITE_ZEROES, 0, SIZE, 512), &S, SIZE, false, 1), Err(Errno::NoSpc));
+        assert_eq!(validate(&req(cmd::TRIM, 0, SIZE, 512), &S, SIZE, false, 1), Err(Errno::Inval));
+        assert_eq!(validate(&req(cmd::BLOCK_STATUS, 0, SIZE, 512), &S, SIZE, false, 1), Err(Errno::Inval));
         // Offsets that overflow u64 when the length is added.
-        assert_eq!(validate(&req(cmd::READ, 0, u64::MAX, 2), &S, SIZE, false), Err(Errno::Inval));
+        assert_eq!(validate(&req(cmd::READ, 0, u64::MAX, 2), &S, SIZE, false, 1), Err(Errno::Inval));
     }
 
     #[test]
     fn lengths_over_the_maximum_are_invalid() {
-        assert_eq!(validate(&req(cmd::READ, 0, 0, MAX_PAYLOAD + 1), &S, u64::MAX, false), Err(Errno::Inval));
-        assert_eq!(validate(&req(cmd::WRITE, 0, 0, MAX_PAYLOAD + 1), &S, u64::MAX, false), Err(Errno::Inval));
+        assert_eq!(validate(&req(cmd::READ, 0, 0, MAX_PAYLOAD + 1), &S, u64::MAX, false, 1), Err(Errno::Inval));
+        assert_eq!(validate(&req(cmd::WRITE, 0, 0, MAX_PAYLOAD + 1), &S, u64::MAX, false, 1), Err(Errno::Inval));
         // Zeroing and trimming carry no payload and may be long.
-        assert_eq!(validate(&req(cmd::WRITE_ZEROES, 0, 0, u32::MAX), &S, u64::MAX, false), Ok(()));
+        assert_eq!(validate(&req(cmd::WRITE_ZEROES, 0, 0, u32::MAX), &S, u64::MAX, false, 1), Ok(()));
     }
 
     #[test]
     fn read_only_refuses_every_write_kind_with_eperm() {
         for kind in [cmd::WRITE, cmd::TRIM, cmd::WRITE_ZEROES] {
-            assert_eq!(validate(&req(kind, 0, 0, 512), &S, SIZE, true), Err(Errno::Perm), "{kind}");
+            assert_eq!(validate(&req(kind, 0, 0, 512), &S, SIZE, true, 1), Err(Errno::Perm), "{kind}");
         }
-        assert_eq!(validate(&req(cmd::READ, 0, 0, 512), &S, SIZE, true), Ok(()));
+        assert_eq!(validate(&req(cmd::READ, 0, 0, 512), &S, SIZE, true, 1), Ok(()));
     }
 
     #[test]
     fn unknown_commands_and_inapplicable_flags_are_invalid() {
-        assert_eq!(validate(&req(cmd::CACHE, 0, 0, 512), &S, SIZE, false), Err(Errno::Inval));
-        assert_eq!(validate(&req(99, 0, 0, 512), &S, SIZE, false), Err(Errno::Inval));
-        assert_eq!(validate(&req(cmd::WRITE, cmd_flags::NO_HOLE, 0, 512), &S, SIZE, false), Err(Errno::Inval));
-        assert_eq!(validate(&req(cmd::READ, cmd_flags::DF, 0, 512), &PLAIN, SIZE, false), Err(Errno::Inval));
-        assert_eq!(validate(&req(cmd::READ, 1 << 9, 0, 512), &S, SIZE, false), Err(Errno::Inval));
+        assert_eq!(validate(&req(cmd::CACHE, 0, 0, 512), &S, SIZE, false, 1), Err(Errno::Inval));
+        assert_eq!(validate(&req(99, 0, 0, 512), &S, SIZE, false, 1), Err(Errno::Inval));
+        assert_eq!(validate(&req(cmd::WRITE, cmd_flags::NO_HOLE, 0, 512), &S, SIZE, false, 1), Err(Errno::Inval));
+        assert_eq!(validate(&req(cmd::READ, cmd_flags::DF, 0, 512), &PLAIN, SIZE, false, 1), Err(Errno::Inval));
+        assert_eq!(validate(&req(cmd::READ, 1 << 9, 0, 512), &S, SIZE, false, 1), Err(Errno::Inval));
         // FUA is valid on every command.
-        assert_eq!(validate(&req(cmd::READ, cmd_flags::FUA, 0, 512), &S, SIZE, false), Ok(()));
+        assert_eq!(validate(&req(cmd::READ, cmd_flags::FUA, 0, 512), &S, SIZE, false, 1), Ok(()));
+    }
+
+    #[test]
+    fn requests_off_the_minimum_block_size_are_invalid() {
+        for kind in [cmd::READ, cmd::WRITE, cmd::TRIM, cmd::WRITE_ZEROES] {
+            assert_eq!(validate(&req(kind, 0, 512, 1024), &S, SIZE, false, 512), Ok(()), "{kind}");
+            assert_eq!(validate(&req(kind, 0, 100, 512), &S, SIZE, false, 512), Err(Errno::Inval), "{kind} offset");
+            assert_eq!(validate(&req(kind, 0, 512, 100), &S, SIZE, false, 512), Err(Errno::Inval), "{kind} length");
+            // A byte-granular export takes any range.
+            assert_eq!(validate(&req(kind, 0, 100, 3), &S, SIZE, false, 1), Ok(()), "{kind} at 1");
+        }
+        // Block status is exempt (its length is a hint), and a flush has no range.
+        assert_eq!(validate(&req(cmd::BLOCK_STATUS, 0, 100, 3), &S, SIZE, false, 512), Ok(()));
+        assert_eq!(validate(&req(cmd::FLUSH, 0, 0, 0), &S, SIZE, false, 512), Ok(()));
+        // A read-only export still answers EPERM to any write.
+        assert_eq!(validate(&req(cmd::WRITE, 0, 1, 1), &S, SIZE, true, 512), Err(Errno::Perm));
     }
 
     #[test]
     fn block_status_needs_structured_replies_and_a_context() {
-        assert_eq!(validate(&req(cmd::BLOCK_STATUS, 0, 0, 512), &PLAIN, SIZE, false), Err(Errno::Inval));
+        assert_eq!(validate(&req(cmd::BLOCK_STATUS, 0, 0, 512), &PLAIN, SIZE, false, 1), Err(Errno::Inval));
         let no_ctx = Session { structured: true, base_allocation: false };
-        assert_eq!(validate(&req(cmd::BLOCK_STATUS, 0, 0, 512), &no_ctx, SIZE, false), Err(Errno::Inval));
-        assert_eq!(validate(&req(cmd::BLOCK_STATUS, 0, 0, 0), &S, SIZE, false), Err(Errno::Inval));
+        assert_eq!(validate(&req(cmd::BLOCK_STATUS, 0, 0, 512), &no_ctx, SIZE, false, 1), Err(Errno::Inval));
+        assert_eq!(validate(&req(cmd::BLOCK_STATUS, 0, 0, 0), &S, SIZE, false, 1), Err(Errno::Inval));
     }
 }

@@ -294,3 +294,173 @@ fn full_mirror_zeroes_what_the_target_must_not_keep() {
     assert_eq!(stats["mirror"]["progress"]["granularity"], 65536);
     assert!(source.contents() == target.contents(), "garbage survived on the target");
 }
+
+/// `nbd-accept` serves a socket passed by descriptor like an accepted connection: our client on
+/// the other end of a socketpair writes and reads, the connection is counted, `pause` holds its
+/// requests, and `shutdown` ends it.
+#[test]
+fn nbd_accept_serves_a_passed_socket_like_an_accepted_one() {
+    use std::os::fd::OwnedFd;
+    let (mut source, ctl_path) = serve_controlled(16 * MIB);
+    let connections = ctl(&ctl_path, &["stats"])["connections"].as_u64().expect("connections");
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+    let theirs = OwnedFd::from(theirs);
+    let a = tapmirror::control::request(&ctl_path, &serde_json::json!({"cmd": "nbd-accept"}), Some(&theirs)).expect("request");
+    assert_eq!(a["ok"], true, "{a}");
+    assert_eq!(a["socket"], "unix", "{a}");
+    drop(theirs);
+
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("runtime");
+    let client = rt
+        .block_on(tapmirror::nbd::NbdClient::from_fd(OwnedFd::from(ours), tapmirror::nbd::ClientOptions::default()))
+        .expect("NBD on the passed socket");
+    assert_eq!(client.size(), 16 * MIB);
+    let data = crate::harness::pattern(64 << 10, 5);
+    rt.block_on(client.write(3 * MIB, data.clone(), false)).expect("write");
+    assert_eq!(rt.block_on(client.read(3 * MIB, data.len())).expect("read"), data);
+    rt.block_on(client.flush()).expect("flush");
+    assert!(source.contents()[3 * MIB as usize..][..data.len()] == data[..], "the write reached the image");
+    let stats = ctl(&ctl_path, &["stats"]);
+    assert_eq!(stats["connections"].as_u64(), Some(connections + 1), "{stats}");
+
+    // Paused: a request on the passed connection waits like any other.
+    ctl(&ctl_path, &["pause"]);
+    let held = rt.spawn({
+        let c = client.clone();
+        async move { c.write(0, vec![0x5au8; 4096], false).await }
+    });
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(!held.is_finished(), "a write went through a paused server");
+    assert_eq!(source.contents()[0], 0, "a write reached the image while paused");
+    ctl(&ctl_path, &["unpause"]);
+    rt.block_on(held).expect("join").expect("the held write completes after unpause");
+    assert_eq!(source.contents()[0], 0x5a);
+
+    // Shutdown ends the connection, and the server exits cleanly.
+    ctl(&ctl_path, &["shutdown"]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = source.proc.0.as_mut().expect("child").try_wait().expect("try_wait") {
+            source.proc.0 = None;
+            break s;
+        }
+        assert!(std::time::Instant::now() < deadline, "the server did not exit after shutdown with a passed connection open");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}");
+    assert!(rt.block_on(client.read(0, 512)).is_err(), "the passed connection outlived the server");
+}
+
+/// `nbd-accept` with no descriptor, two, or one that is not a connected stream socket: an error,
+/// no connection served, and a refused socket is closed at once (its peer sees EOF).
+#[test]
+fn nbd_accept_refuses_what_is_not_one_connected_stream_socket() {
+    use std::io::Read;
+    use std::os::fd::OwnedFd;
+    let (source, ctl_path) = serve_controlled(16 * MIB);
+    let before = ctl(&ctl_path, &["stats"]);
+    let accept = |fds: Vec<&OwnedFd>| -> Value {
+        tapmirror::control::request_with(&ctl_path, &serde_json::json!({"cmd": "nbd-accept"}), fds).expect("request")
+    };
+    let refused = |a: &Value, why: &str| {
+        assert_eq!(a["ok"], false, "{a}");
+        assert!(a["error"].as_str().unwrap_or("").contains(why), "wanted {why:?}: {a}");
+    };
+    refused(&accept(vec![]), "one descriptor, got 0");
+    let (ours1, theirs1) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+    let (ours2, theirs2) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+    let (theirs1, theirs2) = (OwnedFd::from(theirs1), OwnedFd::from(theirs2));
+    refused(&accept(vec![&theirs1, &theirs2]), "one descriptor, got 2");
+    let file = OwnedFd::from(tempfile::tempfile().expect("tempfile"));
+    refused(&accept(vec![&file]), "not a socket");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let listening = OwnedFd::from(std::os::unix::net::UnixListener::bind(dir.path().join("l.sock")).expect("listen"));
+    refused(&accept(vec![&listening]), "listening");
+    let udp = OwnedFd::from(std::net::UdpSocket::bind("127.0.0.1:0").expect("udp"));
+    refused(&accept(vec![&udp]), "not a stream");
+
+    // The refused socketpair ends were let go: their peers see EOF, not a server greeting.
+    drop((theirs1, theirs2));
+    for mut ours in [ours1, ours2] {
+        ours.set_read_timeout(Some(std::time::Duration::from_secs(5))).expect("timeout");
+        let mut b = [0u8; 8];
+        assert_eq!(ours.read(&mut b).expect("EOF, not a timeout"), 0, "a refused socket was served");
+    }
+    let after = ctl(&ctl_path, &["stats"]);
+    assert_eq!(after["connections"], before["connections"], "{after}");
+    assert_eq!(after["requests"], before["requests"], "{after}");
+    // Still serving.
+    run(Command::new(tapmirror()).arg("info").arg(source.uri()));
+}
+
+/// The snapshot switch as the engine drives it: the mirror is attached to a running server
+/// first, then the server is paused and resumed on a new leaf. The mirror stays attached across
+/// it, and writes after the switch reach the new leaf and the target.
+#[test]
+fn a_mirror_attached_before_a_leaf_switch_stays_attached() {
+    crate::require!("qemu-io");
+    let (source, ctl_path) = serve_controlled(16 * MIB);
+    let target = crate::harness::serve(16 * MIB, &[]);
+    assert_eq!(ctl(&ctl_path, &["mirror-attach", "--target", &target.uri()])["state"], "ready");
+    run(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x31 0 64k", &source.uri()]));
+    ctl(&ctl_path, &["pause"]);
+    let leaf = source.dir.path().join("leaf.raw");
+    std::fs::File::create(&leaf).and_then(|f| f.set_len(16 * MIB)).expect("leaf");
+    ctl(&ctl_path, &["unpause", "--leaf", leaf.to_str().expect("utf-8")]);
+    assert_eq!(ctl(&ctl_path, &["stats"])["mirror"]["state"], "ready");
+    run(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x32 1M 64k", &source.uri()]));
+    assert_eq!(ctl(&ctl_path, &["drain"])["mirror"], "ready");
+    let stats = ctl(&ctl_path, &["stats"]);
+    assert_eq!(stats["mirror"]["counters"]["writes"], 2, "{stats}");
+    let t = target.contents();
+    assert!(t[..64 << 10].iter().all(|&b| b == 0x31), "the write before the switch is on the target");
+    assert!(t[1 << 20..(1 << 20) + (64 << 10)].iter().all(|&b| b == 0x32), "the write after the switch is on the target");
+    let l = std::fs::read(&leaf).expect("leaf");
+    assert!(l[1 << 20..(1 << 20) + (64 << 10)].iter().all(|&b| b == 0x32), "the write after the switch is on the new leaf");
+    assert!(l[..64 << 10].iter().all(|&b| b == 0), "the new leaf took only the later write");
+
+    // Detached while a guest keeps writing: in-flight writes finish on both sides first, so the
+    // mirror ends detached, not failed, and the guest sees no error.
+    let guest = crate::harness::Guest::start(source.uri(), 16 * MIB, 3);
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let detached = ctl(&ctl_path, &["mirror-detach"]);
+    assert!(detached["counters"]["writes"].as_u64().unwrap_or(0) > 2, "{detached}");
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let (_, writes) = guest.stop();
+    assert!(writes > 0);
+    let stats = ctl(&ctl_path, &["stats"]);
+    assert_eq!(stats["mirror"]["state"], "none", "{stats}");
+    assert_eq!(stats["errors"], 0, "{stats}");
+}
+
+/// Shutting down a paused server whose client has a request held: the held request (never
+/// started) is dropped and the server exits at once, rather than waiting for an unpause that
+/// will not come.
+#[test]
+fn shutdown_of_a_paused_server_drops_held_requests() {
+    let (mut source, ctl_path) = serve_controlled(16 * MIB);
+    ctl(&ctl_path, &["pause"]);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let client = rt
+        .block_on(tapmirror::nbd::NbdClient::connect(&tapmirror::nbd::NbdUri::parse(&source.uri()).expect("uri")))
+        .expect("connect");
+    let held = rt.spawn({
+        let c = client.clone();
+        async move { c.write(0, vec![0x6du8; 4096], false).await }
+    });
+    // Let the request reach the server and wait at its gate.
+    rt.block_on(async { tokio::time::sleep(std::time::Duration::from_millis(300)).await });
+    let started = std::time::Instant::now();
+    ctl(&ctl_path, &["shutdown"]);
+    let status = loop {
+        if let Some(s) = source.proc.0.as_mut().expect("child").try_wait().expect("try_wait") {
+            source.proc.0 = None;
+            break s;
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(10), "a paused server with a held request did not shut down");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}");
+    assert!(rt.block_on(held).expect("join").is_err(), "the held write was answered");
+    assert_eq!(source.contents()[0], 0, "the held write reached the image");
+}

@@ -946,3 +946,85 @@ fn sigterm_with_a_client_silent_in_negotiation_exits_promptly() {
     assert_clean_exit(&mut served); // fails if there is no exit within 10 s
     drop(s);
 }
+
+// ---------------------------------------------------------------------------------------------
+// 9. Connections passed by descriptor (`nbd-accept`), and the block sizes of VHD exports
+// ---------------------------------------------------------------------------------------------
+
+/// A destination host accepts the migration's HTTP connection and hands the socket to its
+/// datapath: here a plain TCP listener of the test accepts qemu-io's connection and passes it
+/// with `nbd-accept`. qemu-io, a real NBD client, then writes and reads through it.
+#[test]
+fn qemu_io_over_a_tcp_connection_passed_by_nbd_accept() {
+    crate::require!("qemu-io");
+    let ctl_dir = tempfile::tempdir().expect("tempdir");
+    let ctl = ctl_dir.path().join("ctl.sock");
+    let served = serve(16 * MIB, &["--control", ctl.to_str().expect("utf-8")]);
+    let stats = || tapmirror::control::request(&ctl, &serde_json::json!({"cmd": "stats"}), None).expect("stats");
+    let connections = stats()["connections"].as_u64().expect("connections");
+
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("address").port();
+    let uri = format!("nbd://127.0.0.1:{port}/");
+    let mut writer = qemu_io(&uri, &["write -P 0x3c 1000 70000".into(), "read -P 0x3c 1000 70000".into(), "read -P 0 0 1000".into()]);
+    let child = writer.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn qemu-io");
+    let mut writer = Proc(Some(child));
+    let (conn, _) = listener.accept().expect("accept qemu-io");
+    let fd = std::os::fd::OwnedFd::from(conn);
+    let answer = tapmirror::control::request(&ctl, &serde_json::json!({"cmd": "nbd-accept"}), Some(&fd)).expect("nbd-accept");
+    assert_eq!(answer["ok"], true, "{answer}");
+    assert_eq!(answer["socket"], "tcp", "{answer}");
+    drop(fd);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let out = loop {
+        if writer.0.as_mut().expect("child").try_wait().expect("try_wait").is_some() {
+            break writer.0.take().expect("child").wait_with_output().expect("output");
+        }
+        assert!(Instant::now() < deadline, "qemu-io hung on the passed connection");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(out.status.success(), "qemu-io failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let mut want = vec![0u8; 16 * MIB as usize];
+    want[1000..71_000].fill(0x3c);
+    assert_bytes(&served.contents(), &want, "image after qemu-io over the passed connection");
+    assert_eq!(stats()["connections"].as_u64(), Some(connections + 1), "the passed connection is counted");
+}
+
+/// A VHD export advertises 512-byte blocks; qemu-io honours that by completing a partial
+/// sector itself (reading the export's own bytes), and a client that does not gets `EINVAL`
+/// with nothing written.
+#[test]
+fn vhd_exports_take_whole_sectors_only() {
+    crate::require!("qemu-io", "nbdinfo");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = dir.path().join("disk.vhd");
+    run(Command::new(tapmirror()).args(["image", "create", "vhd"]).arg(&image).arg((16 * MIB).to_string()));
+    let served = serve_file(dir, image, &[]);
+    let uri = served.uri();
+    let e = nbdinfo_export(&uri);
+    assert_eq!(e["block_size_minimum"].as_u64(), Some(512), "{e}");
+    assert_eq!(e["block_size_preferred"].as_u64(), Some(4096), "{e}");
+
+    run(&mut qemu_io(&uri, &["write -P 0x21 0 4096".into(), "write -P 0x42 1000 3000".into()]));
+    run(&mut qemu_io(&uri, &["read -P 0x21 0 1000".into(), "read -P 0x42 1000 3000".into(), "read -P 0x21 4000 96".into()]));
+
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    rt.block_on(async {
+        let c = tapmirror::nbd::NbdClient::connect(&tapmirror::nbd::NbdUri::parse(&uri).expect("uri")).await.expect("connect");
+        assert_eq!(c.info().block_size.minimum, 512);
+        for (offset, len) in [(1000u64, 3000usize), (512, 100), (100, 512)] {
+            let e = c.write(offset, vec![0x99u8; len], false).await.expect_err("an unaligned write must fail");
+            assert_eq!(e.errno(), Some(tapmirror::nbd::proto::Errno::Inval), "write {offset}+{len}: {e}");
+        }
+        let e = c.write_zeroes(100, 512, false, false).await.expect_err("unaligned zeroes must fail");
+        assert_eq!(e.errno(), Some(tapmirror::nbd::proto::Errno::Inval), "{e}");
+        // The connection goes on, and nothing was written.
+        c.write(4096, vec![0x77u8; 512], false).await.expect("an aligned write");
+        let back = c.read(0, 8192).await.expect("read");
+        let mut want = vec![0x21u8; 4096];
+        want[1000..4000].fill(0x42);
+        want.extend(std::iter::repeat_n(0x77u8, 512));
+        want.extend(std::iter::repeat_n(0u8, 8192 - 4608));
+        assert_bytes(&back, &want, "VHD export after refused writes");
+    });
+}

@@ -408,6 +408,9 @@ impl Image for Qcow2Image {
             fast_zero: self.version >= 3,
             // One imago instance per open image serves every connection.
             multi_conn: true,
+            // Byte-granular: a partly written cluster on a backing still being filled waits
+            // for the fill (see "Overlays on a backing that is still being filled" above).
+            min_block: 1,
         }
     }
 

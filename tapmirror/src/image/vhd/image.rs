@@ -642,6 +642,8 @@ impl Image for VhdImage {
             fast_zero: false,
             // One object per chain, one descriptor per file: a flush covers every connection.
             multi_conn: true,
+            // Sector-granular: see `Features::min_block`.
+            min_block: 512,
         }
     }
 
