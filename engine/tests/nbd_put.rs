@@ -1,7 +1,8 @@
 //! xapi's NBD `PUT`s over real sockets: a server with a test [`NbdHandover`] that, once it has
 //! the socket, writes a greeting and echoes what it reads, called by `connect_nbd`, by
 //! hand-written bytes (to pin the exact answers and prove nothing is read past a head), and by
-//! RPC clients on the same listeners.
+//! RPC clients on the same listeners; and, when nbdkit is installed, a handler that gives the
+//! socket to a real NBD server in another process.
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -655,4 +656,87 @@ async fn trickled_and_pipelined_requests_are_served_either_way() {
     assert!(text.contains(r#""id":1"#) && text.contains(r#""id":2"#), "{text}");
     assert_eq!(server.rpc.calls.load(Ordering::SeqCst), 2);
     server.stop().await;
+}
+
+/// Hands each socket to a real NBD server in another process: `nbdkit -s memory 1M`, which
+/// serves one client on its stdin and stdout. Records how each nbdkit ended.
+#[derive(Default)]
+struct Nbdkit {
+    exits: Mutex<Vec<String>>,
+}
+
+impl NbdHandover for Nbdkit {
+    type Prepared = ();
+
+    async fn prepare(&self, _req: NbdRequest, _transport: Transport) -> Result<(), HandoverError> {
+        Ok(())
+    }
+
+    async fn take_over(&self, (): (), conn: OwnedFd) {
+        let run = move || -> std::io::Result<std::process::ExitStatus> {
+            let out = conn.try_clone()?;
+            std::process::Command::new("/usr/bin/nbdkit").args(["-s", "--exit-with-parent", "memory", "1M"]).stdin(conn).stdout(out).spawn()?.wait()
+        };
+        let status = tokio::task::spawn_blocking(run).await.expect("task");
+        let ended = match status {
+            Ok(s) if s.success() => "exit 0".to_owned(),
+            other => format!("{other:?}"),
+        };
+        self.exits.lock().expect("lock").push(ended);
+    }
+}
+
+#[tokio::test]
+async fn an_nbd_server_in_another_process_serves_the_handed_over_socket() {
+    if !Path::new("/usr/bin/nbdkit").exists() {
+        eprintln!("skipping: /usr/bin/nbdkit not found");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut cfg = ServerConfig::new(SECRET);
+    cfg.tcp = Some("127.0.0.1:0".parse().expect("addr"));
+    cfg.unix = Some(dir.path().join("sxm.sock"));
+    let shutdown = CancellationToken::new();
+    let nbdkit = Arc::new(Nbdkit::default());
+    let running = serve_with(&cfg, Arc::new(Rpc::default()), nbdkit.clone(), shutdown.clone()).await.expect("serve");
+    let tcp = Endpoint::parse(&format!("http://{}", running.tcp_addr().expect("tcp"))).expect("endpoint").with_secret(SECRET);
+    for endpoint in [tcp, Endpoint::Unix(dir.path().join("sxm.sock"))] {
+        let fd = connect_nbd(&endpoint, "/services/SM/nbdproxy/import/vm/sr/vdi/dp").await.expect("connect_nbd");
+        tokio::task::spawn_blocking(move || nbd_write_then_read(File::from(fd))).await.expect("NBD client");
+    }
+    eventually("both nbdkits to exit", || nbdkit.exits.lock().expect("lock").len() == 2).await;
+    assert_eq!(*nbdkit.exits.lock().expect("lock"), vec!["exit 0"; 2]);
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(10), running.wait()).await.expect("stops in time").expect("stops cleanly");
+}
+
+/// A minimal fixed-newstyle NBD client (the NBD protocol document's wire format): negotiate
+/// with `NBD_OPT_EXPORT_NAME`, write a block, read it back, disconnect.
+fn nbd_write_then_read(mut f: File) {
+    let mut greeting = [0u8; 18];
+    f.read_exact(&mut greeting).expect("greeting");
+    assert_eq!(&greeting[..16], b"NBDMAGICIHAVEOPT", "a fixed-newstyle greeting right after the 200");
+    let no_zeroes = u16::from_be_bytes([greeting[16], greeting[17]]) & 2 != 0;
+    let client_flags: u32 = if no_zeroes { 3 } else { 1 };
+    f.write_all(&client_flags.to_be_bytes()).expect("flags");
+    f.write_all(&[&b"IHAVEOPT"[..], &1u32.to_be_bytes(), &0u32.to_be_bytes()].concat()).expect("NBD_OPT_EXPORT_NAME");
+    let mut export = vec![0u8; if no_zeroes { 10 } else { 134 }];
+    f.read_exact(&mut export).expect("export");
+    assert_eq!(u64::from_be_bytes(export[..8].try_into().expect("8 bytes")), 1 << 20, "the export's size");
+
+    let request = |ty: u16, handle: u64, len: u32| [&0x2560_9513u32.to_be_bytes()[..], &0u16.to_be_bytes(), &ty.to_be_bytes(), &handle.to_be_bytes(), &4096u64.to_be_bytes(), &len.to_be_bytes()].concat();
+    let reply = |f: &mut File, handle: u64| {
+        let mut r = [0u8; 16];
+        f.read_exact(&mut r).expect("reply");
+        assert_eq!(r, *[&0x6744_6698u32.to_be_bytes()[..], &0u32.to_be_bytes(), &handle.to_be_bytes()].concat().as_slice(), "a simple reply without error");
+    };
+    let block: Vec<u8> = (0..512u32).map(|i| (i % 251) as u8).collect();
+    f.write_all(&[request(1, 7, 512), block.clone()].concat()).expect("NBD_CMD_WRITE");
+    reply(&mut f, 7);
+    f.write_all(&request(0, 8, 512)).expect("NBD_CMD_READ");
+    reply(&mut f, 8);
+    let mut back = vec![0u8; 512];
+    f.read_exact(&mut back).expect("read data");
+    assert_eq!(back, block);
+    f.write_all(&request(2, 9, 0)).expect("NBD_CMD_DISC");
 }
