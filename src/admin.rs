@@ -137,6 +137,58 @@ pub enum VdiCommand {
 pub enum TaskCommand {
     /// List tasks.
     List,
+    /// One task: state, progress, stage, result or error.
+    Stat {
+        /// The task.
+        task: String,
+    },
+    /// Cancel a task (a migration rolls back).
+    Cancel {
+        /// The task.
+        task: String,
+    },
+}
+
+/// Where a VDI goes: another host and one of its SRs.
+#[derive(clap::Args)]
+pub struct DestArgs {
+    /// The source SR.
+    #[arg(long)]
+    sr: String,
+    /// The VDI.
+    #[arg(long)]
+    vdi: String,
+    /// The destination host: `http://ADDR:PORT[?session_id=SECRET]`.
+    #[arg(long)]
+    dest: String,
+    /// A file holding the destination host's secret (its ROOT/secret), unless the URL has it.
+    #[arg(long)]
+    dest_secret_file: Option<PathBuf>,
+    /// The destination SR.
+    #[arg(long)]
+    dest_sr: String,
+    /// Wait for the task, showing its stage, progress, rate and ETA.
+    #[arg(long)]
+    wait: bool,
+}
+
+/// `sxm mirror …`: live migration of a VDI a guest is writing.
+#[derive(clap::Subcommand)]
+pub enum MirrorCommand {
+    /// Start mirroring a VDI attached here to an SR of another host (DATA.MIRROR.start).
+    Start(DestArgs),
+    /// List mirrors (sent, received, copies) on this host.
+    List,
+    /// One mirror.
+    Stat {
+        /// The mirror's id, `<sr>/<vdi>`.
+        id: String,
+    },
+    /// Stop a mirror and undo it on both hosts.
+    Stop {
+        /// The mirror's id, `<sr>/<vdi>`.
+        id: String,
+    },
 }
 
 /// A connected CLI.
@@ -339,6 +391,114 @@ impl Admin {
                 println!("{t}");
                 Ok(())
             }
+            TaskCommand::Stat { task } => {
+                let v = self.call("TASK.stat", &[("task", s(&task))]).await?;
+                self.print_json(&v)
+            }
+            TaskCommand::Cancel { task } => {
+                self.call("TASK.cancel", &[("task", s(&task))]).await?;
+                Ok(())
+            }
+        }
+    }
+
+    /// `sxm mirror …`.
+    pub async fn mirror(&self, cmd: MirrorCommand) -> Result<()> {
+        match cmd {
+            MirrorCommand::Start(d) => {
+                let url = dest_url(&d)?;
+                let stat = self.call("DP.stat_vdi", &[("vdi", s(&d.vdi)), ("sr", s(&d.sr))]).await?;
+                let dp = match &stat.get("dps") {
+                    Some(Value::Struct(dps)) => dps.iter().find(|(_, st)| matches!(st, Value::Array(a) if a.first().and_then(Value::as_str) == Some("Activated"))).map(|(dp, _)| dp.clone()),
+                    _ => None,
+                };
+                let dp = dp.with_context(|| format!("VDI {} is not active on any datapath here: a live mirror needs a guest's datapath (for a VDI nobody writes, use `sxm copy`)", d.vdi))?;
+                let args = [("verify_dest", Value::Bool(false)), ("dest", s(&d.dest_sr)), ("url", s(&url)), ("dp", s(&dp)), ("vdi", s(&d.vdi)), ("sr", s(&d.sr))];
+                let task: String = self.call_as("DATA.MIRROR.start", &args).await?;
+                self.follow(&task, d.wait).await
+            }
+            MirrorCommand::List => {
+                let v = self.call("DATA.MIRROR.list", &[]).await?;
+                if self.json {
+                    return self.print_json(&v);
+                }
+                let mut t = table(["MIRROR", "ROLE", "SOURCE VDI", "DESTINATION VDI", "FAILED"]);
+                if let Value::Struct(m) = v {
+                    for (id, mirror) in m {
+                        let roles = match mirror.get("state") {
+                            Some(Value::Array(a)) => a.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(","),
+                            _ => String::new(),
+                        };
+                        let get = |k: &str| mirror.get(k).and_then(Value::as_str).unwrap_or("").to_owned();
+                        let failed = mirror.get("failed").and_then(Value::as_bool).unwrap_or(false);
+                        t.add_row(vec![id, roles, get("source_vdi"), get("dest_vdi"), if failed { "yes".into() } else { "no".into() }]);
+                    }
+                }
+                println!("{t}");
+                Ok(())
+            }
+            MirrorCommand::Stat { id } => {
+                let v = self.call("DATA.MIRROR.stat", &[("id", s(&id))]).await?;
+                self.print_json(&v)
+            }
+            MirrorCommand::Stop { id } => {
+                self.call("DATA.MIRROR.stop", &[("id", s(&id))]).await?;
+                Ok(())
+            }
+        }
+    }
+
+    /// `sxm copy`: copy a VDI nobody writes to an SR of another host (DATA.copy).
+    pub async fn copy(&self, d: DestArgs) -> Result<()> {
+        let url = dest_url(&d)?;
+        let args = [("verify_dest", Value::Bool(false)), ("dest", s(&d.dest_sr)), ("url", s(&url)), ("vm", s("0")), ("vdi", s(&d.vdi)), ("sr", s(&d.sr))];
+        let task: String = self.call_as("DATA.copy", &args).await?;
+        self.follow(&task, d.wait).await
+    }
+
+    /// Prints the task id, or follows the task to its end with a progress line on stderr.
+    async fn follow(&self, task: &str, wait: bool) -> Result<()> {
+        if !wait {
+            if self.json {
+                return self.print_json(&s(task));
+            }
+            println!("{task}");
+            return Ok(());
+        }
+        let started = std::time::Instant::now();
+        loop {
+            let t: Task = self.call_as("TASK.stat", &[("task", s(task))]).await?;
+            let stage = t.debug_info.get("stage").cloned().unwrap_or_default();
+            match &t.state {
+                TaskState::Pending(p) => {
+                    let done: u64 = t.debug_info.get("bytes_done").and_then(|x| x.parse().ok()).unwrap_or(0);
+                    let total: u64 = t.debug_info.get("bytes_total").and_then(|x| x.parse().ok()).unwrap_or(0);
+                    let secs = started.elapsed().as_secs_f64().max(0.001);
+                    let rate = done as f64 / secs;
+                    let eta = if rate > 0.0 && total > done { format!("{:.0}s", (total - done) as f64 / rate) } else { "-".into() };
+                    eprint!("\r{stage:<9} {:>5.1}%  {}/s  ETA {eta}      ", p * 100.0, human(rate as i64));
+                }
+                TaskState::Completed(c) => {
+                    eprintln!("\rdone in {:.1}s{:40}", c.duration, "");
+                    let result = c.result.as_ref().map(Marshal::to_value).unwrap_or(Value::Null);
+                    return if self.json {
+                        self.print_json(&result)
+                    } else {
+                        match &c.result {
+                            Some(sxm_engine::model::TaskResult::MirrorId(id)) => println!("{id}"),
+                            Some(sxm_engine::model::TaskResult::VdiInfo(v)) => println!("{}", v.vdi),
+                            None => {}
+                        }
+                        Ok(())
+                    };
+                }
+                TaskState::Failed(e) => {
+                    eprintln!();
+                    let why = sxm_engine::model::StorageError::from_value(e).map(|e| e.to_string()).unwrap_or_else(|_| format!("{e:?}"));
+                    bail!("task {task} failed in stage {stage:?}: {why}");
+                }
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         }
     }
 
@@ -400,6 +560,19 @@ impl Admin {
         println!("{}", info.vdi);
         Ok(())
     }
+}
+
+/// The destination URL the source host will call, with the destination's secret in it.
+fn dest_url(d: &DestArgs) -> Result<String> {
+    if d.dest.contains("session_id=") {
+        return Ok(d.dest.clone());
+    }
+    let Some(f) = &d.dest_secret_file else {
+        bail!("the destination host needs its secret: --dest-secret-file DEST_ROOT/secret, or ?session_id= in --dest");
+    };
+    let secret = std::fs::read_to_string(f).with_context(|| format!("read {}", f.display()))?;
+    let sep = if d.dest.contains('?') { '&' } else { '?' };
+    Ok(format!("{}{sep}session_id={}", d.dest, secret.trim()))
 }
 
 /// The guest-visible size of an image file (raw, VHD or qcow2), from `tapmirror image info`.

@@ -29,6 +29,11 @@ enum Command {
     /// Tasks.
     #[command(subcommand)]
     Task(admin::TaskCommand),
+    /// Live migration of VDIs that guests are writing.
+    #[command(subcommand)]
+    Mirror(admin::MirrorCommand),
+    /// Copy a VDI nobody writes to another host's SR.
+    Copy(admin::DestArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -54,6 +59,8 @@ fn run(cli: Cli) -> Result<()> {
             Command::Sr(cmd) => admin::Admin::new(&cli.host)?.sr(cmd).await,
             Command::Vdi(cmd) => admin::Admin::new(&cli.host)?.vdi(cmd).await,
             Command::Task(cmd) => admin::Admin::new(&cli.host)?.task(cmd).await,
+            Command::Mirror(cmd) => admin::Admin::new(&cli.host)?.mirror(cmd).await,
+            Command::Copy(args) => admin::Admin::new(&cli.host)?.copy(args).await,
         }
     })
 }

@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use sxm_engine::http::server::{ServerConfig, serve};
+use sxm_engine::http::server::{ServerConfig, serve_with};
+use sxm_engine::migrate::receive::Handover;
 use sxm_engine::mux::Mux;
 use tokio_util::sync::CancellationToken;
 
@@ -88,7 +89,8 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     cfg.tcp = args.listen;
     cfg.unix = Some(args.socket.unwrap_or_else(|| root.join("sxm.sock")));
     let shutdown = CancellationToken::new();
-    let running = serve(&cfg, mux, shutdown.clone()).await.context("start the RPC server")?;
+    let handover = Arc::new(Handover(mux.clone()));
+    let running = serve_with(&cfg, mux, handover, shutdown.clone()).await.context("start the RPC server")?;
     // One line on stdout saying where the host listens: scripts and tests wait for it.
     let tcp = running.tcp_addr().map(|a| format!("http://{a}")).unwrap_or_else(|| "-".into());
     let unix = running.unix_path().map(|p| p.display().to_string()).unwrap_or_else(|| "-".into());

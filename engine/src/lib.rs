@@ -20,6 +20,7 @@
 pub mod backend;
 pub mod datapaths;
 pub mod http;
+pub mod migrate;
 pub mod model;
 pub mod mux;
 pub mod rpc;

@@ -29,6 +29,10 @@ pub const DEFAULT_SR_TYPE: &str = "ext";
 
 /// The host's storage service.
 pub struct Mux {
+    /// Itself, for the tasks a call leaves running (migrations).
+    pub(crate) me: std::sync::Weak<Mux>,
+    /// Sends, receives and copies.
+    pub(crate) records: crate::migrate::Records,
     root: PathBuf,
     backends: HashMap<String, Arc<dyn Backend>>,
     srs: Mutex<SrRegistry>,
@@ -54,11 +58,14 @@ impl MuxBuilder {
     /// logged and left detached in memory; its record is kept for the next try.
     pub async fn open(self, root: &Path) -> std::io::Result<Arc<Mux>> {
         std::fs::create_dir_all(root)?;
-        let mux = Arc::new(Mux {
+        let (srs, dps, records) = (SrRegistry::load(root)?, Datapaths::load(root)?, crate::migrate::Records::load(root)?);
+        let mux = Arc::new_cyclic(|me| Mux {
+            me: me.clone(),
+            records,
             root: root.to_owned(),
             backends: self.backends,
-            srs: Mutex::new(SrRegistry::load(root)?),
-            dps: Mutex::new(Datapaths::load(root)?),
+            srs: Mutex::new(srs),
+            dps: Mutex::new(dps),
             tasks: Tasks::new(),
         });
         let attached: Vec<SrEntry> = mux.registry().all().filter(|e| e.record.attached).cloned().collect();
@@ -71,6 +78,9 @@ impl MuxBuilder {
                 Err(e) => tracing::error!(sr = %sr, error = %e, "SR could not be taken up again"),
             }
         }
+        // Then what migrations were doing: finish or undo each.
+        mux.recover_receives().await;
+        mux.recover_sends().await;
         Ok(mux)
     }
 }
@@ -118,11 +128,31 @@ impl Mux {
         self.backends.get(ty).cloned().ok_or_else(|| StorageError::NoStoragePluginForSr(sr.to_owned()))
     }
 
+    /// Runs a call through the mux from inside the engine (a migration's steps are ordinary
+    /// storage calls) and decodes its answer.
+    pub(crate) fn local<T: Marshal + Send + 'static>(&self, call: Call) -> crate::migrate::Boxed<'_, StorageResult<T>> {
+        Box::pin(async move {
+            let method = call.method();
+            let v = self.call(call).await?;
+            T::from_value(&v).map_err(|e| StorageError::InternalError(format!("{method} answered something unexpected: {e}")))
+        })
+    }
+
+    /// One datapath's record of a VDI.
+    pub(crate) fn datapath_record(&self, dp: &str, sr: &str, vdi: &str) -> Option<DpRecord> {
+        self.datapaths().get(dp, sr, vdi).cloned()
+    }
+
+    /// Every datapath record of a VDI.
+    pub(crate) fn datapath_records(&self, sr: &str, vdi: &str) -> Vec<DpRecord> {
+        self.datapaths().of_vdi(sr, vdi).cloned().collect()
+    }
+
     fn entry(&self, sr: &str) -> StorageResult<SrEntry> {
         self.registry().get(sr).cloned()
     }
 
-    fn attached_entry(&self, sr: &str) -> StorageResult<SrEntry> {
+    pub(crate) fn attached_entry(&self, sr: &str) -> StorageResult<SrEntry> {
         let entry = self.entry(sr)?;
         if !entry.record.attached {
             return Err(StorageError::SrNotAttached(sr.to_owned()));
@@ -130,8 +160,22 @@ impl Mux {
         Ok(entry)
     }
 
+    /// Runs a long backend call (a copy) on the blocking pool without the SR's lock: the
+    /// caller keeps what it works on from changing.
+    pub(crate) async fn run_unlocked<T: Send + 'static>(
+        &self,
+        entry: &SrEntry,
+        f: impl FnOnce(&dyn Backend, &SrContext) -> StorageResult<T> + Send + 'static,
+    ) -> StorageResult<T> {
+        let backend = self.backend_of(&entry.record.ty, &entry.record.sr)?;
+        let ctx = self.registry().context(&entry.record);
+        tokio::task::spawn_blocking(move || f(backend.as_ref(), &ctx))
+            .await
+            .map_err(|e| StorageError::InternalError(format!("backend call on SR {} did not finish: {e}", entry.record.sr)))?
+    }
+
     /// Runs a backend call on the blocking pool with the SR's lock held.
-    async fn run<T: Send + 'static>(
+    pub(crate) async fn run<T: Send + 'static>(
         &self,
         entry: &SrEntry,
         exclusive: bool,
@@ -273,16 +317,18 @@ impl Mux {
                 Ok((changes, next).to_value())
             }
             Query(_) => Ok(self.query().to_value()),
-            call @ (DataCopy(_)
-            | DataMirrorStart(_)
-            | DataMirrorStop(_)
-            | DataMirrorStat(_)
-            | DataMirrorList(_)
-            | DataMirrorReceiveStart(_)
-            | DataMirrorReceiveStart2(_)
-            | DataMirrorReceiveFinalize(_)
-            | DataMirrorReceiveFinalize2(_)
-            | DataMirrorReceiveCancel(_)) => Err(StorageError::Unimplemented(call.method().to_owned())),
+            DataCopy(a) => self.data_copy(a.sr, a.vdi, a.url, a.dest).await.map(Value::String),
+            DataMirrorStart(a) => self.mirror_start(a.sr, a.vdi, a.dp, a.url, a.dest, a.mirror_vm, a.copy_vm).await.map(Value::String),
+            DataMirrorStop(a) => self.mirror_stop(&a.id).await.map(|()| Value::Null),
+            DataMirrorStat(a) => self.mirror_stat(&a.id).map(|m| m.to_value()),
+            DataMirrorList(_) => Ok(self.mirror_list().to_value()),
+            DataMirrorReceiveStart(a) => self.receive_start(a.sr, a.vdi_info, a.id, a.similar, "0".into()).await.map(|r| r.to_value()),
+            DataMirrorReceiveStart2(a) => {
+                self.receive_start(a.sr, a.vdi_info, a.id, a.similar, a.vm.unwrap_or_else(|| "0".into())).await.map(|r| r.to_value())
+            }
+            DataMirrorReceiveFinalize(a) => self.receive_finalize(&a.id, false).await.map(|()| Value::Null),
+            DataMirrorReceiveFinalize2(a) => self.receive_finalize(&a.id, true).await.map(|()| Value::Null),
+            DataMirrorReceiveCancel(a) => self.receive_cancel(&a.id).await.map(|()| Value::Null),
         }
     }
 
@@ -454,7 +500,16 @@ impl Mux {
         }
         let id = vdi.clone();
         let info = match before {
-            VdiState::Detached => self.run(&entry, true, move |b, ctx| b.vdi_attach(ctx, &id, read_write)).await?,
+            VdiState::Detached => {
+                let info = self.run(&entry, true, move |b, ctx| b.vdi_attach(ctx, &id, read_write)).await?;
+                if read_write {
+                    // Its data may change from now on: it no longer holds what its content_id
+                    // names, and a migration must not take it as a copy of a similar VDI.
+                    let (id, fresh) = (vdi.clone(), uuid::Uuid::new_v4().to_string());
+                    self.run(&entry, true, move |b, ctx| b.vdi_update(ctx, &id, &VdiChange::ContentId(fresh))).await?;
+                }
+                info
+            }
             // Already attached for another datapath: a writer joining readers is refused,
             // since the process serves the mode it was started in.
             VdiState::Attached(rw) | VdiState::Activated(rw) => {
@@ -500,13 +555,19 @@ impl Mux {
             return Ok(());
         }
         let others_active = self.datapaths().of_vdi(&sr, &vdi).any(|r| r.dp != dp && r.active);
+        let mut finalize = None;
         if !others_active {
+            // The VDI stops taking I/O here: a mirror on it ends, drained and finalized.
+            finalize = self.before_deactivate(&sr, &vdi).await;
             let id = vdi.clone();
             self.run(&entry, true, move |b, ctx| b.vdi_deactivate(ctx, &id)).await?;
         }
         record.active = false;
         self.datapaths().put(record)?;
         self.tasks.changed(Dynamic::Dp(dp));
+        if let Some(send) = finalize {
+            self.after_deactivate(send).await?;
+        }
         Ok(())
     }
 

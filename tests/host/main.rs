@@ -3,6 +3,7 @@
 //! through their NBD URIs by qemu-io, nbdcopy and our own guest writer.
 
 mod support;
+mod migrate;
 
 use std::process::Command;
 

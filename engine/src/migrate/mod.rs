@@ -1,0 +1,127 @@
+//! Storage migration (`DATA.*`): moving a VDI that a guest is writing to another host's SR,
+//! in the stages prepare, pass fds, snapshot, mirror, copy and finalize, and undoing exactly
+//! what each stage made when anything fails (`../shared/DESIGN.md`, "The flow of one live
+//! migration"; xapi's `Storage_migrate`, G2 wire: `receive_start2` / `receive_finalize2`).
+//!
+//! - [`receive`]: the destination side (`DATA.MIRROR.receive_*`, and the NBD handover of
+//!   `PUT /services/SM/nbd/…`).
+//! - [`send`]: the source side (`DATA.MIRROR.start|stop|stat|list`, finalize on deactivate,
+//!   `DATA.copy`).
+//! - [`records`]: what is persisted, before each side effect, so a restarted host can finish
+//!   or undo it.
+//!
+//! Every step the engine takes here is an ordinary storage call, made locally through the mux
+//! or remotely over XML-RPC as xapi makes it; the data-path steps (serve an NBD import, attach
+//! the mirror, drain, copy) are the backend's.
+
+pub mod receive;
+pub mod records;
+pub mod send;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Mutex;
+
+use crate::http::client::{Endpoint, RpcClient};
+use crate::model::{Call, StorageError};
+use crate::rpc::marshal::Marshal;
+
+pub use records::{CopyRecord, RecvRecord, SendRecord, Table};
+
+/// The sm_config key that marks every VDI a migration made, with the mirror's id as value:
+/// whatever carries it can be found and destroyed when the migration is undone.
+pub const BASE_MIRROR: &str = "base_mirror";
+
+/// How long finalize waits for the source datapath to drain (xapi's 150 s).
+pub const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(150);
+
+/// The migration records of a host.
+pub struct Records {
+    /// Sends (source side).
+    pub sends: Mutex<Table<SendRecord>>,
+    /// Receives (destination side).
+    pub recvs: Mutex<Table<RecvRecord>>,
+    /// Copies (source side).
+    pub copies: Mutex<Table<CopyRecord>>,
+}
+
+impl Records {
+    /// Loads the records under `<root>/state/`.
+    pub fn load(root: &std::path::Path) -> std::io::Result<Records> {
+        let dir = root.join("state");
+        Ok(Records {
+            sends: Mutex::new(Table::load(&dir.join("send"))?),
+            recvs: Mutex::new(Table::load(&dir.join("recv"))?),
+            copies: Mutex::new(Table::load(&dir.join("copy"))?),
+        })
+    }
+}
+
+/// Locks a table, ignoring poisoning (a record table is consistent after every statement).
+pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Another host, called over XML-RPC as xapi calls hosts.
+pub struct Remote {
+    /// The endpoint (with the host's secret).
+    pub endpoint: Endpoint,
+    client: RpcClient,
+}
+
+impl Remote {
+    /// The host at `url` (`http://host:port[/services/SM]?session_id=SECRET`).
+    pub fn new(url: &str) -> Result<Remote, StorageError> {
+        let endpoint = Endpoint::parse(url).map_err(|e| StorageError::InternalError(format!("destination URL: {e}")))?;
+        let client = RpcClient::new(endpoint.clone()).with_timeout(std::time::Duration::from_secs(300));
+        Ok(Remote { endpoint, client })
+    }
+
+    /// Makes a call and decodes its answer.
+    pub async fn call<T: Marshal>(&self, call: Call) -> Result<T, StorageError> {
+        let method = call.method();
+        let params = call.params().into_iter().next().unwrap_or(crate::rpc::Value::Null);
+        let v = self.client.call_xml(method, params).await.map_err(|e| match e.storage() {
+            Some(s) => s.clone(),
+            None => StorageError::InternalError(format!("{e}: {}", error_chain(&e))),
+        })?;
+        T::from_value(&v).map_err(|e| StorageError::InternalError(format!("{method} on the destination answered something unexpected: {e}")))
+    }
+
+    /// Opens an NBD connection to a datapath of the remote host through
+    /// `PUT /services/SM/nbd/<vm>/<sr>/<vdi>/<dp>`.
+    pub async fn connect_nbd(&self, vm: &str, sr: &str, vdi: &str, dp: &str) -> Result<std::os::fd::OwnedFd, StorageError> {
+        let path = format!("/services/SM/nbd/{}/{}/{}/{}", enc(vm), enc(sr), enc(vdi), enc(dp));
+        crate::http::client::connect_nbd(&self.endpoint, &path)
+            .await
+            .map_err(|e| StorageError::InternalError(format!("{e}: {}", error_chain(&e))))
+    }
+}
+
+/// Percent-encodes one path component.
+fn enc(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// An error's causes, joined.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut parts = Vec::new();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        parts.push(c.to_string());
+        cur = c.source();
+    }
+    parts.join(": ")
+}
+
+/// A boxed future: the mux calls itself from inside migration steps, and a recursive async
+/// call needs its future's type erased.
+pub type Boxed<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;

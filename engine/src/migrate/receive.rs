@@ -1,0 +1,245 @@
+//! The destination side: `DATA.MIRROR.receive_start` / `receive_start2` make a leaf for the
+//! mirrored writes (made a differencing disk by a dummy snapshot), attach and activate it, and
+//! a parent for the copy (a clone of the nearest VDI with similar content, so only differences
+//! travel, or a new empty VDI); `receive_finalize2` layers the leaf onto the parent;
+//! `receive_cancel` destroys all of it. Every VDI it makes carries `base_mirror = <id>` in its
+//! sm_config, so an interrupted prepare can always be found and undone.
+
+use std::os::fd::OwnedFd;
+
+use crate::http::{HandoverError, NbdHandover, NbdRequest, Transport};
+use crate::model::call::args;
+use crate::model::{Call, Dynamic, MirrorReceiveResult, StorageError, VdiInfo, VhdMirror};
+use crate::mux::Mux;
+use crate::rpc::marshal::Map;
+
+use super::records::{RecvRecord, RecvStage};
+use super::{BASE_MIRROR, lock};
+
+fn dbg(id: &str) -> String {
+    format!("receive {id}")
+}
+
+impl Mux {
+    /// `DATA.MIRROR.receive_start(2)`: prepares `sr` to receive VDI `info` of the source
+    /// (mirror `id`). Any failure undoes what was made and answers
+    /// `Migration_preparation_failure`.
+    pub(crate) async fn receive_start(&self, sr: String, info: VdiInfo, id: String, similar: Vec<String>, vm: String) -> Result<MirrorReceiveResult, StorageError> {
+        self.attached_entry(&sr)?;
+        if lock(&self.records.recvs).get(&id).is_some() {
+            return Err(StorageError::MigrationPreparationFailure(format!("mirror {id} is already being received")));
+        }
+        let record = RecvRecord {
+            id: id.clone(),
+            sr: sr.clone(),
+            remote_vdi: info.vdi.clone(),
+            mirror_vm: vm.clone(),
+            stage: RecvStage::Preparing,
+            leaf: None,
+            leaf_dp: None,
+            dummy: None,
+            parent: None,
+        };
+        // Written before anything is made: a restart finds it and undoes the prepare.
+        lock(&self.records.recvs).put(record).map_err(|e| StorageError::MigrationPreparationFailure(e.to_string()))?;
+        match self.prepare(&sr, &info, &id, &similar, &vm).await {
+            Ok(result) => {
+                tracing::info!(mirror = %id, sr = %sr, "receive prepared");
+                self.tasks().changed(Dynamic::Mirror(id));
+                Ok(result)
+            }
+            Err(e) => {
+                tracing::warn!(mirror = %id, error = %e, "receive_start failed; undoing it");
+                self.undo_receive(&id).await;
+                Err(match e {
+                    StorageError::MigrationPreparationFailure(_) => e,
+                    other => StorageError::MigrationPreparationFailure(other.to_string()),
+                })
+            }
+        }
+    }
+
+    fn update_recv(&self, id: &str, f: impl FnOnce(&mut RecvRecord)) -> Result<(), StorageError> {
+        let mut table = lock(&self.records.recvs);
+        let mut r = table.get(id).cloned().ok_or_else(|| StorageError::DoesNotExist("mirror".into(), id.into()))?;
+        f(&mut r);
+        table.put(r)
+    }
+
+    async fn prepare(&self, sr: &str, info: &VdiInfo, id: &str, similar: &[String], vm: &str) -> Result<MirrorReceiveResult, StorageError> {
+        let marked = |mut v: VdiInfo| {
+            v.sm_config = Map::from_iter([(BASE_MIRROR.to_owned(), id.to_owned())]);
+            v
+        };
+        // The leaf takes the mirrored writes.
+        let mut leaf_info = marked(info.clone());
+        leaf_info.is_a_snapshot = false;
+        leaf_info.read_only = false;
+        leaf_info.snapshot_of = String::new();
+        let leaf: VdiInfo = self.local(Call::VdiCreate(args::VdiCreate { vdi_info: leaf_info, sr: sr.into(), dbg: dbg(id) })).await?;
+        self.update_recv(id, |r| r.leaf = Some(leaf.vdi.clone()))?;
+        // The dummy snapshot makes the leaf a differencing disk on an empty base, so that
+        // finalize can put the copied parent under it.
+        let dummy: VdiInfo = self.local(Call::VdiSnapshot(args::VdiSnapshot { vdi_info: marked(leaf.clone()), sr: sr.into(), dbg: dbg(id) })).await?;
+        self.update_recv(id, |r| r.dummy = Some(dummy.vdi.clone()))?;
+        let leaf_dp = uuid::Uuid::new_v4().to_string();
+        self.update_recv(id, |r| r.leaf_dp = Some(leaf_dp.clone()))?;
+        let _: crate::model::AttachInfo = self
+            .local(Call::VdiAttach3(args::VdiAttach3 { read_write: true, vdi: leaf.vdi.clone(), vm: Some(vm.into()), sr: sr.into(), dp: leaf_dp.clone(), dbg: dbg(id) }))
+            .await?;
+        self.local::<()>(Call::VdiActivate3(args::VdiActivate3 { vdi: leaf.vdi.clone(), vm: Some(vm.into()), sr: sr.into(), dp: leaf_dp.clone(), dbg: dbg(id) })).await?;
+
+        // The parent: a clone of the nearest VDI holding similar content, or a new one.
+        let vdis: Vec<VdiInfo> = self.local(Call::SrScan(args::SrScan { sr: sr.into(), dbg: dbg(id) })).await?;
+        let nearest = similar.iter().filter(|c| !c.is_empty()).find_map(|c| {
+            vdis.iter().find(|v| &v.content_id == c && v.virtual_size <= info.virtual_size && v.sm_config.get(BASE_MIRROR).is_none())
+        });
+        let (parent, copy_diffs_from) = match nearest {
+            Some(base) => {
+                let mut clone_info = marked(base.clone());
+                clone_info.name_label = format!("{} (base)", info.name_label);
+                let parent: VdiInfo = self.local(Call::VdiClone(args::VdiClone { vdi_info: clone_info, sr: sr.into(), dbg: dbg(id) })).await?;
+                self.update_recv(id, |r| r.parent = Some(parent.vdi.clone()))?;
+                if parent.virtual_size != info.virtual_size {
+                    let _: i64 = self
+                        .local(Call::VdiResize(args::VdiResize { new_size: info.virtual_size, vdi: parent.vdi.clone(), sr: sr.into(), dbg: dbg(id) }))
+                        .await?;
+                }
+                (parent.vdi, Some(base.content_id.clone()))
+            }
+            None => {
+                let mut parent_info = marked(VdiInfo::new("", format!("{} (base)", info.name_label)));
+                parent_info.virtual_size = info.virtual_size;
+                let parent: VdiInfo = self.local(Call::VdiCreate(args::VdiCreate { vdi_info: parent_info, sr: sr.into(), dbg: dbg(id) })).await?;
+                self.update_recv(id, |r| r.parent = Some(parent.vdi.clone()))?;
+                (parent.vdi, None)
+            }
+        };
+        self.update_recv(id, |r| r.stage = RecvStage::Receiving)?;
+        Ok(MirrorReceiveResult::VhdMirror(VhdMirror {
+            dummy_vdi: dummy.vdi,
+            copy_diffs_to: parent,
+            copy_diffs_from,
+            mirror_datapath: leaf_dp,
+            mirror_vdi: leaf,
+        }))
+    }
+
+    /// Destroys what a receive made, each step's error logged and ignored (xapi's
+    /// `receive_cancel`), then the record: the leaf's datapath, and every VDI of the SR that
+    /// carries the mirror's mark (the leaf, dummy and parent, and one a crash made before it
+    /// was recorded).
+    pub(crate) async fn undo_receive(&self, id: &str) {
+        let Some(r) = lock(&self.records.recvs).get(id).cloned() else { return };
+        if let (Some(dp), Some(leaf)) = (&r.leaf_dp, &r.leaf)
+            && let Err(e) = self
+                .local::<()>(Call::DpDestroy2(args::DpDestroy2 { allow_leak: true, vm: Some(r.mirror_vm.clone()), vdi: leaf.clone(), sr: r.sr.clone(), dp: dp.clone(), dbg: dbg(id) }))
+                .await
+        {
+            tracing::warn!(mirror = %id, error = %e, "undo: destroying the leaf's datapath failed");
+        }
+        let mut doomed: Vec<String> = [&r.dummy, &r.leaf, &r.parent].into_iter().flatten().cloned().collect();
+        if let Ok(vdis) = self.local::<Vec<VdiInfo>>(Call::SrScan(args::SrScan { sr: r.sr.clone(), dbg: dbg(id) })).await {
+            for v in vdis {
+                if v.sm_config.get(BASE_MIRROR).map(String::as_str) == Some(id) && !doomed.contains(&v.vdi) {
+                    doomed.push(v.vdi);
+                }
+            }
+        }
+        for vdi in doomed {
+            match self.local::<()>(Call::VdiDestroy(args::VdiDestroy { vdi: vdi.clone(), sr: r.sr.clone(), dbg: dbg(id) })).await {
+                Ok(()) | Err(StorageError::VdiDoesNotExist(_)) => {}
+                Err(e) => tracing::warn!(mirror = %id, vdi = %vdi, error = %e, "undo: destroying a VDI failed"),
+            }
+        }
+        if let Err(e) = lock(&self.records.recvs).remove(id) {
+            tracing::error!(mirror = %id, error = %e, "undo: removing the receive record failed");
+        }
+        self.tasks().changed(Dynamic::Mirror(id.to_owned()));
+    }
+
+    /// `DATA.MIRROR.receive_cancel`.
+    pub(crate) async fn receive_cancel(&self, id: &str) -> Result<(), StorageError> {
+        if lock(&self.records.recvs).get(id).is_none() {
+            return Err(StorageError::DoesNotExist("mirror".into(), id.into()));
+        }
+        self.undo_receive(id).await;
+        tracing::info!(mirror = %id, "receive cancelled");
+        Ok(())
+    }
+
+    /// `DATA.MIRROR.receive_finalize2` (with `compose`) and `receive_finalize` (G1 sources
+    /// compose themselves): the leaf leaves its datapath and, composed onto the copied parent,
+    /// becomes the migrated VDI.
+    pub(crate) async fn receive_finalize(&self, id: &str, compose: bool) -> Result<(), StorageError> {
+        let r = lock(&self.records.recvs).get(id).cloned().ok_or_else(|| StorageError::DoesNotExist("mirror".into(), id.into()))?;
+        let (Some(leaf), Some(dp)) = (r.leaf.clone(), r.leaf_dp.clone()) else {
+            return Err(StorageError::InternalError(format!("mirror {id} was never fully prepared")));
+        };
+        self.local::<()>(Call::DpDestroy2(args::DpDestroy2 { allow_leak: false, vm: Some(r.mirror_vm.clone()), vdi: leaf.clone(), sr: r.sr.clone(), dp, dbg: dbg(id) }))
+            .await?;
+        if compose {
+            let parent = r.parent.clone().ok_or_else(|| StorageError::InternalError(format!("mirror {id} has no parent")))?;
+            self.local::<()>(Call::VdiCompose(args::VdiCompose { vdi2: leaf.clone(), vdi1: parent, sr: r.sr.clone(), dbg: dbg(id) })).await?;
+            if let Some(dummy) = &r.dummy
+                && let Err(e) = self.local::<()>(Call::VdiDestroy(args::VdiDestroy { vdi: dummy.clone(), sr: r.sr.clone(), dbg: dbg(id) })).await
+            {
+                tracing::warn!(mirror = %id, error = %e, "finalize: destroying the dummy failed");
+            }
+            self.local::<()>(Call::VdiRemoveFromSmConfig(args::VdiRemoveFromSmConfig { key: BASE_MIRROR.into(), vdi: leaf.clone(), sr: r.sr.clone(), dbg: dbg(id) }))
+                .await?;
+        }
+        lock(&self.records.recvs).remove(id)?;
+        self.tasks().changed(Dynamic::Mirror(id.to_owned()));
+        tracing::info!(mirror = %id, vdi = %leaf, "receive finalized");
+        Ok(())
+    }
+
+    /// `PUT /services/SM/nbd/<vm>/<sr>/<vdi>/<dp>`, before the `200`: the datapath must hold
+    /// the VDI, active.
+    fn nbd_check(&self, req: &NbdRequest) -> Result<(), StorageError> {
+        self.attached_entry(&req.sr)?;
+        match self.datapath_record(&req.dp, &req.sr, &req.vdi) {
+            Some(r) if r.active => Ok(()),
+            Some(_) => Err(StorageError::InternalError(format!("VDI {} is attached on datapath {} but not active", req.vdi, req.dp))),
+            None => Err(StorageError::DoesNotExist("datapath".into(), format!("{} (for VDI {})", req.dp, req.vdi))),
+        }
+    }
+
+    /// After the `200`: the connection goes to the VDI's datapath process.
+    async fn nbd_take_over(&self, req: NbdRequest, conn: OwnedFd) {
+        let Ok(entry) = self.attached_entry(&req.sr) else { return };
+        let vdi = req.vdi.clone();
+        if let Err(e) = self.run(&entry, false, move |b, ctx| b.vdi_serve_nbd(ctx, &vdi, conn)).await {
+            // The caller learns it from the NBD handshake that never comes.
+            tracing::error!(sr = %req.sr, vdi = %req.vdi, dp = %req.dp, error = %e, "handing an NBD connection to the datapath failed");
+        }
+    }
+
+    /// After a restart: a receive still preparing is undone; one receiving is kept (its leaf's
+    /// datapath runs on, re-adopted with its SR).
+    pub(crate) async fn recover_receives(&self) {
+        let preparing: Vec<String> = lock(&self.records.recvs).all().filter(|r| r.stage == RecvStage::Preparing).map(|r| r.id.clone()).collect();
+        for id in preparing {
+            tracing::warn!(mirror = %id, "a receive was interrupted while preparing; undoing it");
+            self.undo_receive(&id).await;
+        }
+    }
+}
+
+/// `sxm serve` answers NBD `PUT`s through the mux: the datapath that holds the VDI takes the
+/// connection.
+pub struct Handover(pub std::sync::Arc<Mux>);
+
+impl NbdHandover for Handover {
+    type Prepared = NbdRequest;
+
+    async fn prepare(&self, req: NbdRequest, _transport: Transport) -> Result<NbdRequest, HandoverError> {
+        self.0.nbd_check(&req)?;
+        Ok(req)
+    }
+
+    async fn take_over(&self, req: NbdRequest, conn: OwnedFd) {
+        self.0.nbd_take_over(req, conn).await;
+    }
+}

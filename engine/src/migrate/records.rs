@@ -1,0 +1,264 @@
+//! The persisted record of every send (source), receive (destination) and copy, one JSON file
+//! each under `<root>/state/{send,recv,copy}/`. A record is written before the side effect it
+//! announces, and updated after each stage, so a restarted host knows what exists and can
+//! finish or undo it (`../shared/DESIGN.md`, "State and recovery"; xapi's `Send_state`,
+//! `Receive_state`, `Copy_state`).
+
+use std::collections::BTreeMap;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use serde::de::DeserializeOwned;
+
+use crate::model::StorageError;
+use crate::state;
+
+/// Where a send stands. Each stage's record is written before the stage's side effects.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SendStage {
+    /// Asking the destination to prepare (`receive_start2`).
+    Prepare,
+    /// Connecting the mirror to the destination's leaf.
+    PassFds,
+    /// Snapshotting the source.
+    Snapshot,
+    /// Copying the snapshot into the destination's parent.
+    Copy,
+    /// The copy is done: the mirror runs until finalize.
+    Mirroring,
+}
+
+/// What the destination prepared.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RemoteInfo {
+    /// The destination leaf that takes mirrored writes.
+    pub leaf: String,
+    /// The destination datapath holding the leaf.
+    pub leaf_dp: String,
+    /// The destination parent that takes the copy.
+    pub parent: String,
+    /// The content_id the parent was cloned from, when it was.
+    pub copy_diffs_from: Option<String>,
+    /// The destination's dummy snapshot.
+    pub dummy: String,
+}
+
+/// One VDI being sent (source side).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SendRecord {
+    /// The mirror's id, `<sr>/<vdi>`.
+    pub id: String,
+    /// The source SR.
+    pub sr: String,
+    /// The source VDI.
+    pub vdi: String,
+    /// The source datapath (the guest's).
+    pub dp: String,
+    /// The destination host's URL (with its secret).
+    pub url: String,
+    /// The destination SR.
+    pub dest_sr: String,
+    /// The destination VM slice for the mirror's datapath.
+    pub mirror_vm: String,
+    /// The destination VM slice for the copy's datapath.
+    pub copy_vm: String,
+    /// Where it stands.
+    pub stage: SendStage,
+    /// What the destination prepared, once it has.
+    pub remote: Option<RemoteInfo>,
+    /// The source snapshot being copied, once taken.
+    pub snapshot: Option<String>,
+    /// The destination datapath the copy writes through, while it exists.
+    pub copy_dp: Option<String>,
+    /// The task following the send.
+    pub task: String,
+    /// The mirror's target failed.
+    pub failed: bool,
+}
+
+/// Where a receive stands.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RecvStage {
+    /// `receive_start` is making the leaf, dummy and parent.
+    Preparing,
+    /// Everything is made; the source mirrors and copies into it.
+    Receiving,
+}
+
+/// One VDI being received (destination side).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RecvRecord {
+    /// The mirror's id, `<source sr>/<source vdi>`.
+    pub id: String,
+    /// The destination SR.
+    pub sr: String,
+    /// The source VDI.
+    pub remote_vdi: String,
+    /// The VM slice the leaf's datapath was attached for.
+    pub mirror_vm: String,
+    /// Where it stands.
+    pub stage: RecvStage,
+    /// The leaf, once made.
+    pub leaf: Option<String>,
+    /// The leaf's datapath, once attached.
+    pub leaf_dp: Option<String>,
+    /// The dummy snapshot, once made.
+    pub dummy: Option<String>,
+    /// The parent, once made.
+    pub parent: Option<String>,
+}
+
+/// Where a copy stands.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum CopyStage {
+    /// Making the destination VDI.
+    Prepare,
+    /// Copying into it.
+    Copy,
+}
+
+/// One `DATA.copy` (source side).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CopyRecord {
+    /// `copy/<sr>/<vdi>`.
+    pub id: String,
+    /// The source SR.
+    pub sr: String,
+    /// The source VDI.
+    pub vdi: String,
+    /// The destination host's URL.
+    pub url: String,
+    /// The destination SR.
+    pub dest_sr: String,
+    /// Where it stands.
+    pub stage: CopyStage,
+    /// The destination VDI, once made.
+    pub dest_vdi: Option<String>,
+    /// The destination datapath the copy writes through, once attached.
+    pub dest_dp: Option<String>,
+    /// The task following the copy.
+    pub task: String,
+}
+
+/// One kind of record, in its folder.
+pub struct Table<T> {
+    dir: PathBuf,
+    records: BTreeMap<String, T>,
+}
+
+/// A record's file name: a hash of its id (ids hold `/`), the id itself is inside.
+fn file_name(id: &str) -> String {
+    // FNV-1a, 64 bits: stable across versions, unlike std's hasher.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in id.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}.json")
+}
+
+/// A record that knows its id.
+pub trait Keyed {
+    /// The record's id.
+    fn key(&self) -> &str;
+}
+
+impl Keyed for SendRecord {
+    fn key(&self) -> &str {
+        &self.id
+    }
+}
+impl Keyed for RecvRecord {
+    fn key(&self) -> &str {
+        &self.id
+    }
+}
+impl Keyed for CopyRecord {
+    fn key(&self) -> &str {
+        &self.id
+    }
+}
+
+impl<T: Keyed + Serialize + DeserializeOwned + Clone> Table<T> {
+    /// Loads every record in `dir` (created if missing). An unreadable record is logged and
+    /// left in place for a person to look at; it is not acted on.
+    pub fn load(dir: &Path) -> io::Result<Table<T>> {
+        std::fs::create_dir_all(dir)?;
+        state::remove_temporaries(dir)?;
+        let mut records = BTreeMap::new();
+        for entry in std::fs::read_dir(dir)? {
+            let path = entry?.path();
+            if path.extension().is_none_or(|e| e != "json") {
+                continue;
+            }
+            match state::read_json::<T>(&path) {
+                Ok(Some(r)) => {
+                    records.insert(r.key().to_owned(), r);
+                }
+                Ok(None) => {}
+                Err(e) => tracing::error!(path = %path.display(), error = %e, "unreadable migration record; ignored"),
+            }
+        }
+        Ok(Table { dir: dir.to_owned(), records })
+    }
+
+    /// One record.
+    pub fn get(&self, id: &str) -> Option<&T> {
+        self.records.get(id)
+    }
+
+    /// Every record.
+    pub fn all(&self) -> impl Iterator<Item = &T> {
+        self.records.values()
+    }
+
+    /// Writes a record (new or changed), durably, then keeps it.
+    pub fn put(&mut self, record: T) -> Result<(), StorageError> {
+        let path = self.dir.join(file_name(record.key()));
+        state::write_json(&path, &record).map_err(|e| StorageError::InternalError(format!("write migration record {}: {e}", record.key())))?;
+        self.records.insert(record.key().to_owned(), record);
+        Ok(())
+    }
+
+    /// Removes a record durably.
+    pub fn remove(&mut self, id: &str) -> Result<(), StorageError> {
+        let path = self.dir.join(file_name(id));
+        state::remove_durably(&path).map_err(|e| StorageError::InternalError(format!("remove migration record {id}: {e}")))?;
+        self.records.remove(id);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_survive_a_reload_and_file_names_are_stable() {
+        assert_eq!(file_name("sr/vdi"), file_name("sr/vdi"));
+        assert_ne!(file_name("sr/vdi"), file_name("sr/vdj"));
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut t: Table<RecvRecord> = Table::load(dir.path()).expect("load");
+        let r = RecvRecord {
+            id: "a/b".into(),
+            sr: "d".into(),
+            remote_vdi: "b".into(),
+            mirror_vm: "0".into(),
+            stage: RecvStage::Preparing,
+            leaf: Some("l".into()),
+            leaf_dp: None,
+            dummy: None,
+            parent: None,
+        };
+        t.put(r.clone()).expect("put");
+        let t2: Table<RecvRecord> = Table::load(dir.path()).expect("reload");
+        assert_eq!(t2.get("a/b"), Some(&r));
+        let mut t2 = t2;
+        t2.remove("a/b").expect("remove");
+        assert!(Table::<RecvRecord>::load(dir.path()).expect("reload").get("a/b").is_none());
+    }
+}

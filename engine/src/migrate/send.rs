@@ -1,0 +1,586 @@
+//! The source side. `DATA.MIRROR.start` answers a task at once and runs the stages inside it;
+//! each stage fails with its own variant and is rolled back as xapi's table says:
+//!
+//! | stage | fails with | rollback |
+//! | --- | --- | --- |
+//! | prepare (`receive_start2` on the destination) | `Migration_preparation_failure` | the destination undoes its own prepare |
+//! | pass fds (NBD to the leaf, mirror attached) | `Migration_mirror_fd_failure` | `receive_cancel` |
+//! | snapshot (the frozen base) | `Migration_mirror_snapshot_failure` | stop mirroring, `receive_cancel` |
+//! | copy (snapshot into the destination parent) | `Migration_mirror_copy_failure` | destroy the snapshot, `stop` |
+//!
+//! After the copy the task completes with `Mirror_id` and the mirror runs, watched, until the
+//! source VDI is deactivated: then the datapath is drained, the mirror checked, and the
+//! destination finalizes (composes) synchronously.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::backend::{MirrorHealth, MirrorMode};
+use crate::model::call::args;
+use crate::model::{Call, Dynamic, Mirror, MirrorReceiveResult, MirrorState, StorageError, TaskResult, VdiInfo};
+use crate::mux::Mux;
+use crate::rpc::marshal::Map;
+
+use super::records::{CopyRecord, CopyStage, RemoteInfo, SendRecord, SendStage};
+use super::{BASE_MIRROR, DRAIN_TIMEOUT, Remote, lock};
+
+/// How often a running mirror's health is checked.
+const WATCH_EVERY: Duration = Duration::from_secs(1);
+
+fn dbg(id: &str) -> String {
+    format!("mirror {id}")
+}
+
+/// Which stage failed, and so which error and which rollback.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Failed {
+    Prepare,
+    PassFds,
+    Snapshot,
+    Copy,
+}
+
+fn stage_error(stage: Failed, e: &StorageError) -> StorageError {
+    if let StorageError::Cancelled(_) = e {
+        return e.clone();
+    }
+    let text = match e {
+        StorageError::MigrationPreparationFailure(t)
+        | StorageError::MigrationMirrorFdFailure(t)
+        | StorageError::MigrationMirrorSnapshotFailure(t)
+        | StorageError::MigrationMirrorCopyFailure(t) => t.clone(),
+        other => other.to_string(),
+    };
+    match stage {
+        Failed::Prepare => StorageError::MigrationPreparationFailure(text),
+        Failed::PassFds => StorageError::MigrationMirrorFdFailure(text),
+        Failed::Snapshot => StorageError::MigrationMirrorSnapshotFailure(text),
+        Failed::Copy => StorageError::MigrationMirrorCopyFailure(text),
+    }
+}
+
+impl Mux {
+    fn me(&self) -> Result<Arc<Mux>, StorageError> {
+        self.me.upgrade().ok_or_else(|| StorageError::InternalError("the host is shutting down".into()))
+    }
+
+    fn update_send(&self, id: &str, f: impl FnOnce(&mut SendRecord)) -> Result<SendRecord, StorageError> {
+        let mut table = lock(&self.records.sends);
+        let mut r = table.get(id).cloned().ok_or_else(|| StorageError::DoesNotExist("mirror".into(), id.into()))?;
+        f(&mut r);
+        table.put(r.clone())?;
+        Ok(r)
+    }
+
+    /// `DATA.MIRROR.start`: checks what can be checked at once, records the send, and runs
+    /// the stages in a task. Answers the task's id.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn mirror_start(
+        &self,
+        sr: String,
+        vdi: String,
+        dp: String,
+        url: String,
+        dest_sr: String,
+        mirror_vm: Option<String>,
+        copy_vm: Option<String>,
+    ) -> Result<String, StorageError> {
+        let id = format!("{sr}/{vdi}");
+        self.attached_entry(&sr)?;
+        if lock(&self.records.sends).get(&id).is_some() {
+            return Err(StorageError::InternalError(format!("VDI {vdi} is already being mirrored (mirror {id})")));
+        }
+        Remote::new(&url)?;
+        let (task, cancel) = self.tasks().create(&dbg(&id));
+        let record = SendRecord {
+            id: id.clone(),
+            sr,
+            vdi,
+            dp,
+            url,
+            dest_sr,
+            // Older callers name no VM slices: one per mirror, as xapi makes them.
+            mirror_vm: mirror_vm.unwrap_or_else(|| format!("MIR{}", &uuid::Uuid::new_v4().simple().to_string()[..6])),
+            copy_vm: copy_vm.unwrap_or_else(|| format!("CP{}", &uuid::Uuid::new_v4().simple().to_string()[..6])),
+            stage: SendStage::Prepare,
+            remote: None,
+            snapshot: None,
+            copy_dp: None,
+            task: task.clone(),
+            failed: false,
+        };
+        // Written before the destination hears of it (xapi's CA-244573).
+        lock(&self.records.sends).put(record)?;
+        self.tasks().debug_info(&task, "mirror", &id);
+        let me = self.me()?;
+        let task_id = task.clone();
+        tokio::spawn(async move {
+            let outcome = me.run_send(&id, &task_id, &cancel).await;
+            match outcome {
+                Ok(()) => {
+                    tracing::info!(mirror = %id, "mirror established: copy done, mirroring until finalize");
+                    me.tasks().complete(&task_id, Some(TaskResult::MirrorId(id.clone())));
+                    me.watch(id.clone());
+                }
+                Err(e) => {
+                    tracing::warn!(mirror = %id, error = %e, "mirror failed");
+                    me.tasks().fail(&task_id, &e);
+                }
+            }
+            me.tasks().changed(Dynamic::Mirror(id));
+        });
+        Ok(task)
+    }
+
+    fn stage(&self, task: &str, stage: &str, progress: f64) {
+        self.tasks().debug_info(task, "stage", stage);
+        self.tasks().progress(task, progress);
+    }
+
+    async fn run_send(&self, id: &str, task: &str, cancel: &CancellationToken) -> Result<(), StorageError> {
+        let check = |stage| if cancel.is_cancelled() { Err((stage, StorageError::Cancelled(task.to_owned()))) } else { Ok(()) };
+        let result: Result<(), (Failed, StorageError)> = async {
+            check(Failed::Prepare)?;
+            self.stage(task, "prepare", 0.02);
+            self.send_prepare(id).await.map_err(|e| (Failed::Prepare, e))?;
+            check(Failed::PassFds)?;
+            self.stage(task, "pass fds", 0.05);
+            self.send_pass_fds(id).await.map_err(|e| (Failed::PassFds, e))?;
+            check(Failed::Snapshot)?;
+            self.stage(task, "snapshot", 0.08);
+            self.send_snapshot(id).await.map_err(|e| (Failed::Snapshot, e))?;
+            check(Failed::Copy)?;
+            self.stage(task, "copy", 0.10);
+            self.send_copy(id, task, cancel).await.map_err(|e| (Failed::Copy, e))?;
+            self.stage(task, "mirror", 1.0);
+            Ok(())
+        }
+        .await;
+        let Err((stage, e)) = result else { return Ok(()) };
+        let e = stage_error(stage, &e);
+        self.roll_back_send(id, stage).await;
+        Err(e)
+    }
+
+    async fn send_prepare(&self, id: &str) -> Result<(), StorageError> {
+        let r = lock(&self.records.sends).get(id).cloned().ok_or_else(|| StorageError::DoesNotExist("mirror".into(), id.into()))?;
+        let remote = Remote::new(&r.url)?;
+        let info: VdiInfo = self.local(Call::VdiStat(args::VdiStat { vdi: r.vdi.clone(), sr: r.sr.clone(), dbg: dbg(id) })).await?;
+        let similar: Vec<VdiInfo> = self.local(Call::VdiSimilarContent(args::VdiSimilarContent { vdi: r.vdi.clone(), sr: r.sr.clone(), dbg: dbg(id) })).await?;
+        let similar: Vec<String> = similar.into_iter().map(|v| v.content_id).filter(|c| !c.is_empty()).collect();
+        let result: MirrorReceiveResult = remote
+            .call(Call::DataMirrorReceiveStart2(args::DataMirrorReceiveStart2 {
+                vm: Some(r.mirror_vm.clone()),
+                similar,
+                id: id.to_owned(),
+                vdi_info: info,
+                sr: r.dest_sr.clone(),
+                dbg: dbg(id),
+            }))
+            .await?;
+        let MirrorReceiveResult::VhdMirror(m) = result else {
+            // A SMAPIv3 destination for a SMAPIv1 source: not built yet. Cancel what it made.
+            let _ = remote.call::<()>(Call::DataMirrorReceiveCancel(args::DataMirrorReceiveCancel { id: id.to_owned(), dbg: dbg(id) })).await;
+            return Err(StorageError::Unimplemented("a SMAPIv3 destination for a SMAPIv1 source".into()));
+        };
+        self.update_send(id, |r| {
+            r.remote = Some(RemoteInfo { leaf: m.mirror_vdi.vdi, leaf_dp: m.mirror_datapath, parent: m.copy_diffs_to, copy_diffs_from: m.copy_diffs_from, dummy: m.dummy_vdi });
+            r.stage = SendStage::PassFds;
+        })?;
+        Ok(())
+    }
+
+    async fn send_pass_fds(&self, id: &str) -> Result<(), StorageError> {
+        let r = lock(&self.records.sends).get(id).cloned().ok_or_else(|| StorageError::DoesNotExist("mirror".into(), id.into()))?;
+        let remote_info = r.remote.clone().ok_or_else(|| StorageError::InternalError("no destination leaf".into()))?;
+        let remote = Remote::new(&r.url)?;
+        let conn = remote.connect_nbd(&r.mirror_vm, &r.dest_sr, &remote_info.leaf, &remote_info.leaf_dp).await?;
+        let entry = self.attached_entry(&r.sr)?;
+        let (vdi, export) = (r.vdi.clone(), remote_info.leaf.clone());
+        self.run(&entry, true, move |b, ctx| b.vdi_mirror_attach(ctx, &vdi, conn, &export, MirrorMode::Sync)).await?;
+        self.update_send(id, |r| r.stage = SendStage::Snapshot)?;
+        Ok(())
+    }
+
+    async fn send_snapshot(&self, id: &str) -> Result<(), StorageError> {
+        let r = lock(&self.records.sends).get(id).cloned().ok_or_else(|| StorageError::DoesNotExist("mirror".into(), id.into()))?;
+        let mut info: VdiInfo = self.local(Call::VdiStat(args::VdiStat { vdi: r.vdi.clone(), sr: r.sr.clone(), dbg: dbg(id) })).await?;
+        info.sm_config = Map::from_iter([(BASE_MIRROR.to_owned(), id.to_owned())]);
+        info.name_label = format!("{} (migration base)", info.name_label);
+        let snap: VdiInfo = self.local(Call::VdiSnapshot(args::VdiSnapshot { vdi_info: info, sr: r.sr.clone(), dbg: dbg(id) })).await.map_err(|e| match e {
+            StorageError::BackendError(code, _) if code == "SR_BACKEND_FAILURE_44" => StorageError::MigrationMirrorSnapshotFailure(format!("SR_SOURCE_SPACE_INSUFFICIENT:{}", r.sr)),
+            other => other,
+        })?;
+        self.update_send(id, |r| {
+            r.snapshot = Some(snap.vdi.clone());
+            r.stage = SendStage::Copy;
+        })?;
+        Ok(())
+    }
+
+    async fn send_copy(&self, id: &str, task: &str, cancel: &CancellationToken) -> Result<(), StorageError> {
+        let r = lock(&self.records.sends).get(id).cloned().ok_or_else(|| StorageError::DoesNotExist("mirror".into(), id.into()))?;
+        let remote_info = r.remote.clone().ok_or_else(|| StorageError::InternalError("no destination parent".into()))?;
+        let snapshot = r.snapshot.clone().ok_or_else(|| StorageError::InternalError("no snapshot to copy".into()))?;
+        // The local VDI whose content the destination's parent was cloned from.
+        let base = match &remote_info.copy_diffs_from {
+            Some(content) => {
+                let similar: Vec<VdiInfo> = self.local(Call::VdiSimilarContent(args::VdiSimilarContent { vdi: r.vdi.clone(), sr: r.sr.clone(), dbg: dbg(id) })).await?;
+                similar.into_iter().find(|v| &v.content_id == content && v.vdi != r.vdi).map(|v| v.vdi)
+            }
+            None => None,
+        };
+        let copy_dp = format!("copy-{}", uuid::Uuid::new_v4());
+        self.update_send(id, |r| r.copy_dp = Some(copy_dp.clone()))?;
+        let report = self.copy_to_remote(&r.sr, &snapshot, base.as_deref(), &r.url, &r.dest_sr, &remote_info.parent, &copy_dp, &r.copy_vm, task, cancel).await?;
+        tracing::info!(mirror = %id, data = report.data_bytes, zeroes = report.zero_bytes, size = report.size, "copy done");
+        self.tasks().debug_info(task, "copied_bytes", &report.data_bytes.to_string());
+        // The snapshot has served: the destination parent holds it.
+        self.local::<()>(Call::VdiDestroy(args::VdiDestroy { vdi: snapshot, sr: r.sr.clone(), dbg: dbg(id) })).await?;
+        self.update_send(id, |r| {
+            r.snapshot = None;
+            r.copy_dp = None;
+            r.stage = SendStage::Mirroring;
+        })?;
+        Ok(())
+    }
+
+    /// Attaches `dest_vdi` on the destination on `dp`, copies local `vdi` (only what differs
+    /// from `base`) into it over NBD, and detaches it again (also when the copy fails).
+    #[allow(clippy::too_many_arguments)]
+    async fn copy_to_remote(
+        &self,
+        sr: &str,
+        vdi: &str,
+        base: Option<&str>,
+        url: &str,
+        dest_sr: &str,
+        dest_vdi: &str,
+        dp: &str,
+        vm: &str,
+        task: &str,
+        cancel: &CancellationToken,
+    ) -> Result<crate::backend::CopyStats, StorageError> {
+        let remote = Remote::new(url)?;
+        let _: crate::model::AttachInfo = remote
+            .call(Call::VdiAttach3(args::VdiAttach3 { read_write: true, vdi: dest_vdi.into(), vm: Some(vm.into()), sr: dest_sr.into(), dp: dp.into(), dbg: dbg(vdi) }))
+            .await?;
+        let copied = async {
+            remote.call::<()>(Call::VdiActivate3(args::VdiActivate3 { vdi: dest_vdi.into(), vm: Some(vm.into()), sr: dest_sr.into(), dp: dp.into(), dbg: dbg(vdi) })).await?;
+            let conn = remote.connect_nbd(vm, dest_sr, dest_vdi, dp).await?;
+            let entry = self.attached_entry(sr)?;
+            let tasks = self.me()?;
+            let (vdi, base, export, task, cancel) = (vdi.to_owned(), base.map(str::to_owned), dest_vdi.to_owned(), task.to_owned(), cancel.clone());
+            self.run_unlocked(&entry, move |b, ctx| {
+                // Reported a few times a second at most: each report is a change every
+                // `UPDATES.get` watcher hears of.
+                let last = std::sync::Mutex::new(None::<std::time::Instant>);
+                let progress = |done: u64, total: u64| {
+                    let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
+                    if total == 0 || (done < total && last.is_some_and(|t| t.elapsed() < Duration::from_millis(250))) {
+                        return;
+                    }
+                    *last = Some(std::time::Instant::now());
+                    tasks.tasks().progress(&task, 0.10 + 0.89 * done as f64 / total as f64);
+                    tasks.tasks().subtask(&task, "copy", crate::model::TaskState::Pending(done as f64 / total as f64));
+                    tasks.tasks().debug_info(&task, "bytes_done", &done.to_string());
+                    tasks.tasks().debug_info(&task, "bytes_total", &total.to_string());
+                };
+                b.vdi_copy_into(ctx, &vdi, base.as_deref(), conn, &export, &progress, &cancel)
+            })
+            .await
+        }
+        .await;
+        // The destination datapath goes, whatever happened.
+        if let Err(e) = remote.call::<()>(Call::DpDestroy(args::DpDestroy { allow_leak: false, dp: dp.into(), dbg: dbg(vdi) })).await {
+            tracing::warn!(dp = %dp, error = %e, "destroying the copy's destination datapath failed");
+        }
+        copied
+    }
+
+    /// Undoes a failed send as its stage says, each step's error logged and ignored.
+    async fn roll_back_send(&self, id: &str, stage: Failed) {
+        let Some(r) = lock(&self.records.sends).get(id).cloned() else { return };
+        match stage {
+            Failed::Prepare => {}
+            Failed::PassFds | Failed::Snapshot => {
+                self.detach_mirror(&r).await;
+                self.cancel_remote(&r).await;
+            }
+            Failed::Copy => self.stop_send(&r).await,
+        }
+        if let Err(e) = lock(&self.records.sends).remove(id) {
+            tracing::error!(mirror = %id, error = %e, "removing the send record failed");
+        }
+    }
+
+    async fn detach_mirror(&self, r: &SendRecord) {
+        if let Ok(entry) = self.attached_entry(&r.sr) {
+            let vdi = r.vdi.clone();
+            match self.run(&entry, true, move |b, ctx| b.vdi_mirror_detach(ctx, &vdi)).await {
+                Ok(()) => {}
+                Err(e) => tracing::warn!(mirror = %r.id, error = %e, "detaching the mirror failed"),
+            }
+        }
+    }
+
+    async fn cancel_remote(&self, r: &SendRecord) {
+        let Ok(remote) = Remote::new(&r.url) else { return };
+        match remote.call::<()>(Call::DataMirrorReceiveCancel(args::DataMirrorReceiveCancel { id: r.id.clone(), dbg: dbg(&r.id) })).await {
+            Ok(()) | Err(StorageError::DoesNotExist(..)) => {}
+            Err(e) => tracing::warn!(mirror = %r.id, error = %e, "receive_cancel on the destination failed"),
+        }
+    }
+
+    /// xapi's `stop`: the mirror stops, every local VDI the send made (the snapshot) goes,
+    /// and the destination cancels its receive.
+    async fn stop_send(&self, r: &SendRecord) {
+        self.detach_mirror(r).await;
+        if let Ok(vdis) = self.local::<Vec<VdiInfo>>(Call::SrScan(args::SrScan { sr: r.sr.clone(), dbg: dbg(&r.id) })).await {
+            for v in vdis.into_iter().filter(|v| v.sm_config.get(BASE_MIRROR) == Some(&r.id) && v.vdi != r.vdi) {
+                if let Err(e) = self.local::<()>(Call::VdiDestroy(args::VdiDestroy { vdi: v.vdi.clone(), sr: r.sr.clone(), dbg: dbg(&r.id) })).await {
+                    tracing::warn!(mirror = %r.id, vdi = %v.vdi, error = %e, "destroying the migration snapshot failed");
+                }
+            }
+        }
+        if let (Some(dp), Ok(remote)) = (&r.copy_dp, Remote::new(&r.url)) {
+            let _ = remote.call::<()>(Call::DpDestroy(args::DpDestroy { allow_leak: true, dp: dp.clone(), dbg: dbg(&r.id) })).await;
+        }
+        self.cancel_remote(r).await;
+    }
+
+    /// `DATA.MIRROR.stop`.
+    pub(crate) async fn mirror_stop(&self, id: &str) -> Result<(), StorageError> {
+        let r = lock(&self.records.sends).get(id).cloned().ok_or_else(|| StorageError::DoesNotExist("mirror".into(), id.into()))?;
+        if r.stage != SendStage::Mirroring {
+            // Still in its task: cancelling the task rolls it back.
+            let _ = self.tasks().cancel(&r.task);
+            return Err(StorageError::InternalError(format!("mirror {id} is still starting (stage {:?}); its task was cancelled", r.stage)));
+        }
+        self.stop_send(&r).await;
+        lock(&self.records.sends).remove(id)?;
+        self.tasks().changed(Dynamic::Mirror(id.to_owned()));
+        tracing::info!(mirror = %id, "mirror stopped");
+        Ok(())
+    }
+
+    /// `DATA.MIRROR.stat`.
+    pub(crate) fn mirror_stat(&self, id: &str) -> Result<Mirror, StorageError> {
+        let recv = lock(&self.records.recvs).get(id).cloned();
+        let send = lock(&self.records.sends).get(id).cloned();
+        let copy = lock(&self.records.copies).get(id).cloned();
+        let mut state = Vec::new();
+        if recv.is_some() {
+            state.push(MirrorState::Receiving);
+        }
+        if send.is_some() {
+            state.push(MirrorState::Sending);
+        }
+        if copy.is_some() {
+            state.push(MirrorState::Copying);
+        }
+        let (source_vdi, dest_vdi) = match (&recv, &send, &copy) {
+            (Some(r), _, _) => (r.remote_vdi.clone(), r.leaf.clone().unwrap_or_default()),
+            (None, Some(s), _) => (s.vdi.clone(), s.remote.as_ref().map(|m| m.leaf.clone()).unwrap_or_default()),
+            (None, None, Some(c)) => (c.vdi.clone(), c.dest_vdi.clone().unwrap_or_default()),
+            (None, None, None) => return Err(StorageError::DoesNotExist("mirror".into(), id.into())),
+        };
+        Ok(Mirror { failed: send.is_some_and(|s| s.failed), state, dest_vdi, source_vdi })
+    }
+
+    /// `DATA.MIRROR.list`.
+    pub(crate) fn mirror_list(&self) -> Map<Mirror> {
+        let mut ids: Vec<String> = lock(&self.records.sends).all().map(|r| r.id.clone()).collect();
+        ids.extend(lock(&self.records.recvs).all().map(|r| r.id.clone()));
+        ids.extend(lock(&self.records.copies).all().map(|r| r.id.clone()));
+        ids.sort();
+        ids.dedup();
+        ids.into_iter().filter_map(|id| self.mirror_stat(&id).ok().map(|m| (id, m))).collect()
+    }
+
+    /// Watches a running mirror: a failed target marks the send failed and tells
+    /// `UPDATES.get` watchers. Ends when the send does.
+    pub(crate) fn watch(&self, id: String) {
+        let Ok(me) = self.me() else { return };
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(WATCH_EVERY).await;
+                let Some(r) = lock(&me.records.sends).get(&id).cloned() else { return };
+                if r.failed || r.stage != SendStage::Mirroring {
+                    return;
+                }
+                let Ok(entry) = me.attached_entry(&r.sr) else { continue };
+                let vdi = r.vdi.clone();
+                match me.run(&entry, false, move |b, ctx| b.vdi_mirror_status(ctx, &vdi)).await {
+                    Ok(s) if s.state == MirrorHealth::Failed => {
+                        tracing::error!(mirror = %id, "the mirror's target failed; the guest goes on locally");
+                        let _ = me.update_send(&id, |r| r.failed = true);
+                        me.tasks().changed(Dynamic::Mirror(id.clone()));
+                        return;
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::debug!(mirror = %id, error = %e, "mirror status unavailable"),
+                }
+            }
+        });
+    }
+
+    /// Before the source VDI stops taking I/O: a VDI that carries a running mirror is drained
+    /// (nothing outstanding on either side) and its mirror checked. Answers the send to
+    /// finalize once the VDI is deactivated, if any; a failed mirror is left for the caller
+    /// to see (`DATA.MIRROR.stat`) and to `stop`.
+    pub(crate) async fn before_deactivate(&self, sr: &str, vdi: &str) -> Option<SendRecord> {
+        let r = lock(&self.records.sends).all().find(|r| r.sr == sr && r.vdi == vdi && r.stage == SendStage::Mirroring).cloned()?;
+        if r.failed {
+            return None;
+        }
+        let entry = self.attached_entry(sr).ok()?;
+        let id = r.vdi.clone();
+        let drained = self.run(&entry, true, move |b, ctx| b.vdi_drain(ctx, &id, DRAIN_TIMEOUT)).await;
+        let id = r.vdi.clone();
+        let status = self.run(&entry, false, move |b, ctx| b.vdi_mirror_status(ctx, &id)).await;
+        let healthy = drained.is_ok() && matches!(status, Ok(s) if s.state == MirrorHealth::Ready || s.state == MirrorHealth::Syncing);
+        if !healthy {
+            tracing::error!(mirror = %r.id, drained = ?drained.err(), status = ?status, "mirror not sound at finalize; not finalizing");
+            let _ = self.update_send(&r.id, |r| r.failed = true);
+            self.tasks().changed(Dynamic::Mirror(r.id.clone()));
+            return None;
+        }
+        Some(r)
+    }
+
+    /// After the source VDI is deactivated: the destination composes its leaf onto the copied
+    /// parent, synchronously (the VDI must not be used there before), and the send ends.
+    pub(crate) async fn after_deactivate(&self, r: SendRecord) -> Result<(), StorageError> {
+        self.detach_mirror(&r).await;
+        let remote = Remote::new(&r.url)?;
+        let finalized = remote.call::<()>(Call::DataMirrorReceiveFinalize2(args::DataMirrorReceiveFinalize2 { id: r.id.clone(), dbg: dbg(&r.id) })).await;
+        match &finalized {
+            Ok(()) => {
+                lock(&self.records.sends).remove(&r.id)?;
+                tracing::info!(mirror = %r.id, "finalized: the destination VDI is the guest's disk");
+            }
+            Err(e) => {
+                tracing::error!(mirror = %r.id, error = %e, "receive_finalize2 failed");
+                let _ = self.update_send(&r.id, |s| s.failed = true);
+            }
+        }
+        self.tasks().changed(Dynamic::Mirror(r.id.clone()));
+        finalized.map_err(|e| StorageError::MigrationMirrorFailure(format!("finalize on the destination failed: {e}")))
+    }
+
+    /// `DATA.copy`: copies a VDI that is not being written into a new VDI of `dest_sr` on the
+    /// host at `url`, in a task whose result is the new VDI.
+    pub(crate) async fn data_copy(&self, sr: String, vdi: String, url: String, dest_sr: String) -> Result<String, StorageError> {
+        let id = format!("copy/{sr}/{vdi}");
+        self.attached_entry(&sr)?;
+        if lock(&self.records.copies).get(&id).is_some() {
+            return Err(StorageError::InternalError(format!("VDI {vdi} is already being copied")));
+        }
+        if self.active_writer(&sr, &vdi) {
+            return Err(StorageError::BackendError("VDI_IN_USE".into(), vec![vdi.clone(), "DATA.copy is for VDIs no guest writes; use DATA.MIRROR.start".into()]));
+        }
+        Remote::new(&url)?;
+        let (task, cancel) = self.tasks().create(&format!("copy {id}"));
+        let record = CopyRecord { id: id.clone(), sr, vdi, url, dest_sr, stage: CopyStage::Prepare, dest_vdi: None, dest_dp: None, task: task.clone() };
+        lock(&self.records.copies).put(record)?;
+        let me = self.me()?;
+        let task_id = task.clone();
+        tokio::spawn(async move {
+            match me.run_copy(&id, &task_id, &cancel).await {
+                Ok(info) => me.tasks().complete(&task_id, Some(TaskResult::VdiInfo(Box::new(info)))),
+                Err(e) => {
+                    me.undo_copy(&id).await;
+                    me.tasks().fail(&task_id, &e);
+                }
+            }
+            let _ = lock(&me.records.copies).remove(&id);
+            me.tasks().changed(Dynamic::Mirror(id));
+        });
+        Ok(task)
+    }
+
+    async fn run_copy(&self, id: &str, task: &str, cancel: &CancellationToken) -> Result<VdiInfo, StorageError> {
+        let r = lock(&self.records.copies).get(id).cloned().ok_or_else(|| StorageError::DoesNotExist("copy".into(), id.into()))?;
+        let remote = Remote::new(&r.url)?;
+        let info: VdiInfo = self.local(Call::VdiStat(args::VdiStat { vdi: r.vdi.clone(), sr: r.sr.clone(), dbg: dbg(id) })).await?;
+        self.stage(task, "prepare", 0.02);
+        let mut dest_info = info.clone();
+        dest_info.sm_config = Map::from_iter([(BASE_MIRROR.to_owned(), id.to_owned())]);
+        // The copy is written through a datapath: a snapshot's copy is made writable.
+        dest_info.read_only = false;
+        let made: VdiInfo = remote.call(Call::VdiCreate(args::VdiCreate { vdi_info: dest_info, sr: r.dest_sr.clone(), dbg: dbg(id) })).await?;
+        let dp = format!("copy-{}", uuid::Uuid::new_v4());
+        {
+            let mut copies = lock(&self.records.copies);
+            let mut rec = r.clone();
+            rec.dest_vdi = Some(made.vdi.clone());
+            rec.dest_dp = Some(dp.clone());
+            rec.stage = CopyStage::Copy;
+            copies.put(rec)?;
+        }
+        if cancel.is_cancelled() {
+            return Err(StorageError::Cancelled(task.to_owned()));
+        }
+        self.stage(task, "copy", 0.10);
+        let report = self.copy_to_remote(&r.sr, &r.vdi, None, &r.url, &r.dest_sr, &made.vdi, &dp, "0", task, cancel).await?;
+        tracing::info!(copy = %id, data = report.data_bytes, "copy done");
+        remote.call::<()>(Call::VdiSetContentId(args::VdiSetContentId { content_id: info.content_id.clone(), vdi: made.vdi.clone(), sr: r.dest_sr.clone(), dbg: dbg(id) })).await?;
+        remote.call::<()>(Call::VdiRemoveFromSmConfig(args::VdiRemoveFromSmConfig { key: BASE_MIRROR.into(), vdi: made.vdi.clone(), sr: r.dest_sr.clone(), dbg: dbg(id) })).await?;
+        let done: VdiInfo = remote.call(Call::VdiStat(args::VdiStat { vdi: made.vdi, sr: r.dest_sr.clone(), dbg: dbg(id) })).await?;
+        self.stage(task, "done", 1.0);
+        Ok(done)
+    }
+
+    async fn undo_copy(&self, id: &str) {
+        let Some(r) = lock(&self.records.copies).get(id).cloned() else { return };
+        let Ok(remote) = Remote::new(&r.url) else { return };
+        if let Some(dp) = &r.dest_dp {
+            let _ = remote.call::<()>(Call::DpDestroy(args::DpDestroy { allow_leak: true, dp: dp.clone(), dbg: dbg(id) })).await;
+        }
+        if let Some(vdi) = &r.dest_vdi
+            && let Err(e) = remote.call::<()>(Call::VdiDestroy(args::VdiDestroy { vdi: vdi.clone(), sr: r.dest_sr.clone(), dbg: dbg(id) })).await
+        {
+            tracing::warn!(copy = %id, error = %e, "destroying the half-copied destination VDI failed");
+        }
+    }
+
+    /// After a restart: sends still in their task are undone as their stage says (the task
+    /// died with the old process); running mirrors are watched again; copies are undone.
+    pub(crate) async fn recover_sends(&self) {
+        let sends: Vec<SendRecord> = lock(&self.records.sends).all().cloned().collect();
+        for r in sends {
+            let stage = match r.stage {
+                SendStage::Mirroring => {
+                    tracing::info!(mirror = %r.id, "mirror taken up again");
+                    self.watch(r.id.clone());
+                    continue;
+                }
+                SendStage::Prepare => {
+                    // The destination may have prepared before the crash: cancel there too.
+                    self.cancel_remote(&r).await;
+                    Failed::Prepare
+                }
+                SendStage::PassFds => Failed::PassFds,
+                SendStage::Snapshot => Failed::Snapshot,
+                SendStage::Copy => Failed::Copy,
+            };
+            tracing::warn!(mirror = %r.id, stage = ?r.stage, "a mirror was interrupted while starting; undoing it");
+            self.roll_back_send(&r.id, stage).await;
+            self.tasks().changed(Dynamic::Mirror(r.id.clone()));
+        }
+        let copies: Vec<String> = lock(&self.records.copies).all().map(|r| r.id.clone()).collect();
+        for id in copies {
+            tracing::warn!(copy = %id, "a copy was interrupted; undoing it");
+            self.undo_copy(&id).await;
+            let _ = lock(&self.records.copies).remove(&id);
+        }
+    }
+
+    /// Whether a datapath holds the VDI read-write and active.
+    fn active_writer(&self, sr: &str, vdi: &str) -> bool {
+        self.datapath_records(sr, vdi).iter().any(|r| r.active && r.read_write)
+    }
+}
