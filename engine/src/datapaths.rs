@@ -67,7 +67,14 @@ impl Datapaths {
         std::fs::create_dir_all(&dir)?;
         state::remove_temporaries(&dir)?;
         let path = dir.join("datapaths.json");
-        let records = state::read_json(&path)?.unwrap_or_default();
+        let records = match state::read_json(&path)? {
+            Some(r) => r,
+            None => {
+                // Written at once, so the table is a file from the host's first start on.
+                state::write_json(&path, &Vec::<DpRecord>::new())?;
+                Vec::new()
+            }
+        };
         Ok(Datapaths { path, records })
     }
 

@@ -19,6 +19,7 @@
 
 pub mod backend;
 pub mod datapaths;
+pub mod fault;
 pub mod http;
 pub mod migrate;
 pub mod model;

@@ -598,19 +598,24 @@ impl Mux {
             .cloned()
             .collect();
         for r in records {
-            let mut result = Ok(());
-            if r.active {
-                result = self.deactivate(r.dp.clone(), r.sr.clone(), r.vdi.clone()).await;
-            }
-            if result.is_ok() {
-                result = self.detach(r.dp.clone(), r.sr.clone(), r.vdi.clone()).await;
-            }
-            if let Err(e) = result {
+            if r.active
+                && let Err(e) = self.deactivate(r.dp.clone(), r.sr.clone(), r.vdi.clone()).await
+            {
                 if !allow_leak {
                     return Err(e);
                 }
-                // The caller accepts a leak: forget the datapath even though the backend
-                // could not let go of the VDI.
+                // The caller accepts a leak (the datapath's process may be dead): go on to
+                // detach, which lets go of whatever is left.
+                tracing::warn!(dp = %r.dp, vdi = %r.vdi, error = %e, "deactivate failed; detaching anyway");
+                let mut inactive = r.clone();
+                inactive.active = false;
+                self.datapaths().put(inactive)?;
+            }
+            if let Err(e) = self.detach(r.dp.clone(), r.sr.clone(), r.vdi.clone()).await {
+                if !allow_leak {
+                    return Err(e);
+                }
+                // Forget the datapath even though the backend could not let go of the VDI.
                 tracing::warn!(dp = %r.dp, vdi = %r.vdi, error = %e, "datapath destroyed with a leak");
                 self.datapaths().remove(&r.dp, &r.sr, &r.vdi)?;
             }

@@ -20,14 +20,75 @@ struct Pair {
     dst_sr: String,
 }
 
+/// What a migration may leave behind on a host: its VDIs, its files (datapath sockets, pid
+/// files, records; not the VHD files, whose tree a rolled-back snapshot reshapes without
+/// changing any VDI), and its mirrors.
+#[derive(Debug, PartialEq)]
+struct HostState {
+    vdis: Vec<(String, String, i64)>,
+    files: Vec<String>,
+    mirrors: serde_json::Value,
+    processes: usize,
+}
+
+fn host_state(h: &Host, sr: &str) -> HostState {
+    let mut vdis: Vec<(String, String, i64)> = h
+        .call("SR.scan", json!({"sr": sr, "dbg": "t"}))
+        .as_array()
+        .expect("list")
+        .iter()
+        .map(|v| (v["vdi"].as_str().expect("id").to_owned(), v["name_label"].as_str().expect("name").to_owned(), v["virtual_size"].as_i64().expect("size")))
+        .collect();
+    vdis.sort();
+    let files = h
+        .files()
+        .into_iter()
+        .map(|(n, _)| n)
+        .filter(|n| !n.ends_with(".vhd") && !n.ends_with(".sxm-ext.json") && !n.contains("serve.log"))
+        .collect();
+    let root = h.root.display().to_string();
+    let out = Command::new("pgrep").args(["-f", &format!("{root}/run/")]).output().expect("pgrep");
+    let processes = String::from_utf8_lossy(&out.stdout).lines().count();
+    HostState { vdis, files, mirrors: h.call("DATA.MIRROR.list", json!({"dbg": "t"})), processes }
+}
+
 impl Pair {
     fn new() -> Pair {
+        Pair::with_faults("", "")
+    }
+
+    /// A pair whose hosts inject these faults (`SXM_FAULTS`, empty for none).
+    fn with_faults(src_faults: &str, dst_faults: &str) -> Pair {
         let dir = tempfile::tempdir().expect("tempdir");
-        let src = Host::start(&dir.path().join("a"));
-        let dst = Host::start(&dir.path().join("b"));
+        let src = Host::start_env(&dir.path().join("a"), &[("SXM_FAULTS", src_faults)]);
+        // A fixed port, so that a restarted destination is found at the same URL.
+        let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
+        let dst = Host::start_env_on(&dir.path().join("b"), &format!("127.0.0.1:{port}"), &[("SXM_FAULTS", dst_faults)]);
         let src_sr = src.cli(&["sr", "create", "--name", "source"]);
         let dst_sr = dst.cli(&["sr", "create", "--name", "destination"]);
         Pair { _dir: dir, src, dst, src_sr, dst_sr }
+    }
+
+    fn state(&self) -> (HostState, HostState) {
+        (host_state(&self.src, &self.src_sr), host_state(&self.dst, &self.dst_sr))
+    }
+
+    /// Starts the source host again on its root, without faults.
+    fn restart_src(&mut self, kill: bool) {
+        let root = self.src.root.clone();
+        let old = std::mem::replace(&mut self.src, Host { root: root.clone(), socket: root.join("none"), tcp: String::new(), secret: String::new(), proc: Proc(None) });
+        if kill { old.kill() } else { old.wait_exit() }
+        self.src = Host::start(&root);
+    }
+
+    /// Starts the destination host again on its root and its port (the source's records name
+    /// it by URL), without faults.
+    fn restart_dst(&mut self, kill: bool) {
+        let root = self.dst.root.clone();
+        let listen = self.dst.tcp.trim_start_matches("http://").to_owned();
+        let old = std::mem::replace(&mut self.dst, Host { root: root.clone(), socket: root.join("none"), tcp: String::new(), secret: String::new(), proc: Proc(None) });
+        if kill { old.kill() } else { old.wait_exit() }
+        self.dst = Host::start_on(&root, &listen);
     }
 
     fn dest_url(&self) -> String {
@@ -185,4 +246,149 @@ fn a_failed_prepare_leaves_both_hosts_as_they_were_and_says_so() {
     assert_eq!(p.dst_vdis(), before_dst);
     // Then a good one succeeds.
     p.start_mirror(&vdi);
+}
+
+/// Waits (20 s at most) for both hosts to be as they were, then shows any difference.
+fn settle(p: &Pair, before: &(HostState, HostState), what: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while p.state() != *before && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(p.state(), *before, "{what}");
+}
+
+/// The error tag a failed task carries.
+fn task_error(h: &Host, task: &str) -> String {
+    let t = h.call("TASK.stat", json!({"task": task, "dbg": "t"}));
+    assert_eq!(t["state"][0], "Failed", "{t}");
+    t["state"][1][0].as_str().unwrap_or_else(|| panic!("no error tag in {t}")).to_owned()
+}
+
+/// The task of the mirror that was started last.
+fn last_task(h: &Host) -> String {
+    let tasks = h.call("TASK.list", json!({"dbg": "t"}));
+    let t = tasks.as_array().expect("tasks").iter().max_by(|a, b| a["ctime"].as_f64().partial_cmp(&b["ctime"].as_f64()).expect("times")).expect("a task").clone();
+    t["id"].as_str().expect("id").to_owned()
+}
+
+#[test]
+fn a_failure_at_each_source_stage_is_that_stages_error_and_leaves_nothing_behind() {
+    for (point, tag) in [
+        ("send.prepare", "Migration_preparation_failure"),
+        ("send.pass_fds", "Migration_mirror_fd_failure"),
+        ("send.snapshot", "Migration_mirror_snapshot_failure"),
+        ("send.copy", "Migration_mirror_copy_failure"),
+        ("send.copied", "Migration_mirror_copy_failure"),
+    ] {
+        let mut p = Pair::with_faults(&format!("{point}=error"), "");
+        let (vdi, _uri) = p.guest_disk(&pattern((4 * MIB) as usize, 8));
+        let before = p.state();
+        let out = p.src.cli_raw(&["mirror", "start", "--sr", &p.src_sr, "--vdi", &vdi, "--dest", &p.dest_url(), "--dest-sr", &p.dst_sr, "--wait"]);
+        assert!(!out.status.success(), "{point}: the migration did not fail");
+        assert_eq!(task_error(&p.src, &last_task(&p.src)), tag, "{point}");
+        settle(&p, &before, &format!("{point}: both hosts back as they were"));
+        // Without the fault, the same migration goes through.
+        p.restart_src(true);
+        assert_eq!(p.state(), before, "{point}: the restart changed something");
+        p.start_mirror(&vdi);
+    }
+}
+
+#[test]
+fn a_failure_while_the_destination_prepares_is_undone_there() {
+    let p = Pair::with_faults("", "recv.prepare=error");
+    let (vdi, _uri) = p.guest_disk(&pattern((4 * MIB) as usize, 9));
+    let before = p.state();
+    let out = p.src.cli_raw(&["mirror", "start", "--sr", &p.src_sr, "--vdi", &vdi, "--dest", &p.dest_url(), "--dest-sr", &p.dst_sr, "--wait"]);
+    assert!(!out.status.success());
+    assert_eq!(task_error(&p.src, &last_task(&p.src)), "Migration_preparation_failure");
+    settle(&p, &before, "both hosts back as they were");
+}
+
+#[test]
+fn cancelling_the_task_during_each_stage_rolls_it_back() {
+    for point in ["send.prepare", "send.pass_fds", "send.snapshot", "send.copy", "send.copied"] {
+        let p = Pair::with_faults(&format!("{point}=delay"), "");
+        let (vdi, _uri) = p.guest_disk(&pattern((4 * MIB) as usize, 10));
+        let before = p.state();
+        let task = p.src.cli(&["mirror", "start", "--sr", &p.src_sr, "--vdi", &vdi, "--dest", &p.dest_url(), "--dest-sr", &p.dst_sr]);
+        std::thread::sleep(std::time::Duration::from_millis(700));
+        p.src.cli(&["task", "cancel", &task]);
+        eventually(30, &format!("{point}: the task ended"), || p.src.call("TASK.stat", json!({"task": task, "dbg": "t"}))["state"][0] != "Pending");
+        assert_eq!(task_error(&p.src, &task), "Cancelled", "{point}");
+        settle(&p, &before, &format!("{point}: both hosts back as they were"));
+    }
+}
+
+#[test]
+fn a_source_killed_mid_copy_undoes_the_migration_on_both_hosts_when_it_restarts() {
+    let mut p = Pair::with_faults("send.copy=abort", "");
+    let (vdi, _uri) = p.guest_disk(&pattern((8 * MIB) as usize, 12));
+    let before = p.state();
+    let out = p.src.cli_raw(&["mirror", "start", "--sr", &p.src_sr, "--vdi", &vdi, "--dest", &p.dest_url(), "--dest-sr", &p.dst_sr, "--wait"]);
+    assert!(!out.status.success(), "the host died, the CLI must say so");
+    p.restart_src(false);
+    settle(&p, &before, "both hosts back as they were");
+    p.start_mirror(&vdi);
+}
+
+#[test]
+fn a_destination_killed_while_preparing_is_cleaned_up_on_both_hosts() {
+    let mut p = Pair::with_faults("", "recv.prepare=abort");
+    let (vdi, _uri) = p.guest_disk(&pattern((4 * MIB) as usize, 13));
+    let before = p.state();
+    let out = p.src.cli_raw(&["mirror", "start", "--sr", &p.src_sr, "--vdi", &vdi, "--dest", &p.dest_url(), "--dest-sr", &p.dst_sr, "--wait"]);
+    assert!(!out.status.success());
+    p.restart_dst(false);
+    settle(&p, &before, "both hosts back as they were");
+    p.start_mirror(&vdi);
+}
+
+#[test]
+fn a_destination_restarted_while_mirroring_keeps_the_mirror_and_finalizes() {
+    require!("nbdcopy");
+    let mut p = Pair::new();
+    let size = 16 * MIB;
+    let seed = pattern(size as usize, 14);
+    let (vdi, uri) = p.guest_disk(&seed);
+    let guest = Guest::start(uri, size, 15);
+    let id = p.start_mirror(&vdi);
+    let dest_vdi = p.src.call("DATA.MIRROR.stat", json!({"id": id, "dbg": "t"}))["dest_vdi"].as_str().expect("dest").to_owned();
+    p.restart_dst(true);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let (model, writes) = guest.stop();
+    assert!(writes > 10);
+    assert_eq!(p.dst.call("DATA.MIRROR.stat", json!({"id": id, "dbg": "t"}))["state"], json!(["Receiving"]));
+    p.src.cli(&["vdi", "detach", "--sr", &p.src_sr, "--vdi", &vdi]);
+    assert_matches_guest(&p.export(&p.dst, &p.dst_sr, &dest_vdi), &model, &seed, "after the destination restarted");
+}
+
+#[test]
+fn a_failed_mirror_target_never_fails_the_guest_and_is_reported() {
+    require!("nbdcopy");
+    let p = Pair::new();
+    let size = 16 * MIB;
+    let seed = pattern(size as usize, 16);
+    let (vdi, uri) = p.guest_disk(&seed);
+    let before = p.state();
+    let id = p.start_mirror(&vdi);
+    let (_, token) = {
+        let r = p.src.call("UPDATES.get", json!({"from": "", "timeout": 0, "dbg": "t"}));
+        (r[0].clone(), r[1].as_str().expect("token").to_owned())
+    };
+    let guest = Guest::start(uri.clone(), size, 17);
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    // The destination leaf's datapath dies under the mirror.
+    let dst_run = format!("{}/run/", p.dst.root.display());
+    run(Command::new("pkill").args(["-KILL", "-f", &dst_run]));
+    eventually(20, "the mirror reports failed", || p.src.call("DATA.MIRROR.stat", json!({"id": id, "dbg": "t"}))["failed"] == true);
+    let updates = p.src.call("UPDATES.get", json!({"from": token, "timeout": 5, "dbg": "t"}));
+    assert!(updates[0].as_array().expect("changes").contains(&json!(["Mirror", id])), "{updates}");
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let (model, writes) = guest.stop();
+    assert!(writes > 10, "the guest stalled ({writes} writes)");
+    assert_matches_guest(&read_export(&uri, p._dir.path()), &model, &seed, "the source after its mirror failed");
+    // A failed mirror is not finalized; stop undoes it on both hosts.
+    p.src.cli(&["mirror", "stop", &id]);
+    settle(&p, &before, "both hosts back as they were");
 }

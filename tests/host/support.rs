@@ -48,6 +48,20 @@ impl Host {
 
     /// Starts a host on `root` listening on `listen`.
     pub fn start_on(root: &Path, listen: &str) -> Host {
+        Host::start_with(root, listen, &[])
+    }
+
+    /// Starts a host with extra environment (fault injection: `SXM_FAULTS`).
+    pub fn start_env(root: &Path, env: &[(&str, &str)]) -> Host {
+        Host::start_with(root, "127.0.0.1:0", env)
+    }
+
+    /// Starts a host with extra environment on `listen`.
+    pub fn start_env_on(root: &Path, listen: &str, env: &[(&str, &str)]) -> Host {
+        Host::start_with(root, listen, env)
+    }
+
+    fn start_with(root: &Path, listen: &str, env: &[(&str, &str)]) -> Host {
         let socket = root.join("sxm.sock");
         let mut child = Command::new(sxm())
             .args(["serve", "--root"])
@@ -57,6 +71,7 @@ impl Host {
             .arg("--tapmirror")
             .arg(tapmirror())
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -76,6 +91,16 @@ impl Host {
         let tcp = line.split_whitespace().find_map(|w| w.strip_prefix("tcp=")).expect("tcp= in the listening line").to_owned();
         let secret = std::fs::read_to_string(root.join("secret")).expect("host secret").trim().to_owned();
         Host { root: root.to_owned(), socket, tcp, secret, proc: Proc(Some(child)) }
+    }
+
+    /// Waits for the host to exit on its own (an injected abort); fails after 30 s.
+    pub fn wait_exit(mut self) {
+        let mut c = self.proc.0.take().expect("running");
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while c.try_wait().expect("wait").is_none() {
+            assert!(std::time::Instant::now() < deadline, "the host did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Kills the host with SIGKILL (datapath processes are not its children's group and live on).
@@ -168,6 +193,15 @@ fn curl(args: &[&str]) -> (u16, String) {
     let text = String::from_utf8(out.stdout).expect("utf-8");
     let (body, code) = text.rsplit_once('\n').expect("status line");
     (code.trim().parse().expect("status"), body.to_owned())
+}
+
+/// Waits for `f` to hold, up to `secs`.
+pub fn eventually(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(std::time::Instant::now() < deadline, "{what}: not within {secs} s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// Reads a whole export over NBD with nbdcopy.

@@ -78,6 +78,7 @@ impl Mux {
         leaf_info.snapshot_of = String::new();
         let leaf: VdiInfo = self.local(Call::VdiCreate(args::VdiCreate { vdi_info: leaf_info, sr: sr.into(), dbg: dbg(id) })).await?;
         self.update_recv(id, |r| r.leaf = Some(leaf.vdi.clone()))?;
+        crate::fault::point("recv.prepare").await?;
         // The dummy snapshot makes the leaf a differencing disk on an empty base, so that
         // finalize can put the copied parent under it.
         let dummy: VdiInfo = self.local(Call::VdiSnapshot(args::VdiSnapshot { vdi_info: marked(leaf.clone()), sr: sr.into(), dbg: dbg(id) })).await?;
@@ -146,6 +147,15 @@ impl Mux {
                 }
             }
         }
+        // Any datapath still holding one of them (the source's copy, cut off) lets go first.
+        for vdi in &doomed {
+            for d in self.datapath_records(&r.sr, vdi) {
+                let call = Call::DpDestroy2(args::DpDestroy2 { allow_leak: true, vm: Some(d.vm.clone()), vdi: vdi.clone(), sr: r.sr.clone(), dp: d.dp.clone(), dbg: dbg(id) });
+                if let Err(e) = self.local::<()>(call).await {
+                    tracing::warn!(mirror = %id, dp = %d.dp, error = %e, "undo: destroying a datapath failed");
+                }
+            }
+        }
         for vdi in doomed {
             match self.local::<()>(Call::VdiDestroy(args::VdiDestroy { vdi: vdi.clone(), sr: r.sr.clone(), dbg: dbg(id) })).await {
                 Ok(()) | Err(StorageError::VdiDoesNotExist(_)) => {}
@@ -172,6 +182,7 @@ impl Mux {
     /// compose themselves): the leaf leaves its datapath and, composed onto the copied parent,
     /// becomes the migrated VDI.
     pub(crate) async fn receive_finalize(&self, id: &str, compose: bool) -> Result<(), StorageError> {
+        crate::fault::point("recv.finalize").await?;
         let r = lock(&self.records.recvs).get(id).cloned().ok_or_else(|| StorageError::DoesNotExist("mirror".into(), id.into()))?;
         let (Some(leaf), Some(dp)) = (r.leaf.clone(), r.leaf_dp.clone()) else {
             return Err(StorageError::InternalError(format!("mirror {id} was never fully prepared")));

@@ -76,6 +76,10 @@ pub struct SendRecord {
     pub task: String,
     /// The mirror's target failed.
     pub failed: bool,
+    /// Undone here, but the destination could not be told (it was unreachable): the record
+    /// stays, and `receive_cancel` is retried until the destination has undone its side.
+    #[serde(default)]
+    pub cancelling: bool,
 }
 
 /// Where a receive stands.

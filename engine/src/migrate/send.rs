@@ -36,7 +36,11 @@ fn dbg(id: &str) -> String {
 /// Which stage failed, and so which error and which rollback.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Failed {
+    /// The destination answered the prepare with an error: it undid its own side.
     Prepare,
+    /// The prepare's answer was lost (or the host restarted during it): the destination may
+    /// hold a prepared receive, so it is told to cancel.
+    PrepareUnknown,
     PassFds,
     Snapshot,
     Copy,
@@ -54,7 +58,7 @@ fn stage_error(stage: Failed, e: &StorageError) -> StorageError {
         other => other.to_string(),
     };
     match stage {
-        Failed::Prepare => StorageError::MigrationPreparationFailure(text),
+        Failed::Prepare | Failed::PrepareUnknown => StorageError::MigrationPreparationFailure(text),
         Failed::PassFds => StorageError::MigrationMirrorFdFailure(text),
         Failed::Snapshot => StorageError::MigrationMirrorSnapshotFailure(text),
         Failed::Copy => StorageError::MigrationMirrorCopyFailure(text),
@@ -110,6 +114,7 @@ impl Mux {
             copy_dp: None,
             task: task.clone(),
             failed: false,
+            cancelling: false,
         };
         // Written before the destination hears of it (xapi's CA-244573).
         lock(&self.records.sends).put(record)?;
@@ -144,7 +149,7 @@ impl Mux {
         let result: Result<(), (Failed, StorageError)> = async {
             check(Failed::Prepare)?;
             self.stage(task, "prepare", 0.02);
-            self.send_prepare(id).await.map_err(|e| (Failed::Prepare, e))?;
+            self.send_prepare(id).await.map_err(|(e, answered)| (if answered { Failed::Prepare } else { Failed::PrepareUnknown }, e))?;
             check(Failed::PassFds)?;
             self.stage(task, "pass fds", 0.05);
             self.send_pass_fds(id).await.map_err(|e| (Failed::PassFds, e))?;
@@ -154,6 +159,8 @@ impl Mux {
             check(Failed::Copy)?;
             self.stage(task, "copy", 0.10);
             self.send_copy(id, task, cancel).await.map_err(|e| (Failed::Copy, e))?;
+            // A cancel that came during the copy's last step still undoes it.
+            check(Failed::Copy)?;
             self.stage(task, "mirror", 1.0);
             Ok(())
         }
@@ -164,14 +171,18 @@ impl Mux {
         Err(e)
     }
 
-    async fn send_prepare(&self, id: &str) -> Result<(), StorageError> {
-        let r = lock(&self.records.sends).get(id).cloned().ok_or_else(|| StorageError::DoesNotExist("mirror".into(), id.into()))?;
-        let remote = Remote::new(&r.url)?;
-        let info: VdiInfo = self.local(Call::VdiStat(args::VdiStat { vdi: r.vdi.clone(), sr: r.sr.clone(), dbg: dbg(id) })).await?;
-        let similar: Vec<VdiInfo> = self.local(Call::VdiSimilarContent(args::VdiSimilarContent { vdi: r.vdi.clone(), sr: r.sr.clone(), dbg: dbg(id) })).await?;
+    /// Asks the destination to prepare. An error says whether the destination answered it.
+    async fn send_prepare(&self, id: &str) -> Result<(), (StorageError, bool)> {
+        let here = |e: StorageError| (e, true);
+        crate::fault::point("send.prepare").await.map_err(here)?;
+        let r = lock(&self.records.sends).get(id).cloned().ok_or_else(|| here(StorageError::DoesNotExist("mirror".into(), id.into())))?;
+        let remote = Remote::new(&r.url).map_err(here)?;
+        let info: VdiInfo = self.local(Call::VdiStat(args::VdiStat { vdi: r.vdi.clone(), sr: r.sr.clone(), dbg: dbg(id) })).await.map_err(here)?;
+        let similar: Vec<VdiInfo> =
+            self.local(Call::VdiSimilarContent(args::VdiSimilarContent { vdi: r.vdi.clone(), sr: r.sr.clone(), dbg: dbg(id) })).await.map_err(here)?;
         let similar: Vec<String> = similar.into_iter().map(|v| v.content_id).filter(|c| !c.is_empty()).collect();
         let result: MirrorReceiveResult = remote
-            .call(Call::DataMirrorReceiveStart2(args::DataMirrorReceiveStart2 {
+            .call_answered(Call::DataMirrorReceiveStart2(args::DataMirrorReceiveStart2 {
                 vm: Some(r.mirror_vm.clone()),
                 similar,
                 id: id.to_owned(),
@@ -183,12 +194,14 @@ impl Mux {
         let MirrorReceiveResult::VhdMirror(m) = result else {
             // A SMAPIv3 destination for a SMAPIv1 source: not built yet. Cancel what it made.
             let _ = remote.call::<()>(Call::DataMirrorReceiveCancel(args::DataMirrorReceiveCancel { id: id.to_owned(), dbg: dbg(id) })).await;
-            return Err(StorageError::Unimplemented("a SMAPIv3 destination for a SMAPIv1 source".into()));
+            return Err(here(StorageError::Unimplemented("a SMAPIv3 destination for a SMAPIv1 source".into())));
         };
         self.update_send(id, |r| {
             r.remote = Some(RemoteInfo { leaf: m.mirror_vdi.vdi, leaf_dp: m.mirror_datapath, parent: m.copy_diffs_to, copy_diffs_from: m.copy_diffs_from, dummy: m.dummy_vdi });
             r.stage = SendStage::PassFds;
-        })?;
+        })
+        // The destination has prepared: undoing this must tell it.
+        .map_err(|e| (e, false))?;
         Ok(())
     }
 
@@ -196,6 +209,7 @@ impl Mux {
         let r = lock(&self.records.sends).get(id).cloned().ok_or_else(|| StorageError::DoesNotExist("mirror".into(), id.into()))?;
         let remote_info = r.remote.clone().ok_or_else(|| StorageError::InternalError("no destination leaf".into()))?;
         let remote = Remote::new(&r.url)?;
+        crate::fault::point("send.pass_fds").await?;
         let conn = remote.connect_nbd(&r.mirror_vm, &r.dest_sr, &remote_info.leaf, &remote_info.leaf_dp).await?;
         let entry = self.attached_entry(&r.sr)?;
         let (vdi, export) = (r.vdi.clone(), remote_info.leaf.clone());
@@ -206,6 +220,7 @@ impl Mux {
 
     async fn send_snapshot(&self, id: &str) -> Result<(), StorageError> {
         let r = lock(&self.records.sends).get(id).cloned().ok_or_else(|| StorageError::DoesNotExist("mirror".into(), id.into()))?;
+        crate::fault::point("send.snapshot").await?;
         let mut info: VdiInfo = self.local(Call::VdiStat(args::VdiStat { vdi: r.vdi.clone(), sr: r.sr.clone(), dbg: dbg(id) })).await?;
         info.sm_config = Map::from_iter([(BASE_MIRROR.to_owned(), id.to_owned())]);
         info.name_label = format!("{} (migration base)", info.name_label);
@@ -232,11 +247,13 @@ impl Mux {
             }
             None => None,
         };
+        crate::fault::point("send.copy").await?;
         let copy_dp = format!("copy-{}", uuid::Uuid::new_v4());
         self.update_send(id, |r| r.copy_dp = Some(copy_dp.clone()))?;
         let report = self.copy_to_remote(&r.sr, &snapshot, base.as_deref(), &r.url, &r.dest_sr, &remote_info.parent, &copy_dp, &r.copy_vm, task, cancel).await?;
         tracing::info!(mirror = %id, data = report.data_bytes, zeroes = report.zero_bytes, size = report.size, "copy done");
         self.tasks().debug_info(task, "copied_bytes", &report.data_bytes.to_string());
+        crate::fault::point("send.copied").await?;
         // The snapshot has served: the destination parent holds it.
         self.local::<()>(Call::VdiDestroy(args::VdiDestroy { vdi: snapshot, sr: r.sr.clone(), dbg: dbg(id) })).await?;
         self.update_send(id, |r| {
@@ -300,20 +317,55 @@ impl Mux {
         copied
     }
 
-    /// Undoes a failed send as its stage says, each step's error logged and ignored.
+    /// Undoes a failed send as its stage says, each step's error logged and ignored. When the
+    /// destination cannot be told, the record stays (`cancelling`) and the destination is told
+    /// later.
     async fn roll_back_send(&self, id: &str, stage: Failed) {
         let Some(r) = lock(&self.records.sends).get(id).cloned() else { return };
-        match stage {
-            Failed::Prepare => {}
-            Failed::PassFds | Failed::Snapshot => {
-                self.detach_mirror(&r).await;
-                self.cancel_remote(&r).await;
+        let remote_done = match stage {
+            // The destination undid a prepare it failed itself.
+            Failed::Prepare => true,
+            // It may have prepared without our hearing back: it is told to cancel.
+            Failed::PrepareUnknown => self.cancel_remote(&r).await,
+            Failed::PassFds | Failed::Snapshot | Failed::Copy => self.stop_send(&r).await,
+        };
+        self.end_send(id, remote_done);
+    }
+
+    /// Removes a send's record, or, when the destination still has to undo its side, keeps it
+    /// marked `cancelling` and retries until it has.
+    fn end_send(&self, id: &str, remote_done: bool) {
+        if remote_done {
+            if let Err(e) = lock(&self.records.sends).remove(id) {
+                tracing::error!(mirror = %id, error = %e, "removing the send record failed");
             }
-            Failed::Copy => self.stop_send(&r).await,
+            return;
         }
-        if let Err(e) = lock(&self.records.sends).remove(id) {
-            tracing::error!(mirror = %id, error = %e, "removing the send record failed");
-        }
+        tracing::warn!(mirror = %id, "the destination could not be told to undo its side; retrying");
+        let _ = self.update_send(id, |r| {
+            r.cancelling = true;
+            r.failed = true;
+        });
+        self.retry_cancel(id.to_owned());
+    }
+
+    /// Retries `receive_cancel` on the destination until it answers, then forgets the send.
+    fn retry_cancel(&self, id: String) {
+        let Ok(me) = self.me() else { return };
+        tokio::spawn(async move {
+            let mut wait = Duration::from_millis(500);
+            loop {
+                tokio::time::sleep(wait).await;
+                let Some(r) = lock(&me.records.sends).get(&id).cloned() else { return };
+                if me.cancel_remote(&r).await {
+                    let _ = lock(&me.records.sends).remove(&id);
+                    tracing::info!(mirror = %id, "the destination has undone its side");
+                    me.tasks().changed(Dynamic::Mirror(id));
+                    return;
+                }
+                wait = (wait * 2).min(Duration::from_secs(30));
+            }
+        });
     }
 
     async fn detach_mirror(&self, r: &SendRecord) {
@@ -326,17 +378,25 @@ impl Mux {
         }
     }
 
-    async fn cancel_remote(&self, r: &SendRecord) {
-        let Ok(remote) = Remote::new(&r.url) else { return };
+    /// Tells the destination to undo its side. True when it has (or had nothing to undo).
+    async fn cancel_remote(&self, r: &SendRecord) -> bool {
+        let Ok(remote) = Remote::new(&r.url) else { return true };
+        if let Some(dp) = &r.copy_dp {
+            // The copy's datapath holds the parent: it goes first.
+            let _ = remote.call::<()>(Call::DpDestroy(args::DpDestroy { allow_leak: true, dp: dp.clone(), dbg: dbg(&r.id) })).await;
+        }
         match remote.call::<()>(Call::DataMirrorReceiveCancel(args::DataMirrorReceiveCancel { id: r.id.clone(), dbg: dbg(&r.id) })).await {
-            Ok(()) | Err(StorageError::DoesNotExist(..)) => {}
-            Err(e) => tracing::warn!(mirror = %r.id, error = %e, "receive_cancel on the destination failed"),
+            Ok(()) | Err(StorageError::DoesNotExist(..)) => true,
+            Err(e) => {
+                tracing::warn!(mirror = %r.id, error = %e, "receive_cancel on the destination failed");
+                false
+            }
         }
     }
 
     /// xapi's `stop`: the mirror stops, every local VDI the send made (the snapshot) goes,
-    /// and the destination cancels its receive.
-    async fn stop_send(&self, r: &SendRecord) {
+    /// and the destination cancels its receive. True when the destination has.
+    async fn stop_send(&self, r: &SendRecord) -> bool {
         self.detach_mirror(r).await;
         if let Ok(vdis) = self.local::<Vec<VdiInfo>>(Call::SrScan(args::SrScan { sr: r.sr.clone(), dbg: dbg(&r.id) })).await {
             for v in vdis.into_iter().filter(|v| v.sm_config.get(BASE_MIRROR) == Some(&r.id) && v.vdi != r.vdi) {
@@ -345,10 +405,7 @@ impl Mux {
                 }
             }
         }
-        if let (Some(dp), Ok(remote)) = (&r.copy_dp, Remote::new(&r.url)) {
-            let _ = remote.call::<()>(Call::DpDestroy(args::DpDestroy { allow_leak: true, dp: dp.clone(), dbg: dbg(&r.id) })).await;
-        }
-        self.cancel_remote(r).await;
+        self.cancel_remote(r).await
     }
 
     /// `DATA.MIRROR.stop`.
@@ -359,8 +416,11 @@ impl Mux {
             let _ = self.tasks().cancel(&r.task);
             return Err(StorageError::InternalError(format!("mirror {id} is still starting (stage {:?}); its task was cancelled", r.stage)));
         }
-        self.stop_send(&r).await;
-        lock(&self.records.sends).remove(id)?;
+        if r.cancelling {
+            return Ok(());
+        }
+        let remote_done = self.stop_send(&r).await;
+        self.end_send(id, remote_done);
         self.tasks().changed(Dynamic::Mirror(id.to_owned()));
         tracing::info!(mirror = %id, "mirror stopped");
         Ok(())
@@ -552,17 +612,17 @@ impl Mux {
     pub(crate) async fn recover_sends(&self) {
         let sends: Vec<SendRecord> = lock(&self.records.sends).all().cloned().collect();
         for r in sends {
+            if r.cancelling {
+                self.retry_cancel(r.id.clone());
+                continue;
+            }
             let stage = match r.stage {
                 SendStage::Mirroring => {
                     tracing::info!(mirror = %r.id, "mirror taken up again");
                     self.watch(r.id.clone());
                     continue;
                 }
-                SendStage::Prepare => {
-                    // The destination may have prepared before the crash: cancel there too.
-                    self.cancel_remote(&r).await;
-                    Failed::Prepare
-                }
+                SendStage::Prepare => Failed::PrepareUnknown,
                 SendStage::PassFds => Failed::PassFds,
                 SendStage::Snapshot => Failed::Snapshot,
                 SendStage::Copy => Failed::Copy,
