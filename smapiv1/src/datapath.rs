@@ -218,7 +218,12 @@ impl Datapaths {
     /// Sends `cmd`, for which a refusal saying `already` means the process is in the state
     /// wanted already (pause of a paused server, unpause of a running one).
     fn to_state(&self, vdi: &str, dp: &Datapath, cmd: &str, already: &str) -> StorageResult<()> {
-        match block_on(dp.process.command(json!({"cmd": cmd}), Vec::new(), CONTROL_TIMEOUT))? {
+        // A pause waits for the requests in flight, and a mirrored write is in flight until
+        // its target answers or [`MIRROR_TIMEOUT`] fails the mirror: wait longer than that, or
+        // a pause given up on here would still complete in the process and leave the guest
+        // frozen behind a failed snapshot.
+        let timeout = if cmd == "pause" { MIRROR_TIMEOUT + CONTROL_TIMEOUT } else { CONTROL_TIMEOUT };
+        match block_on(dp.process.command(json!({"cmd": cmd}), Vec::new(), timeout))? {
             Ok(_) => Ok(()),
             Err(ProcessError::Refused { message, .. }) if message == already => Ok(()),
             Err(e) => Err(dp_error(vdi, cmd, &e)),

@@ -357,3 +357,54 @@ fn migration_calls_refuse_bad_input() {
     write_through(&info, &[(0, pattern(4096, 1))]);
     deactivate_detach(&sr, &v);
 }
+
+/// A full mirror (no snapshot, no copy: tapmirror copies the chain in the background while
+/// guest writes are mirrored) of a VDI with data into a plain destination VDI: Syncing until
+/// Ready with nothing left, never Failed, and the destination then equals the source.
+#[test]
+fn a_full_mirror_of_a_vhd_chain_ends_identical() {
+    const SIZE: u64 = 32 * MIB;
+    let src = TestSr::new();
+    let dst = TestSr::new();
+    let v = src.create("disk", SIZE as i64).vdi;
+    let v_info = attach_active(&src, &v);
+    write_through(&v_info, &[(0, pattern(6 * MIB as usize, 21))]);
+    // A chain, not one file: the data sits in a hidden parent under the leaf.
+    let old = snapshot(&src, &v, "old").vdi;
+    write_through(&v_info, &[(20 * MIB, pattern(2 * MIB as usize, 22))]);
+    let before = src.read_all(&v);
+    let d = dst.create("copy", SIZE as i64).vdi;
+    attach_active(&dst, &d);
+    let guest = Guest::start(nbd_uri(&v_info), SIZE, 13);
+    let (ours, theirs) = pair();
+    dst.backend.vdi_serve_nbd(&dst.ctx, &d, theirs).expect("serve");
+    src.backend.vdi_mirror_attach(&src.ctx, &v, ours, &d, MirrorMode::Full).expect("full mirror");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut saw = Vec::new();
+    loop {
+        let status = src.backend.vdi_mirror_status(&src.ctx, &v).expect("status");
+        saw.push(status.state);
+        match status.state {
+            MirrorHealth::Ready => {
+                assert_eq!(status.bytes_left, 0, "{status:?}");
+                break;
+            }
+            MirrorHealth::Syncing => {}
+            other => panic!("the full mirror went {other:?}"),
+        }
+        assert!(Instant::now() < deadline, "the full mirror never became ready");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    let (model, writes) = guest.stop();
+    assert!(writes > 10, "the guest wrote only {writes} times");
+    src.backend.vdi_drain(&src.ctx, &v, Duration::from_secs(10)).expect("drain");
+    assert_eq!(src.backend.vdi_mirror_status(&src.ctx, &v).expect("status").state, MirrorHealth::Ready);
+    src.backend.vdi_mirror_detach(&src.ctx, &v).expect("detach");
+    deactivate_detach(&src, &v);
+    deactivate_detach(&dst, &d);
+    let source = src.read_all(&v);
+    assert_matches_guest(&source, &model, &before, "source");
+    assert!(dst.read_all(&d) == source, "the destination differs from the source (states seen: {saw:?})");
+    src.backend.vdi_destroy(&src.ctx, &old).expect("destroy the old snapshot");
+}

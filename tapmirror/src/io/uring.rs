@@ -46,6 +46,10 @@ const MAX_IN_FLIGHT: usize = RING_ENTRIES as usize;
 const FILE_SLOTS: u32 = 1024;
 /// How often the reaper sweeps the completion queue while operations are in flight, in ms.
 const SWEEP_MS: i32 = 2;
+/// How often the reaper sweeps when it last saw nothing in flight, in ms. `busy` is read before
+/// the wait, so a submission right after it (from idle) would otherwise wait on an eventfd its
+/// completion may never signal: this bounds that window's cost.
+const IDLE_SWEEP_MS: i32 = 50;
 
 /// What the kernel does for one submission.
 pub(crate) enum Op {
@@ -333,9 +337,15 @@ impl Ring {
             // milliseconds, never a hung request (seen once under CI load: a qemu-io write stuck
             // with the server idle; not reproduced since, so the sweep covers every lost wake-up
             // of this path, whatever its cause).
+            //
+            // `busy` is stale as soon as it is read: a request submitted from idle just after
+            // (its submitter's own reap finding nothing yet) would leave this thread waiting
+            // with nothing announced. Seen: a qemu-io request unanswered for 300 s in a test
+            // run, both reapers in an unbounded poll, nothing queued on either socket. So an
+            // idle wait is bounded too.
             let busy = self.lock().in_flight > 0;
             let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
-            let timeout = if busy { SWEEP_MS } else { -1 };
+            let timeout = if busy { SWEEP_MS } else { IDLE_SWEEP_MS };
             // SAFETY: polls one live pollfd on our own eventfd.
             let ready = unsafe { libc::poll(&raw mut pfd, 1, timeout) };
             if ready > 0 {
