@@ -392,3 +392,36 @@ fn a_failed_mirror_target_never_fails_the_guest_and_is_reported() {
     p.src.cli(&["mirror", "stop", &id]);
     settle(&p, &before, "both hosts back as they were");
 }
+
+#[test]
+fn fio_verifies_on_the_destination_what_it_wrote_on_the_source_during_the_migration() {
+    require!("fio");
+    let p = Pair::new();
+    let (vdi, uri) = p.guest_disk(&pattern((64 * MIB) as usize, 18));
+    // One pass of 4 KiB random writes over 16 MiB, each block once, paced so the writes span
+    // the migration; fio checks its crc32c headers on the source at the end of its run.
+    let job = |uri: &str, verify_only: bool| {
+        let mut c = Command::new("fio");
+        c.args(["--name=guest", "--ioengine=nbd", "--rw=randwrite", "--bs=4k", "--size=16M", "--iodepth=4", "--verify=crc32c", "--randseed=7"])
+            .arg(format!("--uri={uri}"));
+        if verify_only {
+            c.arg("--verify_only");
+        } else {
+            c.args(["--rate_iops=1500", "--do_verify=1"]);
+        }
+        c
+    };
+    let mut writer = job(&uri, false).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().expect("fio");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let id = p.start_mirror(&vdi);
+    assert!(writer.try_wait().expect("fio").is_none(), "fio finished before the mirror was up: the test proves nothing");
+    let out = writer.wait_with_output().expect("fio");
+    assert!(out.status.success(), "fio on the source: {}", String::from_utf8_lossy(&out.stdout));
+    let dest_vdi = p.src.call("DATA.MIRROR.stat", json!({"id": id, "dbg": "t"}))["dest_vdi"].as_str().expect("dest").to_owned();
+    p.src.cli(&["vdi", "detach", "--sr", &p.src_sr, "--vdi", &vdi]);
+    let dest_uri = p.dst.cli(&["vdi", "attach", "--sr", &p.dst_sr, "--vdi", &dest_vdi]);
+    let out = run(&mut job(&dest_uri, true));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("err= 0"), "fio verify on the destination: {text}");
+    p.dst.cli(&["vdi", "detach", "--sr", &p.dst_sr, "--vdi", &dest_vdi]);
+}
