@@ -1,0 +1,133 @@
+#!/usr/bin/env python3
+"""One VDI migrated live between two hosts on this machine while a guest writes.
+
+A 4 GiB VDI (50% random data, 10% zero blocks, 40% holes) on host A is attached as a guest's
+disk; fio (nbd engine) writes 4 KiB randomly at a steady rate. First a baseline of the guest's
+write latency with no migration, then the same guest while `sxm mirror start --wait` moves the
+VDI to host B, then the guest stops (the VM pauses) and the source datapath is detached, which
+finalizes the destination. Prints the wall times, the bytes the copy sent, and the guest's
+latency, one JSON line, then a table.
+
+Usage: benches/migrate-live.py [--size-mib 4096] [--iops 2000] [--baseline-s 10]
+Needs target/release/{sxm,tapmirror} (`cargo build --release`), fio, python3.
+"""
+import argparse, json, os, signal, subprocess, sys, tempfile, time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SXM = os.path.join(ROOT, "target", "release", "sxm")
+TAPMIRROR = os.path.join(ROOT, "target", "release", "tapmirror")
+
+
+def make_image(path, mib):
+    allocated = 0
+    with open(path, "wb") as f:
+        f.truncate(mib << 20)
+        for block in range(mib // 2):
+            kind = block % 10
+            if kind >= 6:
+                continue  # 40% holes
+            f.seek(block << 21)
+            f.write(os.urandom(2 << 20) if kind < 5 else bytes(2 << 20))  # 50% data, 10% zeroes
+            allocated += 2 << 20
+    return allocated
+
+
+def start_host(root):
+    os.makedirs(root, exist_ok=True)
+    p = subprocess.Popen([SXM, "serve", "--root", root, "--listen", "127.0.0.1:0", "--tapmirror", TAPMIRROR],
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=dict(os.environ, RUST_LOG="warn"))
+    line = p.stdout.readline()
+    tcp = next(w[4:] for w in line.split() if w.startswith("tcp="))
+    return p, tcp, os.path.join(root, "sxm.sock"), open(os.path.join(root, "secret")).read().strip()
+
+
+def cli(sock, *args):
+    out = subprocess.run([SXM, "--host", sock, *args], capture_output=True, text=True, env=dict(os.environ, SXM_TAPMIRROR=TAPMIRROR))
+    if out.returncode != 0:
+        sys.exit(f"sxm {' '.join(args)}: {out.stderr}")
+    return out.stdout.strip()
+
+
+def fio(uri, iops, runtime=None):
+    args = ["fio", "--name=guest", "--ioengine=nbd", f"--uri={uri}", "--rw=randwrite", "--bs=4k", "--size=4G",
+            "--iodepth=1", f"--rate_iops={iops}", "--time_based", f"--runtime={runtime or 3600}",
+            "--output-format=json", "--lat_percentiles=1", "--percentile_list=50:99:99.9"]
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def latency(fio_proc):
+    out, err = fio_proc.communicate()
+    job = json.loads(out[out.index("{"):])["jobs"][0]["write"]
+    lat = job["lat_ns"]
+    p = lat.get("percentile", {})
+    return {"writes": job["total_ios"], "mean_us": round(lat["mean"] / 1000, 1),
+            "p50_us": round(p.get("50.000000", 0) / 1000, 1), "p99_us": round(p.get("99.000000", 0) / 1000, 1),
+            "p999_us": round(p.get("99.900000", 0) / 1000, 1)}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size-mib", type=int, default=4096)
+    ap.add_argument("--iops", type=int, default=2000)
+    ap.add_argument("--baseline-s", type=int, default=10)
+    a = ap.parse_args()
+    for exe in (SXM, TAPMIRROR):
+        if not os.path.exists(exe):
+            sys.exit(f"{exe} missing: run `cargo build --release` first")
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as work:
+        image = os.path.join(work, "disk.raw")
+        allocated = make_image(image, a.size_mib)
+        hosts = [start_host(os.path.join(work, n)) for n in ("a", "b")]
+        (pa, tcp_a, sock_a, _), (pb, tcp_b, sock_b, secret_b) = hosts
+        try:
+            sr_a = cli(sock_a, "sr", "create", "--name", "a")
+            sr_b = cli(sock_b, "sr", "create", "--name", "b")
+            vdi = json.loads(cli(sock_a, "--json", "vdi", "import", "--sr", sr_a, image))["vdi"]
+            os.remove(image)
+            subprocess.run(["sync"])
+            uri = cli(sock_a, "vdi", "attach", "--sr", sr_a, "--vdi", vdi)
+
+            base = fio(uri, a.iops, a.baseline_s)
+            baseline = latency(base)
+
+            guest = fio(uri, a.iops)
+            time.sleep(2)
+            t0 = time.monotonic()
+            mirror = cli(sock_a, "mirror", "start", "--sr", sr_a, "--vdi", vdi, "--dest", f"{tcp_b}?session_id={secret_b}",
+                         "--dest-sr", sr_b, "--wait")
+            t1 = time.monotonic()
+            tasks = json.loads(cli(sock_a, "--json", "task", "list"))
+            task = next(t for t in tasks if t["debug_info"].get("mirror") == mirror)
+            time.sleep(2)  # mirrored writes only, for a while
+            guest.send_signal(signal.SIGINT)  # the VM pauses
+            during = latency(guest)
+            t2 = time.monotonic()
+            dest_vdi = json.loads(cli(sock_a, "--json", "mirror", "stat", mirror))["dest_vdi"]
+            cli(sock_a, "vdi", "detach", "--sr", sr_a, "--vdi", vdi)  # drain, finalize on B
+            t3 = time.monotonic()
+            info = json.loads(cli(sock_b, "--json", "vdi", "list", "--sr", sr_b))
+            assert any(v["vdi"] == dest_vdi for v in info), "the destination VDI is missing"
+            result = {
+                "size_mib": a.size_mib, "allocated_mib": allocated >> 20, "guest_iops": a.iops,
+                "start_to_mirroring_s": round(t1 - t0, 2), "finalize_s": round(t3 - t2, 2),
+                "copied_mib": round(int(task["debug_info"].get("copied_bytes", 0)) / (1 << 20), 1),
+                "baseline": baseline, "during": during,
+            }
+            print(json.dumps(result), flush=True)
+            print(f"\n{a.size_mib} MiB VDI ({allocated >> 20} MiB allocated), guest 4 KiB random writes at {a.iops}/s, QD1")
+            print(f"DATA.MIRROR.start -> mirroring (prepare, pass fds, snapshot, copy): {result['start_to_mirroring_s']} s")
+            print(f"finalize (drain, deactivate, receive_finalize2 = compose on B):   {result['finalize_s']} s")
+            print(f"copy sent {result['copied_mib']} MiB as data (allocated: {allocated >> 20} MiB)")
+            print(f"{'guest write latency':<22}{'mean':>9}{'p50':>9}{'p99':>9}{'p99.9':>9}")
+            for name, l in (("no migration", baseline), ("during migration", during)):
+                print(f"{name:<22}{l['mean_us']:>9}{l['p50_us']:>9}{l['p99_us']:>9}{l['p999_us']:>9}")
+        finally:
+            for p, *_ in hosts:
+                p.terminate()
+                p.wait()
+            # Datapaths outlive their host by design: stop the ones this run made.
+            subprocess.run(["pkill", "-f", f"{work}/"], check=False)
+
+
+if __name__ == "__main__":
+    main()
