@@ -343,16 +343,9 @@ async fn serve(args: ServeArgs, activated: Vec<std::os::fd::OwnedFd>) -> Result<
             tasks.spawn(Arc::clone(&server).serve_tcp(listener, shutdown.clone()));
         }
     }
-    tracing::info!(image = %args.image.display(), ?format, size, chain, ?engine, "serving");
-    if args.socket.is_some() || args.listen.is_some() {
-        // One line on stdout tells scripts and tests where we listen. Under socket activation
-        // stdout belongs to whoever started us, so the line goes to the log only.
-        println!("ready {}", ready.join(" "));
-    }
-    tracing::debug!(listeners = %ready.join(" "), "ready");
-
-    // Connections passed by descriptor (`nbd-accept`) are served until shutdown, like accepted
-    // ones, and waited for before the final flush.
+    // The control socket listens before the ready line, so whoever waits for that line can
+    // use it at once. Connections passed by descriptor (`nbd-accept`) are served until
+    // shutdown, like accepted ones, and waited for before the final flush.
     let accepted = tokio_util::task::TaskTracker::new();
     if let Some(path) = &args.control {
         let listener = bind_unix(path)?;
@@ -366,6 +359,13 @@ async fn serve(args: ServeArgs, activated: Vec<std::os::fd::OwnedFd>) -> Result<
         });
         tokio::spawn(tapmirror::control::serve(listener, control));
     }
+    tracing::info!(image = %args.image.display(), ?format, size, chain, ?engine, "serving");
+    if args.socket.is_some() || args.listen.is_some() {
+        // One line on stdout tells scripts and tests where we listen. Under socket activation
+        // stdout belongs to whoever started us, so the line goes to the log only.
+        println!("ready {}", ready.join(" "));
+    }
+    tracing::debug!(listeners = %ready.join(" "), "ready");
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
