@@ -26,11 +26,18 @@ fn tmp_path(path: &Path) -> io::Result<PathBuf> {
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let with = |e: io::Error, what: &str| io::Error::new(e.kind(), format!("{what} {}: {e}", path.display()));
     let tmp = tmp_path(path)?;
-    let mut f = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp).map_err(|e| with(e, "create temporary for"))?;
-    f.write_all(bytes).map_err(|e| with(e, "write"))?;
-    f.sync_all().map_err(|e| with(e, "fsync"))?;
-    drop(f);
-    fs::rename(&tmp, path).map_err(|e| with(e, "rename into"))?;
+    let written = (|| {
+        let mut f = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp).map_err(|e| with(e, "create temporary for"))?;
+        f.write_all(bytes).map_err(|e| with(e, "write"))?;
+        f.sync_all().map_err(|e| with(e, "fsync"))?;
+        drop(f);
+        fs::rename(&tmp, path).map_err(|e| with(e, "rename into"))
+    })();
+    if let Err(e) = written {
+        // Nothing refers to the temporary: do not leave it (or its space) behind.
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
     sync_dir(path.parent().unwrap_or(Path::new(".")))
 }
 

@@ -241,6 +241,7 @@ impl Backend for ExtBackend {
             return Err(errors::failure("invalid", format!("{} already holds an SR", sr.dir.display())));
         }
         SrMeta::default().save(&sr.dir)?;
+        crate::meta::ensure_reserve(&sr.dir);
         tracing::info!(sr = %sr.sr, name_label, dir = %sr.dir.display(), "created an ext SR");
         Ok(sr.device_config.clone())
     }
@@ -248,6 +249,7 @@ impl Backend for ExtBackend {
     fn sr_attach(&self, sr: &SrContext, datapaths: &[AttachedVdi]) -> StorageResult<()> {
         let r = recover::recover(&sr.sr, &sr.dir)?;
         tracing::info!(sr = %sr.sr, recovery = ?r, "attached an ext SR");
+        crate::meta::ensure_reserve(&sr.dir);
         let meta = SrMeta::load_existing(&sr.dir)?;
         self.datapaths.recover(sr, datapaths, &|vdi: &str| {
             let id = vdi_id(vdi)?;
@@ -274,6 +276,7 @@ impl Backend for ExtBackend {
             state::remove_durably(&vhd_path(&sr.dir, id)).map_err(|e| errors::io("destroying the SR", &e))?;
         }
         state::remove_durably(&SrMeta::path(&sr.dir)).map_err(|e| errors::io("destroying the SR", &e))?;
+        state::remove_durably(&sr.dir.join(crate::meta::RESERVE_FILE)).map_err(|e| errors::io("destroying the SR", &e))?;
         tracing::info!(sr = %sr.sr, files = files.len(), "destroyed an ext SR");
         Ok(())
     }
@@ -337,6 +340,7 @@ impl Backend for ExtBackend {
         meta.save(&sr.dir)?;
         tracing::info!(sr = %sr.sr, vdi = %id, hidden_parents_dropped = garbage.len() - 1, "destroyed a VDI");
         delete_files(sr, &garbage);
+        crate::meta::ensure_reserve(&sr.dir);
         Ok(())
     }
 

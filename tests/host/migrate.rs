@@ -122,6 +122,11 @@ impl Pair {
         v
     }
 
+    /// Reads an attached VDI through its NBD URI.
+    fn export_live(&self, uri: &str) -> Vec<u8> {
+        read_export(uri, self._dir.path())
+    }
+
     fn export(&self, host: &Host, sr: &str, vdi: &str) -> Vec<u8> {
         let out = self._dir.path().join(format!("export-{vdi}.raw"));
         let _ = std::fs::remove_file(&out);
@@ -281,12 +286,17 @@ fn a_failure_at_each_source_stage_is_that_stages_error_and_leaves_nothing_behind
         ("send.copied", "Migration_mirror_copy_failure"),
     ] {
         let mut p = Pair::with_faults(&format!("{point}=error"), "");
-        let (vdi, _uri) = p.guest_disk(&pattern((4 * MIB) as usize, 8));
+        let seed = pattern((4 * MIB) as usize, 8);
+        let (vdi, uri) = p.guest_disk(&seed);
         let before = p.state();
+        // A guest writes through the failure and its rollback, and never sees an error.
+        let guest = Guest::start(uri.clone(), 4 * MIB, 19);
         let out = p.src.cli_raw(&["mirror", "start", "--sr", &p.src_sr, "--vdi", &vdi, "--dest", &p.dest_url(), "--dest-sr", &p.dst_sr, "--wait"]);
         assert!(!out.status.success(), "{point}: the migration did not fail");
         assert_eq!(task_error(&p.src, &last_task(&p.src)), tag, "{point}");
         settle(&p, &before, &format!("{point}: both hosts back as they were"));
+        let (model, _) = guest.stop();
+        assert_matches_guest(&p.export_live(&uri), &model, &seed, point);
         // Without the fault, the same migration goes through.
         p.restart_src(true);
         assert_eq!(p.state(), before, "{point}: the restart changed something");
@@ -424,4 +434,60 @@ fn fio_verifies_on_the_destination_what_it_wrote_on_the_source_during_the_migrat
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("err= 0"), "fio verify on the destination: {text}");
     p.dst.cli(&["vdi", "detach", "--sr", &p.dst_sr, "--vdi", &dest_vdi]);
+}
+
+/// A tmpfs mounted for a test, unmounted when dropped (also when the test fails).
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &std::path::Path, size: &str) -> Option<Tmpfs> {
+        std::fs::create_dir_all(at).expect("mount point");
+        let ok = Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(at).status().is_ok_and(|s| s.success());
+        ok.then(|| Tmpfs(at.to_owned()))
+    }
+
+    fn resize(&self, size: &str) {
+        run(Command::new("mount").args(["-o", &format!("remount,size={size}")]).arg(&self.0));
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_destination_out_of_space_fails_the_copy_and_leaves_both_hosts_as_they_were() {
+    require!("nbdcopy");
+    let dir = tempfile::tempdir().expect("tempdir");
+    // The destination's SRs live on a 6 MiB file system; the VDI holds 12 MiB of data.
+    let Some(small) = Tmpfs::mount(&dir.path().join("b").join("sr"), "6m") else {
+        eprintln!("skipping: cannot mount a tmpfs here (needs root)");
+        return;
+    };
+    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("port").port();
+    let src = Host::start(&dir.path().join("a"));
+    let dst = Host::start_on(&dir.path().join("b"), &format!("127.0.0.1:{port}"));
+    let src_sr = src.cli(&["sr", "create", "--name", "source"]);
+    let dst_sr = dst.cli(&["sr", "create", "--name", "small"]);
+    let p = Pair { _dir: dir, src, dst, src_sr, dst_sr };
+    let seed = pattern((12 * MIB) as usize, 20);
+    let (vdi, uri) = p.guest_disk(&seed);
+    let before = p.state();
+    let guest = Guest::start(uri.clone(), 12 * MIB, 21);
+    let out = p.src.cli_raw(&["mirror", "start", "--sr", &p.src_sr, "--vdi", &vdi, "--dest", &p.dest_url(), "--dest-sr", &p.dst_sr, "--wait"]);
+    assert!(!out.status.success(), "the copy fit in 6 MiB?");
+    let tag = task_error(&p.src, &last_task(&p.src));
+    assert!(tag == "Migration_mirror_copy_failure" || tag == "Migration_preparation_failure", "{tag}");
+    settle(&p, &before, "both hosts back as they were");
+    let (model, _) = guest.stop();
+    assert_matches_guest(&p.export_live(&uri), &model, &seed, "the source after the failed migration");
+    // With room, the same migration goes through.
+    small.resize("64m");
+    let id = p.start_mirror(&vdi);
+    let dest_vdi = p.src.call("DATA.MIRROR.stat", json!({"id": id, "dbg": "t"}))["dest_vdi"].as_str().expect("dest").to_owned();
+    p.src.cli(&["vdi", "detach", "--sr", &p.src_sr, "--vdi", &vdi]);
+    assert_matches_guest(&p.export(&p.dst, &p.dst_sr, &dest_vdi), &model, &seed, "the destination after the retry");
+    drop(p);
 }

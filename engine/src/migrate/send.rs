@@ -477,6 +477,8 @@ impl Mux {
                     Ok(s) if s.state == MirrorHealth::Failed => {
                         tracing::error!(mirror = %id, "the mirror's target failed; the guest goes on locally");
                         let _ = me.update_send(&id, |r| r.failed = true);
+                        // The task that started it says so too (xapi marks its task `mirror_failed`).
+                        me.tasks().debug_info(&r.task, "mirror_failed", "true");
                         me.tasks().changed(Dynamic::Mirror(id.clone()));
                         return;
                     }
