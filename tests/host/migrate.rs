@@ -412,7 +412,7 @@ fn fio_verifies_on_the_destination_what_it_wrote_on_the_source_during_the_migrat
     // the migration; fio checks its crc32c headers on the source at the end of its run.
     let job = |uri: &str, verify_only: bool| {
         let mut c = Command::new("fio");
-        c.args(["--name=guest", "--ioengine=nbd", "--rw=randwrite", "--bs=4k", "--size=16M", "--iodepth=4", "--verify=crc32c", "--randseed=7"])
+        c.args(["--name=guest", "--ioengine=nbd", "--rw=randwrite", "--bs=4k", "--size=16M", "--iodepth=4", "--verify=crc32c", "--randseed=7", "--verify_state_save=0"])
             .arg(format!("--uri={uri}"));
         if verify_only {
             c.arg("--verify_only");
