@@ -491,3 +491,34 @@ fn a_destination_out_of_space_fails_the_copy_and_leaves_both_hosts_as_they_were(
     assert_matches_guest(&p.export(&p.dst, &p.dst_sr, &dest_vdi), &model, &seed, "the destination after the retry");
     drop(p);
 }
+
+#[test]
+fn a_destination_refusing_the_mirror_connection_is_an_fd_failure_undone_on_both_hosts() {
+    let p = Pair::with_faults("", "recv.pass_fds=error");
+    let (vdi, _uri) = p.guest_disk(&pattern((4 * MIB) as usize, 22));
+    let before = p.state();
+    let out = p.src.cli_raw(&["mirror", "start", "--sr", &p.src_sr, "--vdi", &vdi, "--dest", &p.dest_url(), "--dest-sr", &p.dst_sr, "--wait"]);
+    assert!(!out.status.success());
+    assert_eq!(task_error(&p.src, &last_task(&p.src)), "Migration_mirror_fd_failure");
+    settle(&p, &before, "both hosts back as they were");
+}
+
+#[test]
+fn a_failed_finalize_leaves_the_mirror_failed_and_stop_undoes_it() {
+    let mut p = Pair::with_faults("", "recv.finalize=error");
+    let (vdi, _uri) = p.guest_disk(&pattern((4 * MIB) as usize, 23));
+    let before = p.state();
+    let id = p.start_mirror(&vdi);
+    let out = p.src.cli_raw(&["vdi", "detach", "--sr", &p.src_sr, "--vdi", &vdi]);
+    assert!(!out.status.success(), "a detach whose finalize failed must say so");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("finalize"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(p.src.call("DATA.MIRROR.stat", json!({"id": id, "dbg": "t"}))["failed"], true);
+    p.src.cli(&["mirror", "stop", &id]);
+    p.src.cli(&["vdi", "attach", "--sr", &p.src_sr, "--vdi", &vdi]);
+    settle(&p, &before, "both hosts back as they were");
+    // Once the destination finalizes again, the migration goes through.
+    p.restart_dst(true);
+    p.start_mirror(&vdi);
+    p.src.cli(&["vdi", "detach", "--sr", &p.src_sr, "--vdi", &vdi]);
+    assert_eq!(p.src.call("DATA.MIRROR.list", json!({"dbg": "t"})), json!({}));
+}

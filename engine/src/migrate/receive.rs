@@ -246,6 +246,7 @@ impl NbdHandover for Handover {
     type Prepared = NbdRequest;
 
     async fn prepare(&self, req: NbdRequest, _transport: Transport) -> Result<NbdRequest, HandoverError> {
+        crate::fault::point("recv.pass_fds").await?;
         self.0.nbd_check(&req)?;
         Ok(req)
     }
