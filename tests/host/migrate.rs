@@ -522,3 +522,77 @@ fn a_failed_finalize_leaves_the_mirror_failed_and_stop_undoes_it() {
     p.src.cli(&["vdi", "detach", "--sr", &p.src_sr, "--vdi", &vdi]);
     assert_eq!(p.src.call("DATA.MIRROR.list", json!({"dbg": "t"})), json!({}));
 }
+
+/// A TCP forwarder standing in for the network between the hosts: killing it cuts every
+/// connection through it, and starting it again on the same port mends the network.
+struct Link {
+    port: u16,
+    target: String,
+    proc: Proc,
+}
+
+impl Link {
+    fn up(port: u16, target: &str) -> Link {
+        let (host, tport) = target.trim_start_matches("http://").rsplit_once(':').expect("host:port");
+        let script = format!(
+            r#"
+import socket, threading
+def pipe(a, b):
+    try:
+        while True:
+            d = a.recv(65536)
+            if not d: break
+            b.sendall(d)
+    except OSError: pass
+    finally:
+        for s in (a, b):
+            try: s.shutdown(socket.SHUT_RDWR)
+            except OSError: pass
+l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.bind(("127.0.0.1", {port})); l.listen(64); print("up", flush=True)
+while True:
+    c, _ = l.accept()
+    u = socket.create_connection(("{host}", {tport}))
+    threading.Thread(target=pipe, args=(c, u), daemon=True).start()
+    threading.Thread(target=pipe, args=(u, c), daemon=True).start()
+"#
+        );
+        let mut child = Command::new("/usr/bin/python3").arg("-c").arg(script).stdout(std::process::Stdio::piped()).spawn().expect("forwarder");
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().expect("stdout")), &mut line).expect("forwarder up");
+        assert_eq!(line.trim(), "up");
+        Link { port, target: target.to_owned(), proc: Proc(Some(child)) }
+    }
+
+    fn cut(&mut self) {
+        if let Some(mut c) = self.proc.0.take() {
+            c.kill().expect("kill forwarder");
+            c.wait().expect("reap forwarder");
+        }
+    }
+
+    fn mend(&mut self) {
+        *self = Link::up(self.port, &self.target);
+    }
+}
+
+#[test]
+fn a_network_cut_during_the_copy_is_undone_on_both_hosts_once_the_network_is_back() {
+    // The copy waits 2 s before it starts: time to cut the network under it.
+    let p = Pair::with_faults("send.copy=delay", "");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("port").port();
+    let mut link = Link::up(port, &p.dst.tcp);
+    let (vdi, _uri) = p.guest_disk(&pattern((8 * MIB) as usize, 24));
+    let before = p.state();
+    let url = format!("http://127.0.0.1:{port}?session_id={}", p.dst.secret);
+    let task = p.src.cli(&["mirror", "start", "--sr", &p.src_sr, "--vdi", &vdi, "--dest", &url, "--dest-sr", &p.dst_sr]);
+    std::thread::sleep(std::time::Duration::from_millis(800));
+    link.cut();
+    eventually(30, "the task ended", || p.src.call("TASK.stat", json!({"task": task, "dbg": "t"}))["state"][0] != "Pending");
+    assert_eq!(task_error(&p.src, &task), "Migration_mirror_copy_failure");
+    // The source undid its side; the destination cannot be told yet.
+    let list = p.src.call("DATA.MIRROR.list", json!({"dbg": "t"}));
+    assert_eq!(list.as_object().map(|m| m.len()), Some(1), "the send waits to tell the destination: {list}");
+    link.mend();
+    settle(&p, &before, "both hosts back as they were once the network is back");
+}
