@@ -98,9 +98,11 @@ impl Remote {
     }
 
     /// Opens an NBD connection to a datapath of the remote host through
-    /// `PUT /services/SM/nbd/<vm>/<sr>/<vdi>/<dp>`.
-    pub async fn connect_nbd(&self, vm: &str, sr: &str, vdi: &str, dp: &str) -> Result<std::os::fd::OwnedFd, StorageError> {
-        let path = format!("/services/SM/nbd/{}/{}/{}/{}", enc(vm), enc(sr), enc(vdi), enc(dp));
+    /// `PUT /services/SM/nbd/<vm>/<sr>/<vdi>/<dp>` (the mirror's way) or, for a copy,
+    /// `PUT /services/SM/nbdproxy/import/<vm>/<sr>/<vdi>/<dp>` (as xapi's copy does).
+    pub async fn connect_nbd(&self, vm: &str, sr: &str, vdi: &str, dp: &str, copy: bool) -> Result<std::os::fd::OwnedFd, StorageError> {
+        let route = if copy { "nbdproxy/import" } else { "nbd" };
+        let path = format!("/services/SM/{route}/{}/{}/{}/{}", enc(vm), enc(sr), enc(vdi), enc(dp));
         crate::http::client::connect_nbd(&self.endpoint, &path)
             .await
             .map_err(|e| StorageError::InternalError(format!("{e}: {}", error_chain(&e))))

@@ -210,7 +210,7 @@ impl Mux {
         let remote_info = r.remote.clone().ok_or_else(|| StorageError::InternalError("no destination leaf".into()))?;
         let remote = Remote::new(&r.url)?;
         crate::fault::point("send.pass_fds").await?;
-        let conn = remote.connect_nbd(&r.mirror_vm, &r.dest_sr, &remote_info.leaf, &remote_info.leaf_dp).await?;
+        let conn = remote.connect_nbd(&r.mirror_vm, &r.dest_sr, &remote_info.leaf, &remote_info.leaf_dp, false).await?;
         let entry = self.attached_entry(&r.sr)?;
         let (vdi, export) = (r.vdi.clone(), remote_info.leaf.clone());
         self.run(&entry, true, move |b, ctx| b.vdi_mirror_attach(ctx, &vdi, conn, &export, MirrorMode::Sync)).await?;
@@ -286,7 +286,7 @@ impl Mux {
             .await?;
         let copied = async {
             remote.call::<()>(Call::VdiActivate3(args::VdiActivate3 { vdi: dest_vdi.into(), vm: Some(vm.into()), sr: dest_sr.into(), dp: dp.into(), dbg: dbg(vdi) })).await?;
-            let conn = remote.connect_nbd(vm, dest_sr, dest_vdi, dp).await?;
+            let conn = remote.connect_nbd(vm, dest_sr, dest_vdi, dp, true).await?;
             let entry = self.attached_entry(sr)?;
             let tasks = self.me()?;
             let (vdi, base, export, task, cancel) = (vdi.to_owned(), base.map(str::to_owned), dest_vdi.to_owned(), task.to_owned(), cancel.clone());
