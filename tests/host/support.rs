@@ -70,7 +70,8 @@ impl Host {
             .arg(&socket)
             .arg("--tapmirror")
             .arg(tapmirror())
-            .env("RUST_LOG", "info")
+            // Quiet unless asked (`SXM_TEST_LOG=info`): many hosts share one test run's output.
+            .env("RUST_LOG", std::env::var("SXM_TEST_LOG").unwrap_or_else(|_| "warn".into()))
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
