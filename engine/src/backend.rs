@@ -80,6 +80,18 @@ fn unimplemented<T>(what: &str) -> StorageResult<T> {
 /// One SR type.
 #[allow(unused_variables)]
 pub trait Backend: Send + Sync + 'static {
+    /// The SMAPI generation of the SR type, which picks how its VDIs migrate: 1 (VHD, as
+    /// SMAPIv1 does it: snapshot, copy, compose) or 3 (one full mirror, as SMAPIv3 does it).
+    fn smapi_version(&self) -> u32 {
+        1
+    }
+
+    /// The format of its VDIs' images (`vhd`, `qcow2`): a source tells the destination, as
+    /// xapi's `image-format`, so that the destination prepares for the right procedure.
+    fn image_format(&self) -> &'static str {
+        "vhd"
+    }
+
     /// `SR.create`: make a new, empty SR in `sr.dir` (which exists and is empty). Answers the
     /// device_config to keep for it.
     fn sr_create(&self, sr: &SrContext, name_label: &str, physical_size: i64) -> StorageResult<Map<String>> {

@@ -124,6 +124,12 @@ impl Mux {
         out
     }
 
+    /// The backend serving an SR.
+    pub(crate) fn backend_for_sr(&self, sr: &str) -> StorageResult<Arc<dyn Backend>> {
+        let entry = self.entry(sr)?;
+        self.backend_of(&entry.record.ty, sr)
+    }
+
     fn backend_of(&self, ty: &str, sr: &str) -> StorageResult<Arc<dyn Backend>> {
         self.backends.get(ty).cloned().ok_or_else(|| StorageError::NoStoragePluginForSr(sr.to_owned()))
     }

@@ -32,6 +32,10 @@ pub use records::{CopyRecord, RecvRecord, SendRecord, Table};
 /// whatever carries it can be found and destroyed when the migration is undone.
 pub const BASE_MIRROR: &str = "base_mirror";
 
+/// The sm_config key by which a source tells the destination its image format (xapi's
+/// `image-format`): `vhd` sources migrate the SMAPIv1 way, others (`qcow2`) the SMAPIv3 way.
+pub const IMAGE_FORMAT: &str = "image-format";
+
 /// How long finalize waits for the source datapath to drain (xapi's 150 s).
 pub const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(150);
 

@@ -67,6 +67,12 @@ impl Mux {
     }
 
     async fn prepare(&self, sr: &str, info: &VdiInfo, id: &str, similar: &[String], vm: &str) -> Result<MirrorReceiveResult, StorageError> {
+        // The source's image format picks the procedure: a VHD source snapshots, copies and
+        // composes (SMAPIv1); any other runs one full mirror into one volume (SMAPIv3).
+        let v1_source = info.sm_config.get(super::IMAGE_FORMAT).is_none_or(|f| f == "vhd");
+        if !v1_source {
+            return self.prepare_full_mirror(sr, info, id, vm).await;
+        }
         let marked = |mut v: VdiInfo| {
             v.sm_config = Map::from_iter([(BASE_MIRROR.to_owned(), id.to_owned())]);
             v
@@ -124,6 +130,27 @@ impl Mux {
             mirror_datapath: leaf_dp,
             mirror_vdi: leaf,
         }))
+    }
+
+    /// The SMAPIv3 prepare: one new volume, attached and active, that the source's full
+    /// mirror fills.
+    async fn prepare_full_mirror(&self, sr: &str, info: &VdiInfo, id: &str, vm: &str) -> Result<MirrorReceiveResult, StorageError> {
+        let mut leaf_info = info.clone();
+        leaf_info.sm_config = Map::from_iter([(BASE_MIRROR.to_owned(), id.to_owned())]);
+        leaf_info.is_a_snapshot = false;
+        leaf_info.read_only = false;
+        leaf_info.snapshot_of = String::new();
+        let leaf: VdiInfo = self.local(Call::VdiCreate(args::VdiCreate { vdi_info: leaf_info, sr: sr.into(), dbg: dbg(id) })).await?;
+        self.update_recv(id, |r| r.leaf = Some(leaf.vdi.clone()))?;
+        crate::fault::point("recv.prepare").await?;
+        let leaf_dp = uuid::Uuid::new_v4().to_string();
+        self.update_recv(id, |r| r.leaf_dp = Some(leaf_dp.clone()))?;
+        let _: crate::model::AttachInfo = self
+            .local(Call::VdiAttach3(args::VdiAttach3 { read_write: true, vdi: leaf.vdi.clone(), vm: Some(vm.into()), sr: sr.into(), dp: leaf_dp.clone(), dbg: dbg(id) }))
+            .await?;
+        self.local::<()>(Call::VdiActivate3(args::VdiActivate3 { vdi: leaf.vdi.clone(), vm: Some(vm.into()), sr: sr.into(), dp: leaf_dp.clone(), dbg: dbg(id) })).await?;
+        self.update_recv(id, |r| r.stage = RecvStage::Receiving)?;
+        Ok(MirrorReceiveResult::Smapiv3Mirror(crate::model::Smapiv3Mirror { nbd_export: leaf.vdi.clone(), mirror_datapath: leaf_dp, mirror_vdi: leaf }))
     }
 
     /// Destroys what a receive made, each step's error logged and ignored (xapi's
@@ -189,14 +216,16 @@ impl Mux {
         };
         self.local::<()>(Call::DpDestroy2(args::DpDestroy2 { allow_leak: false, vm: Some(r.mirror_vm.clone()), vdi: leaf.clone(), sr: r.sr.clone(), dp, dbg: dbg(id) }))
             .await?;
-        if compose {
-            let parent = r.parent.clone().ok_or_else(|| StorageError::InternalError(format!("mirror {id} has no parent")))?;
+        // A full mirror's volume is the VDI already; a SMAPIv1 leaf goes onto its parent.
+        if compose && let Some(parent) = r.parent.clone() {
             self.local::<()>(Call::VdiCompose(args::VdiCompose { vdi2: leaf.clone(), vdi1: parent, sr: r.sr.clone(), dbg: dbg(id) })).await?;
             if let Some(dummy) = &r.dummy
                 && let Err(e) = self.local::<()>(Call::VdiDestroy(args::VdiDestroy { vdi: dummy.clone(), sr: r.sr.clone(), dbg: dbg(id) })).await
             {
                 tracing::warn!(mirror = %id, error = %e, "finalize: destroying the dummy failed");
             }
+        }
+        if compose {
             self.local::<()>(Call::VdiRemoveFromSmConfig(args::VdiRemoveFromSmConfig { key: BASE_MIRROR.into(), vdi: leaf.clone(), sr: r.sr.clone(), dbg: dbg(id) }))
                 .await?;
         }

@@ -26,6 +26,8 @@ pub enum SendStage {
     Snapshot,
     /// Copying the snapshot into the destination's parent.
     Copy,
+    /// A full mirror (SMAPIv3) copying everything while it mirrors new writes, until ready.
+    FullMirror,
     /// The copy is done: the mirror runs until finalize.
     Mirroring,
 }
@@ -76,6 +78,10 @@ pub struct SendRecord {
     pub task: String,
     /// The mirror's target failed.
     pub failed: bool,
+    /// The SMAPIv3 procedure: one full mirror into a single destination volume (no
+    /// snapshot, copy or compose).
+    #[serde(default)]
+    pub full_mirror: bool,
     /// Undone here, but the destination could not be told (it was unreachable): the record
     /// stays, and `receive_cancel` is retried until the destination has undone its side.
     #[serde(default)]

@@ -44,6 +44,8 @@ enum Failed {
     PassFds,
     Snapshot,
     Copy,
+    /// The SMAPIv3 full mirror's stage.
+    Mirror,
 }
 
 fn stage_error(stage: Failed, e: &StorageError) -> StorageError {
@@ -54,7 +56,8 @@ fn stage_error(stage: Failed, e: &StorageError) -> StorageError {
         StorageError::MigrationPreparationFailure(t)
         | StorageError::MigrationMirrorFdFailure(t)
         | StorageError::MigrationMirrorSnapshotFailure(t)
-        | StorageError::MigrationMirrorCopyFailure(t) => t.clone(),
+        | StorageError::MigrationMirrorCopyFailure(t)
+        | StorageError::MigrationMirrorFailure(t) => t.clone(),
         other => other.to_string(),
     };
     match stage {
@@ -62,6 +65,7 @@ fn stage_error(stage: Failed, e: &StorageError) -> StorageError {
         Failed::PassFds => StorageError::MigrationMirrorFdFailure(text),
         Failed::Snapshot => StorageError::MigrationMirrorSnapshotFailure(text),
         Failed::Copy => StorageError::MigrationMirrorCopyFailure(text),
+        Failed::Mirror => StorageError::MigrationMirrorFailure(text),
     }
 }
 
@@ -97,6 +101,7 @@ impl Mux {
             return Err(StorageError::InternalError(format!("VDI {vdi} is already being mirrored (mirror {id})")));
         }
         Remote::new(&url)?;
+        let full_mirror = self.backend_for_sr(&sr)?.smapi_version() >= 3;
         let (task, cancel) = self.tasks().create(&dbg(&id));
         let record = SendRecord {
             id: id.clone(),
@@ -114,6 +119,7 @@ impl Mux {
             copy_dp: None,
             task: task.clone(),
             failed: false,
+            full_mirror,
             cancelling: false,
         };
         // Written before the destination hears of it (xapi's CA-244573).
@@ -153,6 +159,15 @@ impl Mux {
             check(Failed::PassFds)?;
             self.stage(task, "pass fds", 0.05);
             self.send_pass_fds(id).await.map_err(|e| (Failed::PassFds, e))?;
+            if lock(&self.records.sends).get(id).is_some_and(|r| r.full_mirror) {
+                // SMAPIv3: one stage copies everything and mirrors new writes until ready.
+                check(Failed::Mirror)?;
+                self.stage(task, "mirror", 0.08);
+                self.send_full_mirror(id, task, cancel).await.map_err(|e| (Failed::Mirror, e))?;
+                check(Failed::Mirror)?;
+                self.stage(task, "mirror", 1.0);
+                return Ok(());
+            }
             check(Failed::Snapshot)?;
             self.stage(task, "snapshot", 0.08);
             self.send_snapshot(id).await.map_err(|e| (Failed::Snapshot, e))?;
@@ -177,7 +192,10 @@ impl Mux {
         crate::fault::point("send.prepare").await.map_err(here)?;
         let r = lock(&self.records.sends).get(id).cloned().ok_or_else(|| here(StorageError::DoesNotExist("mirror".into(), id.into())))?;
         let remote = Remote::new(&r.url).map_err(here)?;
-        let info: VdiInfo = self.local(Call::VdiStat(args::VdiStat { vdi: r.vdi.clone(), sr: r.sr.clone(), dbg: dbg(id) })).await.map_err(here)?;
+        let mut info: VdiInfo = self.local(Call::VdiStat(args::VdiStat { vdi: r.vdi.clone(), sr: r.sr.clone(), dbg: dbg(id) })).await.map_err(here)?;
+        // The destination prepares for our procedure by our image format.
+        let format = self.backend_for_sr(&r.sr).map_err(here)?.image_format();
+        info.sm_config.insert(super::IMAGE_FORMAT.to_owned(), format.to_owned());
         let similar: Vec<VdiInfo> =
             self.local(Call::VdiSimilarContent(args::VdiSimilarContent { vdi: r.vdi.clone(), sr: r.sr.clone(), dbg: dbg(id) })).await.map_err(here)?;
         let similar: Vec<String> = similar.into_iter().map(|v| v.content_id).filter(|c| !c.is_empty()).collect();
@@ -191,13 +209,21 @@ impl Mux {
                 dbg: dbg(id),
             }))
             .await?;
-        let MirrorReceiveResult::VhdMirror(m) = result else {
-            // A SMAPIv3 destination for a SMAPIv1 source: not built yet. Cancel what it made.
-            let _ = remote.call::<()>(Call::DataMirrorReceiveCancel(args::DataMirrorReceiveCancel { id: id.to_owned(), dbg: dbg(id) })).await;
-            return Err(here(StorageError::Unimplemented("a SMAPIv3 destination for a SMAPIv1 source".into())));
+        let remote_info = match (result, r.full_mirror) {
+            (MirrorReceiveResult::VhdMirror(m), false) => {
+                RemoteInfo { leaf: m.mirror_vdi.vdi, leaf_dp: m.mirror_datapath, parent: m.copy_diffs_to, copy_diffs_from: m.copy_diffs_from, dummy: m.dummy_vdi }
+            }
+            (MirrorReceiveResult::Smapiv3Mirror(m), true) => {
+                RemoteInfo { leaf: m.mirror_vdi.vdi, leaf_dp: m.mirror_datapath, parent: String::new(), copy_diffs_from: None, dummy: String::new() }
+            }
+            (other, _) => {
+                // The destination prepared for the other procedure: undo it there.
+                let _ = remote.call::<()>(Call::DataMirrorReceiveCancel(args::DataMirrorReceiveCancel { id: id.to_owned(), dbg: dbg(id) })).await;
+                return Err(here(StorageError::InternalError(format!("the destination prepared for the wrong procedure: {other:?}"))));
+            }
         };
         self.update_send(id, |r| {
-            r.remote = Some(RemoteInfo { leaf: m.mirror_vdi.vdi, leaf_dp: m.mirror_datapath, parent: m.copy_diffs_to, copy_diffs_from: m.copy_diffs_from, dummy: m.dummy_vdi });
+            r.remote = Some(remote_info);
             r.stage = SendStage::PassFds;
         })
         // The destination has prepared: undoing this must tell it.
@@ -210,11 +236,44 @@ impl Mux {
         let remote_info = r.remote.clone().ok_or_else(|| StorageError::InternalError("no destination leaf".into()))?;
         let remote = Remote::new(&r.url)?;
         crate::fault::point("send.pass_fds").await?;
-        let conn = remote.connect_nbd(&r.mirror_vm, &r.dest_sr, &remote_info.leaf, &remote_info.leaf_dp, false).await?;
+        // SMAPIv3 mirrors go through the proxy path, as xapi's do; SMAPIv1 mirrors through nbd.
+        let conn = remote.connect_nbd(&r.mirror_vm, &r.dest_sr, &remote_info.leaf, &remote_info.leaf_dp, r.full_mirror).await?;
         let entry = self.attached_entry(&r.sr)?;
         let (vdi, export) = (r.vdi.clone(), remote_info.leaf.clone());
-        self.run(&entry, true, move |b, ctx| b.vdi_mirror_attach(ctx, &vdi, conn, &export, MirrorMode::Sync)).await?;
-        self.update_send(id, |r| r.stage = SendStage::Snapshot)?;
+        let mode = if r.full_mirror { MirrorMode::Full } else { MirrorMode::Sync };
+        self.run(&entry, true, move |b, ctx| b.vdi_mirror_attach(ctx, &vdi, conn, &export, mode)).await?;
+        self.update_send(id, |r| r.stage = if r.full_mirror { SendStage::FullMirror } else { SendStage::Snapshot })?;
+        Ok(())
+    }
+
+    /// SMAPIv3: waits until the full mirror has copied everything (new writes are mirrored
+    /// all along), reporting progress; a failed mirror fails the stage.
+    async fn send_full_mirror(&self, id: &str, task: &str, cancel: &CancellationToken) -> Result<(), StorageError> {
+        crate::fault::point("send.mirror").await?;
+        let r = lock(&self.records.sends).get(id).cloned().ok_or_else(|| StorageError::DoesNotExist("mirror".into(), id.into()))?;
+        let entry = self.attached_entry(&r.sr)?;
+        let size = {
+            let info: VdiInfo = self.local(Call::VdiStat(args::VdiStat { vdi: r.vdi.clone(), sr: r.sr.clone(), dbg: dbg(id) })).await?;
+            info.virtual_size.max(1) as u64
+        };
+        loop {
+            if cancel.is_cancelled() {
+                return Err(StorageError::Cancelled(task.to_owned()));
+            }
+            let vdi = r.vdi.clone();
+            let status = self.run(&entry, false, move |b, ctx| b.vdi_mirror_status(ctx, &vdi)).await?;
+            let done = size.saturating_sub(status.bytes_left);
+            self.tasks().debug_info(task, "bytes_done", &done.to_string());
+            self.tasks().debug_info(task, "bytes_total", &size.to_string());
+            self.tasks().progress(task, 0.08 + 0.91 * done as f64 / size as f64);
+            match status.state {
+                MirrorHealth::Ready => break,
+                MirrorHealth::Failed => return Err(StorageError::MigrationMirrorFailure("the destination stopped taking the mirror".into())),
+                MirrorHealth::None => return Err(StorageError::MigrationMirrorFailure("the mirror is gone from the datapath".into())),
+                MirrorHealth::Syncing => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+        self.update_send(id, |r| r.stage = SendStage::Mirroring)?;
         Ok(())
     }
 
@@ -327,7 +386,7 @@ impl Mux {
             Failed::Prepare => true,
             // It may have prepared without our hearing back: it is told to cancel.
             Failed::PrepareUnknown => self.cancel_remote(&r).await,
-            Failed::PassFds | Failed::Snapshot | Failed::Copy => self.stop_send(&r).await,
+            Failed::PassFds | Failed::Snapshot | Failed::Copy | Failed::Mirror => self.stop_send(&r).await,
         };
         self.end_send(id, remote_done);
     }
@@ -628,6 +687,7 @@ impl Mux {
                 SendStage::PassFds => Failed::PassFds,
                 SendStage::Snapshot => Failed::Snapshot,
                 SendStage::Copy => Failed::Copy,
+                SendStage::FullMirror => Failed::Mirror,
             };
             tracing::warn!(mirror = %r.id, stage = ?r.stage, "a mirror was interrupted while starting; undoing it");
             self.roll_back_send(&r.id, stage).await;
