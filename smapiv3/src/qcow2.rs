@@ -11,6 +11,12 @@
 //! | compose | pause the child's datapath → rebase its header onto the parent → unpause → record | the child on its new parent with the old record: attach takes the file's parent |
 //! | resize | grow the volume → record the size | the old size in the record, only a cache |
 //!
+//! Compose is a header rewrite (`qemu-img rebase -u`): the child's allocated clusters stay as
+//! they are, so it layers the child's writes at cluster granularity. A guest write covering
+//! part of a cluster copied the rest of that cluster from the child's old parent at the time
+//! (qcow2's copy-on-write); xapi composes onto a parent holding the same data there (the
+//! mirror's base), where this is exact.
+//!
 //! # Sizes
 //!
 //! A size is rounded up to a whole 512-byte sector (qcow2 sizes are sector multiples); 0
