@@ -32,6 +32,14 @@
 //! instead; hidden bases nothing reads through any more are deleted. Compose rebases the
 //! child onto the parent (a header rewrite, like `qemu-img rebase -u`), which becomes hidden.
 
+//! # Status
+//!
+//! Done and tested (tests/it): the VDI calls, records, recovery at `SR.attach`, datapaths
+//! (attach, activate, live snapshot, re-adoption after a restart). Implemented but not yet
+//! tested here: the migration primitives (serve NBD, mirror attach Sync/Full, status, detach,
+//! drain, copy_into). `copy_into` with a base sends the whole chain (no qcow2 diff map yet).
+//! No space reserve for the record on a full file system (the `ext` SR has one).
+
 mod copy;
 mod datapath;
 mod errors;
