@@ -1,0 +1,151 @@
+//! Datapaths: real `tapmirror serve` processes on qcow2 volumes, written and read over NBD.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use sxm_engine::backend::{AttachedVdi, Backend};
+use sxm_engine::model::{AttachInfo, Implementation, StorageError, VdiInfo};
+use tapmirror::testkit::{Guest, assert_matches_guest};
+
+use crate::harness::{TestSr, qemu_check, try_run};
+use crate::require;
+
+const MIB: i64 = 1 << 20;
+
+fn xapi_nbd(info: &AttachInfo) -> (PathBuf, String) {
+    let [Implementation::Nbd { uri }] = info.implementations.as_slice() else { panic!("one Nbd implementation: {info:?}") };
+    let rest = uri.strip_prefix("nbd:unix:").unwrap_or_else(|| panic!("xapi's form: {uri}"));
+    let (socket, export) = rest.rsplit_once(":exportname=").unwrap_or_else(|| panic!("an export name: {uri}"));
+    (PathBuf::from(socket), export.to_owned())
+}
+
+fn nbd_uri(info: &AttachInfo) -> String {
+    let (socket, export) = xapi_nbd(info);
+    format!("nbd+unix:///{export}?socket={}", socket.display())
+}
+
+fn qemu_io(uri: &str, cmd: &str) -> Result<String, String> {
+    try_run(Command::new("qemu-io").args(["-f", "raw", "-c", cmd, uri])).map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+}
+
+fn pid_in(info: &AttachInfo) -> i32 {
+    let dir = xapi_nbd(info).0.parent().expect("folder").to_path_buf();
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("serve.pid")).expect("pid file")).expect("pid JSON");
+    v["pid"].as_i64().expect("pid") as i32
+}
+
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(')').and_then(|(_, r)| r.trim_start().chars().next()))
+        .is_some_and(|st| st != 'Z' && st != 'X')
+}
+
+fn in_use(e: &StorageError) -> bool {
+    matches!(e, StorageError::BackendError(c, _) if c == "VDI_IN_USE")
+}
+
+#[test]
+fn attach_activate_write_read_deactivate_detach() {
+    require!("qemu-io", "qemu-img");
+    let sr = TestSr::new();
+    let v = sr.create("disk", 16 * MIB);
+    let info = sr.backend.vdi_attach(&sr.ctx, &v.vdi, true).expect("attach");
+    assert_eq!(xapi_nbd(&info).1, v.vdi, "the export is named after the VDI");
+    sr.backend.vdi_activate(&sr.ctx, &v.vdi).expect("activate");
+    let uri = nbd_uri(&info);
+    qemu_io(&uri, "write -P 0x5a 1M 64k").expect("write through NBD");
+    let out = qemu_io(&uri, "read -P 0x5a 1M 64k").expect("read back");
+    assert!(out.contains("read 65536/65536"), "{out}");
+    assert!(qemu_io(&uri, "read -P 0x5b 1M 64k").is_err(), "a wrong pattern must not verify");
+    // Held by a datapath: no destroy, no resize.
+    assert!(in_use(&sr.backend.vdi_destroy(&sr.ctx, &v.vdi).expect_err("destroy while attached")));
+    assert!(in_use(&sr.backend.vdi_resize(&sr.ctx, &v.vdi, 32 * MIB).expect_err("resize while attached")));
+    assert_eq!(sr.backend.vdi_attach_info(&sr.ctx, &v.vdi).expect("attach_info"), info);
+    sr.backend.vdi_deactivate(&sr.ctx, &v.vdi).expect("deactivate");
+    let pid = pid_in(&info);
+    sr.backend.vdi_detach(&sr.ctx, &v.vdi).expect("detach");
+    assert!(!alive(pid), "the process is gone");
+    let d = sr.read_all(&v.vdi);
+    assert!(d[1 << 20..(1 << 20) + 65536].iter().all(|&b| b == 0x5a), "the write is in the volume");
+    qemu_check(&sr.vol(&v.vdi)).expect("qemu-img check");
+}
+
+#[test]
+fn snapshot_while_a_guest_writes() {
+    require!("qemu-img");
+    let sr = TestSr::new();
+    let size = 8 * MIB;
+    let v = sr.create("disk", size);
+    let info = sr.backend.vdi_attach(&sr.ctx, &v.vdi, true).expect("attach");
+    sr.backend.vdi_activate(&sr.ctx, &v.vdi).expect("activate");
+    let guest = Guest::start(nbd_uri(&info), size as u64, 7);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let s1 = sr.backend.vdi_snapshot(&sr.ctx, &VdiInfo::new(v.vdi.clone(), "s1")).expect("snapshot 1");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let s2 = sr.backend.vdi_snapshot(&sr.ctx, &VdiInfo::new(v.vdi.clone(), "s2")).expect("snapshot 2");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let (model, writes) = guest.stop();
+    assert!(writes > 0, "the guest wrote");
+    sr.backend.vdi_deactivate(&sr.ctx, &v.vdi).expect("deactivate");
+    sr.backend.vdi_detach(&sr.ctx, &v.vdi).expect("detach");
+    let zeros = vec![0u8; size as usize];
+    assert_matches_guest(&sr.read_all(&v.vdi), &model, &zeros, "the VDI after two live snapshots");
+    // Each snapshot is a state between the guest's writes: s1 ⊆ s2 ⊆ VDI in what they hold,
+    // and every sector of a snapshot holds zero or a value the guest wrote there at some time
+    // (values name writes in increasing order, mod 255).
+    let (d1, d2) = (sr.read_all(&s1.vdi), sr.read_all(&s2.vdi));
+    for sec in 0..(size as usize / 512) {
+        let (a, b) = (d1[sec * 512], d2[sec * 512]);
+        assert!(d1[sec * 512..(sec + 1) * 512].iter().all(|&x| x == a), "s1 sector {sec} is one write");
+        assert!(d2[sec * 512..(sec + 1) * 512].iter().all(|&x| x == b), "s2 sector {sec} is one write");
+        assert!(a == 0 || b != 0, "sector {sec}: written before s1 yet empty at s2");
+        assert!(b == 0 || model[sec] != 0, "sector {sec}: written before s2 but not in the model");
+    }
+    assert!(d1 != d2 || d2 != sr.read_all(&v.vdi), "the guest wrote between the instants");
+    for id in sr.files() {
+        qemu_check(&sr.vol(&id)).expect("qemu-img check");
+    }
+}
+
+#[test]
+fn a_restarted_backend_re_adopts_its_datapaths() {
+    require!("qemu-io", "qemu-img");
+    let mut sr = TestSr::new();
+    let a = sr.create("a", 4 * MIB);
+    let b = sr.create("b", 4 * MIB);
+    let ia = sr.backend.vdi_attach(&sr.ctx, &a.vdi, true).expect("attach a");
+    sr.backend.vdi_activate(&sr.ctx, &a.vdi).expect("activate a");
+    let ib = sr.backend.vdi_attach(&sr.ctx, &b.vdi, true).expect("attach b");
+    qemu_io(&nbd_uri(&ia), "write -P 0x21 0 64k").expect("write a");
+    let (pa, pb) = (pid_in(&ia), pid_in(&ib));
+
+    // A new daemon: the engine's records say a is active, and b is no longer attached.
+    sr.restart();
+    sr.backend.sr_attach(&sr.ctx, &[AttachedVdi { vdi: a.vdi.clone(), read_write: true, active: true }]).expect("SR.attach");
+    assert_eq!(pid_in(&ia), pa, "a's process was adopted, not restarted");
+    assert!(alive(pa));
+    assert!(!alive(pb), "b's process was reaped");
+    let out = qemu_io(&nbd_uri(&ia), "read -P 0x21 0 64k").expect("read a after the restart");
+    assert!(out.contains("read 65536/65536"));
+    // The adopted datapath is fully managed: snapshot it live, then detach.
+    let s = sr.backend.vdi_snapshot(&sr.ctx, &VdiInfo::new(a.vdi.clone(), "s")).expect("snapshot of an adopted datapath");
+    qemu_io(&nbd_uri(&ia), "write -P 0x22 0 4k").expect("write after snapshot");
+    sr.backend.vdi_deactivate(&sr.ctx, &a.vdi).expect("deactivate");
+    sr.backend.vdi_detach(&sr.ctx, &a.vdi).expect("detach");
+    assert!(!alive(pa));
+    assert!(sr.read_all(&s.vdi)[..4096].iter().all(|&x| x == 0x21));
+    assert!(sr.read_all(&a.vdi)[..4096].iter().all(|&x| x == 0x22));
+    // A process that died meanwhile is restarted at attach.
+    let ib = sr.backend.vdi_attach(&sr.ctx, &b.vdi, false).expect("attach b ro");
+    let pb = pid_in(&ib);
+    sr.restart();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pb), nix::sys::signal::Signal::SIGKILL).expect("kill");
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    sr.backend.sr_attach(&sr.ctx, &[AttachedVdi { vdi: b.vdi.clone(), read_write: false, active: true }]).expect("SR.attach");
+    let ib2 = sr.backend.vdi_attach_info(&sr.ctx, &b.vdi).expect("attach_info");
+    assert_ne!(pid_in(&ib2), pb, "restarted");
+    assert!(alive(pid_in(&ib2)));
+    sr.backend.vdi_deactivate(&sr.ctx, &b.vdi).expect("deactivate");
+    sr.backend.vdi_detach(&sr.ctx, &b.vdi).expect("detach");
+}

@@ -1,0 +1,230 @@
+//! VDI calls on real volume files, checked with qemu-img.
+
+use sxm_engine::backend::{Backend, VdiChange};
+use sxm_engine::model::{StorageError, VdiInfo};
+
+use crate::harness::{TestSr, qemu_check, qemu_info, qemu_write};
+use crate::require;
+
+const MIB: i64 = 1 << 20;
+
+fn branch_info(of: &VdiInfo, name: &str) -> VdiInfo {
+    let mut i = VdiInfo::new(of.vdi.clone(), name);
+    i.sm_config.insert("base_mirror".into(), "x/y".into());
+    i.sm_config.insert("other".into(), "dropped".into());
+    i
+}
+
+fn failure_kind(e: &StorageError) -> String {
+    match e {
+        StorageError::BackendError(code, p) => format!("{code}:{}", p.first().cloned().unwrap_or_default()),
+        other => format!("{other:?}"),
+    }
+}
+
+#[test]
+fn create_scan_stat_destroy_and_qemu_agrees() {
+    require!("qemu-img");
+    let sr = TestSr::new();
+    let a = sr.create("a", 10 * MIB + 1);
+    let b = sr.create("b", 4 * MIB);
+    assert_eq!(a.virtual_size, 10 * MIB + 512, "rounded up to a sector");
+    assert_eq!(a.content_id, a.vdi);
+    assert_eq!(sr.scan_ids(), { let mut v = vec![a.vdi.clone(), b.vdi.clone()]; v.sort(); v });
+    assert_eq!(sr.files(), sr.scan_ids());
+    for v in [&a, &b] {
+        qemu_check(&sr.vol(&v.vdi)).expect("qemu-img check");
+        let info = qemu_info(&sr.vol(&v.vdi));
+        assert_eq!(info["format"], "qcow2");
+        assert_eq!(info["virtual-size"].as_i64(), Some(v.virtual_size));
+    }
+    let st = sr.backend.vdi_stat(&sr.ctx, &b.vdi).expect("stat");
+    assert_eq!(st.name_label, "b");
+    assert_eq!(st.virtual_size, 4 * MIB);
+    let space = sr.backend.sr_space(&sr.ctx).expect("space");
+    assert!(space.total > 0 && space.free > 0 && space.free <= space.total);
+
+    sr.backend.vdi_destroy(&sr.ctx, &a.vdi).expect("destroy");
+    assert_eq!(sr.scan_ids(), vec![b.vdi.clone()]);
+    assert_eq!(sr.files(), vec![b.vdi.clone()]);
+    let e = sr.backend.vdi_stat(&sr.ctx, &a.vdi).expect_err("gone");
+    assert_eq!(e, StorageError::VdiDoesNotExist(a.vdi.clone()));
+}
+
+#[test]
+fn records_survive_a_new_backend_instance() {
+    let mut sr = TestSr::new();
+    let a = sr.create("a", 2 * MIB);
+    sr.backend.vdi_update(&sr.ctx, &a.vdi, &VdiChange::ContentId("cid-1".into())).expect("content id");
+    sr.backend.vdi_update(&sr.ctx, &a.vdi, &VdiChange::AddSmConfig("k".into(), "v".into())).expect("sm_config");
+    sr.backend.vdi_update(&sr.ctx, &a.vdi, &VdiChange::NameLabel("renamed".into())).expect("name");
+    let e = sr.backend.vdi_update(&sr.ctx, &a.vdi, &VdiChange::AddSmConfig("qcow2-parent".into(), "x".into())).expect_err("own key");
+    assert_eq!(failure_kind(&e), "SR_BACKEND_FAILURE:invalid");
+    sr.restart();
+    sr.backend.sr_attach(&sr.ctx, &[]).expect("attach");
+    let st = sr.backend.vdi_stat(&sr.ctx, &a.vdi).expect("stat");
+    assert_eq!((st.content_id.as_str(), st.name_label.as_str()), ("cid-1", "renamed"));
+    assert_eq!(st.sm_config.get("k").map(String::as_str), Some("v"));
+    sr.backend.vdi_update(&sr.ctx, &a.vdi, &VdiChange::RemoveSmConfig("k".into())).expect("remove");
+    assert_eq!(sr.backend.vdi_stat(&sr.ctx, &a.vdi).expect("stat").sm_config.get("k"), None);
+}
+
+#[test]
+fn a_snapshot_holds_the_instant_and_the_vdi_goes_on() {
+    require!("qemu-img", "qemu-io");
+    let sr = TestSr::new();
+    let v = sr.create("v", 4 * MIB);
+    qemu_write(&sr.vol(&v.vdi), 0, 0xaa, 1 << 20);
+    let s = sr.backend.vdi_snapshot(&sr.ctx, &branch_info(&v, "snap")).expect("snapshot");
+    qemu_write(&sr.vol(&v.vdi), 512 << 10, 0xbb, 1 << 20);
+
+    assert!(s.is_a_snapshot && s.read_only);
+    assert_eq!(s.snapshot_of, v.vdi);
+    assert_eq!(s.content_id, v.content_id);
+    assert_eq!(s.virtual_size, v.virtual_size);
+    assert_eq!(s.sm_config.get("base_mirror").map(String::as_str), Some("x/y"));
+    assert_eq!(s.sm_config.get("other"), None);
+    let snap = sr.read_all(&s.vdi);
+    assert!(snap[..1 << 20].iter().all(|&b| b == 0xaa), "snapshot holds A");
+    assert!(snap[1 << 20..].iter().all(|&b| b == 0), "snapshot lacks B");
+    let now = sr.read_all(&v.vdi);
+    assert!(now[..512 << 10].iter().all(|&b| b == 0xaa));
+    assert!(now[512 << 10..(3 << 19)].iter().all(|&b| b == 0xbb));
+    let st = sr.backend.vdi_stat(&sr.ctx, &v.vdi).expect("stat");
+    assert_eq!(st.sm_config.get("qcow2-parent"), Some(&s.vdi), "the VDI is an overlay on its snapshot");
+    for id in [&v.vdi, &s.vdi] {
+        qemu_check(&sr.vol(id)).expect("qemu-img check");
+    }
+    // Similar content: each other, nearest first.
+    let sim: Vec<String> = sr.backend.vdi_similar_content(&sr.ctx, &v.vdi).expect("similar").into_iter().map(|i| i.vdi).collect();
+    assert_eq!(sim, vec![v.vdi.clone(), s.vdi.clone()]);
+    // A snapshot is read-only.
+    let e = sr.backend.vdi_attach(&sr.ctx, &s.vdi, true).expect_err("rw attach of a snapshot");
+    assert_eq!(failure_kind(&e), "VDI_READONLY:".to_owned() + &s.vdi);
+
+    // Destroying the snapshot hides it (the VDI reads through it); destroying the VDI then
+    // deletes both.
+    sr.backend.vdi_destroy(&sr.ctx, &s.vdi).expect("destroy snapshot");
+    assert_eq!(sr.scan_ids(), vec![v.vdi.clone()]);
+    assert_eq!(sr.read_all(&v.vdi), now);
+    sr.backend.vdi_destroy(&sr.ctx, &v.vdi).expect("destroy VDI");
+    assert!(sr.files().is_empty(), "{:?}", sr.files());
+}
+
+#[test]
+fn clone_of_a_writable_vdi_and_of_a_snapshot() {
+    require!("qemu-img", "qemu-io");
+    let sr = TestSr::new();
+    let v = sr.create("v", 2 * MIB);
+    qemu_write(&sr.vol(&v.vdi), 0, 0x11, 65536);
+    let c = sr.backend.vdi_clone(&sr.ctx, &branch_info(&v, "clone")).expect("clone");
+    assert!(!c.read_only && !c.is_a_snapshot);
+    qemu_write(&sr.vol(&v.vdi), 0, 0x22, 512);
+    qemu_write(&sr.vol(&c.vdi), 512, 0x33, 512);
+    let (vd, cd) = (sr.read_all(&v.vdi), sr.read_all(&c.vdi));
+    assert!(vd[..512].iter().all(|&b| b == 0x22) && vd[512..65536].iter().all(|&b| b == 0x11));
+    assert!(cd[..512].iter().all(|&b| b == 0x11) && cd[512..1024].iter().all(|&b| b == 0x33) && cd[1024..65536].iter().all(|&b| b == 0x11));
+    // One hidden base under both.
+    assert_eq!(sr.files().len(), 3);
+    assert_eq!(sr.scan_ids().len(), 2);
+
+    let s = sr.backend.vdi_snapshot(&sr.ctx, &branch_info(&v, "s")).expect("snapshot");
+    let before = sr.files().len();
+    let c2 = sr.backend.vdi_clone(&sr.ctx, &branch_info(&s, "c2")).expect("clone of a snapshot");
+    assert_eq!(sr.files().len(), before + 1, "a clone of a read-only VDI is one overlay on it");
+    assert_eq!(sr.read_all(&c2.vdi), vd);
+    for id in sr.files() {
+        qemu_check(&sr.vol(&id)).expect("qemu-img check");
+    }
+    for id in [&v.vdi, &c.vdi, &s.vdi, &c2.vdi] {
+        sr.backend.vdi_destroy(&sr.ctx, id).expect("destroy");
+    }
+    assert!(sr.files().is_empty(), "{:?}", sr.files());
+}
+
+#[test]
+fn resize_grows_only() {
+    require!("qemu-img");
+    let sr = TestSr::new();
+    let v = sr.create("v", 2 * MIB);
+    assert_eq!(sr.backend.vdi_resize(&sr.ctx, &v.vdi, 8 * MIB).expect("grow"), 8 * MIB);
+    assert_eq!(qemu_info(&sr.vol(&v.vdi))["virtual-size"].as_i64(), Some(8 * MIB));
+    assert_eq!(sr.backend.vdi_stat(&sr.ctx, &v.vdi).expect("stat").virtual_size, 8 * MIB);
+    let e = sr.backend.vdi_resize(&sr.ctx, &v.vdi, MIB).expect_err("shrink");
+    assert_eq!(failure_kind(&e), "SR_BACKEND_FAILURE:invalid");
+    qemu_check(&sr.vol(&v.vdi)).expect("qemu-img check");
+}
+
+#[test]
+fn compose_layers_the_child_onto_the_parent() {
+    require!("qemu-img", "qemu-io");
+    let sr = TestSr::new();
+    let base = sr.create("base", 2 * MIB);
+    qemu_write(&sr.vol(&base.vdi), 0, 0x44, 1 << 20);
+    let other = sr.create("other", 2 * MIB);
+    qemu_write(&sr.vol(&other.vdi), 0, 0x55, 2 << 20);
+    // A child: an overlay VDI on `other` (a clone of a snapshot of it) holding one write.
+    let s = sr.backend.vdi_snapshot(&sr.ctx, &branch_info(&other, "s")).expect("snapshot");
+    let child = sr.backend.vdi_clone(&sr.ctx, &branch_info(&s, "child")).expect("clone");
+    // A whole cluster (64 KiB): a partial one would copy the old parent's bytes into the child
+    // (qcow2's copy-on-write), which a header-only rebase keeps.
+    qemu_write(&sr.vol(&child.vdi), 65536, 0x66, 65536);
+
+    sr.backend.vdi_compose(&sr.ctx, &base.vdi, &child.vdi).expect("compose");
+    let d = sr.read_all(&child.vdi);
+    assert!(d[..65536].iter().all(|&b| b == 0x44));
+    assert!(d[65536..131072].iter().all(|&b| b == 0x66), "the child's write on top");
+    assert!(d[131072..1 << 20].iter().all(|&b| b == 0x44));
+    assert!(d[1 << 20..].iter().all(|&b| b == 0), "the parent's content, not the old parent's");
+    assert!(!sr.scan_ids().contains(&base.vdi), "the parent is hidden");
+    assert_eq!(sr.backend.vdi_stat(&sr.ctx, &child.vdi).expect("stat").sm_config.get("qcow2-parent"), Some(&base.vdi));
+    qemu_check(&sr.vol(&child.vdi)).expect("qemu-img check");
+    let e = sr.backend.vdi_compose(&sr.ctx, &child.vdi, &child.vdi).expect_err("onto itself");
+    assert_eq!(failure_kind(&e), "SR_BACKEND_FAILURE:invalid");
+}
+
+#[test]
+fn bad_ids_are_refused() {
+    let sr = TestSr::new();
+    let v = sr.create("v", MIB);
+    std::fs::write(sr.ctx.dir.parent().expect("tmp").join("x.qcow2"), b"not mine").expect("bait");
+    for bad in ["../x", "..", "", "/etc/passwd", ".sxm-qcow2", "../sr/.sxm-qcow2.json", "not-a-uuid"] {
+        assert_eq!(sr.backend.vdi_stat(&sr.ctx, bad).expect_err(bad), StorageError::VdiDoesNotExist(bad.to_owned()));
+        assert_eq!(sr.backend.vdi_destroy(&sr.ctx, bad).expect_err(bad), StorageError::VdiDoesNotExist(bad.to_owned()));
+        assert!(sr.backend.vdi_attach(&sr.ctx, bad, true).is_err());
+        assert!(sr.backend.vdi_compose(&sr.ctx, &v.vdi, bad).is_err());
+        let mut i = VdiInfo::new(bad, "x");
+        i.virtual_size = MIB;
+        assert!(sr.backend.vdi_snapshot(&sr.ctx, &i).is_err());
+    }
+    assert!(sr.ctx.dir.parent().expect("tmp").join("x.qcow2").exists());
+    assert_eq!(sr.scan_ids(), vec![v.vdi.clone()]);
+    let mut neg = VdiInfo::new("x", "neg");
+    neg.virtual_size = -1;
+    assert!(sr.backend.vdi_create(&sr.ctx, &neg).is_err());
+}
+
+#[test]
+fn attach_recovers_temporaries_orphans_and_an_unrecorded_snapshot() {
+    require!("qemu-img", "qemu-io");
+    let sr = TestSr::new();
+    let v = sr.create("v", MIB);
+    qemu_write(&sr.vol(&v.vdi), 0, 0x77, 4096);
+    let meta_before = std::fs::read(sr.ctx.dir.join(".sxm-qcow2.json")).expect("record");
+    // A snapshot whose record never got saved (a crash after the rename).
+    let s = sr.backend.vdi_snapshot(&sr.ctx, &branch_info(&v, "s")).expect("snapshot");
+    std::fs::write(sr.ctx.dir.join(".sxm-qcow2.json"), &meta_before).expect("old record");
+    // A temporary and an orphan.
+    std::fs::write(sr.ctx.dir.join(".tmp-crashed"), b"x").expect("tmp");
+    let orphan = "00000000-0000-4000-8000-000000000001";
+    std::fs::copy(sr.vol(&v.vdi), sr.vol(orphan)).expect("orphan");
+    sr.backend.sr_attach(&sr.ctx, &[]).expect("attach");
+    assert!(!sr.ctx.dir.join(".tmp-crashed").exists());
+    assert!(!sr.vol(orphan).exists());
+    assert!(sr.vol(&s.vdi).exists(), "the base the VDI reads through is kept");
+    assert_eq!(sr.scan_ids(), vec![v.vdi.clone()]);
+    assert_eq!(sr.backend.vdi_stat(&sr.ctx, &v.vdi).expect("stat").sm_config.get("qcow2-parent"), Some(&s.vdi));
+    assert!(sr.read_all(&v.vdi)[..4096].iter().all(|&b| b == 0x77));
+    sr.backend.vdi_destroy(&sr.ctx, &v.vdi).expect("destroy");
+    assert!(sr.files().is_empty(), "the adopted hidden base goes with its last VDI");
+}
