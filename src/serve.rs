@@ -81,6 +81,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
 
     let mux = Mux::builder()
         .backend("ext", Arc::new(sxm_smapiv1::ExtBackend::new(tapmirror.clone())))
+        .backend("qcow2", Arc::new(sxm_smapiv3::Qcow2Backend::new(tapmirror.clone())))
         .open(&root)
         .await
         .with_context(|| format!("open host state in {}", root.display()))?;

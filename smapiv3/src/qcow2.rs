@@ -148,11 +148,11 @@ fn fsync_dir(dir: &Path) -> StorageResult<()> {
 
 /// Freezes `src`'s volume as `base`: hard-links the file under `base`'s name, puts a new empty
 /// overlay on it and renames that over `src`'s name. `src`'s datapath must be paused.
-fn freeze(sr: &SrContext, src: &str, base: &str, op: &str) -> StorageResult<()> {
+fn freeze(sr: &SrContext, src: &str, base: &str, op: &str, kind: qcow2::OverlayKind) -> StorageResult<()> {
     let (src_path, base_path) = (volume_path(&sr.dir, src), volume_path(&sr.dir, base));
     let tmp = sr.dir.join(format!(".tmp-{}", new_id()));
     std::fs::hard_link(&src_path, &base_path).map_err(|e| errors::io(format!("{op}: linking {}", base_path.display()), &e))?;
-    let made = q(src, op, block_on(qcow2::create_overlay(&tmp, &base_path)));
+    let made = q(src, op, block_on(qcow2::create_overlay_with(&tmp, &base_path, kind)));
     let renamed = made.and_then(|()| {
         std::fs::rename(&tmp, &src_path).map_err(|e| errors::io(format!("{op}: renaming the overlay over {}", src_path.display()), &e))
     });
@@ -194,7 +194,15 @@ impl Qcow2Backend {
         match kind {
             // The snapshot is the VDI's current volume; the VDI goes on as an overlay on it.
             Branch::Snapshot => {
-                self.datapaths.with_quiesced(sr, src, call, || freeze(sr, src, &new, call))?;
+                // A migration's leaf (marked `base_mirror`) will be composed onto a parent
+                // that is being copied meanwhile: its overlay gets sector-sized clusters, so a
+                // mirrored write never freezes bytes of the empty base into the leaf.
+                let kind = if src_info.sm_config.contains_key(PRESERVED_ON_CLONE) {
+                    qcow2::OverlayKind::FillingBacking
+                } else {
+                    qcow2::OverlayKind::Snapshot
+                };
+                self.datapaths.with_quiesced(sr, src, call, || freeze(sr, src, &new, call, kind))?;
                 new_info.is_a_snapshot = true;
                 new_info.snapshot_of = src.to_owned();
                 new_info.snapshot_time = now_xapi_time();
@@ -213,7 +221,7 @@ impl Qcow2Backend {
             // A writable one is frozen as a hidden base first, the VDI and the clone on it.
             Branch::Clone => {
                 let base = new_id();
-                self.datapaths.with_quiesced(sr, src, call, || freeze(sr, src, &base, call))?;
+                self.datapaths.with_quiesced(sr, src, call, || freeze(sr, src, &base, call, qcow2::OverlayKind::Snapshot))?;
                 meta.nodes.insert(base.clone(), Node { parent: old_parent, info: None });
                 if let Some(n) = meta.nodes.get_mut(src) {
                     n.parent = Some(base.clone());
@@ -234,6 +242,14 @@ impl Qcow2Backend {
 }
 
 impl Backend for Qcow2Backend {
+    fn smapi_version(&self) -> u32 {
+        3
+    }
+
+    fn image_format(&self) -> &'static str {
+        "qcow2"
+    }
+
     fn sr_create(&self, sr: &SrContext, name_label: &str, _physical_size: i64) -> StorageResult<Map<String>> {
         if SrMeta::load(&sr.dir)?.is_some() {
             return Err(errors::failure("invalid", format!("{} already holds an SR", sr.dir.display())));

@@ -408,9 +408,10 @@ impl Image for Qcow2Image {
             fast_zero: self.version >= 3,
             // One imago instance per open image serves every connection.
             multi_conn: true,
-            // Byte-granular: a partly written cluster on a backing still being filled waits
-            // for the fill (see "Overlays on a backing that is still being filled" above).
-            min_block: 1,
+            // Sector-granular, as a disk is: the driver could take any byte range (a partly
+            // written cluster on a backing still being filled waits for the fill), but a
+            // migration may mirror these writes onto a VHD, which keeps whole sectors only.
+            min_block: 512,
         }
     }
 
