@@ -304,11 +304,12 @@ impl Admin {
                 if self.json {
                     return self.print_json(&Value::Struct(rows));
                 }
-                let mut t = table(["SR", "NAME", "SIZE", "FREE"]);
+                let mut t = table(["SR", "NAME", "TYPE", "SMAPI", "SIZE", "FREE"]);
                 for (sr, stat) in rows {
                     let get = |k: &str| stat.get(k).and_then(Value::as_i64).unwrap_or(0);
-                    let name = stat.get("name_label").and_then(Value::as_str).unwrap_or("").to_owned();
-                    t.add_row(vec![sr, name, human(get("total_space")), human(get("free_space"))]);
+                    let text = |k: &str| stat.get(k).and_then(Value::as_str).unwrap_or("").to_owned();
+                    let smapi = stat.get("smapi_version").and_then(Value::as_i64).map(|v| format!("v{v}")).unwrap_or_default();
+                    t.add_row(vec![sr, text("name_label"), text("sr_type"), smapi, human(get("total_space")), human(get("free_space"))]);
                 }
                 println!("{t}");
                 Ok(())

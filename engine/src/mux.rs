@@ -437,6 +437,8 @@ impl Mux {
             name_description: entry.record.name_description.clone(),
             name_label: entry.record.name_label.clone(),
             sr_uuid: Some(entry.record.sr.clone()),
+            sr_type: Some(entry.record.ty.clone()),
+            smapi_version: Some(i64::from(self.backend_of(&entry.record.ty, sr)?.smapi_version())),
         })
     }
 

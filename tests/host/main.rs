@@ -114,7 +114,11 @@ fn the_cli_makes_lists_imports_exports_and_snapshots() {
     let listed = host.cli_json(&["sr", "list"]);
     assert!(listed.get(&sr).is_some(), "{listed}");
     let table = host.cli(&["sr", "list"]);
-    assert!(table.contains(&sr) && table.contains("local"), "{table}");
+    assert!(table.contains(&sr) && table.contains("local") && table.contains("ext") && table.contains("v1"), "{table}");
+    let v3 = host.cli(&["sr", "create", "--type", "qcow2", "--name", "volumes"]);
+    let listed = host.cli_json(&["sr", "list"]);
+    assert_eq!((listed[&v3]["sr_type"].as_str(), listed[&v3]["smapi_version"].as_i64()), (Some("qcow2"), Some(3)), "{listed}");
+    assert_eq!((listed[&sr]["sr_type"].as_str(), listed[&sr]["smapi_version"].as_i64()), (Some("ext"), Some(1)), "{listed}");
 
     let empty = host.cli(&["vdi", "create", "--sr", &sr, "--size", "16M", "--name", "scratch"]);
     let data = pattern((24 * MIB) as usize, 5);

@@ -641,3 +641,26 @@ fn every_pairing_of_sr_types_moves_live_and_byte_exact() {
         }
     }
 }
+
+#[test]
+fn a_failure_at_each_smapiv3_stage_is_that_stages_error_and_leaves_nothing_behind() {
+    for (point, tag) in [
+        ("send.prepare", "Migration_preparation_failure"),
+        ("send.pass_fds", "Migration_mirror_fd_failure"),
+        ("send.mirror", "Migration_mirror_failure"),
+    ] {
+        let mut p = Pair::build("qcow2", "qcow2", &format!("{point}=error"), "");
+        let seed = pattern((4 * MIB) as usize, 33);
+        let (vdi, uri) = p.guest_disk(&seed);
+        let before = p.state();
+        let guest = Guest::start(uri.clone(), 4 * MIB, 34);
+        let out = p.src.cli_raw(&["mirror", "start", "--sr", &p.src_sr, "--vdi", &vdi, "--dest", &p.dest_url(), "--dest-sr", &p.dst_sr, "--wait"]);
+        assert!(!out.status.success(), "{point}: the migration did not fail");
+        assert_eq!(task_error(&p.src, &last_task(&p.src)), tag, "{point}");
+        settle(&p, &before, &format!("{point}: both hosts back as they were"));
+        let (model, _) = guest.stop();
+        assert_matches_guest(&p.export_live(&uri), &model, &seed, point);
+        p.restart_src(true);
+        p.start_mirror(&vdi);
+    }
+}

@@ -127,6 +127,10 @@ record! {
         name_label: String [req],
         /// The SR's uuid, when the backend knows it.
         sr_uuid: Option<String> [opt],
+        /// sxm's addition: the SR type (`ext`, `qcow2`). Callers that do not know it ignore it.
+        sr_type: Option<String> [opt],
+        /// sxm's addition: the SR type's SMAPI generation (1 or 3).
+        smapi_version: Option<i64> [opt],
     }
 }
 
