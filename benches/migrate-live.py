@@ -8,7 +8,11 @@ VDI to host B, then the guest stops (the VM pauses) and the source datapath is d
 finalizes the destination. Prints the wall times, the bytes the copy sent, and the guest's
 latency, one JSON line, then a table.
 
+Each pairing of SR types (`ext` is SMAPIv1 / VHD: snapshot, copy, compose; `qcow2` is SMAPIv3:
+one full mirror) runs in turn, with the same image and guest load.
+
 Usage: benches/migrate-live.py [--size-mib 4096] [--iops 2000] [--baseline-s 10]
+                               [--pairings ext:ext,ext:qcow2,qcow2:ext,qcow2:qcow2]
 Needs target/release/{sxm,tapmirror} (`cargo build --release`), fio, python3.
 """
 import argparse, json, os, signal, subprocess, sys, tempfile, time
@@ -65,68 +69,76 @@ def latency(fio_proc):
             "p999_us": round(p.get("99.900000", 0) / 1000, 1)}
 
 
+def run_pairing(a, work, src_type, dst_type):
+    image = os.path.join(work, "disk.raw")
+    allocated = make_image(image, a.size_mib)
+    hosts = [start_host(os.path.join(work, n)) for n in ("a", "b")]
+    (pa, tcp_a, sock_a, _), (pb, tcp_b, sock_b, secret_b) = hosts
+    try:
+        sr_a = cli(sock_a, "sr", "create", "--type", src_type, "--name", "a")
+        sr_b = cli(sock_b, "sr", "create", "--type", dst_type, "--name", "b")
+        vdi = json.loads(cli(sock_a, "--json", "vdi", "import", "--sr", sr_a, image))["vdi"]
+        os.remove(image)
+        subprocess.run(["sync"])
+        uri = cli(sock_a, "vdi", "attach", "--sr", sr_a, "--vdi", vdi)
+
+        baseline = latency(fio(uri, a.iops, a.baseline_s))
+
+        guest = fio(uri, a.iops)
+        time.sleep(2)
+        t0 = time.monotonic()
+        mirror = cli(sock_a, "mirror", "start", "--sr", sr_a, "--vdi", vdi, "--dest", f"{tcp_b}?session_id={secret_b}",
+                     "--dest-sr", sr_b, "--wait")
+        t1 = time.monotonic()
+        tasks = json.loads(cli(sock_a, "--json", "task", "list"))
+        task = next(t for t in tasks if t["debug_info"].get("mirror") == mirror)
+        time.sleep(2)  # mirrored writes only, for a while
+        guest.send_signal(signal.SIGINT)  # the VM pauses
+        during = latency(guest)
+        t2 = time.monotonic()
+        dest_vdi = json.loads(cli(sock_a, "--json", "mirror", "stat", mirror))["dest_vdi"]
+        cli(sock_a, "vdi", "detach", "--sr", sr_a, "--vdi", vdi)  # drain, finalize on B
+        t3 = time.monotonic()
+        info = json.loads(cli(sock_b, "--json", "vdi", "list", "--sr", sr_b))
+        assert any(v["vdi"] == dest_vdi for v in info), "the destination VDI is missing"
+        copied = task["debug_info"].get("copied_bytes")
+        return {
+            "pairing": f"{src_type}->{dst_type}", "size_mib": a.size_mib, "allocated_mib": allocated >> 20,
+            "guest_iops": a.iops, "start_to_mirroring_s": round(t1 - t0, 2), "finalize_s": round(t3 - t2, 2),
+            "copied_mib": round(int(copied) / (1 << 20), 1) if copied else None,
+            "baseline": baseline, "during": during,
+        }
+    finally:
+        for p, *_ in hosts:
+            p.terminate()
+            p.wait()
+        # Datapaths outlive their host by design: stop the ones this run made.
+        subprocess.run(["pkill", "-f", f"{work}/"], check=False)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--size-mib", type=int, default=4096)
     ap.add_argument("--iops", type=int, default=2000)
     ap.add_argument("--baseline-s", type=int, default=10)
+    ap.add_argument("--pairings", default="ext:ext,ext:qcow2,qcow2:ext,qcow2:qcow2")
     a = ap.parse_args()
     for exe in (SXM, TAPMIRROR):
         if not os.path.exists(exe):
             sys.exit(f"{exe} missing: run `cargo build --release` first")
-    with tempfile.TemporaryDirectory(dir="/var/tmp") as work:
-        image = os.path.join(work, "disk.raw")
-        allocated = make_image(image, a.size_mib)
-        hosts = [start_host(os.path.join(work, n)) for n in ("a", "b")]
-        (pa, tcp_a, sock_a, _), (pb, tcp_b, sock_b, secret_b) = hosts
-        try:
-            sr_a = cli(sock_a, "sr", "create", "--name", "a")
-            sr_b = cli(sock_b, "sr", "create", "--name", "b")
-            vdi = json.loads(cli(sock_a, "--json", "vdi", "import", "--sr", sr_a, image))["vdi"]
-            os.remove(image)
-            subprocess.run(["sync"])
-            uri = cli(sock_a, "vdi", "attach", "--sr", sr_a, "--vdi", vdi)
-
-            base = fio(uri, a.iops, a.baseline_s)
-            baseline = latency(base)
-
-            guest = fio(uri, a.iops)
-            time.sleep(2)
-            t0 = time.monotonic()
-            mirror = cli(sock_a, "mirror", "start", "--sr", sr_a, "--vdi", vdi, "--dest", f"{tcp_b}?session_id={secret_b}",
-                         "--dest-sr", sr_b, "--wait")
-            t1 = time.monotonic()
-            tasks = json.loads(cli(sock_a, "--json", "task", "list"))
-            task = next(t for t in tasks if t["debug_info"].get("mirror") == mirror)
-            time.sleep(2)  # mirrored writes only, for a while
-            guest.send_signal(signal.SIGINT)  # the VM pauses
-            during = latency(guest)
-            t2 = time.monotonic()
-            dest_vdi = json.loads(cli(sock_a, "--json", "mirror", "stat", mirror))["dest_vdi"]
-            cli(sock_a, "vdi", "detach", "--sr", sr_a, "--vdi", vdi)  # drain, finalize on B
-            t3 = time.monotonic()
-            info = json.loads(cli(sock_b, "--json", "vdi", "list", "--sr", sr_b))
-            assert any(v["vdi"] == dest_vdi for v in info), "the destination VDI is missing"
-            result = {
-                "size_mib": a.size_mib, "allocated_mib": allocated >> 20, "guest_iops": a.iops,
-                "start_to_mirroring_s": round(t1 - t0, 2), "finalize_s": round(t3 - t2, 2),
-                "copied_mib": round(int(task["debug_info"].get("copied_bytes", 0)) / (1 << 20), 1),
-                "baseline": baseline, "during": during,
-            }
-            print(json.dumps(result), flush=True)
-            print(f"\n{a.size_mib} MiB VDI ({allocated >> 20} MiB allocated), guest 4 KiB random writes at {a.iops}/s, QD1")
-            print(f"DATA.MIRROR.start -> mirroring (prepare, pass fds, snapshot, copy): {result['start_to_mirroring_s']} s")
-            print(f"finalize (drain, deactivate, receive_finalize2 = compose on B):   {result['finalize_s']} s")
-            print(f"copy sent {result['copied_mib']} MiB as data (allocated: {allocated >> 20} MiB)")
-            print(f"{'guest write latency':<22}{'mean':>9}{'p50':>9}{'p99':>9}{'p99.9':>9}")
-            for name, l in (("no migration", baseline), ("during migration", during)):
-                print(f"{name:<22}{l['mean_us']:>9}{l['p50_us']:>9}{l['p99_us']:>9}{l['p999_us']:>9}")
-        finally:
-            for p, *_ in hosts:
-                p.terminate()
-                p.wait()
-            # Datapaths outlive their host by design: stop the ones this run made.
-            subprocess.run(["pkill", "-f", f"{work}/"], check=False)
+    results = []
+    for pairing in a.pairings.split(","):
+        src_type, dst_type = pairing.split(":")
+        with tempfile.TemporaryDirectory(dir="/var/tmp") as work:
+            r = run_pairing(a, work, src_type, dst_type)
+        print(json.dumps(r), flush=True)
+        results.append(r)
+    print(f"\n{a.size_mib} MiB VDI ({results[0]['allocated_mib']} MiB allocated), guest 4 KiB random writes at {a.iops}/s, QD1")
+    print(f"{'pairing':<14}{'to mirroring s':>15}{'finalize s':>11}{'copy MiB':>9}   guest p99 us: alone / during (mean alone / during)")
+    for r in results:
+        copied = "-" if r["copied_mib"] is None else r["copied_mib"]
+        b, d = r["baseline"], r["during"]
+        print(f"{r['pairing']:<14}{r['start_to_mirroring_s']:>15}{r['finalize_s']:>11}{copied:>9}   {b['p99_us']} / {d['p99_us']} ({b['mean_us']} / {d['mean_us']})")
 
 
 if __name__ == "__main__":
