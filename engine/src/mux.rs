@@ -456,9 +456,17 @@ impl Mux {
 
     async fn vdi_copy(&self, sr: String, info: VdiInfo, snapshot: bool) -> StorageResult<VdiInfo> {
         let entry = self.attached_entry(&sr)?;
+        let src = info.vdi.clone();
         let made = self
             .run(&entry, true, move |b, ctx| if snapshot { b.vdi_snapshot(ctx, &info) } else { b.vdi_clone(ctx, &info) })
             .await?;
+        if self.datapaths().of_vdi(&sr, &src).any(|r| r.read_write) {
+            // The new VDI holds the content the source had; the source, written on, will not
+            // hold it for long: it takes a fresh content_id, or a copy elsewhere could take it
+            // for the snapshot's twin.
+            let fresh = uuid::Uuid::new_v4().to_string();
+            self.run(&entry, true, move |b, ctx| b.vdi_update(ctx, &src, &VdiChange::ContentId(fresh))).await?;
+        }
         self.tasks.changed(Dynamic::Vdi(made.vdi.clone()));
         Ok(made)
     }

@@ -632,7 +632,32 @@ impl Mux {
         dest_info.sm_config = Map::from_iter([(BASE_MIRROR.to_owned(), id.to_owned())]);
         // The copy is written through a datapath: a snapshot's copy is made writable.
         dest_info.read_only = false;
-        let made: VdiInfo = remote.call(Call::VdiCreate(args::VdiCreate { vdi_info: dest_info, sr: r.dest_sr.clone(), dbg: dbg(id) })).await?;
+        // When the destination holds a VDI with the content of one near this one (an earlier
+        // snapshot copied before), the copy starts as a clone of it and only differences
+        // travel: a chain of snapshots copied oldest first arrives as a chain.
+        let similar: Vec<VdiInfo> = self.local(Call::VdiSimilarContent(args::VdiSimilarContent { vdi: r.vdi.clone(), sr: r.sr.clone(), dbg: dbg(id) })).await?;
+        let theirs: Vec<VdiInfo> = remote.call(Call::SrScan(args::SrScan { sr: r.dest_sr.clone(), dbg: dbg(id) })).await?;
+        let nearest = similar.iter().filter(|v| !v.content_id.is_empty()).find_map(|mine| {
+            theirs
+                .iter()
+                .find(|t| t.content_id == mine.content_id && t.virtual_size <= info.virtual_size && t.sm_config.get(BASE_MIRROR).is_none())
+                .map(|t| (mine.vdi.clone(), t.clone()))
+        });
+        let (made, base): (VdiInfo, Option<String>) = match nearest {
+            Some((local_base, their_base)) => {
+                let mut clone_info = their_base.clone();
+                clone_info.sm_config = dest_info.sm_config.clone();
+                clone_info.name_label = dest_info.name_label.clone();
+                let made: VdiInfo = remote.call(Call::VdiClone(args::VdiClone { vdi_info: clone_info, sr: r.dest_sr.clone(), dbg: dbg(id) })).await?;
+                if made.virtual_size != info.virtual_size {
+                    let _: i64 = remote
+                        .call(Call::VdiResize(args::VdiResize { new_size: info.virtual_size, vdi: made.vdi.clone(), sr: r.dest_sr.clone(), dbg: dbg(id) }))
+                        .await?;
+                }
+                (made, Some(local_base))
+            }
+            None => (remote.call(Call::VdiCreate(args::VdiCreate { vdi_info: dest_info, sr: r.dest_sr.clone(), dbg: dbg(id) })).await?, None),
+        };
         let dp = format!("copy-{}", uuid::Uuid::new_v4());
         {
             let mut copies = lock(&self.records.copies);
@@ -646,8 +671,9 @@ impl Mux {
             return Err(StorageError::Cancelled(task.to_owned()));
         }
         self.stage(task, "copy", 0.10);
-        let report = self.copy_to_remote(&r.sr, &r.vdi, None, &r.url, &r.dest_sr, &made.vdi, &dp, "0", task, cancel).await?;
-        tracing::info!(copy = %id, data = report.data_bytes, "copy done");
+        let report = self.copy_to_remote(&r.sr, &r.vdi, base.as_deref(), &r.url, &r.dest_sr, &made.vdi, &dp, "0", task, cancel).await?;
+        tracing::info!(copy = %id, data = report.data_bytes, base = ?base, "copy done");
+        self.tasks().debug_info(task, "copied_bytes", &report.data_bytes.to_string());
         remote.call::<()>(Call::VdiSetContentId(args::VdiSetContentId { content_id: info.content_id.clone(), vdi: made.vdi.clone(), sr: r.dest_sr.clone(), dbg: dbg(id) })).await?;
         remote.call::<()>(Call::VdiRemoveFromSmConfig(args::VdiRemoveFromSmConfig { key: BASE_MIRROR.into(), vdi: made.vdi.clone(), sr: r.dest_sr.clone(), dbg: dbg(id) })).await?;
         let done: VdiInfo = remote.call(Call::VdiStat(args::VdiStat { vdi: made.vdi, sr: r.dest_sr.clone(), dbg: dbg(id) })).await?;
@@ -661,10 +687,15 @@ impl Mux {
         if let Some(dp) = &r.dest_dp {
             let _ = remote.call::<()>(Call::DpDestroy(args::DpDestroy { allow_leak: true, dp: dp.clone(), dbg: dbg(id) })).await;
         }
-        if let Some(vdi) = &r.dest_vdi
-            && let Err(e) = remote.call::<()>(Call::VdiDestroy(args::VdiDestroy { vdi: vdi.clone(), sr: r.dest_sr.clone(), dbg: dbg(id) })).await
-        {
-            tracing::warn!(copy = %id, error = %e, "destroying the half-copied destination VDI failed");
+        // The recorded VDI, and any the copy made before it could record it (all carry the mark).
+        let mut doomed: Vec<String> = r.dest_vdi.iter().cloned().collect();
+        if let Ok(theirs) = remote.call::<Vec<VdiInfo>>(Call::SrScan(args::SrScan { sr: r.dest_sr.clone(), dbg: dbg(id) })).await {
+            doomed.extend(theirs.into_iter().filter(|v| v.sm_config.get(BASE_MIRROR).map(String::as_str) == Some(id) && r.dest_vdi.as_ref() != Some(&v.vdi)).map(|v| v.vdi));
+        }
+        for vdi in doomed {
+            if let Err(e) = remote.call::<()>(Call::VdiDestroy(args::VdiDestroy { vdi: vdi.clone(), sr: r.dest_sr.clone(), dbg: dbg(id) })).await {
+                tracing::warn!(copy = %id, vdi = %vdi, error = %e, "destroying the half-copied destination VDI failed");
+            }
         }
     }
 
