@@ -2,6 +2,7 @@
 //! commands are the admin CLI, which talks JSON-RPC to a host.
 
 mod admin;
+mod demo;
 mod serve;
 
 use anyhow::Result;
@@ -18,6 +19,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Show it all on this machine: two hosts, a VM of two disks moved live while its guest
+    /// writes, verified byte for byte, then cleaned up.
+    Demo(demo::DemoArgs),
     /// Run a host: serve the storage interface (xapi's SMAPIv2) over HTTP on TCP and a Unix socket.
     Serve(serve::ServeArgs),
     /// Storage repositories.
@@ -56,6 +60,7 @@ fn run(cli: Cli) -> Result<()> {
     runtime.block_on(async {
         match cli.command {
             Command::Serve(args) => serve::run(args).await,
+            Command::Demo(args) => demo::run(args).await,
             Command::Sr(cmd) => admin::Admin::new(&cli.host)?.sr(cmd).await,
             Command::Vdi(cmd) => admin::Admin::new(&cli.host)?.vdi(cmd).await,
             Command::Task(cmd) => admin::Admin::new(&cli.host)?.task(cmd).await,

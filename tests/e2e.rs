@@ -1,8 +1,8 @@
 //! End-to-end tests of what a newcomer runs.
 //!
-//! The README's first command is executed as written (minus `cargo build --release`, which the
-//! test run has already done in its own profile), with the image path moved into a temporary
-//! folder, so the documented quick start cannot silently rot.
+//! The README's first command (`sxm demo`) is executed as written, minus `cargo build
+//! --release`, which the test run has already done in its own profile, and so is its
+//! tapmirror example, so the documented quick start cannot silently rot.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -26,21 +26,43 @@ fn have(tool: &str) -> bool {
 }
 
 #[test]
-fn readme_first_command_serves_writes_and_maps_a_disk() {
-    if !(have("nbdcopy") && have("nbdinfo")) {
-        return;
-    }
+fn readme_first_command_runs_the_demo_to_a_verified_end_and_leaves_nothing() {
     let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).expect("README");
     let line = readme
         .lines()
         .find(|l| l.starts_with("cargo build --release && "))
         .expect("README's first command starts with `cargo build --release && `");
+    let command = line.trim_start_matches("cargo build --release && ").replace("target/release/sxm", env!("CARGO_BIN_EXE_sxm"));
+    assert!(command.ends_with(" demo"), "the first command runs the demo: {command}");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(&command)
+        // The demo's folder goes under a folder of this test's own, to check it is removed.
+        .env("TMPDIR", tmp.path())
+        .env("SXM_TAPMIRROR", tapmirror_bin())
+        .output()
+        .expect("run");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{command}\nfailed: {}\n{stdout}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("verified: both destination VDIs hold exactly what the guest wrote"), "{stdout}");
+    assert!(stdout.contains("cleaned up"), "{stdout}");
+    let left: Vec<_> = std::fs::read_dir(tmp.path()).expect("list").collect();
+    assert!(left.is_empty(), "the demo left {left:?} behind");
+    let procs = Command::new("pgrep").args(["-f", &tmp.path().display().to_string()]).output().expect("pgrep");
+    assert!(procs.stdout.is_empty(), "the demo left processes: {}", String::from_utf8_lossy(&procs.stdout));
+}
+
+#[test]
+fn readme_tapmirror_example_serves_writes_and_maps_a_disk() {
+    if !(have("nbdcopy") && have("nbdinfo")) {
+        return;
+    }
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).expect("README");
+    let line = readme.lines().find(|l| l.starts_with("rm -f /tmp/tm.raw && ")).expect("the tapmirror example in the README");
     let dir = tempfile::tempdir().expect("tempdir");
     let image = dir.path().join("demo.raw");
-    let command = line
-        .trim_start_matches("cargo build --release && ")
-        .replace("target/release/tapmirror", &tapmirror_bin().display().to_string())
-        .replace("/tmp/sxm-demo.raw", &image.display().to_string());
+    let command = line.replace("target/release/tapmirror", &tapmirror_bin().display().to_string()).replace("/tmp/tm.raw", &image.display().to_string());
     let out = Command::new("bash").arg("-c").arg(&command).env("RUST_LOG", "warn").output().expect("run");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{command}\nfailed: {}\n{stdout}", String::from_utf8_lossy(&out.stderr));

@@ -1,0 +1,322 @@
+//! `sxm demo`: the whole job on an embedded default, for a first run. Two hosts on this
+//! machine (an `ext` SR on one, a `qcow2` SR on the other), a VM of two VDIs holding data, a
+//! guest writing to both, a live migration of both disks with progress, the switch-over, a byte
+//! for byte check of the result against what the guest wrote, a summary, and nothing left
+//! behind.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use sxm_engine::http::client::{Endpoint, RpcClient};
+use sxm_engine::model::{AttachInfo, Task, TaskResult, TaskState, VdiInfo};
+use sxm_engine::rpc::Value;
+use sxm_engine::rpc::marshal::Marshal;
+use tapmirror::nbd::{NbdClient, NbdUri};
+
+const MIB: u64 = 1 << 20;
+
+/// `sxm demo`'s options.
+#[derive(clap::Args)]
+pub struct DemoArgs {
+    /// Size of the VM's first disk (the second is half of it).
+    #[arg(long, default_value = "256M", value_parser = crate::admin::parse_size)]
+    size: u64,
+    /// The guest's writes per second on each disk (4 KiB each).
+    #[arg(long, default_value_t = 500)]
+    rate: u32,
+    /// Keep the demo's folder (hosts' roots, logs) instead of removing it.
+    #[arg(long)]
+    keep: bool,
+}
+
+/// One `sxm serve`, killed (with its datapaths) when dropped.
+struct DemoHost {
+    name: &'static str,
+    root: PathBuf,
+    child: Child,
+    client: RpcClient,
+    url: String,
+}
+
+impl DemoHost {
+    fn start(name: &'static str, root: &Path) -> Result<DemoHost> {
+        std::fs::create_dir_all(root)?;
+        let log = std::fs::File::create(root.join("serve.log"))?;
+        let mut child = Command::new(std::env::current_exe()?)
+            .arg("serve")
+            .arg("--root")
+            .arg(root)
+            .args(["--listen", "127.0.0.1:0"])
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .context("start sxm serve")?;
+        let mut line = String::new();
+        let stdout = child.stdout.take().context("host stdout")?;
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)?;
+        let tcp = line.split_whitespace().find_map(|w| w.strip_prefix("tcp=")).with_context(|| format!("{name} did not start: {line:?} (see {}/serve.log)", root.display()))?;
+        let secret = std::fs::read_to_string(root.join("secret"))?.trim().to_owned();
+        let client = RpcClient::new(Endpoint::Unix(root.join("sxm.sock")));
+        Ok(DemoHost { name, root: root.to_owned(), child, client, url: format!("{tcp}?session_id={secret}") })
+    }
+
+    async fn call(&self, method: &str, args: Vec<(&str, Value)>) -> Result<Value> {
+        let mut m: Vec<(String, Value)> = args.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
+        m.push(("dbg".into(), s("sxm demo")));
+        Ok(self.client.call_json(method, Value::Struct(m)).await.with_context(|| format!("{} host", self.name))?)
+    }
+
+    async fn call_as<T: Marshal>(&self, method: &str, args: Vec<(&str, Value)>) -> Result<T> {
+        let v = self.call(method, args).await?;
+        T::from_value(&v).with_context(|| format!("{method} answered something unexpected"))
+    }
+
+    async fn sr(&self, ty: &str, name: &str) -> Result<String> {
+        let sr = uuid::Uuid::new_v4().to_string();
+        let dc = Value::Struct(vec![("type".into(), s(ty))]);
+        self.call("SR.create", vec![("sr", s(&sr)), ("name_label", s(name)), ("device_config", dc)]).await?;
+        self.call("SR.attach", vec![("sr", s(&sr))]).await?;
+        Ok(sr)
+    }
+
+    /// Attaches and activates a VDI on datapath `dp`; answers its NBD URI.
+    async fn attach(&self, sr: &str, vdi: &str, dp: &str) -> Result<String> {
+        let info: AttachInfo = self.call_as("VDI.attach3", vec![("read_write", Value::Bool(true)), ("vdi", s(vdi)), ("sr", s(sr)), ("dp", s(dp))]).await?;
+        self.call("VDI.activate3", vec![("vdi", s(vdi)), ("sr", s(sr)), ("dp", s(dp))]).await?;
+        crate::admin::nbd_uri(&info)
+    }
+}
+
+impl Drop for DemoHost {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        // Datapaths outlive their host by design; the demo's must not outlive the demo.
+        let _ = Command::new("pkill").arg("-f").arg(format!("{}/run/", self.root.display())).status();
+    }
+}
+
+fn s(x: &str) -> Value {
+    Value::String(x.to_owned())
+}
+
+/// A guest writing 4 KiB blocks at random places at a steady rate, one at a time, keeping the
+/// model of what the disk must hold and each write's latency.
+struct Guest {
+    stop: Arc<AtomicBool>,
+    handle: tokio::task::JoinHandle<Result<(Vec<u8>, Vec<Duration>)>>,
+}
+
+impl Guest {
+    fn start(uri: &str, image: Vec<u8>, rate: u32, seed: u64) -> Result<Guest> {
+        let uri = NbdUri::parse(uri).context("guest URI")?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = tokio::spawn(async move {
+            let client = NbdClient::connect(&uri).await.context("guest connect")?;
+            let mut model = image;
+            let blocks = model.len() as u64 / 4096;
+            let mut x = seed | 1;
+            let mut lat = Vec::new();
+            let period = Duration::from_secs_f64(1.0 / f64::from(rate.max(1)));
+            let mut next = tokio::time::Instant::now();
+            while !flag.load(Ordering::Relaxed) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let at = (x % blocks) * 4096;
+                let block: Vec<u8> = (0..4096u64).map(|i| (x >> (i % 56)) as u8 ^ i as u8).collect();
+                let t = Instant::now();
+                client.write(at, block.clone(), false).await.context("a guest write failed")?;
+                lat.push(t.elapsed());
+                model[at as usize..at as usize + 4096].copy_from_slice(&block);
+                next += period;
+                tokio::time::sleep_until(next).await;
+            }
+            client.flush().await.context("guest flush")?;
+            Ok((model, lat))
+        });
+        Ok(Guest { stop, handle })
+    }
+
+    async fn stop(self) -> Result<(Vec<u8>, Vec<Duration>)> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle.await.context("guest task")?
+    }
+}
+
+fn percentile(lat: &mut [Duration], p: f64) -> Duration {
+    lat.sort();
+    lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1))).copied().unwrap_or_default()
+}
+
+/// Runs the demo.
+pub async fn run(args: DemoArgs) -> Result<()> {
+    ensure!(args.size >= 16 * MIB && args.size % (4 * MIB) == 0, "--size must be a multiple of 4 MiB, at least 16 MiB");
+    let dir = tempfile::Builder::new().prefix("sxm-demo-").tempdir().context("a folder for the demo")?;
+    let outcome = demo(&args, dir.path()).await;
+    if args.keep {
+        let kept = dir.keep();
+        println!("kept {}", kept.display());
+    }
+    outcome
+}
+
+async fn demo(args: &DemoArgs, dir: &Path) -> Result<()> {
+    println!("sxm demo: two hosts on this machine, a VM of two disks, moved live while its guest writes\n");
+    let a = DemoHost::start("source", &dir.join("host-a"))?;
+    let b = DemoHost::start("destination", &dir.join("host-b"))?;
+    let sr_a = a.sr("ext", "local VHD").await?;
+    let sr_b = b.sr("qcow2", "remote qcow2").await?;
+    println!("host A: {}  SR {sr_a} (ext, SMAPIv1)", a.url.split('?').next().unwrap_or_default());
+    println!("host B: {}  SR {sr_b} (qcow2, SMAPIv3)", b.url.split('?').next().unwrap_or_default());
+
+    // The VM: two disks, each half data and half never written.
+    let sizes = [args.size, args.size / 2];
+    let mut disks = Vec::new();
+    for (i, size) in sizes.iter().enumerate() {
+        let mut info = VdiInfo::new("", format!("vm-disk{i}"));
+        info.virtual_size = *size as i64;
+        let vdi: VdiInfo = a.call_as("VDI.create", vec![("vdi_info", info.to_value()), ("sr", s(&sr_a))]).await?;
+        let dp = format!("vm/{i}");
+        let uri = a.attach(&sr_a, &vdi.vdi, &dp).await?;
+        let mut image = vec![0u8; *size as usize];
+        let client = NbdClient::connect(&NbdUri::parse(&uri)?).await?;
+        let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ i as u64;
+        for chunk in (0..*size / 2).step_by(MIB as usize) {
+            let data: Vec<u8> = (0..MIB)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    (x >> 24) as u8
+                })
+                .collect();
+            image[chunk as usize..(chunk + MIB) as usize].copy_from_slice(&data);
+            client.write(chunk, data, false).await?;
+        }
+        client.flush().await?;
+        println!("VM disk {i}: VDI {} ({} MiB, {} MiB of data)", vdi.vdi, size / MIB, size / 2 / MIB);
+        disks.push((vdi.vdi, uri, image));
+    }
+
+    // The guest writes to both disks from here to the switch-over.
+    let mut guests = Vec::new();
+    for (i, (_, uri, image)) in disks.iter().enumerate() {
+        guests.push(Guest::start(uri, image.clone(), args.rate, 7 + i as u64)?);
+    }
+    println!("guest: writing 4 KiB blocks at random places, {} per second on each disk\n", args.rate);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // Both disks move at once.
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for (i, (vdi, _, _)) in disks.iter().enumerate() {
+        let task: String = a
+            .call_as(
+                "DATA.MIRROR.start",
+                vec![("sr", s(&sr_a)), ("vdi", s(vdi)), ("dp", s(&format!("vm/{i}"))), ("url", s(&b.url)), ("dest", s(&sr_b))],
+            )
+            .await?;
+        tasks.push(task);
+    }
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let mut last_line = Instant::now();
+    let mut finished: Vec<Option<(String, u64, Duration)>> = vec![None; tasks.len()];
+    while finished.iter().any(Option::is_none) {
+        let mut line = String::new();
+        for (i, task) in tasks.iter().enumerate() {
+            let t: Task = a.call_as("TASK.stat", vec![("task", s(task))]).await?;
+            let stage = t.debug_info.get("stage").cloned().unwrap_or_default();
+            let done: u64 = t.debug_info.get("bytes_done").and_then(|v| v.parse().ok()).unwrap_or(0);
+            match &t.state {
+                TaskState::Pending(p) => {
+                    let rate = done as f64 / started.elapsed().as_secs_f64().max(0.001) / MIB as f64;
+                    line.push_str(&format!("disk{i}: {stage:<8} {:>5.1}% {rate:>7.1} MiB/s   ", p * 100.0));
+                }
+                TaskState::Completed(c) => {
+                    let Some(TaskResult::MirrorId(id)) = &c.result else { bail!("disk {i}: the mirror task answered no mirror") };
+                    let copied = t.debug_info.get("copied_bytes").and_then(|v| v.parse().ok()).unwrap_or(done);
+                    if finished[i].is_none() {
+                        finished[i] = Some((id.clone(), copied, started.elapsed()));
+                    }
+                    line.push_str(&format!("disk{i}: mirroring (in sync)            "));
+                }
+                TaskState::Failed(e) => bail!("disk {i}: the migration failed: {e:?}"),
+            }
+        }
+        // One line redrawn in a terminal; a line a second into a log.
+        if tty {
+            eprint!("\r{line}");
+        } else if last_line.elapsed() >= Duration::from_secs(1) {
+            eprintln!("{}", line.trim_end());
+            last_line = Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    if tty {
+        eprintln!();
+    }
+    let in_sync = started.elapsed();
+    println!("both disks in sync after {:.2} s; the guest keeps writing, every write now reaches both hosts", in_sync.as_secs_f64());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // Switch-over: the guest stops (the VM pauses), each source datapath is drained and the
+    // destination composes or takes its volume.
+    let mut models = Vec::new();
+    let mut latencies = Vec::new();
+    for g in guests {
+        let (model, lat) = g.stop().await?;
+        models.push(model);
+        latencies.extend(lat);
+    }
+    let cut = Instant::now();
+    let mut dest_vdis = Vec::new();
+    for (i, ((vdi, _, _), done)) in disks.iter().zip(&finished).enumerate() {
+        let (id, _, _) = done.as_ref().context("finished")?;
+        let stat = a.call("DATA.MIRROR.stat", vec![("id", s(id))]).await?;
+        dest_vdis.push(stat.get("dest_vdi").and_then(Value::as_str).context("dest_vdi")?.to_owned());
+        a.call("DP.destroy", vec![("dp", s(&format!("vm/{i}"))), ("allow_leak", Value::Bool(false))]).await?;
+        let _ = vdi;
+    }
+    let cutover = cut.elapsed();
+    println!("switch-over (drain, finalize on host B): {:.2} s", cutover.as_secs_f64());
+
+    // Verify: each destination VDI, read on host B, against what the guest wrote.
+    for (i, (dest, model)) in dest_vdis.iter().zip(&models).enumerate() {
+        let dp = format!("verify/{i}");
+        let uri = b.attach(&sr_b, dest, &dp).await?;
+        let client = NbdClient::connect(&NbdUri::parse(&uri)?).await?;
+        for off in (0..model.len()).step_by(4 * MIB as usize) {
+            let got = client.read(off as u64, 4 * MIB as usize).await?;
+            ensure!(got[..] == model[off..off + 4 * MIB as usize], "disk {i}: the destination differs from what the guest wrote at byte {off}");
+        }
+        b.call("DP.destroy", vec![("dp", s(&dp)), ("allow_leak", Value::Bool(false))]).await?;
+    }
+    let writes = latencies.len();
+    let (p50, p99) = (percentile(&mut latencies, 0.50), percentile(&mut latencies, 0.99));
+    println!("verified: both destination VDIs hold exactly what the guest wrote, byte for byte\n");
+    println!("summary");
+    for (i, done) in finished.iter().enumerate() {
+        let (_, copied, t) = done.as_ref().context("finished")?;
+        println!("  disk {i}: in sync after {:.2} s, {} MiB copied as data", t.as_secs_f64(), copied / MIB);
+    }
+    println!("  guest: {writes} writes during the migration, latency p50 {} µs, p99 {} µs", p50.as_micros(), p99.as_micros());
+    println!("  total: {:.2} s from start to switch-over done", (in_sync + Duration::from_secs(1) + cutover).as_secs_f64());
+
+    // Nothing left behind: the VDIs go, then the hosts (and the folder, unless --keep).
+    for (vdi, _, _) in &disks {
+        a.call("VDI.destroy", vec![("vdi", s(vdi)), ("sr", s(&sr_a))]).await?;
+    }
+    for vdi in &dest_vdis {
+        b.call("VDI.destroy", vec![("vdi", s(vdi)), ("sr", s(&sr_b))]).await?;
+    }
+    println!("\ncleaned up: VDIs destroyed, hosts stopped");
+    Ok(())
+}
