@@ -69,7 +69,7 @@ impl DemoHost {
     async fn call(&self, method: &str, args: Vec<(&str, Value)>) -> Result<Value> {
         let mut m: Vec<(String, Value)> = args.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
         m.push(("dbg".into(), s("sxm demo")));
-        Ok(self.client.call_json(method, Value::Struct(m)).await.with_context(|| format!("{} host", self.name))?)
+        self.client.call_json(method, Value::Struct(m)).await.with_context(|| format!("{} host", self.name))
     }
 
     async fn call_as<T: Marshal>(&self, method: &str, args: Vec<(&str, Value)>) -> Result<T> {
@@ -158,7 +158,7 @@ fn percentile(lat: &mut [Duration], p: f64) -> Duration {
 
 /// Runs the demo.
 pub async fn run(args: DemoArgs) -> Result<()> {
-    ensure!(args.size >= 16 * MIB && args.size % (4 * MIB) == 0, "--size must be a multiple of 4 MiB, at least 16 MiB");
+    ensure!(args.size >= 16 * MIB && args.size.is_multiple_of(4 * MIB), "--size must be a multiple of 4 MiB, at least 16 MiB");
     let dir = tempfile::Builder::new().prefix("sxm-demo-").tempdir().context("a folder for the demo")?;
     let outcome = demo(&args, dir.path()).await;
     if args.keep {
