@@ -738,3 +738,28 @@ fn a_chain_of_snapshots_copied_oldest_first_arrives_as_a_chain_and_only_differen
         }
     }
 }
+
+#[test]
+fn a_source_restarted_while_mirroring_keeps_the_mirror_and_finalizes() {
+    require!("nbdcopy");
+    for (from, to) in [("ext", "ext"), ("qcow2", "qcow2")] {
+        let what = format!("{from} -> {to}");
+        let mut p = Pair::typed(from, to);
+        let size = 16 * MIB;
+        let seed = pattern(size as usize, 41);
+        let (vdi, uri) = p.guest_disk(&seed);
+        let guest = Guest::start(uri, size, 42);
+        let id = p.start_mirror(&vdi);
+        let dest_vdi = p.src.call("DATA.MIRROR.stat", json!({"id": id, "dbg": "t"}))["dest_vdi"].as_str().expect("dest").to_owned();
+        // The source's daemon dies and comes back while the guest writes through the mirror,
+        // which lives in the datapath process and never stops.
+        p.restart_src(true);
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let (model, writes) = guest.stop();
+        assert!(writes > 10, "{what}");
+        let stat = p.src.call("DATA.MIRROR.stat", json!({"id": id, "dbg": "t"}));
+        assert_eq!((stat["state"].clone(), stat["failed"].clone()), (json!(["Sending"]), json!(false)), "{what}: {stat}");
+        p.src.cli(&["vdi", "detach", "--sr", &p.src_sr, "--vdi", &vdi]);
+        assert_matches_guest(&p.export(&p.dst, &p.dst_sr, &dest_vdi), &model, &seed, &what);
+    }
+}
