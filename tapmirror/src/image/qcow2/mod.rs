@@ -371,6 +371,11 @@ impl Qcow2Image {
         }
     }
 
+    /// What the top `depth` layers of the chain decide themselves, as `(start, end)` ranges.
+    pub async fn own_ranges(&self, depth: usize) -> Result<Vec<(u64, u64)>> {
+        self.call("map", 0, |reply| Req::Own { depth, reply }).await
+    }
+
     async fn call<T>(&self, op: &'static str, offset: u64, make: impl FnOnce(oneshot::Sender<Result<T>>) -> Req) -> Result<T> {
         let (reply, rx) = oneshot::channel();
         self.tx.send(make(reply)).map_err(|_| gone(op, offset))?;
@@ -586,6 +591,32 @@ pub async fn create(path: &Path, size: u64, cluster_size: Option<u32>) -> std::r
 /// of the backing's size, with the backing's format recorded. See [`create_overlay_with`].
 pub async fn create_overlay(path: &Path, backing: &Path) -> std::result::Result<(), Qcow2Error> {
     create_overlay_with(path, backing, OverlayKind::Snapshot).await
+}
+
+/// The ranges of chain `a` that may differ from chain `b`, for a copy whose destination
+/// already holds `b`'s content: what the layers of `a` above the layers it shares with `b`
+/// decide. `None` when `b` holds a layer `a` lacks (then nothing short of the whole chain is
+/// known to be enough). Layers are the same when they are the same file (device and inode).
+pub async fn diff_map(a: &Path, b: &Path) -> std::result::Result<Option<Vec<crate::image::Extent>>, Qcow2Error> {
+    let (pa, pb) = (a.to_owned(), b.to_owned());
+    let (a_ids, b_ids) = blocking(a, move || {
+        use std::os::unix::fs::MetadataExt;
+        let ids = |p: &Path| -> std::result::Result<Vec<(u64, u64)>, Qcow2Error> {
+            chain::resolve(p, None)?
+                .iter()
+                .map(|l| std::fs::metadata(&l.path).map(|m| (m.dev(), m.ino())).map_err(|e| io_error(&l.path, "stat", e)))
+                .collect()
+        };
+        Ok((ids(&pa)?, ids(&pb)?))
+    })
+    .await?;
+    if b_ids.iter().any(|id| !a_ids.contains(id)) {
+        return Ok(None);
+    }
+    let depth = a_ids.iter().take_while(|id| !b_ids.contains(id)).count();
+    let image = Qcow2Image::open(a, Access::ReadOnly, EngineKind::Portable).await?;
+    let ranges = image.own_ranges(depth).await.map_err(|e| io_error(a, "map", io::Error::other(e.to_string())))?;
+    Ok(Some(ranges.into_iter().map(|(s, e)| crate::image::Extent { offset: s, length: e - s, state: crate::image::ExtentState::Data }).collect()))
 }
 
 /// As [`create_overlay`], laid out for `kind`. The backing is named by its file name when it

@@ -125,6 +125,35 @@ async fn chain_allocation_reports_data_zero_and_hole_per_layer() {
 }
 
 #[tokio::test]
+async fn diff_map_names_what_the_layers_above_a_shared_base_decide() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (base, mid, top) = (dir.path().join("base.qcow2"), dir.path().join("mid.qcow2"), dir.path().join("top.qcow2"));
+    create(&base, 1 << 20, None).await.expect("create base");
+    {
+        let b = Qcow2Image::open(&base, Access::ReadWrite, EngineKind::Portable).await.expect("open base");
+        put(&b, 0, &pat(4 * K64 as usize, 1)).await;
+    }
+    create_overlay(&mid, &base).await.expect("mid");
+    {
+        let m = Qcow2Image::open(&mid, Access::ReadWrite, EngineKind::Portable).await.expect("open mid");
+        put(&m, K64, &pat(K64 as usize, 2)).await;
+    }
+    create_overlay(&top, &mid).await.expect("top");
+    {
+        let t = Qcow2Image::open(&top, Access::ReadWrite, EngineKind::Portable).await.expect("open top");
+        put(&t, 5 * K64, &pat(K64 as usize, 3)).await;
+        // A zero cluster over the base's data is a difference too.
+        t.write_zeroes(2 * K64, K64, ZeroAlloc::Keep, ZeroSpeed::Any, Durability::Cached).await.expect("zero");
+    }
+    let ranges = |v: Option<Vec<crate::image::Extent>>| v.expect("comparable").iter().map(|e| (e.offset, e.offset + e.length)).collect::<Vec<_>>();
+    assert_eq!(ranges(diff_map(&top, &base).await.expect("diff")), vec![(K64, 3 * K64), (5 * K64, 6 * K64)]);
+    assert_eq!(ranges(diff_map(&top, &mid).await.expect("diff")), vec![(2 * K64, 3 * K64), (5 * K64, 6 * K64)]);
+    assert_eq!(ranges(diff_map(&top, &top).await.expect("diff")), Vec::<(u64, u64)>::new());
+    // The other way round, the base lacks layers the "destination" holds: not comparable.
+    assert!(diff_map(&base, &top).await.expect("diff").is_none());
+}
+
+#[tokio::test]
 async fn a_raw_backing_reports_its_holes() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (base, top) = (dir.path().join("base.raw"), dir.path().join("top.qcow2"));

@@ -39,6 +39,8 @@ pub(super) enum Req {
     Trim { offset: u64, length: u64, reply: oneshot::Sender<Result<()>> },
     Flush { reply: oneshot::Sender<Result<()>> },
     Map { offset: u64, length: u64, limit: usize, reply: oneshot::Sender<Result<Vec<Extent>>> },
+    /// What the top `depth` layers of the chain hold themselves (not falling through).
+    Own { depth: usize, reply: oneshot::Sender<Result<Vec<(u64, u64)>>> },
     Close { reply: oneshot::Sender<Result<()>> },
 }
 
@@ -268,6 +270,10 @@ async fn handle(state: Rc<State>, req: Req) {
             let top = state.top.read().await;
             let _ = reply.send(allocation(&top, offset, length, limit).await);
         }
+        Req::Own { depth, reply } => {
+            let top = state.top.read().await;
+            let _ = reply.send(own_ranges(&top, depth, state.size).await);
+        }
         Req::Close { reply } => {
             let _ = reply.send(Ok(()));
         }
@@ -392,6 +398,42 @@ async fn extent_at(top: &FormatAccess<IoStorage>, offset: u64, max: u64) -> io::
             _ => return Ok((ExtentState::Data, l)),
         }
     }
+}
+
+/// The ranges whose content one of the top `depth` layers decides (data or a zero cluster),
+/// rather than a layer below them: what a copy must send to a destination that already holds
+/// the chain below those layers. Sorted and merged.
+async fn own_ranges(top: &FormatAccess<IoStorage>, depth: usize, size: u64) -> Result<Vec<(u64, u64)>> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    let mut pos = 0;
+    while pos < size {
+        let (mut layer, mut off, mut len, mut d) = (top, pos, size - pos, 0);
+        let (own, l) = loop {
+            if d == depth {
+                break (false, len);
+            }
+            let (mapping, l) = layer.get_shallow_mapping(off, len).await.map_err(io_err("map", pos))?;
+            let l = l.min(len);
+            match mapping {
+                ShallowMapping::Indirect { layer: lower, offset: o, .. } => (layer, off, len, d) = (lower, o, l, d + 1),
+                // Past the end of a shorter layer, or unallocated with nothing below.
+                ShallowMapping::Eof { .. } => break (false, len),
+                ShallowMapping::Zero { explicit: false, .. } => break (false, l),
+                _ => break (true, l),
+            }
+        };
+        if l == 0 {
+            return Err(ImageError::Io { op: "map", offset: pos, source: io::Error::other("empty mapping") });
+        }
+        if own {
+            match out.last_mut() {
+                Some(last) if last.1 == pos => last.1 += l,
+                _ => out.push((pos, pos + l)),
+            }
+        }
+        pos += l;
+    }
+    Ok(out)
 }
 
 async fn allocation(top: &FormatAccess<IoStorage>, offset: u64, length: u64, limit: usize) -> Result<Vec<Extent>> {
