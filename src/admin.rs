@@ -172,6 +172,64 @@ pub struct DestArgs {
     wait: bool,
 }
 
+/// `sxm migrate …`: a VM's disks moved live as one job.
+#[derive(clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct MigrateCmd {
+    #[command(subcommand)]
+    action: Option<MigrateAction>,
+    #[command(flatten)]
+    start: Option<MigrateStart>,
+}
+
+/// What to do with a running job.
+#[derive(clap::Subcommand)]
+pub enum MigrateAction {
+    /// Switch a job started with `--hold` over now (its disks are in sync).
+    Cutover {
+        /// The job (its task id).
+        job: String,
+    },
+    /// Cancel a job: every disk goes back, on both hosts.
+    Cancel {
+        /// The job (its task id).
+        job: String,
+    },
+}
+
+/// `sxm migrate --sr SR --vdi V [--vdi V …] --dest URL --dest-sr SR …`.
+#[derive(clap::Args)]
+pub struct MigrateStart {
+    /// The source SR.
+    #[arg(long)]
+    sr: String,
+    /// A VDI of the VM (repeat for each disk); each must be active on its guest's datapath.
+    #[arg(long = "vdi", required = true)]
+    vdis: Vec<String>,
+    /// The destination host: `http://ADDR:PORT[?session_id=SECRET]`.
+    #[arg(long)]
+    dest: String,
+    /// A file holding the destination host's secret, unless the URL has it.
+    #[arg(long)]
+    dest_secret_file: Option<PathBuf>,
+    /// The destination SR.
+    #[arg(long)]
+    dest_sr: String,
+    /// How many disks copy at once; the others wait their turn.
+    #[arg(long, default_value_t = 2)]
+    parallel: u32,
+    /// Keep the disks mirrored and in sync after the copy, until `sxm migrate cutover JOB`.
+    #[arg(long)]
+    hold: bool,
+    /// Compare a crc32 per 1 MiB block of each destination VDI with its source before the job
+    /// reports success.
+    #[arg(long)]
+    verify: bool,
+    /// Follow the job to its end (or, with --hold, until cut over), with progress per disk.
+    #[arg(long)]
+    wait: bool,
+}
+
 /// `sxm mirror …`: live migration of a VDI a guest is writing.
 #[derive(clap::Subcommand)]
 pub enum MirrorCommand {
@@ -446,6 +504,86 @@ impl Admin {
                 self.call("DATA.MIRROR.stop", &[("id", s(&id))]).await?;
                 Ok(())
             }
+        }
+    }
+
+    /// `sxm migrate …`.
+    pub async fn migrate(&self, cmd: MigrateCmd) -> Result<()> {
+        match (cmd.action, cmd.start) {
+            (Some(MigrateAction::Cutover { job }), _) => {
+                self.call("SXM.migrate.cutover", &[("job", s(&job))]).await?;
+                Ok(())
+            }
+            (Some(MigrateAction::Cancel { job }), _) => {
+                self.call("TASK.cancel", &[("task", s(&job))]).await?;
+                Ok(())
+            }
+            (None, Some(m)) => {
+                let d = DestArgs { sr: m.sr.clone(), vdi: String::new(), dest: m.dest.clone(), dest_secret_file: m.dest_secret_file.clone(), dest_sr: m.dest_sr.clone(), wait: m.wait };
+                let url = dest_url(&d)?;
+                let vdis = Value::Array(m.vdis.iter().map(|v| s(v)).collect());
+                let args = [
+                    ("verify", Value::Bool(m.verify)),
+                    ("hold", Value::Bool(m.hold)),
+                    ("parallel", Value::Int(i64::from(m.parallel.max(1)))),
+                    ("dest", s(&m.dest_sr)),
+                    ("url", s(&url)),
+                    ("vdis", vdis),
+                    ("sr", s(&m.sr)),
+                ];
+                let job: String = self.call_as("SXM.migrate.start", &args).await?;
+                if !m.wait {
+                    if self.json {
+                        return self.print_json(&s(&job));
+                    }
+                    println!("{job}");
+                    return Ok(());
+                }
+                self.follow_job(&job).await
+            }
+            (None, None) => bail!("sxm migrate: give --sr, --vdi, --dest and --dest-sr, or `cutover JOB` / `cancel JOB`"),
+        }
+    }
+
+    async fn follow_job(&self, job: &str) -> Result<()> {
+        let mut told_hold = false;
+        loop {
+            let t: Task = self.call_as("TASK.stat", &[("task", s(job))]).await?;
+            let stage = t.debug_info.get("stage").cloned().unwrap_or_default();
+            let disks: Vec<String> = t
+                .subtasks
+                .iter()
+                .map(|(name, st)| match st {
+                    TaskState::Pending(p) => format!("{}: {:.0}%", name.split(' ').next().unwrap_or(name), p * 100.0),
+                    TaskState::Completed(_) => format!("{}: done", name.split(' ').next().unwrap_or(name)),
+                    TaskState::Failed(_) => format!("{}: failed", name.split(' ').next().unwrap_or(name)),
+                })
+                .collect();
+            match &t.state {
+                TaskState::Pending(p) => {
+                    eprint!("\rjob {:>5.1}%  {stage:<9} {}        ", p * 100.0, disks.join("  "));
+                    if stage == "holding" && !told_hold {
+                        eprintln!("\nevery disk is in sync and mirrored; switch over with: sxm migrate cutover {job}");
+                        told_hold = true;
+                    }
+                }
+                TaskState::Completed(c) => {
+                    eprintln!("\rjob done in {:.1}s{:60}", c.duration, "");
+                    if self.json {
+                        return self.print_json(&t.to_value());
+                    }
+                    for (k, v) in t.debug_info.iter().filter(|(k, _)| k.contains("dest_") || k.contains("verified")) {
+                        println!("{k}: {v}");
+                    }
+                    return Ok(());
+                }
+                TaskState::Failed(e) => {
+                    eprintln!();
+                    let why = sxm_engine::model::StorageError::from_value(e).map(|e| e.to_string()).unwrap_or_else(|_| format!("{e:?}"));
+                    bail!("job {job} failed in stage {stage:?}: {why}");
+                }
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
         }
     }
 

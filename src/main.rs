@@ -38,6 +38,8 @@ enum Command {
     Mirror(admin::MirrorCommand),
     /// Copy a VDI nobody writes to another host's SR.
     Copy(admin::DestArgs),
+    /// Move a VM's disks live as one job (or `migrate cutover JOB`, `migrate cancel JOB`).
+    Migrate(admin::MigrateCmd),
 }
 
 fn main() -> std::process::ExitCode {
@@ -66,6 +68,7 @@ fn run(cli: Cli) -> Result<()> {
             Command::Task(cmd) => admin::Admin::new(&cli.host)?.task(cmd).await,
             Command::Mirror(cmd) => admin::Admin::new(&cli.host)?.mirror(cmd).await,
             Command::Copy(args) => admin::Admin::new(&cli.host)?.copy(args).await,
+            Command::Migrate(cmd) => admin::Admin::new(&cli.host)?.migrate(cmd).await,
         }
     })
 }

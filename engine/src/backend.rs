@@ -235,6 +235,12 @@ pub trait Backend: Send + Sync + 'static {
         unimplemented("drain")
     }
 
+    /// Checksums (crc32, IEEE) of the VDI's content in blocks of `block` bytes (the last one
+    /// shorter), read from its image. Used to compare a migrated VDI with its source.
+    fn vdi_checksums(&self, sr: &SrContext, vdi: &str, block: u64) -> StorageResult<Vec<u32>> {
+        unimplemented("checksums")
+    }
+
     /// Source, copy: write the VDI's content into `dest`, an NBD connection (past its HTTP
     /// exchange) to export `export`, which reads as zeroes before the copy. Only what the VDI
     /// holds is sent: allocated data, as data or zeroes; with `base` (a VDI of this SR whose

@@ -33,6 +33,8 @@ pub struct Mux {
     pub(crate) me: std::sync::Weak<Mux>,
     /// Sends, receives and copies.
     pub(crate) records: crate::migrate::Records,
+    /// Jobs moving several disks at once.
+    pub(crate) jobs: crate::migrate::job::Jobs,
     root: PathBuf,
     backends: HashMap<String, Arc<dyn Backend>>,
     srs: Mutex<SrRegistry>,
@@ -62,6 +64,7 @@ impl MuxBuilder {
         let mux = Arc::new_cyclic(|me| Mux {
             me: me.clone(),
             records,
+            jobs: Default::default(),
             root: root.to_owned(),
             backends: self.backends,
             srs: Mutex::new(srs),
@@ -335,6 +338,9 @@ impl Mux {
             DataMirrorReceiveFinalize(a) => self.receive_finalize(&a.id, false).await.map(|()| Value::Null),
             DataMirrorReceiveFinalize2(a) => self.receive_finalize(&a.id, true).await.map(|()| Value::Null),
             DataMirrorReceiveCancel(a) => self.receive_cancel(&a.id).await.map(|()| Value::Null),
+            SxmMigrateStart(a) => self.migrate_start(a).await.map(Value::String),
+            SxmMigrateCutover(a) => self.migrate_cutover(&a.job).map(|()| Value::Null),
+            SxmVdiChecksums(a) => self.vdi_checksums(&a.sr, &a.vdi, a.block).await,
         }
     }
 
@@ -564,7 +570,7 @@ impl Mux {
         Ok(())
     }
 
-    async fn deactivate(&self, dp: String, sr: String, vdi: String) -> StorageResult<()> {
+    pub(crate) async fn deactivate(&self, dp: String, sr: String, vdi: String) -> StorageResult<()> {
         let entry = self.attached_entry(&sr)?;
         let mut record = self.dp_record(&dp, &sr, &vdi, VdiState::Attached(crate::model::Rw::Rw))?;
         if !record.active {

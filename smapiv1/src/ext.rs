@@ -236,6 +236,13 @@ impl ExtBackend {
 }
 
 impl Backend for ExtBackend {
+    fn vdi_checksums(&self, sr: &SrContext, vdi: &str, block: u64) -> StorageResult<Vec<u32>> {
+        let id = vdi_id(vdi)?;
+        SrMeta::load_existing(&sr.dir)?.vdi(id)?;
+        tapmirror::image::checksums(&vhd_path(&sr.dir, id), block)
+            .map_err(|e| errors::failure("checksums", format!("VDI {id}: {e:#}")))
+    }
+
     fn sr_create(&self, sr: &SrContext, name_label: &str, _physical_size: i64) -> StorageResult<Map<String>> {
         if SrMeta::load(&sr.dir)?.is_some() {
             return Err(errors::failure("invalid", format!("{} already holds an SR", sr.dir.display())));

@@ -242,6 +242,13 @@ impl Qcow2Backend {
 }
 
 impl Backend for Qcow2Backend {
+    fn vdi_checksums(&self, sr: &SrContext, vdi: &str, block: u64) -> StorageResult<Vec<u32>> {
+        let id = vdi_id(vdi)?;
+        SrMeta::load_existing(&sr.dir)?.vdi(id)?;
+        tapmirror::image::checksums(&volume_path(&sr.dir, id), block)
+            .map_err(|e| errors::failure("checksums", format!("VDI {id}: {e:#}")))
+    }
+
     fn smapi_version(&self) -> u32 {
         3
     }

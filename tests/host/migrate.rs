@@ -763,3 +763,183 @@ fn a_source_restarted_while_mirroring_keeps_the_mirror_and_finalizes() {
         assert_matches_guest(&p.export(&p.dst, &p.dst_sr, &dest_vdi), &model, &seed, &what);
     }
 }
+
+/// A VM of `n` disks of `size` bytes on the source, each attached on its own datapath;
+/// answers (vdis, uris, seeds).
+fn vm(p: &Pair, n: usize, size: u64) -> (Vec<String>, Vec<String>, Vec<Vec<u8>>) {
+    let (mut vdis, mut uris, mut seeds) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..n {
+        let seed = pattern(size as usize, 50 + i as u64);
+        let (vdi, uri) = p.guest_disk(&seed);
+        vdis.push(vdi);
+        uris.push(uri);
+        seeds.push(seed);
+    }
+    (vdis, uris, seeds)
+}
+
+fn job_args<'a>(p: &'a Pair, url: &'a str, vdis: &'a [String], extra: &[&'a str]) -> Vec<&'a str> {
+    let mut a = vec!["migrate", "--sr", &p.src_sr, "--dest", url, "--dest-sr", &p.dst_sr];
+    for v in vdis {
+        a.extend(["--vdi", v.as_str()]);
+    }
+    a.extend_from_slice(extra);
+    a
+}
+
+fn job_stat(p: &Pair, job: &str) -> serde_json::Value {
+    p.src.call("TASK.stat", json!({"task": job, "dbg": "t"}))
+}
+
+/// Waits for a job to end; checks its progress never went back on the way.
+fn job_end(p: &Pair, job: &str) -> serde_json::Value {
+    let mut last = 0.0;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let t = job_stat(p, job);
+        if t["state"][0] != "Pending" {
+            return t;
+        }
+        let progress = t["state"][1].as_f64().expect("progress");
+        assert!(progress >= last, "the job's progress went back from {last} to {progress}");
+        last = progress;
+        assert!(std::time::Instant::now() < deadline, "the job did not end: {t}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// Waits for a job to hold (every disk in sync).
+fn job_holding(p: &Pair, job: &str) {
+    eventually(60, "the job holds", || job_stat(p, job)["debug_info"]["stage"] == "holding");
+}
+
+/// The content of a destination VDI the job attached there, read through its datapath.
+fn dest_content(p: &Pair, dest_vdi: &str) -> Vec<u8> {
+    let stat = p.dst.call("DP.stat_vdi", json!({"sr": p.dst_sr, "vdi": dest_vdi, "dbg": "t"}));
+    assert_eq!(stat["superstate"], json!(["Activated", "RW"]), "the job attached the destination VDI: {stat}");
+    let dp = stat["dps"].as_object().expect("dps").keys().next().expect("a datapath").clone();
+    let attach = p.dst.call("DP.attach_info", json!({"sr": p.dst_sr, "vdi": dest_vdi, "dp": dp, "dbg": "t"}));
+    let uri = attach["implementations"][0][1]["uri"].as_str().expect("uri");
+    let (sock, export) = uri.trim_start_matches("nbd:unix:").rsplit_once(":exportname=").expect("nbd uri");
+    read_export(&format!("nbd+unix:///{export}?socket={sock}"), p._dir.path())
+}
+
+#[test]
+fn a_three_disk_vm_moves_two_at_a_time_and_each_disk_arrives_exact() {
+    require!("nbdcopy");
+    // Each copy waits 2 s before it starts, so the queue can be seen.
+    let p = Pair::with_faults("send.copy=delay", "");
+    let url = p.dest_url();
+    let (vdis, _uris, seeds) = vm(&p, 3, 8 * MIB);
+    let job = p.src.cli(&job_args(&p, &url, &vdis, &["--parallel", "2", "--verify"]));
+    std::thread::sleep(std::time::Duration::from_millis(1200));
+    let t = job_stat(&p, &job);
+    let started = t["debug_info"].as_object().expect("info").keys().filter(|k| k.ends_with(" task")).count();
+    assert_eq!(started, 2, "two disks move, the third waits: {t}");
+    let t = job_end(&p, &job);
+    assert_eq!(t["state"][0], "Completed", "{t}");
+    for (i, seed) in seeds.iter().enumerate() {
+        assert_eq!(t["debug_info"][format!("disk{i} verified")], "8 blocks", "{t}");
+        let dest_vdi = t["debug_info"][format!("disk{i} dest_vdi")].as_str().expect("dest vdi");
+        assert!(dest_content(&p, dest_vdi) == *seed, "disk {i} differs on the destination");
+    }
+}
+
+#[test]
+fn a_held_job_keeps_the_disks_in_sync_under_writes_until_cutover() {
+    require!("nbdcopy");
+    let p = Pair::typed("ext", "qcow2");
+    let url = p.dest_url();
+    let (vdis, uris, seeds) = vm(&p, 2, 8 * MIB);
+    let guests: Vec<Guest> = uris.iter().enumerate().map(|(i, u)| Guest::start(u.clone(), 8 * MIB, 70 + i as u64)).collect();
+    let job = p.src.cli(&job_args(&p, &url, &vdis, &["--hold", "--verify"]));
+    job_holding(&p, &job);
+    // Held: the guests go on writing, every write mirrored; nothing switches over.
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    assert_eq!(job_stat(&p, &job)["debug_info"]["stage"], "holding");
+    for v in &vdis {
+        let m = p.src.call("DATA.MIRROR.stat", json!({"id": format!("{}/{v}", p.src_sr), "dbg": "t"}));
+        assert_eq!(m["failed"], false, "{m}");
+    }
+    // The VM pauses (the guests stop), then the operator switches over.
+    let models: Vec<Vec<u8>> = guests.into_iter().map(|g| g.stop().0).collect();
+    p.src.cli(&["migrate", "cutover", &job]);
+    let t = job_end(&p, &job);
+    assert_eq!(t["state"][0], "Completed", "{t}");
+    for (i, (model, seed)) in models.iter().zip(&seeds).enumerate() {
+        let dest_vdi = t["debug_info"][format!("disk{i} dest_vdi")].as_str().expect("dest vdi");
+        assert_matches_guest(&dest_content(&p, dest_vdi), model, seed, &format!("disk {i}"));
+    }
+}
+
+#[test]
+fn verify_catches_a_destination_block_changed_behind_sxms_back() {
+    require!("qemu-io");
+    let p = Pair::new();
+    let url = p.dest_url();
+    let (vdis, _uris, _seeds) = vm(&p, 1, 8 * MIB);
+    let job = p.src.cli(&job_args(&p, &url, &vdis, &["--hold", "--verify"]));
+    job_holding(&p, &job);
+    // Someone writes to the destination leaf directly, not through the mirror.
+    let dest_vdi = job_stat(&p, &job)["debug_info"]["disk0 dest_vdi"].as_str().expect("dest").to_owned();
+    let stat = p.dst.call("DP.stat_vdi", json!({"sr": p.dst_sr, "vdi": dest_vdi, "dbg": "t"}));
+    let dp = stat["dps"].as_object().expect("dps").keys().next().expect("leaf datapath").clone();
+    let attach = p.dst.call("DP.attach_info", json!({"sr": p.dst_sr, "vdi": dest_vdi, "dp": dp, "dbg": "t"}));
+    let uri = attach["implementations"][0][1]["uri"].as_str().expect("uri");
+    let (sock, export) = uri.trim_start_matches("nbd:unix:").rsplit_once(":exportname=").expect("nbd uri");
+    run(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x77 3145728 4096", &format!("nbd+unix:///{export}?socket={sock}")]));
+    p.src.cli(&["migrate", "cutover", &job]);
+    let t = job_end(&p, &job);
+    assert_eq!(t["state"][0], "Failed", "{t}");
+    let why = serde_json::to_string(&t["state"][1]).expect("error");
+    assert!(why.contains("verify") && why.contains("block 3"), "{why}");
+}
+
+#[test]
+fn a_preflight_that_must_refuse_refuses_and_makes_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Some(_small) = Tmpfs::mount(&dir.path().join("b").join("sr"), "6m") else {
+        eprintln!("skipping: cannot mount a tmpfs here (needs root)");
+        return;
+    };
+    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("port").port();
+    let src = Host::start(&dir.path().join("a"));
+    let dst = Host::start_on(&dir.path().join("b"), &format!("127.0.0.1:{port}"));
+    let src_sr = src.cli(&["sr", "create", "--name", "source"]);
+    let dst_sr = dst.cli(&["sr", "create", "--name", "small"]);
+    let p = Pair { _dir: dir, src, dst, src_sr, dst_sr };
+    let url = p.dest_url();
+    let (vdis, _uris, _seeds) = vm(&p, 2, 8 * MIB);
+    let before = p.state();
+    let out = p.src.cli_raw(&job_args(&p, &url, &vdis, &[]));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("preflight") && err.contains("free"), "{err}");
+    assert_eq!(p.state(), before, "a refused preflight made something");
+    assert_eq!(p.src.call("TASK.list", json!({"dbg": "t"})), json!([]), "no job task either");
+    // A VDI no guest runs is refused too.
+    p.src.cli(&["vdi", "detach", "--sr", &p.src_sr, "--vdi", &vdis[0]]);
+    let out = p.src.cli_raw(&job_args(&p, &url, &vdis[..1], &[]));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not active"), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn cancelling_a_job_while_it_copies_or_holds_leaves_both_hosts_as_they_were() {
+    for hold in [false, true] {
+        let p = Pair::with_faults(if hold { "" } else { "send.copy=delay" }, "");
+        let url = p.dest_url();
+        let (vdis, _uris, _seeds) = vm(&p, 2, 4 * MIB);
+        let before = p.state();
+        let extra: &[&str] = if hold { &["--hold"] } else { &[] };
+        let job = p.src.cli(&job_args(&p, &url, &vdis, extra));
+        if hold {
+            job_holding(&p, &job);
+        } else {
+            std::thread::sleep(std::time::Duration::from_millis(800));
+        }
+        p.src.cli(&["migrate", "cancel", &job]);
+        let t = job_end(&p, &job);
+        assert_eq!(t["state"][0], "Failed", "{t}");
+        settle(&p, &before, &format!("cancelled while {}", if hold { "holding" } else { "copying" }));
+    }
+}

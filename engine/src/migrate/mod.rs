@@ -14,6 +14,7 @@
 //! or remotely over XML-RPC as xapi makes it; the data-path steps (serve an NBD import, attach
 //! the mirror, drain, copy) are the backend's.
 
+pub mod job;
 pub mod receive;
 pub mod records;
 pub mod send;

@@ -233,6 +233,21 @@ calls! {
     DataMirrorReceiveFinalize2 = "DATA.MIRROR.receive_finalize2" { id: String [req] },
     /// `DATA.MIRROR.receive_cancel`.
     DataMirrorReceiveCancel = "DATA.MIRROR.receive_cancel" { id: String [req] },
+    /// sxm's own: move several VDIs of one VM as one job (`sxm migrate`); answers the job's
+    /// task. Preflight errors come back at once and nothing is made.
+    SxmMigrateStart = "SXM.migrate.start" {
+        verify: bool [def = false],
+        hold: bool [def = false],
+        parallel: i64 [def = 2],
+        dest: String [req],
+        url: String [req],
+        vdis: Vec<String> [req],
+        sr: String [req],
+    },
+    /// sxm's own: switch a held job over (its disks are in sync).
+    SxmMigrateCutover = "SXM.migrate.cutover" { job: String [req] },
+    /// sxm's own: checksums (crc32) of a VDI's blocks of `block` bytes, to compare copies.
+    SxmVdiChecksums = "SXM.VDI.checksums" { block: i64 [def = 1 << 20], vdi: String [req], sr: String [req] },
 }
 
 /// Methods of the interface that this host knows but does not serve: answered `Unimplemented`.
@@ -335,7 +350,11 @@ impl Call {
             DataMirrorReceiveStart2(a) => &a.sr,
             SrList(_) | DpCreate(_) | DpDestroy(_) | TaskStat(_) | TaskList(_) | TaskCancel(_) | TaskDestroy(_)
             | UpdatesGet(_) | Query(_) | DataMirrorStop(_) | DataMirrorStat(_) | DataMirrorList(_)
-            | DataMirrorReceiveFinalize(_) | DataMirrorReceiveFinalize2(_) | DataMirrorReceiveCancel(_) => return None,
+            | DataMirrorReceiveFinalize(_) | DataMirrorReceiveFinalize2(_) | DataMirrorReceiveCancel(_) | SxmMigrateCutover(_) => {
+                return None;
+            }
+            SxmMigrateStart(a) => &a.sr,
+            SxmVdiChecksums(a) => &a.sr,
         })
     }
 }

@@ -154,3 +154,32 @@ impl Image for AnyImage {
         forward!(self, i => i.allocation(offset, length, limit).await)
     }
 }
+
+/// Checksums (crc32, IEEE) of an image's guest-visible content, whole chain, in blocks of
+/// `block` bytes (the last one shorter): a cheap way to compare two copies of a disk. Opens the
+/// image read-only. Blocking: it runs its own small runtime on a thread of its own, so it can
+/// be called from any thread, an async runtime's blocking pool included.
+pub fn checksums(path: &Path, block: u64) -> anyhow::Result<Vec<u32>> {
+    anyhow::ensure!(block > 0 && block <= 64 << 20, "checksum block {block} must be between 1 byte and 64 MiB");
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(async {
+                let image = AnyImage::open(path, None, Access::ReadOnly, EngineKind::Portable).await?;
+                let size = image.size();
+                let mut sums = Vec::with_capacity(size.div_ceil(block) as usize);
+                let mut at = 0;
+                while at < size {
+                    let len = block.min(size - at) as usize;
+                    let (buf, r) = image.read(at, IoBuf::for_overwrite(len)).await;
+                    r.map_err(|e| anyhow::anyhow!("reading {} at {at}: {e}", path.display()))?;
+                    sums.push(crc32fast::hash(&buf.into_vec()[..len]));
+                    at += len as u64;
+                }
+                Ok(sums)
+            })
+        })
+        .join()
+        .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    })
+}

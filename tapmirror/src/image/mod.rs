@@ -22,7 +22,7 @@ use std::sync::Arc;
 
 use crate::io::{Durability, IoBuf};
 
-pub use any::{AnyImage, Format};
+pub use any::{AnyImage, Format, checksums};
 pub use raw::RawImage;
 
 /// Whether an image is opened for writing.

@@ -1,0 +1,329 @@
+//! A VM's disks moved as one job (`SXM.migrate.start`, `sxm migrate`): a preflight that makes
+//! nothing, the disks mirrored in parallel up to a limit (the rest wait in a queue, never
+//! refused), progress per disk and for the job (never going backwards), a switch-over when
+//! every disk is in sync (at once, or held until `SXM.migrate.cutover`), the destination VDIs
+//! attached, an optional block-by-block checksum comparison, and cancel rolling every disk back.
+//!
+//! Each disk is an ordinary mirror (`DATA.MIRROR.start`, see [`super::send`]) with its own
+//! task, records and recovery; the job only orders them. A host restart loses the job (its
+//! disks' sends are finished or undone as any send is).
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use crate::model::call::args;
+use crate::model::{Call, SrInfo, StorageError, TaskState, VdiInfo};
+use crate::mux::Mux;
+use crate::rpc::Value;
+
+use super::{Remote, lock};
+
+/// The largest disk a VHD holds (2040 GiB), for the preflight of an `ext` destination.
+const VHD_MAX: i64 = 2040 << 30;
+
+/// Room a destination needs beyond the data: VHD/qcow2 metadata, the migration's dummy and
+/// parent headers.
+const SLACK_PER_DISK: i64 = 16 << 20;
+
+/// One running job.
+pub struct Job {
+    /// Switch over (a held job waits for it).
+    cutover: Notify,
+    /// Cut over already asked for (so a `cutover` before the hold starts is not lost).
+    cutover_asked: std::sync::atomic::AtomicBool,
+    hold: bool,
+}
+
+/// The jobs of a host.
+#[derive(Default)]
+pub struct Jobs {
+    jobs: Mutex<BTreeMap<String, Arc<Job>>>,
+}
+
+struct Disk {
+    vdi: String,
+    dp: String,
+    size: i64,
+}
+
+fn dbg(job: &str) -> String {
+    format!("migrate job {job}")
+}
+
+fn preflight_error(why: impl Into<String>) -> StorageError {
+    StorageError::MigrationPreparationFailure(format!("preflight: {}", why.into()))
+}
+
+impl Mux {
+    /// `SXM.migrate.start`: preflight, then the job in a task whose id is answered.
+    pub(crate) async fn migrate_start(&self, a: args::SxmMigrateStart) -> Result<String, StorageError> {
+        let disks = self.preflight(&a).await?;
+        let (task, cancel) = self.tasks().create(&format!("migrate {} disk(s) of SR {}", disks.len(), a.sr));
+        let job = Arc::new(Job { cutover: Notify::new(), cutover_asked: false.into(), hold: a.hold });
+        lock(&self.jobs.jobs).insert(task.clone(), job.clone());
+        self.tasks().debug_info(&task, "stage", "queued");
+        let me = self.me.upgrade().ok_or_else(|| StorageError::InternalError("the host is shutting down".into()))?;
+        let id = task.clone();
+        tokio::spawn(async move {
+            let parallel = usize::try_from(a.parallel.max(1)).unwrap_or(1);
+            let outcome = me.run_job(&id, &a, disks, parallel, &job, &cancel).await;
+            match outcome {
+                Ok(()) => me.tasks().complete(&id, None),
+                Err(e) => {
+                    tracing::warn!(job = %id, error = %e, "migration job failed");
+                    me.tasks().fail(&id, &e);
+                }
+            }
+            lock(&me.jobs.jobs).remove(&id);
+        });
+        Ok(task)
+    }
+
+    /// `SXM.migrate.cutover`.
+    pub(crate) fn migrate_cutover(&self, job: &str) -> Result<(), StorageError> {
+        let j = lock(&self.jobs.jobs).get(job).cloned().ok_or_else(|| StorageError::DoesNotExist("job".into(), job.into()))?;
+        if !j.hold {
+            return Err(StorageError::InternalError(format!("job {job} does not hold: it switches over by itself")));
+        }
+        j.cutover_asked.store(true, std::sync::atomic::Ordering::SeqCst);
+        j.cutover.notify_one();
+        Ok(())
+    }
+
+    /// Checks everything that can be checked before anything is made.
+    async fn preflight(&self, a: &args::SxmMigrateStart) -> Result<Vec<Disk>, StorageError> {
+        if a.vdis.is_empty() {
+            return Err(preflight_error("no VDI to move"));
+        }
+        self.attached_entry(&a.sr).map_err(|e| preflight_error(e.to_string()))?;
+        let mut disks = Vec::new();
+        for vdi in &a.vdis {
+            if disks.iter().any(|d: &Disk| &d.vdi == vdi) {
+                return Err(preflight_error(format!("VDI {vdi} is named twice")));
+            }
+            let info: VdiInfo = self
+                .local(Call::VdiStat(args::VdiStat { vdi: vdi.clone(), sr: a.sr.clone(), dbg: dbg("preflight") }))
+                .await
+                .map_err(|e| preflight_error(e.to_string()))?;
+            let dp = self
+                .datapath_records(&a.sr, vdi)
+                .into_iter()
+                .find(|r| r.active && r.read_write)
+                .ok_or_else(|| preflight_error(format!("VDI {vdi} is not active read-write on any datapath here: only a running guest's disk moves live")))?
+                .dp;
+            if lock(&self.records.sends).get(&format!("{}/{vdi}", a.sr)).is_some() {
+                return Err(preflight_error(format!("VDI {vdi} is already being mirrored")));
+            }
+            let used = info.physical_utilisation.max(0).min(info.virtual_size.max(0));
+            disks.push(Disk { vdi: vdi.clone(), dp, size: info.virtual_size.max(used) });
+        }
+        let remote = Remote::new(&a.url).map_err(|e| preflight_error(e.to_string()))?;
+        let sr: SrInfo = remote
+            .call(Call::SrStat(args::SrStat { sr: a.dest.clone(), dbg: dbg("preflight") }))
+            .await
+            .map_err(|e| preflight_error(format!("destination SR {}: {e}", a.dest)))?;
+        if sr.sr_type.as_deref() == Some("ext")
+            && let Some(d) = disks.iter().find(|d| d.size > VHD_MAX)
+        {
+            return Err(preflight_error(format!("VDI {} ({} bytes) is larger than a VHD on the destination can be", d.vdi, d.size)));
+        }
+        // What will be written there at most: every disk's whole size (the copy and the
+        // mirrored writes never exceed it), plus metadata.
+        let need: i64 = disks.iter().map(|d| d.size + SLACK_PER_DISK).sum();
+        if sr.free_space < need {
+            return Err(preflight_error(format!("destination SR {} has {} bytes free, the disks need up to {need}", a.dest, sr.free_space)));
+        }
+        Ok(disks)
+    }
+
+    async fn run_job(
+        &self,
+        id: &str,
+        a: &args::SxmMigrateStart,
+        disks: Vec<Disk>,
+        parallel: usize,
+        job: &Job,
+        cancel: &CancellationToken,
+    ) -> Result<(), StorageError> {
+        let slots = Arc::new(Semaphore::new(parallel));
+        let sizes: Vec<i64> = disks.iter().map(|d| d.size).collect();
+        let total: f64 = sizes.iter().map(|s| *s as f64).sum::<f64>().max(1.0);
+        let progress = Mutex::new(vec![0.0f64; disks.len()]);
+        let reported = Mutex::new(0.0f64);
+        let report = |i: usize, p: f64| {
+            let mut v = progress.lock().unwrap_or_else(|e| e.into_inner());
+            v[i] = v[i].max(p);
+            let weighted: f64 = v.iter().zip(&sizes).map(|(p, s)| p * *s as f64).sum::<f64>() / total;
+            let mut r = reported.lock().unwrap_or_else(|e| e.into_inner());
+            // The job's figure never goes backwards; 0.9 is reached when every disk is in sync.
+            *r = r.max(weighted * 0.9);
+            self.tasks().progress(id, *r);
+        };
+        self.tasks().debug_info(id, "stage", "mirroring");
+        // Each disk: wait for a slot, start its mirror, follow its task until in sync.
+        let runs = disks.iter().enumerate().map(|(i, d)| {
+            let slots = slots.clone();
+            let report = &report;
+            async move {
+                let name = format!("disk{i} {}", d.vdi);
+                self.tasks().subtask(id, &name, TaskState::Pending(0.0));
+                let _slot = tokio::select! {
+                    s = slots.acquire() => s.map_err(|_| StorageError::Cancelled(id.into()))?,
+                    _ = cancel.cancelled() => return Err(StorageError::Cancelled(id.into())),
+                };
+                let task = self.mirror_start(a.sr.clone(), d.vdi.clone(), d.dp.clone(), a.url.clone(), a.dest.clone(), None, None).await?;
+                self.tasks().debug_info(id, &format!("{name} task"), &task);
+                loop {
+                    if cancel.is_cancelled() {
+                        let _ = self.tasks().cancel(&task);
+                    }
+                    let t = self.tasks().stat(&task)?;
+                    match &t.state {
+                        TaskState::Pending(p) => {
+                            self.tasks().subtask(id, &name, TaskState::Pending(*p));
+                            report(i, *p);
+                        }
+                        TaskState::Completed(_) => {
+                            self.tasks().subtask(id, &name, TaskState::Pending(1.0));
+                            report(i, 1.0);
+                            return Ok(format!("{}/{}", a.sr, d.vdi));
+                        }
+                        TaskState::Failed(e) => {
+                            self.tasks().subtask(id, &name, TaskState::Failed(e.clone()));
+                            return Err(StorageError::from_value(e).unwrap_or_else(|_| StorageError::InternalError(format!("{name} failed"))));
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        });
+        let outcomes = futures_join_all(runs).await;
+        let mirrors: Vec<String> = outcomes.iter().filter_map(|o| o.as_ref().ok().cloned()).collect();
+        if let Some(e) = outcomes.into_iter().find_map(Result::err) {
+            // One disk failed (or the job was cancelled): every disk goes back.
+            self.undo_job(id, &mirrors).await;
+            return Err(e);
+        }
+
+        // The destination VDIs, known once each disk is in sync (their records go at finalize).
+        let dest_vdis: Vec<String> = mirrors
+            .iter()
+            .map(|m| lock(&self.records.sends).get(m.as_str()).and_then(|r| r.remote.as_ref().map(|x| x.leaf.clone())).unwrap_or_default())
+            .collect();
+        for (i, v) in dest_vdis.iter().enumerate() {
+            self.tasks().debug_info(id, &format!("disk{i} dest_vdi"), v);
+        }
+
+        if job.hold {
+            self.tasks().debug_info(id, "stage", "holding");
+            tracing::info!(job = %id, "every disk in sync; holding until cutover");
+            while !job.cutover_asked.load(std::sync::atomic::Ordering::SeqCst) {
+                tokio::select! {
+                    _ = job.cutover.notified() => {}
+                    _ = cancel.cancelled() => {
+                        self.undo_job(id, &mirrors).await;
+                        return Err(StorageError::Cancelled(id.into()));
+                    }
+                    // A mirror that fails while held fails the job.
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {
+                        if let Some(m) = mirrors.iter().find(|m| lock(&self.records.sends).get(m.as_str()).is_some_and(|r| r.failed)) {
+                            let e = StorageError::MigrationMirrorFailure(format!("mirror {m} failed while the job held"));
+                            self.undo_job(id, &mirrors).await;
+                            return Err(e);
+                        }
+                    }
+                }
+            }
+        }
+
+        // Switch-over: every guest datapath pauses and drains, then each destination
+        // finalizes; the destination VDIs are attached for the guest to resume there.
+        self.tasks().debug_info(id, "stage", "cutover");
+        let cut = disks.iter().map(|d| self.deactivate(d.dp.clone(), a.sr.clone(), d.vdi.clone()));
+        let cut: Vec<Result<(), StorageError>> = futures_join_all(cut).await;
+        if let Some(e) = cut.into_iter().find_map(Result::err) {
+            return Err(StorageError::MigrationMirrorFailure(format!("switch-over: {e}")));
+        }
+        let remote = Remote::new(&a.url)?;
+        // Verified before the destination VDIs are attached (and could be written).
+        if a.verify {
+            self.tasks().debug_info(id, "stage", "verify");
+            for (i, (d, dest_vdi)) in disks.iter().zip(&dest_vdis).enumerate() {
+                let entry = self.attached_entry(&a.sr)?;
+                let vdi = d.vdi.clone();
+                let mine = self.run(&entry, false, move |b, ctx| b.vdi_checksums(ctx, &vdi, 1 << 20)).await?;
+                let theirs: Vec<i64> = remote
+                    .call(Call::SxmVdiChecksums(args::SxmVdiChecksums { block: 1 << 20, vdi: dest_vdi.clone(), sr: a.dest.clone(), dbg: dbg(id) }))
+                    .await?;
+                let theirs: Vec<u32> = theirs.into_iter().map(|c| c as u32).collect();
+                if let Some(block) = mine.iter().zip(&theirs).position(|(x, y)| x != y).or((mine.len() != theirs.len()).then_some(mine.len().min(theirs.len()))) {
+                    return Err(StorageError::MigrationMirrorFailure(format!(
+                        "verify: disk {i} (VDI {} -> {dest_vdi}) differs in its 1 MiB block {block}",
+                        d.vdi
+                    )));
+                }
+                self.tasks().debug_info(id, &format!("disk{i} verified"), &format!("{} blocks", mine.len()));
+            }
+        }
+        for (i, (d, dest_vdi)) in disks.iter().zip(&dest_vdis).enumerate() {
+            // On the destination, the guest's disk is attached on a datapath of the same name.
+            let attach = Call::VdiAttach3(args::VdiAttach3 { read_write: true, vdi: dest_vdi.clone(), vm: None, sr: a.dest.clone(), dp: d.dp.clone(), dbg: dbg(id) });
+            let info: crate::model::AttachInfo = remote.call(attach).await?;
+            remote.call::<()>(Call::VdiActivate3(args::VdiActivate3 { vdi: dest_vdi.clone(), vm: None, sr: a.dest.clone(), dp: d.dp.clone(), dbg: dbg(id) })).await?;
+            if let Some(crate::model::Implementation::Nbd { uri }) = info.implementations.first() {
+                self.tasks().debug_info(id, &format!("disk{i} dest_uri"), uri);
+            }
+        }
+        self.tasks().progress(id, 0.95);
+
+        self.tasks().debug_info(id, "stage", "done");
+        self.tasks().progress(id, 1.0);
+        Ok(())
+    }
+
+    /// Undoes every disk of a job: mirrors in sync are stopped; those still starting are
+    /// cancelled by their tasks (which roll them back).
+    async fn undo_job(&self, id: &str, mirrors: &[String]) {
+        for m in mirrors {
+            if let Err(e) = self.mirror_stop(m).await {
+                tracing::warn!(job = %id, mirror = %m, error = %e, "stopping a mirror of the job failed");
+            }
+        }
+    }
+
+    /// `SXM.VDI.checksums`.
+    pub(crate) async fn vdi_checksums(&self, sr: &str, vdi: &str, block: i64) -> Result<Value, StorageError> {
+        if !(4096..=(64 << 20)).contains(&block) {
+            return Err(StorageError::InternalError(format!("block {block} must be between 4 KiB and 64 MiB")));
+        }
+        let entry = self.attached_entry(sr)?;
+        let vdi = vdi.to_owned();
+        let sums = self.run(&entry, false, move |b, ctx| b.vdi_checksums(ctx, &vdi, block as u64)).await?;
+        Ok(Value::Array(sums.into_iter().map(|c| Value::Int(i64::from(c))).collect()))
+    }
+}
+
+/// Runs futures concurrently on this task and collects their outputs in order (a small
+/// `join_all`, to avoid a dependency for it).
+async fn futures_join_all<F: std::future::Future>(futs: impl IntoIterator<Item = F>) -> Vec<F::Output> {
+    let mut futs: Vec<std::pin::Pin<Box<F>>> = futs.into_iter().map(Box::pin).collect();
+    let mut out: Vec<Option<F::Output>> = futs.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (i, f) in futs.iter_mut().enumerate() {
+            if out[i].is_none() {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => out[i] = Some(v),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending { std::task::Poll::Pending } else { std::task::Poll::Ready(()) }
+    })
+    .await;
+    out.into_iter().map(|o| o.expect("every future finished")).collect()
+}
