@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use sxm_engine::http::client::{Endpoint, RpcClient};
-use sxm_engine::model::{AttachInfo, Task, TaskResult, TaskState, VdiInfo};
+use sxm_engine::model::{AttachInfo, Task, TaskState, VdiInfo};
 use sxm_engine::rpc::Value;
 use sxm_engine::rpc::marshal::Marshal;
 use tapmirror::nbd::{NbdClient, NbdUri};
@@ -214,51 +214,46 @@ async fn demo(args: &DemoArgs, dir: &Path) -> Result<()> {
     println!("guest: writing 4 KiB blocks at random places, {} per second on each disk\n", args.rate);
     tokio::time::sleep(Duration::from_millis(500)).await;
 
-    // Both disks move at once.
+    // The VM moves as one job: both disks at once, held in sync until the switch-over, and
+    // checked block by block (crc32) before the job succeeds.
     let started = Instant::now();
-    let mut tasks = Vec::new();
-    for (i, (vdi, _, _)) in disks.iter().enumerate() {
-        let task: String = a
-            .call_as(
-                "DATA.MIRROR.start",
-                vec![("sr", s(&sr_a)), ("vdi", s(vdi)), ("dp", s(&format!("vm/{i}"))), ("url", s(&b.url)), ("dest", s(&sr_b))],
-            )
-            .await?;
-        tasks.push(task);
-    }
+    let vdis = Value::Array(disks.iter().map(|(v, _, _)| s(v)).collect());
+    let job: String = a
+        .call_as(
+            "SXM.migrate.start",
+            vec![("sr", s(&sr_a)), ("vdis", vdis), ("url", s(&b.url)), ("dest", s(&sr_b)), ("parallel", Value::Int(2)), ("hold", Value::Bool(true)), ("verify", Value::Bool(true))],
+        )
+        .await?;
+    println!("job {job}: sxm migrate of both disks, held in sync until the switch-over, verified");
     let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let mut last_line = Instant::now();
-    let mut finished: Vec<Option<(String, u64, Duration)>> = vec![None; tasks.len()];
-    while finished.iter().any(Option::is_none) {
-        let mut line = String::new();
-        for (i, task) in tasks.iter().enumerate() {
-            let t: Task = a.call_as("TASK.stat", vec![("task", s(task))]).await?;
-            let stage = t.debug_info.get("stage").cloned().unwrap_or_default();
-            let done: u64 = t.debug_info.get("bytes_done").and_then(|v| v.parse().ok()).unwrap_or(0);
-            match &t.state {
-                TaskState::Pending(p) => {
-                    let rate = done as f64 / started.elapsed().as_secs_f64().max(0.001) / MIB as f64;
-                    line.push_str(&format!("disk{i}: {stage:<8} {:>5.1}% {rate:>7.1} MiB/s   ", p * 100.0));
-                }
-                TaskState::Completed(c) => {
-                    let Some(TaskResult::MirrorId(id)) = &c.result else { bail!("disk {i}: the mirror task answered no mirror") };
-                    let copied = t.debug_info.get("copied_bytes").and_then(|v| v.parse().ok()).unwrap_or(done);
-                    if finished[i].is_none() {
-                        finished[i] = Some((id.clone(), copied, started.elapsed()));
-                    }
-                    line.push_str(&format!("disk{i}: mirroring (in sync)            "));
-                }
-                TaskState::Failed(e) => bail!("disk {i}: the migration failed: {e:?}"),
-            }
+    loop {
+        let t: Task = a.call_as("TASK.stat", vec![("task", s(&job))]).await?;
+        let stage = t.debug_info.get("stage").cloned().unwrap_or_default();
+        if let TaskState::Failed(e) = &t.state {
+            bail!("the job failed: {e:?}");
         }
+        let disks_line: Vec<String> = t
+            .subtasks
+            .iter()
+            .map(|(name, st)| match st {
+                TaskState::Pending(p) => format!("{}: {:>5.1}%", name.split(' ').next().unwrap_or(name), p * 100.0),
+                _ => format!("{}: -", name.split(' ').next().unwrap_or(name)),
+            })
+            .collect();
+        let progress = if let TaskState::Pending(p) = t.state { p } else { 1.0 };
+        let line = format!("job {:>5.1}%  {stage:<9} {}", progress * 100.0, disks_line.join("   "));
         // One line redrawn in a terminal; a line a second into a log.
         if tty {
-            eprint!("\r{line}");
+            eprint!("\r{line}    ");
         } else if last_line.elapsed() >= Duration::from_secs(1) {
-            eprintln!("{}", line.trim_end());
+            eprintln!("{line}");
             last_line = Instant::now();
         }
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        if stage == "holding" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
     if tty {
         eprintln!();
@@ -267,8 +262,9 @@ async fn demo(args: &DemoArgs, dir: &Path) -> Result<()> {
     println!("both disks in sync after {:.2} s; the guest keeps writing, every write now reaches both hosts", in_sync.as_secs_f64());
     tokio::time::sleep(Duration::from_secs(1)).await;
 
-    // Switch-over: the guest stops (the VM pauses), each source datapath is drained and the
-    // destination composes or takes its volume.
+    // Switch-over: the guest stops (the VM pauses); the job drains each source datapath, the
+    // destination composes or takes its volume, the checksums are compared, and the
+    // destination VDIs are attached for the VM to resume there.
     let mut models = Vec::new();
     let mut latencies = Vec::new();
     for g in guests {
@@ -277,21 +273,26 @@ async fn demo(args: &DemoArgs, dir: &Path) -> Result<()> {
         latencies.extend(lat);
     }
     let cut = Instant::now();
-    let mut dest_vdis = Vec::new();
-    for (i, ((vdi, _, _), done)) in disks.iter().zip(&finished).enumerate() {
-        let (id, _, _) = done.as_ref().context("finished")?;
-        let stat = a.call("DATA.MIRROR.stat", vec![("id", s(id))]).await?;
-        dest_vdis.push(stat.get("dest_vdi").and_then(Value::as_str).context("dest_vdi")?.to_owned());
-        a.call("DP.destroy", vec![("dp", s(&format!("vm/{i}"))), ("allow_leak", Value::Bool(false))]).await?;
-        let _ = vdi;
-    }
+    a.call("SXM.migrate.cutover", vec![("job", s(&job))]).await?;
+    let done = loop {
+        let t: Task = a.call_as("TASK.stat", vec![("task", s(&job))]).await?;
+        match &t.state {
+            TaskState::Pending(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            TaskState::Completed(_) => break t,
+            TaskState::Failed(e) => bail!("the switch-over failed: {e:?}"),
+        }
+    };
     let cutover = cut.elapsed();
-    println!("switch-over (drain, finalize on host B): {:.2} s", cutover.as_secs_f64());
+    println!("switch-over (drain, finalize on host B, crc32 of every 1 MiB block compared): {:.2} s", cutover.as_secs_f64());
+    let dest_vdis: Vec<String> =
+        (0..disks.len()).map(|i| done.debug_info.get(&format!("disk{i} dest_vdi")).cloned().unwrap_or_default()).collect();
 
-    // Verify: each destination VDI, read on host B, against what the guest wrote.
+    // Verify again, ourselves: each destination VDI, read on host B through the datapath the
+    // job attached it on, against what the guest wrote.
     for (i, (dest, model)) in dest_vdis.iter().zip(&models).enumerate() {
-        let dp = format!("verify/{i}");
-        let uri = b.attach(&sr_b, dest, &dp).await?;
+        let dp = format!("vm/{i}");
+        let info: AttachInfo = b.call_as("DP.attach_info", vec![("dp", s(&dp)), ("sr", s(&sr_b)), ("vdi", s(dest))]).await?;
+        let uri = crate::admin::nbd_uri(&info)?;
         let client = NbdClient::connect(&NbdUri::parse(&uri)?).await?;
         for off in (0..model.len()).step_by(4 * MIB as usize) {
             let got = client.read(off as u64, 4 * MIB as usize).await?;
@@ -303,14 +304,15 @@ async fn demo(args: &DemoArgs, dir: &Path) -> Result<()> {
     let (p50, p99) = (percentile(&mut latencies, 0.50), percentile(&mut latencies, 0.99));
     println!("verified: both destination VDIs hold exactly what the guest wrote, byte for byte\n");
     println!("summary");
-    for (i, done) in finished.iter().enumerate() {
-        let (_, copied, t) = done.as_ref().context("finished")?;
-        println!("  disk {i}: in sync after {:.2} s, {} MiB copied as data", t.as_secs_f64(), copied / MIB);
-    }
+    println!("  {} disks, {} MiB of data, in sync after {:.2} s", disks.len(), sizes.iter().sum::<u64>() / 2 / MIB, in_sync.as_secs_f64());
     println!("  guest: {writes} writes during the migration, latency p50 {} µs, p99 {} µs", p50.as_micros(), p99.as_micros());
     println!("  total: {:.2} s from start to switch-over done", (in_sync + Duration::from_secs(1) + cutover).as_secs_f64());
 
-    // Nothing left behind: the VDIs go, then the hosts (and the folder, unless --keep).
+    // Nothing left behind: the source datapaths (paused since the switch-over), the VDIs, then
+    // the hosts (and the folder, unless --keep).
+    for i in 0..disks.len() {
+        a.call("DP.destroy", vec![("dp", s(&format!("vm/{i}"))), ("allow_leak", Value::Bool(false))]).await?;
+    }
     for (vdi, _, _) in &disks {
         a.call("VDI.destroy", vec![("vdi", s(vdi)), ("sr", s(&sr_a))]).await?;
     }

@@ -40,6 +40,17 @@ pub struct Host {
     pub proc: Proc,
 }
 
+impl Drop for Host {
+    /// Datapath processes outlive their host by design; a test's must not outlive the test.
+    /// A host that was killed or died on purpose (to be started again on the same root) has
+    /// taken `proc`, and leaves its datapaths for its successor.
+    fn drop(&mut self) {
+        if self.proc.0.is_some() && !self.root.as_os_str().is_empty() {
+            let _ = Command::new("pkill").arg("-KILL").arg("-f").arg(format!("{}/run/", self.root.display())).status();
+        }
+    }
+}
+
 impl Host {
     /// Starts a host on `root` (kept across restarts) listening on loopback TCP and a socket.
     pub fn start(root: &Path) -> Host {
