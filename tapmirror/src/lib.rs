@@ -10,10 +10,13 @@
 //! - [`mirror`]: live mirroring of guest writes to a remote target;
 //! - [`control`]: the control socket (stats, pause, mirror attach by descriptor, drain);
 //! - [`process`]: `tapmirror serve` as a detached process that outlives its starter: spawn,
-//!   adopt after a restart, stop, reap.
+//!   adopt after a restart, stop, reap;
+//! - [`datapaths`]: a manager of many such processes, one per image served, each in a folder of
+//!   its own: attach, activate, quiesce, mirror, drain, recover after a restart.
 
 pub mod control;
 pub mod copy;
+pub mod datapaths;
 pub mod image;
 pub mod io;
 pub mod mirror;
