@@ -7,7 +7,7 @@
 //! [`crate::errors::datapath`]). It stays in each backend because it names the engine's types,
 //! which tapmirror may not, and one backend may not use another.
 
-use sxm_engine::backend::{AttachedVdi, MirrorHealth, MirrorMode, MirrorStatus, SrContext, StorageResult};
+use sxm_engine::backend::{AttachedVdi, MirrorHealth, MirrorMode, MirrorStatus, SrContext};
 use sxm_engine::model::{AttachInfo, Implementation};
 use tapmirror::datapaths::{Endpoint, Group, MirrorReport, Wanted};
 use tapmirror::mirror::{MirrorMode as Mode, MirrorState};
@@ -46,13 +46,4 @@ pub(crate) fn mirror_status(r: MirrorReport) -> MirrorStatus {
         MirrorState::Failed => MirrorHealth::Failed,
     };
     MirrorStatus { state, bytes_left: r.bytes_left, bytes_mirrored: r.bytes_mirrored }
-}
-
-/// [`tapmirror::datapaths::block_on`], its one failure (no runtime) as this backend's.
-pub(crate) fn block_on<F>(f: F) -> StorageResult<F::Output>
-where
-    F: std::future::Future + Send,
-    F::Output: Send,
-{
-    tapmirror::datapaths::block_on(f).map_err(|e| crate::errors::failure("datapath", format!("starting a runtime for a control call: {e}")))
 }

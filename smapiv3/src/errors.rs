@@ -7,7 +7,9 @@
 use std::fmt::Display;
 use std::io;
 
+use sxm_engine::backend::CopyStats;
 use sxm_engine::model::StorageError;
+use tapmirror::copy::CopyReport;
 pub(crate) use tapmirror::datapaths::chain;
 use tapmirror::datapaths::{DatapathError, DatapathErrorKind};
 use tapmirror::image::qcow2::Qcow2Error;
@@ -60,5 +62,21 @@ pub(crate) fn datapath(e: DatapathError) -> StorageError {
         DatapathErrorKind::NoSpace => no_space(e.message("VDI")),
         DatapathErrorKind::Io => failure("io", e.message("VDI")),
         DatapathErrorKind::Failure => failure("datapath", e.message("VDI")),
+    }
+}
+
+/// A migration copy's outcome ([`tapmirror::copy::into_connection`]) as the engine's: `None`
+/// is a cancelled copy.
+pub(crate) fn copied(vdi: &str, export: &str, outcome: Result<Option<CopyReport>, String>) -> Result<CopyStats, StorageError> {
+    match outcome {
+        Ok(Some(r)) => Ok(CopyStats { size: r.size, data_bytes: r.data_bytes, zero_bytes: r.zeroed_bytes }),
+        Ok(None) => {
+            tracing::info!(vdi, export, "copy cancelled");
+            Err(StorageError::Cancelled(vdi.to_owned()))
+        }
+        Err(e) => {
+            tracing::error!(vdi, export, error = %e, "copy failed");
+            Err(failure("copy", format!("copy of VDI {vdi} into {export}: {e}")))
+        }
     }
 }
