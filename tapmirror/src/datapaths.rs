@@ -176,7 +176,7 @@ pub enum DatapathError {
         /// What was being done.
         what: String,
         /// Why it failed.
-        source: ProcessError,
+        source: Box<ProcessError>,
     },
     /// A file operation of the manager's own failed.
     Io {
@@ -235,7 +235,7 @@ impl DatapathError {
         match self {
             DatapathError::NotAttached { id } => format!("{noun} {id} is not attached"),
             DatapathError::OtherMode { id } => format!("{noun} {id} is attached in the other mode"),
-            DatapathError::Process { id, what, source } => format!("{what} of {noun} {id}: {}", chain(source)),
+            DatapathError::Process { id, what, source } => format!("{what} of {noun} {id}: {}", chain(source.as_ref())),
             DatapathError::Io { what, source } => format!("{what}: {source}"),
             DatapathError::Unexpected { id, what } => format!("{noun} {id}: {what}"),
             DatapathError::NoFolder { run_dir } => format!("no free datapath folder in {}", run_dir.display()),
@@ -287,7 +287,7 @@ where
 }
 
 fn process_error(id: &str, what: &str, source: ProcessError) -> DatapathError {
-    DatapathError::Process { id: id.to_owned(), what: what.to_owned(), source }
+    DatapathError::Process { id: id.to_owned(), what: what.to_owned(), source: Box::new(source) }
 }
 
 fn io_error(what: impl Display, source: io::Error) -> DatapathError {
