@@ -89,6 +89,16 @@ pub fn require_tool(tool: &str) -> bool {
     found
 }
 
+/// Skips the calling test unless every tool is installed ([`require_tool`] each).
+#[macro_export]
+macro_rules! require {
+    ($($tool:expr),+) => {
+        if !($($crate::testkit::require_tool($tool))&&+) {
+            return;
+        }
+    };
+}
+
 /// Deterministic, non-repeating-looking test data.
 pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;

@@ -11,17 +11,7 @@ use sxm_engine::rpc::marshal::Map;
 use sxm_smapiv1::ExtBackend;
 
 pub use tapmirror::testkit::tapmirror_exe as tapmirror;
-pub use tapmirror::testkit::{pattern, require_tool, run, try_run};
-
-/// Skips the calling test unless every tool is installed.
-#[macro_export]
-macro_rules! require {
-    ($($tool:expr),+) => {
-        if !($($crate::harness::require_tool($tool))&&+) {
-            return;
-        }
-    };
-}
+pub use tapmirror::testkit::{pattern, run, try_run};
 
 /// An SR in a temporary folder, created, with its backend.
 pub struct TestSr {
