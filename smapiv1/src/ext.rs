@@ -185,9 +185,13 @@ impl ExtBackend {
         let src_info = meta.vdi(src)?.clone();
         let (base, new) = (new_id(), new_id());
         let (src_path, base_path, new_path) = (vhd_path(&sr.dir, src), vhd_path(&sr.dir, &base), vhd_path(&sr.dir, &new));
-        let swapped = self
-            .datapaths
-            .with_quiesced(group(sr), src, kind.call(), || vhd::snapshot(&src_path, &base_path).map_err(|e| errors::vhd(src, kind.call(), &e)), errors::datapath);
+        let swapped = self.datapaths.with_quiesced(
+            group(sr),
+            src,
+            kind.call(),
+            || vhd::snapshot(&src_path, &base_path).map_err(|e| errors::vhd(src, kind.call(), &e)),
+            errors::datapath,
+        );
         // Once the VDI's file is a child of the base, record that whatever happens next (the
         // datapath failing to resume, the new leaf failing), so the record does not lag the
         // files until the next attach.

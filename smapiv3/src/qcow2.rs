@@ -404,9 +404,13 @@ impl Backend for Qcow2Backend {
             return Err(errors::in_use(parent, "VDI.compose"));
         }
         let (parent_path, child_path) = (volume_path(&sr.dir, parent), volume_path(&sr.dir, child));
-        let composed = self
-            .datapaths
-            .with_quiesced(group(sr), child, "VDI.compose", || q(child, "VDI.compose", block_on(qcow2::rebase(&child_path, &parent_path))), errors::datapath);
+        let composed = self.datapaths.with_quiesced(
+            group(sr),
+            child,
+            "VDI.compose",
+            || q(child, "VDI.compose", block_on(qcow2::rebase(&child_path, &parent_path))),
+            errors::datapath,
+        );
         if composed.is_err() && !recover::file_parent(&sr.dir, child).is_ok_and(|p| p.as_deref() == Some(parent)) {
             return composed;
         }

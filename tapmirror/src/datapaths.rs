@@ -518,7 +518,14 @@ impl Datapaths {
     }
 
     /// Sends `request` with `fds` to `id`'s datapath, which must exist.
-    fn command_with(&self, g: Group<'_>, id: &str, request: serde_json::Value, fds: Vec<OwnedFd>, timeout: Duration) -> Result<Result<serde_json::Value, ProcessError>> {
+    fn command_with(
+        &self,
+        g: Group<'_>,
+        id: &str,
+        request: serde_json::Value,
+        fds: Vec<OwnedFd>,
+        timeout: Duration,
+    ) -> Result<Result<serde_json::Value, ProcessError>> {
         let dp = self.attached_dp(g, id)?;
         run(dp.process.command(request, fds, timeout))
     }
