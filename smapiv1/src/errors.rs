@@ -17,7 +17,11 @@
 use std::fmt::Display;
 use std::io;
 
+use sxm_engine::backend::CopyStats;
 use sxm_engine::model::StorageError;
+use tapmirror::copy::CopyReport;
+pub(crate) use tapmirror::datapaths::chain;
+use tapmirror::datapaths::{DatapathError, DatapathErrorKind};
 use tapmirror::image::vhd::{VhdError, VhdErrorKind};
 
 /// `Backend_error ("SR_BACKEND_FAILURE", [kind; message; ""])`.
@@ -61,14 +65,29 @@ pub(crate) fn vhd(vdi: &str, operation: &str, e: &VhdError) -> StorageError {
     }
 }
 
-/// An error and its sources, `: `-separated.
-pub(crate) fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut next = e.source();
-    while let Some(cause) = next {
-        s.push_str(": ");
-        s.push_str(&cause.to_string());
-        next = cause.source();
+/// A datapath's failure: `VDI_IN_USE` for an attach in the other mode, the rest as its kind
+/// says (see [`tapmirror::datapaths::DatapathErrorKind`]).
+pub(crate) fn datapath(e: DatapathError) -> StorageError {
+    match e.kind() {
+        DatapathErrorKind::Busy => in_use(e.id().unwrap_or_default(), "VDI.attach"),
+        DatapathErrorKind::NoSpace => no_space(e.message("VDI")),
+        DatapathErrorKind::Io => failure("io", e.message("VDI")),
+        DatapathErrorKind::Failure => failure("datapath", e.message("VDI")),
     }
-    s
+}
+
+/// A migration copy's outcome ([`tapmirror::copy::into_connection`]) as the engine's: `None`
+/// is a cancelled copy.
+pub(crate) fn copied(vdi: &str, export: &str, outcome: Result<Option<CopyReport>, String>) -> Result<CopyStats, StorageError> {
+    match outcome {
+        Ok(Some(r)) => Ok(CopyStats { size: r.size, data_bytes: r.data_bytes, zero_bytes: r.zeroed_bytes }),
+        Ok(None) => {
+            tracing::info!(vdi, export, "copy cancelled");
+            Err(StorageError::Cancelled(vdi.to_owned()))
+        }
+        Err(e) => {
+            tracing::error!(vdi, export, error = %e, "copy failed");
+            Err(failure("copy", format!("copy of VDI {vdi} into {export}: {e}")))
+        }
+    }
 }

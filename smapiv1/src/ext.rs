@@ -42,7 +42,7 @@ use sxm_engine::state;
 use tapmirror::image::vhd;
 use tokio_util::sync::CancellationToken;
 
-use crate::datapath::Datapaths;
+use crate::datapath::{self, Datapaths, group};
 use crate::errors;
 use crate::meta::{Node, SrMeta, is_node_id, new_id, now_xapi_time, vhd_path};
 use crate::recover;
@@ -69,7 +69,7 @@ pub struct ExtBackend {
 impl ExtBackend {
     /// A backend whose datapaths run `tapmirror_exe serve`.
     pub fn new(tapmirror_exe: PathBuf) -> ExtBackend {
-        ExtBackend { datapaths: Datapaths::new(tapmirror_exe) }
+        ExtBackend { datapaths: Datapaths::new(tapmirror_exe, datapath::FORMAT) }
     }
 }
 
@@ -185,9 +185,13 @@ impl ExtBackend {
         let src_info = meta.vdi(src)?.clone();
         let (base, new) = (new_id(), new_id());
         let (src_path, base_path, new_path) = (vhd_path(&sr.dir, src), vhd_path(&sr.dir, &base), vhd_path(&sr.dir, &new));
-        let swapped = self
-            .datapaths
-            .with_quiesced(sr, src, kind.call(), || vhd::snapshot(&src_path, &base_path).map_err(|e| errors::vhd(src, kind.call(), &e)));
+        let swapped = self.datapaths.with_quiesced(
+            group(sr),
+            src,
+            kind.call(),
+            || vhd::snapshot(&src_path, &base_path).map_err(|e| errors::vhd(src, kind.call(), &e)),
+            errors::datapath,
+        );
         // Once the VDI's file is a child of the base, record that whatever happens next (the
         // datapath failing to resume, the new leaf failing), so the record does not lag the
         // files until the next attach.
@@ -258,24 +262,29 @@ impl Backend for ExtBackend {
         tracing::info!(sr = %sr.sr, recovery = ?r, "attached an ext SR");
         crate::meta::ensure_reserve(&sr.dir);
         let meta = SrMeta::load_existing(&sr.dir)?;
-        self.datapaths.recover(sr, datapaths, &|vdi: &str| {
-            let id = vdi_id(vdi)?;
-            meta.vdi(id)?;
-            Ok(vhd_path(&sr.dir, id))
-        })
+        self.datapaths.recover(
+            group(sr),
+            &datapath::wanted(datapaths),
+            &|vdi: &str| {
+                let id = vdi_id(vdi)?;
+                meta.vdi(id)?;
+                Ok(vhd_path(&sr.dir, id))
+            },
+            &errors::datapath,
+        )
     }
 
     fn sr_detach(&self, sr: &SrContext) -> StorageResult<()> {
-        if let Some(vdi) = self.datapaths.attached(sr).first() {
+        if let Some(vdi) = self.datapaths.attached(group(sr)).first() {
             return Err(errors::in_use(vdi, "SR.detach"));
         }
-        self.datapaths.forget(sr);
+        self.datapaths.forget(group(sr));
         tracing::info!(sr = %sr.sr, "detached an ext SR");
         Ok(())
     }
 
     fn sr_destroy(&self, sr: &SrContext) -> StorageResult<()> {
-        if let Some(vdi) = self.datapaths.attached(sr).first() {
+        if let Some(vdi) = self.datapaths.attached(group(sr)).first() {
             return Err(errors::in_use(vdi, "SR.destroy"));
         }
         let files = recover::vhd_files(&sr.dir)?;
@@ -328,7 +337,7 @@ impl Backend for ExtBackend {
         let id = vdi_id(vdi)?;
         let mut meta = SrMeta::load_existing(&sr.dir)?;
         meta.vdi(id)?;
-        if self.datapaths.is_attached(sr, id) {
+        if self.datapaths.is_attached(group(sr), id) {
             return Err(errors::in_use(id, "VDI.destroy"));
         }
         if !meta.children(id).is_empty() {
@@ -368,7 +377,7 @@ impl Backend for ExtBackend {
         let id = vdi_id(vdi)?;
         let mut meta = SrMeta::load_existing(&sr.dir)?;
         meta.vdi(id)?;
-        if self.datapaths.is_attached(sr, id) {
+        if self.datapaths.is_attached(group(sr), id) {
             return Err(errors::in_use(id, "VDI.resize"));
         }
         let path = vhd_path(&sr.dir, id);
@@ -395,13 +404,17 @@ impl Backend for ExtBackend {
         }
         // The parent's file becomes a hidden, read-only layer under the child: nothing may be
         // writing it or reading it as a VDI.
-        if self.datapaths.is_attached(sr, parent) {
+        if self.datapaths.is_attached(group(sr), parent) {
             return Err(errors::in_use(parent, "VDI.compose"));
         }
         let (parent_path, child_path) = (vhd_path(&sr.dir, parent), vhd_path(&sr.dir, child));
-        let composed = self.datapaths.with_quiesced(sr, child, "VDI.compose", || {
-            vhd::compose(&child_path, &parent_path).map_err(|e| errors::vhd(child, "VDI.compose", &e))
-        });
+        let composed = self.datapaths.with_quiesced(
+            group(sr),
+            child,
+            "VDI.compose",
+            || vhd::compose(&child_path, &parent_path).map_err(|e| errors::vhd(child, "VDI.compose", &e)),
+            errors::datapath,
+        );
         // A failure after the child's header changed (its datapath not resuming) still
         // records the compose: the files say it happened.
         if composed.is_err() && !file_moved_to(sr, child, parent) {
@@ -473,46 +486,46 @@ impl Backend for ExtBackend {
         if rw == Rw::Rw && info.read_only {
             return Err(StorageError::BackendError("VDI_READONLY".to_owned(), vec![id.to_owned()]));
         }
-        self.datapaths.attach(sr, id, &vhd_path(&sr.dir, id), rw)
+        self.datapaths.attach(group(sr), id, &vhd_path(&sr.dir, id), rw == Rw::Rw).map(datapath::attach_info).map_err(errors::datapath)
     }
 
     fn vdi_activate(&self, sr: &SrContext, vdi: &str) -> StorageResult<()> {
-        self.datapaths.activate(sr, known(sr, vdi)?)
+        self.datapaths.activate(group(sr), known(sr, vdi)?).map_err(errors::datapath)
     }
 
     fn vdi_deactivate(&self, sr: &SrContext, vdi: &str) -> StorageResult<()> {
-        self.datapaths.deactivate(sr, known(sr, vdi)?)
+        self.datapaths.deactivate(group(sr), known(sr, vdi)?).map_err(errors::datapath)
     }
 
     fn vdi_detach(&self, sr: &SrContext, vdi: &str) -> StorageResult<()> {
-        self.datapaths.detach(sr, known(sr, vdi)?)
+        self.datapaths.detach(group(sr), known(sr, vdi)?).map_err(errors::datapath)
     }
 
     fn vdi_attach_info(&self, sr: &SrContext, vdi: &str) -> StorageResult<AttachInfo> {
-        self.datapaths.attach_info(sr, known(sr, vdi)?)
+        self.datapaths.endpoint(group(sr), known(sr, vdi)?).map(datapath::attach_info).map_err(errors::datapath)
     }
 
     fn vdi_serve_nbd(&self, sr: &SrContext, vdi: &str, conn: OwnedFd) -> StorageResult<()> {
-        self.datapaths.serve_nbd(sr, known(sr, vdi)?, conn)
+        self.datapaths.serve_nbd(group(sr), known(sr, vdi)?, conn).map_err(errors::datapath)
     }
 
     /// Sync is SMAPIv1's way (tapdisk's secondary: new writes only; the snapshot and the copy
     /// move the rest). Full works too, tapmirror copying the chain in the background, should a
     /// caller want a VHD source moved without a snapshot.
     fn vdi_mirror_attach(&self, sr: &SrContext, vdi: &str, target: OwnedFd, export: &str, mode: MirrorMode) -> StorageResult<()> {
-        self.datapaths.mirror_attach(sr, known(sr, vdi)?, target, export, mode)
+        self.datapaths.mirror_attach(group(sr), known(sr, vdi)?, target, export, datapath::mode(mode)).map_err(errors::datapath)
     }
 
     fn vdi_mirror_status(&self, sr: &SrContext, vdi: &str) -> StorageResult<MirrorStatus> {
-        self.datapaths.mirror_status(sr, known(sr, vdi)?)
+        self.datapaths.mirror_status(group(sr), known(sr, vdi)?).map(datapath::mirror_status).map_err(errors::datapath)
     }
 
     fn vdi_mirror_detach(&self, sr: &SrContext, vdi: &str) -> StorageResult<()> {
-        self.datapaths.mirror_detach(sr, known(sr, vdi)?)
+        self.datapaths.mirror_detach(group(sr), known(sr, vdi)?).map_err(errors::datapath)
     }
 
     fn vdi_drain(&self, sr: &SrContext, vdi: &str, timeout: Duration) -> StorageResult<()> {
-        self.datapaths.drain(sr, known(sr, vdi)?, timeout)
+        self.datapaths.drain(group(sr), known(sr, vdi)?, timeout).map_err(errors::datapath)
     }
 
     fn vdi_copy_into(

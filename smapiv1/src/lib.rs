@@ -7,8 +7,9 @@
 //!   ext.rs       ExtBackend: the Backend calls, and the order of each change's steps
 //!   meta.rs      the SR's record: the VHD tree, which nodes are VDIs, their vdi_info
 //!   recover.rs   SR.attach: temporaries, the files' tree over the record's, orphans
-//!   datapath.rs  tapmirror processes: attach, activate, quiesce, adopt after a restart; a
-//!                migration's data path on them (serve NBD, mirror, drain)
+//!   datapath.rs  the adapter to tapmirror::datapaths, the process manager both SR types
+//!                share (attach, activate, quiesce, adopt after a restart; a migration's
+//!                data path on them: serve NBD, mirror, drain)
 //!   copy.rs      a migration's copy: a VDI's chain (or its difference from a base) over NBD
 //!   errors.rs    failures as the storage interface's errors
 //! ```

@@ -33,7 +33,8 @@
 //! after a crash, the files win ([`crate::recover`]). Ids are checked when the record is read:
 //! each is a hyphenated UUID, so a damaged or hostile record cannot name a path outside the SR.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
+use std::ops::{Deref, DerefMut};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -42,6 +43,7 @@ use sxm_engine::model::{StorageError, VdiInfo};
 use sxm_engine::rpc::Value;
 use sxm_engine::rpc::marshal::Marshal;
 use sxm_engine::state;
+use tapmirror::forest::{Forest, Layer, RecordCache};
 
 use crate::errors;
 
@@ -87,28 +89,8 @@ fn release_reserve(dir: &Path) -> bool {
 pub const VHD_SUFFIX: &str = ".vhd";
 const VERSION: u32 = 1;
 
-/// Identifies one version of a record file: replaced files get a new inode.
-#[derive(Clone, Copy, PartialEq, Eq)]
-struct Stamp {
-    dev: u64,
-    ino: u64,
-    len: u64,
-    mtime_ns: i128,
-}
-
-impl Stamp {
-    fn of(m: &std::fs::Metadata) -> Stamp {
-        use std::os::unix::fs::MetadataExt;
-        Stamp { dev: m.dev(), ino: m.ino(), len: m.len(), mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()) }
-    }
-}
-
-type Cache = std::sync::Mutex<std::collections::HashMap<PathBuf, (Stamp, SrMeta)>>;
-
-fn cache() -> &'static Cache {
-    static CACHE: std::sync::OnceLock<Cache> = std::sync::OnceLock::new();
-    CACHE.get_or_init(Default::default)
-}
+/// The last parse of each SR's record.
+static CACHE: RecordCache<SrMeta> = RecordCache::new();
 
 #[derive(Serialize, Deserialize)]
 struct Record {
@@ -124,20 +106,31 @@ struct NodeRecord {
     vdi: Option<serde_json::Value>,
 }
 
-/// One VHD file of the SR.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Node {
-    /// The node it is a differencing disk of.
-    pub parent: Option<String>,
-    /// The VDI's record; `None` for a hidden parent.
-    pub info: Option<VdiInfo>,
-}
+/// One file of the SR: its parent, and its VDI's record (`None` for a hidden one).
+pub type Node = Layer<VdiInfo>;
 
 /// The SR's tree of VHD files and its VDIs' records.
+///
+/// The tree and its walks are tapmirror's [`Forest`] (reached through `Deref`: `nodes`,
+/// `children`, `ancestors`, `drop_unused_hidden`, `similar`, the last being
+/// `VDI.similar_content`, which approximates "has similar blocks" by the distance in the tree);
+/// this adds the record's file.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct SrMeta {
-    /// Every node, by id.
-    pub nodes: BTreeMap<String, Node>,
+    tree: Forest<VdiInfo>,
+}
+
+impl Deref for SrMeta {
+    type Target = Forest<VdiInfo>;
+    fn deref(&self) -> &Forest<VdiInfo> {
+        &self.tree
+    }
+}
+
+impl DerefMut for SrMeta {
+    fn deref_mut(&mut self) -> &mut Forest<VdiInfo> {
+        &mut self.tree
+    }
 }
 
 /// The VHD file of node `id` in `dir`. Only for ids that passed [`is_node_id`] (every id in an
@@ -170,21 +163,7 @@ impl SrMeta {
         // costs more than the rest of a stat: keep the last parse of each record, valid while
         // the file is the same file. Every save replaces the file by rename (a new inode), so
         // a stale entry can never match.
-        let stamp = match std::fs::metadata(&path) {
-            Ok(m) => Some(Stamp::of(&m)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(_) => None,
-        };
-        if let Some(stamp) = stamp
-            && let Some(meta) = cache().lock().unwrap_or_else(|p| p.into_inner()).get(&path).filter(|(s, _)| *s == stamp).map(|(_, m)| m.clone())
-        {
-            return Ok(Some(meta));
-        }
-        let meta = Self::parse(&path)?;
-        if let (Some(stamp), Some(meta)) = (stamp, &meta) {
-            cache().lock().unwrap_or_else(|p| p.into_inner()).insert(path.clone(), (stamp, meta.clone()));
-        }
-        Ok(meta)
+        CACHE.load(&path, Self::parse)
     }
 
     fn parse(path: &Path) -> StorageResult<Option<SrMeta>> {
@@ -218,17 +197,8 @@ impl SrMeta {
             };
             nodes.insert(id, Node { parent: n.parent, info });
         }
-        let meta = SrMeta { nodes };
-        for (id, n) in &meta.nodes {
-            if let Some(p) = &n.parent
-                && !meta.nodes.contains_key(p)
-            {
-                return Err(bad(format!("node {id}: parent {p} is not in the record")));
-            }
-        }
-        if let Some(id) = meta.nodes.keys().find(|id| meta.ancestors(id).len() >= meta.nodes.len()) {
-            return Err(bad(format!("node {id} is its own ancestor")));
-        }
+        let meta = SrMeta { tree: Forest { nodes } };
+        meta.check().map_err(bad)?;
         Ok(Some(meta))
     }
 
@@ -273,67 +243,6 @@ impl SrMeta {
     /// As [`vdi`](Self::vdi), mutable.
     pub fn vdi_mut(&mut self, id: &str) -> StorageResult<&mut VdiInfo> {
         self.nodes.get_mut(id).and_then(|n| n.info.as_mut()).ok_or_else(|| StorageError::VdiDoesNotExist(id.to_owned()))
-    }
-
-    /// The nodes whose parent is `id`, in id order.
-    pub fn children(&self, id: &str) -> Vec<&str> {
-        self.nodes.iter().filter(|(_, n)| n.parent.as_deref() == Some(id)).map(|(c, _)| c.as_str()).collect()
-    }
-
-    /// `id`'s parent, its parent's parent, … (bounded by the number of nodes, so a loop in a
-    /// damaged record cannot hang).
-    pub fn ancestors(&self, id: &str) -> Vec<String> {
-        let mut out = Vec::new();
-        let mut cur = self.nodes.get(id).and_then(|n| n.parent.clone());
-        while let Some(p) = cur {
-            if out.len() > self.nodes.len() {
-                break;
-            }
-            cur = self.nodes.get(&p).and_then(|n| n.parent.clone());
-            out.push(p);
-        }
-        out
-    }
-
-    /// Removes, starting at `id` and going up, every hidden node that no longer has a child;
-    /// answers the ids removed (their files are now garbage).
-    pub fn drop_unused_hidden(&mut self, id: Option<String>) -> Vec<String> {
-        let mut removed = Vec::new();
-        let mut cur = id;
-        while let Some(p) = cur {
-            let unused = self.nodes.get(&p).is_some_and(|n| n.info.is_none()) && self.children(&p).is_empty();
-            if !unused {
-                break;
-            }
-            cur = self.nodes.remove(&p).and_then(|n| n.parent);
-            removed.push(p);
-        }
-        removed
-    }
-
-    /// Every visible VDI reachable from `id` through the tree (hidden parents included in the
-    /// walk, not in the answer), nearest first, `id` itself first: SMAPIv1's
-    /// `VDI.similar_content`, which approximates "has similar blocks" by the distance in the
-    /// VHD tree. Equal distances go in id order.
-    pub fn similar(&self, id: &str) -> Vec<String> {
-        let mut seen = BTreeSet::from([id.to_owned()]);
-        let mut level = vec![id.to_owned()];
-        let mut out = Vec::new();
-        while !level.is_empty() {
-            level.sort();
-            out.extend(level.iter().filter(|n| self.nodes.get(n.as_str()).is_some_and(|n| n.info.is_some())).cloned());
-            let mut next = Vec::new();
-            for cur in &level {
-                let parent = self.nodes.get(cur).and_then(|n| n.parent.clone());
-                for n in self.children(cur).into_iter().map(str::to_owned).chain(parent) {
-                    if seen.insert(n.clone()) {
-                        next.push(n);
-                    }
-                }
-            }
-            level = next;
-        }
-        out
     }
 }
 

@@ -15,7 +15,8 @@
 //! (hyphenated UUIDs), so a damaged record cannot name a path outside the SR. Parsed records
 //! are cached per file, valid while the file's stamp (inode, size, mtime) is the same.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
+use std::ops::{Deref, DerefMut};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -24,6 +25,7 @@ use sxm_engine::model::{StorageError, VdiInfo};
 use sxm_engine::rpc::Value;
 use sxm_engine::rpc::marshal::Marshal;
 use sxm_engine::state;
+use tapmirror::forest::{Forest, Layer, RecordCache};
 
 use crate::errors;
 
@@ -33,27 +35,8 @@ pub const META_FILE: &str = ".sxm-qcow2.json";
 pub const SUFFIX: &str = ".qcow2";
 const VERSION: u32 = 1;
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-struct Stamp {
-    dev: u64,
-    ino: u64,
-    len: u64,
-    mtime_ns: i128,
-}
-
-impl Stamp {
-    fn of(m: &std::fs::Metadata) -> Stamp {
-        use std::os::unix::fs::MetadataExt;
-        Stamp { dev: m.dev(), ino: m.ino(), len: m.len(), mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()) }
-    }
-}
-
-type Cache = std::sync::Mutex<std::collections::HashMap<PathBuf, (Stamp, SrMeta)>>;
-
-fn cache() -> &'static Cache {
-    static CACHE: std::sync::OnceLock<Cache> = std::sync::OnceLock::new();
-    CACHE.get_or_init(Default::default)
-}
+/// The last parse of each SR's record.
+static CACHE: RecordCache<SrMeta> = RecordCache::new();
 
 #[derive(Serialize, Deserialize)]
 struct Record {
@@ -69,20 +52,31 @@ struct NodeRecord {
     vdi: Option<serde_json::Value>,
 }
 
-/// One qcow2 volume of the SR.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Node {
-    /// Its backing volume.
-    pub parent: Option<String>,
-    /// The VDI's record; `None` for a hidden base.
-    pub info: Option<VdiInfo>,
-}
+/// One file of the SR: its parent, and its VDI's record (`None` for a hidden one).
+pub type Node = Layer<VdiInfo>;
 
 /// The SR's volumes and its VDIs' records.
+///
+/// The tree and its walks are tapmirror's [`Forest`] (reached through `Deref`: `nodes`,
+/// `children`, `ancestors`, `drop_unused_hidden`, `similar`, the last being
+/// `VDI.similar_content`, which approximates "has similar blocks" by the distance in the tree);
+/// this adds the record's file.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct SrMeta {
-    /// Every volume, by id.
-    pub nodes: BTreeMap<String, Node>,
+    tree: Forest<VdiInfo>,
+}
+
+impl Deref for SrMeta {
+    type Target = Forest<VdiInfo>;
+    fn deref(&self) -> &Forest<VdiInfo> {
+        &self.tree
+    }
+}
+
+impl DerefMut for SrMeta {
+    fn deref_mut(&mut self) -> &mut Forest<VdiInfo> {
+        &mut self.tree
+    }
 }
 
 /// The volume file of node `id` (an id that passed [`is_node_id`]).
@@ -109,21 +103,7 @@ impl SrMeta {
     /// Reads the SR's record; `None` when there is none.
     pub fn load(dir: &Path) -> StorageResult<Option<SrMeta>> {
         let path = Self::path(dir);
-        let stamp = match std::fs::metadata(&path) {
-            Ok(m) => Some(Stamp::of(&m)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(_) => None,
-        };
-        if let Some(stamp) = stamp
-            && let Some(meta) = cache().lock().unwrap_or_else(|p| p.into_inner()).get(&path).filter(|(s, _)| *s == stamp).map(|(_, m)| m.clone())
-        {
-            return Ok(Some(meta));
-        }
-        let meta = Self::parse(&path)?;
-        if let (Some(stamp), Some(meta)) = (stamp, &meta) {
-            cache().lock().unwrap_or_else(|p| p.into_inner()).insert(path.clone(), (stamp, meta.clone()));
-        }
-        Ok(meta)
+        CACHE.load(&path, Self::parse)
     }
 
     fn parse(path: &Path) -> StorageResult<Option<SrMeta>> {
@@ -151,17 +131,8 @@ impl SrMeta {
             };
             nodes.insert(id, Node { parent: n.parent, info });
         }
-        let meta = SrMeta { nodes };
-        for (id, n) in &meta.nodes {
-            if let Some(p) = &n.parent
-                && !meta.nodes.contains_key(p)
-            {
-                return Err(bad(format!("node {id}: parent {p} is not in the record")));
-            }
-        }
-        if let Some(id) = meta.nodes.keys().find(|id| meta.ancestors(id).len() >= meta.nodes.len()) {
-            return Err(bad(format!("node {id} is its own ancestor")));
-        }
+        let meta = SrMeta { tree: Forest { nodes } };
+        meta.check().map_err(bad)?;
         Ok(Some(meta))
     }
 
@@ -194,62 +165,6 @@ impl SrMeta {
     /// As [`vdi`](Self::vdi), mutable.
     pub fn vdi_mut(&mut self, id: &str) -> StorageResult<&mut VdiInfo> {
         self.nodes.get_mut(id).and_then(|n| n.info.as_mut()).ok_or_else(|| StorageError::VdiDoesNotExist(id.to_owned()))
-    }
-
-    /// The nodes whose parent is `id`, in id order.
-    pub fn children(&self, id: &str) -> Vec<&str> {
-        self.nodes.iter().filter(|(_, n)| n.parent.as_deref() == Some(id)).map(|(c, _)| c.as_str()).collect()
-    }
-
-    /// `id`'s parent, its parent's parent, … (bounded, so a loop cannot hang).
-    pub fn ancestors(&self, id: &str) -> Vec<String> {
-        let mut out = Vec::new();
-        let mut cur = self.nodes.get(id).and_then(|n| n.parent.clone());
-        while let Some(p) = cur {
-            if out.len() > self.nodes.len() {
-                break;
-            }
-            cur = self.nodes.get(&p).and_then(|n| n.parent.clone());
-            out.push(p);
-        }
-        out
-    }
-
-    /// Removes, from `id` up, every hidden node without children; answers the ids removed.
-    pub fn drop_unused_hidden(&mut self, id: Option<String>) -> Vec<String> {
-        let mut removed = Vec::new();
-        let mut cur = id;
-        while let Some(p) = cur {
-            if !(self.nodes.get(&p).is_some_and(|n| n.info.is_none()) && self.children(&p).is_empty()) {
-                break;
-            }
-            cur = self.nodes.remove(&p).and_then(|n| n.parent);
-            removed.push(p);
-        }
-        removed
-    }
-
-    /// Every visible VDI reachable from `id` through the tree, nearest first, `id` first
-    /// (equal distances in id order): `VDI.similar_content`.
-    pub fn similar(&self, id: &str) -> Vec<String> {
-        let mut seen = BTreeSet::from([id.to_owned()]);
-        let mut level = vec![id.to_owned()];
-        let mut out = Vec::new();
-        while !level.is_empty() {
-            level.sort();
-            out.extend(level.iter().filter(|n| self.nodes.get(n.as_str()).is_some_and(|n| n.info.is_some())).cloned());
-            let mut next = Vec::new();
-            for cur in &level {
-                let parent = self.nodes.get(cur).and_then(|n| n.parent.clone());
-                for n in self.children(cur).into_iter().map(str::to_owned).chain(parent) {
-                    if seen.insert(n.clone()) {
-                        next.push(n);
-                    }
-                }
-            }
-            level = next;
-        }
-        out
     }
 }
 

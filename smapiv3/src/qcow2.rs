@@ -43,7 +43,7 @@ use sxm_engine::state;
 use tapmirror::image::qcow2;
 use tokio_util::sync::CancellationToken;
 
-use crate::datapath::{Datapaths, block_on};
+use crate::datapath::{self, Datapaths, block_on, group};
 use crate::errors;
 use crate::meta::{Node, SrMeta, is_node_id, new_id, now_xapi_time, volume_path};
 use crate::recover;
@@ -65,7 +65,7 @@ pub struct Qcow2Backend {
 impl Qcow2Backend {
     /// A backend whose datapaths run `tapmirror_exe serve`.
     pub fn new(tapmirror_exe: PathBuf) -> Qcow2Backend {
-        Qcow2Backend { datapaths: Datapaths::new(tapmirror_exe) }
+        Qcow2Backend { datapaths: Datapaths::new(tapmirror_exe, datapath::FORMAT) }
     }
 }
 
@@ -202,7 +202,7 @@ impl Qcow2Backend {
                 } else {
                     qcow2::OverlayKind::Snapshot
                 };
-                self.datapaths.with_quiesced(sr, src, call, || freeze(sr, src, &new, call, kind))?;
+                self.datapaths.with_quiesced(group(sr), src, call, || freeze(sr, src, &new, call, kind), errors::datapath)?;
                 new_info.is_a_snapshot = true;
                 new_info.snapshot_of = src.to_owned();
                 new_info.snapshot_time = now_xapi_time();
@@ -221,7 +221,7 @@ impl Qcow2Backend {
             // A writable one is frozen as a hidden base first, the VDI and the clone on it.
             Branch::Clone => {
                 let base = new_id();
-                self.datapaths.with_quiesced(sr, src, call, || freeze(sr, src, &base, call, qcow2::OverlayKind::Snapshot))?;
+                self.datapaths.with_quiesced(group(sr), src, call, || freeze(sr, src, &base, call, qcow2::OverlayKind::Snapshot), errors::datapath)?;
                 meta.nodes.insert(base.clone(), Node { parent: old_parent, info: None });
                 if let Some(n) = meta.nodes.get_mut(src) {
                     n.parent = Some(base.clone());
@@ -270,23 +270,28 @@ impl Backend for Qcow2Backend {
         let r = recover::recover(&sr.sr, &sr.dir)?;
         tracing::info!(sr = %sr.sr, recovery = ?r, "attached a qcow2 SR");
         let meta = SrMeta::load_existing(&sr.dir)?;
-        self.datapaths.recover(sr, datapaths, &|vdi: &str| {
-            let id = vdi_id(vdi)?;
-            meta.vdi(id)?;
-            Ok(volume_path(&sr.dir, id))
-        })
+        self.datapaths.recover(
+            group(sr),
+            &datapath::wanted(datapaths),
+            &|vdi: &str| {
+                let id = vdi_id(vdi)?;
+                meta.vdi(id)?;
+                Ok(volume_path(&sr.dir, id))
+            },
+            &errors::datapath,
+        )
     }
 
     fn sr_detach(&self, sr: &SrContext) -> StorageResult<()> {
-        if let Some(vdi) = self.datapaths.attached(sr).first() {
+        if let Some(vdi) = self.datapaths.attached(group(sr)).first() {
             return Err(errors::in_use(vdi, "SR.detach"));
         }
-        self.datapaths.forget(sr);
+        self.datapaths.forget(group(sr));
         Ok(())
     }
 
     fn sr_destroy(&self, sr: &SrContext) -> StorageResult<()> {
-        if let Some(vdi) = self.datapaths.attached(sr).first() {
+        if let Some(vdi) = self.datapaths.attached(group(sr)).first() {
             return Err(errors::in_use(vdi, "SR.destroy"));
         }
         for id in recover::volume_files(&sr.dir)? {
@@ -335,7 +340,7 @@ impl Backend for Qcow2Backend {
         let id = vdi_id(vdi)?;
         let mut meta = SrMeta::load_existing(&sr.dir)?;
         meta.vdi(id)?;
-        if self.datapaths.is_attached(sr, id) {
+        if self.datapaths.is_attached(group(sr), id) {
             return Err(errors::in_use(id, "VDI.destroy"));
         }
         if !meta.children(id).is_empty() {
@@ -372,7 +377,7 @@ impl Backend for Qcow2Backend {
         let id = vdi_id(vdi)?;
         let mut meta = SrMeta::load_existing(&sr.dir)?;
         meta.vdi(id)?;
-        if self.datapaths.is_attached(sr, id) {
+        if self.datapaths.is_attached(group(sr), id) {
             return Err(errors::in_use(id, "VDI.resize"));
         }
         if !meta.children(id).is_empty() {
@@ -402,13 +407,17 @@ impl Backend for Qcow2Backend {
         if parent == child || meta.ancestors(parent).iter().any(|a| a == child) {
             return Err(errors::failure("invalid", format!("VDI {child} cannot be composed onto {parent}, which reads through it")));
         }
-        if self.datapaths.is_attached(sr, parent) {
+        if self.datapaths.is_attached(group(sr), parent) {
             return Err(errors::in_use(parent, "VDI.compose"));
         }
         let (parent_path, child_path) = (volume_path(&sr.dir, parent), volume_path(&sr.dir, child));
-        let composed = self
-            .datapaths
-            .with_quiesced(sr, child, "VDI.compose", || q(child, "VDI.compose", block_on(qcow2::rebase(&child_path, &parent_path))));
+        let composed = self.datapaths.with_quiesced(
+            group(sr),
+            child,
+            "VDI.compose",
+            || q(child, "VDI.compose", block_on(qcow2::rebase(&child_path, &parent_path))),
+            errors::datapath,
+        );
         if composed.is_err() && !recover::file_parent(&sr.dir, child).is_ok_and(|p| p.as_deref() == Some(parent)) {
             return composed;
         }
@@ -477,45 +486,45 @@ impl Backend for Qcow2Backend {
         if rw == Rw::Rw && info.read_only {
             return Err(StorageError::BackendError("VDI_READONLY".to_owned(), vec![id.to_owned()]));
         }
-        self.datapaths.attach(sr, id, &volume_path(&sr.dir, id), rw)
+        self.datapaths.attach(group(sr), id, &volume_path(&sr.dir, id), rw == Rw::Rw).map(datapath::attach_info).map_err(errors::datapath)
     }
 
     fn vdi_activate(&self, sr: &SrContext, vdi: &str) -> StorageResult<()> {
-        self.datapaths.activate(sr, known(sr, vdi)?)
+        self.datapaths.activate(group(sr), known(sr, vdi)?).map_err(errors::datapath)
     }
 
     fn vdi_deactivate(&self, sr: &SrContext, vdi: &str) -> StorageResult<()> {
-        self.datapaths.deactivate(sr, known(sr, vdi)?)
+        self.datapaths.deactivate(group(sr), known(sr, vdi)?).map_err(errors::datapath)
     }
 
     fn vdi_detach(&self, sr: &SrContext, vdi: &str) -> StorageResult<()> {
-        self.datapaths.detach(sr, known(sr, vdi)?)
+        self.datapaths.detach(group(sr), known(sr, vdi)?).map_err(errors::datapath)
     }
 
     fn vdi_attach_info(&self, sr: &SrContext, vdi: &str) -> StorageResult<AttachInfo> {
-        self.datapaths.attach_info(sr, known(sr, vdi)?)
+        self.datapaths.endpoint(group(sr), known(sr, vdi)?).map(datapath::attach_info).map_err(errors::datapath)
     }
 
     fn vdi_serve_nbd(&self, sr: &SrContext, vdi: &str, conn: OwnedFd) -> StorageResult<()> {
-        self.datapaths.serve_nbd(sr, known(sr, vdi)?, conn)
+        self.datapaths.serve_nbd(group(sr), known(sr, vdi)?, conn).map_err(errors::datapath)
     }
 
     /// Full is SMAPIv3's way (one mirror: dirty tracking, a background copy of the chain, and
     /// synchronous guest writes); Sync works too.
     fn vdi_mirror_attach(&self, sr: &SrContext, vdi: &str, target: OwnedFd, export: &str, mode: MirrorMode) -> StorageResult<()> {
-        self.datapaths.mirror_attach(sr, known(sr, vdi)?, target, export, mode)
+        self.datapaths.mirror_attach(group(sr), known(sr, vdi)?, target, export, datapath::mode(mode)).map_err(errors::datapath)
     }
 
     fn vdi_mirror_status(&self, sr: &SrContext, vdi: &str) -> StorageResult<MirrorStatus> {
-        self.datapaths.mirror_status(sr, known(sr, vdi)?)
+        self.datapaths.mirror_status(group(sr), known(sr, vdi)?).map(datapath::mirror_status).map_err(errors::datapath)
     }
 
     fn vdi_mirror_detach(&self, sr: &SrContext, vdi: &str) -> StorageResult<()> {
-        self.datapaths.mirror_detach(sr, known(sr, vdi)?)
+        self.datapaths.mirror_detach(group(sr), known(sr, vdi)?).map_err(errors::datapath)
     }
 
     fn vdi_drain(&self, sr: &SrContext, vdi: &str, timeout: Duration) -> StorageResult<()> {
-        self.datapaths.drain(sr, known(sr, vdi)?, timeout)
+        self.datapaths.drain(group(sr), known(sr, vdi)?, timeout).map_err(errors::datapath)
     }
 
     fn vdi_copy_into(

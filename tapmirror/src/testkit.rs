@@ -1,11 +1,75 @@
-//! Test plumbing shared by tapmirror's integration tests and the workspace's end-to-end tests:
-//! running peer commands with a deadline, a child process killed on drop, deterministic data,
-//! and a guest of our own that writes unaligned runs over NBD and keeps the model of what the
-//! disk must hold. Not part of the data path; public so that tests in other crates of the
-//! workspace use the same guest rather than a copy of it.
+//! Test plumbing shared by tapmirror's integration tests, the storage backends' tests and the
+//! workspace's end-to-end tests: running peer commands with a deadline, a child process killed
+//! on drop, deterministic data, the `tapmirror` program for crates that only link the library
+//! ([`tapmirror_exe`]), reaping the datapaths a failed test leaves ([`reap_datapaths`]), and a
+//! guest of our own that writes unaligned runs over NBD and keeps the model of what the disk
+//! must hold. Not part of the data path; public so that tests in other crates of the workspace
+//! use the same plumbing rather than a copy of it.
+//!
+//! # Finding `tapmirror`
+//!
+//! `env!("CARGO_BIN_EXE_tapmirror")` only exists in tapmirror's own tests, and `cargo test -p
+//! <a crate that uses tapmirror>` builds tapmirror as a library only, so [`tapmirror_exe`]
+//! builds the binary itself, once per test run: `cargo build -p tapmirror --bin tapmirror` into
+//! the same target folder and profile as the calling test binary (found from the test binary's
+//! own path, `<target>/<profile>/deps/it-…`). Cargo's own lock makes that safe next to a running
+//! `cargo test --workspace` (which builds the binary too, so the call finds it fresh and returns
+//! at once). `SXM_TAPMIRROR=/path/to/tapmirror` skips the build and uses that program.
 
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
+
+/// The `tapmirror` program, built once per test run (see the module documentation).
+pub fn tapmirror_exe() -> PathBuf {
+    static EXE: OnceLock<PathBuf> = OnceLock::new();
+    EXE.get_or_init(|| {
+        if let Some(p) = std::env::var_os("SXM_TAPMIRROR") {
+            return PathBuf::from(p);
+        }
+        let me = std::env::current_exe().expect("test binary path");
+        // <target>/<profile>/deps/it-HASH
+        let profile_dir = me.parent().and_then(Path::parent).expect("test binary in <target>/<profile>/deps");
+        let target = profile_dir.parent().expect("target folder");
+        let profile = profile_dir.file_name().and_then(|n| n.to_str()).expect("profile folder name");
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "--quiet", "-p", "tapmirror", "--bin", "tapmirror", "--manifest-path"])
+            .arg(&manifest)
+            .arg("--target-dir")
+            .arg(target);
+        match profile {
+            "debug" => {}
+            "release" => {
+                cmd.arg("--release");
+            }
+            other => {
+                cmd.args(["--profile", other]);
+            }
+        }
+        let status = cmd.status().expect("running cargo to build tapmirror");
+        assert!(status.success(), "building tapmirror failed: {cmd:?}");
+        let exe = profile_dir.join("tapmirror");
+        assert!(exe.is_file(), "{} missing after the build", exe.display());
+        exe
+    })
+    .clone()
+}
+
+/// Kills whatever `tapmirror serve` serves a folder of `run_dir` (see
+/// [`crate::process::ServeProcess::reap`]), saying so: a test that fails leaves its datapaths
+/// running (they outlive their starter by design), and they must go before their folder does.
+pub fn reap_datapaths(run_dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(run_dir) {
+        for entry in entries.flatten() {
+            if let Ok(Some(pid)) = crate::process::ServeProcess::reap(&entry.path()) {
+                eprintln!("reaped a datapath left running: pid {pid} in {}", entry.path().display());
+            }
+        }
+    }
+}
 
 /// Whether `tool` is on PATH. Under CI a missing peer is a failure, elsewhere a skip.
 pub fn require_tool(tool: &str) -> bool {
@@ -23,6 +87,16 @@ pub fn require_tool(tool: &str) -> bool {
         eprintln!("skipping: {tool} not installed");
     }
     found
+}
+
+/// Skips the calling test unless every tool is installed ([`require_tool`] each).
+#[macro_export]
+macro_rules! require {
+    ($($tool:expr),+) => {
+        if !($($crate::testkit::require_tool($tool))&&+) {
+            return;
+        }
+    };
 }
 
 /// Deterministic, non-repeating-looking test data.
@@ -46,13 +120,19 @@ const RUN_DEADLINE: Duration = Duration::from_secs(300);
 /// Runs a command to completion and returns its output, failing the test with its stderr when
 /// it exits non-zero or runs past `RUN_DEADLINE` (then it is killed).
 pub fn run(cmd: &mut Command) -> Output {
+    try_run(cmd).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Runs a command to completion and returns its output; `Err` with its stdout and stderr
+/// when it exits non-zero, cannot start, or runs past `RUN_DEADLINE` (then it is killed).
+pub fn try_run(cmd: &mut Command) -> Result<Output, String> {
     use std::io::Read;
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+        .map_err(|e| format!("spawn {cmd:?}: {e}"))?;
     // Read both pipes while waiting, so a chatty command never blocks on a full pipe.
     let drain = |mut r: Box<dyn Read + Send>| {
         std::thread::spawn(move || {
@@ -65,25 +145,27 @@ pub fn run(cmd: &mut Command) -> Output {
     let err_reader = drain(Box::new(child.stderr.take().expect("stderr")));
     let deadline = Instant::now() + RUN_DEADLINE;
     let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
+        if let Some(status) = child.try_wait().map_err(|e| format!("wait for {cmd:?}: {e}"))? {
             break status;
         }
         if Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("{cmd:?} still running after {RUN_DEADLINE:?}: killed (a hang)");
+            return Err(format!("{cmd:?} still running after {RUN_DEADLINE:?}: killed (a hang)"));
         }
         std::thread::sleep(Duration::from_millis(5));
     };
     let out = Output { status, stdout: out_reader.join().expect("stdout reader"), stderr: err_reader.join().expect("stderr reader") };
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
+    if out.status.success() {
+        Ok(out)
+    } else {
+        Err(format!(
+            "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
 }
 
 /// A child process killed (SIGKILL) when dropped, unless it was already reaped.
@@ -180,4 +262,35 @@ pub fn assert_matches_guest(disk: &[u8], model: &[u8], before: &[u8], what: &str
             assert!(sector.iter().all(|&b| b == v), "{what}: sector {s} does not hold the guest's last write ({v})");
         }
     }
+}
+
+/// `nbd:unix:<socket>:exportname=<name>` (QEMU's legacy form of an NBD address on a Unix
+/// socket, the form storage stacks hand out) as (socket, export).
+pub fn split_nbd_unix(uri: &str) -> (PathBuf, String) {
+    let rest = uri.strip_prefix("nbd:unix:").unwrap_or_else(|| panic!("nbd:unix:…: {uri}"));
+    let (socket, export) = rest.rsplit_once(":exportname=").unwrap_or_else(|| panic!("an export name: {uri}"));
+    (PathBuf::from(socket), export.to_owned())
+}
+
+/// The standard NBD URI of `export` on `socket`, which qemu-io, nbdcopy and our client take.
+pub fn nbd_unix_uri(socket: &Path, export: &str) -> String {
+    format!("nbd+unix:///{export}?socket={}", socket.display())
+}
+
+/// `qemu-io -f raw -c CMD URI`; its stdout.
+pub fn qemu_io(uri: &str, cmd: &str) -> Result<String, String> {
+    try_run(Command::new("qemu-io").args(["-f", "raw", "-c", cmd, uri])).map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+}
+
+/// [`qemu_io`] on a read-only export (qemu-io opens read-write unless told).
+pub fn qemu_io_ro(uri: &str, cmd: &str) -> Result<String, String> {
+    try_run(Command::new("qemu-io").args(["-r", "-f", "raw", "-c", cmd, uri])).map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+}
+
+/// Whether `pid` is a live process (a zombie is not).
+pub fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next()))
+        .is_some_and(|st| st != 'Z' && st != 'X')
 }

@@ -7,36 +7,15 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use sxm_engine::backend::{AttachedVdi, Backend};
-use sxm_engine::model::{AttachInfo, Implementation, StorageError};
+use sxm_engine::model::{AttachInfo, StorageError};
 use tapmirror::nbd::{NbdClient, NbdUri};
 
-use crate::harness::{TestSr, pattern, run, try_run, vhd_check};
+use tapmirror::testkit::{alive, qemu_io, qemu_io_ro};
+
+use crate::harness::{TestSr, nbd_uri, pattern, run, vhd_check, xapi_nbd};
 use crate::require;
 
 const MIB: i64 = 1 << 20;
-
-/// xapi's `nbd:unix:<socket>:exportname=<name>` as (socket, export).
-fn xapi_nbd(info: &AttachInfo) -> (PathBuf, String) {
-    let [Implementation::Nbd { uri }] = info.implementations.as_slice() else { panic!("one Nbd implementation: {info:?}") };
-    let rest = uri.strip_prefix("nbd:unix:").unwrap_or_else(|| panic!("xapi's form: {uri}"));
-    let (socket, export) = rest.rsplit_once(":exportname=").unwrap_or_else(|| panic!("an export name: {uri}"));
-    (PathBuf::from(socket), export.to_owned())
-}
-
-/// The same export as a standard NBD URI, which qemu-io, nbdcopy and our client take.
-fn nbd_uri(info: &AttachInfo) -> String {
-    let (socket, export) = xapi_nbd(info);
-    format!("nbd+unix:///{export}?socket={}", socket.display())
-}
-
-fn qemu_io(uri: &str, cmd: &str) -> Result<String, String> {
-    try_run(Command::new("qemu-io").args(["-f", "raw", "-c", cmd, uri])).map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-}
-
-/// qemu-io on a read-only export (it opens read-write unless told).
-fn qemu_io_ro(uri: &str, cmd: &str) -> Result<String, String> {
-    try_run(Command::new("qemu-io").args(["-r", "-f", "raw", "-c", cmd, uri])).map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-}
 
 /// The pid in a datapath folder's pid file.
 fn pid_in(dir: &Path) -> i32 {
@@ -54,14 +33,6 @@ fn dp_dirs(sr: &TestSr) -> Vec<PathBuf> {
 /// The datapath folder serving `info`.
 fn dp_dir(info: &AttachInfo) -> PathBuf {
     xapi_nbd(info).0.parent().expect("socket in a folder").to_path_buf()
-}
-
-/// Whether `pid` is a live process (a zombie is not).
-fn alive(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => s.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next()).is_some_and(|st| st != 'Z' && st != 'X'),
-        Err(_) => false,
-    }
 }
 
 fn in_use(e: &StorageError) -> bool {

@@ -9,25 +9,17 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use sxm_engine::backend::{Backend, MirrorHealth, MirrorMode};
-use sxm_engine::model::{AttachInfo, Implementation, StorageError, VdiInfo};
+use sxm_engine::model::{AttachInfo, StorageError, VdiInfo};
 use tapmirror::nbd::{NbdClient, NbdUri};
 use tapmirror::testkit::{Guest, assert_matches_guest};
 use tokio_util::sync::CancellationToken;
 
 use std::process::Command;
 
-use crate::harness::{TestSr, pattern, run};
+use crate::harness::{TestSr, nbd_uri, pattern, run};
 use crate::require;
 
 const MIB: u64 = 1 << 20;
-
-/// The export's standard NBD URI.
-fn nbd_uri(info: &AttachInfo) -> String {
-    let [Implementation::Nbd { uri }] = info.implementations.as_slice() else { panic!("one Nbd implementation: {info:?}") };
-    let rest = uri.strip_prefix("nbd:unix:").unwrap_or_else(|| panic!("xapi's form: {uri}"));
-    let (socket, export) = rest.rsplit_once(":exportname=").unwrap_or_else(|| panic!("an export name: {uri}"));
-    format!("nbd+unix:///{export}?socket={socket}")
-}
 
 /// The control socket of the datapath serving `info`.
 fn control(info: &AttachInfo) -> std::path::PathBuf {

@@ -1,44 +1,19 @@
 //! Datapaths: real `tapmirror serve` processes on qcow2 volumes, written and read over NBD.
 
-use std::path::PathBuf;
-use std::process::Command;
 
 use sxm_engine::backend::{AttachedVdi, Backend};
-use sxm_engine::model::{AttachInfo, Implementation, StorageError, VdiInfo};
-use tapmirror::testkit::{Guest, assert_matches_guest};
+use sxm_engine::model::{AttachInfo, StorageError, VdiInfo};
+use tapmirror::testkit::{Guest, alive, assert_matches_guest, qemu_io};
 
-use crate::harness::{TestSr, qemu_check, try_run};
+use crate::harness::{TestSr, nbd_uri, qemu_check, xapi_nbd};
 use crate::require;
 
 const MIB: i64 = 1 << 20;
-
-fn xapi_nbd(info: &AttachInfo) -> (PathBuf, String) {
-    let [Implementation::Nbd { uri }] = info.implementations.as_slice() else { panic!("one Nbd implementation: {info:?}") };
-    let rest = uri.strip_prefix("nbd:unix:").unwrap_or_else(|| panic!("xapi's form: {uri}"));
-    let (socket, export) = rest.rsplit_once(":exportname=").unwrap_or_else(|| panic!("an export name: {uri}"));
-    (PathBuf::from(socket), export.to_owned())
-}
-
-fn nbd_uri(info: &AttachInfo) -> String {
-    let (socket, export) = xapi_nbd(info);
-    format!("nbd+unix:///{export}?socket={}", socket.display())
-}
-
-fn qemu_io(uri: &str, cmd: &str) -> Result<String, String> {
-    try_run(Command::new("qemu-io").args(["-f", "raw", "-c", cmd, uri])).map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-}
 
 fn pid_in(info: &AttachInfo) -> i32 {
     let dir = xapi_nbd(info).0.parent().expect("folder").to_path_buf();
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("serve.pid")).expect("pid file")).expect("pid JSON");
     v["pid"].as_i64().expect("pid") as i32
-}
-
-fn alive(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| s.rsplit_once(')').and_then(|(_, r)| r.trim_start().chars().next()))
-        .is_some_and(|st| st != 'Z' && st != 'X')
 }
 
 fn in_use(e: &StorageError) -> bool {

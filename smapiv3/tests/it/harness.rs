@@ -1,127 +1,17 @@
-//! Shared test plumbing: an SR in a temporary folder, the `tapmirror` program, peer tools.
-//!
-//! # Finding `tapmirror`
-//!
-//! The backend runs `tapmirror serve` as a separate program. `env!("CARGO_BIN_EXE_tapmirror")`
-//! only exists in tapmirror's own tests, and `cargo test -p sxm-smapiv3` builds tapmirror as a
-//! library only, so these tests build the binary themselves, once per run: `cargo build -p
-//! tapmirror --bin tapmirror` into the same target folder and profile as this test binary (found
-//! from the test binary's own path, `<target>/<profile>/deps/it-…`). Cargo's own lock makes
-//! that safe next to a running `cargo test --workspace` (which builds the binary too, so the
-//! call finds it fresh and returns at once). `SXM_TAPMIRROR=/path/to/tapmirror` skips the
-//! build and uses that program.
+//! Shared test plumbing: an SR in a temporary folder and its checks with peer tools. The
+//! generic part (finding or building the `tapmirror` program, running peers with a deadline,
+//! test data, reaping left-over datapaths) is tapmirror's `testkit`, re-exported here.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 use sxm_engine::backend::{Backend, SrContext};
-use sxm_engine::model::VdiInfo;
+use sxm_engine::model::{AttachInfo, Implementation, VdiInfo};
 use sxm_engine::rpc::marshal::Map;
 use sxm_smapiv3::Qcow2Backend;
 
-/// The `tapmirror` program, built once per test run (see the module documentation).
-pub fn tapmirror() -> PathBuf {
-    static EXE: OnceLock<PathBuf> = OnceLock::new();
-    EXE.get_or_init(|| {
-        if let Some(p) = std::env::var_os("SXM_TAPMIRROR") {
-            return PathBuf::from(p);
-        }
-        let me = std::env::current_exe().expect("test binary path");
-        // <target>/<profile>/deps/it-HASH
-        let profile_dir = me.parent().and_then(Path::parent).expect("test binary in <target>/<profile>/deps");
-        let target = profile_dir.parent().expect("target folder");
-        let profile = profile_dir.file_name().and_then(|n| n.to_str()).expect("profile folder name");
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
-        let mut cmd = Command::new(cargo);
-        cmd.args(["build", "--quiet", "-p", "tapmirror", "--bin", "tapmirror", "--manifest-path"])
-            .arg(&manifest)
-            .arg("--target-dir")
-            .arg(target);
-        match profile {
-            "debug" => {}
-            "release" => {
-                cmd.arg("--release");
-            }
-            other => {
-                cmd.args(["--profile", other]);
-            }
-        }
-        let status = cmd.status().expect("running cargo to build tapmirror");
-        assert!(status.success(), "building tapmirror failed: {cmd:?}");
-        let exe = profile_dir.join("tapmirror");
-        assert!(exe.is_file(), "{} missing after the build", exe.display());
-        exe
-    })
-    .clone()
-}
-
-/// Whether `tool` is on PATH. Under CI a missing peer is a failure, elsewhere a skip.
-pub fn require_tool(tool: &str) -> bool {
-    let found = Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {tool}"))
-        .stdout(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if !found {
-        if std::env::var_os("CI").is_some() {
-            panic!("{tool} is required under CI");
-        }
-        eprintln!("skipping: {tool} not installed");
-    }
-    found
-}
-
-/// Skips the calling test unless every tool is installed.
-#[macro_export]
-macro_rules! require {
-    ($($tool:expr),+) => {
-        if !($($crate::harness::require_tool($tool))&&+) {
-            return;
-        }
-    };
-}
-
-/// Longest a peer command may run: each finishes in seconds, so one still running has hung.
-const RUN_DEADLINE: Duration = Duration::from_secs(120);
-
-/// Runs a command; `Err` with its stderr when it fails.
-pub fn try_run(cmd: &mut Command) -> Result<Output, String> {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("spawn {cmd:?}: {e}"))?;
-    let deadline = Instant::now() + RUN_DEADLINE;
-    // Outputs here are small: waiting before reading cannot fill a pipe.
-    loop {
-        if child.try_wait().map_err(|e| e.to_string())?.is_some() {
-            break;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(format!("{cmd:?} ran for more than {RUN_DEADLINE:?}"));
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let out = child.wait_with_output().map_err(|e| e.to_string())?;
-    if out.status.success() {
-        Ok(out)
-    } else {
-        Err(format!("{cmd:?} failed ({}): {}{}", out.status, String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
-    }
-}
-
-/// Runs a command, failing the test when it fails.
-pub fn run(cmd: &mut Command) -> Output {
-    try_run(cmd).unwrap_or_else(|e| panic!("{e}"))
-}
+pub use tapmirror::testkit::tapmirror_exe as tapmirror;
+pub use tapmirror::testkit::{run, try_run};
 
 /// An SR in a temporary folder, created, with its backend.
 pub struct TestSr {
@@ -137,13 +27,7 @@ pub struct TestSr {
 /// kill whatever serves the SR's run folder before the folder goes.
 impl Drop for TestSr {
     fn drop(&mut self) {
-        if let Ok(entries) = std::fs::read_dir(&self.ctx.run_dir) {
-            for entry in entries.flatten() {
-                if let Ok(Some(pid)) = tapmirror::process::ServeProcess::reap(&entry.path()) {
-                    eprintln!("reaped a datapath left running: pid {pid} in {}", entry.path().display());
-                }
-            }
-        }
+        tapmirror::testkit::reap_datapaths(&self.ctx.run_dir);
     }
 }
 
@@ -226,4 +110,17 @@ pub fn qemu_info(path: &Path) -> serde_json::Value {
 /// `qemu-img check` of a volume: `Err` with its output when unsound (leaks included).
 pub fn qemu_check(path: &Path) -> Result<(), String> {
     try_run(Command::new("qemu-img").args(["check", "-f", "qcow2"]).arg(path)).map(|_| ())
+}
+
+/// The one NBD address of an attached VDI (xapi's `nbd:unix:<socket>:exportname=<name>`) as
+/// (socket, export).
+pub fn xapi_nbd(info: &AttachInfo) -> (PathBuf, String) {
+    let [Implementation::Nbd { uri }] = info.implementations.as_slice() else { panic!("one Nbd implementation: {info:?}") };
+    tapmirror::testkit::split_nbd_unix(uri)
+}
+
+/// The same export as a standard NBD URI, which qemu-io, nbdcopy and our client take.
+pub fn nbd_uri(info: &AttachInfo) -> String {
+    let (socket, export) = xapi_nbd(info);
+    tapmirror::testkit::nbd_unix_uri(&socket, &export)
 }

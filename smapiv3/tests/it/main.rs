@@ -4,5 +4,8 @@
 
 mod harness;
 
+/// `require!(tools…)`: skips the calling test unless every tool is installed (tapmirror's testkit).
+pub(crate) use tapmirror::require;
+
 mod datapath;
 mod vdi;

@@ -14,6 +14,7 @@
 //! persists so an interrupted copy resumes without resending it.
 
 mod endpoints;
+pub mod into_connection;
 mod progress;
 
 use std::collections::BTreeMap;
@@ -25,6 +26,7 @@ use anyhow::{Context, Result, bail};
 use tokio::sync::Semaphore;
 
 pub use endpoints::{Dest, Source};
+pub use into_connection::{Chain, into_connection};
 pub use progress::{Progress, ProgressMode};
 
 use crate::image::{ExtentState, Image};

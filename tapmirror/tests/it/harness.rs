@@ -8,16 +8,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// Skips the calling test unless every tool is installed.
-#[macro_export]
-macro_rules! require {
-    ($($tool:expr),+) => {
-        if !($($crate::harness::require_tool($tool))&&+) {
-            return;
-        }
-    };
-}
-
 /// A temporary folder with a raw image served by `tapmirror serve`.
 pub struct Served {
     /// The server process.

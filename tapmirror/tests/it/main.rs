@@ -6,6 +6,9 @@
 
 mod harness;
 
+/// `require!(tools…)`: skips the calling test unless every tool is installed (tapmirror's testkit).
+pub(crate) use tapmirror::require;
+
 mod bad_input;
 mod client;
 mod copy;

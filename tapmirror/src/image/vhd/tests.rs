@@ -9,6 +9,7 @@ use super::meta::Meta;
 use super::*;
 use crate::image::{Access, Extent, ExtentState, Image, ZeroAlloc, ZeroSpeed};
 use crate::io::{Durability, EngineChoice, EngineKind, IoBuf};
+use crate::testkit::pattern;
 
 fn engines() -> Vec<EngineKind> {
     let mut v = vec![EngineKind::Portable];
@@ -16,18 +17,6 @@ fn engines() -> Vec<EngineKind> {
         v.push(k);
     }
     v
-}
-
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
 }
 
 /// Compares two disk images, reporting the first difference instead of megabytes of bytes.
