@@ -2,10 +2,9 @@
 //! connection, in this process, with tapmirror's [`into_connection`] (its own runtime on a
 //! scoped thread, raced against the cancel token, progress sampled every [`PROGRESS_EVERY`]).
 //!
-//! With a `base`, the destination holds the base's content: there is no qcow2 difference map
-//! in tapmirror yet, so the whole chain's allocation is sent, and everything the chain does
-//! not hold as data is written as zeroes (`target_is_zero` off), which is correct whatever
-//! the base holds, just not minimal.
+//! With a `base`, the destination holds the base's content: only what the layers above the
+//! layers the two chains share decide travels (`tapmirror::image::qcow2::diff_map`), zero
+//! clusters among them written as zeroes since the base may hold data there.
 
 use std::os::fd::OwnedFd;
 use std::path::Path;
@@ -25,13 +24,13 @@ pub const PROGRESS_EVERY: Duration = Duration::from_millis(200);
 pub fn copy_into(
     vdi: &str,
     image: &Path,
-    has_base: bool,
+    base: Option<&Path>,
     dest: OwnedFd,
     export: &str,
     progress: &(dyn Fn(u64, u64) + Sync),
     cancel: &CancellationToken,
 ) -> StorageResult<CopyStats> {
-    let chain = Chain { image, format: Format::Qcow2, diff_base: None, target_is_zero: !has_base };
+    let chain = Chain { image, format: Format::Qcow2, diff_base: base, target_is_zero: base.is_none() };
     let report = into_connection(&chain, dest, export, PROGRESS_EVERY, progress, cancel);
-    errors::copied(vdi, export, report).inspect(|stats| tracing::info!(vdi, export, has_base, ?stats, "copied a VDI"))
+    errors::copied(vdi, export, report).inspect(|stats| tracing::info!(vdi, export, base = ?base, ?stats, "copied a VDI"))
 }

@@ -539,6 +539,7 @@ impl Backend for Qcow2Backend {
     ) -> StorageResult<CopyStats> {
         let id = known(sr, vdi)?;
         let base = base.map(|b| known(sr, b)).transpose()?;
-        crate::copy::copy_into(id, &volume_path(&sr.dir, id), base.is_some(), dest, export, progress, cancel)
+        let base_path = base.map(|b| volume_path(&sr.dir, b));
+        crate::copy::copy_into(id, &volume_path(&sr.dir, id), base_path.as_deref(), dest, export, progress, cancel)
     }
 }

@@ -28,7 +28,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use super::{CopyOptions, CopyReport, Dest, Source};
-use crate::image::{Access, AnyImage, Format, vhd};
+use crate::image::{Access, AnyImage, Format, qcow2, vhd};
 use crate::io::EngineChoice;
 use crate::nbd::{ClientOptions, NbdClient};
 
@@ -39,8 +39,8 @@ pub struct Chain<'a> {
     pub image: &'a Path,
     /// Its format.
     pub format: Format,
-    /// A related VHD chain whose content the destination holds: only the sectors allocated in
-    /// a layer one chain has and the other lacks travel (`vhd::diff_map`). VHD only.
+    /// A related chain whose content the destination holds: only what the layers one chain
+    /// has and the other lacks hold travels (`vhd::diff_map`, `qcow2::diff_map`).
     pub diff_base: Option<&'a Path>,
     /// The destination reads as zeroes already: zero runs are skipped rather than written.
     pub target_is_zero: bool,
@@ -104,7 +104,14 @@ async fn run(chain: &Chain<'_>, dest: OwnedFd, export: &str, done: &Arc<AtomicU6
                 vhd::diff_map(image, b).await.map_err(|e| format!("comparing {} with {}: {e:#}", image.display(), b.display()))?;
             Source::Diff { image: Arc::new(opened), ranges }
         }
-        Some(_) => return Err(format!("{}: a difference map needs VHD chains", image.display())),
+        Some(b) if chain.format == Format::Qcow2 => {
+            match qcow2::diff_map(image, b).await.map_err(|e| format!("comparing {} with {}: {e}", image.display(), b.display()))? {
+                Some(ranges) => Source::Diff { image: Arc::new(opened), ranges },
+                // The base holds layers this chain lacks: only the whole chain is sure to do.
+                None => Source::Image(Arc::new(opened)),
+            }
+        }
+        Some(_) => return Err(format!("{}: a difference map needs VHD or qcow2 chains", image.display())),
     };
     size.store(source.size(), Ordering::Relaxed);
     let client = NbdClient::from_fd(dest, ClientOptions { export: export.to_owned(), ..ClientOptions::default() })
