@@ -195,6 +195,14 @@ pub enum MigrateAction {
         /// The job (its task id).
         job: String,
     },
+    /// Change a running job's bandwidth limit (bytes per second; K, M, G suffixes; 0: none).
+    SetBwlimit {
+        /// The job (its task id).
+        job: String,
+        /// The new limit.
+        #[arg(value_parser = parse_size)]
+        rate: u64,
+    },
 }
 
 /// `sxm migrate --sr SR --vdi V [--vdi V …] --dest URL --dest-sr SR …`.
@@ -218,6 +226,10 @@ pub struct MigrateStart {
     /// How many disks copy at once; the others wait their turn.
     #[arg(long, default_value_t = 2)]
     parallel: u32,
+    /// Bytes per second the disks' copies share at most (K, M, G suffixes; powers of 1024);
+    /// change it while the job runs with `sxm migrate set-bwlimit JOB RATE`.
+    #[arg(long, value_parser = parse_size)]
+    bwlimit: Option<u64>,
     /// Keep the disks mirrored and in sync after the copy, until `sxm migrate cutover JOB`.
     #[arg(long)]
     hold: bool,
@@ -518,11 +530,17 @@ impl Admin {
                 self.call("TASK.cancel", &[("task", s(&job))]).await?;
                 Ok(())
             }
+            (Some(MigrateAction::SetBwlimit { job, rate }), _) => {
+                let rate = i64::try_from(rate).context("rate too large")?;
+                self.call("SXM.migrate.set_bwlimit", &[("bwlimit", Value::Int(rate)), ("job", s(&job))]).await?;
+                Ok(())
+            }
             (None, Some(m)) => {
                 let d = DestArgs { sr: m.sr.clone(), vdi: String::new(), dest: m.dest.clone(), dest_secret_file: m.dest_secret_file.clone(), dest_sr: m.dest_sr.clone(), wait: m.wait };
                 let url = dest_url(&d)?;
                 let vdis = Value::Array(m.vdis.iter().map(|v| s(v)).collect());
                 let args = [
+                    ("bwlimit", Value::Int(i64::try_from(m.bwlimit.unwrap_or(0)).context("--bwlimit too large")?)),
                     ("verify", Value::Bool(m.verify)),
                     ("hold", Value::Bool(m.hold)),
                     ("parallel", Value::Int(i64::from(m.parallel.max(1)))),

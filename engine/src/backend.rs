@@ -245,23 +245,26 @@ pub trait Backend: Send + Sync + 'static {
     /// exchange) to export `export`, which reads as zeroes before the copy. Only what the VDI
     /// holds is sent: allocated data, as data or zeroes; with `base` (a VDI of this SR whose
     /// content the destination already holds), only what differs from it. Reports
-    /// `(bytes done, bytes to do)` through `progress`; stops with `Cancelled` when `cancel`
-    /// fires. Called without the SR's lock: the engine keeps the VDI (a snapshot) from
+    /// `(bytes done, bytes to do)` through `ctl.progress`; stops with `Cancelled` when
+    /// `ctl.cancel` fires; paces its data by `ctl.throttle` when there is one. Called without the SR's lock: the engine keeps the VDI (a snapshot) from
     /// changing meanwhile.
-    // The arguments are the copy's whole description; a struct would only be unpacked again.
-    #[allow(clippy::too_many_arguments)]
-    fn vdi_copy_into(
-        &self,
-        sr: &SrContext,
-        vdi: &str,
-        base: Option<&str>,
-        dest: OwnedFd,
-        export: &str,
-        progress: &(dyn Fn(u64, u64) + Sync),
-        cancel: &CancellationToken,
-    ) -> StorageResult<CopyStats> {
+    fn vdi_copy_into(&self, sr: &SrContext, vdi: &str, base: Option<&str>, dest: OwnedFd, export: &str, ctl: &CopyControl<'_>) -> StorageResult<CopyStats> {
         unimplemented("copy")
     }
+}
+
+/// Answers how long a request of that many data bytes must wait (zero: go at once): a pace
+/// several copies share, under one bandwidth limit that may change while they run.
+pub type Throttle = std::sync::Arc<dyn Fn(u64) -> Duration + Send + Sync>;
+
+/// How a copy is followed and steered.
+pub struct CopyControl<'a> {
+    /// Called with `(bytes done, bytes to do)`.
+    pub progress: &'a (dyn Fn(u64, u64) + Sync),
+    /// Fires to stop the copy (it then answers `Cancelled`).
+    pub cancel: &'a CancellationToken,
+    /// The pace, when the copy shares a bandwidth limit.
+    pub throttle: Option<Throttle>,
 }
 
 /// How a datapath mirrors.

@@ -340,6 +340,7 @@ impl Mux {
             DataMirrorReceiveCancel(a) => self.receive_cancel(&a.id).await.map(|()| Value::Null),
             SxmMigrateStart(a) => self.migrate_start(a).await.map(Value::String),
             SxmMigrateCutover(a) => self.migrate_cutover(&a.job).map(|()| Value::Null),
+            SxmMigrateSetBwlimit(a) => self.migrate_set_bwlimit(&a.job, a.bwlimit).map(|()| Value::Null),
             SxmVdiChecksums(a) => self.vdi_checksums(&a.sr, &a.vdi, a.block).await,
         }
     }

@@ -16,10 +16,9 @@ use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::time::Duration;
 
-use sxm_engine::backend::{CopyStats, StorageResult};
+use sxm_engine::backend::{CopyControl, CopyStats, StorageResult};
 use tapmirror::copy::{Chain, into_connection};
 use tapmirror::image::Format;
-use tokio_util::sync::CancellationToken;
 
 use crate::errors;
 
@@ -34,12 +33,11 @@ pub fn copy_into(
     base: Option<&Path>,
     dest: OwnedFd,
     export: &str,
-    progress: &(dyn Fn(u64, u64) + Sync),
-    cancel: &CancellationToken,
+    ctl: &CopyControl<'_>,
 ) -> StorageResult<CopyStats> {
     // A new VDI reads as zeroes; a clone of the base holds the base, which the zero runs of
     // what differs must overwrite (see the module documentation).
-    let chain = Chain { image, format: Format::Vhd, diff_base: base, target_is_zero: base.is_none() };
-    let report = into_connection(&chain, dest, export, PROGRESS_EVERY, progress, cancel);
+    let chain = Chain { image, format: Format::Vhd, diff_base: base, target_is_zero: base.is_none(), throttle: ctl.throttle.as_ref() };
+    let report = into_connection(&chain, dest, export, PROGRESS_EVERY, ctl.progress, ctl.cancel);
     errors::copied(vdi, export, report).inspect(|stats| tracing::info!(vdi, export, base = ?base.map(Path::display), ?stats, "copied a VDI"))
 }

@@ -34,14 +34,13 @@ use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use sxm_engine::backend::{
+use sxm_engine::backend::{CopyControl, 
     AttachedVdi, Backend, CopyStats, MirrorMode, MirrorStatus, SrContext, SrSpace, StorageResult, VdiChange, safe_component,
 };
 use sxm_engine::model::{AttachInfo, Rw, StorageError, VdiInfo};
 use sxm_engine::rpc::marshal::Map;
 use sxm_engine::state;
 use tapmirror::image::qcow2;
-use tokio_util::sync::CancellationToken;
 
 use crate::datapath::{self, Datapaths, block_on, group};
 use crate::errors;
@@ -527,19 +526,10 @@ impl Backend for Qcow2Backend {
         self.datapaths.drain(group(sr), known(sr, vdi)?, timeout).map_err(errors::datapath)
     }
 
-    fn vdi_copy_into(
-        &self,
-        sr: &SrContext,
-        vdi: &str,
-        base: Option<&str>,
-        dest: OwnedFd,
-        export: &str,
-        progress: &(dyn Fn(u64, u64) + Sync),
-        cancel: &CancellationToken,
-    ) -> StorageResult<CopyStats> {
+    fn vdi_copy_into(&self, sr: &SrContext, vdi: &str, base: Option<&str>, dest: OwnedFd, export: &str, ctl: &CopyControl<'_>    ) -> StorageResult<CopyStats> {
         let id = known(sr, vdi)?;
         let base = base.map(|b| known(sr, b)).transpose()?;
         let base_path = base.map(|b| volume_path(&sr.dir, b));
-        crate::copy::copy_into(id, &volume_path(&sr.dir, id), base_path.as_deref(), dest, export, progress, cancel)
+        crate::copy::copy_into(id, &volume_path(&sr.dir, id), base_path.as_deref(), dest, export, ctl)
     }
 }

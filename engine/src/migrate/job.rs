@@ -15,6 +15,7 @@ use std::time::Duration;
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
+use crate::backend::Throttle;
 use crate::model::call::args;
 use crate::model::{Call, SrInfo, StorageError, TaskState, VdiInfo};
 use crate::mux::Mux;
@@ -31,6 +32,8 @@ const SLACK_PER_DISK: i64 = 16 << 20;
 
 /// One running job.
 pub struct Job {
+    /// The bandwidth limit its disks' copies share.
+    limit: Arc<RateLimit>,
     /// Switch over (a held job waits for it).
     cutover: Notify,
     /// Cut over already asked for (so a `cutover` before the hold starts is not lost).
@@ -42,6 +45,52 @@ pub struct Job {
 #[derive(Default)]
 pub struct Jobs {
     jobs: Mutex<BTreeMap<String, Arc<Job>>>,
+    /// The pace of each mirror that belongs to a job with a bandwidth limit, by mirror id.
+    throttles: Mutex<BTreeMap<String, Throttle>>,
+}
+
+impl Jobs {
+    /// The pace a mirror's copy keeps, if its job has a bandwidth limit.
+    pub(crate) fn throttle_for(&self, mirror: &str) -> Option<Throttle> {
+        lock(&self.throttles).get(mirror).cloned()
+    }
+}
+
+/// A token bucket over data bytes whose rate may change while copies use it: the bandwidth
+/// limit a job's disks share. A rate of 0 means no limit.
+pub struct RateLimit {
+    rate: std::sync::atomic::AtomicU64,
+    /// When the bucket was last looked at, and the credit (in bytes) it held then.
+    state: Mutex<(std::time::Instant, f64)>,
+}
+
+impl RateLimit {
+    /// A limit of `rate` bytes per second (0: none).
+    pub fn new(rate: u64) -> RateLimit {
+        RateLimit { rate: rate.into(), state: Mutex::new((std::time::Instant::now(), 0.0)) }
+    }
+
+    /// Changes the rate; copies under way follow from their next request.
+    pub fn set_rate(&self, rate: u64) {
+        self.rate.store(rate, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Books `bytes` and answers how long they must wait. The bucket holds at most 100 ms of
+    /// credit, so bursts stay short.
+    pub fn grant(&self, bytes: u64) -> Duration {
+        let rate = self.rate.load(std::sync::atomic::Ordering::Relaxed);
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let now = std::time::Instant::now();
+        if rate == 0 {
+            *s = (now, 0.0);
+            return Duration::ZERO;
+        }
+        let rate = rate as f64;
+        let credit = (s.1 + now.duration_since(s.0).as_secs_f64() * rate).min(rate / 10.0);
+        let after = credit - bytes as f64;
+        *s = (now, after);
+        if after >= 0.0 { Duration::ZERO } else { Duration::from_secs_f64(-after / rate) }
+    }
 }
 
 struct Disk {
@@ -63,7 +112,13 @@ impl Mux {
     pub(crate) async fn migrate_start(&self, a: args::SxmMigrateStart) -> Result<String, StorageError> {
         let disks = self.preflight(&a).await?;
         let (task, cancel) = self.tasks().create(&format!("migrate {} disk(s) of SR {}", disks.len(), a.sr));
-        let job = Arc::new(Job { cutover: Notify::new(), cutover_asked: false.into(), hold: a.hold });
+        let limit = Arc::new(RateLimit::new(u64::try_from(a.bwlimit.max(0)).unwrap_or(0)));
+        let job = Arc::new(Job { limit: limit.clone(), cutover: Notify::new(), cutover_asked: false.into(), hold: a.hold });
+        // Each disk's copy asks the job's bucket before every request.
+        let throttle: Throttle = Arc::new(move |bytes| limit.grant(bytes));
+        for vdi in &a.vdis {
+            lock(&self.jobs.throttles).insert(format!("{}/{vdi}", a.sr), throttle.clone());
+        }
         lock(&self.jobs.jobs).insert(task.clone(), job.clone());
         self.tasks().debug_info(&task, "stage", "queued");
         let me = self.me.upgrade().ok_or_else(|| StorageError::InternalError("the host is shutting down".into()))?;
@@ -79,6 +134,9 @@ impl Mux {
                 }
             }
             lock(&me.jobs.jobs).remove(&id);
+            for vdi in &a.vdis {
+                lock(&me.jobs.throttles).remove(&format!("{}/{vdi}", a.sr));
+            }
         });
         Ok(task)
     }
@@ -91,6 +149,14 @@ impl Mux {
         }
         j.cutover_asked.store(true, std::sync::atomic::Ordering::SeqCst);
         j.cutover.notify_one();
+        Ok(())
+    }
+
+    /// `SXM.migrate.set_bwlimit`: the job's disks share the new limit from their next request.
+    pub(crate) fn migrate_set_bwlimit(&self, job: &str, bwlimit: i64) -> Result<(), StorageError> {
+        let j = lock(&self.jobs.jobs).get(job).cloned().ok_or_else(|| StorageError::DoesNotExist("job".into(), job.into()))?;
+        j.limit.set_rate(u64::try_from(bwlimit.max(0)).unwrap_or(0));
+        tracing::info!(job, bwlimit, "bandwidth limit changed");
         Ok(())
     }
 
@@ -120,6 +186,11 @@ impl Mux {
             }
             let used = info.physical_utilisation.max(0).min(info.virtual_size.max(0));
             disks.push(Disk { vdi: vdi.clone(), dp, size: info.virtual_size.max(used) });
+        }
+        if a.bwlimit > 0 && self.backend_for_sr(&a.sr).map_err(|e| preflight_error(e.to_string()))?.smapi_version() >= 3 {
+            // A SMAPIv3 disk's copy is the full mirror's background pass, inside its datapath,
+            // which paces itself by the guest's writes instead.
+            return Err(preflight_error("a bandwidth limit applies to SMAPIv1 sources' copies; this SR's disks move by full mirror"));
         }
         let remote = Remote::new(&a.url).map_err(|e| preflight_error(e.to_string()))?;
         let sr: SrInfo = remote
@@ -326,4 +397,23 @@ async fn futures_join_all<F: std::future::Future>(futs: impl IntoIterator<Item =
     })
     .await;
     out.into_iter().map(|o| o.expect("every future finished")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rate_limit_paces_bytes_and_follows_a_new_rate() {
+        let l = RateLimit::new(1_000_000);
+        // 100 ms of credit at most: 1 MB asks for about 0.9 s of waiting at first.
+        let w = l.grant(1_000_000);
+        assert!(w >= Duration::from_millis(850) && w <= Duration::from_millis(1001), "{w:?}");
+        l.set_rate(10_000_000);
+        let w = l.grant(1_000_000);
+        // The debt of the first request, now paid at the new rate, plus this one.
+        assert!(w <= Duration::from_millis(200), "{w:?}");
+        l.set_rate(0);
+        assert_eq!(l.grant(u64::MAX / 2), Duration::ZERO);
+    }
 }

@@ -309,7 +309,10 @@ impl Mux {
         crate::fault::point("send.copy").await?;
         let copy_dp = format!("copy-{}", uuid::Uuid::new_v4());
         self.update_send(id, |r| r.copy_dp = Some(copy_dp.clone()))?;
-        let report = self.copy_to_remote(&r.sr, &snapshot, base.as_deref(), &r.url, &r.dest_sr, &remote_info.parent, &copy_dp, &r.copy_vm, task, cancel).await?;
+        // A job's disks share its bandwidth limit.
+        let throttle = self.jobs.throttle_for(id);
+        let report =
+            self.copy_to_remote(&r.sr, &snapshot, base.as_deref(), &r.url, &r.dest_sr, &remote_info.parent, &copy_dp, &r.copy_vm, task, cancel, throttle).await?;
         tracing::info!(mirror = %id, data = report.data_bytes, zeroes = report.zero_bytes, size = report.size, "copy done");
         self.tasks().debug_info(task, "copied_bytes", &report.data_bytes.to_string());
         crate::fault::point("send.copied").await?;
@@ -338,6 +341,7 @@ impl Mux {
         vm: &str,
         task: &str,
         cancel: &CancellationToken,
+        throttle: Option<crate::backend::Throttle>,
     ) -> Result<crate::backend::CopyStats, StorageError> {
         let remote = Remote::new(url)?;
         let _: crate::model::AttachInfo = remote
@@ -364,7 +368,8 @@ impl Mux {
                     tasks.tasks().debug_info(&task, "bytes_done", &done.to_string());
                     tasks.tasks().debug_info(&task, "bytes_total", &total.to_string());
                 };
-                b.vdi_copy_into(ctx, &vdi, base.as_deref(), conn, &export, &progress, &cancel)
+                let ctl = crate::backend::CopyControl { progress: &progress, cancel: &cancel, throttle };
+                b.vdi_copy_into(ctx, &vdi, base.as_deref(), conn, &export, &ctl)
             })
             .await
         }
@@ -671,7 +676,7 @@ impl Mux {
             return Err(StorageError::Cancelled(task.to_owned()));
         }
         self.stage(task, "copy", 0.10);
-        let report = self.copy_to_remote(&r.sr, &r.vdi, base.as_deref(), &r.url, &r.dest_sr, &made.vdi, &dp, "0", task, cancel).await?;
+        let report = self.copy_to_remote(&r.sr, &r.vdi, base.as_deref(), &r.url, &r.dest_sr, &made.vdi, &dp, "0", task, cancel, None).await?;
         tracing::info!(copy = %id, data = report.data_bytes, base = ?base, "copy done");
         self.tasks().debug_info(task, "copied_bytes", &report.data_bytes.to_string());
         remote.call::<()>(Call::VdiSetContentId(args::VdiSetContentId { content_id: info.content_id.clone(), vdi: made.vdi.clone(), sr: r.dest_sr.clone(), dbg: dbg(id) })).await?;

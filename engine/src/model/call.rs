@@ -236,6 +236,8 @@ calls! {
     /// sxm's own: move several VDIs of one VM as one job (`sxm migrate`); answers the job's
     /// task. Preflight errors come back at once and nothing is made.
     SxmMigrateStart = "SXM.migrate.start" {
+        /// Bytes per second the disks' copies share at most; 0 for no limit.
+        bwlimit: i64 [def = 0],
         verify: bool [def = false],
         hold: bool [def = false],
         parallel: i64 [def = 2],
@@ -246,6 +248,8 @@ calls! {
     },
     /// sxm's own: switch a held job over (its disks are in sync).
     SxmMigrateCutover = "SXM.migrate.cutover" { job: String [req] },
+    /// sxm's own: change a running job's bandwidth limit (bytes per second, 0 for none).
+    SxmMigrateSetBwlimit = "SXM.migrate.set_bwlimit" { bwlimit: i64 [req], job: String [req] },
     /// sxm's own: checksums (crc32) of a VDI's blocks of `block` bytes, to compare copies.
     SxmVdiChecksums = "SXM.VDI.checksums" { block: i64 [def = 1 << 20], vdi: String [req], sr: String [req] },
 }
@@ -350,7 +354,7 @@ impl Call {
             DataMirrorReceiveStart2(a) => &a.sr,
             SrList(_) | DpCreate(_) | DpDestroy(_) | TaskStat(_) | TaskList(_) | TaskCancel(_) | TaskDestroy(_)
             | UpdatesGet(_) | Query(_) | DataMirrorStop(_) | DataMirrorStat(_) | DataMirrorList(_)
-            | DataMirrorReceiveFinalize(_) | DataMirrorReceiveFinalize2(_) | DataMirrorReceiveCancel(_) | SxmMigrateCutover(_) => {
+            | DataMirrorReceiveFinalize(_) | DataMirrorReceiveFinalize2(_) | DataMirrorReceiveCancel(_) | SxmMigrateCutover(_) | SxmMigrateSetBwlimit(_) => {
                 return None;
             }
             SxmMigrateStart(a) => &a.sr,

@@ -8,7 +8,7 @@ use std::os::unix::net::UnixStream;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use sxm_engine::backend::{Backend, MirrorHealth, MirrorMode};
+use sxm_engine::backend::{CopyControl, Backend, MirrorHealth, MirrorMode};
 use sxm_engine::model::{AttachInfo, StorageError, VdiInfo};
 use tapmirror::nbd::{NbdClient, NbdUri};
 use tapmirror::testkit::{Guest, assert_matches_guest};
@@ -100,7 +100,7 @@ fn copy(src: &TestSr, vdi: &str, base: Option<&str>, dst: &TestSr, into: &str) -
     let progress = |done: u64, total: u64| reports.lock().expect("reports").push((done, total));
     let stats = src
         .backend
-        .vdi_copy_into(&src.ctx, vdi, base, ours, into, &progress, &CancellationToken::new())
+        .vdi_copy_into(&src.ctx, vdi, base, ours, into, &CopyControl { progress: &progress, cancel: &CancellationToken::new(), throttle: None })
         .expect("copy");
     deactivate_detach(dst, into);
     (stats, reports.into_inner().expect("reports"))
@@ -298,7 +298,7 @@ fn a_cancelled_copy_returns_promptly() {
     };
     let reports = Mutex::new(Vec::new());
     let progress = |done: u64, total: u64| reports.lock().expect("reports").push((done, total));
-    let r = src.backend.vdi_copy_into(&src.ctx, &v, None, ours, &p, &progress, &cancel);
+    let r = src.backend.vdi_copy_into(&src.ctx, &v, None, ours, &p, &CopyControl { progress: &progress, cancel: &cancel, throttle: None });
     let returned = Instant::now();
     let cancelled_at = canceller.join().expect("canceller");
     assert!(matches!(r, Err(StorageError::Cancelled(_))), "{r:?}");
@@ -313,7 +313,7 @@ fn a_cancelled_copy_returns_promptly() {
 
     // Cancelled before it starts: nothing is read or sent, the connection is let go.
     let (ours, theirs) = pair();
-    let r = src.backend.vdi_copy_into(&src.ctx, &v, None, ours, &p, &|_, _| {}, &cancel);
+    let r = src.backend.vdi_copy_into(&src.ctx, &v, None, ours, &p, &CopyControl { progress: &|_, _| {}, cancel: &cancel, throttle: None });
     assert!(matches!(r, Err(StorageError::Cancelled(_))), "{r:?}");
     drop(theirs);
 }
@@ -334,7 +334,7 @@ fn migration_calls_refuse_bad_input() {
     let (_, theirs) = pair();
     assert_eq!(sr.backend.vdi_serve_nbd(&sr.ctx, missing, theirs), Err(StorageError::VdiDoesNotExist(missing.into())));
     let (ours, _) = pair();
-    let r = sr.backend.vdi_copy_into(&sr.ctx, &v, Some(missing), ours, "x", &|_, _| {}, &CancellationToken::new());
+    let r = sr.backend.vdi_copy_into(&sr.ctx, &v, Some(missing), ours, "x", &CopyControl { progress: &|_, _| {}, cancel: &CancellationToken::new(), throttle: None });
     assert_eq!(r, Err(StorageError::VdiDoesNotExist(missing.into())));
 
     // A file is no connection: refused by the datapath, which keeps serving.

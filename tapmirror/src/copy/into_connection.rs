@@ -33,7 +33,7 @@ use crate::io::EngineChoice;
 use crate::nbd::{ClientOptions, NbdClient};
 
 /// What [`into_connection`] copies.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy)]
 pub struct Chain<'a> {
     /// The chain's top image.
     pub image: &'a Path,
@@ -44,6 +44,8 @@ pub struct Chain<'a> {
     pub diff_base: Option<&'a Path>,
     /// The destination reads as zeroes already: zero runs are skipped rather than written.
     pub target_is_zero: bool,
+    /// A pace shared with other copies (see [`CopyOptions::throttle`]).
+    pub throttle: Option<&'a super::Throttle>,
 }
 
 /// Copies `chain` into `dest`, an NBD connection to `export` (see the module documentation).
@@ -119,7 +121,12 @@ async fn run(chain: &Chain<'_>, dest: OwnedFd, export: &str, done: &Arc<AtomicU6
         .map_err(|e| format!("NBD on the destination socket: {e}"))?;
     let goodbye = client.clone();
     let dest: Dest<AnyImage> = Dest::nbd(vec![client]).map_err(|e| format!("{e:#}"))?;
-    let opts = CopyOptions { target_is_zero: chain.target_is_zero, done_counter: Some(Arc::clone(done)), ..CopyOptions::default() };
+    let opts = CopyOptions {
+        target_is_zero: chain.target_is_zero,
+        done_counter: Some(Arc::clone(done)),
+        throttle: chain.throttle.cloned(),
+        ..CopyOptions::default()
+    };
     let names = (image.to_str().unwrap_or("source"), export);
     let report = super::copy(Arc::new(source), Arc::new(dest), 1, &opts, names).await.map_err(|e| format!("{e:#}"))?;
     // Flushed by the copy; say goodbye so the destination's datapath ends the connection cleanly.

@@ -32,7 +32,7 @@ pub use progress::{Progress, ProgressMode};
 use crate::image::{ExtentState, Image};
 
 /// How a copy runs.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct CopyOptions {
     /// Requests in flight per destination connection.
     pub requests: usize,
@@ -54,6 +54,26 @@ pub struct CopyOptions {
     /// Also counts the bytes done (copied, zeroed or skipped; resumed ones included) here, as
     /// requests complete, for a caller that reports progress its own way.
     pub done_counter: Option<Arc<std::sync::atomic::AtomicU64>>,
+    /// A pace shared with other copies: asked before each data request how long its bytes
+    /// must wait (several copies under one bandwidth limit that can change while they run).
+    pub throttle: Option<Throttle>,
+}
+
+/// Answers how long a request of that many data bytes must wait (zero: go at once).
+pub type Throttle = Arc<dyn Fn(u64) -> Duration + Send + Sync>;
+
+impl std::fmt::Debug for CopyOptions {
+    // By hand: the throttle is a closure.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CopyOptions")
+            .field("requests", &self.requests)
+            .field("request_size", &self.request_size)
+            .field("target_is_zero", &self.target_is_zero)
+            .field("bwlimit", &self.bwlimit)
+            .field("checkpoint", &self.checkpoint)
+            .field("throttle", &self.throttle.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for CopyOptions {
@@ -68,6 +88,7 @@ impl Default for CopyOptions {
             progress: ProgressMode::None,
             sparse_size: 4096,
             done_counter: None,
+            throttle: None,
         }
     }
 }
@@ -250,6 +271,12 @@ pub async fn copy<I: Image, J: Image>(
                     let len = (end - off).min(request_size as u64) as usize;
                     if let Some(l) = &limiter {
                         l.take(len as u64).await;
+                    }
+                    if let Some(t) = &opts.throttle {
+                        let wait = t(len as u64);
+                        if !wait.is_zero() {
+                            tokio::time::sleep(wait).await;
+                        }
                     }
                     let permit = Arc::clone(&slots).acquire_owned().await?;
                     let (source, dest, report, watermark, failed, progress) = (
