@@ -224,6 +224,12 @@ pub trait Backend: Send + Sync + 'static {
         unimplemented("mirror status")
     }
 
+    /// Source: caps a full mirror's background copy at `bytes_per_s` bytes of data per second
+    /// (0: no cap), from its next request (a job's share of its bandwidth limit).
+    fn vdi_mirror_rate(&self, sr: &SrContext, vdi: &str, bytes_per_s: u64) -> StorageResult<()> {
+        unimplemented("mirror rate")
+    }
+
     /// Source: stop mirroring (after in-flight writes); the guest goes on locally.
     fn vdi_mirror_detach(&self, sr: &SrContext, vdi: &str) -> StorageResult<()> {
         unimplemented("mirror detach")

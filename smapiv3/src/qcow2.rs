@@ -522,6 +522,10 @@ impl Backend for Qcow2Backend {
         self.datapaths.mirror_detach(group(sr), known(sr, vdi)?).map_err(errors::datapath)
     }
 
+    fn vdi_mirror_rate(&self, sr: &SrContext, vdi: &str, bytes_per_s: u64) -> StorageResult<()> {
+        self.datapaths.mirror_rate(group(sr), known(sr, vdi)?, bytes_per_s).map_err(errors::datapath)
+    }
+
     fn vdi_drain(&self, sr: &SrContext, vdi: &str, timeout: Duration) -> StorageResult<()> {
         self.datapaths.drain(group(sr), known(sr, vdi)?, timeout).map_err(errors::datapath)
     }

@@ -14,6 +14,7 @@
 //! | `pause` | | lets in-flight guest requests finish, holds new ones, and lets go of the image for writing (tap-ctl pause: the backend may now snapshot or compose it) |
 //! | `unpause` | `leaf`: path (optional) | reopens the image (or the one at `leaf`) for writing and resumes |
 //! | `mirror-attach` | `mode` (sync, full), `timeout_ms`, `export`, `granularity`, `target_is_zero`; one descriptor (full: optionally a second, for the background pass) | negotiates NBD on the descriptors and mirrors onto the target (full: and copies the disk in the background) |
+//! | `mirror-rate` | `bytes_per_s` (0: no cap) | caps a full mirror's background pass at that many data bytes per second, from its next request |
 //! | `mirror-detach` | | stops mirroring (after in-flight writes) |
 //! | `nbd-accept` | one descriptor: a connected stream socket (TCP or Unix) | serves the export on it as on any accepted connection (fixed newstyle, the server speaks first; same image, pause and drain gating, counted in `connections`) until the peer closes it or shutdown |
 //! | `drain` | `timeout_s` (default 30) | waits until no request is outstanding on either side |
@@ -385,6 +386,16 @@ async fn execute<I: Image>(control: &Control<I>, request: &Value, mut fds: Vec<O
                 server.unpause();
             }
             attached
+        }
+        "mirror-rate" => {
+            let Some(rate) = request.get("bytes_per_s").and_then(Value::as_u64) else {
+                return err("\"bytes_per_s\" must be a non-negative integer (0: no cap)");
+            };
+            match server.mirror().get() {
+                Some(m) if m.set_rate(rate) => json!({"ok": true, "bytes_per_s": rate}),
+                Some(_) => err("the mirror attached is not a full mirror: it has no background pass to pace"),
+                None => err("no mirror attached"),
+            }
         }
         "mirror-detach" => {
             if server.mirror().get().is_none() {

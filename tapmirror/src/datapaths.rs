@@ -567,6 +567,13 @@ impl Datapaths {
             .ok_or_else(|| DatapathError::Unexpected { id: id.to_owned(), what: format!("stats without a mirror state: {stats}") })
     }
 
+    /// Caps a full mirror's background pass at `bytes_per_s` data bytes per second (0: none).
+    pub fn mirror_rate(&self, g: Group<'_>, id: &str, bytes_per_s: u64) -> Result<()> {
+        self.command_with(g, id, json!({"cmd": "mirror-rate", "bytes_per_s": bytes_per_s}), Vec::new(), CONTROL_TIMEOUT)?
+            .map_err(|e| process_error(id, "pacing the mirror", e))?;
+        Ok(())
+    }
+
     /// Stops mirroring after the writes in flight. Without a mirror attached (none ever, or a
     /// failed one, which tapmirror has detached already) there is nothing to stop.
     pub fn mirror_detach(&self, g: Group<'_>, id: &str) -> Result<()> {

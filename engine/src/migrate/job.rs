@@ -47,12 +47,22 @@ pub struct Jobs {
     jobs: Mutex<BTreeMap<String, Arc<Job>>>,
     /// The pace of each mirror that belongs to a job with a bandwidth limit, by mirror id.
     throttles: Mutex<BTreeMap<String, Throttle>>,
+    /// Each such mirror's job limit and how many disks share it at once (for a full mirror's
+    /// first share, set as it attaches, before the job's balancing takes over).
+    limits: Mutex<BTreeMap<String, (Arc<RateLimit>, u64)>>,
 }
 
 impl Jobs {
     /// The pace a mirror's copy keeps, if its job has a bandwidth limit.
     pub(crate) fn throttle_for(&self, mirror: &str) -> Option<Throttle> {
         lock(&self.throttles).get(mirror).cloned()
+    }
+
+    /// A full mirror's share of its job's limit as it starts (bytes/s; `None`: no limit).
+    pub(crate) fn first_share(&self, mirror: &str) -> Option<u64> {
+        let (limit, parallel) = lock(&self.limits).get(mirror).cloned()?;
+        let rate = limit.rate();
+        (rate > 0).then(|| (rate / parallel.max(1)).max(1))
     }
 }
 
@@ -68,6 +78,11 @@ impl RateLimit {
     /// A limit of `rate` bytes per second (0: none).
     pub fn new(rate: u64) -> RateLimit {
         RateLimit { rate: rate.into(), state: Mutex::new((std::time::Instant::now(), 0.0)) }
+    }
+
+    /// The rate (bytes per second, 0: none).
+    pub fn rate(&self) -> u64 {
+        self.rate.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Changes the rate; copies under way follow from their next request.
@@ -116,8 +131,10 @@ impl Mux {
         let job = Arc::new(Job { limit: limit.clone(), cutover: Notify::new(), cutover_asked: false.into(), hold: a.hold });
         // Each disk's copy asks the job's bucket before every request.
         let throttle: Throttle = Arc::new(move |bytes| limit.grant(bytes));
+        let sharing = (a.parallel.max(1) as u64).min(a.vdis.len() as u64);
         for vdi in &a.vdis {
             lock(&self.jobs.throttles).insert(format!("{}/{vdi}", a.sr), throttle.clone());
+            lock(&self.jobs.limits).insert(format!("{}/{vdi}", a.sr), (job.limit.clone(), sharing));
         }
         lock(&self.jobs.jobs).insert(task.clone(), job.clone());
         self.tasks().debug_info(&task, "stage", "queued");
@@ -136,6 +153,7 @@ impl Mux {
             lock(&me.jobs.jobs).remove(&id);
             for vdi in &a.vdis {
                 lock(&me.jobs.throttles).remove(&format!("{}/{vdi}", a.sr));
+                lock(&me.jobs.limits).remove(&format!("{}/{vdi}", a.sr));
             }
         });
         Ok(task)
@@ -186,11 +204,6 @@ impl Mux {
             }
             let used = info.physical_utilisation.max(0).min(info.virtual_size.max(0));
             disks.push(Disk { vdi: vdi.clone(), dp, size: info.virtual_size.max(used) });
-        }
-        if a.bwlimit > 0 && self.backend_for_sr(&a.sr).map_err(|e| preflight_error(e.to_string()))?.smapi_version() >= 3 {
-            // A SMAPIv3 disk's copy is the full mirror's background pass, inside its datapath,
-            // which paces itself by the guest's writes instead.
-            return Err(preflight_error("a bandwidth limit applies to SMAPIv1 sources' copies; this SR's disks move by full mirror"));
         }
         let remote = Remote::new(&a.url).map_err(|e| preflight_error(e.to_string()))?;
         let sr: SrInfo = remote
@@ -272,7 +285,52 @@ impl Mux {
                 }
             }
         });
-        let outcomes = futures_join_all(runs).await;
+        // Full mirrors (SMAPIv3 disks) copy inside their datapath processes: the job's limit is
+        // shared out among those copying, again as they start and finish.
+        let full = self.backend_for_sr(&a.sr)?.smapi_version() >= 3;
+        let balancing = async {
+            let mut shares: BTreeMap<String, u64> = BTreeMap::new();
+            loop {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let copying: Vec<String> = disks
+                    .iter()
+                    .filter(|d| {
+                        lock(&self.records.sends)
+                            .get(&format!("{}/{}", a.sr, d.vdi))
+                            .is_some_and(|r| r.stage == super::records::SendStage::FullMirror)
+                    })
+                    .map(|d| d.vdi.clone())
+                    .collect();
+                let limit = job.limit.rate();
+                for vdi in &copying {
+                    let share = if limit == 0 { 0 } else { (limit / copying.len() as u64).max(1) };
+                    if shares.get(vdi) != Some(&share) {
+                        let (entry, v) = (self.attached_entry(&a.sr)?, vdi.clone());
+                        match self.run(&entry, false, move |b, ctx| b.vdi_mirror_rate(ctx, &v, share)).await {
+                            Ok(()) => {
+                                shares.insert(vdi.clone(), share);
+                            }
+                            // Not attached yet, or gone already: the next round sees.
+                            Err(e) => tracing::debug!(job = id, vdi, error = %e, "could not pace a full mirror yet"),
+                        }
+                    }
+                }
+            }
+            #[allow(unreachable_code)]
+            Ok::<(), StorageError>(())
+        };
+        let outcomes = if full {
+            tokio::select! {
+                o = futures_join_all(runs) => o,
+                r = balancing => {
+                    // Only an SR that disappeared ends the balancing: the job cannot go on.
+                    r?;
+                    return Err(StorageError::InternalError("pacing the job's mirrors stopped".into()));
+                }
+            }
+        } else {
+            futures_join_all(runs).await
+        };
         let mirrors: Vec<String> = outcomes.iter().filter_map(|o| o.as_ref().ok().cloned()).collect();
         if let Some(e) = outcomes.into_iter().find_map(Result::err) {
             // One disk failed (or the job was cancelled): every disk goes back.

@@ -241,7 +241,17 @@ impl Mux {
         let entry = self.attached_entry(&r.sr)?;
         let (vdi, export) = (r.vdi.clone(), remote_info.leaf.clone());
         let mode = if r.full_mirror { MirrorMode::Full } else { MirrorMode::Sync };
-        self.run(&entry, true, move |b, ctx| b.vdi_mirror_attach(ctx, &vdi, conn, &export, mode)).await?;
+        // A full mirror of a job with a bandwidth limit starts at its share at once: its
+        // background pass begins as it attaches.
+        let share = if r.full_mirror { self.jobs.first_share(id) } else { None };
+        self.run(&entry, true, move |b, ctx| {
+            b.vdi_mirror_attach(ctx, &vdi, conn, &export, mode)?;
+            if let Some(rate) = share {
+                b.vdi_mirror_rate(ctx, &vdi, rate)?;
+            }
+            Ok(())
+        })
+        .await?;
         self.update_send(id, |r| r.stage = if r.full_mirror { SendStage::FullMirror } else { SendStage::Snapshot })?;
         Ok(())
     }

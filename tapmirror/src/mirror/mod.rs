@@ -78,6 +78,32 @@ pub struct FullSync {
     in_flight: AtomicU64,
     ready: AtomicBool,
     started: Instant,
+    /// Bytes of data per second the pass may send, 0 for no limit; settable while it runs.
+    rate: AtomicU64,
+    /// The pass's token bucket: when it was last looked at and its credit then (bytes).
+    bucket: std::sync::Mutex<(Instant, f64)>,
+}
+
+impl FullSync {
+    /// Waits until `bytes` of data may be sent under the rate (100 ms of credit at most).
+    async fn pace(&self, bytes: u64) {
+        let rate = self.rate.load(Ordering::Relaxed);
+        if rate == 0 {
+            return;
+        }
+        let wait = {
+            let mut b = self.bucket.lock().unwrap_or_else(|e| e.into_inner());
+            let now = Instant::now();
+            let rate = rate as f64;
+            let credit = (b.1 + now.duration_since(b.0).as_secs_f64() * rate).min(rate / 10.0);
+            let after = credit - bytes as f64;
+            *b = (now, after);
+            if after >= 0.0 { Duration::ZERO } else { Duration::from_secs_f64(-after / rate) }
+        };
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+    }
 }
 
 /// Progress of a full mirror.
@@ -132,6 +158,8 @@ impl Mirror {
                 in_flight: AtomicU64::new(0),
                 ready: AtomicBool::new(false),
                 started: Instant::now(),
+                rate: AtomicU64::new(0),
+                bucket: std::sync::Mutex::new((Instant::now(), 0.0)),
             }
         });
         Arc::new(Mirror {
@@ -177,6 +205,18 @@ impl Mirror {
             guest_write_rate: self.bytes.load(Ordering::Relaxed) as f64 / secs,
             granularity: f.bitmap.granularity(),
         })
+    }
+
+    /// Caps the background pass at `bytes_per_s` bytes of data per second (0: no cap), from
+    /// its next request on. `false` outside full mode.
+    pub fn set_rate(&self, bytes_per_s: u64) -> bool {
+        match &self.full {
+            Some(f) => {
+                f.rate.store(bytes_per_s, Ordering::Relaxed);
+                true
+            }
+            None => false,
+        }
     }
 
     /// Marks ranges the target is known to hold already (e.g. holes of a zeroed target) as
@@ -411,6 +451,9 @@ async fn copy_range<I: Image>(slot: &MirrorSlot, m: &Mirror, image: &I, offset: 
     for e in extents {
         at = e.offset + e.length;
         let ok = if e.state == ExtentState::Data {
+            if let Some(f) = &m.full {
+                f.pace(e.length).await;
+            }
             let (buf, r) = image.read(e.offset, IoBuf::for_overwrite(e.length as usize)).await;
             if let Err(err) = r {
                 slot.fail(m, format!("reading the source at {}: {err}", e.offset));
