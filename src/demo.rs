@@ -304,7 +304,15 @@ async fn demo(args: &DemoArgs, dir: &Path) -> Result<()> {
     let (p50, p99) = (percentile(&mut latencies, 0.50), percentile(&mut latencies, 0.99));
     println!("verified: both destination VDIs hold exactly what the guest wrote, byte for byte\n");
     println!("summary");
-    println!("  {} disks, {} MiB of data, in sync after {:.2} s", disks.len(), sizes.iter().sum::<u64>() / 2 / MIB, in_sync.as_secs_f64());
+    let data = sizes.iter().sum::<u64>() / 2;
+    println!(
+        "  {} disks, {} MiB of data in {} MiB of disk, in sync after {:.2} s ({:.0} MiB/s of disk brought in sync)",
+        disks.len(),
+        data / MIB,
+        sizes.iter().sum::<u64>() / MIB,
+        in_sync.as_secs_f64(),
+        sizes.iter().sum::<u64>() as f64 / MIB as f64 / in_sync.as_secs_f64().max(0.001)
+    );
     println!("  guest: {writes} writes during the migration, latency p50 {} µs, p99 {} µs", p50.as_micros(), p99.as_micros());
     println!("  total: {:.2} s from start to switch-over done", (in_sync + Duration::from_secs(1) + cutover).as_secs_f64());
 

@@ -835,6 +835,10 @@ fn a_three_disk_vm_moves_two_at_a_time_and_each_disk_arrives_exact() {
     assert_eq!(started, 2, "two disks move, the third waits: {t}");
     let t = job_end(&p, &job);
     assert_eq!(t["state"][0], "Completed", "{t}");
+    // The job says how much it brought in sync, how much is left, and how fast.
+    let info = &t["debug_info"];
+    assert_eq!((info["bytes_done"].as_str(), info["bytes_left"].as_str()), (Some("25165824"), Some("0")), "{t}");
+    assert!(info["rate"].as_str().and_then(|r| r.parse::<f64>().ok()).is_some_and(|r| r > 0.0), "{t}");
     for (i, seed) in seeds.iter().enumerate() {
         assert_eq!(t["debug_info"][format!("disk{i} verified")], "8 blocks", "{t}");
         let dest_vdi = t["debug_info"][format!("disk{i} dest_vdi")].as_str().expect("dest vdi");

@@ -238,6 +238,7 @@ impl Mux {
         let total: f64 = sizes.iter().map(|s| *s as f64).sum::<f64>().max(1.0);
         let progress = Mutex::new(vec![0.0f64; disks.len()]);
         let reported = Mutex::new(0.0f64);
+        let started = std::time::Instant::now();
         let report = |i: usize, p: f64| {
             let mut v = progress.lock().unwrap_or_else(|e| e.into_inner());
             v[i] = v[i].max(p);
@@ -246,6 +247,15 @@ impl Mux {
             // The job's figure never goes backwards; 0.9 is reached when every disk is in sync.
             *r = r.max(weighted * 0.9);
             self.tasks().progress(id, *r);
+            // Bytes of the disks brought in sync, done and left, the rate and what is left in time.
+            let done = weighted * total;
+            let rate = done / started.elapsed().as_secs_f64().max(0.001);
+            self.tasks().debug_info(id, "bytes_done", &format!("{done:.0}"));
+            self.tasks().debug_info(id, "bytes_left", &format!("{:.0}", total - done));
+            self.tasks().debug_info(id, "rate", &format!("{rate:.0}"));
+            if rate > 0.0 {
+                self.tasks().debug_info(id, "eta_s", &format!("{:.1}", (total - done) / rate));
+            }
         };
         self.tasks().debug_info(id, "stage", "mirroring");
         // Each disk: wait for a slot, start its mirror, follow its task until in sync.
