@@ -511,8 +511,8 @@ impl Backend for ExtBackend {
     /// Sync is SMAPIv1's way (tapdisk's secondary: new writes only; the snapshot and the copy
     /// move the rest). Full works too, tapmirror copying the chain in the background, should a
     /// caller want a VHD source moved without a snapshot.
-    fn vdi_mirror_attach(&self, sr: &SrContext, vdi: &str, target: OwnedFd, export: &str, mode: MirrorMode) -> StorageResult<()> {
-        self.datapaths.mirror_attach(group(sr), known(sr, vdi)?, target, export, datapath::mode(mode)).map_err(errors::datapath)
+    fn vdi_mirror_attach(&self, sr: &SrContext, vdi: &str, target: OwnedFd, export: &str, mode: MirrorMode, rate: u64) -> StorageResult<()> {
+        self.datapaths.mirror_attach(group(sr), known(sr, vdi)?, target, export, datapath::mode(mode), rate).map_err(errors::datapath)
     }
 
     fn vdi_mirror_status(&self, sr: &SrContext, vdi: &str) -> StorageResult<MirrorStatus> {

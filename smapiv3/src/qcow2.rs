@@ -510,8 +510,8 @@ impl Backend for Qcow2Backend {
 
     /// Full is SMAPIv3's way (one mirror: dirty tracking, a background copy of the chain, and
     /// synchronous guest writes); Sync works too.
-    fn vdi_mirror_attach(&self, sr: &SrContext, vdi: &str, target: OwnedFd, export: &str, mode: MirrorMode) -> StorageResult<()> {
-        self.datapaths.mirror_attach(group(sr), known(sr, vdi)?, target, export, datapath::mode(mode)).map_err(errors::datapath)
+    fn vdi_mirror_attach(&self, sr: &SrContext, vdi: &str, target: OwnedFd, export: &str, mode: MirrorMode, rate: u64) -> StorageResult<()> {
+        self.datapaths.mirror_attach(group(sr), known(sr, vdi)?, target, export, datapath::mode(mode), rate).map_err(errors::datapath)
     }
 
     fn vdi_mirror_status(&self, sr: &SrContext, vdi: &str) -> StorageResult<MirrorStatus> {

@@ -13,7 +13,7 @@
 //! | `stats` | | counters, outstanding requests, mirror state and bytes left |
 //! | `pause` | | lets in-flight guest requests finish, holds new ones, and lets go of the image for writing (tap-ctl pause: the backend may now snapshot or compose it) |
 //! | `unpause` | `leaf`: path (optional) | reopens the image (or the one at `leaf`) for writing and resumes |
-//! | `mirror-attach` | `mode` (sync, full), `timeout_ms`, `export`, `granularity`, `target_is_zero`; one descriptor (full: optionally a second, for the background pass) | negotiates NBD on the descriptors and mirrors onto the target (full: and copies the disk in the background) |
+//! | `mirror-attach` | `mode` (sync, full), `timeout_ms`, `export`, `granularity`, `target_is_zero`, `rate` (full: bytes/s of the background pass, 0 for no cap); one descriptor (full: optionally a second, for the background pass) | negotiates NBD on the descriptors and mirrors onto the target (full: and copies the disk in the background) |
 //! | `mirror-rate` | `bytes_per_s` (0: no cap) | caps a full mirror's background pass at that many data bytes per second, from its next request |
 //! | `mirror-detach` | | stops mirroring (after in-flight writes) |
 //! | `nbd-accept` | one descriptor: a connected stream socket (TCP or Unix) | serves the export on it as on any accepted connection (fixed newstyle, the server speaks first; same image, pause and drain gating, counted in `connections`) until the peer closes it or shutdown |
@@ -151,6 +151,10 @@ async fn attach<I: Image>(
         return err(e);
     }
     if mode == MirrorMode::Full {
+        // Paced from its first byte when asked to be (a job's share of its bandwidth limit).
+        if let Some(rate) = request.get("rate").and_then(Value::as_u64) {
+            mirror.set_rate(rate);
+        }
         let source = Arc::clone(server);
         tokio::spawn(crate::mirror::run_full_copy(Arc::clone(server.mirror()), mirror, move || source.image()));
     }

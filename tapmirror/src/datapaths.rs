@@ -544,13 +544,14 @@ impl Datapaths {
     /// Source of a migration: the datapath mirrors guest writes onto `target`, an NBD
     /// connection to `export` (`mirror-attach`). A full mirror also copies the whole image in
     /// the background, zeroing holes (the target may hold anything).
-    pub fn mirror_attach(&self, g: Group<'_>, id: &str, target: OwnedFd, export: &str, mode: MirrorMode) -> Result<()> {
+    /// `rate` caps a full mirror's background pass from its first byte (0: no cap).
+    pub fn mirror_attach(&self, g: Group<'_>, id: &str, target: OwnedFd, export: &str, mode: MirrorMode, rate: u64) -> Result<()> {
         let mode = match mode {
             MirrorMode::Sync => "sync",
             MirrorMode::Full => "full",
         };
         let request = json!({"cmd": "mirror-attach", "mode": mode, "export": export,
-                             "timeout_ms": MIRROR_TIMEOUT.as_millis() as u64, "target_is_zero": false});
+                             "timeout_ms": MIRROR_TIMEOUT.as_millis() as u64, "target_is_zero": false, "rate": rate});
         // The handshake may take the mirror timeout; the answer comes after it.
         let answer = self
             .command_with(g, id, request, vec![target], MIRROR_TIMEOUT + CONTROL_TIMEOUT)?

@@ -241,17 +241,10 @@ impl Mux {
         let entry = self.attached_entry(&r.sr)?;
         let (vdi, export) = (r.vdi.clone(), remote_info.leaf.clone());
         let mode = if r.full_mirror { MirrorMode::Full } else { MirrorMode::Sync };
-        // A full mirror of a job with a bandwidth limit starts at its share at once: its
-        // background pass begins as it attaches.
+        // A full mirror of a job with a bandwidth limit is paced at its share from its first
+        // byte: its background pass begins as it attaches.
         let share = if r.full_mirror { self.jobs.first_share(id) } else { None };
-        self.run(&entry, true, move |b, ctx| {
-            b.vdi_mirror_attach(ctx, &vdi, conn, &export, mode)?;
-            if let Some(rate) = share {
-                b.vdi_mirror_rate(ctx, &vdi, rate)?;
-            }
-            Ok(())
-        })
-        .await?;
+        self.run(&entry, true, move |b, ctx| b.vdi_mirror_attach(ctx, &vdi, conn, &export, mode, share.unwrap_or(0))).await?;
         self.update_send(id, |r| r.stage = if r.full_mirror { SendStage::FullMirror } else { SendStage::Snapshot })?;
         Ok(())
     }

@@ -139,7 +139,7 @@ fn live_migration_ends_with_the_guests_disk() {
     // Pass fds: the destination serves the leaf on its end, the source mirrors onto the other.
     let (ours, theirs) = pair();
     dst.backend.vdi_serve_nbd(&dst.ctx, &leaf, theirs).expect("serve the mirror's connection");
-    src.backend.vdi_mirror_attach(&src.ctx, &v, ours, &leaf, MirrorMode::Sync).expect("mirror attach");
+    src.backend.vdi_mirror_attach(&src.ctx, &v, ours, &leaf, MirrorMode::Sync, 0).expect("mirror attach");
     assert_eq!(src.backend.vdi_mirror_status(&src.ctx, &v).expect("status").state, MirrorHealth::Ready);
     std::thread::sleep(Duration::from_millis(100));
 
@@ -241,7 +241,7 @@ fn a_mirror_target_that_goes_away_fails_the_mirror_not_the_guest() {
     let guest = Guest::start(nbd_uri(&v_info), SIZE, 9);
     let (ours, theirs) = pair();
     dst.backend.vdi_serve_nbd(&dst.ctx, &leaf, theirs).expect("serve");
-    src.backend.vdi_mirror_attach(&src.ctx, &v, ours, &leaf, MirrorMode::Sync).expect("mirror attach");
+    src.backend.vdi_mirror_attach(&src.ctx, &v, ours, &leaf, MirrorMode::Sync, 0).expect("mirror attach");
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(src.backend.vdi_mirror_status(&src.ctx, &v).expect("status").state, MirrorHealth::Ready);
 
@@ -327,7 +327,7 @@ fn migration_calls_refuse_bad_input() {
     let not_attached = |e: StorageError| matches!(&e, StorageError::BackendError(c, p) if c == "SR_BACKEND_FAILURE" && p[1].contains("not attached"));
     let (ours, theirs) = pair();
     assert!(not_attached(sr.backend.vdi_serve_nbd(&sr.ctx, &v, theirs).expect_err("serve on a detached VDI")));
-    assert!(not_attached(sr.backend.vdi_mirror_attach(&sr.ctx, &v, ours, &v, MirrorMode::Sync).expect_err("mirror a detached VDI")));
+    assert!(not_attached(sr.backend.vdi_mirror_attach(&sr.ctx, &v, ours, &v, MirrorMode::Sync, 0).expect_err("mirror a detached VDI")));
     assert!(not_attached(sr.backend.vdi_mirror_status(&sr.ctx, &v).expect_err("status of a detached VDI")));
     assert!(not_attached(sr.backend.vdi_drain(&sr.ctx, &v, Duration::from_secs(1)).expect_err("drain a detached VDI")));
     let missing = "00000000-0000-4000-8000-000000000000";
@@ -370,7 +370,7 @@ fn a_full_mirror_of_a_vhd_chain_ends_identical() {
     let guest = Guest::start(nbd_uri(&v_info), SIZE, 13);
     let (ours, theirs) = pair();
     dst.backend.vdi_serve_nbd(&dst.ctx, &d, theirs).expect("serve");
-    src.backend.vdi_mirror_attach(&src.ctx, &v, ours, &d, MirrorMode::Full).expect("full mirror");
+    src.backend.vdi_mirror_attach(&src.ctx, &v, ours, &d, MirrorMode::Full, 0).expect("full mirror");
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut saw = Vec::new();
     loop {
