@@ -960,9 +960,10 @@ fn a_jobs_bandwidth_limit_holds_within_ten_percent_and_can_change_while_it_runs(
         let job = p.src.cli(&job_args(&p, &url, &vdis, &["--bwlimit", "12M", "--parallel", "2", "--hold"]));
         job_holding(&p, &job);
         let rate = (48 * MIB) as f64 / started.elapsed().as_secs_f64();
-        // The job's time also holds its prepare and snapshot steps: the rate may fall a little
-        // short of the limit, never above it by more than 10%.
-        assert!(rate <= limit as f64 * 1.10 && rate >= limit as f64 * 0.80, "{what}: {:.1} MiB/s under a 12 MiB/s limit", rate / MIB as f64);
+        // A ceiling, not a speed: unpaced, these copies run at well over 100 MiB/s here, so
+        // a rate above the limit by more than 10% means the limit failed. (How far below it a
+        // loaded machine falls is for the benches, not for a test.)
+        assert!(rate <= limit as f64 * 1.10, "{what}: {:.1} MiB/s under a 12 MiB/s limit", rate / MIB as f64);
         p.src.cli(&["migrate", "cancel", &job]);
         job_end(&p, &job);
 
