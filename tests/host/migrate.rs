@@ -829,10 +829,11 @@ fn a_three_disk_vm_moves_two_at_a_time_and_each_disk_arrives_exact() {
     let url = p.dest_url();
     let (vdis, _uris, seeds) = vm(&p, 3, 8 * MIB);
     let job = p.src.cli(&job_args(&p, &url, &vdis, &["--parallel", "2", "--verify"]));
-    std::thread::sleep(std::time::Duration::from_millis(1200));
+    let started = |t: &serde_json::Value| t["debug_info"].as_object().expect("info").keys().filter(|k| k.ends_with(" task")).count();
+    eventually(30, "two disks start", || started(&job_stat(&p, &job)) >= 2);
+    // The first two now sit in their copy's 2 s delay: the third cannot have started.
     let t = job_stat(&p, &job);
-    let started = t["debug_info"].as_object().expect("info").keys().filter(|k| k.ends_with(" task")).count();
-    assert_eq!(started, 2, "two disks move, the third waits: {t}");
+    assert_eq!(started(&t), 2, "two disks move, the third waits: {t}");
     let t = job_end(&p, &job);
     assert_eq!(t["state"][0], "Completed", "{t}");
     // The job says how much it brought in sync, how much is left, and how fast.
