@@ -435,7 +435,7 @@ fn fio_verifies_on_the_destination_what_it_wrote_on_the_source_during_the_migrat
             if verify_only {
                 c.arg("--verify_only");
             } else {
-                c.args(["--rate_iops=1500", "--do_verify=1"]);
+                c.args(["--rate_iops=800", "--do_verify=1"]);
             }
             c
         };
