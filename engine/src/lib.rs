@@ -3,8 +3,7 @@
 //! It owns xapi's storage interface (SMAPIv2) as a host serves it: the wire, the typed model,
 //! the mux that routes `SR.*`, `VDI.*` and `DP.*` calls by SR type, datapath states, tasks and
 //! persisted state. It names no backend and uses nothing else of ours: the `sxm` binary
-//! registers the backends (see `../shared/DESIGN.md`, "Layout"). The staged migration
-//! (`DATA.*`) arrives with the next issue; until then those calls answer `Unimplemented`.
+//! registers the backends (see `../shared/DESIGN.md`, "Layout").
 //!
 //! Modules, from the wire inwards:
 //!
@@ -14,8 +13,11 @@
 //! - [`model`]: the interface's records, variants, errors, and every call typed;
 //! - [`mux`]: routes each call to the backend of the SR it names; keeps [`srs`] (the SR
 //!   registry), [`datapaths`] (which VDI each datapath holds) and [`tasks`] (tasks, updates);
+//! - [`migrate`]: the staged live migration (`DATA.*`) on both sides, with rollback and
+//!   recovery, and jobs moving a VM's disks together;
 //! - [`backend`]: the trait an SR type implements;
-//! - [`state`]: atomic, durable records on disk.
+//! - [`state`]: atomic, durable records on disk;
+//! - [`fault`]: named fault points the end-to-end tests use to break each stage.
 
 pub mod backend;
 pub mod datapaths;

@@ -7,7 +7,7 @@
 //!   meta.rs      the SR's record: the volume tree, which volumes are VDIs, their vdi_info
 //!   recover.rs   SR.attach: temporaries, the files' backing links over the record's, orphans
 //!   datapath.rs  the adapter to tapmirror::datapaths (the process manager both SR types share)
-//!   copy.rs      a migration's copy: a VDI's qcow2 chain over NBD
+//!   copy.rs      a migration's copy: a VDI's qcow2 chain (or its difference from a base) over NBD
 //!   errors.rs    failures as the storage interface's errors
 //! ```
 //!
