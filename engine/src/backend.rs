@@ -73,6 +73,68 @@ pub enum VdiChange {
     },
 }
 
+impl VdiChange {
+    /// Applies the change to a VDI's record (whatever the SR type keeps it in).
+    pub fn apply(&self, info: &mut VdiInfo) {
+        match self {
+            VdiChange::ContentId(c) => info.content_id = c.clone(),
+            VdiChange::NameLabel(n) => info.name_label = n.clone(),
+            VdiChange::NameDescription(d) => info.name_description = d.clone(),
+            VdiChange::Persistent(p) => info.persistent = *p,
+            VdiChange::AddSmConfig(k, v) => {
+                info.sm_config.insert(k.clone(), v.clone());
+            }
+            VdiChange::RemoveSmConfig(k) => {
+                info.sm_config.shift_remove(k);
+            }
+            VdiChange::SnapshotOf { of, time } => {
+                info.is_a_snapshot = true;
+                info.snapshot_of = of.clone();
+                info.snapshot_time = time.clone();
+            }
+        }
+    }
+}
+
+/// The errors a backend answers with, in the codes xapi and its SMAPIv1 plugins use, shared by
+/// every SR type (each maps its own format's failures onto these).
+pub mod errors {
+    use std::fmt::Display;
+    use std::io;
+
+    use crate::model::StorageError;
+
+    /// `Backend_error ("SR_BACKEND_FAILURE", [kind; message; ""])`: xapi's generic backend
+    /// failure with its three parameters (status, stdout, stderr).
+    pub fn failure(kind: &str, message: impl Display) -> StorageError {
+        StorageError::BackendError("SR_BACKEND_FAILURE".to_owned(), vec![kind.to_owned(), message.to_string(), String::new()])
+    }
+
+    /// `Backend_error ("VDI_IN_USE", [vdi; operation])`.
+    pub fn in_use(vdi: &str, operation: &str) -> StorageError {
+        StorageError::BackendError("VDI_IN_USE".to_owned(), vec![vdi.to_owned(), operation.to_owned()])
+    }
+
+    /// SM's `SRNoSpace` (code 44), as xapi receives it (and turns into
+    /// `SR_SOURCE_SPACE_INSUFFICIENT` in a migration).
+    pub fn no_space(detail: impl Display) -> StorageError {
+        StorageError::BackendError(
+            "SR_BACKEND_FAILURE_44".to_owned(),
+            vec![String::new(), "There is insufficient space".to_owned(), detail.to_string()],
+        )
+    }
+
+    /// Whether an I/O error is a full file system or quota (`ENOSPC`, `EDQUOT`).
+    pub fn is_no_space(e: &io::Error) -> bool {
+        matches!(e.kind(), io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded)
+    }
+
+    /// An I/O failure of the SR's own files (`what` says what was being done, with the path).
+    pub fn io(what: impl Display, e: &io::Error) -> StorageError {
+        if is_no_space(e) { no_space(format!("{what}: {e}")) } else { failure("io", format!("{what}: {e}")) }
+    }
+}
+
 fn unimplemented<T>(what: &str) -> StorageResult<T> {
     Err(StorageError::Unimplemented(what.to_owned()))
 }

@@ -436,27 +436,12 @@ impl Backend for ExtBackend {
         if let VdiChange::SnapshotOf { of, .. } = change {
             meta.vdi(vdi_id(of)?)?;
         }
-        let info = meta.vdi_mut(id)?;
-        match change {
-            VdiChange::ContentId(c) => info.content_id = c.clone(),
-            VdiChange::NameLabel(n) => info.name_label = n.clone(),
-            VdiChange::NameDescription(d) => info.name_description = d.clone(),
-            VdiChange::Persistent(p) => info.persistent = *p,
-            VdiChange::AddSmConfig(k, v) => {
-                if k == VHD_PARENT_KEY || k == VHD_ERROR_KEY {
-                    return Err(errors::failure("invalid", format!("sm_config key {k:?} is the backend's own")));
-                }
-                info.sm_config.insert(k.clone(), v.clone());
-            }
-            VdiChange::RemoveSmConfig(k) => {
-                info.sm_config.shift_remove(k);
-            }
-            VdiChange::SnapshotOf { of, time } => {
-                info.is_a_snapshot = true;
-                info.snapshot_of = of.clone();
-                info.snapshot_time = time.clone();
-            }
+        if let VdiChange::AddSmConfig(k, _) = change
+            && (k == VHD_PARENT_KEY || k == VHD_ERROR_KEY)
+        {
+            return Err(errors::failure("invalid", format!("sm_config key {k:?} is the backend's own")));
         }
+        change.apply(meta.vdi_mut(id)?);
         meta.save(&sr.dir)?;
         tracing::info!(sr = %sr.sr, vdi = %id, ?change, "updated a VDI's record");
         Ok(())

@@ -4,42 +4,14 @@
 //! for the rest, `kind` one of `corrupt`, `missing_parent`, `io`, `invalid`, `unsupported`,
 //! `metadata`, `datapath`, `copy`.
 
-use std::fmt::Display;
-use std::io;
 
+pub(crate) use sxm_engine::backend::errors::{failure, in_use, io, is_no_space, no_space};
 use sxm_engine::backend::CopyStats;
 use sxm_engine::model::StorageError;
 use tapmirror::copy::CopyReport;
 pub(crate) use tapmirror::datapaths::chain;
 use tapmirror::datapaths::{DatapathError, DatapathErrorKind};
 use tapmirror::image::qcow2::Qcow2Error;
-
-/// `Backend_error ("SR_BACKEND_FAILURE", [kind; message; ""])`.
-pub(crate) fn failure(kind: &str, message: impl Display) -> StorageError {
-    StorageError::BackendError("SR_BACKEND_FAILURE".to_owned(), vec![kind.to_owned(), message.to_string(), String::new()])
-}
-
-/// `Backend_error ("VDI_IN_USE", [vdi; operation])`.
-pub(crate) fn in_use(vdi: &str, operation: &str) -> StorageError {
-    StorageError::BackendError("VDI_IN_USE".to_owned(), vec![vdi.to_owned(), operation.to_owned()])
-}
-
-/// SM's `SRNoSpace` (code 44), as xapi receives it.
-pub(crate) fn no_space(detail: impl Display) -> StorageError {
-    StorageError::BackendError(
-        "SR_BACKEND_FAILURE_44".to_owned(),
-        vec![String::new(), "There is insufficient space".to_owned(), detail.to_string()],
-    )
-}
-
-fn is_no_space(e: &io::Error) -> bool {
-    e.raw_os_error() == Some(libc::ENOSPC) || e.raw_os_error() == Some(libc::EDQUOT)
-}
-
-/// An I/O failure of the SR's own files.
-pub(crate) fn io(what: impl Display, e: &io::Error) -> StorageError {
-    if is_no_space(e) { no_space(format!("{what}: {e}")) } else { failure("io", format!("{what}: {e}")) }
-}
 
 /// A qcow2 operation's failure on VDI `vdi` during `operation`.
 pub(crate) fn qcow2(vdi: &str, operation: &str, e: &Qcow2Error) -> StorageError {
