@@ -516,7 +516,7 @@ impl Backend for ExtBackend {
         self.datapaths.drain(group(sr), known(sr, vdi)?, timeout).map_err(errors::datapath)
     }
 
-    fn vdi_copy_into(&self, sr: &SrContext, vdi: &str, base: Option<&str>, dest: OwnedFd, export: &str, ctl: &CopyControl<'_>    ) -> StorageResult<CopyStats> {
+    fn vdi_copy_into(&self, sr: &SrContext, vdi: &str, base: Option<&str>, dest: OwnedFd, export: &str, ctl: &CopyControl<'_>) -> StorageResult<CopyStats> {
         let id = known(sr, vdi)?;
         let base = base.map(|b| known(sr, b)).transpose()?;
         let base_path = base.map(|b| vhd_path(&sr.dir, b));

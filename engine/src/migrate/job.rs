@@ -202,8 +202,7 @@ impl Mux {
             if lock(&self.records.sends).get(&format!("{}/{vdi}", a.sr)).is_some() {
                 return Err(preflight_error(format!("VDI {vdi} is already being mirrored")));
             }
-            let used = info.physical_utilisation.max(0).min(info.virtual_size.max(0));
-            disks.push(Disk { vdi: vdi.clone(), dp, size: info.virtual_size.max(used) });
+            disks.push(Disk { vdi: vdi.clone(), dp, size: info.virtual_size.max(0) });
         }
         let remote = Remote::new(&a.url).map_err(|e| preflight_error(e.to_string()))?;
         let sr: SrInfo = remote
