@@ -47,6 +47,11 @@ pub struct CopyOptions {
     /// Persist progress after this many bytes (or every 5 s, whichever comes first). Each
     /// checkpoint costs a flush of the destination.
     pub checkpoint_every: u64,
+    /// Flush the destination in the background after every this many data bytes sent (0:
+    /// only at the end). The target then writes back while data keeps arriving instead of
+    /// all at once at the final flush, which is what a copy that ends durable waits for, and
+    /// its dirty page cache stays bounded.
+    pub writeback_every: u64,
     /// How to report progress.
     pub progress: ProgressMode,
     /// Granularity of zero detection in data read from the source.
@@ -85,6 +90,7 @@ impl Default for CopyOptions {
             bwlimit: None,
             checkpoint: None,
             checkpoint_every: 1 << 30,
+            writeback_every: 256 << 20,
             progress: ProgressMode::None,
             sparse_size: 4096,
             done_counter: None,
@@ -239,6 +245,10 @@ pub async fn copy<I: Image, J: Image>(
     let mut tasks = tokio::task::JoinSet::new();
     let ticker = progress.spawn_ticker();
     let mut last_checkpoint = (Instant::now(), start);
+    // Early writeback (see `CopyOptions::writeback_every`): one flush in flight at a time.
+    let mut writeback: Option<tokio::task::JoinHandle<Result<()>>> = None;
+    let target = Arc::clone(&dest);
+    let mut sent_since_writeback = 0u64;
 
     let mut at = start;
     'walk: while at < size {
@@ -298,6 +308,18 @@ pub async fn copy<I: Image, J: Image>(
                         drop(permit);
                     });
                     off += len as u64;
+                    sent_since_writeback += len as u64;
+                    if opts.writeback_every > 0
+                        && sent_since_writeback >= opts.writeback_every
+                        && writeback.as_ref().is_none_or(|w| w.is_finished())
+                    {
+                        if let Some(w) = writeback.take() {
+                            w.await??;
+                        }
+                        let target = Arc::clone(&target);
+                        writeback = Some(tokio::spawn(async move { target.flush().await }));
+                        sent_since_writeback = 0;
+                    }
                 }
             }
             at = end;
@@ -321,6 +343,9 @@ pub async fn copy<I: Image, J: Image>(
     }
     while let Some(r) = tasks.join_next().await {
         r?;
+    }
+    if let Some(w) = writeback.take() {
+        w.await??;
     }
     ticker.abort();
     if let Some(e) = failed.lock().ok().and_then(|mut f| f.take()) {

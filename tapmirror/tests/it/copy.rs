@@ -269,3 +269,57 @@ fn copy_with_base_sends_only_what_differs() {
     assert_eq!(expected[4 * MIB as usize], 0, "the zeroed range");
     assert_eq!(expected[MIB as usize], 0x42);
 }
+
+/// Early writeback: a copy flushes the target in the background as data arrives (so the final
+/// flush, which a durable copy waits for, has little left to write), and still ends with a
+/// flush that covers every write. nbdkit's log filter records the order of requests as the
+/// target saw them.
+#[test]
+fn copy_flushes_while_it_writes_and_once_after_the_last_write() {
+    crate::require!("nbdkit");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = dir.path().join("src.raw");
+    let content = make_source(&src);
+    let flushes_and_last_write = |writeback: &str| {
+        let dst = dir.path().join("dst.raw");
+        std::fs::write(&dst, vec![0x33u8; 64 << 20]).expect("target");
+        let (socket, log) = (dir.path().join("log.sock"), dir.path().join("requests.log"));
+        let _ = std::fs::remove_file(&log);
+        let _ = std::fs::remove_file(&socket);
+        let target = spawn_server(
+            Command::new("nbdkit")
+                .args(["-f", "-U"])
+                .arg(&socket)
+                .args(["--filter=log", "file"])
+                .arg(&dst)
+                .arg(format!("logfile={}", log.display())),
+            &socket,
+        );
+        let uri = format!("nbd+unix:///?socket={}", socket.display());
+        crate::harness::run(Command::new(crate::harness::tapmirror()).arg("copy").arg(&src).arg(&uri).args([
+            "--connections",
+            "1",
+            "--request-size",
+            "1M",
+            "--writeback-every",
+            writeback,
+        ]));
+        drop(target);
+        assert!(std::fs::read(&dst).expect("read") == content, "target differs (writeback {writeback})");
+        // Line numbers of each flush sent and of the last write answered.
+        let text = std::fs::read_to_string(&log).expect("request log");
+        let lines: Vec<&str> = text.lines().collect();
+        let flushes: Vec<usize> = lines.iter().enumerate().filter(|(_, l)| l.contains(" Flush ")).map(|(i, _)| i).collect();
+        let last_write = lines.iter().rposition(|l| l.contains(" ...Write ")).expect("writes in the log");
+        (flushes, last_write)
+    };
+
+    let (flushes, last_write) = flushes_and_last_write("4M");
+    assert!(flushes.len() >= 2, "26 MiB of data with writeback every 4 MiB: flushes at {flushes:?}");
+    assert!(flushes[0] < last_write, "no flush while writing: flushes at {flushes:?}, last write at {last_write}");
+    assert!(flushes.last().is_some_and(|&f| f > last_write), "no flush after the last write: {flushes:?} vs {last_write}");
+
+    let (flushes, last_write) = flushes_and_last_write("0");
+    assert_eq!(flushes.len(), 1, "writeback off: one flush, at the end");
+    assert!(flushes[0] > last_write);
+}
