@@ -154,7 +154,7 @@ struct CopyArgs {
     checkpoint: Option<PathBuf>,
     /// Flush the destination in the background after every this many data bytes, so it
     /// writes back while the copy runs rather than all at the end (0: flush only at the end).
-    #[arg(long, value_parser = parse_size, default_value = "256M")]
+    #[arg(long, value_parser = parse_size, default_value = "128M")]
     writeback_every: u64,
 }
 
