@@ -13,6 +13,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
 use std::sync::{Arc, OnceLock};
 
 pub use buf::{FixedPool, IoBuf, SLOT_COUNT, SLOT_SIZE};
@@ -71,6 +72,18 @@ fn auto_engine() -> EngineKind {
             EngineKind::Portable
         }
     })
+}
+
+/// Largest write done by `pwrite` on the calling thread (see [`FileIo::write_all_at`]).
+pub const INLINE_WRITE_MAX: usize = 64 << 10;
+
+/// Threads inside an inline `pwrite` right now, and how many may be at once: all CPUs but
+/// one, so a write that blocks (dirty-page throttling can sleep for a while) never holds every
+/// runtime worker; the rest take the engine's way meanwhile.
+static INLINE_ACTIVE: AtomicUsize = AtomicUsize::new(0);
+fn inline_max() -> usize {
+    static MAX: OnceLock<usize> = OnceLock::new();
+    *MAX.get_or_init(|| std::thread::available_parallelism().map(|n| n.get().saturating_sub(1)).unwrap_or(1).max(1))
 }
 
 /// How durable a write must be when it completes.
@@ -189,6 +202,19 @@ impl FileIo {
     ) -> io::Result<()> {
         if range.end > buf.len() || range.start > range.end {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "write range outside its buffer"));
+        }
+        // A small page-cache write takes a few microseconds of CPU; either engine's way costs
+        // more in thread hand-offs (ext4 cannot write buffered without blocking, so io_uring
+        // punts every such write to a worker thread, whose completion then wakes a reaper,
+        // which wakes the task). Measured with fio over NBD: QD1 4 KiB writes 9.4 µs instead
+        // of 15.8 (p99 13.9 instead of 34.8), QD16 1.5x the IOPS.
+        if durability == Durability::Cached && range.len() <= INLINE_WRITE_MAX {
+            if INLINE_ACTIVE.fetch_add(1, AtomicOrdering::AcqRel) < inline_max() {
+                let r = self.target.file.write_all_at(&buf[range.clone()], offset);
+                INLINE_ACTIVE.fetch_sub(1, AtomicOrdering::AcqRel);
+                return r;
+            }
+            INLINE_ACTIVE.fetch_sub(1, AtomicOrdering::AcqRel);
         }
         match self.kind {
             EngineKind::Portable => {
