@@ -196,6 +196,10 @@ enum CtlCommand {
         /// How long the target may take to answer one request before the mirror is failed.
         #[arg(long, default_value_t = 30_000)]
         timeout_ms: u64,
+        /// Full mode: bytes per second at most for the background copy (e.g. 64M), which
+        /// leaves the guest's writes more room; none by default.
+        #[arg(long, value_parser = parse_size)]
+        rate: Option<u64>,
     },
     /// Stop mirroring.
     MirrorDetach,
@@ -479,7 +483,7 @@ async fn ctl(args: CtlArgs) -> Result<()> {
         CtlCommand::Pause => json!({"cmd": "pause"}),
         CtlCommand::Unpause { leaf: None } => json!({"cmd": "unpause"}),
         CtlCommand::Unpause { leaf: Some(l) } => json!({"cmd": "unpause", "leaf": l}),
-        CtlCommand::MirrorAttach { target, mode, timeout_ms, granularity, target_is_zero } => {
+        CtlCommand::MirrorAttach { target, mode, timeout_ms, granularity, target_is_zero, rate } => {
             // Connect as the engine will (it does HTTP first), and pass the connected socket;
             // a full mirror gets a second one for its background pass.
             let uri = NbdUri::parse(&target)?;
@@ -500,7 +504,7 @@ async fn ctl(args: CtlArgs) -> Result<()> {
                 fds.push(connect()?);
             }
             json!({"cmd": "mirror-attach", "mode": mode, "timeout_ms": timeout_ms, "export": uri.export,
-                   "granularity": granularity, "target_is_zero": target_is_zero})
+                   "granularity": granularity, "target_is_zero": target_is_zero, "rate": rate.unwrap_or(0)})
         }
         CtlCommand::MirrorDetach => json!({"cmd": "mirror-detach"}),
         CtlCommand::Drain { timeout } => json!({"cmd": "drain", "timeout_s": timeout}),

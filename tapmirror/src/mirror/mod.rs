@@ -376,7 +376,10 @@ const COPY_DEPTH: u32 = 4;
 const COPY_CHUNK: u64 = 1 << 20;
 /// While the guest writes, the pass steps aside: one small request at a time, so a guest
 /// write waits for at most one short copy (on the CPU, in the target, on a range lock).
-const BUSY_CHUNK: u64 = 128 << 10;
+/// Measured on 2 cores with the target on the same machine (benches/mirror-vs-qemu.py, guest
+/// p99 while the pass runs): 128 KiB 928 µs, 32 KiB 607 µs, 8 KiB 425 µs, taking 0.6, 1.2
+/// and 3.2 s to copy 1 GiB of data; a bandwidth limit on the mirror trades further.
+const BUSY_CHUNK: u64 = 32 << 10;
 /// A guest write within this long makes the guest count as busy.
 const BUSY_WINDOW: Duration = Duration::from_millis(20);
 
