@@ -122,6 +122,7 @@ class Bench:
         self.seconds = seconds
         self.dir = tempfile.mkdtemp(prefix="sxm-mirror.")
         self.procs = []
+        self.files = []
         sh("cargo", "build", "--release", "-q", "-p", "tapmirror", "--manifest-path", f"{ROOT}/Cargo.toml")
         self.tm = f"{ROOT}/target/release/tapmirror"
         self.src = self.path("src.raw")
@@ -148,9 +149,15 @@ class Bench:
             except subprocess.TimeoutExpired:
                 p.kill()
         self.procs = []
+        # Each case's images go with it: left behind, a few 4 GiB copies fill the page cache
+        # and later cases measure memory reclaim instead of the data path.
+        for f in self.files:
+            os.remove(f)
+        self.files = []
 
     def fresh(self, name, copy_src):
         p = self.path(name)
+        self.files.append(p)
         if copy_src:
             sh("cp", "--sparse=always", self.src, p)  # shutil.copyfile would fill the holes
             os.sync()  # the copy's writeback must not land in the next measurement
