@@ -126,7 +126,8 @@ struct CopyArgs {
     /// Destination: an NBD URI, or a file (created as a sparse raw file of the source's size
     /// when missing).
     dest: String,
-    /// Send only what differs from BASE, a chain the destination already holds.
+    /// Send only what differs from BASE, a chain (VHD or qcow2, as SRC) the destination
+    /// already holds.
     #[arg(long)]
     base: Option<PathBuf>,
     /// The destination reads as zeroes: skip zero runs entirely.
@@ -427,11 +428,21 @@ async fn copy(args: CopyArgs) -> Result<()> {
         None => Source::Image(Arc::new(open_copy_image(Path::new(&args.src), Access::ReadOnly, engine).await?)),
         Some(base) => {
             let src = Path::new(&args.src);
-            if Format::detect(src)? != Format::Vhd || Format::detect(base)? != Format::Vhd {
-                bail!("--base works on VHD chains (a source and a base that share ancestors)");
+            let compared = || format!("comparing {} with {}", src.display(), base.display());
+            let ranges = match (Format::detect(src)?, Format::detect(base)?) {
+                (Format::Vhd, Format::Vhd) => Some(vhd::diff_map(src, base).await.with_context(compared)?),
+                (Format::Qcow2, Format::Qcow2) => qcow2::diff_map(src, base).await.with_context(compared)?,
+                _ => bail!("--base works on VHD or qcow2 chains of one format (a source and a base that share ancestors)"),
+            };
+            let image = Arc::new(open_copy_image(src, Access::ReadOnly, engine).await?);
+            match ranges {
+                Some(ranges) => Source::Diff { image, ranges },
+                None => {
+                    // The base has layers the source lacks: what they changed is unknown here.
+                    tracing::warn!(base = %base.display(), "the base holds layers the source does not; copying the whole source");
+                    Source::Image(image)
+                }
             }
-            let ranges = vhd::diff_map(src, base).await.with_context(|| format!("comparing {} with {}", src.display(), base.display()))?;
-            Source::Diff { image: Arc::new(open_copy_image(src, Access::ReadOnly, engine).await?), ranges }
         }
     };
     let size = source.size();

@@ -323,3 +323,39 @@ fn copy_flushes_while_it_writes_and_once_after_the_last_write() {
     assert_eq!(flushes.len(), 1, "writeback off: one flush, at the end");
     assert!(flushes[0] > last_write);
 }
+
+/// `copy --base` on qcow2 chains made by qemu-img: the destination holds the base; only the
+/// clusters the child's own layer holds travel, and the destination ends equal to the child as
+/// qemu-img itself reads it.
+#[test]
+fn copy_with_a_qcow2_base_sends_only_the_childs_layer() {
+    crate::require!("qemu-img", "qemu-io");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (base, child) = (dir.path().join("base.qcow2"), dir.path().join("child.qcow2"));
+    let qemu = |args: &[&str], file: &Path| crate::harness::run(Command::new(args[0]).args(&args[1..]).arg(file));
+    crate::harness::run(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&base).arg("32M"));
+    qemu(&["qemu-io", "-f", "qcow2", "-c", "write -P 0x41 0 8M"], &base);
+    let tm = crate::harness::tapmirror();
+    let target = serve(32 * MIB, &[]);
+    crate::harness::run(Command::new(tm).arg("copy").arg(&base).arg(target.uri()));
+    crate::harness::run(
+        Command::new("qemu-img").args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"]).arg(&base).arg(&child),
+    );
+    qemu(&["qemu-io", "-f", "qcow2", "-c", "write -P 0x42 1M 512k", "-c", "write -z 4M 1M", "-c", "write -P 0x43 20M 64k"], &child);
+
+    let out = crate::harness::run(Command::new(tm).arg("copy").arg("--base").arg(&base).arg(&child).arg(target.uri()));
+    let report: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stderr).lines().rfind(|l| l.starts_with('{')).expect("report"))
+            .expect("report JSON");
+    // The child's layer holds 512 KiB + 1 MiB (zeroed) + 64 KiB: nothing else may be sent.
+    assert!(report["data_bytes"].as_u64().expect("data") <= 2 * MIB, "{report}");
+    assert!(report["skipped_bytes"].as_u64().expect("skipped") >= 29 * MIB, "{report}");
+
+    let expected = dir.path().join("expected.raw");
+    crate::harness::run(Command::new("qemu-img").args(["convert", "-O", "raw"]).arg(&child).arg(&expected));
+    let expected = std::fs::read(&expected).expect("expected");
+    assert!(target.contents() == expected, "destination differs from the child");
+    assert_eq!(expected[4 * MIB as usize], 0, "the zeroed range");
+    assert_eq!(expected[MIB as usize], 0x42);
+    assert_eq!(expected[20 * MIB as usize], 0x43);
+}
