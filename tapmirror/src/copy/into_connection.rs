@@ -8,7 +8,7 @@
 //! ([`crate::datapaths::block_on`]): it works whatever the caller's runtime is (or none, in
 //! tests), the copy's CPU work (the zero scan of every byte read) never takes the caller's
 //! worker threads, and dropping that runtime at the end ends every task the copy started, on
-//! success, error and cancellation alike. One thread is plenty: the work is I/O with 16
+//! success, error and cancellation alike. One thread is plenty: the work is I/O with 8
 //! requests of 1 MiB in flight.
 //!
 //! # Cancellation and progress

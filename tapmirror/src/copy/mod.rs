@@ -34,7 +34,8 @@ use crate::image::{ExtentState, Image};
 /// How a copy runs.
 #[derive(Clone)]
 pub struct CopyOptions {
-    /// Requests in flight per destination connection.
+    /// Requests in flight per destination connection. A few large ones keep a target busy;
+    /// more only push the buffers out of the CPU cache on both ends (benches/README.md, Copy).
     pub requests: usize,
     /// Largest request in bytes (clamped to what both ends accept).
     pub request_size: usize,
@@ -84,7 +85,7 @@ impl std::fmt::Debug for CopyOptions {
 impl Default for CopyOptions {
     fn default() -> CopyOptions {
         CopyOptions {
-            requests: 16,
+            requests: 8,
             request_size: 1 << 20,
             target_is_zero: false,
             bwlimit: None,
