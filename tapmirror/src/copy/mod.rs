@@ -246,8 +246,9 @@ pub async fn copy<I: Image, J: Image>(
     let mut tasks = tokio::task::JoinSet::new();
     let ticker = progress.spawn_ticker();
     let mut last_checkpoint = (Instant::now(), start);
-    // Early writeback (see `CopyOptions::writeback_every`): one flush in flight at a time.
-    let mut writeback: Option<tokio::task::JoinHandle<Result<()>>> = None;
+    // Early writeback (see `CopyOptions::writeback_every`): one flush in flight at a time, in a
+    // set of its own so that leaving early (an error) aborts it rather than leaving it behind.
+    let mut writeback: tokio::task::JoinSet<Result<()>> = tokio::task::JoinSet::new();
     let target = Arc::clone(&dest);
     let mut sent_since_writeback = 0u64;
 
@@ -310,16 +311,15 @@ pub async fn copy<I: Image, J: Image>(
                     });
                     off += len as u64;
                     sent_since_writeback += len as u64;
-                    if opts.writeback_every > 0
-                        && sent_since_writeback >= opts.writeback_every
-                        && writeback.as_ref().is_none_or(|w| w.is_finished())
-                    {
-                        if let Some(w) = writeback.take() {
-                            w.await??;
+                    if opts.writeback_every > 0 && sent_since_writeback >= opts.writeback_every {
+                        if let Some(done) = writeback.try_join_next() {
+                            done??;
                         }
-                        let target = Arc::clone(&target);
-                        writeback = Some(tokio::spawn(async move { target.flush().await }));
-                        sent_since_writeback = 0;
+                        if writeback.is_empty() {
+                            let target = Arc::clone(&target);
+                            writeback.spawn(async move { target.flush().await });
+                            sent_since_writeback = 0;
+                        }
                     }
                 }
             }
@@ -345,8 +345,8 @@ pub async fn copy<I: Image, J: Image>(
     while let Some(r) = tasks.join_next().await {
         r?;
     }
-    if let Some(w) = writeback.take() {
-        w.await??;
+    while let Some(done) = writeback.join_next().await {
+        done??;
     }
     ticker.abort();
     if let Some(e) = failed.lock().ok().and_then(|mut f| f.take()) {
