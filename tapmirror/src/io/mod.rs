@@ -353,6 +353,34 @@ mod tests {
         }
     }
 
+    /// Many small cached writes at once, more than may go inline, mixed with writes too large
+    /// to: some take `pwrite` on the calling thread, the rest the engine, and every byte must
+    /// land where it was sent whichever way it went.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_small_and_large_writes_all_land_on_every_engine() {
+        const SMALL: usize = 4096;
+        const LARGE: usize = INLINE_WRITE_MAX + SMALL;
+        for kind in engines().await {
+            let io = Arc::new(FileIo::new(tempfile::tempfile().expect("tempfile"), kind).await.expect("open"));
+            let mut writes = tokio::task::JoinSet::new();
+            // 64 small writes, then 4 large ones, each its own byte value, none overlapping.
+            for i in 0..68usize {
+                let (len, offset) = if i < 64 { (SMALL, i * SMALL) } else { (LARGE, 64 * SMALL + (i - 64) * LARGE) };
+                let io = Arc::clone(&io);
+                writes.spawn(async move {
+                    let b = Arc::new(IoBuf::from_vec(vec![i as u8 + 1; len]));
+                    io.write_all_at(&b, 0..len, offset as u64, Durability::Cached).await.map(|()| (offset, len, i as u8 + 1))
+                });
+            }
+            while let Some(done) = writes.join_next().await {
+                let (offset, len, value) = done.expect("task").expect("write");
+                let (r, res) = io.read_exact_at(IoBuf::new(len), offset as u64).await;
+                res.expect("read back");
+                assert!(r.iter().all(|&x| x == value), "{kind:?}: write of {len} bytes at {offset} came back different");
+            }
+        }
+    }
+
     #[tokio::test]
     async fn uring_is_chosen_where_the_kernel_allows_it() {
         if let Ok(kind) = EngineChoice::Uring.resolve() {
