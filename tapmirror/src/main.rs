@@ -202,6 +202,12 @@ enum CtlCommand {
         #[arg(long, value_parser = parse_size)]
         rate: Option<u64>,
     },
+    /// Change a full mirror's cap on its background copy, from its next request.
+    MirrorRate {
+        /// Bytes per second (e.g. 64M); 0 lifts the cap.
+        #[arg(value_parser = parse_size)]
+        bytes_per_s: u64,
+    },
     /// Stop mirroring.
     MirrorDetach,
     /// Wait until no request is outstanding on either side.
@@ -517,6 +523,7 @@ async fn ctl(args: CtlArgs) -> Result<()> {
             json!({"cmd": "mirror-attach", "mode": mode, "timeout_ms": timeout_ms, "export": uri.export,
                    "granularity": granularity, "target_is_zero": target_is_zero, "rate": rate.unwrap_or(0)})
         }
+        CtlCommand::MirrorRate { bytes_per_s } => json!({"cmd": "mirror-rate", "bytes_per_s": bytes_per_s}),
         CtlCommand::MirrorDetach => json!({"cmd": "mirror-detach"}),
         CtlCommand::Drain { timeout } => json!({"cmd": "drain", "timeout_s": timeout}),
         CtlCommand::Shutdown => json!({"cmd": "shutdown"}),

@@ -278,6 +278,30 @@ fn full_mirror_converges_under_guest_writes_and_ends_identical() {
     assert!(sent + guest <= (allocated + guest) * 12 / 10, "sent {sent} + mirrored {guest} for {allocated} allocated: {stats}");
 }
 
+/// `ctl mirror-attach --rate` caps the background copy from its first byte: after a second,
+/// no more than a second's worth (plus one request and the bucket's burst) has been copied of
+/// 16 MiB of data that an uncapped pass copies at once. A ceiling only, so a slow machine
+/// cannot fail it; then the cap is lifted (`mirror-rate`) and the mirror still converges.
+#[test]
+fn full_mirror_rate_caps_the_background_copy_from_the_start() {
+    let (source, ctl_path) = serve_controlled(64 * MIB);
+    let allocated = half_full(&source.image);
+    let target = crate::harness::serve(64 * MIB, &[]);
+    let started = std::time::Instant::now();
+    ctl(&ctl_path, &["mirror-attach", "--mode", "full", "--target-is-zero", "--rate", "1M", "--target", &target.uri()]);
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let stats = ctl(&ctl_path, &["stats"]);
+    let elapsed = started.elapsed().as_secs_f64();
+    let done = stats["mirror"]["progress"]["bytes_done"].as_u64().expect("bytes_done");
+    let ceiling = (elapsed * MIB as f64) as u64 + MIB / 10 + MIB;
+    assert_eq!(stats["mirror"]["state"], "syncing", "{stats}");
+    assert!(done <= ceiling, "{done} bytes copied in {elapsed:.2} s under a 1 MiB/s cap: {stats}");
+    assert!(done < allocated, "{stats}");
+    ctl(&ctl_path, &["mirror-rate", "0"]);
+    wait_ready(&ctl_path);
+    assert!(source.contents() == target.contents(), "target differs from the source");
+}
+
 /// Onto a target full of garbage, holes must be zeroed too.
 #[test]
 fn full_mirror_zeroes_what_the_target_must_not_keep() {
