@@ -172,9 +172,9 @@ class Bench:
                     "-k", sock, self.fresh(name + ".raw", False)], sock)
         return sock
 
-    def tapmirror(self, name):
+    def tapmirror(self, name, copy_src=True):
         sock, ctl = self.path(name + ".sock"), self.path(name + ".ctl")
-        self.spawn([self.tm, "serve", self.fresh(name + ".raw", True), "--socket", sock, "--control", ctl], sock)
+        self.spawn([self.tm, "serve", self.fresh(name + ".raw", copy_src), "--socket", sock, "--control", ctl], sock)
         wait_socket(ctl)
         return f"nbd+unix:///?socket={sock}", ctl
 
@@ -243,13 +243,18 @@ class Bench:
         out["unmirrored guest"] = (steady_guest(uri, guest_secs, rate_iops, self.path("off"))(), None, None, None)
         self.stop_all()
 
-        for rate in (None, "200M"):
-            tgt = self.target("conv-tm-tgt")
+        # Into qemu-nbd as QEMU's mirrors below; into a zeroed `tapmirror serve`, what sxm's
+        # destination runs; and into qemu-nbd with the pass capped.
+        for target, rate in (("qemu-nbd", None), ("tapmirror", None), ("qemu-nbd", "200M")):
+            if target == "qemu-nbd":
+                tgt = f"nbd+unix:///?socket={self.target('conv-tm-tgt')}"
+            else:
+                tgt, _ = self.tapmirror("conv-tm-tgt", copy_src=False)
             uri, ctl = self.tapmirror("conv-tm")
             finish = steady_guest(uri, guest_secs if rate is None else 3 * guest_secs, rate_iops, self.path("tm"))
             time.sleep(1)
             t0 = time.time()
-            self.ctl(ctl, "mirror-attach", "--mode", "full", "--target-is-zero", "--target", f"nbd+unix:///?socket={tgt}",
+            self.ctl(ctl, "mirror-attach", "--mode", "full", "--target-is-zero", "--target", tgt,
                      *(["--rate", rate] if rate else []))
             while self.ctl(ctl, "stats")["mirror"]["state"] == "syncing":
                 time.sleep(0.05)
@@ -257,7 +262,7 @@ class Bench:
             stats = self.ctl(ctl, "stats")["mirror"]
             mirrored = stats["counters"]["bytes"]
             sent = stats["progress"]["bytes_sent"] + mirrored
-            name = "tapmirror full mirror" + (f", --rate {rate}" if rate else "")
+            name = "tapmirror full mirror" + (" into tapmirror" if target == "tapmirror" else "") + (f", --rate {rate}" if rate else "")
             out[name] = (finish((t0, t1)), t1 - t0, sent, mirrored)
             self.stop_all()
 
@@ -294,9 +299,9 @@ def report_convergence(b, a):
     conv = b.convergence(a.rate_iops)
     print(f"\nfull mirror under a steady guest ({a.rate_iops} x 4 KiB + {a.rate_iops // 10} x 64 KiB writes/s)")
     print("(guest figures over the writes completed between the mirror's start and ready)")
-    print(f"{'case':28} {'ready s':>8} {'sent MB':>9} {'writes':>7} {'p99 4K us':>10} {'p99 64K us':>11} {'mean 4K us':>11}")
+    print(f"{'case':38} {'ready s':>8} {'sent MB':>9} {'writes':>7} {'p99 4K us':>10} {'p99 64K us':>11} {'mean 4K us':>11}")
     for n, (g, ready, sent, _) in conv.items():
-        print(f"{n:28} {ready if ready is not None else float('nan'):8.2f} {(sent or 0) / 1e6:9.1f} "
+        print(f"{n:38} {ready if ready is not None else float('nan'):8.2f} {(sent or 0) / 1e6:9.1f} "
               f"{g['small']['writes'] + g['large']['writes']:7} "
               f"{g['small']['p99_us']:10.1f} {g['large']['p99_us']:11.1f} {g['small']['mean_us']:11.1f}")
     base, ours = conv["unmirrored guest"][0], conv["tapmirror full mirror"][0]
