@@ -503,6 +503,9 @@ async fn ctl(args: CtlArgs) -> Result<()> {
         CtlCommand::MirrorAttach { target, mode, timeout_ms, granularity, target_is_zero, rate } => {
             // Connect as the engine will (it does HTTP first), and pass the connected socket;
             // a full mirror gets a second one for its background pass.
+            if rate.is_some() && mode != tapmirror::mirror::MirrorMode::Full {
+                bail!("--rate paces a full mirror's background copy; a sync mirror has none");
+            }
             let uri = NbdUri::parse(&target)?;
             let connect = || -> Result<std::os::fd::OwnedFd> {
                 Ok(match &uri.endpoint {

@@ -169,6 +169,7 @@ fn bad_control_input_gets_an_error_and_changes_nothing() {
         ("{\"cmd\":\"mirror-attach\",\"mode\":\"sideways\"}\n", "\"mode\""),
         ("{\"cmd\":\"unpause\"}\n", "not paused"),
         ("{\"cmd\":\"mirror-detach\"}\n", "no mirror"),
+        ("{\"cmd\":\"mirror-rate\",\"bytes_per_s\":1000}\n", "no mirror"),
     ] {
         let a = raw(line);
         assert_eq!(a["ok"], false, "{line}: {a}");
@@ -182,9 +183,16 @@ fn bad_control_input_gets_an_error_and_changes_nothing() {
     // A descriptor with a command that takes none.
     let a = tapmirror::control::request(&ctl_path, &serde_json::json!({"cmd": "stats"}), Some(&fd)).expect("request");
     assert_eq!(a["ok"], false, "{a}");
-    // Attach twice: the second is refused and the first keeps working.
+    // A cap on a sync mirror, which has no background copy to pace: refused before attaching.
     let target = crate::harness::serve(16 * MIB, &[]);
+    let capped = ctl_output(&ctl_path, &["mirror-attach", "--rate", "1M", "--target", &target.uri()]);
+    assert!(!capped.status.success());
+    assert!(String::from_utf8_lossy(&capped.stderr).contains("full mirror"), "{capped:?}");
+    assert_eq!(ctl(&ctl_path, &["stats"])["mirror"]["state"], "none");
+    // Attach twice: the second is refused and the first keeps working.
     ctl(&ctl_path, &["mirror-attach", "--target", &target.uri()]);
+    let paced = ctl_output(&ctl_path, &["mirror-rate", "1M"]);
+    assert!(!paced.status.success(), "mirror-rate on a sync mirror must be refused");
     let second = ctl_output(&ctl_path, &["mirror-attach", "--target", &target.uri()]);
     assert!(!second.status.success());
     assert!(String::from_utf8_lossy(&second.stdout).contains("already attached"));
