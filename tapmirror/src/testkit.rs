@@ -205,6 +205,7 @@ impl Drop for Proc {
 /// until stopped; it keeps the model of what every sector must hold.
 pub struct Guest {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    written: std::sync::Arc<std::sync::atomic::AtomicU64>,
     handle: std::thread::JoinHandle<(Vec<u8>, u64)>,
 }
 
@@ -214,6 +215,8 @@ impl Guest {
         use std::sync::atomic::{AtomicBool, Ordering};
         let stop = std::sync::Arc::new(AtomicBool::new(false));
         let flag = std::sync::Arc::clone(&stop);
+        let written = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counter = std::sync::Arc::clone(&written);
         let handle = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("guest runtime");
             rt.block_on(async move {
@@ -234,12 +237,25 @@ impl Guest {
                     client.write(start * 512, vec![value; (n * 512) as usize], false).await.expect("guest write failed");
                     model[start as usize..(start + n) as usize].fill(value);
                     writes += 1;
+                    counter.store(writes, Ordering::Relaxed);
                 }
                 client.flush().await.expect("guest flush");
                 (model, writes)
             })
         });
-        Guest { stop, handle }
+        Guest { stop, written, handle }
+    }
+
+    /// Waits until the guest has made `n` more writes than it has now, so that a test knows
+    /// writes landed in the phase it is in, however slow the machine (up to two minutes).
+    pub fn wait_for_more_writes(&self, n: u64) {
+        use std::sync::atomic::Ordering;
+        let target = self.written.load(Ordering::Relaxed) + n;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        while self.written.load(Ordering::Relaxed) < target {
+            assert!(std::time::Instant::now() < deadline, "the guest stalled at {} writes", self.written.load(Ordering::Relaxed));
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
     }
 
     /// Stops after the write in progress; returns the model (one byte per sector, 0 where the

@@ -211,7 +211,7 @@ fn a_snapshot_of_a_vdi_being_written_holds_the_instant_and_the_leaf_loses_nothin
     let guest = Guest::start(uri.clone(), size, 77);
     std::thread::sleep(std::time::Duration::from_millis(300));
     host.cli_json(&["vdi", "snapshot", "--sr", &sr, "--vdi", &vdi, "--name", "live"]);
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    guest.wait_for_more_writes(11);
     let (model, writes) = guest.stop();
     assert!(writes > 10, "the guest hardly wrote ({writes})");
 
@@ -242,7 +242,7 @@ fn a_restarted_host_takes_up_its_datapaths_and_the_guest_never_notices() {
     host.kill();
     std::thread::sleep(std::time::Duration::from_millis(300));
     let host = Host::start(&root);
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    guest.wait_for_more_writes(11);
     let (model, writes) = guest.stop();
     assert!(writes > 10, "the guest hardly wrote ({writes})");
 

@@ -171,7 +171,7 @@ fn a_vdi_moves_live_and_the_destination_reads_what_the_guest_wrote() {
     let recv = p.dst.call("DATA.MIRROR.stat", json!({"id": id, "dbg": "t"}));
     assert_eq!(recv["state"], json!(["Receiving"]), "{recv}");
     // The guest goes on writing while the mirror runs.
-    std::thread::sleep(std::time::Duration::from_millis(500));
+    guest.wait_for_more_writes(21);
     let (model, writes) = guest.stop();
     assert!(writes > 20, "the guest hardly wrote ({writes})");
 
@@ -381,7 +381,7 @@ fn a_destination_restarted_while_mirroring_keeps_the_mirror_and_finalizes() {
     let id = p.start_mirror(&vdi);
     let dest_vdi = p.src.call("DATA.MIRROR.stat", json!({"id": id, "dbg": "t"}))["dest_vdi"].as_str().expect("dest").to_owned();
     p.restart_dst(true);
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    guest.wait_for_more_writes(11);
     let (model, writes) = guest.stop();
     assert!(writes > 10);
     assert_eq!(p.dst.call("DATA.MIRROR.stat", json!({"id": id, "dbg": "t"}))["state"], json!(["Receiving"]));
@@ -410,7 +410,7 @@ fn a_failed_mirror_target_never_fails_the_guest_and_is_reported() {
     eventually(20, "the mirror reports failed", || p.src.call("DATA.MIRROR.stat", json!({"id": id, "dbg": "t"}))["failed"] == true);
     let updates = p.src.call("UPDATES.get", json!({"from": token, "timeout": 5, "dbg": "t"}));
     assert!(updates[0].as_array().expect("changes").contains(&json!(["Mirror", id])), "{updates}");
-    std::thread::sleep(std::time::Duration::from_millis(200));
+    guest.wait_for_more_writes(11);
     let (model, writes) = guest.stop();
     assert!(writes > 10, "the guest stalled ({writes} writes)");
     assert_matches_guest(&read_export(&uri, p._dir.path()), &model, &seed, "the source after its mirror failed");
@@ -637,7 +637,7 @@ fn every_pairing_of_sr_types_moves_live_and_byte_exact() {
         // one volume with a full mirror.
         let task = p.src.call("TASK.stat", json!({"task": last_task(&p.src), "dbg": "t"}));
         assert_eq!(task["debug_info"].get("copied_bytes").is_some(), from == "ext", "{what}: {task}");
-        std::thread::sleep(std::time::Duration::from_millis(300));
+        guest.wait_for_more_writes(11);
         let (model, writes) = guest.stop();
         assert!(writes > 10, "{what}: the guest hardly wrote ({writes})");
         p.src.cli(&["vdi", "detach", "--sr", &p.src_sr, "--vdi", &vdi]);
@@ -751,7 +751,7 @@ fn a_source_restarted_while_mirroring_keeps_the_mirror_and_finalizes() {
         // The source's daemon dies and comes back while the guest writes through the mirror,
         // which lives in the datapath process and never stops.
         p.restart_src(true);
-        std::thread::sleep(std::time::Duration::from_millis(300));
+        guest.wait_for_more_writes(11);
         let (model, writes) = guest.stop();
         assert!(writes > 10, "{what}");
         let stat = p.src.call("DATA.MIRROR.stat", json!({"id": id, "dbg": "t"}));

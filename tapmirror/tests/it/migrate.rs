@@ -83,7 +83,7 @@ fn v1_snapshot_mirror_copy_ends_with_the_guests_disk() {
 
     // The copy of the frozen base into the destination parent, with the guest still writing.
     run(Command::new(tapmirror()).arg("copy").arg(&frozen).arg(&dst_parent));
-    std::thread::sleep(Duration::from_millis(100));
+    guest.wait_for_more_writes(51);
 
     let (model, writes) = guest.stop();
     assert!(writes > 50, "the guest wrote only {writes} times");
@@ -122,7 +122,7 @@ fn v3_full_mirror_ends_with_the_guests_disk() {
         std::thread::sleep(Duration::from_millis(20));
     }
     // Still in step with the guest writing after ready.
-    std::thread::sleep(Duration::from_millis(100));
+    guest.wait_for_more_writes(51);
     let (model, writes) = guest.stop();
     assert!(writes > 50, "the guest wrote only {writes} times");
     assert_eq!(ctl(&ctl_path, &["drain"])["mirror"], "ready");
