@@ -6,11 +6,12 @@
    (after READY). Every mirror target is a qemu-nbd export of a raw file; tapmirror's sync
    mirror also runs into a `tapmirror serve` target, the one sxm's destination host runs.
 2. Full mirror under a steady guest (fio: 2000 4 KiB and 200 64 KiB random writes per second):
-   time to ready and bytes sent, for tapmirror's full mirror and QEMU's background and
-   write-blocking modes, plus the guest's p99 write latency during the copy against its
-   unmirrored p99.
+   time to ready and bytes sent, for tapmirror's full mirror (into qemu-nbd, into a zeroed
+   `tapmirror serve`, and into qemu-nbd with `--rate 200M`) and QEMU's background and
+   write-blocking modes, plus the guest's p99 write latency over the writes completed while
+   the copy ran against its unmirrored p99.
 
-    benches/mirror-vs-qemu.py [--size-mib N] [--seconds S]
+    benches/mirror-vs-qemu.py [--size-mib N] [--seconds S] [--part 1|2|all]
 
 Needs cargo, fio, qemu-nbd, qemu-storage-daemon. Prints each figure and the ratios.
 """
