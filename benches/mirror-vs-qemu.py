@@ -305,13 +305,16 @@ def report_convergence(b, a):
         print(f"{n:38} {ready if ready is not None else float('nan'):8.2f} {(sent or 0) / 1e6:9.1f} "
               f"{g['small']['writes'] + g['large']['writes']:7} "
               f"{g['small']['p99_us']:10.1f} {g['large']['p99_us']:11.1f} {g['small']['mean_us']:11.1f}")
-    base, ours = conv["unmirrored guest"][0], conv["tapmirror full mirror"][0]
-    worst = max(ours[j]["p99_us"] / base[j]["p99_us"] for j in ("small", "large"))
-    print(f"tapmirror full mirror guest p99 vs unmirrored (worse of the two sizes): {worst:.2f}x  (bar: <= 2)")
-    _, _, sent, mirrored = conv["tapmirror full mirror"]
+    base = conv["unmirrored guest"][0]
     allocated = a.size_mib << 19  # half the image is data
-    print(f"tapmirror bytes sent / (allocated + guest bytes mirrored): {sent / (allocated + mirrored):.2f}  (bar: <= 1.2)")
-
+    for name, (g, _, sent, _) in conv.items():
+        if not name.startswith("tapmirror"):
+            continue
+        worst = max(g[j]["p99_us"] / base[j]["p99_us"] for j in ("small", "large"))
+        # What the guest wrote while the mirror synced, from its own per-write logs.
+        written = g["small"]["writes"] * 4096 + g["large"]["writes"] * 65536
+        print(f"{name}: guest p99 vs unmirrored (worse of the two sizes) {worst:.2f}x (bar: <= 2); "
+              f"bytes sent / (allocated + guest bytes written) {sent / (allocated + written):.2f} (bar: <= 1.2)")
 
 def main():
     ap = argparse.ArgumentParser()

@@ -75,6 +75,16 @@ impl DirtyBitmap {
         }
     }
 
+    /// Whether every granule that `[offset, offset + len)` touches is dirty.
+    pub fn all_dirty(&self, offset: u64, len: u64) -> bool {
+        if len == 0 || offset >= self.size {
+            return false;
+        }
+        let first = offset / self.granularity;
+        let last = ((offset + len).min(self.size) - 1) / self.granularity;
+        (first..=last).all(|bit| self.words[(bit / 64) as usize].load(Ordering::Acquire) & (1u64 << (bit % 64)) != 0)
+    }
+
     /// The first dirty run at or after `from` (wrapping to the start), at most `max` bytes, as
     /// (offset, length).
     pub fn next_run(&self, from: u64, max: u64) -> Option<(u64, u64)> {
@@ -187,8 +197,10 @@ mod tests {
         b.mark(100, 10);
         b.mark(4000, 200);
         assert_eq!(b.dirty_granules(), 2, "bytes 4000..4200 touch granules 0 and 1");
+        assert!(b.all_dirty(0, 8192) && !b.all_dirty(0, 8193), "granule 2 is clean");
         b.clear_covered(0, 4096 + 100);
         assert_eq!(b.dirty_granules(), 1, "granule 1 is only partly covered");
+        assert!(!b.all_dirty(4000, 200) && b.all_dirty(4096, 1));
         assert_eq!(b.next_run(0, 1 << 20), Some((4096, 4096)));
         b.mark(0, 1 << 20);
         assert_eq!(b.dirty_bytes(), 1 << 20);

@@ -8,13 +8,28 @@
 //! request still succeeds locally, and the failure shows in `stats` and in the log, never as a
 //! silent divergence (tapdisk drops a failed mirror without a word).
 //!
-//! In `full` mode (the SMAPIv3 way: no snapshot) a dirty bitmap also records what the target may
-//! lack, and a background pass copies it while guest writes keep being mirrored synchronously.
-//! Guest writes therefore never add to the bitmap, so the pass only ever shrinks it: the mirror
-//! converges under any guest write rate. A range being copied is locked exclusively (dirty bits
-//! cleared, source read, target written) and guest writes lock their range shared, so a copy can
-//! never overwrite the target with data older than a guest write. Ready means nothing dirty,
-//! nothing in flight and the target flushed.
+//! In `full` mode (the SMAPIv3 way: no snapshot) a dirty bitmap records what the target may
+//! lack, and a background pass copies it. The pass runs in two phases:
+//!
+//! - **Catch-up.** A guest write goes to the local image only and marks its range dirty, so the
+//!   guest never waits on the target, nor on the copy traffic queued in it (a target such as
+//!   qemu-nbd serves all connections on one thread). The pass sweeps the bitmap again and again,
+//!   each sweep copying what the guest dirtied during the one before, as pre-copy VM migration
+//!   does with memory.
+//! - **Converge.** Once a sweep leaves nothing dirty, or fails to halve what is dirty (a guest
+//!   writing faster than the pass copies), guest writes to ranges already copied are mirrored
+//!   synchronously. They then never add to the bitmap, so the pass only ever shrinks it: the
+//!   mirror converges under any guest write rate. This phase is short when the guest is slower
+//!   than the pass: it starts with little or nothing dirty.
+//!
+//! In both phases a write whose whole range is still dirty stays local (Storage vMotion's rule):
+//! the pass copies those granules afterwards anyway. A range being copied is locked exclusively
+//! (dirty bits cleared, source read, target written) and guest writes lock their range shared,
+//! so a copy can never overwrite the target with data older than a guest write, and a guest
+//! write that stays local marks its range under the lock, after the copy's clear. Ready means
+//! converging, nothing dirty, nothing in flight and the target flushed; guest flushes reach the
+//! target from the ready flush on (before it the target is not a consistent disk, and the ready
+//! flush covers every write completed before it).
 
 pub mod dirty;
 
@@ -76,6 +91,15 @@ pub struct FullSync {
     sent: AtomicU64,
     /// Bytes cleared from the bitmap and being copied now.
     in_flight: AtomicU64,
+    /// Converge phase: guest writes to copied ranges are mirrored (see the module's docs).
+    converging: AtomicBool,
+    /// Why it began.
+    converge_cause: std::sync::OnceLock<&'static str>,
+    /// Guest flushes reach the target: set just before the ready flush is sent.
+    flush_remote: AtomicBool,
+    /// Guest writes kept local (their range dirty), and their bytes.
+    deferred: AtomicU64,
+    deferred_bytes: AtomicU64,
     ready: AtomicBool,
     started: Instant,
     /// Bytes of data per second the pass may send, 0 for no limit; settable while it runs.
@@ -85,23 +109,47 @@ pub struct FullSync {
 }
 
 impl FullSync {
-    /// Waits until `bytes` of data may be sent under the rate (100 ms of credit at most).
-    async fn pace(&self, bytes: u64) {
-        let rate = self.rate.load(Ordering::Relaxed);
-        if rate == 0 {
+    /// Enters the converge phase. Guest writes that chose to stay local before the switch mark
+    /// their ranges under their range guards; the barrier waits them out, so the bitmap holds
+    /// them before the pass looks at it again.
+    async fn converge(&self, why: &'static str) {
+        if self.converging.swap(true, Ordering::AcqRel) {
             return;
         }
-        let wait = {
-            let mut b = self.bucket.lock().unwrap_or_else(|e| e.into_inner());
-            let now = Instant::now();
-            let rate = rate as f64;
-            let credit = (b.1 + now.duration_since(b.0).as_secs_f64() * rate).min(rate / 10.0);
-            let after = credit - bytes as f64;
-            *b = (now, after);
-            if after >= 0.0 { Duration::ZERO } else { Duration::from_secs_f64(-after / rate) }
-        };
-        if !wait.is_zero() {
-            tokio::time::sleep(wait).await;
+        let _ = self.converge_cause.set(why);
+        drop(self.locks.lock(0, u64::MAX, true).await);
+        tracing::info!(why, dirty = self.bitmap.dirty_bytes(), "full mirror converging: guest writes to copied ranges are mirrored from now on");
+    }
+
+    /// Waits until `bytes` of data may be sent under the rate (100 ms of credit at most). The
+    /// bytes are taken at once, as debt; the wait for the debt to clear follows the rate as it
+    /// is set meanwhile, so lifting or raising a cap frees a waiting pass within one slice.
+    /// Gives up early once `stop` says so (the mirror failed or was detached).
+    async fn pace(&self, bytes: u64, stop: impl Fn() -> bool) {
+        const SLICE: Duration = Duration::from_millis(50);
+        let mut owed = bytes as f64;
+        loop {
+            if stop() {
+                return;
+            }
+            let rate = self.rate.load(Ordering::Relaxed);
+            let wait = {
+                let mut b = self.bucket.lock().unwrap_or_else(|e| e.into_inner());
+                let now = Instant::now();
+                if rate == 0 {
+                    *b = (now, 0.0);
+                    return;
+                }
+                let rate = rate as f64;
+                let credit = (b.1 + now.duration_since(b.0).as_secs_f64() * rate).min(rate / 10.0) - owed;
+                owed = 0.0;
+                *b = (now, credit);
+                if credit >= 0.0 {
+                    return;
+                }
+                Duration::from_secs_f64(-credit / rate)
+            };
+            tokio::time::sleep(wait.min(SLICE)).await;
         }
     }
 }
@@ -121,6 +169,14 @@ pub struct FullProgress {
     pub eta_s: Option<f64>,
     /// Guest write rate, bytes per second, since the mirror started.
     pub guest_write_rate: f64,
+    /// `catch-up` (guest writes stay local and mark the bitmap) or `converge` (guest writes to
+    /// copied ranges are mirrored).
+    pub phase: &'static str,
+    /// Why the converge phase began: `nothing-dirty` (the pass caught up) or `guest-outpaced`
+    /// (a sweep did not halve what was dirty).
+    pub converge_cause: Option<&'static str>,
+    /// Guest writes kept local because the pass copies their range later.
+    pub deferred_writes: u64,
     /// Granularity of the dirty bitmap.
     pub granularity: u64,
 }
@@ -134,7 +190,18 @@ pub struct Mirror {
     writes: AtomicU64,
     bytes: AtomicU64,
     flushes: AtomicU64,
+    /// Guest writes of any route, so the pass knows when the guest is busy.
+    guest_writes: AtomicU64,
     full: Option<FullSync>,
+}
+
+/// Where a guest write goes under a mirror.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Route {
+    /// To the local image and the target at once.
+    Both,
+    /// To the local image only; `Mirror::deferred` then marks it for the pass.
+    Local,
 }
 
 impl Mirror {
@@ -156,6 +223,11 @@ impl Mirror {
                 copied: AtomicU64::new(0),
                 sent: AtomicU64::new(0),
                 in_flight: AtomicU64::new(0),
+                converging: AtomicBool::new(false),
+                converge_cause: std::sync::OnceLock::new(),
+                flush_remote: AtomicBool::new(false),
+                deferred: AtomicU64::new(0),
+                deferred_bytes: AtomicU64::new(0),
                 ready: AtomicBool::new(false),
                 started: Instant::now(),
                 rate: AtomicU64::new(0),
@@ -170,6 +242,7 @@ impl Mirror {
             writes: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
             flushes: AtomicU64::new(0),
+            guest_writes: AtomicU64::new(0),
             full,
         })
     }
@@ -202,8 +275,11 @@ impl Mirror {
             bytes_sent: f.sent.load(Ordering::Relaxed),
             rate,
             eta_s: (rate > 0.0).then(|| left as f64 / rate),
-            guest_write_rate: self.bytes.load(Ordering::Relaxed) as f64 / secs,
+            guest_write_rate: (self.bytes.load(Ordering::Relaxed) + f.deferred_bytes.load(Ordering::Relaxed)) as f64 / secs,
             granularity: f.bitmap.granularity(),
+            phase: if f.converging.load(Ordering::Relaxed) { "converge" } else { "catch-up" },
+            converge_cause: f.converge_cause.get().copied(),
+            deferred_writes: f.deferred.load(Ordering::Relaxed),
         })
     }
 
@@ -232,6 +308,25 @@ impl Mirror {
     pub async fn guard(&self, offset: u64, len: u64) -> Option<RangeGuard<'_>> {
         let f = self.full.as_ref()?;
         Some(f.locks.lock(offset, offset + len, false).await)
+    }
+
+    /// Where a guest write to `[offset, offset + len)` goes; asked under the write's `guard`.
+    pub fn route(&self, offset: u64, len: u64) -> Route {
+        self.guest_writes.fetch_add(1, Ordering::Relaxed);
+        match &self.full {
+            Some(f) if !f.converging.load(Ordering::Acquire) || f.bitmap.all_dirty(offset, len) => Route::Local,
+            _ => Route::Both,
+        }
+    }
+
+    /// Records a guest write that `route` kept local: its range is dirty until the pass copies
+    /// it. Called under the write's `guard`, after the local write, whatever its result.
+    pub fn deferred(&self, offset: u64, len: u64) {
+        if let Some(f) = &self.full {
+            f.bitmap.mark(offset, len);
+            f.deferred.fetch_add(1, Ordering::Relaxed);
+            f.deferred_bytes.fetch_add(len, Ordering::Relaxed);
+        }
     }
 
     /// The mode.
@@ -362,8 +457,11 @@ impl MirrorSlot {
         }
     }
 
-    /// Mirrors a guest flush.
+    /// Mirrors a guest flush (a full mirror's target only from the ready flush on).
     pub async fn flush(&self, m: &Mirror) {
+        if m.full.as_ref().is_some_and(|f| !f.flush_remote.load(Ordering::Acquire)) {
+            return;
+        }
         if self.run(m, "flush", m.client.flush()).await {
             m.flushes.fetch_add(1, Ordering::Relaxed);
         }
@@ -392,12 +490,14 @@ pub async fn run_full_copy<I: Image>(slot: Arc<MirrorSlot>, m: Arc<Mirror>, imag
     let depth = Arc::new(tokio::sync::Semaphore::new(COPY_DEPTH as usize));
     let mut tasks = tokio::task::JoinSet::new();
     let mut cursor = 0;
-    let (mut seen_writes, mut last_guest_write) = (m.writes.load(Ordering::Relaxed), None::<Instant>);
+    // What was dirty when the current sweep over the bitmap began.
+    let mut sweep_start = f.bitmap.dirty_bytes();
+    let (mut seen_writes, mut last_guest_write) = (m.guest_writes.load(Ordering::Relaxed), None::<Instant>);
     loop {
         if m.failed.load(Ordering::Acquire) || !slot.is_current(&m) {
             return;
         }
-        let writes = m.writes.load(Ordering::Relaxed);
+        let writes = m.guest_writes.load(Ordering::Relaxed);
         if writes != seen_writes {
             (seen_writes, last_guest_write) = (writes, Some(Instant::now()));
         }
@@ -407,7 +507,13 @@ pub async fn run_full_copy<I: Image>(slot: Arc<MirrorSlot>, m: Arc<Mirror>, imag
             if f.bitmap.dirty_granules() > 0 {
                 continue;
             }
-            // Ready means flushed on every connection the pass or the guest wrote through.
+            if !f.converging.load(Ordering::Acquire) {
+                f.converge("nothing-dirty").await;
+                continue;
+            }
+            // Ready means flushed on every connection the pass or the guest wrote through. Guest
+            // flushes go to the target from here on; the ones before are covered by this one.
+            f.flush_remote.store(true, Ordering::Release);
             let flushed = slot.run(&m, "flush", m.client.flush()).await
                 && match &f.copier {
                     Some(c) => slot.run(&m, "flush", c.flush()).await,
@@ -419,10 +525,31 @@ pub async fn run_full_copy<I: Image>(slot: Arc<MirrorSlot>, m: Arc<Mirror>, imag
             }
             return;
         };
+        if offset < cursor {
+            // A sweep ended. In catch-up the guest dirtied what is left while it ran; unless
+            // that is at most half of what the sweep began with, the guest keeps pace with the
+            // pass, and only mirroring its writes bounds the work.
+            let left = f.bitmap.dirty_bytes() + f.in_flight.load(Ordering::Relaxed);
+            if left * 2 > sweep_start {
+                f.converge("guest-outpaced").await;
+            }
+            sweep_start = left;
+        }
+        // Under a cap, wait for the run's data before taking it (never while holding its range,
+        // where a guest write would wait with it). The run's extents are looked up again under
+        // the lock, since a guest write may allocate more meanwhile.
+        if f.rate.load(Ordering::Relaxed) != 0 {
+            let data = match image().allocation(offset, len, usize::MAX).await {
+                Ok(e) => e.iter().filter(|e| e.state == ExtentState::Data).map(|e| e.length).sum(),
+                Err(_) => len,
+            };
+            f.pace(data, || m.failed.load(Ordering::Acquire) || !slot.is_current(&m)).await;
+        }
         // A busy guest gets the whole depth taken: one copy at a time.
         let Ok(permit) = Arc::clone(&depth).acquire_many_owned(if busy { COPY_DEPTH } else { 1 }).await else { return };
-        // Clear first: a guest write that lands after this is mirrored synchronously anyway,
-        // and the exclusive lock below orders this copy after any write still in flight.
+        // Clear first: a guest write that lands after this is mirrored synchronously or marks
+        // the range again, and the exclusive lock below orders this copy after any write still
+        // in flight.
         f.bitmap.clear_covered(offset, len);
         f.in_flight.fetch_add(len, Ordering::Relaxed);
         cursor = offset + len;
@@ -454,9 +581,6 @@ async fn copy_range<I: Image>(slot: &MirrorSlot, m: &Mirror, image: &I, offset: 
     for e in extents {
         at = e.offset + e.length;
         let ok = if e.state == ExtentState::Data {
-            if let Some(f) = &m.full {
-                f.pace(e.length).await;
-            }
             let (buf, r) = image.read(e.offset, IoBuf::for_overwrite(e.length as usize)).await;
             if let Err(err) = r {
                 slot.fail(m, format!("reading the source at {}: {err}", e.offset));

@@ -35,7 +35,7 @@ use tokio_util::sync::CancellationToken;
 use super::proto::{self, BlockSize, Errno, Request, alloc_flags, chunk, cmd, cmd_flags, opt, rep, tflags};
 use crate::image::{ExtentState, Image, ImageError, ZeroAlloc, ZeroSpeed};
 use crate::io::{Durability, IoBuf};
-use crate::mirror::MirrorSlot;
+use crate::mirror::{MirrorSlot, Route};
 
 /// Largest payload (read or write) a request may carry.
 pub const MAX_PAYLOAD: u32 = 32 * 1024 * 1024;
@@ -675,7 +675,14 @@ impl<I: Image> NbdServer<I> {
                 let fua = durability == Durability::Stable;
                 // Full mode: hold the range against the background copy across both writes.
                 let _range = m.guard(req.offset, len).await;
-                tokio::join!(self.mirror.write(&m, req.offset, &buf, fua), local).1
+                match m.route(req.offset, len) {
+                    Route::Both => tokio::join!(self.mirror.write(&m, req.offset, &buf, fua), local).1,
+                    Route::Local => {
+                        let r = local.await;
+                        m.deferred(req.offset, len);
+                        r
+                    }
+                }
             }
         };
         if r.is_ok() {
@@ -705,7 +712,14 @@ impl<I: Image> NbdServer<I> {
             (cmd::TRIM, Some(m)) => {
                 let _range = m.guard(req.offset, u64::from(req.length)).await;
                 let local = image.write_zeroes(req.offset, u64::from(req.length), ZeroAlloc::MayDeallocate, ZeroSpeed::Any, durability);
-                tokio::join!(local, self.mirror.write_zeroes(m, req.offset, req.length)).0
+                match m.route(req.offset, u64::from(req.length)) {
+                    Route::Both => tokio::join!(local, self.mirror.write_zeroes(m, req.offset, req.length)).0,
+                    Route::Local => {
+                        let r = local.await;
+                        m.deferred(req.offset, u64::from(req.length));
+                        r
+                    }
+                }
             }
             (cmd::WRITE_ZEROES, _) => {
                 let alloc = if req.flags & cmd_flags::NO_HOLE != 0 { ZeroAlloc::Keep } else { ZeroAlloc::MayDeallocate };
@@ -717,6 +731,11 @@ impl<I: Image> NbdServer<I> {
                 let local = image.write_zeroes(req.offset, u64::from(req.length), alloc, speed, durability);
                 match &mirror {
                     None => local.await,
+                    Some(m) if m.route(req.offset, u64::from(req.length)) == Route::Local => {
+                        let r = local.await;
+                        m.deferred(req.offset, u64::from(req.length));
+                        r
+                    }
                     // A fast zero that fails locally fails before any I/O, so mirroring it
                     // afterwards would zero the target alone: mirror only what succeeded.
                     Some(m) if speed == ZeroSpeed::FastOnly => match local.await {

@@ -281,15 +281,20 @@ fn full_mirror_converges_under_guest_writes_and_ends_identical() {
     assert!(source.contents() == target.contents(), "target differs from the source");
     let progress = &stats["mirror"]["progress"];
     let sent = progress["bytes_sent"].as_u64().expect("bytes_sent");
-    let guest = stats["mirror"]["counters"]["bytes"].as_u64().expect("guest bytes");
+    let mirrored = stats["mirror"]["counters"]["bytes"].as_u64().expect("guest bytes mirrored");
+    // What the guest wrote: fio's 16 MiB, then qemu-io's write, zeroing, discard and write.
+    let guest = (16 << 20) + 3000 + 70_000 + (1 << 20) + 1_234_567;
     assert_eq!(progress["bytes_left"], 0, "{stats}");
-    assert!(sent + guest <= (allocated + guest) * 12 / 10, "sent {sent} + mirrored {guest} for {allocated} allocated: {stats}");
+    assert_eq!(progress["phase"], "converge", "{stats}");
+    assert!(sent + mirrored <= (allocated + guest) * 12 / 10, "sent {sent} + mirrored {mirrored} for {allocated} allocated: {stats}");
 }
 
 /// `ctl mirror-attach --rate` caps the background copy from its first byte: after a second,
 /// no more than a second's worth (plus one request and the bucket's burst) has been copied of
 /// 16 MiB of data that an uncapped pass copies at once. A ceiling only, so a slow machine
-/// cannot fail it; then the cap is lifted (`mirror-rate`) and the mirror still converges.
+/// cannot fail it. The pass is then in its first sweep (catch-up), so a guest write far ahead
+/// of it, and the guest's flush, stay local: the target does not see them yet. Then the cap is
+/// lifted (`mirror-rate`) and the mirror still converges, with that write on the target.
 #[test]
 fn full_mirror_rate_caps_the_background_copy_from_the_start() {
     let (source, ctl_path) = serve_controlled(64 * MIB);
@@ -305,8 +310,66 @@ fn full_mirror_rate_caps_the_background_copy_from_the_start() {
     assert_eq!(stats["mirror"]["state"], "syncing", "{stats}");
     assert!(done <= ceiling, "{done} bytes copied in {elapsed:.2} s under a 1 MiB/s cap: {stats}");
     assert!(done < allocated, "{stats}");
+    assert_eq!(stats["mirror"]["progress"]["phase"], "catch-up", "{stats}");
+
+    // qemu-io writes and then flushes on exit.
+    run(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x5a 60M 64k", &source.uri()]));
+    let stats = ctl(&ctl_path, &["stats"]);
+    assert_eq!(stats["mirror"]["progress"]["phase"], "catch-up", "{stats}");
+    assert_eq!(stats["mirror"]["progress"]["deferred_writes"], 1, "{stats}");
+    assert_eq!(stats["mirror"]["counters"]["writes"], 0, "{stats}");
+    assert_eq!(stats["mirror"]["counters"]["flushes"], 0, "{stats}");
+    assert!(target.contents()[60 << 20..][..64 << 10].iter().all(|&b| b == 0), "a write in catch-up reached the target");
+
     ctl(&ctl_path, &["mirror-rate", "0"]);
     wait_ready(&ctl_path);
+    assert!(source.contents() == target.contents(), "target differs from the source");
+    assert!(target.contents()[60 << 20..][..64 << 10].iter().all(|&b| b == 0x5a));
+}
+
+/// A guest that dirties the disk faster than the pass copies it: the pass is held (a cap of
+/// one byte per second) three quarters of the way through its first sweep while the guest
+/// writes all over the disk, so the sweep ends with more than half still dirty. The mirror then
+/// converges by mirroring the guest's writes to copied ranges, while the guest keeps writing,
+/// and the target holds every write the guest made, sector by sector.
+#[test]
+fn full_mirror_converges_under_a_guest_that_outpaces_the_pass() {
+    const SIZE: u64 = 4 * MIB;
+    let (source, ctl_path) = serve_controlled(SIZE);
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&source.image).expect("open");
+        f.write_all_at(&crate::harness::pattern(SIZE as usize, 4), 0).expect("write");
+    }
+    let before = source.contents();
+    let target = crate::harness::serve(SIZE, &[]);
+    let guest = crate::harness::Guest::start(source.uri(), SIZE, 17);
+    guest.wait_for_more_writes(100);
+    ctl(&ctl_path, &["mirror-attach", "--mode", "full", "--rate", "1M", "--target", &target.uri()]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let stats = ctl(&ctl_path, &["stats"]);
+        if stats["mirror"]["progress"]["bytes_done"].as_u64().unwrap_or(0) >= 3 * MIB {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the pass never got 3 MiB along: {stats}");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    ctl(&ctl_path, &["mirror-rate", "1"]);
+    let held = ctl(&ctl_path, &["stats"]);
+    assert_eq!(held["mirror"]["progress"]["phase"], "catch-up", "{held}");
+    // About 3000 of these land behind the pass, on 768 granules.
+    guest.wait_for_more_writes(4000);
+    ctl(&ctl_path, &["mirror-rate", "0"]);
+    let stats = wait_ready(&ctl_path);
+    guest.wait_for_more_writes(100);
+    let (model, _) = guest.stop();
+    assert_eq!(ctl(&ctl_path, &["drain"])["mirror"], "ready");
+    assert_eq!(stats["mirror"]["progress"]["converge_cause"], "guest-outpaced", "{stats}");
+    let after = ctl(&ctl_path, &["stats"]);
+    assert!(after["mirror"]["counters"]["writes"].as_u64().unwrap_or(0) >= 100, "writes after ready are mirrored: {after}");
+    assert!(after["mirror"]["progress"]["deferred_writes"].as_u64().unwrap_or(0) >= 4000, "{after}");
+    crate::harness::assert_matches_guest(&target.contents(), &model, &before, "target");
     assert!(source.contents() == target.contents(), "target differs from the source");
 }
 
