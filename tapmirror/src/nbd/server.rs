@@ -302,7 +302,13 @@ impl<I: Image> NbdServer<I> {
     /// Accepts connections on a Unix socket until `shutdown`, serving each in its own task;
     /// returns once every connection has ended.
     pub async fn serve_unix(self: Arc<Self>, listener: UnixListener, shutdown: CancellationToken) {
-        self.accept_loop(shutdown, || async { listener.accept().await.map(|(s, _)| s.into_split()) }).await
+        self.accept_loop(shutdown, || async {
+            listener.accept().await.map(|(s, _)| {
+                super::widen_send_buffer(&s);
+                s.into_split()
+            })
+        })
+        .await
     }
 
     /// As `serve_unix`, for TCP (with `TCP_NODELAY`: replies are small and latency matters).
