@@ -25,8 +25,10 @@
 //! In both phases a write whose whole range is still dirty stays local (Storage vMotion's rule):
 //! the pass copies those granules afterwards anyway. A range being copied is locked exclusively
 //! (dirty bits cleared, source read, target written) and guest writes lock their range shared,
-//! so a copy can never overwrite the target with data older than a guest write, and a guest
-//! write that stays local marks its range under the lock, after the copy's clear. Ready means
+//! so a copy can never overwrite the target with data older than a guest write. A write
+//! deferred in catch-up marks its range under its lock, so a copy that cleared the bits first
+//! copies the range again later; a write to a dirty range does not mark it again
+//! (`Mirror::kept_local` says why). Ready means
 //! converging, nothing dirty, nothing in flight and the target flushed; guest flushes reach the
 //! target from the ready flush on (before it the target is not a consistent disk, and the ready
 //! flush covers every write completed before it).
@@ -200,8 +202,11 @@ pub struct Mirror {
 pub enum Route {
     /// To the local image and the target at once.
     Both,
-    /// To the local image only; `Mirror::deferred` then marks it for the pass.
-    Local,
+    /// To the local image only, its range being dirty already: the pass copies it after the
+    /// write releases its guard, so it reads what the write left.
+    Dirty,
+    /// To the local image only, in catch-up: `Mirror::kept_local` then marks the range.
+    Deferred,
 }
 
 impl Mirror {
@@ -314,16 +319,24 @@ impl Mirror {
     pub fn route(&self, offset: u64, len: u64) -> Route {
         self.guest_writes.fetch_add(1, Ordering::Relaxed);
         match &self.full {
-            Some(f) if !f.converging.load(Ordering::Acquire) || f.bitmap.all_dirty(offset, len) => Route::Local,
-            _ => Route::Both,
+            None => Route::Both,
+            Some(f) if f.bitmap.all_dirty(offset, len) => Route::Dirty,
+            Some(f) if !f.converging.load(Ordering::Acquire) => Route::Deferred,
+            Some(_) => Route::Both,
         }
     }
 
-    /// Records a guest write that `route` kept local: its range is dirty until the pass copies
-    /// it. Called under the write's `guard`, after the local write, whatever its result.
-    pub fn deferred(&self, offset: u64, len: u64) {
+    /// Records a guest write that `route` kept local. Called under the write's `guard`, after
+    /// the local write, whatever its result. A deferred write marks its range dirty. A write
+    /// to a range dirty already must not: the pass may have cleared the bits meanwhile and be
+    /// waiting for this write's guard to copy the range, and marking again would have it copy
+    /// the range once more. A guest hammering one block would then keep that block dirty for
+    /// ever, and the mirror would never converge.
+    pub fn kept_local(&self, offset: u64, len: u64, route: Route) {
         if let Some(f) = &self.full {
-            f.bitmap.mark(offset, len);
+            if route == Route::Deferred {
+                f.bitmap.mark(offset, len);
+            }
             f.deferred.fetch_add(1, Ordering::Relaxed);
             f.deferred_bytes.fetch_add(len, Ordering::Relaxed);
         }

@@ -683,9 +683,9 @@ impl<I: Image> NbdServer<I> {
                 let _range = m.guard(req.offset, len).await;
                 match m.route(req.offset, len) {
                     Route::Both => tokio::join!(self.mirror.write(&m, req.offset, &buf, fua), local).1,
-                    Route::Local => {
+                    route => {
                         let r = local.await;
-                        m.deferred(req.offset, len);
+                        m.kept_local(req.offset, len, route);
                         r
                     }
                 }
@@ -720,9 +720,9 @@ impl<I: Image> NbdServer<I> {
                 let local = image.write_zeroes(req.offset, u64::from(req.length), ZeroAlloc::MayDeallocate, ZeroSpeed::Any, durability);
                 match m.route(req.offset, u64::from(req.length)) {
                     Route::Both => tokio::join!(local, self.mirror.write_zeroes(m, req.offset, req.length)).0,
-                    Route::Local => {
+                    route => {
                         let r = local.await;
-                        m.deferred(req.offset, u64::from(req.length));
+                        m.kept_local(req.offset, u64::from(req.length), route);
                         r
                     }
                 }
@@ -737,21 +737,23 @@ impl<I: Image> NbdServer<I> {
                 let local = image.write_zeroes(req.offset, u64::from(req.length), alloc, speed, durability);
                 match &mirror {
                     None => local.await,
-                    Some(m) if m.route(req.offset, u64::from(req.length)) == Route::Local => {
-                        let r = local.await;
-                        m.deferred(req.offset, u64::from(req.length));
-                        r
-                    }
-                    // A fast zero that fails locally fails before any I/O, so mirroring it
-                    // afterwards would zero the target alone: mirror only what succeeded.
-                    Some(m) if speed == ZeroSpeed::FastOnly => match local.await {
-                        Ok(()) => {
-                            self.mirror.write_zeroes(m, req.offset, req.length).await;
-                            Ok(())
+                    Some(m) => match m.route(req.offset, u64::from(req.length)) {
+                        // A fast zero that fails locally fails before any I/O, so mirroring it
+                        // afterwards would zero the target alone: mirror only what succeeded.
+                        Route::Both if speed == ZeroSpeed::FastOnly => match local.await {
+                            Ok(()) => {
+                                self.mirror.write_zeroes(m, req.offset, req.length).await;
+                                Ok(())
+                            }
+                            e => e,
+                        },
+                        Route::Both => tokio::join!(local, self.mirror.write_zeroes(m, req.offset, req.length)).0,
+                        route => {
+                            let r = local.await;
+                            m.kept_local(req.offset, u64::from(req.length), route);
+                            r
                         }
-                        e => e,
                     },
-                    Some(m) => tokio::join!(local, self.mirror.write_zeroes(m, req.offset, req.length)).0,
                 }
             }
             // `validate` let through only the commands above.

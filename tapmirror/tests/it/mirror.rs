@@ -559,3 +559,59 @@ fn shutdown_of_a_paused_server_drops_held_requests() {
     assert!(rt.block_on(held).expect("join").is_err(), "the held write was answered");
     assert_eq!(source.contents()[0], 0, "the held write reached the image");
 }
+
+/// A guest that writes one block over and over (a log or a superblock), four writes at a time,
+/// must not keep the mirror from converging: a write to a range that is dirty already stays
+/// local without marking it again, so once the pass has copied the block, the guest's next
+/// write is mirrored. The target then equals the source.
+#[test]
+fn full_mirror_converges_under_a_guest_hammering_one_block() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    const SIZE: u64 = 4 * MIB;
+    const HOT: u64 = MIB + 8192;
+    let (source, ctl_path) = serve_controlled(SIZE);
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&source.image).expect("open");
+        f.write_all_at(&crate::harness::pattern(SIZE as usize, 6), 0).expect("write");
+    }
+    let target = crate::harness::serve(SIZE, &[]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let written = Arc::new(AtomicU64::new(0));
+    let guest = {
+        let (stop, written, uri) = (Arc::clone(&stop), Arc::clone(&written), source.uri());
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            rt.block_on(async move {
+                let uri = tapmirror::nbd::NbdUri::parse(&uri).expect("uri");
+                let client = tapmirror::nbd::NbdClient::connect(&uri).await.expect("connect");
+                // Four writes in flight at once, each ending before the next is sent in its
+                // lane, so that some write to the block is nearly always outstanding.
+                let lane = |lane: u64| {
+                    let (client, stop, written) = (client.clone(), Arc::clone(&stop), Arc::clone(&written));
+                    async move {
+                        while !stop.load(Ordering::Relaxed) {
+                            let n = written.fetch_add(1, Ordering::Relaxed) + 1;
+                            client.write(HOT + lane * 512, vec![(n % 251 + 1) as u8; 512], false).await.expect("guest write");
+                        }
+                    }
+                };
+                tokio::join!(lane(0), lane(1), lane(2), lane(3));
+            })
+        })
+    };
+    while written.load(Ordering::Relaxed) < 100 {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    ctl(&ctl_path, &["mirror-attach", "--mode", "full", "--target", &target.uri()]);
+    let stats = wait_ready(&ctl_path);
+    let at_ready = written.load(Ordering::Relaxed);
+    while written.load(Ordering::Relaxed) < at_ready + 100 {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    stop.store(true, Ordering::Relaxed);
+    guest.join().expect("guest");
+    assert_eq!(ctl(&ctl_path, &["drain"])["mirror"], "ready");
+    assert!(source.contents() == target.contents(), "target differs from the source: {stats}");
+}
