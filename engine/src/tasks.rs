@@ -104,11 +104,13 @@ impl Tasks {
         }
     }
 
-    /// Sets a pending task's progress (0..=1).
+    /// Moves a pending task's progress (0..=1) forward; a lower figure is ignored. What a job
+    /// has left can grow while it runs (a full mirror's catch-up sweeps copy again what the
+    /// guest rewrote), and a progress bar that moves back reads as a job going wrong.
     pub fn progress(&self, id: &str, fraction: f64) {
         self.update(id, |e| {
-            if matches!(e.task.state, TaskState::Pending(_)) {
-                e.task.state = TaskState::Pending(fraction.clamp(0.0, 1.0));
+            if let TaskState::Pending(shown) = e.task.state {
+                e.task.state = TaskState::Pending(fraction.clamp(0.0, 1.0).max(shown));
             }
         });
     }
@@ -222,6 +224,10 @@ mod tests {
         let (id, cancel) = t.create("dbg");
         t.progress(&id, 0.5);
         assert_eq!(t.stat(&id).expect("stat").state, TaskState::Pending(0.5));
+        t.progress(&id, 0.3);
+        assert_eq!(t.stat(&id).expect("stat").state, TaskState::Pending(0.5), "progress never moves back");
+        t.progress(&id, 7.0);
+        assert_eq!(t.stat(&id).expect("stat").state, TaskState::Pending(1.0));
         t.cancel(&id).expect("cancel");
         assert!(cancel.is_cancelled());
         t.fail(&id, &StorageError::Cancelled(id.clone()));
