@@ -28,10 +28,11 @@
 //! so a copy can never overwrite the target with data older than a guest write. A write
 //! deferred in catch-up marks its range under its lock, so a copy that cleared the bits first
 //! copies the range again later; a write to a dirty range does not mark it again
-//! (`Mirror::kept_local` says why). Ready means
-//! converging, nothing dirty, nothing in flight and the target flushed; guest flushes reach the
-//! target from the ready flush on (before it the target is not a consistent disk, and the ready
-//! flush covers every write completed before it).
+//! (`Mirror::kept_local` says why).
+//!
+//! Ready means converging, nothing dirty, nothing in flight and the target flushed. Guest
+//! flushes reach the target from the ready flush on: before it the target is not a consistent
+//! disk, and the ready flush covers every write completed before it.
 
 pub mod dirty;
 
@@ -99,7 +100,7 @@ pub struct FullSync {
     converge_cause: std::sync::OnceLock<&'static str>,
     /// Guest flushes reach the target: set just before the ready flush is sent.
     flush_remote: AtomicBool,
-    /// Guest writes kept local (their range dirty), and their bytes.
+    /// Guest writes kept local (deferred, or to a dirty range), and their bytes.
     deferred: AtomicU64,
     deferred_bytes: AtomicU64,
     ready: AtomicBool,
@@ -111,9 +112,9 @@ pub struct FullSync {
 }
 
 impl FullSync {
-    /// Enters the converge phase. Guest writes that chose to stay local before the switch mark
-    /// their ranges under their range guards; the barrier waits them out, so the bitmap holds
-    /// them before the pass looks at it again.
+    /// Enters the converge phase. Writes deferred before the switch mark their ranges under
+    /// their range guards; the barrier waits them out, so the bitmap holds them before the pass
+    /// looks at it again.
     async fn converge(&self, why: &'static str) {
         if self.converging.swap(true, Ordering::AcqRel) {
             return;
