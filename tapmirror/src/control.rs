@@ -15,6 +15,7 @@
 //! | `unpause` | `leaf`: path (optional) | reopens the image (or the one at `leaf`) for writing and resumes |
 //! | `mirror-attach` | `mode` (sync, full), `timeout_ms`, `export`, `granularity`, `target_is_zero`, `rate` (full: bytes/s of the background pass, 0 for no cap); one descriptor (full: optionally a second, for the background pass) | negotiates NBD on the descriptors and mirrors onto the target (full: and copies the disk in the background) |
 //! | `mirror-rate` | `bytes_per_s` (0: no cap) | caps a full mirror's background pass at that many data bytes per second, from its next request |
+//! | `mirror-converge` | | ends a full mirror's catch-up: guest writes to copied ranges are mirrored from now on |
 //! | `mirror-detach` | | stops mirroring (after in-flight writes) |
 //! | `nbd-accept` | one descriptor: a connected stream socket (TCP or Unix) | serves the export on it as on any accepted connection (fixed newstyle, the server speaks first; same image, pause and drain gating, counted in `connections`) until the peer closes it or shutdown |
 //! | `drain` | `timeout_s` (default 30) | waits until no request is outstanding on either side |
@@ -402,6 +403,11 @@ async fn execute<I: Image>(control: &Control<I>, request: &Value, mut fds: Vec<O
                 None => err("no mirror attached"),
             }
         }
+        "mirror-converge" => match server.mirror().get() {
+            Some(m) if m.converge_now().await => json!({"ok": true, "progress": m.progress()}),
+            Some(_) => err("the mirror attached is not a full mirror: it mirrors every write already"),
+            None => err("no mirror attached"),
+        },
         "mirror-detach" => {
             if server.mirror().get().is_none() {
                 return err("no mirror attached");

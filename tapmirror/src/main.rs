@@ -208,6 +208,8 @@ enum CtlCommand {
         #[arg(value_parser = parse_size)]
         bytes_per_s: u64,
     },
+    /// End a full mirror's catch-up: mirror guest writes to copied ranges from now on.
+    MirrorConverge,
     /// Stop mirroring.
     MirrorDetach,
     /// Wait until no request is outstanding on either side.
@@ -527,6 +529,7 @@ async fn ctl(args: CtlArgs) -> Result<()> {
                    "granularity": granularity, "target_is_zero": target_is_zero, "rate": rate.unwrap_or(0)})
         }
         CtlCommand::MirrorRate { bytes_per_s } => json!({"cmd": "mirror-rate", "bytes_per_s": bytes_per_s}),
+        CtlCommand::MirrorConverge => json!({"cmd": "mirror-converge"}),
         CtlCommand::MirrorDetach => json!({"cmd": "mirror-detach"}),
         CtlCommand::Drain { timeout } => json!({"cmd": "drain", "timeout_s": timeout}),
         CtlCommand::Shutdown => json!({"cmd": "shutdown"}),

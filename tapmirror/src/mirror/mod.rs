@@ -175,8 +175,8 @@ pub struct FullProgress {
     /// `catch-up` (guest writes stay local and mark the bitmap) or `converge` (guest writes to
     /// copied ranges are mirrored).
     pub phase: &'static str,
-    /// Why the converge phase began: `nothing-dirty` (the pass caught up) or `guest-outpaced`
-    /// (a sweep did not halve what was dirty).
+    /// Why the converge phase began: `nothing-dirty` (the pass caught up), `guest-outpaced`
+    /// (a sweep did not halve what was dirty) or `requested` (`mirror-converge`).
     pub converge_cause: Option<&'static str>,
     /// Guest writes kept local because the pass copies their range later.
     pub deferred_writes: u64,
@@ -295,6 +295,20 @@ impl Mirror {
         match &self.full {
             Some(f) => {
                 f.rate.store(bytes_per_s, Ordering::Relaxed);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Ends a full mirror's catch-up now: guest writes to copied ranges are mirrored from here
+    /// on, as they are once the pass catches up. For an operator who wants the mirror ready
+    /// sooner (no more sweeps over what the guest rewrites) at the cost of the guest's writes
+    /// waiting on the target meanwhile. `false` outside full mode.
+    pub async fn converge_now(&self) -> bool {
+        match &self.full {
+            Some(f) => {
+                f.converge("requested").await;
                 true
             }
             None => false,

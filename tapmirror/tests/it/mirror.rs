@@ -170,6 +170,7 @@ fn bad_control_input_gets_an_error_and_changes_nothing() {
         ("{\"cmd\":\"unpause\"}\n", "not paused"),
         ("{\"cmd\":\"mirror-detach\"}\n", "no mirror"),
         ("{\"cmd\":\"mirror-rate\",\"bytes_per_s\":1000}\n", "no mirror"),
+        ("{\"cmd\":\"mirror-converge\"}\n", "no mirror"),
     ] {
         let a = raw(line);
         assert_eq!(a["ok"], false, "{line}: {a}");
@@ -193,6 +194,8 @@ fn bad_control_input_gets_an_error_and_changes_nothing() {
     ctl(&ctl_path, &["mirror-attach", "--target", &target.uri()]);
     let paced = ctl_output(&ctl_path, &["mirror-rate", "1M"]);
     assert!(!paced.status.success(), "mirror-rate on a sync mirror must be refused");
+    let converged = ctl_output(&ctl_path, &["mirror-converge"]);
+    assert!(!converged.status.success(), "mirror-converge on a sync mirror must be refused");
     let second = ctl_output(&ctl_path, &["mirror-attach", "--target", &target.uri()]);
     assert!(!second.status.success());
     assert!(String::from_utf8_lossy(&second.stdout).contains("already attached"));
@@ -293,8 +296,9 @@ fn full_mirror_converges_under_guest_writes_and_ends_identical() {
 /// no more than a second's worth (plus one request and the bucket's burst) has been copied of
 /// 16 MiB of data that an uncapped pass copies at once. A ceiling only, so a slow machine
 /// cannot fail it. The pass is then in its first sweep (catch-up), so a guest write far ahead
-/// of it, and the guest's flush, stay local: the target does not see them yet. Then the cap is
-/// lifted (`mirror-rate`) and the mirror still converges, with that write on the target.
+/// of it, and the guest's flush, stay local: the target does not see them yet. `mirror-converge`
+/// ends the catch-up: a write to a copied range then reaches the target at once. Then the cap
+/// is lifted (`mirror-rate`) and the mirror still converges, with every write on the target.
 #[test]
 fn full_mirror_rate_caps_the_background_copy_from_the_start() {
     let (source, ctl_path) = serve_controlled(64 * MIB);
@@ -320,6 +324,18 @@ fn full_mirror_rate_caps_the_background_copy_from_the_start() {
     assert_eq!(stats["mirror"]["counters"]["writes"], 0, "{stats}");
     assert_eq!(stats["mirror"]["counters"]["flushes"], 0, "{stats}");
     assert!(target.contents()[60 << 20..][..64 << 10].iter().all(|&b| b == 0), "a write in catch-up reached the target");
+
+    // Catch-up ended on request: a write to a copied range (a hole, clean on a zeroed target)
+    // now reaches the target at once, while the deferred one still waits for the pass.
+    let converged = ctl(&ctl_path, &["mirror-converge"]);
+    assert_eq!(converged["progress"]["phase"], "converge", "{converged}");
+    assert_eq!(converged["progress"]["converge_cause"], "requested", "{converged}");
+    run(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x6b 40M 64k", &source.uri()]));
+    let stats = ctl(&ctl_path, &["stats"]);
+    assert_eq!(stats["mirror"]["counters"]["writes"], 1, "{stats}");
+    assert_eq!(stats["mirror"]["state"], "syncing", "{stats}");
+    assert!(target.contents()[40 << 20..][..64 << 10].iter().all(|&b| b == 0x6b), "a write after mirror-converge missed the target");
+    assert!(target.contents()[60 << 20..][..64 << 10].iter().all(|&b| b == 0), "the pass is still capped");
 
     ctl(&ctl_path, &["mirror-rate", "0"]);
     wait_ready(&ctl_path);
