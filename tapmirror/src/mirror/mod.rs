@@ -330,7 +330,8 @@ impl Mirror {
         Some(f.locks.lock(offset, offset + len, false).await)
     }
 
-    /// Where a guest write to `[offset, offset + len)` goes; asked under the write's `guard`.
+    /// Where a guest write to `[offset, offset + len)` goes; asked under the write's `guard`,
+    /// once per guest write (it also counts the write, which is how the pass sees a busy guest).
     pub fn route(&self, offset: u64, len: u64) -> Route {
         self.guest_writes.fetch_add(1, Ordering::Relaxed);
         match &self.full {

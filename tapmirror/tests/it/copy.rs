@@ -250,10 +250,7 @@ fn copy_with_base_sends_only_what_differs() {
     crate::harness::run(Command::new(tm).args(["image", "create", "vhd"]).arg(&child).arg("--parent").arg(&base));
     write(&child, &["write -P 0x42 1M 512k", "write -z 4M 1M", "write -P 0x43 20M 64k"]);
 
-    let out = crate::harness::run(Command::new(tm).arg("copy").arg("--base").arg(&base).arg(&child).arg(target.uri()));
-    let report: serde_json::Value =
-        serde_json::from_str(String::from_utf8_lossy(&out.stderr).lines().rfind(|l| l.starts_with('{')).expect("report"))
-            .expect("report JSON");
+    let report = copy_with_base(&base, &child, &target.uri());
     // Only the child's blocks (2 MiB each: three touched) can have been read and sent.
     assert!(report["data_bytes"].as_u64().expect("data") <= 6 * MIB, "{report}");
     assert!(report["skipped_bytes"].as_u64().expect("skipped") >= 26 * MIB, "{report}");
@@ -324,6 +321,12 @@ fn copy_flushes_while_it_writes_and_once_after_the_last_write() {
     assert!(flushes[0] > last_write);
 }
 
+/// `tapmirror copy --base BASE CHILD URI`; its closing JSON report (the last JSON line of stderr).
+fn copy_with_base(base: &Path, child: &Path, uri: &str) -> serde_json::Value {
+    let out = crate::harness::run(Command::new(crate::harness::tapmirror()).arg("copy").arg("--base").arg(base).arg(child).arg(uri));
+    serde_json::from_str(String::from_utf8_lossy(&out.stderr).lines().rfind(|l| l.starts_with('{')).expect("report")).expect("report JSON")
+}
+
 /// `copy --base` on qcow2 chains made by qemu-img: the destination holds the base; only the
 /// clusters the child's own layer holds travel, and the destination ends equal to the child as
 /// qemu-img itself reads it.
@@ -343,10 +346,7 @@ fn copy_with_a_qcow2_base_sends_only_the_childs_layer() {
     );
     qemu(&["qemu-io", "-f", "qcow2", "-c", "write -P 0x42 1M 512k", "-c", "write -z 4M 1M", "-c", "write -P 0x43 20M 64k"], &child);
 
-    let out = crate::harness::run(Command::new(tm).arg("copy").arg("--base").arg(&base).arg(&child).arg(target.uri()));
-    let report: serde_json::Value =
-        serde_json::from_str(String::from_utf8_lossy(&out.stderr).lines().rfind(|l| l.starts_with('{')).expect("report"))
-            .expect("report JSON");
+    let report = copy_with_base(&base, &child, &target.uri());
     // The child's layer holds 512 KiB + 1 MiB (zeroed) + 64 KiB: nothing else may be sent.
     assert!(report["data_bytes"].as_u64().expect("data") <= 2 * MIB, "{report}");
     assert!(report["skipped_bytes"].as_u64().expect("skipped") >= 29 * MIB, "{report}");

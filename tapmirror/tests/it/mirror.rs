@@ -579,7 +579,8 @@ fn shutdown_of_a_paused_server_drops_held_requests() {
 /// A guest that writes one block over and over (a log or a superblock), four writes at a time,
 /// must not keep the mirror from converging: a write to a range that is dirty already stays
 /// local without marking it again, so once the pass has copied the block, the guest's next
-/// write is mirrored. The target then equals the source.
+/// write is mirrored. The target then equals the source. (It guards convergence under a hot
+/// block; the race the no-remark rule removes did not come up here under the old rule either.)
 #[test]
 fn full_mirror_converges_under_a_guest_hammering_one_block() {
     use std::sync::Arc;
