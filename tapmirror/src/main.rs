@@ -155,7 +155,7 @@ struct CopyArgs {
     checkpoint: Option<PathBuf>,
     /// Flush the destination in the background after every this many data bytes, so it
     /// writes back while the copy runs rather than all at the end (0: flush only at the end).
-    #[arg(long, value_parser = parse_size, default_value = "128M")]
+    #[arg(long, value_parser = parse_size, default_value = "64M")]
     writeback_every: u64,
 }
 

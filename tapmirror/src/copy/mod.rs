@@ -91,7 +91,7 @@ impl Default for CopyOptions {
             bwlimit: None,
             checkpoint: None,
             checkpoint_every: 1 << 30,
-            writeback_every: 128 << 20,
+            writeback_every: 64 << 20,
             progress: ProgressMode::None,
             sparse_size: 4096,
             done_counter: None,
