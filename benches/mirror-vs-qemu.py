@@ -7,7 +7,7 @@
    mirror also runs into a `tapmirror serve` target, the one sxm's destination host runs.
 2. Full mirror under a steady guest (fio: 2000 4 KiB and 200 64 KiB random writes per second):
    time to ready and bytes sent, for tapmirror's full mirror (into qemu-nbd, into a zeroed
-   `tapmirror serve`, and into qemu-nbd with `--rate 200M`) and QEMU's background and
+   `tapmirror serve`, and into qemu-nbd unpaced while the guest writes, `--busy-rate 0`) and QEMU's background and
    write-blocking modes, plus the guest's p99 write latency over the writes completed while
    the copy ran against its own p99 in the seconds before the mirror started (same fio
    process, so drift between cases does not enter the ratio).
@@ -108,6 +108,7 @@ def steady_guest(uri, seconds, rate_iops, logs):
                 "mean_us": sum(lat) / len(lat) if lat else float("nan"), "writes": len(lat)}
 
     def finish(*windows):
+        p.terminate()  # fio writes its logs on the way out; nothing after the windows counts
         p.communicate()
         logged = {}
         for n, job in enumerate(("small", "large"), 1):
@@ -239,9 +240,9 @@ class Bench:
         so that a machine whose speed drifts from one case to the next (a VM on a busy host)
         still gives a fair ratio."""
         out = {}
-        # Long enough for the copy to end well within it: only writes completed while the
-        # copy ran count for the mirrors.
-        guest_secs = self.seconds + max(self.seconds, 20)
+        # Long enough for any copy to end within it (fio is stopped once the windows are over):
+        # only writes completed while the copy ran count.
+        guest_secs = self.seconds + 300
 
         def baseline():
             time.sleep(1)  # fio connects and settles
@@ -250,24 +251,25 @@ class Bench:
             return start
 
         # Into qemu-nbd as QEMU's mirrors below; into a zeroed `tapmirror serve`, what sxm's
-        # destination runs; and into qemu-nbd with the pass capped.
-        for target, rate in (("qemu-nbd", None), ("tapmirror", None), ("qemu-nbd", "200M")):
+        # destination runs; and into qemu-nbd with the pass unpaced while the guest writes
+        # (`--busy-rate 0`), which is what the default pacing saves the guest.
+        for target, rate in (("qemu-nbd", None), ("tapmirror", None), ("qemu-nbd", "0")):
             if target == "qemu-nbd":
                 tgt = f"nbd+unix:///?socket={self.target('conv-tm-tgt')}"
             else:
                 tgt, _ = self.tapmirror("conv-tm-tgt", copy_src=False)
             uri, ctl = self.tapmirror("conv-tm")
-            finish = steady_guest(uri, guest_secs if rate is None else 3 * guest_secs, rate_iops, self.path("tm"))
+            finish = steady_guest(uri, guest_secs, rate_iops, self.path("tm"))
             ts = baseline()
             t0 = time.time()
             self.ctl(ctl, "mirror-attach", "--mode", "full", "--target-is-zero", "--target", tgt,
-                     *(["--rate", rate] if rate else []))
+                     *(["--busy-rate", rate] if rate else []))
             while self.ctl(ctl, "stats")["mirror"]["state"] == "syncing":
                 time.sleep(0.05)
             t1 = time.time()
             stats = self.ctl(ctl, "stats")["mirror"]
             sent = stats["progress"]["bytes_sent"] + stats["counters"]["bytes"]
-            name = "tapmirror full mirror" + (" into tapmirror" if target == "tapmirror" else "") + (f", --rate {rate}" if rate else "")
+            name = "tapmirror full mirror" + (" into tapmirror" if target == "tapmirror" else "") + (f", --busy-rate {rate}" if rate else "")
             out[name] = (*finish((ts, t0), (t0, t1)), t1 - t0, sent)
             self.stop_all()
 

@@ -13,8 +13,8 @@
 //! | `stats` | | counters, outstanding requests, mirror state and bytes left |
 //! | `pause` | | lets in-flight guest requests finish, holds new ones, and lets go of the image for writing (tap-ctl pause: the backend may now snapshot or compose it) |
 //! | `unpause` | `leaf`: path (optional) | reopens the image (or the one at `leaf`) for writing and resumes |
-//! | `mirror-attach` | `mode` (sync, full), `timeout_ms`, `export`, `granularity`, `target_is_zero`, `rate` (full: bytes/s of the background pass, 0 for no cap); one descriptor (full: optionally a second, for the background pass) | negotiates NBD on the descriptors and mirrors onto the target (full: and copies the disk in the background) |
-//! | `mirror-rate` | `bytes_per_s` (0: no cap) | caps a full mirror's background pass at that many data bytes per second, from its next request |
+//! | `mirror-attach` | `mode` (sync, full), `timeout_ms`, `export`, `granularity`, `target_is_zero`, `rate` (full: bytes/s of the background pass, 0 for no cap), `busy_rate` (full: the same while the guest writes; default 64 MiB/s); one descriptor (full: optionally a second, for the background pass) | negotiates NBD on the descriptors and mirrors onto the target (full: and copies the disk in the background) |
+//! | `mirror-rate` | `bytes_per_s` (0: no cap), `busy` (bool: set the cap that applies while the guest writes) | caps a full mirror's background pass at that many data bytes per second, from its next request |
 //! | `mirror-converge` | | ends a full mirror's catch-up: guest writes to copied ranges are mirrored from now on |
 //! | `mirror-detach` | | stops mirroring (after in-flight writes) |
 //! | `nbd-accept` | one descriptor: a connected stream socket (TCP or Unix) | serves the export on it as on any accepted connection (fixed newstyle, the server speaks first; same image, pause and drain gating, counted in `connections`) until the peer closes it or shutdown |
@@ -156,8 +156,15 @@ async fn attach<I: Image>(
         if let Some(rate) = request.get("rate").and_then(Value::as_u64) {
             mirror.set_rate(rate);
         }
+        if let Some(rate) = request.get("busy_rate").and_then(Value::as_u64) {
+            mirror.set_busy_rate(rate);
+        }
         let source = Arc::clone(server);
-        tokio::spawn(crate::mirror::run_full_copy(Arc::clone(server.mirror()), mirror, move || source.image()));
+        let pass = crate::mirror::run_full_copy(Arc::clone(server.mirror()), mirror, move || source.image());
+        match crate::mirror::pass_runtime() {
+            Some(rt) => drop(rt.spawn(pass)),
+            None => drop(tokio::spawn(pass)),
+        }
     }
     tracing::info!(?mode, granularity, "mirror attached");
     json!({"ok": true, "state": server.mirror().state()})
@@ -365,7 +372,11 @@ async fn execute<I: Image>(control: &Control<I>, request: &Value, mut fds: Vec<O
             };
             let copier = match fds.pop() {
                 None => None,
-                Some(fd) => match connect(fd).await {
+                // The background pass's own connection runs on the pass's runtime, with it.
+                Some(fd) => match match crate::mirror::pass_runtime() {
+                    Some(rt) => rt.spawn(connect(fd)).await.unwrap_or_else(|_| Ok(Err(crate::nbd::ClientError::Closed("connect task ended".into())))),
+                    None => connect(fd).await,
+                } {
                     Ok(Ok(c)) if c.size() == client.size() => Some(c),
                     Ok(Ok(_)) => return err("the two mirror sockets reach exports of different sizes"),
                     Ok(Err(e)) => return err(format!("NBD on the second mirror socket: {e}")),
@@ -375,6 +386,11 @@ async fn execute<I: Image>(control: &Control<I>, request: &Value, mut fds: Vec<O
             let size = server.image().size();
             if client.size() != size {
                 return err(format!("mirror target is {} bytes, the image {size}", client.size()));
+            }
+            for key in ["rate", "busy_rate"] {
+                if request.get(key).is_some_and(|v| v.as_u64().is_none()) {
+                    return err(format!("\"{key}\" must be a non-negative integer (bytes per second; 0: no cap)"));
+                }
             }
             let granularity = request.get("granularity").and_then(Value::as_u64).unwrap_or(crate::mirror::dirty::DEFAULT_GRANULARITY);
             if !granularity.is_power_of_two() || !(512..=64 << 20).contains(&granularity) {
@@ -397,8 +413,16 @@ async fn execute<I: Image>(control: &Control<I>, request: &Value, mut fds: Vec<O
             let Some(rate) = request.get("bytes_per_s").and_then(Value::as_u64) else {
                 return err("\"bytes_per_s\" must be a non-negative integer (0: no cap)");
             };
+            let busy = match request.get("busy") {
+                None => false,
+                Some(v) => match v.as_bool() {
+                    Some(b) => b,
+                    None => return err("\"busy\" must be true or false"),
+                },
+            };
+            let set = |m: &Mirror| if busy { m.set_busy_rate(rate) } else { m.set_rate(rate) };
             match server.mirror().get() {
-                Some(m) if m.set_rate(rate) => json!({"ok": true, "bytes_per_s": rate}),
+                Some(m) if set(&m) => json!({"ok": true, "bytes_per_s": rate, "busy": busy}),
                 Some(_) => err("the mirror attached is not a full mirror: it has no background pass to pace"),
                 None => err("no mirror attached"),
             }

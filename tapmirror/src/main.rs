@@ -201,12 +201,19 @@ enum CtlCommand {
         /// leaves the guest's writes more room; none by default.
         #[arg(long, value_parser = parse_size)]
         rate: Option<u64>,
+        /// Full mode: bytes per second at most for the background copy while the guest writes
+        /// (0: no cap then), so the copy's CPU does not delay the guest's writes [default: 64M]
+        #[arg(long, value_parser = parse_size)]
+        busy_rate: Option<u64>,
     },
     /// Change a full mirror's cap on its background copy, from its next request.
     MirrorRate {
         /// Bytes per second (e.g. 64M); 0 lifts the cap.
         #[arg(value_parser = parse_size)]
         bytes_per_s: u64,
+        /// Change the cap that applies while the guest writes instead.
+        #[arg(long)]
+        busy: bool,
     },
     /// End a full mirror's catch-up: mirror guest writes to copied ranges from now on.
     MirrorConverge,
@@ -502,11 +509,11 @@ async fn ctl(args: CtlArgs) -> Result<()> {
         CtlCommand::Pause => json!({"cmd": "pause"}),
         CtlCommand::Unpause { leaf: None } => json!({"cmd": "unpause"}),
         CtlCommand::Unpause { leaf: Some(l) } => json!({"cmd": "unpause", "leaf": l}),
-        CtlCommand::MirrorAttach { target, mode, timeout_ms, granularity, target_is_zero, rate } => {
+        CtlCommand::MirrorAttach { target, mode, timeout_ms, granularity, target_is_zero, rate, busy_rate } => {
             // Connect as the engine will (it does HTTP first), and pass the connected socket;
             // a full mirror gets a second one for its background pass.
-            if rate.is_some() && mode != tapmirror::mirror::MirrorMode::Full {
-                bail!("--rate paces a full mirror's background copy; a sync mirror has none");
+            if (rate.is_some() || busy_rate.is_some()) && mode != tapmirror::mirror::MirrorMode::Full {
+                bail!("--rate and --busy-rate pace a full mirror's background copy; a sync mirror has none");
             }
             let uri = NbdUri::parse(&target)?;
             let connect = || -> Result<std::os::fd::OwnedFd> {
@@ -525,10 +532,14 @@ async fn ctl(args: CtlArgs) -> Result<()> {
             if mode == tapmirror::mirror::MirrorMode::Full {
                 fds.push(connect()?);
             }
-            json!({"cmd": "mirror-attach", "mode": mode, "timeout_ms": timeout_ms, "export": uri.export,
-                   "granularity": granularity, "target_is_zero": target_is_zero, "rate": rate.unwrap_or(0)})
+            let mut request = json!({"cmd": "mirror-attach", "mode": mode, "timeout_ms": timeout_ms, "export": uri.export,
+                   "granularity": granularity, "target_is_zero": target_is_zero, "rate": rate.unwrap_or(0)});
+            if let Some(b) = busy_rate {
+                request["busy_rate"] = json!(b);
+            }
+            request
         }
-        CtlCommand::MirrorRate { bytes_per_s } => json!({"cmd": "mirror-rate", "bytes_per_s": bytes_per_s}),
+        CtlCommand::MirrorRate { bytes_per_s, busy } => json!({"cmd": "mirror-rate", "bytes_per_s": bytes_per_s, "busy": busy}),
         CtlCommand::MirrorConverge => json!({"cmd": "mirror-converge"}),
         CtlCommand::MirrorDetach => json!({"cmd": "mirror-detach"}),
         CtlCommand::Drain { timeout } => json!({"cmd": "drain", "timeout_s": timeout}),

@@ -97,8 +97,12 @@ struct State {
     backlog: VecDeque<Queued>,
 }
 
+thread_local!(static RING_INDEX: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) });
+
 /// The process's rings.
 pub(crate) struct UringDriver {
+    /// One ring per CPU (threads take them in turn), and one more, last, for background threads
+    /// only ([`super::serve_background_io`]).
     rings: Vec<Arc<Ring>>,
     /// Free fixed-file slots; a slot means the same file in every ring.
     free_slots: Mutex<Vec<u32>>,
@@ -115,26 +119,30 @@ impl UringDriver {
 
     fn start() -> io::Result<Arc<UringDriver>> {
         let count = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).clamp(2, 8);
-        let rings = (0..count).map(|_| Ring::start()).collect::<io::Result<Vec<_>>>()?;
+        let rings = (0..=count).map(|_| Ring::start()).collect::<io::Result<Vec<_>>>()?;
         let fixed_buffers = rings.iter().all(|r| r.fixed_buffers);
         tracing::debug!(rings = count, fixed_buffers, "io_uring ready");
         Ok(Arc::new(UringDriver { rings, free_slots: Mutex::new((0..FILE_SLOTS).rev().collect()), fixed_buffers }))
     }
 
-    /// This thread's ring.
+    /// This thread's ring: the background ring on a background thread, else one of the others
+    /// in turn.
     fn ring(&self) -> &Ring {
-        use std::cell::Cell;
         use std::sync::atomic::{AtomicUsize, Ordering};
         static NEXT: AtomicUsize = AtomicUsize::new(0);
-        thread_local!(static INDEX: Cell<Option<usize>> = const { Cell::new(None) });
-        let index = INDEX.with(|i| {
+        // `start` makes at least three rings, the last the background one.
+        let shared = self.rings.len() - 1;
+        if super::BACKGROUND.with(|b| b.get()) {
+            return &self.rings[shared];
+        }
+        let index = RING_INDEX.with(|i| {
             *i.get().get_or_insert_with(|| {
                 let n = NEXT.fetch_add(1, Ordering::Relaxed);
                 i.set(Some(n));
                 n
             })
         });
-        &self.rings[index % self.rings.len()]
+        &self.rings[index % shared]
     }
 
     /// Runs `op` on `target` (on this thread's ring) and waits for its completion.

@@ -107,6 +107,8 @@ pub struct FullSync {
     started: Instant,
     /// Bytes of data per second the pass may send, 0 for no limit; settable while it runs.
     rate: AtomicU64,
+    /// The same while the guest writes ([`DEFAULT_BUSY_RATE`]); the lower of the two applies.
+    busy_rate: AtomicU64,
     /// The pass's token bucket: when it was last looked at and its credit then (bytes).
     bucket: std::sync::Mutex<(Instant, f64)>,
 }
@@ -124,18 +126,30 @@ impl FullSync {
         tracing::info!(why, dirty = self.bitmap.dirty_bytes(), "full mirror converging: guest writes to copied ranges are mirrored from now on");
     }
 
-    /// Waits until `bytes` of data may be sent under the rate (100 ms of credit at most). The
+    /// The cap on the pass now, bytes per second (0: none): the operator's cap, and while the
+    /// guest writes the busy rate too, whichever is lower.
+    fn cap(&self, guest_busy: bool) -> u64 {
+        let rate = self.rate.load(Ordering::Relaxed);
+        let busy = if guest_busy { self.busy_rate.load(Ordering::Relaxed) } else { 0 };
+        match (rate, busy) {
+            (0, b) => b,
+            (r, 0) => r,
+            (r, b) => r.min(b),
+        }
+    }
+
+    /// Waits until `bytes` of data may be sent under `rate()` (100 ms of credit at most). The
     /// bytes are taken at once, as debt; the wait for the debt to clear follows the rate as it
     /// is set meanwhile, so lifting or raising a cap frees a waiting pass within one slice.
     /// Gives up early once `stop` says so (the mirror failed or was detached).
-    async fn pace(&self, bytes: u64, stop: impl Fn() -> bool) {
+    async fn pace(&self, bytes: u64, rate: impl Fn() -> u64, stop: impl Fn() -> bool) {
         const SLICE: Duration = Duration::from_millis(50);
         let mut owed = bytes as f64;
         loop {
             if stop() {
                 return;
             }
-            let rate = self.rate.load(Ordering::Relaxed);
+            let rate = rate();
             let wait = {
                 let mut b = self.bucket.lock().unwrap_or_else(|e| e.into_inner());
                 let now = Instant::now();
@@ -182,6 +196,8 @@ pub struct FullProgress {
     pub deferred_writes: u64,
     /// Granularity of the dirty bitmap.
     pub granularity: u64,
+    /// Cap on the pass while the guest writes, bytes per second (0: none).
+    pub busy_rate: u64,
 }
 
 /// An attached target.
@@ -237,6 +253,7 @@ impl Mirror {
                 ready: AtomicBool::new(false),
                 started: Instant::now(),
                 rate: AtomicU64::new(0),
+                busy_rate: AtomicU64::new(DEFAULT_BUSY_RATE),
                 bucket: std::sync::Mutex::new((Instant::now(), 0.0)),
             }
         });
@@ -286,6 +303,7 @@ impl Mirror {
             phase: if f.converging.load(Ordering::Relaxed) { "converge" } else { "catch-up" },
             converge_cause: f.converge_cause.get().copied(),
             deferred_writes: f.deferred.load(Ordering::Relaxed),
+            busy_rate: f.busy_rate.load(Ordering::Relaxed),
         })
     }
 
@@ -295,6 +313,18 @@ impl Mirror {
         match &self.full {
             Some(f) => {
                 f.rate.store(bytes_per_s, Ordering::Relaxed);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Caps the background pass at `bytes_per_s` while the guest writes (0: no cap then but
+    /// [`Mirror::set_rate`]'s), from its next request on. `false` outside full mode.
+    pub fn set_busy_rate(&self, bytes_per_s: u64) -> bool {
+        match &self.full {
+            Some(f) => {
+                f.busy_rate.store(bytes_per_s, Ordering::Relaxed);
                 true
             }
             None => false,
@@ -497,16 +527,44 @@ impl MirrorSlot {
     }
 }
 
+/// The runtime full mirrors' background passes run on: one worker thread of its own, with its
+/// own I/O driver, so the pass's work never queues in front of a guest request on the runtime
+/// that serves the guest (whose workers then only ever wait for the CPU, like any other
+/// process's). Built on first use and kept for the life of the process, since a process serves
+/// one image and so runs at most one pass at a time. `None` if it cannot be built: the pass then
+/// shares the caller's runtime.
+pub fn pass_runtime() -> Option<&'static tokio::runtime::Runtime> {
+    static RT: std::sync::OnceLock<Option<tokio::runtime::Runtime>> = std::sync::OnceLock::new();
+    RT.get_or_init(|| {
+        match tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("tapmirror-pass")
+            .on_thread_start(crate::io::serve_background_io)
+            .enable_all()
+            .build() {
+            Ok(rt) => Some(rt),
+            Err(e) => {
+                tracing::warn!(error = %e, "no runtime of its own for the background pass: it shares the guest's");
+                None
+            }
+        }
+    })
+    .as_ref()
+}
+
 /// Requests of the background pass in flight at once while the guest is idle.
 const COPY_DEPTH: u32 = 4;
-/// Largest background copy request while the guest is idle.
+/// Largest background copy request. Fewer, larger copies cost the guest less than many small
+/// ones at the same rate: at 50 MB/s into qemu-nbd beside the steady guest, 32 KiB requests
+/// took its p99 from 10 to 41 µs, 1 MiB ones left it as it was.
 const COPY_CHUNK: u64 = 1 << 20;
-/// While the guest writes, the pass steps aside: one small request at a time, so a guest
-/// write waits for at most one short copy (on the CPU, in the target, on a range lock).
-/// Measured on 2 cores with the target on the same machine (benches/mirror-vs-qemu.py, guest
-/// p99 while the pass runs): 128 KiB 928 µs, 32 KiB 607 µs, 8 KiB 425 µs, taking 0.6, 1.2
-/// and 3.2 s to copy 1 GiB of data; a bandwidth limit on the mirror trades further.
-const BUSY_CHUNK: u64 = 32 << 10;
+/// While the guest writes, the pass steps aside: one request at a time, at most this many
+/// bytes of data per second ([`Mirror::set_busy_rate`]). Every copy costs CPU on both ends,
+/// and on a machine with few cores each one can delay a guest write waiting for a CPU. On 2
+/// cores with the target on the same machine (benches/mirror-vs-qemu.py: a steady guest's p99
+/// write latency while the pass runs, against its own before): at 100 MB/s 1.55x for 4 KiB
+/// writes and 0.73x for 64 KiB, at 200 MB/s 2.2x and 2.3x, unpaced 3.9x and 13x.
+pub const DEFAULT_BUSY_RATE: u64 = 64 << 20;
 /// A guest write within this long makes the guest count as busy.
 const BUSY_WINDOW: Duration = Duration::from_millis(20);
 
@@ -531,7 +589,7 @@ pub async fn run_full_copy<I: Image>(slot: Arc<MirrorSlot>, m: Arc<Mirror>, imag
             (seen_writes, last_guest_write) = (writes, Some(Instant::now()));
         }
         let busy = last_guest_write.is_some_and(|t| t.elapsed() < BUSY_WINDOW);
-        let Some((offset, len)) = f.bitmap.next_run(cursor, if busy { BUSY_CHUNK } else { COPY_CHUNK }) else {
+        let Some((offset, len)) = f.bitmap.next_run(cursor, COPY_CHUNK) else {
             while tasks.join_next().await.is_some() {}
             if f.bitmap.dirty_granules() > 0 {
                 continue;
@@ -567,12 +625,12 @@ pub async fn run_full_copy<I: Image>(slot: Arc<MirrorSlot>, m: Arc<Mirror>, imag
         // Under a cap, wait for the run's data before taking it (never while holding its range,
         // where a guest write would wait with it). The run's extents are looked up again under
         // the lock, since a guest write may allocate more meanwhile.
-        if f.rate.load(Ordering::Relaxed) != 0 {
+        if f.cap(busy) != 0 {
             let data = match image().allocation(offset, len, usize::MAX).await {
                 Ok(e) => e.iter().filter(|e| e.state == ExtentState::Data).map(|e| e.length).sum(),
                 Err(_) => len,
             };
-            f.pace(data, || m.failed.load(Ordering::Acquire) || !slot.is_current(&m)).await;
+            f.pace(data, || f.cap(busy), || m.failed.load(Ordering::Acquire) || !slot.is_current(&m)).await;
         }
         // A busy guest gets the whole depth taken: one copy at a time.
         let Ok(permit) = Arc::clone(&depth).acquire_many_owned(if busy { COPY_DEPTH } else { 1 }).await else { return };

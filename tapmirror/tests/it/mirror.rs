@@ -170,6 +170,7 @@ fn bad_control_input_gets_an_error_and_changes_nothing() {
         ("{\"cmd\":\"unpause\"}\n", "not paused"),
         ("{\"cmd\":\"mirror-detach\"}\n", "no mirror"),
         ("{\"cmd\":\"mirror-rate\",\"bytes_per_s\":1000}\n", "no mirror"),
+        ("{\"cmd\":\"mirror-rate\",\"bytes_per_s\":1000,\"busy\":\"yes\"}\n", "\"busy\""),
         ("{\"cmd\":\"mirror-converge\"}\n", "no mirror"),
     ] {
         let a = raw(line);
@@ -186,6 +187,13 @@ fn bad_control_input_gets_an_error_and_changes_nothing() {
     assert_eq!(a["ok"], false, "{a}");
     // A cap on a sync mirror, which has no background copy to pace: refused before attaching.
     let target = crate::harness::serve(16 * MIB, &[]);
+    // A busy rate that is not a number: refused, nothing attached.
+    let conn = std::os::fd::OwnedFd::from(std::os::unix::net::UnixStream::connect(&target.socket).expect("connect target"));
+    let a = tapmirror::control::request(&ctl_path, &serde_json::json!({"cmd": "mirror-attach", "mode": "full", "busy_rate": "fast"}), Some(&conn))
+        .expect("request");
+    assert_eq!(a["ok"], false, "{a}");
+    assert!(a["error"].as_str().unwrap_or("").contains("busy_rate"), "{a}");
+    assert_eq!(ctl(&ctl_path, &["stats"])["mirror"]["state"], "none");
     let capped = ctl_output(&ctl_path, &["mirror-attach", "--rate", "1M", "--target", &target.uri()]);
     assert!(!capped.status.success());
     assert!(String::from_utf8_lossy(&capped.stderr).contains("full mirror"), "{capped:?}");
@@ -385,6 +393,43 @@ fn full_mirror_converges_under_a_guest_that_outpaces_the_pass() {
     let after = ctl(&ctl_path, &["stats"]);
     assert!(after["mirror"]["counters"]["writes"].as_u64().unwrap_or(0) >= 100, "writes after ready are mirrored: {after}");
     assert!(after["mirror"]["progress"]["deferred_writes"].as_u64().unwrap_or(0) >= 4000, "{after}");
+    crate::harness::assert_matches_guest(&target.contents(), &model, &before, "target");
+    assert!(source.contents() == target.contents(), "target differs from the source");
+}
+
+/// While the guest writes, the pass keeps to the busy rate (`--busy-rate`): with the guest
+/// writing all along, a second in, no more than a second's worth of a 1 MiB/s busy cap (plus
+/// the bucket's burst, and the requests the pass may start before it first sees a guest write)
+/// of 16 MiB of data has been copied. `mirror-rate --busy
+/// 0` lifts it while the guest keeps writing, and the mirror converges with every write on the
+/// target, sector by sector.
+#[test]
+fn full_mirror_keeps_to_the_busy_rate_while_the_guest_writes() {
+    let (source, ctl_path) = serve_controlled(64 * MIB);
+    let allocated = half_full(&source.image);
+    let before = source.contents();
+    let target = crate::harness::serve(64 * MIB, &[]);
+    let guest = crate::harness::Guest::start(source.uri(), 64 * MIB, 23);
+    guest.wait_for_more_writes(100);
+    let started = std::time::Instant::now();
+    ctl(&ctl_path, &["mirror-attach", "--mode", "full", "--target-is-zero", "--busy-rate", "1M", "--target", &target.uri()]);
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let stats = ctl(&ctl_path, &["stats"]);
+    let elapsed = started.elapsed().as_secs_f64();
+    let done = stats["mirror"]["progress"]["bytes_done"].as_u64().expect("bytes_done");
+    let ceiling = (elapsed * MIB as f64) as u64 + MIB / 10 + 5 * MIB;
+    assert!(ceiling < allocated);
+    assert_eq!(stats["mirror"]["state"], "syncing", "{stats}");
+    assert_eq!(stats["mirror"]["progress"]["busy_rate"], MIB, "{stats}");
+    assert!(done <= ceiling, "{done} bytes copied in {elapsed:.2} s under a 1 MiB/s busy cap: {stats}");
+
+    let lifted = ctl(&ctl_path, &["mirror-rate", "--busy", "0"]);
+    assert_eq!(lifted["busy"], true, "{lifted}");
+    assert_eq!(ctl(&ctl_path, &["stats"])["mirror"]["progress"]["busy_rate"], 0);
+    wait_ready(&ctl_path);
+    guest.wait_for_more_writes(100);
+    let (model, _) = guest.stop();
+    assert_eq!(ctl(&ctl_path, &["drain"])["mirror"], "ready");
     crate::harness::assert_matches_guest(&target.contents(), &model, &before, "target");
     assert!(source.contents() == target.contents(), "target differs from the source");
 }
