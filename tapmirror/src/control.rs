@@ -128,26 +128,14 @@ async fn attach<I: Image>(
     timeout: Duration,
     granularity: u64,
     request: &Value,
-    size: u64,
 ) -> Value {
     let mut mirror = Mirror::with_granularity(client, mode, timeout, granularity);
     if let Some(c) = copier {
         mirror = mirror.with_copier(c);
     }
+    // Holes need no copy onto a target that reads as zero. The pass skips them first, with the
+    // server running (on a large image the walk takes a while: 25 ms for 4 GiB in 2 MiB extents).
     let target_is_zero = request.get("target_is_zero").and_then(Value::as_bool).unwrap_or(false);
-    if mode == MirrorMode::Full && target_is_zero {
-        // Holes need no copy onto a target that reads as zero.
-        let image = server.image();
-        let mut at = 0;
-        while at < size {
-            let Ok(extents) = image.allocation(at, size - at, usize::MAX).await else { break };
-            let Some(last) = extents.last() else { break };
-            at = last.offset + last.length;
-            for e in extents.iter().filter(|e| e.state == crate::image::ExtentState::Hole) {
-                mirror.mark_clean(e.offset, e.length);
-            }
-        }
-    }
     if let Err(e) = server.mirror().attach(Arc::clone(&mirror)) {
         return err(e);
     }
@@ -160,7 +148,7 @@ async fn attach<I: Image>(
             mirror.set_busy_rate(rate);
         }
         let source = Arc::clone(server);
-        let pass = crate::mirror::run_full_copy(Arc::clone(server.mirror()), mirror, move || source.image());
+        let pass = crate::mirror::run_full_copy(Arc::clone(server.mirror()), mirror, target_is_zero, move || source.image());
         match crate::mirror::pass_runtime() {
             Some(rt) => drop(rt.spawn(pass)),
             None => drop(tokio::spawn(pass)),
@@ -403,7 +391,7 @@ async fn execute<I: Image>(control: &Control<I>, request: &Value, mut fds: Vec<O
             if quiesced {
                 server.pause().await;
             }
-            let attached = attach(server, client, copier, mode, timeout, granularity, request, size).await;
+            let attached = attach(server, client, copier, mode, timeout, granularity, request).await;
             if quiesced {
                 server.unpause();
             }

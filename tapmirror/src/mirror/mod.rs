@@ -345,8 +345,8 @@ impl Mirror {
         }
     }
 
-    /// Marks ranges the target is known to hold already (e.g. holes of a zeroed target) as
-    /// clean before the background pass starts.
+    /// Marks ranges the target is known to hold already (what a mirrored guest write just
+    /// wrote) as clean.
     pub fn mark_clean(&self, offset: u64, len: u64) {
         if let Some(f) = &self.full {
             f.bitmap.clear_covered(offset, len);
@@ -570,9 +570,19 @@ const BUSY_WINDOW: Duration = Duration::from_millis(20);
 
 /// The background pass of a full mirror: copies dirty ranges from the image (as `image` gives
 /// it at each step, so a leaf switch is followed) until nothing is dirty, then flushes the
-/// target and marks the mirror ready. Ends early when the mirror fails or is detached.
-pub async fn run_full_copy<I: Image>(slot: Arc<MirrorSlot>, m: Arc<Mirror>, image: impl Fn() -> Arc<I> + Send + Sync + 'static) {
+/// target and marks the mirror ready. On a target that reads as zeroes (`target_is_zero`) it
+/// first clears the image's holes from the bitmap. Ends early when the mirror fails or is
+/// detached.
+pub async fn run_full_copy<I: Image>(
+    slot: Arc<MirrorSlot>,
+    m: Arc<Mirror>,
+    target_is_zero: bool,
+    image: impl Fn() -> Arc<I> + Send + Sync + 'static,
+) {
     let Some(f) = m.full.as_ref() else { return };
+    if target_is_zero {
+        skip_holes(f, &image, || m.failed.load(Ordering::Acquire) || !slot.is_current(&m)).await;
+    }
     let image = Arc::new(image);
     let depth = Arc::new(tokio::sync::Semaphore::new(COPY_DEPTH as usize));
     let mut tasks = tokio::task::JoinSet::new();
@@ -656,6 +666,33 @@ pub async fn run_full_copy<I: Image>(slot: Arc<MirrorSlot>, m: Arc<Mirror>, imag
             drop(permit);
         });
         while tasks.try_join_next().is_some() {}
+    }
+}
+
+/// Clears the image's holes from the bitmap: a target that reads as zeroes holds them already.
+/// The guest keeps writing meanwhile, and a write may fill a hole just after the walk saw it,
+/// so each hole is cleared under an exclusive lock on its range, as the image shows it then: a
+/// write in flight holds its range shared, so once the lock is taken every write to the range
+/// so far is in the image, and every later one finds the range clean and marks it again.
+async fn skip_holes<I: Image>(f: &FullSync, image: &impl Fn() -> Arc<I>, stop: impl Fn() -> bool) {
+    let size = image().size();
+    let mut at = 0;
+    while at < size && !stop() {
+        let Ok(extents) = image().allocation(at, size - at, 1024).await else { return };
+        let Some(last) = extents.last() else { return };
+        at = last.offset + last.length;
+        for e in extents.iter().filter(|e| e.state == ExtentState::Hole) {
+            let _exclusive = f.locks.lock(e.offset, e.offset + e.length, true).await;
+            let mut from = e.offset;
+            while from < e.offset + e.length {
+                let Ok(now) = image().allocation(from, e.offset + e.length - from, 1024).await else { break };
+                let Some(last) = now.last() else { break };
+                from = last.offset + last.length;
+                for hole in now.iter().filter(|n| n.state == ExtentState::Hole) {
+                    f.bitmap.clear_covered(hole.offset, hole.length);
+                }
+            }
+        }
     }
 }
 
