@@ -263,6 +263,17 @@ fn wait_ready(ctl_path: &Path) -> Value {
     }
 }
 
+/// Lets a guest that wrote through a ready mirror write a little more (mirrored), stops it,
+/// drains, and checks the target sector by sector against the guest's model over `before`, and
+/// byte for byte against the source.
+fn stop_guest_and_compare(guest: crate::harness::Guest, ctl_path: &Path, source: &Served, target: &Served, before: &[u8]) {
+    guest.wait_for_more_writes(100);
+    let (model, _) = guest.stop();
+    assert_eq!(ctl(ctl_path, &["drain"])["mirror"], "ready");
+    crate::harness::assert_matches_guest(&target.contents(), &model, before, "target");
+    assert!(source.contents() == target.contents(), "target differs from the source");
+}
+
 /// Fills every other MiB of the first half of `image` with data.
 fn half_full(image: &Path) -> u64 {
     use std::os::unix::fs::FileExt;
@@ -427,11 +438,7 @@ fn full_mirror_keeps_to_the_busy_rate_while_the_guest_writes() {
     assert_eq!(lifted["busy"], true, "{lifted}");
     assert_eq!(ctl(&ctl_path, &["stats"])["mirror"]["progress"]["busy_rate"], 0);
     wait_ready(&ctl_path);
-    guest.wait_for_more_writes(100);
-    let (model, _) = guest.stop();
-    assert_eq!(ctl(&ctl_path, &["drain"])["mirror"], "ready");
-    crate::harness::assert_matches_guest(&target.contents(), &model, &before, "target");
-    assert!(source.contents() == target.contents(), "target differs from the source");
+    stop_guest_and_compare(guest, &ctl_path, &source, &target, &before);
 }
 
 /// Onto a zeroed target the pass first clears the image's holes from the bitmap, while the
@@ -456,11 +463,7 @@ fn full_mirror_skips_holes_without_losing_guest_writes_into_them() {
     guest.wait_for_more_writes(100);
     ctl(&ctl_path, &["mirror-attach", "--mode", "full", "--target-is-zero", "--busy-rate", "0", "--target", &target.uri()]);
     wait_ready(&ctl_path);
-    guest.wait_for_more_writes(100);
-    let (model, _) = guest.stop();
-    assert_eq!(ctl(&ctl_path, &["drain"])["mirror"], "ready");
-    crate::harness::assert_matches_guest(&target.contents(), &model, &before, "target");
-    assert!(source.contents() == target.contents(), "target differs from the source");
+    stop_guest_and_compare(guest, &ctl_path, &source, &target, &before);
 }
 
 /// Onto a target full of garbage, holes must be zeroed too.
