@@ -358,13 +358,16 @@ async fn execute<I: Image>(control: &Control<I>, request: &Value, mut fds: Vec<O
                 Ok(Err(e)) => return err(format!("NBD on the mirror socket: {e}")),
                 Err(_) => return err(format!("NBD on the mirror socket: no handshake within {timeout:?}")),
             };
+            // The background pass's own connection runs on the pass's runtime, with the pass.
+            let connect_for_pass = |fd| async {
+                match crate::mirror::pass_runtime() {
+                    Some(rt) => rt.spawn(connect(fd)).await.unwrap_or_else(|e| Ok(Err(crate::nbd::ClientError::Closed(format!("connecting: {e}"))))),
+                    None => connect(fd).await,
+                }
+            };
             let copier = match fds.pop() {
                 None => None,
-                // The background pass's own connection runs on the pass's runtime, with it.
-                Some(fd) => match match crate::mirror::pass_runtime() {
-                    Some(rt) => rt.spawn(connect(fd)).await.unwrap_or_else(|_| Ok(Err(crate::nbd::ClientError::Closed("connect task ended".into())))),
-                    None => connect(fd).await,
-                } {
+                Some(fd) => match connect_for_pass(fd).await {
                     Ok(Ok(c)) if c.size() == client.size() => Some(c),
                     Ok(Ok(_)) => return err("the two mirror sockets reach exports of different sizes"),
                     Ok(Err(e)) => return err(format!("NBD on the second mirror socket: {e}")),

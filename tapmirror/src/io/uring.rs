@@ -121,7 +121,7 @@ impl UringDriver {
         let count = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).clamp(2, 8);
         let rings = (0..=count).map(|_| Ring::start()).collect::<io::Result<Vec<_>>>()?;
         let fixed_buffers = rings.iter().all(|r| r.fixed_buffers);
-        tracing::debug!(rings = count, fixed_buffers, "io_uring ready");
+        tracing::debug!(rings = rings.len(), fixed_buffers, "io_uring ready");
         Ok(Arc::new(UringDriver { rings, free_slots: Mutex::new((0..FILE_SLOTS).rev().collect()), fixed_buffers }))
     }
 
