@@ -109,6 +109,8 @@ pub struct FullSync {
     rate: AtomicU64,
     /// The same while the guest writes ([`DEFAULT_BUSY_RATE`]); the lower of the two applies.
     busy_rate: AtomicU64,
+    /// Whether the pass last saw the guest writing (and so kept to the busy rate).
+    guest_busy: AtomicBool,
     /// The pass's token bucket: when it was last looked at and its credit then (bytes).
     bucket: std::sync::Mutex<(Instant, f64)>,
 }
@@ -198,6 +200,9 @@ pub struct FullProgress {
     pub granularity: u64,
     /// Cap on the pass while the guest writes, bytes per second (0: none).
     pub busy_rate: u64,
+    /// Whether the guest is writing now, so that the busy rate applies (why a pass may run
+    /// slower than the target could take).
+    pub guest_busy: bool,
 }
 
 /// An attached target.
@@ -254,6 +259,7 @@ impl Mirror {
                 started: Instant::now(),
                 rate: AtomicU64::new(0),
                 busy_rate: AtomicU64::new(DEFAULT_BUSY_RATE),
+                guest_busy: AtomicBool::new(false),
                 bucket: std::sync::Mutex::new((Instant::now(), 0.0)),
             }
         });
@@ -304,6 +310,7 @@ impl Mirror {
             converge_cause: f.converge_cause.get().copied(),
             deferred_writes: f.deferred.load(Ordering::Relaxed),
             busy_rate: f.busy_rate.load(Ordering::Relaxed),
+            guest_busy: f.guest_busy.load(Ordering::Relaxed),
         })
     }
 
@@ -599,6 +606,7 @@ pub async fn run_full_copy<I: Image>(
             (seen_writes, last_guest_write) = (writes, Some(Instant::now()));
         }
         let busy = last_guest_write.is_some_and(|t| t.elapsed() < BUSY_WINDOW);
+        f.guest_busy.store(busy, Ordering::Relaxed);
         let Some((offset, len)) = f.bitmap.next_run(cursor, COPY_CHUNK) else {
             while tasks.join_next().await.is_some() {}
             if f.bitmap.dirty_granules() > 0 {

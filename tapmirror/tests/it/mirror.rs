@@ -334,6 +334,7 @@ fn full_mirror_rate_caps_the_background_copy_from_the_start() {
     assert!(done <= ceiling, "{done} bytes copied in {elapsed:.2} s under a 1 MiB/s cap: {stats}");
     assert!(done < allocated, "{stats}");
     assert_eq!(stats["mirror"]["progress"]["phase"], "catch-up", "{stats}");
+    assert_eq!(stats["mirror"]["progress"]["guest_busy"], false, "no guest has written yet: {stats}");
 
     // qemu-io writes and then flushes on exit.
     run(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x5a 60M 64k", &source.uri()]));
@@ -432,6 +433,7 @@ fn full_mirror_keeps_to_the_busy_rate_while_the_guest_writes() {
     assert!(ceiling < allocated);
     assert_eq!(stats["mirror"]["state"], "syncing", "{stats}");
     assert_eq!(stats["mirror"]["progress"]["busy_rate"], MIB, "{stats}");
+    assert_eq!(stats["mirror"]["progress"]["guest_busy"], true, "{stats}");
     assert!(done <= ceiling, "{done} bytes copied in {elapsed:.2} s under a 1 MiB/s busy cap: {stats}");
 
     let lifted = ctl(&ctl_path, &["mirror-rate", "--busy", "0"]);
