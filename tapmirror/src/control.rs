@@ -120,19 +120,8 @@ fn connection<I: Image>(stream: UnixStream, control: &Control<I>, rt: &tokio::ru
 }
 
 #[allow(clippy::too_many_arguments)]
-async fn attach<I: Image>(
-    server: &Arc<NbdServer<I>>,
-    client: NbdClient,
-    copier: Option<NbdClient>,
-    mode: MirrorMode,
-    timeout: Duration,
-    granularity: u64,
-    request: &Value,
-) -> Value {
-    let mut mirror = Mirror::with_granularity(client, mode, timeout, granularity);
-    if let Some(c) = copier {
-        mirror = mirror.with_copier(c);
-    }
+async fn attach<I: Image>(server: &Arc<NbdServer<I>>, mirror: Arc<Mirror>, request: &Value) -> Value {
+    let (mode, granularity) = (mirror.mode(), mirror.granularity());
     // Holes need no copy onto a target that reads as zero. The pass skips them first, with the
     // server running (on a large image the walk takes a while: 25 ms for 4 GiB in 2 MiB extents).
     let target_is_zero = request.get("target_is_zero").and_then(Value::as_bool).unwrap_or(false);
@@ -387,14 +376,19 @@ async fn execute<I: Image>(control: &Control<I>, request: &Value, mut fds: Vec<O
             if !granularity.is_power_of_two() || !(512..=64 << 20).contains(&granularity) {
                 return err("\"granularity\" must be a power of two from 512 to 64 MiB");
             }
+            // Built before the guest is held: a full mirror's bitmap starts all dirty, 64 MiB for
+            // a 2 TiB disk.
+            let mut mirror = Mirror::with_granularity(client, mode, timeout, granularity);
+            if let Some(c) = copier {
+                mirror = mirror.with_copier(c);
+            }
             // Quiesce while attaching: a guest write already in flight started without the mirror
-            // and reaches only the local side, and in full mode the allocation read below must
-            // not miss a write that lands just after it. Requests wait for the moment it takes.
+            // and reaches only the local side. Requests wait for the moment it takes.
             let quiesced = !server.is_paused();
             if quiesced {
                 server.pause().await;
             }
-            let attached = attach(server, client, copier, mode, timeout, granularity, request).await;
+            let attached = attach(server, mirror, request).await;
             if quiesced {
                 server.unpause();
             }

@@ -395,6 +395,11 @@ impl Mirror {
         }
     }
 
+    /// The dirty bitmap's granularity (full mode).
+    pub fn granularity(&self) -> Option<u64> {
+        self.full.as_ref().map(|f| f.bitmap.granularity())
+    }
+
     /// The mode.
     pub fn mode(&self) -> MirrorMode {
         self.mode
