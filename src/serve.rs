@@ -29,6 +29,11 @@ pub struct ServeArgs {
     /// The `tapmirror` binary that serves datapaths. Default: beside `sxm`, then $PATH.
     #[arg(long, env = "SXM_TAPMIRROR", value_name = "PATH")]
     tapmirror: Option<PathBuf>,
+    /// Bytes per second at most for a full mirror's background copy while its guest writes
+    /// (e.g. 256M; 0: no cap). A full mirror of a busy guest's disk is ready sooner the higher
+    /// it is, and the guest's writes wait less for the CPU the lower it is. [default: 64M]
+    #[arg(long, value_parser = crate::admin::parse_size, value_name = "BYTES_PER_S")]
+    mirror_busy_rate: Option<u64>,
 }
 
 /// The host secret TCP callers must present: read from `ROOT/secret`, created (mode 0600) on
@@ -80,8 +85,8 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     let secret = host_secret(&root)?;
 
     let mux = Mux::builder()
-        .backend("ext", Arc::new(sxm_smapiv1::ExtBackend::new(tapmirror.clone())))
-        .backend("qcow2", Arc::new(sxm_smapiv3::Qcow2Backend::new(tapmirror.clone())))
+        .backend("ext", Arc::new(sxm_smapiv1::ExtBackend::new(tapmirror.clone()).with_mirror_busy_rate(args.mirror_busy_rate)))
+        .backend("qcow2", Arc::new(sxm_smapiv3::Qcow2Backend::new(tapmirror.clone()).with_mirror_busy_rate(args.mirror_busy_rate)))
         .open(&root)
         .await
         .with_context(|| format!("open host state in {}", root.display()))?;

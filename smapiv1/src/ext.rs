@@ -70,6 +70,12 @@ impl ExtBackend {
     pub fn new(tapmirror_exe: PathBuf) -> ExtBackend {
         ExtBackend { datapaths: Datapaths::new(tapmirror_exe, datapath::FORMAT) }
     }
+
+    /// Full mirrors of this backend cap their background pass at `bytes_per_s` while the guest
+    /// writes (`None`: tapmirror's default; 0: no cap).
+    pub fn with_mirror_busy_rate(self, bytes_per_s: Option<u64>) -> ExtBackend {
+        ExtBackend { datapaths: self.datapaths.with_mirror_busy_rate(bytes_per_s) }
+    }
 }
 
 /// A VDI id from a caller: one that could not be ours (not a single safe path component, not a

@@ -66,6 +66,12 @@ impl Qcow2Backend {
     pub fn new(tapmirror_exe: PathBuf) -> Qcow2Backend {
         Qcow2Backend { datapaths: Datapaths::new(tapmirror_exe, datapath::FORMAT) }
     }
+
+    /// Full mirrors of this backend cap their background pass at `bytes_per_s` while the guest
+    /// writes (`None`: tapmirror's default; 0: no cap).
+    pub fn with_mirror_busy_rate(self, bytes_per_s: Option<u64>) -> Qcow2Backend {
+        Qcow2Backend { datapaths: self.datapaths.with_mirror_busy_rate(bytes_per_s) }
+    }
 }
 
 /// A VDI id from a caller: one that could not be ours names no VDI.

@@ -350,6 +350,52 @@ fn migration_calls_refuse_bad_input() {
     deactivate_detach(&sr, &v);
 }
 
+/// A host's busy rate for full mirrors (`sxm serve --mirror-busy-rate`) reaches the VDI's
+/// datapath: its mirror keeps to it while the guest writes, as `stats` on the datapath's own
+/// control socket says; by default the datapath keeps tapmirror's own.
+#[test]
+fn a_full_mirror_keeps_to_the_hosts_busy_rate() {
+    const SIZE: u64 = 32 * MIB;
+    for (busy, want) in [(Some(MIB), MIB), (None, tapmirror::mirror::DEFAULT_BUSY_RATE)] {
+        let mut src = TestSr::new();
+        src.backend = sxm_smapiv1::ExtBackend::new(crate::harness::tapmirror()).with_mirror_busy_rate(busy);
+        let dst = TestSr::new();
+        let v = src.create("disk", SIZE as i64).vdi;
+        let v_info = attach_active(&src, &v);
+        write_through(&v_info, &[(0, pattern(8 * MIB as usize, 31))]);
+        let d = dst.create("copy", SIZE as i64).vdi;
+        attach_active(&dst, &d);
+        let guest = Guest::start(nbd_uri(&v_info), SIZE, 37);
+        guest.wait_for_more_writes(50);
+        let (ours, theirs) = pair();
+        dst.backend.vdi_serve_nbd(&dst.ctx, &d, theirs).expect("serve");
+        src.backend.vdi_mirror_attach(&src.ctx, &v, ours, &d, MirrorMode::Full, 0).expect("full mirror");
+        let control = find_file(src._tmp.path(), "control.sock").expect("the datapath's control socket");
+        let stats = tapmirror::control::request(&control, &serde_json::json!({"cmd": "stats"}), None).expect("stats");
+        assert_eq!(stats["mirror"]["progress"]["busy_rate"], want, "{stats}");
+        guest.stop();
+        src.backend.vdi_mirror_detach(&src.ctx, &v).expect("detach");
+        deactivate_detach(&src, &v);
+        deactivate_detach(&dst, &d);
+    }
+}
+
+/// The first file named `name` under `dir`.
+fn find_file(dir: &std::path::Path, name: &str) -> Option<std::path::PathBuf> {
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let path = entry.path();
+        if path.file_name().is_some_and(|n| n == name) {
+            return Some(path);
+        }
+        if path.is_dir()
+            && let Some(found) = find_file(&path, name)
+        {
+            return Some(found);
+        }
+    }
+    None
+}
+
 /// A full mirror (no snapshot, no copy: tapmirror copies the chain in the background while
 /// guest writes are mirrored) of a VDI with data into a plain destination VDI: Syncing until
 /// Ready with nothing left, never Failed, and the destination then equals the source.
