@@ -97,8 +97,6 @@ struct State {
     backlog: VecDeque<Queued>,
 }
 
-thread_local!(static RING_INDEX: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) });
-
 /// The process's rings.
 pub(crate) struct UringDriver {
     /// One ring per CPU (threads take them in turn), and one more, last, for background threads
@@ -128,14 +126,16 @@ impl UringDriver {
     /// This thread's ring: the background ring on a background thread, else one of the others
     /// in turn.
     fn ring(&self) -> &Ring {
+        use std::cell::Cell;
         use std::sync::atomic::{AtomicUsize, Ordering};
         static NEXT: AtomicUsize = AtomicUsize::new(0);
+        thread_local!(static INDEX: Cell<Option<usize>> = const { Cell::new(None) });
         // `start` makes at least three rings, the last the background one.
         let shared = self.rings.len() - 1;
         if super::BACKGROUND.with(|b| b.get()) {
             return &self.rings[shared];
         }
-        let index = RING_INDEX.with(|i| {
+        let index = INDEX.with(|i| {
             *i.get().get_or_insert_with(|| {
                 let n = NEXT.fetch_add(1, Ordering::Relaxed);
                 i.set(Some(n));

@@ -548,18 +548,13 @@ impl MirrorSlot {
 pub fn pass_runtime() -> Option<&'static tokio::runtime::Runtime> {
     static RT: std::sync::OnceLock<Option<tokio::runtime::Runtime>> = std::sync::OnceLock::new();
     RT.get_or_init(|| {
-        match tokio::runtime::Builder::new_multi_thread()
+        let built = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("tapmirror-pass")
             .on_thread_start(crate::io::serve_background_io)
             .enable_all()
-            .build() {
-            Ok(rt) => Some(rt),
-            Err(e) => {
-                tracing::warn!(error = %e, "no runtime of its own for the background pass: it shares the guest's");
-                None
-            }
-        }
+            .build();
+        built.map_err(|e| tracing::warn!(error = %e, "no runtime of its own for the background pass: it shares the guest's")).ok()
     })
     .as_ref()
 }
@@ -574,8 +569,11 @@ const COPY_CHUNK: u64 = 1 << 20;
 /// bytes of data per second ([`Mirror::set_busy_rate`]). Every copy costs CPU on both ends,
 /// and on a machine with few cores each one can delay a guest write waiting for a CPU. On 2
 /// cores with the target on the same machine (benches/mirror-vs-qemu.py: a steady guest's p99
-/// write latency while the pass runs, against its own before): at 100 MB/s 1.55x for 4 KiB
-/// writes and 0.73x for 64 KiB, at 200 MB/s 2.2x and 2.3x, unpaced 3.9x and 13x.
+/// write latency while the pass runs, against its own before, the worse of 4 and 64 KiB
+/// writes): unpaced 6.7-17x; at 200 MB/s 2.3x; at 100 MB/s 1.33-1.55x into qemu-nbd and 2.79x
+/// into `tapmirror serve`; at 64 MiB/s 1.26-1.95x and 2.27-3.12x. The price is time: a 4 GiB
+/// disk ready in 45 s against 1-2 s unpaced, so hosts may choose (`sxm serve
+/// --mirror-busy-rate`).
 pub const DEFAULT_BUSY_RATE: u64 = 64 << 20;
 /// A guest write within this long makes the guest count as busy.
 const BUSY_WINDOW: Duration = Duration::from_millis(20);

@@ -274,6 +274,19 @@ fn stop_guest_and_compare(guest: crate::harness::Guest, ctl_path: &Path, source:
     assert!(source.contents() == target.contents(), "target differs from the source");
 }
 
+/// Attaches a full mirror onto the zeroed `target` with `cap` (`--rate` or `--busy-rate`) at
+/// 1 MiB/s, and a second later answers its stats, the seconds since the attach began, and the
+/// bytes the pass has copied.
+fn attach_and_wait_a_second(ctl_path: &Path, target: &Served, cap: &str) -> (Value, f64, u64) {
+    let started = std::time::Instant::now();
+    ctl(ctl_path, &["mirror-attach", "--mode", "full", "--target-is-zero", cap, "1M", "--target", &target.uri()]);
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let stats = ctl(ctl_path, &["stats"]);
+    let elapsed = started.elapsed().as_secs_f64();
+    let done = stats["mirror"]["progress"]["bytes_done"].as_u64().expect("bytes_done");
+    (stats, elapsed, done)
+}
+
 /// Fills every other MiB of the first half of `image` with data.
 fn half_full(image: &Path) -> u64 {
     use std::os::unix::fs::FileExt;
@@ -323,12 +336,7 @@ fn full_mirror_rate_caps_the_background_copy_from_the_start() {
     let (source, ctl_path) = serve_controlled(64 * MIB);
     let allocated = half_full(&source.image);
     let target = crate::harness::serve(64 * MIB, &[]);
-    let started = std::time::Instant::now();
-    ctl(&ctl_path, &["mirror-attach", "--mode", "full", "--target-is-zero", "--rate", "1M", "--target", &target.uri()]);
-    std::thread::sleep(std::time::Duration::from_secs(1));
-    let stats = ctl(&ctl_path, &["stats"]);
-    let elapsed = started.elapsed().as_secs_f64();
-    let done = stats["mirror"]["progress"]["bytes_done"].as_u64().expect("bytes_done");
+    let (stats, elapsed, done) = attach_and_wait_a_second(&ctl_path, &target, "--rate");
     let ceiling = (elapsed * MIB as f64) as u64 + MIB / 10 + MIB;
     assert_eq!(stats["mirror"]["state"], "syncing", "{stats}");
     assert!(done <= ceiling, "{done} bytes copied in {elapsed:.2} s under a 1 MiB/s cap: {stats}");
@@ -423,12 +431,7 @@ fn full_mirror_keeps_to_the_busy_rate_while_the_guest_writes() {
     let target = crate::harness::serve(64 * MIB, &[]);
     let guest = crate::harness::Guest::start(source.uri(), 64 * MIB, 23);
     guest.wait_for_more_writes(100);
-    let started = std::time::Instant::now();
-    ctl(&ctl_path, &["mirror-attach", "--mode", "full", "--target-is-zero", "--busy-rate", "1M", "--target", &target.uri()]);
-    std::thread::sleep(std::time::Duration::from_secs(1));
-    let stats = ctl(&ctl_path, &["stats"]);
-    let elapsed = started.elapsed().as_secs_f64();
-    let done = stats["mirror"]["progress"]["bytes_done"].as_u64().expect("bytes_done");
+    let (stats, elapsed, done) = attach_and_wait_a_second(&ctl_path, &target, "--busy-rate");
     let ceiling = (elapsed * MIB as f64) as u64 + MIB / 10 + 5 * MIB;
     assert!(ceiling < allocated);
     assert_eq!(stats["mirror"]["state"], "syncing", "{stats}");
