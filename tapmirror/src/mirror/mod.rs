@@ -44,6 +44,7 @@ use dirty::{DirtyBitmap, RangeGuard, RangeLocks};
 
 use crate::image::{ExtentState, Image};
 use crate::io::IoBuf;
+use crate::nbd::proto::tflags;
 use crate::nbd::{ClientError, NbdClient, Payload};
 
 /// How a mirror runs.
@@ -577,6 +578,12 @@ const COPY_CHUNK: u64 = 1 << 20;
 pub const DEFAULT_BUSY_RATE: u64 = 64 << 20;
 /// A guest write within this long makes the guest count as busy.
 const BUSY_WINDOW: Duration = Duration::from_millis(20);
+/// The pass flushes the target after each this many bytes it sent (one flush in flight at a
+/// time), as `tapmirror copy` does. Left to the kernel, a target's page cache holds gigabytes
+/// of the pass's data when the ready flush writes it all back at once. On 2 cores with a 4 GiB
+/// disk that last second held 14-18% of the steady guest's slowest 1% of 4 KiB writes; with
+/// the flushes along the way, 6-10%.
+const WRITEBACK_EVERY: u64 = 64 << 20;
 
 /// The background pass of a full mirror: copies dirty ranges from the image (as `image` gives
 /// it at each step, so a leaf switch is followed) until nothing is dirty, then flushes the
@@ -596,6 +603,9 @@ pub async fn run_full_copy<I: Image>(
     let image = Arc::new(image);
     let depth = Arc::new(tokio::sync::Semaphore::new(COPY_DEPTH as usize));
     let mut tasks = tokio::task::JoinSet::new();
+    let mut writeback = tokio::task::JoinSet::new();
+    let mut written_back = 0;
+    let can_flush = m.copy_client().info().has(tflags::SEND_FLUSH);
     let mut cursor = 0;
     // What was dirty when the current sweep over the bitmap began.
     let mut sweep_start = f.bitmap.dirty_bytes();
@@ -610,8 +620,16 @@ pub async fn run_full_copy<I: Image>(
         }
         let busy = last_guest_write.is_some_and(|t| t.elapsed() < BUSY_WINDOW);
         f.guest_busy.store(busy, Ordering::Relaxed);
+        while writeback.try_join_next().is_some() {}
+        let sent = f.sent.load(Ordering::Relaxed);
+        if can_flush && writeback.is_empty() && sent - written_back >= WRITEBACK_EVERY {
+            written_back = sent;
+            let (m, slot) = (Arc::clone(&m), Arc::clone(&slot));
+            writeback.spawn(async move { slot.run(&m, "writeback flush", m.copy_client().flush()).await });
+        }
         let Some((offset, len)) = f.bitmap.next_run(cursor, COPY_CHUNK) else {
             while tasks.join_next().await.is_some() {}
+            while writeback.join_next().await.is_some() {}
             if f.bitmap.dirty_granules() > 0 {
                 continue;
             }

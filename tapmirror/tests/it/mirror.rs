@@ -471,6 +471,42 @@ fn full_mirror_skips_holes_without_losing_guest_writes_into_them() {
     stop_guest_and_compare(guest, &ctl_path, &source, &target, &before);
 }
 
+/// The pass flushes the target as it goes, one flush per 64 MiB it sent, so the target's page
+/// cache never holds the whole disk for the ready flush to write back at once. nbdkit's log
+/// filter in front of the target shows the order: a flush before the pass's last write.
+#[test]
+fn full_mirror_flushes_the_target_while_it_copies() {
+    crate::require!("nbdkit", "qemu-img");
+    const SIZE: u64 = 256 * MIB;
+    let (source, ctl_path) = serve_controlled(SIZE);
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&source.image).expect("open");
+        for i in 0..160 {
+            f.write_all_at(&crate::harness::pattern(MIB as usize, i), i * MIB).expect("write");
+        }
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (socket, log) = (dir.path().join("k.sock"), dir.path().join("k.log"));
+    let _k = spawn_server(
+        Command::new("nbdkit").args(["-f", "-U"]).arg(&socket).args(["--filter=log", "memory", "256M"]).arg(format!("logfile={}", log.display())),
+        &socket,
+    );
+    let uri = format!("nbd+unix:///?socket={}", socket.display());
+    ctl(&ctl_path, &["mirror-attach", "--mode", "full", "--target-is-zero", "--target", &uri]);
+    wait_ready(&ctl_path);
+    run(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw"]).arg(&source.image).arg(&uri));
+
+    let log = std::fs::read_to_string(&log).expect("nbdkit log");
+    let requests: Vec<&str> = log.lines().filter(|l| l.contains(" Write id=") || l.contains(" Flush id=")).collect();
+    let first_flush = requests.iter().position(|l| l.contains(" Flush id=")).expect("the target was flushed");
+    let last_write = requests.iter().rposition(|l| l.contains(" Write id=")).expect("the pass wrote");
+    let writes_after = requests[first_flush..].iter().filter(|l| l.contains(" Write id=")).count();
+    assert!(first_flush < last_write, "the first flush came after the last write: {} requests", requests.len());
+    // 160 one-MiB writes; the first flush comes after 64 of them (give or take those in flight).
+    assert!((80..=100).contains(&writes_after), "{writes_after} writes after the first flush");
+}
+
 /// Onto a target full of garbage, holes must be zeroed too.
 #[test]
 fn full_mirror_zeroes_what_the_target_must_not_keep() {
