@@ -609,16 +609,19 @@ pub async fn run_full_copy<I: Image>(
     let mut cursor = 0;
     // What was dirty when the current sweep over the bitmap began.
     let mut sweep_start = f.bitmap.dirty_bytes();
-    let (mut seen_writes, mut last_guest_write) = (m.guest_writes.load(Ordering::Relaxed), None::<Instant>);
+    // The guest counts as busy until it has been seen idle: otherwise the first requests go out
+    // at full depth before its first write is noticed (measured at the attach: guest writes of
+    // 1.1-1.3 ms that way, none over 1 ms this way).
+    let (mut seen_writes, mut last_guest_write) = (m.guest_writes.load(Ordering::Relaxed), Instant::now());
     loop {
         if m.failed.load(Ordering::Acquire) || !slot.is_current(&m) {
             return;
         }
         let writes = m.guest_writes.load(Ordering::Relaxed);
         if writes != seen_writes {
-            (seen_writes, last_guest_write) = (writes, Some(Instant::now()));
+            (seen_writes, last_guest_write) = (writes, Instant::now());
         }
-        let busy = last_guest_write.is_some_and(|t| t.elapsed() < BUSY_WINDOW);
+        let busy = last_guest_write.elapsed() < BUSY_WINDOW;
         f.guest_busy.store(busy, Ordering::Relaxed);
         while writeback.try_join_next().is_some() {}
         let sent = f.sent.load(Ordering::Relaxed);
@@ -656,6 +659,7 @@ pub async fn run_full_copy<I: Image>(
             // that is at most half of what the sweep began with, the guest keeps pace with the
             // pass, and only mirroring its writes bounds the work.
             let left = f.bitmap.dirty_bytes() + f.in_flight.load(Ordering::Relaxed);
+            tracing::debug!(began_with = sweep_start, left, granules = f.bitmap.dirty_granules(), "full mirror sweep ended");
             if left * 2 > sweep_start {
                 f.converge("guest-outpaced").await;
             }
@@ -698,6 +702,17 @@ pub async fn run_full_copy<I: Image>(
     }
 }
 
+/// The hole walk works in bursts of at most this long, each followed by [`WALK_PAUSE`]. On a
+/// raw image every `SEEK_DATA` and `SEEK_HOLE` takes the file's inode lock shared, and a run of
+/// them keeps a guest write, which takes it exclusive, waiting until the kernel hands the lock
+/// over, up to 4 ms later (measured: guest writes of 2-4 ms while a walk over 2048 holes ran
+/// its 3 ms; none when attaching without the walk). A guest write now waits for one burst at
+/// most, and the walk takes about twenty times longer (11 000 holes: under a second).
+const WALK_BURST: Duration = Duration::from_micros(50);
+const WALK_PAUSE: Duration = Duration::from_millis(1);
+/// Extents the hole walk asks for at a time, so that one request stays within a burst.
+const WALK_EXTENTS: usize = 64;
+
 /// Clears the image's holes from the bitmap: a target that reads as zeroes holds them already.
 /// The guest keeps writing meanwhile, and a write may fill a hole just after the walk saw it,
 /// so each hole is cleared under an exclusive lock on its range, as the image shows it then: a
@@ -705,24 +720,33 @@ pub async fn run_full_copy<I: Image>(
 /// so far is in the image, and every later one finds the range clean and marks it again.
 async fn skip_holes<I: Image>(f: &FullSync, image: &impl Fn() -> Arc<I>, stop: impl Fn() -> bool) {
     let size = image().size();
+    let started = Instant::now();
+    let (mut holes, mut bytes) = (0u64, 0u64);
+    let mut burst = Instant::now();
     let mut at = 0;
     while at < size && !stop() {
-        let Ok(extents) = image().allocation(at, size - at, 1024).await else { return };
+        let Ok(extents) = image().allocation(at, size - at, WALK_EXTENTS).await else { return };
         let Some(last) = extents.last() else { return };
         at = last.offset + last.length;
         for e in extents.iter().filter(|e| e.state == ExtentState::Hole) {
+            if burst.elapsed() >= WALK_BURST {
+                tokio::time::sleep(WALK_PAUSE).await;
+                burst = Instant::now();
+            }
             let _exclusive = f.locks.lock(e.offset, e.offset + e.length, true).await;
             let mut from = e.offset;
             while from < e.offset + e.length {
-                let Ok(now) = image().allocation(from, e.offset + e.length - from, 1024).await else { break };
+                let Ok(now) = image().allocation(from, e.offset + e.length - from, WALK_EXTENTS).await else { break };
                 let Some(last) = now.last() else { break };
                 from = last.offset + last.length;
                 for hole in now.iter().filter(|n| n.state == ExtentState::Hole) {
                     f.bitmap.clear_covered(hole.offset, hole.length);
+                    (holes, bytes) = (holes + 1, bytes + hole.length);
                 }
             }
         }
     }
+    tracing::info!(holes, bytes, ms = started.elapsed().as_millis() as u64, "holes skipped: the target reads as zeroes there");
 }
 
 async fn copy_range<I: Image>(slot: &MirrorSlot, m: &Mirror, image: &I, offset: u64, len: u64) -> bool {
