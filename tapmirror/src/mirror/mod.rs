@@ -702,12 +702,14 @@ pub async fn run_full_copy<I: Image>(
     }
 }
 
-/// The hole walk works in bursts of at most this long, each followed by [`WALK_PAUSE`]. On a
-/// raw image every `SEEK_DATA` and `SEEK_HOLE` takes the file's inode lock shared, and a run of
-/// them keeps a guest write, which takes it exclusive, waiting until the kernel hands the lock
-/// over, up to 4 ms later (measured: guest writes of 2-4 ms while a walk over 2048 holes ran
-/// its 3 ms; none when attaching without the walk). A guest write now waits for one burst at
-/// most, and the walk takes about twenty times longer (11 000 holes: under a second).
+/// The hole walk works in bursts of at most this long, each followed by [`WALK_PAUSE`]. A
+/// thread that stays on a CPU for milliseconds keeps a guest-path thread woken on that CPU
+/// waiting for up to the scheduler's slice: guest writes took 2-4 ms while a walk over 2048
+/// holes ran its 3 ms, none when attaching without the walk, and a 12 ms busy loop in another
+/// process does the same to them (4.5 ms). Not the inode lock each `SEEK_DATA`/`SEEK_HOLE`
+/// takes: a loop of them in another process leaves a `pwrite` beside it at 160 µs at worst.
+/// With the pauses no guest write around the attach took over 300 µs, and the walk takes
+/// about twenty times longer (11 000 holes: under a second).
 const WALK_BURST: Duration = Duration::from_micros(50);
 const WALK_PAUSE: Duration = Duration::from_millis(1);
 /// Extents the hole walk asks for at a time, so that one request stays within a burst.
