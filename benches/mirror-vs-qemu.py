@@ -10,7 +10,8 @@
    `tapmirror serve`, and into qemu-nbd unpaced while the guest writes, `--busy-rate 0`) and QEMU's background and
    write-blocking modes, plus the guest's p99 write latency over the writes completed while
    the copy ran against its own p99 in the seconds before the mirror started (same fio
-   process, so drift between cases does not enter the ratio).
+   process, so drift between cases does not enter the ratio), and the worst guest write in
+   the mirror's first 200 ms.
 
     benches/mirror-vs-qemu.py [--size-mib N] [--seconds S] [--part 1|2|all]
 

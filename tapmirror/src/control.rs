@@ -119,11 +119,10 @@ fn connection<I: Image>(stream: UnixStream, control: &Control<I>, rt: &tokio::ru
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn attach<I: Image>(server: &Arc<NbdServer<I>>, mirror: Arc<Mirror>, request: &Value) -> Value {
     let (mode, granularity) = (mirror.mode(), mirror.granularity());
     // Holes need no copy onto a target that reads as zero. The pass skips them first, with the
-    // server running (on a large image the walk takes a while: 25 ms for 4 GiB in 2 MiB extents).
+    // server running: the walk grows with the image's extents (11 000 holes: under a second).
     let target_is_zero = request.get("target_is_zero").and_then(Value::as_bool).unwrap_or(false);
     if let Err(e) = server.mirror().attach(Arc::clone(&mirror)) {
         return err(e);
