@@ -238,8 +238,9 @@ class Bench:
     # Part 2 -----------------------------------------------------------------------------
     def convergence(self, rate_iops):
         """Rows of (guest figures per job before the mirror starts, the same while it copies,
-        the same in its first `ATTACH_WINDOW` seconds, seconds to ready, bytes sent). Each case's guest runs unmirrored for `self.seconds`
-        first, in the same fio process: its baseline, taken next to the copy it is set against,
+        in its first `ATTACH_WINDOW` seconds, in its first three quarters and in its last
+        (`quarters`), seconds to ready, bytes sent). Each case's guest runs unmirrored for
+        `self.seconds` first, in the same fio process: its baseline, taken next to the copy it is set against,
         so that a machine whose speed drifts from one case to the next (a VM on a busy host)
         still gives a fair ratio."""
         out = {}

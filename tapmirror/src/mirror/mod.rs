@@ -572,7 +572,9 @@ const COPY_CHUNK: u64 = 1 << 20;
 /// cores with the target on the same machine (benches/mirror-vs-qemu.py: a steady guest's p99
 /// write latency while the pass runs, against its own before, the worse of 4 and 64 KiB
 /// writes): unpaced 6.7-17x; at 200 MB/s 2.3x; at 100 MB/s 1.33-1.55x into qemu-nbd and 2.79x
-/// into `tapmirror serve`; at 64 MiB/s 1.26-1.95x and 2.27-3.12x. The price is time: a 4 GiB
+/// into `tapmirror serve`; at 64 MiB/s 0.89-2.93x into qemu-nbd and 0.84-3.12x into
+/// `tapmirror serve`, over a day of runs on a host whose noise moves them as much as the pass
+/// does, the most of it in the sweeps after the first. The price is time: a 4 GiB
 /// disk ready in 45 s against 1-2 s unpaced, so hosts may choose (`sxm serve
 /// --mirror-busy-rate`).
 pub const DEFAULT_BUSY_RATE: u64 = 64 << 20;
