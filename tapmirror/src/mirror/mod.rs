@@ -614,17 +614,12 @@ pub async fn run_full_copy<I: Image>(
     // The guest counts as busy until it has been seen idle: otherwise, with no hole walk first,
     // the first requests go out at full depth before its first write is noticed (3.2 MB in the
     // first second under a 1 MiB/s busy rate, in the test that now keeps this from coming back).
-    let (mut seen_writes, mut last_guest_write) = (m.guest_writes.load(Ordering::Relaxed), Instant::now());
+    let guest = GuestWatch { m: &m, seen: Mutex::new((m.guest_writes.load(Ordering::Relaxed), Instant::now())) };
     loop {
         if m.failed.load(Ordering::Acquire) || !slot.is_current(&m) {
             return;
         }
-        let writes = m.guest_writes.load(Ordering::Relaxed);
-        if writes != seen_writes {
-            (seen_writes, last_guest_write) = (writes, Instant::now());
-        }
-        let busy = last_guest_write.elapsed() < BUSY_WINDOW;
-        f.guest_busy.store(busy, Ordering::Relaxed);
+        let busy = guest.busy();
         while writeback.try_join_next().is_some() {}
         let sent = f.sent.load(Ordering::Relaxed);
         if can_flush && writeback.is_empty() && sent - written_back >= WRITEBACK_EVERY {
@@ -675,10 +670,10 @@ pub async fn run_full_copy<I: Image>(
                 Ok(e) => e.iter().filter(|e| e.state == ExtentState::Data).map(|e| e.length).sum(),
                 Err(_) => len,
             };
-            f.pace(data, || f.cap(busy), || m.failed.load(Ordering::Acquire) || !slot.is_current(&m)).await;
+            f.pace(data, || f.cap(guest.busy()), || m.failed.load(Ordering::Acquire) || !slot.is_current(&m)).await;
         }
         // A busy guest gets the whole depth taken: one copy at a time.
-        let Ok(permit) = Arc::clone(&depth).acquire_many_owned(if busy { COPY_DEPTH } else { 1 }).await else { return };
+        let Ok(permit) = Arc::clone(&depth).acquire_many_owned(if guest.busy() { COPY_DEPTH } else { 1 }).await else { return };
         // Clear first: a guest write that lands after this is mirrored synchronously or marks
         // the range again, and the exclusive lock below orders this copy after any write still
         // in flight.
@@ -701,6 +696,30 @@ pub async fn run_full_copy<I: Image>(
             drop(permit);
         });
         while tasks.try_join_next().is_some() {}
+    }
+}
+
+/// Whether the guest is writing, for the pass: a write seen within [`BUSY_WINDOW`]. Asked at
+/// each step and on every slice of a pacing wait, so that a guest that stops frees the pass
+/// within a slice rather than after the request it waits to send (at a 1 MiB/s cap, a second).
+struct GuestWatch<'a> {
+    m: &'a Mirror,
+    /// The count of guest writes last seen, and when it last changed.
+    seen: Mutex<(u64, Instant)>,
+}
+
+impl GuestWatch<'_> {
+    fn busy(&self) -> bool {
+        let writes = self.m.guest_writes.load(Ordering::Relaxed);
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        if writes != seen.0 {
+            *seen = (writes, Instant::now());
+        }
+        let busy = seen.1.elapsed() < BUSY_WINDOW;
+        if let Some(f) = &self.m.full {
+            f.guest_busy.store(busy, Ordering::Relaxed);
+        }
+        busy
     }
 }
 
