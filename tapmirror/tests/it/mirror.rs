@@ -474,28 +474,38 @@ fn full_mirror_skips_holes_without_losing_guest_writes_into_them() {
     stop_guest_and_compare(guest, &ctl_path, &source, &target, &before);
 }
 
+/// Fills the first `mib` MiB of `image` with data.
+fn fill_mib(image: &Path, mib: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(image).expect("open");
+    for i in 0..mib {
+        f.write_all_at(&crate::harness::pattern(MIB as usize, i), i * MIB).expect("write");
+    }
+}
+
+/// An nbdkit memory export of `size` bytes behind its log filter: the server, the directory
+/// its socket and log are in, its URI, and the log (one line as each request begins, another
+/// as it ends).
+fn logged_target(size: u64) -> (crate::harness::Proc, tempfile::TempDir, String, PathBuf) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (socket, log) = (dir.path().join("k.sock"), dir.path().join("k.log"));
+    let k = spawn_server(
+        Command::new("nbdkit").args(["-f", "-U"]).arg(&socket).args(["--filter=log", "memory", &size.to_string()]).arg(format!("logfile={}", log.display())),
+        &socket,
+    );
+    let uri = format!("nbd+unix:///?socket={}", socket.display());
+    (k, dir, uri, log)
+}
+
 /// The pass flushes the target as it goes, one flush per 64 MiB it sent, so the target's page
 /// cache never holds the whole disk for the ready flush to write back at once. nbdkit's log
 /// filter in front of the target shows the order: a flush before the pass's last write.
 #[test]
 fn full_mirror_flushes_the_target_while_it_copies() {
     crate::require!("nbdkit", "qemu-img");
-    const SIZE: u64 = 256 * MIB;
-    let (source, ctl_path) = serve_controlled(SIZE);
-    {
-        use std::os::unix::fs::FileExt;
-        let f = std::fs::OpenOptions::new().write(true).open(&source.image).expect("open");
-        for i in 0..160 {
-            f.write_all_at(&crate::harness::pattern(MIB as usize, i), i * MIB).expect("write");
-        }
-    }
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (socket, log) = (dir.path().join("k.sock"), dir.path().join("k.log"));
-    let _k = spawn_server(
-        Command::new("nbdkit").args(["-f", "-U"]).arg(&socket).args(["--filter=log", "memory", "256M"]).arg(format!("logfile={}", log.display())),
-        &socket,
-    );
-    let uri = format!("nbd+unix:///?socket={}", socket.display());
+    let (source, ctl_path) = serve_controlled(256 * MIB);
+    fill_mib(&source.image, 160);
+    let (_k, _dir, uri, log) = logged_target(256 * MIB);
     ctl(&ctl_path, &["mirror-attach", "--mode", "full", "--target-is-zero", "--target", &uri]);
     wait_ready(&ctl_path);
     run(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw"]).arg(&source.image).arg(&uri));
@@ -508,6 +518,51 @@ fn full_mirror_flushes_the_target_while_it_copies() {
     assert!(first_flush < last_write, "the first flush came after the last write: {} requests", requests.len());
     // 160 one-MiB writes; the first flush comes after 64 of them (give or take those in flight).
     assert!((80..=100).contains(&writes_after), "{writes_after} writes after the first flush");
+}
+
+/// While the guest writes, the pass flushes the target every 8 MiB it sends rather than every
+/// 64, and once more just before the converge phase: the guest's writes stall around each
+/// flush, the longer the more the target writes back, and from the converge phase on they wait
+/// on the target too. nbdkit's log filter in front of the target shows both. The pass's
+/// connection is the one that writes first (guest writes reach the target only from the
+/// converge phase on, over the other).
+#[test]
+fn full_mirror_flushes_often_while_the_guest_writes_and_before_it_converges() {
+    crate::require!("nbdkit", "qemu-img");
+    let (source, ctl_path) = serve_controlled(64 * MIB);
+    fill_mib(&source.image, 48);
+    let (_k, _dir, uri, log) = logged_target(64 * MIB);
+    let guest = crate::harness::Guest::start(source.uri(), 64 * MIB, 31);
+    guest.wait_for_more_writes(100);
+    ctl(&ctl_path, &["mirror-attach", "--mode", "full", "--target-is-zero", "--target", &uri]);
+    wait_ready(&ctl_path);
+    guest.wait_for_more_writes(100);
+    guest.stop();
+    assert_eq!(ctl(&ctl_path, &["drain"])["mirror"], "ready");
+    run(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw"]).arg(&source.image).arg(&uri));
+
+    // (connection, "Write" or "Flush", bytes) of each request, in the order they began.
+    let log = std::fs::read_to_string(&log).expect("nbdkit log");
+    let requests: Vec<(&str, &str, u64)> = log
+        .lines()
+        .filter_map(|l| {
+            let conn = l.split_whitespace().find_map(|w| w.strip_prefix("connection="))?;
+            let kind = ["Write", "Flush"].into_iter().find(|k| l.contains(&format!(" {k} id=")))?;
+            let count = l.split_whitespace().find_map(|w| w.strip_prefix("count=0x")).map_or(0, |c| u64::from_str_radix(c, 16).unwrap_or(0));
+            Some((conn, kind, count))
+        })
+        .collect();
+    let pass = requests.iter().find(|r| r.1 == "Write").expect("the pass wrote").0;
+    let first_guest = requests.iter().position(|r| r.0 != pass && r.1 == "Write").expect("guest writes reached the target once converging");
+    let before: Vec<_> = requests[..first_guest].iter().filter(|r| r.0 == pass).collect();
+    let sent: u64 = before.iter().filter(|r| r.1 == "Write").map(|r| r.2).sum();
+    let flushes = before.iter().filter(|r| r.1 == "Flush").count() as u64;
+    // One per 8 MiB (the 64 MiB rate would make at most one here); half of that at least, since
+    // one flush is in flight at a time and a slow machine may leave the guest idle for a moment.
+    assert!(flushes * 2 + 1 >= sent / (8 * MIB), "{flushes} flushes for {sent} bytes sent while the guest wrote");
+    let last_flush = before.iter().rposition(|r| r.1 == "Flush").expect("a flush before the converge phase");
+    // What may follow it: the copies the pass had in flight, one while the guest writes.
+    assert!(before.len() - last_flush - 1 <= 4, "{} pass requests between its last flush and the first guest write", before.len() - last_flush - 1);
 }
 
 /// Onto a target full of garbage, holes must be zeroed too.
