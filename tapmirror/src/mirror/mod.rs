@@ -736,8 +736,9 @@ impl GuestWatch<'_> {
 
 /// Flushes what the pass left in the target's cache before the converge phase, where guest
 /// writes wait on the target: a flush there holds them up for as long as it writes back (the
-/// ready flush, with up to [`WRITEBACK_EVERY_BUSY`] and more behind it, stalled the steady
-/// guest's writes for 3-6 ms in its last 100 ms before ready).
+/// ready flush, with up to 64 MiB behind it, stalled the steady guest's writes for 3-6 ms in its
+/// last 100 ms before ready). Not when an operator asks to converge at once (`mirror-converge`):
+/// that asks for ready sooner.
 async fn write_back(slot: &MirrorSlot, m: &Mirror, can_flush: bool) {
     if can_flush {
         slot.run(m, "writeback flush", m.copy_client().flush()).await;
