@@ -574,7 +574,7 @@ const COPY_CHUNK: u64 = 1 << 20;
 /// writes): unpaced 6.7-17x; at 200 MB/s 2.3x; at 100 MB/s 1.33-1.55x into qemu-nbd and 2.79x
 /// into `tapmirror serve`; at 64 MiB/s 0.89-2.93x into qemu-nbd and 0.84-3.12x into
 /// `tapmirror serve`, over a day of runs on a host whose noise moves them as much as the pass
-/// does; since the flushes while the guest writes are smaller ([`WRITEBACK_EVERY_BUSY`]),
+/// does; since the flushes while the guest writes are smaller (`WRITEBACK_EVERY_BUSY`),
 /// 1.45-3.61x and 1.36-2.69x. The price is time: a 4 GiB disk ready in 45 s against 1-2 s
 /// unpaced, so hosts may choose (`sxm serve --mirror-busy-rate`).
 pub const DEFAULT_BUSY_RATE: u64 = 64 << 20;
