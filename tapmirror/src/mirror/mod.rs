@@ -575,7 +575,7 @@ const COPY_CHUNK: u64 = 1 << 20;
 /// into `tapmirror serve`; at 64 MiB/s 0.89-2.93x into qemu-nbd and 0.84-3.12x into
 /// `tapmirror serve`, over a day of runs on a host whose noise moves them as much as the pass
 /// does; since the flushes while the guest writes are smaller (`WRITEBACK_EVERY_BUSY`),
-/// 1.45-3.61x and 1.36-2.69x. The price is time: a 4 GiB disk ready in 45 s against 1-2 s
+/// 1.26-3.61x and 1.31-2.69x. The price is time: a 4 GiB disk ready in 45 s against 1-2 s
 /// unpaced, so hosts may choose (`sxm serve --mirror-busy-rate`).
 pub const DEFAULT_BUSY_RATE: u64 = 64 << 20;
 /// A guest write within this long makes the guest count as busy.
