@@ -243,7 +243,8 @@ class Bench:
         (`quarters`), seconds to ready, bytes sent). Each case's guest runs unmirrored for
         `self.seconds` first, in the same fio process: its baseline, taken next to the copy it is set against,
         so that a machine whose speed drifts from one case to the next (a VM on a busy host)
-        still gives a fair ratio."""
+        still gives a fair ratio. A control row, "no mirror (control)", runs the same guest over
+        the same windows without a mirror."""
         out = {}
         # Long enough for any copy to end within it (fio is stopped once the windows are over):
         # only writes completed while the copy ran count.
@@ -310,7 +311,8 @@ class Bench:
 def quarters(t0, t1):
     """The copy's first three quarters and its last: tapmirror's pass spends its last quarter or
     so on the sweeps after the first, which copy the guest's own deferred writes as small
-    requests (benches/README.md), and that is where the guest's slowest writes gather."""
+    requests, and ends with the ready flush; the guest's slowest writes have gathered there
+    (benches/README.md)."""
     split = t0 + (t1 - t0) * 0.75
     return (t0, split), (split, t1)
 
