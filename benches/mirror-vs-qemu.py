@@ -7,13 +7,14 @@
    mirror also runs into a `tapmirror serve` target, the one sxm's destination host runs.
 2. Full mirror under a steady guest (fio: 2000 4 KiB and 200 64 KiB random writes per second):
    time to ready and bytes sent, for tapmirror's full mirror (into qemu-nbd, into a zeroed
-   `tapmirror serve`, and into qemu-nbd unpaced while the guest writes, `--busy-rate 0`) and QEMU's background and
-   write-blocking modes, plus the guest's p99 write latency over the writes completed while
-   the copy ran against its own p99 in the seconds before the mirror started (same fio
-   process, so drift between cases does not enter the ratio), the worst guest write in
-   the mirror's first 200 ms, and the p99 ratio over the copy's first three quarters and over
-   its last quarter apart. A control row runs the same guest over the same windows with no
-   mirror, so the host's and the kernel's own share of a ratio shows.
+   `tapmirror serve`, and into qemu-nbd unpaced while the guest writes, `--busy-rate 0`) and
+   QEMU's background and write-blocking modes. Also the guest's p99 write latency over the
+   writes completed while the copy ran, against its own p99 in the seconds before the mirror
+   started and after it was gone, pooled (the same fio process, so that drift between cases,
+   and within one, stays out of the ratio); the worst guest write in the mirror's first
+   200 ms; and the p99 ratio over the copy's first three quarters and over its last quarter
+   apart. A control row runs the same guest over the same windows with no mirror, so the
+   host's and the kernel's own share of a ratio shows.
 
     benches/mirror-vs-qemu.py [--size-mib N] [--seconds S] [--part 1|2|all]
 
@@ -106,7 +107,9 @@ def steady_guest(uri, seconds, rate_iops, logs):
     p = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
 
     def figures(logged, window):
-        lat = sorted(ns / 1000 for t, ns in logged if window[0] <= t <= window[1])
+        # A window is one (start, end) pair or a list of them, pooled.
+        spans = window if isinstance(window, list) else [window]
+        lat = sorted(ns / 1000 for t, ns in logged if any(a <= t <= b for a, b in spans))
         return {"p99_us": lat[min(len(lat) - 1, int(len(lat) * 0.99))] if lat else float("nan"),
                 "mean_us": sum(lat) / len(lat) if lat else float("nan"), "writes": len(lat),
                 "max_us": lat[-1] if lat else float("nan")}
@@ -238,23 +241,29 @@ class Bench:
 
     # Part 2 -----------------------------------------------------------------------------
     def convergence(self, rate_iops):
-        """Rows of (guest figures per job before the mirror starts, the same while it copies,
-        in its first `ATTACH_WINDOW` seconds, in its first three quarters and in its last
-        (`quarters`), seconds to ready, bytes sent). Each case's guest runs unmirrored for
-        `self.seconds` first, in the same fio process: its baseline, taken next to the copy it is set against,
-        so that a machine whose speed drifts from one case to the next (a VM on a busy host)
-        still gives a fair ratio. A control row, "no mirror (control)", runs the same guest over
-        the same windows without a mirror."""
+        """Rows of (guest figures per job before the mirror starts, after it is gone, over both
+        (the baseline), while it copies, in its first `ATTACH_WINDOW` seconds, in its first
+        three quarters and in its last (`quarters`), seconds to ready, bytes sent). Each case's
+        guest runs unmirrored for `self.seconds` before the attach and again once the mirror is
+        detached (tapmirror) or its job cancelled (QEMU), in the same fio process: a baseline on
+        both sides of the copy it is set against, so that a machine whose speed drifts within a
+        case, or from one case to the next (a VM on a busy host), still gives a fair ratio. A
+        control row, "no mirror (control)", runs the same guest over the same windows without
+        a mirror."""
         out = {}
         # Long enough for any copy to end within it (fio is stopped once the windows are over):
         # only writes completed while the copy ran count.
         guest_secs = self.seconds + 300
 
-        def baseline():
-            time.sleep(1)  # fio connects and settles
+        def unmirrored():
+            time.sleep(1)  # fio connects, or the mirror's end settles
             start = time.time()
             time.sleep(self.seconds)
-            return start
+            return start, time.time()
+
+        def row(finish, before, t0, t1, after, sent):
+            return (*finish(before, after, [before, after], (t0, t1), (t0, t0 + ATTACH_WINDOW), *quarters(t0, t1)),
+                    t1 - t0, sent)
 
         # Into qemu-nbd as QEMU's mirrors below; into a zeroed `tapmirror serve`, what sxm's
         # destination runs; and into qemu-nbd with the pass unpaced while the guest writes
@@ -266,7 +275,7 @@ class Bench:
                 tgt, _ = self.tapmirror("conv-tm-tgt", copy_src=False)
             uri, ctl = self.tapmirror("conv-tm")
             finish = steady_guest(uri, guest_secs, rate_iops, self.path("tm"))
-            ts = baseline()
+            before = unmirrored()
             t0 = time.time()
             self.ctl(ctl, "mirror-attach", "--mode", "full", "--target-is-zero", "--target", tgt,
                      *(["--busy-rate", rate] if rate else []))
@@ -275,8 +284,10 @@ class Bench:
             t1 = time.time()
             stats = self.ctl(ctl, "stats")["mirror"]
             sent = stats["progress"]["bytes_sent"] + stats["counters"]["bytes"]
+            self.ctl(ctl, "mirror-detach")
+            after = unmirrored()
             name = "tapmirror full mirror" + (" into tapmirror" if target == "tapmirror" else "") + (f", --busy-rate {rate}" if rate else "")
-            out[name] = (*finish((ts, t0), (t0, t1), (t0, t0 + ATTACH_WINDOW), *quarters(t0, t1)), t1 - t0, sent)
+            out[name] = row(finish, before, t0, t1, after, sent)
             self.stop_all()
 
         # The control: the same guest with no mirror at all, over windows as long as the first
@@ -286,24 +297,29 @@ class Bench:
         span = next(iter(out.values()))[-2]
         uri, _ = self.tapmirror("conv-control")
         finish = steady_guest(uri, guest_secs, rate_iops, self.path("control"))
-        ts = baseline()
+        before = unmirrored()
         t0 = time.time()
         time.sleep(span)
         t1 = time.time()
-        out["no mirror (control)"] = (*finish((ts, t0), (t0, t1), (t0, t0 + ATTACH_WINDOW), *quarters(t0, t1)), t1 - t0, 0)
+        after = unmirrored()
+        out["no mirror (control)"] = row(finish, before, t0, t1, after, 0)
         self.stop_all()
 
         for mode in ("background", "write-blocking"):
             tgt = self.target(f"conv-{mode}-tgt")
             uri, q = self.qsd(f"conv-{mode}", tgt)
             finish = steady_guest(uri, guest_secs, rate_iops, self.path(mode))
-            ts = baseline()
+            before = unmirrored()
             t0 = time.time()
             q.cmd("blockdev-mirror", **{"job-id": "m0", "device": "src", "target": "tgt", "sync": "full",
                                         "copy-mode": mode})
             e = q.wait_event("BLOCK_JOB_READY")
             t1 = time.time()
-            out[f"qemu {mode} mirror"] = (*finish((ts, t0), (t0, t1), (t0, t0 + ATTACH_WINDOW), *quarters(t0, t1)), t1 - t0, e["data"]["offset"])
+            # Cancelled once ready, a mirror job ends without switching to the target.
+            q.cmd("block-job-cancel", device="m0")
+            q.wait_event("BLOCK_JOB_COMPLETED")
+            after = unmirrored()
+            out[f"qemu {mode} mirror"] = row(finish, before, t0, t1, after, e["data"]["offset"])
             self.stop_all()
         return out
 
@@ -339,28 +355,36 @@ def report_latency(b, a):
 def report_convergence(b, a):
     conv = b.convergence(a.rate_iops)
     print(f"\nfull mirror under a steady guest ({a.rate_iops} x 4 KiB + {a.rate_iops // 10} x 64 KiB writes/s)")
-    print(f"(p99 of the guest's writes in the {a.seconds} s before the mirror starts -> of those completed "
-          "between its start and ready)")
+    print(f"(p99 of the guest's writes in the {a.seconds} s before the mirror starts and the {a.seconds} s after it is gone, "
+          "pooled -> of those completed between its start and ready)")
     print(f"{'case':38} {'ready s':>8} {'sent MB':>9} {'writes':>7} {'p99 4K us':>17} {'p99 64K us':>17} "
-          f"{'p99 ratio':>9} {'bytes ratio':>11} {'attach max us':>13} {'first 3/4':>9} {'last 1/4':>8}")
+          f"{'p99 ratio':>9} {'bytes ratio':>11} {'attach max us':>13} {'first 3/4':>9} {'last 1/4':>8} "
+          f"{'vs before':>9} {'drift':>6}")
     allocated = a.size_mib << 19  # half the image is data
-    for name, (before, during, attach, early, late, ready, sent) in conv.items():
-        def ratio_of(w):
-            return max(w[j]["p99_us"] / before[j]["p99_us"] for j in ("small", "large"))
+    for name, (before, after, base, during, attach, early, late, ready, sent) in conv.items():
+        def ratio_of(w, against=base):
+            return max(w[j]["p99_us"] / against[j]["p99_us"] for j in ("small", "large"))
         worst = ratio_of(during)
+        # How far the unmirrored guest moved from before the copy to after it, either way.
+        drift = max(max(after[j]["p99_us"] / before[j]["p99_us"], before[j]["p99_us"] / after[j]["p99_us"])
+                    for j in ("small", "large"))
         # What the guest wrote while the mirror synced, from its own logs; QEMU's "sent" is
         # its job offset, which counts the holes it walks, so no ratio is given for it.
         written = during["small"]["writes"] * 4096 + during["large"]["writes"] * 65536
         ratio = f"{sent / (allocated + written):11.2f}" if name.startswith("tapmirror") else f"{'-':>11}"
         print(f"{name:38} {ready:8.2f} {sent / 1e6:9.1f} {during['small']['writes'] + during['large']['writes']:7} "
-              f"{before['small']['p99_us']:8.1f}->{during['small']['p99_us']:7.1f} "
-              f"{before['large']['p99_us']:8.1f}->{during['large']['p99_us']:7.1f} {worst:8.2f}x {ratio} "
-              f"{max(attach[j]['max_us'] for j in ('small', 'large')):13.0f} {ratio_of(early):8.2f}x {ratio_of(late):7.2f}x")
+              f"{base['small']['p99_us']:8.1f}->{during['small']['p99_us']:7.1f} "
+              f"{base['large']['p99_us']:8.1f}->{during['large']['p99_us']:7.1f} {worst:8.2f}x {ratio} "
+              f"{max(attach[j]['max_us'] for j in ('small', 'large')):13.0f} {ratio_of(early):8.2f}x {ratio_of(late):7.2f}x "
+              f"{ratio_of(during, before):8.2f}x {drift:5.2f}x")
     print("bars for tapmirror: p99 ratio (worse of the two sizes) <= 2; bytes ratio (sent / (allocated + "
           "guest bytes written while syncing)) <= 1.2")
     print(f"attach max: the worst guest write completed in the first {ATTACH_WINDOW * 1000:.0f} ms of the mirror")
     print("first 3/4, last 1/4: the p99 ratio over the writes completed in the copy's first three quarters, and in its last")
+    print("vs before: the p99 ratio against the window before the mirror alone; drift: how far the unmirrored guest's p99 "
+          "moved from that window to the one after (the worse size, either way)")
     print("no mirror (control): the same guest and windows with no mirror; its ratio is the host's and the kernel's share of the others'")
+
 
 def main():
     ap = argparse.ArgumentParser()
