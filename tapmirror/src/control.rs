@@ -168,7 +168,7 @@ fn accept<I: Image>(control: &Control<I>, fd: OwnedFd) -> Result<&'static str, S
             let std = UnixStream::from(fd);
             std.set_nonblocking(true).map_err(io)?;
             crate::nbd::widen_send_buffer(&std);
-            let (r, w) = tokio::net::UnixStream::from_std(std).map_err(io)?.into_split();
+            let (r, w) = crate::nbd::unix::split(std).map_err(io)?;
             control.accepted.spawn(serve_accepted(server, r, w, stop));
             Ok("unix")
         }

@@ -268,7 +268,7 @@ impl Outgoing {
 /// (`try_write_vectored`), so a request usually goes on the wire from the task that makes it,
 /// with no hop to the writer task; other streams always go through the writer task.
 enum Sink {
-    Unix(tokio::net::unix::OwnedWriteHalf),
+    Unix(super::unix::WriteHalf),
     Tcp(tokio::net::tcp::OwnedWriteHalf),
     Other(tokio::sync::Mutex<std::pin::Pin<Box<dyn AsyncWrite + Send>>>),
 }
@@ -294,16 +294,17 @@ impl Sink {
             }
             return w.flush().await;
         }
+        // Write first and wait only for a full socket: a Unix socket's wait registers the
+        // descriptor for just that wait (`nbd::unix`), two system calls to spare when it has room.
         while !rest.is_empty() {
-            match self {
-                Sink::Unix(w) => w.writable().await?,
-                Sink::Tcp(w) => w.writable().await?,
-                Sink::Other(_) => {}
-            }
             match self.try_write(rest) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => IoSlice::advance_slices(&mut rest, n),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => match self {
+                    Sink::Unix(w) => w.writable().await?,
+                    Sink::Tcp(w) => w.writable().await?,
+                    Sink::Other(_) => {}
+                },
                 Err(e) => return Err(e),
             }
         }
@@ -487,9 +488,10 @@ impl NbdClient {
     pub async fn connect_unix(path: &Path, opts: ClientOptions) -> Result<NbdClient, ClientError> {
         let s = tokio::net::UnixStream::connect(path)
             .await
-            .map_err(|e| io::Error::new(e.kind(), format!("connect {}: {e}", path.display())))?;
+            .map_err(|e| io::Error::new(e.kind(), format!("connect {}: {e}", path.display())))?
+            .into_std()?;
         super::widen_send_buffer(&s);
-        let (r, w) = s.into_split();
+        let (r, w) = super::unix::split(s)?;
         Self::start(r, w, opts, Sink::Unix).await
     }
 
@@ -503,9 +505,8 @@ impl NbdClient {
         match family {
             Some(nix::sys::socket::AddressFamily::Unix) => {
                 let std = std::os::unix::net::UnixStream::from(fd);
-                std.set_nonblocking(true)?;
                 super::widen_send_buffer(&std);
-                let (r, w) = tokio::net::UnixStream::from_std(std)?.into_split();
+                let (r, w) = super::unix::split(std)?;
                 Self::start(r, w, opts, Sink::Unix).await
             }
             Some(nix::sys::socket::AddressFamily::Inet) | Some(nix::sys::socket::AddressFamily::Inet6) => {

@@ -8,6 +8,7 @@
 pub mod client;
 pub mod proto;
 pub mod server;
+pub mod unix;
 
 pub use client::{ClientError, ClientOptions, Endpoint, ExportInfo, NbdClient, NbdUri, Payload, StatusExtent};
 pub use server::{ExportConfig, Limits, NbdServer, Session};

@@ -303,10 +303,10 @@ impl<I: Image> NbdServer<I> {
     /// returns once every connection has ended.
     pub async fn serve_unix(self: Arc<Self>, listener: UnixListener, shutdown: CancellationToken) {
         self.accept_loop(shutdown, || async {
-            listener.accept().await.map(|(s, _)| {
-                super::widen_send_buffer(&s);
-                s.into_split()
-            })
+            let (s, _) = listener.accept().await?;
+            let s = s.into_std()?;
+            super::widen_send_buffer(&s);
+            super::unix::split(s)
         })
         .await
     }
