@@ -1,4 +1,5 @@
-//! The Network Block Device protocol: wire codec, server and client.
+//! The Network Block Device protocol: wire codec, server and client, and the Unix sockets they
+//! share (`unix`: split so that neither end wakes for nothing).
 //!
 //! Fixed newstyle negotiation with `NBD_OPT_GO`/`INFO` (block sizes), structured replies and the
 //! `base:allocation` meta context; commands `READ`, `WRITE`, `FLUSH`, `TRIM`, `WRITE_ZEROES`
