@@ -361,8 +361,9 @@ impl Footer {
         String::from_utf8_lossy(&self.creator_app).trim_end_matches(['\0', ' ']).to_string()
     }
 
-    /// The virtual size by QEMU's rule (see [`CURRENT_SIZE_CREATORS`]), rounded down to whole
-    /// sectors as QEMU does, and where it came from.
+    /// The virtual size by QEMU's rule (the footer's current size for the creators that QEMU
+    /// trusts with it, else the CHS geometry), rounded down to whole sectors as QEMU does, and
+    /// where it came from.
     pub fn virtual_size(&self) -> (u64, SizeSource) {
         let by_current = CURRENT_SIZE_CREATORS.iter().any(|c| **c == self.creator_app);
         if by_current || self.geometry.is_max() {
