@@ -6,8 +6,9 @@
 //! Every change of the tree touches several nodes at once: a snapshot adds a hidden base and a
 //! snapshot VDI and moves the VDI onto the base; a compose hides one VDI, re-parents another and
 //! drops the second one's old parents; a destroy may drop a chain of hidden parents. With one
-//! record per SR each of these is one atomic rename (the engine's [`write_json`](sxm_engine::state::write_json)): a crash
-//! leaves the whole old tree or the whole new one, and no intent log is needed to stitch
+//! record per SR each of these is one atomic rename (the engine's
+//! [`write_json`](sxm_engine::state::write_json)): a crash leaves the whole old tree or the
+//! whole new one, and no intent log is needed to stitch
 //! several records together. The price is rewriting the record on each change; an `ext` SR
 //! holds hundreds of VDIs at most, a few hundred KB of JSON, against changes that each also
 //! create or sync files. Reads take no lock of their own (the mux holds the SR's lock, shared
