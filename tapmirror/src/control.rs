@@ -165,10 +165,7 @@ fn accept<I: Image>(control: &Control<I>, fd: OwnedFd) -> Result<&'static str, S
     let io = |e: std::io::Error| e.to_string();
     match family {
         Some(AddressFamily::Unix) => {
-            let std = UnixStream::from(fd);
-            std.set_nonblocking(true).map_err(io)?;
-            crate::nbd::widen_send_buffer(&std);
-            let (r, w) = crate::nbd::unix::split(std).map_err(io)?;
+            let (r, w) = crate::nbd::unix::split(UnixStream::from(fd)).map_err(io)?;
             control.accepted.spawn(serve_accepted(server, r, w, stop));
             Ok("unix")
         }

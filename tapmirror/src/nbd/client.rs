@@ -490,7 +490,6 @@ impl NbdClient {
             .await
             .map_err(|e| io::Error::new(e.kind(), format!("connect {}: {e}", path.display())))?
             .into_std()?;
-        super::widen_send_buffer(&s);
         let (r, w) = super::unix::split(s)?;
         Self::start(r, w, opts, Sink::Unix).await
     }
@@ -504,9 +503,7 @@ impl NbdClient {
             .family();
         match family {
             Some(nix::sys::socket::AddressFamily::Unix) => {
-                let std = std::os::unix::net::UnixStream::from(fd);
-                super::widen_send_buffer(&std);
-                let (r, w) = super::unix::split(std)?;
+                let (r, w) = super::unix::split(std::os::unix::net::UnixStream::from(fd))?;
                 Self::start(r, w, opts, Sink::Unix).await
             }
             Some(nix::sys::socket::AddressFamily::Inet) | Some(nix::sys::socket::AddressFamily::Inet6) => {

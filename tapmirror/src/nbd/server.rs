@@ -304,9 +304,7 @@ impl<I: Image> NbdServer<I> {
     pub async fn serve_unix(self: Arc<Self>, listener: UnixListener, shutdown: CancellationToken) {
         self.accept_loop(shutdown, || async {
             let (s, _) = listener.accept().await?;
-            let s = s.into_std()?;
-            super::widen_send_buffer(&s);
-            super::unix::split(s)
+            super::unix::split(s.into_std()?)
         })
         .await
     }

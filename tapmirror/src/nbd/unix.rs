@@ -21,9 +21,11 @@ use std::task::{Context, Poll, ready};
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 
-/// Splits a connected Unix stream socket. Must be called inside a tokio runtime.
+/// Splits a connected Unix stream socket, its send buffer widened as for every connection of
+/// ours (`widen_send_buffer`). Must be called inside a tokio runtime.
 pub fn split(stream: UnixStream) -> io::Result<(ReadHalf, WriteHalf)> {
     stream.set_nonblocking(true)?;
+    super::widen_send_buffer(&stream);
     let writer = stream.try_clone()?;
     // SAFETY: the `AsyncFd` owns the stream, so its descriptor stays open and the same for the
     // registration's whole life.
@@ -150,7 +152,6 @@ impl Drop for WriteHalf {
     /// As tokio's write half does: the peer reads end-of-stream once the writer is gone, though
     /// the read half (another descriptor) may still be open.
     fn drop(&mut self) {
-        self.waiting = None;
         let _ = self.stream.shutdown(std::net::Shutdown::Write);
     }
 }
