@@ -114,6 +114,8 @@ pub struct FullSync {
     guest_busy: AtomicBool,
     /// The pass's token bucket: when it was last looked at and its credit then (bytes).
     bucket: std::sync::Mutex<(Instant, f64)>,
+    /// Signalled when a copy gives back credit it took for holes.
+    given_back: tokio::sync::Notify,
 }
 
 impl FullSync {
@@ -141,13 +143,12 @@ impl FullSync {
         }
     }
 
-    /// Waits until `bytes` of data may be sent under `rate()` (100 ms of credit at most). The
-    /// bytes are taken at once, as debt; the wait for the debt to clear follows the rate as it
-    /// is set meanwhile, so lifting or raising a cap frees a waiting pass within one slice.
-    /// Gives up early once `stop` says so (the mirror failed or was detached).
-    async fn pace(&self, bytes: u64, rate: impl Fn() -> u64, stop: impl Fn() -> bool) {
+    /// Waits until the pass may send again under `rate()`: until what it took so far is paid
+    /// off (100 ms of credit at most). The wait follows the rate as it is set meanwhile, so
+    /// lifting or raising a cap frees a waiting pass within one slice. Gives up early once
+    /// `stop` says so (the mirror failed or was detached).
+    async fn pace(&self, rate: impl Fn() -> u64, stop: impl Fn() -> bool) {
         const SLICE: Duration = Duration::from_millis(50);
-        let mut owed = bytes as f64;
         loop {
             if stop() {
                 return;
@@ -161,15 +162,31 @@ impl FullSync {
                     return;
                 }
                 let rate = rate as f64;
-                let credit = (b.1 + now.duration_since(b.0).as_secs_f64() * rate).min(rate / 10.0) - owed;
-                owed = 0.0;
+                let credit = (b.1 + now.duration_since(b.0).as_secs_f64() * rate).min(rate / 10.0);
                 *b = (now, credit);
                 if credit >= 0.0 {
                     return;
                 }
                 Duration::from_secs_f64(-credit / rate)
             };
-            tokio::time::sleep(wait.min(SLICE)).await;
+            tokio::select! {
+                _ = tokio::time::sleep(wait.min(SLICE)) => {}
+                _ = self.given_back.notified() => {}
+            }
+        }
+    }
+
+    /// Takes `bytes` from the pass's credit, as debt that the next `pace` waits out.
+    fn take(&self, bytes: u64) {
+        self.bucket.lock().unwrap_or_else(|e| e.into_inner()).1 -= bytes as f64;
+    }
+
+    /// Gives back `bytes` taken but not sent as data, and wakes a waiting `pace` to see them:
+    /// a run of holes then costs the pass no wait at all.
+    fn give_back(&self, bytes: u64) {
+        if bytes > 0 {
+            self.bucket.lock().unwrap_or_else(|e| e.into_inner()).1 += bytes as f64;
+            self.given_back.notify_one();
         }
     }
 }
@@ -262,6 +279,7 @@ impl Mirror {
                 busy_rate: AtomicU64::new(DEFAULT_BUSY_RATE),
                 guest_busy: AtomicBool::new(false),
                 bucket: std::sync::Mutex::new((Instant::now(), 0.0)),
+                given_back: tokio::sync::Notify::new(),
             }
         });
         Arc::new(Mirror {
@@ -673,16 +691,19 @@ pub async fn run_full_copy<I: Image>(
             }
             sweep_start = left;
         }
-        // Under a cap, wait for the run's data before taking it (never while holding its range,
-        // where a guest write would wait with it). The run's extents are looked up again under
-        // the lock, since a guest write may allocate more meanwhile.
-        if f.cap(busy) != 0 {
-            let data = match image().allocation(offset, len, usize::MAX).await {
-                Ok(e) => e.iter().filter(|e| e.state == ExtentState::Data).map(|e| e.length).sum(),
-                Err(_) => len,
-            };
-            f.pace(data, || f.cap(guest.busy()), || m.failed.load(Ordering::Acquire) || !slot.is_current(&m)).await;
-        }
+        // Under a cap, wait until what was sent so far is paid for, then take the whole run as
+        // if it were data; the copy gives back what it sent as zeroes once it knows (only data
+        // counts). Never wait while holding the run's range, where a guest write would wait
+        // with it. The run's extents are looked up once, by the copy under the range's lock:
+        // a second lookup here, for pacing only, was half the pass's `lseek`s over the later
+        // sweeps' small runs.
+        let taken = if f.cap(busy) != 0 {
+            f.pace(|| f.cap(guest.busy()), || m.failed.load(Ordering::Acquire) || !slot.is_current(&m)).await;
+            f.take(len);
+            len
+        } else {
+            0
+        };
         // A busy guest gets the whole depth taken: one copy at a time.
         let Ok(permit) = Arc::clone(&depth).acquire_many_owned(if guest.busy() { COPY_DEPTH } else { 1 }).await else { return };
         // Clear first: a guest write that lands after this is mirrored synchronously or marks
@@ -694,12 +715,15 @@ pub async fn run_full_copy<I: Image>(
         let (m, slot, image) = (Arc::clone(&m), Arc::clone(&slot), Arc::clone(&image));
         tasks.spawn(async move {
             let Some(f) = m.full.as_ref() else { return };
-            let ok = {
+            let data = {
                 let _exclusive = f.locks.lock(offset, offset + len, true).await;
                 copy_range(&slot, &m, &*image(), offset, len).await
             };
             f.in_flight.fetch_sub(len, Ordering::Relaxed);
-            if ok {
+            if let Some(data) = data {
+                f.give_back(taken.saturating_sub(data));
+            }
+            if data.is_some() {
                 f.copied.fetch_add(len, Ordering::Relaxed);
             } else {
                 f.bitmap.mark(offset, len);
@@ -794,35 +818,39 @@ async fn skip_holes<I: Image>(f: &FullSync, image: &impl Fn() -> Arc<I>, stop: i
     tracing::info!(holes, bytes, ms = started.elapsed().as_millis() as u64, "holes skipped: the target reads as zeroes there");
 }
 
-async fn copy_range<I: Image>(slot: &MirrorSlot, m: &Mirror, image: &I, offset: u64, len: u64) -> bool {
+/// Copies `[offset, offset + len)` to the target: data as data, the rest as zeroes. Answers
+/// the bytes it sent as data, or `None` if the mirror failed.
+async fn copy_range<I: Image>(slot: &MirrorSlot, m: &Mirror, image: &I, offset: u64, len: u64) -> Option<u64> {
     let extents = match image.allocation(offset, len, usize::MAX).await {
         Ok(e) if !e.is_empty() => e,
         _ => vec![crate::image::Extent { offset, length: len, state: ExtentState::Data }],
     };
     let mut at = offset;
+    let mut data = 0;
     for e in extents {
         at = e.offset + e.length;
         let ok = if e.state == ExtentState::Data {
             let (buf, r) = image.read(e.offset, IoBuf::for_overwrite(e.length as usize)).await;
             if let Err(err) = r {
                 slot.fail(m, format!("reading the source at {}: {err}", e.offset));
-                return false;
+                return None;
             }
             let sent = slot.run(m, "background copy", m.copy_client().write(e.offset, Payload::Shared(Arc::new(buf)), false)).await;
             if sent && let Some(f) = &m.full {
                 f.sent.fetch_add(e.length, Ordering::Relaxed);
+                data += e.length;
             }
             sent
         } else {
             slot.run(m, "background zeroing", m.copy_client().write_zeroes(e.offset, e.length as u32, false, false)).await
         };
         if !ok {
-            return false;
+            return None;
         }
     }
     // Extents may stop short of the range; what is left is copied as data.
     if at < offset + len {
-        return Box::pin(copy_range(slot, m, image, at, offset + len - at)).await;
+        return Box::pin(copy_range(slot, m, image, at, offset + len - at)).await.map(|rest| data + rest);
     }
-    true
+    Some(data)
 }

@@ -373,6 +373,29 @@ fn full_mirror_rate_caps_the_background_copy_from_the_start() {
     assert!(target.contents()[60 << 20..][..64 << 10].iter().all(|&b| b == 0x5a));
 }
 
+/// Only data counts against a cap. Without `--target-is-zero` the pass copies holes too, as
+/// zeroes, and it does not know a run's holes until it copies the run; holes must not take the
+/// cap's time. With the data in the last MiB of 64, after a second under a 1 MiB/s cap the pass
+/// has long been through the 63 MiB of holes before it, while it has sent no more data than the
+/// cap allows. Charged for holes it would have done about a MiB.
+#[test]
+fn full_mirror_cap_counts_data_not_holes() {
+    let (source, ctl_path) = serve_controlled(64 * MIB);
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&source.image).expect("open");
+        f.write_all_at(&crate::harness::pattern(MIB as usize, 9), 63 * MIB).expect("write");
+    }
+    let target = crate::harness::serve(64 * MIB, &[]);
+    let (stats, elapsed, sent) = attach_and_wait_a_second(&ctl_path, &target, "--rate", false);
+    let progress = &stats["mirror"]["progress"];
+    let done = progress["bytes_done"].as_u64().expect("bytes_done");
+    assert!(done >= 32 * MIB, "{done} bytes done in {elapsed:.2} s, most of them holes: {stats}");
+    assert!(sent <= (elapsed * MIB as f64) as u64 + MIB / 10 + MIB, "{sent} bytes of data in {elapsed:.2} s under a 1 MiB/s cap: {stats}");
+    wait_ready(&ctl_path);
+    assert!(source.contents() == target.contents(), "target differs from the source");
+}
+
 /// A guest that dirties the disk faster than the pass copies it: the pass is held (a cap of
 /// one byte per second) three quarters of the way through its first sweep while the guest
 /// writes all over the disk, so the sweep ends with more than half still dirty. The mirror then
