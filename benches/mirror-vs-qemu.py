@@ -12,9 +12,10 @@
    writes completed while the copy ran, against its own p99 in the seconds before the mirror
    started and after it was gone, pooled (the same fio process, so that drift between cases,
    and within one, stays out of the ratio); the worst guest write in the mirror's first
-   200 ms and in its last 200 ms before ready (the switch-over); and the p99 ratio over the copy's first three quarters and over its last quarter
-   apart. A control row runs the same guest over the same windows with no mirror, so the
-   host's and the kernel's own share of a ratio shows.
+   200 ms and in its last 200 ms before ready (the switch-over); and the p99 ratio over the
+   copy's first three quarters and over its last quarter apart. A control row runs the same
+   guest over the same windows with no mirror, so the host's and the kernel's own share of a
+   ratio shows.
 
     benches/mirror-vs-qemu.py [--size-mib N] [--seconds S] [--part 1|2|all]
 
@@ -242,14 +243,14 @@ class Bench:
     # Part 2 -----------------------------------------------------------------------------
     def convergence(self, rate_iops):
         """Rows of (guest figures per job before the mirror starts, after it is gone, over both
-        (the baseline), while it copies, in its first `ATTACH_WINDOW` seconds and its last, in
-        its first three quarters and in its last (`quarters`), seconds to ready, bytes sent). Each case's
-        guest runs unmirrored for `self.seconds` before the attach and again once the mirror is
-        detached (tapmirror) or its job cancelled (QEMU), in the same fio process: a baseline on
-        both sides of the copy it is set against, so that a machine whose speed drifts within a
-        case, or from one case to the next (a VM on a busy host), still gives a fair ratio. A
-        control row, "no mirror (control)", runs the same guest over the same windows without
-        a mirror."""
+        (the baseline), while it copies, in its first `STALL_WINDOW` seconds and its last, in
+        its first three quarters and in its last (`quarters`), seconds to ready, bytes sent).
+        Each case's guest runs unmirrored for `self.seconds` before the attach and again once
+        the mirror is detached (tapmirror) or its job cancelled (QEMU), in the same fio process:
+        a baseline on both sides of the copy it is set against, so that a machine whose speed
+        drifts within a case, or from one case to the next (a VM on a busy host), still gives a
+        fair ratio. A control row, "no mirror (control)", runs the same guest over the same
+        windows without a mirror."""
         out = {}
         # Long enough for any copy to end within it (fio is stopped once the windows are over):
         # only writes completed while the copy ran count.
@@ -262,8 +263,8 @@ class Bench:
             return start, time.time()
 
         def row(finish, before, t0, t1, after, sent):
-            return (*finish(before, after, [before, after], (t0, t1), (t0, t0 + ATTACH_WINDOW),
-                            (t1 - ATTACH_WINDOW, t1), *quarters(t0, t1)),
+            return (*finish(before, after, [before, after], (t0, t1), (t0, t0 + STALL_WINDOW),
+                            (t1 - STALL_WINDOW, t1), *quarters(t0, t1)),
                     t1 - t0, sent)
 
         # Into qemu-nbd as QEMU's mirrors below; into a zeroed `tapmirror serve`, what sxm's
@@ -337,7 +338,7 @@ def quarters(t0, t1):
 # The worst guest write in this long after the mirror starts, and in as long before it is seen
 # ready, is reported apart: a stall at the attach or at the switch-over is a few writes, too few
 # to move a p99, and the one a user sees.
-ATTACH_WINDOW = 0.2
+STALL_WINDOW = 0.2
 
 
 def report_latency(b, a):
@@ -382,8 +383,8 @@ def report_convergence(b, a):
               f"{ratio_of(during, before):8.2f}x {drift:5.2f}x")
     print("bars for tapmirror: p99 ratio (worse of the two sizes) <= 2; bytes ratio (sent / (allocated + "
           "guest bytes written while syncing)) <= 1.2")
-    print(f"attach max, ready max: the worst guest write completed in the first {ATTACH_WINDOW * 1000:.0f} ms of the mirror, "
-          f"and in the last {ATTACH_WINDOW * 1000:.0f} ms before the bench saw it ready (polled every 50 ms)")
+    print(f"attach max, ready max: the worst guest write completed in the first {STALL_WINDOW * 1000:.0f} ms of the mirror, "
+          f"and in the last {STALL_WINDOW * 1000:.0f} ms before the bench saw it ready (polled every 50 ms)")
     print("first 3/4, last 1/4: the p99 ratio over the writes completed in the copy's first three quarters, and in its last")
     print("vs before: the p99 ratio against the window before the mirror alone; drift: how far the unmirrored guest's p99 "
           "moved from that window to the one after (the worse size, either way)")

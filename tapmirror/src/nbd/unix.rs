@@ -25,12 +25,30 @@ use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 /// ours (`widen_send_buffer`). Must be called inside a tokio runtime.
 pub fn split(stream: UnixStream) -> io::Result<(ReadHalf, WriteHalf)> {
     stream.set_nonblocking(true)?;
-    super::widen_send_buffer(&stream);
+    widen_send_buffer(&stream);
     let writer = stream.try_clone()?;
     // SAFETY: the `AsyncFd` owns the stream, so its descriptor stays open and the same for the
     // registration's whole life.
     let reader = unsafe { AsyncFd::register_with_interest(stream, Interest::READABLE) }?;
     Ok((ReadHalf(reader), WriteHalf { waiting: None, stream: writer }))
+}
+
+/// What a Unix socket's send buffer is asked to hold: two 1 MiB requests or replies and then
+/// some (the kernel doubles it for its own bookkeeping, within `net.core.wmem_max`).
+const UNIX_SEND_BUFFER: usize = 2 << 20;
+
+/// Widens a Unix socket's send buffer, on both ends of our connections. At the default (208 KiB)
+/// a 1 MiB message fills it five times over, and each time the writer sleeps until the reader
+/// drains it and the reader sleeps until more comes. Measured with perf and /proc counters:
+/// `tapmirror copy` into qemu-nbd made half the context switches on both sides, with a quarter
+/// fewer kernel instructions and 40-60% less CPU; `nbdcopy` reading out of `tapmirror serve`
+/// a tenth of the context switches on both sides and a third less server CPU. TCP keeps the
+/// kernel's autotuning, which a fixed size would turn off. Best effort: a refusal leaves the
+/// default.
+fn widen_send_buffer(socket: &impl std::os::fd::AsFd) {
+    if let Err(e) = nix::sys::socket::setsockopt(socket, nix::sys::socket::sockopt::SndBuf, &UNIX_SEND_BUFFER) {
+        tracing::debug!(error = %e, "could not widen a Unix socket's send buffer");
+    }
 }
 
 /// The read half: registered for readability only.
@@ -258,5 +276,16 @@ mod tests {
         assert!(cw.try_write_vectored(&[IoSlice::new(b"x")]).expect("room") == 1);
         assert!(reader.await.expect("reader"), "drained bytes are the ones written");
         drop(bw);
+    }
+
+    #[test]
+    fn unix_sockets_get_a_wider_send_buffer() {
+        use nix::sys::socket::{getsockopt, sockopt::SndBuf};
+        let (a, _b) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+        let before = getsockopt(&a, SndBuf).expect("SO_SNDBUF");
+        widen_send_buffer(&a);
+        let after = getsockopt(&a, SndBuf).expect("SO_SNDBUF");
+        // Within net.core.wmem_max, which may be below what was asked.
+        assert!(after > before, "send buffer {before} -> {after}");
     }
 }
