@@ -62,6 +62,101 @@ pub fn write_json<T: Serialize>(path: &Path, value: &T) -> io::Result<()> {
     write_atomic(path, &bytes)
 }
 
+/// Space kept aside in an SR's folder so that its record can still be rewritten when the file
+/// system is full (a copy that ran out of space, say): without it, not even the VDI that filled
+/// it could be destroyed. Starts with `.`, so no VDI id can name it.
+pub const RESERVE_FILE: &str = ".sxm-reserve";
+/// The reserve's size: many times the largest record.
+pub const RESERVE_BYTES: u64 = 1 << 20;
+
+/// Makes sure `dir`'s reserve exists (best effort: a full file system simply has none for now).
+pub fn ensure_reserve(dir: &Path) {
+    let path = dir.join(RESERVE_FILE);
+    if fs::metadata(&path).is_ok_and(|m| m.len() == RESERVE_BYTES) {
+        return;
+    }
+    let made = File::create(&path).and_then(|f| {
+        // Real blocks, not a sparse file: the point is to hold the space.
+        let mut f = io::BufWriter::new(f);
+        let zeros = vec![0u8; 64 << 10];
+        for _ in 0..(RESERVE_BYTES / zeros.len() as u64) {
+            f.write_all(&zeros)?;
+        }
+        f.flush()?;
+        f.get_ref().sync_all()
+    });
+    if let Err(e) = made {
+        let _ = fs::remove_file(&path);
+        tracing::warn!(dir = %dir.display(), error = %e, "no room for the SR's reserve");
+    }
+}
+
+/// [`write_json`] into a folder with a reserve ([`ensure_reserve`]): on a full file system the
+/// reserve is given back once and the record written again.
+pub fn write_json_reserved<T: Serialize>(path: &Path, value: &T) -> io::Result<()> {
+    match write_json(path, value) {
+        Err(e) if e.kind() == io::ErrorKind::StorageFull && fs::remove_file(folder_of(path).join(RESERVE_FILE)).is_ok() => {
+            tracing::warn!(record = %path.display(), "the file system is full: the folder's reserve was released to write the record");
+            write_json(path, value)
+        }
+        r => r,
+    }
+}
+
+/// [`write_json_reserved`] for a record that no longer names file `doomed` (a destroy). When the
+/// file system is still full (the reserve spent already: a copy filled the folder after an
+/// earlier write released it), `doomed` is [`bury`]'d to make room and the record written
+/// again: a failed migration's undo must be able to destroy what filled the folder.
+pub fn write_json_freeing<T: Serialize>(path: &Path, value: &T, doomed: &Path) -> io::Result<()> {
+    match write_json_reserved(path, value) {
+        Err(e) if e.kind() == io::ErrorKind::StorageFull => {
+            bury(doomed)?;
+            tracing::warn!(record = %path.display(), doomed = %doomed.display(), "the file system is full: emptied the destroyed file to write the record");
+            write_json(path, value)
+        }
+        r => r,
+    }
+}
+
+/// Suffix of a tombstone, `.<name>.destroyed`: file `<name>`, renamed there by [`bury`].
+pub const TOMBSTONE_SUFFIX: &str = ".destroyed";
+
+/// The tombstone of `file`, beside it.
+pub fn tombstone_path(file: &Path) -> PathBuf {
+    let mut name = std::ffi::OsString::from(".");
+    name.push(file.file_name().unwrap_or_default());
+    name.push(TOMBSTONE_SUFFIX);
+    file.with_file_name(name)
+}
+
+/// Commits to deleting `file` without writing anything: it is renamed to its tombstone
+/// (durably), then emptied, which frees its space. From the rename on, the recovery of the
+/// folder it is in must finish the deletion (see [`buried`]), whatever the record still says.
+pub fn bury(file: &Path) -> io::Result<()> {
+    let tomb = tombstone_path(file);
+    fs::rename(file, &tomb).map_err(|e| io::Error::new(e.kind(), format!("rename {} to its tombstone: {e}", file.display())))?;
+    sync_dir(folder_of(file))?;
+    let f = OpenOptions::new().write(true).open(&tomb).map_err(|e| io::Error::new(e.kind(), format!("open {}: {e}", tomb.display())))?;
+    f.set_len(0).and_then(|()| f.sync_all()).map_err(|e| io::Error::new(e.kind(), format!("empty {}: {e}", tomb.display())))
+}
+
+/// The names of the files buried ([`bury`]) in `dir` whose tombstones are still there, sorted.
+pub fn buried(dir: &Path) -> io::Result<Vec<String>> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        let name = entry?.file_name();
+        if let Some(n) = name.to_str().and_then(|n| n.strip_prefix('.')).and_then(|n| n.strip_suffix(TOMBSTONE_SUFFIX)) {
+            out.push(n.to_owned());
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn folder_of(path: &Path) -> &Path {
+    path.parent().unwrap_or(Path::new("."))
+}
+
 /// Reads a JSON record; `None` when the file does not exist.
 pub fn read_json<T: DeserializeOwned>(path: &Path) -> io::Result<Option<T>> {
     match fs::read(path) {
@@ -114,5 +209,23 @@ mod tests {
         assert!(e.to_string().contains("rec.json"), "{e}");
         remove_durably(&p).expect("remove");
         remove_durably(&p).expect("remove twice");
+    }
+
+    #[test]
+    fn a_buried_file_is_emptied_and_listed_until_its_tombstone_goes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let f = dir.path().join("a.vhd");
+        fs::write(&f, vec![7u8; 1 << 16]).expect("file");
+        fs::write(dir.path().join(".b.vhd.tmp"), b"").expect("not a tombstone");
+        assert_eq!(buried(dir.path()).expect("list"), Vec::<String>::new());
+        bury(&f).expect("bury");
+        assert!(!f.exists());
+        let tomb = tombstone_path(&f);
+        assert_eq!(tomb, dir.path().join(".a.vhd.destroyed"));
+        assert_eq!(fs::metadata(&tomb).expect("tombstone").len(), 0);
+        assert_eq!(buried(dir.path()).expect("list"), vec!["a.vhd".to_owned()]);
+        assert!(bury(&f).is_err(), "a missing file buried");
+        remove_durably(&tomb).expect("remove");
+        assert_eq!(buried(dir.path()).expect("list"), Vec::<String>::new());
     }
 }

@@ -257,7 +257,7 @@ impl Backend for ExtBackend {
             return Err(errors::failure("invalid", format!("{} already holds an SR", sr.dir.display())));
         }
         SrMeta::default().save(&sr.dir)?;
-        crate::meta::ensure_reserve(&sr.dir);
+        state::ensure_reserve(&sr.dir);
         tracing::info!(sr = %sr.sr, name_label, dir = %sr.dir.display(), "created an ext SR");
         Ok(sr.device_config.clone())
     }
@@ -265,7 +265,7 @@ impl Backend for ExtBackend {
     fn sr_attach(&self, sr: &SrContext, datapaths: &[AttachedVdi]) -> StorageResult<()> {
         let r = recover::recover(&sr.sr, &sr.dir)?;
         tracing::info!(sr = %sr.sr, recovery = ?r, "attached an ext SR");
-        crate::meta::ensure_reserve(&sr.dir);
+        state::ensure_reserve(&sr.dir);
         let meta = SrMeta::load_existing(&sr.dir)?;
         self.datapaths.recover(
             group(sr),
@@ -297,7 +297,7 @@ impl Backend for ExtBackend {
             state::remove_durably(&vhd_path(&sr.dir, id)).map_err(|e| errors::io("destroying the SR", &e))?;
         }
         state::remove_durably(&SrMeta::path(&sr.dir)).map_err(|e| errors::io("destroying the SR", &e))?;
-        state::remove_durably(&sr.dir.join(crate::meta::RESERVE_FILE)).map_err(|e| errors::io("destroying the SR", &e))?;
+        state::remove_durably(&sr.dir.join(state::RESERVE_FILE)).map_err(|e| errors::io("destroying the SR", &e))?;
         tracing::info!(sr = %sr.sr, files = files.len(), "destroyed an ext SR");
         Ok(())
     }
@@ -358,10 +358,14 @@ impl Backend for ExtBackend {
         let parent = meta.nodes.remove(id).and_then(|n| n.parent);
         let mut garbage = vec![id.to_owned()];
         garbage.extend(meta.drop_unused_hidden(parent));
-        meta.save(&sr.dir)?;
+        meta.save_destroying(&sr.dir, id)?;
         tracing::info!(sr = %sr.sr, vdi = %id, hidden_parents_dropped = garbage.len() - 1, "destroyed a VDI");
         delete_files(sr, &garbage);
-        crate::meta::ensure_reserve(&sr.dir);
+        if let Err(e) = state::remove_durably(&state::tombstone_path(&vhd_path(&sr.dir, id))) {
+            // Empty already; the next attach removes it.
+            tracing::warn!(sr = %sr.sr, vdi = %id, error = %e, "could not remove a destroyed VDI's tombstone");
+        }
+        state::ensure_reserve(&sr.dir);
         Ok(())
     }
 

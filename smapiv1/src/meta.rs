@@ -51,41 +51,6 @@ use crate::errors;
 /// The SR's metadata record, in the SR's folder. It starts with `.`, which no VDI id may
 /// (`safe_component`), so no id can name it.
 pub const META_FILE: &str = ".sxm-ext.json";
-/// Space kept aside in the SR's folder so that the record can still be rewritten when the
-/// file system is full (a copy that ran out of space, say): without it, not even the VDI
-/// that filled it could be destroyed. Starts with `.`, so no VDI id can name it.
-pub const RESERVE_FILE: &str = ".sxm-reserve";
-/// The reserve's size: many times the largest record.
-const RESERVE_BYTES: u64 = 1 << 20;
-
-/// Makes sure the reserve exists (best effort: a full file system simply has none for now).
-pub fn ensure_reserve(dir: &Path) {
-    let path = dir.join(RESERVE_FILE);
-    if std::fs::metadata(&path).is_ok_and(|m| m.len() == RESERVE_BYTES) {
-        return;
-    }
-    let made = std::fs::File::create(&path).and_then(|f| {
-        // Real blocks, not a sparse file: the point is to hold the space.
-        use std::io::Write;
-        let mut f = std::io::BufWriter::new(f);
-        let zeros = vec![0u8; 64 << 10];
-        for _ in 0..(RESERVE_BYTES / zeros.len() as u64) {
-            f.write_all(&zeros)?;
-        }
-        f.flush()?;
-        f.get_ref().sync_all()
-    });
-    if let Err(e) = made {
-        let _ = std::fs::remove_file(&path);
-        tracing::warn!(dir = %dir.display(), error = %e, "no room for the SR's reserve");
-    }
-}
-
-/// Gives the reserve's space back to the file system. True if there was one.
-fn release_reserve(dir: &Path) -> bool {
-    std::fs::remove_file(dir.join(RESERVE_FILE)).is_ok()
-}
-
 /// A VHD file's suffix.
 pub const VHD_SUFFIX: &str = ".vhd";
 const VERSION: u32 = 1;
@@ -210,9 +175,24 @@ impl SrMeta {
         })
     }
 
-    /// Replaces the SR's record, atomically and durably.
+    /// Replaces the SR's record, atomically and durably. A full file system must not stop a
+    /// VDI from being destroyed (which is how space is freed): the SR's reserve
+    /// ([`state::ensure_reserve`]) gives the record room to be rewritten once.
     pub fn save(&self, dir: &Path) -> StorageResult<()> {
-        let record = Record {
+        state::write_json_reserved(&Self::path(dir), &self.record()).map_err(|e| errors::io("writing the SR's metadata", &e))
+    }
+
+    /// [`save`](Self::save) for the destroy of leaf node `doomed`, which the record no longer
+    /// names: with the reserve spent, the doomed file is buried to make room
+    /// ([`state::write_json_freeing`]), and [`recover`](crate::recover) finishes a destroy
+    /// cut after that.
+    pub fn save_destroying(&self, dir: &Path, doomed: &str) -> StorageResult<()> {
+        state::write_json_freeing(&Self::path(dir), &self.record(), &vhd_path(dir, doomed))
+            .map_err(|e| errors::io("writing the SR's metadata", &e))
+    }
+
+    fn record(&self) -> Record {
+        Record {
             version: VERSION,
             nodes: self
                 .nodes
@@ -222,16 +202,6 @@ impl SrMeta {
                     (id.clone(), NodeRecord { parent: n.parent.clone(), vdi })
                 })
                 .collect(),
-        };
-        match state::write_json(&Self::path(dir), &record) {
-            Ok(()) => Ok(()),
-            // A full file system must not stop a VDI from being destroyed (which is how space
-            // is freed): the reserve gives the record room to be rewritten once.
-            Err(e) if e.kind() == std::io::ErrorKind::StorageFull && release_reserve(dir) => {
-                tracing::warn!(dir = %dir.display(), "the SR's file system is full: its reserve was released to write the record");
-                state::write_json(&Self::path(dir), &record).map_err(|e| errors::io("writing the SR's metadata", &e))
-            }
-            Err(e) => Err(errors::io("writing the SR's metadata", &e)),
         }
     }
 

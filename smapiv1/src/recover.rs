@@ -26,6 +26,12 @@
 //!   compose's own last step;
 //! - hidden nodes nobody depends on, and orphan files, are deleted (metadata first).
 //!
+//! A fourth leftover comes from the one destroy that deletes data before the record stops naming
+//! it (a full file system, [`SrMeta::save_destroying`]): a tombstone, `.<id>.vhd.destroyed`, where
+//! node `id`'s file was. The destroy had committed by renaming the file there, so recovery
+//! finishes it: the node leaves the record (its unused hidden parents with it) and the tombstone
+//! goes.
+//!
 //! Deleting is the one dangerous step, so it is skipped entirely (and said so) when any node's
 //! file cannot be read: its real parent could then be an orphan we would otherwise delete.
 
@@ -58,6 +64,8 @@ pub struct Recovery {
     pub deleted: Vec<String>,
     /// Nodes whose file could not be read (deleting was skipped).
     pub unreadable: Vec<String>,
+    /// Destroys finished from their tombstone.
+    pub destroyed: Vec<String>,
 }
 
 /// The node id of each `<uuid>.vhd` file in `dir`.
@@ -112,6 +120,13 @@ pub fn recover(sr: &str, dir: &Path) -> StorageResult<Recovery> {
         ));
     };
     let before = meta.clone();
+    let tombstones = tombstones(dir)?;
+    for id in &tombstones {
+        if meta.nodes.remove(id).is_some() {
+            tracing::warn!(sr, node = %id, "finishing a destroy that emptied its file before its record was written");
+            r.destroyed.push(id.clone());
+        }
+    }
 
     // The files' tree, adopting parents the metadata does not know.
     let mut work: Vec<String> = meta.nodes.keys().cloned().collect();
@@ -195,7 +210,16 @@ pub fn recover(sr: &str, dir: &Path) -> StorageResult<Recovery> {
             r.deleted.push(id);
         }
     }
+    for id in tombstones {
+        state::remove_durably(&state::tombstone_path(&vhd_path(dir, &id))).map_err(|e| errors::io("removing a destroyed node's tombstone", &e))?;
+    }
     Ok(r)
+}
+
+/// The nodes whose files were buried (`state::bury`) and whose tombstones are still there.
+fn tombstones(dir: &Path) -> StorageResult<Vec<String>> {
+    let names = state::buried(dir).map_err(|e| errors::io(format!("listing {}", dir.display()), &e))?;
+    Ok(names.iter().filter_map(|n| n.strip_suffix(VHD_SUFFIX)).filter(|id| is_node_id(id)).map(str::to_owned).collect())
 }
 
 /// Removes the temporaries of atomic writes and of interrupted snapshots.

@@ -1,8 +1,8 @@
 //! Test plumbing shared by tapmirror's integration tests, the storage backends' tests and the
 //! workspace's end-to-end tests: running peer commands with a deadline, a child process killed
 //! on drop, deterministic data, the `tapmirror` program for crates that only link the library
-//! ([`tapmirror_exe`]), reaping the datapaths a failed test leaves ([`reap_datapaths`]), and a
-//! guest of our own that writes unaligned runs over NBD and keeps the model of what the disk
+//! ([`tapmirror_exe`]), reaping the datapaths a failed test leaves ([`reap_datapaths`]), a tmpfs
+//! to fill ([`Tmpfs`]), and a guest of our own that writes unaligned runs over NBD and keeps the model of what the disk
 //! must hold. Not part of the data path; public so that tests in other crates of the workspace
 //! use the same plumbing rather than a copy of it.
 //!
@@ -56,6 +56,40 @@ pub fn tapmirror_exe() -> PathBuf {
         exe
     })
     .clone()
+}
+
+/// A tmpfs of a given size mounted for a test, so that it can be filled (out-of-space paths);
+/// unmounted when dropped, also when the test fails.
+pub struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` (`6m`, say) at `at`, creating the folder; `None` where that
+    /// cannot be done (not root).
+    pub fn mount(at: &Path, size: &str) -> Option<Tmpfs> {
+        std::fs::create_dir_all(at).ok()?;
+        let opts = format!("size={size}");
+        let ok = Command::new("mount").args(["-t", "tmpfs", "-o", &opts, "tmpfs"]).arg(at).status().is_ok_and(|s| s.success());
+        ok.then(|| Tmpfs(at.to_owned()))
+    }
+
+    /// Gives the file system a new size.
+    pub fn resize(&self, size: &str) {
+        run(Command::new("mount").args(["-o", &format!("remount,size={size}")]).arg(&self.0));
+    }
+}
+
+/// Whether the file system holding `dir` is full: a small write into it finds no room.
+pub fn no_room_in(dir: &Path) -> bool {
+    let probe = dir.join(".no-room-probe");
+    let r = std::fs::write(&probe, vec![1u8; 8192]);
+    let _ = std::fs::remove_file(&probe);
+    r.is_err_and(|e| e.kind() == std::io::ErrorKind::StorageFull)
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
 }
 
 /// Kills whatever `tapmirror serve` serves a folder of `run_dir` (see

@@ -174,3 +174,41 @@ fn a_corrupt_vhd_is_reported_for_its_vdi_and_loses_nothing_else() {
     vhd_check(&sr.vhd(&good.vdi)).expect("the good VDI is sound");
     assert!(vhd_check(&sr.vhd(&bad.vdi)).is_err());
 }
+
+/// A destroy on a full SR buries the VDI's file (renamed to its tombstone, emptied) before the
+/// record stops naming it. Cut there, the destroy has committed: attach finishes it, drops the
+/// hidden parents only it needed, and keeps what the other VDIs read.
+#[test]
+fn a_destroy_cut_after_burying_its_file_is_finished_at_attach() {
+    require!("qemu-io");
+    let sr = TestSr::new();
+    let v = sr.create("v", 4 * MIB);
+    qemu_write(&sr.vhd(&v.vdi), 0, 0x55, 65536);
+    let s = sr.backend.vdi_snapshot(&sr.ctx, &v).expect("snapshot");
+    let snap_data = sr.read_all(&s.vdi);
+    let lone = sr.create("lone", 2 * MIB);
+    let lone_base = sr.backend.vdi_snapshot(&sr.ctx, &lone).expect("snapshot of lone");
+    sr.backend.vdi_destroy(&sr.ctx, &lone_base.vdi).expect("destroy lone's snapshot");
+    let hidden: Vec<String> = sr.files().into_iter().filter(|f| ![&v.vdi, &s.vdi, &lone.vdi].contains(&f)).collect();
+    assert_eq!(hidden.len(), 2, "one hidden base each for v and lone: {hidden:?}");
+    // Crash: v's and lone's files are buried, the record still names both.
+    for id in [&v.vdi, &lone.vdi] {
+        sxm_engine::state::bury(&sr.vhd(id)).expect("bury");
+    }
+    // And a tombstone whose destroy had written its record (cut before the tombstone went).
+    let done = new_id();
+    fs::write(sr.ctx.dir.join(format!(".{done}.vhd{}", sxm_engine::state::TOMBSTONE_SUFFIX)), b"").expect("stale tombstone");
+
+    let r = recover(&sr.ctx.sr, &sr.ctx.dir).expect("recover");
+    let mut destroyed = vec![v.vdi.clone(), lone.vdi.clone()];
+    destroyed.sort();
+    assert_eq!(r.destroyed, destroyed);
+    assert!(r.unreadable.is_empty(), "{:?}", r.unreadable);
+    assert_eq!(r.deleted.len(), 1, "lone's hidden base goes, v's stays under the snapshot: {:?}", r.deleted);
+    assert_eq!(sr.scan_ids(), vec![s.vdi.clone()]);
+    assert_eq!(sr.files().len(), 2, "the snapshot and its base");
+    assert!(sr.read_all(&s.vdi) == snap_data, "the snapshot's content changed");
+    let left: Vec<String> = fs::read_dir(&sr.ctx.dir).expect("list").filter_map(|e| Some(e.ok()?.file_name().to_string_lossy().into_owned())).collect();
+    assert!(!left.iter().any(|n| n.ends_with(sxm_engine::state::TOMBSTONE_SUFFIX)), "tombstones left: {left:?}");
+    assert_eq!(recover(&sr.ctx.sr, &sr.ctx.dir).expect("recover"), Default::default());
+}

@@ -302,3 +302,35 @@ fn every_update_is_persisted() {
     }
     assert_eq!(sr.backend.vdi_stat(&sr.ctx, &v.vdi).expect("stat"), got, "refused updates change nothing");
 }
+
+/// A copy that fills the SR after an earlier save released the reserve leaves no room for the
+/// record: the destroy that undoes it must still go through, or the space is never freed.
+#[test]
+fn a_full_sr_whose_reserve_is_spent_still_destroys_the_vdi_that_filled_it() {
+    require!("qemu-io");
+    let Some(sr) = TestSr::on_tmpfs("4m") else {
+        eprintln!("skipping: cannot mount a tmpfs here (needs root)");
+        return;
+    };
+    let keep = sr.create("keep", 2 * MIB);
+    let v = sr.create("filler", 16 * MIB);
+    let reserve = sr.ctx.dir.join(sxm_engine::state::RESERVE_FILE);
+    std::fs::remove_file(&reserve).expect("spend the reserve");
+    let filled = crate::harness::try_run(
+        std::process::Command::new("qemu-io").args(["-f", "vpc", "-c", "write -P 7 0 8M"]).arg(sr.vhd(&v.vdi)),
+    );
+    assert!(filled.is_err(), "8 MiB fit in a 4 MiB file system?");
+    assert!(tapmirror::testkit::no_room_in(&sr.ctx.dir), "the SR is not full");
+
+    sr.backend.vdi_destroy(&sr.ctx, &v.vdi).expect("VDI.destroy on a full SR");
+    assert_eq!(sr.files(), vec![keep.vdi.clone()]);
+    assert_eq!(sr.scan_ids(), vec![keep.vdi.clone()]);
+    let left: Vec<String> =
+        std::fs::read_dir(&sr.ctx.dir).expect("list").filter_map(|e| Some(e.ok()?.file_name().to_string_lossy().into_owned())).collect();
+    assert!(!left.iter().any(|n| n.ends_with(sxm_engine::state::TOMBSTONE_SUFFIX)), "a tombstone was left: {left:?}");
+    assert_eq!(std::fs::metadata(&reserve).map(|m| m.len()).ok(), Some(1 << 20), "the reserve is not remade");
+    // The record was written whole: a new backend reads the same SR.
+    let mut sr = sr;
+    sr.restart();
+    assert_eq!(sr.backend.vdi_stat(&sr.ctx, &keep.vdi).expect("stat"), keep);
+}
