@@ -34,11 +34,11 @@
 
 //! # Status
 //!
-//! Done and tested (tests/it): the VDI calls, records, recovery at `SR.attach`, datapaths
-//! (attach, activate, live snapshot, re-adoption after a restart). Implemented but not yet
-//! tested here: the migration primitives (serve NBD, mirror attach Sync/Full, status, detach,
-//! drain, copy_into). `copy_into` with a base sends the whole chain (no qcow2 diff map yet).
-//! No space reserve for the record on a full file system (the `ext` SR has one).
+//! Tested here (tests/it): the VDI calls, records, recovery at `SR.attach`, datapaths (attach,
+//! activate, live snapshot, re-adoption after a restart). The migration primitives (serve NBD,
+//! mirror attach sync and full, status, detach, drain, `copy_into`, the undo) are tested
+//! through whole migrations between two hosts, in every pairing with `ext`, in the workspace's
+//! `tests/host/migrate.rs`.
 
 mod copy;
 mod datapath;

@@ -141,9 +141,24 @@ impl SrMeta {
         Self::load(dir)?.ok_or_else(|| errors::failure("metadata", format!("{} is missing: the SR was not created", Self::path(dir).display())))
     }
 
-    /// Replaces the SR's record, atomically and durably.
+    /// Replaces the SR's record, atomically and durably. A full file system must not stop a
+    /// VDI from being destroyed (which is how space is freed): the SR's reserve
+    /// ([`state::ensure_reserve`]) gives the record room to be rewritten once.
     pub fn save(&self, dir: &Path) -> StorageResult<()> {
-        let record = Record {
+        state::write_json_reserved(&Self::path(dir), &self.record()).map_err(|e| errors::io("writing the SR's metadata", &e))
+    }
+
+    /// [`save`](Self::save) for the destroy of leaf node `doomed`, which the record no longer
+    /// names: with the reserve spent, the doomed volume is buried to make room
+    /// ([`state::write_json_freeing`]), and [`recover`](crate::recover) finishes a destroy
+    /// cut after that.
+    pub fn save_destroying(&self, dir: &Path, doomed: &str) -> StorageResult<()> {
+        state::write_json_freeing(&Self::path(dir), &self.record(), &volume_path(dir, doomed))
+            .map_err(|e| errors::io("writing the SR's metadata", &e))
+    }
+
+    fn record(&self) -> Record {
+        Record {
             version: VERSION,
             nodes: self
                 .nodes
@@ -153,8 +168,7 @@ impl SrMeta {
                     (id.clone(), NodeRecord { parent: n.parent.clone(), vdi })
                 })
                 .collect(),
-        };
-        state::write_json(&Self::path(dir), &record).map_err(|e| errors::io("writing the SR's metadata", &e))
+        }
     }
 
     /// The record of visible VDI `id`; `Vdi_does_not_exist` for anything else.

@@ -267,6 +267,7 @@ impl Backend for Qcow2Backend {
             return Err(errors::failure("invalid", format!("{} already holds an SR", sr.dir.display())));
         }
         SrMeta::default().save(&sr.dir)?;
+        state::ensure_reserve(&sr.dir);
         tracing::info!(sr = %sr.sr, name_label, dir = %sr.dir.display(), "created a qcow2 SR");
         Ok(sr.device_config.clone())
     }
@@ -274,6 +275,7 @@ impl Backend for Qcow2Backend {
     fn sr_attach(&self, sr: &SrContext, datapaths: &[AttachedVdi]) -> StorageResult<()> {
         let r = recover::recover(&sr.sr, &sr.dir)?;
         tracing::info!(sr = %sr.sr, recovery = ?r, "attached a qcow2 SR");
+        state::ensure_reserve(&sr.dir);
         let meta = SrMeta::load_existing(&sr.dir)?;
         self.datapaths.recover(
             group(sr),
@@ -302,7 +304,8 @@ impl Backend for Qcow2Backend {
         for id in recover::volume_files(&sr.dir)? {
             state::remove_durably(&volume_path(&sr.dir, &id)).map_err(|e| errors::io("destroying the SR", &e))?;
         }
-        state::remove_durably(&SrMeta::path(&sr.dir)).map_err(|e| errors::io("destroying the SR", &e))
+        state::remove_durably(&SrMeta::path(&sr.dir)).map_err(|e| errors::io("destroying the SR", &e))?;
+        state::remove_durably(&sr.dir.join(state::RESERVE_FILE)).map_err(|e| errors::io("destroying the SR", &e))
     }
 
     fn sr_scan(&self, sr: &SrContext) -> StorageResult<Vec<VdiInfo>> {
@@ -360,9 +363,14 @@ impl Backend for Qcow2Backend {
         let parent = meta.nodes.remove(id).and_then(|n| n.parent);
         let mut garbage = vec![id.to_owned()];
         garbage.extend(meta.drop_unused_hidden(parent));
-        meta.save(&sr.dir)?;
+        meta.save_destroying(&sr.dir, id)?;
         tracing::info!(sr = %sr.sr, vdi = %id, dropped = garbage.len() - 1, "destroyed a VDI");
         delete_files(sr, &garbage);
+        if let Err(e) = state::remove_durably(&state::tombstone_path(&volume_path(&sr.dir, id))) {
+            // Empty already; the next attach removes it.
+            tracing::warn!(sr = %sr.sr, vdi = %id, error = %e, "could not remove a destroyed VDI's tombstone");
+        }
+        state::ensure_reserve(&sr.dir);
         Ok(())
     }
 

@@ -5,7 +5,10 @@
 //!   record does not (a snapshot or clone that renamed its overlay into place, then crashed
 //!   before the record was saved; a compose that rewrote the header) gets that parent, and a
 //!   volume only a header names is adopted as a hidden base;
-//! - volume files neither the record nor any header names are orphans, deleted.
+//! - volume files neither the record nor any header names are orphans, deleted;
+//! - a tombstone (`.<id>.qcow2.destroyed`) is a destroy that emptied its volume to make room
+//!   on a full file system before its record was written ([`SrMeta::save_destroying`]): it had
+//!   committed, so the node leaves the record, and the tombstone goes.
 
 use std::path::Path;
 
@@ -28,6 +31,8 @@ pub struct Recovery {
     pub adopted: Vec<String>,
     /// Orphan volumes deleted.
     pub orphans: Vec<String>,
+    /// Destroys finished from their tombstone.
+    pub destroyed: Vec<String>,
 }
 
 /// The volume ids present in `dir`, sorted.
@@ -60,6 +65,15 @@ pub fn recover(sr: &str, dir: &Path) -> StorageResult<Recovery> {
     }
     let files = volume_files(dir)?;
     let mut changed = false;
+    // A destroy that buried its volume on a full file system had committed: finish it.
+    let buried = tombstones(dir)?;
+    for id in &buried {
+        if meta.nodes.remove(id).is_some() {
+            tracing::warn!(sr, node = %id, "finishing a destroy that emptied its volume before its record was written");
+            r.destroyed.push(id.clone());
+            changed = true;
+        }
+    }
     let mut todo: Vec<String> = meta.nodes.keys().cloned().collect();
     while let Some(id) = todo.pop() {
         if !files.contains(&id) {
@@ -104,5 +118,14 @@ pub fn recover(sr: &str, dir: &Path) -> StorageResult<Recovery> {
         state::remove_durably(&volume_path(dir, id)).map_err(|e| errors::io(format!("removing orphan volume {id}"), &e))?;
         r.orphans.push(id.clone());
     }
+    for id in buried {
+        state::remove_durably(&state::tombstone_path(&volume_path(dir, &id))).map_err(|e| errors::io("removing a destroyed volume's tombstone", &e))?;
+    }
     Ok(r)
+}
+
+/// The nodes whose volumes were buried (`state::bury`) and whose tombstones are still there.
+fn tombstones(dir: &Path) -> StorageResult<Vec<String>> {
+    let names = state::buried(dir).map_err(|e| errors::io(format!("listing {}", dir.display()), &e))?;
+    Ok(names.iter().filter_map(|n| n.strip_suffix(SUFFIX)).filter(|id| is_node_id(id)).map(str::to_owned).collect())
 }

@@ -16,6 +16,9 @@ const PAIRINGS: [(&str, &str); 4] = [("ext", "ext"), ("ext", "qcow2"), ("qcow2",
 
 /// Two hosts, an `ext` SR on each.
 struct Pair {
+    /// The destination's SR folder's own small file system, for the out-of-space tests. First:
+    /// fields drop in order, and it must be unmounted before the folders are removed.
+    small: Option<Tmpfs>,
     _dir: tempfile::TempDir,
     src: Host,
     dst: Host,
@@ -78,7 +81,20 @@ impl Pair {
         let dst = Host::start_env_on(&dir.path().join("b"), &format!("127.0.0.1:{port}"), &[("SXM_FAULTS", dst_faults)]);
         let src_sr = src.cli(&["sr", "create", "--type", src_type, "--name", "source"]);
         let dst_sr = dst.cli(&["sr", "create", "--type", dst_type, "--name", "destination"]);
-        Pair { _dir: dir, src, dst, src_sr, dst_sr }
+        Pair { small: None, _dir: dir, src, dst, src_sr, dst_sr }
+    }
+
+    /// A pair whose destination keeps its SRs on a 6 MiB file system, with an SR of type
+    /// `dst_type` there; `None` where no tmpfs can be mounted (not root).
+    fn small_destination(dst_type: &str) -> Option<Pair> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let small = Tmpfs::mount(&dir.path().join("b").join("sr"), "6m")?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("port").port();
+        let src = Host::start(&dir.path().join("a"));
+        let dst = Host::start_on(&dir.path().join("b"), &format!("127.0.0.1:{port}"));
+        let src_sr = src.cli(&["sr", "create", "--name", "source"]);
+        let dst_sr = dst.cli(&["sr", "create", "--type", dst_type, "--name", "small"]);
+        Some(Pair { small: Some(small), _dir: dir, src, dst, src_sr, dst_sr })
     }
 
     fn state(&self) -> (HostState, HostState) {
@@ -455,60 +471,33 @@ fn fio_verifies_on_the_destination_what_it_wrote_on_the_source_during_the_migrat
     }
 }
 
-/// A tmpfs mounted for a test, unmounted when dropped (also when the test fails).
-struct Tmpfs(std::path::PathBuf);
-
-impl Tmpfs {
-    fn mount(at: &std::path::Path, size: &str) -> Option<Tmpfs> {
-        std::fs::create_dir_all(at).expect("mount point");
-        let ok = Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(at).status().is_ok_and(|s| s.success());
-        ok.then(|| Tmpfs(at.to_owned()))
-    }
-
-    fn resize(&self, size: &str) {
-        run(Command::new("mount").args(["-o", &format!("remount,size={size}")]).arg(&self.0));
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
 #[test]
 fn a_destination_out_of_space_fails_the_copy_and_leaves_both_hosts_as_they_were() {
     require!("nbdcopy");
-    let dir = tempfile::tempdir().expect("tempdir");
-    // The destination's SRs live on a 6 MiB file system; the VDI holds 12 MiB of data.
-    let Some(small) = Tmpfs::mount(&dir.path().join("b").join("sr"), "6m") else {
-        eprintln!("skipping: cannot mount a tmpfs here (needs root)");
-        return;
-    };
-    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("port").port();
-    let src = Host::start(&dir.path().join("a"));
-    let dst = Host::start_on(&dir.path().join("b"), &format!("127.0.0.1:{port}"));
-    let src_sr = src.cli(&["sr", "create", "--name", "source"]);
-    let dst_sr = dst.cli(&["sr", "create", "--name", "small"]);
-    let p = Pair { _dir: dir, src, dst, src_sr, dst_sr };
-    let seed = pattern((12 * MIB) as usize, 20);
-    let (vdi, uri) = p.guest_disk(&seed);
-    let before = p.state();
-    let guest = Guest::start(uri.clone(), 12 * MIB, 21);
-    let out = p.src.cli_raw(&["mirror", "start", "--sr", &p.src_sr, "--vdi", &vdi, "--dest", &p.dest_url(), "--dest-sr", &p.dst_sr, "--wait"]);
-    assert!(!out.status.success(), "the copy fit in 6 MiB?");
-    let tag = task_error(&p.src, &last_task(&p.src));
-    assert!(tag == "Migration_mirror_copy_failure" || tag == "Migration_preparation_failure", "{tag}");
-    settle(&p, &before, "both hosts back as they were");
-    let (model, _) = guest.stop();
-    assert_matches_guest(&p.export_live(&uri), &model, &seed, "the source after the failed migration");
-    // With room, the same migration goes through.
-    small.resize("64m");
-    let id = p.start_mirror(&vdi);
-    let dest_vdi = p.src.call("DATA.MIRROR.stat", json!({"id": id, "dbg": "t"}))["dest_vdi"].as_str().expect("dest").to_owned();
-    p.src.cli(&["vdi", "detach", "--sr", &p.src_sr, "--vdi", &vdi]);
-    assert_matches_guest(&p.export(&p.dst, &p.dst_sr, &dest_vdi), &model, &seed, "the destination after the retry");
-    drop(p);
+    for dst_type in ["ext", "qcow2"] {
+        // The destination's SR has 6 MiB; the VDI holds 12 MiB of data.
+        let Some(p) = Pair::small_destination(dst_type) else {
+            eprintln!("skipping: cannot mount a tmpfs here (needs root)");
+            return;
+        };
+        let seed = pattern((12 * MIB) as usize, 20);
+        let (vdi, uri) = p.guest_disk(&seed);
+        let before = p.state();
+        let guest = Guest::start(uri.clone(), 12 * MIB, 21);
+        let out = p.src.cli_raw(&["mirror", "start", "--sr", &p.src_sr, "--vdi", &vdi, "--dest", &p.dest_url(), "--dest-sr", &p.dst_sr, "--wait"]);
+        assert!(!out.status.success(), "the copy fit in 6 MiB of a {dst_type} SR?");
+        let tag = task_error(&p.src, &last_task(&p.src));
+        assert!(tag == "Migration_mirror_copy_failure" || tag == "Migration_preparation_failure", "{dst_type}: {tag}");
+        settle(&p, &before, &format!("both hosts back as they were ({dst_type})"));
+        let (model, _) = guest.stop();
+        assert_matches_guest(&p.export_live(&uri), &model, &seed, "the source after the failed migration");
+        // With room, the same migration goes through.
+        p.small.as_ref().expect("the small file system").resize("64m");
+        let id = p.start_mirror(&vdi);
+        let dest_vdi = p.src.call("DATA.MIRROR.stat", json!({"id": id, "dbg": "t"}))["dest_vdi"].as_str().expect("dest").to_owned();
+        p.src.cli(&["vdi", "detach", "--sr", &p.src_sr, "--vdi", &vdi]);
+        assert_matches_guest(&p.export(&p.dst, &p.dst_sr, &dest_vdi), &model, &seed, "the destination after the retry");
+    }
 }
 
 #[test]
@@ -899,17 +888,10 @@ fn verify_catches_a_destination_block_changed_behind_sxms_back() {
 
 #[test]
 fn a_preflight_that_must_refuse_refuses_and_makes_nothing() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let Some(_small) = Tmpfs::mount(&dir.path().join("b").join("sr"), "6m") else {
+    let Some(p) = Pair::small_destination("ext") else {
         eprintln!("skipping: cannot mount a tmpfs here (needs root)");
         return;
     };
-    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("port").port();
-    let src = Host::start(&dir.path().join("a"));
-    let dst = Host::start_on(&dir.path().join("b"), &format!("127.0.0.1:{port}"));
-    let src_sr = src.cli(&["sr", "create", "--name", "source"]);
-    let dst_sr = dst.cli(&["sr", "create", "--name", "small"]);
-    let p = Pair { _dir: dir, src, dst, src_sr, dst_sr };
     let url = p.dest_url();
     let (vdis, _uris, _seeds) = vm(&p, 2, 8 * MIB);
     let before = p.state();

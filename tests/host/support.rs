@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-pub use tapmirror::testkit::{Guest, Proc, assert_matches_guest, pattern, require_tool, run};
+pub use tapmirror::testkit::{Guest, Proc, Tmpfs, assert_matches_guest, pattern, require_tool, run};
 
 /// Skips the calling test unless every tool is installed (a failure under CI).
 #[macro_export]

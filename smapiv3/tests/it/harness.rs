@@ -11,7 +11,7 @@ use sxm_engine::rpc::marshal::Map;
 use sxm_smapiv3::Qcow2Backend;
 
 pub use tapmirror::testkit::tapmirror_exe as tapmirror;
-pub use tapmirror::testkit::{run, try_run};
+pub use tapmirror::testkit::{Tmpfs, run, try_run};
 
 /// An SR in a temporary folder, created, with its backend.
 pub struct TestSr {
@@ -19,6 +19,9 @@ pub struct TestSr {
     pub ctx: SrContext,
     /// The backend.
     pub backend: Qcow2Backend,
+    /// The SR folder's own file system, if the test asked for one. Before `_tmp`: fields
+    /// drop in order, and it must be unmounted before the folder is removed.
+    _tmpfs: Option<Tmpfs>,
     /// Holds the folder.
     pub _tmp: tempfile::TempDir,
 }
@@ -34,20 +37,35 @@ impl Drop for TestSr {
 impl TestSr {
     /// A new, created and attached SR.
     pub fn new() -> TestSr {
+        Self::in_folder(None).expect("an SR in a plain folder")
+    }
+
+    /// A new SR on a tmpfs of `size` (`4m`, say), so that it can be filled; `None` where no
+    /// tmpfs can be mounted (not root).
+    pub fn on_tmpfs(size: &str) -> Option<TestSr> {
+        Self::in_folder(Some(size))
+    }
+
+    fn in_folder(tmpfs: Option<&str>) -> Option<TestSr> {
         // Under /tmp, so socket paths stay short.
         let tmp = tempfile::Builder::new().prefix("sxm-v3-").tempdir_in("/tmp").expect("tempdir");
         let dir = tmp.path().join("sr");
         let run_dir = tmp.path().join("run");
         std::fs::create_dir(&dir).expect("SR folder");
         std::fs::create_dir(&run_dir).expect("run folder");
+        let tmpfs = match tmpfs {
+            Some(size) => Some(Tmpfs::mount(&dir, size)?),
+            None => None,
+        };
         let mut device_config = Map::new();
         device_config.insert("path".to_owned(), dir.display().to_string());
         let ctx = SrContext { sr: uuid::Uuid::new_v4().to_string(), dir, run_dir, device_config };
-        let backend = Qcow2Backend::new(tapmirror());
-        let dc = backend.sr_create(&ctx, "test SR", 0).expect("SR.create");
-        assert_eq!(dc, ctx.device_config);
-        backend.sr_attach(&ctx, &[]).expect("SR.attach");
-        TestSr { ctx, backend, _tmp: tmp }
+        // Built before the calls, so that a failing one still unmounts the tmpfs.
+        let sr = TestSr { ctx, backend: Qcow2Backend::new(tapmirror()), _tmpfs: tmpfs, _tmp: tmp };
+        let dc = sr.backend.sr_create(&sr.ctx, "test SR", 0).expect("SR.create");
+        assert_eq!(dc, sr.ctx.device_config);
+        sr.backend.sr_attach(&sr.ctx, &[]).expect("SR.attach");
+        Some(sr)
     }
 
     /// A fresh backend instance on the same SR (as after a restart of the daemon); the old

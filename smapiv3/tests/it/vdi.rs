@@ -228,3 +228,67 @@ fn attach_recovers_temporaries_orphans_and_an_unrecorded_snapshot() {
     sr.backend.vdi_destroy(&sr.ctx, &v.vdi).expect("destroy");
     assert!(sr.files().is_empty(), "the adopted hidden base goes with its last VDI");
 }
+
+/// A copy that fills the SR leaves no room for the record: the destroy that undoes it must still
+/// go through, first on the reserve, then (the reserve spent) by burying the volume it destroys.
+#[test]
+fn a_full_sr_still_destroys_the_vdis_that_filled_it() {
+    require!("qemu-io");
+    let Some(sr) = TestSr::on_tmpfs("4m") else {
+        eprintln!("skipping: cannot mount a tmpfs here (needs root)");
+        return;
+    };
+    let reserve = sr.ctx.dir.join(sxm_engine::state::RESERVE_FILE);
+    assert_eq!(std::fs::metadata(&reserve).map(|m| m.len()).ok(), Some(1 << 20), "no reserve");
+    let keep = sr.create("keep", MIB);
+    let fill = |v: &VdiInfo| {
+        let filled = crate::harness::try_run(
+            std::process::Command::new("qemu-io").args(["-f", "qcow2", "-c", "write -P 7 0 8M"]).arg(sr.vol(&v.vdi)),
+        );
+        assert!(filled.is_err(), "8 MiB fit in a 4 MiB file system?");
+        assert!(tapmirror::testkit::no_room_in(&sr.ctx.dir), "the SR is not full");
+    };
+    let list = || -> Vec<String> {
+        let mut v: Vec<String> =
+            std::fs::read_dir(&sr.ctx.dir).expect("list").filter_map(|e| Some(e.ok()?.file_name().to_string_lossy().into_owned())).collect();
+        v.sort();
+        v
+    };
+    // The reserve is there: the record is written on it.
+    let v = sr.create("filler", 16 * MIB);
+    fill(&v);
+    sr.backend.vdi_destroy(&sr.ctx, &v.vdi).expect("VDI.destroy on a full SR");
+    assert_eq!(sr.files(), vec![keep.vdi.clone()]);
+    assert!(reserve.exists(), "the reserve is not remade once there is room");
+    // The reserve spent (a copy ate it after an earlier write released it): the volume is buried.
+    let v = sr.create("filler 2", 16 * MIB);
+    std::fs::remove_file(&reserve).expect("spend the reserve");
+    fill(&v);
+    sr.backend.vdi_destroy(&sr.ctx, &v.vdi).expect("VDI.destroy on a full SR without its reserve");
+    assert_eq!(sr.files(), vec![keep.vdi.clone()]);
+    assert_eq!(sr.scan_ids(), vec![keep.vdi.clone()]);
+    assert!(!list().iter().any(|n| n.ends_with(sxm_engine::state::TOMBSTONE_SUFFIX)), "a tombstone was left: {:?}", list());
+    assert_eq!(std::fs::metadata(&reserve).map(|m| m.len()).ok(), Some(1 << 20), "the reserve is not remade");
+    let mut sr = sr;
+    sr.restart();
+    assert_eq!(sr.backend.vdi_stat(&sr.ctx, &keep.vdi).expect("stat").vdi, keep.vdi);
+}
+
+/// Cut after the burial, the destroy has committed: attach finishes it and keeps what the
+/// other VDIs read.
+#[test]
+fn a_destroy_cut_after_burying_its_volume_is_finished_at_attach() {
+    require!("qemu-img", "qemu-io");
+    let sr = TestSr::new();
+    let v = sr.create("v", MIB);
+    qemu_write(&sr.vol(&v.vdi), 0, 0x66, 4096);
+    let s = sr.backend.vdi_snapshot(&sr.ctx, &branch_info(&v, "s")).expect("snapshot");
+    let snap = sr.read_all(&s.vdi);
+    sxm_engine::state::bury(&sr.vol(&v.vdi)).expect("bury");
+    sr.backend.sr_attach(&sr.ctx, &[]).expect("attach");
+    assert_eq!(sr.scan_ids(), vec![s.vdi.clone()]);
+    assert_eq!(sr.files(), vec![s.vdi.clone()]);
+    assert!(sr.read_all(&s.vdi) == snap, "the snapshot's content changed");
+    assert!(!sr.ctx.dir.join(format!(".{}.qcow2{}", v.vdi, sxm_engine::state::TOMBSTONE_SUFFIX)).exists(), "the tombstone is left");
+    assert_eq!(sxm_smapiv3::recover::recover(&sr.ctx.sr, &sr.ctx.dir).expect("recover"), Default::default());
+}
