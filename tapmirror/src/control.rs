@@ -11,7 +11,7 @@
 //! | command | arguments | does |
 //! | --- | --- | --- |
 //! | `stats` | | counters, outstanding requests, mirror state and bytes left |
-//! | `pause` | | lets in-flight guest requests finish, holds new ones, and lets go of the image for writing (tap-ctl pause: the backend may now snapshot or compose it) |
+//! | `pause` | | lets in-flight guest requests finish, holds new ones, flushes the image (its file then holds every write) and lets go of it for writing (tap-ctl pause: the backend may now snapshot or compose it); a failed flush resumes and answers the error |
 //! | `unpause` | `leaf`: path (optional) | reopens the image (or the one at `leaf`) for writing and resumes |
 //! | `mirror-attach` | `mode` (sync, full), `timeout_ms`, `export`, `granularity`, `target_is_zero`, `rate` (full: bytes/s of the background pass, 0 for no cap), `busy_rate` (full: the same while the guest writes; default 64 MiB/s); one descriptor (full: optionally a second, for the background pass) | negotiates NBD on the descriptors and mirrors onto the target (full: and copies the disk in the background) |
 //! | `mirror-rate` | `bytes_per_s` (0: no cap), `busy` (bool: set the cap that applies while the guest writes) | caps a full mirror's background pass at that many data bytes per second, from its next request |
@@ -272,6 +272,12 @@ async fn execute<I: Image>(control: &Control<I>, request: &Value, mut fds: Vec<O
                 return err("already paused");
             }
             server.pause().await;
+            // The file must hold every write before the backend snapshots or composes it: a
+            // VHD's metadata may lag in memory until a flush. If that fails, nothing is paused.
+            if let Err(e) = server.image().flush().await {
+                server.unpause();
+                return err(format!("flushing the image before the pause: {e}"));
+            }
             // As tap-ctl pause does, let go of the image for writing, so the backend can
             // snapshot or compose it: hold a read-only instance (which takes no lock) while
             // paused. No request runs until unpause reopens it for writing.

@@ -593,6 +593,8 @@ fn crash_writer_child() {
                 .expect("open"),
         );
         let log = Arc::new(std::fs::OpenOptions::new().append(true).open(log).expect("log"));
+        // A flush covers this process's writes only: those of a killed one may be lost.
+        std::io::Write::write_all(&mut &*log, format!("b {first}\n").as_bytes()).expect("log");
         let mut k = first;
         while k < CRASH_WRITES {
             let mut tasks = Vec::new();
@@ -609,6 +611,9 @@ fn crash_writer_child() {
                 t.await.expect("join");
             }
             k += CRASH_INFLIGHT as u64;
+            // Every write before k is now durable: the guest's contract is flush.
+            img.flush().await.expect("flush");
+            std::io::Write::write_all(&mut &*log, format!("f {k}\n").as_bytes()).expect("log");
         }
     });
 }
@@ -668,14 +673,23 @@ fn a_writer_killed_at_random_moments_leaves_a_sound_image_with_old_or_new_sector
         let text = std::fs::read_to_string(&log).expect("log");
         let mut started = std::collections::BTreeSet::new();
         let mut done = std::collections::BTreeSet::new();
+        // Writes a completed flush covered: from its process's first write up to the flush.
+        let mut flushed = std::collections::BTreeSet::new();
+        let mut begun = 0u64;
         for line in text.lines() {
             match line.split_once(' ') {
-                Some(("s", k)) => started.insert(k.parse::<u64>().expect("k")),
-                Some(("d", k)) => done.insert(k.parse::<u64>().expect("k")),
-                _ => false,
+                Some(("s", k)) => {
+                    started.insert(k.parse::<u64>().expect("k"));
+                }
+                Some(("d", k)) => {
+                    done.insert(k.parse::<u64>().expect("k"));
+                }
+                Some(("b", k)) => begun = k.parse::<u64>().expect("k"),
+                Some(("f", k)) => flushed.extend(begun..k.parse::<u64>().expect("k")),
+                _ => {}
             };
         }
-        eprintln!("round {round}: {} writes started, {} completed", started.len(), done.len());
+        eprintln!("round {round}: {} writes started, {} completed, {} flushed", started.len(), done.len(), flushed.len());
         let report = check(&leaf).unwrap_or_else(|e| panic!("round {round} (seed {seed}): check failed: {e}"));
         assert!(report.warnings().is_empty(), "round {round}: {:?}", report.warnings());
         let got = rt.block_on(async { read_all(&open_ro(&leaf).await).await });
@@ -692,8 +706,8 @@ fn a_writer_killed_at_random_moments_leaves_a_sound_image_with_old_or_new_sector
                 let (a, b) = (s.max(off), (s + 512).min(end));
                 n[(a - s) as usize..(b - s) as usize].copy_from_slice(&data[(a - off) as usize..(b - off) as usize]);
                 let n = &n[..];
-                if done.contains(&k) {
-                    assert!(g == n, "round {round} (seed {seed}): write {k} completed but the sector at byte {s} is not new");
+                if done.contains(&k) && flushed.contains(&k) {
+                    assert!(g == n, "round {round} (seed {seed}): write {k} completed and flushed but the sector at byte {s} is not new");
                 } else if started.contains(&k) {
                     assert!(
                         g == o || g == n,

@@ -7,10 +7,11 @@
 //! metadata (allocate a block, set bitmap bits, or read-modify-write a partial sector whose bit
 //! is clear), so two writes into one block never lose each other's bitmap bits; writes whose
 //! sectors are all present already, and all reads, take no lock. Space at the end of the file is
-//! handed out under one more mutex, and BAT sectors are rewritten under another.
+//! handed out under one more mutex, and BAT sectors are rewritten (and sync points run) under
+//! another. With `CrashSafety::PowerLoss` the table in memory runs ahead of the file between
+//! sync points (`mod.rs`, "Sync points").
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use super::chain::{self, LeafMode};
@@ -28,19 +29,21 @@ const MAX_EXTENTS: usize = 4096;
 /// Zero buffer size for `write_zeroes`.
 const ZERO_CHUNK: u64 = 1 << 20;
 
-/// What a power loss may cost, chosen when opening for writing. Both protect against a process
-/// crash (SIGKILL) completely; they differ in whether the page cache may write back metadata
-/// before the data it describes.
+/// What a crash may cost, chosen when opening for writing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum CrashSafety {
-    /// An `fdatasync` barrier (shared by concurrent writers) between a block's data and bitmap
-    /// and the metadata that makes them visible: after a power loss every sector reads as its
-    /// old or its new content.
+    /// Metadata lags in memory until a sync point (a flush, a `Stable` write, closing): there
+    /// one `fdatasync` makes every written byte durable, then the bitmap sectors and BAT
+    /// entries that describe them are written. After a power loss or a process crash every
+    /// sector reads as its old or its new content, and everything written before a completed
+    /// flush is there; writes since the last flush may read as old, as with any disk's
+    /// volatile cache. A write into sectors not present yet costs no `fdatasync` of its own.
     #[default]
     PowerLoss,
-    /// No barrier: after a power loss, sectors written since the last flush may read as zeroes
-    /// (never as another sector's data or another file's); process crashes are as safe as
-    /// with `PowerLoss`. For scratch targets that a failed copy recreates anyway.
+    /// Metadata written at once, with no barrier: a process crash loses no completed write,
+    /// but after a power loss sectors written since the last flush may read as zeroes (never
+    /// as another sector's data or another file's). For scratch targets that a failed copy
+    /// recreates anyway.
     ProcessCrash,
 }
 
@@ -132,6 +135,13 @@ impl Live {
         }
     }
 
+    /// The bitmap sector(s) of `slot` as the file holds them: its bits, padded.
+    fn bitmap_bytes_of(&self, slot: &Slot) -> Vec<u8> {
+        let mut map = slot.bits.map(self.spb);
+        map.resize(self.bitmap_bytes as usize, 0);
+        map
+    }
+
     fn publish(&self, block: u64, slot: Slot) {
         let mut t = self.table.write().unwrap_or_else(|p| p.into_inner());
         t[block as usize] = slot;
@@ -194,28 +204,6 @@ pub(super) struct Seg {
     pub(super) src: Src,
 }
 
-/// Group commit for `fdatasync` barriers: a caller takes a ticket after its writes completed;
-/// one sync that started after the ticket covers it, so concurrent allocations share syncs.
-struct SyncGate {
-    lock: tokio::sync::Mutex<()>,
-    issued: AtomicU64,
-    done: AtomicU64,
-}
-
-impl SyncGate {
-    async fn barrier(&self, io: &FileIo) -> std::io::Result<()> {
-        let ticket = self.issued.fetch_add(1, Ordering::SeqCst) + 1;
-        let _g = self.lock.lock().await;
-        if self.done.load(Ordering::SeqCst) >= ticket {
-            return Ok(());
-        }
-        let upto = self.issued.load(Ordering::SeqCst);
-        io.sync_data().await?;
-        self.done.store(upto, Ordering::SeqCst);
-        Ok(())
-    }
-}
-
 /// The order of the writes an allocation made, recorded in tests.
 #[cfg(test)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -232,8 +220,11 @@ struct Writer {
     /// Where the next block goes (the end footer's offset).
     end: tokio::sync::Mutex<u64>,
     stripes: Vec<tokio::sync::Mutex<()>>,
-    bat_lock: tokio::sync::Mutex<()>,
-    gate: SyncGate,
+    /// The BAT as the file holds it. Its lock serialises every BAT write, and (`PowerLoss`)
+    /// the sync points.
+    bat_on_disk: tokio::sync::Mutex<Vec<u32>>,
+    /// `PowerLoss`: blocks whose bitmap or BAT entry in memory is ahead of the file.
+    lagging: std::sync::Mutex<std::collections::BTreeSet<u64>>,
     footer: Arc<IoBuf>,
     bat_offset: u64,
     #[cfg(test)]
@@ -241,6 +232,36 @@ struct Writer {
 }
 
 impl Writer {
+    fn lag(&self, block: u64) {
+        self.lagging.lock().unwrap_or_else(|p| p.into_inner()).insert(block);
+    }
+
+    /// The BAT sector holding block `block`'s entry, built from `bat` (which starts at file
+    /// offset `bat_offset`): its file offset and bytes.
+    fn bat_sector(bat_offset: u64, bat: &[u32], block: u64) -> (u64, Vec<u8>) {
+        let per = (SECTOR / 4) as usize;
+        let first = block as usize / per * per;
+        let mut sec = vec![0xFFu8; SECTOR as usize];
+        for i in first..(first + per).min(bat.len()) {
+            sec[(i - first) * 4..(i - first) * 4 + 4].copy_from_slice(&bat[i].to_be_bytes());
+        }
+        (bat_offset + (first as u64) * 4, sec)
+    }
+
+    /// Enters the taken blocks' sectors into `bat`; answers one block per BAT sector that
+    /// changed, to be rewritten.
+    fn enter(bat: &mut [u32], taken: &[(u64, Slot)]) -> Vec<u64> {
+        let per = SECTOR / 4;
+        let mut changed = std::collections::BTreeMap::new();
+        for (block, slot) in taken {
+            if bat[*block as usize] != slot.sector {
+                bat[*block as usize] = slot.sector;
+                changed.insert(block / per, *block);
+            }
+        }
+        changed.into_values().collect()
+    }
+
     #[cfg(test)]
     fn record(&self, s: Step) {
         self.trace.lock().unwrap_or_else(|p| p.into_inner()).push(s);
@@ -309,12 +330,8 @@ impl VhdImage {
                 safety,
                 end: tokio::sync::Mutex::new(m.end),
                 stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
-                bat_lock: tokio::sync::Mutex::new(()),
-                gate: SyncGate {
-                    lock: tokio::sync::Mutex::new(()),
-                    issued: AtomicU64::new(0),
-                    done: AtomicU64::new(0),
-                },
+                bat_on_disk: tokio::sync::Mutex::new(m.bat.clone()),
+                lagging: std::sync::Mutex::new(std::collections::BTreeSet::new()),
                 footer: Arc::new(IoBuf::from_vec(m.footer.encode().to_vec())),
                 bat_offset: m.header.table_offset,
                 #[cfg(test)]
@@ -463,13 +480,15 @@ impl VhdImage {
             leaf.io.write_all_at(&b, r, data + at, Durability::Cached).await.map_err(io_err("write", vbase + at))?;
         }
         step!(w, Step::Data(data + in_off));
-        if w.safety == CrashSafety::PowerLoss {
-            w.gate.barrier(&leaf.io).await.map_err(io_err("fdatasync", vbase))?;
-            step!(w, Step::Barrier);
-        }
-        // Then the bitmap sectors that change.
         let mut map = bits.map(leaf.spb);
         bitmap::set_range(&mut map, s0, s1);
+        if w.safety == CrashSafety::PowerLoss {
+            // The bitmap reaches the file at the next sync point, after the data.
+            leaf.publish(block, Slot { sector, bits: Bits::from_map(map, leaf.spb) });
+            w.lag(block);
+            return Ok(());
+        }
+        // Then the bitmap sectors that change.
         let first = (s0 / 8) / SECTOR * SECTOR;
         let last = ((s1 - 1) / 8) / SECTOR * SECTOR + SECTOR;
         let mut out = vec![0u8; (last - first) as usize];
@@ -586,30 +605,71 @@ impl VhdImage {
             .await
             .map_err(io_err("write bitmap", vbase))?;
         step!(w, Step::Bitmap(start));
-        // 4. Barrier: data and bitmap reach the disk before the BAT entry can.
+        let slot = Slot { sector: (start / SECTOR) as u32, bits: Bits::from_map(map, leaf.spb) };
         if w.safety == CrashSafety::PowerLoss {
-            w.gate.barrier(&leaf.io).await.map_err(io_err("fdatasync", vbase))?;
-            step!(w, Step::Barrier);
+            // 4 and 5 (barrier, BAT entry) at the next sync point.
+            leaf.publish(block, slot);
+            w.lag(block);
+            return Ok(());
         }
-        // 5. The BAT entry, as a rewrite of its whole sector built from the published table
-        //    (serialised, so entries of neighbouring blocks are never lost), then publication.
-        let _bat = w.bat_lock.lock().await;
-        let per = (SECTOR / 4) as usize;
-        let first = block as usize / per * per;
-        let mut sec = vec![0xFFu8; SECTOR as usize];
-        {
-            let t = leaf.table.read().unwrap_or_else(|p| p.into_inner());
-            for i in first..(first + per).min(t.len()) {
-                let e = if i == block as usize { (start / SECTOR) as u32 } else { t[i].sector };
-                sec[(i - first) * 4..(i - first) * 4 + 4].copy_from_slice(&e.to_be_bytes());
-            }
-        }
-        let at = w.bat_offset + (first as u64) * 4;
-        let sec = Arc::new(IoBuf::from_vec(sec));
-        leaf.io.write_all_at(&sec, 0..sec.len(), at, Durability::Cached).await.map_err(io_err("write BAT", vbase))?;
-        step!(w, Step::Bat(at));
-        leaf.publish(block, Slot { sector: (start / SECTOR) as u32, bits: Bits::from_map(map, leaf.spb) });
+        // 5. The BAT entry, as a rewrite of its whole sector (serialised, so entries of
+        //    neighbouring blocks are never lost), then publication.
+        let mut bat = w.bat_on_disk.lock().await;
+        bat[block as usize] = slot.sector;
+        self.write_bat_sector(w, &bat, block).await?;
+        leaf.publish(block, slot);
         Ok(())
+    }
+
+    /// Rewrites the BAT sector holding block `block`'s entry from `bat`, the caller's locked
+    /// copy of what the file must hold.
+    async fn write_bat_sector(&self, w: &Writer, bat: &[u32], block: u64) -> Result<()> {
+        let leaf = &self.layers[0];
+        let (at, sec) = Writer::bat_sector(w.bat_offset, bat, block);
+        let sec = Arc::new(IoBuf::from_vec(sec));
+        leaf.io.write_all_at(&sec, 0..sec.len(), at, Durability::Cached).await.map_err(io_err("write BAT", block * leaf.block_size))?;
+        step!(w, Step::Bat(at));
+        Ok(())
+    }
+
+    /// The sync point of `PowerLoss`: makes the file catch up with the metadata in memory.
+    /// What lags is taken first, then one `fdatasync` makes durable every byte the taken
+    /// bitmaps and BAT entries describe (each was published after its data was written), and
+    /// only then are they written. Bits published meanwhile wait for the next sync point.
+    async fn sync_metadata(&self, w: &Writer) -> Result<()> {
+        let leaf = &self.layers[0];
+        let mut bat = w.bat_on_disk.lock().await;
+        let blocks = std::mem::take(&mut *w.lagging.lock().unwrap_or_else(|p| p.into_inner()));
+        if blocks.is_empty() {
+            return Ok(());
+        }
+        let taken: Vec<(u64, Slot)> = blocks.iter().map(|&b| (b, leaf.slot(b))).collect();
+        let undo = |blocks: &std::collections::BTreeSet<u64>| w.lagging.lock().unwrap_or_else(|p| p.into_inner()).extend(blocks);
+        if let Err(e) = leaf.io.sync_data().await {
+            undo(&blocks);
+            return Err(io_err("fdatasync", 0)(e));
+        }
+        step!(w, Step::Barrier);
+        let written = async {
+            for (block, slot) in &taken {
+                let map = Arc::new(IoBuf::from_vec(leaf.bitmap_bytes_of(slot)));
+                let at = u64::from(slot.sector) * SECTOR;
+                leaf.io
+                    .write_all_at(&map, 0..map.len(), at, Durability::Cached)
+                    .await
+                    .map_err(io_err("write bitmap", block * leaf.block_size))?;
+                step!(w, Step::Bitmap(at));
+            }
+            for block in Writer::enter(&mut bat, &taken) {
+                self.write_bat_sector(w, &bat, block).await?;
+            }
+            Ok(())
+        };
+        let r = written.await;
+        if r.is_err() {
+            undo(&blocks);
+        }
+        r
     }
 
     /// Writes through the public path, block by block.
@@ -719,9 +779,8 @@ impl Image for VhdImage {
     }
 
     async fn flush(&self) -> Result<()> {
-        if self.access == Access::ReadOnly {
-            return Ok(());
-        }
+        let Some(w) = &self.writer else { return Ok(()) };
+        self.sync_metadata(w).await?;
         self.layers[0].io.sync_data().await.map_err(io_err("flush", 0))
     }
 
@@ -747,6 +806,33 @@ impl Image for VhdImage {
 
 impl Drop for VhdImage {
     fn drop(&mut self) {
+        // Closing is a sync point: metadata still lagging in memory reaches the file (after
+        // the data, as at any other). Blocking, as a close is; a failure can only be logged,
+        // and leaves those writes reading as old, as a crash would.
+        if let Some(w) = &mut self.writer {
+            let leaf = &self.layers[0];
+            let blocks = std::mem::take(w.lagging.get_mut().unwrap_or_else(|p| p.into_inner()));
+            if !blocks.is_empty() {
+                use std::os::unix::fs::FileExt;
+                let taken: Vec<(u64, Slot)> = blocks.iter().map(|&b| (b, leaf.slot(b))).collect();
+                let file = leaf.io.file();
+                let synced = file.sync_data().and_then(|()| {
+                    for (_, slot) in &taken {
+                        file.write_all_at(&leaf.bitmap_bytes_of(slot), u64::from(slot.sector) * SECTOR)?;
+                    }
+                    let bat_offset = w.bat_offset;
+                    let bat = w.bat_on_disk.get_mut();
+                    for block in Writer::enter(bat, &taken) {
+                        let (at, sec) = Writer::bat_sector(bat_offset, bat, block);
+                        file.write_all_at(&sec, at)?;
+                    }
+                    Ok(())
+                });
+                if let Err(e) = synced {
+                    tracing::error!(path = %leaf.path.display(), error = %e, blocks = taken.len(), "closing a VHD: its last metadata could not be written; those writes read as old");
+                }
+            }
+        }
         // Release the writer's lock now: the I/O engine may keep the descriptor open a little
         // longer (io_uring unregisters files asynchronously), and the next writer or a
         // whole-file operation must not find the file busy because of that.

@@ -176,26 +176,49 @@ async fn allocation_writes_footer_then_data_then_bitmap_then_barrier_then_bat() 
     let img = open_rw(&p).await;
     img.write(70_000, Arc::new(IoBuf::from_vec(pattern(600, 1))), Durability::Cached).await.expect("write");
     let span = 512 + (64 << 10);
-    assert_eq!(
-        img.trace(),
-        vec![
-            Step::Footer(end + span),
-            Step::Data(end + 512 + 70_000 - 65_536),
-            Step::Bitmap(end),
-            Step::Barrier,
-            Step::Bat(1536),
-        ]
-    );
-    // Setting more bits in that block: data, barrier, bitmap; no new footer or BAT write.
+    // The write: a footer past the new block, the data, the block's bitmap. Nothing points at
+    // the block yet; the BAT entry waits for the sync point.
+    assert_eq!(img.trace(), vec![Step::Footer(end + span), Step::Data(end + 512 + 70_000 - 65_536), Step::Bitmap(end)]);
+    assert_eq!(read_meta(&p).bat[1], u32::MAX, "the BAT names the block before a barrier");
+    // Setting more bits in that block: only the data; the bits wait in memory.
     img.write(65_536 + 8192, Arc::new(IoBuf::from_vec(pattern(512, 2))), Durability::Cached).await.expect("write");
-    assert_eq!(img.trace()[5..], [Step::Data(end + 512 + 8192), Step::Barrier, Step::Bitmap(end)]);
+    assert_eq!(img.trace()[3..], [Step::Data(end + 512 + 8192)]);
     // Overwriting present sectors touches no metadata.
     img.write(65_536 + 8192, Arc::new(IoBuf::from_vec(pattern(512, 3))), Durability::Cached).await.expect("write");
-    assert_eq!(img.trace().len(), 8);
-    drop(img);
+    assert_eq!(img.trace().len(), 4);
+    // A flush: one barrier, then the bitmap and the BAT entry that make the data visible.
+    img.flush().await.expect("flush");
+    assert_eq!(img.trace()[4..], [Step::Barrier, Step::Bitmap(end), Step::Bat(1536)]);
     let meta = read_meta(&p);
     assert_eq!(meta.bat[1], (end / 512) as u32);
     assert_eq!(meta.end, end + span);
+    // Nothing lags any more: a second flush writes no metadata.
+    img.flush().await.expect("flush");
+    assert_eq!(img.trace().len(), 7);
+    drop(img);
+    let back = read_all(&open_ro(&p).await).await;
+    assert_eq!(&back[65_536 + 8192..65_536 + 8192 + 512], &pattern(512, 3)[..]);
+    assert_eq!(&back[70_000..70_600], &pattern(600, 1)[..]);
+}
+
+/// Closing is a sync point too: what an image wrote and never flushed is in the file once it
+/// is dropped, in the same order.
+#[tokio::test]
+async fn closing_writes_the_metadata_that_lags() {
+    let d = tmp();
+    let p = d.path().join("d.vhd");
+    create_dynamic(&p, 4 << 20, KIB64).expect("create");
+    let img = open_rw(&p).await;
+    let mut model = vec![0u8; 4 << 20];
+    for (i, off) in [1000u64, 70_000, 3_000_000, 1_500].into_iter().enumerate() {
+        let data = pattern(700, i as u64 + 1);
+        model[off as usize..off as usize + 700].copy_from_slice(&data);
+        img.write(off, Arc::new(IoBuf::from_vec(data)), Durability::Cached).await.expect("write");
+    }
+    assert!(read_meta(&p).bat.iter().all(|&e| e == u32::MAX), "metadata reached the file before a sync point");
+    drop(img);
+    assert!(read_all(&open_ro(&p).await).await == model, "the closed image lost writes");
+    check(&p).expect("check");
 }
 
 #[tokio::test]
