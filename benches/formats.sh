@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Image formats side by side, in one run:
 #   1. raw, VHD (dynamic) and qcow2 holding the same data, each served by `tapmirror serve` and
-#      by `qemu-nbd` (which reads all three), driven the same way with fio;
+#      by `qemu-nbd` (which reads all three), driven the same way with fio; and QD1 random
+#      writes into fresh images of each, and into a fresh VHD differencing leaf;
 #   2. read cost against chain depth (1, 4, 16): VHD differencing chains (tapmirror only: qemu
 #      cannot open differencing VHDs) and qcow2 overlay chains (both servers).
 # Prints each figure and the ratios tapmirror/qemu-nbd and format/raw.
@@ -89,6 +90,29 @@ for fmt in raw vhd qcow2; do
         echo "$fmt: $server done" >&2
     done
 done
+done
+
+# Part 1b: QD1 4 KiB random writes into a fresh image, where every write lands in sectors the
+# image does not hold yet and its metadata must change: an empty image of each format, and a VHD
+# differencing leaf on the base (a VDI's new leaf right after a snapshot; tapmirror only, as
+# qemu cannot open differencing VHDs).
+for _ in $(seq "$ROUNDS"); do
+for fmt in raw vhd qcow2 vhdleaf; do
+    qfmt=$fmt; [ "$fmt" = vhd ] && qfmt=vpc
+    servers=(tapmirror); [ "$fmt" != vhdleaf ] && servers+=(qemu-nbd)
+    for server in "${servers[@]}"; do
+        rm -f "$WORK/fresh.img"
+        if [ "$fmt" = vhdleaf ]; then
+            "$TM" image create vhd "$WORK/fresh.img" --parent "$WORK/base.vhd" 2>>"$WORK/server.log"
+        else
+            "$TM" image create "$fmt" "$WORK/fresh.img" "${SIZE_MIB}M" 2>>"$WORK/server.log"
+        fi
+        serve "$server" "$WORK/fresh.img" "$qfmt"
+        read -r iops _ < <(fio_job randwrite 4k 1); record "$server" "$fmt-fresh-randwrite-4k-qd1-iops" "$iops"
+        unserve
+    done
+done
+echo "fresh images done" >&2
 done
 
 # Part 2: chains. Layer i (i = 1..depth) holds 1 MiB of new data every 16 MiB, at an offset that
