@@ -385,6 +385,24 @@ async fn serve(args: ServeArgs, activated: Vec<std::os::fd::OwnedFd>) -> Result<
         });
         tokio::spawn(tapmirror::control::serve(listener, control));
     }
+    // Metadata a format keeps ahead of its file (VHD) goes out every so often, so neither a
+    // crash nor the next flush finds much of it.
+    {
+        let (server, shutdown) = (Arc::clone(&server), shutdown.clone());
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(tapmirror::image::METADATA_SYNC_EVERY);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = every.tick() => {}
+                }
+                if let Err(e) = server.image().sync_metadata().await {
+                    tracing::warn!(error = %e, "writing out the image's metadata failed; the next flush tries again");
+                }
+            }
+        });
+    }
     tracing::info!(image = %args.image.display(), ?format, size, chain, ?engine, "serving");
     if args.socket.is_some() || args.listen.is_some() {
         // One line on stdout tells scripts and tests where we listen. Under socket activation

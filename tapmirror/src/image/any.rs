@@ -150,6 +150,10 @@ impl Image for AnyImage {
         forward!(self, i => i.flush().await)
     }
 
+    async fn sync_metadata(&self) -> Result<()> {
+        forward!(self, i => i.sync_metadata().await)
+    }
+
     async fn allocation(&self, offset: u64, length: u64, limit: usize) -> Result<Vec<Extent>> {
         forward!(self, i => i.allocation(offset, length, limit).await)
     }

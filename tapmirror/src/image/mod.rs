@@ -175,12 +175,25 @@ pub trait Image: Send + Sync + 'static {
     /// Makes every completed write durable.
     fn flush(&self) -> impl Future<Output = Result<()>> + Send;
 
+    /// Writes out the metadata a format keeps ahead of its file between flushes (VHD's bitmaps
+    /// and BAT entries: `vhd/mod.rs`, "Sync points"), in the same crash-safe order, without a
+    /// flush's final sync. `tapmirror serve` calls it every [`METADATA_SYNC_EVERY`], so a crash
+    /// loses at most about that much of the writes not flushed yet, and a flush (at a
+    /// migration's switch-over, with the guest paused) has little left to write. Nothing to do
+    /// for the other formats.
+    fn sync_metadata(&self) -> impl Future<Output = Result<()>> + Send {
+        std::future::ready(Ok(()))
+    }
+
     /// The allocation of `[offset, offset + length)`: at most `limit` (at least 1) consecutive
     /// extents that start at `offset` and cover at least one byte, never past
     /// `offset + length`. May stop early (callers ask again from where it ended); a caller that
     /// wants only the first extent passes 1, so the cost stays proportional to what is used.
     fn allocation(&self, offset: u64, length: u64, limit: usize) -> impl Future<Output = Result<Vec<Extent>>> + Send;
 }
+
+/// How often `tapmirror serve` writes out lagging metadata ([`Image::sync_metadata`]).
+pub const METADATA_SYNC_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Checks that `[offset, offset + length)` lies inside `size`.
 pub fn check_range(offset: u64, length: u64, size: u64) -> Result<()> {

@@ -181,3 +181,37 @@ fn vhd_survives_sigkill_during_allocating_writes() {
 fn qcow2_survives_sigkill_during_allocating_writes() {
     crash_rounds("qcow2");
 }
+
+/// A VHD's bitmaps and BAT entries wait in memory until a sync point, but `tapmirror serve`
+/// writes them out every second: a crash a few seconds after unflushed writes still finds them.
+#[test]
+fn unflushed_vhd_writes_reach_the_file_within_seconds() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = dir.path().join("disk.vhd");
+    run(Command::new(tapmirror()).args(["image", "create", "vhd"]).arg(&image).arg(SIZE.to_string()));
+    let served = serve_file(dir, image.clone(), &["--format", "vhd"]);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    // Fresh blocks and fresh sectors of allocated ones, never flushed.
+    let writes: Vec<(u64, u8)> = (0..24u64).map(|i| ((i * 2_654_435_761 % (SIZE / SECTOR - 16)) * SECTOR, (i + 1) as u8)).collect();
+    rt.block_on(async {
+        let c = NbdClient::connect_unix(&served.socket, ClientOptions::default()).await.expect("connect");
+        for &(off, v) in &writes {
+            c.write(off, vec![v; 4096], false).await.expect("write");
+        }
+    });
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    let mut served = served;
+    let mut child = served.proc.0.take().expect("server");
+    let _ = child.kill(); // SIGKILL: no flush, no close
+    let _ = child.wait();
+    run(Command::new(tapmirror()).args(["image", "check"]).arg(&image));
+    let contents = read_all(&rt, &image, "vhd");
+    let mut model = vec![0u8; SIZE as usize];
+    for &(off, v) in &writes {
+        model[off as usize..off as usize + 4096].fill(v);
+    }
+    let lost = writes.iter().filter(|&&(off, v)| contents[off as usize..off as usize + 4096].iter().any(|&b| b != v)).count();
+    assert_eq!(lost, 0, "{lost} of {} unflushed writes never reached the file", writes.len());
+    assert!(contents == model, "bytes outside the writes changed");
+    drop(served);
+}

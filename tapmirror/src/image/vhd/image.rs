@@ -636,7 +636,7 @@ impl VhdImage {
     /// What lags is taken first, then one `fdatasync` makes durable every byte the taken
     /// bitmaps and BAT entries describe (each was published after its data was written), and
     /// only then are they written. Bits published meanwhile wait for the next sync point.
-    async fn sync_metadata(&self, w: &Writer) -> Result<()> {
+    async fn catch_up(&self, w: &Writer) -> Result<()> {
         let leaf = &self.layers[0];
         let mut bat = w.bat_on_disk.lock().await;
         let blocks = std::mem::take(&mut *w.lagging.lock().unwrap_or_else(|p| p.into_inner()));
@@ -780,8 +780,15 @@ impl Image for VhdImage {
 
     async fn flush(&self) -> Result<()> {
         let Some(w) = &self.writer else { return Ok(()) };
-        self.sync_metadata(w).await?;
+        self.catch_up(w).await?;
         self.layers[0].io.sync_data().await.map_err(io_err("flush", 0))
+    }
+
+    async fn sync_metadata(&self) -> Result<()> {
+        match &self.writer {
+            Some(w) if w.safety == CrashSafety::PowerLoss => self.catch_up(w).await,
+            _ => Ok(()),
+        }
     }
 
     async fn allocation(&self, offset: u64, length: u64, limit: usize) -> Result<Vec<Extent>> {

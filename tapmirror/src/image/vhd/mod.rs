@@ -56,11 +56,13 @@
 //! barrier and bitmap write, do not happen per write: the new bits and BAT entries are published
 //! in memory (this process reads through them at once) and the block is noted as lagging. At
 //! the next sync point (a flush, a [`Durability::Stable`](crate::io::Durability) write, a
-//! `pause` of the server, closing the image) the lagging blocks are taken, one `fdatasync`
-//! covers all their data, and then their bitmaps and BAT sectors are written; a flush then syncs
-//! again so they are durable too. This is how QEMU's qcow2 treats its metadata caches and how
-//! a disk's volatile write cache behaves: writes since the last flush may be lost by a crash,
-//! flushed ones never, and no sector ever reads as anything but its old or its new content. The
+//! `pause` of the server, closing the image, and every second in `tapmirror serve`
+//! ([`Image::sync_metadata`](crate::image::Image::sync_metadata))) the lagging blocks are taken,
+//! one `fdatasync` covers all their data, and then their bitmaps and BAT sectors are written; a
+//! flush then syncs again so they are durable too. This is how QEMU's qcow2 treats its metadata
+//! caches and how a disk's volatile write cache behaves: writes since the last flush may be lost
+//! by a crash (in `tapmirror serve`, about a second's worth at most), flushed ones never, and no
+//! sector ever reads as anything but its old or its new content. The
 //! alternative, a barrier in every write that sets bits, made a QD1 4 KiB random write into a
 //! fresh differencing leaf (every SMAPIv1 VDI right after a snapshot) cost an `fdatasync`:
 //! 115 µs against 20 µs here (benches/README.md, "VHD writes into fresh sectors").
