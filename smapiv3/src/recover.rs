@@ -1,6 +1,7 @@
 //! `SR.attach`'s recovery: what a crash between a change's steps leaves, made whole.
 //!
-//! - temporaries (`.tmp-*`, new overlays not yet renamed into place) are deleted;
+//! - temporaries (`.tmp-*`, new overlays not yet renamed into place, and a torn record write's
+//!   `.<name>.tmp`) are deleted;
 //! - the files' backing links win over the record's: a VDI whose header names a backing the
 //!   record does not (a snapshot or clone that renamed its overlay into place, then crashed
 //!   before the record was saved; a compose that rewrote the header) gets that parent, and a
@@ -54,7 +55,9 @@ pub fn file_parent(dir: &Path, id: &str) -> StorageResult<Option<String>> {
 
 /// Recovers the SR in `dir` (see the module documentation).
 pub fn recover(sr: &str, dir: &Path) -> StorageResult<Recovery> {
-    let mut r = Recovery::default();
+    // A record write cut before its rename leaves its temporary (the engine's atomic write).
+    let torn = state::remove_temporaries(dir).map_err(|e| errors::io(format!("sweeping temporaries in {}", dir.display()), &e))?;
+    let mut r = Recovery { temporaries: torn, ..Recovery::default() };
     let mut meta = SrMeta::load_existing(dir)?;
     let entries = std::fs::read_dir(dir).map_err(|e| errors::io(format!("listing {}", dir.display()), &e))?;
     for e in entries.flatten() {

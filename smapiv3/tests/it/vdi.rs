@@ -292,3 +292,19 @@ fn a_destroy_cut_after_burying_its_volume_is_finished_at_attach() {
     assert!(!sr.ctx.dir.join(format!(".{}.qcow2{}", v.vdi, sxm_engine::state::TOMBSTONE_SUFFIX)).exists(), "the tombstone is left");
     assert_eq!(sxm_smapiv3::recover::recover(&sr.ctx.sr, &sr.ctx.dir).expect("recover"), Default::default());
 }
+
+/// A record write cut before its rename leaves the engine's temporary beside the record; attach
+/// sweeps it even when recovery has nothing else to do (a save would replace it by chance).
+#[test]
+fn attach_sweeps_a_torn_record_write() {
+    let sr = TestSr::new();
+    let v = sr.create("v", MIB);
+    let record = std::fs::read(sr.ctx.dir.join(".sxm-qcow2.json")).expect("record");
+    let torn = sr.ctx.dir.join("..sxm-qcow2.json.tmp");
+    std::fs::write(&torn, b"{\"vers").expect("torn record");
+    let r = sxm_smapiv3::recover::recover(&sr.ctx.sr, &sr.ctx.dir).expect("recover");
+    assert_eq!(r.temporaries, 1);
+    assert!(!torn.exists(), "the torn record's temporary stays");
+    assert_eq!(std::fs::read(sr.ctx.dir.join(".sxm-qcow2.json")).expect("record"), record, "the record changed");
+    assert_eq!(sr.scan_ids(), vec![v.vdi]);
+}
