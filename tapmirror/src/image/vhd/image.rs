@@ -650,6 +650,9 @@ impl VhdImage {
             return Err(io_err("fdatasync", 0)(e));
         }
         step!(w, Step::Barrier);
+        // What the file's table held for these blocks, to put back if a write fails (the
+        // blocks then lag again, and their entries must still count as not written).
+        let before: Vec<(u64, u32)> = taken.iter().map(|(b, _)| (*b, bat[*b as usize])).collect();
         let written = async {
             for (block, slot) in &taken {
                 let map = Arc::new(IoBuf::from_vec(leaf.bitmap_bytes_of(slot)));
@@ -667,6 +670,9 @@ impl VhdImage {
         };
         let r = written.await;
         if r.is_err() {
+            for (b, e) in before {
+                bat[b as usize] = e;
+            }
             undo(&blocks);
         }
         r
