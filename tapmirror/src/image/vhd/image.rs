@@ -615,8 +615,12 @@ impl VhdImage {
         // 5. The BAT entry, as a rewrite of its whole sector (serialised, so entries of
         //    neighbouring blocks are never lost), then publication.
         let mut bat = w.bat_on_disk.lock().await;
-        bat[block as usize] = slot.sector;
-        self.write_bat_sector(w, &bat, block).await?;
+        let old = std::mem::replace(&mut bat[block as usize], slot.sector);
+        if let Err(e) = self.write_bat_sector(w, &bat, block).await {
+            // Not in the file: later rewrites of this BAT sector must not name it either.
+            bat[block as usize] = old;
+            return Err(e);
+        }
         leaf.publish(block, slot);
         Ok(())
     }
