@@ -21,6 +21,10 @@
 //!     .sxm-ext.json        the SR's record (meta.rs), replaced atomically on every change
 //!     <uuid>.vhd           one per node of the VHD tree: each VDI (always a leaf) and each
 //!                          hidden parent; the VDI's id is its file's name
+//!     .sxm-reserve         1 MiB kept aside so the record can be rewritten on a full file
+//!                          system (engine::state::ensure_reserve)
+//!     .<uuid>.vhd.destroyed  only after a crash: a destroy that emptied the file to make
+//!                          room before its record was written; attach finishes it
 //!   <SrContext.run_dir>/
 //!     <8 hex>/             one per attached VDI (datapath.rs)
 //!       owner.json         which VDI, read-write or not

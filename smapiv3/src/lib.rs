@@ -18,6 +18,10 @@
 //!     .sxm-qcow2.json      the SR's record (meta.rs), replaced atomically on every change
 //!     <uuid>.qcow2         one per volume: each VDI and each hidden base; a VDI's id is its
 //!                          file's name; backing links name files of the same folder
+//!     .sxm-reserve         1 MiB kept aside so the record can be rewritten on a full file
+//!                          system (engine::state::ensure_reserve)
+//!     .<uuid>.qcow2.destroyed  only after a crash: a destroy that emptied the volume to make
+//!                          room before its record was written; attach finishes it
 //!   <SrContext.run_dir>/<8 hex>/   one per attached VDI (datapath.rs)
 //! ```
 //!
