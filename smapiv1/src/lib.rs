@@ -6,7 +6,8 @@
 //! ```text
 //!   ext.rs       ExtBackend: the Backend calls, and the order of each change's steps
 //!   meta.rs      the SR's record: the VHD tree, which nodes are VDIs, their vdi_info
-//!   recover.rs   SR.attach: temporaries, the files' tree over the record's, orphans
+//!   recover.rs   SR.attach: temporaries, destroys cut short, the files' tree over the
+//!                record's, orphans
 //!   datapath.rs  the adapter to tapmirror::datapaths, the process manager both SR types
 //!                share (attach, activate, quiesce, adopt after a restart; a migration's
 //!                data path on them: serve NBD, mirror, drain)

@@ -5,7 +5,8 @@
 //! ```text
 //!   qcow2.rs     Qcow2Backend: the Backend calls, and the order of each change's steps
 //!   meta.rs      the SR's record: the volume tree, which volumes are VDIs, their vdi_info
-//!   recover.rs   SR.attach: temporaries, the files' backing links over the record's, orphans
+//!   recover.rs   SR.attach: temporaries, destroys cut short, the files' backing links over
+//!                the record's, orphans
 //!   datapath.rs  the adapter to tapmirror::datapaths (the process manager both SR types share)
 //!   copy.rs      a migration's copy: a VDI's qcow2 chain (or its difference from a base) over NBD
 //!   errors.rs    failures as the storage interface's errors
