@@ -106,16 +106,23 @@ pub fn write_json_reserved<T: Serialize>(path: &Path, value: &T) -> io::Result<(
 /// [`write_json_reserved`] for a record that no longer names file `doomed` (a destroy). When the
 /// file system is still full (the reserve spent already: a copy filled the folder after an
 /// earlier write released it), `doomed` is [`bury`]'d to make room and the record written
-/// again: a failed migration's undo must be able to destroy what filled the folder.
+/// again: a failed migration's undo must be able to destroy what filled the folder. Once the
+/// record is written, `doomed`'s tombstone (this call's, or an earlier attempt's) has served and
+/// goes; the caller deletes `doomed` itself when it was not buried.
 pub fn write_json_freeing<T: Serialize>(path: &Path, value: &T, doomed: &Path) -> io::Result<()> {
     match write_json_reserved(path, value) {
         Err(e) if e.kind() == io::ErrorKind::StorageFull => {
             bury(doomed)?;
             tracing::warn!(record = %path.display(), doomed = %doomed.display(), "the file system is full: emptied the destroyed file to write the record");
-            write_json(path, value)
+            write_json(path, value)?;
         }
-        r => r,
+        r => r?,
     }
+    if let Err(e) = remove_durably(&tombstone_path(doomed)) {
+        // Empty already; the folder's next recovery removes it.
+        tracing::warn!(tombstone = %tombstone_path(doomed).display(), error = %e, "could not remove a tombstone");
+    }
+    Ok(())
 }
 
 /// Suffix of a tombstone, `.<name>.destroyed`: file `<name>`, renamed there by [`bury`].

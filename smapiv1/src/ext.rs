@@ -361,10 +361,6 @@ impl Backend for ExtBackend {
         meta.save_destroying(&sr.dir, id)?;
         tracing::info!(sr = %sr.sr, vdi = %id, hidden_parents_dropped = garbage.len() - 1, "destroyed a VDI");
         delete_files(sr, &garbage);
-        if let Err(e) = state::remove_durably(&state::tombstone_path(&vhd_path(&sr.dir, id))) {
-            // Empty already; the next attach removes it.
-            tracing::warn!(sr = %sr.sr, vdi = %id, error = %e, "could not remove a destroyed VDI's tombstone");
-        }
         state::ensure_reserve(&sr.dir);
         Ok(())
     }

@@ -2,8 +2,8 @@
 //! workspace's end-to-end tests: running peer commands with a deadline, a child process killed
 //! on drop, deterministic data, the `tapmirror` program for crates that only link the library
 //! ([`tapmirror_exe`]), reaping the datapaths a failed test leaves ([`reap_datapaths`]), a tmpfs
-//! to fill ([`Tmpfs`]), and a guest of our own that writes unaligned runs over NBD and keeps the model of what the disk
-//! must hold. Not part of the data path; public so that tests in other crates of the workspace
+//! to fill ([`Tmpfs`]), and a guest of our own that writes unaligned runs over NBD and keeps the
+//! model of what the disk must hold. Not part of the data path; public so that tests in other crates of the workspace
 //! use the same plumbing rather than a copy of it.
 //!
 //! # Finding `tapmirror`
@@ -78,18 +78,18 @@ impl Tmpfs {
     }
 }
 
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
 /// Whether the file system holding `dir` is full: a small write into it finds no room.
 pub fn no_room_in(dir: &Path) -> bool {
     let probe = dir.join(".no-room-probe");
     let r = std::fs::write(&probe, vec![1u8; 8192]);
     let _ = std::fs::remove_file(&probe);
     r.is_err_and(|e| e.kind() == std::io::ErrorKind::StorageFull)
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
 }
 
 /// Kills whatever `tapmirror serve` serves a folder of `run_dir` (see

@@ -32,7 +32,8 @@ const ZERO_CHUNK: u64 = 1 << 20;
 /// What a crash may cost, chosen when opening for writing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum CrashSafety {
-    /// Metadata lags in memory until a sync point (a flush, a `Stable` write, closing): there
+    /// Metadata lags in memory until a sync point (a flush, a `Stable` write, closing,
+    /// [`Image::sync_metadata`](crate::image::Image::sync_metadata)): there
     /// one `fdatasync` makes every written byte durable, then the bitmap sectors and BAT
     /// entries that describe them are written. After a power loss or a process crash every
     /// sector reads as its old or its new content, and everything written before a completed
