@@ -685,6 +685,8 @@ pub async fn run_full_copy<I: Image>(
             let left = f.bitmap.dirty_bytes() + f.in_flight.load(Ordering::Relaxed);
             tracing::debug!(began_with = sweep_start, left, granules = f.bitmap.dirty_granules(), "full mirror sweep ended");
             if left * 2 > sweep_start && !f.converging.load(Ordering::Acquire) {
+                // The copies in flight first, so that the flush covers all the pass sent.
+                while tasks.join_next().await.is_some() {}
                 while writeback.join_next().await.is_some() {}
                 write_back(&slot, &m, can_flush).await;
                 f.converge("guest-outpaced").await;

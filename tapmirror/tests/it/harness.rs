@@ -54,6 +54,11 @@ pub fn serve(size: u64, extra: &[&str]) -> Served {
 
 /// Serves an existing image file that lives in `dir`.
 pub fn serve_file(dir: tempfile::TempDir, image: PathBuf, extra: &[&str]) -> Served {
+    serve_file_logging_to(dir, image, extra, Stdio::inherit())
+}
+
+/// [`serve_file`] with the server's log (its stderr) sent to `log`.
+pub fn serve_file_logging_to(dir: tempfile::TempDir, image: PathBuf, extra: &[&str], log: Stdio) -> Served {
     let socket = dir.path().join("nbd.sock");
     let mut child = Command::new(tapmirror())
         .arg("serve")
@@ -62,7 +67,7 @@ pub fn serve_file(dir: tempfile::TempDir, image: PathBuf, extra: &[&str]) -> Ser
         .arg(&socket)
         .args(extra)
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stderr(log)
         .spawn()
         .expect("spawn tapmirror serve");
     let stdout = child.stdout.take().expect("stdout");

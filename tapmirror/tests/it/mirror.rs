@@ -20,6 +20,16 @@ fn serve_controlled(size: u64) -> (Served, PathBuf) {
     (serve_file(dir, image, &["--control", &ctl_arg]), ctl)
 }
 
+/// [`serve_controlled`] with the server's log kept in a file, whose path comes third.
+fn serve_controlled_logged(size: u64) -> (Served, PathBuf, PathBuf) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (image, ctl, log) = (dir.path().join("source.raw"), dir.path().join("ctl.sock"), dir.path().join("source.log"));
+    std::fs::File::create(&image).and_then(|f| f.set_len(size)).expect("image");
+    let log_file = std::fs::File::create(&log).expect("source log");
+    let ctl_arg = ctl.display().to_string();
+    (crate::harness::serve_file_logging_to(dir, image, &["--control", &ctl_arg], log_file.into()), ctl, log)
+}
+
 fn ctl_output(ctl: &Path, args: &[&str]) -> Output {
     Command::new(tapmirror()).arg("ctl").arg(ctl).args(args).output().expect("run tapmirror ctl")
 }
@@ -102,7 +112,7 @@ fn target_errors_fail_the_mirror_not_the_guest() {
     let dir = tempfile::tempdir().expect("tempdir");
     let socket = dir.path().join("k.sock");
     let _k = spawn_server(
-        Command::new("nbdkit").args(["-f", "-U"]).arg(&socket).args(["--filter=error", "memory", "64M", "error-pwrite-rate=100%", "error=EIO"]),
+        Command::new("nbdkit").env("TZ", "UTC").args(["-f", "-U"]).arg(&socket).args(["--filter=error", "memory", "64M", "error-pwrite-rate=100%", "error=EIO"]),
         &socket,
     );
     ctl(&ctl_path, &["mirror-attach", "--target", &format!("nbd+unix:///?socket={}", socket.display())]);
@@ -521,26 +531,27 @@ fn logged_target(size: u64) -> (crate::harness::Proc, tempfile::TempDir, String,
 }
 
 /// The pass flushes the target as it goes, one flush per 64 MiB it sent, so the target's page
-/// cache never holds the whole disk for the ready flush to write back at once. nbdkit's log
-/// filter in front of the target shows the order: a flush before the pass's last write.
+/// cache never holds the whole disk for the ready flush to write back at once, and once more
+/// before the converge phase. nbdkit's log filter in front of the target shows the order: a
+/// flush before the pass's last write.
 #[test]
 fn full_mirror_flushes_the_target_while_it_copies() {
     crate::require!("nbdkit", "qemu-img");
-    let (source, ctl_path) = serve_controlled(256 * MIB);
+    let (source, ctl_path, source_log) = serve_controlled_logged(256 * MIB);
     fill_mib(&source.image, 160);
     let (_k, _dir, uri, log) = logged_target(256 * MIB);
     ctl(&ctl_path, &["mirror-attach", "--mode", "full", "--target-is-zero", "--target", &uri]);
     wait_ready(&ctl_path);
     run(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw"]).arg(&source.image).arg(&uri));
 
-    let log = std::fs::read_to_string(&log).expect("nbdkit log");
-    let requests: Vec<&str> = log.lines().filter(|l| l.contains(" Write id=") || l.contains(" Flush id=")).collect();
-    let first_flush = requests.iter().position(|l| l.contains(" Flush id=")).expect("the target was flushed");
-    let last_write = requests.iter().rposition(|l| l.contains(" Write id=")).expect("the pass wrote");
-    let writes_after = requests[first_flush..].iter().filter(|l| l.contains(" Write id=")).count();
+    let requests = target_requests(&log);
+    let first_flush = requests.iter().position(|r| r.kind == "Flush").expect("the target was flushed");
+    let last_write = requests.iter().rposition(|r| r.kind == "Write").expect("the pass wrote");
+    let writes_after = requests[first_flush..].iter().filter(|r| r.kind == "Write").count();
     assert!(first_flush < last_write, "the first flush came after the last write: {} requests", requests.len());
     // 160 one-MiB writes; the first flush comes after 64 of them (give or take those in flight).
     assert!((80..=100).contains(&writes_after), "{writes_after} writes after the first flush");
+    assert_flushed_before_converging(&requests, &requests[last_write].conn, &source_log);
 }
 
 /// While the guest writes, the pass flushes the target every 8 MiB it sends rather than every
@@ -552,7 +563,7 @@ fn full_mirror_flushes_the_target_while_it_copies() {
 #[test]
 fn full_mirror_flushes_often_while_the_guest_writes_and_before_it_converges() {
     crate::require!("nbdkit", "qemu-img");
-    let (source, ctl_path) = serve_controlled(64 * MIB);
+    let (source, ctl_path, source_log) = serve_controlled_logged(64 * MIB);
     fill_mib(&source.image, 48);
     let (_k, _dir, uri, log) = logged_target(64 * MIB);
     let guest = crate::harness::Guest::start(source.uri(), 64 * MIB, 31);
@@ -564,28 +575,65 @@ fn full_mirror_flushes_often_while_the_guest_writes_and_before_it_converges() {
     assert_eq!(ctl(&ctl_path, &["drain"])["mirror"], "ready");
     run(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw"]).arg(&source.image).arg(&uri));
 
-    // (connection, "Write" or "Flush", bytes) of each request, in the order they began.
-    let log = std::fs::read_to_string(&log).expect("nbdkit log");
-    let requests: Vec<(&str, &str, u64)> = log
-        .lines()
-        .filter_map(|l| {
-            let conn = l.split_whitespace().find_map(|w| w.strip_prefix("connection="))?;
-            let kind = ["Write", "Flush"].into_iter().find(|k| l.contains(&format!(" {k} id=")))?;
-            let count = l.split_whitespace().find_map(|w| w.strip_prefix("count=0x")).map_or(0, |c| u64::from_str_radix(c, 16).unwrap_or(0));
-            Some((conn, kind, count))
-        })
-        .collect();
-    let pass = requests.iter().find(|r| r.1 == "Write").expect("the pass wrote").0;
-    let first_guest = requests.iter().position(|r| r.0 != pass && r.1 == "Write").expect("guest writes reached the target once converging");
-    let before: Vec<_> = requests[..first_guest].iter().filter(|r| r.0 == pass).collect();
-    let sent: u64 = before.iter().filter(|r| r.1 == "Write").map(|r| r.2).sum();
-    let flushes = before.iter().filter(|r| r.1 == "Flush").count() as u64;
+    let requests = target_requests(&log);
+    let pass = &requests.iter().find(|r| r.kind == "Write").expect("the pass wrote").conn;
+    let first_guest = requests.iter().position(|r| &r.conn != pass && r.kind == "Write").expect("guest writes reached the target once converging");
+    let before: Vec<_> = requests[..first_guest].iter().filter(|r| &r.conn == pass).collect();
+    let sent: u64 = before.iter().filter(|r| r.kind == "Write").map(|r| r.bytes).sum();
+    let flushes = before.iter().filter(|r| r.kind == "Flush").count() as u64;
     // One per 8 MiB (the 64 MiB rate would make at most one here); half of that at least, since
     // one flush is in flight at a time and a slow machine may leave the guest idle for a moment.
     assert!(flushes * 2 + 1 >= sent / (8 * MIB), "{flushes} flushes for {sent} bytes sent while the guest wrote");
-    let last_flush = before.iter().rposition(|r| r.1 == "Flush").expect("a flush before the converge phase");
-    // What may follow it: the copies the pass had in flight, one while the guest writes.
-    assert!(before.len() - last_flush - 1 <= 4, "{} pass requests between its last flush and the first guest write", before.len() - last_flush - 1);
+    assert_flushed_before_converging(&requests, pass, &source_log);
+}
+
+/// A request as nbdkit's log filter saw it begin.
+#[derive(Debug)]
+struct TargetRequest {
+    when: Stamp,
+    conn: String,
+    /// `Write`, `Zero` or `Flush`.
+    kind: &'static str,
+    bytes: u64,
+}
+
+/// The requests in `log` (nbdkit's log filter's), in the order they began. nbdkit writes local
+/// time, which [`logged_target`] runs in UTC.
+fn target_requests(log: &Path) -> Vec<TargetRequest> {
+    let log = std::fs::read_to_string(log).expect("nbdkit log");
+    log.lines()
+        .filter_map(|l| {
+            let when = stamp(l.get(..26)?)?;
+            let conn = l.split_whitespace().find_map(|w| w.strip_prefix("connection="))?.to_owned();
+            let kind = ["Write", "Zero", "Flush"].into_iter().find(|k| l.contains(&format!(" {k} id=")))?;
+            let bytes = l.split_whitespace().find_map(|w| w.strip_prefix("count=0x")).map_or(0, |c| u64::from_str_radix(c, 16).unwrap_or(0));
+            Some(TargetRequest { when, conn, kind, bytes })
+        })
+        .collect()
+}
+
+/// The pass waits for its copies, flushes, and only then converges, so that the guest's
+/// mirrored writes do not wait behind the write-back of what it sent: the last request the pass
+/// (connection `pass`) began before the converge phase is that flush. The source logs the
+/// phase's start after the flush's reply, so by then the target had logged the flush.
+fn assert_flushed_before_converging(requests: &[TargetRequest], pass: &str, source_log: &Path) {
+    let source_log = std::fs::read_to_string(source_log).expect("source log");
+    let line = source_log.lines().find(|l| l.contains("full mirror converging")).expect("the source logged the converge phase");
+    let converged = line.get(..26).map(|t| t.replacen('T', " ", 1)).and_then(|t| stamp(&t)).unwrap_or_else(|| panic!("no time in {line:?}"));
+    let last = requests.iter().rfind(|r| r.conn == pass && r.when < converged).expect("the pass sent before converging");
+    assert_eq!(last.kind, "Flush", "the pass's last request before the converge phase ({line}) was {last:?}");
+}
+
+/// Date and microsecond of the day of a log line's `YYYY-MM-DD HH:MM:SS.ffffff` prefix.
+type Stamp = (String, u64);
+
+fn stamp(text: &str) -> Option<Stamp> {
+    let (date, time) = text.split_once(' ')?;
+    let (hms, frac) = time.split_once('.')?;
+    let mut parts = hms.split(':').map(|p| p.parse::<u64>().ok());
+    let (h, m, s) = (parts.next()??, parts.next()??, parts.next()??);
+    let micros: u64 = frac.get(..6)?.parse().ok()?;
+    Some((date.to_owned(), ((h * 60 + m) * 60 + s) * 1_000_000 + micros))
 }
 
 /// Onto a target full of garbage, holes must be zeroed too.
