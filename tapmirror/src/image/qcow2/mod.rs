@@ -3,7 +3,8 @@
 //!
 //! ```text
 //!  Qcow2Image (Image: Send futures)
-//!      │ Req + owned IoBuf over a channel, reply over a oneshot
+//!      │ a write into a cluster the top file holds ─▶ the top file directly (`direct`)
+//!      │ anything else: Req + owned IoBuf over a channel, reply over a oneshot
 //!      ▼
 //!  image thread: current-thread runtime + LocalSet, one local task per request
 //!      imago FormatAccess (top qcow2) ─▶ backing qcow2 ─▶ … ─▶ qcow2 or raw base
@@ -13,8 +14,9 @@
 //! ```
 //!
 //! Files: `header` parses and rewrites the qcow2 header, `chain` resolves backing chains,
-//! `storage` puts imago's `Storage` trait on our `FileIo`, `worker` owns the open chain, `check`
-//! walks metadata like `qemu-img check`.
+//! `storage` puts imago's `Storage` trait on our `FileIo`, `worker` owns the open chain,
+//! `direct` writes into clusters the top file holds without it, `check` walks metadata like
+//! `qemu-img check`.
 //!
 //! # Does imago's `Storage` sit on our `FileIo`? Yes, for one copy per request
 //!
@@ -30,7 +32,8 @@
 //!   `IoBuf` is lent to imago on the image thread.
 //! - imago's format layer uses `async_trait(?Send)`, so its futures are not `Send` and cannot run
 //!   as tasks of the multi-threaded runtime. Each open image gets its own thread (see `worker`);
-//!   the price is a channel hop per request. imago's own `file::File` driver would not help
+//!   the price is a channel hop per request, which writes into clusters the top file already
+//!   holds skip (see `direct`). imago's own `file::File` driver would not help
 //!   there either: in async mode it calls `preadv`/`pwritev` synchronously inside its futures,
 //!   blocking whichever thread polls them and serialising every request of the image.
 //!
@@ -95,6 +98,7 @@
 
 mod chain;
 mod check;
+mod direct;
 mod header;
 mod storage;
 mod worker;
@@ -261,6 +265,8 @@ pub struct Qcow2Image {
     access: Access,
     engine: EngineKind,
     backing: Arc<BackingSlot>,
+    /// Writes into clusters the top file holds, without the image thread (open for writing).
+    direct: Option<Arc<direct::Direct>>,
 }
 
 /// What [`info`] reports.
@@ -312,6 +318,7 @@ impl Qcow2Image {
         let slot = Arc::new(BackingSlot(RwLock::new(backing)));
         let (tx, thread, opened) = worker::start(chain, access, engine, Arc::clone(&slot)).await?;
         tracing::debug!(path = %path.display(), size = opened.size, cluster_size, ?engine, "qcow2 image open");
+        let direct = opened.top_io.map(|io| Arc::new(direct::Direct::new(io, cluster_size.trailing_zeros(), opened.size)));
         Ok(Qcow2Image {
             tx,
             thread: Some(thread),
@@ -322,6 +329,7 @@ impl Qcow2Image {
             access,
             engine,
             backing: slot,
+            direct,
         })
     }
 
@@ -374,6 +382,19 @@ impl Qcow2Image {
     /// What the top `depth` layers of the chain decide themselves, as `(start, end)` ranges.
     pub async fn own_ranges(&self, depth: usize) -> Result<Vec<(u64, u64)>> {
         self.call("map", 0, |reply| Req::Own { depth, reply }).await
+    }
+
+    /// Writes that went straight into the top file (see `direct`), skipping the image thread.
+    pub fn direct_writes(&self) -> u64 {
+        self.direct.as_ref().map_or(0, |d| d.writes())
+    }
+
+    /// For a request that may change what clusters map to: see `direct`.
+    async fn remapping(&self, offset: u64, length: u64) -> Option<direct::Remapping> {
+        match &self.direct {
+            Some(d) => Some(d.remapping(offset, length).await),
+            None => None,
+        }
     }
 
     async fn call<T>(&self, op: &'static str, offset: u64, make: impl FnOnce(oneshot::Sender<Result<T>>) -> Req) -> Result<T> {
@@ -435,7 +456,18 @@ impl Image for Qcow2Image {
     async fn write(&self, offset: u64, buf: Arc<IoBuf>, durability: Durability) -> Result<()> {
         self.writable()?;
         check_range(offset, buf.len() as u64, self.size)?;
-        self.call("write", offset, |reply| Req::Write { offset, buf, durability, reply }).await
+        let Some(direct) = &self.direct else {
+            return self.call("write", offset, |reply| Req::Write { offset, buf, durability, learn: false, reply }).await.map(drop);
+        };
+        if durability == Durability::Cached
+            && let Some(r) = direct.write(offset, &buf).await
+        {
+            return r.map_err(|source| ImageError::Io { op: "write", offset, source });
+        }
+        let epoch = direct.epoch();
+        let learnt = self.call("write", offset, |reply| Req::Write { offset, buf, durability, learn: true, reply }).await?;
+        direct.learn(epoch, &learnt);
+        Ok(())
     }
 
     async fn write_zeroes(
@@ -456,7 +488,8 @@ impl Image for Qcow2Image {
             return Err(ImageError::NotFast);
         }
         // Zero clusters keep their host clusters, so both ZeroAlloc modes are served alike.
-        self.call("write zeroes", offset, |reply| Req::Zero { offset, length, durability, reply }).await
+        let remapping = self.remapping(offset, length).await;
+        self.call("write zeroes", offset, |reply| Req::Zero { offset, length, durability, remapping, reply }).await
     }
 
     async fn trim(&self, offset: u64, length: u64) -> Result<()> {
@@ -465,7 +498,8 @@ impl Image for Qcow2Image {
         if length == 0 {
             return Ok(());
         }
-        self.call("trim", offset, |reply| Req::Trim { offset, length, reply }).await
+        let remapping = self.remapping(offset, length).await;
+        self.call("trim", offset, |reply| Req::Trim { offset, length, remapping, reply }).await
     }
 
     async fn flush(&self) -> Result<()> {
@@ -685,7 +719,7 @@ pub async fn resize(path: &Path, new_size: u64) -> std::result::Result<(), Qcow2
     check_size(path, new_size, bits)?;
     let p = path.to_owned();
     let r = worker::on_local_thread(move || async move {
-        let mut top = worker::open_chain(&chain, Access::ReadWrite, EngineKind::Portable).await?;
+        let (mut top, _) = worker::open_chain(&chain, Access::ReadWrite, EngineKind::Portable).await?;
         let backing_size = chain.get(1).map(|l| l.size);
         worker::resize(&mut top, &p, new_size, backing_size).await
     })

@@ -73,6 +73,11 @@ impl IoStorage {
         IoStorage::from_file(file, path, engine).await
     }
 
+    /// The file's I/O handle, shared.
+    pub fn file_io(&self) -> Arc<FileIo> {
+        Arc::clone(&self.io)
+    }
+
     async fn from_file(mut file: File, path: &Path, engine: EngineKind) -> io::Result<IoStorage> {
         let size = file.seek(SeekFrom::End(0))?;
         Ok(IoStorage {

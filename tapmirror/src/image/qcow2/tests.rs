@@ -386,3 +386,127 @@ async fn rebase_and_resize_keep_content() {
     let e = resize(&top, 1000).await.err();
     assert!(matches!(e, Some(Qcow2Error::InvalidArgument { .. })), "{e:?}");
 }
+
+/// A fresh qcow2 image of `size` bytes (64 KiB clusters) in `dir`, open for writing.
+async fn fresh(dir: &tempfile::TempDir, size: u64, engine: EngineKind) -> (PathBuf, Qcow2Image) {
+    let p = dir.path().join("disk.qcow2");
+    create(&p, size, None).await.expect("create");
+    let img = Qcow2Image::open(&p, Access::ReadWrite, engine).await.expect("open");
+    (p, img)
+}
+
+/// Closes `img` and checks the metadata of its file at `p` as `qemu-img check` would.
+async fn close_and_check(img: Qcow2Image, p: &Path) {
+    img.close().await.expect("close");
+    let f = std::fs::File::open(p).expect("file");
+    let (h, len) = chain::read_header(p).expect("header");
+    check::check(&f, &h, len).expect("consistent metadata");
+}
+
+/// A write into a cluster the top file holds goes straight into the file once the image thread
+/// has served one write there, and reads back, after a reopen too, with the metadata intact.
+#[tokio::test]
+async fn writes_into_held_clusters_go_straight_to_the_file() {
+    for engine in engines() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (p, img) = fresh(&dir, 4 << 20, engine).await;
+        let mut model = vec![0u8; 4 << 20];
+        let write = async |model: &mut Vec<u8>, offset: u64, data: Vec<u8>| {
+            put(&img, offset, &data).await;
+            model[offset as usize..offset as usize + data.len()].copy_from_slice(&data);
+        };
+        // The first write allocates cluster 3; the next ones into it need no metadata.
+        write(&mut model, 3 * K64 + 512, pat(4096, 1)).await;
+        assert_eq!(img.direct_writes(), 0, "{engine:?}: an allocating write went direct");
+        write(&mut model, 3 * K64 + 8192, pat(4096, 2)).await;
+        write(&mut model, 3 * K64 + 777, pat(1000, 3)).await;
+        assert_eq!(img.direct_writes(), 2, "{engine:?}");
+        // Across clusters 3 and 4: direct only once 4 is held and known too.
+        write(&mut model, 4 * K64 - 2048, pat(4096, 4)).await;
+        assert_eq!(img.direct_writes(), 2, "{engine:?}: cluster 4 was not held");
+        write(&mut model, 4 * K64 - 1024, pat(4096, 5)).await;
+        assert_eq!(img.direct_writes(), 3, "{engine:?}");
+        // Larger than a write done on the calling thread: clusters 5 and 6 first, then all.
+        write(&mut model, 5 * K64, pat(2 * K64 as usize, 6)).await;
+        write(&mut model, 3 * K64 + 100, pat(3 * K64 as usize + 300, 7)).await;
+        assert_eq!(img.direct_writes(), 4, "{engine:?}");
+        // A Stable write takes the image thread's way, which syncs.
+        img.write(3 * K64, Arc::new(IoBuf::from_vec(pat(512, 8))), Durability::Stable).await.expect("stable write");
+        model[3 * K64 as usize..3 * K64 as usize + 512].copy_from_slice(&pat(512, 8));
+        assert_eq!(img.direct_writes(), 4, "{engine:?}: a Stable write went direct");
+        assert_eq!(get(&img, 0, 4 << 20).await, model, "{engine:?}: open");
+        close_and_check(img, &p).await;
+        let img = Qcow2Image::open(&p, Access::ReadOnly, engine).await.expect("reopen");
+        assert_eq!(get(&img, 0, 4 << 20).await, model, "{engine:?}: reopened");
+    }
+}
+
+/// Zeroing makes a held cluster a zero cluster and a trim frees it for reuse: a write after
+/// either must take the image thread's way again, or it would land where the metadata no longer
+/// looks (or in the cluster now reused for other data).
+#[tokio::test]
+async fn zeroing_and_trims_send_writes_to_the_image_thread_again() {
+    for engine in engines() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (p, img) = fresh(&dir, 4 << 20, engine).await;
+        let mut model = vec![0u8; 4 << 20];
+        for c in [1u64, 2] {
+            for seed in [1u8, 2] {
+                put(&img, c * K64, &pat(K64 as usize, seed)).await;
+            }
+            model[(c * K64) as usize..((c + 1) * K64) as usize].copy_from_slice(&pat(K64 as usize, 2));
+        }
+        assert_eq!(img.direct_writes(), 2, "{engine:?}");
+
+        img.write_zeroes(K64, K64, ZeroAlloc::MayDeallocate, ZeroSpeed::FastOnly, Durability::Cached).await.expect("zeroes");
+        model[K64 as usize..2 * K64 as usize].fill(0);
+        put(&img, K64 + 4096, &pat(4096, 3)).await;
+        model[(K64 + 4096) as usize..(K64 + 8192) as usize].copy_from_slice(&pat(4096, 3));
+        assert_eq!(img.direct_writes(), 2, "{engine:?}: a write into a zeroed cluster went direct");
+        assert_eq!(get(&img, K64, K64 as usize).await, model[K64 as usize..2 * K64 as usize], "{engine:?}: zeroed cluster");
+
+        // Trim cluster 2, then allocate cluster 9, which may take its host cluster.
+        img.trim(2 * K64, K64).await.expect("trim");
+        model[2 * K64 as usize..3 * K64 as usize].fill(0);
+        put(&img, 9 * K64, &pat(K64 as usize, 4)).await;
+        model[9 * K64 as usize..10 * K64 as usize].copy_from_slice(&pat(K64 as usize, 4));
+        put(&img, 2 * K64 + 512, &pat(512, 5)).await;
+        model[(2 * K64 + 512) as usize..(2 * K64 + 1024) as usize].copy_from_slice(&pat(512, 5));
+        assert_eq!(img.direct_writes(), 2, "{engine:?}: a write into a trimmed cluster went direct");
+        assert_eq!(get(&img, 0, 4 << 20).await, model, "{engine:?}");
+        close_and_check(img, &p).await;
+    }
+}
+
+/// A write served by the image thread learns its cluster's mapping after it wrote; a zeroing
+/// or trim of that cluster in flight at the same time may change the mapping after the lookup.
+/// Whatever order the two took, a write after both must read back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mapping_learnt_beside_a_zeroing_or_trim_is_not_kept() {
+    for engine in engines() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (p, img) = fresh(&dir, 16 << 20, engine).await;
+        for round in 0..200u64 {
+            let c = round % 64;
+            let (at, len) = (c * K64 + 4096, 4096usize);
+            // Not held, so the write below takes the image thread's way and learns.
+            img.trim(c * K64, K64).await.expect("trim");
+            let first = pat(len, 1);
+            let racing = put(&img, at, &first);
+            let remap = async {
+                if round % 2 == 0 {
+                    img.write_zeroes(c * K64, K64, ZeroAlloc::MayDeallocate, ZeroSpeed::FastOnly, Durability::Cached).await
+                } else {
+                    img.trim(c * K64, K64).await
+                }
+            };
+            // Either one starts first: the write before the zeroing or trim began, or after.
+            let r = if round % 4 < 2 { tokio::join!(racing, remap).1 } else { tokio::join!(remap, racing).0 };
+            r.expect("zeroing or trim");
+            let after = pat(len, 2);
+            put(&img, at, &after).await;
+            assert_eq!(get(&img, at, len).await, after, "{engine:?}: round {round}: the write after the race was lost");
+        }
+        close_and_check(img, &p).await;
+    }
+}

@@ -23,10 +23,11 @@ use imago::{DenyImplicitOpenGate, FormatAccess, FormatDriverBuilder, ShallowMapp
 use tokio::sync::{mpsc, oneshot};
 
 use super::chain::{Layer, LayerFormat, io_error};
+use super::direct::{Learnt, Remapping};
 use super::storage::IoStorage;
 use super::{BackingSlot, Qcow2Error};
 use crate::image::{Access, Extent, ExtentState, ImageError, Result};
-use crate::io::{Durability, EngineKind, IoBuf};
+use crate::io::{Durability, EngineKind, FileIo, IoBuf};
 
 /// Most extents one `allocation` call returns; callers continue from where it stopped.
 const MAX_EXTENTS: usize = 4096;
@@ -34,9 +35,13 @@ const MAX_EXTENTS: usize = 4096;
 /// A request to the image thread.
 pub(super) enum Req {
     Read { offset: u64, buf: IoBuf, reply: oneshot::Sender<(IoBuf, Result<()>)> },
-    Write { offset: u64, buf: Arc<IoBuf>, durability: Durability, reply: oneshot::Sender<Result<()>> },
-    Zero { offset: u64, length: u64, durability: Durability, reply: oneshot::Sender<Result<()>> },
-    Trim { offset: u64, length: u64, reply: oneshot::Sender<Result<()>> },
+    /// With `learn`, the reply names the clusters of the range that a later write may write
+    /// directly (see `direct`).
+    Write { offset: u64, buf: Arc<IoBuf>, durability: Durability, learn: bool, reply: oneshot::Sender<Result<Learnt>> },
+    /// Zeroing and trims carry the guard that keeps direct writes off their clusters until
+    /// they are done here (see `direct`).
+    Zero { offset: u64, length: u64, durability: Durability, remapping: Option<Remapping>, reply: oneshot::Sender<Result<()>> },
+    Trim { offset: u64, length: u64, remapping: Option<Remapping>, reply: oneshot::Sender<Result<()>> },
     Flush { reply: oneshot::Sender<Result<()>> },
     Map { offset: u64, length: u64, limit: usize, reply: oneshot::Sender<Result<Vec<Extent>>> },
     /// What the top `depth` layers of the chain hold themselves (not falling through).
@@ -47,6 +52,8 @@ pub(super) enum Req {
 /// What the opener learns about the chain.
 pub(super) struct Opened {
     pub size: u64,
+    /// The top file, when it is open for writing.
+    pub top_io: Option<Arc<FileIo>>,
 }
 
 /// The image thread's state.
@@ -73,16 +80,19 @@ pub(super) fn imago_error(path: &std::path::Path, op: &'static str, e: io::Error
     }
 }
 
-/// Opens `chain` (top first) bottom-up with imago, every dependency given explicitly.
+/// Opens `chain` (top first) bottom-up with imago, every dependency given explicitly; also
+/// returns the top file's I/O handle.
 pub(super) async fn open_chain(
     chain: &[Layer],
     access: Access,
     engine: EngineKind,
-) -> std::result::Result<FormatAccess<IoStorage>, Qcow2Error> {
+) -> std::result::Result<(FormatAccess<IoStorage>, Arc<FileIo>), Qcow2Error> {
     let mut lower: Option<FormatAccess<IoStorage>> = None;
+    let mut top_io = None;
     for (depth, layer) in chain.iter().enumerate().rev() {
         let writable = depth == 0 && access == Access::ReadWrite;
         let storage = IoStorage::open(&layer.path, writable, engine).await.map_err(|e| io_error(&layer.path, "open", e))?;
+        top_io = Some(storage.file_io());
         let gate = DenyImplicitOpenGate::default();
         let opened = match &layer.format {
             LayerFormat::Raw => Raw::builder(storage).write(writable).open(gate).await.map(FormatAccess::new),
@@ -96,7 +106,10 @@ pub(super) async fn open_chain(
         };
         lower = Some(opened.map_err(|e| imago_error(&layer.path, "open", e))?);
     }
-    lower.ok_or_else(|| Qcow2Error::InvalidArgument { path: Default::default(), reason: "empty chain".into() })
+    match (lower, top_io) {
+        (Some(top), Some(io)) => Ok((top, io)),
+        _ => Err(Qcow2Error::InvalidArgument { path: Default::default(), reason: "empty chain".into() }),
+    }
 }
 
 /// Runs `f` on a fresh thread with a current-thread runtime and a `LocalSet`, for imago work
@@ -144,8 +157,8 @@ pub(super) async fn start(
             };
             let local = tokio::task::LocalSet::new();
             local.block_on(&rt, async move {
-                let top = match open_chain(&chain, access, engine).await {
-                    Ok(top) => top,
+                let (top, top_io) = match open_chain(&chain, access, engine).await {
+                    Ok(opened) => opened,
                     Err(e) => {
                         let _ = ready_tx.send(Err(e));
                         return;
@@ -161,7 +174,8 @@ pub(super) async fn start(
                     backing,
                     path: chain[0].path.clone(),
                 });
-                let _ = ready_tx.send(Ok(Opened { size: state.size }));
+                let top_io = state.writable.then_some(top_io);
+                let _ = ready_tx.send(Ok(Opened { size: state.size, top_io }));
                 serve(state, rx).await;
             });
         })
@@ -230,21 +244,22 @@ async fn handle(state: Rc<State>, req: Req) {
             };
             let _ = reply.send((buf, r));
         }
-        Req::Write { offset, buf, durability, reply } => {
+        Req::Write { offset, buf, durability, learn, reply } => {
             let r = async {
                 wait_for_backing(&state, offset, buf.len() as u64).await?;
                 let top = state.top.read().await;
                 top.write(&buf[..], offset).await.map_err(io_err("write", offset))?;
+                let learnt = if learn { writable_clusters(&top, state.cluster, offset, buf.len() as u64).await? } else { Vec::new() };
                 drop(top);
                 if durability == Durability::Stable {
                     flush(&state).await?;
                 }
-                Ok(())
+                Ok(learnt)
             }
             .await;
             let _ = reply.send(r);
         }
-        Req::Zero { offset, length, durability, reply } => {
+        Req::Zero { offset, length, durability, remapping, reply } => {
             let r = async {
                 wait_for_backing(&state, offset, length).await?;
                 let top = state.top.read().await;
@@ -258,10 +273,13 @@ async fn handle(state: Rc<State>, req: Req) {
                 Ok(())
             }
             .await;
+            drop(remapping);
             let _ = reply.send(r);
         }
-        Req::Trim { offset, length, reply } => {
-            let _ = reply.send(trim(&state, offset, length).await);
+        Req::Trim { offset, length, remapping, reply } => {
+            let r = trim(&state, offset, length).await;
+            drop(remapping);
+            let _ = reply.send(r);
         }
         Req::Flush { reply } => {
             let _ = reply.send(flush(&state).await);
@@ -278,6 +296,30 @@ async fn handle(state: Rc<State>, req: Req) {
             let _ = reply.send(Ok(()));
         }
     }
+}
+
+/// The clusters of `[offset, offset + length)` that the top file holds and may be written in
+/// place, as (guest cluster index, host cluster offset).
+async fn writable_clusters(top: &FormatAccess<IoStorage>, cluster: u64, offset: u64, length: u64) -> Result<Learnt> {
+    let mut out = Vec::new();
+    let (mut pos, end) = (offset / cluster * cluster, offset + length);
+    while pos < end {
+        let (mapping, l) = top.get_shallow_mapping(pos, end - pos).await.map_err(io_err("map", pos))?;
+        if l == 0 {
+            break;
+        }
+        // Whole clusters: `pos` is at a cluster's start, and a run ends at one or at `end`.
+        let run_end = (pos + l).min(end).next_multiple_of(cluster);
+        if let ShallowMapping::Raw { offset: host, writable: true, .. } = mapping {
+            let mut c = pos;
+            while c < run_end {
+                out.push((c / cluster, host + (c - pos)));
+                c += cluster;
+            }
+        }
+        pos = run_end;
+    }
+    Ok(out)
 }
 
 /// Frees whole clusters inside the range (they read as zeroes afterwards); partial clusters at
