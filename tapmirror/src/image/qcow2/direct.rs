@@ -1,5 +1,5 @@
 //! Writes into clusters the top file already holds go straight to the file, from the caller's
-//! thread, as raw images' writes do.
+//! thread, as raw images' writes do; so do reads of them.
 //!
 //! Every other request crosses to the image thread (see `worker`) and back, and bounces its
 //! data through an owned buffer for imago: a QD1 4 KiB write into an allocated cluster cost
@@ -7,7 +7,8 @@
 //! into a cluster the top file holds, with its `COPIED` flag set, changes no metadata: imago
 //! itself serves it by writing at the mapped host offset, and documents that a `Raw` mapping
 //! with `writable: true` may be written to directly. So [`Direct`] remembers such mappings,
-//! learnt from the image thread after each write it served, and writes there itself.
+//! learnt from the image thread after each read or write it served, and reads and writes there
+//! itself.
 //!
 //! What can make a remembered mapping wrong, and how each is kept out:
 //!
@@ -47,8 +48,9 @@ pub(super) struct Direct {
     /// Held shared by direct writes, and exclusively by the requests that may change a
     /// cluster's mapping (zeroing and trims).
     remap: Arc<tokio::sync::RwLock<()>>,
-    /// Writes served here.
+    /// Writes and reads served here.
     writes: AtomicU64,
+    reads: AtomicU64,
 }
 
 /// Guest cluster → host cluster offset, one direct-mapped slot per guest cluster modulo the
@@ -71,6 +73,7 @@ impl Direct {
             map: Mutex::new(Map { slots: vec![(0, 0); clusters as usize], epoch: 0 }),
             remap: Arc::new(tokio::sync::RwLock::new(())),
             writes: AtomicU64::new(0),
+            reads: AtomicU64::new(0),
         }
     }
 
@@ -133,30 +136,7 @@ impl Direct {
     /// remembered; `None` when one is not, and the image thread must serve the write.
     pub(super) async fn write(&self, offset: u64, buf: &Arc<IoBuf>) -> Option<io::Result<()>> {
         let shared = Arc::clone(&self.remap).read_owned().await;
-        // Host runs: (host offset, start and end in `buf`), merged where the clusters are
-        // adjacent in the file too.
-        let mut runs: Vec<(u64, usize, usize)> = Vec::with_capacity(1);
-        {
-            let map = self.map();
-            let n = map.slots.len() as u64;
-            let (cs, end) = (1u64 << self.cluster_bits, offset + buf.len() as u64);
-            let mut at = offset;
-            while at < end {
-                let c = at >> self.cluster_bits;
-                let (key, host_cluster) = map.slots[(c % n) as usize];
-                if key != c + 1 {
-                    return None;
-                }
-                let take = ((c + 1) * cs).min(end) - at;
-                let host = host_cluster + (at - c * cs);
-                let (start, stop) = ((at - offset) as usize, (at - offset + take) as usize);
-                match runs.last_mut() {
-                    Some(last) if last.0 + (last.2 - last.1) as u64 == host => last.2 = stop,
-                    _ => runs.push((host, start, stop)),
-                }
-                at += take;
-            }
-        }
+        let runs = self.runs(offset, buf.len())?;
         self.writes.fetch_add(1, Ordering::Relaxed);
         let mut runs = runs.into_iter().peekable();
         while let Some(&(host, start, stop)) = runs.peek() {
@@ -178,6 +158,54 @@ impl Direct {
             Ok(())
         });
         Some(task.await.unwrap_or_else(|e| Err(io::Error::other(e))))
+    }
+}
+
+impl Direct {
+    /// Reads guest `[offset, offset + buf.len())` straight from the file if it lies in clusters
+    /// that are remembered and adjacent in the file; gives `buf` back when not, for the image
+    /// thread. A read needs no task of its own: one whose future is dropped mid-flight may read
+    /// a cluster a trim frees meanwhile, into a buffer nobody looks at.
+    pub(super) async fn read(&self, offset: u64, buf: IoBuf) -> std::result::Result<(IoBuf, io::Result<()>), IoBuf> {
+        let _shared = self.remap.read().await;
+        let host = match self.runs(offset, buf.len()).as_deref() {
+            Some(&[(host, _, _)]) => host,
+            _ => return Err(buf),
+        };
+        self.reads.fetch_add(1, Ordering::Relaxed);
+        Ok(self.io.read_exact_at(buf, host).await)
+    }
+
+    /// Reads served here so far.
+    pub(super) fn reads(&self) -> u64 {
+        self.reads.load(Ordering::Relaxed)
+    }
+
+    /// Where guest `[offset, offset + len)` lies in the file, if every cluster of it is
+    /// remembered: (host offset, start and end within the range), merged where clusters are
+    /// adjacent in the file too.
+    fn runs(&self, offset: u64, len: usize) -> Option<Vec<(u64, usize, usize)>> {
+        let mut runs: Vec<(u64, usize, usize)> = Vec::with_capacity(1);
+        let map = self.map();
+        let n = map.slots.len() as u64;
+        let (cs, end) = (1u64 << self.cluster_bits, offset + len as u64);
+        let mut at = offset;
+        while at < end {
+            let c = at >> self.cluster_bits;
+            let (key, host_cluster) = map.slots[(c % n) as usize];
+            if key != c + 1 {
+                return None;
+            }
+            let take = ((c + 1) * cs).min(end) - at;
+            let host = host_cluster + (at - c * cs);
+            let (start, stop) = ((at - offset) as usize, (at - offset + take) as usize);
+            match runs.last_mut() {
+                Some(last) if last.0 + (last.2 - last.1) as u64 == host => last.2 = stop,
+                _ => runs.push((host, start, stop)),
+            }
+            at += take;
+        }
+        Some(runs)
     }
 }
 

@@ -389,6 +389,11 @@ impl Qcow2Image {
         self.direct.as_ref().map_or(0, |d| d.writes())
     }
 
+    /// Reads served straight from the top file, likewise.
+    pub fn direct_reads(&self) -> u64 {
+        self.direct.as_ref().map_or(0, |d| d.reads())
+    }
+
     /// For a request that may change what clusters map to: see `direct`.
     async fn remapping(&self, offset: u64, length: u64) -> Option<direct::Remapping> {
         match &self.direct {
@@ -445,12 +450,24 @@ impl Image for Qcow2Image {
         if let Err(e) = check_range(offset, buf.len() as u64, self.size) {
             return (buf, Err(e));
         }
+        let buf = match &self.direct {
+            Some(d) => match d.read(offset, buf).await {
+                Ok((buf, r)) => return (buf, r.map_err(|source| ImageError::Io { op: "read", offset, source })),
+                Err(buf) => buf,
+            },
+            None => buf,
+        };
+        let epoch = self.direct.as_ref().map(|d| d.epoch());
         let (reply, rx) = oneshot::channel();
-        if let Err(mpsc::error::SendError(req)) = self.tx.send(Req::Read { offset, buf, reply }) {
+        if let Err(mpsc::error::SendError(req)) = self.tx.send(Req::Read { offset, buf, learn: epoch.is_some(), reply }) {
             let Req::Read { buf, .. } = req else { unreachable!() };
             return (buf, Err(gone("read", offset)));
         }
-        rx.await.unwrap_or_else(|_| (IoBuf::new(0), Err(gone("read", offset))))
+        let (buf, r) = rx.await.unwrap_or_else(|_| (IoBuf::new(0), Err(gone("read", offset))));
+        if let (Some(d), Some(epoch), Ok(learnt)) = (&self.direct, epoch, &r) {
+            d.learn(epoch, learnt);
+        }
+        (buf, r.map(drop))
     }
 
     async fn write(&self, offset: u64, buf: Arc<IoBuf>, durability: Durability) -> Result<()> {

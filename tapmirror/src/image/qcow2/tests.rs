@@ -435,8 +435,18 @@ async fn writes_into_held_clusters_go_straight_to_the_file() {
         model[3 * K64 as usize..3 * K64 as usize + 512].copy_from_slice(&pat(512, 8));
         assert_eq!(img.direct_writes(), 4, "{engine:?}: a Stable write went direct");
         assert_eq!(get(&img, 0, 4 << 20).await, model, "{engine:?}: open");
+        // Reads of known clusters, within one run of the file, go straight to it too; a read
+        // the image thread served teaches it the clusters it read.
+        let reads = img.direct_reads();
+        assert_eq!(get(&img, 3 * K64 + 700, 5000).await, model[3 * K64 as usize + 700..][..5000], "{engine:?}");
+        assert_eq!(img.direct_reads(), reads + 1, "{engine:?}");
         close_and_check(img, &p).await;
-        let img = Qcow2Image::open(&p, Access::ReadOnly, engine).await.expect("reopen");
+
+        let img = Qcow2Image::open(&p, Access::ReadWrite, engine).await.expect("reopen");
+        for _ in 0..2 {
+            assert_eq!(get(&img, 5 * K64 + 512, 512).await, model[5 * K64 as usize + 512..][..512], "{engine:?}");
+        }
+        assert_eq!(img.direct_reads(), 1, "{engine:?}: the second read of a cluster the first taught");
         assert_eq!(get(&img, 0, 4 << 20).await, model, "{engine:?}: reopened");
     }
 }

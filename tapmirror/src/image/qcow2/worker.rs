@@ -34,9 +34,9 @@ const MAX_EXTENTS: usize = 4096;
 
 /// A request to the image thread.
 pub(super) enum Req {
-    Read { offset: u64, buf: IoBuf, reply: oneshot::Sender<(IoBuf, Result<()>)> },
-    /// With `learn`, the reply names the clusters of the range that a later write may write
-    /// directly (see `direct`).
+    /// With `learn`, the reply names the clusters of the range that a later read or write may
+    /// reach directly (see `direct`); so for writes.
+    Read { offset: u64, buf: IoBuf, learn: bool, reply: oneshot::Sender<(IoBuf, Result<Learnt>)> },
     Write { offset: u64, buf: Arc<IoBuf>, durability: Durability, learn: bool, reply: oneshot::Sender<Result<Learnt>> },
     /// Zeroing and trims carry the guard that keeps direct writes off their clusters until
     /// they are done here (see `direct`).
@@ -237,11 +237,13 @@ async fn flush(state: &State) -> Result<()> {
 
 async fn handle(state: Rc<State>, req: Req) {
     match req {
-        Req::Read { offset, mut buf, reply } => {
-            let r = {
+        Req::Read { offset, mut buf, learn, reply } => {
+            let r = async {
                 let top = state.top.read().await;
-                top.read(&mut buf[..], offset).await.map_err(io_err("read", offset))
-            };
+                top.read(&mut buf[..], offset).await.map_err(io_err("read", offset))?;
+                if learn { writable_clusters(&top, state.cluster, offset, buf.len() as u64).await } else { Ok(Vec::new()) }
+            }
+            .await;
             let _ = reply.send((buf, r));
         }
         Req::Write { offset, buf, durability, learn, reply } => {
