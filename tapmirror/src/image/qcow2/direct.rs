@@ -12,15 +12,20 @@
 //!
 //! What can make a remembered mapping wrong, and how each is kept out:
 //!
-//! - **Zeroing** turns whole clusters into zero clusters that keep their host clusters, and a
-//!   **trim** frees them for reuse (as data or as metadata). Both run under [`Direct::remap`]
-//!   held exclusively, so no direct write is in flight meanwhile, and forget their range before
-//!   and after they run. The guard travels with the request to the image thread and is let go
-//!   there when the request is done, even if its caller has gone (a dropped future must not
-//!   free the lock while the thread still frees clusters). A direct write likewise holds its
-//!   shared guard until its bytes are written: a small one is a `pwrite` on the calling
-//!   thread, done when it returns; a larger one runs as a task of its own, since an io_uring
-//!   write outlives a dropped future.
+//! - **Zeroing** turns whole clusters into zero clusters that keep their host clusters (imago
+//!   promises that of `write_zeroes`): a direct write still in flight then lands in a cluster
+//!   nobody reads, which is an order two overlapping requests may take. So zeroing only forgets
+//!   its range, when it starts and when it is done.
+//! - **A trim** frees clusters for reuse, as data or as metadata, where a late direct write
+//!   would destroy what now lives there. A trim forgets its range likewise and runs under
+//!   [`Direct::remap`] held exclusively, so no direct write is in flight meanwhile. The guard
+//!   travels with the request to the image thread and is let go there when the request is
+//!   done, even if its caller has gone (a dropped future must not free the lock while the
+//!   thread still frees clusters). A direct write holds its shared guard until its bytes are
+//!   written: a small one is a `pwrite` on the calling thread, done when it returns; a larger
+//!   one runs as a task of its own, since an io_uring write outlives a dropped future.
+//!   Zeroing does not take the guard because it may wait a long time, for a backing still being
+//!   filled (`worker::wait_for_backing`), and would hold up every direct write meanwhile.
 //! - **A mapping learnt across one of those.** A write served by the image thread learns its
 //!   mappings after it wrote, and that lookup may have run before a zeroing that ended since.
 //!   Each zeroing and trim bumps [`Map::epoch`] at its start and at its end; a write keeps
@@ -45,8 +50,7 @@ pub(super) struct Direct {
     io: Arc<FileIo>,
     cluster_bits: u32,
     map: Mutex<Map>,
-    /// Held shared by direct writes, and exclusively by the requests that may change a
-    /// cluster's mapping (zeroing and trims).
+    /// Held shared by direct reads and writes, and exclusively by trims.
     remap: Arc<tokio::sync::RwLock<()>>,
     /// Writes and reads served here.
     writes: AtomicU64,
@@ -61,7 +65,8 @@ struct Map {
     epoch: u64,
 }
 
-/// A mapping the image thread found after a write: guest cluster index, host cluster offset.
+/// Mappings the image thread found after a read or write: guest cluster index, host cluster
+/// offset.
 pub(super) type Learnt = Vec<(u64, u64)>;
 
 impl Direct {
@@ -104,10 +109,14 @@ impl Direct {
         }
     }
 
-    /// Waits until no direct write is in flight and holds them off, forgetting the mappings of
-    /// `[offset, offset + length)` now and again when the guard is dropped.
-    pub(super) async fn remapping(self: &Arc<Self>, offset: u64, length: u64) -> Remapping {
-        let guard = Arc::clone(&self.remap).write_owned().await;
+    /// Forgets the mappings of `[offset, offset + length)` now and again when the guard is
+    /// dropped. With `exclusive` (a trim), first waits until no direct read or write is in
+    /// flight, and holds them off until then.
+    pub(super) async fn remapping(self: &Arc<Self>, offset: u64, length: u64, exclusive: bool) -> Remapping {
+        let guard = match exclusive {
+            true => Some(Arc::clone(&self.remap).write_owned().await),
+            false => None,
+        };
         self.forget(offset, length);
         Remapping { direct: Arc::clone(self), offset, length, _guard: guard }
     }
@@ -215,7 +224,7 @@ pub(super) struct Remapping {
     direct: Arc<Direct>,
     offset: u64,
     length: u64,
-    _guard: tokio::sync::OwnedRwLockWriteGuard<()>,
+    _guard: Option<tokio::sync::OwnedRwLockWriteGuard<()>>,
 }
 
 impl Drop for Remapping {

@@ -395,9 +395,9 @@ impl Qcow2Image {
     }
 
     /// For a request that may change what clusters map to: see `direct`.
-    async fn remapping(&self, offset: u64, length: u64) -> Option<direct::Remapping> {
+    async fn remapping(&self, offset: u64, length: u64, exclusive: bool) -> Option<direct::Remapping> {
         match &self.direct {
-            Some(d) => Some(d.remapping(offset, length).await),
+            Some(d) => Some(d.remapping(offset, length, exclusive).await),
             None => None,
         }
     }
@@ -505,7 +505,7 @@ impl Image for Qcow2Image {
             return Err(ImageError::NotFast);
         }
         // Zero clusters keep their host clusters, so both ZeroAlloc modes are served alike.
-        let remapping = self.remapping(offset, length).await;
+        let remapping = self.remapping(offset, length, false).await;
         self.call("write zeroes", offset, |reply| Req::Zero { offset, length, durability, remapping, reply }).await
     }
 
@@ -515,7 +515,7 @@ impl Image for Qcow2Image {
         if length == 0 {
             return Ok(());
         }
-        let remapping = self.remapping(offset, length).await;
+        let remapping = self.remapping(offset, length, true).await;
         self.call("trim", offset, |reply| Req::Trim { offset, length, remapping, reply }).await
     }
 

@@ -265,6 +265,50 @@ async fn a_partial_write_waits_for_the_backing_cluster_when_filling() {
     assert_eq!(filler.calls.lock().expect("lock").len(), 1, "complete: no more waiting");
 }
 
+/// A backing fill that holds every wait until it is given a permit.
+struct Gate(Arc<tokio::sync::Semaphore>);
+
+impl BackingFill for Gate {
+    fn ready(&self, _offset: u64, _length: u64) -> Pin<Box<dyn Future<Output = io::Result<()>> + Send + 'static>> {
+        let permits = Arc::clone(&self.0);
+        Box::pin(async move { permits.acquire().await.map(|p| p.forget()).map_err(io::Error::other) })
+    }
+}
+
+/// A zeroing of part of a cluster still falling through to a backing being filled waits for
+/// the fill, which may take long; writes straight into clusters the overlay holds go on
+/// meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zeroing_waiting_for_the_backing_holds_up_no_direct_write() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (base, top) = (dir.path().join("base.qcow2"), dir.path().join("top.qcow2"));
+    create(&base, 1 << 20, None).await.expect("base");
+    create_overlay(&top, &base).await.expect("overlay with 64 KiB clusters");
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let fill: Arc<dyn BackingFill> = Arc::new(Gate(Arc::clone(&gate)));
+    let t = Qcow2Image::open_with(&top, Access::ReadWrite, EngineKind::Portable, BackingState::Filling(fill)).await.expect("open");
+    put(&t, 3 * K64, &pat(K64 as usize, 1)).await;
+    put(&t, 3 * K64 + 512, &pat(512, 2)).await;
+    assert_eq!(t.direct_writes(), 1);
+
+    let zeroing = t.write_zeroes(K64 + 512, 512, ZeroAlloc::MayDeallocate, ZeroSpeed::Any, Durability::Cached);
+    let beside = async {
+        let data = Arc::new(IoBuf::from_vec(pat(512, 3)));
+        let r = tokio::time::timeout(std::time::Duration::from_secs(5), t.write(3 * K64 + 1024, data, Durability::Cached)).await;
+        gate.add_permits(1);
+        r
+    };
+    let (zeroed, written) = tokio::join!(zeroing, beside);
+    zeroed.expect("zeroes");
+    written.expect("a direct write waited for the zeroing's backing fill").expect("write");
+    assert_eq!(t.direct_writes(), 2);
+    let mut want = pat(K64 as usize, 1);
+    want[512..1024].copy_from_slice(&pat(512, 2));
+    want[1024..1536].copy_from_slice(&pat(512, 3));
+    assert_eq!(get(&t, 3 * K64, K64 as usize).await, want);
+    assert!(get(&t, K64, K64 as usize).await.iter().all(|&b| b == 0));
+}
+
 #[tokio::test]
 async fn broken_chains_and_files_give_named_errors_and_stay_untouched() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -38,8 +38,8 @@ pub(super) enum Req {
     /// reach directly (see `direct`); so for writes.
     Read { offset: u64, buf: IoBuf, learn: bool, reply: oneshot::Sender<(IoBuf, Result<Learnt>)> },
     Write { offset: u64, buf: Arc<IoBuf>, durability: Durability, learn: bool, reply: oneshot::Sender<Result<Learnt>> },
-    /// Zeroing and trims carry the guard that keeps direct writes off their clusters until
-    /// they are done here (see `direct`).
+    /// Zeroing and trims carry the guard that keeps their clusters' mappings forgotten (and,
+    /// for a trim, direct reads and writes off) until they are done here (see `direct`).
     Zero { offset: u64, length: u64, durability: Durability, remapping: Option<Remapping>, reply: oneshot::Sender<Result<()>> },
     Trim { offset: u64, length: u64, remapping: Option<Remapping>, reply: oneshot::Sender<Result<()>> },
     Flush { reply: oneshot::Sender<Result<()>> },
