@@ -87,17 +87,22 @@ impl Direct {
         self.writes.load(Ordering::Relaxed)
     }
 
+    /// Reads served here so far.
+    pub(super) fn reads(&self) -> u64 {
+        self.reads.load(Ordering::Relaxed)
+    }
+
     fn map(&self) -> std::sync::MutexGuard<'_, Map> {
         self.map.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The epoch a write served by the image thread begins under.
+    /// The epoch a read or write served by the image thread begins under.
     pub(super) fn epoch(&self) -> u64 {
         self.map().epoch
     }
 
-    /// Remembers what a write that began under `epoch` learnt, unless a zeroing or trim began
-    /// or ended since.
+    /// Remembers what a read or write that began under `epoch` learnt, unless a zeroing or
+    /// trim began or ended since.
     pub(super) fn learn(&self, epoch: u64, learnt: &[(u64, u64)]) {
         let mut map = self.map();
         if map.epoch != epoch {
@@ -183,11 +188,6 @@ impl Direct {
         };
         self.reads.fetch_add(1, Ordering::Relaxed);
         Ok(self.io.read_exact_at(buf, host).await)
-    }
-
-    /// Reads served here so far.
-    pub(super) fn reads(&self) -> u64 {
-        self.reads.load(Ordering::Relaxed)
     }
 
     /// Where guest `[offset, offset + len)` lies in the file, if every cluster of it is
