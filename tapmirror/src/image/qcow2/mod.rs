@@ -3,7 +3,7 @@
 //!
 //! ```text
 //!  Qcow2Image (Image: Send futures)
-//!      │ a write into a cluster the top file holds ─▶ the top file directly (`direct`)
+//!      │ a read or write in clusters the top file holds ─▶ the top file directly (`direct`)
 //!      │ anything else: Req + owned IoBuf over a channel, reply over a oneshot
 //!      ▼
 //!  image thread: current-thread runtime + LocalSet, one local task per request
@@ -15,8 +15,8 @@
 //!
 //! Files: `header` parses and rewrites the qcow2 header, `chain` resolves backing chains,
 //! `storage` puts imago's `Storage` trait on our `FileIo`, `worker` owns the open chain,
-//! `direct` writes into clusters the top file holds without it, `check` walks metadata like
-//! `qemu-img check`.
+//! `direct` reads and writes clusters the top file holds without it, `check` walks metadata
+//! like `qemu-img check`.
 //!
 //! # Does imago's `Storage` sit on our `FileIo`? Yes, for one copy per request
 //!
@@ -32,8 +32,8 @@
 //!   `IoBuf` is lent to imago on the image thread.
 //! - imago's format layer uses `async_trait(?Send)`, so its futures are not `Send` and cannot run
 //!   as tasks of the multi-threaded runtime. Each open image gets its own thread (see `worker`);
-//!   the price is a channel hop per request, which writes into clusters the top file already
-//!   holds skip (see `direct`). imago's own `file::File` driver would not help
+//!   the price is a channel hop per request, which reads and writes in clusters the top file
+//!   already holds skip (see `direct`). imago's own `file::File` driver would not help
 //!   there either: in async mode it calls `preadv`/`pwritev` synchronously inside its futures,
 //!   blocking whichever thread polls them and serialising every request of the image.
 //!
@@ -265,7 +265,8 @@ pub struct Qcow2Image {
     access: Access,
     engine: EngineKind,
     backing: Arc<BackingSlot>,
-    /// Writes into clusters the top file holds, without the image thread (open for writing).
+    /// Reads and writes in clusters the top file holds, without the image thread (open for
+    /// writing).
     direct: Option<Arc<direct::Direct>>,
 }
 

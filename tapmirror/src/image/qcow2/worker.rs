@@ -34,8 +34,8 @@ const MAX_EXTENTS: usize = 4096;
 
 /// A request to the image thread.
 pub(super) enum Req {
-    /// With `learn`, the reply names the clusters of the range that a later read or write may
-    /// reach directly (see `direct`); so for writes.
+    /// With `learn`, the reply of a read or write names the clusters of its range that later
+    /// ones may reach directly (see `direct`).
     Read { offset: u64, buf: IoBuf, learn: bool, reply: oneshot::Sender<(IoBuf, Result<Learnt>)> },
     Write { offset: u64, buf: Arc<IoBuf>, durability: Durability, learn: bool, reply: oneshot::Sender<Result<Learnt>> },
     /// Zeroing and trims carry the guard that keeps their clusters' mappings forgotten (and,
@@ -241,7 +241,7 @@ async fn handle(state: Rc<State>, req: Req) {
             let r = async {
                 let top = state.top.read().await;
                 top.read(&mut buf[..], offset).await.map_err(io_err("read", offset))?;
-                if learn { writable_clusters(&top, state.cluster, offset, buf.len() as u64).await } else { Ok(Vec::new()) }
+                Ok(if learn { writable_clusters(&top, state.cluster, offset, buf.len() as u64).await } else { Vec::new() })
             }
             .await;
             let _ = reply.send((buf, r));
@@ -251,7 +251,7 @@ async fn handle(state: Rc<State>, req: Req) {
                 wait_for_backing(&state, offset, buf.len() as u64).await?;
                 let top = state.top.read().await;
                 top.write(&buf[..], offset).await.map_err(io_err("write", offset))?;
-                let learnt = if learn { writable_clusters(&top, state.cluster, offset, buf.len() as u64).await? } else { Vec::new() };
+                let learnt = if learn { writable_clusters(&top, state.cluster, offset, buf.len() as u64).await } else { Vec::new() };
                 drop(top);
                 if durability == Durability::Stable {
                     flush(&state).await?;
@@ -301,12 +301,13 @@ async fn handle(state: Rc<State>, req: Req) {
 }
 
 /// The clusters of `[offset, offset + length)` that the top file holds and may be written in
-/// place, as (guest cluster index, host cluster offset).
-async fn writable_clusters(top: &FormatAccess<IoStorage>, cluster: u64, offset: u64, length: u64) -> Result<Learnt> {
+/// place, as (guest cluster index, host cluster offset). Only an aid: a lookup that fails ends
+/// the list there, and the request it follows succeeded all the same.
+async fn writable_clusters(top: &FormatAccess<IoStorage>, cluster: u64, offset: u64, length: u64) -> Learnt {
     let mut out = Vec::new();
     let (mut pos, end) = (offset / cluster * cluster, offset + length);
     while pos < end {
-        let (mapping, l) = top.get_shallow_mapping(pos, end - pos).await.map_err(io_err("map", pos))?;
+        let Ok((mapping, l)) = top.get_shallow_mapping(pos, end - pos).await else { break };
         if l == 0 {
             break;
         }
@@ -321,7 +322,7 @@ async fn writable_clusters(top: &FormatAccess<IoStorage>, cluster: u64, offset: 
         }
         pos = run_end;
     }
-    Ok(out)
+    out
 }
 
 /// Frees whole clusters inside the range (they read as zeroes afterwards); partial clusters at
