@@ -3,8 +3,8 @@
 //! on drop, deterministic data, the `tapmirror` program for crates that only link the library
 //! ([`tapmirror_exe`]), reaping the datapaths a failed test leaves ([`reap_datapaths`]), a tmpfs
 //! to fill ([`Tmpfs`]), and a guest of our own that writes unaligned runs over NBD and keeps the
-//! model of what the disk must hold. Not part of the data path; public so that tests in other crates of the workspace
-//! use the same plumbing rather than a copy of it.
+//! model of what the disk must hold. Not part of the data path; public so that tests in other
+//! crates of the workspace use the same plumbing rather than a copy of it.
 //!
 //! # Finding `tapmirror`
 //!

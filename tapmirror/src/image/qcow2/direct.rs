@@ -52,8 +52,9 @@ pub(super) struct Direct {
     map: Mutex<Map>,
     /// Held shared by direct reads and writes, and exclusively by trims.
     remap: Arc<tokio::sync::RwLock<()>>,
-    /// Writes and reads served here.
+    /// Writes served here.
     writes: AtomicU64,
+    /// Reads served here.
     reads: AtomicU64,
 }
 
@@ -173,9 +174,7 @@ impl Direct {
         });
         Some(task.await.unwrap_or_else(|e| Err(io::Error::other(e))))
     }
-}
 
-impl Direct {
     /// Reads guest `[offset, offset + buf.len())` straight from the file if it lies in clusters
     /// that are remembered and adjacent in the file; gives `buf` back when not, for the image
     /// thread. A read needs no task of its own: one whose future is dropped mid-flight may read

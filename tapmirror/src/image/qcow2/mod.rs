@@ -451,14 +451,15 @@ impl Image for Qcow2Image {
         if let Err(e) = check_range(offset, buf.len() as u64, self.size) {
             return (buf, Err(e));
         }
-        let buf = match &self.direct {
+        // Not served directly: the image thread's answer teaches the direct path, unless a
+        // zeroing or trim came in between (the epoch).
+        let (buf, epoch) = match &self.direct {
             Some(d) => match d.read(offset, buf).await {
                 Ok((buf, r)) => return (buf, r.map_err(|source| ImageError::Io { op: "read", offset, source })),
-                Err(buf) => buf,
+                Err(buf) => (buf, Some(d.epoch())),
             },
-            None => buf,
+            None => (buf, None),
         };
-        let epoch = self.direct.as_ref().map(|d| d.epoch());
         let (reply, rx) = oneshot::channel();
         if let Err(mpsc::error::SendError(req)) = self.tx.send(Req::Read { offset, buf, learn: epoch.is_some(), reply }) {
             let Req::Read { buf, .. } = req else { unreachable!() };
