@@ -18,6 +18,7 @@ pub mod vhd;
 
 use std::future::Future;
 use std::io;
+use std::path::Path;
 use std::sync::Arc;
 
 use crate::io::{Durability, IoBuf};
@@ -194,6 +195,15 @@ pub trait Image: Send + Sync + 'static {
 
 /// How often `tapmirror serve` writes out lagging metadata ([`Image::sync_metadata`]).
 pub const METADATA_SYNC_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Whether `path` is something an image can live in: a regular file or a block device. A FIFO
+/// named as a backing or parent would block its open for ever, and a character device
+/// (`/dev/zero`, a terminal) is no disk. Asked before a chain's files are opened.
+pub fn holds_an_image(path: &Path) -> io::Result<bool> {
+    use std::os::unix::fs::FileTypeExt;
+    let kind = std::fs::metadata(path)?.file_type();
+    Ok(kind.is_file() || kind.is_block_device())
+}
 
 /// Checks that `[offset, offset + length)` lies inside `size`.
 pub fn check_range(offset: u64, length: u64, size: u64) -> Result<()> {

@@ -92,6 +92,15 @@ pub fn read_header_of(file: &File, path: &Path) -> Result<(Header, u64), Qcow2Er
     Ok((h, file_len))
 }
 
+/// Refuses what cannot hold an image (see [`crate::image::holds_an_image`]) before it is opened.
+pub fn require_image_file(path: &Path) -> Result<(), Qcow2Error> {
+    match crate::image::holds_an_image(path) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(Qcow2Error::Unsupported { path: path.to_owned(), what: "not a regular file or block device".into() }),
+        Err(e) => Err(io_error(path, "stat", e)),
+    }
+}
+
 /// Whether the file at `path` starts with the qcow2 magic.
 fn has_qcow2_magic(path: &Path) -> io::Result<bool> {
     let mut head = [0u8; 4];
@@ -108,6 +117,7 @@ fn has_qcow2_magic(path: &Path) -> io::Result<bool> {
 
 /// Opens one layer of known (or probed) format.
 fn layer(path: &Path, format: Option<&str>) -> Result<Layer, Qcow2Error> {
+    require_image_file(path)?;
     let qcow2 = match format {
         Some("qcow2") => true,
         Some("raw") | Some("file") => false,

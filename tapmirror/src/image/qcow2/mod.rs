@@ -561,6 +561,7 @@ async fn resolve_for_open(path: &Path) -> std::result::Result<Vec<chain::Layer>,
 
 fn require_qcow2(path: &Path) -> std::result::Result<(), Qcow2Error> {
     use std::io::Read;
+    chain::require_image_file(path)?;
     let mut head = [0u8; 4];
     let mut f = std::fs::File::open(path).map_err(|e| io_error(path, "open", e))?;
     let n = f.read(&mut head).map_err(|e| io_error(path, "read", e))?;

@@ -334,6 +334,15 @@ async fn broken_chains_and_files_give_named_errors_and_stay_untouched() {
     assert!(matches!(check(&d.join("top.qcow2")).await, Err(Qcow2Error::MissingBacking { .. })));
     assert_eq!(std::fs::read(d.join("top.qcow2")).expect("read"), before);
 
+    // A FIFO where the backing should be: refused at once rather than blocking the open.
+    let made = std::process::Command::new("mkfifo").arg(d.join("base.qcow2")).status().expect("mkfifo");
+    assert!(made.success());
+    let top = d.join("top.qcow2");
+    let opened = Qcow2Image::open(&top, Access::ReadOnly, EngineKind::Portable);
+    let e = tokio::time::timeout(std::time::Duration::from_secs(10), opened).await.expect("open returns").err();
+    assert!(matches!(e, Some(Qcow2Error::Unsupported { ref what, .. }) if what.contains("not a regular file")), "{e:?}");
+    std::fs::remove_file(d.join("base.qcow2")).expect("remove fifo");
+
     // A loop: moved -> top -> moved, written behind rebase's back.
     rebase(&d.join("top.qcow2"), &d.join("moved.qcow2")).await.expect("rebase");
     let e = rebase(&d.join("moved.qcow2"), &d.join("top.qcow2")).await.err();

@@ -42,6 +42,11 @@ pub struct Layer {
 
 /// Opens and validates one file.
 pub fn open_file(path: &Path, mode: LeafMode) -> Result<Layer> {
+    match crate::image::holds_an_image(path) {
+        Ok(true) => {}
+        Ok(false) => return Err(VhdError::unsupported(path, "not a regular file or block device")),
+        Err(e) => return Err(VhdError::io(path, "open", e)),
+    }
     let file = OpenOptions::new()
         .read(true)
         .write(mode == LeafMode::ReadWrite)

@@ -534,6 +534,18 @@ async fn missing_and_wrong_parents_and_loops_are_reported() {
     let e = check(&child).expect_err("wrong");
     assert_eq!(e.kind(), VhdErrorKind::MissingParent);
     assert!(e.to_string().contains("wrong parent UUID"), "{e}");
+    // A FIFO where the parent should be: refused at once rather than blocking the open for
+    // ever (on a thread, so that a hang fails the test instead of stalling it).
+    std::fs::remove_file(&base).expect("remove impostor");
+    let made = std::process::Command::new("mkfifo").arg(&base).status().expect("mkfifo");
+    assert!(made.success());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let c = child.clone();
+    std::thread::spawn(move || tx.send(check(&c).map(|_| ())));
+    let e = rx.recv_timeout(std::time::Duration::from_secs(10)).expect("check returns").expect_err("fifo");
+    assert_eq!(e.kind(), VhdErrorKind::Unsupported, "{e}");
+    assert!(e.to_string().contains("not a regular file"), "{e}");
+    std::fs::remove_file(&base).expect("remove fifo");
     std::fs::rename(&saved, &base).expect("restore");
     check(&child).expect("check");
     // A loop: a differencing disk whose locators and parent UUID name itself.
