@@ -311,7 +311,58 @@ def vhd_seeds():
     return s
 
 
+def qcow2_seeds():
+    """Made by qemu-img and qemu-io (the peer whose files the driver must read), in a scratch
+    folder beside the backings the qcow2_parse target provides. Skipped without qemu-img."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    if shutil.which("qemu-img") is None or shutil.which("qemu-io") is None:
+        print("qemu-img or qemu-io missing: qcow2_parse seeds not written")
+        return None
+    s = {}
+    with tempfile.TemporaryDirectory() as d:
+        # Stand-ins for the target's backings, which qemu-io opens for the overlays' writes.
+        with open(os.path.join(d, "base.raw"), "wb") as f:
+            f.truncate(1 << 20)
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=512",
+                        os.path.join(d, "base.qcow2"), "1M"], check=True)
+
+        def img(name, opts, size="1M", writes=(), backing=None, convert_compressed=False):
+            path = os.path.join(d, name)
+            cmd = ["qemu-img", "create", "-q", "-f", "qcow2", "-o", opts]
+            if backing is not None:
+                cmd += ["-u", "-b", backing[0], "-F", backing[1]]
+            subprocess.run(cmd + [path, size], check=True)
+            for w in writes:
+                subprocess.run(["qemu-io", "-f", "qcow2", "-c", w, path], check=True, stdout=subprocess.DEVNULL)
+            if convert_compressed:
+                out = path + ".c"
+                subprocess.run(["qemu-img", "convert", "-q", "-c", "-O", "qcow2", "-o", opts, path, out], check=True)
+                path = out
+            with open(path, "rb") as f:
+                s[name] = f.read()
+
+        data = ("write -P 0xab 0 4k", "write -P 0xcd 300k 1k", "write -z 512k 64k")
+        s_opts = "cluster_size=512"
+        img("v3_512_empty", s_opts)
+        img("v3_512_data", s_opts, writes=data)
+        img("v2_4k_data", "compat=0.10,cluster_size=4096", writes=data)
+        img("v3_4k_refcount1", "cluster_size=4096,refcount_bits=1", writes=data)
+        img("v3_4k_refcount64", "cluster_size=4096,refcount_bits=64", writes=data)
+        img("v3_64k_data", "cluster_size=65536", writes=("write -P 0x11 0 64k",))
+        img("v3_4k_compressed", "cluster_size=4096", writes=("write -P 0x22 0 16k",), convert_compressed=True)
+        img("overlay_on_raw", s_opts, writes=("write -P 0x33 4k 1k",), backing=("base.raw", "raw"))
+        img("overlay_on_qcow2", s_opts, writes=("write -P 0x44 8k 512",), backing=("base.qcow2", "qcow2"))
+        img("overlay_missing_backing", s_opts, backing=("missing.qcow2", "qcow2"))
+    return s
+
+
 if __name__ == "__main__":
     write("nbd_server", server_seeds())
     write("nbd_proto", proto_seeds())
     write("vhd_parse", vhd_seeds())
+    qcow2 = qcow2_seeds()
+    if qcow2 is not None:
+        write("qcow2_parse", qcow2)

@@ -19,6 +19,8 @@
 
 #![no_main]
 
+mod common;
+
 use std::fs::File;
 use std::sync::Arc;
 use std::sync::OnceLock;
@@ -54,12 +56,7 @@ struct Harness {
 fn harness() -> &'static Harness {
     static H: OnceLock<Harness> = OnceLock::new();
     H.get_or_init(|| {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            // The portable engine runs file I/O on the blocking pool; keep it small on shared CPUs.
-            .max_blocking_threads(2)
-            .build()
-            .expect("tokio runtime");
+        let rt = common::runtime();
         let tmp = tempfile::Builder::new().prefix("tapmirror-fuzz-").suffix(".raw").tempfile().expect("temp file");
         RawImage::create(tmp.path(), SIZE).expect("create raw image");
         let image =

@@ -16,38 +16,20 @@
 
 #![no_main]
 
-use std::path::PathBuf;
+mod common;
+
+use common::FileHarness;
+
 use std::sync::{Arc, OnceLock};
 
 use libfuzzer_sys::fuzz_target;
 use tapmirror::image::vhd::{self, CrashSafety, VhdImage};
 use tapmirror::image::{Access, Image};
 use tapmirror::io::{Durability, EngineKind, IoBuf};
-use tokio::runtime::Runtime;
 
-struct Harness {
-    rt: Runtime,
-    _dir: tempfile::TempDir,
-    path: PathBuf,
-}
-
-fn harness() -> &'static Harness {
-    static H: OnceLock<Harness> = OnceLock::new();
-    H.get_or_init(|| {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .max_blocking_threads(2)
-            .build()
-            .expect("runtime");
-        let dir = if std::path::Path::new("/dev/shm").is_dir() {
-            tempfile::tempdir_in("/dev/shm")
-        } else {
-            tempfile::tempdir()
-        }
-        .expect("tempdir");
-        let path = dir.path().join("fuzz.vhd");
-        Harness { rt, _dir: dir, path }
-    })
+fn harness() -> &'static FileHarness {
+    static H: OnceLock<FileHarness> = OnceLock::new();
+    H.get_or_init(|| FileHarness::new("fuzz.vhd"))
 }
 
 fuzz_target!(|data: &[u8]| {

@@ -168,6 +168,73 @@ pub fn quick(file: &File, h: &Header, file_len: u64) -> Result<(), CheckError> {
     Ok(())
 }
 
+/// What a writable open checks on top of [`quick`]: every cluster of the metadata that imago
+/// reads or rewrites (the header, the active L1 table, the refcount table and blocks, the active
+/// L2 tables, the snapshot table and the snapshots' L1 tables) has a stored refcount above
+/// zero. imago allocates clusters whose refcount is 0, so a metadata cluster counted free would
+/// be handed out and overwritten by the next allocating write; and with the refcounts of the
+/// header's range missing, imago 0.2.6's allocator recursed until the image thread's stack
+/// overflowed, taking the whole process with it (found by `tapmirror/fuzz`'s `qcow2_parse`).
+/// Reads only the refcount blocks that cover the metadata, not the L2 tables' entries: far
+/// cheaper than the full [`check`], which stays an explicit step.
+pub fn for_writing(file: &File, h: &Header, file_len: u64) -> Result<(), CheckError> {
+    quick(file, h, file_len)?;
+    let cs = h.cluster_size();
+    let rt_entries = u64::from(h.refcount_table_clusters) * cs / 8;
+    let table = read_table(file, h.refcount_table_offset, rt_entries)?;
+    let mut metadata: Vec<(u64, u64, &'static str)> = vec![
+        (0, cs, "header"),
+        (h.l1_table_offset, u64::from(h.l1_size) * 8, "L1 table"),
+        (h.refcount_table_offset, rt_entries * 8, "refcount table"),
+    ];
+    metadata.extend(table.iter().map(|e| e & !0x1ff).filter(|&off| off != 0).map(|off| (off, cs, "refcount block")));
+    let l1 = read_table(file, h.l1_table_offset, u64::from(h.l1_size))?;
+    metadata.extend(l1.iter().map(|e| e & OFFSET_MASK).filter(|&off| off != 0).map(|off| (off, cs, "L2 table")));
+    let snapshots = snapshots(file, h, file_len)?;
+    metadata.push((h.snapshots_offset, snapshots.table_len, "snapshot table"));
+    metadata.extend(snapshots.l1s.iter().map(|&(off, size)| (off, u64::from(size) * 8, "snapshot L1 table")));
+    // In file order, so that each refcount block is read once.
+    metadata.sort_unstable();
+    let mut stored = Stored { file, table, order: h.refcount_order, per_block: (cs * 8) >> h.refcount_order, cached: None, cs };
+    for (offset, len, what) in metadata.into_iter().filter(|&(_, len, _)| len > 0) {
+        for c in offset / cs..=(offset + len - 1) / cs {
+            if stored.get(c)? == 0 {
+                return Err(corrupt(format!(
+                    "the {what} at {offset:#x} lies in cluster {c}, whose refcount is 0: the next allocation would overwrite it"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The internal snapshots' L1 tables, and the length of the table that lists them.
+struct Snapshots {
+    l1s: Vec<(u64, u32)>,
+    table_len: u64,
+}
+
+fn snapshots(file: &File, h: &Header, file_len: u64) -> Result<Snapshots, CheckError> {
+    let cs = h.cluster_size();
+    let mut l1s = Vec::new();
+    let mut at = h.snapshots_offset;
+    for n in 0..h.nb_snapshots {
+        let mut fixed = [0u8; 40];
+        file.read_exact_at(&mut fixed, at).map_err(|_| corrupt(format!("snapshot {n} lies beyond the end of the file")))?;
+        let l1_off = u64::from_be_bytes(fixed[0..8].try_into().unwrap_or([0; 8]));
+        let l1_size = u32::from_be_bytes(fixed[8..12].try_into().unwrap_or([0; 4]));
+        let id_len = u64::from(u16::from_be_bytes([fixed[12], fixed[13]]));
+        let name_len = u64::from(u16::from_be_bytes([fixed[14], fixed[15]]));
+        let extra = u64::from(u32::from_be_bytes(fixed[36..40].try_into().unwrap_or([0; 4])));
+        at += (40 + extra + id_len + name_len).next_multiple_of(8);
+        if !l1_off.is_multiple_of(cs) || l1_off + u64::from(l1_size) * 8 > file_len {
+            return Err(corrupt(format!("snapshot {n}'s L1 table at {l1_off:#x} is unaligned or beyond the end of the file")));
+        }
+        l1s.push((l1_off, l1_size));
+    }
+    Ok(Snapshots { l1s, table_len: at - h.snapshots_offset })
+}
+
 /// Counts references per host cluster.
 struct Refs {
     counts: Vec<u16>,
@@ -288,26 +355,12 @@ pub fn check(file: &File, h: &Header, file_len: u64) -> Result<u64, CheckError> 
     }
 
     // Internal snapshots: their table, L1 tables and everything those reach.
-    if h.nb_snapshots > 0 {
-        let mut at = h.snapshots_offset;
-        for n in 0..h.nb_snapshots {
-            let mut fixed = [0u8; 40];
-            file.read_exact_at(&mut fixed, at)
-                .map_err(|_| corrupt(format!("snapshot {n} lies beyond the end of the file")))?;
-            let l1_off = u64::from_be_bytes(fixed[0..8].try_into().unwrap_or([0; 8]));
-            let l1_size = u32::from_be_bytes(fixed[8..12].try_into().unwrap_or([0; 4]));
-            let id_len = u64::from(u16::from_be_bytes([fixed[12], fixed[13]]));
-            let name_len = u64::from(u16::from_be_bytes([fixed[14], fixed[15]]));
-            let extra = u64::from(u32::from_be_bytes(fixed[36..40].try_into().unwrap_or([0; 4])));
-            at += (40 + extra + id_len + name_len).next_multiple_of(8);
-            if !l1_off.is_multiple_of(cs) || l1_off + u64::from(l1_size) * 8 > file_len {
-                return Err(corrupt(format!("snapshot {n}'s L1 table at {l1_off:#x} is unaligned or beyond the end of the file")));
-            }
-            refs.add(l1_off, u64::from(l1_size) * 8, "snapshot L1 table")?;
-            for_each_l2(file, h, l1_off, l1_size, file_len, |i, e, l2| count_l2(&mut refs, i, e & OFFSET_MASK, l2, false))?;
-        }
-        refs.add(h.snapshots_offset, at - h.snapshots_offset, "snapshot table")?;
+    let snapshots = snapshots(file, h, file_len)?;
+    for &(l1_off, l1_size) in &snapshots.l1s {
+        refs.add(l1_off, u64::from(l1_size) * 8, "snapshot L1 table")?;
+        for_each_l2(file, h, l1_off, l1_size, file_len, |i, e, l2| count_l2(&mut refs, i, e & OFFSET_MASK, l2, false))?;
     }
+    refs.add(h.snapshots_offset, snapshots.table_len, "snapshot table")?;
 
     // Persistent bitmaps, counted only when QEMU would load them.
     if h.autoclear & AUTOCLEAR_BITMAPS != 0

@@ -223,10 +223,12 @@ impl Header {
             let kind = be32(buf, at);
             let len = be32(buf, at + 4) as usize;
             at += 8;
+            // The end marker's length is checked too, as QEMU and imago do: they refuse an image
+            // whose end marker claims more than the cluster holds.
+            let end = at.checked_add(len).filter(|&e| e <= limit).ok_or_else(|| corrupt("header extension runs past the first cluster"))?;
             if kind == 0 {
                 break;
             }
-            let end = at.checked_add(len).filter(|&e| e <= limit).ok_or_else(|| corrupt("header extension runs past the first cluster"))?;
             extensions.push(Extension { kind, data: buf[at..end].to_vec() });
             at += len.next_multiple_of(8);
         }
@@ -487,6 +489,18 @@ mod tests {
         d.incompatible = INCOMPAT_EXTENDED_L2;
         assert!(matches!(d.validate(4 << 16), Err(Problem::Unsupported(m)) if m.contains("subclusters")));
         assert!(matches!(Header::parse(&b"QFI\xfb\0\0\0\x03"[..]), Err(Problem::Corrupt(m)) if m.contains("too short")));
+    }
+
+    #[test]
+    fn an_end_marker_that_claims_more_than_the_cluster_is_refused() {
+        let mut b = sample(9, None);
+        assert!(Header::parse(&b).is_ok());
+        // The end marker at 104: type 0, and a length past the 512-byte cluster (a fuzzer's
+        // find, which QEMU and imago refuse as well).
+        b[108..112].copy_from_slice(&1000u32.to_be_bytes());
+        assert!(matches!(Header::parse(&b), Err(Problem::Corrupt(m)) if m.contains("past the first cluster")));
+        b[108..112].copy_from_slice(&400u32.to_be_bytes());
+        assert!(Header::parse(&b).is_ok(), "an end marker's length within the cluster is accepted, as QEMU does");
     }
 
     #[test]

@@ -307,7 +307,7 @@ impl Qcow2Image {
         engine: EngineKind,
         backing: BackingState,
     ) -> std::result::Result<Qcow2Image, Qcow2Error> {
-        let chain = resolve_for_open(path).await?;
+        let chain = resolve_for_open(path, access).await?;
         let paths = chain.iter().map(|l| l.path.clone()).collect();
         let (cluster_size, version) = chain[0].header().map(|h| (h.cluster_size(), h.version)).unwrap_or((65536, 3));
         if access == Access::ReadWrite && chain[0].header().is_some_and(Header::has_valid_bitmaps) {
@@ -542,16 +542,22 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f).await.map_err(|e| io_error(path, "run blocking task", io::Error::other(e)))?
 }
 
-/// Resolves and checks the chain of the qcow2 image at `path` for opening.
-async fn resolve_for_open(path: &Path) -> std::result::Result<Vec<chain::Layer>, Qcow2Error> {
+/// Resolves the chain at `path` and checks each layer's metadata as far as an open needs: the
+/// top one further when it is to be written (`check::for_writing`).
+async fn resolve_for_open(path: &Path, access: Access) -> std::result::Result<Vec<chain::Layer>, Qcow2Error> {
     let p = path.to_owned();
     blocking(path, move || {
         require_qcow2(&p)?;
         let chain = chain::resolve(&p, Some("qcow2"))?;
-        for layer in &chain {
+        for (i, layer) in chain.iter().enumerate() {
             if let Some(h) = layer.header() {
                 let f = std::fs::File::open(&layer.path).map_err(|e| io_error(&layer.path, "open", e))?;
-                check::quick(&f, h, layer.file_len).map_err(|e| check_error(&layer.path, e))?;
+                let checked = if i == 0 && access == Access::ReadWrite {
+                    check::for_writing(&f, h, layer.file_len)
+                } else {
+                    check::quick(&f, h, layer.file_len)
+                };
+                checked.map_err(|e| check_error(&layer.path, e))?;
             }
         }
         Ok(chain)
@@ -734,7 +740,7 @@ pub async fn rebase(path: &Path, new_backing: &Path) -> std::result::Result<(), 
 /// Growing an overlay zeroes the new area where a longer backing would otherwise show through;
 /// shrinking drops the data past the new end. The image must not be open.
 pub async fn resize(path: &Path, new_size: u64) -> std::result::Result<(), Qcow2Error> {
-    let chain = resolve_for_open(path).await?;
+    let chain = resolve_for_open(path, Access::ReadWrite).await?;
     let bits = chain[0].header().map(|h| h.cluster_bits).unwrap_or(16);
     check_size(path, new_size, bits)?;
     let p = path.to_owned();

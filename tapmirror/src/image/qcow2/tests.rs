@@ -398,6 +398,51 @@ async fn check_finds_leaks_and_refcounts_that_are_too_small() {
 }
 
 #[tokio::test]
+async fn a_writable_open_refuses_metadata_counted_free_and_leaves_the_file_untouched() {
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = dir.path().join("m.qcow2");
+    create(&p, 1 << 20, Some(512)).await.expect("create");
+    {
+        let t = Qcow2Image::open(&p, Access::ReadWrite, EngineKind::Portable).await.expect("open");
+        put(&t, 0, &pat(4096, 3)).await;
+        t.close().await.expect("close");
+    }
+    let (h, _) = chain::read_header(&p).expect("header");
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(&p).expect("open");
+    let entry = |at: u64| {
+        let mut b = [0u8; 8];
+        f.read_exact_at(&mut b, at).expect("read entry");
+        u64::from_be_bytes(b)
+    };
+    let block = entry(h.refcount_table_offset);
+    let l2 = entry(h.l1_table_offset) & 0x00ff_ffff_ffff_fe00;
+    assert!(block != 0 && l2 != 0, "the image has a refcount block and an L2 table");
+
+    // The L2 table's cluster counted free: the next allocation could hand it out as data.
+    let l2_refcount = block + (l2 / 512) * 2;
+    f.write_all_at(&0u16.to_be_bytes(), l2_refcount).expect("refcount 0");
+    let before = std::fs::read(&p).expect("read");
+    let e = Qcow2Image::open(&p, Access::ReadWrite, EngineKind::Portable).await.err();
+    assert!(matches!(e, Some(Qcow2Error::Corrupt { ref reason, .. }) if reason.contains("L2 table") && reason.contains("refcount is 0")), "{e:?}");
+    assert_eq!(std::fs::read(&p).expect("read"), before);
+    f.write_all_at(&1u16.to_be_bytes(), l2_refcount).expect("refcount back");
+
+    // No refcount block for the first clusters at all (the fuzzer's find: imago's allocator
+    // then recursed until the image thread's stack overflowed, killing the process).
+    f.write_all_at(&0u64.to_be_bytes(), h.refcount_table_offset).expect("drop the block");
+    let before = std::fs::read(&p).expect("read");
+    let e = Qcow2Image::open(&p, Access::ReadWrite, EngineKind::Portable).await.err();
+    assert!(matches!(e, Some(Qcow2Error::Corrupt { ref reason, .. }) if reason.contains("header") && reason.contains("refcount is 0")), "{e:?}");
+    assert_eq!(std::fs::read(&p).expect("read"), before);
+    assert!(matches!(resize(&p, 2 << 20).await, Err(Qcow2Error::Corrupt { .. })), "resize writes too");
+    assert_eq!(std::fs::read(&p).expect("read"), before);
+    // Reading allocates nothing, so a read-only open still serves the data.
+    let r = Qcow2Image::open(&p, Access::ReadOnly, EngineKind::Portable).await.expect("read-only open");
+    assert_eq!(get(&r, 0, 4096).await, pat(4096, 3));
+}
+
+#[tokio::test]
 async fn rebase_and_resize_keep_content() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
