@@ -17,11 +17,15 @@
    guest over the same windows with no mirror, so the host's and the kernel's own share of a
    ratio shows.
 
-    benches/mirror-vs-qemu.py [--size-mib N] [--seconds S] [--part 1|2|all]
+    benches/mirror-vs-qemu.py [--size-mib N] [--seconds S] [--part 1|2|all] [--rounds N]
+
+With --rounds N, part 1 runs its five cases N times, every other round in reverse order, and
+prints the median (and range) of the ratios taken within each round: on a host whose speed
+drifts, cases a few seconds apart compare better than one case against another run's.
 
 Needs cargo, fio, qemu-nbd, qemu-storage-daemon. Prints each figure and the ratios.
 """
-import argparse, json, os, shutil, socket, subprocess, sys, tempfile, time
+import argparse, json, os, shutil, socket, statistics, subprocess, sys, tempfile, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -207,38 +211,52 @@ class Bench:
         return f"nbd+unix:///src?socket={sock}", q
 
     # Part 1 -----------------------------------------------------------------------------
-    def qd1_latency(self):
+    def qd1_latency(self, reverse=False):
+        """One round of the five cases; `reverse` runs them in the opposite order, so that a
+        host that drifts over a run of rounds biases no case."""
+        def no_mirror():
+            uri, _ = self.tapmirror("tm-off")
+            return fio(uri, self.seconds)
+
+        def sync_into_qemu_nbd():
+            tgt = self.target("tm-tgt")
+            uri, ctl = self.tapmirror("tm-sync")
+            self.ctl(ctl, "mirror-attach", "--target", f"nbd+unix:///?socket={tgt}")
+            r = fio(uri, self.seconds)
+            assert self.ctl(ctl, "stats")["mirror"]["state"] == "ready"
+            return r
+
+        def sync_into_tapmirror():
+            tgt_uri, _ = self.tapmirror("tm-tgt2")
+            uri, ctl = self.tapmirror("tm-sync2")
+            self.ctl(ctl, "mirror-attach", "--target", tgt_uri)
+            r = fio(uri, self.seconds)
+            assert self.ctl(ctl, "stats")["mirror"]["state"] == "ready"
+            return r
+
+        def qsd_no_mirror():
+            uri, _ = self.qsd("qsd-off")
+            return fio(uri, self.seconds)
+
+        def qsd_write_blocking():
+            tgt = self.target("qsd-tgt")
+            uri, q = self.qsd("qsd-wb", tgt)
+            q.cmd("blockdev-mirror", **{"job-id": "m0", "device": "src", "target": "tgt", "sync": "full",
+                                        "copy-mode": "write-blocking"})
+            q.wait_event("BLOCK_JOB_READY")
+            return fio(uri, self.seconds)
+
+        cases = [("tapmirror, no mirror", no_mirror), ("tapmirror, sync mirror", sync_into_qemu_nbd),
+                 ("tapmirror, sync mirror into tapmirror", sync_into_tapmirror),
+                 ("qemu-storage-daemon, no mirror", qsd_no_mirror),
+                 ("qemu-storage-daemon, write-blocking mirror", qsd_write_blocking)]
         out = {}
-        uri, _ = self.tapmirror("tm-off")
-        out["tapmirror, no mirror"] = fio(uri, self.seconds)
-        self.stop_all()
-
-        tgt = self.target("tm-tgt")
-        uri, ctl = self.tapmirror("tm-sync")
-        self.ctl(ctl, "mirror-attach", "--target", f"nbd+unix:///?socket={tgt}")
-        out["tapmirror, sync mirror"] = fio(uri, self.seconds)
-        assert self.ctl(ctl, "stats")["mirror"]["state"] == "ready"
-        self.stop_all()
-
-        tgt_uri, _ = self.tapmirror("tm-tgt2")
-        uri, ctl = self.tapmirror("tm-sync2")
-        self.ctl(ctl, "mirror-attach", "--target", tgt_uri)
-        out["tapmirror, sync mirror into tapmirror"] = fio(uri, self.seconds)
-        assert self.ctl(ctl, "stats")["mirror"]["state"] == "ready"
-        self.stop_all()
-
-        uri, _ = self.qsd("qsd-off")
-        out["qemu-storage-daemon, no mirror"] = fio(uri, self.seconds)
-        self.stop_all()
-
-        tgt = self.target("qsd-tgt")
-        uri, q = self.qsd("qsd-wb", tgt)
-        q.cmd("blockdev-mirror", **{"job-id": "m0", "device": "src", "target": "tgt", "sync": "full",
-                                    "copy-mode": "write-blocking"})
-        q.wait_event("BLOCK_JOB_READY")
-        out["qemu-storage-daemon, write-blocking mirror"] = fio(uri, self.seconds)
-        self.stop_all()
-        return out
+        for name, run in (reversed(cases) if reverse else cases):
+            try:
+                out[name] = run()
+            finally:
+                self.stop_all()
+        return {name: out[name] for name, _ in cases}
 
     # Part 2 -----------------------------------------------------------------------------
     def convergence(self, rate_iops):
@@ -342,17 +360,28 @@ STALL_WINDOW = 0.2
 
 
 def report_latency(b, a):
-    lat = b.qd1_latency()
-    print(f"guest 4 KiB random writes, QD1, {a.seconds} s each; image {a.size_mib} MiB")
-    print(f"{'case':45} {'IOPS':>8} {'mean us':>8} {'p99 us':>8}")
-    for n, r in lat.items():
-        print(f"{n:45} {r['iops']:8.0f} {r['mean_us']:8.1f} {r['p99_us']:8.1f}")
-    ours, off, qemu = lat["tapmirror, sync mirror"], lat["tapmirror, no mirror"], lat["qemu-storage-daemon, write-blocking mirror"]
-    into = lat["tapmirror, sync mirror into tapmirror"]
-    for name, r in (("into qemu-nbd", ours), ("into tapmirror", into)):
-        print(f"sync mirror {name:15} vs qemu write-blocking: mean {r['mean_us'] / qemu['mean_us']:.2f}x, "
-              f"p99 {r['p99_us'] / qemu['p99_us']:.2f}x (bar: < 1);  vs unmirrored: mean "
-              f"{r['mean_us'] / off['mean_us']:.2f}x, p99 {r['p99_us'] / off['p99_us']:.2f}x (bar: <= 1.5)")
+    print(f"guest 4 KiB random writes, QD1, {a.seconds} s each; image {a.size_mib} MiB; {a.rounds} round(s), "
+          "every other one in reverse order")
+    ratios = {"into qemu-nbd": [], "into tapmirror": []}
+    for i in range(a.rounds):
+        lat = b.qd1_latency(reverse=i % 2 == 1)
+        print(f"{'case' if a.rounds == 1 else f'round {i + 1}':45} {'IOPS':>8} {'mean us':>8} {'p99 us':>8}")
+        for n, r in lat.items():
+            print(f"{n:45} {r['iops']:8.0f} {r['mean_us']:8.1f} {r['p99_us']:8.1f}")
+        off, qemu = lat["tapmirror, no mirror"], lat["qemu-storage-daemon, write-blocking mirror"]
+        for name, r in (("into qemu-nbd", lat["tapmirror, sync mirror"]), ("into tapmirror", lat["tapmirror, sync mirror into tapmirror"])):
+            ratios[name].append((r["mean_us"] / qemu["mean_us"], r["p99_us"] / qemu["p99_us"],
+                                 r["mean_us"] / off["mean_us"], r["p99_us"] / off["p99_us"]))
+    for name, rs in ratios.items():
+        # Ratios within a round, whose cases ran a few seconds apart; over rounds, the median
+        # and the range.
+        med = [statistics.median(r[k] for r in rs) for k in range(4)]
+        spread = "" if len(rs) == 1 else "  (range: " + ", ".join(
+            f"{min(r[k] for r in rs):.2f}-{max(r[k] for r in rs):.2f}" for k in range(4)) + ")"
+        print(f"sync mirror {name:15} vs qemu write-blocking: mean {med[0]:.2f}x, p99 {med[1]:.2f}x (bar: < 1);  "
+              f"vs unmirrored: mean {med[2]:.2f}x, p99 {med[3]:.2f}x (bar: <= 1.5){spread}")
+    if a.rounds > 1:
+        print("(each ratio is the median over the rounds of the ratio within a round)")
 
 
 def report_convergence(b, a):
@@ -397,6 +426,7 @@ def main():
     ap.add_argument("--seconds", type=int, default=8)
     ap.add_argument("--rate-iops", type=int, default=2000)
     ap.add_argument("--part", choices=("1", "2", "all"), default="all", help="QD1 latency (1), full mirror (2)")
+    ap.add_argument("--rounds", type=int, default=1, help="part 1: rounds of all its cases (medians of the ratios within each)")
     a = ap.parse_args()
     b = Bench(a.size_mib, a.seconds)
     try:
