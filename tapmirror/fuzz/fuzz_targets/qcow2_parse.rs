@@ -90,7 +90,7 @@ fuzz_target!(|data: &[u8]| {
             let n = (size - off).min(65536) as usize;
             let (_, r) = within("read", img.read(off, IoBuf::new(n))).await;
             if sound && let Err(e) = r {
-                assert!(data_error(&e), "read of a sound image: {e}");
+                assert!(data_error(&e), "read of a sound image: {e:?}");
             }
         }
         let map = within("allocation", img.allocation(0, size.min(4 << 20), 64)).await;
@@ -106,7 +106,7 @@ fuzz_target!(|data: &[u8]| {
             match (w, r) {
                 (Ok(()), Ok(())) => assert!(b[..] == payload[..], "written bytes do not read back"),
                 (Ok(()), Err(e)) => panic!("a write succeeded but reading it back failed: {e}"),
-                (Err(e), _) if sound => assert!(data_error(&e), "write to a sound image: {e}"),
+                (Err(e), _) if sound => assert!(data_error(&e), "write to a sound image: {e:?}"),
                 (Err(_), _) => {}
             }
         }

@@ -442,6 +442,32 @@ async fn a_writable_open_refuses_metadata_counted_free_and_leaves_the_file_untou
     assert_eq!(get(&r, 0, 4096).await, pat(4096, 3));
 }
 
+/// Found by the `qcow2_parse` fuzz target: a file cut short inside its last data cluster (QEMU
+/// reads the missing part as zeroes, and so does imago through our storage layer) failed the
+/// second read of that cluster, the first one served straight from the file.
+#[tokio::test]
+async fn a_cluster_cut_short_by_the_end_of_the_file_reads_as_zeroes_past_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = dir.path().join("cut.qcow2");
+    create(&p, 1 << 20, None).await.expect("create");
+    {
+        let t = Qcow2Image::open(&p, Access::ReadWrite, EngineKind::Portable).await.expect("open");
+        put(&t, 0, &pat(K64 as usize, 7)).await;
+        t.close().await.expect("close");
+    }
+    let len = std::fs::metadata(&p).expect("stat").len();
+    std::fs::OpenOptions::new().write(true).open(&p).expect("open").set_len(len - K64 / 2).expect("cut");
+    let mut want = pat(K64 as usize / 2, 7);
+    want.resize(K64 as usize, 0);
+    for engine in engines() {
+        let img = Qcow2Image::open(&p, Access::ReadWrite, engine).await.expect("open");
+        assert_eq!(get(&img, 0, K64 as usize).await, want, "{engine:?}: through the image thread");
+        assert_eq!(get(&img, 0, K64 as usize).await, want, "{engine:?}: again, once the cluster is known");
+        assert_eq!(get(&img, 4096, 4096).await, want[4096..8192], "{engine:?}: inside the part the file holds");
+        assert!(img.direct_reads() >= 1, "{engine:?}: the part the file holds is still read straight from it");
+    }
+}
+
 #[tokio::test]
 async fn rebase_and_resize_keep_content() {
     let dir = tempfile::tempdir().expect("tempdir");
