@@ -315,6 +315,24 @@ async fn overlay_rebase_and_resize_keep_content() {
 }
 
 /// Copies `src` to `dst` and applies `damage` to the copy's bytes.
+/// Opening `path` read-write fails with a corrupt-image error naming it and saying `says`;
+/// `check`, `resize` and `rebase` (onto `good`) refuse it too; and the file is as it was.
+async fn refused_untouched(path: &Path, good: &Path, name: &str, says: &str) {
+    let before = std::fs::read(path).expect("read");
+    let e = Qcow2Image::open(path, Access::ReadWrite, engine()).await.err();
+    match &e {
+        Some(Qcow2Error::Corrupt { path: p, reason }) => {
+            assert_eq!(p, path);
+            assert!(reason.contains(says), "{name}: {reason}");
+        }
+        other => panic!("{name}: expected a corrupt-image error, got {other:?}"),
+    }
+    assert!(matches!(qcow2::check(path).await, Err(Qcow2Error::Corrupt { .. })), "{name}: check");
+    assert!(matches!(qcow2::resize(path, 8 << 20).await, Err(Qcow2Error::Corrupt { .. })), "{name}: resize");
+    assert!(matches!(qcow2::rebase(path, good).await, Err(Qcow2Error::Corrupt { .. })), "{name}: rebase");
+    assert_eq!(std::fs::read(path).expect("read"), before, "{name}: the file was modified");
+}
+
 fn damaged(src: &Path, dst: &Path, damage: impl FnOnce(&mut Vec<u8>)) -> PathBuf {
     let mut bytes = std::fs::read(src).expect("read");
     damage(&mut bytes);
@@ -347,20 +365,30 @@ async fn corrupt_truncated_and_orphaned_images_are_refused_untouched() {
     ];
     for (name, damage, says) in cases {
         let path = damaged(&good, &d.join(format!("{name}.qcow2")), damage);
-        let before = std::fs::read(&path).expect("read");
-        let e = Qcow2Image::open(&path, Access::ReadWrite, engine()).await.err();
-        match &e {
-            Some(Qcow2Error::Corrupt { path: p, reason }) => {
-                assert_eq!(p, &path);
-                assert!(reason.contains(says), "{name}: {reason}");
-            }
-            other => panic!("{name}: expected a corrupt-image error, got {other:?}"),
-        }
-        assert!(matches!(qcow2::check(&path).await, Err(Qcow2Error::Corrupt { .. })), "{name}: check");
-        assert!(matches!(qcow2::resize(&path, 8 << 20).await, Err(Qcow2Error::Corrupt { .. })), "{name}: resize");
-        assert!(matches!(qcow2::rebase(&path, &good).await, Err(Qcow2Error::Corrupt { .. })), "{name}: rebase");
-        assert_eq!(std::fs::read(&path).expect("read"), before, "{name}: the file was modified");
+        refused_untouched(&path, &good, name, says).await;
     }
+
+    // The header's cluster counted free (the qcow2_parse fuzz target's find: the first write
+    // that allocated then overflowed imago's stack). QEMU calls it corrupt too.
+    let rb = {
+        let b = std::fs::read(&good).expect("read");
+        let rt = u64::from_be_bytes(b[48..56].try_into().expect("8"));
+        u64::from_be_bytes(b[rt as usize..rt as usize + 8].try_into().expect("8")) as usize
+    };
+    let free_header = damaged(&good, &d.join("header-counted-free.qcow2"), |b| b[rb..rb + 2].fill(0));
+    let out = Command::new("qemu-img").arg("check").arg(&free_header).output().expect("qemu-img check");
+    assert_eq!(out.status.code(), Some(2), "qemu-img check calls it corrupt");
+    refused_untouched(&free_header, &good, "header-counted-free", "refcount is 0").await;
+
+    // A snapshot whose L1 table lies at an offset that overflows when its size is added.
+    let snap = damaged(&good, &d.join("snap.qcow2"), |_| {});
+    run(Command::new("qemu-img").args(["snapshot", "-c", "s1"]).arg(&snap));
+    let far = damaged(&snap, &d.join("snapshot-l1-far.qcow2"), |b| {
+        let table = u64::from_be_bytes(b[64..72].try_into().expect("8")) as usize;
+        b[table..table + 8].copy_from_slice(&0xffff_ffff_ffff_0000u64.to_be_bytes());
+        b[table + 8..table + 12].copy_from_slice(&0x1_0000u32.to_be_bytes());
+    });
+    refused_untouched(&far, &good, "snapshot-l1-far", "snapshot 0's L1 table").await;
 
     // A dirty image (lazy refcounts left unwritten) is refused with the way out.
     let dirty = damaged(&good, &d.join("dirty.qcow2"), |b| b[79] |= 1);

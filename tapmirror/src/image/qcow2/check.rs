@@ -227,7 +227,7 @@ fn snapshots(file: &File, h: &Header, file_len: u64) -> Result<Snapshots, CheckE
         let name_len = u64::from(u16::from_be_bytes([fixed[14], fixed[15]]));
         let extra = u64::from(u32::from_be_bytes(fixed[36..40].try_into().unwrap_or([0; 4])));
         at += (40 + extra + id_len + name_len).next_multiple_of(8);
-        if !l1_off.is_multiple_of(cs) || l1_off + u64::from(l1_size) * 8 > file_len {
+        if !l1_off.is_multiple_of(cs) || l1_off.checked_add(u64::from(l1_size) * 8).is_none_or(|end| end > file_len) {
             return Err(corrupt(format!("snapshot {n}'s L1 table at {l1_off:#x} is unaligned or beyond the end of the file")));
         }
         l1s.push((l1_off, l1_size));

@@ -712,7 +712,8 @@ pub async fn rebase(path: &Path, new_backing: &Path) -> std::result::Result<(), 
         require_qcow2(&p)?;
         let file = std::fs::OpenOptions::new().read(true).write(true).open(&p).map_err(|e| io_error(&p, "open", e))?;
         let (h, file_len) = chain::read_header_of(&file, &p)?;
-        check::quick(&file, &h, file_len).map_err(|e| check_error(&p, e))?;
+        // It writes only the header, but into an image it would then take to be writable.
+        check::for_writing(&file, &h, file_len).map_err(|e| check_error(&p, e))?;
         let new_chain = chain::resolve(&b, None)?;
         let me = std::fs::canonicalize(&p).map_err(|e| io_error(&p, "resolve path", e))?;
         for layer in &new_chain {
