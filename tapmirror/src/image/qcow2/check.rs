@@ -147,6 +147,11 @@ pub fn allocated_bytes(file: &File, h: &Header, file_len: u64) -> Result<u64, Ch
 /// is well-formed and points at a whole cluster inside the file. (A truncated file fails here
 /// instead of reading its lost tables as zeroes and being "repaired" by the next write.)
 pub fn quick(file: &File, h: &Header, file_len: u64) -> Result<(), CheckError> {
+    quick_tables(file, h, file_len).map(drop)
+}
+
+/// [`quick`], giving back the active L1 table and the refcount table it read.
+fn quick_tables(file: &File, h: &Header, file_len: u64) -> Result<(Vec<u64>, Vec<u64>), CheckError> {
     let cs = h.cluster_size();
     let l1 = read_table(file, h.l1_table_offset, u64::from(h.l1_size))?;
     for (i, &e) in l1.iter().enumerate() {
@@ -165,7 +170,7 @@ pub fn quick(file: &File, h: &Header, file_len: u64) -> Result<(), CheckError> {
             return Err(corrupt(format!("refcount table entry {i} ({e:#x}) is malformed or beyond the end of the file")));
         }
     }
-    Ok(())
+    Ok((l1, rt))
 }
 
 /// What a writable open checks on top of [`quick`]: every cluster of the metadata that imago
@@ -178,17 +183,15 @@ pub fn quick(file: &File, h: &Header, file_len: u64) -> Result<(), CheckError> {
 /// Reads only the refcount blocks that cover the metadata, not the L2 tables' entries: far
 /// cheaper than the full [`check`], which stays an explicit step.
 pub fn for_writing(file: &File, h: &Header, file_len: u64) -> Result<(), CheckError> {
-    quick(file, h, file_len)?;
+    let (l1, table) = quick_tables(file, h, file_len)?;
     let cs = h.cluster_size();
-    let rt_entries = u64::from(h.refcount_table_clusters) * cs / 8;
-    let table = read_table(file, h.refcount_table_offset, rt_entries)?;
+    let rt_entries = table.len() as u64;
     let mut metadata: Vec<(u64, u64, &'static str)> = vec![
         (0, cs, "header"),
         (h.l1_table_offset, u64::from(h.l1_size) * 8, "L1 table"),
         (h.refcount_table_offset, rt_entries * 8, "refcount table"),
     ];
     metadata.extend(table.iter().map(|e| e & !0x1ff).filter(|&off| off != 0).map(|off| (off, cs, "refcount block")));
-    let l1 = read_table(file, h.l1_table_offset, u64::from(h.l1_size))?;
     metadata.extend(l1.iter().map(|e| e & OFFSET_MASK).filter(|&off| off != 0).map(|off| (off, cs, "L2 table")));
     let snapshots = snapshots(file, h, file_len)?;
     metadata.push((h.snapshots_offset, snapshots.table_len, "snapshot table"));
