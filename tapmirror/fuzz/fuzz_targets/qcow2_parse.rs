@@ -4,14 +4,15 @@
 //!
 //! Each input is written to `fuzz.qcow2` in a private temporary folder (on `/dev/shm` when it
 //! exists), beside two backing files the seeds name: `base.raw` and `base.qcow2`. Then:
-//! - `info`, `check` and `Qcow2Image::open` (read-write, portable engine) must not panic, and
-//!   an image that `check` passes must open;
+//! - `info`, `check` and `Qcow2Image::open` (read-write; the portable engine, or io_uring with
+//!   `TAPMIRROR_IO_ENGINE=uring`) must not panic, and an image that `check` passes must open;
 //! - when the open fails, the file's bytes must be exactly the input (nothing writes to a file
 //!   that failed validation);
-//! - when it succeeds: reads of the first and last 64 KiB and the allocation map of the first
-//!   4 MiB must not panic, and must succeed if `check` passed; one small unaligned write
-//!   (offset and bytes from the input) must read back if `check` passed; and after `close`, a
-//!   file that `check` passed must still pass it (a write never breaks a sound file).
+//! - when it succeeds: reads of the first and last 64 KiB, the allocation map of the first
+//!   4 MiB and one small unaligned write (offset and bytes from the input) must not panic, and
+//!   must succeed if `check` passed (but for compressed data that does not decompress: `check`
+//!   reads metadata only) and the write must read back; and after `close`, a file that `check`
+//!   passed must still pass it (a write never breaks a sound file).
 //!
 //! Backing names are followed as the driver follows them: relative to the folder, or absolute.
 //! Backings are only ever opened read-only.
@@ -53,6 +54,16 @@ fn data_error(e: &tapmirror::image::ImageError) -> bool {
     e.to_string().contains("decompress") || format!("{e:?}").contains("decompress")
 }
 
+/// The portable engine, or io_uring with `TAPMIRROR_IO_ENGINE=uring` (as `tapmirror serve`
+/// reads it).
+fn engine() -> EngineKind {
+    static ENGINE: OnceLock<EngineKind> = OnceLock::new();
+    *ENGINE.get_or_init(|| match tapmirror::io::EngineChoice::from_env() {
+        tapmirror::io::EngineChoice::Uring => EngineKind::Uring,
+        _ => EngineKind::Portable,
+    })
+}
+
 async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
     match tokio::time::timeout(STALL_LIMIT, f).await {
         Ok(v) => v,
@@ -71,7 +82,7 @@ fuzz_target!(|data: &[u8]| {
         let _ = within("info", qcow2::info(&h.path)).await;
         let checked = within("check", qcow2::check(&h.path)).await;
         let sound = checked.is_ok();
-        let opened = within("open", Qcow2Image::open(&h.path, Access::ReadWrite, EngineKind::Portable)).await;
+        let opened = within("open", Qcow2Image::open(&h.path, Access::ReadWrite, engine())).await;
         if std::env::var_os("TAPMIRROR_FUZZ_VERBOSE").is_some() {
             let open = opened.as_ref().map(|i| i.size()).map_err(ToString::to_string);
             eprintln!("check: {checked:?}; open: {open:?}");
@@ -103,11 +114,15 @@ fuzz_target!(|data: &[u8]| {
             let payload: Vec<u8> = (0..1000u32).map(|i| (i as u8) ^ (seed as u8) | 1).collect();
             let w = within("write", img.write(off, Arc::new(IoBuf::from_vec(payload.clone())), Durability::Cached)).await;
             let (b, r) = within("read back", img.read(off, IoBuf::new(1000))).await;
+            // Only on a sound image: where two guest clusters share a host cluster, or one lies
+            // past the end where the allocator hands out new ones, a write shows up elsewhere
+            // too, in QEMU as here (its overlap checks guard metadata, not data). The open's
+            // checks cannot see that without reading every L2 table, which `check` does.
             match (w, r) {
-                (Ok(()), Ok(())) => assert!(b[..] == payload[..], "written bytes do not read back"),
-                (Ok(()), Err(e)) => panic!("a write succeeded but reading it back failed: {e}"),
+                (Ok(()), Ok(())) if sound => assert!(b[..] == payload[..], "written bytes do not read back"),
+                (Ok(()), Err(e)) if sound => panic!("a write succeeded but reading it back failed: {e}"),
                 (Err(e), _) if sound => assert!(data_error(&e), "write to a sound image: {e:?}"),
-                (Err(_), _) => {}
+                _ => {}
             }
         }
         let closed = within("close", img.close()).await;
