@@ -119,10 +119,7 @@ impl Direct {
     /// dropped. With `exclusive` (a trim), first waits until no direct read or write is in
     /// flight, and holds them off until then.
     pub(super) async fn remapping(self: &Arc<Self>, offset: u64, length: u64, exclusive: bool) -> Remapping {
-        let guard = match exclusive {
-            true => Some(Arc::clone(&self.remap).write_owned().await),
-            false => None,
-        };
+        let guard = if exclusive { Some(Arc::clone(&self.remap).write_owned().await) } else { None };
         self.forget(offset, length);
         Remapping { direct: Arc::clone(self), offset, length, _guard: guard }
     }

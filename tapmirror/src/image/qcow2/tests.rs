@@ -454,13 +454,9 @@ async fn a_writable_open_refuses_metadata_counted_free_and_leaves_the_file_untou
 #[tokio::test]
 async fn a_cluster_cut_short_by_the_end_of_the_file_reads_as_zeroes_past_it() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let p = dir.path().join("cut.qcow2");
-    create(&p, 1 << 20, None).await.expect("create");
-    {
-        let t = Qcow2Image::open(&p, Access::ReadWrite, EngineKind::Portable).await.expect("open");
-        put(&t, 0, &pat(K64 as usize, 7)).await;
-        t.close().await.expect("close");
-    }
+    let (p, t) = fresh(&dir, 1 << 20, EngineKind::Portable).await;
+    put(&t, 0, &pat(K64 as usize, 7)).await;
+    t.close().await.expect("close");
     let len = std::fs::metadata(&p).expect("stat").len();
     std::fs::OpenOptions::new().write(true).open(&p).expect("open").set_len(len - K64 / 2).expect("cut");
     let mut want = pat(K64 as usize / 2, 7);
