@@ -45,7 +45,7 @@ impl Format {
         if qcow2::is_qcow2(head) {
             return Ok(Format::Qcow2);
         }
-        let len = f.metadata()?.len();
+        let len = super::byte_len(&f)?;
         if len >= 512 {
             use std::os::unix::fs::FileExt;
             let mut tail = [0u8; 8];

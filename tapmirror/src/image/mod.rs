@@ -205,6 +205,47 @@ pub fn holds_an_image(path: &Path) -> io::Result<bool> {
     Ok(kind.is_file() || kind.is_block_device())
 }
 
+/// The length of `file` in bytes. `metadata().len()` is 0 for a block device (an LVM volume,
+/// say), whose length is where its end lies.
+pub fn byte_len(file: &std::fs::File) -> io::Result<u64> {
+    use std::io::Seek;
+    use std::os::unix::fs::FileTypeExt;
+    let meta = file.metadata()?;
+    if meta.file_type().is_block_device() {
+        // Only the shared file position moves; every read and write here is positioned.
+        let mut f = file;
+        return f.seek(io::SeekFrom::End(0));
+    }
+    Ok(meta.len())
+}
+
+/// `lseek(file, offset, SEEK_DATA)` (`data` true) or `SEEK_HOLE`: the next offset at or after
+/// `offset` that holds data, or that lies in a hole (the end of the file counts as one). `None`
+/// when there is none (ENXIO: past the last data, or at or past the end).
+///
+/// Block devices refuse both (EINVAL): there, every byte is data, as QEMU also reports them.
+pub fn seek_data_or_hole(file: &std::fs::File, offset: u64, data: bool) -> io::Result<Option<u64>> {
+    use std::os::fd::AsRawFd;
+    let off = i64::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let whence = if data { libc::SEEK_DATA } else { libc::SEEK_HOLE };
+    // SAFETY: lseek on a descriptor that `file` keeps open; no memory is involved.
+    let r = unsafe { libc::lseek(file.as_raw_fd(), off, whence) };
+    if r >= 0 {
+        return Ok(Some(r as u64));
+    }
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::ENXIO) => Ok(None),
+        Some(libc::EINVAL) if is_block_device(file) => Ok(if data { Some(offset) } else { None }),
+        _ => Err(e),
+    }
+}
+
+fn is_block_device(file: &std::fs::File) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    file.metadata().is_ok_and(|m| m.file_type().is_block_device())
+}
+
 /// Checks that `[offset, offset + length)` lies inside `size`.
 pub fn check_range(offset: u64, length: u64, size: u64) -> Result<()> {
     match offset.checked_add(length) {

@@ -6,7 +6,6 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -111,16 +110,8 @@ impl RawImage {
         Ok(())
     }
 
-    fn seek(&self, offset: u64, whence: i32) -> io::Result<Option<u64>> {
-        let off = i64::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-        // SAFETY: lseek on a descriptor that `self.io` keeps open; no memory is involved.
-        let r = unsafe { libc::lseek(self.io.file().as_raw_fd(), off, whence) };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            // ENXIO: no data (or no hole) at or after `offset`.
-            return if e.raw_os_error() == Some(libc::ENXIO) { Ok(None) } else { Err(e) };
-        }
-        Ok(Some(r as u64))
+    fn seek(&self, offset: u64, data: bool) -> io::Result<Option<u64>> {
+        super::seek_data_or_hole(self.io.file(), offset, data)
     }
 }
 
@@ -210,13 +201,13 @@ impl Image for RawImage {
         let io_err = |source| ImageError::Io { op: "seek", offset, source };
         // An extent is only final once the next one has started, so stop one past the limit.
         while pos < end && out.len() <= limit {
-            let data = self.seek(pos, libc::SEEK_DATA).map_err(io_err)?.unwrap_or(end).min(end);
+            let data = self.seek(pos, true).map_err(io_err)?.unwrap_or(end).min(end);
             if data > pos {
                 push_extent(&mut out, pos, data - pos, ExtentState::Hole);
                 pos = data;
                 continue;
             }
-            let hole = self.seek(pos, libc::SEEK_HOLE).map_err(io_err)?.unwrap_or(end).min(end);
+            let hole = self.seek(pos, false).map_err(io_err)?.unwrap_or(end).min(end);
             // A hole at `pos` right after SEEK_DATA said data is at `pos` means the file changed
             // between the calls; report the byte as data (always a safe answer) and go on.
             let hole = hole.max(pos + 1);

@@ -10,6 +10,7 @@ mod harness;
 pub(crate) use tapmirror::require;
 
 mod bad_input;
+mod blockdev;
 mod client;
 mod copy;
 mod crash;

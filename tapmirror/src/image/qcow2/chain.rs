@@ -77,7 +77,7 @@ pub fn read_header(path: &Path) -> Result<(Header, u64), Qcow2Error> {
 
 /// As [`read_header`], on an open file.
 pub fn read_header_of(file: &File, path: &Path) -> Result<(Header, u64), Qcow2Error> {
-    let file_len = file.metadata().map_err(|e| io_error(path, "stat", e))?.len();
+    let file_len = crate::image::byte_len(file).map_err(|e| io_error(path, "stat", e))?;
     let mut first = vec![0u8; file_len.min(4096) as usize];
     file.read_exact_at(&mut first, 0).map_err(|e| io_error(path, "read header", e))?;
     if let Some(want) = header::wanted_len(&first)
@@ -132,7 +132,8 @@ fn layer(path: &Path, format: Option<&str>) -> Result<Layer, Qcow2Error> {
         let (h, file_len) = read_header(path)?;
         Ok(Layer { path: path.to_owned(), size: h.size, file_len, format: LayerFormat::Qcow2(Box::new(h)) })
     } else {
-        let file_len = std::fs::metadata(path).map_err(|e| io_error(path, "stat", e))?.len();
+        let file = File::open(path).map_err(|e| io_error(path, "open", e))?;
+        let file_len = crate::image::byte_len(&file).map_err(|e| io_error(path, "stat", e))?;
         Ok(Layer { path: path.to_owned(), size: file_len, file_len, format: LayerFormat::Raw })
     }
 }

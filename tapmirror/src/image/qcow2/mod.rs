@@ -763,8 +763,11 @@ pub async fn info(path: &Path) -> std::result::Result<Qcow2Info, Qcow2Error> {
         let h: &Header = chain[0].header().ok_or_else(|| invalid(&p, "not a qcow2 image"))?;
         let file = std::fs::File::open(&p).map_err(|e| io_error(&p, "open", e))?;
         let meta = file.metadata().map_err(|e| io_error(&p, "stat", e))?;
-        let allocated_bytes = check::allocated_bytes(&file, h, meta.len()).map_err(|e| check_error(&p, e))?;
-        use std::os::unix::fs::MetadataExt;
+        let file_len = crate::image::byte_len(&file).map_err(|e| io_error(&p, "stat", e))?;
+        let allocated_bytes = check::allocated_bytes(&file, h, file_len).map_err(|e| check_error(&p, e))?;
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        // A block device takes all of its length, whatever it holds.
+        let disk_bytes = if meta.file_type().is_block_device() { file_len } else { meta.blocks() * 512 };
         Ok(Qcow2Info {
             format: "qcow2",
             version: h.version,
@@ -774,7 +777,7 @@ pub async fn info(path: &Path) -> std::result::Result<Qcow2Info, Qcow2Error> {
             backing_format: h.backing_format(),
             chain: chain.iter().map(|l| l.path.clone()).collect(),
             allocated_bytes,
-            disk_bytes: meta.blocks() * 512,
+            disk_bytes,
         })
     })
     .await

@@ -14,7 +14,6 @@ use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::future::Future;
 use std::io::{self, Seek, SeekFrom};
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -93,23 +92,12 @@ impl IoStorage {
 
     /// The next offset at or after `offset` that holds data (`SEEK_DATA`); `None` past the last.
     pub fn seek_data(&self, offset: u64) -> io::Result<Option<u64>> {
-        self.seek(offset, libc::SEEK_DATA)
+        crate::image::seek_data_or_hole(self.io.file(), offset, true)
     }
 
     /// The next offset at or after `offset` in a hole (`SEEK_HOLE`; end of file counts).
     pub fn seek_hole(&self, offset: u64) -> io::Result<Option<u64>> {
-        self.seek(offset, libc::SEEK_HOLE)
-    }
-
-    fn seek(&self, offset: u64, whence: i32) -> io::Result<Option<u64>> {
-        let off = i64::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-        // SAFETY: lseek on a descriptor that `self.io` keeps open; no memory is involved.
-        let r = unsafe { libc::lseek(self.io.file().as_raw_fd(), off, whence) };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            return if e.raw_os_error() == Some(libc::ENXIO) { Ok(None) } else { Err(e) };
-        }
-        Ok(Some(r as u64))
+        crate::image::seek_data_or_hole(self.io.file(), offset, false)
     }
 
     /// Runs a modifying request in its own task, so it completes (and is counted until it does)
@@ -232,7 +220,7 @@ impl imago::Storage for IoStorage {
         // Another writer may have grown a backing file since we looked: ask again first.
         let mut size = self.size.load(Ordering::Acquire);
         if offset.saturating_add(total) > size {
-            self.size.fetch_max(self.io.file().metadata()?.len(), Ordering::AcqRel);
+            self.size.fetch_max(crate::image::byte_len(self.io.file())?, Ordering::AcqRel);
             size = self.size.load(Ordering::Acquire);
         }
         let mut readable = total.min(size.saturating_sub(offset));
@@ -243,7 +231,7 @@ impl imago::Storage for IoStorage {
         let (mut buf, mut r) = self.io.read_exact_at(IoBuf::for_overwrite(readable as usize), offset).await;
         if r.as_ref().is_err_and(|e| e.kind() == io::ErrorKind::UnexpectedEof) {
             // Truncated behind our back: read what is there.
-            let real = self.io.file().metadata()?.len();
+            let real = crate::image::byte_len(self.io.file())?;
             readable = total.min(real.saturating_sub(offset));
             (buf, r) = self.io.read_exact_at(IoBuf::for_overwrite(readable as usize), offset).await;
         }
@@ -311,7 +299,7 @@ impl imago::Storage for IoStorage {
 
     async unsafe fn invalidate_cache(&self) -> io::Result<()> {
         // No data cache; only the length may have changed under another writer.
-        self.size.fetch_max(self.io.file().metadata()?.len(), Ordering::AcqRel);
+        self.size.fetch_max(crate::image::byte_len(self.io.file())?, Ordering::AcqRel);
         Ok(())
     }
 

@@ -93,7 +93,7 @@ struct Region {
 impl Meta {
     /// Reads and validates the metadata of `file`.
     pub fn read(file: &File, path: &Path) -> Result<Meta> {
-        let file_len = file.metadata().map_err(|e| VhdError::io(path, "stat", e))?.len();
+        let file_len = crate::image::byte_len(file).map_err(|e| VhdError::io(path, "stat", e))?;
         let corrupt = |reason: String| VhdError::corrupt(path, reason);
         if file_len < 3 * SECTOR {
             return Err(corrupt(format!("truncated: {file_len} bytes is too short for a footer and a header")));
