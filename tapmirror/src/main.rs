@@ -441,6 +441,30 @@ fn is_uri(s: &str) -> bool {
     s.starts_with("nbd://") || s.starts_with("nbd+unix://")
 }
 
+/// Refuses a destination that is one of the source's files: its top, or a backing or parent
+/// that other images may share. Writing into the chain being read corrupts it, and with it
+/// every image above that layer. Compared by identity (device and inode, or the device a
+/// block device node stands for), so other names, links and symlinks for the file count too.
+fn refuse_a_file_of_the_source(dest: &Path, chain: &[std::path::PathBuf]) -> Result<()> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let identity = |m: &std::fs::Metadata| {
+        if m.file_type().is_block_device() { (0, 0, m.rdev()) } else { (m.dev(), m.ino(), 0) }
+    };
+    let Ok(dest_meta) = std::fs::metadata(dest) else { return Ok(()) }; // a new file
+    let dest_id = identity(&dest_meta);
+    for layer in chain {
+        let meta = std::fs::metadata(layer).with_context(|| format!("stat {}", layer.display()))?;
+        if identity(&meta) == dest_id {
+            bail!(
+                "the destination {} is {}, a file of the source's chain: copying into it would overwrite what is being read",
+                dest.display(),
+                layer.display()
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Opens `count` connections to `uri` (one unless it offers multi-conn).
 async fn connect_dest(uri: &NbdUri, count: usize) -> Result<Vec<NbdClient>> {
     let first = NbdClient::connect(uri).await.context("connecting to the destination")?;
@@ -487,6 +511,9 @@ async fn copy(args: CopyArgs) -> Result<()> {
         (Dest::nbd(clients)?, n)
     } else {
         let path = Path::new(&args.dest);
+        if let Source::Image(image) | Source::Diff { image, .. } = &source {
+            refuse_a_file_of_the_source(path, &image.chain())?;
+        }
         if !path.exists() {
             RawImage::create(path, size).with_context(|| format!("creating {}", path.display()))?;
         }

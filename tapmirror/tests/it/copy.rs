@@ -223,6 +223,38 @@ fn copy_command_reports_progress_and_round_trips() {
     assert!(allocated < 40 * MIB, "the new file should stay sparse: {allocated} bytes allocated");
 }
 
+/// A destination that is a file of the source's chain (the top itself, or a backing that
+/// other overlays share) is refused before anything is written, under any name for it.
+#[test]
+fn copy_refuses_to_write_into_the_chain_it_reads() {
+    crate::require!("qemu-img", "qemu-io");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base = dir.path().join("base.raw");
+    let base_bytes = make_source(&base);
+    let overlay = dir.path().join("overlay.qcow2");
+    crate::harness::run(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"]).arg(&base).arg(&overlay));
+    crate::harness::run(Command::new("qemu-io").args(["-f", "qcow2", "-c", "write -P 0x6b 0 1M"]).arg(&overlay));
+    let overlay_bytes = std::fs::read(&overlay).expect("read overlay");
+    let link = dir.path().join("link.raw");
+    std::os::unix::fs::symlink(&base, &link).expect("symlink");
+    let hard = dir.path().join("hard.raw");
+    std::fs::hard_link(&base, &hard).expect("hard link");
+
+    for (src, dest) in [(&overlay, &base), (&overlay, &link), (&overlay, &hard), (&base, &base), (&overlay, &overlay)] {
+        let out = Command::new(crate::harness::tapmirror()).arg("copy").arg(src).arg(dest).output().expect("run copy");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "copy {} -> {} must be refused", src.display(), dest.display());
+        assert!(err.contains("a file of the source's chain"), "copy {} -> {}: {err}", src.display(), dest.display());
+    }
+    assert!(std::fs::read(&base).expect("read base") == base_bytes, "the backing was written");
+    assert!(std::fs::read(&overlay).expect("read overlay") == overlay_bytes, "the overlay was written");
+
+    // Into a file of its own the same copy goes through, and reads like the overlay.
+    let out = dir.path().join("out.raw");
+    crate::harness::run(Command::new(crate::harness::tapmirror()).arg("copy").arg(&overlay).arg(&out));
+    crate::harness::run(Command::new("qemu-img").args(["compare", "-q", "-F", "raw"]).arg(&overlay).arg(&out));
+}
+
 /// `copy --base`: the destination holds BASE already; only what the child changed travels, and
 /// the destination ends equal to the child, zeroes included.
 #[test]
