@@ -17,6 +17,7 @@ use tapmirror::image::qcow2::Qcow2Error;
 pub(crate) fn qcow2(vdi: &str, operation: &str, e: &Qcow2Error) -> StorageError {
     let message = format!("{operation} of VDI {vdi}: {}", chain(e));
     match e {
+        Qcow2Error::Busy { .. } => in_use(vdi, operation),
         Qcow2Error::Io { source, .. } if is_no_space(source) => no_space(message),
         Qcow2Error::Corrupt { .. } => failure("corrupt", message),
         Qcow2Error::MissingBacking { .. } => failure("missing_parent", message),

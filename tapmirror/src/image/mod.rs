@@ -246,6 +246,36 @@ fn is_block_device(file: &std::fs::File) -> bool {
     file.metadata().is_ok_and(|m| m.file_type().is_block_device())
 }
 
+/// How long a held lock is retried before the file counts as busy. A process that held the
+/// lock and died releases it only when its last reference to the file goes, and a file
+/// registered with io_uring is released by the kernel's asynchronous ring teardown, a little
+/// after the process has been reaped: a datapath restarted right after a crash must not fail
+/// on its own predecessor's lock.
+pub const LOCK_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Takes an exclusive `flock` on `file`, held until the file is closed, so that no two writers
+/// (two datapaths, a datapath and a resize) open one image. Retries for [`LOCK_GRACE`];
+/// `Ok(false)` when the file is still held by another then.
+pub fn lock_exclusive(file: &std::fs::File) -> io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    let deadline = std::time::Instant::now() + LOCK_GRACE;
+    loop {
+        // SAFETY: flock on a descriptor `file` keeps open; no memory is passed.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc == 0 {
+            return Ok(true);
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(e);
+        }
+        if std::time::Instant::now() >= deadline {
+            return Ok(false);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// Checks that `[offset, offset + length)` lies inside `size`.
 pub fn check_range(offset: u64, length: u64, size: u64) -> Result<()> {
     match offset.checked_add(length) {

@@ -162,6 +162,12 @@ pub enum Qcow2Error {
         /// Why.
         reason: String,
     },
+    /// Another process (or another open in this one) has the image open for writing.
+    #[error("{}: in use: another writer has it open", path.display())]
+    Busy {
+        /// The image.
+        path: PathBuf,
+    },
     /// The operating system refused I/O.
     #[error("{}: {op}", path.display())]
     Io {
@@ -183,6 +189,7 @@ impl Qcow2Error {
             | Qcow2Error::MissingBacking { path, .. }
             | Qcow2Error::Unsupported { path, .. }
             | Qcow2Error::InvalidArgument { path, .. }
+            | Qcow2Error::Busy { path }
             | Qcow2Error::Io { path, .. } => path,
         }
     }
@@ -268,6 +275,8 @@ pub struct Qcow2Image {
     /// Reads and writes in clusters the top file holds, without the image thread (open for
     /// writing).
     direct: Option<Arc<direct::Direct>>,
+    /// The top file's writer lock (open for writing), released when this closes.
+    _writer_lock: Option<std::fs::File>,
 }
 
 /// What [`info`] reports.
@@ -307,6 +316,10 @@ impl Qcow2Image {
         engine: EngineKind,
         backing: BackingState,
     ) -> std::result::Result<Qcow2Image, Qcow2Error> {
+        let writer_lock = match access {
+            Access::ReadWrite => Some(lock_writer(path).await?),
+            Access::ReadOnly => None,
+        };
         let chain = resolve_for_open(path, access).await?;
         let paths = chain.iter().map(|l| l.path.clone()).collect();
         let (cluster_size, version) = chain[0].header().map(|h| (h.cluster_size(), h.version)).unwrap_or((65536, 3));
@@ -331,6 +344,7 @@ impl Qcow2Image {
             engine,
             backing: slot,
             direct,
+            _writer_lock: writer_lock,
         })
     }
 
@@ -542,6 +556,26 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f).await.map_err(|e| io_error(path, "run blocking task", io::Error::other(e)))?
 }
 
+/// Takes the writer lock of the image at `path` ([`crate::image::lock_exclusive`]) on a
+/// descriptor of its own, which the caller keeps for as long as it writes.
+async fn lock_writer(path: &Path) -> std::result::Result<std::fs::File, Qcow2Error> {
+    let p = path.to_owned();
+    blocking(path, move || {
+        let file = std::fs::File::open(&p).map_err(|e| io_error(&p, "open", e))?;
+        lock_file(&file, &p)?;
+        Ok(file)
+    })
+    .await
+}
+
+fn lock_file(file: &std::fs::File, path: &Path) -> std::result::Result<(), Qcow2Error> {
+    match crate::image::lock_exclusive(file) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(Qcow2Error::Busy { path: path.to_owned() }),
+        Err(e) => Err(io_error(path, "flock", e)),
+    }
+}
+
 /// Resolves the chain at `path` and checks each layer's metadata as far as an open needs: the
 /// top one further when it is to be written (`check::for_writing`).
 async fn resolve_for_open(path: &Path, access: Access) -> std::result::Result<Vec<chain::Layer>, Qcow2Error> {
@@ -711,6 +745,7 @@ pub async fn rebase(path: &Path, new_backing: &Path) -> std::result::Result<(), 
     blocking(path, move || {
         require_qcow2(&p)?;
         let file = std::fs::OpenOptions::new().read(true).write(true).open(&p).map_err(|e| io_error(&p, "open", e))?;
+        lock_file(&file, &p)?;
         let (h, file_len) = chain::read_header_of(&file, &p)?;
         // It writes only the header, but into an image it would then take to be writable.
         check::for_writing(&file, &h, file_len).map_err(|e| check_error(&p, e))?;
@@ -741,6 +776,7 @@ pub async fn rebase(path: &Path, new_backing: &Path) -> std::result::Result<(), 
 /// Growing an overlay zeroes the new area where a longer backing would otherwise show through;
 /// shrinking drops the data past the new end. The image must not be open.
 pub async fn resize(path: &Path, new_size: u64) -> std::result::Result<(), Qcow2Error> {
+    let _writer_lock = lock_writer(path).await?;
     let chain = resolve_for_open(path, Access::ReadWrite).await?;
     let bits = chain[0].header().map(|h| h.cluster_bits).unwrap_or(16);
     check_size(path, new_size, bits)?;

@@ -513,6 +513,30 @@ async fn rebase_and_resize_keep_content() {
     assert!(matches!(e, Some(Qcow2Error::InvalidArgument { .. })), "{e:?}");
 }
 
+/// Two writers on one image would each allocate clusters the other thinks free: a second
+/// writable open, a resize or a rebase is refused while one writer has the image, readers are
+/// not, and the image is free again once the writer closes.
+#[tokio::test]
+async fn a_second_writer_is_refused_until_the_first_closes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (p, img) = fresh(&dir, 1 << 20, EngineKind::Portable).await;
+    let base = dir.path().join("base.qcow2");
+    create(&base, 1 << 20, None).await.expect("base");
+    put(&img, 0, &pat(4096, 3)).await;
+    let busy = |e: Option<Qcow2Error>, what: &str| assert!(matches!(e, Some(Qcow2Error::Busy { .. })), "{what}: {e:?}");
+    busy(Qcow2Image::open(&p, Access::ReadWrite, EngineKind::Portable).await.err(), "second writable open");
+    busy(resize(&p, 2 << 20).await.err(), "resize");
+    busy(rebase(&p, &base).await.err(), "rebase");
+    img.flush().await.expect("flush"); // what a reader sees of a live image is what was flushed
+    let reader = Qcow2Image::open(&p, Access::ReadOnly, EngineKind::Portable).await.expect("a reader opens");
+    assert!(get(&reader, 0, 4096).await == pat(4096, 3));
+    drop(reader);
+    img.close().await.expect("close");
+    resize(&p, 2 << 20).await.expect("resize once the writer has closed");
+    let again = Qcow2Image::open(&p, Access::ReadWrite, EngineKind::Portable).await.expect("writable again");
+    assert_eq!(again.size(), 2 << 20);
+}
+
 /// A fresh qcow2 image of `size` bytes (64 KiB clusters) in `dir`, open for writing.
 async fn fresh(dir: &tempfile::TempDir, size: u64, engine: EngineKind) -> (PathBuf, Qcow2Image) {
     let p = dir.path().join("disk.qcow2");

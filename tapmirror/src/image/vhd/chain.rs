@@ -8,7 +8,6 @@
 //! always opened read-only and validated like the leaf.
 
 use std::fs::{File, OpenOptions};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
@@ -59,31 +58,13 @@ pub fn open_file(path: &Path, mode: LeafMode) -> Result<Layer> {
     Ok(Layer { meta, file })
 }
 
-/// How long a held lock is retried before the file counts as busy. A process that held the
-/// lock and died releases it only when its last reference to the file goes, and a file
-/// registered with io_uring is released by the kernel's asynchronous ring teardown, a little
-/// after the process has been reaped: a datapath restarted right after a crash must not fail
-/// on its own predecessor's lock.
-const LOCK_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
-
-/// Takes an exclusive `flock` on `file` (released when the file is closed), retrying for
-/// `LOCK_GRACE` before reporting the file busy.
+/// Takes an exclusive `flock` on `file` (see [`crate::image::lock_exclusive`]), or reports the
+/// file busy.
 pub fn lock_exclusive(file: &File, path: &Path) -> Result<()> {
-    let deadline = std::time::Instant::now() + LOCK_GRACE;
-    loop {
-        // SAFETY: flock on a descriptor `file` keeps open; no memory is passed.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        if rc == 0 {
-            return Ok(());
-        }
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
-            return Err(VhdError::io(path, "flock", e));
-        }
-        if std::time::Instant::now() >= deadline {
-            return Err(VhdError::Busy { path: path.to_owned() });
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
+    match crate::image::lock_exclusive(file) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(VhdError::Busy { path: path.to_owned() }),
+        Err(e) => Err(VhdError::io(path, "flock", e)),
     }
 }
 
