@@ -624,6 +624,8 @@ fn a_writer_killed_at_random_moments_leaves_a_sound_image_with_old_or_new_sector
     let base = dir.path().join("base.vhd");
     let leaf = dir.path().join("leaf.vhd");
     let log = dir.path().join("writes.log");
+    // The writers' stderr, so that a failure shows why.
+    let child_log = dir.path().join("writer.stderr");
     // The old content: a base with data in some places; the writer writes into a child.
     create_dynamic(&base, CRASH_SIZE, KIB64).expect("create");
     let mut old = vec![0u8; CRASH_SIZE as usize];
@@ -659,10 +661,13 @@ fn a_writer_killed_at_random_moments_leaves_a_sound_image_with_old_or_new_sector
             .args(["vhd::crash_writer_child", "--exact", "--nocapture", "--test-threads=1"])
             .env(CRASH_ENV, format!("{}:{}:{first}", leaf.display(), log.display()))
             .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&child_log).expect("writer's log"))
             .spawn()
             .expect("spawn writer");
         if last_round {
-            assert!(child.wait().expect("wait").success(), "the final writer must finish");
+            let status = child.wait().expect("wait");
+            let said = std::fs::read_to_string(&child_log).unwrap_or_default();
+            assert!(status.success(), "the final writer must finish (seed {seed}); it said:\n{said}");
         } else {
             std::thread::sleep(std::time::Duration::from_millis(5 + next() % 150));
             let _ = child.kill(); // SIGKILL
