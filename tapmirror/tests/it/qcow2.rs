@@ -471,3 +471,77 @@ async fn a_sub_cluster_write_never_freezes_stale_backing_data() {
     qemu_check(&top);
     qemu_io_reads(&top, &[(NEW, K64, 512), (GUEST, K64 + 512, 512), (NEW, K64 + 1024, K64 - 1024), (OLD, 0, K64)]);
 }
+
+/// A QEMU process writing an image (here qemu-io, holding it open) keeps our writers out, as
+/// QEMU keeps its own out: `tapmirror serve` of it, qcow2 or VHD, fails as in use, a read-only
+/// serve does not, and once QEMU has closed it the image serves for writing again.
+#[test]
+fn an_image_a_qemu_process_writes_is_refused_to_our_writers() {
+    crate::require!("qemu-img", "qemu-io");
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::Stdio;
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (format, name) in [("qcow2", "held.qcow2"), ("vpc", "held.vhd")] {
+        let image = dir.path().join(name);
+        run(Command::new("qemu-img").args(["create", "-q", "-f", format]).arg(&image).arg("16M"));
+        let mut qemu = Command::new("qemu-io")
+            .args(["-f", format])
+            .arg(&image)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn qemu-io");
+        let mut stdin = qemu.stdin.take().expect("stdin");
+        writeln!(stdin, "write -P 0x3c 0 4k").expect("command");
+        let mut out = BufReader::new(qemu.stdout.take().expect("stdout"));
+        let mut line = String::new();
+        while !line.contains("wrote") {
+            line.clear();
+            assert!(out.read_line(&mut line).expect("qemu-io output") > 0, "qemu-io ended before writing");
+        }
+
+        let serve = |extra: &[&str]| {
+            Command::new(crate::harness::tapmirror())
+                .arg("serve")
+                .arg(&image)
+                .arg("--socket")
+                .arg(dir.path().join("nbd.sock"))
+                .args(extra)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("spawn tapmirror serve")
+        };
+        // Refused within the lock's grace; still running after 10 s means it serves.
+        let mut refused = serve(&[]);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while refused.try_wait().expect("try_wait").is_none() {
+            if std::time::Instant::now() > deadline {
+                let _ = refused.kill();
+                let _ = refused.wait();
+                panic!("{name}: tapmirror serve opened for writing an image QEMU writes");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let refused = refused.wait_with_output().expect("wait");
+        let said = String::from_utf8_lossy(&refused.stderr);
+        assert!(!refused.status.success() && said.contains("in use"), "{name}: a writer beside QEMU's: {said}");
+
+        let mut reader = serve(&["--read-only"]);
+        let mut ready = String::new();
+        BufReader::new(reader.stdout.take().expect("stdout")).read_line(&mut ready).expect("ready line");
+        assert!(ready.starts_with("ready"), "{name}: a read-only serve beside QEMU's writer: {ready:?}");
+        let _ = reader.kill();
+        let _ = reader.wait();
+
+        drop(stdin); // qemu-io quits at the end of its input
+        assert!(qemu.wait().expect("wait for qemu-io").success());
+        let mut writer = serve(&[]);
+        let mut ready = String::new();
+        BufReader::new(writer.stdout.take().expect("stdout")).read_line(&mut ready).expect("ready line");
+        assert!(ready.starts_with("ready"), "{name}: once QEMU has closed it: {ready:?}");
+        let _ = writer.kill();
+        let _ = writer.wait();
+    }
+}

@@ -162,8 +162,9 @@ pub enum Qcow2Error {
         /// Why.
         reason: String,
     },
-    /// Another process (or another open in this one) has the image open for writing.
-    #[error("{}: in use: another writer has it open", path.display())]
+    /// Another process (a datapath, a QEMU process) or another open in this one has the image
+    /// open for writing.
+    #[error("{}: in use: another writer (a datapath, or a QEMU process) has it open", path.display())]
     Busy {
         /// The image.
         path: PathBuf,
