@@ -295,7 +295,16 @@ pub fn qemu_writes(file: &std::fs::File) -> io::Result<bool> {
     // SAFETY: F_OFD_GETLK fills `probe`, which lives across the call; the descriptor is open.
     let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_GETLK, &mut probe) };
     if rc < 0 {
-        return Err(io::Error::last_os_error());
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            // A file system without OFD locks cannot tell, and QEMU cannot lock there either:
+            // as QEMU does, go on without.
+            Some(libc::ENOLCK | libc::EINVAL | libc::EOPNOTSUPP) => {
+                tracing::debug!(error = %e, "cannot test QEMU's write lock here");
+                Ok(false)
+            }
+            _ => Err(e),
+        };
     }
     Ok(probe.l_type != libc::F_UNLCK as libc::c_short)
 }
