@@ -29,6 +29,13 @@ impl Format {
     /// anything else raw. A fixed VHD (footer only at the end) is refused: serving it as raw
     /// would expose its footer as disk data.
     pub fn detect(path: &Path) -> io::Result<Format> {
+        // Before the open, which blocks for ever on a FIFO.
+        if !super::holds_an_image(path).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))? {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{}: not a regular file or block device", path.display()),
+            ));
+        }
         let mut f = std::fs::File::open(path).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
         let mut head = [0u8; 512];
         let mut n = 0;

@@ -91,3 +91,18 @@ pub fn spawn_server(cmd: &mut Command, socket: &Path) -> Proc {
 }
 
 
+
+/// Waits for `child` to exit within `limit` and returns its output; kills it and fails the test
+/// with `what` if it is still running then (it blocked, or it served when it should not have).
+pub fn exits_within(mut child: std::process::Child, limit: Duration, what: &str) -> std::process::Output {
+    let deadline = Instant::now() + limit;
+    while child.try_wait().expect("try_wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("wait")
+}

@@ -5,7 +5,7 @@ use std::process::Command;
 
 use serde_json::Value;
 
-use crate::harness::{run, serve_file, tapmirror};
+use crate::harness::{exits_within, run, serve_file, tapmirror};
 
 const MIB: u64 = 1 << 20;
 
@@ -109,5 +109,32 @@ fn check_fails_on_a_damaged_image_with_a_message() {
         let served = Command::new(tapmirror()).args(["serve", "--socket"]).arg(dir.path().join("s")).arg(&path).output().expect("run");
         assert!(!served.status.success(), "{format}: serve opened a damaged image");
         assert_eq!(std::fs::read(&path).expect("read"), bytes, "{format}: serve changed the file");
+    }
+}
+
+/// A FIFO named as the image is refused at once by `serve` and `copy`, with the format probed or
+/// given, rather than blocking their open for ever.
+#[test]
+fn a_fifo_as_the_image_is_refused_not_waited_on() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fifo = dir.path().join("disk.img");
+    assert!(Command::new("mkfifo").arg(&fifo).status().expect("mkfifo").success());
+    let socket = dir.path().join("nbd.sock");
+    let out = dir.path().join("out.raw");
+    let runs: [Vec<&std::ffi::OsStr>; 3] = [
+        vec!["serve".as_ref(), fifo.as_ref(), "--socket".as_ref(), socket.as_ref()],
+        vec!["serve".as_ref(), "--format".as_ref(), "qcow2".as_ref(), fifo.as_ref(), "--socket".as_ref(), socket.as_ref()],
+        vec!["copy".as_ref(), fifo.as_ref(), out.as_ref()],
+    ];
+    for args in runs {
+        let child = Command::new(tapmirror())
+            .args(&args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn tapmirror");
+        let done = exits_within(child, std::time::Duration::from_secs(10), &format!("{args:?} blocked on the FIFO"));
+        let said = String::from_utf8_lossy(&done.stderr);
+        assert!(!done.status.success() && said.contains("not a regular file"), "{args:?}: {said}");
     }
 }

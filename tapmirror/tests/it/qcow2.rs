@@ -514,17 +514,11 @@ fn an_image_a_qemu_process_writes_is_refused_to_our_writers() {
                 .expect("spawn tapmirror serve")
         };
         // Refused within the lock's grace; still running after 10 s means it serves.
-        let mut refused = serve(&[]);
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while refused.try_wait().expect("try_wait").is_none() {
-            if std::time::Instant::now() > deadline {
-                let _ = refused.kill();
-                let _ = refused.wait();
-                panic!("{name}: tapmirror serve opened for writing an image QEMU writes");
-            }
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-        let refused = refused.wait_with_output().expect("wait");
+        let refused = crate::harness::exits_within(
+            serve(&[]),
+            std::time::Duration::from_secs(10),
+            &format!("{name}: tapmirror serve opened for writing an image QEMU writes"),
+        );
         let said = String::from_utf8_lossy(&refused.stderr);
         assert!(!refused.status.success() && said.contains("in use"), "{name}: a writer beside QEMU's: {said}");
 

@@ -562,6 +562,8 @@ async fn blocking<T: Send + 'static>(
 async fn lock_writer(path: &Path) -> std::result::Result<std::fs::File, Qcow2Error> {
     let p = path.to_owned();
     blocking(path, move || {
+        // Before the open, which blocks for ever on a FIFO.
+        chain::require_image_file(&p)?;
         let file = std::fs::File::open(&p).map_err(|e| io_error(&p, "open", e))?;
         lock_file(&file, &p)?;
         Ok(file)

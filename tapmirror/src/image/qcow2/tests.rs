@@ -337,15 +337,20 @@ async fn broken_chains_and_files_give_named_errors_and_stay_untouched() {
     // A FIFO where the backing should be: refused at once rather than blocking the open.
     let made = std::process::Command::new("mkfifo").arg(d.join("base.qcow2")).status().expect("mkfifo");
     assert!(made.success());
-    // On a thread and runtime of its own, so that an open that blocks fails the test instead
-    // of holding up this runtime's shutdown.
-    let (tx, rx) = std::sync::mpsc::channel();
-    let top = d.join("top.qcow2");
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-        let _ = tx.send(rt.block_on(Qcow2Image::open(&top, Access::ReadOnly, EngineKind::Portable)).err());
-    });
-    let e = rx.recv_timeout(std::time::Duration::from_secs(10)).expect("open returns");
+    // Each open on a thread and runtime of its own, so that an open that blocks fails the test
+    // instead of holding up this runtime's shutdown.
+    let open_apart = |path: PathBuf, access: Access| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            let _ = tx.send(rt.block_on(Qcow2Image::open(&path, access, EngineKind::Portable)).err());
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(10)).expect("open returns")
+    };
+    let e = open_apart(d.join("top.qcow2"), Access::ReadOnly);
+    assert!(matches!(e, Some(Qcow2Error::Unsupported { ref what, .. }) if what.contains("not a regular file")), "{e:?}");
+    // And a FIFO as the image itself, opened for writing (whose writer lock is taken first).
+    let e = open_apart(d.join("base.qcow2"), Access::ReadWrite);
     assert!(matches!(e, Some(Qcow2Error::Unsupported { ref what, .. }) if what.contains("not a regular file")), "{e:?}");
     std::fs::remove_file(d.join("base.qcow2")).expect("remove fifo");
 
