@@ -539,3 +539,74 @@ fn an_image_a_qemu_process_writes_is_refused_to_our_writers() {
         let _ = writer.wait();
     }
 }
+
+/// `qemu-io -f raw` on an NBD URI: its exit status and what it printed.
+fn qemu_io_nbd(uri: &str, cmd: &str) -> (bool, String) {
+    let out = Command::new("qemu-io").args(["-f", "raw", "-c", cmd, uri]).output().expect("run qemu-io");
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+/// `qemu-img check --output=json`'s count of `key` (exit status aside: it is non-zero when it
+/// finds something).
+fn qemu_check_count(path: &Path, key: &str) -> u64 {
+    let out = Command::new("qemu-img").args(["check", "--output=json"]).arg(path).output().expect("run qemu-img check");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("check json");
+    v.get(key).and_then(|x| x.as_u64()).unwrap_or(0)
+}
+
+/// QEMU's overlap check, judged by QEMU. A QEMU-made image is damaged so that its first data
+/// cluster lies on its L1 table. Served over NBD, a guest write there fails with EIO instead
+/// of overwriting the table, no write is taken after it, reads go on, and the image is marked
+/// corrupt with no damage beyond what it had. `qemu-img check -r all` then repairs it, after
+/// which the same write succeeds through us and QEMU finds the image clean.
+#[test]
+fn a_write_onto_the_metadata_is_refused_over_nbd_and_qemu_can_repair_the_image() {
+    crate::require!("qemu-img", "qemu-io");
+    use std::os::unix::fs::FileExt;
+    let home = tempfile::tempdir().expect("tempdir");
+    let image = home.path().join("onto-l1.qcow2");
+    run(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&image).arg("16M"));
+    run(Command::new("qemu-io").args(["-f", "qcow2", "-c", "write -P 0xaa 0 64k", "-c", "write -P 0xbb 1M 64k"]).arg(&image));
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(&image).expect("open");
+    let be64 = |at: u64| {
+        let mut b = [0u8; 8];
+        f.read_exact_at(&mut b, at).expect("read");
+        u64::from_be_bytes(b)
+    };
+    let l1 = be64(40);
+    let l2 = be64(l1) & 0x00ff_ffff_ffff_fe00;
+    f.write_all_at(&((1u64 << 63) | l1).to_be_bytes(), l2).expect("map cluster 0 onto the L1 table");
+    let l1_bytes = || {
+        let mut b = vec![0u8; K64 as usize];
+        f.read_exact_at(&mut b, l1).expect("read L1");
+        b
+    };
+    let table = l1_bytes();
+    assert_eq!(qemu_check_count(&image, "corruptions"), 1, "the damage as QEMU sees it");
+
+    // The server's folder (its socket) goes when it stops; the image stays in `home`.
+    let served = crate::harness::serve_file(tempfile::tempdir().expect("tempdir"), image.clone(), &[]);
+    let uri = served.uri();
+    let (ok, said) = qemu_io_nbd(&uri, "write -P 0xcc 0 4k");
+    assert!(!ok && said.contains("Input/output error"), "a write onto the L1 table: {said}");
+    let (ok, said) = qemu_io_nbd(&uri, "write -P 0xdd 1M 4k");
+    assert!(!ok && said.contains("Input/output error"), "a write after it: {said}");
+    let (ok, said) = qemu_io_nbd(&uri, "read -P 0xbb 1M 64k");
+    assert!(ok && !said.contains("failed"), "reads go on: {said}");
+    drop(served);
+
+    assert_eq!(l1_bytes(), table, "the L1 table changed");
+    let info = run(Command::new("qemu-img").args(["info", "--output=json"]).arg(&image));
+    let v: serde_json::Value = serde_json::from_slice(&info.stdout).expect("info json");
+    assert_eq!(v["format-specific"]["data"]["corrupt"], serde_json::json!(true), "{v}");
+    assert_eq!(qemu_check_count(&image, "corruptions"), 1, "damage beyond what the image had");
+
+    run(Command::new("qemu-img").args(["check", "-q", "-r", "all"]).arg(&image));
+    let served = crate::harness::serve_file(tempfile::tempdir().expect("tempdir"), image.clone(), &[]);
+    let (ok, said) = qemu_io_nbd(&served.uri(), "write -P 0xcc 0 4k");
+    assert!(ok && !said.contains("failed"), "the same write once repaired: {said}");
+    drop(served);
+    assert_eq!(l1_bytes(), table, "the L1 table changed after the repair");
+    qemu_check(&image);
+    qemu_io_reads(&image, &[(0xcc, 0, 4096), (0xbb, 1 << 20, K64)]);
+}

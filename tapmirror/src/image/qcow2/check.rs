@@ -173,42 +173,155 @@ fn quick_tables(file: &File, h: &Header, file_len: u64) -> Result<(Vec<u64>, Vec
     Ok((l1, rt))
 }
 
+/// What a metadata region holds: the regions of QEMU's overlap check.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[repr(u8)]
+pub enum Metadata {
+    /// The header and its extensions (cluster 0).
+    Header,
+    /// The active L1 table.
+    L1,
+    /// An active L2 table.
+    L2,
+    /// The refcount table.
+    RefcountTable,
+    /// A refcount block.
+    RefcountBlock,
+    /// The internal snapshots' table.
+    SnapshotTable,
+    /// An internal snapshot's L1 table.
+    SnapshotL1,
+    /// An internal snapshot's L2 table.
+    SnapshotL2,
+    /// The persistent bitmaps' directory.
+    BitmapDirectory,
+}
+
+impl Metadata {
+    /// Every kind, in `repr` order.
+    pub const ALL: [Metadata; 9] = [
+        Metadata::Header,
+        Metadata::L1,
+        Metadata::L2,
+        Metadata::RefcountTable,
+        Metadata::RefcountBlock,
+        Metadata::SnapshotTable,
+        Metadata::SnapshotL1,
+        Metadata::SnapshotL2,
+        Metadata::BitmapDirectory,
+    ];
+
+    /// What an error message calls it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Metadata::Header => "header",
+            Metadata::L1 => "active L1 table",
+            Metadata::L2 => "L2 table",
+            Metadata::RefcountTable => "refcount table",
+            Metadata::RefcountBlock => "refcount block",
+            Metadata::SnapshotTable => "snapshot table",
+            Metadata::SnapshotL1 => "snapshot L1 table",
+            Metadata::SnapshotL2 => "snapshot L2 table",
+            Metadata::BitmapDirectory => "bitmap directory",
+        }
+    }
+}
+
+/// Host bytes `[offset, offset + len)` that hold metadata, and what.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Region {
+    /// First byte.
+    pub offset: u64,
+    /// Bytes.
+    pub len: u64,
+    /// What it holds.
+    pub what: Metadata,
+}
+
 /// What a writable open checks on top of [`quick`]: every cluster of the metadata that imago
 /// reads or rewrites (the header, the active L1 table, the refcount table and blocks, the active
-/// L2 tables, the snapshot table and the snapshots' L1 tables) has a stored refcount above
-/// zero. imago allocates clusters whose refcount is 0, so a metadata cluster counted free would
-/// be handed out and overwritten by the next allocating write; and with the refcounts of the
-/// header's range missing, imago 0.2.6's allocator recursed until the image thread's stack
-/// overflowed, taking the whole process with it (found by `tapmirror/fuzz`'s `qcow2_parse`).
-/// Reads only the refcount blocks that cover the metadata, not the L2 tables' entries: far
-/// cheaper than the full [`check`], which stays an explicit step.
-pub fn for_writing(file: &File, h: &Header, file_len: u64) -> Result<(), CheckError> {
+/// L2 tables, the snapshot table and the snapshots' L1 and L2 tables, the bitmap directory) has
+/// a stored refcount above zero. imago allocates clusters whose refcount is 0, so a metadata
+/// cluster counted free would be handed out and overwritten by the next allocating write; and
+/// with the refcounts of the header's range missing, imago 0.2.6's allocator recursed until the
+/// image thread's stack overflowed, taking the whole process with it (found by
+/// `tapmirror/fuzz`'s `qcow2_parse`). Reads only the refcount blocks that cover the metadata,
+/// not the L2 tables' entries: far cheaper than the full [`check`], which stays an explicit step.
+///
+/// Returns those regions, in file order, for the guard that keeps guest writes off them
+/// (`guard`).
+pub fn for_writing(file: &File, h: &Header, file_len: u64) -> Result<Vec<Region>, CheckError> {
     let (l1, table) = quick_tables(file, h, file_len)?;
     let cs = h.cluster_size();
     let rt_entries = table.len() as u64;
-    let mut metadata: Vec<(u64, u64, &'static str)> = vec![
-        (0, cs, "header"),
-        (h.l1_table_offset, u64::from(h.l1_size) * 8, "L1 table"),
-        (h.refcount_table_offset, rt_entries * 8, "refcount table"),
+    let region = |offset, len, what| Region { offset, len, what };
+    let mut metadata = vec![
+        region(0, cs, Metadata::Header),
+        region(h.l1_table_offset, u64::from(h.l1_size) * 8, Metadata::L1),
+        region(h.refcount_table_offset, rt_entries * 8, Metadata::RefcountTable),
     ];
-    metadata.extend(table.iter().map(|e| e & !0x1ff).filter(|&off| off != 0).map(|off| (off, cs, "refcount block")));
-    metadata.extend(l1.iter().map(|e| e & OFFSET_MASK).filter(|&off| off != 0).map(|off| (off, cs, "L2 table")));
+    metadata.extend(table.iter().map(|e| e & !0x1ff).filter(|&off| off != 0).map(|off| region(off, cs, Metadata::RefcountBlock)));
+    metadata.extend(l1.iter().map(|e| e & OFFSET_MASK).filter(|&off| off != 0).map(|off| region(off, cs, Metadata::L2)));
     let snapshots = snapshots(file, h, file_len)?;
-    metadata.push((h.snapshots_offset, snapshots.table_len, "snapshot table"));
-    metadata.extend(snapshots.l1s.iter().map(|&(off, size)| (off, u64::from(size) * 8, "snapshot L1 table")));
+    metadata.push(region(h.snapshots_offset, snapshots.table_len, Metadata::SnapshotTable));
+    for &(off, size) in &snapshots.l1s {
+        metadata.push(region(off, u64::from(size) * 8, Metadata::SnapshotL1));
+        for (i, e) in read_table(file, off, u64::from(size))?.into_iter().enumerate() {
+            let l2 = e & OFFSET_MASK;
+            if l2 != 0 && (!l2.is_multiple_of(cs) || l2 + cs > file_len) {
+                return Err(corrupt(format!(
+                    "L2 table at {l2:#x} (entry {i} of the snapshot L1 table at {off:#x}) is unaligned or beyond the end of the file"
+                )));
+            }
+            if l2 != 0 {
+                metadata.push(region(l2, cs, Metadata::SnapshotL2));
+            }
+        }
+    }
+    if let Some(dir) = bitmap_directory(h) {
+        if dir.offset.checked_add(dir.size).is_none_or(|end| end > file_len) {
+            return Err(corrupt(format!("the bitmap directory at {:#x} lies beyond the end of the file", dir.offset)));
+        }
+        metadata.push(region(dir.offset, dir.size, Metadata::BitmapDirectory));
+    }
     // In file order, so that each refcount block is read once.
-    metadata.sort_unstable();
+    metadata.sort_unstable_by_key(|r| (r.offset, r.len));
     let mut stored = Stored { file, table, order: h.refcount_order, per_block: (cs * 8) >> h.refcount_order, cached: None, cs };
-    for (offset, len, what) in metadata.into_iter().filter(|&(_, len, _)| len > 0) {
-        for c in offset / cs..=(offset + len - 1) / cs {
+    for r in metadata.iter().filter(|r| r.len > 0) {
+        for c in r.offset / cs..=(r.offset + r.len - 1) / cs {
             if stored.get(c)? == 0 {
                 return Err(corrupt(format!(
-                    "the {what} at {offset:#x} lies in cluster {c}, whose refcount is 0: the next allocation would overwrite it"
+                    "the {} at {:#x} lies in cluster {c}, whose refcount is 0: the next allocation would overwrite it",
+                    r.what.name(),
+                    r.offset
                 )));
             }
         }
     }
-    Ok(())
+    Ok(metadata)
+}
+
+/// Where the persistent bitmaps' directory lies, when QEMU would load it (the autoclear bit
+/// says the bitmaps are consistent).
+struct BitmapDirectory {
+    count: u32,
+    size: u64,
+    offset: u64,
+}
+
+fn bitmap_directory(h: &Header) -> Option<BitmapDirectory> {
+    if h.autoclear & AUTOCLEAR_BITMAPS == 0 {
+        return None;
+    }
+    let d = &h.extensions.iter().find(|e| e.kind == EXT_BITMAPS)?.data;
+    if d.len() < 24 {
+        return None;
+    }
+    Some(BitmapDirectory {
+        count: u32::from_be_bytes(d[0..4].try_into().unwrap_or([0; 4])),
+        size: u64::from_be_bytes(d[8..16].try_into().unwrap_or([0; 8])),
+        offset: u64::from_be_bytes(d[16..24].try_into().unwrap_or([0; 8])),
+    })
 }
 
 /// The internal snapshots' L1 tables, and the length of the table that lists them.
@@ -287,17 +400,46 @@ impl Stored<'_> {
             self.cached = Some((block, raw));
         }
         let raw = self.cached.as_ref().map(|(_, r)| r.as_slice()).unwrap_or(&[]);
-        let width = 1u64 << self.order;
-        Ok(if width >= 8 {
-            let bytes = (width / 8) as usize;
-            let at = index as usize * bytes;
-            raw[at..at + bytes].iter().fold(0u64, |acc, &b| (acc << 8) | u64::from(b))
-        } else {
-            // Sub-byte widths are packed least significant bits first (QEMU's get_refcount_ro0..2).
-            let bit = index * width;
-            u64::from(raw[(bit / 8) as usize] >> (bit % 8)) & ((1 << width) - 1)
-        })
+        Ok(refcount_in_block(raw, index, self.order))
     }
+}
+
+/// Entry `index` of a refcount block whose entries are `1 << order` bits wide.
+fn refcount_in_block(raw: &[u8], index: u64, order: u32) -> u64 {
+    let width = 1u64 << order;
+    if width >= 8 {
+        let bytes = (width / 8) as usize;
+        let at = index as usize * bytes;
+        raw[at..at + bytes].iter().fold(0u64, |acc, &b| (acc << 8) | u64::from(b))
+    } else {
+        // Sub-byte widths are packed least significant bits first (QEMU's get_refcount_ro0..2).
+        let bit = index * width;
+        u64::from(raw[(bit / 8) as usize] >> (bit % 8)) & ((1 << width) - 1)
+    }
+}
+
+/// The refcount that the file stores now for host cluster `cluster`, found through the refcount
+/// table that the header names now (imago moves the table as the file grows).
+pub fn stored_refcount(file: &File, cluster_bits: u32, refcount_order: u32, cluster: u64) -> io::Result<u64> {
+    let mut head = [0u8; 60];
+    file.read_exact_at(&mut head, 0)?;
+    let table_offset = u64::from_be_bytes(head[48..56].try_into().unwrap_or([0; 8]));
+    let table_entries = u64::from(u32::from_be_bytes(head[56..60].try_into().unwrap_or([0; 4]))) << cluster_bits >> 3;
+    let cs = 1u64 << cluster_bits;
+    let per_block = (cs * 8) >> refcount_order;
+    let block = cluster / per_block;
+    if block >= table_entries {
+        return Ok(0);
+    }
+    let mut entry = [0u8; 8];
+    file.read_exact_at(&mut entry, table_offset + block * 8)?;
+    let block_offset = u64::from_be_bytes(entry) & !0x1ff;
+    if block_offset == 0 {
+        return Ok(0);
+    }
+    let mut raw = vec![0u8; cs as usize];
+    file.read_exact_at(&mut raw, block_offset)?;
+    Ok(refcount_in_block(&raw, cluster % per_block, refcount_order))
 }
 
 /// Checks the metadata of the qcow2 file `file` (of `file_len` bytes) whose header is `h`.
@@ -366,14 +508,7 @@ pub fn check(file: &File, h: &Header, file_len: u64) -> Result<u64, CheckError> 
     refs.add(h.snapshots_offset, snapshots.table_len, "snapshot table")?;
 
     // Persistent bitmaps, counted only when QEMU would load them.
-    if h.autoclear & AUTOCLEAR_BITMAPS != 0
-        && let Some(ext) = h.extensions.iter().find(|e| e.kind == EXT_BITMAPS)
-        && ext.data.len() >= 24
-    {
-        let d = &ext.data;
-        let nb = u32::from_be_bytes(d[0..4].try_into().unwrap_or([0; 4]));
-        let dir_size = u64::from_be_bytes(d[8..16].try_into().unwrap_or([0; 8]));
-        let dir_off = u64::from_be_bytes(d[16..24].try_into().unwrap_or([0; 8]));
+    if let Some(BitmapDirectory { count: nb, size: dir_size, offset: dir_off }) = bitmap_directory(h) {
         refs.add(dir_off, dir_size, "bitmap directory")?;
         let mut dir = vec![0u8; usize::try_from(dir_size).map_err(|_| corrupt("bitmap directory too large".into()))?];
         file.read_exact_at(&mut dir, dir_off)

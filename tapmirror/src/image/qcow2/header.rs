@@ -282,7 +282,7 @@ impl Header {
         }
         let inc = self.incompatible;
         if inc & INCOMPAT_CORRUPT != 0 {
-            return Err(corrupt("marked corrupt by QEMU (incompatible bit 1); repair with `qemu-img check -r all`"));
+            return Err(corrupt("marked corrupt (incompatible bit 1), by QEMU or by this driver; repair with `qemu-img check -r all`"));
         }
         if inc & INCOMPAT_DIRTY != 0 {
             return Err(Problem::Unsupported(

@@ -16,7 +16,7 @@
 //! Files: `header` parses and rewrites the qcow2 header, `chain` resolves backing chains,
 //! `storage` puts imago's `Storage` trait on our `FileIo`, `worker` owns the open chain,
 //! `direct` reads and writes clusters the top file holds without it, `check` walks metadata
-//! like `qemu-img check`.
+//! like `qemu-img check`, `guard` keeps guest writes off the metadata of a damaged image.
 //!
 //! # Does imago's `Storage` sit on our `FileIo`? Yes, for one copy per request
 //!
@@ -99,6 +99,7 @@
 mod chain;
 mod check;
 mod direct;
+mod guard;
 mod header;
 mod storage;
 mod worker;
@@ -108,6 +109,7 @@ use std::future::Future;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
 use imago::qcow2::Qcow2;
@@ -276,6 +278,9 @@ pub struct Qcow2Image {
     /// Reads and writes in clusters the top file holds, without the image thread (open for
     /// writing).
     direct: Option<Arc<direct::Direct>>,
+    /// Set when a write was found aimed at the image's metadata (see `guard`): no write is
+    /// taken after that.
+    corrupt: Arc<AtomicBool>,
     /// The top file's writer lock (open for writing), released when this closes.
     _writer_lock: Option<std::fs::File>,
 }
@@ -321,7 +326,7 @@ impl Qcow2Image {
             Access::ReadWrite => Some(lock_writer(path).await?),
             Access::ReadOnly => None,
         };
-        let chain = resolve_for_open(path, access).await?;
+        let (chain, guard) = resolve_for_open(path, access).await?;
         let paths = chain.iter().map(|l| l.path.clone()).collect();
         let (cluster_size, version) = chain[0].header().map(|h| (h.cluster_size(), h.version)).unwrap_or((65536, 3));
         if access == Access::ReadWrite && chain[0].header().is_some_and(Header::has_valid_bitmaps) {
@@ -331,7 +336,8 @@ impl Qcow2Image {
             tracing::warn!(path = %path.display(), "writing invalidates this image's persistent dirty bitmaps");
         }
         let slot = Arc::new(BackingSlot(RwLock::new(backing)));
-        let (tx, thread, opened) = worker::start(chain, access, engine, Arc::clone(&slot)).await?;
+        let corrupt = Arc::new(AtomicBool::new(false));
+        let (tx, thread, opened) = worker::start(chain, access, engine, Arc::clone(&slot), guard, Arc::clone(&corrupt)).await?;
         tracing::debug!(path = %path.display(), size = opened.size, cluster_size, ?engine, "qcow2 image open");
         let direct = opened.top_io.map(|io| Arc::new(direct::Direct::new(io, cluster_size.trailing_zeros(), opened.size)));
         Ok(Qcow2Image {
@@ -345,6 +351,7 @@ impl Qcow2Image {
             engine,
             backing: slot,
             direct,
+            corrupt,
             _writer_lock: writer_lock,
         })
     }
@@ -388,9 +395,12 @@ impl Qcow2Image {
         r
     }
 
-    fn writable(&self) -> Result<()> {
+    fn writable(&self, op: &'static str, offset: u64) -> Result<()> {
         match self.access {
             Access::ReadOnly => Err(ImageError::ReadOnly),
+            Access::ReadWrite if self.corrupt.load(Ordering::Acquire) => {
+                Err(ImageError::Io { op, offset, source: worker::marked_corrupt() })
+            }
             Access::ReadWrite => Ok(()),
         }
     }
@@ -488,7 +498,7 @@ impl Image for Qcow2Image {
     }
 
     async fn write(&self, offset: u64, buf: Arc<IoBuf>, durability: Durability) -> Result<()> {
-        self.writable()?;
+        self.writable("write", offset)?;
         check_range(offset, buf.len() as u64, self.size)?;
         let Some(direct) = &self.direct else {
             return self.call("write", offset, |reply| Req::Write { offset, buf, durability, learn: false, reply }).await.map(drop);
@@ -512,7 +522,7 @@ impl Image for Qcow2Image {
         speed: ZeroSpeed,
         durability: Durability,
     ) -> Result<()> {
-        self.writable()?;
+        self.writable("write zeroes", offset)?;
         check_range(offset, length, self.size)?;
         if length == 0 {
             return Ok(());
@@ -527,7 +537,7 @@ impl Image for Qcow2Image {
     }
 
     async fn trim(&self, offset: u64, length: u64) -> Result<()> {
-        self.writable()?;
+        self.writable("trim", offset)?;
         check_range(offset, length, self.size)?;
         if length == 0 {
             return Ok(());
@@ -580,24 +590,33 @@ fn lock_file(file: &std::fs::File, path: &Path) -> std::result::Result<(), Qcow2
 }
 
 /// Resolves the chain at `path` and checks each layer's metadata as far as an open needs: the
-/// top one further when it is to be written (`check::for_writing`).
-async fn resolve_for_open(path: &Path, access: Access) -> std::result::Result<Vec<chain::Layer>, Qcow2Error> {
+/// top one further when it is to be written (`check::for_writing`), which also gives the guard
+/// that keeps guest writes off that metadata.
+async fn resolve_for_open(
+    path: &Path,
+    access: Access,
+) -> std::result::Result<(Vec<chain::Layer>, Option<guard::Guard>), Qcow2Error> {
     let p = path.to_owned();
     blocking(path, move || {
         require_qcow2(&p)?;
         let chain = chain::resolve(&p, Some("qcow2"))?;
+        let mut guard = None;
         for (i, layer) in chain.iter().enumerate() {
-            if let Some(h) = layer.header() {
-                let f = std::fs::File::open(&layer.path).map_err(|e| io_error(&layer.path, "open", e))?;
-                let checked = if i == 0 && access == Access::ReadWrite {
-                    check::for_writing(&f, h, layer.file_len)
-                } else {
-                    check::quick(&f, h, layer.file_len)
-                };
-                checked.map_err(|e| check_error(&layer.path, e))?;
+            let Some(h) = layer.header() else { continue };
+            let writing = i == 0 && access == Access::ReadWrite;
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(writing)
+                .open(&layer.path)
+                .map_err(|e| io_error(&layer.path, "open", e))?;
+            if writing {
+                let regions = check::for_writing(&f, h, layer.file_len).map_err(|e| check_error(&layer.path, e))?;
+                guard = Some(guard::Guard::new(f, h, &regions));
+            } else {
+                check::quick(&f, h, layer.file_len).map_err(|e| check_error(&layer.path, e))?;
             }
         }
-        Ok(chain)
+        Ok((chain, guard))
     })
     .await
 }
@@ -780,7 +799,7 @@ pub async fn rebase(path: &Path, new_backing: &Path) -> std::result::Result<(), 
 /// shrinking drops the data past the new end. The image must not be open.
 pub async fn resize(path: &Path, new_size: u64) -> std::result::Result<(), Qcow2Error> {
     let _writer_lock = lock_writer(path).await?;
-    let chain = resolve_for_open(path, Access::ReadWrite).await?;
+    let (chain, _) = resolve_for_open(path, Access::ReadWrite).await?;
     let bits = chain[0].header().map(|h| h.cluster_bits).unwrap_or(16);
     check_size(path, new_size, bits)?;
     let p = path.to_owned();

@@ -421,11 +421,7 @@ async fn a_writable_open_refuses_metadata_counted_free_and_leaves_the_file_untou
     }
     let (h, _) = chain::read_header(&p).expect("header");
     let f = std::fs::OpenOptions::new().read(true).write(true).open(&p).expect("open");
-    let entry = |at: u64| {
-        let mut b = [0u8; 8];
-        f.read_exact_at(&mut b, at).expect("read entry");
-        u64::from_be_bytes(b)
-    };
+    let entry = |at: u64| be64_at(&f, at);
     let block = entry(h.refcount_table_offset);
     let l2 = entry(h.l1_table_offset) & 0x00ff_ffff_ffff_fe00;
     assert!(block != 0 && l2 != 0, "the image has a refcount block and an L2 table");
@@ -674,4 +670,144 @@ async fn a_mapping_learnt_beside_a_zeroing_or_trim_is_not_kept() {
         }
         close_and_check(img, &p).await;
     }
+}
+
+/// An image whose guest cluster 0 the L2 table maps onto the active L1 table (the damage
+/// `qemu-img check` reports as "refcount=1 reference=2"), with data of its own in cluster 2.
+/// `copied` sets the entry's COPIED bit, `l1_refcount` the L1 cluster's stored refcount.
+/// Returns the image, its header and the L1 table's cluster as it was.
+async fn mapped_onto_l1(dir: &tempfile::TempDir, copied: bool, l1_refcount: u16) -> (PathBuf, Header, Vec<u8>) {
+    use std::os::unix::fs::FileExt;
+    let p = dir.path().join("onto-l1.qcow2");
+    create(&p, 1 << 20, None).await.expect("create");
+    {
+        let t = Qcow2Image::open(&p, Access::ReadWrite, EngineKind::Portable).await.expect("open");
+        put(&t, 0, &pat(K64 as usize, 1)).await;
+        put(&t, 2 * K64, &pat(K64 as usize, 2)).await;
+        t.close().await.expect("close");
+    }
+    let (h, _) = chain::read_header(&p).expect("header");
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(&p).expect("open");
+    let entry = |at: u64| be64_at(&f, at);
+    let l2 = entry(h.l1_table_offset) & 0x00ff_ffff_ffff_fe00;
+    let onto = h.l1_table_offset | if copied { 1 << 63 } else { 0 };
+    f.write_all_at(&onto.to_be_bytes(), l2).expect("map cluster 0 onto the L1 table");
+    let block = entry(h.refcount_table_offset) & !0x1ff;
+    f.write_all_at(&l1_refcount.to_be_bytes(), block + (h.l1_table_offset / K64) * 2).expect("L1 refcount");
+    let mut l1 = vec![0u8; K64 as usize];
+    f.read_exact_at(&mut l1, h.l1_table_offset).expect("L1 cluster");
+    (p, h, l1)
+}
+
+/// The big-endian u64 at `at` in `f`: a table entry.
+fn be64_at(f: &std::fs::File, at: u64) -> u64 {
+    use std::os::unix::fs::FileExt;
+    let mut b = [0u8; 8];
+    f.read_exact_at(&mut b, at).expect("read entry");
+    u64::from_be_bytes(b)
+}
+
+fn l1_cluster(p: &Path, h: &Header) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let mut l1 = vec![0u8; K64 as usize];
+    std::fs::File::open(p).expect("open").read_exact_at(&mut l1, h.l1_table_offset).expect("L1 cluster");
+    l1
+}
+
+fn error_text(e: &ImageError) -> String {
+    match e {
+        ImageError::Io { source, .. } => format!("{e}: {source}"),
+        other => other.to_string(),
+    }
+}
+
+/// QEMU's overlap check: a write, zeroing or trim that the damaged mapping would turn into a
+/// write over (or a free of) the L1 table is refused; the image is marked corrupt on disk and
+/// takes no write after that, straight-to-the-file ones included; the L1 table is untouched and
+/// reads go on.
+#[tokio::test]
+async fn a_write_aimed_at_the_metadata_is_refused_and_marks_the_image_corrupt() {
+    for engine in engines() {
+        for (op, copied) in [("write", true), ("write zeroes", true), ("trim", true), ("write", false)] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let (p, h, l1) = mapped_onto_l1(&dir, copied, 1).await;
+            let img = Qcow2Image::open(&p, Access::ReadWrite, engine).await.expect("the damage passes the open's checks");
+            // Cluster 2 is held: after one write there, writes to it go straight to the file.
+            put(&img, 2 * K64, &pat(4096, 5)).await;
+            put(&img, 2 * K64 + 8192, &pat(4096, 6)).await;
+            assert_eq!(img.direct_writes(), 1, "{engine:?} {op}");
+            // A read of cluster 0 reads the L1 table, as QEMU's does; it teaches nothing.
+            assert_eq!(get(&img, 0, 4096).await, l1[..4096], "{engine:?} {op}");
+            let r = match op {
+                "write" => img.write(0, Arc::new(IoBuf::from_vec(pat(4096, 7))), Durability::Cached).await,
+                "write zeroes" => img.write_zeroes(0, K64, ZeroAlloc::MayDeallocate, ZeroSpeed::Any, Durability::Cached).await,
+                _ => img.trim(0, K64).await,
+            };
+            let e = r.expect_err("a write onto the L1 table must be refused");
+            assert!(error_text(&e).contains("active L1 table"), "{engine:?} {op}: {e:?}");
+            assert_eq!(l1_cluster(&p, &h), l1, "{engine:?} {op}: the L1 table changed");
+            // No write after that, not even into the held cluster, which the file takes direct.
+            let e = img.write(2 * K64, Arc::new(IoBuf::from_vec(pat(512, 8))), Durability::Cached).await.expect_err("refused");
+            assert!(error_text(&e).contains("corrupt"), "{engine:?} {op}: {e:?}");
+            assert!(img.trim(2 * K64, K64).await.is_err(), "{engine:?} {op}");
+            assert_eq!(img.direct_writes(), 1, "{engine:?} {op}");
+            let mut want = pat(K64 as usize, 2);
+            want[..4096].copy_from_slice(&pat(4096, 5));
+            want[8192..12288].copy_from_slice(&pat(4096, 6));
+            assert_eq!(get(&img, 2 * K64, K64 as usize).await, want, "{engine:?} {op}: reads go on");
+            img.close().await.expect("close");
+            let incompatible = u64::from_be_bytes(std::fs::read(&p).expect("read")[72..80].try_into().expect("8 bytes"));
+            assert_eq!(incompatible, header::INCOMPAT_CORRUPT, "{engine:?} {op}: the corrupt bit, and only it");
+            assert_eq!(l1_cluster(&p, &h), l1, "{engine:?} {op}: the L1 table changed at close");
+            let e = Qcow2Image::open(&p, Access::ReadWrite, engine).await.err();
+            assert!(matches!(e, Some(Qcow2Error::Corrupt { ref reason, .. }) if reason.contains("marked corrupt")), "{e:?}");
+        }
+    }
+}
+
+/// Without the COPIED bit imago copies the cluster away and lets go of its reference. Once the
+/// stored refcount counts the metadata's own reference too (what `qemu-img check -r all` leaves),
+/// that is safe, and the write goes through: into a new cluster, the L1 table untouched.
+#[tokio::test]
+async fn a_copy_on_write_away_from_the_metadata_goes_through_once_the_refcount_counts_both() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (p, h, l1) = mapped_onto_l1(&dir, false, 2).await;
+    let img = Qcow2Image::open(&p, Access::ReadWrite, EngineKind::Portable).await.expect("open");
+    put(&img, 512, &pat(4096, 9)).await;
+    let mut want = l1.clone();
+    want[512..512 + 4096].copy_from_slice(&pat(4096, 9));
+    assert_eq!(get(&img, 0, K64 as usize).await, want, "the copy holds the old bytes and the write");
+    img.close().await.expect("close");
+    assert_eq!(l1_cluster(&p, &h), l1);
+    let f = std::fs::File::open(&p).expect("file");
+    let (h, len) = chain::read_header(&p).expect("header");
+    assert_eq!(h.incompatible & header::INCOMPAT_CORRUPT, 0);
+    // The data cluster the damage orphaned is a leak; nothing is corrupt any more.
+    assert!(check::check(&f, &h, len).is_ok_and(|leaks| leaks == 1), "{:?}", check::check(&f, &h, len).err());
+}
+
+/// The guard follows the refcount table when imago moves it: a 512-byte-cluster image written
+/// far beyond what its first table covers, whose data then lands in the cluster the first table
+/// left, takes every write there and stays consistent.
+#[tokio::test]
+async fn writes_into_clusters_a_moved_refcount_table_left_are_not_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = dir.path().join("small.qcow2");
+    create(&p, 64 << 20, Some(512)).await.expect("create");
+    let (first, _) = chain::read_header(&p).expect("header");
+    let img = Qcow2Image::open(&p, Access::ReadWrite, EngineKind::Portable).await.expect("open");
+    let mut model = vec![0u8; 64 << 20];
+    // The second pass writes over the clusters the first allocated, one of which is where the
+    // first refcount table was until imago moved it and freed its cluster.
+    for pass in 0..2u8 {
+        for i in 0..(24u64 << 20) / 65536 {
+            let data = pat(65536, (i as u8).wrapping_add(pass));
+            put(&img, i * 65536, &data).await;
+            model[(i * 65536) as usize..][..65536].copy_from_slice(&data);
+        }
+    }
+    assert_eq!(get(&img, 0, 64 << 20).await, model);
+    close_and_check(img, &p).await;
+    let (h, _) = chain::read_header(&p).expect("header");
+    assert_ne!(h.refcount_table_offset, first.refcount_table_offset, "the refcount table never moved");
 }

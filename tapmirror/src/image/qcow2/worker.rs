@@ -11,10 +11,12 @@
 //! imago's safe discard needs `&mut`, because freeing clusters while another request holds a
 //! mapping to them could send that request's data to a reused cluster.
 
+use std::cell::RefCell;
 use std::future::Future;
 use std::io;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use imago::format::Format;
 use imago::qcow2::Qcow2;
@@ -24,6 +26,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::chain::{Layer, LayerFormat, io_error};
 use super::direct::{Learnt, Remapping};
+use super::guard::{Guard, Overlap};
 use super::storage::IoStorage;
 use super::{BackingSlot, Qcow2Error};
 use crate::image::{Access, Extent, ExtentState, ImageError, Result};
@@ -65,6 +68,10 @@ struct State {
     writable: bool,
     backing: Arc<BackingSlot>,
     path: std::path::PathBuf,
+    /// The top file's metadata, kept out of guest writes (open for writing; see `guard`).
+    guard: Option<RefCell<Guard>>,
+    /// Set once a request was found aimed at that metadata; shared with the image's handle.
+    corrupt: Arc<AtomicBool>,
 }
 
 fn io_err(op: &'static str, offset: u64) -> impl FnOnce(io::Error) -> ImageError {
@@ -141,6 +148,8 @@ pub(super) async fn start(
     access: Access,
     engine: EngineKind,
     backing: Arc<BackingSlot>,
+    guard: Option<Guard>,
+    corrupt: Arc<AtomicBool>,
 ) -> std::result::Result<(mpsc::UnboundedSender<Req>, std::thread::JoinHandle<()>, Opened), Qcow2Error> {
     let path = chain[0].path.clone();
     let (tx, rx) = mpsc::unbounded_channel();
@@ -173,6 +182,8 @@ pub(super) async fn start(
                     top: tokio::sync::RwLock::new(top),
                     backing,
                     path: chain[0].path.clone(),
+                    guard: guard.map(RefCell::new),
+                    corrupt,
                 });
                 let top_io = state.writable.then_some(top_io);
                 let _ = ready_tx.send(Ok(Opened { size: state.size, top_io }));
@@ -241,7 +252,7 @@ async fn handle(state: Rc<State>, req: Req) {
             let r = async {
                 let top = state.top.read().await;
                 top.read(&mut buf[..], offset).await.map_err(io_err("read", offset))?;
-                Ok(if learn { writable_clusters(&top, state.cluster, offset, buf.len() as u64).await } else { Vec::new() })
+                Ok(if learn { writable_clusters(&state, &top, offset, buf.len() as u64).await } else { Vec::new() })
             }
             .await;
             let _ = reply.send((buf, r));
@@ -250,8 +261,9 @@ async fn handle(state: Rc<State>, req: Req) {
             let r = async {
                 wait_for_backing(&state, offset, buf.len() as u64).await?;
                 let top = state.top.read().await;
+                keep_off_metadata(&state, &top, "write", offset, buf.len() as u64).await?;
                 top.write(&buf[..], offset).await.map_err(io_err("write", offset))?;
-                let learnt = if learn { writable_clusters(&top, state.cluster, offset, buf.len() as u64).await } else { Vec::new() };
+                let learnt = if learn { writable_clusters(&state, &top, offset, buf.len() as u64).await } else { Vec::new() };
                 drop(top);
                 if durability == Durability::Stable {
                     flush(&state).await?;
@@ -265,6 +277,7 @@ async fn handle(state: Rc<State>, req: Req) {
             let r = async {
                 wait_for_backing(&state, offset, length).await?;
                 let top = state.top.read().await;
+                keep_off_metadata(&state, &top, "write zeroes", offset, length).await?;
                 // Whole clusters become zero clusters (their host clusters stay allocated, so
                 // concurrent requests' mappings remain valid); partial ones get zero data.
                 top.write_zeroes(offset, length).await.map_err(io_err("write zeroes", offset))?;
@@ -302,8 +315,10 @@ async fn handle(state: Rc<State>, req: Req) {
 
 /// The clusters of `[offset, offset + length)` that the top file holds and may be written in
 /// place, as (guest cluster index, host cluster offset). Only an aid: a lookup that fails ends
-/// the list there, and the request it follows succeeded all the same.
-async fn writable_clusters(top: &FormatAccess<IoStorage>, cluster: u64, offset: u64, length: u64) -> Learnt {
+/// the list there, and the request it follows succeeded all the same. A cluster mapped onto
+/// the file's metadata (see `guard`) is left out, so that its writes keep coming here.
+async fn writable_clusters(state: &State, top: &FormatAccess<IoStorage>, offset: u64, length: u64) -> Learnt {
+    let cluster = state.cluster;
     let mut out = Vec::new();
     let (mut pos, end) = (offset / cluster * cluster, offset + length);
     while pos < end {
@@ -316,13 +331,96 @@ async fn writable_clusters(top: &FormatAccess<IoStorage>, cluster: u64, offset: 
         if let ShallowMapping::Raw { offset: host, writable: true, .. } = mapping {
             let mut c = pos;
             while c < run_end {
-                out.push((c / cluster, host + (c - pos)));
+                let on_metadata = state
+                    .guard
+                    .as_ref()
+                    .is_some_and(|g| g.borrow_mut().overlap(host + (c - pos), cluster).map_or(true, |o| o.is_some()));
+                if !on_metadata {
+                    out.push((c / cluster, host + (c - pos)));
+                }
                 c += cluster;
             }
         }
         pos = run_end;
     }
     out
+}
+
+/// Refuses a write, zeroing or trim of `[offset, offset + length)` where the top file maps any
+/// of it onto its own metadata (see `guard`) in a way that would destroy that metadata: with the
+/// COPIED bit imago writes (or, for a trim, frees) that cluster in place; without it, imago
+/// copies the cluster away and lets go of its reference, which is safe only if the stored
+/// refcount counts the metadata's own reference too. The first refused request marks the image
+/// corrupt, on disk and here, and no write is taken after it, as QEMU does.
+async fn keep_off_metadata(state: &State, top: &FormatAccess<IoStorage>, op: &'static str, offset: u64, length: u64) -> Result<()> {
+    if state.corrupt.load(Ordering::Acquire) {
+        return Err(ImageError::Io { op, offset, source: marked_corrupt() });
+    }
+    let Some(guard) = &state.guard else { return Ok(()) };
+    let (mut pos, end) = (offset / state.cluster * state.cluster, offset + length);
+    while pos < end {
+        let (mapping, l) = top.get_shallow_mapping(pos, end - pos).await.map_err(io_err(op, pos))?;
+        if l == 0 {
+            break;
+        }
+        if let ShallowMapping::Raw { offset: host, writable, .. } = mapping {
+            let mut at = host;
+            loop {
+                // Not in the `while let`: its temporary borrow would last through the body.
+                let found = guard.borrow_mut().overlap(at, (host + l).saturating_sub(at));
+                let Some(o) = found.map_err(io_err(op, pos))? else { break };
+                at = o.host + state.cluster;
+                if !writable {
+                    // Go by the refcount on disk once imago's caches are written back to it.
+                    top.flush().await.map_err(io_err(op, pos))?;
+                    if guard.borrow().keeps_its_reference(o.host).map_err(io_err(op, pos))? {
+                        continue;
+                    }
+                }
+                let guest = pos + (o.host.max(host) - host);
+                return Err(signal_corruption(state, guard, op, guest, o));
+            }
+        }
+        pos += l;
+    }
+    Ok(())
+}
+
+/// Marks the image corrupt (see [`keep_off_metadata`]) and gives the refused request's error.
+fn signal_corruption(state: &State, guard: &RefCell<Guard>, op: &'static str, guest: u64, o: Overlap) -> ImageError {
+    state.corrupt.store(true, Ordering::Release);
+    let marked = guard.borrow().mark_corrupt();
+    tracing::error!(
+        path = %state.path.display(),
+        guest,
+        host = o.host,
+        metadata = o.what,
+        "refused a {op}: the image maps guest data onto its own metadata; \
+         marked corrupt, repair with `qemu-img check -r all`"
+    );
+    if let Err(e) = marked {
+        tracing::error!(path = %state.path.display(), error = %e, "could not set the image's corrupt bit");
+    }
+    ImageError::Io {
+        op,
+        offset: guest,
+        source: io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "corrupt qcow2 image: guest offset {guest:#x} maps onto the {} at host offset {:#x}; \
+                 writes refused, repair with `qemu-img check -r all`",
+                o.what, o.host
+            ),
+        ),
+    }
+}
+
+/// The error of every write after the image was found corrupt.
+pub(super) fn marked_corrupt() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        "corrupt qcow2 image: guest data maps onto its metadata; writes refused, repair with `qemu-img check -r all`",
+    )
 }
 
 /// Frees whole clusters inside the range (they read as zeroes afterwards); partial clusters at
@@ -339,6 +437,7 @@ async fn trim(state: &State, offset: u64, length: u64) -> Result<()> {
         return Ok(());
     }
     let mut top = state.top.write().await;
+    keep_off_metadata(state, &top, "trim", start, end - start).await?;
     top.discard_to_zero(start, end - start).await.map_err(io_err("trim", start))
 }
 

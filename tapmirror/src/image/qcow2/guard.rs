@@ -1,0 +1,156 @@
+//! Keeps guest data off the top file's metadata: QEMU's overlap check, for images that are
+//! already corrupt in the way `qemu-img check` reports as "refcount=1 reference=2".
+//!
+//! An L2 entry of a damaged image can point a guest cluster at a host cluster that holds
+//! metadata: the L1 table, a refcount block, an L2 table. imago trusts the entry, so a guest
+//! write there overwrites that metadata in place (with the entry's COPIED bit), or copies the
+//! cluster away and frees it (without), after which the allocator hands the metadata's cluster
+//! out again. Either way one write turns a repairable image into a lost one: tried on an image
+//! whose first data cluster pointed at its L1 table, one 4 KiB write over NBD replaced every
+//! L1 entry with guest bytes. QEMU refuses such a write (`qcow2_pre_write_overlap_check`),
+//! marks the image corrupt and fails the request; so does this driver.
+//!
+//! [`Guard`] holds the host clusters of the metadata the file has when it is opened for
+//! writing, the regions of QEMU's overlap check: header, active L1 table, active L2 tables,
+//! refcount table and blocks, snapshot table, the snapshots' L1 and L2 tables, the bitmap
+//! directory (`check::for_writing` finds them). Before the image thread lets imago write, zero
+//! or trim a range, it looks up where the top file maps that range, and a mapping into one of
+//! those clusters is refused. Metadata that imago creates later comes from clusters whose
+//! refcount was 0, which a data cluster of a consistent image never has; the guard does not
+//! follow it, nor zero clusters that keep a host cluster, nor compressed clusters, whose host
+//! offsets imago's mapping interface does not give.
+//!
+//! Two kinds of metadata move while an image is open: the L1 table when a resize grows it,
+//! and the refcount table when the file outgrows it. imago then frees the old clusters, which
+//! may rightly become data. So a hit on the L1 or refcount table is checked against the header
+//! before it counts, and the guard follows the table to where the header now puts it.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+
+use super::check::{Metadata, Region, stored_refcount};
+use super::header::{Header, INCOMPAT_CORRUPT};
+
+/// Low bits of an entry of [`Guard::clusters`]: the `Metadata` kind.
+const KIND_BITS: u32 = 4;
+
+fn kind_of(entry: u64) -> Metadata {
+    Metadata::ALL.get((entry & ((1 << KIND_BITS) - 1)) as usize).copied().unwrap_or(Metadata::Header)
+}
+
+/// A guest range found mapped onto metadata.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Overlap {
+    /// The metadata cluster's host offset.
+    pub host: u64,
+    /// What it holds.
+    pub what: &'static str,
+}
+
+/// The top file's metadata clusters (see the module docs).
+pub(super) struct Guard {
+    /// The top file, read-write: for the header's current table offsets and the corrupt bit.
+    file: File,
+    cluster_bits: u32,
+    version: u32,
+    refcount_order: u32,
+    /// `cluster << KIND_BITS | kind`, sorted, one per cluster: 8 bytes per metadata cluster,
+    /// since an image of 512-byte clusters can have millions of L2 tables and refcount blocks.
+    clusters: Vec<u64>,
+}
+
+impl Guard {
+    pub(super) fn new(file: File, h: &Header, regions: &[Region]) -> Guard {
+        let cluster_bits = h.cluster_bits;
+        let mut clusters = Vec::with_capacity(regions.len());
+        for r in regions.iter().filter(|r| r.len > 0) {
+            let kind = r.what as u64;
+            for c in r.offset >> cluster_bits..=(r.offset + r.len - 1) >> cluster_bits {
+                clusters.push(c << KIND_BITS | kind);
+            }
+        }
+        clusters.sort_unstable();
+        // One entry per cluster: what a cluster holds first in `Metadata` order names it.
+        clusters.dedup_by_key(|e| *e >> KIND_BITS);
+        Guard { file, cluster_bits, version: h.version, refcount_order: h.refcount_order, clusters }
+    }
+
+    /// The first metadata cluster in host bytes `[host, host + len)`, if any.
+    pub(super) fn overlap(&mut self, host: u64, len: u64) -> io::Result<Option<Overlap>> {
+        if len == 0 {
+            return Ok(None);
+        }
+        let (first, last) = (host >> self.cluster_bits, (host + len - 1) >> self.cluster_bits);
+        let mut followed = false;
+        loop {
+            let at = self.clusters.partition_point(|&e| e >> KIND_BITS < first);
+            let Some(&entry) = self.clusters.get(at).filter(|&&e| e >> KIND_BITS <= last) else {
+                return Ok(None);
+            };
+            let kind = kind_of(entry);
+            if matches!(kind, Metadata::L1 | Metadata::RefcountTable) && !followed {
+                followed = true;
+                if self.follow_moved_tables()? {
+                    // The tables moved (and the guard with them): look again.
+                    continue;
+                }
+            }
+            return Ok(Some(Overlap { host: (entry >> KIND_BITS) << self.cluster_bits, what: kind.name() }));
+        }
+    }
+
+    /// Re-reads where the header puts the L1 and refcount tables; if either is not where the
+    /// guard has it, moves it there and returns true.
+    fn follow_moved_tables(&mut self) -> io::Result<bool> {
+        let mut raw = [0u8; 60];
+        self.file.read_exact_at(&mut raw, 0)?;
+        let file_len = crate::image::byte_len(&self.file)?;
+        let be32 = |at: usize| u64::from(u32::from_be_bytes([raw[at], raw[at + 1], raw[at + 2], raw[at + 3]]));
+        let be64 = |at: usize| raw[at..at + 8].iter().fold(0u64, |acc, &b| acc << 8 | u64::from(b));
+        let now = [
+            (Metadata::L1, be64(40), be32(36) * 8),
+            (Metadata::RefcountTable, be64(48), be32(56) << self.cluster_bits),
+        ];
+        let mut moved = false;
+        for (kind, offset, len) in now {
+            if len == 0 || offset.checked_add(len).is_none_or(|end| end > file_len) {
+                // Not a table imago wrote (it writes the header only after the table): keep
+                // the guard as it is.
+                continue;
+            }
+            let want: Vec<u64> = (offset >> self.cluster_bits..=(offset + len - 1) >> self.cluster_bits).collect();
+            let have: Vec<u64> =
+                self.clusters.iter().filter(|&&e| kind_of(e) == kind).map(|&e| e >> KIND_BITS).collect();
+            if want != have {
+                self.clusters.retain(|&e| kind_of(e) != kind);
+                self.clusters.extend(want.iter().map(|&c| c << KIND_BITS | kind as u64));
+                self.clusters.sort_unstable();
+                self.clusters.dedup_by_key(|e| *e >> KIND_BITS);
+                moved = true;
+            }
+        }
+        Ok(moved)
+    }
+
+    /// Whether the metadata cluster at `host` keeps a reference of its own once a guest cluster
+    /// mapped onto it (without the COPIED bit) lets go of its reference, as a copy-on-write or a
+    /// trim does: the stored refcount counts both. That is the state `qemu-img check -r all`
+    /// leaves such an image in, where imago's copy-on-write is safe.
+    pub(super) fn keeps_its_reference(&self, host: u64) -> io::Result<bool> {
+        Ok(stored_refcount(&self.file, self.cluster_bits, self.refcount_order, host >> self.cluster_bits)? >= 2)
+    }
+
+    /// Sets the header's corrupt bit, as QEMU does, so that nothing opens the image for writing
+    /// again before `qemu-img check -r all` has repaired it. Version 2 has no such bit.
+    pub(super) fn mark_corrupt(&self) -> io::Result<()> {
+        if self.version < 3 {
+            return Ok(());
+        }
+        let mut raw = [0u8; 8];
+        self.file.read_exact_at(&mut raw, 72)?;
+        let incompatible = u64::from_be_bytes(raw) | INCOMPAT_CORRUPT;
+        self.file.write_all_at(&incompatible.to_be_bytes(), 72)?;
+        self.file.sync_data()
+    }
+}
