@@ -32,13 +32,35 @@ pub struct RawImage {
 }
 
 impl RawImage {
-    /// Opens `path` with the given access on the given I/O engine.
+    /// Opens `path` with the given access on the given I/O engine. A writable open takes the
+    /// file's writer lock ([`super::lock_exclusive`]), as VHD and qcow2 images do and as QEMU
+    /// locks raw images too: two writers of one disk, two datapaths or a datapath beside a VM,
+    /// would overwrite each other's guest data. Refused with `ResourceBusy` while another
+    /// holds it; readers are not stopped.
     pub async fn open(path: &Path, access: Access, engine: EngineKind) -> io::Result<RawImage> {
         let mut file = OpenOptions::new()
             .read(true)
             .write(access == Access::ReadWrite)
             .open(path)
             .map_err(|e| io::Error::new(e.kind(), format!("open {}: {e}", path.display())))?;
+        if access == Access::ReadWrite {
+            // The lock waits out a predecessor's late release for up to LOCK_GRACE: off the
+            // async threads.
+            let (locked, f) = tokio::task::spawn_blocking(move || (super::lock_exclusive(&file), file))
+                .await
+                .map_err(io::Error::other)?;
+            file = f;
+            match locked {
+                Ok(true) => {}
+                Ok(false) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::ResourceBusy,
+                        format!("{}: in use: another writer (a datapath, or a QEMU process) has it open", path.display()),
+                    ));
+                }
+                Err(e) => return Err(io::Error::new(e.kind(), format!("lock {}: {e}", path.display()))),
+            }
+        }
         // SEEK_END gives the size of block devices too, where metadata().len() is 0.
         let size = file.seek(SeekFrom::End(0))?;
         let io = FileIo::new(file, engine).await?;
@@ -315,5 +337,23 @@ mod tests {
         assert!(matches!(ro.trim(0, 512).await, Err(ImageError::ReadOnly)));
         assert_eq!(std::fs::metadata(&p).expect("stat").len(), 1 << 20);
         assert!(ro.allocation(0, 1 << 20, usize::MAX).await.expect("map").iter().all(|e| e.state == ExtentState::Hole));
+    }
+
+    #[tokio::test]
+    async fn a_second_writer_is_refused_until_the_first_closes() {
+        for kind in engines() {
+            let (dir, first) = image(1 << 20, kind).await;
+            let p = dir.path().join("disk.raw");
+            first.write(0, pattern(4096, 5), Durability::Cached).await.expect("write");
+            let e = RawImage::open(&p, Access::ReadWrite, kind).await.err().expect("a second writer");
+            assert_eq!(e.kind(), io::ErrorKind::ResourceBusy, "{kind:?}: {e}");
+            assert!(e.to_string().contains("in use"), "{kind:?}: {e}");
+            let reader = RawImage::open(&p, Access::ReadOnly, kind).await.expect("a reader beside the writer");
+            let (b, r) = reader.read(0, IoBuf::new(4096)).await;
+            r.expect("read");
+            assert_eq!(b[..], pattern(4096, 5)[..], "{kind:?}");
+            drop(first);
+            RawImage::open(&p, Access::ReadWrite, kind).await.expect("a writer once the first has closed");
+        }
     }
 }

@@ -473,7 +473,7 @@ async fn a_sub_cluster_write_never_freezes_stale_backing_data() {
 }
 
 /// A QEMU process writing an image (here qemu-io, holding it open) keeps our writers out, as
-/// QEMU keeps its own out: `tapmirror serve` of it, qcow2 or VHD, fails as in use, a read-only
+/// QEMU keeps its own out: `tapmirror serve` of it, qcow2, VHD or raw, fails as in use, a read-only
 /// serve does not, and once QEMU has closed it the image serves for writing again.
 #[test]
 fn an_image_a_qemu_process_writes_is_refused_to_our_writers() {
@@ -481,7 +481,7 @@ fn an_image_a_qemu_process_writes_is_refused_to_our_writers() {
     use std::io::{BufRead, BufReader, Write};
     use std::process::Stdio;
     let dir = tempfile::tempdir().expect("tempdir");
-    for (format, name) in [("qcow2", "held.qcow2"), ("vpc", "held.vhd")] {
+    for (format, name) in [("qcow2", "held.qcow2"), ("vpc", "held.vhd"), ("raw", "held.raw")] {
         let image = dir.path().join(name);
         run(Command::new("qemu-img").args(["create", "-q", "-f", format]).arg(&image).arg("16M"));
         let mut qemu = Command::new("qemu-io")
