@@ -356,6 +356,14 @@ def qcow2_seeds():
         img("overlay_on_raw", s_opts, writes=("write -P 0x33 4k 1k",), backing=("base.raw", "raw"))
         img("overlay_on_qcow2", s_opts, writes=("write -P 0x44 8k 512",), backing=("base.qcow2", "qcow2"))
         img("overlay_missing_backing", s_opts, backing=("missing.qcow2", "qcow2"))
+        # Damaged as `qemu-img check` reports "refcount=1 reference=2": guest cluster 0 mapped
+        # (with COPIED) onto the active L1 table, which the driver's guard must keep writes off.
+        img("v3_4k_data_onto_l1", "cluster_size=4096", writes=("write -P 0xaa 0 4k", "write -P 0xbb 64k 4k"))
+        b = bytearray(s["v3_4k_data_onto_l1"])
+        l1 = int.from_bytes(b[40:48], "big")
+        l2 = int.from_bytes(b[l1:l1 + 8], "big") & 0x00FFFFFFFFFFFE00
+        b[l2:l2 + 8] = ((1 << 63) | l1).to_bytes(8, "big")
+        s["v3_4k_data_onto_l1"] = bytes(b)
     return s
 
 
