@@ -14,15 +14,19 @@
 //! writing, the regions of QEMU's overlap check: header, active L1 table, active L2 tables,
 //! refcount table and blocks, snapshot table, the snapshots' L1 and L2 tables, the bitmap
 //! directory (`check::for_writing` finds them). Before the image thread lets imago write, zero
-//! or trim a range, it looks up where the top file maps that range, and a mapping into one of
-//! those clusters is refused. Metadata that imago creates later comes from clusters whose
+//! or trim a range, it looks up where the top file maps that range. A mapping into one of
+//! those clusters is refused when it has the COPIED bit, and also without it unless the stored
+//! refcount counts the metadata's own reference besides the guest's, which is the state
+//! `qemu-img check -r all` leaves: there imago's copy-on-write moves the guest's data away and
+//! the metadata keeps its cluster. Metadata that imago creates later comes from clusters whose
 //! refcount was 0, which a data cluster of a consistent image never has; the guard does not
-//! follow it, nor zero clusters that keep a host cluster, nor compressed clusters, whose host
-//! offsets imago's mapping interface does not give.
+//! follow it, nor compressed clusters, whose host offsets imago's mapping interface does not
+//! give. For zero clusters, which may keep a host cluster that the mapping does not name
+//! either, the guard reads the L2 entry from the file.
 //!
-//! Two kinds of metadata move while an image is open: the L1 table when a resize grows it,
-//! and the refcount table when the file outgrows it. imago then frees the old clusters, which
-//! may rightly become data. So a hit on the L1 or refcount table is checked against the header
+//! The refcount table moves while an image is open, when the file outgrows it (and the L1
+//! table would, were an open image resized). imago then frees the old clusters, which may
+//! rightly become data. So a hit on the L1 or refcount table is checked against the header
 //! before it counts, and the guard follows the table to where the header now puts it.
 
 use std::fs::File;
@@ -131,6 +135,46 @@ impl Guard {
             }
         }
         Ok(moved)
+    }
+
+    /// The host clusters that the zero clusters among guest bytes `[guest, guest + len)` keep,
+    /// as (guest offset, host offset, COPIED), read from the L2 entries in the file. imago may
+    /// hold newer entries in its cache, but it changes a cluster's host only to one its
+    /// allocator hands out, never to metadata the guard knows, so the file's entry is the one
+    /// that can be wrong.
+    pub(super) fn kept_by_zero_clusters(&self, guest: u64, len: u64) -> io::Result<Vec<(u64, u64, bool)>> {
+        const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+        const COPIED: u64 = 1 << 63;
+        const COMPRESSED: u64 = 1 << 62;
+        let mut head = [0u8; 48];
+        self.file.read_exact_at(&mut head, 0)?;
+        let l1_size = u64::from(u32::from_be_bytes([head[36], head[37], head[38], head[39]]));
+        let l1_offset = head[40..48].iter().fold(0u64, |acc, &b| acc << 8 | u64::from(b));
+        let per_table = 1u64 << (self.cluster_bits - 3);
+        let mut kept = Vec::new();
+        let (mut c, last) = (guest >> self.cluster_bits, (guest + len.max(1) - 1) >> self.cluster_bits);
+        while c <= last {
+            let (l1_index, first) = (c / per_table, c % per_table);
+            let n = (per_table - first).min(last - c + 1);
+            if l1_index < l1_size {
+                let mut raw = [0u8; 8];
+                self.file.read_exact_at(&mut raw, l1_offset + l1_index * 8)?;
+                let l2 = u64::from_be_bytes(raw) & OFFSET_MASK;
+                if l2 != 0 {
+                    let mut entries = vec![0u8; n as usize * 8];
+                    self.file.read_exact_at(&mut entries, l2 + first * 8)?;
+                    for (i, e) in entries.chunks_exact(8).enumerate() {
+                        let e = e.iter().fold(0u64, |acc, &b| acc << 8 | u64::from(b));
+                        let host = e & OFFSET_MASK;
+                        if e & 1 != 0 && e & COMPRESSED == 0 && host != 0 {
+                            kept.push(((c + i as u64) << self.cluster_bits, host, e & COPIED != 0));
+                        }
+                    }
+                }
+            }
+            c += n;
+        }
+        Ok(kept)
     }
 
     /// Whether the metadata cluster at `host` keeps a reference of its own once a guest cluster

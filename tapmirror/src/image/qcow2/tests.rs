@@ -674,9 +674,10 @@ async fn a_mapping_learnt_beside_a_zeroing_or_trim_is_not_kept() {
 
 /// An image whose guest cluster 0 the L2 table maps onto the active L1 table (the damage
 /// `qemu-img check` reports as "refcount=1 reference=2"), with data of its own in cluster 2.
-/// `copied` sets the entry's COPIED bit, `l1_refcount` the L1 cluster's stored refcount.
+/// `copied` sets the entry's COPIED bit, `zero` its zero flag (a zero cluster keeping the
+/// L1 table's cluster as its host cluster), `l1_refcount` the L1 cluster's stored refcount.
 /// Returns the image, its header and the L1 table's cluster as it was.
-async fn mapped_onto_l1(dir: &tempfile::TempDir, copied: bool, l1_refcount: u16) -> (PathBuf, Header, Vec<u8>) {
+async fn mapped_onto_l1(dir: &tempfile::TempDir, copied: bool, zero: bool, l1_refcount: u16) -> (PathBuf, Header, Vec<u8>) {
     use std::os::unix::fs::FileExt;
     let p = dir.path().join("onto-l1.qcow2");
     create(&p, 1 << 20, None).await.expect("create");
@@ -690,7 +691,7 @@ async fn mapped_onto_l1(dir: &tempfile::TempDir, copied: bool, l1_refcount: u16)
     let f = std::fs::OpenOptions::new().read(true).write(true).open(&p).expect("open");
     let entry = |at: u64| be64_at(&f, at);
     let l2 = entry(h.l1_table_offset) & 0x00ff_ffff_ffff_fe00;
-    let onto = h.l1_table_offset | if copied { 1 << 63 } else { 0 };
+    let onto = h.l1_table_offset | if copied { 1 << 63 } else { 0 } | u64::from(zero);
     f.write_all_at(&onto.to_be_bytes(), l2).expect("map cluster 0 onto the L1 table");
     let block = entry(h.refcount_table_offset) & !0x1ff;
     f.write_all_at(&l1_refcount.to_be_bytes(), block + (h.l1_table_offset / K64) * 2).expect("L1 refcount");
@@ -728,18 +729,22 @@ fn error_text(e: &ImageError) -> String {
 #[tokio::test]
 async fn a_write_aimed_at_the_metadata_is_refused_and_marks_the_image_corrupt() {
     for engine in engines() {
-        for (op, copied) in [("write", true), ("write zeroes", true), ("trim", true), ("write", false)] {
+        let cases = [("write", true, false), ("write zeroes", true, false), ("trim", true, false), ("write", false, false), ("write", true, true)];
+        for (op, copied, zero) in cases {
             let dir = tempfile::tempdir().expect("tempdir");
-            let (p, h, l1) = mapped_onto_l1(&dir, copied, 1).await;
+            let (p, h, l1) = mapped_onto_l1(&dir, copied, zero, 1).await;
+            let op = if zero { "write into a zero cluster" } else { op };
             let img = Qcow2Image::open(&p, Access::ReadWrite, engine).await.expect("the damage passes the open's checks");
             // Cluster 2 is held: after one write there, writes to it go straight to the file.
             put(&img, 2 * K64, &pat(4096, 5)).await;
             put(&img, 2 * K64 + 8192, &pat(4096, 6)).await;
             assert_eq!(img.direct_writes(), 1, "{engine:?} {op}");
-            // A read of cluster 0 reads the L1 table, as QEMU's does; it teaches nothing.
-            assert_eq!(get(&img, 0, 4096).await, l1[..4096], "{engine:?} {op}");
+            // A read of cluster 0 reads the L1 table, as QEMU's does (or zeroes, from a zero
+            // cluster); it teaches nothing.
+            let reads = if zero { vec![0; 4096] } else { l1[..4096].to_vec() };
+            assert_eq!(get(&img, 0, 4096).await, reads, "{engine:?} {op}");
             let r = match op {
-                "write" => img.write(0, Arc::new(IoBuf::from_vec(pat(4096, 7))), Durability::Cached).await,
+                "write" | "write into a zero cluster" => img.write(0, Arc::new(IoBuf::from_vec(pat(4096, 7))), Durability::Cached).await,
                 "write zeroes" => img.write_zeroes(0, K64, ZeroAlloc::MayDeallocate, ZeroSpeed::Any, Durability::Cached).await,
                 _ => img.trim(0, K64).await,
             };
@@ -771,7 +776,7 @@ async fn a_write_aimed_at_the_metadata_is_refused_and_marks_the_image_corrupt() 
 #[tokio::test]
 async fn a_copy_on_write_away_from_the_metadata_goes_through_once_the_refcount_counts_both() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (p, h, l1) = mapped_onto_l1(&dir, false, 2).await;
+    let (p, h, l1) = mapped_onto_l1(&dir, false, false, 2).await;
     let img = Qcow2Image::open(&p, Access::ReadWrite, EngineKind::Portable).await.expect("open");
     put(&img, 512, &pat(4096, 9)).await;
     let mut want = l1.clone();

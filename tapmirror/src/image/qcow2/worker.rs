@@ -363,27 +363,52 @@ async fn keep_off_metadata(state: &State, top: &FormatAccess<IoStorage>, op: &'s
         if l == 0 {
             break;
         }
-        if let ShallowMapping::Raw { offset: host, writable, .. } = mapping {
-            let mut at = host;
-            loop {
-                // Not in the `while let`: its temporary borrow would last through the body.
-                let found = guard.borrow_mut().overlap(at, (host + l).saturating_sub(at));
-                let Some(o) = found.map_err(io_err(op, pos))? else { break };
-                at = o.host + state.cluster;
-                if !writable {
-                    // Go by the refcount on disk once imago's caches are written back to it.
-                    top.flush().await.map_err(io_err(op, pos))?;
-                    if guard.borrow().keeps_its_reference(o.host).map_err(io_err(op, pos))? {
-                        continue;
-                    }
-                }
-                let guest = pos + (o.host.max(host) - host);
-                return Err(signal_corruption(state, guard, op, guest, o));
+        match mapping {
+            ShallowMapping::Raw { offset: host, writable, .. } => {
+                keep_off(state, top, op, pos, host, l, writable).await?;
             }
+            // A zero cluster may keep a host cluster, which imago writes into in place (COPIED)
+            // or lets go of; the mapping does not say where, the L2 entry does.
+            ShallowMapping::Zero { explicit: true, .. } => {
+                let kept = guard.borrow().kept_by_zero_clusters(pos, l).map_err(io_err(op, pos))?;
+                for (guest, host, copied) in kept {
+                    keep_off(state, top, op, guest, host, state.cluster, copied).await?;
+                }
+            }
+            _ => {}
         }
         pos += l;
     }
     Ok(())
+}
+
+/// [`keep_off_metadata`] for guest bytes from `guest` that map onto host bytes
+/// `[host, host + len)`, `copied` as the mapping's COPIED bit.
+async fn keep_off(
+    state: &State,
+    top: &FormatAccess<IoStorage>,
+    op: &'static str,
+    guest: u64,
+    host: u64,
+    len: u64,
+    copied: bool,
+) -> Result<()> {
+    let Some(guard) = &state.guard else { return Ok(()) };
+    let mut at = host;
+    loop {
+        // Not in a `while let`: its temporary borrow would last through the body.
+        let found = guard.borrow_mut().overlap(at, (host + len).saturating_sub(at));
+        let Some(o) = found.map_err(io_err(op, guest))? else { return Ok(()) };
+        at = o.host + state.cluster;
+        if !copied {
+            // Go by the refcount on disk once imago's caches are written back to it.
+            top.flush().await.map_err(io_err(op, guest))?;
+            if guard.borrow().keeps_its_reference(o.host).map_err(io_err(op, guest))? {
+                continue;
+            }
+        }
+        return Err(signal_corruption(state, guard, op, guest + (o.host.max(host) - host), o));
+    }
 }
 
 /// Marks the image corrupt (see [`keep_off_metadata`]) and gives the refused request's error.
