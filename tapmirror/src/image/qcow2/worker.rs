@@ -329,13 +329,14 @@ async fn writable_clusters(state: &State, top: &FormatAccess<IoStorage>, offset:
         // Whole clusters: `pos` is at a cluster's start, and a run ends at one or at `end`.
         let run_end = (pos + l).min(end).next_multiple_of(cluster);
         if let ShallowMapping::Raw { offset: host, writable: true, .. } = mapping {
+            let on_metadata = |at: u64, len: u64| {
+                state.guard.as_ref().is_some_and(|g| g.borrow_mut().overlap(at, len).map_or(true, |o| o.is_some()))
+            };
+            // One lookup for the run; cluster by cluster only where it meets metadata.
+            let run_on_metadata = on_metadata(host, run_end - pos);
             let mut c = pos;
             while c < run_end {
-                let on_metadata = state
-                    .guard
-                    .as_ref()
-                    .is_some_and(|g| g.borrow_mut().overlap(host + (c - pos), cluster).map_or(true, |o| o.is_some()));
-                if !on_metadata {
+                if !run_on_metadata || !on_metadata(host + (c - pos), cluster) {
                     out.push((c / cluster, host + (c - pos)));
                 }
                 c += cluster;
