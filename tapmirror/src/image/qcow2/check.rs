@@ -174,7 +174,7 @@ fn quick_tables(file: &File, h: &Header, file_len: u64) -> Result<(Vec<u64>, Vec
 }
 
 /// What a metadata region holds: the regions of QEMU's overlap check.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
 pub enum Metadata {
     /// The header and its extensions (cluster 0).
@@ -432,7 +432,8 @@ pub fn stored_refcount(file: &File, cluster_bits: u32, refcount_order: u32, clus
         return Ok(0);
     }
     let mut entry = [0u8; 8];
-    file.read_exact_at(&mut entry, table_offset + block * 8)?;
+    // A header gone bad since the open must give an error here, not an overflow.
+    file.read_exact_at(&mut entry, table_offset.saturating_add(block * 8))?;
     let block_offset = u64::from_be_bytes(entry) & !0x1ff;
     if block_offset == 0 {
         return Ok(0);

@@ -158,7 +158,7 @@ impl Guard {
             let n = (per_table - first).min(last - c + 1);
             if l1_index < l1_size {
                 let mut raw = [0u8; 8];
-                self.file.read_exact_at(&mut raw, l1_offset + l1_index * 8)?;
+                self.file.read_exact_at(&mut raw, l1_offset.saturating_add(l1_index * 8))?;
                 let l2 = u64::from_be_bytes(raw) & OFFSET_MASK;
                 if l2 != 0 {
                     let mut entries = vec![0u8; n as usize * 8];
