@@ -5,6 +5,8 @@
    mirror, qemu-storage-daemon without a mirror and with blockdev-mirror in write-blocking mode
    (after READY). Every mirror target is a qemu-nbd export of a raw file; tapmirror's sync
    mirror also runs into a `tapmirror serve` target, the one sxm's destination host runs.
+   Besides latency, each case prints the CPU time and context switches per write of the guest
+   and of every server in it: counts, which a noisy host moves far less than times.
 2. Full mirror under a steady guest (fio: 2000 4 KiB and 200 64 KiB random writes per second):
    time to ready and bytes sent, for tapmirror's full mirror (into qemu-nbd, into a zeroed
    `tapmirror serve`, and into qemu-nbd unpaced while the guest writes, `--busy-rate 0`) and
@@ -25,7 +27,7 @@ drifts, cases a few seconds apart compare better than one case against another r
 
 Needs cargo, fio, qemu-nbd, qemu-storage-daemon. Prints each figure and the ratios.
 """
-import argparse, json, os, shutil, socket, statistics, subprocess, sys, tempfile, time
+import argparse, json, os, resource, shutil, socket, statistics, subprocess, sys, tempfile, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -87,16 +89,47 @@ class Qmp:
         raise RuntimeError(f"no {name} event")
 
 
-def fio(uri, seconds, rate_iops=None, bs="4k"):
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def server_counts(pids):
+    """CPU seconds (user + system, every thread, exited ones included) and context switches
+    (the live threads') of the processes `pids` so far."""
+    cpu, switches = 0.0, 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            cpu += (int(fields[11]) + int(fields[12])) / TICK  # utime, stime
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{tid}/status") as f:
+                    switches += sum(int(line.split()[1]) for line in f if "ctxt_switches" in line)
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return cpu, switches
+
+
+def fio(uri, seconds, rate_iops=None, bs="4k", servers=()):
+    """fio at queue depth 1 against `uri`. With `servers` (pids), also what the servers and fio
+    spent per write, CPU and context switches: counts, which a noisy host does not move as it
+    moves times."""
     args = ["fio", "--name=guest", "--ioengine=nbd", f"--uri={uri}", "--rw=randwrite", f"--bs={bs}",
             "--iodepth=1", "--time_based", f"--runtime={seconds}", "--size=100%",
             "--output-format=json"]
     if rate_iops:
         args.append(f"--rate_iops={rate_iops}")
+    cpu0, sw0 = server_counts(servers)
+    me0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = sh(*args).stdout
+    me1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu1, sw1 = server_counts(servers)
     j = json.loads(out[out.index("{"):])["jobs"][0]["write"]
     pct = j["clat_ns"]["percentile"]
-    return {"iops": j["iops"], "mean_us": j["clat_ns"]["mean"] / 1000, "p99_us": pct["99.000000"] / 1000}
+    writes = max(j["total_ios"], 1)
+    fio_cpu = (me1.ru_utime + me1.ru_stime) - (me0.ru_utime + me0.ru_stime)
+    fio_sw = (me1.ru_nvcsw + me1.ru_nivcsw) - (me0.ru_nvcsw + me0.ru_nivcsw)
+    return {"iops": j["iops"], "mean_us": j["clat_ns"]["mean"] / 1000, "p99_us": pct["99.000000"] / 1000,
+            "cpu_us": (cpu1 - cpu0 + fio_cpu) * 1e6 / writes, "switches": (sw1 - sw0 + fio_sw) / writes}
 
 
 def steady_guest(uri, seconds, rate_iops, logs):
@@ -154,6 +187,9 @@ class Bench:
         self.procs.append(p)
         wait_socket(sock)
         return p
+
+    def pids(self):
+        return [p.pid for p in self.procs]
 
     def stop_all(self):
         for p in self.procs:
@@ -216,13 +252,13 @@ class Bench:
         host that drifts over a run of rounds biases no case."""
         def no_mirror():
             uri, _ = self.tapmirror("tm-off")
-            return fio(uri, self.seconds)
+            return fio(uri, self.seconds, servers=self.pids())
 
         def sync_into_qemu_nbd():
             tgt = self.target("tm-tgt")
             uri, ctl = self.tapmirror("tm-sync")
             self.ctl(ctl, "mirror-attach", "--target", f"nbd+unix:///?socket={tgt}")
-            r = fio(uri, self.seconds)
+            r = fio(uri, self.seconds, servers=self.pids())
             assert self.ctl(ctl, "stats")["mirror"]["state"] == "ready"
             return r
 
@@ -230,13 +266,13 @@ class Bench:
             tgt_uri, _ = self.tapmirror("tm-tgt2")
             uri, ctl = self.tapmirror("tm-sync2")
             self.ctl(ctl, "mirror-attach", "--target", tgt_uri)
-            r = fio(uri, self.seconds)
+            r = fio(uri, self.seconds, servers=self.pids())
             assert self.ctl(ctl, "stats")["mirror"]["state"] == "ready"
             return r
 
         def qsd_no_mirror():
             uri, _ = self.qsd("qsd-off")
-            return fio(uri, self.seconds)
+            return fio(uri, self.seconds, servers=self.pids())
 
         def qsd_write_blocking():
             tgt = self.target("qsd-tgt")
@@ -244,7 +280,7 @@ class Bench:
             q.cmd("blockdev-mirror", **{"job-id": "m0", "device": "src", "target": "tgt", "sync": "full",
                                         "copy-mode": "write-blocking"})
             q.wait_event("BLOCK_JOB_READY")
-            return fio(uri, self.seconds)
+            return fio(uri, self.seconds, servers=self.pids())
 
         cases = [("tapmirror, no mirror", no_mirror), ("tapmirror, sync mirror", sync_into_qemu_nbd),
                  ("tapmirror, sync mirror into tapmirror", sync_into_tapmirror),
@@ -365,9 +401,10 @@ def report_latency(b, a):
     ratios = {"into qemu-nbd": [], "into tapmirror": []}
     for i in range(a.rounds):
         lat = b.qd1_latency(reverse=i % 2 == 1)
-        print(f"{'case' if a.rounds == 1 else f'round {i + 1}':45} {'IOPS':>8} {'mean us':>8} {'p99 us':>8}")
+        print(f"{'case' if a.rounds == 1 else f'round {i + 1}':45} {'IOPS':>8} {'mean us':>8} {'p99 us':>8} "
+              f"{'CPU us/write':>12} {'switches/write':>14}")
         for n, r in lat.items():
-            print(f"{n:45} {r['iops']:8.0f} {r['mean_us']:8.1f} {r['p99_us']:8.1f}")
+            print(f"{n:45} {r['iops']:8.0f} {r['mean_us']:8.1f} {r['p99_us']:8.1f} {r['cpu_us']:12.1f} {r['switches']:14.2f}")
         off, qemu = lat["tapmirror, no mirror"], lat["qemu-storage-daemon, write-blocking mirror"]
         for name, r in (("into qemu-nbd", lat["tapmirror, sync mirror"]), ("into tapmirror", lat["tapmirror, sync mirror into tapmirror"])):
             ratios[name].append((r["mean_us"] / qemu["mean_us"], r["p99_us"] / qemu["p99_us"],
@@ -382,6 +419,8 @@ def report_latency(b, a):
               f"vs unmirrored: mean {med[2]:.2f}x, p99 {med[3]:.2f}x (bar: <= 1.5){spread}")
     if a.rounds > 1:
         print("(each ratio is the median over the rounds of the ratio within a round)")
+    print("CPU us/write, switches/write: the guest's (fio's) and every server's of the case, over its writes; counts that")
+    print("a noisy host moves far less than times (context switches of server threads that exited meanwhile are not counted)")
 
 
 def report_convergence(b, a):
