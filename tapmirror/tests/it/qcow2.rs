@@ -540,6 +540,14 @@ fn an_image_a_qemu_process_writes_is_refused_to_our_writers() {
     }
 }
 
+/// The big-endian u64 at `at` in `f`: a header field or a table entry.
+fn be64_at(f: &std::fs::File, at: u64) -> u64 {
+    use std::os::unix::fs::FileExt;
+    let mut b = [0u8; 8];
+    f.read_exact_at(&mut b, at).expect("read");
+    u64::from_be_bytes(b)
+}
+
 /// `qemu-io -f raw` on an NBD URI: its exit status and what it printed.
 fn qemu_io_nbd(uri: &str, cmd: &str) -> (bool, String) {
     let out = Command::new("qemu-io").args(["-f", "raw", "-c", cmd, uri]).output().expect("run qemu-io");
@@ -568,11 +576,7 @@ fn a_write_onto_the_metadata_is_refused_over_nbd_and_qemu_can_repair_the_image()
     run(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&image).arg("16M"));
     run(Command::new("qemu-io").args(["-f", "qcow2", "-c", "write -P 0xaa 0 64k", "-c", "write -P 0xbb 1M 64k"]).arg(&image));
     let f = std::fs::OpenOptions::new().read(true).write(true).open(&image).expect("open");
-    let be64 = |at: u64| {
-        let mut b = [0u8; 8];
-        f.read_exact_at(&mut b, at).expect("read");
-        u64::from_be_bytes(b)
-    };
+    let be64 = |at: u64| be64_at(&f, at);
     let l1 = be64(40);
     let l2 = be64(l1) & 0x00ff_ffff_ffff_fe00;
     f.write_all_at(&((1u64 << 63) | l1).to_be_bytes(), l2).expect("map cluster 0 onto the L1 table");
@@ -609,4 +613,46 @@ fn a_write_onto_the_metadata_is_refused_over_nbd_and_qemu_can_repair_the_image()
     assert_eq!(l1_bytes(), table, "the L1 table changed after the repair");
     qemu_check(&image);
     qemu_io_reads(&image, &[(0xcc, 0, 4096), (0xbb, 1 << 20, K64)]);
+}
+
+/// The guard for compressed clusters, whose host offset imago's mapping does not give: a
+/// QEMU-compressed cluster whose entry is damaged to lie on the L1 table. Overwriting it makes
+/// imago let go of the bytes it occupied, and with the L1 table's refcount 1 the next
+/// allocation would hand that cluster out for data. Both writes are refused, the table stays
+/// as it was, and the image is marked corrupt.
+#[tokio::test]
+async fn a_compressed_cluster_on_the_metadata_is_not_let_go_of() {
+    crate::require!("qemu-img", "qemu-io");
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (plain, image) = (dir.path().join("plain.qcow2"), dir.path().join("compressed.qcow2"));
+    run(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2", "-o", "cluster_size=4096"]).arg(&plain).arg("1M"));
+    run(Command::new("qemu-io").args(["-f", "qcow2", "-c", "write -P 0x5a 0 4k"]).arg(&plain));
+    run(Command::new("qemu-img").args(["convert", "-q", "-c", "-O", "qcow2", "-o", "cluster_size=4096"]).arg(&plain).arg(&image));
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(&image).expect("open");
+    let be64 = |at: u64| be64_at(&f, at);
+    let l1 = be64(40);
+    let l2 = be64(l1) & 0x00ff_ffff_ffff_fe00;
+    let entry = be64(l2);
+    assert_ne!(entry & (1 << 62), 0, "qemu-img wrote a compressed cluster: {entry:#x}");
+    // 4 KiB clusters: the host offset is the low 58 bits; keep the flag and the sector count.
+    let offset_bits = 62 - (12 - 8);
+    f.write_all_at(&((entry & !((1u64 << offset_bits) - 1)) | l1).to_be_bytes(), l2).expect("onto the L1 table");
+    let table = || {
+        let mut b = vec![0u8; 4096];
+        f.read_exact_at(&mut b, l1).expect("read L1");
+        b
+    };
+    let before = table();
+
+    let img = Qcow2Image::open(&image, Access::ReadWrite, engine()).await.expect("the damage passes the open's checks");
+    let whole = Arc::new(IoBuf::from_vec(vec![0x77; 4096]));
+    let e = img.write(0, Arc::clone(&whole), Durability::Cached).await.expect_err("refused");
+    assert!(format!("{e}: {:?}", std::error::Error::source(&e)).contains("L1 table"), "{e:?}");
+    assert!(img.write(64 << 10, whole, Durability::Cached).await.is_err(), "an allocating write after it");
+    img.close().await.expect("close");
+    assert_eq!(table(), before, "the L1 table changed");
+    let info = run(Command::new("qemu-img").args(["info", "--output=json"]).arg(&image));
+    let v: serde_json::Value = serde_json::from_slice(&info.stdout).expect("info json");
+    assert_eq!(v["format-specific"]["data"]["corrupt"], serde_json::json!(true), "{v}");
 }

@@ -102,10 +102,7 @@ fn decode_l2(h: &Header, e: u64, guest: u64) -> Result<L2Ref, CheckError> {
         if e & COPIED != 0 {
             return Err(corrupt(format!("compressed cluster at guest {guest:#x} has the COPIED bit set")));
         }
-        let x = 62 - (h.cluster_bits - 8);
-        let start = e & ((1u64 << x) - 1);
-        let sectors = ((e >> x) & ((1u64 << (h.cluster_bits - 8)) - 1)) + 1;
-        let end = (start & !511) + sectors * 512;
+        let (start, end) = compressed_range(h.cluster_bits, e);
         return Ok(L2Ref::Compressed { start, end });
     }
     let reserved = if h.version >= 3 { L2_RESERVED } else { L2_RESERVED | ZERO };
@@ -120,6 +117,15 @@ fn decode_l2(h: &Header, e: u64, guest: u64) -> Result<L2Ref, CheckError> {
         return Err(corrupt(format!("cluster for guest {guest:#x} at host {offset:#x} is not cluster aligned")));
     }
     Ok(L2Ref::Cluster { offset, zero: e & ZERO != 0 })
+}
+
+/// The host bytes `[start, end)` that the compressed L2 entry `e` occupies (QEMU's layout: the
+/// offset in the low `62 - (cluster_bits - 8)` bits, then the count of extra 512-byte sectors).
+pub fn compressed_range(cluster_bits: u32, e: u64) -> (u64, u64) {
+    let x = 62 - (cluster_bits - 8);
+    let start = e & ((1u64 << x) - 1);
+    let sectors = ((e >> x) & ((1u64 << (cluster_bits - 8)) - 1)) + 1;
+    (start, (start & !511) + sectors * 512)
 }
 
 /// Guest bytes whose data this file holds itself (data and compressed clusters of the active

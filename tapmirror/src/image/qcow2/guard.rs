@@ -20,9 +20,9 @@
 //! `qemu-img check -r all` leaves: there imago's copy-on-write moves the guest's data away and
 //! the metadata keeps its cluster. Metadata that imago creates later comes from clusters whose
 //! refcount was 0, which a data cluster of a consistent image never has; the guard does not
-//! follow it, nor compressed clusters, whose host offsets imago's mapping interface does not
-//! give. For zero clusters, which may keep a host cluster that the mapping does not name
-//! either, the guard reads the L2 entry from the file.
+//! follow it. For zero clusters, which may keep a host cluster, and compressed clusters, whose
+//! host offsets imago's mapping interface does not give, the guard reads the L2 entries from
+//! the file.
 //!
 //! The refcount table moves while an image is open, when the file outgrows it (and the L1
 //! table would, were an open image resized). imago then frees the old clusters, which may
@@ -33,7 +33,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 
-use super::check::{Metadata, Region, stored_refcount};
+use super::check::{Metadata, Region, compressed_range, stored_refcount};
 use super::header::{Header, INCOMPAT_CORRUPT};
 
 /// Low bits of an entry of [`Guard::clusters`]: the `Metadata` kind.
@@ -137,12 +137,14 @@ impl Guard {
         Ok(moved)
     }
 
-    /// The host clusters that the zero clusters among guest bytes `[guest, guest + len)` keep,
-    /// as (guest offset, host offset, COPIED), read from the L2 entries in the file. imago may
-    /// hold newer entries in its cache, but it changes a cluster's host only to one its
-    /// allocator hands out, never to metadata the guard knows, so the file's entry is the one
-    /// that can be wrong.
-    pub(super) fn kept_by_zero_clusters(&self, guest: u64, len: u64) -> io::Result<Vec<(u64, u64, bool)>> {
+    /// Where the L2 entries in the file put the zero clusters that keep a host cluster and the
+    /// compressed clusters among guest bytes `[guest, guest + len)`, which imago's mappings do
+    /// not say: (guest offset, host offset, host bytes, COPIED). imago writes into the host
+    /// cluster a COPIED zero cluster keeps, and lets go of what the others occupy when it
+    /// copies them away. imago may hold newer entries in its cache, but it changes a cluster's
+    /// host only to one its allocator hands out, never to metadata the guard knows, so the
+    /// file's entry is the one that can be wrong.
+    pub(super) fn hosts_the_mapping_hides(&self, guest: u64, len: u64) -> io::Result<Vec<(u64, u64, u64, bool)>> {
         const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
         const COPIED: u64 = 1 << 63;
         const COMPRESSED: u64 = 1 << 62;
@@ -151,7 +153,7 @@ impl Guard {
         let l1_size = u64::from(u32::from_be_bytes([head[36], head[37], head[38], head[39]]));
         let l1_offset = head[40..48].iter().fold(0u64, |acc, &b| acc << 8 | u64::from(b));
         let per_table = 1u64 << (self.cluster_bits - 3);
-        let mut kept = Vec::new();
+        let mut hidden = Vec::new();
         let (mut c, last) = (guest >> self.cluster_bits, (guest + len.max(1) - 1) >> self.cluster_bits);
         while c <= last {
             let (l1_index, first) = (c / per_table, c % per_table);
@@ -165,16 +167,19 @@ impl Guard {
                     self.file.read_exact_at(&mut entries, l2 + first * 8)?;
                     for (i, e) in entries.chunks_exact(8).enumerate() {
                         let e = e.iter().fold(0u64, |acc, &b| acc << 8 | u64::from(b));
-                        let host = e & OFFSET_MASK;
-                        if e & 1 != 0 && e & COMPRESSED == 0 && host != 0 {
-                            kept.push(((c + i as u64) << self.cluster_bits, host, e & COPIED != 0));
+                        let at = (c + i as u64) << self.cluster_bits;
+                        if e & COMPRESSED != 0 {
+                            let (start, end) = compressed_range(self.cluster_bits, e);
+                            hidden.push((at, start, end.saturating_sub(start), false));
+                        } else if e & 1 != 0 && e & OFFSET_MASK != 0 {
+                            hidden.push((at, e & OFFSET_MASK, 1 << self.cluster_bits, e & COPIED != 0));
                         }
                     }
                 }
             }
             c += n;
         }
-        Ok(kept)
+        Ok(hidden)
     }
 
     /// Whether the metadata cluster at `host` keeps a reference of its own once a guest cluster

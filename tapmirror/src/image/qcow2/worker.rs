@@ -369,11 +369,12 @@ async fn keep_off_metadata(state: &State, top: &FormatAccess<IoStorage>, op: &'s
                 keep_off(state, top, op, pos, host, l, writable).await?;
             }
             // A zero cluster may keep a host cluster, which imago writes into in place (COPIED)
-            // or lets go of; the mapping does not say where, the L2 entry does.
-            ShallowMapping::Zero { explicit: true, .. } => {
-                let kept = guard.borrow().kept_by_zero_clusters(pos, l).map_err(io_err(op, pos))?;
-                for (guest, host, copied) in kept {
-                    keep_off(state, top, op, guest, host, state.cluster, copied).await?;
+            // or lets go of, and a compressed cluster's bytes are let go of when it is copied
+            // away; the mapping does not say where either lies, the L2 entry does.
+            ShallowMapping::Zero { explicit: true, .. } | ShallowMapping::Special { .. } => {
+                let hidden = guard.borrow().hosts_the_mapping_hides(pos, l).map_err(io_err(op, pos))?;
+                for (guest, host, len, copied) in hidden {
+                    keep_off(state, top, op, guest, host, len, copied).await?;
                 }
             }
             _ => {}
