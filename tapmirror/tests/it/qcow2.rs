@@ -605,6 +605,16 @@ fn a_write_onto_the_metadata_is_refused_over_nbd_and_qemu_can_repair_the_image()
     assert_eq!(v["format-specific"]["data"]["corrupt"], serde_json::json!(true), "{v}");
     assert_eq!(qemu_check_count(&image, "corruptions"), 1, "damage beyond what the image had");
 
+    // Marked corrupt, it is still read out, as QEMU reads it: info and a read-only serve.
+    let info = run(Command::new(crate::harness::tapmirror()).args(["image", "info"]).arg(&image));
+    let v: serde_json::Value = serde_json::from_slice(&info.stdout).expect("image info json");
+    assert_eq!(v["corrupt"], serde_json::json!(true), "{v}");
+    let served = crate::harness::serve_file(tempfile::tempdir().expect("tempdir"), image.clone(), &["--read-only"]);
+    let out = Command::new("qemu-io").args(["-r", "-f", "raw", "-c", "read -P 0xbb 1M 64k"]).arg(served.uri()).output().expect("qemu-io");
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && !said.contains("failed"), "a read-only serve of the marked image: {said}");
+    drop(served);
+
     run(Command::new("qemu-img").args(["check", "-q", "-r", "all"]).arg(&image));
     let served = crate::harness::serve_file(tempfile::tempdir().expect("tempdir"), image.clone(), &[]);
     let (ok, said) = qemu_io_nbd(&served.uri(), "write -P 0xcc 0 4k");

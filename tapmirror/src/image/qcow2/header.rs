@@ -161,6 +161,24 @@ impl Header {
         self.l2_entries() << self.cluster_bits
     }
 
+    /// QEMU (or this driver's guard) found the image corrupt and set incompatible bit 1: it
+    /// opens read-only, as in QEMU, and for writing only once `qemu-img check -r all` repaired
+    /// it ([`Problem`] from [`Header::writable`]).
+    pub fn is_marked_corrupt(&self) -> bool {
+        self.version >= 3 && self.incompatible & INCOMPAT_CORRUPT != 0
+    }
+
+    /// Whether this image may be opened for writing: not while it is marked corrupt.
+    pub fn writable(&self) -> Result<(), Problem> {
+        if self.is_marked_corrupt() {
+            return Err(corrupt(
+                "marked corrupt (incompatible bit 1), by QEMU or by this driver; it opens read-only until \
+                 `qemu-img check -r all` repairs it",
+            ));
+        }
+        Ok(())
+    }
+
     /// Whether the image carries persistent dirty bitmaps that QEMU considers valid.
     pub fn has_valid_bitmaps(&self) -> bool {
         self.autoclear & AUTOCLEAR_BITMAPS != 0 && self.extensions.iter().any(|e| e.kind == EXT_BITMAPS)
@@ -281,9 +299,6 @@ impl Header {
             return Err(Problem::Unsupported("encrypted image".into()));
         }
         let inc = self.incompatible;
-        if inc & INCOMPAT_CORRUPT != 0 {
-            return Err(corrupt("marked corrupt (incompatible bit 1), by QEMU or by this driver; repair with `qemu-img check -r all`"));
-        }
         if inc & INCOMPAT_DIRTY != 0 {
             return Err(Problem::Unsupported(
                 "dirty: lazy refcounts were not written back (incompatible bit 0); run `qemu-img check -r all` first".into(),
@@ -298,8 +313,10 @@ impl Header {
         if inc & INCOMPAT_EXTENDED_L2 != 0 {
             return Err(Problem::Unsupported("extended L2 entries / subclusters (incompatible bit 4)".into()));
         }
-        if inc != 0 {
-            return Err(Problem::Unsupported(format!("unknown incompatible feature bits {inc:#x}")));
+        // The corrupt bit is known: it only keeps writers out (`Header::writable`).
+        let unknown = inc & !INCOMPAT_CORRUPT;
+        if unknown != 0 {
+            return Err(Problem::Unsupported(format!("unknown incompatible feature bits {unknown:#x}")));
         }
         let needed_l1 = self.size.div_ceil(self.l2_span());
         if u64::from(self.l1_size) < needed_l1 {

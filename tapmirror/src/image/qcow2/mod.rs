@@ -307,6 +307,9 @@ pub struct Qcow2Info {
     pub allocated_bytes: u64,
     /// Bytes the file occupies on disk.
     pub disk_bytes: u64,
+    /// Marked corrupt (incompatible bit 1), by QEMU or by the write guard: it opens read-only
+    /// only, as in QEMU, until `qemu-img check -r all` repairs it.
+    pub corrupt: bool,
 }
 
 impl Qcow2Image {
@@ -610,6 +613,7 @@ async fn resolve_for_open(
                 .open(&layer.path)
                 .map_err(|e| io_error(&layer.path, "open", e))?;
             if writing {
+                h.writable().map_err(|e| problem(&layer.path, e))?;
                 let regions = check::for_writing(&f, h, layer.file_len).map_err(|e| check_error(&layer.path, e))?;
                 guard = Some(guard::Guard::new(f, h, &regions));
             } else {
@@ -770,6 +774,7 @@ pub async fn rebase(path: &Path, new_backing: &Path) -> std::result::Result<(), 
         lock_file(&file, &p)?;
         let (h, file_len) = chain::read_header_of(&file, &p)?;
         // It writes only the header, but into an image it would then take to be writable.
+        h.writable().map_err(|e| problem(&p, e))?;
         check::for_writing(&file, &h, file_len).map_err(|e| check_error(&p, e))?;
         let new_chain = chain::resolve(&b, None)?;
         let me = std::fs::canonicalize(&p).map_err(|e| io_error(&p, "resolve path", e))?;
@@ -836,6 +841,7 @@ pub async fn info(path: &Path) -> std::result::Result<Qcow2Info, Qcow2Error> {
             chain: chain.iter().map(|l| l.path.clone()).collect(),
             allocated_bytes,
             disk_bytes,
+            corrupt: h.is_marked_corrupt(),
         })
     })
     .await
@@ -859,6 +865,8 @@ pub async fn check(path: &Path) -> std::result::Result<Qcow2Check, Qcow2Error> {
         require_qcow2(&p)?;
         let chain = chain::resolve(&p, Some("qcow2"))?;
         let h = chain[0].header().ok_or_else(|| invalid(&p, "not a qcow2 image"))?;
+        // Marked corrupt is a finding until `qemu-img check -r all` clears it.
+        h.writable().map_err(|e| problem(&p, e))?;
         let file = std::fs::File::open(&p).map_err(|e| io_error(&p, "open", e))?;
         check::check(&file, h, chain[0].file_len).map(|leaked_clusters| Qcow2Check { leaked_clusters }).map_err(|e| check_error(&p, e))
     })

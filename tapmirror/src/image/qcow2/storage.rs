@@ -57,6 +57,9 @@ pub struct IoStorage {
     punch_works: Arc<AtomicBool>,
     /// Cleared the first time the file system refuses `FALLOC_FL_ZERO_RANGE`.
     zero_range_works: Arc<AtomicBool>,
+    /// Reads show the v3 header's corrupt bit (incompatible bit 1, in byte 79) cleared: set
+    /// only for a layer opened read-only, see [`IoStorage::hide_corrupt_bit`].
+    hide_corrupt_bit: bool,
 }
 
 impl IoStorage {
@@ -70,6 +73,14 @@ impl IoStorage {
     pub async fn create_new(path: &Path, engine: EngineKind) -> io::Result<IoStorage> {
         let file = OpenOptions::new().read(true).write(true).create_new(true).open(path)?;
         IoStorage::from_file(file, path, engine).await
+    }
+
+    /// For a read-only v3 qcow2 layer that QEMU (or our guard) marked corrupt: imago refuses
+    /// every open of such a file, read-only too, where QEMU refuses only writers, so a damaged
+    /// disk can still be read out. Reads of the header show the bit cleared; nothing is written.
+    pub fn hide_corrupt_bit(mut self) -> IoStorage {
+        self.hide_corrupt_bit = true;
+        self
     }
 
     /// The file's I/O handle, shared.
@@ -87,6 +98,7 @@ impl IoStorage {
             pending: Arc::default(),
             punch_works: Arc::new(AtomicBool::new(true)),
             zero_range_works: Arc::new(AtomicBool::new(true)),
+            hide_corrupt_bit: false,
         })
     }
 
@@ -236,6 +248,10 @@ impl imago::Storage for IoStorage {
             (buf, r) = self.io.read_exact_at(IoBuf::for_overwrite(readable as usize), offset).await;
         }
         r?;
+        const CORRUPT_BYTE: u64 = 79;
+        if self.hide_corrupt_bit && (offset..offset + readable).contains(&CORRUPT_BYTE) {
+            buf[(CORRUPT_BYTE - offset) as usize] &= !(super::header::INCOMPAT_CORRUPT as u8);
+        }
         let (mut head, mut tail) = bufv.split_at(readable);
         head.copy_from_slice(&buf);
         tail.fill(0);

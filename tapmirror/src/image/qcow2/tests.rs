@@ -766,6 +766,13 @@ async fn a_write_aimed_at_the_metadata_is_refused_and_marks_the_image_corrupt() 
             assert_eq!(l1_cluster(&p, &h), l1, "{engine:?} {op}: the L1 table changed at close");
             let e = Qcow2Image::open(&p, Access::ReadWrite, engine).await.err();
             assert!(matches!(e, Some(Qcow2Error::Corrupt { ref reason, .. }) if reason.contains("marked corrupt")), "{e:?}");
+            assert!(matches!(check(&p).await, Err(Qcow2Error::Corrupt { .. })), "{engine:?} {op}: check");
+            // As in QEMU, it still opens read-only, so the disk can be read out.
+            assert!(info(&p).await.expect("info").corrupt, "{engine:?} {op}");
+            let ro = Qcow2Image::open(&p, Access::ReadOnly, engine).await.expect("a read-only open of a marked image");
+            assert_eq!(get(&ro, 2 * K64, K64 as usize).await, want, "{engine:?} {op}: read-only");
+            drop(ro);
+            assert_eq!(u64::from_be_bytes(std::fs::read(&p).expect("read")[72..80].try_into().expect("8")), header::INCOMPAT_CORRUPT);
         }
     }
 }

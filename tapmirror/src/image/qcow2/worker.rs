@@ -27,6 +27,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::chain::{Layer, LayerFormat, io_error};
 use super::direct::{Learnt, Remapping};
 use super::guard::{Guard, Overlap};
+use super::header::Header;
 use super::storage::IoStorage;
 use super::{BackingSlot, Qcow2Error};
 use crate::image::{Access, Extent, ExtentState, ImageError, Result};
@@ -98,7 +99,10 @@ pub(super) async fn open_chain(
     let mut top_io = None;
     for (depth, layer) in chain.iter().enumerate().rev() {
         let writable = depth == 0 && access == Access::ReadWrite;
-        let storage = IoStorage::open(&layer.path, writable, engine).await.map_err(|e| io_error(&layer.path, "open", e))?;
+        let mut storage = IoStorage::open(&layer.path, writable, engine).await.map_err(|e| io_error(&layer.path, "open", e))?;
+        if !writable && layer.header().is_some_and(Header::is_marked_corrupt) {
+            storage = storage.hide_corrupt_bit();
+        }
         top_io = Some(storage.file_io());
         let gate = DenyImplicitOpenGate::default();
         let opened = match &layer.format {
