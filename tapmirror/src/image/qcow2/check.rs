@@ -16,13 +16,13 @@ use std::os::unix::fs::FileExt;
 use super::header::{AUTOCLEAR_BITMAPS, EXT_BITMAPS, Header, Problem};
 
 /// Bits 9..=55 of an L1/L2 entry: the host offset.
-const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+pub const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 /// Bit 63: refcount is exactly 1, so the cluster may be written in place.
-const COPIED: u64 = 1 << 63;
+pub const COPIED: u64 = 1 << 63;
 /// Bit 62 of an L2 entry: compressed cluster.
-const COMPRESSED: u64 = 1 << 62;
+pub const COMPRESSED: u64 = 1 << 62;
 /// Bit 0 of an L2 entry (v3): reads as zeroes.
-const ZERO: u64 = 1;
+pub const ZERO: u64 = 1;
 /// L1 entry bits that must be 0.
 const L1_RESERVED: u64 = 0x7f00_0000_0000_01ff;
 /// Standard L2 entry bits that must be 0 (bit 0 is the zero flag from v3 on).
@@ -48,7 +48,7 @@ fn corrupt(s: String) -> CheckError {
 }
 
 /// Reads `entries` big-endian u64 values at `offset`.
-fn read_table(file: &File, offset: u64, entries: u64) -> io::Result<Vec<u64>> {
+pub fn read_table(file: &File, offset: u64, entries: u64) -> io::Result<Vec<u64>> {
     let len = usize::try_from(entries * 8).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
     let mut raw = vec![0u8; len];
     file.read_exact_at(&mut raw, offset)?;
@@ -424,13 +424,39 @@ fn refcount_in_block(raw: &[u8], index: u64, order: u32) -> u64 {
     }
 }
 
+/// Where the header puts the active L1 and refcount tables now: read from the file each time,
+/// for an image open for writing, where imago moves the refcount table as the file grows.
+pub struct Tables {
+    /// Entries in the active L1 table.
+    pub l1_size: u64,
+    /// Host offset of the active L1 table.
+    pub l1_offset: u64,
+    /// Host offset of the refcount table.
+    pub refcount_table_offset: u64,
+    /// Clusters the refcount table occupies.
+    pub refcount_table_clusters: u64,
+}
+
+impl Tables {
+    /// Reads the header's fields 36..60.
+    pub fn now(file: &File) -> io::Result<Tables> {
+        let mut head = [0u8; 60];
+        file.read_exact_at(&mut head, 0)?;
+        let be = |range: std::ops::Range<usize>| head[range].iter().fold(0u64, |acc, &b| acc << 8 | u64::from(b));
+        Ok(Tables { l1_size: be(36..40), l1_offset: be(40..48), refcount_table_offset: be(48..56), refcount_table_clusters: be(56..60) })
+    }
+
+    /// Bytes of the refcount table.
+    pub fn refcount_table_bytes(&self, cluster_bits: u32) -> u64 {
+        self.refcount_table_clusters << cluster_bits
+    }
+}
+
 /// The refcount that the file stores now for host cluster `cluster`, found through the refcount
 /// table that the header names now (imago moves the table as the file grows).
 pub fn stored_refcount(file: &File, cluster_bits: u32, refcount_order: u32, cluster: u64) -> io::Result<u64> {
-    let mut head = [0u8; 60];
-    file.read_exact_at(&mut head, 0)?;
-    let table_offset = u64::from_be_bytes(head[48..56].try_into().unwrap_or([0; 8]));
-    let table_entries = u64::from(u32::from_be_bytes(head[56..60].try_into().unwrap_or([0; 4]))) << cluster_bits >> 3;
+    let now = Tables::now(file)?;
+    let (table_offset, table_entries) = (now.refcount_table_offset, now.refcount_table_bytes(cluster_bits) >> 3);
     let cs = 1u64 << cluster_bits;
     let per_block = (cs * 8) >> refcount_order;
     let block = cluster / per_block;

@@ -33,7 +33,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 
-use super::check::{Metadata, Region, compressed_range, stored_refcount};
+use super::check::{COMPRESSED, COPIED, Metadata, OFFSET_MASK, Region, Tables, ZERO, compressed_range, read_table, stored_refcount};
 use super::header::{Header, INCOMPAT_CORRUPT};
 
 /// Low bits of an entry of [`Guard::clusters`]: the `Metadata` kind.
@@ -107,14 +107,11 @@ impl Guard {
     /// Re-reads where the header puts the L1 and refcount tables; if either is not where the
     /// guard has it, moves it there and returns true.
     fn follow_moved_tables(&mut self) -> io::Result<bool> {
-        let mut raw = [0u8; 60];
-        self.file.read_exact_at(&mut raw, 0)?;
+        let tables = Tables::now(&self.file)?;
         let file_len = crate::image::byte_len(&self.file)?;
-        let be32 = |at: usize| u64::from(u32::from_be_bytes([raw[at], raw[at + 1], raw[at + 2], raw[at + 3]]));
-        let be64 = |at: usize| raw[at..at + 8].iter().fold(0u64, |acc, &b| acc << 8 | u64::from(b));
         let now = [
-            (Metadata::L1, be64(40), be32(36) * 8),
-            (Metadata::RefcountTable, be64(48), be32(56) << self.cluster_bits),
+            (Metadata::L1, tables.l1_offset, tables.l1_size * 8),
+            (Metadata::RefcountTable, tables.refcount_table_offset, tables.refcount_table_bytes(self.cluster_bits)),
         ];
         let mut moved = false;
         for (kind, offset, len) in now {
@@ -145,13 +142,7 @@ impl Guard {
     /// host only to one its allocator hands out, never to metadata the guard knows, so the
     /// file's entry is the one that can be wrong.
     pub(super) fn hosts_the_mapping_hides(&self, guest: u64, len: u64) -> io::Result<Vec<(u64, u64, u64, bool)>> {
-        const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
-        const COPIED: u64 = 1 << 63;
-        const COMPRESSED: u64 = 1 << 62;
-        let mut head = [0u8; 48];
-        self.file.read_exact_at(&mut head, 0)?;
-        let l1_size = u64::from(u32::from_be_bytes([head[36], head[37], head[38], head[39]]));
-        let l1_offset = head[40..48].iter().fold(0u64, |acc, &b| acc << 8 | u64::from(b));
+        let Tables { l1_size, l1_offset, .. } = Tables::now(&self.file)?;
         let per_table = 1u64 << (self.cluster_bits - 3);
         let mut hidden = Vec::new();
         let (mut c, last) = (guest >> self.cluster_bits, (guest + len.max(1) - 1) >> self.cluster_bits);
@@ -159,19 +150,15 @@ impl Guard {
             let (l1_index, first) = (c / per_table, c % per_table);
             let n = (per_table - first).min(last - c + 1);
             if l1_index < l1_size {
-                let mut raw = [0u8; 8];
-                self.file.read_exact_at(&mut raw, l1_offset.saturating_add(l1_index * 8))?;
-                let l2 = u64::from_be_bytes(raw) & OFFSET_MASK;
+                let l1_entry = read_table(&self.file, l1_offset.saturating_add(l1_index * 8), 1)?;
+                let l2 = l1_entry.first().map_or(0, |e| e & OFFSET_MASK);
                 if l2 != 0 {
-                    let mut entries = vec![0u8; n as usize * 8];
-                    self.file.read_exact_at(&mut entries, l2 + first * 8)?;
-                    for (i, e) in entries.chunks_exact(8).enumerate() {
-                        let e = e.iter().fold(0u64, |acc, &b| acc << 8 | u64::from(b));
+                    for (i, e) in read_table(&self.file, l2 + first * 8, n)?.into_iter().enumerate() {
                         let at = (c + i as u64) << self.cluster_bits;
                         if e & COMPRESSED != 0 {
                             let (start, end) = compressed_range(self.cluster_bits, e);
                             hidden.push((at, start, end.saturating_sub(start), false));
-                        } else if e & 1 != 0 && e & OFFSET_MASK != 0 {
+                        } else if e & ZERO != 0 && e & OFFSET_MASK != 0 {
                             hidden.push((at, e & OFFSET_MASK, 1 << self.cluster_bits, e & COPIED != 0));
                         }
                     }
