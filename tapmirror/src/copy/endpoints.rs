@@ -205,7 +205,8 @@ impl<J: Image> Dest<J> {
                 }
                 // A server without WRITE_ZEROES (tapdisk's) gets zero buffers; never TRIM, whose
                 // content afterwards is unspecified.
-                let zeroes = Arc::new(IoBuf::new(len.min(1 << 20) as usize));
+                let chunk = u64::from(c.info().block_size.maximum).min(1 << 20);
+                let zeroes = Arc::new(IoBuf::new(len.min(chunk) as usize));
                 let mut at = 0;
                 while at < len {
                     let n = (len - at).min(zeroes.len() as u64) as usize;

@@ -222,8 +222,10 @@ pub async fn copy<I: Image, J: Image>(
     if dest.size() < size {
         bail!("destination ({} bytes) is smaller than the source ({size} bytes)", dest.size());
     }
-    let request_size = opts.request_size.clamp(4096, source.max_read().min(dest.max_write()));
-    let sparse = opts.sparse_size.clamp(512, request_size);
+    // At least 4 KiB unless an end takes less in one request (a server may advertise a
+    // maximum block size below that); never more than either end takes.
+    let request_size = opts.request_size.max(4096).min(source.max_read()).min(dest.max_write()).max(1);
+    let sparse = opts.sparse_size.max(512).min(request_size);
 
     // Resume from a checkpoint of the same copy.
     let mut start = 0;

@@ -126,6 +126,43 @@ fn copies_into_qemu_nbd() {
     assert!(std::fs::read(&dst).expect("read") == content, "qemu-nbd target differs");
 }
 
+/// A server may advertise a maximum block size below 4 KiB, or take no `WRITE_ZEROES` and a
+/// small maximum: the copy keeps every request within it, reading from such a server and
+/// writing into one (nbdkit's blocksize-policy filter refuses anything larger).
+#[test]
+fn copy_keeps_within_a_servers_small_maximum_block_size() {
+    crate::require!("nbdkit");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = dir.path().join("src.raw");
+    let content = make_source(&src);
+    let nbdkit = |image: &Path, socket: &Path, filters: &[&str], maximum: &str| {
+        let _ = std::fs::remove_file(socket);
+        let mut cmd = Command::new("nbdkit");
+        cmd.args(["-f", "-U"]).arg(socket).args(filters).args(["--filter=blocksize-policy", "file"]).arg(image);
+        cmd.args(["blocksize-minimum=512", "blocksize-preferred=512", "blocksize-error-policy=error"]);
+        cmd.arg(format!("blocksize-maximum={maximum}"));
+        spawn_server(&mut cmd, socket)
+    };
+    let uri = |socket: &Path| format!("nbd+unix:///?socket={}", socket.display());
+    for (filters, maximum) in [(&[][..], "2048"), (&["--filter=nozero"][..], "65536")] {
+        let dst = dir.path().join("dst.raw");
+        std::fs::write(&dst, vec![0x44u8; 64 << 20]).expect("target");
+        let socket = dir.path().join("small.sock");
+        let target = nbdkit(&dst, &socket, filters, maximum);
+        crate::harness::run(Command::new(crate::harness::tapmirror()).arg("copy").arg(&src).arg(uri(&socket)));
+        drop(target);
+        assert!(std::fs::read(&dst).expect("read") == content, "target differs (maximum {maximum}, {filters:?})");
+
+        // And back out of such a server into a file.
+        let source = nbdkit(&dst, &socket, filters, maximum);
+        let out = dir.path().join("out.raw");
+        let _ = std::fs::remove_file(&out);
+        crate::harness::run(Command::new(crate::harness::tapmirror()).arg("copy").arg(uri(&socket)).arg(&out));
+        drop(source);
+        assert!(std::fs::read(&out).expect("read") == content, "copy out differs (maximum {maximum}, {filters:?})");
+    }
+}
+
 #[test]
 fn interrupted_copy_resumes_from_its_checkpoint() {
     crate::require!("nbdkit");
