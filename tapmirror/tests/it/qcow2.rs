@@ -314,6 +314,56 @@ async fn overlay_rebase_and_resize_keep_content() {
     qemu_compare(d, &d.join("on-raw.qcow2"), &pattern(1 << 20, 9));
 }
 
+/// A version 2 image (QEMU's `compat=0.10`) has no zero clusters: zeroing writes zero data
+/// where the chain holds data, hides the backing's data, and leaves holes alone; growing an
+/// overlay past its shorter self over a longer backing zeroes the new area the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_2_image_zeroes_by_writing_zero_data() {
+    crate::require!("qemu-img", "qemu-io");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let (base, top) = (d.join("base.qcow2"), d.join("top.qcow2"));
+    const SIZE: u64 = 4 << 20;
+    run(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2", "-o", "compat=0.10,cluster_size=65536"]).arg(&base).arg(SIZE.to_string()));
+    qemu_io("qcow2", &base, &["write -P 0x55 0 2M"]);
+    run(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2", "-o", "compat=0.10", "-F", "qcow2", "-b"]).arg(&base).arg(&top));
+    qemu_io("qcow2", &top, &["write -P 0x66 1M 64k"]);
+    let mut model = vec![0u8; SIZE as usize];
+    model[..2 << 20].fill(0x55);
+    model[1 << 20..(1 << 20) + 65536].fill(0x66);
+
+    for engine in engines() {
+        let img = Qcow2Image::open(&top, Access::ReadWrite, engine).await.expect("open");
+        // Over backing data (whole clusters and a partial one), over the overlay's own
+        // cluster, and over a hole in the whole chain.
+        for (at, len) in [(0u64, 128 << 10), (300_000, 5_000), ((1 << 20) + 4096, 8192), (3 << 20, 256 << 10)] {
+            img.write_zeroes(at, len, ZeroAlloc::MayDeallocate, ZeroSpeed::Any, Durability::Cached).await.expect("zero");
+            model[at as usize..(at + len) as usize].fill(0);
+        }
+        let err = img.write_zeroes(0, 4096, ZeroAlloc::MayDeallocate, ZeroSpeed::FastOnly, Durability::Cached).await;
+        assert!(matches!(err, Err(tapmirror::image::ImageError::NotFast)), "fast zeroing is not possible on v2: {err:?}");
+        assert!(get_all(&img).await == model, "{engine:?}: zeroed v2 image reads wrong");
+        assert!(img.close().await.is_ok());
+        qemu_check(&top);
+        qemu_compare(d, &top, &model);
+    }
+    // The hole stayed a hole: the top allocates nothing past the backing's data.
+    let map = run(Command::new("qemu-img").args(["map", "--output=json"]).arg(&top));
+    let map: serde_json::Value = serde_json::from_slice(&map.stdout).expect("map json");
+    let allocated_at_3m = map.as_array().expect("map").iter().any(|e| {
+        let (start, len) = (e["start"].as_u64().unwrap_or(0), e["length"].as_u64().unwrap_or(0));
+        e["data"] == true && start < (3 << 20) + (256 << 10) && start + len > 3 << 20
+    });
+    assert!(!allocated_at_3m, "zeroing a hole allocated it: {map}");
+
+    // Shrink below the backing's data, grow again: the backing must not show through.
+    qcow2::resize(&top, 1 << 20).await.expect("shrink");
+    qcow2::resize(&top, SIZE).await.expect("grow over the longer backing");
+    model[1 << 20..].fill(0);
+    qemu_check(&top);
+    qemu_compare(d, &top, &model);
+}
+
 /// Copies `src` to `dst` and applies `damage` to the copy's bytes.
 /// Opening `path` read-write fails with a corrupt-image error naming it and saying `says`;
 /// `check`, `resize` and `rebase` (onto `good`) refuse it too; and the file is as it was.

@@ -408,6 +408,39 @@ impl Qcow2Image {
         }
     }
 
+    /// Zeroes `[offset, offset + length)` of a version 2 image, which has no zero clusters (imago
+    /// refuses to zero one): what the chain does not already read as zeroes gets zero data, as
+    /// QEMU does. Ranges that read as zeroes are left alone, so that a copy into a fresh image
+    /// keeps its holes.
+    async fn zero_by_writing(&self, offset: u64, length: u64, durability: Durability) -> Result<()> {
+        const CHUNK: u64 = 1 << 20;
+        let zeroes = Arc::new(IoBuf::new(length.min(CHUNK) as usize));
+        let end = offset + length;
+        let mut at = offset;
+        while at < end {
+            let extents = self.allocation(at, end - at, 1024).await?;
+            let Some(last) = extents.last() else { break };
+            let next = last.offset + last.length;
+            for e in extents.iter().filter(|e| e.state == super::ExtentState::Data) {
+                let mut from = e.offset;
+                while from < e.offset + e.length {
+                    let n = (e.offset + e.length - from).min(CHUNK);
+                    let buf = if n == zeroes.len() as u64 { Arc::clone(&zeroes) } else { Arc::new(IoBuf::new(n as usize)) };
+                    self.write(from, buf, Durability::Cached).await?;
+                    from += n;
+                }
+            }
+            if next <= at {
+                break;
+            }
+            at = next;
+        }
+        if durability == Durability::Stable {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
     /// What the top `depth` layers of the chain decide themselves, as `(start, end)` ranges.
     pub async fn own_ranges(&self, depth: usize) -> Result<Vec<(u64, u64)>> {
         self.call("map", 0, |reply| Req::Own { depth, reply }).await
@@ -533,6 +566,9 @@ impl Image for Qcow2Image {
         if self.version < 3 && speed == ZeroSpeed::FastOnly {
             // Version 2 has no zero clusters: zeroing means writing zero data.
             return Err(ImageError::NotFast);
+        }
+        if self.version < 3 {
+            return self.zero_by_writing(offset, length, durability).await;
         }
         // Zero clusters keep their host clusters, so both ZeroAlloc modes are served alike.
         let remapping = self.remapping(offset, length, false).await;
@@ -806,12 +842,13 @@ pub async fn resize(path: &Path, new_size: u64) -> std::result::Result<(), Qcow2
     let _writer_lock = lock_writer(path).await?;
     let (chain, _) = resolve_for_open(path, Access::ReadWrite).await?;
     let bits = chain[0].header().map(|h| h.cluster_bits).unwrap_or(16);
+    let version = chain[0].header().map(|h| h.version).unwrap_or(3);
     check_size(path, new_size, bits)?;
     let p = path.to_owned();
     let r = worker::on_local_thread(move || async move {
         let (mut top, _) = worker::open_chain(&chain, Access::ReadWrite, EngineKind::Portable).await?;
         let backing_size = chain.get(1).map(|l| l.size);
-        worker::resize(&mut top, &p, new_size, backing_size).await
+        worker::resize(&mut top, &p, new_size, backing_size, version).await
     })
     .await;
     r.map_err(|e| io_error(path, "resize", e))?

@@ -524,12 +524,14 @@ async fn forget_backing_metadata(state: &State, offset: u64) -> Result<()> {
 
 /// Resizes `top` (opened writable, alone) to `new_size`. `backing_size` is the size of its
 /// backing, if any: growing past the old end must not let a longer backing show through the new
-/// area, so that part is zeroed, as QEMU does.
+/// area, so that part is zeroed, as QEMU does (with zero clusters from version 3, with zero
+/// data in version 2, which has none).
 pub(super) async fn resize(
     top: &mut FormatAccess<IoStorage>,
     path: &std::path::Path,
     new_size: u64,
     backing_size: Option<u64>,
+    version: u32,
 ) -> std::result::Result<(), Qcow2Error> {
     let old = top.size();
     top.resize(new_size, imago::format::PreallocateMode::None).await.map_err(|e| imago_error(path, "resize", e))?;
@@ -538,7 +540,17 @@ pub(super) async fn resize(
         && b > old
     {
         let end = b.min(new_size);
-        top.write_zeroes(old, end - old).await.map_err(|e| imago_error(path, "zero the new area", e))?;
+        if version >= 3 {
+            top.write_zeroes(old, end - old).await.map_err(|e| imago_error(path, "zero the new area", e))?;
+        } else {
+            let zeroes = vec![0u8; (end - old).min(1 << 20) as usize];
+            let mut at = old;
+            while at < end {
+                let n = (end - at).min(zeroes.len() as u64) as usize;
+                top.write(&zeroes[..n], at).await.map_err(|e| imago_error(path, "zero the new area", e))?;
+                at += n as u64;
+            }
+        }
     }
     top.flush().await.map_err(|e| imago_error(path, "flush", e))?;
     top.sync().await.map_err(|e| imago_error(path, "sync", e))
