@@ -383,6 +383,43 @@ async fn refused_untouched(path: &Path, good: &Path, name: &str, says: &str) {
     assert_eq!(std::fs::read(path).expect("read"), before, "{name}: the file was modified");
 }
 
+/// A backing whose format the overlay does not record is probed as QEMU probes it: a VHD or
+/// VMDK backing is refused by name, never read as raw (its metadata would reach the guest as
+/// data), and a raw one still reads right.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backing_of_unrecorded_format_is_probed_not_read_as_raw() {
+    crate::require!("qemu-img", "qemu-io");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    // The backing-format header extension (type 0xe2792aca) renamed to a type QEMU ignores.
+    let forget_backing_format = |b: &mut Vec<u8>| {
+        let at = b.windows(4).position(|w| w == [0xe2, 0x79, 0x2a, 0xca]).expect("backing format extension");
+        b[at..at + 4].copy_from_slice(&[0x12, 0x34, 0x56, 0x78]);
+    };
+    for (format, file) in [("vpc", "backing.vhd"), ("vmdk", "backing.vmdk"), ("raw", "backing.raw")] {
+        let backing = d.join(file);
+        run(Command::new("qemu-img").args(["create", "-q", "-f", format]).arg(&backing).arg("4M"));
+        qemu_io(format, &backing, &["write -P 0x77 0 1M"]);
+        let recorded = d.join(format!("over-{format}.qcow2"));
+        run(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2", "-F", format, "-b"]).arg(&backing).arg(&recorded));
+        let top = damaged(&recorded, &d.join(format!("probed-{format}.qcow2")), forget_backing_format);
+        let info = run(Command::new("qemu-img").args(["info", "--output=json"]).arg(&top));
+        let info: serde_json::Value = serde_json::from_slice(&info.stdout).expect("info json");
+        assert!(info.get("backing-filename-format").is_none(), "{format}: the format is still recorded: {info}");
+
+        let opened = Qcow2Image::open(&top, Access::ReadOnly, engine()).await;
+        if format == "raw" {
+            let img = opened.expect("a raw backing of unrecorded format opens");
+            let mut want = vec![0u8; 4 << 20];
+            want[..1 << 20].fill(0x77);
+            assert!(get_all(&img).await == want, "raw backing read wrong");
+        } else {
+            let err = opened.err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(err.contains(&format!("backing format \"{format}\" (probed)")), "{format} backing: {err:?}");
+        }
+    }
+}
+
 fn damaged(src: &Path, dst: &Path, damage: impl FnOnce(&mut Vec<u8>)) -> PathBuf {
     let mut bytes = std::fs::read(src).expect("read");
     damage(&mut bytes);

@@ -101,18 +101,32 @@ pub fn require_image_file(path: &Path) -> Result<(), Qcow2Error> {
     }
 }
 
-/// Whether the file at `path` starts with the qcow2 magic.
-fn has_qcow2_magic(path: &Path) -> io::Result<bool> {
-    let mut head = [0u8; 4];
+/// What a backing file with no recorded format holds, by its first bytes, as QEMU probes it:
+/// "qcow2", QEMU's name of another format it would recognise, or "raw" when none. A VHD or
+/// VMDK read as raw would hand its metadata to the guest as data.
+fn probe_format(path: &Path) -> io::Result<&'static str> {
+    let mut head = [0u8; 72];
     let mut f = File::open(path)?;
     let mut got = 0;
-    while got < 4 {
+    while got < head.len() {
         match f.read(&mut head[got..])? {
             0 => break,
             n => got += n,
         }
     }
-    Ok(got == 4 && head == MAGIC)
+    let head = &head[..got];
+    const OTHERS: [(usize, &[u8], &str); 6] = [
+        (0, crate::image::vhd::format::FOOTER_COOKIE, "vpc"),
+        (0, b"KDMV", "vmdk"),
+        (0, b"# Disk DescriptorFile", "vmdk"),
+        (0, b"QED\0", "qed"),
+        (0, b"LUKS\xba\xbe", "luks"),
+        (0x40, &[0x7f, 0x10, 0xda, 0xbe], "vdi"),
+    ];
+    if head.starts_with(&MAGIC) {
+        return Ok("qcow2");
+    }
+    Ok(OTHERS.iter().find(|(at, magic, _)| head.get(*at..at + magic.len()) == Some(*magic)).map_or("raw", |&(_, _, name)| name))
 }
 
 /// Opens one layer of known (or probed) format.
@@ -126,7 +140,13 @@ fn layer(path: &Path, format: Option<&str>) -> Result<Layer, Qcow2Error> {
         }
         // No recorded format: probe, as QEMU and imago do. (Safe here because we only ever
         // open backings read-only and a guest never writes the backing of its own overlay.)
-        None => has_qcow2_magic(path).map_err(|e| io_error(path, "read", e))?,
+        None => match probe_format(path).map_err(|e| io_error(path, "read", e))? {
+            "qcow2" => true,
+            "raw" => false,
+            other => {
+                return Err(Qcow2Error::Unsupported { path: path.to_owned(), what: format!("backing format {other:?} (probed)") });
+            }
+        },
     };
     if qcow2 {
         let (h, file_len) = read_header(path)?;
