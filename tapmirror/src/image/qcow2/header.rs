@@ -232,25 +232,34 @@ impl Header {
             return Err(corrupt(format!("refcount_order {refcount_order} above 6")));
         }
         let limit = cluster.min(buf.len());
+        let backing_file_offset = be64(buf, 8);
+        // The extensions lie between the header and the backing file name, or the end of the
+        // first cluster when there is none; they end at an end marker or where that area does
+        // (QEMU's rule: old writers put the name straight after a version 2 header, with no
+        // extensions and no end marker).
+        let area_end = match usize::try_from(backing_file_offset) {
+            Ok(0) => limit,
+            Ok(b) => b.min(limit),
+            Err(_) => limit,
+        };
         let mut extensions = Vec::new();
         let mut at = header_length as usize;
-        loop {
-            if at + 8 > limit {
-                return Err(corrupt("header extensions run past the first cluster"));
+        while at < area_end {
+            if at + 8 > area_end {
+                return Err(corrupt("header extensions run past their area"));
             }
             let kind = be32(buf, at);
             let len = be32(buf, at + 4) as usize;
             at += 8;
             // The end marker's length is checked too, as QEMU and imago do: they refuse an image
-            // whose end marker claims more than the cluster holds.
-            let end = at.checked_add(len).filter(|&e| e <= limit).ok_or_else(|| corrupt("header extension runs past the first cluster"))?;
+            // whose end marker claims more than the area holds.
+            let end = at.checked_add(len).filter(|&e| e <= area_end).ok_or_else(|| corrupt("header extension runs past its area"))?;
             if kind == 0 {
                 break;
             }
             extensions.push(Extension { kind, data: buf[at..end].to_vec() });
             at += len.next_multiple_of(8);
         }
-        let backing_file_offset = be64(buf, 8);
         let backing_file_size = be32(buf, 16) as usize;
         let backing_file = if backing_file_offset == 0 {
             None
@@ -508,6 +517,30 @@ mod tests {
         assert!(matches!(Header::parse(&b"QFI\xfb\0\0\0\x03"[..]), Err(Problem::Corrupt(m)) if m.contains("too short")));
     }
 
+    /// Old writers put a version 2 image's backing name straight after the 72-byte header,
+    /// with no extensions and no end marker; QEMU reads extensions only up to the name.
+    #[test]
+    fn a_version_2_backing_name_right_after_the_header_is_read() {
+        let mut b = sample(16, None);
+        b[4..8].copy_from_slice(&2u32.to_be_bytes());
+        b[72..].fill(0);
+        b[72..80].copy_from_slice(b"base.raw");
+        b[8..16].copy_from_slice(&72u64.to_be_bytes());
+        b[16..20].copy_from_slice(&8u32.to_be_bytes());
+        let h = Header::parse(&b).expect("parse");
+        assert_eq!(h.backing_file.as_deref(), Some("base.raw"));
+        assert!(h.extensions.is_empty());
+        // Rewritten, it gets an extension area of its own and still names its backing.
+        let bytes = h.with_backing(Some(("base.raw", "raw"))).expect("rewrite");
+        b[..bytes.len()].copy_from_slice(&bytes);
+        let h2 = Header::parse(&b).expect("reparse");
+        assert_eq!((h2.backing_file.as_deref(), h2.backing_format().as_deref()), (Some("base.raw"), Some("raw")));
+        // An extension that runs into the name is refused, as QEMU refuses it.
+        let mut c = sample(16, Some(("base.qcow2", "qcow2")));
+        c[108..112].copy_from_slice(&64u32.to_be_bytes());
+        assert!(matches!(Header::parse(&c), Err(Problem::Corrupt(m)) if m.contains("past its area")));
+    }
+
     #[test]
     fn an_end_marker_that_claims_more_than_the_cluster_is_refused() {
         let mut b = sample(9, None);
@@ -515,7 +548,7 @@ mod tests {
         // The end marker at 104: type 0, and a length past the 512-byte cluster (a fuzzer's
         // find, which QEMU and imago refuse as well).
         b[108..112].copy_from_slice(&1000u32.to_be_bytes());
-        assert!(matches!(Header::parse(&b), Err(Problem::Corrupt(m)) if m.contains("past the first cluster")));
+        assert!(matches!(Header::parse(&b), Err(Problem::Corrupt(m)) if m.contains("past its area")));
         b[108..112].copy_from_slice(&400u32.to_be_bytes());
         assert!(Header::parse(&b).is_ok(), "an end marker's length within the cluster is accepted, as QEMU does");
     }
