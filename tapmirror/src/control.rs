@@ -61,6 +61,11 @@ pub struct Control<I: Image> {
     /// Connections taken by `nbd-accept`; the owner waits for them (they end at `shutdown`)
     /// before the final flush.
     pub accepted: tokio_util::task::TaskTracker,
+    /// Held through each command that changes what the server serves or where its writes go
+    /// (`pause`, `unpause`, `mirror-attach`, `mirror-detach`), so that two control connections
+    /// never interleave them: a second `pause` sent while the first waits out a guest request
+    /// would otherwise take the gate after the `unpause` that followed, and hold the guest.
+    pub changing: tokio::sync::Mutex<()>,
 }
 
 /// Longest request line accepted.
@@ -235,6 +240,10 @@ async fn execute<I: Image>(control: &Control<I>, request: &Value, mut fds: Vec<O
     if cmd != "mirror-attach" && cmd != "nbd-accept" && !fds.is_empty() {
         return err(format!("{cmd} takes no descriptor"));
     }
+    let _changing = match cmd {
+        "pause" | "unpause" | "mirror-attach" | "mirror-detach" => Some(control.changing.lock().await),
+        _ => None,
+    };
     match cmd {
         "stats" => {
             let s = server.stats();

@@ -384,6 +384,7 @@ async fn serve(args: ServeArgs, activated: Vec<std::os::fd::OwnedFd>) -> Result<
             access,
             shutdown: shutdown.clone(),
             accepted: accepted.clone(),
+            changing: tokio::sync::Mutex::new(()),
         });
         tokio::spawn(tapmirror::control::serve(listener, control));
     }

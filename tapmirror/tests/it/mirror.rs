@@ -284,6 +284,55 @@ fn pause_holds_requests_and_unpause_switches_the_leaf() {
     run(Command::new("qemu-io").args(["-f", "raw", "-c", "read -P 0x0b 0 1M", &source.uri()]));
 }
 
+/// Two `pause` commands on two control connections while a guest write is in flight (held by a
+/// slow mirror target): one pauses, the other answers "already paused" rather than waiting for
+/// the gate and taking it after the `unpause` that follows, which would hold the guest for ever.
+#[test]
+fn two_pauses_at_once_pause_once_and_unpause_resumes() {
+    crate::require!("nbdkit", "qemu-io");
+    let (source, ctl_path) = serve_controlled(16 * MIB);
+    let slow = tempfile::tempdir().expect("tempdir");
+    let (target_image, target_socket) = (slow.path().join("target.raw"), slow.path().join("slow.sock"));
+    std::fs::File::create(&target_image).and_then(|f| f.set_len(16 * MIB)).expect("target");
+    let _target = spawn_server(
+        Command::new("nbdkit")
+            .args(["-f", "-U"])
+            .arg(&target_socket)
+            .args(["--filter=delay", "file"])
+            .arg(&target_image)
+            .arg("delay-write=1500ms"),
+        &target_socket,
+    );
+    let target_uri = format!("nbd+unix:///?socket={}", target_socket.display());
+    ctl(&ctl_path, &["mirror-attach", "--target", &target_uri]);
+    let mut guest = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 0x3c 0 4k", &source.uri()])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn guest");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let pause = || {
+        Command::new(tapmirror()).arg("ctl").arg(&ctl_path).arg("pause").stdout(std::process::Stdio::piped()).spawn().expect("spawn pause")
+    };
+    let mut pauses = [pause(), pause()];
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while pauses.iter_mut().any(|p| p.try_wait().expect("wait pause").is_none()) {
+        assert!(std::time::Instant::now() < deadline, "a pause still waits after the other answered");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let answers: Vec<String> = pauses
+        .into_iter()
+        .map(|p| String::from_utf8_lossy(&p.wait_with_output().expect("pause output").stdout).into_owned())
+        .collect();
+    assert_eq!(answers.iter().filter(|a| a.contains("\"ok\":true")).count(), 1, "{answers:?}");
+    assert_eq!(answers.iter().filter(|a| a.contains("already paused")).count(), 1, "{answers:?}");
+    // The guest's write is in; its closing flush waits for the unpause.
+    ctl(&ctl_path, &["unpause"]);
+    assert!(guest.wait().expect("guest").success());
+    assert_eq!(ctl(&ctl_path, &["stats"])["paused"], false);
+    run(Command::new("qemu-io").args(["-f", "raw", "-c", "read -P 0x3c 0 4k", &source.uri()]));
+}
+
 /// Polls `stats` until the mirror is ready (or failed); the deadline only guards against a hang.
 fn wait_ready(ctl_path: &Path) -> Value {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
