@@ -416,6 +416,10 @@ async fn a_backing_of_unrecorded_format_is_probed_not_read_as_raw() {
         } else {
             let err = opened.err().map(|e| e.to_string()).unwrap_or_default();
             assert!(err.contains(&format!("backing format \"{format}\" (probed)")), "{format} backing: {err:?}");
+            // Nor does a new overlay take it as a raw parent.
+            let overlay = d.join(format!("new-over-{format}.qcow2"));
+            assert!(qcow2::create_overlay(&overlay, &backing).await.is_err(), "{format}: an overlay was made on it");
+            assert!(!overlay.exists());
         }
     }
 }

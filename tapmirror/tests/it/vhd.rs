@@ -130,6 +130,38 @@ async fn our_dynamic_disks_equal_the_expected_bytes_under_qemu_img_compare() {
     }
 }
 
+/// The size of a disk whose `current_size` and CHS geometry disagree depends on its creator;
+/// QEMU is the judge, for Virtual PC's and QEMU's own creators, Hyper-V's, XenServer's,
+/// Azure's and one no list knows.
+#[tokio::test]
+async fn the_virtual_size_follows_the_creator_as_in_qemu() {
+    crate::require!("qemu-img");
+    use tapmirror::image::vhd::format::{Chs, FOOTER_LEN, Footer};
+    let dir = tempfile::tempdir().expect("tempdir");
+    for creator in [*b"vpc ", *b"qemu", *b"win ", *b"tap\0", *b"wa\0\0", *b"zzzz"] {
+        let p = dir.path().join("creator.vhd");
+        let _ = std::fs::remove_file(&p);
+        run(Command::new("qemu-img").args(["create", "-q", "-f", "vpc", "-o", "force_size=on"]).arg(&p).arg("64M"));
+        // 50 MiB by current_size, 370 × 16 × 17 sectors (about 49 MiB) by geometry; both copies
+        // of the footer (a dynamic disk keeps one at 0 and one at the end).
+        let f = std::fs::OpenOptions::new().read(true).write(true).open(&p).expect("open");
+        let end = f.metadata().expect("stat").len() - FOOTER_LEN as u64;
+        let mut b = vec![0u8; FOOTER_LEN];
+        f.read_exact_at(&mut b, 0).expect("footer");
+        let mut footer = Footer::parse(&b).expect("footer parses");
+        footer.creator_app = creator;
+        footer.current_size = 50 << 20;
+        footer.geometry = Chs { cylinders: 370, heads: 16, sectors: 17 };
+        for at in [0, end] {
+            f.write_all_at(&footer.encode(), at).expect("write footer");
+        }
+        drop(f);
+        let ours = vhd::info(&p).expect("info").virtual_size;
+        assert_eq!(ours, qemu_virtual_size(&p), "creator {creator:?}");
+        assert_eq!(open_ro(&p).await.size(), ours);
+    }
+}
+
 #[tokio::test]
 async fn vhds_written_by_qemu_read_back_byte_exact_and_take_our_writes() {
     crate::require!("qemu-img", "qemu-io");

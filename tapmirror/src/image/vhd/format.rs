@@ -207,12 +207,14 @@ pub enum SizeSource {
     Chs,
 }
 
-/// Creator applications whose size is `current_size` (QEMU `block/vpc.c`, `vpc_open`): Hyper-V,
-/// QEMU with `force_size`, Disk2vhd, XenServer (blktap) and XenConverter. Every other creator
-/// (notably Virtual PC's `vpc ` and QEMU's `qemu`) gets the size from CHS, unless the geometry
-/// is the maximum one. This is QEMU's rule, so QEMU and we agree on every file; tapdisk always
-/// uses `current_size`, which differs only for files made by those other creators.
-const CURRENT_SIZE_CREATORS: [&[u8; 4]; 5] = [b"win ", b"qem2", b"d2v ", b"tap\0", b"CTXS"];
+/// Creator applications whose size comes from the CHS geometry: Virtual PC (`vpc `) and QEMU
+/// without `force_size` (`qemu`). Every other creator (Hyper-V, QEMU's `qem2`, Disk2vhd,
+/// XenServer's blktap, XenConverter, Azure, and any tool not listed) gets `current_size`, and
+/// so does a disk whose geometry is the maximum one. This is QEMU's rule since 9.2
+/// (`vpc_ignore_current_size` in `block/vpc.c`; before, every creator but a list of five took
+/// the geometry), so QEMU and we agree on every file; tapdisk always uses `current_size`,
+/// which differs only for files made by those two.
+const CHS_CREATORS: [&[u8; 4]; 2] = [b"vpc ", b"qemu"];
 
 /// The 512-byte hard disk footer.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -365,8 +367,8 @@ impl Footer {
     /// trusts with it, else the CHS geometry), rounded down to whole sectors as QEMU does, and
     /// where it came from.
     pub fn virtual_size(&self) -> (u64, SizeSource) {
-        let by_current = CURRENT_SIZE_CREATORS.iter().any(|c| **c == self.creator_app);
-        if by_current || self.geometry.is_max() {
+        let by_chs = CHS_CREATORS.iter().any(|c| **c == self.creator_app);
+        if !by_chs || self.geometry.is_max() {
             (self.current_size / SECTOR * SECTOR, SizeSource::CurrentSize)
         } else {
             (self.geometry.total_sectors() * SECTOR, SizeSource::Chs)
@@ -735,6 +737,13 @@ mod tests {
         f.creator_app = *b"vpc ";
         f.set_size(20 << 20);
         assert!(f.virtual_size().0 >= 20 << 20);
+        // Any other creator, Azure's and unknown ones too, gets current_size (QEMU 9.2 on).
+        for creator in [*b"wa\0\0", *b"xxxx", *b"win ", *b"tap\0"] {
+            f.creator_app = creator;
+            f.current_size = 50 << 20;
+            f.geometry = Chs { cylinders: 370, heads: 16, sectors: 17 };
+            assert_eq!(f.virtual_size(), (50 << 20, SizeSource::CurrentSize), "{creator:?}");
+        }
     }
 
     #[test]
