@@ -200,7 +200,11 @@ where
 
 fn receive(stream: &UnixStream, into: &mut Vec<u8>, fds: &mut Vec<OwnedFd>) -> std::io::Result<usize> {
     let mut buf = [0u8; 4096];
-    let mut space = nix::cmsg_space!([RawFd; 4]);
+    // Room for as many descriptors as one message can carry (Linux's SCM_MAX_FD, 253, over all
+    // its SCM_RIGHTS headers together): with less, a sender of more would truncate the control
+    // data, `cmsgs` would refuse to list it, and the descriptors the kernel installed would
+    // leak. All of them are taken here and closed when the command refuses them.
+    let mut space = nix::cmsg_space!([RawFd; 253]);
     let (n, received) = {
         let mut iov = [IoSliceMut::new(&mut buf)];
         let msg = recvmsg::<()>(stream.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)

@@ -811,6 +811,20 @@ fn nbd_accept_refuses_what_is_not_one_connected_stream_socket() {
     refused(&accept(vec![&listening]), "listening");
     let udp = OwnedFd::from(std::net::UdpSocket::bind("127.0.0.1:0").expect("udp"));
     refused(&accept(vec![&udp]), "not a stream");
+    // More descriptors than fit a small control buffer: refused with an answer, and none of
+    // them kept open in the server.
+    let pid = source.proc.0.as_ref().expect("child").id();
+    let open_fds = || std::fs::read_dir(format!("/proc/{pid}/fd")).expect("fds").count();
+    let fds_before = open_fds();
+    let many: Vec<OwnedFd> = (0..10).map(|_| OwnedFd::from(tempfile::tempfile().expect("tempfile"))).collect();
+    for _ in 0..5 {
+        refused(&accept(many.iter().collect()), "one descriptor, got 10");
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while open_fds() > fds_before {
+        assert!(std::time::Instant::now() < deadline, "refused descriptors leaked: {} open, {fds_before} before", open_fds());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 
     // The refused socketpair ends were let go: their peers see EOF, not a server greeting.
     drop((theirs1, theirs2));
