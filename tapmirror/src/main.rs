@@ -144,7 +144,7 @@ struct CopyArgs {
     /// Largest request, in bytes (clamped to what both ends accept).
     #[arg(long, value_parser = parse_size, default_value = "1M")]
     request_size: u64,
-    /// Data bytes per second at most (e.g. 100M).
+    /// Data bytes per second at most (e.g. 100M; 0: no cap, as for `mirror-rate`).
     #[arg(long, value_parser = parse_size)]
     bwlimit: Option<u64>,
     /// Progress on stderr (human) or as JSON lines on stdout (json).

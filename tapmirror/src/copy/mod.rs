@@ -41,7 +41,8 @@ pub struct CopyOptions {
     pub request_size: usize,
     /// The destination reads as zeroes already: skip zero runs entirely.
     pub target_is_zero: bool,
-    /// Bytes of data per second at most (zeroing is not counted: it moves no data).
+    /// Bytes of data per second at most (zeroing is not counted: it moves no data); `None` or
+    /// 0 for no cap.
     pub bwlimit: Option<u64>,
     /// Where to persist progress, to resume an interrupted copy.
     pub checkpoint: Option<PathBuf>,
@@ -243,7 +244,7 @@ pub async fn copy<I: Image, J: Image>(
     let progress = Arc::new(Progress::new(opts.progress, size, start).counting_into(opts.done_counter.clone()));
     let slots = Arc::new(Semaphore::new(connections.max(1) * opts.requests.max(1)));
     let watermark = Arc::new(Mutex::new(Watermark::new(start)));
-    let limiter = opts.bwlimit.map(|r| Arc::new(Limiter::new(r)));
+    let limiter = opts.bwlimit.filter(|&r| r > 0).map(|r| Arc::new(Limiter::new(r)));
     let failed: Arc<Mutex<Option<anyhow::Error>>> = Arc::new(Mutex::new(None));
     let mut tasks = tokio::task::JoinSet::new();
     let ticker = progress.spawn_ticker();
