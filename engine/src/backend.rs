@@ -110,6 +110,12 @@ pub mod errors {
         StorageError::BackendError("SR_BACKEND_FAILURE".to_owned(), vec![kind.to_owned(), message.to_string(), String::new()])
     }
 
+    /// `Backend_error ("SR_NOT_EMPTY", [sr; why])`: an SR is destroyed only once its VDIs are,
+    /// as SM's file SRs refuse (`SRNotEmpty`, "VDIs still exist in SR").
+    pub fn not_empty(sr: &str, vdi: &str) -> StorageError {
+        StorageError::BackendError("SR_NOT_EMPTY".to_owned(), vec![sr.to_owned(), format!("VDIs still exist in the SR, {vdi} among them")])
+    }
+
     /// `Backend_error ("VDI_IN_USE", [vdi; operation])`.
     pub fn in_use(vdi: &str, operation: &str) -> StorageError {
         StorageError::BackendError("VDI_IN_USE".to_owned(), vec![vdi.to_owned(), operation.to_owned()])

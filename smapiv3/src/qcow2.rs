@@ -301,6 +301,11 @@ impl Backend for Qcow2Backend {
         if let Some(vdi) = self.datapaths.attached(group(sr)).first() {
             return Err(errors::in_use(vdi, "SR.destroy"));
         }
+        // A VDI the SR still lists is refused, never destroyed with it; hidden snapshot bases
+        // that no VDI needs go with the SR.
+        if let Some(vdi) = SrMeta::load_existing(&sr.dir)?.nodes.iter().find(|(_, n)| n.info.is_some()).map(|(id, _)| id.clone()) {
+            return Err(errors::not_empty(&sr.sr, &vdi));
+        }
         for id in recover::volume_files(&sr.dir)? {
             state::remove_durably(&volume_path(&sr.dir, &id)).map_err(|e| errors::io("destroying the SR", &e))?;
         }

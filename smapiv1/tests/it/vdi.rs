@@ -60,7 +60,14 @@ fn create_scan_stat_destroy_and_records_survive_a_new_backend() {
     let space = sr.backend.sr_space(&sr.ctx).expect("space");
     assert!(space.total > 0 && space.free > 0 && space.free <= space.total, "{space:?}");
 
-    // SR.destroy removes the files and the record.
+    // SR.destroy refuses while a VDI is left, and loses nothing.
+    let refused = sr.backend.sr_destroy(&sr.ctx).expect_err("SR.destroy with a VDI left");
+    assert!(matches!(&refused, StorageError::BackendError(code, _) if code == "SR_NOT_EMPTY"), "{refused:?}");
+    assert_eq!(sr.files(), vec![b.vdi.clone()]);
+    vhd_check(&sr.vhd(&b.vdi)).expect("sound VHD");
+
+    // With its VDIs gone, SR.destroy removes the files and the record.
+    sr.backend.vdi_destroy(&sr.ctx, &b.vdi).expect("destroy");
     sr.backend.sr_destroy(&sr.ctx).expect("SR.destroy");
     assert!(sr.files().is_empty());
     assert_eq!(std::fs::read_dir(&sr.ctx.dir).expect("list").count(), 0);

@@ -49,6 +49,15 @@ fn create_scan_stat_destroy_and_qemu_agrees() {
     assert_eq!(sr.files(), vec![b.vdi.clone()]);
     let e = sr.backend.vdi_stat(&sr.ctx, &a.vdi).expect_err("gone");
     assert_eq!(e, StorageError::VdiDoesNotExist(a.vdi.clone()));
+
+    // SR.destroy refuses while a VDI is left, and loses nothing; then takes the empty SR.
+    let refused = sr.backend.sr_destroy(&sr.ctx).expect_err("SR.destroy with a VDI left");
+    assert!(matches!(&refused, StorageError::BackendError(code, _) if code == "SR_NOT_EMPTY"), "{refused:?}");
+    assert_eq!(sr.files(), vec![b.vdi.clone()]);
+    qemu_check(&sr.vol(&b.vdi)).expect("qemu-img check");
+    sr.backend.vdi_destroy(&sr.ctx, &b.vdi).expect("destroy");
+    sr.backend.sr_destroy(&sr.ctx).expect("SR.destroy");
+    assert_eq!(std::fs::read_dir(&sr.ctx.dir).expect("list").count(), 0);
 }
 
 #[test]
