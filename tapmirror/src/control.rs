@@ -316,6 +316,12 @@ async fn execute<I: Image>(control: &Control<I>, request: &Value, mut fds: Vec<O
                     None => return err("\"leaf\" must be a path"),
                 },
             };
+            // A pause that could not put a read-only stand-in in place kept the writable image:
+            // resuming on that same leaf needs no reopen (which its own lock would refuse).
+            if leaf.is_none() && control.access == Access::ReadWrite && !server.image().features().read_only {
+                server.unpause();
+                return json!({"ok": true});
+            }
             let path = match &leaf {
                 Some(p) => p.clone(),
                 None => control.path.lock().map(|p| p.clone()).unwrap_or_default(),

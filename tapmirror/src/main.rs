@@ -85,6 +85,18 @@ enum FormatArg {
     Qcow2,
 }
 
+impl FormatArg {
+    /// The format named, `None` for `auto`.
+    fn format(self) -> Option<Format> {
+        match self {
+            FormatArg::Auto => None,
+            FormatArg::Raw => Some(Format::Raw),
+            FormatArg::Vhd => Some(Format::Vhd),
+            FormatArg::Qcow2 => Some(Format::Qcow2),
+        }
+    }
+}
+
 #[derive(clap::Args)]
 struct ServeArgs {
     /// The image file.
@@ -126,6 +138,14 @@ struct CopyArgs {
     /// Destination: an NBD URI, or a file (created as a sparse raw file of the source's size
     /// when missing).
     dest: String,
+    /// The source file's format. `auto` goes by its magic bytes, as `qemu-img` does: a raw
+    /// disk whose guest wrote a qcow2 or VHD header at its start is then read as that format
+    /// (and its backing file followed), so name the format of a guest's raw disk.
+    #[arg(long, value_enum, default_value = "auto")]
+    format: FormatArg,
+    /// The destination file's format, when it exists already (a new one is created raw).
+    #[arg(long, value_enum, default_value = "auto")]
+    dest_format: FormatArg,
     /// Send only what differs from BASE, a chain (VHD or qcow2, as SRC) the destination
     /// already holds.
     #[arg(long)]
@@ -322,12 +342,7 @@ async fn serve(args: ServeArgs, activated: Vec<std::os::fd::OwnedFd>) -> Result<
     }
     let engine = args.io_engine.unwrap_or_else(EngineChoice::from_env).resolve().context("choosing the I/O engine")?;
     let access = if args.read_only { Access::ReadOnly } else { Access::ReadWrite };
-    let format = match args.format {
-        FormatArg::Auto => None,
-        FormatArg::Raw => Some(Format::Raw),
-        FormatArg::Vhd => Some(Format::Vhd),
-        FormatArg::Qcow2 => Some(Format::Qcow2),
-    };
+    let format = args.format.format();
     let image = AnyImage::open(&args.image, format, access, engine)
         .await
         .with_context(|| format!("opening {}", args.image.display()))?;
@@ -379,7 +394,9 @@ async fn serve(args: ServeArgs, activated: Vec<std::os::fd::OwnedFd>) -> Result<
         let listener = bind_unix(path)?;
         let control = Arc::new(tapmirror::control::Control {
             server: Arc::clone(&server),
-            open: Box::new(move |path: PathBuf, access| Box::pin(async move { open_leaf(&path, access, engine).await })),
+            // The served format, never probed again: a raw disk whose guest wrote a qcow2
+            // header must not come back from a pause as a qcow2.
+            open: Box::new(move |path: PathBuf, access| Box::pin(async move { open_leaf(&path, format, access, engine).await })),
             path: std::sync::Mutex::new(args.image.clone()),
             access,
             shutdown: shutdown.clone(),
@@ -485,16 +502,20 @@ async fn copy(args: CopyArgs) -> Result<()> {
         _ if is_uri(&args.src) => {
             Source::Nbd(NbdClient::connect(&NbdUri::parse(&args.src)?).await.context("connecting to the source")?)
         }
-        None => Source::Image(Arc::new(open_copy_image(Path::new(&args.src), Access::ReadOnly, engine).await?)),
+        None => Source::Image(Arc::new(open_copy_image(Path::new(&args.src), args.format.format(), Access::ReadOnly, engine).await?)),
         Some(base) => {
             let src = Path::new(&args.src);
             let compared = || format!("comparing {} with {}", src.display(), base.display());
-            let ranges = match (Format::detect(src)?, Format::detect(base)?) {
+            let src_format = match args.format.format() {
+                Some(f) => f,
+                None => Format::detect(src)?,
+            };
+            let ranges = match (src_format, Format::detect(base)?) {
                 (Format::Vhd, Format::Vhd) => Some(vhd::diff_map(src, base).await.with_context(compared)?),
                 (Format::Qcow2, Format::Qcow2) => qcow2::diff_map(src, base).await.with_context(compared)?,
                 _ => bail!("--base works on VHD or qcow2 chains of one format (a source and a base that share ancestors)"),
             };
-            let image = Arc::new(open_copy_image(src, Access::ReadOnly, engine).await?);
+            let image = Arc::new(open_copy_image(src, Some(src_format), Access::ReadOnly, engine).await?);
             match ranges {
                 Some(ranges) => Source::Diff { image, ranges },
                 None => {
@@ -515,10 +536,13 @@ async fn copy(args: CopyArgs) -> Result<()> {
         if let Source::Image(image) | Source::Diff { image, .. } = &source {
             refuse_a_file_of_the_source(path, &image.chain())?;
         }
-        if !path.exists() {
+        let format = if path.exists() {
+            args.dest_format.format()
+        } else {
             RawImage::create(path, size).with_context(|| format!("creating {}", path.display()))?;
-        }
-        (Dest::Image(Arc::new(open_copy_image(path, Access::ReadWrite, engine).await?)), 1)
+            Some(Format::Raw)
+        };
+        (Dest::Image(Arc::new(open_copy_image(path, format, Access::ReadWrite, engine).await?)), 1)
     };
     let opts = CopyOptions {
         requests: args.requests.unwrap_or((8 / connections.max(1)).max(2)),
@@ -541,12 +565,12 @@ async fn copy(args: CopyArgs) -> Result<()> {
 /// The image type copies read and write.
 type CopyImage = AnyImage;
 
-async fn open_copy_image(path: &Path, access: Access, engine: tapmirror::io::EngineKind) -> Result<CopyImage> {
-    AnyImage::open(path, None, access, engine).await.with_context(|| format!("opening {}", path.display()))
+async fn open_copy_image(path: &Path, format: Option<Format>, access: Access, engine: tapmirror::io::EngineKind) -> Result<CopyImage> {
+    AnyImage::open(path, format, access, engine).await.with_context(|| format!("opening {}", path.display()))
 }
 
-async fn open_leaf(path: &Path, access: Access, engine: tapmirror::io::EngineKind) -> Result<AnyImage> {
-    AnyImage::open(path, None, access, engine).await
+async fn open_leaf(path: &Path, format: Format, access: Access, engine: tapmirror::io::EngineKind) -> Result<AnyImage> {
+    AnyImage::open(path, Some(format), access, engine).await
 }
 
 async fn ctl(args: CtlArgs) -> Result<()> {

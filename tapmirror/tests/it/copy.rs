@@ -10,7 +10,7 @@ use tapmirror::image::{Access, RawImage};
 use tapmirror::io::EngineKind;
 use tapmirror::nbd::{ClientOptions, NbdClient};
 
-use crate::harness::{pattern, serve, spawn_server};
+use crate::harness::{pattern, run, serve, spawn_server};
 
 const MIB: u64 = 1 << 20;
 
@@ -259,6 +259,30 @@ fn copy_command_reports_progress_and_round_trips() {
     use std::os::unix::fs::MetadataExt;
     let allocated = std::fs::metadata(&back).expect("stat").blocks() * 512;
     assert!(allocated < 40 * MIB, "the new file should stay sparse: {allocated} bytes allocated");
+}
+
+/// `--format raw` and `--dest-format raw` name what probing would get wrong: a raw disk whose
+/// guest wrote a qcow2 header at its start (naming a host file as its backing) is copied as
+/// its own bytes, into an existing file that starts with such a header too.
+#[test]
+fn copy_takes_the_formats_it_is_told_rather_than_probing() {
+    crate::require!("qemu-img");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    std::fs::write(d.join("secret"), b"host file, not the guest's").expect("secret");
+    let header = d.join("hdr.qcow2");
+    run(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"]).arg(d.join("secret")).arg(&header).arg("4M"));
+    let mut disk = std::fs::read(&header).expect("header");
+    disk.resize(4 << 20, 0);
+    disk[2 << 20..3 << 20].copy_from_slice(&pattern(1 << 20, 5));
+    std::fs::write(d.join("disk.raw"), &disk).expect("disk");
+    std::fs::write(d.join("out.raw"), &disk).expect("out");
+    run(Command::new(crate::harness::tapmirror())
+        .arg("copy")
+        .arg(d.join("disk.raw"))
+        .arg(d.join("out.raw"))
+        .args(["--format", "raw", "--dest-format", "raw"]));
+    assert!(std::fs::read(d.join("out.raw")).expect("out") == disk, "the copy is not the disk's own bytes");
 }
 
 /// A destination that is a file of the source's chain (the top itself, or a backing that

@@ -333,6 +333,44 @@ fn two_pauses_at_once_pause_once_and_unpause_resumes() {
     run(Command::new("qemu-io").args(["-f", "raw", "-c", "read -P 0x3c 0 4k", &source.uri()]));
 }
 
+/// A raw disk whose guest wrote a qcow2 header at its start (with a backing file naming a host
+/// file) stays raw across a pause: the server never probes the format again. And a pause that
+/// cannot open its read-only stand-in (the file renamed away meanwhile) keeps the writable
+/// image, which the unpause then resumes on instead of colliding with its own lock.
+#[test]
+fn pause_and_unpause_keep_the_served_format_and_survive_a_failed_stand_in() {
+    crate::require!("qemu-img", "nbdcopy", "qemu-io");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (image, ctl_path, header) = (dir.path().join("disk.raw"), dir.path().join("ctl.sock"), dir.path().join("hdr.qcow2"));
+    std::fs::write(dir.path().join("secret"), b"host file, not the guest's").expect("secret");
+    run(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"]).arg(dir.path().join("secret")).arg(&header).arg("16M"));
+    std::fs::File::create(&image).and_then(|f| f.set_len(16 * MIB)).expect("image");
+    let ctl_arg = ctl_path.display().to_string();
+    let source = serve_file(dir, image.clone(), &["--format", "raw", "--control", &ctl_arg]);
+    run(Command::new("nbdcopy").arg(&header).arg(source.uri()));
+    let written = std::fs::read(&header).expect("header");
+    // Resumed on the leaf named again, so that the image is opened anew.
+    ctl(&ctl_path, &["pause"]);
+    ctl(&ctl_path, &["unpause", "--leaf", image.to_str().expect("utf-8 path")]);
+    let stats = ctl(&ctl_path, &["stats"]);
+    assert_eq!(stats["paused"], false, "{stats}");
+    let back = run(Command::new("qemu-io").args(["-r", "-f", "raw", "-c", "read -v 0 16", &source.uri()]));
+    assert!(String::from_utf8_lossy(&back.stdout).contains("51 46 49 fb"), "the guest no longer reads its own bytes");
+    assert!(source.contents()[..written.len()] == written[..]);
+
+    // The stand-in cannot open: the pause keeps the writable image, the unpause resumes on it.
+    let moved = image.with_extension("moved");
+    std::fs::rename(&image, &moved).expect("rename");
+    ctl(&ctl_path, &["pause"]);
+    ctl(&ctl_path, &["unpause"]);
+    assert_eq!(ctl(&ctl_path, &["stats"])["paused"], false);
+    run(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x6e 1M 4k", &source.uri()]));
+    let mut b = vec![0u8; 4096];
+    use std::os::unix::fs::FileExt;
+    std::fs::File::open(&moved).expect("open").read_exact_at(&mut b, MIB).expect("read");
+    assert!(b.iter().all(|&x| x == 0x6e), "the write after the unpause did not reach the image");
+}
+
 /// Polls `stats` until the mirror is ready (or failed); the deadline only guards against a hang.
 fn wait_ready(ctl_path: &Path) -> Value {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
