@@ -554,7 +554,7 @@ impl Mux {
         self.datapaths().get(dp, sr, vdi).cloned().ok_or(StorageError::IllegalTransition(VdiState::Detached, wanted))
     }
 
-    async fn activate(&self, dp: String, sr: String, vdi: String) -> StorageResult<()> {
+    pub(crate) async fn activate(&self, dp: String, sr: String, vdi: String) -> StorageResult<()> {
         let entry = self.attached_entry(&sr)?;
         let mut record = self.dp_record(&dp, &sr, &vdi, VdiState::Activated(crate::model::Rw::Rw))?;
         if record.active {

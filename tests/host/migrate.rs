@@ -884,6 +884,42 @@ fn verify_catches_a_destination_block_changed_behind_sxms_back() {
     assert_eq!(t["state"][0], "Failed", "{t}");
     let why = serde_json::to_string(&t["state"][1]).expect("error");
     assert!(why.contains("verify") && why.contains("block 3"), "{why}");
+    // The destination had finalized the disk: its copy is gone, and the guest's disk is active
+    // on the source again.
+    assert!(why.contains("undone: the guest's disks are active on the source again"), "{why}");
+    let left: Vec<serde_json::Value> = p.dst.call("SR.scan", json!({"sr": p.dst_sr, "dbg": "t"})).as_array().expect("list").clone();
+    assert!(left.iter().all(|v| v["vdi"] != dest_vdi.as_str()), "the destination kept the copy: {left:?}");
+    guest_writes_through(&_uris[0]);
+}
+
+/// A guest write through `uri` completes (within 20 s: a paused datapath would hold it).
+fn guest_writes_through(uri: &str) {
+    let out = Command::new("timeout").args(["20", "qemu-io", "-f", "raw", "-c", "write -P 0x42 0 4k", uri]).output().expect("qemu-io");
+    assert!(out.status.success(), "the guest's write did not complete: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A switch-over whose finalize fails on the destination undoes every disk on both hosts, and
+/// the guest goes on writing on the source.
+#[test]
+fn a_failed_switch_over_is_undone_and_the_guest_resumes_on_the_source() {
+    require!("qemu-io");
+    let p = Pair::with_faults("", "recv.finalize=error");
+    let url = p.dest_url();
+    let (vdis, uris, _seeds) = vm(&p, 2, 4 * MIB);
+    let before = p.state();
+    let job = p.src.cli(&job_args(&p, &url, &vdis, &["--hold"]));
+    job_holding(&p, &job);
+    p.src.cli(&["migrate", "cutover", &job]);
+    let t = job_end(&p, &job);
+    assert_eq!(t["state"][0], "Failed", "{t}");
+    let why = serde_json::to_string(&t["state"][1]).expect("error");
+    assert!(why.contains("finalize") && why.contains("undone: the guest's disks are active"), "{why}");
+    settle(&p, &before, "both hosts as before the job");
+    for (vdi, uri) in vdis.iter().zip(&uris) {
+        let stat = p.src.call("DP.stat_vdi", json!({"sr": p.src_sr, "vdi": vdi, "dbg": "t"}));
+        assert_eq!(stat["superstate"], json!(["Activated", "RW"]), "{stat}");
+        guest_writes_through(uri);
+    }
 }
 
 #[test]

@@ -379,8 +379,31 @@ impl Mux {
         }
 
         // Switch-over: every guest datapath pauses and drains, then each destination
-        // finalizes; the destination VDIs are attached for the guest to resume there.
+        // finalizes; the destination VDIs are attached for the guest to resume there. Any
+        // failure on the way undoes every disk on both hosts and resumes the guest here.
         self.tasks().debug_info(id, "stage", "cutover");
+        if let Err(e) = self.switch_over(id, a, &disks, &dest_vdis).await {
+            let left = self.undo_cutover(id, a, &disks, &mirrors, &dest_vdis).await;
+            let e = match e {
+                StorageError::MigrationMirrorFailure(m) => m,
+                other => format!("switch-over: {other}"),
+            };
+            return Err(StorageError::MigrationMirrorFailure(if left.is_empty() {
+                format!("{e}; undone: the guest's disks are active on the source again")
+            } else {
+                format!("{e}; undone, but not all of it: {}", left.join("; "))
+            }));
+        }
+        self.tasks().progress(id, 0.95);
+
+        self.tasks().debug_info(id, "stage", "done");
+        self.tasks().progress(id, 1.0);
+        Ok(())
+    }
+
+    /// The switch-over proper (see `run`): deactivate every source disk (each mirror drains and
+    /// the destination finalizes it), verify if asked, attach the destination VDIs.
+    async fn switch_over(&self, id: &str, a: &args::SxmMigrateStart, disks: &[Disk], dest_vdis: &[String]) -> Result<(), StorageError> {
         let cut = disks.iter().map(|d| self.deactivate(d.dp.clone(), a.sr.clone(), d.vdi.clone()));
         let cut: Vec<Result<(), StorageError>> = futures_join_all(cut).await;
         if let Some(e) = cut.into_iter().find_map(Result::err) {
@@ -390,7 +413,7 @@ impl Mux {
         // Verified before the destination VDIs are attached (and could be written).
         if a.verify {
             self.tasks().debug_info(id, "stage", "verify");
-            for (i, (d, dest_vdi)) in disks.iter().zip(&dest_vdis).enumerate() {
+            for (i, (d, dest_vdi)) in disks.iter().zip(dest_vdis).enumerate() {
                 let entry = self.attached_entry(&a.sr)?;
                 let vdi = d.vdi.clone();
                 let mine = self.run(&entry, false, move |b, ctx| b.vdi_checksums(ctx, &vdi, 1 << 20)).await?;
@@ -407,7 +430,7 @@ impl Mux {
                 self.tasks().debug_info(id, &format!("disk{i} verified"), &format!("{} blocks", mine.len()));
             }
         }
-        for (i, (d, dest_vdi)) in disks.iter().zip(&dest_vdis).enumerate() {
+        for (i, (d, dest_vdi)) in disks.iter().zip(dest_vdis).enumerate() {
             // On the destination, the guest's disk is attached on a datapath of the same name.
             let attach = Call::VdiAttach3(args::VdiAttach3 { read_write: true, vdi: dest_vdi.clone(), vm: None, sr: a.dest.clone(), dp: d.dp.clone(), dbg: dbg(id) });
             let info: crate::model::AttachInfo = remote.call(attach).await?;
@@ -416,11 +439,42 @@ impl Mux {
                 self.tasks().debug_info(id, &format!("disk{i} dest_uri"), uri);
             }
         }
-        self.tasks().progress(id, 0.95);
-
-        self.tasks().debug_info(id, "stage", "done");
-        self.tasks().progress(id, 1.0);
         Ok(())
+    }
+
+    /// Undoes a failed switch-over, disk by disk, and answers what it could not undo. A mirror
+    /// not yet finalized is stopped (the destination drops what it received); a disk the
+    /// destination finalized already loses its copy there (the source stays the guest's
+    /// disk); then every source disk is activated again, so the guest resumes where it ran.
+    async fn undo_cutover(&self, id: &str, a: &args::SxmMigrateStart, disks: &[Disk], mirrors: &[String], dest_vdis: &[String]) -> Vec<String> {
+        let mut left = Vec::new();
+        let remote = Remote::new(&a.url).ok();
+        for ((d, m), dest_vdi) in disks.iter().zip(mirrors).zip(dest_vdis) {
+            if lock(&self.records.sends).get(m.as_str()).is_some() {
+                if let Err(e) = self.mirror_stop(m).await {
+                    left.push(format!("stopping mirror {m}: {e}"));
+                }
+                continue;
+            }
+            let Some(remote) = &remote else {
+                left.push(format!("VDI {dest_vdi} on the destination"));
+                continue;
+            };
+            // The job may have attached it for the guest already.
+            let detach = Call::DpDestroy2(args::DpDestroy2 { allow_leak: false, vm: None, vdi: dest_vdi.clone(), sr: a.dest.clone(), dp: d.dp.clone(), dbg: dbg(id) });
+            let _ = remote.call::<()>(detach).await;
+            let destroy = Call::VdiDestroy(args::VdiDestroy { vdi: dest_vdi.clone(), sr: a.dest.clone(), dbg: dbg(id) });
+            if let Err(e) = remote.call::<()>(destroy).await {
+                left.push(format!("destroying VDI {dest_vdi} on the destination: {e}"));
+            }
+        }
+        for d in disks {
+            if let Err(e) = self.activate(d.dp.clone(), a.sr.clone(), d.vdi.clone()).await {
+                left.push(format!("activating VDI {} on datapath {} again: {e}", d.vdi, d.dp));
+            }
+        }
+        tracing::warn!(job = %id, left = left.len(), "switch-over failed; undone");
+        left
     }
 
     /// Undoes every disk of a job: mirrors in sync are stopped; those still starting are
