@@ -60,6 +60,26 @@ pub fn host_secret(root: &Path) -> Result<String> {
     Ok(secret)
 }
 
+/// Takes `ROOT/lock` for this process's life: one host per root. A second `sxm serve` on the
+/// same root would take up the first one's datapaths, overwrite its records, and at its next
+/// start reap a guest's datapath as nobody's. A predecessor still exiting (an overlapping
+/// restart) is waited for a moment; the lock goes with the process however it ends, and the
+/// datapaths, which outlive the host, never hold it (the descriptor is close-on-exec).
+fn lock_root(root: &Path) -> Result<std::fs::File> {
+    let path = root.join("lock");
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("open {}", path.display()))?;
+    let locked = tapmirror::image::lock_exclusive(&file).with_context(|| format!("lock {}", path.display()))?;
+    anyhow::ensure!(locked, "another sxm serve runs on {} (it holds {})", root.display(), path.display());
+    Ok(file)
+}
+
 /// Where the `tapmirror` binary is: given, beside this executable, or on $PATH.
 pub fn find_tapmirror(given: Option<PathBuf>) -> Result<PathBuf> {
     if let Some(p) = given {
@@ -81,6 +101,7 @@ pub fn find_tapmirror(given: Option<PathBuf>) -> Result<PathBuf> {
 pub async fn run(args: ServeArgs) -> Result<()> {
     std::fs::create_dir_all(&args.root).with_context(|| format!("create {}", args.root.display()))?;
     let root = args.root.canonicalize().with_context(|| format!("resolve {}", args.root.display()))?;
+    let _one_host = lock_root(&root)?;
     let tapmirror = find_tapmirror(args.tapmirror)?;
     let secret = host_secret(&root)?;
 

@@ -259,6 +259,40 @@ fn a_restarted_host_takes_up_its_datapaths_and_the_guest_never_notices() {
     host.cli(&["vdi", "detach", "--sr", &sr, "--vdi", &vdi]);
 }
 
+/// One host per root: a second `sxm serve` on a root in use is refused (it would take up the
+/// first one's datapaths and overwrite its records), and the first goes on serving.
+#[test]
+fn a_second_host_on_the_same_root_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (host, sr) = host_with_sr(&dir);
+    let mut second = Command::new(sxm())
+        .args(["serve", "--root"])
+        .arg(&host.root)
+        .args(["--listen", "127.0.0.1:0", "--socket"])
+        .arg(dir.path().join("second.sock"))
+        .arg("--tapmirror")
+        .arg(tapmirror())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run a second sxm serve");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while second.try_wait().expect("wait").is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = second.kill();
+            panic!("a second host started on the same root");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let out = second.wait_with_output().expect("second host's output");
+    assert!(!out.status.success(), "a second host started on the same root");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("another sxm serve runs on"), "{err}");
+    assert!(!dir.path().join("second.sock").exists());
+    assert_eq!(host.call("SR.list", json!({"dbg": "t"})), json!([sr]));
+}
+
 #[test]
 fn bad_calls_get_the_right_error_and_change_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
