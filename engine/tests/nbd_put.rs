@@ -415,6 +415,9 @@ async fn slow_loris_connections_are_dropped_after_the_head_timeout_without_block
     stalled_head.write_all(format!("PUT {} HTTP/1.1\r\nHost: x\r\n", authed("/services/SM/nbd/sr/vdi/dp")).as_bytes()).await.expect("write");
     let mut stalled_line = server.raw(Transport::Tcp).await;
     stalled_line.write_all(b"PUT /servi").await.expect("write");
+    // An RPC call's head, half sent: hyper's, not the NBD sniffer's, to time out.
+    let mut stalled_rpc = server.raw(Transport::Tcp).await;
+    stalled_rpc.write_all(b"POST /jsonrpc HTTP/1.1\r\nHost: x\r\nContent-Type: app").await.expect("write");
     let silent = server.raw(Transport::Unix).await;
     let trickle = server.raw(Transport::Unix).await;
     let (mut trickle_read, mut trickle_write) = tokio::io::split(trickle);
@@ -446,6 +449,12 @@ async fn slow_loris_connections_are_dropped_after_the_head_timeout_without_block
     }
     assert_eq!(closed(stalled_head).await, b"", "dropped without an answer");
     assert_eq!(closed(stalled_line).await, b"");
+    closed(stalled_rpc).await;
+    // A caller without the secret is answered and then closed, keep-alive or not.
+    let mut refused = server.raw(Transport::Tcp).await;
+    refused.write_all(b"POST /jsonrpc HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}").await.expect("write");
+    let answer = closed(refused).await;
+    assert!(answer.starts_with(b"HTTP/1.1 401"), "{}", String::from_utf8_lossy(&answer));
     assert_eq!(closed(silent).await, b"");
     assert_eq!(closed(&mut trickle_read).await, b"");
     assert!(start.elapsed() >= timeout, "not before the timeout: {:?}", start.elapsed());

@@ -256,12 +256,12 @@ impl Bound {
         let nbd_ctx = |transport, secret| handover.clone().map(|handover| NbdContext { handover, transport, secret, head_timeout });
         let tcp = self.tcp.map(|(listener, _)| {
             let app = app.clone().layer(middleware::from_fn_with_state(self.secret.clone(), require_secret)).layer(axum::Extension(Transport::Tcp));
-            serve_listener(listener, app, nbd_ctx(Transport::Tcp, Some(self.secret.clone())), shutdown.clone())
+            serve_listener(listener, app, head_timeout, nbd_ctx(Transport::Tcp, Some(self.secret.clone())), shutdown.clone())
         });
         let (unix, unix_file) = match self.unix {
             Some(u) => {
                 let app = app.layer(axum::Extension(Transport::Unix));
-                (Some(serve_listener(u.listener, app, nbd_ctx(Transport::Unix, None), shutdown.clone())), Some((u.path, u.id)))
+                (Some(serve_listener(u.listener, app, head_timeout, nbd_ctx(Transport::Unix, None), shutdown.clone())), Some((u.path, u.id)))
             }
             None => (None, None),
         };
@@ -312,7 +312,7 @@ impl Accept for UnixListener {
 
 /// Accepts and serves connections until `shutdown`, then waits for the connections to finish
 /// (see [`serve_http`] and [`nbd::serve`] for what each waits for).
-async fn serve_listener<L: Accept>(mut listener: L, app: Router, nbd: Option<NbdContext>, shutdown: CancellationToken) {
+async fn serve_listener<L: Accept>(mut listener: L, app: Router, head_timeout: Duration, nbd: Option<NbdContext>, shutdown: CancellationToken) {
     let connections = TaskTracker::new();
     loop {
         let accepted = tokio::select! {
@@ -321,7 +321,7 @@ async fn serve_listener<L: Accept>(mut listener: L, app: Router, nbd: Option<Nbd
         };
         match accepted {
             Ok(io) => {
-                connections.spawn(serve_connection(io, app.clone(), nbd.clone(), shutdown.clone()));
+                connections.spawn(serve_connection(io, app.clone(), head_timeout, nbd.clone(), shutdown.clone()));
             }
             // The caller gave up before we accepted: nothing to serve, nothing wrong here.
             Err(e) if matches!(e.kind(), io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionRefused) => {}
@@ -343,12 +343,12 @@ async fn serve_listener<L: Accept>(mut listener: L, app: Router, nbd: Option<Nbd
 
 /// Serves one connection: straight to hyper, or with a handover first looks whether it starts
 /// with an NBD `PUT`.
-async fn serve_connection<S>(mut io: S, app: Router, nbd: Option<NbdContext>, shutdown: CancellationToken)
+async fn serve_connection<S>(mut io: S, app: Router, head_timeout: Duration, nbd: Option<NbdContext>, shutdown: CancellationToken)
 where
     S: AsyncRead + AsyncWrite + IntoBlockingFd + Unpin + Send + 'static,
 {
     let Some(nbd) = nbd else {
-        return serve_http(io, app, &shutdown).await;
+        return serve_http(io, app, head_timeout, &shutdown).await;
     };
     let deadline = tokio::time::Instant::now() + nbd.head_timeout;
     let mut seen = Vec::new();
@@ -358,7 +358,7 @@ where
         sniffed = tokio::time::timeout_at(deadline, nbd::sniff(&mut io, &mut seen)) => sniffed,
     };
     match sniffed {
-        Ok(Ok(Sniffed::Other)) => serve_http(Prefixed::new(seen, io), app, &shutdown).await,
+        Ok(Ok(Sniffed::Other)) => serve_http(Prefixed::new(seen, io), app, head_timeout, &shutdown).await,
         Ok(Ok(Sniffed::Nbd)) => nbd::serve(io, seen, &nbd, deadline, &shutdown).await,
         Ok(Err(e)) => tracing::debug!(transport = %nbd.transport, error = %e, "a connection failed before its request line"),
         Err(_) => tracing::info!(transport = %nbd.transport, timeout = ?nbd.head_timeout, "closed a connection that sent no request line in time"),
@@ -367,12 +367,19 @@ where
 
 /// Serves HTTP/1 on `io` with `app` until the caller closes, or `shutdown` and the request in
 /// flight (if any) is answered.
-async fn serve_http<S>(io: S, app: Router, shutdown: &CancellationToken)
+async fn serve_http<S>(io: S, app: Router, head_timeout: Duration, shutdown: &CancellationToken)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    // Upgrades stay enabled, as `axum::serve` has them, for routes merged into the router.
-    let conn = http1::Builder::new().serve_connection(TokioIo::new(io), TowerToHyperService::new(app)).with_upgrades();
+    // Upgrades stay enabled, as `axum::serve` has them, for routes merged into the router. A
+    // request head must arrive within `head_timeout`: without a timer hyper waits for ever, and
+    // callers that send half a head and stall (before any secret is checked) would hold
+    // descriptors until the host has none left.
+    let conn = http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(head_timeout)
+        .serve_connection(TokioIo::new(io), TowerToHyperService::new(app))
+        .with_upgrades();
     let mut conn = std::pin::pin!(conn);
     let mut draining = false;
     loop {
@@ -667,6 +674,8 @@ async fn require_secret(State(secret): State<Arc<str>>, req: Request, next: Next
         plain(StatusCode::UNAUTHORIZED, err.to_string())
     };
     resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"sxm\""));
+    // A caller without the secret gets no idle connection to keep.
+    resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
     resp
 }
 
