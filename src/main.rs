@@ -60,6 +60,13 @@ fn run(cli: Cli) -> Result<()> {
         // Colours for a person at a terminal; none in a log file, where they are noise.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    if !matches!(cli.command, Command::Serve(_) | Command::Demo(_)) {
+        // An admin command whose output is piped into `head` or `true` ends quietly when the
+        // reader goes, as `ls` does, rather than panicking in `println!` on EPIPE. (The daemon
+        // keeps Rust's ignored SIGPIPE: a caller that hangs up must not kill the host.)
+        // SAFETY: called before any thread starts; the default action needs no handler.
+        unsafe { nix::sys::signal::signal(nix::sys::signal::Signal::SIGPIPE, nix::sys::signal::SigHandler::SigDfl) }?;
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
         match cli.command {

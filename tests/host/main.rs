@@ -293,6 +293,21 @@ fn a_second_host_on_the_same_root_is_refused() {
     assert_eq!(host.call("SR.list", json!({"dbg": "t"})), json!([sr]));
 }
 
+/// An admin command piped into a reader that has gone (`sxm --json sr list | true`) ends
+/// quietly, as `ls` does: no panic on the broken pipe.
+#[test]
+fn a_cli_whose_reader_has_gone_ends_quietly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (host, _sr) = host_with_sr(&dir);
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    let out = Command::new(sxm()).arg("--host").arg(&host.socket).args(["--json", "sr", "list"]).stdout(writer).output().expect("run sxm");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked") && !err.contains("Broken pipe"), "{err}");
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(out.status.signal(), Some(13), "ends by SIGPIPE, as a pipeline expects: {:?}", out.status);
+}
+
 #[test]
 fn bad_calls_get_the_right_error_and_change_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
