@@ -132,6 +132,7 @@ async fn attach<I: Image>(server: &Arc<NbdServer<I>>, mirror: Arc<Mirror>, reque
     if let Err(e) = server.mirror().attach(Arc::clone(&mirror)) {
         return err(e);
     }
+    server.mirror().watch_target(&mirror);
     if mode == MirrorMode::Full {
         // Paced from its first byte when asked to be (a job's share of its bandwidth limit).
         if let Some(rate) = request.get("rate").and_then(Value::as_u64) {

@@ -490,6 +490,27 @@ impl MirrorSlot {
         self.current.read().ok().and_then(|c| c.clone()).is_some_and(|c| Arc::ptr_eq(&c, m))
     }
 
+    /// Fails `m` as soon as its target's connection breaks, with or without a write in flight:
+    /// a target that dies while the guest is idle would otherwise be reported in step until
+    /// the guest's next write (and a switch-over could go ahead into it). Ends once `m` is no
+    /// longer the attached mirror.
+    pub fn watch_target(self: &Arc<Self>, m: &Arc<Mirror>) {
+        let (slot, m) = (Arc::clone(self), Arc::clone(m));
+        tokio::spawn(async move {
+            let closed = m.client.closed();
+            tokio::pin!(closed);
+            let mut every = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    why = &mut closed => return slot.fail(&m, format!("target connection: {why}")),
+                    _ = every.tick() => if !slot.is_current(&m) {
+                        return;
+                    },
+                }
+            }
+        });
+    }
+
     /// Why the last mirror failed, if it did.
     pub fn failure(&self) -> Option<String> {
         self.last_failure.lock().ok()?.clone()

@@ -423,15 +423,22 @@ struct Shared {
     pending: Mutex<HashMap<u64, Pending>>,
     /// Set once the connection is broken; later requests fail with it.
     dead: Mutex<Option<String>>,
+    /// The same, for whoever waits on [`NbdClient::closed`].
+    broken: tokio::sync::watch::Sender<Option<String>>,
 }
 
 impl Shared {
+    fn new() -> Shared {
+        Shared { pending: Mutex::new(HashMap::new()), dead: Mutex::new(None), broken: tokio::sync::watch::Sender::new(None) }
+    }
+
     fn fail_all(&self, why: &str) {
         if let Ok(mut d) = self.dead.lock()
             && d.is_none()
         {
             *d = Some(why.to_owned());
         }
+        self.broken.send_if_modified(|b| b.is_none() && b.replace(why.to_owned()).is_none());
         let drained: Vec<Pending> = match self.pending.lock() {
             Ok(mut p) => p.drain().map(|(_, v)| v).collect(),
             Err(_) => Vec::new(),
@@ -534,7 +541,7 @@ impl NbdClient {
         let mut r = BufReader::with_capacity(256 * 1024, r);
         let info = negotiate(&mut r, &mut w, &opts).await?;
         let writer = Arc::new(Writer { sink: sink(w), state: Mutex::new(WriterState::default()), wake: tokio::sync::Notify::new() });
-        let shared = Arc::new(Shared { pending: Mutex::new(HashMap::new()), dead: Mutex::new(None) });
+        let shared = Arc::new(Shared::new());
         let reader_shared = Arc::clone(&shared);
         let writer_shared = Arc::clone(&shared);
         let writer_task = Arc::clone(&writer);
@@ -561,6 +568,17 @@ impl NbdClient {
                 reader,
             }),
         })
+    }
+
+    /// Resolves once the connection is broken (the server closed it or went away, a read or
+    /// write failed, or we disconnected), with why: a user with no request in flight learns
+    /// of it too.
+    pub async fn closed(&self) -> String {
+        let mut rx = self.inner.shared.broken.subscribe();
+        match rx.wait_for(Option::is_some).await {
+            Ok(why) => why.clone().unwrap_or_default(),
+            Err(_) => "connection dropped".to_owned(),
+        }
     }
 
     /// What negotiation learnt.

@@ -371,6 +371,34 @@ fn pause_and_unpause_keep_the_served_format_and_survive_a_failed_stand_in() {
     assert!(b.iter().all(|&x| x == 0x6e), "the write after the unpause did not reach the image");
 }
 
+/// A target that goes away while the guest is idle fails the mirror at once, not at the
+/// guest's next write: nothing reports a dead target as in step.
+#[test]
+fn a_target_that_dies_while_the_guest_is_idle_fails_the_mirror_at_once() {
+    for mode in ["sync", "full"] {
+        let (_source, ctl_path) = serve_controlled(16 * MIB);
+        let target = crate::harness::serve(16 * MIB, &[]);
+        ctl(&ctl_path, &["mirror-attach", "--target", &target.uri(), "--mode", mode]);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while ctl(&ctl_path, &["stats"])["mirror"]["state"] != "ready" {
+            assert!(std::time::Instant::now() < deadline, "{mode}: never ready");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let requests = ctl(&ctl_path, &["stats"])["requests"].clone();
+        drop(target);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let stats = ctl(&ctl_path, &["stats"]);
+            if stats["mirror"]["state"] == "failed" {
+                assert_eq!(stats["requests"], requests, "{mode}: a guest request came in meanwhile");
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "{mode}: a dead target still reported: {stats}");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+}
+
 /// Polls `stats` until the mirror is ready (or failed); the deadline only guards against a hang.
 fn wait_ready(ctl_path: &Path) -> Value {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
