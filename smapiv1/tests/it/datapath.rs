@@ -100,6 +100,31 @@ fn attach_activate_write_read_deactivate_detach() {
     sr.backend.vdi_destroy(&sr.ctx, &v.vdi).expect("destroy once detached");
 }
 
+/// A datapath whose process died (killed, crashed) still deactivates and detaches: there is
+/// nothing left to drain, and the VHD holds what a crash leaves, which is sound.
+#[test]
+fn a_datapath_whose_process_died_still_deactivates_and_detaches() {
+    require!("qemu-io");
+    let sr = TestSr::new();
+    let v = sr.create("disk", 16 * MIB);
+    let info = sr.backend.vdi_attach(&sr.ctx, &v.vdi, true).expect("attach");
+    sr.backend.vdi_activate(&sr.ctx, &v.vdi).expect("activate");
+    qemu_io(&nbd_uri(&info), "write -P 0x3d 2M 64k").expect("qemu-io write");
+    let dir = dp_dir(&info);
+    let pid = pid_in(&dir);
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).expect("kill");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while alive(pid) {
+        assert!(Instant::now() < deadline, "the datapath did not die");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    sr.backend.vdi_deactivate(&sr.ctx, &v.vdi).expect("deactivate a dead datapath");
+    sr.backend.vdi_detach(&sr.ctx, &v.vdi).expect("detach a dead datapath");
+    assert!(!dir.exists(), "detach removes the folder");
+    vhd_check(&sr.vhd(&v.vdi)).expect("sound VHD");
+    assert!(sr.read_all(&v.vdi)[2 << 20..(2 << 20) + 65536].iter().all(|&b| b == 0x3d), "the flushed write is in the file");
+}
+
 #[test]
 fn read_only_vdis_attach_read_only() {
     require!("qemu-io");
