@@ -129,6 +129,29 @@ fn sync_mirror_onto_qemu_nbd_ends_byte_identical() {
     run(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw"]).arg(&source.image).arg(&target_file));
 }
 
+/// A full mirror onto a target that serves one connection at a time (qemu-nbd's default
+/// `--shared=1`): the second connection, for the background pass, is never greeted, so the
+/// pass shares the first, and the mirror ends byte-identical.
+#[test]
+fn full_mirror_onto_a_one_connection_target_shares_the_connection() {
+    crate::require!("qemu-nbd", "qemu-img", "qemu-io");
+    let (source, ctl_path) = serve_controlled(16 * MIB);
+    run(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x2e 1M 3M", &source.uri()]));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let target_file = dir.path().join("target.raw");
+    std::fs::File::create(&target_file).and_then(|f| f.set_len(16 * MIB)).expect("target");
+    let socket = dir.path().join("q.sock");
+    let _q = spawn_server(Command::new("qemu-nbd").args(["-f", "raw", "-t", "-k"]).arg(&socket).arg(&target_file), &socket);
+    let started = std::time::Instant::now();
+    ctl(&ctl_path, &["mirror-attach", "--mode", "full", "--target", &format!("nbd+unix:///?socket={}", socket.display())]);
+    assert!(started.elapsed() < std::time::Duration::from_secs(20), "attach waited {:?}", started.elapsed());
+    wait_ready(&ctl_path);
+    run(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x2f 8M 64k", &source.uri()]));
+    ctl(&ctl_path, &["drain"]);
+    ctl(&ctl_path, &["mirror-detach"]);
+    run(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw"]).arg(&source.image).arg(&target_file));
+}
+
 /// nbdkit in front of the target: every write fails. The guest never sees it; the mirror is
 /// failed and detached, and the server stays healthy.
 #[test]
