@@ -192,30 +192,7 @@ impl<J: Image> Dest<J> {
         match self {
             Dest::Nbd { .. } => {
                 let c = self.client().context("no destination connection")?;
-                if c.info().has(tflags::SEND_WRITE_ZEROES) {
-                    let mut at = 0;
-                    while at < len {
-                        let n = (len - at).min(1 << 30) as u32;
-                        c.write_zeroes(offset + at, n, false, false)
-                            .await
-                            .with_context(|| format!("zeroing destination at {}", offset + at))?;
-                        at += u64::from(n);
-                    }
-                    return Ok(());
-                }
-                // A server without WRITE_ZEROES (tapdisk's) gets zero buffers; never TRIM, whose
-                // content afterwards is unspecified.
-                let chunk = u64::from(c.info().block_size.maximum).min(1 << 20);
-                let zeroes = Arc::new(IoBuf::new(len.min(chunk) as usize));
-                let mut at = 0;
-                while at < len {
-                    let n = (len - at).min(zeroes.len() as u64) as usize;
-                    c.write(offset + at, Payload::Slice(Arc::clone(&zeroes), 0..n), false)
-                        .await
-                        .with_context(|| format!("zeroing destination at {}", offset + at))?;
-                    at += n as u64;
-                }
-                Ok(())
+                c.zero(offset, len).await.with_context(|| format!("zeroing destination at {offset}"))
             }
             Dest::Image(i) => i
                 .write_zeroes(offset, len, ZeroAlloc::MayDeallocate, ZeroSpeed::Any, Durability::Cached)

@@ -561,7 +561,7 @@ impl MirrorSlot {
     /// Mirrors a guest zeroing (or a trim, which the server turns into zeroing under a mirror
     /// so both sides keep reading alike).
     pub async fn write_zeroes(&self, m: &Mirror, offset: u64, len: u32) {
-        if self.run(m, "write zeroes", m.client.write_zeroes(offset, len, false, false)).await {
+        if self.run(m, "write zeroes", m.client.zero(offset, u64::from(len))).await {
             m.writes.fetch_add(1, Ordering::Relaxed);
             m.bytes.fetch_add(u64::from(len), Ordering::Relaxed);
             m.mark_clean(offset, u64::from(len));
@@ -865,7 +865,7 @@ async fn copy_range<I: Image>(slot: &MirrorSlot, m: &Mirror, image: &I, offset: 
             }
             sent
         } else {
-            slot.run(m, "background zeroing", m.copy_client().write_zeroes(e.offset, e.length as u32, false, false)).await
+            slot.run(m, "background zeroing", m.copy_client().zero(e.offset, e.length)).await
         };
         if !ok {
             return None;

@@ -673,6 +673,26 @@ impl NbdClient {
         self.request(cmd::WRITE_ZEROES, flags, offset, len, None, Expect::Simple).await.map(|_| ())
     }
 
+    /// Makes `[offset, offset + len)` read as zeroes, however long: `WRITE_ZEROES` (up to 1 GiB
+    /// a request) where the server takes it, else zero buffers within its maximum block size
+    /// (tapdisk's server has no `WRITE_ZEROES`); never `TRIM`, whose content afterwards is
+    /// unspecified.
+    pub async fn zero(&self, offset: u64, len: u64) -> Result<(), ClientError> {
+        let has_zeroes = self.inner.info.has(tflags::SEND_WRITE_ZEROES);
+        let chunk = if has_zeroes { 1 << 30 } else { u64::from(self.inner.info.block_size.maximum).min(1 << 20) };
+        let zeroes = (!has_zeroes).then(|| Arc::new(IoBuf::new(len.min(chunk) as usize)));
+        let mut at = 0;
+        while at < len {
+            let n = (len - at).min(chunk);
+            match &zeroes {
+                None => self.write_zeroes(offset + at, n as u32, false, false).await?,
+                Some(z) => self.write(offset + at, Payload::Slice(Arc::clone(z), 0..n as usize), false).await?,
+            }
+            at += n;
+        }
+        Ok(())
+    }
+
     /// Tells the server a range is unused.
     pub async fn trim(&self, offset: u64, len: u32) -> Result<(), ClientError> {
         if !self.inner.info.has(tflags::SEND_TRIM) {

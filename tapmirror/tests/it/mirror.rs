@@ -152,6 +152,35 @@ fn full_mirror_onto_a_one_connection_target_shares_the_connection() {
     run(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw"]).arg(&source.image).arg(&target_file));
 }
 
+/// A target without `WRITE_ZEROES` (tapdisk's server; here nbdkit's nozero filter) gets zero
+/// buffers for guest zeroes and trims, and for a full mirror's holes, not a failed mirror.
+#[test]
+fn a_target_without_write_zeroes_gets_zero_buffers() {
+    crate::require!("nbdkit", "qemu-io", "qemu-img");
+    for mode in ["sync", "full"] {
+        let (source, ctl_path) = serve_controlled(16 * MIB);
+        run(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x71 0 4M", &source.uri()]));
+        let dir = tempfile::tempdir().expect("tempdir");
+        let target_file = dir.path().join("target.raw");
+        // The target starts as the source does in sync mode (a copy brings the base across),
+        // and full of garbage in full mode, so its zeroes must really be written.
+        let start = if mode == "sync" { source.contents() } else { vec![0xeeu8; 16 << 20] };
+        std::fs::write(&target_file, start).expect("target");
+        let socket = dir.path().join("k.sock");
+        let _k = spawn_server(Command::new("nbdkit").args(["-f", "-U"]).arg(&socket).args(["--filter=nozero", "file"]).arg(&target_file), &socket);
+        ctl(&ctl_path, &["mirror-attach", "--mode", mode, "--target", &format!("nbd+unix:///?socket={}", socket.display())]);
+        if mode == "full" {
+            wait_ready(&ctl_path);
+        }
+        run(Command::new("qemu-io").args(["-f", "raw", "-c", "write -z 1M 512k", "-c", "discard 3M 64k", "-c", "write -P 0x72 5M 4k", &source.uri()]));
+        ctl(&ctl_path, &["drain"]);
+        let stats = ctl(&ctl_path, &["stats"]);
+        assert_eq!(stats["mirror"]["state"], "ready", "{mode}: {stats}");
+        ctl(&ctl_path, &["mirror-detach"]);
+        run(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw"]).arg(&source.image).arg(&target_file));
+    }
+}
+
 /// nbdkit in front of the target: every write fails. The guest never sees it; the mirror is
 /// failed and detached, and the server stays healthy.
 #[test]
