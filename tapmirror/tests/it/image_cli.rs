@@ -112,6 +112,24 @@ fn check_fails_on_a_damaged_image_with_a_message() {
     }
 }
 
+/// A VHD whose end footer is damaged but whose copy at offset 0 is sound passes `check` with a
+/// warning that says so, and reads from the copy (as libvhd and QEMU do).
+#[test]
+fn check_warns_of_a_damaged_end_footer_it_reads_past() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("d.vhd");
+    create("vhd", &path, "16M");
+    let mut bytes = std::fs::read(&path).expect("read");
+    let end = bytes.len() - 512;
+    bytes[end + 40] ^= 0xff; // the checksum no longer matches
+    std::fs::write(&path, &bytes).expect("write");
+    let out = Command::new(tapmirror()).args(["image", "check"]).arg(&path).output().expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("warning") && err.contains("using the copy at offset 0"), "{err}");
+    assert_eq!(image(&["info"], &path)["virtual_size"], 16 << 20);
+}
+
 /// A FIFO named as the image is refused at once by `serve` and `copy`, with the format probed or
 /// given, rather than blocking their open for ever.
 #[test]

@@ -122,7 +122,11 @@ impl Meta {
                 );
                 (copy, false)
             }
-            (Err(e), Ok(_)) => return Err(corrupt(format!("footer at offset {}: {e}", file_len - FOOTER_LEN as u64))),
+            // A damaged end footer beside a sound copy: the copy, as libvhd's backup footer.
+            (Err(e), Ok(copy)) => {
+                warnings.push(format!("the footer at the end of the file is unreadable ({e}); using the copy at offset 0"));
+                (copy, false)
+            }
         };
         let disk_type = match footer.disk_type() {
             Some(DiskType::Fixed) => return Err(VhdError::unsupported(path, "fixed disks are not supported")),
