@@ -531,6 +531,24 @@ fn a_failed_finalize_leaves_the_mirror_failed_and_stop_undoes_it() {
     assert_eq!(p.src.call("DATA.MIRROR.list", json!({"dbg": "t"})), json!({}));
 }
 
+/// A `receive_start2` whose `image-format` names no format is refused before the destination
+/// prepares anything (it once picked the full-mirror procedure for any unknown value).
+#[test]
+fn a_receive_with_an_unknown_image_format_is_refused_and_makes_nothing() {
+    let p = Pair::new();
+    let before = p.state();
+    for format in ["../x", "vmdk", ""] {
+        let reply = p.dst.jsonrpc(
+            "DATA.MIRROR.receive_start2",
+            json!({"sr": p.dst_sr, "id": "m1", "similar": [], "vm": "vm", "dbg": "t",
+                   "vdi_info": {"vdi": "v", "name_label": "n", "virtual_size": 4194304, "sm_config": {"image-format": format}}}),
+        );
+        let err = reply["error"].to_string();
+        assert!(err.contains("not an image format"), "{format:?}: {reply}");
+    }
+    assert_eq!(p.state(), before, "a refused receive made something");
+}
+
 /// A TCP forwarder standing in for the network between the hosts: killing it cuts every
 /// connection through it, and starting it again on the same port mends the network.
 struct Link {

@@ -69,7 +69,13 @@ impl Mux {
     async fn prepare(&self, sr: &str, info: &VdiInfo, id: &str, similar: &[String], vm: &str) -> Result<MirrorReceiveResult, StorageError> {
         // The source's image format picks the procedure: a VHD source snapshots, copies and
         // composes (SMAPIv1); any other runs one full mirror into one volume (SMAPIv3).
-        let v1_source = info.sm_config.get(super::IMAGE_FORMAT).is_none_or(|f| f == "vhd");
+        let v1_source = match info.sm_config.get(super::IMAGE_FORMAT).map(String::as_str) {
+            None | Some("vhd") => true,
+            Some("qcow2" | "raw") => false,
+            Some(other) => {
+                return Err(crate::backend::errors::failure("invalid", format!("{} {other:?} is not an image format (vhd, qcow2 or raw)", super::IMAGE_FORMAT)));
+            }
+        };
         if !v1_source {
             return self.prepare_full_mirror(sr, info, id, vm).await;
         }
