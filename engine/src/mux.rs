@@ -351,7 +351,8 @@ impl Mux {
         QueryResult {
             required_cluster_stack: Vec::new(),
             configuration: Map::from_iter([("root".to_owned(), self.root.display().to_string())]),
-            features: ["SR_PROBE", "VDI_CREATE", "VDI_DELETE", "VDI_ATTACH", "VDI_DETACH", "VDI_ACTIVATE", "VDI_DEACTIVATE", "VDI_SNAPSHOT", "VDI_CLONE", "VDI_RESIZE", "VDI_MIRROR"]
+            // What the storage interface answers; `SR.probe` answers Unimplemented, so no SR_PROBE.
+            features: ["VDI_CREATE", "VDI_DELETE", "VDI_ATTACH", "VDI_DETACH", "VDI_ACTIVATE", "VDI_DEACTIVATE", "VDI_SNAPSHOT", "VDI_CLONE", "VDI_RESIZE", "VDI_MIRROR"]
                 .iter()
                 .map(|s| (*s).to_owned())
                 .chain(types.iter().map(|t| format!("SR_TYPE/{t}")))

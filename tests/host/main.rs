@@ -308,6 +308,19 @@ fn a_cli_whose_reader_has_gone_ends_quietly() {
     assert_eq!(out.status.signal(), Some(13), "ends by SIGPIPE, as a pipeline expects: {:?}", out.status);
 }
 
+/// `Query.query` advertises only what the host answers: `SR.probe` is unimplemented, so
+/// no `SR_PROBE`; `VDI.snapshot` works, so `VDI_SNAPSHOT`.
+#[test]
+fn query_advertises_only_what_is_answered() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (host, _sr) = host_with_sr(&dir);
+    let features = host.call("Query.query", json!({"dbg": "t"}))["features"].clone();
+    let has = |f: &str| features.as_array().is_some_and(|a| a.iter().any(|x| x == f));
+    let probe = host.jsonrpc("SR.probe", json!({"dbg": "t", "queue": "q", "device_config": {}, "sm_config": {}}));
+    assert_eq!(has("SR_PROBE"), probe.get("error").is_none(), "SR_PROBE advertised: {}, SR.probe answered: {probe}", has("SR_PROBE"));
+    assert!(has("VDI_SNAPSHOT") && has("SR_TYPE/ext") && has("SR_TYPE/qcow2"), "{features}");
+}
+
 #[test]
 fn bad_calls_get_the_right_error_and_change_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
