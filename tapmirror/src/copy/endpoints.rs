@@ -154,6 +154,16 @@ impl<J: Image> Dest<J> {
         }
     }
 
+    /// The unit every write and zeroing must be aligned to (a power of two): the export's
+    /// minimum block size, or the image's.
+    pub fn min_write(&self) -> u64 {
+        let unit = match self {
+            Dest::Nbd { clients, .. } => clients.first().map_or(1, |c| c.info().block_size.minimum),
+            Dest::Image(i) => i.features().min_block,
+        };
+        u64::from(unit.max(1))
+    }
+
     /// Whether zeroing is possible without writing zero buffers over the wire.
     pub fn can_zero(&self) -> bool {
         match self {

@@ -29,7 +29,7 @@ pub use endpoints::{Dest, Source};
 pub use into_connection::{Chain, into_connection};
 pub use progress::{Progress, ProgressMode};
 
-use crate::image::{ExtentState, Image};
+use crate::image::{Extent, ExtentState, Image};
 
 /// How a copy runs.
 #[derive(Clone)]
@@ -204,6 +204,57 @@ impl Limiter {
     }
 }
 
+/// `extents` (contiguous, from an aligned offset) on `unit` boundaries: a unit that holds any
+/// data becomes data (read whole, its zero runs found by `copy_chunk`), a run of units that
+/// hold none keeps its state. The last unit the run only partly covers is left for the next
+/// call, unless the image ends there.
+fn aligned(extents: Vec<Extent>, unit: u64, size: u64) -> Vec<Extent> {
+    let mut out: Vec<Extent> = Vec::with_capacity(extents.len());
+    let Some(first) = extents.first().map(|e| e.offset) else { return extents };
+    let end = extents.last().map_or(0, |e| e.offset + e.length);
+    let end = if end >= size { size } else { end / unit * unit };
+    for e in extents {
+        let (mut start, mut stop) = (e.offset, (e.offset + e.length).min(end));
+        if e.state == ExtentState::Data {
+            start = start / unit * unit;
+            stop = stop.next_multiple_of(unit).min(end);
+        } else {
+            start = start.next_multiple_of(unit);
+            stop = if stop == size { stop } else { stop / unit * unit };
+        }
+        // What the previous extent (grown to whole units) covers already.
+        if let Some(last) = out.last() {
+            start = start.max(last.offset + last.length);
+        }
+        if start >= stop {
+            continue;
+        }
+        // A gap left by two shrunk non-data runs: a unit of mixed zeroes, copied as data.
+        if let Some(last) = out.last()
+            && last.offset + last.length < start
+        {
+            let gap = last.offset + last.length;
+            out.push(Extent { offset: gap, length: start - gap, state: ExtentState::Data });
+        }
+        match out.last_mut() {
+            Some(last) if last.state == e.state && last.offset + last.length == start => last.length += stop - start,
+            _ => out.push(Extent { offset: start, length: stop - start, state: e.state }),
+        }
+    }
+    // A unit left between the last run and the end (two shrunk non-data runs meet there).
+    if let Some(last) = out.last()
+        && last.offset + last.length < end
+    {
+        let gap = last.offset + last.length;
+        out.push(Extent { offset: gap, length: end - gap, state: ExtentState::Data });
+    }
+    // Runs shorter than one unit in all: that unit, as data, so that the walk moves on.
+    if out.is_empty() {
+        out.push(Extent { offset: first, length: unit.min(size - first), state: ExtentState::Data });
+    }
+    out
+}
+
 /// Whether `b` is all zeroes (word-wise: this runs over every byte read).
 pub fn is_zero(b: &[u8]) -> bool {
     // SAFETY: any bytes are valid u128s; align_to only splits the slice at alignment bounds.
@@ -226,7 +277,12 @@ pub async fn copy<I: Image, J: Image>(
     // At least 4 KiB unless an end takes less in one request (a server may advertise a
     // maximum block size below that); never more than either end takes.
     let request_size = opts.request_size.max(4096).min(source.max_read()).min(dest.max_write()).max(1);
-    let sparse = opts.sparse_size.max(512).min(request_size);
+    // Every request starts and ends on the destination's unit (a 4 KiB-sector disk behind
+    // qemu-nbd, say), whatever the source's granularity (a VHD's is the 512-byte sector).
+    let unit = dest.min_write();
+    let request_size = (request_size as u64).max(unit) / unit * unit;
+    let request_size = usize::try_from(request_size).unwrap_or(usize::MAX);
+    let sparse = (opts.sparse_size.max(512).min(request_size) as u64).next_multiple_of(unit) as usize;
 
     // Resume from a checkpoint of the same copy.
     let mut start = 0;
@@ -261,6 +317,7 @@ pub async fn copy<I: Image, J: Image>(
         if extents.is_empty() {
             bail!("source reported no allocation at offset {at}");
         }
+        let extents = if unit > 1 { aligned(extents, unit, size) } else { extents };
         for e in extents {
             let end = e.offset + e.length;
             if e.state != ExtentState::Data {
@@ -445,6 +502,25 @@ fn finish(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn extents_are_aligned_to_the_destinations_unit_with_mixed_units_as_data() {
+        use ExtentState::{Data, Hole, Zero};
+        let e = |offset, length, state| Extent { offset, length, state };
+        let unit = 4096;
+        // Sector-granular runs (a VHD's): data at 512..1024 and 5000..8000, zeroes and holes.
+        let got = aligned(vec![e(0, 512, Hole), e(512, 512, Data), e(1024, 3976, Hole), e(5000, 3000, Data), e(8000, 10000, Zero), e(18000, 6576, Hole)], unit, 24576);
+        assert_eq!(got, vec![e(0, 8192, Data), e(8192, 8192, Zero), e(16384, 4096, Data), e(20480, 4096, Hole)]);
+        for x in &got {
+            assert!(x.offset % unit == 0 && x.length % unit == 0, "{x:?}");
+        }
+        // A window that ends inside a unit leaves that unit for the next call, unless the
+        // image ends there.
+        assert_eq!(aligned(vec![e(0, 6000, Data)], unit, 1 << 20), vec![e(0, 4096, Data)]);
+        assert_eq!(aligned(vec![e(0, 6000, Hole)], unit, 6000), vec![e(0, 6000, Hole)]);
+        // Less than a unit in all: that unit, as data, so the walk moves on.
+        assert_eq!(aligned(vec![e(8192, 512, Hole)], unit, 1 << 20), vec![e(8192, 4096, Data)]);
+    }
 
     #[test]
     fn watermark_advances_only_over_contiguous_completions() {

@@ -163,6 +163,37 @@ fn copy_keeps_within_a_servers_small_maximum_block_size() {
     }
 }
 
+/// A destination whose minimum block size is 4 KiB (a 4K-sector disk behind an NBD server)
+/// gets only aligned requests, from a VHD whose allocation is sector-granular.
+#[test]
+fn copy_keeps_to_a_destinations_minimum_block_size() {
+    crate::require!("nbdkit", "qemu-io", "qemu-img");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let (vhd, want, dst) = (d.join("a.vhd"), d.join("want.raw"), d.join("dst.raw"));
+    run(Command::new(crate::harness::tapmirror()).args(["image", "create", "vhd"]).arg(&vhd).arg("8M"));
+    // Written through our server, which allocates sector by sector (QEMU marks whole blocks).
+    {
+        let served = crate::harness::serve_file(tempfile::tempdir().expect("tempdir"), vhd.clone(), &[]);
+        run(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x11 512 512", "-c", "write -P 0x22 5120 3072", "-c", "write -P 0x33 3M 4608", &served.uri()]));
+    }
+    run(Command::new("qemu-img").args(["convert", "-f", "vpc", "-O", "raw"]).arg(&vhd).arg(&want));
+    std::fs::write(&dst, vec![0x5au8; 8 << 20]).expect("target");
+    let socket = d.join("k.sock");
+    let target = spawn_server(
+        Command::new("nbdkit").args(["-f", "-U"]).arg(&socket).args(["--filter=blocksize-policy", "file"]).arg(&dst).args([
+            "blocksize-minimum=4096",
+            "blocksize-preferred=4096",
+            "blocksize-maximum=1M",
+            "blocksize-error-policy=error",
+        ]),
+        &socket,
+    );
+    run(Command::new(crate::harness::tapmirror()).arg("copy").arg(&vhd).arg(format!("nbd+unix:///?socket={}", socket.display())));
+    drop(target);
+    assert!(std::fs::read(&dst).expect("read") == std::fs::read(&want).expect("want"), "the destination differs from the VHD's disk");
+}
+
 #[test]
 fn interrupted_copy_resumes_from_its_checkpoint() {
     crate::require!("nbdkit");
