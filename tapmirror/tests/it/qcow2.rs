@@ -312,6 +312,15 @@ async fn overlay_rebase_and_resize_keep_content() {
     .expect("info");
     assert_eq!(info["backing-filename-format"], "raw");
     qemu_compare(d, &d.join("on-raw.qcow2"), &pattern(1 << 20, 9));
+
+    // A raw base of no whole number of sectors: the overlay's size rounds up, as qemu-img's.
+    std::fs::write(d.join("odd.raw"), pattern(5_000_000, 10)).expect("raw");
+    qcow2::create_overlay(&d.join("on-odd.qcow2"), &d.join("odd.raw")).await.expect("overlay on an odd raw");
+    let mut want = pattern(5_000_000, 10);
+    want.resize(5_000_192, 0);
+    qemu_compare(d, &d.join("on-odd.qcow2"), &want);
+    let img = Qcow2Image::open(&d.join("on-odd.qcow2"), Access::ReadOnly, engine()).await.expect("open");
+    assert!(get_all(&img).await == want, "the overlay reads its base and zeroes past it");
 }
 
 /// A version 2 image (QEMU's `compat=0.10`) has no zero clusters: zeroing writes zero data

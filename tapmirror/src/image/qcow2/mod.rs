@@ -786,6 +786,9 @@ pub async fn create_overlay_with(path: &Path, backing: &Path, kind: OverlayKind)
         Ok((name, base.format_name().to_owned(), base.size, base.header().map(|h| h.cluster_bits)))
     })
     .await?;
+    // A raw base may be any length; a qcow2's size is whole sectors, rounded up as
+    // `qemu-img create -b` does (the tail past the base reads as zeroes).
+    let size = size.next_multiple_of(512);
     let bits = match kind {
         OverlayKind::Snapshot => base_bits.unwrap_or(DEFAULT_CLUSTER_SIZE.trailing_zeros()),
         OverlayKind::FillingBacking => header::smallest_cluster_bits(size)
