@@ -151,7 +151,16 @@ impl Mux {
     }
 
     async fn run_send(&self, id: &str, task: &str, cancel: &CancellationToken) -> Result<(), StorageError> {
-        let check = |stage| if cancel.is_cancelled() { Err((stage, StorageError::Cancelled(task.to_owned()))) } else { Ok(()) };
+        let check = |stage| {
+            if cancel.is_cancelled() {
+                return Err((stage, StorageError::Cancelled(task.to_owned())));
+            }
+            // Failed meanwhile: its VDI stopped taking I/O (see `before_deactivate`).
+            if lock(&self.records.sends).get(id).is_some_and(|r| r.failed) {
+                return Err((stage, StorageError::MigrationMirrorFailure("the VDI was deactivated while its mirror started".into())));
+            }
+            Ok(())
+        };
         let result: Result<(), (Failed, StorageError)> = async {
             check(Failed::Prepare)?;
             self.stage(task, "prepare", 0.02);
@@ -561,6 +570,15 @@ impl Mux {
     /// finalize once the VDI is deactivated, if any; a failed mirror is left for the caller
     /// to see (`DATA.MIRROR.stat`) and to `stop`.
     pub(crate) async fn before_deactivate(&self, sr: &str, vdi: &str) -> Option<SendRecord> {
+        // A mirror still starting cannot be finished once its VDI stops taking I/O (the guest
+        // shut down mid-migration): it is failed, and its task rolls it back when it next looks.
+        let starting: Vec<String> =
+            lock(&self.records.sends).all().filter(|r| r.sr == sr && r.vdi == vdi && r.stage != SendStage::Mirroring && !r.failed).map(|r| r.id.clone()).collect();
+        for id in starting {
+            tracing::warn!(mirror = %id, "the VDI stops taking I/O while its mirror starts; the mirror fails");
+            let _ = self.update_send(&id, |r| r.failed = true);
+            self.tasks().changed(Dynamic::Mirror(id));
+        }
         let r = lock(&self.records.sends).all().find(|r| r.sr == sr && r.vdi == vdi && r.stage == SendStage::Mirroring).cloned()?;
         if r.failed {
             return None;
