@@ -62,7 +62,8 @@ pub struct Control<I: Image> {
     /// before the final flush.
     pub accepted: tokio_util::task::TaskTracker,
     /// Held through each command that changes what the server serves or where its writes go
-    /// (`pause`, `unpause`, `mirror-attach`, `mirror-detach`), so that two control connections
+    /// (`pause`, `unpause`, `mirror-detach`, and `mirror-attach` once the target has greeted
+    /// it), so that two control connections
     /// never interleave them: a second `pause` sent while the first waits out a guest request
     /// would otherwise take the gate after the `unpause` that followed, and hold the guest.
     pub changing: tokio::sync::Mutex<()>,
@@ -246,7 +247,9 @@ async fn execute<I: Image>(control: &Control<I>, request: &Value, mut fds: Vec<O
         return err(format!("{cmd} takes no descriptor"));
     }
     let _changing = match cmd {
-        "pause" | "unpause" | "mirror-attach" | "mirror-detach" => Some(control.changing.lock().await),
+        // mirror-attach takes it after its handshake (below): a target slow to greet must not
+        // hold up a pause.
+        "pause" | "unpause" | "mirror-detach" => Some(control.changing.lock().await),
         _ => None,
     };
     match cmd {
@@ -414,6 +417,7 @@ async fn execute<I: Image>(control: &Control<I>, request: &Value, mut fds: Vec<O
             }
             // Quiesce while attaching: a guest write already in flight started without the mirror
             // and reaches only the local side. Requests wait for the moment it takes.
+            let _changing = control.changing.lock().await;
             let quiesced = !server.is_paused();
             if quiesced {
                 server.pause().await;
