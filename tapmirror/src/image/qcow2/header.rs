@@ -233,32 +233,30 @@ impl Header {
         }
         let limit = cluster.min(buf.len());
         let backing_file_offset = be64(buf, 8);
-        // The extensions lie between the header and the backing file name, or the end of the
-        // first cluster when there is none; they end at an end marker or where that area does
-        // (QEMU's rule: old writers put the name straight after a version 2 header, with no
-        // extensions and no end marker).
-        let area_end = match usize::try_from(backing_file_offset) {
-            Ok(0) => limit,
-            Ok(b) => b.min(limit),
-            Err(_) => limit,
-        };
         let mut extensions = Vec::new();
+        // Old writers put a version 2 image's backing name straight after the header, with no
+        // extension area and no end marker; QEMU reads extensions only up to the name, and so
+        // does imago. Anything else must end its extensions with an end marker in the first
+        // cluster, as imago (which opens the image after us) requires.
+        let no_extensions = version < 3 && usize::try_from(backing_file_offset).is_ok_and(|b| b == header_length as usize);
         let mut at = header_length as usize;
-        while at < area_end {
-            if at + 8 > area_end {
-                return Err(corrupt("header extensions run past their area"));
+        if !no_extensions {
+            loop {
+                if at + 8 > limit {
+                    return Err(corrupt("header extensions run past the first cluster"));
+                }
+                let kind = be32(buf, at);
+                let len = be32(buf, at + 4) as usize;
+                at += 8;
+                // The end marker's length is checked too, as QEMU and imago do: they refuse an image
+                // whose end marker claims more than the cluster holds.
+                let end = at.checked_add(len).filter(|&e| e <= limit).ok_or_else(|| corrupt("header extension runs past the first cluster"))?;
+                if kind == 0 {
+                    break;
+                }
+                extensions.push(Extension { kind, data: buf[at..end].to_vec() });
+                at += len.next_multiple_of(8);
             }
-            let kind = be32(buf, at);
-            let len = be32(buf, at + 4) as usize;
-            at += 8;
-            // The end marker's length is checked too, as QEMU and imago do: they refuse an image
-            // whose end marker claims more than the area holds.
-            let end = at.checked_add(len).filter(|&e| e <= area_end).ok_or_else(|| corrupt("header extension runs past its area"))?;
-            if kind == 0 {
-                break;
-            }
-            extensions.push(Extension { kind, data: buf[at..end].to_vec() });
-            at += len.next_multiple_of(8);
         }
         let backing_file_size = be32(buf, 16) as usize;
         let backing_file = if backing_file_offset == 0 {
@@ -535,10 +533,12 @@ mod tests {
         b[..bytes.len()].copy_from_slice(&bytes);
         let h2 = Header::parse(&b).expect("reparse");
         assert_eq!((h2.backing_file.as_deref(), h2.backing_format().as_deref()), (Some("base.raw"), Some("raw")));
-        // An extension that runs into the name is refused, as QEMU refuses it.
-        let mut c = sample(16, Some(("base.qcow2", "qcow2")));
-        c[108..112].copy_from_slice(&64u32.to_be_bytes());
-        assert!(matches!(Header::parse(&c), Err(Problem::Corrupt(m)) if m.contains("past its area")));
+        // A version 3 image must end its extensions with an end marker, as imago requires.
+        // (In a 512-byte cluster: the end marker at 120 becomes an extension running on.)
+        let mut c = sample(9, Some(("base.qcow2", "qcow2")));
+        c[120..124].copy_from_slice(&0xfau32.to_be_bytes());
+        c[124..128].copy_from_slice(&1000u32.to_be_bytes());
+        assert!(matches!(Header::parse(&c), Err(Problem::Corrupt(m)) if m.contains("past the first cluster")));
     }
 
     #[test]
@@ -548,7 +548,7 @@ mod tests {
         // The end marker at 104: type 0, and a length past the 512-byte cluster (a fuzzer's
         // find, which QEMU and imago refuse as well).
         b[108..112].copy_from_slice(&1000u32.to_be_bytes());
-        assert!(matches!(Header::parse(&b), Err(Problem::Corrupt(m)) if m.contains("past its area")));
+        assert!(matches!(Header::parse(&b), Err(Problem::Corrupt(m)) if m.contains("past the first cluster")));
         b[108..112].copy_from_slice(&400u32.to_be_bytes());
         assert!(Header::parse(&b).is_ok(), "an end marker's length within the cluster is accepted, as QEMU does");
     }
