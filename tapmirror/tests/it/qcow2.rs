@@ -462,6 +462,10 @@ async fn corrupt_truncated_and_orphaned_images_are_refused_untouched() {
         ("l1-unaligned", Box::new(|b| b[47] = 8), "not cluster aligned"),
         ("marked-corrupt", Box::new(|b| b[79] |= 2), "marked corrupt"),
         ("refcount-table-gone", Box::new(|b| b[48..56].fill(0)), "refcount table"),
+        // The L1 table's first entry names the L1 table itself as an L2 table (a fuzzer's find:
+        // the first allocating write then wrote an L2 entry into the L1 table). QEMU opens it
+        // and fails that write; we refuse it up front.
+        ("l1-is-its-own-l2", Box::new(move |b| b[l1 as usize..l1 as usize + 8].copy_from_slice(&(l1 | 1 << 63).to_be_bytes())), "share cluster"),
     ];
     for (name, damage, says) in cases {
         let path = damaged(&good, &d.join(format!("{name}.qcow2")), damage);
