@@ -9,7 +9,7 @@ pub(crate) use sxm_engine::backend::errors::{failure, in_use, io, is_no_space, n
 use sxm_engine::backend::CopyStats;
 use sxm_engine::model::StorageError;
 use tapmirror::copy::CopyReport;
-pub(crate) use tapmirror::datapaths::chain;
+pub(crate) use tapmirror::error_chain as chain;
 use tapmirror::datapaths::{DatapathError, DatapathErrorKind};
 use tapmirror::image::qcow2::Qcow2Error;
 

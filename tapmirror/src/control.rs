@@ -63,9 +63,9 @@ pub struct Control<I: Image> {
     pub accepted: tokio_util::task::TaskTracker,
     /// Held through each command that changes what the server serves or where its writes go
     /// (`pause`, `unpause`, `mirror-detach`, and `mirror-attach` once the target has greeted
-    /// it), so that two control connections
-    /// never interleave them: a second `pause` sent while the first waits out a guest request
-    /// would otherwise take the gate after the `unpause` that followed, and hold the guest.
+    /// it), so that two control connections never interleave them: a second `pause` sent while
+    /// the first waits out a guest request would otherwise take the gate after the `unpause`
+    /// that followed, and hold the guest.
     pub changing: tokio::sync::Mutex<()>,
 }
 

@@ -235,7 +235,7 @@ impl DatapathError {
         match self {
             DatapathError::NotAttached { id } => format!("{noun} {id} is not attached"),
             DatapathError::OtherMode { id } => format!("{noun} {id} is attached in the other mode"),
-            DatapathError::Process { id, what, source } => format!("{what} of {noun} {id}: {}", chain(source.as_ref())),
+            DatapathError::Process { id, what, source } => format!("{what} of {noun} {id}: {}", crate::error_chain(source.as_ref())),
             DatapathError::Io { what, source } => format!("{what}: {source}"),
             DatapathError::Unexpected { id, what } => format!("{noun} {id}: {what}"),
             DatapathError::NoFolder { run_dir } => format!("no free datapath folder in {}", run_dir.display()),
@@ -252,17 +252,6 @@ impl Display for DatapathError {
 
 impl std::error::Error for DatapathError {}
 
-/// An error and its sources, `: `-separated.
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut next = e.source();
-    while let Some(cause) = next {
-        s.push_str(": ");
-        s.push_str(&cause.to_string());
-        next = cause.source();
-    }
-    s
-}
 
 /// Runs a future to completion from blocking code: on a private current-thread runtime in a
 /// scoped thread, so it works from a blocking pool, from a test, and even from inside a

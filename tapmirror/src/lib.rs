@@ -27,3 +27,15 @@ pub mod nbd;
 pub mod process;
 #[doc(hidden)]
 pub mod testkit;
+
+/// An error and its sources, `: `-separated.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        s.push_str(": ");
+        s.push_str(&cause.to_string());
+        next = cause.source();
+    }
+    s
+}

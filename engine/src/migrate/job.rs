@@ -401,7 +401,7 @@ impl Mux {
         Ok(())
     }
 
-    /// The switch-over proper (see `run`): deactivate every source disk (each mirror drains and
+    /// The switch-over proper (see `run_job`): deactivate every source disk (each mirror drains and
     /// the destination finalizes it), verify if asked, attach the destination VDIs.
     async fn switch_over(&self, id: &str, a: &args::SxmMigrateStart, disks: &[Disk], dest_vdis: &[String]) -> Result<(), StorageError> {
         let cut = disks.iter().map(|d| self.deactivate(d.dp.clone(), a.sr.clone(), d.vdi.clone()));

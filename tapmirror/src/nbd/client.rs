@@ -421,24 +421,28 @@ struct Pending {
 
 struct Shared {
     pending: Mutex<HashMap<u64, Pending>>,
-    /// Set once the connection is broken; later requests fail with it.
-    dead: Mutex<Option<String>>,
-    /// The same, for whoever waits on [`NbdClient::closed`].
+    /// Set once the connection is broken, with why: later requests fail with it, and
+    /// [`NbdClient::closed`] waits on it.
     broken: tokio::sync::watch::Sender<Option<String>>,
 }
 
 impl Shared {
     fn new() -> Shared {
-        Shared { pending: Mutex::new(HashMap::new()), dead: Mutex::new(None), broken: tokio::sync::watch::Sender::new(None) }
+        Shared { pending: Mutex::new(HashMap::new()), broken: tokio::sync::watch::Sender::new(None) }
+    }
+
+    /// Marks the connection broken, unless it is already (the first reason stays).
+    fn mark_broken(&self, why: &str) {
+        self.broken.send_if_modified(|b| b.is_none() && b.replace(why.to_owned()).is_none());
+    }
+
+    /// Why the connection is broken, if it is.
+    fn broken(&self) -> Option<String> {
+        self.broken.borrow().clone()
     }
 
     fn fail_all(&self, why: &str) {
-        if let Ok(mut d) = self.dead.lock()
-            && d.is_none()
-        {
-            *d = Some(why.to_owned());
-        }
-        self.broken.send_if_modified(|b| b.is_none() && b.replace(why.to_owned()).is_none());
+        self.mark_broken(why);
         let drained: Vec<Pending> = match self.pending.lock() {
             Ok(mut p) => p.drain().map(|(_, v)| v).collect(),
             Err(_) => Vec::new(),
@@ -593,10 +597,8 @@ impl NbdClient {
 
     async fn request(&self, kind: u16, flags: u16, offset: u64, length: u32, payload: Option<Payload>, expect: Expect) -> Result<Answer, ClientError> {
         let _slot = self.inner.slots.acquire().await.map_err(|_| ClientError::Closed("client closed".into()))?;
-        if let Ok(d) = self.inner.shared.dead.lock()
-            && let Some(why) = d.as_ref()
-        {
-            return Err(ClientError::Closed(why.clone()));
+        if let Some(why) = self.inner.shared.broken() {
+            return Err(ClientError::Closed(why));
         }
         let cookie = self.inner.next_cookie.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
@@ -606,15 +608,13 @@ impl NbdClient {
             .lock()
             .map_err(|_| ClientError::Closed("pending table poisoned".into()))?
             .insert(cookie, Pending { expect, error: None, tx });
-        // `fail_all` marks the connection dead and then drains the table. Checking again after
+        // `fail_all` marks the connection broken and then drains the table. Checking again after
         // registering closes the window in which a request would miss both.
-        if let Ok(d) = self.inner.shared.dead.lock()
-            && let Some(why) = d.as_ref()
-        {
+        if let Some(why) = self.inner.shared.broken() {
             if let Ok(mut p) = self.inner.shared.pending.lock() {
                 p.remove(&cookie);
             }
-            return Err(ClientError::Closed(why.clone()));
+            return Err(ClientError::Closed(why));
         }
         let header = Request { flags, kind, cookie, offset, length }.encode();
         if let Err(e) = self.inner.writer.send(Outgoing::new(header, payload)) {
@@ -757,11 +757,7 @@ impl NbdClient {
     /// Sends `NBD_CMD_DISC` after every request sent so far.
     pub async fn disconnect(&self) -> Result<(), ClientError> {
         // Nothing may follow NBD_CMD_DISC: later requests fail here instead of reaching the wire.
-        if let Ok(mut d) = self.inner.shared.dead.lock()
-            && d.is_none()
-        {
-            *d = Some("disconnected by the client".into());
-        }
+        self.inner.shared.mark_broken("disconnected by the client");
         let header = Request { flags: 0, kind: cmd::DISC, cookie: 0, offset: 0, length: 0 }.encode();
         self.inner.writer.send(Outgoing::new(header, None))
     }

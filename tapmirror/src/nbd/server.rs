@@ -945,7 +945,7 @@ fn errno_of(e: &ImageError, what: &str) -> Errno {
         },
     };
     if !matches!(e, ImageError::NotFast) {
-        tracing::warn!(error = %crate::datapaths::chain(e), %errno, "{what} failed");
+        tracing::warn!(error = %crate::error_chain(e), %errno, "{what} failed");
     }
     errno
 }
