@@ -175,6 +175,18 @@ pub trait Backend: Send + Sync + 'static {
         Ok(())
     }
 
+    /// The VDIs of the SR whose datapath process has died (crashed, killed), whose guests'
+    /// connections broke. Cheap: the host's supervisor asks often, without the SR's lock.
+    fn sr_dead_datapaths(&self, sr: &SrContext) -> Vec<String> {
+        Vec::new()
+    }
+
+    /// Starts `vdi`'s datapath again if its process has died: same socket, the state it was
+    /// in (attached, or active). Answers whether it did. The engine holds the SR exclusively.
+    fn vdi_restart_datapath(&self, sr: &SrContext, vdi: &str) -> StorageResult<bool> {
+        Ok(false)
+    }
+
     /// `SR.detach`: stop using the SR. The engine only calls it when no VDI is attached.
     fn sr_detach(&self, sr: &SrContext) -> StorageResult<()> {
         Ok(())

@@ -24,6 +24,9 @@ use crate::rpc::marshal::{Map, Marshal};
 use crate::srs::{SrEntry, SrRegistry};
 use crate::tasks::Tasks;
 
+/// How often the host looks for datapaths whose process has died.
+const DATAPATH_CHECK_EVERY: Duration = Duration::from_secs(2);
+
 /// The SR type `SR.create` makes when its device_config names none.
 pub const DEFAULT_SR_TYPE: &str = "ext";
 
@@ -84,6 +87,7 @@ impl MuxBuilder {
         // Then what migrations were doing: finish or undo each.
         mux.recover_receives().await;
         mux.recover_sends().await;
+        Mux::supervise_datapaths(&mux);
         Ok(mux)
     }
 }
@@ -167,6 +171,38 @@ impl Mux {
             return Err(StorageError::SrNotAttached(sr.to_owned()));
         }
         Ok(entry)
+    }
+
+    /// Watches every attached SR's datapaths, for the host's lifetime: one whose process died
+    /// (crashed, killed) is started again in the state it was in, on the same socket, so its
+    /// guest reconnects rather than keeping a dead disk until a detach. The look is cheap and
+    /// lock-free; the restart holds the SR exclusively, so no attach, detach or mirror call on
+    /// it runs meanwhile.
+    fn supervise_datapaths(mux: &Arc<Mux>) {
+        let me = Arc::downgrade(mux);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(DATAPATH_CHECK_EVERY).await;
+                let Some(mux) = me.upgrade() else { return };
+                let attached: Vec<SrEntry> = mux.registry().all().filter(|e| e.record.attached).cloned().collect();
+                for entry in attached {
+                    let Ok(backend) = mux.backend_of(&entry.record.ty, &entry.record.sr) else { continue };
+                    let ctx = mux.registry().context(&entry.record);
+                    for vdi in backend.sr_dead_datapaths(&ctx) {
+                        let id = vdi.clone();
+                        match mux.run(&entry, true, move |b, ctx| b.vdi_restart_datapath(ctx, &id)).await {
+                            Ok(true) => {
+                                tracing::warn!(sr = %entry.record.sr, vdi = %vdi, "restarted a datapath whose process had died");
+                                mux.tasks.changed(Dynamic::Vdi(vdi));
+                            }
+                            // Detached, or restarted, while the lock was awaited.
+                            Ok(false) => {}
+                            Err(e) => tracing::error!(sr = %entry.record.sr, vdi = %vdi, error = %e, "could not restart a dead datapath"),
+                        }
+                    }
+                }
+            }
+        });
     }
 
     /// Runs a long backend call (a copy) on the blocking pool without the SR's lock: the

@@ -289,6 +289,15 @@ impl Backend for Qcow2Backend {
         )
     }
 
+    fn sr_dead_datapaths(&self, sr: &SrContext) -> Vec<String> {
+        self.datapaths.dead(group(sr))
+    }
+
+    fn vdi_restart_datapath(&self, sr: &SrContext, vdi: &str) -> StorageResult<bool> {
+        let id = known(sr, vdi)?;
+        self.datapaths.restart_dead(group(sr), id, &volume_path(&sr.dir, id)).map_err(errors::datapath)
+    }
+
     fn sr_detach(&self, sr: &SrContext) -> StorageResult<()> {
         if let Some(vdi) = self.datapaths.attached(group(sr)).first() {
             return Err(errors::in_use(vdi, "SR.detach"));

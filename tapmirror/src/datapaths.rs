@@ -71,7 +71,7 @@ use std::io::{self, Write};
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -86,6 +86,8 @@ pub const OWNER_FILE: &str = "owner.json";
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(150);
 /// How long a control request other than drain may take.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long after a failed restart of a dead datapath the next is tried.
+const RESTART_RETRY: Duration = Duration::from_secs(30);
 /// How long `detach` waits for the process to flush and exit before killing it.
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the mirror target may take to answer one request (and its NBD handshake) before
@@ -289,6 +291,8 @@ struct Datapath {
     read_write: bool,
     /// Activated (serving) rather than only attached (paused).
     active: Mutex<bool>,
+    /// After a failed restart of its dead process, when to try again.
+    retry_restart_at: Mutex<Option<Instant>>,
 }
 
 impl Datapath {
@@ -298,6 +302,15 @@ impl Datapath {
 
     fn set_active(&self, active: bool) {
         *self.active.lock().unwrap_or_else(PoisonError::into_inner) = active;
+    }
+
+    fn new(process: ServeProcess, read_write: bool, active: bool) -> Datapath {
+        Datapath { process, read_write, active: Mutex::new(active), retry_restart_at: Mutex::new(None) }
+    }
+
+    /// Its process has died and a restart may be tried now.
+    fn is_dead(&self, now: Instant) -> bool {
+        !self.process.is_running() && self.retry_restart_at.lock().unwrap_or_else(PoisonError::into_inner).is_none_or(|at| now >= at)
     }
 
     fn endpoint(&self, id: &str) -> Endpoint {
@@ -390,7 +403,7 @@ impl Datapaths {
                 return Err(process_error(id, "starting the datapath", e));
             }
         };
-        let dp = Datapath { process, read_write, active: Mutex::new(true) };
+        let dp = Datapath::new(process, read_write, true);
         if let Err(e) = self.pause(id, &dp) {
             stop(id, &dp.process);
             let _ = std::fs::remove_dir_all(dir);
@@ -493,7 +506,11 @@ impl Datapaths {
         let stopped = run(dp.process.shutdown(SHUTDOWN_TIMEOUT))?.map_err(|e| process_error(id, "stopping the datapath", e))?;
         let dir = dp.process.dir().to_path_buf();
         self.live.lock().unwrap_or_else(PoisonError::into_inner).remove(&key(g, id));
-        std::fs::remove_dir_all(&dir).map_err(|e| io_error(format!("removing {}", dir.display()), e))?;
+        // Gone already when a restart of the dead process failed.
+        match std::fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(io_error(format!("removing {}", dir.display()), e)),
+            _ => {}
+        }
         tracing::info!(group = g.name, id, pid = dp.process.pid(), ?stopped, "datapath detached");
         Ok(())
     }
@@ -617,6 +634,52 @@ impl Datapaths {
         Ok(())
     }
 
+    /// The ids of `g` whose process has died (crashed, killed) and may be restarted now:
+    /// their clients' connections broke, and nothing serves their socket. Cheap (it looks at
+    /// `/proc`), for a supervisor's frequent look.
+    pub fn dead(&self, g: Group<'_>) -> Vec<String> {
+        let now = Instant::now();
+        let live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut v: Vec<String> = live.iter().filter(|((s, _), dp)| s == g.name && dp.is_dead(now)).map(|((_, id), _)| id.clone()).collect();
+        v.sort();
+        v
+    }
+
+    /// Starts `id`'s datapath again, serving `image` from the same folder and socket in the
+    /// state it was in (paused, or taking I/O), if its process has died; its clients reconnect
+    /// as to a restarted tapdisk. Answers whether it restarted one. The mirror the process
+    /// carried, if any, is gone with it: a migration sees its mirror `none` and fails. The
+    /// caller holds off every other call on `id` meanwhile. After a failure the old record
+    /// stays (dead; detach still works) and [`Datapaths::dead`] leaves it out for
+    /// [`RESTART_RETRY`].
+    pub fn restart_dead(&self, g: Group<'_>, id: &str, image: &Path) -> Result<bool> {
+        // Detached meanwhile: nothing to restart.
+        let Some(old) = self.get(g, id) else { return Ok(false) };
+        if old.process.is_running() {
+            return Ok(false);
+        }
+        let (active, dir) = (old.is_active(), old.process.dir().to_path_buf());
+        tracing::error!(group = g.name, id, pid = old.process.pid(), active, log = %old.process.log_tail(), "datapath process died; restarting it");
+        let restarted = self.start(g, id, image, old.read_write, &dir).and_then(|dp| {
+            if active && let Err(e) = self.unpause(id, &dp) {
+                stop(id, &dp.process);
+                return Err(e);
+            }
+            Ok(dp)
+        });
+        match restarted {
+            Ok(dp) => {
+                tracing::info!(group = g.name, id, pid = dp.process.pid(), active, "datapath restarted");
+                self.live.lock().unwrap_or_else(PoisonError::into_inner).insert(key(g, id), Arc::new(dp));
+                Ok(true)
+            }
+            Err(e) => {
+                *old.retry_restart_at.lock().unwrap_or_else(PoisonError::into_inner) = Some(Instant::now() + RESTART_RETRY);
+                Err(e)
+            }
+        }
+    }
+
     /// After a restart: takes up the datapaths of `wanted`, and reaps everything else in
     /// `run_dir` (see the module documentation). `image_of` says where an id's image is (asked
     /// only for a datapath that must be started again); `lift` turns this module's errors into
@@ -724,7 +787,7 @@ impl Datapaths {
             Some(process) => {
                 tracing::info!(group = g.name, id, pid = process.pid(), "re-adopted a running datapath");
                 // What state it is in is asked below; `active` is a guess until then.
-                Datapath { process, read_write: w.read_write, active: Mutex::new(true) }
+                Datapath::new(process, w.read_write, true)
             }
             None => {
                 let dir = match dir {

@@ -259,6 +259,72 @@ fn a_restarted_host_takes_up_its_datapaths_and_the_guest_never_notices() {
     host.cli(&["vdi", "detach", "--sr", &sr, "--vdi", &vdi]);
 }
 
+/// The pids of the host's `tapmirror serve` processes, by the socket each serves.
+fn datapath_pids(root: &std::path::Path) -> std::collections::BTreeMap<String, i32> {
+    let mut pids = std::collections::BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).expect("read dir").flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.file_name().is_some_and(|n| n == "serve.pid") {
+                let Ok(bytes) = std::fs::read(&path) else { continue };
+                let Ok(v) = serde_json::from_slice::<serde_json::Value>(&bytes) else { continue };
+                let socket = path.with_file_name("nbd.sock").display().to_string();
+                pids.insert(socket, v["pid"].as_i64().expect("pid") as i32);
+            }
+        }
+    }
+    pids
+}
+
+fn is_alive(pid: i32) -> bool {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+}
+
+/// A datapath whose process dies (a crash, the OOM killer) is started again by the host on the
+/// same socket and in the state it was in: the active disk (VHD) takes I/O again with what was
+/// written before, the attached-only one (qcow2) stays paused, and both detach as usual.
+#[test]
+fn a_datapath_whose_process_dies_is_restarted_in_its_state() {
+    require!("qemu-io", "nbdinfo");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (host, sr) = host_with_sr(&dir);
+    let active = host.cli(&["vdi", "create", "--sr", &sr, "--size", "8M", "--name", "active"]);
+    let uri = host.cli(&["vdi", "attach", "--sr", &sr, "--vdi", &active]);
+    // The other on a qcow2 SR: both backends restart their own.
+    let sr3 = host.cli(&["sr", "create", "--type", "qcow2", "--name", "volumes"]);
+    let idle = host.cli(&["vdi", "create", "--sr", &sr3, "--size", "8M", "--name", "idle"]);
+    host.call("VDI.attach3", json!({"dp": "idle-dp", "sr": sr3, "vdi": idle, "vm": "vm", "read_write": true, "dbg": "t"}));
+    run(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x3c 4096 1048576", &uri]));
+    let before = datapath_pids(&host.root);
+    assert_eq!(before.len(), 2, "{before:?}");
+
+    for pid in before.values() {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid), nix::sys::signal::Signal::SIGKILL).expect("kill");
+    }
+    eventually(30, "both datapaths restarted", || {
+        let now = datapath_pids(&host.root);
+        now.len() == 2 && now.iter().all(|(socket, pid)| before.get(socket).is_some_and(|old| old != pid) && is_alive(*pid))
+    });
+
+    // The active one serves again, on the same URI, with what was written before it died.
+    run(Command::new("qemu-io").args(["-f", "raw", "-c", "read -P 0x3c 4096 1048576", "-c", "write -P 0x4d 2097152 4096", "-c", "read -P 0x4d 2097152 4096", &uri]));
+    let stat = host.call("DP.stat_vdi", json!({"sr": sr, "vdi": active, "dbg": "t"}));
+    assert_eq!(stat["superstate"], json!(["Activated", "RW"]), "{stat}");
+    // The attached-only one is paused again: its control socket says so.
+    let idle_socket = datapath_pids(&host.root).into_keys().find(|s| !uri.contains(s.as_str())).expect("the idle datapath");
+    let control = std::path::Path::new(&idle_socket).with_file_name("control.sock");
+    let stats = run(Command::new(tapmirror()).arg("ctl").arg(&control).arg("stats"));
+    let stats: serde_json::Value = serde_json::from_slice(&stats.stdout).expect("stats JSON");
+    assert_eq!(stats["paused"], json!(true), "{stats}");
+
+    host.cli(&["vdi", "detach", "--sr", &sr, "--vdi", &active]);
+    host.call("DP.destroy", json!({"dp": "idle-dp", "allow_leak": false, "dbg": "t"}));
+    assert!(datapath_pids(&host.root).is_empty(), "datapaths left after detach");
+}
+
 /// One host per root: a second `sxm serve` on a root in use is refused (it would take up the
 /// first one's datapaths and overwrite its records), and the first goes on serving.
 #[test]

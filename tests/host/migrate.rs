@@ -793,6 +793,49 @@ fn a_source_restarted_while_mirroring_keeps_the_mirror_and_finalizes() {
     }
 }
 
+/// The source host dies during the finalize: before it asked the destination, or after the
+/// destination finalized but before it heard so. Started again, it finishes the finalize (or
+/// finds it done): the send ends rather than stay listed as a running mirror, and the
+/// destination holds the guest's disk.
+#[test]
+fn a_source_killed_during_the_finalize_finishes_it_when_it_restarts() {
+    for point in ["send.finalize", "send.finalized"] {
+        let mut p = Pair::with_faults(&format!("{point}=abort"), "");
+        let seed = pattern((4 * MIB) as usize, 29);
+        let (vdi, _uri) = p.guest_disk(&seed);
+        let id = p.start_mirror(&vdi);
+        let dest_vdi = p.src.call("DATA.MIRROR.stat", json!({"id": id, "dbg": "t"}))["dest_vdi"].as_str().expect("dest").to_owned();
+        let out = p.src.cli_raw(&["vdi", "detach", "--sr", &p.src_sr, "--vdi", &vdi]);
+        assert!(!out.status.success(), "{point}: the host was to die during the detach");
+        p.restart_src(true);
+        eventually(20, &format!("{point}: the send ends after the restart"), || p.src.call("DATA.MIRROR.list", json!({"dbg": "t"})) == json!({}));
+        assert_eq!(p.dst.call("DATA.MIRROR.list", json!({"dbg": "t"})), json!({}), "{point}: the destination still receives");
+        let dest = p.dst.call("VDI.stat", json!({"sr": p.dst_sr, "vdi": dest_vdi, "dbg": "t"}));
+        assert!(dest["sm_config"].get("base_mirror").is_none(), "{point}: the destination VDI was not finalized: {dest}");
+        assert!(p.export(&p.dst, &p.dst_sr, &dest_vdi) == seed, "{point}: the destination does not hold the guest's disk");
+        p.src.cli(&["vdi", "detach", "--sr", &p.src_sr, "--vdi", &vdi]);
+    }
+}
+
+/// The source datapath's process dies under a running mirror: the host starts it again for
+/// the guest, but the mirror died with it, so the send is reported failed (it must never be
+/// finalized: writes after the restart never reached the destination), and stop undoes it.
+#[test]
+fn a_source_datapath_that_dies_under_its_mirror_fails_the_mirror() {
+    let p = Pair::new();
+    let seed = pattern((4 * MIB) as usize, 31);
+    let (vdi, uri) = p.guest_disk(&seed);
+    let before = p.state();
+    let id = p.start_mirror(&vdi);
+    let src_run = format!("{}/run/", p.src.root.display());
+    run(Command::new("pkill").args(["-KILL", "-f", &src_run]));
+    eventually(20, "the mirror reports failed", || p.src.call("DATA.MIRROR.stat", json!({"id": id, "dbg": "t"}))["failed"] == true);
+    // The guest's disk is back, on its URI.
+    eventually(20, "the datapath serves again", || Command::new("nbdinfo").args(["--size", &uri]).output().is_ok_and(|o| o.status.success()));
+    p.src.cli(&["mirror", "stop", &id]);
+    settle(&p, &before, "both hosts back as they were");
+}
+
 /// A VM of `n` disks of `size` bytes on the source, each attached on its own datapath;
 /// answers (vdis, uris, seeds).
 fn vm(p: &Pair, n: usize, size: u64) -> (Vec<String>, Vec<String>, Vec<Vec<u8>>) {

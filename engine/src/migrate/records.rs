@@ -30,6 +30,16 @@ pub enum SendStage {
     FullMirror,
     /// The copy is done: the mirror runs until finalize.
     Mirroring,
+    /// The source VDI is deactivated and its mirror detached: the destination is told to
+    /// finalize, and the record goes once it has.
+    Finalizing,
+}
+
+impl SendStage {
+    /// Still in the task that starts the mirror (which rolls it back on failure).
+    pub fn is_starting(self) -> bool {
+        !matches!(self, SendStage::Mirroring | SendStage::Finalizing)
+    }
 }
 
 /// What the destination prepared.

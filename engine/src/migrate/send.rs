@@ -487,7 +487,7 @@ impl Mux {
     /// `DATA.MIRROR.stop`.
     pub(crate) async fn mirror_stop(&self, id: &str) -> Result<(), StorageError> {
         let r = lock(&self.records.sends).get(id).cloned().ok_or_else(|| StorageError::DoesNotExist("mirror".into(), id.into()))?;
-        if r.stage != SendStage::Mirroring {
+        if r.stage.is_starting() {
             // Still in its task: cancelling the task rolls it back.
             let _ = self.tasks().cancel(&r.task);
             return Err(StorageError::InternalError(format!("mirror {id} is still starting (stage {:?}); its task was cancelled", r.stage)));
@@ -550,8 +550,9 @@ impl Mux {
                 let Ok(entry) = me.attached_entry(&r.sr) else { continue };
                 let vdi = r.vdi.clone();
                 match me.run(&entry, false, move |b, ctx| b.vdi_mirror_status(ctx, &vdi)).await {
-                    Ok(s) if s.state == MirrorHealth::Failed => {
-                        tracing::error!(mirror = %id, "the mirror's target failed; the guest goes on locally");
+                    // `None`: the datapath's process died and was restarted without it.
+                    Ok(s) if s.state == MirrorHealth::Failed || s.state == MirrorHealth::None => {
+                        tracing::error!(mirror = %id, state = ?s.state, "the mirror's target failed, or the datapath lost it; the guest goes on locally");
                         let _ = me.update_send(&id, |r| r.failed = true);
                         // The task that started it says so too (xapi marks its task `mirror_failed`).
                         me.tasks().debug_info(&r.task, "mirror_failed", "true");
@@ -573,7 +574,7 @@ impl Mux {
         // A mirror still starting cannot be finished once its VDI stops taking I/O (the guest
         // shut down mid-migration): it is failed, and its task rolls it back when it next looks.
         let starting: Vec<String> =
-            lock(&self.records.sends).all().filter(|r| r.sr == sr && r.vdi == vdi && r.stage != SendStage::Mirroring && !r.failed).map(|r| r.id.clone()).collect();
+            lock(&self.records.sends).all().filter(|r| r.sr == sr && r.vdi == vdi && r.stage.is_starting() && !r.failed).map(|r| r.id.clone()).collect();
         for id in starting {
             tracing::warn!(mirror = %id, "the VDI stops taking I/O while its mirror starts; the mirror fails");
             let _ = self.update_send(&id, |r| r.failed = true);
@@ -601,13 +602,32 @@ impl Mux {
     /// After the source VDI is deactivated: the destination composes its leaf onto the copied
     /// parent, synchronously (the VDI must not be used there before), and the send ends.
     pub(crate) async fn after_deactivate(&self, r: SendRecord) -> Result<(), StorageError> {
+        // Recorded first: from here the mirror is gone on purpose, and a restart finishes the
+        // finalize rather than watch a mirror that no longer exists.
+        self.update_send(&r.id, |s| s.stage = SendStage::Finalizing)?;
         self.detach_mirror(&r).await;
+        self.finalize_remote(&r, false).await
+    }
+
+    /// Tells the destination to finalize `r`'s receive; the send ends when it has. After a
+    /// restart here (`again`), a receive the destination no longer knows was finalized by the
+    /// call whose answer the restart lost, or cancelled there: either way nothing is left to do
+    /// on this side.
+    async fn finalize_remote(&self, r: &SendRecord, again: bool) -> Result<(), StorageError> {
+        crate::fault::point("send.finalize").await?;
         let remote = Remote::new(&r.url)?;
         let finalized = remote.call::<()>(Call::DataMirrorReceiveFinalize2(args::DataMirrorReceiveFinalize2 { id: r.id.clone(), dbg: dbg(&r.id) })).await;
+        crate::fault::point("send.finalized").await?;
         match &finalized {
             Ok(()) => {
                 lock(&self.records.sends).remove(&r.id)?;
                 tracing::info!(mirror = %r.id, "finalized: the destination VDI is the guest's disk");
+            }
+            Err(StorageError::DoesNotExist(..)) if again => {
+                lock(&self.records.sends).remove(&r.id)?;
+                tracing::warn!(mirror = %r.id, "the destination no longer knows the receive (finalized or cancelled there); the send ends");
+                self.tasks().changed(Dynamic::Mirror(r.id.clone()));
+                return Ok(());
             }
             Err(e) => {
                 tracing::error!(mirror = %r.id, error = %e, "receive_finalize2 failed");
@@ -738,6 +758,14 @@ impl Mux {
                 SendStage::Mirroring => {
                     tracing::info!(mirror = %r.id, "mirror taken up again");
                     self.watch(r.id.clone());
+                    continue;
+                }
+                SendStage::Finalizing if r.failed => continue,
+                SendStage::Finalizing => {
+                    tracing::warn!(mirror = %r.id, "a finalize was interrupted; telling the destination again");
+                    if let Err(e) = self.finalize_remote(&r, true).await {
+                        tracing::error!(mirror = %r.id, error = %e, "finalize after a restart failed");
+                    }
                     continue;
                 }
                 SendStage::Prepare => Failed::PrepareUnknown,
