@@ -285,8 +285,10 @@ pub trait Backend: Send + Sync + 'static {
     // their rollback; these are the steps only a backend can take, on a VDI's datapath.
 
     /// Destination, pass fds: serve NBD for the attached VDI on `conn`, an accepted connection
-    /// whose HTTP exchange is over (the peer speaks NBD next, client side). The datapath keeps
-    /// the connection until the peer closes it.
+    /// whose HTTP exchange is over (the peer speaks NBD next, client side), under any export
+    /// name and with the greeting of the SR type's SM counterpart (tapdisk's old style for
+    /// VHD, SMAPIv3's fixed newstyle). The datapath keeps the connection until the peer closes
+    /// it.
     fn vdi_serve_nbd(&self, sr: &SrContext, vdi: &str, conn: OwnedFd) -> StorageResult<()> {
         unimplemented("NBD import")
     }

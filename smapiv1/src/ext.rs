@@ -510,7 +510,9 @@ impl Backend for ExtBackend {
     }
 
     fn vdi_serve_nbd(&self, sr: &SrContext, vdi: &str, conn: OwnedFd) -> StorageResult<()> {
-        self.datapaths.serve_nbd(group(sr), known(sr, vdi)?, conn).map_err(errors::datapath)
+        // Old style, as tapdisk's server on an SMAPIv1 host greets: the only greeting every
+        // tapdisk's mirror client (some know no other) and every other client understand.
+        self.datapaths.serve_nbd(group(sr), known(sr, vdi)?, conn, true).map_err(errors::datapath)
     }
 
     /// Sync is SMAPIv1's way (tapdisk's secondary: new writes only; the snapshot and the copy

@@ -514,7 +514,8 @@ impl Backend for Qcow2Backend {
     }
 
     fn vdi_serve_nbd(&self, sr: &SrContext, vdi: &str, conn: OwnedFd) -> StorageResult<()> {
-        self.datapaths.serve_nbd(group(sr), known(sr, vdi)?, conn).map_err(errors::datapath)
+        // Fixed newstyle, as SMAPIv3's `Datapath.import_activate` servers greet.
+        self.datapaths.serve_nbd(group(sr), known(sr, vdi)?, conn, false).map_err(errors::datapath)
     }
 
     /// Full is SMAPIv3's way (one mirror: dirty tracking, a background copy of the chain, and

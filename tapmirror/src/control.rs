@@ -17,7 +17,7 @@
 //! | `mirror-rate` | `bytes_per_s` (0: no cap), `busy` (bool: set the cap that applies while the guest writes) | caps a full mirror's background pass at that many data bytes per second, from its next request |
 //! | `mirror-converge` | | ends a full mirror's catch-up: guest writes to copied ranges are mirrored from now on |
 //! | `mirror-detach` | | stops mirroring (after in-flight writes) |
-//! | `nbd-accept` | one descriptor: a connected stream socket (TCP or Unix) | serves the export on it as on any accepted connection (fixed newstyle, the server speaks first; same image, pause and drain gating, counted in `connections`) until the peer closes it or shutdown |
+//! | `nbd-accept` | one descriptor: a connected stream socket (TCP or Unix); `handshake`: `newstyle` (default) or `oldstyle` | serves the export on it as on any accepted connection (the server speaks first; same image, pause and drain gating, counted in `connections`) until the peer closes it or shutdown. Fixed newstyle opens the export under any name (the caller chose it when it passed the socket; tapdisk asks for `tapdisk_client`); `oldstyle` greets as tapdisk's server does, which tapdisk's mirror client on xapi's `/services/SM/nbd/` expects |
 //! | `drain` | `timeout_s` (default 30) | waits until no request is outstanding on either side |
 //! | `shutdown` | | stops serving, flushes, exits |
 //!
@@ -40,6 +40,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::image::{Access, Image};
 use crate::mirror::{Mirror, MirrorMode};
+use crate::nbd::server::Handshake;
 use crate::nbd::{ClientOptions, NbdClient, NbdServer};
 
 /// Opens an image at a path with an access mode (for `pause` and `unpause`).
@@ -156,7 +157,7 @@ async fn attach<I: Image>(server: &Arc<NbdServer<I>>, mirror: Arc<Mirror>, reque
 /// `nbd-accept`: checks that `fd` is a connected stream socket and serves the export on it in
 /// a task of `control.accepted`, until the peer closes it or shutdown. Answers the socket's
 /// kind.
-fn accept<I: Image>(control: &Control<I>, fd: OwnedFd) -> Result<&'static str, String> {
+fn accept<I: Image>(control: &Control<I>, fd: OwnedFd, how: Handshake) -> Result<&'static str, String> {
     use nix::sys::socket::{AddressFamily, SockType, SockaddrLike, SockaddrStorage, getpeername, getsockname, getsockopt, sockopt};
     let ty = getsockopt(&fd, sockopt::SockType).map_err(|e| format!("the descriptor is not a socket ({e})"))?;
     if ty != SockType::Stream {
@@ -173,7 +174,7 @@ fn accept<I: Image>(control: &Control<I>, fd: OwnedFd) -> Result<&'static str, S
     match family {
         Some(AddressFamily::Unix) => {
             let (r, w) = crate::nbd::unix::split(UnixStream::from(fd)).map_err(io)?;
-            control.accepted.spawn(serve_accepted(server, r, w, stop));
+            control.accepted.spawn(serve_accepted(server, r, w, stop, how));
             Ok("unix")
         }
         Some(AddressFamily::Inet | AddressFamily::Inet6) => {
@@ -181,20 +182,20 @@ fn accept<I: Image>(control: &Control<I>, fd: OwnedFd) -> Result<&'static str, S
             std.set_nonblocking(true).map_err(io)?;
             std.set_nodelay(true).map_err(io)?;
             let (r, w) = tokio::net::TcpStream::from_std(std).map_err(io)?.into_split();
-            control.accepted.spawn(serve_accepted(server, r, w, stop));
+            control.accepted.spawn(serve_accepted(server, r, w, stop, how));
             Ok("tcp")
         }
         other => Err(format!("a socket of family {other:?}, not TCP or Unix")),
     }
 }
 
-async fn serve_accepted<I, R, W>(server: Arc<NbdServer<I>>, r: R, w: W, stop: CancellationToken)
+async fn serve_accepted<I, R, W>(server: Arc<NbdServer<I>>, r: R, w: W, stop: CancellationToken, how: Handshake)
 where
     I: Image,
     R: tokio::io::AsyncRead + Unpin + Send + 'static,
     W: tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    match server.serve_connection(r, w, stop).await {
+    match server.serve_with(r, w, stop, how).await {
         Ok(()) => tracing::info!("a connection passed by descriptor closed"),
         Err(e) => tracing::warn!(error = %e, "a connection passed by descriptor ended with an error"),
     }
@@ -479,7 +480,13 @@ async fn execute<I: Image>(control: &Control<I>, request: &Value, mut fds: Vec<O
             if fds.len() != 1 {
                 return err(format!("nbd-accept needs one descriptor, got {}", fds.len()));
             }
-            match accept(control, fds.remove(0)) {
+            let oldstyle = match request.get("handshake") {
+                None => false,
+                Some(v) if v == "newstyle" => false,
+                Some(v) if v == "oldstyle" => true,
+                Some(v) => return err(format!("nbd-accept: handshake {v} is neither \"newstyle\" nor \"oldstyle\"")),
+            };
+            match accept(control, fds.remove(0), Handshake { oldstyle, any_export: true }) {
                 Ok(kind) => {
                     tracing::info!(socket = kind, "serving a connection passed by descriptor");
                     json!({"ok": true, "socket": kind})

@@ -562,11 +562,13 @@ impl Datapaths {
     }
 
     /// Destination of a migration: the datapath serves NBD on `conn` (`nbd-accept`) until the
-    /// peer closes it. Requests wait while the datapath is attached but not active, as the
-    /// guest's do.
-    pub fn serve_nbd(&self, g: Group<'_>, id: &str, conn: OwnedFd) -> Result<()> {
+    /// peer closes it, under any export name, greeting it old-style when `oldstyle` (as
+    /// tapdisk's server does) and fixed-newstyle otherwise. Requests wait while the datapath
+    /// is attached but not active, as the guest's do.
+    pub fn serve_nbd(&self, g: Group<'_>, id: &str, conn: OwnedFd, oldstyle: bool) -> Result<()> {
+        let handshake = if oldstyle { "oldstyle" } else { "newstyle" };
         let answer = self
-            .command_with(g, id, json!({"cmd": "nbd-accept"}), vec![conn], CONTROL_TIMEOUT)?
+            .command_with(g, id, json!({"cmd": "nbd-accept", "handshake": handshake}), vec![conn], CONTROL_TIMEOUT)?
             .map_err(|e| process_error(id, "serving an NBD connection", e))?;
         tracing::info!(group = g.name, id, socket = %answer["socket"], "datapath serves a passed NBD connection");
         Ok(())

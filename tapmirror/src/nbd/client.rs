@@ -940,9 +940,21 @@ where
     if magic != proto::NBD_MAGIC {
         return Err(ClientError::Protocol(format!("not an NBD server (magic {magic:#x})")));
     }
+    // The protocol's defaults when the server sends no BLOCK_SIZE: portable clients use 32 MiB.
+    let mut block_size = BlockSize { minimum: 1, preferred: 4096, maximum: 32 << 20 };
     let second = r.read_u64().await?;
+    if second == proto::CLISERV_MAGIC {
+        // Old style (tapdisk's server, xapi's `/services/SM/nbd/` on an SMAPIv1 host): the
+        // export is the server's one, and no option can be asked.
+        let size = r.read_u64().await?;
+        let flags = r.read_u32().await?;
+        let mut zeroes = [0u8; 124];
+        r.read_exact(&mut zeroes).await?;
+        let flags = u16::try_from(flags).map_err(|_| ClientError::Protocol(format!("old-style export flags {flags:#x} beyond 16 bits")))?;
+        return Ok(ExportInfo { name: opts.export.clone(), size, flags, block_size, structured: false, base_allocation: None });
+    }
     if second != proto::IHAVEOPT {
-        return Err(ClientError::Protocol("oldstyle negotiation is not supported".into()));
+        return Err(ClientError::Protocol(format!("neither a newstyle nor an old-style NBD greeting (magic {second:#x})")));
     }
     let hflags = r.read_u16().await?;
     if hflags & proto::handshake::FIXED_NEWSTYLE == 0 {
@@ -985,8 +997,6 @@ where
     let req = proto::InfoRequest { name: opts.export.clone(), requests: vec![proto::info::BLOCK_SIZE] };
     send_option(w, opt::GO, &req.encode()).await?;
     let mut size_flags = None;
-    // The protocol's defaults when the server sends no BLOCK_SIZE: portable clients use 32 MiB.
-    let mut block_size = BlockSize { minimum: 1, preferred: 4096, maximum: 32 << 20 };
     loop {
         let (kind, data) = read_option_reply(r, opt::GO).await?;
         match kind {

@@ -12,6 +12,9 @@ use std::fmt;
 pub const NBD_MAGIC: u64 = 0x4e42_444d_4147_4943;
 /// `IHAVEOPT`: follows `NBD_MAGIC` from the server and opens every option from the client.
 pub const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
+/// Follows `NBD_MAGIC` in the old-style greeting, which names the export's size and flags at
+/// once and takes no options (what tapdisk's NBD server speaks, and its client expects).
+pub const CLISERV_MAGIC: u64 = 0x0000_4202_8186_1253;
 /// Magic of every option reply.
 pub const OPTION_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
 /// Magic of a (compact) transmission request.

@@ -76,6 +76,16 @@ pub struct ExportConfig {
     pub read_only: bool,
 }
 
+/// How a connection is greeted. The default is the listening socket's: fixed newstyle, and
+/// only the export's name (or the empty name) opens it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Handshake {
+    /// The old-style greeting instead (tapdisk's mirror client, on xapi's `/services/SM/nbd/`).
+    pub oldstyle: bool,
+    /// Any export name opens the export (tapdisk asks for `tapdisk_client`).
+    pub any_export: bool,
+}
+
 /// Counters of what a server did, for logs and the control socket.
 #[derive(Debug)]
 pub struct Stats {
@@ -365,14 +375,25 @@ impl<I: Image> NbdServer<I> {
 
     /// Serves one connection: negotiation, then transmission until the client disconnects or
     /// `stop` is cancelled (then in-flight requests finish and the connection closes).
-    pub async fn serve_connection<R, W>(self: Arc<Self>, r: R, mut w: W, stop: CancellationToken) -> Result<(), ConnError>
+    pub async fn serve_connection<R, W>(self: Arc<Self>, r: R, w: W, stop: CancellationToken) -> Result<(), ConnError>
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        self.serve_with(r, w, stop, Handshake::default()).await
+    }
+
+    /// As [`NbdServer::serve_connection`], greeting the client as `how` says.
+    pub async fn serve_with<R, W>(self: Arc<Self>, r: R, mut w: W, stop: CancellationToken, how: Handshake) -> Result<(), ConnError>
     where
         R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
     {
         self.stats.connections.fetch_add(1, Ordering::Relaxed);
         let mut r = BufReader::with_capacity(256 * 1024, r);
-        let negotiation = tokio::time::timeout(self.limits.handshake_timeout, self.negotiate(&mut r, &mut w));
+        let negotiation = tokio::time::timeout(self.limits.handshake_timeout, async {
+            if how.oldstyle { self.greet_oldstyle(&mut w).await } else { self.negotiate(&mut r, &mut w, how.any_export).await }
+        });
         let session = tokio::select! {
             // Shutting down: a client still negotiating has nothing in flight to lose.
             _ = stop.cancelled() => return Ok(()),
@@ -387,11 +408,29 @@ impl<I: Image> NbdServer<I> {
         self.transmit(r, w, session, stop).await
     }
 
-    async fn negotiate<R, W>(&self, r: &mut R, w: &mut W) -> Result<Option<Session>, ConnError>
+    /// The old-style greeting: magic, size and flags, and transmission begins. No option can
+    /// be asked, so replies are simple ones and there is no block status.
+    async fn greet_oldstyle<W: AsyncWrite + Unpin>(&self, w: &mut W) -> Result<Option<Session>, ConnError> {
+        let session = Session::default();
+        let mut greeting = Vec::with_capacity(152);
+        greeting.extend_from_slice(&proto::NBD_MAGIC.to_be_bytes());
+        greeting.extend_from_slice(&proto::CLISERV_MAGIC.to_be_bytes());
+        greeting.extend_from_slice(&self.image().size().to_be_bytes());
+        greeting.extend_from_slice(&u32::from(self.transmission_flags(&session)).to_be_bytes());
+        greeting.extend_from_slice(&[0u8; 124]);
+        w.write_all(&greeting).await?;
+        w.flush().await?;
+        Ok(Some(session))
+    }
+
+    /// Fixed-newstyle negotiation. `any_export`: every export name opens this export (a
+    /// connection passed by descriptor, whose caller chose the export already).
+    async fn negotiate<R, W>(&self, r: &mut R, w: &mut W, any_export: bool) -> Result<Option<Session>, ConnError>
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
+        let export_matches = |name: &str| any_export || self.export_matches(name);
         let mut greeting = Vec::with_capacity(18);
         greeting.extend_from_slice(&proto::NBD_MAGIC.to_be_bytes());
         greeting.extend_from_slice(&proto::IHAVEOPT.to_be_bytes());
@@ -427,7 +466,7 @@ impl<I: Image> NbdServer<I> {
             match option {
                 opt::EXPORT_NAME => {
                     let name = String::from_utf8_lossy(&data);
-                    if !self.export_matches(&name) {
+                    if !export_matches(&name) {
                         return Err(ConnError::Protocol(format!("unknown export {name:?}")));
                     }
                     let mut out = Vec::with_capacity(134);
@@ -461,7 +500,7 @@ impl<I: Image> NbdServer<I> {
                             continue;
                         }
                     };
-                    if !self.export_matches(&req.name) {
+                    if !export_matches(&req.name) {
                         reply(w, option, rep::ERR_UNKNOWN, format!("no export {:?}", req.name).as_bytes()).await?;
                         continue;
                     }
@@ -507,7 +546,7 @@ impl<I: Image> NbdServer<I> {
                             continue;
                         }
                     };
-                    if !self.export_matches(&req.export) {
+                    if !export_matches(&req.export) {
                         reply(w, option, rep::ERR_UNKNOWN, format!("no export {:?}", req.export).as_bytes()).await?;
                         continue;
                     }

@@ -902,6 +902,75 @@ fn nbd_accept_serves_a_passed_socket_like_an_accepted_one() {
     assert!(rt.block_on(client.read(0, 512)).is_err(), "the passed connection outlived the server");
 }
 
+/// `nbd-accept` greets a passed connection as xapi's sources expect: old style when asked (what
+/// tapdisk's server speaks on an SMAPIv1 host; QEMU's client, ours and tapdisk's take it), and
+/// in fixed newstyle under any export name (tapdisk's client asks for `tapdisk_client` and a
+/// NUL byte with NBD_OPT_EXPORT_NAME).
+#[test]
+fn nbd_accept_greets_old_style_or_takes_any_export_name() {
+    use std::io::{Read, Write};
+    use std::os::fd::OwnedFd;
+    crate::require!("qemu-io");
+    let (source, ctl_path) = serve_controlled(16 * MIB);
+    let pass = |fd: OwnedFd, handshake: &str| {
+        let a = tapmirror::control::request(&ctl_path, &serde_json::json!({"cmd": "nbd-accept", "handshake": handshake}), Some(&fd)).expect("request");
+        assert_eq!(a["ok"], true, "{a}");
+    };
+
+    // Old style, QEMU's client: qemu-io connects to a socket of ours, whose connection we pass.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock = dir.path().join("old.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).expect("listen");
+    let uri = format!("nbd+unix:///?socket={}", sock.display());
+    let qemu = std::thread::spawn(move || {
+        Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x6b 4096 65536", "-c", "read -P 0x6b 4096 65536", &uri]).output().expect("qemu-io")
+    });
+    let (conn, _) = listener.accept().expect("accept");
+    pass(OwnedFd::from(conn), "oldstyle");
+    let out = qemu.join().expect("join");
+    assert!(out.status.success() && !String::from_utf8_lossy(&out.stdout).contains("fail"), "qemu-io over old style: {out:?}");
+    assert!(source.contents()[4096..4096 + 65536].iter().all(|&b| b == 0x6b), "qemu-io's write did not reach the image");
+
+    // Old style, our own client (the mirror's, on xapi's `/services/SM/nbd/`).
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+    pass(OwnedFd::from(theirs), "oldstyle");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let client = rt.block_on(tapmirror::nbd::NbdClient::from_fd(OwnedFd::from(ours), tapmirror::nbd::ClientOptions::default())).expect("old-style handshake");
+    assert_eq!(client.size(), 16 * MIB);
+    assert!(client.info().has(tapmirror::nbd::proto::tflags::SEND_WRITE_ZEROES), "{:?}", client.info());
+    rt.block_on(client.write_zeroes(4096, 4096, false, false)).expect("write zeroes");
+    assert_eq!(rt.block_on(client.read(0, 12288)).expect("read"), [vec![0u8; 8192], vec![0x6b; 4096]].concat());
+
+    // Fixed newstyle, tapdisk's client byte for byte: flags, EXPORT_NAME "tapdisk_client\0".
+    let (mut ours, theirs) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+    pass(OwnedFd::from(theirs), "newstyle");
+    let mut greeting = [0u8; 18];
+    ours.read_exact(&mut greeting).expect("greeting");
+    assert_eq!(&greeting[..16], b"NBDMAGICIHAVEOPT");
+    let mut hello = 3u32.to_be_bytes().to_vec(); // FIXED_NEWSTYLE | NO_ZEROES
+    hello.extend_from_slice(b"IHAVEOPT");
+    hello.extend_from_slice(&1u32.to_be_bytes()); // NBD_OPT_EXPORT_NAME
+    hello.extend_from_slice(&15u32.to_be_bytes());
+    hello.extend_from_slice(b"tapdisk_client\0");
+    ours.write_all(&hello).expect("options");
+    let mut export = [0u8; 10];
+    ours.read_exact(&mut export).expect("the export, not a closed connection");
+    assert_eq!(u64::from_be_bytes(export[..8].try_into().expect("8 bytes")), 16 * MIB);
+    // A write (NBD_CMD_WRITE of 512 bytes at 0) and its simple reply.
+    let mut req = 0x2560_9513u32.to_be_bytes().to_vec();
+    req.extend_from_slice(&0u16.to_be_bytes());
+    req.extend_from_slice(&1u16.to_be_bytes());
+    req.extend_from_slice(&7u64.to_be_bytes());
+    req.extend_from_slice(&0u64.to_be_bytes());
+    req.extend_from_slice(&512u32.to_be_bytes());
+    req.extend_from_slice(&[0x2du8; 512]);
+    ours.write_all(&req).expect("write request");
+    let mut reply = [0u8; 16];
+    ours.read_exact(&mut reply).expect("reply");
+    assert_eq!((&reply[..4], &reply[4..8], &reply[8..]), (&0x6744_6698u32.to_be_bytes()[..], &[0u8; 4][..], &7u64.to_be_bytes()[..]));
+    assert!(source.contents()[..512].iter().all(|&b| b == 0x2d), "tapdisk's write did not reach the image");
+}
+
 /// `nbd-accept` with no descriptor, two, or one that is not a connected stream socket: an error,
 /// no connection served, and a refused socket is closed at once (its peer sees EOF).
 #[test]
