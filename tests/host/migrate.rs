@@ -836,6 +836,51 @@ fn a_source_datapath_that_dies_under_its_mirror_fails_the_mirror() {
     settle(&p, &before, "both hosts back as they were");
 }
 
+/// A start whose destination cannot be reached never blocks the VDI: one that no connection
+/// reaches (a wrong port) leaves nothing, since the destination cannot have prepared; one whose
+/// destination took the call and hung up keeps its record while the destination is told to
+/// cancel, and `stop` gives up on that so the VDI can migrate elsewhere.
+#[test]
+fn a_destination_that_cannot_be_reached_never_blocks_the_vdi() {
+    let p = Pair::new();
+    let (vdi, _uri) = p.guest_disk(&pattern((2 * MIB) as usize, 37));
+    let start = |url: &str| p.src.cli_raw(&["mirror", "start", "--sr", &p.src_sr, "--vdi", &vdi, "--dest", url, "--dest-sr", &p.dst_sr, "--wait"]);
+    let list = || p.src.call("DATA.MIRROR.list", json!({"dbg": "t"}));
+
+    // Nothing listens on the port.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("port");
+    let port = closed.local_addr().expect("addr").port();
+    drop(closed);
+    let out = start(&format!("http://127.0.0.1:{port}/?session_id=x"));
+    assert!(!out.status.success(), "a start to a closed port succeeded");
+    assert_eq!(list(), json!({}), "a start that reached no host left a record");
+
+    // A host that takes the call and hangs up: it may have prepared, so it is told to cancel.
+    let rude = std::net::TcpListener::bind("127.0.0.1:0").expect("port");
+    let rude_port = rude.local_addr().expect("addr").port();
+    let hangup = std::thread::spawn(move || {
+        if let Ok((mut c, _)) = rude.accept() {
+            let mut head = [0u8; 512];
+            let _ = std::io::Read::read(&mut c, &mut head);
+        }
+        // The listener closes too: later cancels find nobody.
+    });
+    let out = start(&format!("http://127.0.0.1:{rude_port}/?session_id=x"));
+    hangup.join().expect("join");
+    assert!(!out.status.success(), "a start whose destination hung up succeeded");
+    let id = list().as_object().expect("map").keys().next().expect("a record kept for the cancel").clone();
+    let out = start(&p.dest_url());
+    assert!(!out.status.success(), "a second start while the first is undone");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("DATA.MIRROR.stop"), "{}", String::from_utf8_lossy(&out.stderr));
+    p.src.cli(&["mirror", "stop", &id]);
+    assert_eq!(list(), json!({}), "stop kept the record");
+
+    // The VDI migrates to a good destination.
+    p.start_mirror(&vdi);
+    p.src.cli(&["vdi", "detach", "--sr", &p.src_sr, "--vdi", &vdi]);
+    assert_eq!(list(), json!({}));
+}
+
 /// A VM of `n` disks of `size` bytes on the source, each attached on its own datapath;
 /// answers (vdis, uris, seeds).
 fn vm(p: &Pair, n: usize, size: u64) -> (Vec<String>, Vec<String>, Vec<Vec<u8>>) {

@@ -87,16 +87,17 @@ impl Remote {
         self.call_answered(call).await.map_err(|(e, _)| e)
     }
 
-    /// [`Remote::call`], also saying whether a failure was the host's answer (it refused or
-    /// failed the call, so it knows the outcome) rather than a lost exchange (it may have
-    /// done the call without our hearing back).
+    /// [`Remote::call`], also saying whether the outcome of a failure is known: the host
+    /// answered (it refused or failed the call), or the call never reached it (no connection
+    /// could be made), rather than a lost exchange (it may have done the call without our
+    /// hearing back).
     pub async fn call_answered<T: Marshal>(&self, call: Call) -> Result<T, (StorageError, bool)> {
         use crate::http::CallErrorKind as K;
         let method = call.method();
         let params = call.params().into_iter().next().unwrap_or(crate::rpc::Value::Null);
         let v = self.client.call_xml(method, params).await.map_err(|e| match &e.kind {
             K::Storage(s) => (s.clone(), true),
-            K::Unauthorised | K::Status { .. } => (StorageError::InternalError(format!("{e}: {}", error_chain(&e))), true),
+            K::Unauthorised | K::Status { .. } | K::Connect(_) => (StorageError::InternalError(format!("{e}: {}", error_chain(&e))), true),
             _ => (StorageError::InternalError(format!("{e}: {}", error_chain(&e))), false),
         })?;
         T::from_value(&v).map_err(|e| (StorageError::InternalError(format!("{method} on the destination answered something unexpected: {e}")), true))

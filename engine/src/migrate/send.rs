@@ -97,7 +97,13 @@ impl Mux {
     ) -> Result<String, StorageError> {
         let id = format!("{sr}/{vdi}");
         self.attached_entry(&sr)?;
-        if lock(&self.records.sends).get(&id).is_some() {
+        if let Some(old) = lock(&self.records.sends).get(&id) {
+            if old.cancelling {
+                return Err(StorageError::InternalError(format!(
+                    "VDI {vdi}'s last mirror ({id}) failed and its destination {} has not yet answered the cancel of its side; DATA.MIRROR.stop {id} gives up on it",
+                    Remote::new(&old.url).map(|r| r.endpoint.to_string()).unwrap_or_default()
+                )));
+            }
             return Err(StorageError::InternalError(format!("VDI {vdi} is already being mirrored (mirror {id})")));
         }
         Remote::new(&url)?;
@@ -487,13 +493,22 @@ impl Mux {
     /// `DATA.MIRROR.stop`.
     pub(crate) async fn mirror_stop(&self, id: &str) -> Result<(), StorageError> {
         let r = lock(&self.records.sends).get(id).cloned().ok_or_else(|| StorageError::DoesNotExist("mirror".into(), id.into()))?;
+        if r.cancelling {
+            // Failed, and its destination has not answered the cancel yet: one more try, then
+            // the record goes whatever the answer (as xapi's stop forgets the mirror), so a
+            // destination gone for good never keeps the VDI from migrating again.
+            if !self.cancel_remote(&r).await {
+                tracing::warn!(mirror = %id, url = %Remote::new(&r.url).map(|r| r.endpoint.to_string()).unwrap_or_default(),
+                    "stop gives up on telling the destination to cancel; it may keep a leftover receive");
+            }
+            lock(&self.records.sends).remove(id)?;
+            self.tasks().changed(Dynamic::Mirror(id.to_owned()));
+            return Ok(());
+        }
         if r.stage.is_starting() {
             // Still in its task: cancelling the task rolls it back.
             let _ = self.tasks().cancel(&r.task);
             return Err(StorageError::InternalError(format!("mirror {id} is still starting (stage {:?}); its task was cancelled", r.stage)));
-        }
-        if r.cancelling {
-            return Ok(());
         }
         let remote_done = self.stop_send(&r).await;
         self.end_send(id, remote_done);
