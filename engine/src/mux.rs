@@ -17,7 +17,7 @@ use crate::datapaths::{Datapaths, DpRecord, superstate};
 use crate::http::Dispatch;
 use crate::model::call::args;
 use crate::model::{
-    AttachInfo, Call, Dynamic, QueryResult, SrHealth, SrInfo, StorageError, VdiInfo, VdiState,
+    AttachInfo, Call, Dynamic, LegacyAttachInfo, QueryResult, SrHealth, SrInfo, StorageError, VdiInfo, VdiState,
 };
 use crate::rpc::Value;
 use crate::rpc::marshal::{Map, Marshal};
@@ -316,7 +316,7 @@ impl Mux {
                     .map(|v| v.to_value())
                     .ok_or_else(|| StorageError::DoesNotExist("VDI".into(), a.name))
             }
-            VdiAttach(a) => self.attach(a.dp, a.sr, a.vdi, a.read_write, None).await.map(|i| i.to_value()),
+            VdiAttach(a) => self.attach(a.dp, a.sr, a.vdi, a.read_write, None).await.map(|i| LegacyAttachInfo::from(&i).to_value()),
             VdiAttach2(a) => self.attach(a.dp, a.sr, a.vdi, a.read_write, a.vm).await.map(|i| i.to_value()),
             VdiAttach3(a) => self.attach(a.dp, a.sr, a.vdi, a.read_write, a.vm).await.map(|i| i.to_value()),
             VdiActivate(a) => self.activate(a.dp, a.sr, a.vdi).await.map(|()| Value::Null),

@@ -167,7 +167,7 @@ fn every_recorded_result_of_a_served_method_decodes_typed_and_back() {
         ("VDI.remove_from_sm_config", rt::<()>),
         ("VDI.stat", rt::<VdiInfo>),
         ("VDI.get_by_name", rt::<VdiInfo>),
-        ("VDI.attach", rt::<Value>),
+        ("VDI.attach", rt::<LegacyAttachInfo>),
         ("VDI.attach2", rt::<AttachInfo>),
         ("VDI.attach3", rt::<AttachInfo>),
         ("VDI.activate", rt::<()>),

@@ -188,6 +188,32 @@ fn an_attached_vdi_is_read_and_written_through_its_nbd_uri() {
     assert!(std::fs::read(&exported).expect("read") == data);
 }
 
+/// The deprecated `VDI.attach`, which older xapis still call during a migration, answers
+/// xapi's `attach_info` (a path and O_DIRECT), not the newer `backend`, and its path reaches
+/// the disk.
+#[test]
+fn the_deprecated_attach_answers_an_attach_info() {
+    require!("nbdinfo");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (host, sr) = host_with_sr(&dir);
+    let vdi = host.cli(&["vdi", "create", "--sr", &sr, "--size", "4M", "--name", "disk"]);
+    let out = host.python_xmlrpc(&format!(
+        "r = proxy.VDI.attach({{'dbg': 't', 'dp': 'old', 'sr': '{sr}', 'vdi': '{vdi}', 'read_write': True}})\nprint(json.dumps(r))"
+    ));
+    let r: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(r["Status"], "Success", "{r}");
+    let info = &r["Value"];
+    assert_eq!((info["o_direct"].clone(), info["o_direct_reason"].clone(), info["xenstore_data"].clone()), (json!(true), json!(""), json!({})), "{info}");
+    // xapi's NBD URI form, nbd:unix:SOCKET:exportname=NAME, as nbdinfo takes it.
+    let params = info["params"].as_str().expect("params");
+    let (socket, export) = params.strip_prefix("nbd:unix:").and_then(|p| p.split_once(":exportname=")).expect("an NBD URI");
+    assert_eq!(export, vdi);
+    host.call("VDI.activate", json!({"dbg": "t", "dp": "old", "sr": sr, "vdi": vdi}));
+    let size = run(Command::new("nbdinfo").args(["--size", &format!("nbd+unix:///{export}?socket={socket}")]));
+    assert_eq!(String::from_utf8_lossy(&size.stdout).trim(), (4 * MIB).to_string());
+    host.call("DP.destroy", json!({"dp": "old", "allow_leak": false, "dbg": "t"}));
+}
+
 #[test]
 fn a_snapshot_of_a_vdi_being_written_holds_the_instant_and_the_leaf_loses_nothing() {
     require!("qemu-io", "nbdcopy");

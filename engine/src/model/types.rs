@@ -229,6 +229,36 @@ record! {
 }
 
 record! {
+    /// `attach_info`: the deprecated `VDI.attach`'s answer, a single path for the VM's disk.
+    /// Old xapis still call it during a migration and ignore the answer; it must decode.
+    pub struct LegacyAttachInfo {
+        // In xapi's order on the wire.
+        /// Keys for the VM's xenstore.
+        xenstore_data: Map<String> [req],
+        /// Why not O_DIRECT, when not.
+        o_direct_reason: String [req],
+        /// Whether the VM's backend opens it with O_DIRECT.
+        o_direct: bool [req],
+        /// The disk's path (here the NBD URI of the datapath).
+        params: String [req],
+    }
+}
+
+impl From<&AttachInfo> for LegacyAttachInfo {
+    /// As xapi's SMAPIv1 wrapper answers `VDI.attach`: the first implementation's path,
+    /// O_DIRECT on, no xenstore keys.
+    fn from(info: &AttachInfo) -> LegacyAttachInfo {
+        let params = match info.implementations.first() {
+            Some(Implementation::XenDisk { params, .. }) => format!("/dev/{params}"),
+            Some(Implementation::BlockDevice { path } | Implementation::File { path }) => path.clone(),
+            Some(Implementation::Nbd { uri }) => uri.clone(),
+            None => String::new(),
+        };
+        LegacyAttachInfo { params, o_direct: true, o_direct_reason: String::new(), xenstore_data: Map::new() }
+    }
+}
+
+record! {
     /// `DP.stat_vdi`'s answer: each datapath's state and their combination.
     pub struct DpStatVdi {
         /// State per datapath.
