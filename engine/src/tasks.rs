@@ -46,6 +46,16 @@ fn now() -> f64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
 }
 
+/// A task's subtasks still pending when it ends end with it, as xapi's `with_subtask` ends
+/// each one.
+fn end_subtasks(task: &mut Task, end: &TaskState) {
+    for state in task.subtasks.values_mut() {
+        if matches!(state, TaskState::Pending(_)) {
+            *state = end.clone();
+        }
+    }
+}
+
 fn no_task(id: &str) -> StorageError {
     StorageError::DoesNotExist("task".into(), id.into())
 }
@@ -132,14 +142,24 @@ impl Tasks {
     /// Ends a task with its result.
     pub fn complete(&self, id: &str, result: Option<TaskResult>) {
         self.update(id, |e| {
+            let done = Completion { result: None, duration: e.started.elapsed().as_secs_f64() };
+            end_subtasks(&mut e.task, &TaskState::Completed(done));
             e.task.state = TaskState::Completed(Completion { result, duration: e.started.elapsed().as_secs_f64() });
         });
     }
 
     /// Ends a task with an error.
     pub fn fail(&self, id: &str, error: &StorageError) {
+        // A cancelled task names itself, as xapi's `raise_cancelled` does (xapi turns it into
+        // TASK_CANCELLED [task]), whatever step of its work noticed the cancel.
+        let error = match error {
+            StorageError::Cancelled(_) => StorageError::Cancelled(id.to_owned()),
+            e => e.clone(),
+        };
         self.update(id, |e| {
-            e.task.state = TaskState::Failed(error.to_value());
+            let failed = TaskState::Failed(error.to_value());
+            end_subtasks(&mut e.task, &failed);
+            e.task.state = failed;
             e.task.backtrace = error.to_string();
         });
     }
@@ -235,6 +255,23 @@ mod tests {
         t.destroy(&id).expect("destroy");
         assert_eq!(t.stat(&id), Err(StorageError::DoesNotExist("task".into(), id.clone())));
         assert!(t.cancel("nope").is_err());
+    }
+
+    #[tokio::test]
+    async fn subtasks_end_with_their_task_and_a_cancel_names_the_task() {
+        let t = Tasks::new();
+        let (ok, _) = t.create("ok");
+        t.subtask(&ok, "copy", TaskState::Pending(1.0));
+        t.complete(&ok, None);
+        assert!(matches!(t.stat(&ok).expect("stat").subtasks.get("copy"), Some(TaskState::Completed(_))));
+        let (failed, _) = t.create("failed");
+        t.subtask(&failed, "copy", TaskState::Pending(0.4));
+        // The copy noticed the cancel and named what it copied: the task says itself.
+        t.fail(&failed, &StorageError::Cancelled("some-vdi".into()));
+        let task = t.stat(&failed).expect("stat");
+        let expected = TaskState::Failed(StorageError::Cancelled(failed.clone()).to_value());
+        assert_eq!(task.state, expected);
+        assert_eq!(task.subtasks.get("copy"), Some(&expected));
     }
 
     #[tokio::test]

@@ -204,7 +204,10 @@ impl Mux {
     /// `DATA.MIRROR.receive_cancel`.
     pub(crate) async fn receive_cancel(&self, id: &str) -> Result<(), StorageError> {
         if lock(&self.records.recvs).get(id).is_none() {
-            return Err(StorageError::DoesNotExist("mirror".into(), id.into()));
+            // Nothing to undo (never prepared, cancelled or finalized already): done, as in
+            // xapi, so a source retrying a cancel whose answer it lost gets its answer.
+            tracing::info!(mirror = %id, "receive_cancel of no receive; nothing to undo");
+            return Ok(());
         }
         self.undo_receive(id).await;
         tracing::info!(mirror = %id, "receive cancelled");
