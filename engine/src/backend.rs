@@ -121,6 +121,11 @@ pub mod errors {
         StorageError::BackendError("VDI_IN_USE".to_owned(), vec![vdi.to_owned(), operation.to_owned()])
     }
 
+    /// A write (a read-write attach, a resize) of a read-only VDI, a snapshot: `VDI_READONLY`.
+    pub fn read_only(vdi: &str) -> StorageError {
+        StorageError::BackendError("VDI_READONLY".to_owned(), vec![vdi.to_owned()])
+    }
+
     /// SM's `SRNoSpace` (code 44), as xapi receives it (and turns into
     /// `SR_SOURCE_SPACE_INSUFFICIENT` in a migration).
     pub fn no_space(detail: impl Display) -> StorageError {

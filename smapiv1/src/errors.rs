@@ -5,7 +5,7 @@
 //! | --- | --- |
 //! | an id that names no VDI of the SR (bad characters, unknown, a hidden parent) | `Vdi_does_not_exist id` |
 //! | destroy, resize or compose of a VDI a datapath holds; a VHD another writer locks | `Backend_error ("VDI_IN_USE", [vdi; operation])` |
-//! | a read-write attach of a read-only VDI | `Backend_error ("VDI_READONLY", [vdi])` |
+//! | a read-write attach or a resize of a read-only VDI (a snapshot) | `Backend_error ("VDI_READONLY", [vdi])` |
 //! | a size beyond the VHD limit | `Backend_error ("VDI_TOO_LARGE", [vdi; limit])` |
 //! | destroy of an SR that still lists a VDI | `Backend_error ("SR_NOT_EMPTY", [sr; why])`, SM's `SRNotEmpty` |
 //! | no space left (`ENOSPC`) | `Backend_error ("SR_BACKEND_FAILURE_44", ["", "There is insufficient space", detail])`, SM's `SRNoSpace`, which xapi's migration turns into `SR_SOURCE_SPACE_INSUFFICIENT` |
@@ -16,7 +16,7 @@
 //! match on.
 
 
-pub(crate) use sxm_engine::backend::errors::{failure, in_use, io, is_no_space, no_space, not_empty};
+pub(crate) use sxm_engine::backend::errors::{failure, in_use, io, is_no_space, no_space, not_empty, read_only};
 use sxm_engine::backend::CopyStats;
 use sxm_engine::model::StorageError;
 use tapmirror::copy::CopyReport;

@@ -399,7 +399,10 @@ impl Backend for Qcow2Backend {
     fn vdi_resize(&self, sr: &SrContext, vdi: &str, new_size: i64) -> StorageResult<i64> {
         let id = vdi_id(vdi)?;
         let mut meta = SrMeta::load_existing(&sr.dir)?;
-        meta.vdi(id)?;
+        // A snapshot holds an instant; a size change is a write to it.
+        if meta.vdi(id)?.read_only {
+            return Err(errors::read_only(id));
+        }
         if self.datapaths.is_attached(group(sr), id) {
             return Err(errors::in_use(id, "VDI.resize"));
         }
@@ -492,7 +495,7 @@ impl Backend for Qcow2Backend {
         let info = meta.vdi(id)?;
         let rw = if read_write { Rw::Rw } else { Rw::Ro };
         if rw == Rw::Rw && info.read_only {
-            return Err(StorageError::BackendError("VDI_READONLY".to_owned(), vec![id.to_owned()]));
+            return Err(errors::read_only(id));
         }
         self.datapaths.attach(group(sr), id, &volume_path(&sr.dir, id), rw == Rw::Rw).map(datapath::attach_info).map_err(errors::datapath)
     }

@@ -65,7 +65,8 @@ enum ImageCommand {
         /// The image (the top of its chain).
         path: PathBuf,
     },
-    /// Check an image and its chain: exit 0 when sound, else print the first problem and exit 1.
+    /// Check an image and its chain: exit 0 when sound, 3 when sound but leaking clusters (as
+    /// `qemu-img check`), else print the first problem and exit 1.
     Check {
         /// The image (the top of its chain).
         path: PathBuf,
@@ -279,12 +280,30 @@ fn main() -> ExitCode {
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("tapmirror: {e:#}");
-            ExitCode::FAILURE
-        }
+        Err(e) => match e.downcast_ref::<Exit>() {
+            Some(Exit(code)) => ExitCode::from(*code),
+            None => {
+                eprintln!("tapmirror: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }
+
+/// An outcome that is no error but has its own exit status (the command said why already).
+#[derive(Debug)]
+struct Exit(u8);
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "exit status {}", self.0)
+    }
+}
+
+impl std::error::Error for Exit {}
+
+/// `image check`'s status for a sound image with leaked clusters, `qemu-img check`'s.
+const LEAKS_EXIT: u8 = 3;
 
 fn parse_size(s: &str) -> std::result::Result<u64, String> {
     let (digits, shift) = match s.trim().char_indices().last() {
@@ -767,11 +786,12 @@ async fn image_command(cmd: ImageCommand) -> Result<()> {
                 Format::Qcow2 => {
                     let report = qcow2::check(&path).await?;
                     if report.leaked_clusters > 0 {
-                        eprintln!(
-                            "{}: {} leaked clusters (wasted space, not damage; `qemu-img check -r leaks` reclaims them)",
+                        println!(
+                            "{}: ok, but {} leaked clusters (wasted space, not damage; `qemu-img check -r leaks` reclaims them)",
                             path.display(),
                             report.leaked_clusters
                         );
+                        return Err(Exit(LEAKS_EXIT).into());
                     }
                 }
             }

@@ -110,6 +110,9 @@ fn a_snapshot_holds_the_instant_and_the_vdi_goes_on() {
     // A snapshot is read-only.
     let e = sr.backend.vdi_attach(&sr.ctx, &s.vdi, true).expect_err("rw attach of a snapshot");
     assert_eq!(failure_kind(&e), "VDI_READONLY:".to_owned() + &s.vdi);
+    // Nor is it resized (it once answered a misleading VDI_IN_USE, for the overlay on it).
+    let e = sr.backend.vdi_resize(&sr.ctx, &s.vdi, st.virtual_size * 2).expect_err("resize of a snapshot");
+    assert_eq!(failure_kind(&e), "VDI_READONLY:".to_owned() + &s.vdi);
 
     // Destroying the snapshot hides it (the VDI reads through it); destroying the VDI then
     // deletes both.

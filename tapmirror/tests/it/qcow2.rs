@@ -539,6 +539,10 @@ async fn corrupt_truncated_and_orphaned_images_are_refused_untouched() {
     assert_eq!(out.status.code(), Some(3), "qemu-img check sees the leak");
     // Like qemu-img (exit 3, not 2), a leak is reported but is no corruption.
     assert_eq!(qcow2::check(&leaky).await.expect("a leak is not corruption").leaked_clusters, 1);
+    // And `image check` exits as qemu-img's does: 3, saying so.
+    let out = Command::new(crate::harness::tapmirror()).args(["image", "check"]).arg(&leaky).output().expect("image check");
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("1 leaked clusters"), "{out:?}");
 }
 
 /// The requirement, judged by QEMU: a 512-byte guest write into an overlay cluster, then
