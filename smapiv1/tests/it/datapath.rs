@@ -135,9 +135,9 @@ fn read_only_vdis_attach_read_only() {
     assert!(matches!(&e, StorageError::BackendError(c, p) if c == "VDI_READONLY" && p.as_slice() == std::slice::from_ref(&s.vdi)), "{e:?}");
     assert!(dp_dirs(&sr).is_empty(), "a refused attach starts nothing");
     // Nor is a snapshot resized: its size is part of the instant it holds.
-    let e = sr.backend.vdi_resize(&sr.ctx, &s.vdi, 8 * MIB as i64).expect_err("resize of a snapshot");
+    let e = sr.backend.vdi_resize(&sr.ctx, &s.vdi, 8 * MIB).expect_err("resize of a snapshot");
     assert!(matches!(&e, StorageError::BackendError(c, _) if c == "VDI_READONLY"), "{e:?}");
-    assert_eq!(sr.backend.vdi_stat(&sr.ctx, &s.vdi).expect("stat").virtual_size, 4 * MIB as i64);
+    assert_eq!(sr.backend.vdi_stat(&sr.ctx, &s.vdi).expect("stat").virtual_size, 4 * MIB);
     let info = sr.backend.vdi_attach(&sr.ctx, &s.vdi, false).expect("read-only attach");
     sr.backend.vdi_activate(&sr.ctx, &s.vdi).expect("activate");
     let uri = nbd_uri(&info);
