@@ -379,7 +379,7 @@ impl Admin {
                     let get = |k: &str| stat.get(k).and_then(Value::as_i64).unwrap_or(0);
                     let text = |k: &str| stat.get(k).and_then(Value::as_str).unwrap_or("").to_owned();
                     let smapi = stat.get("smapi_version").and_then(Value::as_i64).map(|v| format!("v{v}")).unwrap_or_default();
-                    t.add_row(vec![sr, text("name_label"), text("sr_type"), smapi, human(get("total_space")), human(get("free_space"))]);
+                    add_row(&mut t, vec![sr, text("name_label"), text("sr_type"), smapi, human(get("total_space")), human(get("free_space"))]);
                 }
                 println!("{t}");
                 Ok(())
@@ -401,7 +401,7 @@ impl Admin {
                 }
                 let mut t = table(["VDI", "NAME", "SIZE", "USED", "SNAPSHOT OF", "READ-ONLY"]);
                 for v in vdis {
-                    t.add_row(vec![
+                    add_row(&mut t, vec![
                         v.vdi,
                         v.name_label,
                         human(v.virtual_size),
@@ -457,7 +457,7 @@ impl Admin {
                         TaskState::Completed(_) => ("completed", "100%".to_owned()),
                         TaskState::Failed(_) => ("failed", "-".to_owned()),
                     };
-                    t.add_row(vec![task.id, state.to_owned(), progress, task.dbg]);
+                    add_row(&mut t, vec![task.id, state.to_owned(), progress, task.dbg]);
                 }
                 println!("{t}");
                 Ok(())
@@ -502,7 +502,7 @@ impl Admin {
                         };
                         let get = |k: &str| mirror.get(k).and_then(Value::as_str).unwrap_or("").to_owned();
                         let failed = mirror.get("failed").and_then(Value::as_bool).unwrap_or(false);
-                        t.add_row(vec![id, roles, get("source_vdi"), get("dest_vdi"), if failed { "yes".into() } else { "no".into() }]);
+                        add_row(&mut t, vec![id, roles, get("source_vdi"), get("dest_vdi"), if failed { "yes".into() } else { "no".into() }]);
                     }
                 }
                 println!("{t}");
@@ -591,7 +591,7 @@ impl Admin {
                         return self.print_json(&t.to_value());
                     }
                     for (k, v) in t.debug_info.iter().filter(|(k, _)| k.contains("dest_") || k.contains("verified")) {
-                        println!("{k}: {v}");
+                        println!("{}: {}", printable(k), printable(v));
                     }
                     return Ok(());
                 }
@@ -750,6 +750,20 @@ fn tapmirror_copy(args: &[&std::ffi::OsStr]) -> Result<()> {
     Ok(())
 }
 
+/// Adds a row whose cells may hold what a caller named (a VDI's name): control characters are
+/// shown escaped, never sent to the terminal as they are.
+fn add_row(t: &mut Table, cells: Vec<String>) {
+    t.add_row(cells.iter().map(|c| printable(c)).collect::<Vec<String>>());
+}
+
+/// `text` with its control characters escaped (`\u{1b}`, `\n`).
+fn printable(text: &str) -> String {
+    if !text.chars().any(char::is_control) {
+        return text.to_owned();
+    }
+    text.chars().map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() }).collect()
+}
+
 fn table<const N: usize>(header: [&str; N]) -> Table {
     let mut t = Table::new();
     t.load_style(UTF8_BORDERS_ONLY).set_header(header.to_vec());
@@ -780,6 +794,16 @@ mod tests {
         assert!(parse_size("12Q").is_err());
         assert!(parse_size("abc").is_err());
         assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn control_characters_in_names_are_shown_escaped() {
+        assert_eq!(printable("disk 1"), "disk 1");
+        assert_eq!(printable("a\u{1b}[2Jb\n\u{7}"), "a\\u{1b}[2Jb\\n\\u{7}");
+        assert_eq!(printable("été"), "été");
+        let mut t = table(["NAME"]);
+        add_row(&mut t, vec!["x\u{1b}]0;owned\u{7}".into()]);
+        assert!(!t.to_string().contains('\u{1b}'), "{t}");
     }
 
     #[test]
