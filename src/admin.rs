@@ -224,7 +224,7 @@ pub struct MigrateStart {
     #[arg(long)]
     dest_sr: String,
     /// How many disks copy at once; the others wait their turn.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
     parallel: u32,
     /// Bytes per second the disks' copies share at most (K, M, G suffixes; powers of 1024);
     /// change it while the job runs with `sxm migrate set-bwlimit JOB RATE`.
@@ -543,7 +543,7 @@ impl Admin {
                     ("bwlimit", Value::Int(i64::try_from(m.bwlimit.unwrap_or(0)).context("--bwlimit too large")?)),
                     ("verify", Value::Bool(m.verify)),
                     ("hold", Value::Bool(m.hold)),
-                    ("parallel", Value::Int(i64::from(m.parallel.max(1)))),
+                    ("parallel", Value::Int(i64::from(m.parallel))),
                     ("dest", s(&m.dest_sr)),
                     ("url", s(&url)),
                     ("vdis", vdis),

@@ -1072,6 +1072,18 @@ fn a_preflight_that_must_refuse_refuses_and_makes_nothing() {
     assert!(err.contains("preflight") && err.contains("free"), "{err}");
     assert_eq!(p.state(), before, "a refused preflight made something");
     assert_eq!(p.src.call("TASK.list", json!({"dbg": "t"})), json!([]), "no job task either");
+    // Limits that make no sense: no disk at a time, a negative rate (both once taken as 1
+    // and as no limit).
+    for (key, value, word) in [("parallel", 0, "parallel"), ("bwlimit", -1, "bwlimit")] {
+        let mut args = json!({"sr": p.src_sr, "vdis": vdis, "url": url, "dest": p.dst_sr, "dbg": "t"});
+        args[key] = json!(value);
+        let reply = p.src.jsonrpc("SXM.migrate.start", args);
+        assert!(reply["error"].to_string().contains(word), "{key} {value}: {reply}");
+    }
+    let out = p.src.cli_raw(&job_args(&p, &url, &vdis, &["--parallel", "0"]));
+    assert!(!out.status.success(), "--parallel 0 was taken");
+    assert_eq!(p.state(), before, "a refused start made something");
+    assert_eq!(p.src.call("TASK.list", json!({"dbg": "t"})), json!([]), "no job task either");
     // A VDI no guest runs is refused too.
     p.src.cli(&["vdi", "detach", "--sr", &p.src_sr, "--vdi", &vdis[0]]);
     let out = p.src.cli_raw(&job_args(&p, &url, &vdis[..1], &[]));

@@ -127,7 +127,7 @@ impl Mux {
     pub(crate) async fn migrate_start(&self, a: args::SxmMigrateStart) -> Result<String, StorageError> {
         let disks = self.preflight(&a).await?;
         let (task, cancel) = self.tasks().create(&format!("migrate {} disk(s) of SR {}", disks.len(), a.sr));
-        let limit = Arc::new(RateLimit::new(u64::try_from(a.bwlimit.max(0)).unwrap_or(0)));
+        let limit = Arc::new(RateLimit::new(u64::try_from(a.bwlimit).unwrap_or(0)));
         let job = Arc::new(Job { limit: limit.clone(), cutover: Notify::new(), cutover_asked: false.into(), hold: a.hold });
         // Each disk's copy asks the job's bucket before every request.
         let throttle: Throttle = Arc::new(move |bytes| limit.grant(bytes));
@@ -173,7 +173,10 @@ impl Mux {
     /// `SXM.migrate.set_bwlimit`: the job's disks share the new limit from their next request.
     pub(crate) fn migrate_set_bwlimit(&self, job: &str, bwlimit: i64) -> Result<(), StorageError> {
         let j = lock(&self.jobs.jobs).get(job).cloned().ok_or_else(|| StorageError::DoesNotExist("job".into(), job.into()))?;
-        j.limit.set_rate(u64::try_from(bwlimit.max(0)).unwrap_or(0));
+        let Ok(rate) = u64::try_from(bwlimit) else {
+            return Err(StorageError::InternalError(format!("bwlimit {bwlimit} is negative (0 is no limit)")));
+        };
+        j.limit.set_rate(rate);
         tracing::info!(job, bwlimit, "bandwidth limit changed");
         Ok(())
     }
@@ -182,6 +185,12 @@ impl Mux {
     async fn preflight(&self, a: &args::SxmMigrateStart) -> Result<Vec<Disk>, StorageError> {
         if a.vdis.is_empty() {
             return Err(preflight_error("no VDI to move"));
+        }
+        if a.parallel < 1 {
+            return Err(preflight_error(format!("parallel {} moves no disk; it must be at least 1", a.parallel)));
+        }
+        if a.bwlimit < 0 {
+            return Err(preflight_error(format!("bwlimit {} is negative (0 is no limit)", a.bwlimit)));
         }
         self.attached_entry(&a.sr).map_err(|e| preflight_error(e.to_string()))?;
         let mut disks = Vec::new();
