@@ -158,16 +158,8 @@ async fn attach<I: Image>(server: &Arc<NbdServer<I>>, mirror: Arc<Mirror>, reque
 /// a task of `control.accepted`, until the peer closes it or shutdown. Answers the socket's
 /// kind.
 fn accept<I: Image>(control: &Control<I>, fd: OwnedFd, how: Handshake) -> Result<&'static str, String> {
-    use nix::sys::socket::{AddressFamily, SockType, SockaddrLike, SockaddrStorage, getpeername, getsockname, getsockopt, sockopt};
-    let ty = getsockopt(&fd, sockopt::SockType).map_err(|e| format!("the descriptor is not a socket ({e})"))?;
-    if ty != SockType::Stream {
-        return Err(format!("a {ty:?} socket, not a stream"));
-    }
-    if getsockopt(&fd, sockopt::AcceptConn).unwrap_or(false) {
-        return Err("a listening socket, not a connection".into());
-    }
-    getpeername::<SockaddrStorage>(fd.as_raw_fd()).map_err(|e| format!("the socket is not connected ({e})"))?;
-    let family = getsockname::<SockaddrStorage>(fd.as_raw_fd()).map_err(|e| format!("the socket has no address ({e})"))?.family();
+    use nix::sys::socket::AddressFamily;
+    let family = connected_stream(&fd)?;
     let server = Arc::clone(&control.server);
     let stop = control.shutdown.child_token();
     let io = |e: std::io::Error| e.to_string();
@@ -187,6 +179,20 @@ fn accept<I: Image>(control: &Control<I>, fd: OwnedFd, how: Handshake) -> Result
         }
         other => Err(format!("a socket of family {other:?}, not TCP or Unix")),
     }
+}
+
+/// Checks that `fd` is a connected stream socket (what NBD runs over); answers its family.
+fn connected_stream(fd: &OwnedFd) -> Result<Option<nix::sys::socket::AddressFamily>, String> {
+    use nix::sys::socket::{SockType, SockaddrLike, SockaddrStorage, getpeername, getsockname, getsockopt, sockopt};
+    let ty = getsockopt(fd, sockopt::SockType).map_err(|e| format!("the descriptor is not a socket ({e})"))?;
+    if ty != SockType::Stream {
+        return Err(format!("a {ty:?} socket, not a stream"));
+    }
+    if getsockopt(fd, sockopt::AcceptConn).unwrap_or(false) {
+        return Err("a listening socket, not a connection".into());
+    }
+    getpeername::<SockaddrStorage>(fd.as_raw_fd()).map_err(|e| format!("the socket is not connected ({e})"))?;
+    Ok(getsockname::<SockaddrStorage>(fd.as_raw_fd()).map_err(|e| format!("the socket has no address ({e})"))?.family())
 }
 
 async fn serve_accepted<I, R, W>(server: Arc<NbdServer<I>>, r: R, w: W, stop: CancellationToken, how: Handshake)
@@ -362,6 +368,9 @@ async fn execute<I: Image>(control: &Control<I>, request: &Value, mut fds: Vec<O
                 return err("a mirror is already attached");
             }
             let timeout = Duration::from_millis(request.get("timeout_ms").and_then(Value::as_u64).unwrap_or(30_000).max(1));
+            if let Some(e) = fds.iter().find_map(|fd| connected_stream(fd).err()) {
+                return err(format!("mirror-attach: the target descriptor is no NBD connection: {e}"));
+            }
             let fd = fds.remove(0);
             let export = request.get("export").and_then(Value::as_str).unwrap_or("").to_owned();
             // A peer that never answers the handshake must not hold this connection forever.
@@ -370,7 +379,7 @@ async fn execute<I: Image>(control: &Control<I>, request: &Value, mut fds: Vec<O
             };
             let client = match connect(fd, timeout).await {
                 Ok(Ok(c)) => c,
-                Ok(Err(e)) => return err(format!("NBD on the mirror socket: {e}")),
+                Ok(Err(e)) => return err(format!("NBD on the mirror socket: {}", crate::error_chain(&e))),
                 Err(_) => return err(format!("NBD on the mirror socket: no handshake within {timeout:?}")),
             };
             // The background pass's own connection runs on the pass's runtime, with the pass.
@@ -388,7 +397,7 @@ async fn execute<I: Image>(control: &Control<I>, request: &Value, mut fds: Vec<O
                 Some(fd) => match connect_for_pass(fd).await {
                     Ok(Ok(c)) if c.size() == client.size() => Some(c),
                     Ok(Ok(_)) => return err("the two mirror sockets reach exports of different sizes"),
-                    Ok(Err(e)) => return err(format!("NBD on the second mirror socket: {e}")),
+                    Ok(Err(e)) => return err(format!("NBD on the second mirror socket: {}", crate::error_chain(&e))),
                     // A target that serves one connection at a time (qemu-nbd's default) never
                     // greets the second: the pass shares the first, as with one descriptor.
                     Err(_) => {
@@ -454,7 +463,11 @@ async fn execute<I: Image>(control: &Control<I>, request: &Value, mut fds: Vec<O
         },
         "mirror-detach" => {
             if server.mirror().get().is_none() {
-                return err("no mirror attached");
+                // A failed mirror detached itself: say so, and why, rather than just "none".
+                return match server.mirror().failure() {
+                    Some(why) => err(format!("no mirror attached (the last one failed and was detached: {why})")),
+                    None => err("no mirror attached"),
+                };
             }
             // Quiesce, as attach does: guest writes in flight finish on both sides first, so
             // none is left half-mirrored and the disconnect below fails nothing.
@@ -495,7 +508,13 @@ async fn execute<I: Image>(control: &Control<I>, request: &Value, mut fds: Vec<O
             }
         }
         "drain" => {
-            let secs = request.get("timeout_s").and_then(Value::as_f64).unwrap_or(30.0).clamp(0.0, 3600.0);
+            let secs = match request.get("timeout_s") {
+                None => 30.0,
+                Some(v) => match v.as_f64() {
+                    Some(s) if (0.0..=3600.0).contains(&s) => s,
+                    _ => return err(format!("timeout_s {v} is not a number of seconds from 0 to 3600")),
+                },
+            };
             if server.drain(Duration::from_secs_f64(secs)).await {
                 json!({"ok": true, "mirror": server.mirror().state()})
             } else {

@@ -619,7 +619,7 @@ impl Datapaths {
                 tracing::info!(group = g.name, id, counters = %answer["counters"], "mirror detached");
                 Ok(())
             }
-            Err(ProcessError::Refused { message, .. }) if message == "no mirror attached" => {
+            Err(ProcessError::Refused { message, .. }) if message.starts_with("no mirror attached") => {
                 tracing::info!(group = g.name, id, "no mirror to detach");
                 Ok(())
             }

@@ -199,6 +199,11 @@ fn target_errors_fail_the_mirror_not_the_guest() {
     assert_eq!(stats["mirror"]["state"], "failed", "{stats}");
     assert!(stats["mirror"]["failure"].as_str().unwrap_or("").contains("write"), "{stats}");
     assert_eq!(stats["errors"], 0, "the guest saw errors: {stats}");
+    // A detach after the failure says what became of the mirror, not just "none".
+    let detach = ctl_output(&ctl_path, &["mirror-detach"]);
+    assert!(!detach.status.success());
+    let said = String::from_utf8_lossy(&detach.stdout) + String::from_utf8_lossy(&detach.stderr);
+    assert!(said.contains("no mirror attached") && said.contains("failed") && said.contains("write"), "{said}");
     // Healthy afterwards: more guest I/O works, and a new mirror can be attached.
     run(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x42 0 64k", "-c", "read -P 0x42 0 64k", &source.uri()]));
     let target = crate::harness::serve(64 * MIB, &[]);
@@ -260,16 +265,28 @@ fn bad_control_input_gets_an_error_and_changes_nothing() {
         ("{\"cmd\":\"mirror-rate\",\"bytes_per_s\":1000}\n", "no mirror"),
         ("{\"cmd\":\"mirror-rate\",\"bytes_per_s\":1000,\"busy\":\"yes\"}\n", "\"busy\""),
         ("{\"cmd\":\"mirror-converge\"}\n", "no mirror"),
+        ("{\"cmd\":\"drain\",\"timeout_s\":\"soon\"}\n", "timeout_s"),
+        ("{\"cmd\":\"drain\",\"timeout_s\":-1}\n", "timeout_s"),
     ] {
         let a = raw(line);
         assert_eq!(a["ok"], false, "{line}: {a}");
         assert!(a["error"].as_str().unwrap_or("").contains(why), "{line}: {a}");
     }
-    // A descriptor that is not an NBD server: refused, nothing attached.
+    // A descriptor that is not an NBD server: refused, nothing attached, and the error says
+    // what the descriptor is (a pipe once got "NBD connection" and no more).
     let junk = tempfile::tempfile().expect("tempfile");
     let fd = std::os::fd::OwnedFd::from(junk);
     let a = tapmirror::control::request(&ctl_path, &serde_json::json!({"cmd": "mirror-attach"}), Some(&fd)).expect("request");
     assert_eq!(a["ok"], false, "{a}");
+    assert!(a["error"].as_str().unwrap_or("").contains("not a socket"), "{a}");
+    let (pipe, _writer) = nix::unistd::pipe().expect("pipe");
+    let a = tapmirror::control::request(&ctl_path, &serde_json::json!({"cmd": "mirror-attach"}), Some(&pipe)).expect("request");
+    assert!(a["error"].as_str().unwrap_or("").contains("not a socket"), "{a}");
+    // A socket whose peer is no NBD server: the cause, not just "NBD connection".
+    let (peer, theirs) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+    std::io::Write::write_all(&mut &peer, b"HTTP/1.1 400 Bad Request\r\n\r\n").expect("junk greeting");
+    let a = tapmirror::control::request(&ctl_path, &serde_json::json!({"cmd": "mirror-attach"}), Some(&std::os::fd::OwnedFd::from(theirs))).expect("request");
+    assert!(a["error"].as_str().unwrap_or("").contains("not an NBD server"), "{a}");
     // A descriptor with a command that takes none.
     let a = tapmirror::control::request(&ctl_path, &serde_json::json!({"cmd": "stats"}), Some(&fd)).expect("request");
     assert_eq!(a["ok"], false, "{a}");
