@@ -7,6 +7,7 @@
 //! | --- | --- | --- |
 //! | create | new `<id>.vhd` (synced) → record | an orphan file: deleted at attach |
 //! | destroy | record without the VDI (and without hidden parents it alone used) → delete files | orphans: deleted at attach |
+//! | coalesce (after a destroy leaves a hidden parent one VDI child) | pause the child's datapath → `vhd::coalesce` (the child's sectors into the parent) → record (the child on the parent's parent, the parent gone) → rename the parent's file over the child's → unpause | before the rename: the child's file still names the parent, so attach takes the files' parent and adopts the parent as hidden again; the chain reads the same in every case |
 //! | snapshot, clone | pause the datapath → `vhd::snapshot` (link the VDI's file as the base, rename a new empty leaf over the VDI's name) → unpause → new leaf on the base → record (base hidden, VDI on it, new VDI on it) | before the rename: an orphan link to the VDI's file, deleted; after it: the VDI on an unrecorded base, which attach adopts as a hidden parent, and perhaps an orphan new leaf, deleted. The VDI reads the same in every case |
 //! | compose | pause the child's datapath → rewrite the child's parent locators (`vhd::compose`) → unpause → record (parent hidden, child on it, old hidden parents no one uses dropped) → delete those files | the child on its new parent with the old record: attach takes the files' parent and hides the parent VDI, as compose would have |
 //! | resize | grow the file (`vhd::resize`) → record the size | the old size in the record, which is only a cache: calls answer the file's size |
@@ -165,6 +166,10 @@ fn delete_files(sr: &SrContext, ids: &[String]) {
     }
 }
 
+/// The most data a VDI may hold for its hidden parent to be coalesced into it after a destroy:
+/// its guest waits while the data is copied (SM's live leaf-coalesce has such a bound too).
+const LIVE_COALESCE_MAX: u64 = 64 << 20;
+
 /// Snapshot or clone.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Branch {
@@ -241,6 +246,60 @@ impl ExtBackend {
         }
         tracing::info!(sr = %sr.sr, vdi = %src, new = %new, base = %base, call = kind.call(), "branched a VDI on a new hidden base");
         present(sr, &meta, &new)
+    }
+}
+
+impl ExtBackend {
+    /// After a destroy, SM's garbage collector's leaf-coalesce: a hidden node left with one
+    /// child, a VDI, is folded into that VDI, so that snapshot-and-destroy cycles (a backup's)
+    /// leave no chain behind them. The VDI's sectors are written into the hidden node's file
+    /// (`vhd::coalesce`: the VDI reads the same at every moment), the record makes the node's
+    /// parent the VDI's, and the node's file is renamed over the VDI's, all with the VDI's
+    /// datapath paused (the guest waits; hence only VDIs holding up to [`LIVE_COALESCE_MAX`]).
+    /// A crash before the rename leaves the VDI on its old parent, which attach adopts back
+    /// from the files. Best effort: a failure is logged and leaves the chain as it was.
+    fn coalesce_lone_child(&self, sr: &SrContext, hidden: &str) {
+        let Ok(meta) = SrMeta::load_existing(&sr.dir) else { return };
+        let children = meta.children(hidden);
+        let (Some(node), [child]) = (meta.nodes.get(hidden), children.as_slice()) else { return };
+        let child = (*child).to_owned();
+        if node.info.is_some() || meta.nodes.get(&child).is_none_or(|n| n.info.is_none()) || !meta.children(&child).is_empty() {
+            return;
+        }
+        let (hidden_path, child_path) = (vhd_path(&sr.dir, hidden), vhd_path(&sr.dir, &child));
+        match vhd::info(&child_path) {
+            Ok(i) if i.allocated_bytes <= LIVE_COALESCE_MAX => {}
+            Ok(i) => {
+                tracing::info!(sr = %sr.sr, vdi = %child, hidden, bytes = i.allocated_bytes, "not coalescing: the VDI holds too much to pause its guest for");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(sr = %sr.sr, vdi = %child, error = %errors::chain(&e), "not coalescing: the VDI's file cannot be read");
+                return;
+            }
+        }
+        let coalesced = self.datapaths.with_quiesced(
+            group(sr),
+            &child,
+            "coalesce",
+            || {
+                vhd::coalesce(&child_path).map_err(|e| errors::vhd(&child, "coalesce", &e))?;
+                let mut meta = SrMeta::load_existing(&sr.dir)?;
+                let grandparent = meta.nodes.remove(hidden).and_then(|n| n.parent);
+                if let Some(n) = meta.nodes.get_mut(&child) {
+                    n.parent = grandparent;
+                }
+                meta.save(&sr.dir)?;
+                std::fs::rename(&hidden_path, &child_path)
+                    .and_then(|()| state::sync_dir(&sr.dir))
+                    .map_err(|e| errors::io(format!("renaming {} over {}", hidden_path.display(), child_path.display()), &e))
+            },
+            errors::datapath,
+        );
+        match coalesced {
+            Ok(()) => tracing::info!(sr = %sr.sr, vdi = %child, hidden, "coalesced a VDI with its hidden parent"),
+            Err(e) => tracing::warn!(sr = %sr.sr, vdi = %child, hidden, error = %e, "coalescing a VDI with its hidden parent failed; the chain stays"),
+        }
     }
 }
 
@@ -371,11 +430,14 @@ impl Backend for ExtBackend {
         }
         let parent = meta.nodes.remove(id).and_then(|n| n.parent);
         let mut garbage = vec![id.to_owned()];
-        garbage.extend(meta.drop_unused_hidden(parent));
+        garbage.extend(meta.drop_unused_hidden(parent.clone()));
         meta.save_destroying(&sr.dir, id)?;
         tracing::info!(sr = %sr.sr, vdi = %id, hidden_parents_dropped = garbage.len() - 1, "destroyed a VDI");
         delete_files(sr, &garbage);
         state::ensure_reserve(&sr.dir);
+        if let Some(parent) = parent.filter(|p| meta.nodes.contains_key(p)) {
+            self.coalesce_lone_child(sr, &parent);
+        }
         Ok(())
     }
 

@@ -38,7 +38,8 @@
 //!
 //! A snapshot or clone moves the VDI's data into a new hidden base; the VDI and the new VDI are
 //! both empty leaves on it. Destroying a VDI deletes its file and every hidden parent nothing
-//! else reads through. Compose re-parents the child onto the parent, which becomes hidden (as
+//! else reads through; a hidden parent left with one child, a VDI, is then coalesced into it
+//! (SM's leaf-coalesce, for VDIs holding up to 64 MiB). Compose re-parents the child onto the parent, which becomes hidden (as
 //! SM hides it and xapi unmanages it); the child's old parents go when no VDI needs them.
 //! `SR.scan` lists the visible VDIs only.
 

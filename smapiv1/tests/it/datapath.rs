@@ -279,6 +279,81 @@ fn snapshot_while_a_guest_writes_loses_nothing_and_freezes_the_instant() {
     eprintln!("snapshot under load: {} writes, snapshot call {:?}", log.len(), t1 - t0);
 }
 
+/// Backups' snapshot-and-destroy cycles under a writing guest: each destroy coalesces the
+/// VDI with the hidden base it leaves (SM's leaf-coalesce), so the chain never grows, and no
+/// write is lost or torn across the pauses.
+#[test]
+fn destroying_snapshots_under_a_writing_guest_coalesces_the_chain_and_loses_nothing() {
+    let sr = TestSr::new();
+    let v = sr.create("busy disk", 4 * MIB);
+    let info = sr.backend.vdi_attach(&sr.ctx, &v.vdi, true).expect("attach");
+    sr.backend.vdi_activate(&sr.ctx, &v.vdi).expect("activate");
+    let uri = NbdUri::parse(&nbd_uri(&info)).expect("uri");
+    let stop = Arc::new(AtomicBool::new(false));
+    let rounds = Arc::new(AtomicU64::new(0));
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let client = rt.block_on(NbdClient::connect(&uri)).expect("connect");
+    let mut tasks = Vec::new();
+    for w in 0..WRITERS {
+        let (client, stop, rounds) = (client.clone(), Arc::clone(&stop), Arc::clone(&rounds));
+        tasks.push(rt.spawn(async move {
+            let mut last = vec![0u64; BLOCKS as usize];
+            let mut round = 0;
+            while !stop.load(Ordering::Relaxed) {
+                round += 1;
+                for block in (w..BLOCKS).step_by(WRITERS as usize) {
+                    client.write(block * BLOCK as u64, block_data(block, round), false).await.map_err(|e| format!("block {block} round {round}: {e}"))?;
+                    last[block as usize] = round;
+                }
+                if w == 0 {
+                    rounds.store(round, Ordering::Relaxed);
+                }
+            }
+            Ok::<_, String>(last)
+        }));
+    }
+    let wait_rounds = |n: u64| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while rounds.load(Ordering::Relaxed) < n {
+            assert!(Instant::now() < deadline, "the writers stalled");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    for cycle in 0..8 {
+        wait_rounds(rounds.load(Ordering::Relaxed) + 2);
+        let mut req = v.clone();
+        req.name_label = format!("backup {cycle}");
+        let s = sr.backend.vdi_snapshot(&sr.ctx, &req).expect("snapshot");
+        assert_eq!(sr.files().len(), 3, "cycle {cycle}: the VDI, its snapshot and their base");
+        wait_rounds(rounds.load(Ordering::Relaxed) + 1);
+        sr.backend.vdi_destroy(&sr.ctx, &s.vdi).expect("destroy the snapshot");
+        assert_eq!(sr.files(), vec![v.vdi.clone()], "cycle {cycle}: the chain was not coalesced");
+        let stat = sr.backend.vdi_stat(&sr.ctx, &v.vdi).expect("stat");
+        assert!(!stat.sm_config.contains_key("vhd-parent"), "cycle {cycle}: {:?}", stat.sm_config);
+    }
+    wait_rounds(rounds.load(Ordering::Relaxed) + 2);
+    stop.store(true, Ordering::Relaxed);
+    let mut last = vec![0u64; BLOCKS as usize];
+    for t in tasks {
+        for (b, r) in rt.block_on(t).expect("writer task").expect("the guest saw no error").into_iter().enumerate() {
+            last[b] = last[b].max(r);
+        }
+    }
+    rt.block_on(client.flush()).expect("flush");
+    let live = rt.block_on(client.read(0, BLOCKS as usize * BLOCK)).expect("read the leaf");
+    rt.block_on(client.disconnect()).expect("disconnect");
+    for b in 0..BLOCKS {
+        assert_eq!(round_of(&live, b), last[b as usize], "block {b}: a write was lost");
+    }
+    sr.backend.vdi_deactivate(&sr.ctx, &v.vdi).expect("deactivate");
+    sr.backend.vdi_detach(&sr.ctx, &v.vdi).expect("detach");
+    vhd_check(&sr.vhd(&v.vdi)).expect("sound VHD");
+    assert!(sr.read_all(&v.vdi)[..live.len()] == live[..], "the file holds what the guest read");
+    // The record agrees with the files after a restart's recovery.
+    let r = sxm_smapiv1::recover::recover(&sr.ctx.sr, &sr.ctx.dir).expect("recover");
+    assert_eq!(r, sxm_smapiv1::recover::Recovery::default(), "recovery found something to mend");
+}
+
 #[test]
 fn compose_onto_a_copied_parent_while_the_leaf_is_active() {
     require!("qemu-io");

@@ -103,6 +103,17 @@ impl TestSr {
         v
     }
 
+    /// Runs qemu-io command `cmd` (a write) on VDI `id` through a datapath, attached and
+    /// detached around it: QEMU's vpc driver knows no parent locators, so a differencing VHD
+    /// is written through our data path rather than as a file.
+    pub fn write_through_datapath(&self, id: &str, cmd: &str) {
+        let uri = nbd_uri(&self.backend.vdi_attach(&self.ctx, id, true).expect("attach"));
+        self.backend.vdi_activate(&self.ctx, id).expect("activate");
+        tapmirror::testkit::qemu_io(&uri, cmd).expect("write through the datapath");
+        self.backend.vdi_deactivate(&self.ctx, id).expect("deactivate");
+        self.backend.vdi_detach(&self.ctx, id).expect("detach");
+    }
+
     /// The whole content of VDI `id`'s chain, read by `tapmirror copy` into a raw file.
     pub fn read_all(&self, id: &str) -> Vec<u8> {
         let out = self._tmp.path().join(format!("read-{id}.raw"));

@@ -88,6 +88,39 @@ fn a_snapshot_cut_after_the_rename_keeps_the_new_base_as_a_hidden_parent() {
     assert!(sr.files().is_empty());
 }
 
+/// A coalesce after a destroy, cut after its record (the VDI on its grandparent, the hidden
+/// base gone) but before the base's file is renamed over the VDI's: the VDI's file still names
+/// the base, so attach adopts the base again and the VDI reads the same. The base stays (the
+/// chain one longer than it would be); later snapshots' destroys coalesce only their own base.
+#[test]
+fn a_coalesce_cut_before_its_rename_keeps_the_base_and_reads_the_same() {
+    require!("qemu-io");
+    let sr = TestSr::new();
+    let v = sr.create("v", 4 * MIB);
+    qemu_write(&sr.vhd(&v.vdi), 512, 0x44, 65536);
+    let s = sr.backend.vdi_snapshot(&sr.ctx, &v).expect("snapshot");
+    let base = sr.backend.vdi_stat(&sr.ctx, &v.vdi).expect("stat").sm_config.get("vhd-parent").expect("a base").clone();
+    let before = sr.read_all(&v.vdi);
+    // The steps of the destroy of s and the coalesce, up to the record.
+    let mut meta = sxm_smapiv1::meta::SrMeta::load_existing(&sr.ctx.dir).expect("record");
+    meta.nodes.remove(&s.vdi);
+    fs::remove_file(sr.vhd(&s.vdi)).expect("s's file");
+    vhd::coalesce(&sr.vhd(&v.vdi)).expect("coalesce");
+    meta.nodes.remove(&base);
+    meta.nodes.get_mut(&v.vdi).expect("v").parent = None;
+    meta.save(&sr.ctx.dir).expect("save");
+    // Crash; attach.
+    let r = recover(&sr.ctx.sr, &sr.ctx.dir).expect("recover");
+    assert_eq!((r.adopted, r.reparented), (vec![base.clone()], vec![v.vdi.clone()]));
+    assert!(sr.read_all(&v.vdi) == before, "content differs");
+    // A new snapshot's destroy coalesces its own base, above the adopted one.
+    let s2 = sr.backend.vdi_snapshot(&sr.ctx, &v).expect("snapshot");
+    sr.backend.vdi_destroy(&sr.ctx, &s2.vdi).expect("destroy");
+    assert!(sr.read_all(&v.vdi) == before, "content differs");
+    assert_eq!(sr.files().len(), 2, "v on the adopted base: {:?}", sr.files());
+    vhd_check(&sr.vhd(&v.vdi)).expect("sound chain");
+}
+
 #[test]
 fn a_compose_cut_before_its_record_is_finished_at_attach() {
     require!("qemu-io");
@@ -186,9 +219,13 @@ fn a_destroy_cut_after_burying_its_file_is_finished_at_attach() {
     qemu_write(&sr.vhd(&v.vdi), 0, 0x55, 65536);
     let s = sr.backend.vdi_snapshot(&sr.ctx, &v).expect("snapshot");
     let snap_data = sr.read_all(&s.vdi);
-    let lone = sr.create("lone", 2 * MIB);
+    // A VDI alone on a hidden base: its snapshot destroyed once it held more than a destroy
+    // coalesces (else the base would be folded into it).
+    let lone = sr.create("lone", 72 * MIB);
     let lone_base = sr.backend.vdi_snapshot(&sr.ctx, &lone).expect("snapshot of lone");
+    sr.write_through_datapath(&lone.vdi, "write -P 0x77 0 65M");
     sr.backend.vdi_destroy(&sr.ctx, &lone_base.vdi).expect("destroy lone's snapshot");
+    vhd_check(&sr.vhd(&lone.vdi)).expect("lone is sound, on its base");
     let hidden: Vec<String> = sr.files().into_iter().filter(|f| ![&v.vdi, &s.vdi, &lone.vdi].contains(&f)).collect();
     assert_eq!(hidden.len(), 2, "one hidden base each for v and lone: {hidden:?}");
     // Crash: v's and lone's files are buried, the record still names both.

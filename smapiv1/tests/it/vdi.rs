@@ -135,13 +135,27 @@ fn snapshot_moves_the_data_to_a_hidden_base_and_the_snapshot_reads_it() {
         vhd_check(&sr.vhd(id)).expect("sound chain");
     }
 
-    // Destroying the snapshot keeps the VDI whole; the base stays while the VDI needs it.
+    // Destroying the snapshot keeps the VDI whole, and the base it alone reads through is
+    // coalesced into it (SM's garbage collector's leaf-coalesce): one file again.
+    sr.write_through_datapath(&v.vdi, "write -P 0xcc 3M 1M");
+    let mut after = before.clone();
+    after[3 << 20..4 << 20].fill(0xcc);
     sr.backend.vdi_destroy(&sr.ctx, &s.vdi).expect("destroy snapshot");
     assert_eq!(sr.scan_ids(), vec![v.vdi.clone()]);
-    assert!(sr.read_all(&v.vdi) == before, "content differs");
-    assert!(sr.files().contains(&base));
-    // Destroying the VDI too drops the base no one uses any more.
-    sr.backend.vdi_destroy(&sr.ctx, &v.vdi).expect("destroy");
+    assert!(sr.read_all(&v.vdi) == after, "content differs");
+    assert_eq!(sr.files(), vec![v.vdi.clone()], "the base was not coalesced");
+    assert!(!sr.backend.vdi_stat(&sr.ctx, &v.vdi).expect("stat").sm_config.contains_key("vhd-parent"));
+    vhd_check(&sr.vhd(&v.vdi)).expect("sound VHD");
+    assert_eq!(qemu_info(&sr.vhd(&v.vdi))["virtual-size"], 8 * MIB, "QEMU reads the coalesced file");
+
+    // Destroying the VDI rather than its snapshot: the snapshot takes the base's data.
+    let s = sr.backend.vdi_snapshot(&sr.ctx, &v).expect("snapshot again");
+    sr.backend.vdi_destroy(&sr.ctx, &v.vdi).expect("destroy the VDI");
+    assert_eq!(sr.files(), vec![s.vdi.clone()], "the base was not coalesced into the snapshot");
+    assert!(sr.read_all(&s.vdi) == after, "the snapshot's content changed");
+    let st = sr.backend.vdi_stat(&sr.ctx, &s.vdi).expect("stat");
+    assert!(st.is_a_snapshot && st.read_only, "still a snapshot: {st:?}");
+    sr.backend.vdi_destroy(&sr.ctx, &s.vdi).expect("destroy");
     assert!(sr.files().is_empty(), "{:?}", sr.files());
 }
 
