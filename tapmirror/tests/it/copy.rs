@@ -316,6 +316,30 @@ fn copy_takes_the_formats_it_is_told_rather_than_probing() {
     assert!(std::fs::read(d.join("out.raw")).expect("out") == disk, "the copy is not the disk's own bytes");
 }
 
+/// A copy into a qcow2 file of a sparse disk whose clusters mix data and holes: the copy sends
+/// a cluster's data and the zeroing of its hole as requests in flight together, which once
+/// lost the data (each allocated the cluster). Judged by `qemu-img compare`.
+#[test]
+fn copy_into_a_qcow2_file_keeps_data_beside_zeroes_in_a_cluster() {
+    crate::require!("qemu-img");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let src = d.join("mixed.raw");
+    let f = std::fs::File::create(&src).expect("source");
+    f.set_len(16 * MIB).expect("size");
+    for i in 0..(16 * MIB / 4096) {
+        // Within every 64 KiB cluster: data, then a hole, then data again.
+        if i % 16 < 4 || i % 16 >= 12 {
+            std::os::unix::fs::FileExt::write_all_at(&f, &pattern(4096, i + 1), i * 4096).expect("data");
+        }
+    }
+    drop(f);
+    let dst = d.join("out.qcow2");
+    run(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&dst).arg("16M"));
+    run(Command::new(crate::harness::tapmirror()).arg("copy").arg(&src).arg(&dst).args(["--dest-format", "qcow2"]));
+    run(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "qcow2"]).arg(&src).arg(&dst));
+}
+
 /// A destination that is a file of the source's chain (the top itself, or a backing that
 /// other overlays share) is refused before anything is written, under any name for it.
 #[test]

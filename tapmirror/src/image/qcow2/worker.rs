@@ -73,6 +73,56 @@ struct State {
     guard: Option<RefCell<Guard>>,
     /// Set once a request was found aimed at that metadata; shared with the image's handle.
     corrupt: Arc<AtomicBool>,
+    /// Guest clusters writes and zeroings in flight are changing.
+    changing: ClusterLocks,
+}
+
+/// The guest clusters requests in flight are changing. imago gives a cluster the top file does
+/// not hold a new host cluster for each request that touches it, so two requests on one such
+/// cluster at once (a data write and a zeroing of its other half, as a copy sends them) would
+/// each allocate it, and the mapping written last would drop the other's data. Requests that
+/// share a cluster therefore take turns; the others run at once. Held as ranges: in-flight
+/// requests are few, and a range is one entry however small the clusters.
+#[derive(Default)]
+struct ClusterLocks {
+    held: RefCell<Vec<(u64, u64)>>,
+    released: tokio::sync::Notify,
+}
+
+impl ClusterLocks {
+    /// Waits until no other request holds a cluster of `[offset, offset + length)` (clusters
+    /// of `cluster` bytes), then holds them until the guard drops.
+    async fn lock(&self, cluster: u64, offset: u64, length: u64) -> ClusterGuard<'_> {
+        let range = (offset / cluster, (offset + length.max(1) - 1) / cluster);
+        loop {
+            // Registered before the look, so a release between the two is not missed.
+            let released = self.released.notified();
+            {
+                let mut held = self.held.borrow_mut();
+                if !held.iter().any(|&(first, last)| first <= range.1 && range.0 <= last) {
+                    held.push(range);
+                    return ClusterGuard { locks: self, range };
+                }
+            }
+            released.await;
+        }
+    }
+}
+
+struct ClusterGuard<'a> {
+    locks: &'a ClusterLocks,
+    range: (u64, u64),
+}
+
+impl Drop for ClusterGuard<'_> {
+    fn drop(&mut self) {
+        let mut held = self.locks.held.borrow_mut();
+        if let Some(i) = held.iter().position(|r| *r == self.range) {
+            held.swap_remove(i);
+        }
+        drop(held);
+        self.locks.released.notify_waiters();
+    }
 }
 
 fn io_err(op: &'static str, offset: u64) -> impl FnOnce(io::Error) -> ImageError {
@@ -188,6 +238,7 @@ pub(super) async fn start(
                     path: chain[0].path.clone(),
                     guard: guard.map(RefCell::new),
                     corrupt,
+                    changing: ClusterLocks::default(),
                 });
                 let top_io = state.writable.then_some(top_io);
                 let _ = ready_tx.send(Ok(Opened { size: state.size, top_io }));
@@ -264,6 +315,7 @@ async fn handle(state: Rc<State>, req: Req) {
         Req::Write { offset, buf, durability, learn, reply } => {
             let r = async {
                 wait_for_backing(&state, offset, buf.len() as u64).await?;
+                let _turn = state.changing.lock(state.cluster, offset, buf.len() as u64).await;
                 let top = state.top.read().await;
                 keep_off_metadata(&state, &top, "write", offset, buf.len() as u64).await?;
                 top.write(&buf[..], offset).await.map_err(io_err("write", offset))?;
@@ -280,6 +332,7 @@ async fn handle(state: Rc<State>, req: Req) {
         Req::Zero { offset, length, durability, remapping, reply } => {
             let r = async {
                 wait_for_backing(&state, offset, length).await?;
+                let _turn = state.changing.lock(state.cluster, offset, length).await;
                 let top = state.top.read().await;
                 keep_off_metadata(&state, &top, "write zeroes", offset, length).await?;
                 // Whole clusters become zero clusters (their host clusters stay allocated, so
