@@ -432,15 +432,22 @@ impl Mux {
     }
 
     /// Retries `receive_cancel` on the destination until it answers, then forgets the send.
+    /// Ends when the record is gone or is another send's (a `stop` forgot this one and a new
+    /// start of the same VDI took its id): that one's destination is never told to cancel.
     fn retry_cancel(&self, id: String) {
         let Ok(me) = self.me() else { return };
+        let Some(task) = lock(&self.records.sends).get(&id).map(|r| r.task.clone()) else { return };
         tokio::spawn(async move {
             let mut wait = Duration::from_millis(500);
             loop {
                 tokio::time::sleep(wait).await;
-                let Some(r) = lock(&me.records.sends).get(&id).cloned() else { return };
+                let Some(r) = lock(&me.records.sends).get(&id).filter(|r| r.task == task && r.cancelling).cloned() else { return };
                 if me.cancel_remote(&r).await {
-                    let _ = lock(&me.records.sends).remove(&id);
+                    let mut sends = lock(&me.records.sends);
+                    if sends.get(&id).is_some_and(|r| r.task == task) {
+                        let _ = sends.remove(&id);
+                    }
+                    drop(sends);
                     tracing::info!(mirror = %id, "the destination has undone its side");
                     me.tasks().changed(Dynamic::Mirror(id));
                     return;
