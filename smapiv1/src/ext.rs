@@ -259,13 +259,7 @@ impl ExtBackend {
     /// A crash before the rename leaves the VDI on its old parent, which attach adopts back
     /// from the files. Best effort: a failure is logged and leaves the chain as it was.
     fn coalesce_lone_child(&self, sr: &SrContext, hidden: &str) {
-        let Ok(meta) = SrMeta::load_existing(&sr.dir) else { return };
-        let children = meta.children(hidden);
-        let (Some(node), [child]) = (meta.nodes.get(hidden), children.as_slice()) else { return };
-        let child = (*child).to_owned();
-        if node.info.is_some() || meta.nodes.get(&child).is_none_or(|n| n.info.is_none()) || !meta.children(&child).is_empty() {
-            return;
-        }
+        let Some(child) = SrMeta::load_existing(&sr.dir).ok().and_then(|m| m.lone_child(hidden)) else { return };
         let (hidden_path, child_path) = (vhd_path(&sr.dir, hidden), vhd_path(&sr.dir, &child));
         match vhd::info(&child_path) {
             Ok(i) if i.allocated_bytes <= LIVE_COALESCE_MAX => {}
@@ -285,10 +279,7 @@ impl ExtBackend {
             || {
                 vhd::coalesce(&child_path).map_err(|e| errors::vhd(&child, "coalesce", &e))?;
                 let mut meta = SrMeta::load_existing(&sr.dir)?;
-                let grandparent = meta.nodes.remove(hidden).and_then(|n| n.parent);
-                if let Some(n) = meta.nodes.get_mut(&child) {
-                    n.parent = grandparent;
-                }
+                meta.fold_into_child(hidden, &child);
                 meta.save(&sr.dir)?;
                 std::fs::rename(&hidden_path, &child_path)
                     .and_then(|()| state::sync_dir(&sr.dir))

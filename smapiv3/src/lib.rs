@@ -34,7 +34,9 @@
 //! changes. A clone of a read-only VDI is an overlay on it; a clone of a writable VDI first
 //! freezes the VDI's volume as a hidden base (as a snapshot does, but not listed) and puts
 //! both the VDI and the clone on it as overlays. Destroying a VDI others read through hides it
-//! instead; hidden bases nothing reads through any more are deleted. Compose rebases the
+//! instead; hidden bases nothing reads through any more are deleted, and one left with a
+//! single child, a VDI, is coalesced into it (`qcow2::commit`, for VDIs holding up to 64 MiB,
+//! SM's leaf-coalesce). Compose rebases the
 //! child onto the parent (a header rewrite, like `qemu-img rebase -u`), which becomes hidden.
 
 //! # Status

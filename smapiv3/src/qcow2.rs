@@ -8,6 +8,7 @@
 //! | create | new `<id>.qcow2` (synced) → record | an orphan file: deleted at attach |
 //! | snapshot, clone | pause the datapath → link the VDI's file as `<base>.qcow2` → new overlay `.tmp-<id>` on it → rename it over the VDI's name → unpause → (clone: another overlay on the base) → record | before the rename: an orphan link and a temporary, deleted; after: the VDI on an unrecorded base, adopted as a hidden one. The VDI reads the same in every case |
 //! | destroy | record without the VDI (and unused hidden bases) → delete files | orphans: deleted at attach |
+//! | coalesce (after a destroy leaves a hidden base one VDI child) | pause the child's datapath → `qcow2::commit` (the child's clusters into the base) → record (the child on the base's parent, the base gone) → rename the base's file over the child's → unpause | before the rename: the child's file is still backed by the base, so attach takes the file's parent and adopts the base as hidden again; the chain reads the same in every case |
 //! | compose | pause the child's datapath → rebase its header onto the parent → unpause → record | the child on its new parent with the old record: attach takes the file's parent |
 //! | resize | grow the volume → record the size | the old size in the record, only a cache |
 //!
@@ -53,6 +54,9 @@ pub const PARENT_KEY: &str = "qcow2-parent";
 pub const ERROR_KEY: &str = "qcow2-error";
 /// The one `sm_config` key a snapshot or clone takes from its caller.
 const PRESERVED_ON_CLONE: &str = "base_mirror";
+/// The most data a VDI may hold for its hidden base to be coalesced into it after a destroy:
+/// its guest waits while the data is copied (SM's live leaf-coalesce has such a bound too).
+const LIVE_COALESCE_MAX: u64 = 64 << 20;
 const SECTOR: u64 = 512;
 
 /// The `qcow2` SR type: qcow2 volumes in the SR's folder, served by one `tapmirror serve` per
@@ -246,6 +250,55 @@ impl Qcow2Backend {
     }
 }
 
+impl Qcow2Backend {
+    /// After a destroy: a hidden volume left with one child, a VDI, is folded into it, so that
+    /// snapshot-and-destroy cycles (a backup's) leave no chain. The VDI's clusters are written
+    /// into the hidden volume (`qcow2::commit`: the VDI reads the same at every moment), the
+    /// record puts the VDI on the hidden volume's parent, and the hidden volume's file is
+    /// renamed over the VDI's, all with the VDI's datapath paused (the guest waits; hence only
+    /// VDIs holding up to [`LIVE_COALESCE_MAX`]). A crash before the rename leaves the VDI's
+    /// file backed by the hidden volume, which attach adopts back. Best effort: a failure is
+    /// logged and leaves the chain as it was.
+    fn coalesce_lone_child(&self, sr: &SrContext, hidden: &str) {
+        let Some(child) = SrMeta::load_existing(&sr.dir).ok().and_then(|m| m.lone_child(hidden)) else { return };
+        let (hidden_path, child_path) = (volume_path(&sr.dir, hidden), volume_path(&sr.dir, &child));
+        match block_on(qcow2::info(&child_path)) {
+            Ok(Ok(i)) if i.allocated_bytes <= LIVE_COALESCE_MAX => {}
+            Ok(Ok(i)) => {
+                tracing::info!(sr = %sr.sr, vdi = %child, hidden, bytes = i.allocated_bytes, "not coalescing: the VDI holds too much to pause its guest for");
+                return;
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(sr = %sr.sr, vdi = %child, error = %errors::chain(&e), "not coalescing: the VDI's volume cannot be read");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(sr = %sr.sr, vdi = %child, error = %e, "not coalescing");
+                return;
+            }
+        }
+        let coalesced = self.datapaths.with_quiesced(
+            group(sr),
+            &child,
+            "coalesce",
+            || {
+                q(&child, "coalesce", block_on(qcow2::commit(&child_path)))?;
+                let mut meta = SrMeta::load_existing(&sr.dir)?;
+                meta.fold_into_child(hidden, &child);
+                meta.save(&sr.dir)?;
+                std::fs::rename(&hidden_path, &child_path)
+                    .and_then(|()| state::sync_dir(&sr.dir))
+                    .map_err(|e| errors::io(format!("renaming {} over {}", hidden_path.display(), child_path.display()), &e))
+            },
+            errors::datapath,
+        );
+        match coalesced {
+            Ok(()) => tracing::info!(sr = %sr.sr, vdi = %child, hidden, "coalesced a VDI with its hidden base"),
+            Err(e) => tracing::warn!(sr = %sr.sr, vdi = %child, hidden, error = %e, "coalescing a VDI with its hidden base failed; the chain stays"),
+        }
+    }
+}
+
 impl Backend for Qcow2Backend {
     fn vdi_checksums(&self, sr: &SrContext, vdi: &str, block: u64) -> StorageResult<Vec<u32>> {
         let id = vdi_id(vdi)?;
@@ -372,15 +425,19 @@ impl Backend for Qcow2Backend {
             }
             meta.save(&sr.dir)?;
             tracing::info!(sr = %sr.sr, vdi = %id, "destroyed a VDI others read through: its volume stays as a hidden base");
+            self.coalesce_lone_child(sr, id);
             return Ok(());
         }
         let parent = meta.nodes.remove(id).and_then(|n| n.parent);
         let mut garbage = vec![id.to_owned()];
-        garbage.extend(meta.drop_unused_hidden(parent));
+        garbage.extend(meta.drop_unused_hidden(parent.clone()));
         meta.save_destroying(&sr.dir, id)?;
         tracing::info!(sr = %sr.sr, vdi = %id, dropped = garbage.len() - 1, "destroyed a VDI");
         delete_files(sr, &garbage);
         state::ensure_reserve(&sr.dir);
+        if let Some(parent) = parent.filter(|p| meta.nodes.contains_key(p)) {
+            self.coalesce_lone_child(sr, &parent);
+        }
         Ok(())
     }
 

@@ -77,6 +77,27 @@ impl<T> Forest<T> {
         removed
     }
 
+    /// The visible leaf `hidden` is left holding up alone, if `hidden` is a hidden image with
+    /// exactly one child and that child is visible and has no children: the pair a coalesce
+    /// folds into one image (the child's data into `hidden`'s file, which takes the child's
+    /// place).
+    pub fn lone_child(&self, hidden: &str) -> Option<String> {
+        if self.nodes.get(hidden)?.info.is_some() {
+            return None;
+        }
+        let [child] = self.children(hidden)[..] else { return None };
+        (self.nodes.get(child)?.info.is_some() && self.children(child).is_empty()).then(|| child.to_owned())
+    }
+
+    /// Records a coalesce of `hidden` and its lone child `child`: `hidden` leaves the forest,
+    /// and `child` reads through what `hidden` read through.
+    pub fn fold_into_child(&mut self, hidden: &str, child: &str) {
+        let grandparent = self.nodes.remove(hidden).and_then(|n| n.parent);
+        if let Some(n) = self.nodes.get_mut(child) {
+            n.parent = grandparent;
+        }
+    }
+
     /// Every visible image reachable from `id` through the tree (hidden layers included in the
     /// walk, not in the answer), nearest first, `id` itself first. Equal distances go in id
     /// order.
@@ -209,6 +230,32 @@ mod tests {
         assert!(f.check().is_err());
         f.nodes.insert("y".into(), layer(Some("x"), true));
         assert!(f.check().is_err());
+    }
+
+    #[test]
+    fn a_hidden_layer_with_one_visible_leaf_folds_into_it() {
+        // base ─ a ─┬─ v        (base and a hidden)
+        //           └─ s
+        let mut f = Forest::default();
+        f.nodes.insert("base".into(), layer(None, false));
+        f.nodes.insert("a".into(), layer(Some("base"), false));
+        f.nodes.insert("v".into(), layer(Some("a"), true));
+        f.nodes.insert("s".into(), layer(Some("a"), true));
+        assert_eq!(f.lone_child("a"), None, "two children");
+        f.nodes.remove("s");
+        assert_eq!(f.lone_child("a"), Some("v".to_owned()));
+        assert_eq!(f.lone_child("base"), None, "its one child is hidden");
+        assert_eq!(f.lone_child("v"), None, "visible");
+        f.fold_into_child("a", "v");
+        assert_eq!(f.nodes.get("v"), Some(&layer(Some("base"), true)));
+        assert!(!f.nodes.contains_key("a"));
+        assert_eq!(f.check(), Ok(()));
+        // A visible child that others read through is no leaf to fold into.
+        f.nodes.insert("w".into(), layer(Some("v"), true));
+        f.nodes.get_mut("v").expect("v").info = None;
+        assert_eq!(f.lone_child("v"), Some("w".to_owned()));
+        f.nodes.insert("u".into(), layer(Some("w"), true));
+        assert_eq!(f.lone_child("v"), None, "w has a child");
     }
 
     #[test]

@@ -251,6 +251,37 @@ fn a_snapshot_of_a_vdi_being_written_holds_the_instant_and_the_leaf_loses_nothin
     assert!(std::fs::read(&out).expect("snapshot") == a, "snapshot A does not hold A");
 }
 
+/// A backup's cycle, snapshot then destroy, repeated under a writing guest on both SR types:
+/// each destroy coalesces the VDI with the base it leaves, so one image file remains, and the
+/// guest loses no write.
+#[test]
+fn snapshot_and_destroy_cycles_under_a_writing_guest_leave_no_chain() {
+    require!("nbdcopy");
+    for ty in ["ext", "qcow2"] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let host = Host::start(&dir.path().join("host"));
+        let sr = host.cli(&["sr", "create", "--type", ty, "--name", "local"]);
+        let size = 16 * MIB;
+        let vdi = host.cli(&["vdi", "create", "--sr", &sr, "--size", "16M", "--name", "disk"]);
+        let uri = host.cli(&["vdi", "attach", "--sr", &sr, "--vdi", &vdi]);
+        let guest = Guest::start(uri.clone(), size, 91);
+        for cycle in 0..5 {
+            guest.wait_for_more_writes(5);
+            let snap = host.cli_json(&["vdi", "snapshot", "--sr", &sr, "--vdi", &vdi, "--name", &format!("backup {cycle}")]);
+            guest.wait_for_more_writes(5);
+            host.cli(&["vdi", "destroy", "--sr", &sr, "--vdi", snap["vdi"].as_str().expect("id")]);
+            let images: Vec<String> =
+                host.files().into_iter().map(|(n, _)| n).filter(|n| n.ends_with(".vhd") || n.ends_with(".qcow2")).collect();
+            assert_eq!(images.len(), 1, "{ty} cycle {cycle}: {images:?}");
+        }
+        guest.wait_for_more_writes(5);
+        let (model, writes) = guest.stop();
+        assert!(writes > 20, "{ty}: the guest hardly wrote ({writes})");
+        assert_matches_guest(&read_export(&uri, dir.path()), &model, &vec![0u8; size as usize], &format!("{ty}: the disk after the cycles"));
+        host.cli(&["vdi", "detach", "--sr", &sr, "--vdi", &vdi]);
+    }
+}
+
 #[test]
 fn a_restarted_host_takes_up_its_datapaths_and_the_guest_never_notices() {
     require!("nbdcopy");

@@ -114,11 +114,15 @@ fn a_snapshot_holds_the_instant_and_the_vdi_goes_on() {
     let e = sr.backend.vdi_resize(&sr.ctx, &s.vdi, st.virtual_size * 2).expect_err("resize of a snapshot");
     assert_eq!(failure_kind(&e), "VDI_READONLY:".to_owned() + &s.vdi);
 
-    // Destroying the snapshot hides it (the VDI reads through it); destroying the VDI then
-    // deletes both.
+    // Destroying the snapshot, which the VDI reads through, coalesces the VDI with it: one
+    // volume, no backing, the same content, sound by QEMU's check.
     sr.backend.vdi_destroy(&sr.ctx, &s.vdi).expect("destroy snapshot");
     assert_eq!(sr.scan_ids(), vec![v.vdi.clone()]);
     assert_eq!(sr.read_all(&v.vdi), now);
+    assert_eq!(sr.files(), vec![v.vdi.clone()], "the snapshot's volume was not coalesced");
+    assert!(!sr.backend.vdi_stat(&sr.ctx, &v.vdi).expect("stat").sm_config.contains_key("qcow2-parent"));
+    assert!(qemu_info(&sr.vol(&v.vdi)).get("backing-filename").is_none(), "still backed");
+    qemu_check(&sr.vol(&v.vdi)).expect("qemu-img check");
     sr.backend.vdi_destroy(&sr.ctx, &v.vdi).expect("destroy VDI");
     assert!(sr.files().is_empty(), "{:?}", sr.files());
 }

@@ -838,6 +838,40 @@ pub async fn rebase(path: &Path, new_backing: &Path) -> std::result::Result<(), 
     .await
 }
 
+/// Folds the clusters the overlay at `top` holds into its backing, which is grown first if
+/// smaller: `qemu-img commit` without emptying the overlay. The chain read through `top` is the
+/// same at every moment (the overlay still covers what it holds), so a crash leaves a sound
+/// state and running it again finishes the job. The backing must be qcow2; the caller makes
+/// sure nothing else reads through it and nothing writes `top` meanwhile.
+pub async fn commit(top: &Path) -> std::result::Result<(), Qcow2Error> {
+    /// The most one read and write of the fold moves.
+    const CHUNK: u64 = 4 << 20;
+    let t = top.to_owned();
+    let chain = blocking(top, move || chain::resolve(&t, Some("qcow2"))).await?;
+    let Some(backing) = chain.get(1) else { return Err(invalid(top, "no backing file: nothing to commit into")) };
+    if backing.format_name() != "qcow2" {
+        return Err(invalid(top, format!("its backing {} is {}, not qcow2", backing.path.display(), backing.format_name())));
+    }
+    let (base, size) = (backing.path.clone(), chain[0].size);
+    if backing.size < size {
+        resize(&base, size).await?;
+    }
+    let child = Qcow2Image::open(top, Access::ReadOnly, EngineKind::Portable).await?;
+    let ranges = child.own_ranges(1).await.map_err(|e| io_error(top, "map", io::Error::other(e.to_string())))?;
+    let target = Qcow2Image::open(&base, Access::ReadWrite, EngineKind::Portable).await?;
+    for (start, end) in ranges {
+        let mut at = start;
+        while at < end {
+            let n = (end - at).min(CHUNK);
+            let (buf, r) = child.read(at, IoBuf::for_overwrite(n as usize)).await;
+            r.map_err(|e| io_error(top, "read", io::Error::other(e.to_string())))?;
+            target.write(at, Arc::new(buf), Durability::Cached).await.map_err(|e| io_error(&base, "write", io::Error::other(e.to_string())))?;
+            at += n;
+        }
+    }
+    target.flush().await.map_err(|e| io_error(&base, "flush", io::Error::other(e.to_string())))
+}
+
 /// Changes the virtual size of the qcow2 image at `path` to `new_size` (a multiple of 512).
 /// Growing an overlay zeroes the new area where a longer backing would otherwise show through;
 /// shrinking drops the data past the new end. The image must not be open.
