@@ -59,6 +59,9 @@ fn run(cli: Cli) -> Result<()> {
         .with_writer(std::io::stderr)
         // Colours for a person at a terminal; none in a log file, where they are noise.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        // A log line that cannot be written (a full file system) is lost, and nothing else:
+        // the default reports it with `eprintln!`, which panics.
+        .log_internal_errors(false)
         .init();
     if !matches!(cli.command, Command::Serve(_) | Command::Demo(_)) {
         // An admin command whose output is piped into `head` or `true` ends quietly when the

@@ -121,7 +121,15 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     // One line on stdout saying where the host listens: scripts and tests wait for it.
     let tcp = running.tcp_addr().map(|a| format!("http://{a}")).unwrap_or_else(|| "-".into());
     let unix = running.unix_path().map(|p| p.display().to_string()).unwrap_or_else(|| "-".into());
-    println!("sxm serve: listening tcp={tcp} unix={unix} root={}", root.display());
+    // Best effort: a host whose stdout is gone (a full file system) goes on, where `println!`
+    // would panic.
+    {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        if let Err(e) = writeln!(out, "sxm serve: listening tcp={tcp} unix={unix} root={}", root.display()).and_then(|()| out.flush()) {
+            tracing::warn!(error = %e, "could not write the listening line to stdout");
+        }
+    }
     tracing::info!(%tcp, %unix, root = %root.display(), tapmirror = %tapmirror.display(), "host up");
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).context("SIGTERM handler")?;

@@ -1,5 +1,6 @@
 //! The `tapmirror` binary: argument parsing and wiring only.
 
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -258,6 +259,10 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         // Colours for a person at a terminal; none in a log file, where they are noise.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        // A log line that cannot be written (its file system full) is lost, and nothing else:
+        // the default reports it with `eprintln!`, which panics, ending the request whose
+        // warning it was without an answer.
+        .log_internal_errors(false)
         .init();
     let cli = Cli::parse();
     // Before the runtime starts any thread: socket activation edits the environment.
@@ -287,6 +292,15 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+    }
+}
+
+/// Writes `line` to stdout, best effort: a server whose stdout is gone (a full file system,
+/// a closed pipe) goes on serving, where `println!` would panic.
+fn say(line: &str) {
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = writeln!(out, "{line}").and_then(|()| out.flush()) {
+        tracing::warn!(error = %e, line, "could not write to stdout");
     }
 }
 
@@ -446,7 +460,7 @@ async fn serve(args: ServeArgs, activated: Vec<std::os::fd::OwnedFd>) -> Result<
     if args.socket.is_some() || args.listen.is_some() {
         // One line on stdout tells scripts and tests where we listen. Under socket activation
         // stdout belongs to whoever started us, so the line goes to the log only.
-        println!("ready {}", ready.join(" "));
+        say(&format!("ready {}", ready.join(" ")));
     }
     tracing::debug!(listeners = %ready.join(" "), "ready");
 
@@ -576,7 +590,7 @@ async fn copy(args: CopyArgs) -> Result<()> {
     let report = tapmirror::copy::copy(Arc::new(source), Arc::new(dest), connections, &opts, (&args.src, &args.dest)).await?;
     tracing::info!(?report, "copy done");
     if args.progress != tapmirror::copy::ProgressMode::Json {
-        eprintln!("{}", serde_json::to_string(&report)?);
+        let _ = writeln!(std::io::stderr(), "{}", serde_json::to_string(&report)?);
     }
     Ok(())
 }

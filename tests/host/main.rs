@@ -382,6 +382,47 @@ fn a_datapath_whose_process_dies_is_restarted_in_its_state() {
     assert!(datapath_pids(&host.root).is_empty(), "datapaths left after detach");
 }
 
+/// A host whose stdout and log cannot be written (their file system full: here `/dev/full`)
+/// runs on and answers, its datapaths too: a log line that fails is lost, nothing else (the
+/// default report of a failed log write, `eprintln!`, panicked on the first line).
+#[test]
+fn a_host_whose_log_cannot_be_written_runs_on() {
+    require!("qemu-io");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("host");
+    let full = || std::fs::OpenOptions::new().write(true).open("/dev/full").expect("/dev/full");
+    let mut child = Command::new(sxm())
+        .args(["serve", "--root"])
+        .arg(&root)
+        .arg("--tapmirror")
+        .arg(tapmirror())
+        .env("RUST_LOG", "debug")
+        .stdout(full())
+        .stderr(full())
+        .spawn()
+        .expect("spawn");
+    let socket = root.join("sxm.sock");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !socket.exists() {
+        assert!(child.try_wait().expect("try_wait").is_none(), "the host died at start");
+        assert!(std::time::Instant::now() < deadline, "no socket");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let cli = |args: &[&str]| {
+        let out = Command::new(sxm()).arg("--host").arg(&socket).args(args).output().expect("sxm");
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    let sr = cli(&["sr", "create", "--name", "local"]);
+    let vdi = cli(&["vdi", "create", "--sr", &sr, "--size", "4M", "--name", "disk"]);
+    let uri = cli(&["vdi", "attach", "--sr", &sr, "--vdi", &vdi]);
+    run(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x4e 0 64k", "-c", "read -P 0x4e 0 64k", &uri]));
+    cli(&["vdi", "detach", "--sr", &sr, "--vdi", &vdi]);
+    assert!(child.try_wait().expect("try_wait").is_none(), "the host died");
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 /// One host per root: a second `sxm serve` on a root in use is refused (it would take up the
 /// first one's datapaths and overwrite its records), and the first goes on serving.
 #[test]

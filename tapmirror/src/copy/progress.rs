@@ -76,7 +76,9 @@ impl Progress {
                     o.insert("finished".into(), ok.into());
                     o.insert("elapsed_s".into(), self.started.elapsed().as_secs_f64().into());
                 }
-                println!("{line}");
+                // Best effort, as the human form: a reader gone never fails the copy.
+                let mut out = std::io::stdout().lock();
+                let _ = writeln!(out, "{line}").and_then(|()| out.flush());
             }
             ProgressMode::Human => {
                 let pct = if self.total == 0 { 100.0 } else { done as f64 * 100.0 / self.total as f64 };

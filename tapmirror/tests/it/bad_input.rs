@@ -994,3 +994,48 @@ fn many_connections_and_pipelined_reads_do_not_wedge_the_server() {
         }
     }
 }
+
+/// A server whose log and stdout cannot be written (their file system full: here `/dev/full`)
+/// serves on, with every request answered: a log line that fails is lost, never the request
+/// whose line it was (the default `eprintln!` report of a failed log write panicked, and with
+/// it the request's task), and the ready line that fails is only a warning.
+#[test]
+fn a_server_whose_log_cannot_be_written_serves_on() {
+    crate::require!("qemu-io");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = dir.path().join("disk.raw");
+    std::fs::File::create(&image).and_then(|f| f.set_len(4 << 20)).expect("image");
+    let socket = dir.path().join("nbd.sock");
+    let full = || std::fs::OpenOptions::new().write(true).open("/dev/full").expect("/dev/full");
+    let mut child = std::process::Command::new(harness::tapmirror())
+        .arg("serve")
+        .arg(&image)
+        .arg("--socket")
+        .arg(&socket)
+        // Every request logs, so every request meets the full log.
+        .env("RUST_LOG", "trace")
+        .stdout(full())
+        .stderr(full())
+        .spawn()
+        .expect("spawn");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        assert!(child.try_wait().expect("try_wait").is_none(), "the server died at start");
+        assert!(std::time::Instant::now() < deadline, "no socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let uri = format!("nbd+unix:///?socket={}", socket.display());
+    for round in 0..3 {
+        let out = std::process::Command::new("timeout")
+            .args(["20", "qemu-io", "-f", "raw", "-c", "write -P 0x5c 0 64k", "-c", "read -P 0x5c 0 64k", "-c", "read 8M 4k", &uri])
+            .output()
+            .expect("qemu-io");
+        // The write and read answered, and the read past the end too (with its error).
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(said.contains("wrote 65536/65536") && said.contains("read 65536/65536"), "round {round}: {out:?}");
+        assert!(said.contains("read failed"), "round {round}: the read past the end got no answer: {out:?}");
+    }
+    assert!(child.try_wait().expect("try_wait").is_none(), "the server died");
+    let _ = child.kill();
+    let _ = child.wait();
+}
