@@ -66,6 +66,7 @@ impl Datapaths {
         let dir = root.join("state");
         std::fs::create_dir_all(&dir)?;
         state::remove_temporaries(&dir)?;
+        state::ensure_reserve(&dir);
         let path = dir.join("datapaths.json");
         let records = match state::read_json(&path)? {
             Some(r) => r,
@@ -116,7 +117,9 @@ impl Datapaths {
 
     fn commit(&mut self, next: Vec<DpRecord>) -> Result<(), StorageError> {
         // Written before the in-memory table changes: a failed write leaves both as they were.
-        state::write_json(&self.path, &next).map_err(|e| StorageError::InternalError(format!("write datapath table: {e}")))?;
+        // With the state folder's reserve: on a full file system a detach must still be
+        // recorded, or no disk could be let go until someone frees space by hand.
+        state::write_json_reserved(&self.path, &next).map_err(|e| StorageError::InternalError(format!("write datapath table: {e}")))?;
         self.records = next;
         Ok(())
     }

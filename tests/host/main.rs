@@ -423,6 +423,31 @@ fn a_host_whose_log_cannot_be_written_runs_on() {
     let _ = child.wait();
 }
 
+/// A guest that fills the file system holding both its SR and the host's state gets ENOSPC,
+/// and its disk can still be detached: the datapath table is written with the state folder's
+/// reserve (it once failed with "No space left on device", so no disk could be let go until
+/// someone freed space by hand).
+#[test]
+fn a_disk_that_filled_the_hosts_file_system_still_detaches() {
+    require!("qemu-io");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("host");
+    let Some(_small) = Tmpfs::mount(&root, "24m") else {
+        eprintln!("skipping: cannot mount a tmpfs here (needs root)");
+        return;
+    };
+    let host = Host::start(&root);
+    let sr = host.cli(&["sr", "create", "--type", "ext", "--name", "small"]);
+    let vdi = host.cli(&["vdi", "create", "--sr", &sr, "--size", "64M", "--name", "disk"]);
+    let uri = host.cli(&["vdi", "attach", "--sr", &sr, "--vdi", &vdi]);
+    let out = Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x3a 0 48M", &uri]).output().expect("qemu-io");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("No space left") || !out.status.success(), "the guest filled nothing: {out:?}");
+    assert!(tapmirror::testkit::no_room_in(&root), "the file system is not full");
+    host.cli(&["vdi", "detach", "--sr", &sr, "--vdi", &vdi]);
+    let stat = host.call("DP.stat_vdi", json!({"sr": sr, "vdi": vdi, "dbg": "t"}));
+    assert_eq!(stat["superstate"], "Detached", "{stat}");
+}
+
 /// One host per root: a second `sxm serve` on a root in use is refused (it would take up the
 /// first one's datapaths and overwrite its records), and the first goes on serving.
 #[test]

@@ -194,23 +194,35 @@ pub fn create_differencing(path: &Path, parent: &Path) -> Result<()> {
 pub fn snapshot(leaf: &Path, frozen: &Path) -> Result<()> {
     let held = open_chain(leaf, LeafMode::Frozen)?;
     let leaf_meta = std::fs::metadata(leaf).map_err(|e| VhdError::io(leaf, "stat", e))?;
-    match std::fs::metadata(frozen) {
-        Ok(m) if m.dev() == leaf_meta.dev() && m.ino() == leaf_meta.ino() => {}
+    let linked_here = match std::fs::metadata(frozen) {
+        Ok(m) if m.dev() == leaf_meta.dev() && m.ino() == leaf_meta.ino() => false,
         Ok(_) => return Err(VhdError::invalid(frozen, "already exists")),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             std::fs::hard_link(leaf, frozen).map_err(|e| VhdError::io(frozen, "link the frozen name", e))?;
+            true
         }
         Err(e) => return Err(VhdError::io(frozen, "stat", e)),
-    }
+    };
     let name = leaf.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = leaf.with_file_name(format!(".{name}.snapshot-tmp"));
-    match std::fs::remove_file(&tmp) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(VhdError::io(&tmp, "remove stale temporary file", e)),
+    let swapped = (|| {
+        match std::fs::remove_file(&tmp) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(VhdError::io(&tmp, "remove stale temporary file", e)),
+        }
+        create_differencing(&tmp, frozen)?;
+        std::fs::rename(&tmp, leaf).map_err(|e| VhdError::io(leaf, "rename the new leaf into place", e))
+    })();
+    if let Err(e) = swapped {
+        // Not renamed: `leaf` is the disk it was. What this call made goes (a full file system
+        // fails here), rather than wait as an orphan for the owner's next recovery.
+        let _ = std::fs::remove_file(&tmp);
+        if linked_here {
+            let _ = std::fs::remove_file(frozen);
+        }
+        return Err(e);
     }
-    create_differencing(&tmp, frozen)?;
-    std::fs::rename(&tmp, leaf).map_err(|e| VhdError::io(leaf, "rename the new leaf into place", e))?;
     sync_dir(leaf)?;
     drop(held);
     Ok(())

@@ -432,6 +432,15 @@ async fn snapshot_keeps_the_path_and_the_content() {
     snapshot(&leaf, &frozen2).expect("resume");
     assert_eq!(info(&leaf).expect("info").chain, vec![leaf.clone(), frozen2.clone(), frozen.clone()]);
     same(&read_all(&open_ro(&leaf).await).await, &model, "content");
+    // A snapshot that fails after its link (here its temporary cannot be cleared; a full file
+    // system fails the same way) removes the link it made: no second name of the disk is left.
+    let tmp = d.path().join(".vdi.vhd.snapshot-tmp");
+    std::fs::create_dir(&tmp).expect("a folder in the temporary's place");
+    let frozen3 = d.path().join("snap3.vhd");
+    assert!(snapshot(&leaf, &frozen3).is_err());
+    assert!(!frozen3.exists(), "the failed snapshot left its link");
+    assert_eq!(info(&leaf).expect("info").chain, vec![leaf.clone(), frozen2.clone(), frozen.clone()]);
+    same(&read_all(&open_ro(&leaf).await).await, &model, "content");
 }
 
 #[tokio::test]
