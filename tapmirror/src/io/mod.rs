@@ -344,6 +344,39 @@ mod tests {
         v
     }
 
+    /// Reads the page cache does not hold complete through task_work in the submitting
+    /// thread, which no eventfd announces; the reaper must find them by the ring's readiness,
+    /// not at its next timed sweep (which once cost each cold read at queue depth 1 up to
+    /// 50 ms). Counted, not timed: sweeps must find almost none of them. On a file system whose
+    /// pages cannot be dropped (tmpfs) every read completes inline, and none is swept either.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reads_that_miss_the_page_cache_are_found_without_a_sweep() {
+        use std::os::fd::AsRawFd;
+        if EngineChoice::Uring.resolve().is_err() {
+            eprintln!("skipping: no io_uring here");
+            return;
+        }
+        let f = tempfile::tempfile_in("/var/tmp").or_else(|_| tempfile::tempfile()).expect("tempfile");
+        const SIZE: usize = 32 << 20;
+        let data: Vec<u8> = (0..SIZE).map(|i| (i * 7 % 251) as u8).collect();
+        std::os::unix::fs::FileExt::write_all_at(&f, &data, 0).expect("write");
+        f.sync_all().expect("sync");
+        // SAFETY: advises on a live descriptor; no memory is involved.
+        unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        let io = FileIo::new(f, EngineKind::Uring).await.expect("open");
+        let before = uring::swept_completions();
+        const READS: u64 = 60;
+        for i in 0..READS {
+            // Spread over the file, one at a time, as a guest at queue depth 1.
+            let at = (i * 7919 % (SIZE as u64 / 4096)) * 4096;
+            let (b, r) = io.read_exact_at(IoBuf::new(4096), at).await;
+            r.expect("read");
+            assert_eq!(&b[..], &data[at as usize..at as usize + 4096], "read at {at}");
+        }
+        let swept = uring::swept_completions() - before;
+        assert!(swept < READS / 4, "{swept} of {READS} cold reads were found only by a timed sweep");
+    }
+
     #[tokio::test]
     async fn every_engine_writes_reads_syncs_and_punches() {
         for kind in engines().await {

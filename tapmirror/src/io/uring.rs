@@ -5,14 +5,21 @@
 //!      ▲                                   │ page-cache hit: completes inside the enter
 //!      └── oneshot ◀── reap CQEs (lock) ◀──┘
 //!                         ▲
-//!  reaper thread ─────────┘ woken by an eventfd registered with IORING_REGISTER_EVENTFD_ASYNC,
-//!                           which fires only for completions that did not happen inline
-//!                           (punted to io-wq, e.g. buffered writes on ext4, or real disk reads)
+//!  reaper thread ─────────┘ while operations are in flight: woken by the ring's own fd, which
+//!                           polls readable whenever the completion queue holds an entry;
+//!                           while idle: asleep on a kick eventfd, which a submitter writes when
+//!                           its operation did not complete inline
 //! ```
 //!
 //! A read served from the page cache therefore costs no thread hop at all: the submitting task
 //! reaps its own completion right after `io_uring_enter` returns. Only truly asynchronous
-//! completions go through the reaper thread.
+//! completions go through the reaper thread. Those are of two kinds: ones an io-wq worker posts
+//! (buffered writes on ext4), which the eventfd registered with `IORING_REGISTER_EVENTFD_ASYNC`
+//! announces, and ones posted through task_work in the submitting thread (a read that missed
+//! the page cache, a direct I/O's completion), which no eventfd announces: the ring fd's
+//! readiness covers both. Before, the reaper found the second kind only at its next timed
+//! sweep, so a cold read at queue depth 1 waited up to 50 ms (34 reads/s off a disk doing
+//! 12 000).
 //!
 //! The kernel issues a ring's inline work under that ring's `uring_lock`, copy included, so
 //! threads sharing one ring serialise (measured: 13% of server time spinning on it while nbdcopy
@@ -44,12 +51,22 @@ const RING_ENTRIES: u32 = 256;
 const MAX_IN_FLIGHT: usize = RING_ENTRIES as usize;
 /// Size of the sparse fixed-file table.
 const FILE_SLOTS: u32 = 1024;
-/// How often the reaper sweeps the completion queue while operations are in flight, in ms.
-const SWEEP_MS: i32 = 2;
-/// How often the reaper sweeps when it last saw nothing in flight, in ms. `busy` is read before
-/// the wait, so a submission right after it (from idle) would otherwise wait on an eventfd its
-/// completion may never signal: this bounds that window's cost.
-const IDLE_SWEEP_MS: i32 = 50;
+/// How often the reaper sweeps the completion queue while operations are in flight, in ms: a
+/// safety net under the ring fd's readiness, never the way completions are normally found.
+const SWEEP_MS: i32 = 20;
+/// How often the reaper sweeps when it last saw nothing in flight, in ms (a safety net under
+/// the kick).
+const IDLE_SWEEP_MS: i32 = 200;
+
+/// Completions the reaper found only at a timed sweep (nothing had announced them): each cost
+/// its operation up to a sweep's wait. For tests, which check that it stays rare.
+static SWEPT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many completions so far were found only by a timed sweep.
+#[cfg(test)]
+pub(crate) fn swept_completions() -> u64 {
+    SWEPT.load(std::sync::atomic::Ordering::Relaxed)
+}
 
 /// What the kernel does for one submission.
 pub(crate) enum Op {
@@ -183,7 +200,29 @@ struct Ring {
     ring: IoUring,
     state: Mutex<State>,
     async_completions: OwnedFd,
+    /// Written by a submitter whose operation did not complete inline while the reaper is idle.
+    kick: OwnedFd,
+    /// The reaper sleeps on `kick` (nothing was in flight when it looked).
+    reaper_idle: std::sync::atomic::AtomicBool,
     fixed_buffers: bool,
+}
+
+/// A new eventfd.
+fn eventfd() -> io::Result<OwnedFd> {
+    // SAFETY: eventfd has no memory-safety preconditions; the result is checked below.
+    let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a fresh, valid descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+/// Empties an eventfd (non-blocking: nothing to read is fine).
+fn drain(fd: RawFd) {
+    let mut count = [0u8; 8];
+    // SAFETY: reads 8 bytes into a live local buffer from our own eventfd.
+    let _ = unsafe { libc::read(fd, count.as_mut_ptr().cast(), 8) };
 }
 
 impl Ring {
@@ -219,13 +258,7 @@ impl Ring {
             }
             None => false,
         };
-        // SAFETY: eventfd has no memory-safety preconditions; the result is checked below.
-        let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
-        if raw < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `raw` is a fresh, valid descriptor that nothing else owns.
-        let async_completions = unsafe { OwnedFd::from_raw_fd(raw) };
+        let async_completions = eventfd()?;
         ring.submitter().register_eventfd_async(async_completions.as_raw_fd())?;
         let driver = Arc::new(Ring {
             ring,
@@ -236,6 +269,8 @@ impl Ring {
                 backlog: VecDeque::new(),
             }),
             async_completions,
+            kick: eventfd()?,
+            reaper_idle: std::sync::atomic::AtomicBool::new(false),
             fixed_buffers,
         });
         let reaper = Arc::clone(&driver);
@@ -260,6 +295,21 @@ impl Ring {
             self.enter_submit();
             // Page-cache hits completed inside the enter: hand them out without a thread hop.
             let _ = self.reap();
+        }
+        let mut rx = rx;
+        match rx.try_recv() {
+            Ok(done) => return Ok(done),
+            // Not inline: an idle reaper must watch the ring from now on. (The reaper marks
+            // itself idle before it last looks at `in_flight`, and this operation was counted
+            // before this swap, so either it saw the operation or this sees it idle.)
+            Err(oneshot::error::TryRecvError::Empty) => {
+                if self.reaper_idle.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                    let one = 1u64.to_ne_bytes();
+                    // SAFETY: writes 8 bytes from a live local buffer to our own eventfd.
+                    let _ = unsafe { libc::write(self.kick.as_raw_fd(), one.as_ptr().cast(), 8) };
+                }
+            }
+            Err(oneshot::error::TryRecvError::Closed) => return Err(io::Error::other("io_uring dropped the operation")),
         }
         rx.await.map_err(|_| io::Error::other("io_uring dropped the operation"))
     }
@@ -335,34 +385,40 @@ impl Ring {
     }
 
     fn reap_async_forever(self: Arc<Self>) {
-        let mut count = [0u8; 8];
-        let fd = self.async_completions.as_raw_fd();
+        use std::sync::atomic::Ordering;
+        let (ring_fd, async_fd, kick_fd) = (self.ring.as_raw_fd(), self.async_completions.as_raw_fd(), self.kick.as_raw_fd());
         loop {
-            // The async eventfd fires only for completions an io-wq worker posts itself; the
-            // kernel may post others through task_work in the submitting thread, which signals
-            // nothing, and at queue depth 1 no later submission would reap them. So while
-            // anything is in flight, wait at most SWEEP and reap anyway: a missed signal costs
-            // milliseconds, never a hung request (seen once under CI load: a qemu-io write stuck
-            // with the server idle; not reproduced since, so the sweep covers every lost wake-up
-            // of this path, whatever its cause).
-            //
-            // `busy` is stale as soon as it is read: a request submitted from idle just after
-            // (its submitter's own reap finding nothing yet) would leave this thread waiting
-            // with nothing announced. Seen: a qemu-io request unanswered for 300 s in a test
-            // run, both reapers in an unbounded poll, nothing queued on either socket. So an
-            // idle wait is bounded too.
-            let busy = self.lock().in_flight > 0;
-            let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
-            let timeout = if busy { SWEEP_MS } else { IDLE_SWEEP_MS };
-            // SAFETY: polls one live pollfd on our own eventfd.
-            let ready = unsafe { libc::poll(&raw mut pfd, 1, timeout) };
-            if ready > 0 {
-                // SAFETY: reads 8 bytes into a live local buffer from our own eventfd.
-                let n = unsafe { libc::read(fd, count.as_mut_ptr().cast(), 8) };
-                if n < 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
-                    tracing::error!(error = %io::Error::last_os_error(), "io_uring completion eventfd failed");
-                    std::thread::sleep(std::time::Duration::from_millis(10));
+            // While anything is in flight, the ring fd is readable as soon as a completion is
+            // posted, whoever posts it. Idle, the ring fd would wake this thread for every
+            // inline completion too, which the submitters reap themselves: it sleeps on the
+            // kick instead, marked idle first, then looking at `in_flight` once more (see
+            // `submit` for the other half). Both waits are bounded: a lost wake-up of any kind
+            // costs a sweep, never a hung request.
+            let mut busy = self.lock().in_flight > 0;
+            if !busy {
+                self.reaper_idle.store(true, Ordering::SeqCst);
+                busy = self.lock().in_flight > 0;
+                if busy {
+                    self.reaper_idle.store(false, Ordering::SeqCst);
                 }
+            }
+            let (watch, timeout) = if busy { (ring_fd, SWEEP_MS) } else { (kick_fd, IDLE_SWEEP_MS) };
+            let mut fds = [
+                libc::pollfd { fd: watch, events: libc::POLLIN, revents: 0 },
+                libc::pollfd { fd: async_fd, events: libc::POLLIN, revents: 0 },
+            ];
+            // SAFETY: polls two live pollfds on our own descriptors.
+            let ready = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout) };
+            if ready < 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+                tracing::error!(error = %io::Error::last_os_error(), "polling the io_uring completions failed");
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            if !busy {
+                self.reaper_idle.store(false, Ordering::SeqCst);
+                drain(kick_fd);
+            }
+            if fds[1].revents != 0 {
+                drain(async_fd);
             }
             if ready == 0 {
                 // Also submit anything an earlier io_uring_enter left queued (EBUSY, EAGAIN):
@@ -371,7 +427,8 @@ impl Ring {
             }
             let handed = self.reap();
             if ready == 0 && handed > 0 {
-                tracing::debug!(completions = handed, "sweep reaped completions no eventfd signal announced");
+                SWEPT.fetch_add(handed as u64, Ordering::Relaxed);
+                tracing::debug!(completions = handed, "sweep reaped completions nothing announced");
             }
         }
     }
