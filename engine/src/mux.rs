@@ -42,6 +42,8 @@ pub struct Mux {
     backends: HashMap<String, Arc<dyn Backend>>,
     srs: Mutex<SrRegistry>,
     dps: Mutex<Datapaths>,
+    /// One lock per VDI (by SR and VDI) for its datapath changes: see [`Mux::vdi_turn`].
+    vdi_turns: Mutex<HashMap<(String, String), Arc<tokio::sync::Mutex<()>>>>,
     tasks: Tasks,
 }
 
@@ -72,6 +74,7 @@ impl MuxBuilder {
             backends: self.backends,
             srs: Mutex::new(srs),
             dps: Mutex::new(dps),
+            vdi_turns: Mutex::new(HashMap::new()),
             tasks: Tasks::new(),
         });
         let attached: Vec<SrEntry> = mux.registry().all().filter(|e| e.record.attached).cloned().collect();
@@ -114,6 +117,19 @@ impl Mux {
 
     fn datapaths(&self) -> std::sync::MutexGuard<'_, Datapaths> {
         self.dps.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits for `vdi`'s turn to change its datapaths. Attach, activate, deactivate and detach
+    /// each decide from the records (attached already? the last one active? the last one out?)
+    /// and then act on the backend and record: two of them on one VDI interleaved (two VMs
+    /// sharing a read-only disk, starting and stopping at once) could stop the process another
+    /// had just found running, or pause one another had just unpaused. They take turns.
+    async fn vdi_turn(&self, sr: &str, vdi: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = {
+            let mut turns = self.vdi_turns.lock().unwrap_or_else(|p| p.into_inner());
+            Arc::clone(turns.entry((sr.to_owned(), vdi.to_owned())).or_default())
+        };
+        lock.lock_owned().await
     }
 
     fn attached_vdis(&self, sr: &str) -> Vec<AttachedVdi> {
@@ -547,6 +563,7 @@ impl Mux {
     }
 
     async fn attach(&self, dp: String, sr: String, vdi: String, read_write: bool, vm: Option<String>) -> StorageResult<AttachInfo> {
+        let _turn = self.vdi_turn(&sr, &vdi).await;
         let entry = self.attached_entry(&sr)?;
         let (before, mine) = {
             let dps = self.datapaths();
@@ -592,6 +609,7 @@ impl Mux {
     }
 
     pub(crate) async fn activate(&self, dp: String, sr: String, vdi: String) -> StorageResult<()> {
+        let _turn = self.vdi_turn(&sr, &vdi).await;
         let entry = self.attached_entry(&sr)?;
         let mut record = self.dp_record(&dp, &sr, &vdi, VdiState::Activated(crate::model::Rw::Rw))?;
         if record.active {
@@ -609,6 +627,7 @@ impl Mux {
     }
 
     pub(crate) async fn deactivate(&self, dp: String, sr: String, vdi: String) -> StorageResult<()> {
+        let _turn = self.vdi_turn(&sr, &vdi).await;
         let entry = self.attached_entry(&sr)?;
         let mut record = self.dp_record(&dp, &sr, &vdi, VdiState::Attached(crate::model::Rw::Rw))?;
         if !record.active {
@@ -632,6 +651,7 @@ impl Mux {
     }
 
     async fn detach(&self, dp: String, sr: String, vdi: String) -> StorageResult<()> {
+        let _turn = self.vdi_turn(&sr, &vdi).await;
         let entry = self.attached_entry(&sr)?;
         let Some(record) = self.datapaths().get(&dp, &sr, &vdi).cloned() else {
             // Detaching what is not attached is a no-op, as in xapi.

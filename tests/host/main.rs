@@ -448,6 +448,44 @@ fn a_disk_that_filled_the_hosts_file_system_still_detaches() {
     assert_eq!(stat["superstate"], "Detached", "{stat}");
 }
 
+/// Two VMs sharing one read-only disk start and stop at once, over and over: every attach,
+/// activate and destroy of their datapaths succeeds, every read after an activate is answered,
+/// and at the end the disk is detached and destroyable. (Interleaved, one datapath's detach
+/// once stopped the process the other's attach had just found running, leaving a record with
+/// no process; and a deactivate paused the process the other had just activated.)
+#[test]
+fn two_datapaths_of_one_disk_changing_at_once_never_wedge_it() {
+    require!("qemu-io");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (host, sr) = host_with_sr(&dir);
+    let vdi = host.cli(&["vdi", "create", "--sr", &sr, "--size", "4M", "--name", "shared"]);
+    let snap = host.cli_json(&["vdi", "snapshot", "--sr", &sr, "--vdi", &vdi, "--name", "ro"])["vdi"].as_str().expect("id").to_owned();
+    std::thread::scope(|s| {
+        for vm in ["vm1", "vm2"] {
+            let (host, sr, snap) = (&host, &sr, &snap);
+            s.spawn(move || {
+                let dp = format!("{vm}/xvda");
+                for round in 0..15 {
+                    let args = json!({"dp": dp, "sr": sr, "vdi": snap, "vm": vm, "read_write": false, "dbg": "t"});
+                    let info = host.call("VDI.attach3", args.clone());
+                    host.call("VDI.activate3", args);
+                    let uri = info["implementations"][0][1]["uri"].as_str().expect("uri").to_owned();
+                    let (socket, export) = uri.strip_prefix("nbd:unix:").and_then(|p| p.split_once(":exportname=")).expect("nbd uri");
+                    let out = Command::new("timeout")
+                        .args(["20", "qemu-io", "-r", "-f", "raw", "-c", "read 0 4k", &format!("nbd+unix:///{export}?socket={socket}")])
+                        .output()
+                        .expect("qemu-io");
+                    assert!(out.status.success(), "{vm} round {round}: a read after activate: {out:?}");
+                    host.call("DP.destroy2", json!({"dp": dp, "sr": sr, "vdi": snap, "vm": vm, "allow_leak": false, "dbg": "t"}));
+                }
+            });
+        }
+    });
+    let stat = host.call("DP.stat_vdi", json!({"sr": sr, "vdi": snap, "dbg": "t"}));
+    assert_eq!(stat["superstate"], "Detached", "{stat}");
+    host.cli(&["vdi", "destroy", "--sr", &sr, "--vdi", &snap]);
+}
+
 /// One host per root: a second `sxm serve` on a root in use is refused (it would take up the
 /// first one's datapaths and overwrite its records), and the first goes on serving.
 #[test]
