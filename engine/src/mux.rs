@@ -43,9 +43,12 @@ pub struct Mux {
     srs: Mutex<SrRegistry>,
     dps: Mutex<Datapaths>,
     /// One lock per VDI (by SR and VDI) for its datapath changes: see [`Mux::vdi_turn`].
-    vdi_turns: Mutex<HashMap<(String, String), Arc<tokio::sync::Mutex<()>>>>,
+    vdi_turns: Mutex<HashMap<(String, String), VdiTurn>>,
     tasks: Tasks,
 }
+
+/// A VDI's lock for its datapath changes, by (SR, VDI).
+type VdiTurn = Arc<tokio::sync::Mutex<()>>;
 
 /// Builds a [`Mux`]: the binary registers each SR type's backend, then opens the root.
 #[derive(Default)]
