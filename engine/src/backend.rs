@@ -135,6 +135,24 @@ pub mod errors {
         )
     }
 
+    /// The longest chain (the VDI and the images it reads through) a snapshot or clone may
+    /// make: SM's `MAX_CHAIN_SIZE`. Every read of an image walks its chain, and tapmirror opens
+    /// no chain deeper than 256.
+    pub const MAX_CHAIN: usize = 30;
+
+    /// SM's `SnapshotChainTooLong` (code 109): a snapshot or clone of `vdi`, whose chain is
+    /// `depth` images long, would pass [`MAX_CHAIN`]. Refused before anything changes.
+    pub fn chain_too_long(vdi: &str, depth: usize) -> StorageError {
+        StorageError::BackendError(
+            "SR_BACKEND_FAILURE_109".to_owned(),
+            vec![
+                String::new(),
+                "The snapshot chain is too long".to_owned(),
+                format!("VDI {vdi} reads through a chain of {depth} images; a snapshot or clone would pass the limit of {MAX_CHAIN} (destroying the VDI's latest snapshot folds that snapshot's base into the VDI)"),
+            ],
+        )
+    }
+
     /// Whether an I/O error is a full file system or quota (`ENOSPC`, `EDQUOT`).
     pub fn is_no_space(e: &io::Error) -> bool {
         matches!(e.kind(), io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded)

@@ -8,6 +8,7 @@
 //! | a read-write attach or a resize of a read-only VDI (a snapshot) | `Backend_error ("VDI_READONLY", [vdi])` |
 //! | a size beyond the VHD limit | `Backend_error ("VDI_TOO_LARGE", [vdi; limit])` |
 //! | destroy of an SR that still lists a VDI | `Backend_error ("SR_NOT_EMPTY", [sr; why])`, SM's `SRNotEmpty` |
+//! | a snapshot or clone whose chain would pass 30 images | `Backend_error ("SR_BACKEND_FAILURE_109", ["", "The snapshot chain is too long", detail])`, SM's `SnapshotChainTooLong` |
 //! | no space left (`ENOSPC`) | `Backend_error ("SR_BACKEND_FAILURE_44", ["", "There is insufficient space", detail])`, SM's `SRNoSpace`, which xapi's migration turns into `SR_SOURCE_SPACE_INSUFFICIENT` |
 //! | anything else (corrupt VHD, missing file, refused shrink, a datapath that fails) | `Backend_error ("SR_BACKEND_FAILURE", [kind; message; ""])`, xapi's generic backend failure with its three parameters (status, stdout, stderr) |
 //!
@@ -16,7 +17,7 @@
 //! match on.
 
 
-pub(crate) use sxm_engine::backend::errors::{failure, in_use, io, is_no_space, no_space, not_empty, read_only};
+pub(crate) use sxm_engine::backend::errors::{MAX_CHAIN, chain_too_long, failure, in_use, io, is_no_space, no_space, not_empty, read_only};
 use sxm_engine::backend::CopyStats;
 use sxm_engine::model::StorageError;
 use tapmirror::copy::CopyReport;

@@ -193,6 +193,11 @@ impl ExtBackend {
         let src = vdi_id(&info.vdi)?;
         let mut meta = SrMeta::load_existing(&sr.dir)?;
         let src_info = meta.vdi(src)?.clone();
+        // The VDI and the new VDI each read through one more image: the new base.
+        let depth = meta.ancestors(src).len() + 1;
+        if depth + 1 > errors::MAX_CHAIN {
+            return Err(errors::chain_too_long(src, depth));
+        }
         let (base, new) = (new_id(), new_id());
         let (src_path, base_path, new_path) = (vhd_path(&sr.dir, src), vhd_path(&sr.dir, &base), vhd_path(&sr.dir, &new));
         let swapped = self.datapaths.with_quiesced(

@@ -5,7 +5,7 @@
 //! `metadata`, `datapath`, `copy`.
 
 
-pub(crate) use sxm_engine::backend::errors::{failure, in_use, io, is_no_space, no_space, not_empty, read_only};
+pub(crate) use sxm_engine::backend::errors::{MAX_CHAIN, chain_too_long, failure, in_use, io, is_no_space, no_space, not_empty, read_only};
 use sxm_engine::backend::CopyStats;
 use sxm_engine::model::StorageError;
 use tapmirror::copy::CopyReport;

@@ -185,6 +185,11 @@ impl Qcow2Backend {
         let src = vdi_id(&info.vdi)?;
         let mut meta = SrMeta::load_existing(&sr.dir)?;
         let src_info = meta.vdi(src)?.clone();
+        // The deepest chain this makes is one image longer than the VDI's.
+        let depth = meta.ancestors(src).len() + 1;
+        if depth + 1 > errors::MAX_CHAIN {
+            return Err(errors::chain_too_long(src, depth));
+        }
         let new = new_id();
 
         let mut new_info = VdiInfo::new(new.clone(), info.name_label.clone());

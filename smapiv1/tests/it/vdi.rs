@@ -355,3 +355,30 @@ fn a_full_sr_whose_reserve_is_spent_still_destroys_the_vdi_that_filled_it() {
     sr.restart();
     assert_eq!(sr.backend.vdi_stat(&sr.ctx, &keep.vdi).expect("stat"), keep);
 }
+
+/// Snapshots kept one after another lengthen the VDI's chain by one each; the one that would
+/// pass SM's 30 images is refused with SM's `SnapshotChainTooLong` before anything changes (the
+/// 256th once left the VDI unopenable, its datapath paused), and destroying the latest
+/// snapshot, which coalesces its base into the VDI, makes room again.
+#[test]
+fn a_snapshot_that_would_make_the_chain_too_long_is_refused_and_changes_nothing() {
+    require!("qemu-io");
+    let sr = TestSr::new();
+    let v = sr.create("v", 4 * MIB);
+    sr.write_through_datapath(&v.vdi, "write -P 0x61 0 64k");
+    let mut last = None;
+    for _ in 0..29 {
+        last = Some(sr.backend.vdi_snapshot(&sr.ctx, &v).expect("snapshot"));
+    }
+    let files = sr.files();
+    let before = sr.read_all(&v.vdi);
+    let e = sr.backend.vdi_snapshot(&sr.ctx, &v).expect_err("the 30th snapshot");
+    assert!(matches!(&e, StorageError::BackendError(c, p) if c == "SR_BACKEND_FAILURE_109" && p[1] == "The snapshot chain is too long"), "{e:?}");
+    let e = sr.backend.vdi_clone(&sr.ctx, &v).expect_err("a clone too");
+    assert!(matches!(&e, StorageError::BackendError(c, _) if c == "SR_BACKEND_FAILURE_109"), "{e:?}");
+    assert_eq!(sr.files(), files, "a refused snapshot changed the files");
+    assert!(sr.read_all(&v.vdi) == before);
+    sr.backend.vdi_destroy(&sr.ctx, &last.expect("a snapshot").vdi).expect("destroy the latest snapshot");
+    sr.backend.vdi_snapshot(&sr.ctx, &v).expect("room for one again");
+    vhd_check(&sr.vhd(&v.vdi)).expect("sound chain");
+}

@@ -324,3 +324,26 @@ fn attach_sweeps_a_torn_record_write() {
     assert_eq!(std::fs::read(sr.ctx.dir.join(".sxm-qcow2.json")).expect("record"), record, "the record changed");
     assert_eq!(sr.scan_ids(), vec![v.vdi]);
 }
+
+/// As on `ext`: the snapshot that would pass SM's 30-image chain is refused with
+/// `SnapshotChainTooLong` and changes nothing (the 256th once made the VDI unopenable), and
+/// destroying the latest snapshot, which coalesces it into the VDI, makes room again.
+#[test]
+fn a_snapshot_that_would_make_the_chain_too_long_is_refused_and_changes_nothing() {
+    require!("qemu-img", "qemu-io");
+    let sr = TestSr::new();
+    let v = sr.create("v", 2 * MIB);
+    qemu_write(&sr.vol(&v.vdi), 0, 0x61, 65536);
+    let mut last = None;
+    for i in 0..29 {
+        last = Some(sr.backend.vdi_snapshot(&sr.ctx, &branch_info(&v, &format!("s{i}"))).expect("snapshot"));
+    }
+    let files = sr.files();
+    let e = sr.backend.vdi_snapshot(&sr.ctx, &branch_info(&v, "one too many")).expect_err("the 30th snapshot");
+    assert_eq!(failure_kind(&e), "SR_BACKEND_FAILURE_109:");
+    assert_eq!(sr.files(), files, "a refused snapshot changed the files");
+    assert!(sr.read_all(&v.vdi)[..65536].iter().all(|&b| b == 0x61));
+    sr.backend.vdi_destroy(&sr.ctx, &last.expect("a snapshot").vdi).expect("destroy the latest snapshot");
+    sr.backend.vdi_snapshot(&sr.ctx, &branch_info(&v, "again")).expect("room for one again");
+    qemu_check(&sr.vol(&v.vdi)).expect("qemu-img check");
+}
