@@ -14,6 +14,11 @@ use crate::rpc::marshal::Map;
 /// How many changes are kept for `UPDATES.get`; a caller further behind gets everything that
 /// exists instead (a resync), which is always correct, only larger.
 const HISTORY: usize = 10_000;
+/// How long a task is kept once it ended, unless `TASK.destroy`ed first. xapi destroys the
+/// tasks it makes; sxm's own CLI and jobs, and callers that never do, would otherwise keep
+/// every task for the host's lifetime (4.5 KB each: 5 000 failed copies grew `TASK.list` to
+/// 2.4 MB). An hour is ample for any caller polling a task it started.
+const FINISHED_KEPT: Duration = Duration::from_secs(3600);
 
 /// The longest an `UPDATES.get` waits, whatever it asks for.
 pub const MAX_WAIT: Duration = Duration::from_secs(60);
@@ -22,6 +27,8 @@ struct Entry {
     task: Task,
     cancel: CancellationToken,
     started: std::time::Instant,
+    /// When it completed or failed.
+    ended: Option<std::time::Instant>,
 }
 
 struct Log {
@@ -34,6 +41,8 @@ pub struct Tasks {
     tasks: Mutex<BTreeMap<String, Entry>>,
     log: Mutex<Log>,
     changed: tokio::sync::watch::Sender<u64>,
+    /// How long an ended task is kept for its caller to read (see [`FINISHED_KEPT`]).
+    keep_finished: Duration,
 }
 
 impl Default for Tasks {
@@ -67,6 +76,28 @@ impl Tasks {
             tasks: Mutex::new(BTreeMap::new()),
             log: Mutex::new(Log { next: 1, changes: VecDeque::new() }),
             changed: tokio::sync::watch::channel(0).0,
+            keep_finished: FINISHED_KEPT,
+        }
+    }
+
+    /// As [`Tasks::new`], keeping ended tasks for `keep` (tests).
+    pub fn keeping_finished(keep: Duration) -> Tasks {
+        Tasks { keep_finished: keep, ..Tasks::new() }
+    }
+
+    /// Forgets the tasks that ended longer than `keep_finished` ago (each reported changed).
+    fn forget_old(&self) {
+        let old: Vec<String> = {
+            let mut tasks = self.lock();
+            let old: Vec<String> =
+                tasks.iter().filter(|(_, e)| e.ended.is_some_and(|t| t.elapsed() >= self.keep_finished)).map(|(id, _)| id.clone()).collect();
+            for id in &old {
+                tasks.remove(id);
+            }
+            old
+        };
+        for id in old {
+            self.changed(Dynamic::Task(id));
         }
     }
 
@@ -87,6 +118,7 @@ impl Tasks {
 
     /// A new pending task; the token tells its worker when `TASK.cancel` was called.
     pub fn create(&self, dbg: &str) -> (String, CancellationToken) {
+        self.forget_old();
         let id = uuid::Uuid::new_v4().to_string();
         let cancel = CancellationToken::new();
         let task = Task {
@@ -98,7 +130,7 @@ impl Tasks {
             dbg: dbg.to_owned(),
             id: id.clone(),
         };
-        self.lock().insert(id.clone(), Entry { task, cancel: cancel.clone(), started: std::time::Instant::now() });
+        self.lock().insert(id.clone(), Entry { task, cancel: cancel.clone(), started: std::time::Instant::now(), ended: None });
         self.changed(Dynamic::Task(id.clone()));
         (id, cancel)
     }
@@ -145,6 +177,7 @@ impl Tasks {
             let done = Completion { result: None, duration: e.started.elapsed().as_secs_f64() };
             end_subtasks(&mut e.task, &TaskState::Completed(done));
             e.task.state = TaskState::Completed(Completion { result, duration: e.started.elapsed().as_secs_f64() });
+            e.ended = Some(std::time::Instant::now());
         });
     }
 
@@ -160,6 +193,7 @@ impl Tasks {
             let failed = TaskState::Failed(error.to_value());
             end_subtasks(&mut e.task, &failed);
             e.task.state = failed;
+            e.ended = Some(std::time::Instant::now());
             e.task.backtrace = error.to_string();
         });
     }
@@ -272,6 +306,25 @@ mod tests {
         let expected = TaskState::Failed(StorageError::Cancelled(failed.clone()).to_value());
         assert_eq!(task.state, expected);
         assert_eq!(task.subtasks.get("copy"), Some(&expected));
+    }
+
+    #[tokio::test]
+    async fn ended_tasks_are_forgotten_after_a_while_pending_ones_never() {
+        let t = Tasks::keeping_finished(Duration::ZERO);
+        let (done, _) = t.create("done");
+        let (failed, _) = t.create("failed");
+        let (running, _) = t.create("running");
+        t.complete(&done, None);
+        t.fail(&failed, &StorageError::InternalError("x".into()));
+        assert!(t.stat(&done).is_ok(), "kept until the next task is made");
+        let (_next, _) = t.create("next");
+        assert!(t.stat(&done).is_err() && t.stat(&failed).is_err(), "ended tasks kept");
+        assert!(t.stat(&running).is_ok(), "a pending task was forgotten");
+        let kept = Tasks::new();
+        let (a, _) = kept.create("a");
+        kept.complete(&a, None);
+        kept.create("b");
+        assert!(kept.stat(&a).is_ok(), "forgotten within the hour");
     }
 
     #[tokio::test]
