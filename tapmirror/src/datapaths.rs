@@ -86,8 +86,10 @@ pub const OWNER_FILE: &str = "owner.json";
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(150);
 /// How long a control request other than drain may take.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long after a failed restart of a dead datapath the next is tried.
-const RESTART_RETRY: Duration = Duration::from_secs(30);
+/// How long after a failed restart of a dead datapath the next is tried. A killed process's
+/// files can stay open (its `flock` held) while the kernel tears its io_uring down, so the
+/// first restart may find the image in use: retried soon.
+const RESTART_RETRY: Duration = Duration::from_secs(5);
 /// How long `detach` waits for the process to flush and exit before killing it.
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the mirror target may take to answer one request (and its NBD handshake) before
