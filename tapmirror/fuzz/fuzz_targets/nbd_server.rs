@@ -1,6 +1,7 @@
 //! Fuzzes the NBD server end to end: the input is everything a client sends on one connection.
 //!
-//! Each input is fed, as the client's half of the stream, to `NbdServer::serve_connection`: the
+//! Each input is fed, as the client's half of the stream, to `NbdServer::serve_with` under each
+//! greeting (fixed newstyle for the export's name or any name, and old style): the
 //! reader yields the input bytes and then end-of-file, and the server's replies go to
 //! `tokio::io::sink()`. The input therefore reaches option parsing (negotiation) first and, once
 //! an `NBD_OPT_GO` / `NBD_OPT_EXPORT_NAME` succeeds, request parsing (transmission) against a
@@ -32,6 +33,7 @@ use tapmirror::image::raw::Access;
 use tapmirror::image::{Image, RawImage};
 use tapmirror::io::EngineKind;
 use tapmirror::nbd::proto::REQUEST_LEN;
+use tapmirror::nbd::server::Handshake;
 use tapmirror::nbd::{ExportConfig, NbdServer};
 use tokio::runtime::Runtime;
 use tokio_util::sync::CancellationToken;
@@ -70,17 +72,30 @@ fn harness() -> &'static Harness {
 }
 
 fuzz_target!(|data: &[u8]| {
+    // Each greeting a server gives: the listener's (fixed newstyle, the export's name only),
+    // a passed connection's (any name), and the old style (transmission at once, simple
+    // replies only).
+    for how in [
+        Handshake::default(),
+        Handshake { oldstyle: false, any_export: true },
+        Handshake { oldstyle: true, any_export: true },
+    ] {
+        one_connection(data, how);
+    }
+});
+
+fn one_connection(data: &[u8], how: Handshake) {
     let h = harness();
     let export = ExportConfig { name: EXPORT.into(), description: Some("fuzz export".into()), read_only: false };
     let server = NbdServer::new(Arc::clone(&h.image), export);
     let client = std::io::Cursor::new(data.to_vec());
 
-    let connection = Arc::clone(&server).serve_connection(client, tokio::io::sink(), CancellationToken::new());
+    let connection = Arc::clone(&server).serve_with(client, tokio::io::sink(), CancellationToken::new(), how);
     // The timer must be created inside the runtime, hence the async block.
     let outcome = h.rt.block_on(async { tokio::time::timeout(STALL_LIMIT, connection).await });
     // Errors (bad magic, truncation, EOF mid-message, ...) are expected; a stall is not.
     let Ok(result) = outcome else {
-        panic!("serve_connection did not return within {STALL_LIMIT:?} for a {}-byte input", data.len());
+        panic!("serve_with({how:?}) did not return within {STALL_LIMIT:?} for a {}-byte input", data.len());
     };
 
     assert_eq!(server.image().size(), SIZE, "cached image size changed");
@@ -97,7 +112,7 @@ fuzz_target!(|data: &[u8]| {
     assert!(written <= data.len() as u64, "{written} bytes written from a {}-byte input", data.len());
     if h.verbose {
         eprintln!(
-            "{} bytes: {result:?}; {requests} replies, {errors} errors, {written} bytes written, {} bytes read",
+            "{} bytes, {how:?}: {result:?}; {requests} replies, {errors} errors, {written} bytes written, {} bytes read",
             data.len(),
             stats.bytes_read.load(Ordering::Relaxed)
         );
@@ -106,4 +121,4 @@ fuzz_target!(|data: &[u8]| {
     // Back to a sparse all-zero image so the next input sees the same state.
     h.file.set_len(0).expect("truncate image");
     h.file.set_len(SIZE).expect("extend image");
-});
+}
