@@ -169,6 +169,9 @@ fn delete_files(sr: &SrContext, ids: &[String]) {
 /// The most data a VDI may hold for its hidden parent to be coalesced into it after a destroy:
 /// its guest waits while the data is copied (SM's live leaf-coalesce has such a bound too).
 const LIVE_COALESCE_MAX: u64 = 64 << 20;
+/// The most data a hidden node may hold to be coalesced into its hidden parent (no guest
+/// waits for it; this SR's other calls do).
+const COALESCE_MAX: u64 = 1 << 30;
 
 /// Snapshot or clone.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -295,6 +298,73 @@ impl ExtBackend {
         match coalesced {
             Ok(()) => tracing::info!(sr = %sr.sr, vdi = %child, hidden, "coalesced a VDI with its hidden parent"),
             Err(e) => tracing::warn!(sr = %sr.sr, vdi = %child, hidden, error = %e, "coalescing a VDI with its hidden parent failed; the chain stays"),
+        }
+    }
+}
+
+impl ExtBackend {
+    /// After a destroy, SM's garbage collector's other coalesce: a hidden node left with one
+    /// child that is hidden too (the base of an older snapshot, once that snapshot is gone: a
+    /// rolling series of backups) takes that child's sectors (`vhd::coalesce`), the child's
+    /// children are put on it (`vhd::compose`, each VDI's datapath paused for its header
+    /// write), and the child goes. Every chain reads the same at every step; a crash leaves
+    /// files whose parents attach reads back into the record, and an unused hidden child that
+    /// attach deletes. Best effort, up to [`COALESCE_MAX`] of data; a failure is logged.
+    fn coalesce_hidden_pair(&self, sr: &SrContext, parent: &str) {
+        let Ok(meta) = SrMeta::load_existing(&sr.dir) else { return };
+        let Some(child) = meta.hidden_only_child(parent) else { return };
+        let grandchildren: Vec<String> = meta.children(&child).into_iter().map(str::to_owned).collect();
+        let (parent_path, child_path) = (vhd_path(&sr.dir, parent), vhd_path(&sr.dir, &child));
+        match vhd::info(&child_path) {
+            Ok(i) if i.allocated_bytes <= COALESCE_MAX => {}
+            Ok(i) => {
+                tracing::info!(sr = %sr.sr, parent, child = %child, bytes = i.allocated_bytes, "not coalescing a hidden pair: the child holds too much");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(sr = %sr.sr, child = %child, error = %errors::chain(&e), "not coalescing a hidden pair");
+                return;
+            }
+        }
+        if let Err(e) = vhd::coalesce(&child_path) {
+            tracing::warn!(sr = %sr.sr, parent, child = %child, error = %errors::chain(&e), "coalescing a hidden pair failed; the chain stays");
+            return;
+        }
+        let mut moved = Vec::new();
+        for g in &grandchildren {
+            let g_path = vhd_path(&sr.dir, g);
+            let composed = self.datapaths.with_quiesced(
+                group(sr),
+                g,
+                "coalesce",
+                || vhd::compose(&g_path, &parent_path).map_err(|e| errors::vhd(g, "coalesce", &e)),
+                errors::datapath,
+            );
+            if composed.is_ok() || file_moved_to(sr, g, parent) {
+                moved.push(g.clone());
+            }
+            if let Err(e) = composed {
+                tracing::warn!(sr = %sr.sr, parent, node = %g, error = %e, "putting a node on its coalesced grandparent failed");
+            }
+        }
+        let Ok(mut meta) = SrMeta::load_existing(&sr.dir) else { return };
+        let all = moved.len() == grandchildren.len();
+        if all {
+            meta.fold_into_parent(parent, &child);
+        } else {
+            for g in &moved {
+                if let Some(n) = meta.nodes.get_mut(g) {
+                    n.parent = Some(parent.to_owned());
+                }
+            }
+        }
+        if let Err(e) = meta.save(&sr.dir) {
+            tracing::warn!(sr = %sr.sr, parent, error = %e, "recording a hidden pair's coalesce failed; attach reads it back from the files");
+            return;
+        }
+        if all {
+            delete_files(sr, std::slice::from_ref(&child));
+            tracing::info!(sr = %sr.sr, parent, child = %child, moved = moved.len(), "coalesced a hidden pair");
         }
     }
 }
@@ -433,6 +503,7 @@ impl Backend for ExtBackend {
         state::ensure_reserve(&sr.dir);
         if let Some(parent) = parent.filter(|p| meta.nodes.contains_key(p)) {
             self.coalesce_lone_child(sr, &parent);
+            self.coalesce_hidden_pair(sr, &parent);
         }
         Ok(())
     }

@@ -57,6 +57,8 @@ const PRESERVED_ON_CLONE: &str = "base_mirror";
 /// The most data a VDI may hold for its hidden base to be coalesced into it after a destroy:
 /// its guest waits while the data is copied (SM's live leaf-coalesce has such a bound too).
 const LIVE_COALESCE_MAX: u64 = 64 << 20;
+/// The same for a child no datapath holds: only this SR's other calls wait meanwhile.
+const COALESCE_MAX: u64 = 1 << 30;
 const SECTOR: u64 = 512;
 
 /// The `qcow2` SR type: qcow2 volumes in the SR's folder, served by one `tapmirror serve` per
@@ -265,10 +267,15 @@ impl Qcow2Backend {
     /// file backed by the hidden volume, which attach adopts back. Best effort: a failure is
     /// logged and leaves the chain as it was.
     fn coalesce_lone_child(&self, sr: &SrContext, hidden: &str) {
-        let Some(child) = SrMeta::load_existing(&sr.dir).ok().and_then(|m| m.lone_child(hidden)) else { return };
+        // Any one child: a qcow2 names its backing by file name only, so the hidden volume's
+        // file can take the place of a child others read through too (a rolling series of
+        // snapshots whose oldest is destroyed).
+        let Some(child) = SrMeta::load_existing(&sr.dir).ok().and_then(|m| m.only_child(hidden)) else { return };
         let (hidden_path, child_path) = (volume_path(&sr.dir, hidden), volume_path(&sr.dir, &child));
+        // A guest waits only when the child takes I/O; otherwise only this SR's other calls do.
+        let most = if self.datapaths.is_attached(group(sr), &child) { LIVE_COALESCE_MAX } else { COALESCE_MAX };
         match block_on(qcow2::info(&child_path)) {
-            Ok(Ok(i)) if i.allocated_bytes <= LIVE_COALESCE_MAX => {}
+            Ok(Ok(i)) if i.allocated_bytes <= most => {}
             Ok(Ok(i)) => {
                 tracing::info!(sr = %sr.sr, vdi = %child, hidden, bytes = i.allocated_bytes, "not coalescing: the VDI holds too much to pause its guest for");
                 return;

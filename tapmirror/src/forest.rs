@@ -89,6 +89,37 @@ impl<T> Forest<T> {
         (self.nodes.get(child)?.info.is_some() && self.children(child).is_empty()).then(|| child.to_owned())
     }
 
+    /// `hidden`'s one child, whatever it is, if `hidden` is a hidden image with exactly one
+    /// child: for formats whose children name their parent by file name only (qcow2), where
+    /// `hidden`'s file can take the child's place under it too.
+    pub fn only_child(&self, hidden: &str) -> Option<String> {
+        if self.nodes.get(hidden)?.info.is_some() {
+            return None;
+        }
+        let [child] = self.children(hidden)[..] else { return None };
+        Some(child.to_owned())
+    }
+
+    /// `hidden`'s one child, if `hidden` is hidden, has exactly one child, and that child is
+    /// hidden too: a pair whose child's data can be folded into `hidden` and the child's own
+    /// children put on `hidden` (see [`Forest::fold_into_parent`]).
+    pub fn hidden_only_child(&self, hidden: &str) -> Option<String> {
+        let child = self.only_child(hidden)?;
+        self.nodes.get(&child)?.info.is_none().then_some(child)
+    }
+
+    /// Records that `child`'s children now read through its parent `parent`, and `child`
+    /// leaves the forest.
+    pub fn fold_into_parent(&mut self, parent: &str, child: &str) {
+        let grandchildren: Vec<String> = self.children(child).into_iter().map(str::to_owned).collect();
+        for g in grandchildren {
+            if let Some(n) = self.nodes.get_mut(&g) {
+                n.parent = Some(parent.to_owned());
+            }
+        }
+        self.nodes.remove(child);
+    }
+
     /// Records a coalesce of `hidden` and its lone child `child`: `hidden` leaves the forest,
     /// and `child` reads through what `hidden` read through.
     pub fn fold_into_child(&mut self, hidden: &str, child: &str) {
@@ -256,6 +287,29 @@ mod tests {
         assert_eq!(f.lone_child("v"), Some("w".to_owned()));
         f.nodes.insert("u".into(), layer(Some("w"), true));
         assert_eq!(f.lone_child("v"), None, "w has a child");
+    }
+
+    #[test]
+    fn a_hidden_layer_with_one_child_of_any_kind_is_found_and_folded() {
+        // b1 ─ b2 ─┬─ v      (b1, b2 hidden)
+        //          └─ s2
+        let mut f = Forest::default();
+        f.nodes.insert("b1".into(), layer(None, false));
+        f.nodes.insert("b2".into(), layer(Some("b1"), false));
+        f.nodes.insert("v".into(), layer(Some("b2"), true));
+        f.nodes.insert("s2".into(), layer(Some("b2"), true));
+        assert_eq!(f.only_child("b1"), Some("b2".to_owned()));
+        assert_eq!(f.hidden_only_child("b1"), Some("b2".to_owned()));
+        assert_eq!(f.only_child("b2"), None, "two children");
+        assert_eq!(f.lone_child("b1"), None, "its child is hidden");
+        f.fold_into_parent("b1", "b2");
+        assert_eq!((f.nodes.get("v"), f.nodes.get("s2")), (Some(&layer(Some("b1"), true)), Some(&layer(Some("b1"), true))));
+        assert!(!f.nodes.contains_key("b2"));
+        assert_eq!(f.check(), Ok(()));
+        // A visible only child is found by `only_child`, not by `hidden_only_child`.
+        f.nodes.remove("s2");
+        assert_eq!(f.only_child("b1"), Some("v".to_owned()));
+        assert_eq!(f.hidden_only_child("b1"), None);
     }
 
     #[test]

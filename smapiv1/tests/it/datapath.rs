@@ -514,3 +514,44 @@ fn a_dead_datapath_refuses_snapshots_and_still_detaches() {
     assert!(dp_dirs(&sr).is_empty());
     sr.backend.vdi_destroy(&sr.ctx, &v.vdi).expect("destroy");
 }
+
+/// A rolling series of backups, keeping the last three snapshots: each cycle takes a snapshot
+/// and destroys the oldest, under an attached VDI being written. Each destroy leaves the oldest
+/// base with one hidden child, which is coalesced into it (SM's GC), so the VDI's chain stays
+/// as long as the series, never growing towards the chain limit; every snapshot still reads
+/// what it held, and the VDI what was written.
+#[test]
+fn a_rolling_series_of_snapshots_keeps_the_chain_short() {
+    require!("qemu-io");
+    let sr = TestSr::new();
+    let v = sr.create("v", 4 * MIB);
+    let info = sr.backend.vdi_attach(&sr.ctx, &v.vdi, true).expect("attach");
+    sr.backend.vdi_activate(&sr.ctx, &v.vdi).expect("activate");
+    let uri = nbd_uri(&info);
+    let mut kept: std::collections::VecDeque<(String, Vec<u8>)> = Default::default();
+    let depth = |sr: &TestSr| tapmirror::image::vhd::info(&sr.vhd(&v.vdi)).expect("info").chain.len();
+    for cycle in 0..8u64 {
+        qemu_io(&uri, &format!("write -P {} {} 64k", cycle + 1, cycle * 65536)).expect("write");
+        let s = sr.backend.vdi_snapshot(&sr.ctx, &v).expect("snapshot");
+        let held = sr.read_all(&s.vdi);
+        kept.push_back((s.vdi, held));
+        if kept.len() > 3 {
+            let (oldest, _) = kept.pop_front().expect("oldest");
+            sr.backend.vdi_destroy(&sr.ctx, &oldest).expect("destroy the oldest");
+        }
+        assert!(depth(&sr) <= 5, "cycle {cycle}: the VDI's chain is {} long", depth(&sr));
+    }
+    for (s, held) in &kept {
+        assert!(sr.read_all(s) == *held, "snapshot {s} changed");
+        vhd_check(&sr.vhd(s)).expect("sound chain");
+    }
+    qemu_io(&uri, "read -P 8 458752 64k").expect("the last write reads back");
+    sr.backend.vdi_deactivate(&sr.ctx, &v.vdi).expect("deactivate");
+    sr.backend.vdi_detach(&sr.ctx, &v.vdi).expect("detach");
+    let mut want = vec![0u8; 4 << 20];
+    for cycle in 0..8usize {
+        want[cycle * 65536..(cycle + 1) * 65536].fill(cycle as u8 + 1);
+    }
+    assert!(sr.read_all(&v.vdi) == want, "the VDI lost a write");
+    assert_eq!(sxm_smapiv1::recover::recover(&sr.ctx.sr, &sr.ctx.dir).expect("recover"), Default::default());
+}

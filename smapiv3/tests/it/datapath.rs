@@ -124,3 +124,45 @@ fn a_restarted_backend_re_adopts_its_datapaths() {
     sr.backend.vdi_deactivate(&sr.ctx, &b.vdi).expect("deactivate");
     sr.backend.vdi_detach(&sr.ctx, &b.vdi).expect("detach");
 }
+
+/// A rolling series of backups keeping the last three snapshots, under an attached VDI being
+/// written: a qcow2 snapshot is the VDI's old volume, so the series is the VDI's chain, and
+/// destroying the oldest leaves it hidden under the next. It is coalesced with that next one
+/// (whose name its file takes), so the chain stays as long as the series; every snapshot
+/// still reads what it held, the VDI what was written, and QEMU finds every volume sound.
+#[test]
+fn a_rolling_series_of_snapshots_keeps_the_chain_short() {
+    require!("qemu-io", "qemu-img");
+    let sr = TestSr::new();
+    let v = sr.create("v", 4 * MIB);
+    let info = sr.backend.vdi_attach(&sr.ctx, &v.vdi, true).expect("attach");
+    sr.backend.vdi_activate(&sr.ctx, &v.vdi).expect("activate");
+    let uri = nbd_uri(&info);
+    let mut kept: std::collections::VecDeque<(String, Vec<u8>)> = Default::default();
+    for cycle in 0..8u64 {
+        qemu_io(&uri, &format!("write -P {} {} 64k", cycle + 1, cycle * 65536)).expect("write");
+        let mut req = VdiInfo::new(v.vdi.clone(), format!("backup {cycle}"));
+        req.sm_config.clear();
+        let s = sr.backend.vdi_snapshot(&sr.ctx, &req).expect("snapshot");
+        kept.push_back((s.vdi.clone(), sr.read_all(&s.vdi)));
+        if kept.len() > 3 {
+            let (oldest, _) = kept.pop_front().expect("oldest");
+            sr.backend.vdi_destroy(&sr.ctx, &oldest).expect("destroy the oldest");
+        }
+        assert!(sr.files().len() <= 4, "cycle {cycle}: {} volumes", sr.files().len());
+    }
+    for (s, held) in &kept {
+        assert!(sr.read_all(s) == *held, "snapshot {s} changed");
+    }
+    qemu_io(&uri, "read -P 8 458752 64k").expect("the last write reads back");
+    sr.backend.vdi_deactivate(&sr.ctx, &v.vdi).expect("deactivate");
+    sr.backend.vdi_detach(&sr.ctx, &v.vdi).expect("detach");
+    let mut want = vec![0u8; 4 << 20];
+    for cycle in 0..8usize {
+        want[cycle * 65536..(cycle + 1) * 65536].fill(cycle as u8 + 1);
+    }
+    assert!(sr.read_all(&v.vdi) == want, "the VDI lost a write");
+    for id in sr.files() {
+        qemu_check(&sr.vol(&id)).expect("qemu-img check");
+    }
+}
