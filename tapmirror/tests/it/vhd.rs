@@ -618,11 +618,18 @@ fn crash_writer_child() {
     let first: u64 = first.parse().expect("first write");
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     rt.block_on(async {
-        let img = Arc::new(
-            VhdImage::open_with(Path::new(image), Access::ReadWrite, engine(), CrashSafety::PowerLoss)
-                .await
-                .expect("open"),
-        );
+        // The killed predecessor's lock goes with its io_uring, which the kernel tears down a
+        // little after the process is reaped: more than the open's own 2 s grace on a loaded
+        // host (a CI run once). That wait is not what this test is about.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let img = loop {
+            match VhdImage::open_with(Path::new(image), Access::ReadWrite, engine(), CrashSafety::PowerLoss).await {
+                Err(e) if e.kind() == VhdErrorKind::Busy && std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                r => break Arc::new(r.expect("open")),
+            }
+        };
         let log = Arc::new(std::fs::OpenOptions::new().append(true).open(log).expect("log"));
         // A flush covers this process's writes only: those of a killed one may be lost.
         std::io::Write::write_all(&mut &*log, format!("b {first}\n").as_bytes()).expect("log");
