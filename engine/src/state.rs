@@ -50,6 +50,12 @@ pub fn remove_durably(path: &Path) -> io::Result<()> {
     }
 }
 
+/// Renames `from` over `to` (same folder) durably.
+pub fn rename_durably(from: &Path, to: &Path) -> io::Result<()> {
+    fs::rename(from, to).map_err(|e| io::Error::new(e.kind(), format!("rename {} over {}: {e}", from.display(), to.display())))?;
+    sync_dir(to.parent().unwrap_or(Path::new(".")))
+}
+
 /// fsyncs a folder, so a rename or removal in it survives a crash.
 pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io::Error::new(e.kind(), format!("fsync folder {}: {e}", dir.display())))

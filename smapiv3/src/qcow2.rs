@@ -298,9 +298,7 @@ impl Qcow2Backend {
                 let mut meta = SrMeta::load_existing(&sr.dir)?;
                 meta.fold_into_child(hidden, &child);
                 meta.save(&sr.dir)?;
-                std::fs::rename(&hidden_path, &child_path)
-                    .and_then(|()| state::sync_dir(&sr.dir))
-                    .map_err(|e| errors::io(format!("renaming {} over {}", hidden_path.display(), child_path.display()), &e))
+                state::rename_durably(&hidden_path, &child_path).map_err(|e| errors::io("coalesce", &e))
             },
             errors::datapath,
         );

@@ -82,11 +82,8 @@ impl<T> Forest<T> {
     /// folds into one image (the child's data into `hidden`'s file, which takes the child's
     /// place).
     pub fn lone_child(&self, hidden: &str) -> Option<String> {
-        if self.nodes.get(hidden)?.info.is_some() {
-            return None;
-        }
-        let [child] = self.children(hidden)[..] else { return None };
-        (self.nodes.get(child)?.info.is_some() && self.children(child).is_empty()).then(|| child.to_owned())
+        let child = self.only_child(hidden)?;
+        (self.nodes.get(&child)?.info.is_some() && self.children(&child).is_empty()).then_some(child)
     }
 
     /// `hidden`'s one child, whatever it is, if `hidden` is a hidden image with exactly one

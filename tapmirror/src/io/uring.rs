@@ -285,7 +285,7 @@ impl Ring {
     }
 
     async fn submit(&self, target: Target, op: Op) -> io::Result<Done> {
-        let (tx, rx) = oneshot::channel();
+        let (tx, mut rx) = oneshot::channel();
         let pushed = {
             let mut st = self.lock();
             st.backlog.push_back(Queued { target, op, done: tx });
@@ -296,7 +296,6 @@ impl Ring {
             // Page-cache hits completed inside the enter: hand them out without a thread hop.
             let _ = self.reap();
         }
-        let mut rx = rx;
         match rx.try_recv() {
             Ok(done) => return Ok(done),
             // Not inline: an idle reaper must watch the ring from now on. (The reaper marks
