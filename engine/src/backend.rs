@@ -153,6 +153,19 @@ pub mod errors {
         )
     }
 
+    /// SM's `IllegalXMLChar` (code 447): text XML cannot carry (`at` names the argument) was
+    /// refused before anything changed, as SM refuses such VDI names.
+    pub fn illegal_xml_char(at: &str, text: &str) -> StorageError {
+        StorageError::BackendError(
+            "SR_BACKEND_FAILURE_447".to_owned(),
+            vec![
+                String::new(),
+                "Illegal XML character.".to_owned(),
+                format!("{at} {text:?} holds a character XML cannot carry (a control character, U+FFFE or U+FFFF); names and descriptions must be XML text"),
+            ],
+        )
+    }
+
     /// Whether an I/O error is a full file system or quota (`ENOSPC`, `EDQUOT`).
     pub fn is_no_space(e: &io::Error) -> bool {
         matches!(e.kind(), io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded)
@@ -267,6 +280,14 @@ pub trait Backend: Send + Sync + 'static {
     /// the parent with the child's writes on top.
     fn vdi_compose(&self, sr: &SrContext, parent: &str, child: &str) -> StorageResult<()> {
         unimplemented("VDI.compose")
+    }
+
+    /// SM's `reset_leaf`, for a VDI set non-persistent: throw away what the VDI's own image
+    /// holds, so that it reads as its parent again (the content it had when
+    /// `VDI.set_persistent false` made that parent), at its own size. Refused while the VDI is
+    /// attached, and for a VDI with no parent.
+    fn vdi_reset_leaf(&self, sr: &SrContext, vdi: &str) -> StorageResult<()> {
+        unimplemented("VDI.epoch_begin")
     }
 
     /// Changes a VDI's record (content_id, names, sm_config, …), persisted atomically.

@@ -279,6 +279,7 @@ impl Mux {
             SrSetNameLabel(a) => self.sr_rename(&a.sr, Some(a.new_name_label), None).map(|()| Value::Null),
             SrSetNameDescription(a) => self.sr_rename(&a.sr, None, Some(a.new_name_description)).map(|()| Value::Null),
             SrUpdateSnapshotInfoDest(a) => self.update_snapshot_info_dest(a).await.map(|()| Value::Null),
+            SrUpdateSnapshotInfoSrc(a) => self.update_snapshot_info_src(a).await.map(|()| Value::Null),
             VdiCreate(a) => {
                 let entry = self.attached_entry(&a.sr)?;
                 let info = self.run(&entry, true, move |b, ctx| b.vdi_create(ctx, &a.vdi_info)).await?;
@@ -321,7 +322,12 @@ impl Mux {
             VdiSetContentId(a) => self.vdi_update(a.sr, a.vdi, VdiChange::ContentId(a.content_id)).await,
             VdiSetNameLabel(a) => self.vdi_update(a.sr, a.vdi, VdiChange::NameLabel(a.new_name_label)).await,
             VdiSetNameDescription(a) => self.vdi_update(a.sr, a.vdi, VdiChange::NameDescription(a.new_name_description)).await,
-            VdiSetPersistent(a) => self.vdi_update(a.sr, a.vdi, VdiChange::Persistent(a.persistent)).await,
+            VdiSetPersistent(a) => self.set_persistent(a.sr, a.vdi, a.persistent).await.map(|()| Value::Null),
+            VdiEpochBegin(a) => self.epoch_begin(a.sr, a.vdi).await.map(|()| Value::Null),
+            VdiEpochEnd(a) => {
+                let entry = self.attached_entry(&a.sr)?;
+                self.run(&entry, false, move |b, ctx| b.vdi_stat(ctx, &a.vdi)).await.map(|_| Value::Null)
+            }
             VdiAddToSmConfig(a) => self.vdi_update(a.sr, a.vdi, VdiChange::AddSmConfig(a.key, a.value)).await,
             VdiRemoveFromSmConfig(a) => self.vdi_update(a.sr, a.vdi, VdiChange::RemoveSmConfig(a.key)).await,
             VdiSimilarContent(a) => {
@@ -330,21 +336,22 @@ impl Mux {
             }
             VdiGetByName(a) => {
                 let vdis = self.sr_scan(&a.sr).await?;
-                vdis.into_iter()
-                    .find(|v| v.vdi == a.name || v.name_label == a.name)
-                    .map(|v| v.to_value())
-                    .ok_or_else(|| StorageError::DoesNotExist("VDI".into(), a.name))
+                // By location (here the VDI's id) only, as SMAPIv1's `find_content` does: a
+                // name_label need not be unique.
+                vdis.into_iter().find(|v| v.vdi == a.name).map(|v| v.to_value()).ok_or(StorageError::VdiDoesNotExist(a.name))
             }
             VdiAttach(a) => self.attach(a.dp, a.sr, a.vdi, a.read_write, None).await.map(|i| LegacyAttachInfo::from(&i).to_value()),
             VdiAttach2(a) => self.attach(a.dp, a.sr, a.vdi, a.read_write, a.vm).await.map(|i| i.to_value()),
             VdiAttach3(a) => self.attach(a.dp, a.sr, a.vdi, a.read_write, a.vm).await.map(|i| i.to_value()),
             VdiActivate(a) => self.activate(a.dp, a.sr, a.vdi).await.map(|()| Value::Null),
             VdiActivate3(a) => self.activate(a.dp, a.sr, a.vdi).await.map(|()| Value::Null),
+            VdiActivateReadonly(a) => self.activate(a.dp, a.sr, a.vdi).await.map(|()| Value::Null),
             VdiDeactivate(a) => self.deactivate(a.dp, a.sr, a.vdi).await.map(|()| Value::Null),
             VdiDetach(a) => self.detach(a.dp, a.sr, a.vdi).await.map(|()| Value::Null),
             DpCreate(a) => Ok(Value::String(a.id)),
-            DpDestroy(a) => self.dp_destroy(&a.dp, None, a.allow_leak).await.map(|()| Value::Null),
-            DpDestroy2(a) => self.dp_destroy(&a.dp, Some((&a.sr, &a.vdi)), a.allow_leak).await.map(|()| Value::Null),
+            DpDestroy(a) => self.dp_destroy(&a.dp, a.allow_leak).await.map(|()| Value::Null),
+            // The datapath goes whatever it holds, as in xapi (sr and vdi are only a hint).
+            DpDestroy2(a) => self.dp_destroy(&a.dp, a.allow_leak).await.map(|()| Value::Null),
             DpAttachInfo(a) => self.dp_attach_info(a).await.map(|i| i.to_value()),
             DpStatVdi(a) => {
                 self.entry(&a.sr)?;
@@ -361,26 +368,33 @@ impl Mux {
             TaskCancel(a) => self.tasks.cancel(&a.task).map(|()| Value::Null),
             TaskDestroy(a) => self.tasks.destroy(&a.task).map(|()| Value::Null),
             UpdatesGet(a) => {
-                let timeout = Duration::from_secs(a.timeout.unwrap_or(0).max(0) as u64);
+                // No timeout waits for a change, as xapi's does, up to the longest wait a call
+                // may take here.
+                let timeout = a.timeout.map_or(crate::tasks::MAX_WAIT, |t| Duration::from_secs(t.max(0) as u64));
                 let (changes, next) = self
                     .tasks
                     .updates(&a.from, timeout, || {
-                        let dps = self.datapaths();
                         let mut all: Vec<Dynamic> = Vec::new();
-                        for sr in self.registry().all().filter(|e| e.record.attached) {
-                            for r in dps.of_sr(&sr.record.sr) {
-                                let d = Dynamic::Dp(r.dp.clone());
-                                if !all.contains(&d) {
-                                    all.push(d);
+                        {
+                            let dps = self.datapaths();
+                            for sr in self.registry().all().filter(|e| e.record.attached) {
+                                for r in dps.of_sr(&sr.record.sr) {
+                                    let d = Dynamic::Dp(r.dp.clone());
+                                    if !all.contains(&d) {
+                                        all.push(d);
+                                    }
                                 }
                             }
                         }
+                        // Mirrors too: a watcher that resynchronises must not miss a failed one.
+                        all.extend(self.mirror_list().into_keys().map(Dynamic::Mirror));
                         all
                     })
                     .await;
                 Ok((changes, next).to_value())
             }
             Query(_) => Ok(self.query().to_value()),
+            QueryDiagnostics(_) => Ok(Value::String(self.diagnostics())),
             DataCopy(a) => self.data_copy(a.sr, a.vdi, a.url, a.dest).await.map(Value::String),
             DataMirrorStart(a) => self.mirror_start(a.sr, a.vdi, a.dp, a.url, a.dest, a.mirror_vm, a.copy_vm).await.map(Value::String),
             DataMirrorStop(a) => self.mirror_stop(&a.id).await.map(|()| Value::Null),
@@ -406,8 +420,23 @@ impl Mux {
         QueryResult {
             required_cluster_stack: Vec::new(),
             configuration: Map::from_iter([("root".to_owned(), self.root.display().to_string())]),
-            // What the storage interface answers; `SR.probe` answers Unimplemented, so no SR_PROBE.
-            features: ["VDI_CREATE", "VDI_DELETE", "VDI_ATTACH", "VDI_DETACH", "VDI_ACTIVATE", "VDI_DEACTIVATE", "VDI_SNAPSHOT", "VDI_CLONE", "VDI_RESIZE", "VDI_MIRROR"]
+            // What the storage interface answers; `SR.probe` answers Unimplemented, so no
+            // SR_PROBE. VDI_MIRROR_IN: this host receives mirrors (xapi checks a destination
+            // for it); VDI_RESET_ON_BOOT/2: `VDI.set_persistent false` and `VDI.epoch_begin`.
+            features: [
+                "VDI_CREATE",
+                "VDI_DELETE",
+                "VDI_ATTACH",
+                "VDI_DETACH",
+                "VDI_ACTIVATE",
+                "VDI_DEACTIVATE",
+                "VDI_SNAPSHOT",
+                "VDI_CLONE",
+                "VDI_RESIZE",
+                "VDI_MIRROR",
+                "VDI_MIRROR_IN",
+                "VDI_RESET_ON_BOOT/2",
+            ]
                 .iter()
                 .map(|s| (*s).to_owned())
                 .chain(types.iter().map(|t| format!("SR_TYPE/{t}")))
@@ -424,6 +453,9 @@ impl Mux {
 
     async fn sr_create(&self, a: args::SrCreate) -> StorageResult<Map<String>> {
         let ty = a.device_config.get("type").cloned().unwrap_or_else(|| DEFAULT_SR_TYPE.to_owned());
+        if self.registry().get(&a.sr).is_ok_and(|e| e.record.attached) {
+            return Err(StorageError::SrAttached(a.sr));
+        }
         let backend = self.backend_of(&ty, &a.sr)?;
         let mut record = self.registry().prepare(&a.sr, &ty, &a.name_label, &a.name_description, a.device_config.clone())?;
         let ctx = self.registry().context(&record);
@@ -550,7 +582,8 @@ impl Mux {
             for (local, src) in &pairs {
                 let mine = b.vdi_stat(ctx, local)?;
                 if mine.content_id != src.content_id {
-                    return Err(StorageError::ContentIdsDoNotMatch(mine.content_id, src.content_id.clone()));
+                    // Naming the two VDIs, as xapi's `assert_content_ids_match` does.
+                    return Err(StorageError::ContentIdsDoNotMatch(mine.vdi, src.vdi.clone()));
                 }
             }
             for (local, src) in &pairs {
@@ -565,6 +598,90 @@ impl Mux {
         Ok(())
     }
 
+    /// `SR.update_snapshot_info_src`, as xapi's `Storage_migrate` does it: each local snapshot's
+    /// record goes to the host at `url`, which checks that its copy holds the same content
+    /// and marks the copy a snapshot of `dest_vdi`.
+    async fn update_snapshot_info_src(&self, a: args::SrUpdateSnapshotInfoSrc) -> StorageResult<()> {
+        let vdis = self.sr_scan(&a.sr).await?;
+        let find = |id: &str| vdis.iter().find(|v| v.vdi == id).cloned().ok_or_else(|| StorageError::VdiDoesNotExist(id.to_owned()));
+        let src_vdi = find(&a.vdi)?;
+        let mut snapshot_pairs = Map::new();
+        for (local, remote) in &a.snapshot_pairs {
+            snapshot_pairs.insert(remote.clone(), find(local)?);
+        }
+        let remote = crate::migrate::Remote::new(&a.url)?;
+        let call = args::SrUpdateSnapshotInfoDest { sr: a.dest, vdi: a.dest_vdi, src_vdi, snapshot_pairs, dbg: a.dbg };
+        remote.call::<()>(Call::SrUpdateSnapshotInfoDest(call)).await
+    }
+
+    /// `VDI.set_persistent`. Made non-persistent, the VDI's current content becomes the
+    /// content it is reset to at each `VDI.epoch_begin`: as xapi's SMAPIv1 layer does, a clone
+    /// moves it into a hidden parent and is destroyed again, leaving the VDI an empty leaf on
+    /// it (and the VDI, marked non-persistent first, is never coalesced back into it).
+    async fn set_persistent(&self, sr: String, vdi: String, persistent: bool) -> StorageResult<()> {
+        let entry = self.attached_entry(&sr)?;
+        let id = vdi.clone();
+        self.run(&entry, true, move |b, ctx| {
+            let before = b.vdi_stat(ctx, &id)?;
+            if persistent {
+                return b.vdi_update(ctx, &id, &VdiChange::Persistent(true));
+            }
+            if before.read_only {
+                return Err(crate::backend::errors::read_only(&id));
+            }
+            b.vdi_update(ctx, &id, &VdiChange::Persistent(false))?;
+            let point = b.vdi_clone(ctx, &VdiInfo::new(id.clone(), format!("reset point of {id}"))).inspect_err(|_| {
+                let _ = b.vdi_update(ctx, &id, &VdiChange::Persistent(before.persistent));
+            })?;
+            b.vdi_destroy(ctx, &point.vdi)
+        })
+        .await?;
+        self.tasks.changed(Dynamic::Vdi(vdi));
+        Ok(())
+    }
+
+    /// `VDI.epoch_begin`: a non-persistent VDI is reset to its content when it was made so
+    /// (SM's `reset_leaf`); a persistent one is left as it is. The VM has not attached the
+    /// VDI yet: a VDI something holds is refused, never reset under it.
+    async fn epoch_begin(&self, sr: String, vdi: String) -> StorageResult<()> {
+        let entry = self.attached_entry(&sr)?;
+        let _turn = self.vdi_turn(&sr, &vdi).await;
+        let id = vdi.clone();
+        let info = self.run(&entry, false, move |b, ctx| b.vdi_stat(ctx, &id)).await?;
+        if info.persistent {
+            return Ok(());
+        }
+        if let Some(r) = self.datapaths().of_vdi(&sr, &vdi).next() {
+            return Err(crate::backend::errors::in_use(&vdi, &format!("VDI.epoch_begin: attached on datapath {}", r.dp)));
+        }
+        let id = vdi.clone();
+        self.run(&entry, true, move |b, ctx| b.vdi_reset_leaf(ctx, &id)).await?;
+        tracing::info!(sr = %sr, vdi = %vdi, "reset a non-persistent VDI at the start of its epoch");
+        self.tasks.changed(Dynamic::Vdi(vdi));
+        Ok(())
+    }
+
+    /// `Query.diagnostics`: the host's SRs, datapaths, tasks and migrations, as text.
+    fn diagnostics(&self) -> String {
+        let mut out = String::new();
+        for e in self.registry().all() {
+            let r = &e.record;
+            out.push_str(&format!("SR {} type {} {} {:?}\n", r.sr, r.ty, if r.attached { "attached" } else { "detached" }, r.name_label));
+        }
+        for e in self.registry().all() {
+            for r in self.datapaths().of_sr(&e.record.sr) {
+                out.push_str(&format!("DP {}: SR {} VDI {} {:?} (VM {})\n", r.dp, r.sr, r.vdi, r.state(), r.vm));
+            }
+        }
+        for t in self.tasks.list() {
+            out.push_str(&format!("Task {} {:?} ({})\n", t.id, t.state, t.dbg));
+        }
+        for (id, m) in self.mirror_list() {
+            out.push_str(&format!("Mirror {id}: {:?} source {} destination {} failed {}\n", m.state, m.source_vdi, m.dest_vdi, m.failed));
+        }
+        out
+    }
+
     async fn attach(&self, dp: String, sr: String, vdi: String, read_write: bool, vm: Option<String>) -> StorageResult<AttachInfo> {
         let _turn = self.vdi_turn(&sr, &vdi).await;
         let entry = self.attached_entry(&sr)?;
@@ -573,8 +690,9 @@ impl Mux {
             (superstate(dps.of_vdi(&sr, &vdi)), dps.get(&dp, &sr, &vdi).cloned())
         };
         if let Some(r) = &mine {
-            // Attaching again on the same datapath in the same mode answers the same thing.
-            if r.read_write != read_write {
+            // Attaching again on the same datapath answers the same thing; asking for less
+            // (read-only on a read-write datapath) keeps what it has, as xapi's automaton does.
+            if !r.read_write && read_write {
                 return Err(StorageError::IllegalTransition(r.state(), VdiState::Attached(if read_write { crate::model::Rw::Rw } else { crate::model::Rw::Ro })));
             }
         }
@@ -632,7 +750,9 @@ impl Mux {
     pub(crate) async fn deactivate(&self, dp: String, sr: String, vdi: String) -> StorageResult<()> {
         let _turn = self.vdi_turn(&sr, &vdi).await;
         let entry = self.attached_entry(&sr)?;
-        let mut record = self.dp_record(&dp, &sr, &vdi, VdiState::Attached(crate::model::Rw::Rw))?;
+        // A datapath that does not hold the VDI has nothing to deactivate: a no-op, as in
+        // xapi's automaton (Detached + Deactivate = Detached), so cleanups can be repeated.
+        let Some(mut record) = self.datapaths().get(&dp, &sr, &vdi).cloned() else { return Ok(()) };
         if !record.active {
             return Ok(());
         }
@@ -673,13 +793,8 @@ impl Mux {
         Ok(())
     }
 
-    async fn dp_destroy(&self, dp: &str, only: Option<(&str, &str)>, allow_leak: bool) -> StorageResult<()> {
-        let records: Vec<DpRecord> = self
-            .datapaths()
-            .of_dp(dp)
-            .filter(|r| only.is_none_or(|(sr, vdi)| r.sr == sr && r.vdi == vdi))
-            .cloned()
-            .collect();
+    async fn dp_destroy(&self, dp: &str, allow_leak: bool) -> StorageResult<()> {
+        let records: Vec<DpRecord> = self.datapaths().of_dp(dp).cloned().collect();
         for r in records {
             if r.active
                 && let Err(e) = self.deactivate(r.dp.clone(), r.sr.clone(), r.vdi.clone()).await
@@ -726,6 +841,12 @@ enum Guard {
 
 impl Dispatch for Mux {
     async fn dispatch(&self, method: String, params: Vec<Value>) -> Result<Value, StorageError> {
+        // Text XML cannot carry, once stored (a VDI's name), would make every XML-RPC answer
+        // showing it unreadable, `SR.scan` among them: refused as SM refuses such names. The
+        // log string is the caller's own and is never stored.
+        if let Some((at, text)) = params.iter().find_map(|p| p.find_non_xml_text(&["dbg"])) {
+            return Err(crate::backend::errors::illegal_xml_char(&format!("{method}: {at}"), &text));
+        }
         let call = Call::decode(&method, &params)?;
         let started = std::time::Instant::now();
         let result = self.call(call).await;

@@ -75,9 +75,10 @@ impl SrRegistry {
         Ok(SrRegistry { root: root.to_owned(), srs })
     }
 
-    /// The SR, or `Does_not_exist`.
+    /// The SR, or `No_storage_plugin_for_sr`, as xapi's mux answers a call naming an SR no
+    /// plugin has registered.
     pub fn get(&self, sr: &str) -> Result<&SrEntry, StorageError> {
-        self.srs.get(sr).ok_or_else(|| StorageError::DoesNotExist("SR".into(), sr.into()))
+        self.srs.get(sr).ok_or_else(|| StorageError::NoStoragePluginForSr(sr.into()))
     }
 
     /// Every SR.

@@ -226,8 +226,8 @@ impl Tasks {
 
     /// `UPDATES.get`: what changed after token `from`, and the token to ask from next. An
     /// empty or unknown token, or one older than the log keeps, answers every task that
-    /// exists plus `extra` (the caller's other live objects): a resync. With nothing new,
-    /// waits up to `timeout` for a change.
+    /// exists, every other object the log names, and `extra` (the caller's other live
+    /// objects): a resync. With nothing new, waits up to `timeout` for a change.
     pub async fn updates(&self, from: &str, timeout: Duration, extra: impl Fn() -> Vec<Dynamic>) -> (Vec<Dynamic>, String) {
         let mut rx = self.changed.subscribe();
         let deadline = tokio::time::Instant::now() + timeout.min(MAX_WAIT);
@@ -259,9 +259,16 @@ impl Tasks {
                 (!seen.is_empty()).then(|| (seen, latest.to_string()))
             }
             _ => {
+                // Every task that exists, every other object the log still names (VDIs that
+                // changed; a task in the log may be gone), and the caller's live objects.
+                let logged: Vec<Dynamic> = log.changes.iter().map(|(_, d)| d).filter(|d| !matches!(d, Dynamic::Task(_))).cloned().collect();
                 drop(log);
                 let mut all: Vec<Dynamic> = self.lock().keys().map(|id| Dynamic::Task(id.clone())).collect();
-                all.extend(extra());
+                for d in logged.into_iter().chain(extra()) {
+                    if !all.contains(&d) {
+                        all.push(d);
+                    }
+                }
                 Some((all, latest.to_string()))
             }
         }
@@ -348,5 +355,11 @@ mod tests {
         let (none, same) = t.updates(&next, Duration::from_millis(20), Vec::new).await;
         assert!(none.is_empty());
         assert_eq!(same, next);
+        // A resync names what changed besides tasks too, but not a task that is gone.
+        t.changed(Dynamic::Vdi("w".into()));
+        t.changed(Dynamic::Mirror("m".into()));
+        t.destroy(&a).expect("destroy");
+        let (all, _) = t.updates("", Duration::ZERO, Vec::new).await;
+        assert_eq!(all, vec![Dynamic::Vdi("w".into()), Dynamic::Mirror("m".into())]);
     }
 }

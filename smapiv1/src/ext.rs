@@ -149,6 +149,11 @@ fn present_listed(sr: &SrContext, meta: &SrMeta, id: &str) -> StorageResult<VdiI
     }
 }
 
+/// Whether `id` is a VDI set non-persistent, whose parent holds the content it is reset to.
+fn non_persistent(sr: &SrContext, id: &str) -> bool {
+    SrMeta::load_existing(&sr.dir).ok().is_some_and(|m| m.vdi(id).is_ok_and(|i| !i.persistent))
+}
+
 /// Whether node `id`'s file now names `parent` as its parent (a file change happened even
 /// though the call around it failed).
 fn file_moved_to(sr: &SrContext, id: &str, parent: &str) -> bool {
@@ -268,6 +273,10 @@ impl ExtBackend {
     /// from the files. Best effort: a failure is logged and leaves the chain as it was.
     fn coalesce_lone_child(&self, sr: &SrContext, hidden: &str) {
         let Some(child) = SrMeta::load_existing(&sr.dir).ok().and_then(|m| m.lone_child(hidden)) else { return };
+        if non_persistent(sr, &child) {
+            // Its parent is what `VDI.epoch_begin` resets it to: never folded into it.
+            return;
+        }
         let (hidden_path, child_path) = (vhd_path(&sr.dir, hidden), vhd_path(&sr.dir, &child));
         match vhd::info(&child_path) {
             Ok(i) if i.allocated_bytes <= LIVE_COALESCE_MAX => {}
@@ -578,6 +587,36 @@ impl Backend for ExtBackend {
         tracing::info!(sr = %sr.sr, parent, child, dropped = ?garbage, "composed a VDI onto another, which is now its hidden parent");
         delete_files(sr, &garbage);
         composed
+    }
+
+    fn vdi_reset_leaf(&self, sr: &SrContext, vdi: &str) -> StorageResult<()> {
+        const CALL: &str = "VDI.epoch_begin";
+        let id = vdi_id(vdi)?;
+        let mut meta = SrMeta::load_existing(&sr.dir)?;
+        meta.vdi(id)?;
+        if self.datapaths.is_attached(group(sr), id) {
+            return Err(errors::in_use(id, CALL));
+        }
+        let Some(parent) = meta.nodes.get(id).and_then(|n| n.parent.clone()) else {
+            return Err(errors::failure("invalid", format!("VDI {id} has no parent to reset to (VDI.set_persistent false makes one)")));
+        };
+        // A fresh empty leaf on the parent, at the VDI's size, renamed over the VDI's file. A
+        // crash before the rename leaves it an orphan, which the next attach deletes.
+        let (path, fresh) = (vhd_path(&sr.dir, id), vhd_path(&sr.dir, &new_id()));
+        let size = vhd::info(&path).map_err(|e| errors::vhd(id, CALL, &e))?.virtual_size;
+        let made = vhd::clone(&vhd_path(&sr.dir, &parent), &fresh)
+            .and_then(|()| if vhd::info(&fresh)?.virtual_size < size { vhd::resize(&fresh, size) } else { Ok(()) })
+            .map_err(|e| errors::vhd(id, CALL, &e))
+            .and_then(|()| state::rename_durably(&fresh, &path).map_err(|e| errors::io(CALL, &e)));
+        if let Err(e) = made {
+            let _ = std::fs::remove_file(&fresh);
+            return Err(e);
+        }
+        // It holds other content now than its content_id said.
+        meta.vdi_mut(id)?.content_id = new_id();
+        meta.save(&sr.dir)?;
+        tracing::info!(sr = %sr.sr, vdi = %id, parent = %parent, "reset a VDI to its parent");
+        Ok(())
     }
 
     fn vdi_update(&self, sr: &SrContext, vdi: &str, change: &VdiChange) -> StorageResult<()> {

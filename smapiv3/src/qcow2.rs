@@ -270,7 +270,12 @@ impl Qcow2Backend {
         // Any one child: a qcow2 names its backing by file name only, so the hidden volume's
         // file can take the place of a child others read through too (a rolling series of
         // snapshots whose oldest is destroyed).
-        let Some(child) = SrMeta::load_existing(&sr.dir).ok().and_then(|m| m.only_child(hidden)) else { return };
+        let Some(meta) = SrMeta::load_existing(&sr.dir).ok() else { return };
+        let Some(child) = meta.only_child(hidden) else { return };
+        if meta.nodes.get(&child).and_then(|n| n.info.as_ref()).is_some_and(|i| !i.persistent) {
+            // A VDI set non-persistent: `hidden` is what `VDI.epoch_begin` resets it to.
+            return;
+        }
         let (hidden_path, child_path) = (volume_path(&sr.dir, hidden), volume_path(&sr.dir, &child));
         // A guest waits only when the child takes I/O; otherwise only this SR's other calls do.
         let most = if self.datapaths.is_attached(group(sr), &child) { LIVE_COALESCE_MAX } else { COALESCE_MAX };
@@ -523,6 +528,37 @@ impl Backend for Qcow2Backend {
         tracing::info!(sr = %sr.sr, parent, child, dropped = ?garbage, "composed a VDI onto another, now its hidden base");
         delete_files(sr, &garbage);
         composed
+    }
+
+    fn vdi_reset_leaf(&self, sr: &SrContext, vdi: &str) -> StorageResult<()> {
+        const CALL: &str = "VDI.epoch_begin";
+        let id = vdi_id(vdi)?;
+        let mut meta = SrMeta::load_existing(&sr.dir)?;
+        meta.vdi(id)?;
+        if self.datapaths.is_attached(group(sr), id) {
+            return Err(errors::in_use(id, CALL));
+        }
+        let Some(parent) = meta.nodes.get(id).and_then(|n| n.parent.clone()) else {
+            return Err(errors::failure("invalid", format!("VDI {id} has no parent to reset to (VDI.set_persistent false makes one)")));
+        };
+        // A fresh overlay on the parent, at the VDI's size, renamed over the VDI's volume (a
+        // temporary until then, which attach deletes after a crash).
+        let (path, fresh) = (volume_path(&sr.dir, id), sr.dir.join(format!(".tmp-{}", new_id())));
+        let size = q(id, CALL, block_on(qcow2::info(&path)))?.virtual_size;
+        let made = q(id, CALL, block_on(qcow2::create_overlay(&fresh, &volume_path(&sr.dir, &parent))))
+            .and_then(|()| {
+                let have = q(id, CALL, block_on(qcow2::info(&fresh)))?.virtual_size;
+                if have < size { q(id, CALL, block_on(qcow2::resize(&fresh, size))) } else { Ok(()) }
+            })
+            .and_then(|()| state::rename_durably(&fresh, &path).map_err(|e| errors::io(CALL, &e)));
+        if let Err(e) = made {
+            let _ = std::fs::remove_file(&fresh);
+            return Err(e);
+        }
+        meta.vdi_mut(id)?.content_id = new_id();
+        meta.save(&sr.dir)?;
+        tracing::info!(sr = %sr.sr, vdi = %id, parent = %parent, "reset a VDI to its parent");
+        Ok(())
     }
 
     fn vdi_update(&self, sr: &SrContext, vdi: &str, change: &VdiChange) -> StorageResult<()> {

@@ -578,7 +578,7 @@ fn bad_calls_get_the_right_error_and_change_nothing() {
     let e = error_of(&host.jsonrpc("SR.create", json!({"dbg": "x", "sr": "../escape", "device_config": {}})));
     assert!(e.contains("Backend_error"), "{e}");
     let e = error_of(&host.jsonrpc("SR.scan", json!({"dbg": "x", "sr": "../../.."})));
-    assert!(e.contains("Does_not_exist"), "{e}");
+    assert!(e.contains("No_storage_plugin_for_sr"), "{e}");
     let e = error_of(&host.jsonrpc("SR.create", json!({"dbg": "x", "sr": "s2", "device_config": {"type": "zfs"}})));
     assert!(e.contains("No_storage_plugin_for_sr"), "{e}");
     // Malformed bodies, over both transports and encodings.
@@ -615,4 +615,92 @@ fn bad_calls_get_the_right_error_and_change_nothing() {
     // Nothing changed, and the host still answers.
     assert_eq!(host.files(), before, "a bad call changed files under the root");
     assert_eq!(vdi_ids(&host, &sr), vec![vdi]);
+}
+
+/// Writes `byte` over the first MiB of `vdi` through a datapath `dp`, then lets go of it.
+fn write_first_mib(host: &Host, sr: &str, vdi: &str, byte: u8) {
+    let uri = host.cli(&["vdi", "attach", "--sr", sr, "--vdi", vdi]);
+    run(Command::new("qemu-io").args(["-f", "raw", "-c", &format!("write -P {byte} 0 1M"), &uri]));
+    host.cli(&["vdi", "detach", "--sr", sr, "--vdi", vdi]);
+}
+
+/// Whether the first MiB of `vdi` holds `byte`, read through a datapath.
+fn first_mib_is(host: &Host, sr: &str, vdi: &str, byte: u8) -> bool {
+    let uri = host.cli(&["vdi", "attach", "--sr", sr, "--vdi", vdi, "--read-only"]);
+    let ok = Command::new("qemu-io").args(["-r", "-f", "raw", "-c", &format!("read -P {byte} 0 1M"), &uri]).output().expect("qemu-io");
+    host.cli(&["vdi", "detach", "--sr", sr, "--vdi", vdi]);
+    ok.status.success() && !String::from_utf8_lossy(&ok.stdout).contains("Pattern verification failed")
+}
+
+/// The calls an orchestrator makes around a VM's start and stop, and its cleanups, behave as
+/// xapi's: a non-persistent VDI is reset at each `VDI.epoch_begin` to what it held when it was
+/// made so, on both SR types; repeated or misdirected cleanups succeed; names XML cannot carry
+/// are refused, so `SR.scan` over XML-RPC keeps working.
+#[test]
+fn vm_start_and_cleanup_calls_behave_as_xapis() {
+    require!("qemu-io");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let host = Host::start(&dir.path().join("host"));
+    let features = host.call("Query.query", json!({"dbg": "t"}))["features"].clone();
+    for f in ["VDI_MIRROR_IN", "VDI_RESET_ON_BOOT/2"] {
+        assert!(features.as_array().is_some_and(|a| a.iter().any(|x| x == f)), "{f} not in {features}");
+    }
+    for ty in ["ext", "qcow2"] {
+        let sr = host.cli(&["sr", "create", "--type", ty, "--name", ty]);
+        let vdi = host.cli(&["vdi", "create", "--sr", &sr, "--size", "4M", "--name", "desktop"]);
+        let begin = json!({"dbg": "t", "sr": sr, "vdi": vdi, "vm": "vm1", "persistent": true});
+        let end = json!({"dbg": "t", "sr": sr, "vdi": vdi, "vm": "vm1"});
+
+        // Persistent: epoch_begin and epoch_end change nothing.
+        write_first_mib(&host, &sr, &vdi, 0x11);
+        host.call("VDI.epoch_begin", begin.clone());
+        host.call("VDI.epoch_end", end.clone());
+        assert!(first_mib_is(&host, &sr, &vdi, 0x11), "{ty}: a persistent VDI changed");
+
+        // Non-persistent: each epoch starts from the content it had when made so.
+        host.call("VDI.set_persistent", json!({"dbg": "t", "sr": sr, "vdi": vdi, "persistent": false}));
+        assert_eq!(host.call("VDI.stat", json!({"dbg": "t", "sr": sr, "vdi": vdi}))["persistent"], json!(false));
+        for boot in 0..3u8 {
+            host.call("VDI.epoch_begin", begin.clone());
+            assert!(first_mib_is(&host, &sr, &vdi, 0x11), "{ty}: boot {boot} did not start from the reset point");
+            write_first_mib(&host, &sr, &vdi, 0x20 + boot);
+            assert!(first_mib_is(&host, &sr, &vdi, 0x20 + boot), "{ty}: the boot's writes are not there during it");
+            host.call("VDI.epoch_end", end.clone());
+        }
+        // Never reset under a datapath that holds it.
+        host.cli(&["vdi", "attach", "--sr", &sr, "--vdi", &vdi]);
+        let e = host.jsonrpc("VDI.epoch_begin", begin.clone());
+        assert!(e["error"].to_string().contains("VDI_IN_USE"), "{ty}: {e}");
+        host.cli(&["vdi", "detach", "--sr", &sr, "--vdi", &vdi]);
+        assert!(first_mib_is(&host, &sr, &vdi, 0x22), "{ty}: the refused reset changed the VDI");
+        // Persistent again: its content stays.
+        host.call("VDI.set_persistent", json!({"dbg": "t", "sr": sr, "vdi": vdi, "persistent": true}));
+        host.call("VDI.epoch_begin", begin.clone());
+        assert!(first_mib_is(&host, &sr, &vdi, 0x22), "{ty}: a VDI made persistent again was reset");
+
+        // Cleanups: a deactivate of what a datapath does not hold, a DP.destroy2 naming
+        // another VDI, a read-only attach on a read-write datapath.
+        host.call("VDI.deactivate", json!({"dbg": "t", "dp": "never", "sr": sr, "vdi": vdi, "vm": "vm1"}));
+        host.call("VDI.attach3", json!({"dbg": "t", "dp": "d1", "sr": sr, "vdi": vdi, "vm": "vm1", "read_write": true}));
+        host.call("VDI.attach3", json!({"dbg": "t", "dp": "d1", "sr": sr, "vdi": vdi, "vm": "vm1", "read_write": false}));
+        host.call("VDI.activate3", json!({"dbg": "t", "dp": "d1", "sr": sr, "vdi": vdi, "vm": "vm1"}));
+        host.call("DP.destroy2", json!({"dbg": "t", "dp": "d1", "sr": sr, "vdi": "another", "vm": "vm1", "allow_leak": false}));
+        let stat = host.call("DP.stat_vdi", json!({"dbg": "t", "sr": sr, "vdi": vdi}));
+        assert_eq!(stat["superstate"], "Detached", "{ty}: DP.destroy2 left the datapath: {stat}");
+
+        // get_by_name finds by location (the id), not by name_label.
+        assert_eq!(host.call("VDI.get_by_name", json!({"dbg": "t", "sr": sr, "name": vdi}))["vdi"], json!(vdi));
+        let e = host.jsonrpc("VDI.get_by_name", json!({"dbg": "t", "sr": sr, "name": "desktop"}));
+        assert!(e["error"].to_string().contains("Vdi_does_not_exist"), "{ty}: {e}");
+
+        // A name XML cannot carry is refused; XML-RPC scans still parse.
+        let e = host.jsonrpc("VDI.create", json!({"dbg": "t", "sr": sr, "vdi_info": {"vdi": "", "name_label": "a\u{1}b", "virtual_size": 1048576}}));
+        assert!(e["error"].to_string().contains("SR_BACKEND_FAILURE_447"), "{ty}: {e}");
+        let e = host.jsonrpc("VDI.set_name_label", json!({"dbg": "t", "sr": sr, "vdi": vdi, "new_name_label": "q\u{1f}"}));
+        assert!(e["error"].to_string().contains("SR_BACKEND_FAILURE_447"), "{ty}: {e}");
+        let names = host.python_xmlrpc(&format!("r = proxy.SR.scan({{'dbg': 't', 'sr': '{sr}'}})\nprint(json.dumps([v['name_label'] for v in r['Value']]))"));
+        assert_eq!(names, "[\"desktop\"]", "{ty}");
+    }
+    let diagnostics = host.call("Query.diagnostics", json!({"dbg": "t"}));
+    assert!(diagnostics.as_str().is_some_and(|d| d.contains("type ext") && d.contains("type qcow2")), "{diagnostics}");
 }

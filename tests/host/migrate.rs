@@ -753,6 +753,25 @@ fn a_chain_of_snapshots_copied_oldest_first_arrives_as_a_chain_and_only_differen
             let sent: u64 = task["debug_info"]["copied_bytes"].as_str().expect("copied").parse().expect("n");
             assert!(sent <= 2 * MIB, "{what}: the mirror's copy sent {sent} bytes for a 1 MiB difference");
         }
+        // As xapi ends a migration of a VM with snapshots: the source tells the destination
+        // which of its VDIs are copies of which snapshot, and they become snapshots of the
+        // mirror's VDI there.
+        let pairs = json!({s1.clone(): d1, s2.clone(): d2});
+        p.src.call(
+            "SR.update_snapshot_info_src",
+            json!({"dbg": "t", "sr": p.src_sr, "vdi": vdi, "url": p.dest_url(), "dest": p.dst_sr, "dest_vdi": dest_vdi, "snapshot_pairs": pairs}),
+        );
+        for d in [&d1, &d2] {
+            let info = p.dst.call("VDI.stat", json!({"sr": p.dst_sr, "vdi": d, "dbg": "t"}));
+            assert_eq!((info["is_a_snapshot"].clone(), info["snapshot_of"].clone()), (json!(true), json!(dest_vdi)), "{what}: {info}");
+        }
+        // A pair whose copy holds other content is refused, naming the two VDIs.
+        let e = p.src.jsonrpc(
+            "SR.update_snapshot_info_src",
+            json!({"dbg": "t", "sr": p.src_sr, "vdi": vdi, "url": p.dest_url(), "dest": p.dst_sr, "dest_vdi": dest_vdi, "snapshot_pairs": {s1.clone(): d2}}),
+        );
+        let e = e["error"].to_string();
+        assert!(e.contains("Content_ids_do_not_match") && e.contains(&d2) && e.contains(&s1), "{what}: {e}");
         p.src.cli(&["vdi", "detach", "--sr", &p.src_sr, "--vdi", &vdi]);
         assert!(p.export(&p.dst, &p.dst_sr, &d1) == a, "{what}: s1");
         assert!(p.export(&p.dst, &p.dst_sr, &d2) == b, "{what}: s2");

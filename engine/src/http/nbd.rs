@@ -184,7 +184,10 @@ impl From<StorageError> for HandoverError {
     /// attached, 500 for the rest.
     fn from(e: StorageError) -> HandoverError {
         match e {
-            StorageError::SrNotAttached(_) | StorageError::VdiDoesNotExist(_) | StorageError::DoesNotExist(..) => HandoverError::NotFound(e.to_string()),
+            StorageError::SrNotAttached(_)
+            | StorageError::VdiDoesNotExist(_)
+            | StorageError::DoesNotExist(..)
+            | StorageError::NoStoragePluginForSr(_) => HandoverError::NotFound(e.to_string()),
             e => HandoverError::Internal(e.to_string()),
         }
     }

@@ -111,6 +111,18 @@ calls! {
         vdi: String [req],
         sr: String [req],
     },
+    /// `SR.update_snapshot_info_src`: tell the host at `url` which of its VDIs in `dest` are
+    /// copies of this SR's snapshots of `vdi` (`snapshot_pairs`: local snapshot → its copy
+    /// there), whose mirror is `dest_vdi`; that host marks them snapshots of `dest_vdi`.
+    SrUpdateSnapshotInfoSrc = "SR.update_snapshot_info_src" {
+        verify_dest: bool [def = false],
+        snapshot_pairs: Map<String> [req],
+        dest_vdi: String [req],
+        dest: String [req],
+        url: String [req],
+        vdi: String [req],
+        sr: String [req],
+    },
     /// `VDI.create`.
     VdiCreate = "VDI.create" { vdi_info: VdiInfo [req], sr: String [req] },
     /// `VDI.destroy`.
@@ -151,6 +163,13 @@ calls! {
     VdiActivate = "VDI.activate" { vdi: String [req], sr: String [req], dp: String [req] },
     /// `VDI.activate3`.
     VdiActivate3 = "VDI.activate3" { vdi: String [req], vm: Option<String> [opt], sr: String [req], dp: String [req] },
+    /// `VDI.activate_readonly`: [`Call::VdiActivate3`] for a datapath attached read-only.
+    VdiActivateReadonly = "VDI.activate_readonly" { vdi: String [req], vm: Option<String> [opt], sr: String [req], dp: String [req] },
+    /// `VDI.epoch_begin`: a VM is about to use the VDI (before its attach). A VDI set
+    /// non-persistent (`VDI.set_persistent false`) is reset here to what it held then.
+    VdiEpochBegin = "VDI.epoch_begin" { persistent: bool [def = true], vdi: String [req], vm: Option<String> [opt], sr: String [req] },
+    /// `VDI.epoch_end`: the VM is done with the VDI.
+    VdiEpochEnd = "VDI.epoch_end" { vdi: String [req], vm: Option<String> [opt], sr: String [req] },
     /// `VDI.deactivate`.
     VdiDeactivate = "VDI.deactivate" { vdi: String [req], vm: Option<String> [opt], sr: String [req], dp: String [req] },
     /// `VDI.detach`.
@@ -183,6 +202,8 @@ calls! {
     UpdatesGet = "UPDATES.get" { timeout: Option<i64> [opt], from: String [req] },
     /// `Query.query`.
     Query = "Query.query" {},
+    /// `Query.diagnostics`: the host's SRs, datapaths, tasks and migrations, as text.
+    QueryDiagnostics = "Query.diagnostics" {},
     /// `DATA.copy`: copy a VDI that is not live to `dest` on the host at `url`.
     DataCopy = "DATA.copy" {
         verify_dest: bool [def = false],
@@ -271,15 +292,11 @@ pub const UNSERVED: &[&str] = &[
     "DATA.MIRROR.get_nbd_server",
     "DP.diagnostics",
     "Policy.get_backend_vm",
-    "Query.diagnostics",
     "SR.probe",
     "SR.reset",
-    "SR.update_snapshot_info_src",
     "VDI.data_destroy",
     "VDI.disable_cbt",
     "VDI.enable_cbt",
-    "VDI.epoch_begin",
-    "VDI.epoch_end",
     "VDI.get_url",
     "VDI.introduce",
     "VDI.list_changed_blocks",
@@ -323,6 +340,7 @@ impl Call {
             SrSetNameLabel(a) => &a.sr,
             SrSetNameDescription(a) => &a.sr,
             SrUpdateSnapshotInfoDest(a) => &a.sr,
+            SrUpdateSnapshotInfoSrc(a) => &a.sr,
             VdiCreate(a) => &a.sr,
             VdiDestroy(a) => &a.sr,
             VdiSnapshot(a) => &a.sr,
@@ -343,6 +361,9 @@ impl Call {
             VdiAttach3(a) => &a.sr,
             VdiActivate(a) => &a.sr,
             VdiActivate3(a) => &a.sr,
+            VdiActivateReadonly(a) => &a.sr,
+            VdiEpochBegin(a) => &a.sr,
+            VdiEpochEnd(a) => &a.sr,
             VdiDeactivate(a) => &a.sr,
             VdiDetach(a) => &a.sr,
             DpDestroy2(a) => &a.sr,
@@ -353,7 +374,7 @@ impl Call {
             DataMirrorReceiveStart(a) => &a.sr,
             DataMirrorReceiveStart2(a) => &a.sr,
             SrList(_) | DpCreate(_) | DpDestroy(_) | TaskStat(_) | TaskList(_) | TaskCancel(_) | TaskDestroy(_)
-            | UpdatesGet(_) | Query(_) | DataMirrorStop(_) | DataMirrorStat(_) | DataMirrorList(_)
+            | UpdatesGet(_) | Query(_) | QueryDiagnostics(_) | DataMirrorStop(_) | DataMirrorStat(_) | DataMirrorList(_)
             | DataMirrorReceiveFinalize(_) | DataMirrorReceiveFinalize2(_) | DataMirrorReceiveCancel(_) | SxmMigrateCutover(_) | SxmMigrateSetBwlimit(_) => {
                 return None;
             }

@@ -68,8 +68,8 @@ pub enum StorageError {
     /// A key already exists.
     #[error("duplicated key {0}")]
     DuplicatedKey(String),
-    /// No backend serves this SR type.
-    #[error("no storage plugin for SR {0}")]
+    /// No backend serves this SR: an SR this host does not know, or of a type it lacks.
+    #[error("no storage plugin serves SR {0} (an SR this host does not know, or of a type it lacks)")]
     NoStoragePluginForSr(String),
     /// Two VDIs were expected to hold the same content.
     #[error("content ids do not match: {0} and {1}")]

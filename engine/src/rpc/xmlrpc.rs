@@ -112,9 +112,13 @@ pub fn encode_value(v: &Value, out: &mut String) {
     out.push_str("</value>");
 }
 
+/// Writes `s` as XML character data. A character XML cannot carry even as a reference (a C0
+/// control, U+FFFE) becomes U+FFFD: the calls refuse such text, but one that got stored anyway
+/// (an error quoting a caller's bad id) must not make the whole answer unreadable.
 fn escape(s: &str, out: &mut String) {
     for c in s.chars() {
         match c {
+            c if !super::value::is_xml_char(c) => out.push('\u{FFFD}'),
             '&' => out.push_str("&amp;"),
             '<' => out.push_str("&lt;"),
             '>' => out.push_str("&gt;"),
@@ -382,6 +386,14 @@ mod tests {
     fn strings_with_markup_round_trip() {
         let v = Value::Struct(vec![("k<&>".into(), Value::String("a\"<b>&c".into())), ("e".into(), Value::String(String::new()))]);
         assert_eq!(parse_response(&encode_response(&v)).expect("parse"), v);
+    }
+
+    #[test]
+    fn text_xml_cannot_carry_is_replaced_not_sent() {
+        let v = Value::String("a\u{1}b\u{fffe}\tc".into());
+        let doc = encode_response(&v);
+        assert!(!doc.contains('\u{1}') && !doc.contains('\u{fffe}'), "{doc:?}");
+        assert_eq!(parse_response(&doc).expect("parse"), Value::String("a\u{fffd}b\u{fffd}\tc".into()));
     }
 
     #[test]

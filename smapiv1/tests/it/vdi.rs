@@ -136,7 +136,9 @@ fn snapshot_moves_the_data_to_a_hidden_base_and_the_snapshot_reads_it() {
     }
 
     // Destroying the snapshot keeps the VDI whole, and the base it alone reads through is
-    // coalesced into it (SM's garbage collector's leaf-coalesce): one file again.
+    // coalesced into it (SM's garbage collector's leaf-coalesce): one file again. Only once the
+    // VDI is persistent: a non-persistent VDI's base is what it is reset to.
+    sr.backend.vdi_update(&sr.ctx, &v.vdi, &VdiChange::Persistent(true)).expect("persistent");
     sr.write_through_datapath(&v.vdi, "write -P 0xcc 3M 1M");
     let mut after = before.clone();
     after[3 << 20..4 << 20].fill(0xcc);
