@@ -304,7 +304,7 @@ pub async fn copy<I: Image, J: Image>(
     let failed: Arc<Mutex<Option<anyhow::Error>>> = Arc::new(Mutex::new(None));
     let mut tasks = tokio::task::JoinSet::new();
     let ticker = progress.spawn_ticker();
-    let mut last_checkpoint = (Instant::now(), start);
+    let mut checkpoints = opts.checkpoint.as_deref().map(|path| Checkpointer { path, every: opts.checkpoint_every, last: (Instant::now(), start), names, size });
     // Early writeback (see `CopyOptions::writeback_every`): one flush in flight at a time, in a
     // set of its own so that leaving early (an error) aborts it rather than leaving it behind.
     let mut writeback: tokio::task::JoinSet<Result<()>> = tokio::task::JoinSet::new();
@@ -340,6 +340,10 @@ pub async fn copy<I: Image, J: Image>(
             } else {
                 let mut off = e.offset;
                 while off < end {
+                    // Inside a long data extent too (a whole raw disk is one).
+                    if let Some(c) = &mut checkpoints {
+                        c.record_if_due(off, &watermark, &dest).await?;
+                    }
                     let len = (end - off).min(request_size as u64) as usize;
                     if let Some(l) = &limiter {
                         l.take(len as u64).await;
@@ -391,14 +395,8 @@ pub async fn copy<I: Image, J: Image>(
             if failed.lock().map(|f| f.is_some()).unwrap_or(true) {
                 break 'walk;
             }
-            if let Some(path) = &opts.checkpoint
-                && (last_checkpoint.0.elapsed() > Duration::from_secs(5) || at - last_checkpoint.1 >= opts.checkpoint_every)
-            {
-                let mark = watermark.lock().map(|w| w.mark).unwrap_or(0);
-                // The mark is only persisted after a flush that covers it.
-                dest.flush().await?;
-                Checkpoint { version: 1, source: names.0.into(), dest: names.1.into(), size, done: mark }.store(path)?;
-                last_checkpoint = (Instant::now(), at);
+            if let Some(c) = &mut checkpoints {
+                c.record_if_due(at, &watermark, &dest).await?;
             }
         }
     }
@@ -414,12 +412,43 @@ pub async fn copy<I: Image, J: Image>(
         return Err(e);
     }
     dest.flush().await?;
+    // The copy is done: its checkpoint goes, so that the same command run again (the source
+    // changed since) copies again rather than finding everything already done.
     if let Some(path) = &opts.checkpoint {
-        Checkpoint { version: 1, source: names.0.into(), dest: names.1.into(), size, done: size }.store(path)?;
+        match std::fs::remove_file(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("removing the finished copy's checkpoint {}", path.display())),
+        }
     }
     progress.finish(true);
     let report = report.lock().map(|r| r.clone()).unwrap_or_default();
     Ok(report)
+}
+
+/// Writes a copy's checkpoint every 5 s or `every` bytes walked.
+struct Checkpointer<'a> {
+    path: &'a Path,
+    every: u64,
+    /// When the last was written, and where the walk was then.
+    last: (Instant, u64),
+    names: (&'a str, &'a str),
+    size: u64,
+}
+
+impl Checkpointer<'_> {
+    /// Records the watermark when a checkpoint is due, the walk being at `at`. The mark is
+    /// persisted only after a flush that covers it.
+    async fn record_if_due<J: Image>(&mut self, at: u64, watermark: &Mutex<Watermark>, dest: &Dest<J>) -> Result<()> {
+        if self.last.0.elapsed() <= Duration::from_secs(5) && at.saturating_sub(self.last.1) < self.every {
+            return Ok(());
+        }
+        let mark = watermark.lock().map(|w| w.mark).unwrap_or(0);
+        dest.flush().await?;
+        Checkpoint { version: 1, source: self.names.0.into(), dest: self.names.1.into(), size: self.size, done: mark }.store(self.path)?;
+        self.last = (Instant::now(), at);
+        Ok(())
+    }
 }
 
 /// Copies one chunk of source data: reads it, sends its data runs, zeroes (or skips) its zero

@@ -194,6 +194,40 @@ fn copy_keeps_to_a_destinations_minimum_block_size() {
     assert!(std::fs::read(&dst).expect("read") == std::fs::read(&want).expect("want"), "the destination differs from the VHD's disk");
 }
 
+/// Copies `src` into `dst` through nbdkit's error filter, which starts failing every write
+/// once the copy's first checkpoint is on disk (its trigger file appears then), so the copy
+/// stops part-way with progress saved. The bandwidth limit keeps the copy slow enough for that.
+fn copy_failing_after_first_checkpoint(rt: &tokio::runtime::Runtime, dir: &std::path::Path, src: &std::path::Path, dst: &std::path::Path, opts: &CopyOptions) -> anyhow::Result<copy::CopyReport> {
+    let cp = opts.checkpoint.clone().expect("a checkpoint path");
+    let socket = dir.join("k.sock");
+    let trigger = dir.join("fail-now");
+    let failing = spawn_server(
+        Command::new("nbdkit")
+            .args(["-f", "-U"])
+            .arg(&socket)
+            .args(["--filter=error", "file"])
+            .arg(dst)
+            .args(["error-pwrite-rate=100%", "error=EIO"])
+            .arg(format!("error-pwrite-file={}", trigger.display())),
+        &socket,
+    );
+    let watcher = std::thread::spawn(move || {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !cp.exists() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        std::fs::write(&trigger, b"").expect("trigger");
+    });
+    let slow = CopyOptions { bwlimit: Some(16 * MIB), ..opts.clone() };
+    let first = rt.block_on(async {
+        let (dest, n) = nbd_dest(&socket, 1).await;
+        copy::copy(source(src).await, dest, n, &slow, ("src", "dst")).await
+    });
+    watcher.join().expect("watcher");
+    drop(failing);
+    first
+}
+
 #[test]
 fn interrupted_copy_resumes_from_its_checkpoint() {
     crate::require!("nbdkit");
@@ -206,38 +240,7 @@ fn interrupted_copy_resumes_from_its_checkpoint() {
     let cp = dir.path().join("copy.checkpoint");
     let opts = CopyOptions { checkpoint: Some(cp.clone()), checkpoint_every: 4 * MIB, requests: 2, ..CopyOptions::default() };
 
-    // First run: the target starts failing every write once the first checkpoint is on disk
-    // (nbdkit injects errors only while its trigger file exists), so the copy stops part-way
-    // with progress saved. The bandwidth limit keeps the copy slow enough for that to happen.
-    let socket = dir.path().join("k.sock");
-    let trigger = dir.path().join("fail-now");
-    let failing = spawn_server(
-        Command::new("nbdkit")
-            .args(["-f", "-U"])
-            .arg(&socket)
-            .args(["--filter=error", "file"])
-            .arg(&dst)
-            .args(["error-pwrite-rate=100%", "error=EIO"])
-            .arg(format!("error-pwrite-file={}", trigger.display())),
-        &socket,
-    );
-    let watcher = {
-        let (cp, trigger) = (cp.clone(), trigger.clone());
-        std::thread::spawn(move || {
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-            while !cp.exists() && std::time::Instant::now() < deadline {
-                std::thread::sleep(std::time::Duration::from_millis(1));
-            }
-            std::fs::write(&trigger, b"").expect("trigger");
-        })
-    };
-    let slow = CopyOptions { bwlimit: Some(16 * MIB), ..opts.clone() };
-    let first = rt.block_on(async {
-        let (dest, n) = nbd_dest(&socket, 1).await;
-        copy::copy(source(&src).await, dest, n, &slow, ("src", "dst")).await
-    });
-    watcher.join().expect("watcher");
-    drop(failing);
+    let first = copy_failing_after_first_checkpoint(&rt, dir.path(), &src, &dst, &opts);
     assert!(first.is_err(), "the failing target should have stopped the copy");
     let saved = copy::Checkpoint::load(&cp).expect("load").expect("a checkpoint was written before the failure");
     assert!(saved.done > 0 && saved.done < 64 * MIB, "checkpoint at {}", saved.done);
@@ -250,14 +253,41 @@ fn interrupted_copy_resumes_from_its_checkpoint() {
     });
     assert_eq!(report.resumed_bytes, saved.done);
     assert!(std::fs::read(&dst).expect("read") == content, "resumed copy differs from the source");
-    assert_eq!(copy::Checkpoint::load(&cp).expect("load").expect("final").done, 64 * MIB);
+    // Done, the checkpoint goes: the same copy run again (its source changed since) copies
+    // again rather than finding everything done.
+    assert_eq!(copy::Checkpoint::load(&cp).expect("load"), None, "a finished copy left its checkpoint");
+    let again = rt.block_on(async {
+        let (dest, n) = nbd_dest(&target.socket, 1).await;
+        copy::copy(source(&src).await, dest, n, &opts, ("src", "dst")).await.expect("copy again")
+    });
+    assert_eq!(again.resumed_bytes, 0);
 
     // A checkpoint of another copy is refused, not silently applied.
+    copy::Checkpoint { version: 1, source: "src".into(), dest: "dst".into(), size: 64 * MIB, done: 4 * MIB }.store(&cp).expect("store");
     let err = rt.block_on(async {
         let (dest, n) = nbd_dest(&target.socket, 1).await;
         copy::copy(source(&src).await, dest, n, &opts, ("other-src", "dst")).await
     });
     assert!(err.expect_err("mismatched checkpoint").to_string().contains("another copy"));
+}
+
+/// A source that is one run of data (a whole raw disk) is checkpointed inside that run too,
+/// not only between runs, which it has none of.
+#[test]
+fn a_copy_of_one_long_data_run_is_checkpointed_along_it() {
+    crate::require!("nbdkit");
+    let rt = runtime();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = dir.path().join("full.raw");
+    std::fs::write(&src, pattern((64 * MIB) as usize, 7)).expect("source");
+    let dst = dir.path().join("dst.raw");
+    std::fs::write(&dst, vec![0u8; 64 << 20]).expect("target");
+    let cp = dir.path().join("copy.checkpoint");
+    let opts = CopyOptions { checkpoint: Some(cp.clone()), checkpoint_every: 4 * MIB, requests: 2, ..CopyOptions::default() };
+    let first = copy_failing_after_first_checkpoint(&rt, dir.path(), &src, &dst, &opts);
+    assert!(first.is_err(), "the copy ended before any checkpoint was written: {first:?}");
+    let saved = copy::Checkpoint::load(&cp).expect("load").expect("a checkpoint");
+    assert!(saved.done > 0 && saved.done < 64 * MIB, "checkpoint at {}", saved.done);
 }
 
 /// `tapmirror copy` as a user runs it: JSON progress lines that end in a finished line, into our
