@@ -712,34 +712,46 @@ async fn info(uri: &str) -> Result<()> {
     Ok(())
 }
 
+/// Makes a new image of `format` at `path` (which does not exist yet).
+async fn create_image(path: &std::path::Path, format: Format, size: Option<u64>, parent: Option<PathBuf>) -> Result<()> {
+    match (format, parent) {
+        (Format::Raw, Some(_)) => bail!("raw images have no parent"),
+        (Format::Raw, None) => RawImage::create(path, size.unwrap_or(0))?,
+        (Format::Vhd, None) => vhd::create_dynamic(path, size.unwrap_or(0), vhd::DEFAULT_BLOCK_SIZE)?,
+        (Format::Qcow2, None) => qcow2::create(path, size.unwrap_or(0), None).await?,
+        (f, Some(parent)) => {
+            let parent_size = AnyImage::open(&parent, None, Access::ReadOnly, EngineChoice::Portable.resolve()?)
+                .await
+                .with_context(|| format!("opening parent {}", parent.display()))?
+                .size();
+            if let Some(size) = size
+                && size != parent_size
+            {
+                bail!("a child takes its parent's size ({parent_size} bytes), not {size}");
+            }
+            match f {
+                Format::Vhd => vhd::create_differencing(path, &parent)?,
+                _ => qcow2::create_overlay(path, &parent).await?,
+            }
+        }
+    }
+    Ok(())
+}
+
 async fn image_command(cmd: ImageCommand) -> Result<()> {
     match cmd {
         ImageCommand::Create { format, path, size, parent } => {
             if path.exists() {
                 bail!("{} exists; image create never overwrites", path.display());
             }
-            match (format, parent) {
-                (Format::Raw, Some(_)) => bail!("raw images have no parent"),
-                (Format::Raw, None) => RawImage::create(&path, size.unwrap_or(0))?,
-                (Format::Vhd, None) => vhd::create_dynamic(&path, size.unwrap_or(0), vhd::DEFAULT_BLOCK_SIZE)?,
-                (Format::Qcow2, None) => qcow2::create(&path, size.unwrap_or(0), None).await?,
-                (f, Some(parent)) => {
-                    let parent_size = AnyImage::open(&parent, None, Access::ReadOnly, EngineChoice::Portable.resolve()?)
-                        .await
-                        .with_context(|| format!("opening parent {}", parent.display()))?
-                        .size();
-                    if let Some(size) = size
-                        && size != parent_size
-                    {
-                        bail!("a child takes its parent's size ({parent_size} bytes), not {size}");
-                    }
-                    match f {
-                        Format::Vhd => vhd::create_differencing(&path, &parent)?,
-                        _ => qcow2::create_overlay(&path, &parent).await?,
-                    }
-                }
+            let made = create_image(&path, format, size, parent).await;
+            if let Err(e) = &made
+                && !e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::AlreadyExists))
+            {
+                // Whatever the failed create left (an empty or part-written file) goes.
+                let _ = std::fs::remove_file(&path);
             }
-            Ok(())
+            made.with_context(|| format!("creating {}", path.display()))
         }
         ImageCommand::Info { path } => {
             let format = Format::detect(&path)?;

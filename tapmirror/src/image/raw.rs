@@ -77,8 +77,11 @@ impl RawImage {
 
     /// Creates (or truncates) a sparse raw file of `size` bytes.
     pub fn create(path: &Path, size: u64) -> io::Result<()> {
-        let f = File::create(path)?;
-        f.set_len(size)
+        let f = File::options().write(true).create_new(true).open(path)?;
+        // A size the file system refuses (past its largest file) leaves no empty file behind.
+        f.set_len(size).inspect_err(|_| {
+            let _ = std::fs::remove_file(path);
+        })
     }
 
     /// The file this image reads.

@@ -40,6 +40,26 @@ fn create_info_map_check_for_every_format() {
 
 /// Each format served with `--format auto`, written by qemu-io, then read back through a fresh
 /// server and mapped: data where written, the rest holes.
+/// A create the file system refuses (a size past its largest file) says which file and
+/// leaves none behind, so the same command with a size that fits then works.
+#[test]
+fn a_failed_create_leaves_no_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for format in ["raw", "vhd", "qcow2"] {
+        let path = dir.path().join(format!("big.{format}"));
+        let out = Command::new(tapmirror()).args(["image", "create", format]).arg(&path).arg(i64::MAX.to_string()).output().expect("run");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(&path.display().to_string()), "{format}: {err}");
+        assert!(!path.exists(), "{format}: the failed create left {}", path.display());
+        create(format, &path, "1M");
+    }
+    // Never over a file that exists.
+    let kept = dir.path().join("big.raw");
+    let out = Command::new(tapmirror()).args(["image", "create", "raw"]).arg(&kept).arg("2M").output().expect("run");
+    assert!(!out.status.success());
+    assert_eq!(std::fs::metadata(&kept).expect("kept").len(), MIB);
+}
+
 #[test]
 fn serve_auto_detects_and_serves_every_format() {
     crate::require!("qemu-io");
