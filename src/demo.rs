@@ -159,13 +159,38 @@ fn percentile(lat: &mut [Duration], p: f64) -> Duration {
 /// Runs the demo.
 pub async fn run(args: DemoArgs) -> Result<()> {
     ensure!(args.size >= 16 * MIB && args.size.is_multiple_of(4 * MIB), "--size must be a multiple of 4 MiB, at least 16 MiB");
+    // The demo keeps what each disk must hold in memory (its guest's model), half again the
+    // first disk's size.
+    ensure!(args.size <= MAX_SIZE, "--size must be at most {} GiB: the demo keeps a copy of its disks in memory to check them", MAX_SIZE >> 30);
     let dir = tempfile::Builder::new().prefix("sxm-demo-").tempdir().context("a folder for the demo")?;
-    let outcome = demo(&args, dir.path()).await;
+    // Interrupted (Ctrl-C, SIGTERM), the demo stops where it is: dropping it stops its hosts
+    // and their datapaths, and the folder goes with `dir`, so nothing is left behind then
+    // either.
+    let outcome = tokio::select! {
+        outcome = demo(&args, dir.path()) => outcome,
+        signal = interrupted() => Err(anyhow::anyhow!("interrupted by {signal}: the demo's hosts and datapaths are stopped{}", if args.keep { "" } else { " and its folder removed" })),
+    };
     if args.keep {
         let kept = dir.keep();
         println!("kept {}", kept.display());
     }
     outcome
+}
+
+/// The largest `--size`.
+const MAX_SIZE: u64 = 4 << 30;
+
+/// Waits for SIGINT or SIGTERM; answers its name. Without a handler (none could be set up)
+/// it never returns, and the signal ends the process as before.
+async fn interrupted() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
+        (Ok(mut int), Ok(mut term)) => tokio::select! {
+            _ = int.recv() => "SIGINT",
+            _ = term.recv() => "SIGTERM",
+        },
+        _ => std::future::pending().await,
+    }
 }
 
 async fn demo(args: &DemoArgs, dir: &Path) -> Result<()> {

@@ -53,6 +53,45 @@ fn readme_first_command_runs_the_demo_to_a_verified_end_and_leaves_nothing() {
     assert!(procs.stdout.is_empty(), "the demo left processes: {}", String::from_utf8_lossy(&procs.stdout));
 }
 
+/// Interrupted part-way (SIGINT as Ctrl-C sends it, or SIGTERM), the demo still stops its
+/// hosts and their datapaths and removes its folder; an oversized disk is refused up front.
+#[test]
+fn an_interrupted_demo_leaves_nothing_behind() {
+    for signal in ["INT", "TERM"] {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let child = Command::new(env!("CARGO_BIN_EXE_sxm"))
+            .args(["demo", "--size", "64M"])
+            .env("TMPDIR", tmp.path())
+            .env("SXM_TAPMIRROR", tapmirror_bin())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run the demo");
+        // Once the hosts are up and a datapath serves a disk.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let serving = Command::new("pgrep").args(["-f", &format!("tapmirror serve .*{}", tmp.path().display())]).output().expect("pgrep");
+            if !serving.stdout.is_empty() {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "SIG{signal}: the demo served no disk within 60 s");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let killed = Command::new("kill").args([format!("-{signal}"), child.id().to_string()]).status().expect("kill");
+        assert!(killed.success());
+        let out = child.wait_with_output().expect("wait");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && stderr.contains("interrupted"), "SIG{signal}: {:?} {stderr}", out.status);
+        let left: Vec<_> = std::fs::read_dir(tmp.path()).expect("list").collect();
+        assert!(left.is_empty(), "SIG{signal}: the demo left {left:?} behind");
+        let procs = Command::new("pgrep").args(["-f", &tmp.path().display().to_string()]).output().expect("pgrep");
+        assert!(procs.stdout.is_empty(), "SIG{signal}: the demo left processes: {}", String::from_utf8_lossy(&procs.stdout));
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_sxm")).args(["demo", "--size", "100G"]).output().expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("at most"), "{stderr}");
+}
+
 #[test]
 fn readme_tapmirror_example_serves_writes_and_maps_a_disk() {
     if !(have("nbdcopy") && have("nbdinfo")) {
