@@ -6,8 +6,8 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
-use sxm_engine::http::client::{Endpoint, RpcClient};
-use sxm_engine::model::{AttachInfo, Implementation, Task, TaskState, VdiInfo};
+use sxm_engine::http::client::{CallErrorKind, Endpoint, RpcClient};
+use sxm_engine::model::{AttachInfo, DpStatVdi, Implementation, Rw, Task, TaskState, VdiInfo, VdiState};
 use sxm_engine::rpc::Value;
 use sxm_engine::rpc::marshal::Marshal;
 
@@ -304,6 +304,12 @@ fn cli_dp(vdi: &str) -> String {
     format!("sxm-cli/{vdi}")
 }
 
+/// The datapath id `vdi export` reads through: its own, so that letting go of it never
+/// detaches a VDI the user attached.
+fn export_dp(vdi: &str) -> String {
+    format!("sxm-cli-export/{vdi}")
+}
+
 /// xapi's `nbd:unix:<socket>:exportname=<name>` as a standard NBD URI.
 pub fn nbd_uri(info: &AttachInfo) -> Result<String> {
     for i in &info.implementations {
@@ -332,7 +338,14 @@ impl Admin {
     }
 
     async fn call(&self, method: &str, args: &[(&str, Value)]) -> Result<Value> {
-        Ok(self.client.call_json(method, named(args)).await?)
+        match self.client.call_json(method, named(args)).await {
+            Ok(v) => Ok(v),
+            // No host there: say where the CLI looked and how to point it elsewhere.
+            Err(e) if matches!(e.kind, CallErrorKind::Connect(_)) => Err(anyhow::Error::new(e).context(
+                "cannot reach the host: start one (sxm serve --root ROOT), or point --host or $SXM_HOST at it (a socket path, or http://ADDR:PORT)",
+            )),
+            Err(e) => Err(e.into()),
+        }
     }
 
     async fn call_as<T: Marshal>(&self, method: &str, args: &[(&str, Value)]) -> Result<T> {
@@ -666,15 +679,41 @@ impl Admin {
     }
 
     async fn attach(&self, sr: &str, vdi: &str, read_write: bool) -> Result<String> {
-        let dp = cli_dp(vdi);
-        let args = [("read_write", Value::Bool(read_write)), ("vdi", s(vdi)), ("vm", s("0")), ("sr", s(sr)), ("dp", s(&dp))];
+        self.attach_on(&cli_dp(vdi), sr, vdi, read_write).await
+    }
+
+    /// Attaches and activates `vdi` on datapath `dp`; answers its NBD URI. A mode the VDI is
+    /// not attached in already (read-write asked of a read-only disk, or the reverse on the
+    /// CLI's own datapath) is refused with what to do instead.
+    async fn attach_on(&self, dp: &str, sr: &str, vdi: &str, read_write: bool) -> Result<String> {
+        let stat: DpStatVdi = self.call_as("DP.stat_vdi", &[("vdi", s(vdi)), ("sr", s(sr))]).await?;
+        let mode = |st: &VdiState| match st {
+            VdiState::Attached(rw) | VdiState::Activated(rw) => Some(*rw == Rw::Rw),
+            VdiState::Detached => None,
+        };
+        if let Some(mine) = stat.dps.get(dp).and_then(mode)
+            && mine != read_write
+        {
+            bail!(
+                "VDI {vdi} is attached {} already: detach it first (sxm vdi detach --sr {sr} --vdi {vdi})",
+                if mine { "read-write" } else { "read-only" }
+            );
+        }
+        if read_write && mode(&stat.superstate) == Some(false) {
+            bail!("VDI {vdi} is attached read-only elsewhere ({}): it cannot be attached read-write too", stat.dps.keys().cloned().collect::<Vec<_>>().join(", "));
+        }
+        let args = [("read_write", Value::Bool(read_write)), ("vdi", s(vdi)), ("vm", s("0")), ("sr", s(sr)), ("dp", s(dp))];
         let info: AttachInfo = self.call_as("VDI.attach3", &args).await?;
-        self.call("VDI.activate3", &[("vdi", s(vdi)), ("vm", s("0")), ("sr", s(sr)), ("dp", s(&dp))]).await?;
+        self.call("VDI.activate3", &[("vdi", s(vdi)), ("vm", s("0")), ("sr", s(sr)), ("dp", s(dp))]).await?;
         nbd_uri(&info)
     }
 
     async fn release(&self, sr: &str, vdi: &str) -> Result<()> {
-        self.call("DP.destroy2", &[("allow_leak", Value::Bool(false)), ("vdi", s(vdi)), ("sr", s(sr)), ("dp", s(&cli_dp(vdi)))]).await?;
+        self.release_on(&cli_dp(vdi), sr, vdi).await
+    }
+
+    async fn release_on(&self, dp: &str, sr: &str, vdi: &str) -> Result<()> {
+        self.call("DP.destroy2", &[("allow_leak", Value::Bool(false)), ("vdi", s(vdi)), ("sr", s(sr)), ("dp", s(dp))]).await?;
         Ok(())
     }
 
@@ -703,9 +742,18 @@ impl Admin {
         if file.exists() {
             bail!("{} exists; export writes a new file", file.display());
         }
-        let uri = self.attach(sr, vdi, false).await?;
+        // A disk something writes would be copied as no instant ever held it.
+        let stat: DpStatVdi = self.call_as("DP.stat_vdi", &[("vdi", s(vdi)), ("sr", s(sr))]).await?;
+        if let VdiState::Attached(Rw::Rw) | VdiState::Activated(Rw::Rw) = stat.superstate {
+            bail!(
+                "VDI {vdi} is attached read-write ({}): export a snapshot of it (sxm vdi snapshot --sr {sr} --vdi {vdi}), or detach it first",
+                stat.dps.keys().cloned().collect::<Vec<_>>().join(", ")
+            );
+        }
+        let dp = export_dp(vdi);
+        let uri = self.attach_on(&dp, sr, vdi, false).await?;
         let outcome = tapmirror_copy(&[uri.as_ref(), file.as_os_str()]);
-        let released = self.release(sr, vdi).await;
+        let released = self.release_on(&dp, sr, vdi).await;
         outcome.with_context(|| format!("export VDI {vdi} to {}", file.display()))?;
         released
     }

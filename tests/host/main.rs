@@ -704,3 +704,29 @@ fn vm_start_and_cleanup_calls_behave_as_xapis() {
     let diagnostics = host.call("Query.diagnostics", json!({"dbg": "t"}));
     assert!(diagnostics.as_str().is_some_and(|d| d.contains("type ext") && d.contains("type qcow2")), "{diagnostics}");
 }
+
+/// The CLI says what to do when a VDI is attached in another mode, and an export never lets go
+/// of a datapath the user attached.
+#[test]
+fn the_cli_explains_attach_modes_and_export_keeps_the_users_datapath() {
+    require!("nbdinfo");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (host, sr) = host_with_sr(&dir);
+    let vdi = host.cli(&["vdi", "create", "--sr", &sr, "--size", "4M", "--name", "disk"]);
+    host.cli(&["vdi", "attach", "--sr", &sr, "--vdi", &vdi]);
+    let out = host.cli_raw(&["vdi", "export", "--sr", &sr, "--vdi", &vdi, dir.path().join("x.raw").to_str().expect("path")]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("attached read-write") && err.contains("snapshot"), "{err}");
+    let out = host.cli_raw(&["vdi", "attach", "--sr", &sr, "--vdi", &vdi, "--read-only"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("detach it first"), "{err}");
+    host.cli(&["vdi", "detach", "--sr", &sr, "--vdi", &vdi]);
+
+    // Attached read-only by the user, exported: still attached and serving afterwards.
+    let uri_ro = host.cli(&["vdi", "attach", "--sr", &sr, "--vdi", &vdi, "--read-only"]);
+    let out_file = dir.path().join("out.raw");
+    host.cli(&["vdi", "export", "--sr", &sr, "--vdi", &vdi, out_file.to_str().expect("path")]);
+    assert_eq!(std::fs::metadata(&out_file).expect("exported").len(), 4 * MIB);
+    let size = run(Command::new("nbdinfo").args(["--size", &uri_ro]));
+    assert_eq!(String::from_utf8_lossy(&size.stdout).trim(), (4 * MIB).to_string(), "the user's datapath went with the export");
+}

@@ -71,6 +71,10 @@ impl Endpoint {
         if s.starts_with("https://") {
             return Err(EndpointError("https is not supported: use http:// or a Unix socket".into()));
         }
+        // `ADDR:PORT` alone is a TCP host, not a socket file named so.
+        if s.parse::<std::net::SocketAddr>().is_ok() {
+            return parse_http(s);
+        }
         let path = s.strip_prefix("unix:").unwrap_or(s);
         if let Some((scheme, _)) = path.split_once("://") {
             return Err(EndpointError(format!("unsupported scheme {scheme:?}: use http:// or a Unix socket path")));
@@ -532,6 +536,8 @@ mod tests {
     #[test]
     fn ports_prefixes_and_ipv6_hosts_parse() {
         assert_eq!(Endpoint::parse("http://h:8080"), Ok(tcp("h:8080", "", None)));
+        assert_eq!(Endpoint::parse("127.0.0.1:8301"), Ok(tcp("127.0.0.1:8301", "", None)), "an address alone is TCP");
+        assert_eq!(Endpoint::parse("/run/sxm:1.sock"), Ok(Endpoint::Unix("/run/sxm:1.sock".into())));
         assert_eq!(Endpoint::parse("http://h:8080/"), Ok(tcp("h:8080", "", None)));
         assert_eq!(Endpoint::parse("http://h/proxy/sxm/jsonrpc"), Ok(tcp("h:80", "/proxy/sxm", None)));
         assert_eq!(Endpoint::parse("http://[::1]:9/"), Ok(tcp("[::1]:9", "", None)));
