@@ -255,8 +255,8 @@ pub const LOCK_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Takes an exclusive `flock` on `file`, held until the file is closed, so that no two writers
 /// (two datapaths, a datapath and a resize) open one image, and checks that no QEMU process
-/// writes it ([`qemu_writes`]). Retries for [`LOCK_GRACE`]; `Ok(false)` when the file is
-/// still another's then.
+/// writes it ([`qemu_writes`]); then keeps QEMU writers out too ([`keep_qemu_writers_out`]).
+/// Retries for [`LOCK_GRACE`]; `Ok(false)` when the file is still another's then.
 pub fn lock_exclusive(file: &std::fs::File) -> io::Result<bool> {
     use std::os::fd::AsRawFd;
     let deadline = std::time::Instant::now() + LOCK_GRACE;
@@ -264,6 +264,7 @@ pub fn lock_exclusive(file: &std::fs::File) -> io::Result<bool> {
         // SAFETY: flock on a descriptor `file` keeps open; no memory is passed.
         let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
         if rc == 0 && !qemu_writes(file)? {
+            keep_qemu_writers_out(file);
             return Ok(true);
         }
         if rc != 0 {
@@ -279,10 +280,33 @@ pub fn lock_exclusive(file: &std::fs::File) -> io::Result<bool> {
     }
 }
 
+/// Byte of QEMU's lock protocol held by a process that lets nobody else write the image
+/// (200 plus the bit of the "write" permission).
+const QEMU_UNSHARE_WRITE_BYTE: libc::off_t = 201;
+
+/// Holds a shared OFD lock on byte 201 for as long as `file` is open: QEMU's file driver reads
+/// it as "write is not shared", so a QEMU process (qemu-io, qemu-img convert -n, a VM) asking
+/// to write the image is refused ("Failed to get "write" lock"), as it is while another QEMU
+/// writes it. Readers are not kept out (byte 101, "writes", stays free: `qemu-img info` works
+/// without `-U`). Our own `flock` is invisible to QEMU. Best effort: a file system without OFD
+/// locks has no QEMU locking either.
+fn keep_qemu_writers_out(file: &std::fs::File) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: an all-zero `flock` is a valid value of this plain C struct.
+    let mut lock: libc::flock = unsafe { std::mem::zeroed() };
+    lock.l_type = libc::F_RDLCK as libc::c_short;
+    lock.l_whence = libc::SEEK_SET as libc::c_short;
+    lock.l_start = QEMU_UNSHARE_WRITE_BYTE;
+    lock.l_len = 1;
+    // SAFETY: F_OFD_SETLK reads `lock`, which lives across the call; the descriptor is open.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &lock) } < 0 {
+        tracing::debug!(error = %io::Error::last_os_error(), "could not take QEMU's unshare-write lock byte");
+    }
+}
+
 /// Whether a QEMU process (a VM, qemu-img, qemu-io, qemu-nbd) has `file` open for writing.
 /// QEMU's file driver holds a shared OFD lock on byte 101 (100 plus the bit of its "write"
-/// permission) for as long as it may write. Only tested here, not taken: our own writer lock
-/// is the `flock`, which QEMU does not see, so a QEMU started after us is not kept out.
+/// permission) for as long as it may write.
 pub fn qemu_writes(file: &std::fs::File) -> io::Result<bool> {
     use std::os::fd::AsRawFd;
     const QEMU_WRITE_PERM_BYTE: libc::off_t = 101;

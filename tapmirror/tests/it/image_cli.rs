@@ -60,6 +60,32 @@ fn a_failed_create_leaves_no_file() {
     assert_eq!(std::fs::metadata(&kept).expect("kept").len(), MIB);
 }
 
+/// While `tapmirror serve` writes an image, QEMU may read it (qemu-img info, no -U) but not
+/// write it: QEMU sees our writer's lock as another QEMU's. Once the server is gone, it may.
+#[test]
+fn qemu_is_kept_from_writing_an_image_we_serve() {
+    crate::require!("qemu-io", "qemu-img");
+    let dir = tempfile::tempdir().expect("tempdir");
+    for format in ["raw", "vhd", "qcow2"] {
+        let path = dir.path().join(format!("served.{format}"));
+        create(format, &path, "4M");
+        let qemu_format = if format == "vhd" { "vpc" } else { format };
+        let write = || Command::new("qemu-io").args(["-f", qemu_format, "-c", "write -P 0x5a 0 4k"]).arg(&path).output().expect("qemu-io");
+        let server = serve_file(tempfile::tempdir().expect("tempdir"), path.clone(), &[]);
+        let out = write();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains("lock"), "{format}: QEMU wrote an image we serve: {err}");
+        run(Command::new("qemu-img").args(["info", "-f", qemu_format]).arg(&path));
+        drop(server);
+        // Let go with the server (a moment after it is reaped, as its rings are torn down).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !write().status.success() {
+            assert!(std::time::Instant::now() < deadline, "{format}: QEMU still cannot write once the server is gone");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+}
+
 #[test]
 fn serve_auto_detects_and_serves_every_format() {
     crate::require!("qemu-io");
