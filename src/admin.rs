@@ -50,7 +50,7 @@ pub enum SrCommand {
 pub enum VdiCommand {
     /// Create an empty VDI.
     Create {
-        /// The SR.
+        /// The SR: its id, or its name.
         #[arg(long)]
         sr: String,
         /// Size: bytes, or with a suffix K, M, G, T (powers of 1024).
@@ -62,13 +62,13 @@ pub enum VdiCommand {
     },
     /// List an SR's VDIs.
     List {
-        /// The SR.
+        /// The SR: its id, or its name.
         #[arg(long)]
         sr: String,
     },
     /// Create a VDI holding an image file's content (raw, VHD or qcow2).
     Import {
-        /// The SR.
+        /// The SR: its id, or its name.
         #[arg(long)]
         sr: String,
         /// Name (default: the file's name).
@@ -79,10 +79,10 @@ pub enum VdiCommand {
     },
     /// Write a VDI's content to a raw file.
     Export {
-        /// The SR.
+        /// The SR: its id, or its name.
         #[arg(long)]
         sr: String,
-        /// The VDI.
+        /// The VDI: its id, or its name in the SR.
         #[arg(long)]
         vdi: String,
         /// The file to write (created; must not exist).
@@ -90,10 +90,10 @@ pub enum VdiCommand {
     },
     /// Snapshot a VDI (works while it is attached and written to).
     Snapshot {
-        /// The SR.
+        /// The SR: its id, or its name.
         #[arg(long)]
         sr: String,
-        /// The VDI.
+        /// The VDI: its id, or its name in the SR.
         #[arg(long)]
         vdi: String,
         /// The snapshot's name (default: the VDI's name).
@@ -102,10 +102,10 @@ pub enum VdiCommand {
     },
     /// Attach and activate a VDI; prints its NBD URI.
     Attach {
-        /// The SR.
+        /// The SR: its id, or its name.
         #[arg(long)]
         sr: String,
-        /// The VDI.
+        /// The VDI: its id, or its name in the SR.
         #[arg(long)]
         vdi: String,
         /// Read-only.
@@ -114,19 +114,19 @@ pub enum VdiCommand {
     },
     /// Deactivate and detach a VDI attached with `vdi attach`.
     Detach {
-        /// The SR.
+        /// The SR: its id, or its name.
         #[arg(long)]
         sr: String,
-        /// The VDI.
+        /// The VDI: its id, or its name in the SR.
         #[arg(long)]
         vdi: String,
     },
     /// Destroy a VDI.
     Destroy {
-        /// The SR.
+        /// The SR: its id, or its name.
         #[arg(long)]
         sr: String,
-        /// The VDI.
+        /// The VDI: its id, or its name in the SR.
         #[arg(long)]
         vdi: String,
     },
@@ -152,10 +152,10 @@ pub enum TaskCommand {
 /// Where a VDI goes: another host and one of its SRs.
 #[derive(clap::Args)]
 pub struct DestArgs {
-    /// The source SR.
+    /// The source SR: its id, or its name.
     #[arg(long)]
     sr: String,
-    /// The VDI.
+    /// The VDI: its id, or its name in the SR.
     #[arg(long)]
     vdi: String,
     /// The destination host: `http://ADDR:PORT[?session_id=SECRET]`.
@@ -208,10 +208,10 @@ pub enum MigrateAction {
 /// `sxm migrate --sr SR --vdi V [--vdi V …] --dest URL --dest-sr SR …`.
 #[derive(clap::Args)]
 pub struct MigrateStart {
-    /// The source SR.
+    /// The source SR: its id, or its name.
     #[arg(long)]
     sr: String,
-    /// A VDI of the VM (repeat for each disk); each must be active on its guest's datapath.
+    /// A VDI of the VM, by id or name (repeat for each disk); each must be active on its guest's datapath.
     #[arg(long = "vdi", required = true)]
     vdis: Vec<String>,
     /// The destination host: `http://ADDR:PORT[?session_id=SECRET]`.
@@ -400,8 +400,76 @@ impl Admin {
         }
     }
 
+    /// The id of the SR `sr` names: an attached SR's id, or the name of exactly one. What
+    /// names none goes to the host as it is (a detached SR's id, say), to answer for.
+    async fn sr_id(&self, sr: &str) -> Result<String> {
+        let srs: Vec<String> = self.call_as("SR.list", &[]).await?;
+        if srs.iter().any(|id| id == sr) {
+            return Ok(sr.to_owned());
+        }
+        let mut named = Vec::new();
+        for id in &srs {
+            let stat = self.call("SR.stat", &[("sr", s(id))]).await?;
+            if stat.get("name_label").and_then(Value::as_str) == Some(sr) {
+                named.push(id.clone());
+            }
+        }
+        match named.as_slice() {
+            [one] => Ok(one.clone()),
+            [] => Ok(sr.to_owned()),
+            many => bail!("{} SRs are named {sr:?}: give the id of one ({})", many.len(), many.join(", ")),
+        }
+    }
+
+    /// The ids of the SR and VDI `sr` and `vdi` name (each an id, or the name of exactly one
+    /// SR, or of one VDI of that SR).
+    async fn sr_vdi_ids(&self, sr: &str, vdi: &str) -> Result<(String, String)> {
+        let sr = self.sr_id(sr).await?;
+        let vdis: Vec<VdiInfo> = match self.call_as("SR.scan", &[("sr", s(&sr))]).await {
+            Ok(v) => v,
+            // The host says what is wrong with the SR when the call itself is made.
+            Err(_) => return Ok((sr, vdi.to_owned())),
+        };
+        if vdis.iter().any(|v| v.vdi == vdi) {
+            return Ok((sr, vdi.to_owned()));
+        }
+        let named: Vec<&str> = vdis.iter().filter(|v| v.name_label == vdi).map(|v| v.vdi.as_str()).collect();
+        match named.as_slice() {
+            [one] => Ok((sr, (*one).to_owned())),
+            [] => Ok((sr, vdi.to_owned())),
+            many => bail!("{} VDIs of SR {sr} are named {vdi:?}: give the id of one ({})", many.len(), many.join(", ")),
+        }
+    }
+
     /// `sxm vdi …`.
     pub async fn vdi(&self, cmd: VdiCommand) -> Result<()> {
+        use VdiCommand::*;
+        // SRs and VDIs may be named by id or by name.
+        let cmd = match cmd {
+            Create { sr, size, name } => Create { sr: self.sr_id(&sr).await?, size, name },
+            List { sr } => List { sr: self.sr_id(&sr).await? },
+            Import { sr, name, file } => Import { sr: self.sr_id(&sr).await?, name, file },
+            Export { sr, vdi, file } => {
+                let (sr, vdi) = self.sr_vdi_ids(&sr, &vdi).await?;
+                Export { sr, vdi, file }
+            }
+            Snapshot { sr, vdi, name } => {
+                let (sr, vdi) = self.sr_vdi_ids(&sr, &vdi).await?;
+                Snapshot { sr, vdi, name }
+            }
+            Attach { sr, vdi, read_only } => {
+                let (sr, vdi) = self.sr_vdi_ids(&sr, &vdi).await?;
+                Attach { sr, vdi, read_only }
+            }
+            Detach { sr, vdi } => {
+                let (sr, vdi) = self.sr_vdi_ids(&sr, &vdi).await?;
+                Detach { sr, vdi }
+            }
+            Destroy { sr, vdi } => {
+                let (sr, vdi) = self.sr_vdi_ids(&sr, &vdi).await?;
+                Destroy { sr, vdi }
+            }
+        };
         match cmd {
             VdiCommand::Create { sr, size, name } => {
                 let info = self.create(&sr, size, &name).await?;
@@ -489,7 +557,8 @@ impl Admin {
     /// `sxm mirror …`.
     pub async fn mirror(&self, cmd: MirrorCommand) -> Result<()> {
         match cmd {
-            MirrorCommand::Start(d) => {
+            MirrorCommand::Start(mut d) => {
+                (d.sr, d.vdi) = self.sr_vdi_ids(&d.sr, &d.vdi).await?;
                 let url = dest_url(&d)?;
                 let stat = self.call("DP.stat_vdi", &[("vdi", s(&d.vdi)), ("sr", s(&d.sr))]).await?;
                 let dp = match &stat.get("dps") {
@@ -548,7 +617,13 @@ impl Admin {
                 self.call("SXM.migrate.set_bwlimit", &[("bwlimit", Value::Int(rate)), ("job", s(&job))]).await?;
                 Ok(())
             }
-            (None, Some(m)) => {
+            (None, Some(mut m)) => {
+                m.sr = self.sr_id(&m.sr).await?;
+                let mut vdis = Vec::with_capacity(m.vdis.len());
+                for v in &m.vdis {
+                    vdis.push(self.sr_vdi_ids(&m.sr, v).await?.1);
+                }
+                m.vdis = vdis;
                 let d = DestArgs { sr: m.sr.clone(), vdi: String::new(), dest: m.dest.clone(), dest_secret_file: m.dest_secret_file.clone(), dest_sr: m.dest_sr.clone(), wait: m.wait };
                 let url = dest_url(&d)?;
                 let vdis = Value::Array(m.vdis.iter().map(|v| s(v)).collect());
@@ -619,7 +694,8 @@ impl Admin {
     }
 
     /// `sxm copy`: copy a VDI nobody writes to an SR of another host (DATA.copy).
-    pub async fn copy(&self, d: DestArgs) -> Result<()> {
+    pub async fn copy(&self, mut d: DestArgs) -> Result<()> {
+        (d.sr, d.vdi) = self.sr_vdi_ids(&d.sr, &d.vdi).await?;
         let url = dest_url(&d)?;
         let args = [("verify_dest", Value::Bool(false)), ("dest", s(&d.dest_sr)), ("url", s(&url)), ("vm", s("0")), ("vdi", s(&d.vdi)), ("sr", s(&d.sr))];
         let task: String = self.call_as("DATA.copy", &args).await?;

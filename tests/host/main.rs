@@ -730,3 +730,24 @@ fn the_cli_explains_attach_modes_and_export_keeps_the_users_datapath() {
     let size = run(Command::new("nbdinfo").args(["--size", &uri_ro]));
     assert_eq!(String::from_utf8_lossy(&size.stdout).trim(), (4 * MIB).to_string(), "the user's datapath went with the export");
 }
+
+/// An admin names SRs and VDIs by name as well as by id; a name two of them share is refused
+/// with the ids to choose from.
+#[test]
+fn the_cli_takes_names_for_srs_and_vdis() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (host, sr) = host_with_sr(&dir);
+    let vdi = host.cli(&["vdi", "create", "--sr", "local", "--size", "1M", "--name", "boot"]);
+    let listed = host.cli_json(&["vdi", "list", "--sr", "local"]);
+    assert_eq!(listed[0]["vdi"], json!(vdi), "{listed}");
+    let snap = host.cli_json(&["vdi", "snapshot", "--sr", "local", "--vdi", "boot", "--name", "boot-snap"]);
+    assert_eq!(snap["snapshot_of"], json!(vdi), "{snap}");
+    // Two named alike: refused, naming both.
+    let other = host.cli(&["vdi", "create", "--sr", &sr, "--size", "1M", "--name", "boot"]);
+    let out = host.cli_raw(&["vdi", "destroy", "--sr", "local", "--vdi", "boot"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains(&vdi) && err.contains(&other), "{err}");
+    assert_eq!(vdi_ids(&host, &sr).len(), 3, "nothing was destroyed");
+    host.cli(&["vdi", "destroy", "--sr", "local", "--vdi", &other]);
+    assert_eq!(vdi_ids(&host, &sr).len(), 2);
+}
