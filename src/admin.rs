@@ -441,6 +441,20 @@ impl Admin {
         }
     }
 
+    /// Cancels a task (a job is one), or says it has ended already: a cancel then undoes
+    /// nothing, which an admin must not take for a rollback.
+    async fn cancel(&self, task: &str, what: &str) -> Result<()> {
+        let t: Task = self.call_as("TASK.stat", &[("task", s(task))]).await?;
+        match t.state {
+            TaskState::Pending(_) => {
+                self.call("TASK.cancel", &[("task", s(task))]).await?;
+                Ok(())
+            }
+            TaskState::Completed(_) => bail!("{what} {task} has completed already: nothing to cancel, nothing was undone"),
+            TaskState::Failed(_) => bail!("{what} {task} has failed already (and was undone then): nothing to cancel"),
+        }
+    }
+
     /// `sxm vdi …`.
     pub async fn vdi(&self, cmd: VdiCommand) -> Result<()> {
         use VdiCommand::*;
@@ -547,10 +561,7 @@ impl Admin {
                 let v = self.call("TASK.stat", &[("task", s(&task))]).await?;
                 self.print_json(&v)
             }
-            TaskCommand::Cancel { task } => {
-                self.call("TASK.cancel", &[("task", s(&task))]).await?;
-                Ok(())
-            }
+            TaskCommand::Cancel { task } => self.cancel(&task, "task").await,
         }
     }
 
@@ -608,10 +619,7 @@ impl Admin {
                 self.call("SXM.migrate.cutover", &[("job", s(&job))]).await?;
                 Ok(())
             }
-            (Some(MigrateAction::Cancel { job }), _) => {
-                self.call("TASK.cancel", &[("task", s(&job))]).await?;
-                Ok(())
-            }
+            (Some(MigrateAction::Cancel { job }), _) => self.cancel(&job, "job").await,
             (Some(MigrateAction::SetBwlimit { job, rate }), _) => {
                 let rate = i64::try_from(rate).context("rate too large")?;
                 self.call("SXM.migrate.set_bwlimit", &[("bwlimit", Value::Int(rate)), ("job", s(&job))]).await?;

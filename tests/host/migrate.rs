@@ -360,6 +360,10 @@ fn cancelling_the_task_during_each_stage_rolls_it_back() {
         // As xapi's: the task that was cancelled, whichever step noticed.
         let state = p.src.call("TASK.stat", json!({"task": task, "dbg": "t"}))["state"].clone();
         assert_eq!(state[1], json!(["Cancelled", task]), "{point}: {state}");
+        // Cancelled again once it has ended: the CLI says nothing is left to undo.
+        let again = p.src.cli_raw(&["task", "cancel", &task]);
+        let err = String::from_utf8_lossy(&again.stderr);
+        assert!(!again.status.success() && err.contains("nothing to cancel"), "{point}: {err}");
         settle(&p, &before, &format!("{point}: both hosts back as they were"));
     }
 }
