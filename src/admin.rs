@@ -277,27 +277,7 @@ fn s(x: &str) -> Value {
     Value::String(x.to_owned())
 }
 
-/// Parses `10G`, `512M`, `4096`.
-pub fn parse_size(text: &str) -> Result<u64, String> {
-    let t = text.trim();
-    let (num, mult) = match t.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
-        Some((i, _)) => {
-            let unit = t[i..].to_ascii_uppercase();
-            let m: u64 = match unit.trim_end_matches("IB").trim_end_matches('B') {
-                "" => 1,
-                "K" => 1 << 10,
-                "M" => 1 << 20,
-                "G" => 1 << 30,
-                "T" => 1 << 40,
-                _ => return Err(format!("unknown size unit in {text:?}")),
-            };
-            (&t[..i], m)
-        }
-        None => (t, 1),
-    };
-    let n: u64 = num.trim().parse().map_err(|_| format!("not a size: {text:?}"))?;
-    n.checked_mul(mult).ok_or_else(|| format!("size {text:?} is too large"))
-}
+pub use tapmirror::parse_size;
 
 /// The datapath id the CLI uses for a VDI it attaches, so `detach` finds it again.
 fn cli_dp(vdi: &str) -> String {
@@ -916,17 +896,6 @@ fn human(bytes: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sizes_parse_with_and_without_units() {
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert_eq!(parse_size("64M"), Ok(64 << 20));
-        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
-        assert_eq!(parse_size("2g"), Ok(2 << 30));
-        assert!(parse_size("12Q").is_err());
-        assert!(parse_size("abc").is_err());
-        assert!(parse_size("99999999999T").is_err());
-    }
 
     #[test]
     fn control_characters_in_names_are_shown_escaped() {

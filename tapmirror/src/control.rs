@@ -569,10 +569,16 @@ pub fn request_timeout(
         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
             anyhow::anyhow!("no answer on {} within {:?}", socket.display(), timeout.unwrap_or_default())
         }
+        std::io::ErrorKind::InvalidData => not_control(socket, &e),
         _ => anyhow::Error::from(e),
     })?;
     if answer.is_empty() {
         anyhow::bail!("control socket closed without an answer");
     }
-    Ok(serde_json::from_str(&answer)?)
+    serde_json::from_str(&answer).map_err(|e| not_control(socket, &e))
+}
+
+/// What a socket that is not a control socket (an NBD socket, which greets in binary) gets.
+fn not_control(socket: &std::path::Path, e: &dyn std::fmt::Display) -> anyhow::Error {
+    anyhow::anyhow!("{} did not answer as a control socket does ({e}): give the path passed to serve --control, not its NBD socket", socket.display())
 }

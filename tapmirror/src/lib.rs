@@ -39,3 +39,48 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     }
     s
 }
+
+/// A size as people write it: bytes, or a number with a unit K, M, G or T (powers of 1024,
+/// with or without `B` or `iB`, any case: `64M`, `1GiB`, `2g`). The one parser of both
+/// binaries' sizes. At most `i64::MAX` bytes, what the storage interface carries.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let (num, mult) = match t.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
+        Some((i, _)) => {
+            let unit = t[i..].to_ascii_uppercase();
+            let m: u64 = match unit.strip_suffix("IB").or_else(|| unit.strip_suffix('B')).unwrap_or(&unit) {
+                "" => 1,
+                "K" => 1 << 10,
+                "M" => 1 << 20,
+                "G" => 1 << 30,
+                "T" => 1 << 40,
+                _ => return Err(format!("unknown size unit in {text:?} (use K, M, G or T, powers of 1024)")),
+            };
+            (&t[..i], m)
+        }
+        None => (t, 1),
+    };
+    let n: u64 = num.trim().parse().map_err(|_| format!("not a size: {text:?} (a whole number of bytes, or with a unit: 64M, 10G)"))?;
+    n.checked_mul(mult).filter(|&b| i64::try_from(b).is_ok()).ok_or_else(|| format!("size {text:?} is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_parse_with_and_without_units() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64M"), Ok(64 << 20));
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_size("10MB"), Ok(10 << 20));
+        assert_eq!(parse_size("2g"), Ok(2 << 30));
+        assert_eq!(parse_size(" 512 "), Ok(512));
+        assert!(parse_size("12Q").is_err());
+        assert!(parse_size("1.5G").is_err());
+        assert!(parse_size("abc").is_err());
+        assert!(parse_size("99999999999T").is_err());
+        assert!(parse_size("18446744073709551615").is_err(), "past what the interface carries");
+        assert_eq!(parse_size("9223372036854775807"), Ok(i64::MAX as u64));
+    }
+}

@@ -10,6 +10,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use tapmirror::image::{Access, AnyImage, ExtentState, Format, Image, RawImage, qcow2, vhd};
 use tapmirror::io::EngineChoice;
+use tapmirror::parse_size;
 use tapmirror::nbd::{ExportConfig, NbdClient, NbdServer, NbdUri, proto::tflags};
 use tokio_util::sync::CancellationToken;
 
@@ -156,12 +157,12 @@ struct CopyArgs {
     #[arg(long)]
     target_is_zero: bool,
     /// Connections to the destination (used only if it offers multi-conn).
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = at_least_one)]
     connections: usize,
     /// Requests in flight per connection [default: 8 in all, at least 2 per connection]. A
     /// few large requests in flight keep a target busy; more only spill the buffers out of
     /// the CPU cache on both ends (measured in benches/copy-vs-peers.sh).
-    #[arg(long)]
+    #[arg(long, value_parser = at_least_one)]
     requests: Option<usize>,
     /// Largest request, in bytes (clamped to what both ends accept).
     #[arg(long, value_parser = parse_size, default_value = "1M")]
@@ -319,22 +320,14 @@ impl std::error::Error for Exit {}
 /// `image check`'s status for a sound image with leaked clusters, `qemu-img check`'s.
 const LEAKS_EXIT: u8 = 3;
 
-fn parse_size(s: &str) -> std::result::Result<u64, String> {
-    let (digits, shift) = match s.trim().char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let shift = match c.to_ascii_uppercase() {
-                'K' => 10,
-                'M' => 20,
-                'G' => 30,
-                'T' => 40,
-                _ => return Err(format!("unknown size suffix in {s:?} (use K, M, G or T)")),
-            };
-            (&s.trim()[..i], shift)
-        }
-        _ => (s.trim(), 0),
-    };
-    let n: u64 = digits.parse().map_err(|_| format!("not a size: {s:?}"))?;
-    n.checked_mul(1u64 << shift).ok_or_else(|| format!("size {s:?} is too large"))
+
+/// A count of at least one (`--connections`, `--requests`).
+fn at_least_one(s: &str) -> std::result::Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("not a count: {s:?}")),
+    }
 }
 
 /// Listening sockets passed by systemd-style socket activation (`LISTEN_PID`, `LISTEN_FDS`,
