@@ -115,6 +115,10 @@ impl Meta {
             (Ok(_), Err(ParseError::NoCookie)) => {
                 return Err(corrupt("no footer copy at offset 0 (a fixed VHD? those are not supported)".into()));
             }
+            // No VHD cookie at either end: wholly damaged, or some other kind of file.
+            (Err(ParseError::NoCookie), Err(ParseError::NoCookie)) => {
+                return Err(corrupt("no \"conectix\" footer at its start or its end: not a VHD (another format?)".into()));
+            }
             (_, Err(e)) => return Err(corrupt(format!("footer copy at offset 0: {e}"))),
             (Err(ParseError::NoCookie), Ok(copy)) => {
                 warnings.push(

@@ -611,3 +611,13 @@ async fn a_file_of_unaligned_length_still_gets_aligned_blocks() {
     assert!(m.end.is_multiple_of(512) && m.end_footer);
     check(&p).expect("check");
 }
+
+/// A file with no VHD footer at either end is reported as not a VHD, not as a damaged copy.
+#[test]
+fn a_file_without_any_footer_is_said_not_to_be_a_vhd() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = dir.path().join("plain.raw");
+    std::fs::write(&p, vec![0u8; 1 << 20]).expect("write");
+    let e = info(&p).expect_err("not a VHD");
+    assert!(e.to_string().contains("not a VHD"), "{e}");
+}
