@@ -7,7 +7,7 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
 use sxm_engine::http::client::{CallErrorKind, Endpoint, RpcClient};
-use sxm_engine::model::{AttachInfo, DpStatVdi, Implementation, Rw, Task, TaskState, VdiInfo, VdiState};
+use sxm_engine::model::{AttachInfo, DpStatVdi, Implementation, Rw, StorageError, Task, TaskState, VdiInfo, VdiState};
 use sxm_engine::rpc::Value;
 use sxm_engine::rpc::marshal::Marshal;
 
@@ -324,7 +324,16 @@ impl Admin {
             Err(e) if matches!(e.kind, CallErrorKind::Connect(_)) => Err(anyhow::Error::new(e).context(
                 "cannot reach the host: start one (sxm serve --root ROOT), or point --host or $SXM_HOST at it (a socket path, or http://ADDR:PORT)",
             )),
-            Err(e) => Err(e.into()),
+            Err(e) => {
+                let hint = match &e.kind {
+                    CallErrorKind::Storage(StorageError::BackendError(code, params)) => explain(code, params),
+                    _ => None,
+                };
+                match hint {
+                    Some(h) => Err(anyhow::Error::new(e).context(h)),
+                    None => Err(e.into()),
+                }
+            }
         }
     }
 
@@ -832,6 +841,23 @@ impl Admin {
 }
 
 /// The destination URL the source host will call, with the destination's secret in it.
+/// What an admin should read in xapi's error codes that say little by themselves.
+fn explain(code: &str, params: &[String]) -> Option<String> {
+    let first = params.first().map(String::as_str).unwrap_or("");
+    Some(match code {
+        "VDI_IN_USE" => format!("VDI {first} is in use (attached, or being migrated): detach it first, or work on a snapshot of it"),
+        "VDI_READONLY" => format!("VDI {first} is read-only (a snapshot): attach it with --read-only, or clone it to write"),
+        "VDI_TOO_LARGE" => {
+            let most = params.get(1).and_then(|m| m.parse::<i64>().ok()).map(human).unwrap_or_default();
+            format!("too large: this SR type's VDIs hold at most {most}")
+        }
+        "SR_BACKEND_FAILURE_44" => "the SR is out of space".to_owned(),
+        "SR_IN_USE" => format!("SR {first} is in use ({}): detach its VDIs first", params.get(1).map(String::as_str).unwrap_or("")),
+        "SR_NOT_EMPTY" => format!("SR {first} still holds VDIs: destroy them first"),
+        _ => return None,
+    })
+}
+
 fn dest_url(d: &DestArgs) -> Result<String> {
     if d.dest.contains("session_id=") {
         return Ok(d.dest.clone());

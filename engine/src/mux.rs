@@ -288,7 +288,7 @@ impl Mux {
             }
             VdiDestroy(a) => {
                 if self.datapaths().of_vdi(&a.sr, &a.vdi).next().is_some() {
-                    return Err(in_use(&a.vdi));
+                    return Err(crate::backend::errors::in_use(&a.vdi, "VDI.destroy"));
                 }
                 let entry = self.attached_entry(&a.sr)?;
                 let vdi = a.vdi.clone();
@@ -828,10 +828,6 @@ impl Mux {
         }
         self.run(&entry, false, move |b, ctx| b.vdi_attach_info(ctx, &a.vdi)).await
     }
-}
-
-fn in_use(vdi: &str) -> StorageError {
-    StorageError::BackendError("VDI_IN_USE".into(), vec![vdi.to_owned()])
 }
 
 enum Guard {

@@ -720,6 +720,14 @@ fn the_cli_explains_attach_modes_and_export_keeps_the_users_datapath() {
     let out = host.cli_raw(&["vdi", "attach", "--sr", &sr, "--vdi", &vdi, "--read-only"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("detach it first"), "{err}");
+    // xapi's codes come with what they mean.
+    let out = host.cli_raw(&["vdi", "destroy", "--sr", &sr, "--vdi", &vdi]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("VDI_IN_USE") && err.contains("detach it first"), "{err}");
+    let snap = host.cli_json(&["vdi", "snapshot", "--sr", &sr, "--vdi", &vdi])["vdi"].as_str().expect("snapshot").to_owned();
+    let out = host.cli_raw(&["vdi", "attach", "--sr", &sr, "--vdi", &snap]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("VDI_READONLY") && err.contains("--read-only"), "{err}");
     host.cli(&["vdi", "detach", "--sr", &sr, "--vdi", &vdi]);
 
     // Attached read-only by the user, exported: still attached and serving afterwards.
