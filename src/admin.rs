@@ -575,16 +575,10 @@ impl Admin {
                 if self.json {
                     return self.print_json(&v);
                 }
-                let mut t = table(["MIRROR", "ROLE", "SOURCE VDI", "DESTINATION VDI", "FAILED"]);
+                let mut t = mirror_table();
                 if let Value::Struct(m) = v {
                     for (id, mirror) in m {
-                        let roles = match mirror.get("state") {
-                            Some(Value::Array(a)) => a.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(","),
-                            _ => String::new(),
-                        };
-                        let get = |k: &str| mirror.get(k).and_then(Value::as_str).unwrap_or("").to_owned();
-                        let failed = mirror.get("failed").and_then(Value::as_bool).unwrap_or(false);
-                        add_row(&mut t, vec![id, roles, get("source_vdi"), get("dest_vdi"), if failed { "yes".into() } else { "no".into() }]);
+                        add_mirror_row(&mut t, id, &mirror);
                     }
                 }
                 println!("{t}");
@@ -592,7 +586,13 @@ impl Admin {
             }
             MirrorCommand::Stat { id } => {
                 let v = self.call("DATA.MIRROR.stat", &[("id", s(&id))]).await?;
-                self.print_json(&v)
+                if self.json {
+                    return self.print_json(&v);
+                }
+                let mut t = mirror_table();
+                add_mirror_row(&mut t, id, &v);
+                println!("{t}");
+                Ok(())
             }
             MirrorCommand::Stop { id } => {
                 self.call("DATA.MIRROR.stop", &[("id", s(&id))]).await?;
@@ -841,6 +841,22 @@ impl Admin {
 }
 
 /// The destination URL the source host will call, with the destination's secret in it.
+/// The table `mirror list` and `mirror stat` print.
+fn mirror_table() -> Table {
+    table(["MIRROR", "ROLE", "SOURCE VDI", "DESTINATION VDI", "FAILED"])
+}
+
+/// One mirror (`Mirror.t`) as a row of [`mirror_table`].
+fn add_mirror_row(t: &mut Table, id: String, mirror: &Value) {
+    let roles = match mirror.get("state") {
+        Some(Value::Array(a)) => a.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(","),
+        _ => String::new(),
+    };
+    let get = |k: &str| mirror.get(k).and_then(Value::as_str).unwrap_or("").to_owned();
+    let failed = mirror.get("failed").and_then(Value::as_bool).unwrap_or(false);
+    add_row(t, vec![id, roles, get("source_vdi"), get("dest_vdi"), if failed { "yes".into() } else { "no".into() }]);
+}
+
 /// What an admin should read in xapi's error codes that say little by themselves.
 fn explain(code: &str, params: &[String]) -> Option<String> {
     let first = params.first().map(String::as_str).unwrap_or("");

@@ -186,6 +186,10 @@ fn a_vdi_moves_live_and_the_destination_reads_what_the_guest_wrote() {
     let dest_vdi = stat["dest_vdi"].as_str().expect("dest vdi").to_owned();
     let recv = p.dst.call("DATA.MIRROR.stat", json!({"id": id, "dbg": "t"}));
     assert_eq!(recv["state"], json!(["Receiving"]), "{recv}");
+    // The CLI shows the same: a row, or with --json the record.
+    let shown = p.src.cli(&["mirror", "stat", &id]);
+    assert!(shown.contains("Sending") && shown.contains(&dest_vdi), "{shown}");
+    assert_eq!(p.src.cli_json(&["mirror", "stat", &id])["dest_vdi"], json!(dest_vdi));
     // The guest goes on writing while the mirror runs.
     guest.wait_for_more_writes(21);
     let (model, writes) = guest.stop();
