@@ -112,11 +112,22 @@ impl Pair {
     /// Starts the destination host again on its root and its port (the source's records name
     /// it by URL), without faults.
     fn restart_dst(&mut self, kill: bool) {
+        let listen = self.stop_dst(kill);
+        self.start_dst_on(&listen);
+    }
+
+    /// Stops the destination host (its datapaths run on); answers where it listened.
+    fn stop_dst(&mut self, kill: bool) -> String {
         let root = self.dst.root.clone();
         let listen = self.dst.tcp.trim_start_matches("http://").to_owned();
         let old = std::mem::replace(&mut self.dst, Host { root: root.clone(), socket: root.join("none"), tcp: String::new(), secret: String::new(), proc: Proc(None) });
         if kill { old.kill() } else { old.wait_exit() }
-        self.dst = Host::start_on(&root, &listen);
+        listen
+    }
+
+    /// Starts the destination host again on its root, listening on `listen`.
+    fn start_dst_on(&mut self, listen: &str) {
+        self.dst = Host::start_on(&self.dst.root.clone(), listen);
     }
 
     fn dest_url(&self) -> String {
@@ -268,6 +279,22 @@ fn stop_undoes_a_running_mirror_on_both_hosts() {
     }
 }
 
+/// `mirror stop` of a mirror still starting (stalled before its copy) succeeds once the start
+/// is rolled back, as xapi's stop does; it used to fail though the stop worked.
+#[test]
+fn stop_of_a_mirror_still_starting_answers_once_it_is_undone() {
+    let p = Pair::with_faults("send.copy=delay", "");
+    let (vdi, _uri) = p.guest_disk(&pattern((4 * MIB) as usize, 18));
+    let before = p.state();
+    let task = p.src.cli(&["mirror", "start", "--sr", &p.src_sr, "--vdi", &vdi, "--dest", &p.dest_url(), "--dest-sr", &p.dst_sr]);
+    let id = format!("{}/{vdi}", p.src_sr);
+    eventually(30, "the mirror is starting", || p.src.jsonrpc("DATA.MIRROR.stat", json!({"id": id, "dbg": "t"})).get("error").is_none());
+    p.src.cli(&["mirror", "stop", &id]);
+    assert_eq!(p.src.call("DATA.MIRROR.list", json!({"dbg": "t"})), json!({}), "the stop answered before the mirror was undone");
+    assert_eq!(p.src.call("TASK.stat", json!({"task": task, "dbg": "t"}))["state"][0], "Failed");
+    settle(&p, &before, "both hosts back as they were");
+}
+
 #[test]
 fn a_failed_prepare_leaves_both_hosts_as_they_were_and_says_so() {
     let p = Pair::new();
@@ -407,6 +434,62 @@ fn a_source_killed_mid_copy_undoes_the_migration_on_both_hosts_when_it_restarts(
     p.restart_src(false);
     settle(&p, &before, "both hosts back as they were");
     p.start_mirror(&vdi);
+}
+
+/// Waits until `task`'s copy has written everything (its progress says so), while the copy
+/// stalls at an injected delay before its next step.
+fn wait_until_copied(h: &Host, task: &str) {
+    eventually(60, "the copy wrote everything", || {
+        let t = h.call("TASK.stat", json!({"task": task, "dbg": "t"}));
+        let info = &t["debug_info"];
+        info["bytes_total"].as_str().is_some_and(|total| Some(total) == info["bytes_done"].as_str())
+    });
+}
+
+/// The destination host goes away right after a migration's copy wrote everything, before it
+/// let go of the copy's datapath there, and comes back 3 s later: the datapath is let go of
+/// once it answers, so the mirror finalizes rather than failing at the switch-over.
+#[test]
+fn a_destination_away_when_the_copy_ends_still_lets_the_migration_finalize() {
+    let mut p = Pair::with_faults("copy.written=delay", "");
+    let seed = pattern((8 * MIB) as usize, 16);
+    let (vdi, _uri) = p.guest_disk(&seed);
+    let task = p.src.cli(&["mirror", "start", "--sr", &p.src_sr, "--vdi", &vdi, "--dest", &p.dest_url(), "--dest-sr", &p.dst_sr]);
+    wait_until_copied(&p.src, &task);
+    let listen = p.stop_dst(true);
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    p.start_dst_on(&listen);
+    eventually(60, "the mirror started", || p.src.call("TASK.stat", json!({"task": task, "dbg": "t"}))["state"][0] != "Pending");
+    let state = p.src.call("TASK.stat", json!({"task": task, "dbg": "t"}))["state"].clone();
+    assert_eq!(state[0], "Completed", "{state}");
+    let id = format!("{}/{vdi}", p.src_sr);
+    let dest_vdi = p.src.call("DATA.MIRROR.stat", json!({"id": id, "dbg": "t"}))["dest_vdi"].as_str().expect("dest").to_owned();
+    p.src.cli(&["vdi", "detach", "--sr", &p.src_sr, "--vdi", &vdi]);
+    assert_eq!(p.src.call("DATA.MIRROR.list", json!({"dbg": "t"})), json!({}), "the finalize failed");
+    assert!(p.export(&p.dst, &p.dst_sr, &dest_vdi) == seed, "the destination VDI differs");
+}
+
+/// A `DATA.copy` whose destination goes away after the data is written, before the copy's
+/// last steps there: the copy fails, and once the destination is back the source undoes its
+/// side there (the half-made VDI goes), not leaving it for ever.
+#[test]
+fn a_copy_cut_short_by_its_destination_is_undone_there_once_it_is_back() {
+    let mut p = Pair::with_faults("copy.copied=delay", "");
+    let file = p._dir.path().join("seed.raw");
+    std::fs::write(&file, pattern((8 * MIB) as usize, 17)).expect("seed");
+    let vdi = p.src.cli_json(&["vdi", "import", "--sr", &p.src_sr, "--name", "data", file.to_str().expect("path")])["vdi"].as_str().expect("vdi").to_owned();
+    let before = p.dst_vdis();
+    let task = p.src.cli(&["copy", "--sr", &p.src_sr, "--vdi", &vdi, "--dest", &p.dest_url(), "--dest-sr", &p.dst_sr]);
+    wait_until_copied(&p.src, &task);
+    let listen = p.stop_dst(true);
+    eventually(30, "the copy failed", || p.src.call("TASK.stat", json!({"task": task, "dbg": "t"}))["state"][0] == "Failed");
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    p.start_dst_on(&listen);
+    eventually(60, "the destination's half-made VDI went", || p.dst_vdis() == before);
+    eventually(30, "the copy's record went", || p.src.call("DATA.MIRROR.list", json!({"dbg": "t"})) == json!({}));
+    // And the VDI copies again.
+    let again = p.src.cli(&["copy", "--sr", &p.src_sr, "--vdi", &vdi, "--dest", &p.dest_url(), "--dest-sr", &p.dst_sr, "--wait"]);
+    assert_eq!(p.dst_vdis().len(), before.len() + 1, "{again}");
 }
 
 #[test]
@@ -995,7 +1078,18 @@ fn a_three_disk_vm_moves_two_at_a_time_and_each_disk_arrives_exact() {
         assert_eq!(t["debug_info"][format!("disk{i} verified")], "8 blocks", "{t}");
         let dest_vdi = t["debug_info"][format!("disk{i} dest_vdi")].as_str().expect("dest vdi");
         assert!(dest_content(&p, dest_vdi) == *seed, "disk {i} differs on the destination");
+        // The destination VDI is attached on a datapath named as the source's: the CLI there
+        // still detaches it (it used to report success and leave it attached).
+        p.dst.cli(&["vdi", "detach", "--sr", &p.dst_sr, "--vdi", dest_vdi]);
+        let stat = p.dst.call("DP.stat_vdi", json!({"sr": p.dst_sr, "vdi": dest_vdi, "dbg": "t"}));
+        assert_eq!(stat["superstate"], "Detached", "disk {i}: {stat}");
     }
+    // One attached by something else is not the CLI's to detach: it says so.
+    let dest_vdi = t["debug_info"]["disk0 dest_vdi"].as_str().expect("dest vdi");
+    p.dst.call("VDI.attach3", json!({"dbg": "t", "dp": "vm-guest", "sr": p.dst_sr, "vdi": dest_vdi, "vm": "vm", "read_write": true}));
+    let out = p.dst.cli_raw(&["vdi", "detach", "--sr", &p.dst_sr, "--vdi", dest_vdi]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("vm-guest"), "{err}");
 }
 
 #[test]

@@ -139,6 +139,9 @@ pub enum CopyStage {
     Prepare,
     /// Copying into it.
     Copy,
+    /// Failed; the destination has yet to let go of what the copy made there (it could not
+    /// be reached): retried until it does.
+    Undoing,
 }
 
 /// One `DATA.copy` (source side).

@@ -28,6 +28,13 @@ use super::{BASE_MIRROR, DRAIN_TIMEOUT, Remote, lock};
 
 /// How often a running mirror's health is checked.
 const WATCH_EVERY: Duration = Duration::from_secs(1);
+/// How long a copy that worked waits for the destination to let go of its datapath (the
+/// destination restarting, say) before the copy counts as failed.
+const RELEASE_COPY_DP_FOR: Duration = Duration::from_secs(60);
+/// How long a failed copy's undo is retried on a destination that cannot be reached.
+const UNDO_COPY_FOR: Duration = Duration::from_secs(3600);
+/// How long `DATA.MIRROR.stop` of a mirror still starting waits for its rollback.
+const STOP_WAITS_FOR: Duration = Duration::from_secs(60);
 
 fn dbg(id: &str) -> String {
     format!("mirror {id}")
@@ -392,9 +399,29 @@ impl Mux {
             .await
         }
         .await;
-        // The destination datapath goes, whatever happened.
-        if let Err(e) = remote.call::<()>(Call::DpDestroy(args::DpDestroy { allow_leak: false, dp: dp.into(), dbg: dbg(vdi) })).await {
-            tracing::warn!(dp = %dp, error = %e, "destroying the copy's destination datapath failed");
+        // A test stalls here to take the destination away before its datapath is let go of.
+        let _ = crate::fault::point("copy.written").await;
+        // The destination datapath goes, whatever happened. After a copy that worked, it must:
+        // it holds the VDI the next steps compose or hand over, so a destination restarting
+        // just then is waited for (a failed copy's undo lets go of it anyway).
+        let deadline = std::time::Instant::now() + RELEASE_COPY_DP_FOR;
+        let mut wait = Duration::from_millis(250);
+        loop {
+            match remote.call::<()>(Call::DpDestroy(args::DpDestroy { allow_leak: false, dp: dp.into(), dbg: dbg(vdi) })).await {
+                Ok(()) => break,
+                Err(e) if copied.is_err() || std::time::Instant::now() >= deadline => {
+                    tracing::warn!(dp = %dp, error = %e, "destroying the copy's destination datapath failed");
+                    if copied.is_ok() {
+                        return Err(StorageError::InternalError(format!("the copy is done, but the destination did not let go of its datapath {dp}: {e}")));
+                    }
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(dp = %dp, error = %e, "destroying the copy's destination datapath failed; retrying");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(5));
+                }
+            }
         }
         copied
     }
@@ -513,9 +540,22 @@ impl Mux {
             return Ok(());
         }
         if r.stage.is_starting() {
-            // Still in its task: cancelling the task rolls it back.
+            // Still in its task: cancelling the task rolls it back; the stop answers once it
+            // has (as xapi's stop of a mirror still starting kills its task and waits).
             let _ = self.tasks().cancel(&r.task);
-            return Err(StorageError::InternalError(format!("mirror {id} is still starting (stage {:?}); its task was cancelled", r.stage)));
+            let until = std::time::Instant::now() + STOP_WAITS_FOR;
+            while lock(&self.records.sends).get(id).is_some_and(|s| s.task == r.task && !s.cancelling) {
+                if std::time::Instant::now() >= until {
+                    return Err(StorageError::InternalError(format!(
+                        "mirror {id} is still starting (stage {:?}): its task was cancelled, and is still rolling back",
+                        r.stage
+                    )));
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            self.tasks().changed(Dynamic::Mirror(id.to_owned()));
+            tracing::info!(mirror = %id, "mirror stopped while starting");
+            return Ok(());
         }
         let remote_done = self.stop_send(&r).await;
         self.end_send(id, remote_done);
@@ -665,8 +705,19 @@ impl Mux {
     pub(crate) async fn data_copy(&self, sr: String, vdi: String, url: String, dest_sr: String) -> Result<String, StorageError> {
         let id = format!("copy/{sr}/{vdi}");
         self.attached_entry(&sr)?;
-        if lock(&self.records.copies).get(&id).is_some() {
-            return Err(StorageError::InternalError(format!("VDI {vdi} is already being copied")));
+        let earlier = lock(&self.records.copies).get(&id).cloned();
+        match earlier {
+            // A failed copy whose destination has not answered its undo yet: one more try,
+            // then it is forgotten (as a stop forgets a mirror), so a destination gone for
+            // good never keeps the VDI from being copied again.
+            Some(r) if r.stage == CopyStage::Undoing => {
+                if !self.undo_copy(&id).await {
+                    tracing::warn!(copy = %id, "a new copy gives up on undoing the last one on its destination; it may keep a half-copied VDI");
+                }
+                let _ = lock(&self.records.copies).remove(&id);
+            }
+            Some(_) => return Err(StorageError::InternalError(format!("VDI {vdi} is already being copied"))),
+            None => {}
         }
         if self.active_writer(&sr, &vdi) {
             return Err(StorageError::BackendError("VDI_IN_USE".into(), vec![vdi.clone(), "DATA.copy is for VDIs no guest writes; use DATA.MIRROR.start".into()]));
@@ -679,13 +730,15 @@ impl Mux {
         let task_id = task.clone();
         tokio::spawn(async move {
             match me.run_copy(&id, &task_id, &cancel).await {
-                Ok(info) => me.tasks().complete(&task_id, Some(TaskResult::VdiInfo(Box::new(info)))),
+                Ok(info) => {
+                    me.tasks().complete(&task_id, Some(TaskResult::VdiInfo(Box::new(info))));
+                    let _ = lock(&me.records.copies).remove(&id);
+                }
                 Err(e) => {
-                    me.undo_copy(&id).await;
+                    me.end_copy(&id).await;
                     me.tasks().fail(&task_id, &e);
                 }
             }
-            let _ = lock(&me.records.copies).remove(&id);
             me.tasks().changed(Dynamic::Mirror(id));
         });
         Ok(task)
@@ -742,6 +795,7 @@ impl Mux {
         let report = self.copy_to_remote(&r.sr, &r.vdi, base.as_deref(), &r.url, &r.dest_sr, &made.vdi, &dp, "0", task, cancel, None).await?;
         tracing::info!(copy = %id, data = report.data_bytes, base = ?base, "copy done");
         self.tasks().debug_info(task, "copied_bytes", &report.data_bytes.to_string());
+        crate::fault::point("copy.copied").await?;
         remote.call::<()>(Call::VdiSetContentId(args::VdiSetContentId { content_id: info.content_id.clone(), vdi: made.vdi.clone(), sr: r.dest_sr.clone(), dbg: dbg(id) })).await?;
         remote.call::<()>(Call::VdiRemoveFromSmConfig(args::VdiRemoveFromSmConfig { key: BASE_MIRROR.into(), vdi: made.vdi.clone(), sr: r.dest_sr.clone(), dbg: dbg(id) })).await?;
         let done: VdiInfo = remote.call(Call::VdiStat(args::VdiStat { vdi: made.vdi, sr: r.dest_sr.clone(), dbg: dbg(id) })).await?;
@@ -749,22 +803,87 @@ impl Mux {
         Ok(done)
     }
 
-    async fn undo_copy(&self, id: &str) {
-        let Some(r) = lock(&self.records.copies).get(id).cloned() else { return };
-        let Ok(remote) = Remote::new(&r.url) else { return };
-        if let Some(dp) = &r.dest_dp {
-            let _ = remote.call::<()>(Call::DpDestroy(args::DpDestroy { allow_leak: true, dp: dp.clone(), dbg: dbg(id) })).await;
+    /// Undoes a failed copy on the destination: its datapath goes, then every VDI the copy
+    /// made there. True when the destination did all of it (or had nothing left).
+    async fn undo_copy(&self, id: &str) -> bool {
+        let Some(r) = lock(&self.records.copies).get(id).cloned() else { return true };
+        let Ok(remote) = Remote::new(&r.url) else { return true };
+        let mut done = true;
+        if let Some(dp) = &r.dest_dp
+            && let Err(e) = remote.call::<()>(Call::DpDestroy(args::DpDestroy { allow_leak: true, dp: dp.clone(), dbg: dbg(id) })).await
+        {
+            tracing::warn!(copy = %id, dp = %dp, error = %e, "destroying the copy's destination datapath failed");
+            done = false;
         }
         // The recorded VDI, and any the copy made before it could record it (all carry the mark).
         let mut doomed: Vec<String> = r.dest_vdi.iter().cloned().collect();
-        if let Ok(theirs) = remote.call::<Vec<VdiInfo>>(Call::SrScan(args::SrScan { sr: r.dest_sr.clone(), dbg: dbg(id) })).await {
-            doomed.extend(theirs.into_iter().filter(|v| v.sm_config.get(BASE_MIRROR).map(String::as_str) == Some(id) && r.dest_vdi.as_ref() != Some(&v.vdi)).map(|v| v.vdi));
+        match remote.call::<Vec<VdiInfo>>(Call::SrScan(args::SrScan { sr: r.dest_sr.clone(), dbg: dbg(id) })).await {
+            Ok(theirs) => doomed.extend(
+                theirs.into_iter().filter(|v| v.sm_config.get(BASE_MIRROR).map(String::as_str) == Some(id) && r.dest_vdi.as_ref() != Some(&v.vdi)).map(|v| v.vdi),
+            ),
+            Err(_) => done = false,
         }
         for vdi in doomed {
-            if let Err(e) = remote.call::<()>(Call::VdiDestroy(args::VdiDestroy { vdi: vdi.clone(), sr: r.dest_sr.clone(), dbg: dbg(id) })).await {
-                tracing::warn!(copy = %id, vdi = %vdi, error = %e, "destroying the half-copied destination VDI failed");
+            match remote.call::<()>(Call::VdiDestroy(args::VdiDestroy { vdi: vdi.clone(), sr: r.dest_sr.clone(), dbg: dbg(id) })).await {
+                Ok(()) | Err(StorageError::VdiDoesNotExist(_)) => {}
+                Err(e) => {
+                    tracing::warn!(copy = %id, vdi = %vdi, error = %e, "destroying the half-copied destination VDI failed");
+                    done = false;
+                }
             }
         }
+        done
+    }
+
+    /// Ends a failed copy: undone on the destination, its record goes; if the destination
+    /// could not be reached, the record stays (`Undoing`) and the undo is retried until it
+    /// works, for up to [`UNDO_COPY_FOR`].
+    async fn end_copy(&self, id: &str) {
+        if self.undo_copy(id).await {
+            let _ = lock(&self.records.copies).remove(id);
+            return;
+        }
+        let Some(task) = ({
+            let mut copies = lock(&self.records.copies);
+            let task = copies.get(id).map(|r| r.task.clone());
+            if let Some(mut r) = copies.get(id).cloned() {
+                r.stage = CopyStage::Undoing;
+                let _ = copies.put(r);
+            }
+            task
+        }) else {
+            return;
+        };
+        tracing::warn!(copy = %id, "the destination could not undo the copy's side; retrying");
+        let Ok(me) = self.me() else { return };
+        let id = id.to_owned();
+        tokio::spawn(async move {
+            let until = std::time::Instant::now() + UNDO_COPY_FOR;
+            let mut wait = Duration::from_millis(500);
+            loop {
+                tokio::time::sleep(wait).await;
+                // Gone, or another copy's record now (a new copy of the VDI took over).
+                if !lock(&me.records.copies).get(&id).is_some_and(|r| r.task == task && r.stage == CopyStage::Undoing) {
+                    return;
+                }
+                let done = me.undo_copy(&id).await;
+                if done || std::time::Instant::now() >= until {
+                    let mut copies = lock(&me.records.copies);
+                    if copies.get(&id).is_some_and(|r| r.task == task) {
+                        let _ = copies.remove(&id);
+                    }
+                    drop(copies);
+                    if done {
+                        tracing::info!(copy = %id, "the destination has undone the copy's side");
+                    } else {
+                        tracing::error!(copy = %id, "gave up undoing the copy on the destination; it may keep a half-copied VDI");
+                    }
+                    me.tasks().changed(Dynamic::Mirror(id));
+                    return;
+                }
+                wait = (wait * 2).min(Duration::from_secs(30));
+            }
+        });
     }
 
     /// After a restart: sends still in their task are undone as their stage says (the task
@@ -803,8 +922,7 @@ impl Mux {
         let copies: Vec<String> = lock(&self.records.copies).all().map(|r| r.id.clone()).collect();
         for id in copies {
             tracing::warn!(copy = %id, "a copy was interrupted; undoing it");
-            self.undo_copy(&id).await;
-            let _ = lock(&self.records.copies).remove(&id);
+            self.end_copy(&id).await;
         }
     }
 
