@@ -279,9 +279,12 @@ fn s(x: &str) -> Value {
 
 pub use tapmirror::parse_size;
 
+/// How the CLI's datapath ids begin.
+const CLI_DP_PREFIX: &str = "sxm-cli/";
+
 /// The datapath id the CLI uses for a VDI it attaches, so `detach` finds it again.
 fn cli_dp(vdi: &str) -> String {
-    format!("sxm-cli/{vdi}")
+    format!("{CLI_DP_PREFIX}{vdi}")
 }
 
 /// The datapath id `vdi export` reads through: its own, so that letting go of it never
@@ -514,7 +517,28 @@ impl Admin {
                 Ok(())
             }
             VdiCommand::Detach { sr, vdi } => {
-                self.call("DP.destroy2", &[("allow_leak", Value::Bool(false)), ("vdi", s(&vdi)), ("sr", s(&sr)), ("dp", s(&cli_dp(&vdi)))]).await?;
+                // The CLI's own datapath for the VDI; failing that, any CLI datapath holding it
+                // (a migration attaches the destination VDI on one named as the source's).
+                let stat: DpStatVdi = self.call_as("DP.stat_vdi", &[("vdi", s(&vdi)), ("sr", s(&sr))]).await?;
+                let mine = cli_dp(&vdi);
+                let ours: Vec<String> = if stat.dps.contains_key(&mine) {
+                    vec![mine]
+                } else {
+                    stat.dps.keys().filter(|dp| dp.starts_with(CLI_DP_PREFIX)).cloned().collect()
+                };
+                if ours.is_empty() {
+                    if stat.dps.is_empty() {
+                        eprintln!("VDI {vdi} is not attached");
+                        return Ok(());
+                    }
+                    bail!(
+                        "VDI {vdi} is attached by others, not by the CLI (datapaths {}): detach it where it was attached (DP.destroy)",
+                        stat.dps.keys().cloned().collect::<Vec<_>>().join(", ")
+                    );
+                }
+                for dp in ours {
+                    self.release_on(&dp, &sr, &vdi).await?;
+                }
                 Ok(())
             }
             VdiCommand::Destroy { sr, vdi } => {
