@@ -492,10 +492,8 @@ impl Mux {
     }
 
     async fn sr_detach(&self, sr: &str) -> StorageResult<()> {
-        let entry = self.entry(sr)?;
-        if !entry.record.attached {
-            return Ok(());
-        }
+        // Not attached: Sr_not_attached, as xapi's SMAPIv1 wrapper answers.
+        let entry = self.attached_entry(sr)?;
         if let Some(r) = self.datapaths().of_sr(sr).next() {
             return Err(StorageError::BackendError("SR_IN_USE".into(), vec![sr.into(), format!("VDI {} is attached on datapath {}", r.vdi, r.dp)]));
         }

@@ -701,6 +701,11 @@ fn vm_start_and_cleanup_calls_behave_as_xapis() {
         let names = host.python_xmlrpc(&format!("r = proxy.SR.scan({{'dbg': 't', 'sr': '{sr}'}})\nprint(json.dumps([v['name_label'] for v in r['Value']]))"));
         assert_eq!(names, "[\"desktop\"]", "{ty}");
     }
+    // An SR detached twice: the second is told it is not attached, as xapi answers.
+    let sr = host.cli(&["sr", "create", "--type", "ext", "--name", "spare"]);
+    host.call("SR.detach", json!({"dbg": "t", "sr": sr}));
+    let e = host.jsonrpc("SR.detach", json!({"dbg": "t", "sr": sr}));
+    assert!(e["error"].to_string().contains("Sr_not_attached"), "{e}");
     let diagnostics = host.call("Query.diagnostics", json!({"dbg": "t"}));
     assert!(diagnostics.as_str().is_some_and(|d| d.contains("type ext") && d.contains("type qcow2")), "{diagnostics}");
 }

@@ -442,8 +442,10 @@ impl<I: Image> NbdServer<I> {
         if client_flags & !proto::client_flags::KNOWN != 0 {
             return Err(ConnError::Protocol(format!("unknown client flags {client_flags:#x}")));
         }
+        // A plain newstyle client (an old one) sends only NBD_OPT_EXPORT_NAME, which is
+        // answered the same either way: served, as qemu-nbd serves it.
         if client_flags & proto::client_flags::FIXED_NEWSTYLE == 0 {
-            return Err(ConnError::Protocol("client does not speak fixed newstyle".into()));
+            tracing::debug!("client speaks plain newstyle, not fixed");
         }
         let no_zeroes = client_flags & proto::client_flags::NO_ZEROES != 0;
         let mut session = Session::default();
@@ -560,7 +562,10 @@ impl<I: Image> NbdServer<I> {
                         session.base_allocation = selected;
                     }
                     if selected {
-                        let d = proto::encode_meta_context_reply(BASE_ALLOCATION_ID, proto::BASE_ALLOCATION);
+                        // A listing's context id is reserved and zero (the spec's
+                        // NBD_OPT_LIST_META_CONTEXT); only a selection names the id replies use.
+                        let id = if listing { 0 } else { BASE_ALLOCATION_ID };
+                        let d = proto::encode_meta_context_reply(id, proto::BASE_ALLOCATION);
                         reply(w, option, rep::META_CONTEXT, &d).await?;
                     }
                     reply(w, option, rep::ACK, &[]).await?;

@@ -322,7 +322,8 @@ fn garbage_client_flags_close_only_that_connection() {
     // A negotiated connection that must outlive its neighbours' misbehaviour.
     let (mut bystander, _) = Raw::open(&s.socket, false);
 
-    for flags in [0xdead_beef_u32, 0, proto::client_flags::NO_ZEROES, 1 << 2 | 1] {
+    // (No flags, or NO_ZEROES alone, is a plain newstyle client, which is served.)
+    for flags in [0xdead_beef_u32, 1 << 2 | 1, 1 << 31] {
         let mut c = Raw::connect(&s.socket);
         c.greeting();
         c.send(&flags.to_be_bytes());
@@ -503,6 +504,12 @@ fn options_out_of_order_or_malformed_are_invalid() {
     c.expect_opt(opt::SET_META_CONTEXT, &lie, rep::ERR_INVALID);
     let other = MetaContextRequest { export: "nope".into(), queries: vec![proto::BASE_ALLOCATION.into()] }.encode();
     c.expect_opt(opt::SET_META_CONTEXT, &other, rep::ERR_UNKNOWN);
+    // A listing names the context with the reserved id 0, a selection with its own.
+    c.option(opt::LIST_META_CONTEXT, &ctx);
+    let (k, d) = c.opt_reply(opt::LIST_META_CONTEXT);
+    assert_eq!(k, rep::META_CONTEXT);
+    assert_eq!(proto::decode_meta_context_reply(&d).expect("meta context"), (0, proto::BASE_ALLOCATION.to_owned()));
+    assert_eq!(c.opt_reply(opt::LIST_META_CONTEXT).0, rep::ACK);
     // An unknown context: ACK with no context selected; BLOCK_STATUS is then EINVAL.
     let unknown = MetaContextRequest { export: String::new(), queries: vec!["qemu:dirty-bitmap:x".into()] }.encode();
     c.expect_opt(opt::SET_META_CONTEXT, &unknown, rep::ACK);
@@ -536,6 +543,14 @@ fn export_name_honours_the_no_zeroes_flag() {
     let r = c.read_n(10);
     assert_eq!(u64::from_be_bytes(r[0..8].try_into().expect("8")), SIZE);
     assert_eq!(c.simple_read(2, 0, 8).expect("READ right after the 10 bytes"), &data[..8]);
+
+    // A plain newstyle client (no client flags at all, an old one) is served, as qemu-nbd
+    // serves it.
+    let mut c = Raw::start(&s.socket, 0);
+    c.option(opt::EXPORT_NAME, b"");
+    let r = c.read_n(8 + 2 + 124);
+    assert_eq!(u64::from_be_bytes(r[0..8].try_into().expect("8")), SIZE);
+    assert_eq!(c.simple_read(3, 4096, 512).expect("READ"), &data[4096..4608]);
 
     // EXPORT_NAME cannot fail politely: an unknown name is a hang-up.
     let mut c = Raw::start(&s.socket, proto::client_flags::KNOWN);
