@@ -304,6 +304,23 @@ fn keep_qemu_writers_out(file: &std::fs::File) {
     }
 }
 
+/// Lets go of a writer's locks ([`lock_exclusive`]) on `file` at once. Closing the file would
+/// too, but a file registered with io_uring is released only when the kernel has torn its ring
+/// down, a little after: the next writer, ours or QEMU, must not find the file busy then.
+pub fn release_writer_locks(file: &std::fs::File) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a descriptor `file` keeps open; no memory is passed.
+    unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_UN) };
+    // SAFETY: an all-zero `flock` is a valid value of this plain C struct.
+    let mut lock: libc::flock = unsafe { std::mem::zeroed() };
+    lock.l_type = libc::F_UNLCK as libc::c_short;
+    lock.l_whence = libc::SEEK_SET as libc::c_short;
+    lock.l_start = QEMU_UNSHARE_WRITE_BYTE;
+    lock.l_len = 1;
+    // SAFETY: F_OFD_SETLK reads `lock`, which lives across the call; the descriptor is open.
+    unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &lock) };
+}
+
 /// Whether a QEMU process (a VM, qemu-img, qemu-io, qemu-nbd) has `file` open for writing.
 /// QEMU's file driver holds a shared OFD lock on byte 101 (100 plus the bit of its "write"
 /// permission) for as long as it may write.

@@ -31,6 +31,15 @@ pub struct RawImage {
     punch_works: AtomicBool,
 }
 
+impl Drop for RawImage {
+    /// Lets go of the writer's locks at once (see [`super::release_writer_locks`]).
+    fn drop(&mut self) {
+        if self.access == Access::ReadWrite {
+            super::release_writer_locks(self.io.file());
+        }
+    }
+}
+
 impl RawImage {
     /// Opens `path` with the given access on the given I/O engine. A writable open takes the
     /// file's writer lock ([`super::lock_exclusive`]), as VHD and qcow2 images do and as QEMU

@@ -855,8 +855,7 @@ impl Drop for VhdImage {
         // longer (io_uring unregisters files asynchronously), and the next writer or a
         // whole-file operation must not find the file busy because of that.
         if self.access == Access::ReadWrite {
-            // SAFETY: flock on a descriptor the leaf's `FileIo` still holds open.
-            unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(self.layers[0].io.file()), libc::LOCK_UN) };
+            crate::image::release_writer_locks(self.layers[0].io.file());
         }
     }
 }
