@@ -323,7 +323,7 @@ impl Mux {
             VdiSetNameLabel(a) => self.vdi_update(a.sr, a.vdi, VdiChange::NameLabel(a.new_name_label)).await,
             VdiSetNameDescription(a) => self.vdi_update(a.sr, a.vdi, VdiChange::NameDescription(a.new_name_description)).await,
             VdiSetPersistent(a) => self.set_persistent(a.sr, a.vdi, a.persistent).await.map(|()| Value::Null),
-            VdiEpochBegin(a) => self.epoch_begin(a.sr, a.vdi).await.map(|()| Value::Null),
+            VdiEpochBegin(a) => self.epoch_begin(a.sr, a.vdi, a.persistent).await.map(|()| Value::Null),
             VdiEpochEnd(a) => {
                 let entry = self.attached_entry(&a.sr)?;
                 self.run(&entry, false, move |b, ctx| b.vdi_stat(ctx, &a.vdi)).await.map(|_| Value::Null)
@@ -627,10 +627,14 @@ impl Mux {
             if before.read_only {
                 return Err(crate::backend::errors::read_only(&id));
             }
-            b.vdi_update(ctx, &id, &VdiChange::Persistent(false))?;
-            let point = b.vdi_clone(ctx, &VdiInfo::new(id.clone(), format!("reset point of {id}"))).inspect_err(|_| {
-                let _ = b.vdi_update(ctx, &id, &VdiChange::Persistent(before.persistent));
-            })?;
+            // The reset point first, the flag second: a crash between them leaves the VDI as
+            // it was (and a visible clone named as the reset point), never a VDI marked
+            // non-persistent over a parent that does not hold its content.
+            let point = b.vdi_clone(ctx, &VdiInfo::new(id.clone(), format!("reset point of {id}")))?;
+            if let Err(e) = b.vdi_update(ctx, &id, &VdiChange::Persistent(false)) {
+                let _ = b.vdi_destroy(ctx, &point.vdi);
+                return Err(e);
+            }
             b.vdi_destroy(ctx, &point.vdi)
         })
         .await?;
@@ -639,14 +643,20 @@ impl Mux {
     }
 
     /// `VDI.epoch_begin`: a non-persistent VDI is reset to its content when it was made so
-    /// (SM's `reset_leaf`); a persistent one is left as it is. The VM has not attached the
-    /// VDI yet: a VDI something holds is refused, never reset under it.
-    async fn epoch_begin(&self, sr: String, vdi: String) -> StorageResult<()> {
+    /// (SM's `reset_leaf`); a persistent one is left as it is. Both the VDI's record and the
+    /// caller (`persistent`, xapi's on-boot mode) must say non-persistent: a caller that never
+    /// heard `set_persistent false` succeed still says persistent. A read-only VDI (a snapshot)
+    /// is never reset. The VM has not attached the VDI yet: a VDI something holds is refused,
+    /// never reset under it.
+    async fn epoch_begin(&self, sr: String, vdi: String, persistent: bool) -> StorageResult<()> {
         let entry = self.attached_entry(&sr)?;
         let _turn = self.vdi_turn(&sr, &vdi).await;
         let id = vdi.clone();
         let info = self.run(&entry, false, move |b, ctx| b.vdi_stat(ctx, &id)).await?;
-        if info.persistent {
+        if info.persistent || persistent || info.read_only {
+            if !info.persistent && persistent {
+                tracing::warn!(sr = %sr, vdi = %vdi, "epoch_begin: the VDI is non-persistent but the caller says persistent; not reset");
+            }
             return Ok(());
         }
         if let Some(r) = self.datapaths().of_vdi(&sr, &vdi).next() {

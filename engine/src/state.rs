@@ -99,14 +99,21 @@ pub fn ensure_reserve(dir: &Path) {
 
 /// [`write_json`] into a folder with a reserve ([`ensure_reserve`]): on a full file system the
 /// reserve is given back once and the record written again.
+/// A reserve given back is made again by the next write that finds room for it (space freed
+/// since, by a destroy or a reset), so the next full file system finds one too.
 pub fn write_json_reserved<T: Serialize>(path: &Path, value: &T) -> io::Result<()> {
-    match write_json(path, value) {
-        Err(e) if e.kind() == io::ErrorKind::StorageFull && fs::remove_file(folder_of(path).join(RESERVE_FILE)).is_ok() => {
+    let reserve = folder_of(path).join(RESERVE_FILE);
+    let written = match write_json(path, value) {
+        Err(e) if e.kind() == io::ErrorKind::StorageFull && fs::remove_file(&reserve).is_ok() => {
             tracing::warn!(record = %path.display(), "the file system is full: the folder's reserve was released to write the record");
-            write_json(path, value)
+            return write_json(path, value);
         }
         r => r,
+    };
+    if written.is_ok() && fs::metadata(&reserve).is_err() {
+        ensure_reserve(folder_of(path));
     }
+    written
 }
 
 /// [`write_json_reserved`] for a record that no longer names file `doomed` (a destroy). When the
@@ -209,6 +216,17 @@ pub fn remove_temporaries(dir: &Path) -> io::Result<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reserve_given_back_is_made_again_by_the_next_write_with_room() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("r.json");
+        // As after a full file system took the reserve.
+        assert!(!dir.path().join(RESERVE_FILE).exists());
+        write_json_reserved(&path, &vec![1u32, 2, 3]).expect("write");
+        let reserve = std::fs::metadata(dir.path().join(RESERVE_FILE)).expect("the reserve is back");
+        assert_eq!(reserve.len(), RESERVE_BYTES);
+    }
 
     #[test]
     fn records_replace_atomically_and_temporaries_are_swept() {

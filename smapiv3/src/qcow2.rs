@@ -201,7 +201,9 @@ impl Qcow2Backend {
             new_info.sm_config.insert(PRESERVED_ON_CLONE.to_owned(), v.clone());
         }
         new_info.ty = src_info.ty.clone();
-        new_info.persistent = src_info.persistent;
+        // A new VDI starts persistent: a non-persistent one's reset point is its own parent,
+        // which the new one does not have (`VDI.set_persistent false` makes it one).
+        new_info.persistent = true;
         new_info.sharable = src_info.sharable;
         new_info.virtual_size = src_info.virtual_size;
         new_info.content_id = if src_info.content_id.is_empty() { new_id() } else { src_info.content_id.clone() };
@@ -537,6 +539,10 @@ impl Backend for Qcow2Backend {
         meta.vdi(id)?;
         if self.datapaths.is_attached(group(sr), id) {
             return Err(errors::in_use(id, CALL));
+        }
+        // Images read through it (a snapshot's VDI): its content is theirs too.
+        if !meta.children(id).is_empty() || meta.vdi(id)?.read_only {
+            return Err(errors::failure("invalid", format!("VDI {id} is read-only or others read through it: it is never reset")));
         }
         let Some(parent) = meta.nodes.get(id).and_then(|n| n.parent.clone()) else {
             return Err(errors::failure("invalid", format!("VDI {id} has no parent to reset to (VDI.set_persistent false makes one)")));

@@ -202,6 +202,7 @@ impl Mux {
                 .local(Call::VdiStat(args::VdiStat { vdi: vdi.clone(), sr: a.sr.clone(), dbg: dbg("preflight") }))
                 .await
                 .map_err(|e| preflight_error(e.to_string()))?;
+            super::send::refuse_non_persistent(&info).map_err(|e| preflight_error(e.to_string()))?;
             let dp = self
                 .datapath_records(&a.sr, vdi)
                 .into_iter()

@@ -33,6 +33,18 @@ const WATCH_EVERY: Duration = Duration::from_secs(1);
 const RELEASE_COPY_DP_FOR: Duration = Duration::from_secs(60);
 /// How long a failed copy's undo is retried on a destination that cannot be reached.
 const UNDO_COPY_FOR: Duration = Duration::from_secs(3600);
+/// A VDI reset at each boot (non-persistent) does not move live: its reset point would not
+/// travel with it, as xapi refuses (`VDI_ON_BOOT_MODE_INCOMPATIBLE_WITH_OPERATION`).
+pub(crate) fn refuse_non_persistent(info: &VdiInfo) -> Result<(), StorageError> {
+    if info.persistent {
+        return Ok(());
+    }
+    Err(StorageError::BackendError(
+        "VDI_ON_BOOT_MODE_INCOMPATIBLE_WITH_OPERATION".into(),
+        vec![info.vdi.clone(), "a non-persistent VDI (reset at each boot) cannot migrate; VDI.set_persistent true first".into()],
+    ))
+}
+
 /// How long `DATA.MIRROR.stop` of a mirror still starting waits for its rollback.
 const STOP_WAITS_FOR: Duration = Duration::from_secs(60);
 
@@ -114,6 +126,7 @@ impl Mux {
             return Err(StorageError::InternalError(format!("VDI {vdi} is already being mirrored (mirror {id})")));
         }
         Remote::new(&url)?;
+        refuse_non_persistent(&self.local::<VdiInfo>(Call::VdiStat(args::VdiStat { vdi: vdi.clone(), sr: sr.clone(), dbg: dbg(&id) })).await?)?;
         let full_mirror = self.backend_for_sr(&sr)?.smapi_version() >= 3;
         let (task, cancel) = self.tasks().create(&dbg(&id));
         let record = SendRecord {

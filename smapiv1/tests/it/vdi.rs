@@ -112,7 +112,7 @@ fn snapshot_moves_the_data_to_a_hidden_base_and_the_snapshot_reads_it() {
     assert_eq!(s.content_id, "content-1");
     assert_eq!(s.name_label, "snap");
     assert_eq!(s.name_description, "a snapshot");
-    assert!(!s.persistent, "persistence carries over");
+    assert!(s.persistent, "a snapshot starts persistent: it has no reset point of its own");
     assert_eq!(s.virtual_size, 8 * MIB);
     assert_eq!(s.sm_config.get("base_mirror").map(String::as_str), Some("sr/v"));
     assert!(!s.sm_config.contains_key("other"), "only base_mirror is kept: {:?}", s.sm_config);
