@@ -393,10 +393,15 @@ impl Admin {
     }
 
     /// The id of the SR `sr` names: an attached SR's id, or the name of exactly one. What
-    /// names none goes to the host as it is (a detached SR's id, say), to answer for.
+    /// names none goes to the host as it is (a detached SR's id, say), to answer for; so does
+    /// anything shaped like an id, which is never taken for a name.
     async fn sr_id(&self, sr: &str) -> Result<String> {
+        if sr.trim().is_empty() {
+            bail!("--sr is empty (an unset variable?)");
+        }
         let srs: Vec<String> = self.call_as("SR.list", &[]).await?;
-        if srs.iter().any(|id| id == sr) {
+        // An id, or what looks like one, is only ever an id: never another's name.
+        if srs.iter().any(|id| id == sr) || uuid::Uuid::parse_str(sr).is_ok() {
             return Ok(sr.to_owned());
         }
         let mut named = Vec::new();
@@ -416,7 +421,13 @@ impl Admin {
     /// The ids of the SR and VDI `sr` and `vdi` name (each an id, or the name of exactly one
     /// SR, or of one VDI of that SR).
     async fn sr_vdi_ids(&self, sr: &str, vdi: &str) -> Result<(String, String)> {
+        if vdi.trim().is_empty() {
+            bail!("--vdi is empty (an unset variable?)");
+        }
         let sr = self.sr_id(sr).await?;
+        if uuid::Uuid::parse_str(vdi).is_ok() {
+            return Ok((sr, vdi.to_owned()));
+        }
         let vdis: Vec<VdiInfo> = match self.call_as("SR.scan", &[("sr", s(&sr))]).await {
             Ok(v) => v,
             // The host says what is wrong with the SR when the call itself is made.
