@@ -513,6 +513,11 @@ impl Backend for ExtBackend {
         if let Some(parent) = parent.filter(|p| meta.nodes.contains_key(p)) {
             self.coalesce_lone_child(sr, &parent);
             self.coalesce_hidden_pair(sr, &parent);
+            // A hidden base now left with one hidden child, `parent` (the reset point of a VDI
+            // made non-persistent again, over its last one): that pair folds too.
+            if let Some(grandparent) = SrMeta::load_existing(&sr.dir).ok().and_then(|m| m.nodes.get(&parent).and_then(|n| n.parent.clone())) {
+                self.coalesce_hidden_pair(sr, &grandparent);
+            }
         }
         Ok(())
     }

@@ -454,6 +454,11 @@ impl Backend for Qcow2Backend {
         state::ensure_reserve(&sr.dir);
         if let Some(parent) = parent.filter(|p| meta.nodes.contains_key(p)) {
             self.coalesce_lone_child(sr, &parent);
+            // A hidden volume now left with one child, `parent` (the reset point of a VDI made
+            // non-persistent again, over its last one): that pair folds too.
+            if let Some(grandparent) = SrMeta::load_existing(&sr.dir).ok().and_then(|m| m.nodes.get(&parent).and_then(|n| n.parent.clone())) {
+                self.coalesce_lone_child(sr, &grandparent);
+            }
         }
         Ok(())
     }

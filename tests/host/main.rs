@@ -796,3 +796,28 @@ fn the_cli_takes_names_for_srs_and_vdis() {
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("empty"));
     assert_eq!(vdi_ids(&host, &sr).len(), 3);
 }
+
+/// Making a VDI non-persistent and persistent again, many times over, keeps its chain short
+/// (each reset point folds into the last), and the VDI keeps its content.
+#[test]
+fn toggling_reset_on_boot_keeps_the_chain_short() {
+    require!("qemu-io");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let host = Host::start(&dir.path().join("host"));
+    for ty in ["ext", "qcow2"] {
+        let sr = host.cli(&["sr", "create", "--type", ty, "--name", ty]);
+        let vdi = host.cli(&["vdi", "create", "--sr", &sr, "--size", "4M", "--name", "desktop"]);
+        for round in 0..35u8 {
+            write_first_mib(&host, &sr, &vdi, round + 1);
+            host.call("VDI.set_persistent", json!({"dbg": "t", "sr": sr, "vdi": vdi, "persistent": false}));
+            host.call("VDI.set_persistent", json!({"dbg": "t", "sr": sr, "vdi": vdi, "persistent": true}));
+        }
+        assert!(first_mib_is(&host, &sr, &vdi, 35), "{ty}: the VDI lost its content");
+        let images = std::fs::read_dir(host.root.join("sr").join(&sr))
+            .expect("SR folder")
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_str().is_some_and(|n| n.ends_with(".vhd") || n.ends_with(".qcow2")))
+            .count();
+        assert!(images <= 3, "{ty}: {images} images after 35 toggles");
+    }
+}
