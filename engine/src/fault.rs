@@ -6,6 +6,7 @@
 //! `SXM_FAULTS` is a comma-separated list of `point=action`, action one of:
 //! - `error`: the point fails with an `Internal_error` naming it;
 //! - `delay`: the point waits 2 s (time for a test to cancel the task or kill a peer);
+//! - `long`: the point waits 10 s (time enough for that on a loaded machine);
 //! - `abort`: the process dies on the spot, as under SIGKILL (no destructor, no cleanup).
 
 use std::time::Duration;
@@ -17,6 +18,8 @@ pub const ENV: &str = "SXM_FAULTS";
 
 /// How long `delay` waits.
 pub const DELAY: Duration = Duration::from_secs(2);
+/// How long `long` waits.
+pub const LONG_DELAY: Duration = Duration::from_secs(10);
 
 fn action(point: &str) -> Option<String> {
     let spec = std::env::var(ENV).ok()?;
@@ -34,6 +37,11 @@ pub async fn point(point: &str) -> Result<(), StorageError> {
         Some("delay") => {
             tracing::warn!(point, "injected fault: delay");
             tokio::time::sleep(DELAY).await;
+            Ok(())
+        }
+        Some("long") => {
+            tracing::warn!(point, "injected fault: long delay");
+            tokio::time::sleep(LONG_DELAY).await;
             Ok(())
         }
         Some("abort") => {

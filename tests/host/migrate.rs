@@ -474,7 +474,8 @@ fn a_destination_away_when_the_copy_ends_still_lets_the_migration_finalize() {
 /// side there (the half-made VDI goes), not leaving it for ever.
 #[test]
 fn a_copy_cut_short_by_its_destination_is_undone_there_once_it_is_back() {
-    let mut p = Pair::with_faults("copy.copied=delay", "");
+    // Ten seconds to take the destination away in, however loaded the machine.
+    let mut p = Pair::with_faults("copy.copied=long", "");
     let file = p._dir.path().join("seed.raw");
     std::fs::write(&file, pattern((8 * MIB) as usize, 17)).expect("seed");
     let vdi = p.src.cli_json(&["vdi", "import", "--sr", &p.src_sr, "--name", "data", file.to_str().expect("path")])["vdi"].as_str().expect("vdi").to_owned();
