@@ -550,7 +550,13 @@ pub fn request_timeout(
     timeout: Option<Duration>,
 ) -> anyhow::Result<Value> {
     use std::io::BufRead;
-    let stream = UnixStream::connect(socket).map_err(|e| anyhow::anyhow!("connecting {}: {e}", socket.display()))?;
+    let stream = UnixStream::connect(socket).map_err(|e| match e.kind() {
+        // Nothing listens there: the process serving it is gone.
+        std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound => {
+            anyhow::anyhow!("connecting {}: {e}: the process that serves this control socket is not running (a datapath that died is restarted by its host)", socket.display())
+        }
+        _ => anyhow::anyhow!("connecting {}: {e}", socket.display()),
+    })?;
     // A zero timeout means "none" to the socket options; the smallest real one stands in for it.
     let timeout = timeout.map(|t| t.max(Duration::from_millis(1)));
     stream.set_write_timeout(timeout)?;

@@ -247,6 +247,9 @@ fn bad_control_input_gets_an_error_and_changes_nothing() {
     use std::io::{BufRead, BufReader, Write};
     let (source, ctl_path) = serve_controlled(16 * MIB);
     let before = ctl(&ctl_path, &["stats"]);
+    // A control socket nobody serves: said so, not only the OS error.
+    let gone = ctl_output(&ctl_path.with_file_name("gone.ctl"), &["stats"]);
+    assert!(!gone.status.success() && String::from_utf8_lossy(&gone.stderr).contains("is not running"), "{gone:?}");
     let raw = |line: &str| -> Value {
         let mut s = std::os::unix::net::UnixStream::connect(&ctl_path).expect("connect control");
         s.write_all(line.as_bytes()).expect("send");
@@ -996,6 +999,9 @@ fn nbd_accept_refuses_what_is_not_one_connected_stream_socket() {
     use std::os::fd::OwnedFd;
     let (source, ctl_path) = serve_controlled(16 * MIB);
     let before = ctl(&ctl_path, &["stats"]);
+    // A control socket nobody serves: said so, not only the OS error.
+    let gone = ctl_output(&ctl_path.with_file_name("gone.ctl"), &["stats"]);
+    assert!(!gone.status.success() && String::from_utf8_lossy(&gone.stderr).contains("is not running"), "{gone:?}");
     let accept = |fds: Vec<&OwnedFd>| -> Value {
         tapmirror::control::request_with(&ctl_path, &serde_json::json!({"cmd": "nbd-accept"}), fds).expect("request")
     };
