@@ -473,6 +473,9 @@ impl Backend for ExtBackend {
         record.uuid = Some(id.clone());
         record.virtual_size = to_i64(size);
         record.cbt_enabled = false;
+        // Persistent, whatever the caller says, as SM's create ignores it: a non-persistent
+        // VDI needs a reset point, which only `VDI.set_persistent false` makes.
+        record.persistent = true;
         record.sm_config = caller_sm_config(record.sm_config);
         if record.content_id.is_empty() {
             record.content_id = id.clone();

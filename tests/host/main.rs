@@ -730,6 +730,14 @@ fn vm_start_and_cleanup_calls_behave_as_xapis() {
     host.call("SR.detach", json!({"dbg": "t", "sr": sr}));
     let e = host.jsonrpc("SR.detach", json!({"dbg": "t", "sr": sr}));
     assert!(e["error"].to_string().contains("Sr_not_attached"), "{e}");
+    // Created non-persistent, a VDI has no reset point: it is made persistent, as SM does, so
+    // a VM's epoch_begin on it (a copy of a non-persistent VDI, say) boots.
+    for ty in ["ext", "qcow2"] {
+        let sr = host.cli(&["sr", "create", "--type", ty, "--name", &format!("{ty}-2")]);
+        let made = host.call("VDI.create", json!({"dbg": "t", "sr": sr, "vdi_info": {"vdi": "", "name_label": "np", "virtual_size": 1048576, "persistent": false}}));
+        assert_eq!(made["persistent"], json!(true), "{ty}: {made}");
+        host.call("VDI.epoch_begin", json!({"dbg": "t", "sr": sr, "vdi": made["vdi"], "vm": "vm", "persistent": false}));
+    }
     let diagnostics = host.call("Query.diagnostics", json!({"dbg": "t"}));
     assert!(diagnostics.as_str().is_some_and(|d| d.contains("type ext") && d.contains("type qcow2")), "{diagnostics}");
 }
