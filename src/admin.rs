@@ -454,7 +454,7 @@ impl Admin {
                 Ok(())
             }
             TaskState::Completed(_) => bail!("{what} {task} has completed already: nothing to cancel, nothing was undone"),
-            TaskState::Failed(_) => bail!("{what} {task} has failed already (and was undone then): nothing to cancel"),
+            TaskState::Failed(_) => bail!("{what} {task} has failed already: nothing to cancel"),
         }
     }
 

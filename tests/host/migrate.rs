@@ -481,13 +481,23 @@ fn a_copy_cut_short_by_its_destination_is_undone_there_once_it_is_back() {
     let vdi = p.src.cli_json(&["vdi", "import", "--sr", &p.src_sr, "--name", "data", file.to_str().expect("path")])["vdi"].as_str().expect("vdi").to_owned();
     let before = p.dst_vdis();
     let task = p.src.cli(&["copy", "--sr", &p.src_sr, "--vdi", &vdi, "--dest", &p.dest_url(), "--dest-sr", &p.dst_sr]);
-    wait_until_copied(&p.src, &task);
+    // The copy's data is written and its datapath there let go of (it says how much it
+    // copied): it now sits at copy.copied.
+    eventually(60, "the copy reported what it copied", || {
+        p.src.call("TASK.stat", json!({"task": task, "dbg": "t"}))["debug_info"]["copied_bytes"].is_string()
+    });
     let listen = p.stop_dst(true);
     eventually(30, "the copy failed", || p.src.call("TASK.stat", json!({"task": task, "dbg": "t"}))["state"][0] == "Failed");
+    // A new copy of the same VDI while the destination is still away fails too, and must not
+    // take over the first one's pending undo.
+    let out = p.src.cli_raw(&["copy", "--sr", &p.src_sr, "--vdi", &vdi, "--dest", &p.dest_url(), "--dest-sr", &p.dst_sr, "--wait"]);
+    assert!(!out.status.success(), "a copy to a host that is down succeeded");
     std::thread::sleep(std::time::Duration::from_secs(1));
     p.start_dst_on(&listen);
     eventually(60, "the destination's half-made VDI went", || p.dst_vdis() == before);
-    eventually(30, "the copy's record went", || p.src.call("DATA.MIRROR.list", json!({"dbg": "t"})) == json!({}));
+    let stat = p.dst.call("SR.scan", json!({"sr": p.dst_sr, "dbg": "t"}));
+    assert_eq!(stat.as_array().map(Vec::len), Some(before.len()), "{stat}");
+    assert_eq!(p.src.call("DATA.MIRROR.list", json!({"dbg": "t"})), json!({}), "a pending undo is listed as a copy");
     // And the VDI copies again.
     let again = p.src.cli(&["copy", "--sr", &p.src_sr, "--vdi", &vdi, "--dest", &p.dest_url(), "--dest-sr", &p.dst_sr, "--wait"]);
     assert_eq!(p.dst_vdis().len(), before.len() + 1, "{again}");

@@ -147,6 +147,8 @@ pub enum CopyStage {
 /// One `DATA.copy` (source side).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct CopyRecord {
+    // While `Undoing`, its id is `undo/<task>`, so that a new copy of the same VDI (whose id
+    // is `copy/<sr>/<vdi>`) never takes over a pending undo.
     /// `copy/<sr>/<vdi>`.
     pub id: String,
     /// The source SR.
@@ -203,6 +205,14 @@ impl Keyed for RecvRecord {
 impl Keyed for CopyRecord {
     fn key(&self) -> &str {
         &self.id
+    }
+}
+
+impl CopyRecord {
+    /// The mark (`sm_config["base_mirror"]`) on every VDI this copy makes at the destination:
+    /// its own, not the VDI's, so the undo of one copy never touches another copy's VDIs.
+    pub fn mark(&self) -> String {
+        format!("copy/{}/{}/{}", self.sr, self.vdi, self.task)
     }
 }
 

@@ -605,7 +605,8 @@ impl Mux {
     pub(crate) fn mirror_list(&self) -> Map<Mirror> {
         let mut ids: Vec<String> = lock(&self.records.sends).all().map(|r| r.id.clone()).collect();
         ids.extend(lock(&self.records.recvs).all().map(|r| r.id.clone()));
-        ids.extend(lock(&self.records.copies).all().map(|r| r.id.clone()));
+        // A failed copy's pending undo is no copy any more.
+        ids.extend(lock(&self.records.copies).all().filter(|r| r.stage != CopyStage::Undoing).map(|r| r.id.clone()));
         ids.sort();
         ids.dedup();
         ids.into_iter().filter_map(|id| self.mirror_stat(&id).ok().map(|m| (id, m))).collect()
@@ -720,14 +721,18 @@ impl Mux {
         self.attached_entry(&sr)?;
         let earlier = lock(&self.records.copies).get(&id).cloned();
         match earlier {
-            // A failed copy whose destination has not answered its undo yet: one more try,
-            // then it is forgotten (as a stop forgets a mirror), so a destination gone for
-            // good never keeps the VDI from being copied again.
+            // A pending undo kept under the copy's own id (its re-keying failed): it moves
+            // aside, still retried, and the new copy goes ahead.
             Some(r) if r.stage == CopyStage::Undoing => {
-                if !self.undo_copy(&id).await {
-                    tracing::warn!(copy = %id, "a new copy gives up on undoing the last one on its destination; it may keep a half-copied VDI");
+                let moved_id = format!("undo/{}", r.task);
+                {
+                    let mut copies = lock(&self.records.copies);
+                    let mut moved = r.clone();
+                    moved.id = moved_id.clone();
+                    copies.put(moved)?;
+                    copies.remove(&id)?;
                 }
-                let _ = lock(&self.records.copies).remove(&id);
+                self.retry_undo_copy(moved_id, r.task);
             }
             Some(_) => return Err(StorageError::InternalError(format!("VDI {vdi} is already being copied"))),
             None => {}
@@ -763,7 +768,7 @@ impl Mux {
         let info: VdiInfo = self.local(Call::VdiStat(args::VdiStat { vdi: r.vdi.clone(), sr: r.sr.clone(), dbg: dbg(id) })).await?;
         self.stage(task, "prepare", 0.02);
         let mut dest_info = info.clone();
-        dest_info.sm_config = Map::from_iter([(BASE_MIRROR.to_owned(), id.to_owned())]);
+        dest_info.sm_config = Map::from_iter([(BASE_MIRROR.to_owned(), r.mark())]);
         // The copy is written through a datapath: a snapshot's copy is made writable.
         dest_info.read_only = false;
         // When the destination holds a VDI with the content of one near this one (an earlier
@@ -828,11 +833,12 @@ impl Mux {
             tracing::warn!(copy = %id, dp = %dp, error = %e, "destroying the copy's destination datapath failed");
             done = false;
         }
-        // The recorded VDI, and any the copy made before it could record it (all carry the mark).
+        // The recorded VDI, and any the copy made before it could record it (all carry its mark).
         let mut doomed: Vec<String> = r.dest_vdi.iter().cloned().collect();
+        let mark = r.mark();
         match remote.call::<Vec<VdiInfo>>(Call::SrScan(args::SrScan { sr: r.dest_sr.clone(), dbg: dbg(id) })).await {
             Ok(theirs) => doomed.extend(
-                theirs.into_iter().filter(|v| v.sm_config.get(BASE_MIRROR).map(String::as_str) == Some(id) && r.dest_vdi.as_ref() != Some(&v.vdi)).map(|v| v.vdi),
+                theirs.into_iter().filter(|v| v.sm_config.get(BASE_MIRROR) == Some(&mark) && r.dest_vdi.as_ref() != Some(&v.vdi)).map(|v| v.vdi),
             ),
             Err(_) => done = false,
         }
@@ -849,33 +855,55 @@ impl Mux {
     }
 
     /// Ends a failed copy: undone on the destination, its record goes; if the destination
-    /// could not be reached, the record stays (`Undoing`) and the undo is retried until it
-    /// works, for up to [`UNDO_COPY_FOR`].
+    /// could not be reached, the record stays, `Undoing` under an id of its own
+    /// (`undo/<task>`, so a new copy of the VDI never takes it over), and the undo is retried
+    /// until it works, for up to [`UNDO_COPY_FOR`].
     async fn end_copy(&self, id: &str) {
         if self.undo_copy(id).await {
             let _ = lock(&self.records.copies).remove(id);
             return;
         }
-        let Some(task) = ({
+        let Some((id, task)) = ({
             let mut copies = lock(&self.records.copies);
-            let task = copies.get(id).map(|r| r.task.clone());
-            if let Some(mut r) = copies.get(id).cloned() {
-                r.stage = CopyStage::Undoing;
-                let _ = copies.put(r);
+            match copies.get(id).cloned() {
+                Some(mut r) => {
+                    let task = r.task.clone();
+                    r.stage = CopyStage::Undoing;
+                    r.id = format!("undo/{task}");
+                    let undo_id = r.id.clone();
+                    // The pending undo is written before the copy's record goes.
+                    match copies.put(r) {
+                        Ok(()) => {
+                            if undo_id != id {
+                                let _ = copies.remove(id);
+                            }
+                            Some((undo_id, task))
+                        }
+                        Err(e) => {
+                            tracing::error!(copy = %id, error = %e, "recording the pending undo failed; it is retried from the copy's record");
+                            Some((id.to_owned(), task))
+                        }
+                    }
+                }
+                None => None,
             }
-            task
         }) else {
             return;
         };
         tracing::warn!(copy = %id, "the destination could not undo the copy's side; retrying");
+        self.retry_undo_copy(id, task);
+    }
+
+    /// Retries the undo of the failed copy recorded as `id` (of task `task`) with backoff,
+    /// until it works or [`UNDO_COPY_FOR`] has passed; then its record goes.
+    fn retry_undo_copy(&self, id: String, task: String) {
         let Ok(me) = self.me() else { return };
-        let id = id.to_owned();
         tokio::spawn(async move {
             let until = std::time::Instant::now() + UNDO_COPY_FOR;
             let mut wait = Duration::from_millis(500);
             loop {
                 tokio::time::sleep(wait).await;
-                // Gone, or another copy's record now (a new copy of the VDI took over).
+                // Gone (or, recorded under the copy's own id, another copy's record now).
                 if !lock(&me.records.copies).get(&id).is_some_and(|r| r.task == task && r.stage == CopyStage::Undoing) {
                     return;
                 }
