@@ -288,9 +288,11 @@ const QEMU_UNSHARE_WRITE_BYTE: libc::off_t = 201;
 /// it as "write is not shared", so a QEMU process (qemu-io, qemu-img convert -n, a VM) asking
 /// to write the image is refused ("Failed to get "write" lock"), as it is while another QEMU
 /// writes it. Readers are not kept out (byte 101, "writes", stays free: `qemu-img info` works
-/// without `-U`). Our own `flock` is invisible to QEMU. Best effort: a file system without OFD
-/// locks has no QEMU locking either.
-fn keep_qemu_writers_out(file: &std::fs::File) {
+/// without `-U`). Our own `flock` is invisible to QEMU. Taken by writers and by read-only opens
+/// (the files a served image reads through, as QEMU takes it on backing files); our own
+/// writers never test it, so sxm's coalesce still writes a hidden parent a paused datapath
+/// reads. Best effort: a file system without OFD locks has no QEMU locking either.
+pub fn keep_qemu_writers_out(file: &std::fs::File) {
     use std::os::fd::AsRawFd;
     // SAFETY: an all-zero `flock` is a valid value of this plain C struct.
     let mut lock: libc::flock = unsafe { std::mem::zeroed() };

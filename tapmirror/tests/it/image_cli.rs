@@ -84,6 +84,19 @@ fn qemu_is_kept_from_writing_an_image_we_serve() {
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
     }
+    // Nor the files a served image reads through (as QEMU keeps writers off its backing files).
+    for format in ["vhd", "qcow2"] {
+        let base = dir.path().join(format!("base.{format}"));
+        let child = dir.path().join(format!("child.{format}"));
+        create(format, &base, "4M");
+        run(Command::new(tapmirror()).args(["image", "create", format]).arg(&child).arg("--parent").arg(&base));
+        let qemu_format = if format == "vhd" { "vpc" } else { format };
+        let server = serve_file(tempfile::tempdir().expect("tempdir"), child.clone(), &[]);
+        let out = Command::new("qemu-io").args(["-f", qemu_format, "-c", "write -P 0x5a 0 4k"]).arg(&base).output().expect("qemu-io");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains("lock"), "{format}: QEMU wrote the base of an image we serve: {err}");
+        drop(server);
+    }
 }
 
 #[test]

@@ -66,6 +66,10 @@ impl IoStorage {
     /// Opens an existing file; `writable` opens it `O_RDWR`, else `O_RDONLY`.
     pub async fn open(path: &Path, writable: bool, engine: EngineKind) -> io::Result<IoStorage> {
         let file = OpenOptions::new().read(true).write(writable).open(path)?;
+        if !writable {
+            // A backing file: what we read must not change under us.
+            crate::image::keep_qemu_writers_out(&file);
+        }
         IoStorage::from_file(file, path, engine).await
     }
 

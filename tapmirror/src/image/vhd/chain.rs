@@ -53,6 +53,9 @@ pub fn open_file(path: &Path, mode: LeafMode) -> Result<Layer> {
         .map_err(|e| VhdError::io(path, "open", e))?;
     if mode != LeafMode::ReadOnly {
         lock_exclusive(&file, path)?;
+    } else {
+        // What we read must not change under us (a served leaf's parents).
+        crate::image::keep_qemu_writers_out(&file);
     }
     let meta = Meta::read(&file, path)?;
     Ok(Layer { meta, file })
