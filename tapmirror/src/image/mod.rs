@@ -255,8 +255,9 @@ pub const LOCK_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Takes an exclusive `flock` on `file`, held until the file is closed, so that no two writers
 /// (two datapaths, a datapath and a resize) open one image, and checks that no QEMU process
-/// writes it ([`qemu_writes`]); then keeps QEMU writers out too ([`keep_qemu_writers_out`]).
-/// Retries for [`LOCK_GRACE`]; `Ok(false)` when the file is still another's then.
+/// writes it ([`qemu_writes`]). (QEMU does not see the `flock`: image opens keep QEMU writers
+/// out with [`QemuLock`].) Retries for [`LOCK_GRACE`]; `Ok(false)` when the file is still
+/// another's then.
 pub fn lock_exclusive(file: &std::fs::File) -> io::Result<bool> {
     use std::os::fd::AsRawFd;
     let deadline = std::time::Instant::now() + LOCK_GRACE;
@@ -264,7 +265,6 @@ pub fn lock_exclusive(file: &std::fs::File) -> io::Result<bool> {
         // SAFETY: flock on a descriptor `file` keeps open; no memory is passed.
         let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
         if rc == 0 && !qemu_writes(file)? {
-            keep_qemu_writers_out(file);
             return Ok(true);
         }
         if rc != 0 {
@@ -284,43 +284,57 @@ pub fn lock_exclusive(file: &std::fs::File) -> io::Result<bool> {
 /// (200 plus the bit of the "write" permission).
 const QEMU_UNSHARE_WRITE_BYTE: libc::off_t = 201;
 
-/// Holds a shared OFD lock on byte 201 for as long as `file` is open: QEMU's file driver reads
-/// it as "write is not shared", so a QEMU process (qemu-io, qemu-img convert -n, a VM) asking
-/// to write the image is refused ("Failed to get "write" lock"), as it is while another QEMU
-/// writes it. Readers are not kept out (byte 101, "writes", stays free: `qemu-img info` works
-/// without `-U`). Our own `flock` is invisible to QEMU. Taken by writers and by read-only opens
-/// (the files a served image reads through, as QEMU takes it on backing files); our own
-/// writers never test it, so sxm's coalesce still writes a hidden parent a paused datapath
-/// reads. Best effort: a file system without OFD locks has no QEMU locking either.
-pub fn keep_qemu_writers_out(file: &std::fs::File) {
-    use std::os::fd::AsRawFd;
-    // SAFETY: an all-zero `flock` is a valid value of this plain C struct.
-    let mut lock: libc::flock = unsafe { std::mem::zeroed() };
-    lock.l_type = libc::F_RDLCK as libc::c_short;
-    lock.l_whence = libc::SEEK_SET as libc::c_short;
-    lock.l_start = QEMU_UNSHARE_WRITE_BYTE;
-    lock.l_len = 1;
-    // SAFETY: F_OFD_SETLK reads `lock`, which lives across the call; the descriptor is open.
-    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &lock) } < 0 {
-        tracing::debug!(error = %io::Error::last_os_error(), "could not take QEMU's unshare-write lock byte");
+/// QEMU's "write not shared" lock on an image file (a shared OFD lock on byte 201, 200 plus the
+/// bit of its "write" permission), held for as long as the value lives. QEMU's file driver
+/// reads it as another QEMU's: a QEMU process (qemu-io, qemu-img convert -n, a VM) asking to
+/// write the file is refused ("Failed to get "write" lock"). Readers are not kept out (byte
+/// 101, "writes", stays free: `qemu-img info` works without `-U`). Held by writers and by
+/// read-only opens (the files a served image reads through, as QEMU holds it on backing
+/// files); our own writers never test it, so sxm's coalesce still writes a hidden parent a
+/// paused datapath reads.
+///
+/// It lives on a descriptor of its own, never handed to io_uring: a file registered with a ring
+/// is let go of only when the kernel has torn the ring down, a moment after the process is
+/// gone, and QEMU must be able to write the file as soon as we are. Best effort: a file system
+/// without OFD locks has no QEMU locking either.
+#[derive(Debug)]
+pub struct QemuLock(#[allow(dead_code)] Option<std::fs::File>);
+
+impl QemuLock {
+    /// Takes the lock on the file `file` is open on.
+    pub fn on(file: &std::fs::File) -> QemuLock {
+        use std::os::fd::AsRawFd;
+        // A new open file description of the same file (not a `dup`, which would share the
+        // description, and the ring's reference to it).
+        let own = match std::fs::File::open(format!("/proc/self/fd/{}", file.as_raw_fd())) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::debug!(error = %e, "no descriptor of its own for QEMU's lock byte");
+                return QemuLock(None);
+            }
+        };
+        // SAFETY: an all-zero `flock` is a valid value of this plain C struct.
+        let mut lock: libc::flock = unsafe { std::mem::zeroed() };
+        lock.l_type = libc::F_RDLCK as libc::c_short;
+        lock.l_whence = libc::SEEK_SET as libc::c_short;
+        lock.l_start = QEMU_UNSHARE_WRITE_BYTE;
+        lock.l_len = 1;
+        // SAFETY: F_OFD_SETLK reads `lock`, which lives across the call; the descriptor is open.
+        if unsafe { libc::fcntl(own.as_raw_fd(), libc::F_OFD_SETLK, &lock) } < 0 {
+            tracing::debug!(error = %io::Error::last_os_error(), "could not take QEMU's unshare-write lock byte");
+            return QemuLock(None);
+        }
+        QemuLock(Some(own))
     }
 }
 
-/// Lets go of a writer's locks ([`lock_exclusive`]) on `file` at once. Closing the file would
-/// too, but a file registered with io_uring is released only when the kernel has torn its ring
-/// down, a little after: the next writer, ours or QEMU, must not find the file busy then.
-pub fn release_writer_locks(file: &std::fs::File) {
+/// Lets go of a writer's `flock` on `file` at once. Closing the file would too, but a file
+/// registered with io_uring is released only when the kernel has torn its ring down, a little
+/// after: the next writer must not find the file busy then.
+pub fn release_writer_lock(file: &std::fs::File) {
     use std::os::fd::AsRawFd;
     // SAFETY: flock on a descriptor `file` keeps open; no memory is passed.
     unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_UN) };
-    // SAFETY: an all-zero `flock` is a valid value of this plain C struct.
-    let mut lock: libc::flock = unsafe { std::mem::zeroed() };
-    lock.l_type = libc::F_UNLCK as libc::c_short;
-    lock.l_whence = libc::SEEK_SET as libc::c_short;
-    lock.l_start = QEMU_UNSHARE_WRITE_BYTE;
-    lock.l_len = 1;
-    // SAFETY: F_OFD_SETLK reads `lock`, which lives across the call; the descriptor is open.
-    unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &lock) };
 }
 
 /// Whether a QEMU process (a VM, qemu-img, qemu-io, qemu-nbd) has `file` open for writing.

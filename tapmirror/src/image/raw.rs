@@ -29,13 +29,15 @@ pub struct RawImage {
     zero_range_works: AtomicBool,
     /// Cleared the first time the file system refuses `FALLOC_FL_PUNCH_HOLE`.
     punch_works: AtomicBool,
+    /// QEMU's "write not shared" lock on the file, as long as the image lives.
+    _qemu_lock: super::QemuLock,
 }
 
 impl Drop for RawImage {
-    /// Lets go of the writer's locks at once (see [`super::release_writer_locks`]).
+    /// Lets go of the writer's lock at once (see [`super::release_writer_lock`]).
     fn drop(&mut self) {
         if self.access == Access::ReadWrite {
-            super::release_writer_locks(self.io.file());
+            super::release_writer_lock(self.io.file());
         }
     }
 }
@@ -72,6 +74,7 @@ impl RawImage {
         }
         // SEEK_END gives the size of block devices too, where metadata().len() is 0.
         let size = file.seek(SeekFrom::End(0))?;
+        let qemu_lock = super::QemuLock::on(&file);
         let io = FileIo::new(file, engine).await?;
         tracing::debug!(path = %path.display(), size, engine = ?io.kind(), fixed = io.uses_fixed_buffers(), "raw image open");
         Ok(RawImage {
@@ -81,10 +84,11 @@ impl RawImage {
             access,
             zero_range_works: AtomicBool::new(true),
             punch_works: AtomicBool::new(true),
+            _qemu_lock: qemu_lock,
         })
     }
 
-    /// Creates (or truncates) a sparse raw file of `size` bytes.
+    /// Creates a sparse raw file of `size` bytes (never over an existing one).
     pub fn create(path: &Path, size: u64) -> io::Result<()> {
         let f = File::options().write(true).create_new(true).open(path)?;
         // A size the file system refuses (past its largest file) leaves no empty file behind.

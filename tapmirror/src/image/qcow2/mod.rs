@@ -282,7 +282,7 @@ pub struct Qcow2Image {
     /// taken after that.
     corrupt: Arc<AtomicBool>,
     /// The top file's writer lock (open for writing), released when this closes.
-    _writer_lock: Option<std::fs::File>,
+    _writer_lock: Option<(std::fs::File, crate::image::QemuLock)>,
 }
 
 /// What [`info`] reports.
@@ -607,15 +607,17 @@ async fn blocking<T: Send + 'static>(
 }
 
 /// Takes the writer lock of the image at `path` ([`crate::image::lock_exclusive`]) on a
-/// descriptor of its own, which the caller keeps for as long as it writes.
-async fn lock_writer(path: &Path) -> std::result::Result<std::fs::File, Qcow2Error> {
+/// descriptor of its own, and QEMU's "write not shared" lock, which the caller keeps for as long
+/// as it writes.
+async fn lock_writer(path: &Path) -> std::result::Result<(std::fs::File, crate::image::QemuLock), Qcow2Error> {
     let p = path.to_owned();
     blocking(path, move || {
         // Before the open, which blocks for ever on a FIFO.
         chain::require_image_file(&p)?;
         let file = std::fs::File::open(&p).map_err(|e| io_error(&p, "open", e))?;
         lock_file(&file, &p)?;
-        Ok(file)
+        let qemu = crate::image::QemuLock::on(&file);
+        Ok((file, qemu))
     })
     .await
 }

@@ -60,17 +60,20 @@ pub struct IoStorage {
     /// Reads show the v3 header's corrupt bit (incompatible bit 1, in byte 79) cleared: set
     /// only for a layer opened read-only, see [`IoStorage::hide_corrupt_bit`].
     hide_corrupt_bit: bool,
+    /// QEMU's "write not shared" lock on a read-only layer's file.
+    _qemu_lock: Option<crate::image::QemuLock>,
 }
 
 impl IoStorage {
     /// Opens an existing file; `writable` opens it `O_RDWR`, else `O_RDONLY`.
     pub async fn open(path: &Path, writable: bool, engine: EngineKind) -> io::Result<IoStorage> {
         let file = OpenOptions::new().read(true).write(writable).open(path)?;
-        if !writable {
-            // A backing file: what we read must not change under us.
-            crate::image::keep_qemu_writers_out(&file);
-        }
-        IoStorage::from_file(file, path, engine).await
+        // A backing file: what we read must not change under us. (A writable top has the
+        // image's writer lock, which holds it.)
+        let qemu_lock = (!writable).then(|| crate::image::QemuLock::on(&file));
+        let mut storage = IoStorage::from_file(file, path, engine).await?;
+        storage._qemu_lock = qemu_lock;
+        Ok(storage)
     }
 
     /// Creates a new, empty file; fails if `path` exists.
@@ -103,6 +106,7 @@ impl IoStorage {
             punch_works: Arc::new(AtomicBool::new(true)),
             zero_range_works: Arc::new(AtomicBool::new(true)),
             hide_corrupt_bit: false,
+            _qemu_lock: None,
         })
     }
 

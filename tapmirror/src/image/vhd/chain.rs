@@ -37,6 +37,8 @@ pub struct Layer {
     pub meta: Meta,
     /// The open file.
     pub file: File,
+    /// QEMU's "write not shared" lock on it, for as long as the layer is in use.
+    pub qemu_lock: crate::image::QemuLock,
 }
 
 /// Opens and validates one file.
@@ -53,12 +55,11 @@ pub fn open_file(path: &Path, mode: LeafMode) -> Result<Layer> {
         .map_err(|e| VhdError::io(path, "open", e))?;
     if mode != LeafMode::ReadOnly {
         lock_exclusive(&file, path)?;
-    } else {
-        // What we read must not change under us (a served leaf's parents).
-        crate::image::keep_qemu_writers_out(&file);
     }
+    // What we write, and what we read (a served leaf's parents), must not change under us.
+    let qemu_lock = crate::image::QemuLock::on(&file);
     let meta = Meta::read(&file, path)?;
-    Ok(Layer { meta, file })
+    Ok(Layer { meta, file, qemu_lock })
 }
 
 /// Takes an exclusive `flock` on `file` (see [`crate::image::lock_exclusive`]), or reports the

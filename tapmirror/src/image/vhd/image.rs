@@ -99,6 +99,8 @@ struct Slot {
 pub(super) struct Live {
     pub(super) path: PathBuf,
     pub(super) io: FileIo,
+    /// QEMU's "write not shared" lock on the file, as long as the layer lives.
+    _qemu_lock: crate::image::QemuLock,
     pub(super) uuid: [u8; 16],
     pub(super) size: u64,
     pub(super) block_size: u64,
@@ -347,6 +349,7 @@ impl VhdImage {
             layers.push(Live {
                 path: m.path.clone(),
                 io,
+                _qemu_lock: l.qemu_lock,
                 uuid: m.footer.uuid,
                 size: m.size,
                 block_size: m.block_size,
@@ -855,7 +858,7 @@ impl Drop for VhdImage {
         // longer (io_uring unregisters files asynchronously), and the next writer or a
         // whole-file operation must not find the file busy because of that.
         if self.access == Access::ReadWrite {
-            crate::image::release_writer_locks(self.layers[0].io.file());
+            crate::image::release_writer_lock(self.layers[0].io.file());
         }
     }
 }
