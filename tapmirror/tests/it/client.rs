@@ -305,6 +305,28 @@ async fn nbdkit_memory_every_operation() {
     assert!(bounded("read after disconnect", c.read(0, 512)).await.is_err());
 }
 
+/// A VHD export zeroes fast where nothing needs writing (a range of a fresh disk, as qemu-img
+/// convert asks before it copies), and refuses FAST_ZERO where it would write zero sectors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vhd_export_zeroes_fast_only_where_nothing_is_written() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = dir.path().join("fresh.vhd");
+    harness::run(Command::new(harness::tapmirror()).args(["image", "create", "vhd"]).arg(&image).arg("64M"));
+    let served = harness::serve_file(tempfile::tempdir().expect("tempdir"), image.clone(), &[]);
+    let c = unix(&served.socket).await;
+    assert!(c.info().has(tflags::SEND_FAST_ZERO));
+    let before = std::fs::metadata(&image).expect("stat").len();
+    bounded("fast zero of a fresh disk", c.write_zeroes(0, 64 << 20, false, true)).await.expect("fast zero of what reads as zeroes");
+    assert_eq!(std::fs::metadata(&image).expect("stat").len(), before, "a fast zero wrote something");
+    c.write(1 << 20, vec![0xaa; 8192], false).await.expect("write");
+    let e = bounded("fast zero over data", c.write_zeroes(0, 2 << 20, false, true)).await.expect_err("fast zero over data");
+    assert_eq!(e.errno(), Some(Errno::NotSup), "{e}");
+    assert_eq!(c.read(1 << 20, 8192).await.expect("read"), vec![0xaa; 8192], "a refused fast zero changed data");
+    bounded("zero", c.write_zeroes(0, 2 << 20, false, false)).await.expect("plain zero");
+    assert_eq!(c.read(1 << 20, 8192).await.expect("read"), vec![0; 8192]);
+    c.disconnect().await.expect("disconnect");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nbdkit_refused_fast_zero_is_enotsup() {
     crate::require!("nbdkit");

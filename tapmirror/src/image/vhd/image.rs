@@ -713,7 +713,8 @@ impl Image for VhdImage {
             read_only: self.access == Access::ReadOnly,
             // Blocks are never freed, so there is nothing a trim could do.
             trim: false,
-            fast_zero: false,
+            // Fast when nothing needs writing: a range no layer holds (see `write_zeroes`).
+            fast_zero: true,
             // One object per chain, one descriptor per file: a flush covers every connection.
             multi_conn: true,
             // Sector-granular: see `Features::min_block`.
@@ -766,10 +767,22 @@ impl Image for VhdImage {
     ) -> Result<()> {
         self.writer()?;
         check_range(offset, length, self.size)?;
-        if speed == ZeroSpeed::FastOnly {
-            return Err(ImageError::NotFast);
-        }
         let end = offset + length;
+        if speed == ZeroSpeed::FastOnly {
+            // Fast only when the whole range already reads as zeroes (a fresh disk's, as
+            // qemu-img convert asks before it copies): anything else writes zero sectors.
+            let mut pos = offset;
+            while pos < end {
+                let n = (end - pos).min(ZERO_CHUNK - pos % ZERO_CHUNK);
+                let hole = alloc == ZeroAlloc::MayDeallocate
+                    && self.map(0, pos, n).map_err(io_err("read bitmap", pos))?.iter().all(|s| s.src == Src::Zero);
+                if !hole {
+                    return Err(ImageError::NotFast);
+                }
+                pos += n;
+            }
+            return Ok(());
+        }
         let mut pos = offset;
         while pos < end {
             let n = (end - pos).min(ZERO_CHUNK - pos % ZERO_CHUNK);
