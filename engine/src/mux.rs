@@ -615,7 +615,8 @@ impl Mux {
     /// `VDI.set_persistent`. Made non-persistent, the VDI's current content becomes the
     /// content it is reset to at each `VDI.epoch_begin`: as xapi's SMAPIv1 layer does, a clone
     /// moves it into a hidden parent and is destroyed again, leaving the VDI an empty leaf on
-    /// it (and the VDI, marked non-persistent first, is never coalesced back into it).
+    /// it (the VDI, marked non-persistent before the clone goes, is never coalesced back into
+    /// it).
     async fn set_persistent(&self, sr: String, vdi: String, persistent: bool) -> StorageResult<()> {
         let entry = self.attached_entry(&sr)?;
         let id = vdi.clone();
@@ -672,12 +673,15 @@ impl Mux {
     /// `Query.diagnostics`: the host's SRs, datapaths, tasks and migrations, as text.
     fn diagnostics(&self) -> String {
         let mut out = String::new();
+        // The registry's lock goes before the datapaths' is taken: `UPDATES.get` takes them
+        // in the other order.
+        let srs: Vec<String> = self.registry().all().map(|e| e.record.sr.clone()).collect();
         for e in self.registry().all() {
             let r = &e.record;
             out.push_str(&format!("SR {} type {} {} {:?}\n", r.sr, r.ty, if r.attached { "attached" } else { "detached" }, r.name_label));
         }
-        for e in self.registry().all() {
-            for r in self.datapaths().of_sr(&e.record.sr) {
+        for sr in &srs {
+            for r in self.datapaths().of_sr(sr) {
                 out.push_str(&format!("DP {}: SR {} VDI {} {:?} (VM {})\n", r.dp, r.sr, r.vdi, r.state(), r.vm));
             }
         }

@@ -768,31 +768,30 @@ impl Image for VhdImage {
         self.writer()?;
         check_range(offset, length, self.size)?;
         let end = offset + length;
+        // A range no layer holds already reads as zeroes: nothing to write there, unless the
+        // caller wants it allocated.
+        let needs_writing = |pos: u64, n: u64| -> Result<bool> {
+            Ok(alloc == ZeroAlloc::Keep || !self.map(0, pos, n).map_err(io_err("read bitmap", pos))?.iter().all(|s| s.src == Src::Zero))
+        };
+        let chunks = || {
+            std::iter::successors(Some(offset), move |&pos| Some(pos + (end - pos).min(ZERO_CHUNK - pos % ZERO_CHUNK)))
+                .take_while(move |&pos| pos < end)
+                .map(move |pos| (pos, (end - pos).min(ZERO_CHUNK - pos % ZERO_CHUNK)))
+        };
         if speed == ZeroSpeed::FastOnly {
-            // Fast only when the whole range already reads as zeroes (a fresh disk's, as
-            // qemu-img convert asks before it copies): anything else writes zero sectors.
-            let mut pos = offset;
-            while pos < end {
-                let n = (end - pos).min(ZERO_CHUNK - pos % ZERO_CHUNK);
-                let hole = alloc == ZeroAlloc::MayDeallocate
-                    && self.map(0, pos, n).map_err(io_err("read bitmap", pos))?.iter().all(|s| s.src == Src::Zero);
-                if !hole {
+            // Fast only when nothing needs writing (a fresh disk's range, as qemu-img convert
+            // asks before it copies): checked whole before anything changes.
+            for (pos, n) in chunks() {
+                if needs_writing(pos, n)? {
                     return Err(ImageError::NotFast);
                 }
-                pos += n;
             }
             return Ok(());
         }
-        let mut pos = offset;
-        while pos < end {
-            let n = (end - pos).min(ZERO_CHUNK - pos % ZERO_CHUNK);
-            // A range no layer holds already reads as zeroes.
-            let hole = alloc == ZeroAlloc::MayDeallocate
-                && self.map(0, pos, n).map_err(io_err("read bitmap", pos))?.iter().all(|s| s.src == Src::Zero);
-            if !hole {
+        for (pos, n) in chunks() {
+            if needs_writing(pos, n)? {
                 self.write_all(pos, &Arc::new(IoBuf::new(n as usize))).await?;
             }
-            pos += n;
         }
         if durability == Durability::Stable {
             self.flush().await?;
