@@ -74,12 +74,17 @@ struct Server {
 
 impl Server {
     async fn start() -> Server {
+        Server::with_head_timeout(ServerConfig::new(SECRET).head_timeout).await
+    }
+
+    async fn with_head_timeout(head_timeout: Duration) -> Server {
         let dir = TempDir::new();
         let sock = dir.0.join("sxm.sock");
         let mut cfg = ServerConfig::new(SECRET);
         cfg.tcp = Some("127.0.0.1:0".parse().expect("addr"));
         cfg.unix = Some(sock.clone());
         cfg.max_body = MAX_BODY;
+        cfg.head_timeout = head_timeout;
         let echo = Arc::new(Echo::default());
         let shutdown = CancellationToken::new();
         let running = serve(&cfg, echo.clone(), shutdown.clone()).await.expect("serve");
@@ -584,5 +589,44 @@ async fn curl_posts_an_xml_rpc_call() {
     }
     assert!(refused.ends_with("\n401"), "{refused}");
     assert_eq!(server.calls(), 2);
+    server.stop().await;
+}
+
+/// A caller that sends its head and part of its body, then nothing, is answered 408 and its
+/// connection closed once the body has been quiet for the head timeout: it used to hold the
+/// connection (and a descriptor) until the caller went away. Nothing runs; a caller that
+/// trickles its body slowly but steadily is served.
+#[tokio::test]
+async fn a_body_that_stalls_is_answered_408_and_its_connection_closed() {
+    let stall = Duration::from_millis(1500);
+    let server = Server::with_head_timeout(stall).await;
+    let body = xml_call("SR.list");
+    let mut whole = request("POST", &authed_sm(), &[("Content-Type", "text/xml")], &body);
+    let head_len = whole.len() - body.len();
+    let start = std::time::Instant::now();
+    for half in [false, true] {
+        let mut s = TcpStream::connect(server.addr).await.expect("connect");
+        s.write_all(&whole[..head_len + if half { body.len() / 2 } else { 0 }]).await.expect("write");
+        let mut raw = Vec::new();
+        tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut raw)).await.expect("the server closes the connection").expect("read");
+        let reply = parse_reply(&raw);
+        assert_eq!(reply.status, 408, "{}", String::from_utf8_lossy(&reply.body));
+        assert!(String::from_utf8_lossy(&reply.body).contains("stalled"), "{}", String::from_utf8_lossy(&reply.body));
+    }
+    assert!(start.elapsed() >= stall, "answered before the body had stalled");
+    assert_eq!(server.calls(), 0, "a call ran from half a body");
+
+    // Slow but steady: a byte every 100 ms is never a stall.
+    let mut s = TcpStream::connect(server.addr).await.expect("connect");
+    let (head, rest) = whole.split_at_mut(head_len);
+    s.write_all(head).await.expect("head");
+    for chunk in rest.chunks(rest.len().div_ceil(20)) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        s.write_all(chunk).await.expect("body");
+    }
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut raw)).await.expect("reply").expect("read");
+    assert_eq!(parse_reply(&raw).status, 200);
+    assert_eq!(server.calls(), 1);
     server.stop().await;
 }

@@ -95,8 +95,9 @@ pub struct ServerConfig {
     pub secret: String,
     /// The largest request body accepted, in bytes; larger ones are answered 413.
     pub max_body: usize,
-    /// With an [`NbdHandover`]: how long after the accept a connection may take to show whether
-    /// it is an NBD `PUT`, and an NBD `PUT` to send its whole head, before it is closed.
+    /// How long a request's head may take to arrive (with an [`NbdHandover`], counted from
+    /// the accept, and for an NBD `PUT` its whole head), and how long its body may go without
+    /// sending anything, before the connection is closed (a stalled body is answered 408 first).
     pub head_timeout: Duration,
 }
 
@@ -251,8 +252,8 @@ impl Bound {
     }
 
     async fn serve(self, app: Router, handover: Option<Arc<dyn DynHandover>>, shutdown: CancellationToken) -> Result<(), ServeError> {
-        let app = app.fallback(not_found);
         let head_timeout = self.head_timeout;
+        let app = app.fallback(not_found).layer(axum::Extension(BodyStall(head_timeout)));
         let nbd_ctx = |transport, secret| handover.clone().map(|handover| NbdContext { handover, transport, secret, head_timeout });
         let tcp = self.tcp.map(|(listener, _)| {
             let app = app.clone().layer(middleware::from_fn_with_state(self.secret.clone(), require_secret)).layer(axum::Extension(Transport::Tcp));
@@ -589,6 +590,11 @@ async fn json_rpc<D: Dispatch>(State(rpc): State<Arc<Rpc<D>>>, req: Request) -> 
     }
 }
 
+/// How long a request body may go without sending anything ([`ServerConfig::head_timeout`]),
+/// as the server tells the routes.
+#[derive(Clone, Copy)]
+struct BodyStall(Duration);
+
 /// The body, or the response refusing it.
 async fn read_body(parts: &Parts, body: Body, max: usize) -> Result<Bytes, Response> {
     // Refuse a declared oversized body before reading any of it.
@@ -596,11 +602,35 @@ async fn read_body(parts: &Parts, body: Body, max: usize) -> Result<Bytes, Respo
     if declared.is_some_and(|n| n > max as u64) {
         return Err(too_large(max));
     }
-    match Limited::new(body, max).collect().await {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(too_large(max)),
-        Err(e) => Err(plain(StatusCode::BAD_REQUEST, format!("could not read the request body: {e}"))),
+    // A caller that sends its head and then goes quiet mid-body (hung, or a host that died
+    // mid-call) would otherwise hold the connection and its descriptor for ever: hyper times
+    // only the head.
+    let stall = parts.extensions.get::<BodyStall>().map_or(DEFAULT_HEAD_TIMEOUT, |s| s.0);
+    let mut body = Limited::new(body, max);
+    let mut data = Vec::with_capacity(declared.map_or(0, |n| n as usize));
+    loop {
+        match tokio::time::timeout(stall, body.frame()).await {
+            Err(_) => {
+                tracing::info!(after = ?stall, read = data.len(), "dropped a request whose body stalled");
+                return Err(stalled(stall));
+            }
+            Ok(None) => return Ok(Bytes::from(data)),
+            Ok(Some(Ok(frame))) => {
+                if let Some(chunk) = frame.data_ref() {
+                    data.extend_from_slice(chunk);
+                }
+            }
+            Ok(Some(Err(e))) if e.downcast_ref::<LengthLimitError>().is_some() => return Err(too_large(max)),
+            Ok(Some(Err(e))) => return Err(plain(StatusCode::BAD_REQUEST, format!("could not read the request body: {e}"))),
+        }
     }
+}
+
+fn stalled(after: Duration) -> Response {
+    let mut resp = plain(StatusCode::REQUEST_TIMEOUT, format!("the request body stalled: nothing arrived for {} s", after.as_secs_f64()));
+    // The rest of the body is not read, so the connection cannot carry another request.
+    resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+    resp
 }
 
 fn too_large(max: usize) -> Response {
