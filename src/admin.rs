@@ -896,7 +896,7 @@ fn add_mirror_row(t: &mut Table, id: String, mirror: &Value) {
 fn explain(code: &str, params: &[String]) -> Option<String> {
     let first = params.first().map(String::as_str).unwrap_or("");
     Some(match code {
-        "VDI_IN_USE" => format!("VDI {first} is in use (attached, or being migrated): detach it first, or work on a snapshot of it"),
+        "VDI_IN_USE" => format!("VDI {first} is in use (attached, being migrated or being copied): detach it first (or let the copy end), or work on a snapshot of it"),
         "VDI_READONLY" => format!("VDI {first} is read-only (a snapshot): attach it with --read-only, or clone it to write"),
         "VDI_TOO_LARGE" => {
             let most = params.get(1).and_then(|m| m.parse::<i64>().ok()).map(human).unwrap_or_default();

@@ -50,6 +50,34 @@ pub struct Mux {
 /// A VDI's lock for its datapath changes, by (SR, VDI).
 type VdiTurn = Arc<tokio::sync::Mutex<()>>;
 
+/// A VDI's turn, held: when the last holder or waiter lets go, the VDI's lock leaves the map,
+/// which would otherwise keep one for every VDI (or made-up id) ever named in a call.
+pub(crate) struct HeldTurn<'a> {
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+    turns: &'a Mutex<HashMap<(String, String), VdiTurn>>,
+    key: (String, String),
+}
+
+/// Waits for the (SR, VDI) turn in `turns`. A waiter dropped before its turn (its call
+/// cancelled) takes its clone of the lock with it, so the holder's drop still finds the count
+/// at one and removes the lock.
+async fn take_turn<'a>(turns: &'a Mutex<HashMap<(String, String), VdiTurn>>, sr: &str, vdi: &str) -> HeldTurn<'a> {
+    let key = (sr.to_owned(), vdi.to_owned());
+    let lock = Arc::clone(turns.lock().unwrap_or_else(|p| p.into_inner()).entry(key.clone()).or_default());
+    HeldTurn { guard: Some(lock.lock_owned().await), turns, key }
+}
+
+impl Drop for HeldTurn<'_> {
+    fn drop(&mut self) {
+        // Released first, so a waiter's clone is all that keeps the lock alive, if any.
+        drop(self.guard.take());
+        let mut turns = self.turns.lock().unwrap_or_else(|p| p.into_inner());
+        if turns.get(&self.key).is_some_and(|lock| Arc::strong_count(lock) == 1) {
+            turns.remove(&self.key);
+        }
+    }
+}
+
 /// Builds a [`Mux`]: the binary registers each SR type's backend, then opens the root.
 #[derive(Default)]
 pub struct MuxBuilder {
@@ -127,12 +155,8 @@ impl Mux {
     /// and then act on the backend and record: two of them on one VDI interleaved (two VMs
     /// sharing a read-only disk, starting and stopping at once) could stop the process another
     /// had just found running, or pause one another had just unpaused. They take turns.
-    async fn vdi_turn(&self, sr: &str, vdi: &str) -> tokio::sync::OwnedMutexGuard<()> {
-        let lock = {
-            let mut turns = self.vdi_turns.lock().unwrap_or_else(|p| p.into_inner());
-            Arc::clone(turns.entry((sr.to_owned(), vdi.to_owned())).or_default())
-        };
-        lock.lock_owned().await
+    async fn vdi_turn(&self, sr: &str, vdi: &str) -> HeldTurn<'_> {
+        take_turn(&self.vdi_turns, sr, vdi).await
     }
 
     fn attached_vdis(&self, sr: &str) -> Vec<AttachedVdi> {
@@ -287,7 +311,7 @@ impl Mux {
                 Ok(info.to_value())
             }
             VdiDestroy(a) => {
-                if self.datapaths().of_vdi(&a.sr, &a.vdi).next().is_some() {
+                if self.datapaths().of_vdi(&a.sr, &a.vdi).next().is_some() || self.being_copied(&a.sr, &a.vdi) {
                     return Err(crate::backend::errors::in_use(&a.vdi, "VDI.destroy"));
                 }
                 let entry = self.attached_entry(&a.sr)?;
@@ -305,6 +329,9 @@ impl Mux {
             VdiResize(a) => {
                 if a.new_size < 0 {
                     return Err(StorageError::BackendError("INVALID_SIZE".into(), vec![a.new_size.to_string()]));
+                }
+                if self.being_copied(&a.sr, &a.vdi) {
+                    return Err(crate::backend::errors::in_use(&a.vdi, "VDI.resize"));
                 }
                 let entry = self.attached_entry(&a.sr)?;
                 let vdi = a.vdi.clone();
@@ -863,5 +890,48 @@ impl Dispatch for Mux {
             Err(e) => tracing::info!(method = %method, ms = started.elapsed().as_millis() as u64, error = %e, "call failed"),
         }
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A VDI's lock leaves the map when its last holder or waiter lets go: it once stayed for
+    /// every VDI ever named, made-up ids of any length included, for the life of the host.
+    #[tokio::test]
+    async fn a_vdi_turn_is_forgotten_once_nobody_holds_or_awaits_it() {
+        let turns = Mutex::new(HashMap::new());
+        let count = || turns.lock().map(|t| t.len()).unwrap_or(usize::MAX);
+        drop(take_turn(&turns, "sr", "a").await);
+        assert_eq!(count(), 0, "a turn taken and let go stays");
+
+        // Held, with a waiter: the waiter gets it next, and only its drop forgets it.
+        let held = take_turn(&turns, "sr", "b").await;
+        let mut waiter = Box::pin(take_turn(&turns, "sr", "b"));
+        assert!(futures_poll_once(waiter.as_mut()).is_none(), "two holders of one turn");
+        drop(held);
+        assert_eq!(count(), 1, "the turn went while a waiter still wanted it");
+        let second = waiter.await;
+        assert_eq!(count(), 1);
+        drop(second);
+        assert_eq!(count(), 0);
+
+        // A waiter cancelled before its turn does not keep it either.
+        let held = take_turn(&turns, "sr", "c").await;
+        let mut cancelled = Box::pin(take_turn(&turns, "sr", "c"));
+        assert!(futures_poll_once(cancelled.as_mut()).is_none());
+        drop(cancelled);
+        drop(held);
+        assert_eq!(count(), 0, "a cancelled waiter kept the turn in the map");
+    }
+
+    /// Polls `f` once with a waker that does nothing.
+    fn futures_poll_once<F: std::future::Future>(f: std::pin::Pin<&mut F>) -> Option<F::Output> {
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        match f.poll(&mut cx) {
+            std::task::Poll::Ready(v) => Some(v),
+            std::task::Poll::Pending => None,
+        }
     }
 }

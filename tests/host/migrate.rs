@@ -503,6 +503,42 @@ fn a_copy_cut_short_by_its_destination_is_undone_there_once_it_is_back() {
     assert_eq!(p.dst_vdis().len(), before.len() + 1, "{again}");
 }
 
+/// While a `DATA.copy` reads a VDI, the VDI can be neither destroyed nor resized, nor copied
+/// again: each is `VDI_IN_USE`, as for a VDI a datapath holds. (They used to succeed, and the
+/// copy then failed, or on qcow2 completed a copy of a VDI that no longer existed.)
+#[test]
+fn a_vdi_being_copied_is_neither_destroyed_nor_resized_nor_copied_again() {
+    let p = Pair::with_faults("copy.copied=long", "");
+    let file = p._dir.path().join("seed.raw");
+    let seed = pattern((8 * MIB) as usize, 18);
+    std::fs::write(&file, &seed).expect("seed");
+    let vdi = p.src.cli_json(&["vdi", "import", "--sr", &p.src_sr, "--name", "data", file.to_str().expect("path")])["vdi"].as_str().expect("vdi").to_owned();
+    let copy = |h: &Host| {
+        h.jsonrpc("DATA.copy", json!({"dbg": "t", "sr": p.src_sr, "vdi": vdi, "vm": "vm", "url": p.dest_url(), "dest": p.dst_sr, "verify_dest": false}))
+    };
+    let first = copy(&p.src);
+    let task = first["result"].as_str().unwrap_or_else(|| panic!("DATA.copy: {first}")).to_owned();
+    // Its data is written: it sits at copy.copied for ten seconds.
+    eventually(60, "the copy reported what it copied", || {
+        p.src.call("TASK.stat", json!({"task": task, "dbg": "t"}))["debug_info"]["copied_bytes"].is_string()
+    });
+    for (method, params) in [
+        ("VDI.destroy", json!({"dbg": "t", "sr": p.src_sr, "vdi": vdi})),
+        ("VDI.resize", json!({"dbg": "t", "sr": p.src_sr, "vdi": vdi, "new_size": 16 * MIB})),
+    ] {
+        let e = p.src.jsonrpc(method, params);
+        assert!(e["error"].to_string().contains("VDI_IN_USE"), "{method} during a copy: {e}");
+    }
+    let again = copy(&p.src);
+    assert!(again["error"].to_string().contains("VDI_IN_USE"), "a second DATA.copy: {again}");
+    eventually(60, "the copy completed", || p.src.call("TASK.stat", json!({"task": task, "dbg": "t"}))["state"][0] == "Completed");
+    let stat = p.src.call("VDI.stat", json!({"dbg": "t", "sr": p.src_sr, "vdi": vdi}));
+    assert_eq!(stat["virtual_size"], json!(8 * MIB), "{stat}");
+    assert!(p.export(&p.src, &p.src_sr, &vdi) == seed, "the source changed");
+    // Once the copy is done, the VDI is the caller's again.
+    p.src.call("VDI.destroy", json!({"dbg": "t", "sr": p.src_sr, "vdi": vdi}));
+}
+
 #[test]
 fn a_destination_killed_while_preparing_is_cleaned_up_on_both_hosts() {
     let mut p = Pair::with_faults("", "recv.prepare=abort");

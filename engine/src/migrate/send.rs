@@ -734,7 +734,7 @@ impl Mux {
                 }
                 self.retry_undo_copy(moved_id, r.task);
             }
-            Some(_) => return Err(StorageError::InternalError(format!("VDI {vdi} is already being copied"))),
+            Some(_) => return Err(crate::backend::errors::in_use(&vdi, "DATA.copy")),
             None => {}
         }
         if self.active_writer(&sr, &vdi) {
@@ -965,6 +965,12 @@ impl Mux {
             tracing::warn!(copy = %id, "a copy was interrupted; undoing it");
             self.end_copy(&id).await;
         }
+    }
+
+    /// Whether a `DATA.copy` of the VDI is under way (not a failed one's pending undo): it reads
+    /// the VDI's image chain, which must neither go nor change size under it.
+    pub(crate) fn being_copied(&self, sr: &str, vdi: &str) -> bool {
+        lock(&self.records.copies).get(&format!("copy/{sr}/{vdi}")).is_some_and(|r| r.stage != CopyStage::Undoing)
     }
 
     /// Whether a datapath holds the VDI read-write and active.
