@@ -268,6 +268,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // Before the runtime starts any thread: socket activation edits the environment.
     let activated = activated_listeners();
+    if !activated.is_empty() {
+        exit_with_starter();
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -354,6 +357,18 @@ fn activated_listeners() -> Vec<std::os::fd::OwnedFd> {
         // exactly once (the variables are removed above).
         .map(|fd| unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
         .collect()
+}
+
+/// Makes the process's parent going away a SIGTERM for it (a clean shutdown: in-flight requests
+/// finish, the image is flushed). Socket activation's starter is the client (`nbdcopy [ CMD ]`,
+/// `nbdinfo [ CMD ]`), which stops the server it started when it closes its handle, but not
+/// when it exits on an error: the server then served nobody for ever, holding the image's lock.
+/// Under systemd the parent is init, which does not go away.
+fn exit_with_starter() {
+    // SAFETY: prctl with PR_SET_PDEATHSIG and a signal number takes no pointers.
+    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong) } != 0 {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "cannot ask to exit with the process that started us");
+    }
 }
 
 async fn serve(args: ServeArgs, activated: Vec<std::os::fd::OwnedFd>) -> Result<()> {

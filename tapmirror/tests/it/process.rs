@@ -474,3 +474,56 @@ fn listening_options_are_not_extra_args() {
     }
     assert!(!dir.exists(), "nothing should have been made");
 }
+
+/// Socket activation, as `nbdinfo [ CMD ]` and `nbdcopy [ CMD ]` start a server: it serves the
+/// socket it is given, and it goes when the process that started it goes, however that one
+/// ends. Started by a client that then exited on an error (no SIGTERM), it used to serve nobody
+/// for ever, holding the image's locks.
+#[test]
+fn a_socket_activated_server_serves_and_goes_with_its_starter() {
+    require!("nbdinfo", "python3");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = raw_image(dir.path());
+    let tm = tapmirror();
+    let out = run(Command::new("nbdinfo").args(["--size", "--", "["]).arg(&tm).arg("serve").arg(&image).arg("]"));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), SIZE.to_string(), "nbdinfo [ tapmirror serve ]");
+
+    // A starter that binds the socket, hands it over as systemd does, sees the server answer,
+    // and dies without a word.
+    let starter = r#"
+import os, socket, sys
+tm, image, path = sys.argv[1:4]
+s = socket.socket(socket.AF_UNIX)
+s.bind(path)
+s.listen()
+pid = os.fork()
+if pid == 0:
+    if s.fileno() != 3:
+        os.dup2(s.fileno(), 3)
+    os.set_inheritable(3, True)
+    os.environ["LISTEN_PID"] = str(os.getpid())
+    os.environ["LISTEN_FDS"] = "1"
+    os.execv(tm, [tm, "serve", image])
+c = socket.socket(socket.AF_UNIX)
+c.connect(path)
+assert c.recv(8) == b"NBDMAGIC"
+print(pid, flush=True)
+os._exit(1)
+"#;
+    let sock = dir.path().join("activated.sock");
+    // Its output is read up to the pid's line only: the server inherits the pipe.
+    let mut child = Command::new("python3").arg("-c").arg(starter).arg(&tm).arg(&image).arg(&sock).stdout(Stdio::piped()).spawn().expect("python3");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("starter's output");
+    let status = child.wait().expect("starter");
+    let pid: i32 = line.trim().parse().unwrap_or_else(|_| panic!("starter ({status}) printed {line:?}"));
+    // Killed whatever happens below, so a failure leaves no server behind.
+    struct KillOnDrop(i32);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = kill(Pid::from_raw(self.0), Signal::SIGKILL);
+        }
+    }
+    let _server = KillOnDrop(pid);
+    wait_until("the server went with its starter", || gone(pid));
+}
