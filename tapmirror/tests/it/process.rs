@@ -485,7 +485,7 @@ fn a_socket_activated_server_serves_and_goes_with_its_starter() {
     let dir = tempfile::tempdir().expect("tempdir");
     let image = raw_image(dir.path());
     let tm = tapmirror();
-    let out = run(Command::new("nbdinfo").args(["--size", "--", "["]).arg(&tm).arg("serve").arg(&image).arg("]"));
+    let out = run(Command::new("nbdinfo").args(["--size", "--", "["]).arg(tm).arg("serve").arg(&image).arg("]"));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), SIZE.to_string(), "nbdinfo [ tapmirror serve ]");
 
     // A starter that binds the socket, hands it over as systemd does, sees the server answer,
@@ -512,7 +512,7 @@ os._exit(1)
 "#;
     let sock = dir.path().join("activated.sock");
     // Its output is read up to the pid's line only: the server inherits the pipe.
-    let mut child = Command::new("python3").arg("-c").arg(starter).arg(&tm).arg(&image).arg(&sock).stdout(Stdio::piped()).spawn().expect("python3");
+    let mut child = Command::new("python3").arg("-c").arg(starter).arg(tm).arg(&image).arg(&sock).stdout(Stdio::piped()).spawn().expect("python3");
     let mut line = String::new();
     BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("starter's output");
     let status = child.wait().expect("starter");
