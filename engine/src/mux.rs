@@ -44,6 +44,8 @@ pub struct Mux {
     dps: Mutex<Datapaths>,
     /// One lock per VDI (by SR and VDI) for its datapath changes: see [`Mux::vdi_turn`].
     vdi_turns: Mutex<HashMap<(String, String), VdiTurn>>,
+    /// One lock per received mirror: see [`Mux::receive_turn`].
+    receive_turns: Mutex<HashMap<(String, String), VdiTurn>>,
     tasks: Tasks,
 }
 
@@ -106,6 +108,7 @@ impl MuxBuilder {
             srs: Mutex::new(srs),
             dps: Mutex::new(dps),
             vdi_turns: Mutex::new(HashMap::new()),
+            receive_turns: Mutex::new(HashMap::new()),
             tasks: Tasks::new(),
         });
         let attached: Vec<SrEntry> = mux.registry().all().filter(|e| e.record.attached).cloned().collect();
@@ -157,6 +160,15 @@ impl Mux {
     /// had just found running, or pause one another had just unpaused. They take turns.
     async fn vdi_turn(&self, sr: &str, vdi: &str) -> HeldTurn<'_> {
         take_turn(&self.vdi_turns, sr, vdi).await
+    }
+
+    /// Waits for mirror `id`'s turn on the receiving side. `receive_start` (its prepare, and
+    /// the undo of a failed one), `receive_cancel` and `receive_finalize` of one mirror take
+    /// turns: a source restarted mid-prepare cancels at once, while the prepare its dead self
+    /// asked for still runs here, and a cancel that ran in the middle of that prepare undid
+    /// what it had made so far and left what it made after for good.
+    pub(crate) async fn receive_turn(&self, id: &str) -> HeldTurn<'_> {
+        take_turn(&self.receive_turns, "receive", id).await
     }
 
     fn attached_vdis(&self, sr: &str) -> Vec<AttachedVdi> {

@@ -978,6 +978,31 @@ fn a_source_killed_during_the_finalize_finishes_it_when_it_restarts() {
     }
 }
 
+/// The destination host dies during the switch-over, before it finalized (or after, before it
+/// answered), and comes back: the source asks it again rather than failing a migration whose
+/// last step is all that is left; the guest's detach succeeds and the destination holds the
+/// disk. It used to fail the mirror for good, the destination's copy left until a stop.
+#[test]
+fn a_destination_restarted_during_the_finalize_is_asked_again() {
+    let mut p = Pair::with_faults("", "recv.finalize=abort");
+    let seed = pattern((4 * MIB) as usize, 33);
+    let (vdi, _uri) = p.guest_disk(&seed);
+    let id = p.start_mirror(&vdi);
+    let dest_vdi = p.src.call("DATA.MIRROR.stat", json!({"id": id, "dbg": "t"}))["dest_vdi"].as_str().expect("dest").to_owned();
+    let detach = Command::new(sxm()).arg("--host").arg(&p.src.socket).args(["vdi", "detach", "--sr", &p.src_sr, "--vdi", &vdi]).env("SXM_TAPMIRROR", tapmirror()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().expect("sxm");
+    // The destination dies at its finalize, and is back (without the fault) a second later.
+    let listen = p.stop_dst(false);
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    p.start_dst_on(&listen);
+    let out = detach.wait_with_output().expect("detach");
+    assert!(out.status.success(), "the detach failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(p.src.call("DATA.MIRROR.list", json!({"dbg": "t"})), json!({}), "the send did not end");
+    assert_eq!(p.dst.call("DATA.MIRROR.list", json!({"dbg": "t"})), json!({}), "the destination still receives");
+    let dest = p.dst.call("VDI.stat", json!({"sr": p.dst_sr, "vdi": dest_vdi, "dbg": "t"}));
+    assert!(dest["sm_config"].get("base_mirror").is_none(), "the destination VDI was not finalized: {dest}");
+    assert!(p.export(&p.dst, &p.dst_sr, &dest_vdi) == seed, "the destination does not hold the guest's disk");
+}
+
 /// The source datapath's process dies under a running mirror: the host starts it again for
 /// the guest, but the mirror died with it, so the send is reported failed (it must never be
 /// finalized: writes after the restart never reached the destination), and stop undoes it.
@@ -993,8 +1018,59 @@ fn a_source_datapath_that_dies_under_its_mirror_fails_the_mirror() {
     eventually(20, "the mirror reports failed", || p.src.call("DATA.MIRROR.stat", json!({"id": id, "dbg": "t"}))["failed"] == true);
     // The guest's disk is back, on its URI.
     eventually(20, "the datapath serves again", || Command::new("nbdinfo").args(["--size", &uri]).output().is_ok_and(|o| o.status.success()));
+    // Starting again says what is in the way, and what to do about it.
+    let again = p.src.cli_raw(&["mirror", "start", "--sr", &p.src_sr, "--vdi", &vdi, "--dest", &p.dest_url(), "--dest-sr", &p.dst_sr, "--wait"]);
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert!(!again.status.success() && err.contains("failed") && err.contains("mirror stop"), "{err}");
     p.src.cli(&["mirror", "stop", &id]);
     settle(&p, &before, "both hosts back as they were");
+}
+
+/// The source datapath's process dies while the disk is copied: the host starts it again for
+/// the guest, without the mirror, so the writes since went nowhere. The mirror's task must fail
+/// and undo itself; it used to complete, saying the mirror was established (`--wait` exiting 0),
+/// and only a second later was the mirror marked failed.
+#[test]
+fn a_source_datapath_that_dies_during_the_copy_fails_the_task() {
+    // Ten seconds after the copy, before the task ends, to kill the datapath in.
+    let p = Pair::with_faults("send.copied=long", "");
+    let (vdi, uri) = p.guest_disk(&pattern((4 * MIB) as usize, 35));
+    let before = p.state();
+    let task = p.src.cli(&["mirror", "start", "--sr", &p.src_sr, "--vdi", &vdi, "--dest", &p.dest_url(), "--dest-sr", &p.dst_sr]);
+    eventually(60, "the copy reported what it copied", || {
+        p.src.call("TASK.stat", json!({"task": task, "dbg": "t"}))["debug_info"]["copied_bytes"].is_string()
+    });
+    let src_run = format!("{}/run/", p.src.root.display());
+    run(Command::new("pkill").args(["-KILL", "-f", &src_run]));
+    eventually(30, "the task ended", || p.src.call("TASK.stat", json!({"task": task, "dbg": "t"}))["state"][0] != "Pending");
+    let tag = task_error(&p.src, &task);
+    assert!(tag.starts_with("Migration_mirror"), "{tag}");
+    eventually(20, "the datapath serves again", || Command::new("nbdinfo").args(["--size", &uri]).output().is_ok_and(|o| o.status.success()));
+    settle(&p, &before, "both hosts back as they were");
+}
+
+/// A `receive_cancel` that comes while `receive_start2` still prepares (a source restarted
+/// mid-prepare cancels at once, while the prepare its dead self asked for runs on) waits for
+/// the prepare and then undoes all of it. It used to undo what the prepare had made so far and
+/// leave what it made after (a VDI, an active datapath and its process) for good.
+#[test]
+fn a_cancel_during_the_prepare_waits_for_it_and_undoes_all_of_it() {
+    for (src_type, dst_type) in [("ext", "ext"), ("qcow2", "qcow2")] {
+        // The destination's prepare stops for ten seconds once the leaf's datapath is active.
+        let p = Pair::build(src_type, dst_type, "", "recv.attached=long");
+        let (vdi, _uri) = p.guest_disk(&pattern((2 * MIB) as usize, 39));
+        let before = p.state();
+        let vdis_before = p.dst_vdis().len();
+        let task = p.src.cli(&["mirror", "start", "--sr", &p.src_sr, "--vdi", &vdi, "--dest", &p.dest_url(), "--dest-sr", &p.dst_sr]);
+        eventually(30, "the destination activated the leaf", || {
+            p.dst_vdis().len() > vdis_before && p.dst.call("Query.diagnostics", json!({"dbg": "t"})).as_str().is_some_and(|d| d.contains("DP ") && d.contains("Activated"))
+        });
+        let id = format!("{}/{vdi}", p.src_sr);
+        p.dst.call("DATA.MIRROR.receive_cancel", json!({"id": id, "dbg": "t"}));
+        eventually(60, "the mirror's task ended", || p.src.call("TASK.stat", json!({"task": task, "dbg": "t"}))["state"][0] != "Pending");
+        assert_eq!(p.src.call("TASK.stat", json!({"task": task, "dbg": "t"}))["state"][0], "Failed", "{src_type}: a mirror whose receive was cancelled");
+        settle(&p, &before, &format!("{src_type} to {dst_type}: both hosts back as they were"));
+    }
 }
 
 /// A start whose destination cannot be reached never blocks the VDI: one that no connection

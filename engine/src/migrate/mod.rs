@@ -103,6 +103,21 @@ impl Remote {
         T::from_value(&v).map_err(|e| (StorageError::InternalError(format!("{method} on the destination answered something unexpected: {e}")), true))
     }
 
+    /// [`Remote::call`], also saying whether a failure is the host's being away: no connection
+    /// could be made, or the exchange broke or timed out before an answer. Such a call is worth
+    /// making again once the host is back (if it is one that may be made twice).
+    pub async fn call_away<T: Marshal>(&self, call: Call) -> Result<T, (StorageError, bool)> {
+        use crate::http::CallErrorKind as K;
+        let method = call.method();
+        let params = call.params().into_iter().next().unwrap_or(crate::rpc::Value::Null);
+        let v = self.client.call_xml(method, params).await.map_err(|e| match &e.kind {
+            K::Storage(s) => (s.clone(), false),
+            K::Connect(_) | K::Http(_) | K::Io(_) | K::Body(_) | K::Timeout(_) => (StorageError::InternalError(format!("{e}: {}", error_chain(&e))), true),
+            _ => (StorageError::InternalError(format!("{e}: {}", error_chain(&e))), false),
+        })?;
+        T::from_value(&v).map_err(|e| (StorageError::InternalError(format!("{method} on the destination answered something unexpected: {e}")), false))
+    }
+
     /// Opens an NBD connection to a datapath of the remote host through
     /// `PUT /services/SM/nbd/<vm>/<sr>/<vdi>/<dp>` (the mirror's way) or, for a copy,
     /// `PUT /services/SM/nbdproxy/import/<vm>/<sr>/<vdi>/<dp>` (as xapi's copy does).

@@ -6,6 +6,7 @@
 //! sm_config, so an interrupted prepare can always be found and undone.
 
 use std::os::fd::OwnedFd;
+use std::time::Duration;
 
 use crate::http::{HandoverError, NbdHandover, NbdRequest, Transport};
 use crate::model::call::args;
@@ -16,6 +17,9 @@ use crate::rpc::marshal::Map;
 use super::records::{RecvRecord, RecvStage};
 use super::{BASE_MIRROR, lock};
 
+/// How long the undo of a receive that could not all be undone is tried again.
+const RETRY_UNDO_RECEIVE_FOR: Duration = Duration::from_secs(600);
+
 fn dbg(id: &str) -> String {
     format!("receive {id}")
 }
@@ -25,6 +29,7 @@ impl Mux {
     /// (mirror `id`). Any failure undoes what was made and answers
     /// `Migration_preparation_failure`.
     pub(crate) async fn receive_start(&self, sr: String, info: VdiInfo, id: String, similar: Vec<String>, vm: String) -> Result<MirrorReceiveResult, StorageError> {
+        let _turn = self.receive_turn(&id).await;
         self.attached_entry(&sr)?;
         if lock(&self.records.recvs).get(&id).is_some() {
             return Err(StorageError::MigrationPreparationFailure(format!("mirror {id} is already being received")));
@@ -50,7 +55,7 @@ impl Mux {
             }
             Err(e) => {
                 tracing::warn!(mirror = %id, error = %e, "receive_start failed; undoing it");
-                self.undo_receive(&id).await;
+                self.undo_receive_fully(&id).await;
                 Err(match e {
                     StorageError::MigrationPreparationFailure(_) => e,
                     other => StorageError::MigrationPreparationFailure(other.to_string()),
@@ -101,6 +106,7 @@ impl Mux {
             .local(Call::VdiAttach3(args::VdiAttach3 { read_write: true, vdi: leaf.vdi.clone(), vm: Some(vm.into()), sr: sr.into(), dp: leaf_dp.clone(), dbg: dbg(id) }))
             .await?;
         self.local::<()>(Call::VdiActivate3(args::VdiActivate3 { vdi: leaf.vdi.clone(), vm: Some(vm.into()), sr: sr.into(), dp: leaf_dp.clone(), dbg: dbg(id) })).await?;
+        crate::fault::point("recv.attached").await?;
 
         // The parent: a clone of the nearest VDI holding similar content, or a new one.
         let vdis: Vec<VdiInfo> = self.local(Call::SrScan(args::SrScan { sr: sr.into(), dbg: dbg(id) })).await?;
@@ -155,29 +161,41 @@ impl Mux {
             .local(Call::VdiAttach3(args::VdiAttach3 { read_write: true, vdi: leaf.vdi.clone(), vm: Some(vm.into()), sr: sr.into(), dp: leaf_dp.clone(), dbg: dbg(id) }))
             .await?;
         self.local::<()>(Call::VdiActivate3(args::VdiActivate3 { vdi: leaf.vdi.clone(), vm: Some(vm.into()), sr: sr.into(), dp: leaf_dp.clone(), dbg: dbg(id) })).await?;
+        crate::fault::point("recv.attached").await?;
         self.update_recv(id, |r| r.stage = RecvStage::Receiving)?;
         Ok(MirrorReceiveResult::Smapiv3Mirror(crate::model::Smapiv3Mirror { nbd_export: leaf.vdi.clone(), mirror_datapath: leaf_dp, mirror_vdi: leaf }))
     }
 
-    /// Destroys what a receive made, each step's error logged and ignored (xapi's
-    /// `receive_cancel`), then the record: the leaf's datapath, and every VDI of the SR that
-    /// carries the mirror's mark (the leaf, dummy and parent, and one a crash made before it
-    /// was recorded).
-    pub(crate) async fn undo_receive(&self, id: &str) {
-        let Some(r) = lock(&self.records.recvs).get(id).cloned() else { return };
+    /// Destroys what a receive made, each step's error logged and the rest done anyway (xapi's
+    /// `receive_cancel`): the leaf's datapath, and every VDI of the SR that carries the
+    /// mirror's mark (the leaf, dummy and parent, and one a crash made before it was recorded).
+    /// The record goes when all of it went. Otherwise (a datapath the source opened on the
+    /// parent in the meantime kept it in use) the record stays, as preparing, so that the
+    /// source's next cancel or this host's restart finds it, and the undo is tried again here
+    /// a few times ([`Mux::retry_undo_receive`]). True when nothing is left.
+    async fn undo_receive(&self, id: &str) -> bool {
+        let Some(r) = lock(&self.records.recvs).get(id).cloned() else { return true };
+        let mut done = true;
         if let (Some(dp), Some(leaf)) = (&r.leaf_dp, &r.leaf)
             && let Err(e) = self
                 .local::<()>(Call::DpDestroy2(args::DpDestroy2 { allow_leak: true, vm: Some(r.mirror_vm.clone()), vdi: leaf.clone(), sr: r.sr.clone(), dp: dp.clone(), dbg: dbg(id) }))
                 .await
         {
             tracing::warn!(mirror = %id, error = %e, "undo: destroying the leaf's datapath failed");
+            done = false;
         }
         let mut doomed: Vec<String> = [&r.dummy, &r.leaf, &r.parent].into_iter().flatten().cloned().collect();
-        if let Ok(vdis) = self.local::<Vec<VdiInfo>>(Call::SrScan(args::SrScan { sr: r.sr.clone(), dbg: dbg(id) })).await {
-            for v in vdis {
-                if v.sm_config.get(BASE_MIRROR).map(String::as_str) == Some(id) && !doomed.contains(&v.vdi) {
-                    doomed.push(v.vdi);
+        match self.local::<Vec<VdiInfo>>(Call::SrScan(args::SrScan { sr: r.sr.clone(), dbg: dbg(id) })).await {
+            Ok(vdis) => {
+                for v in vdis {
+                    if v.sm_config.get(BASE_MIRROR).map(String::as_str) == Some(id) && !doomed.contains(&v.vdi) {
+                        doomed.push(v.vdi);
+                    }
                 }
+            }
+            Err(e) => {
+                tracing::warn!(mirror = %id, error = %e, "undo: scanning the SR failed");
+                done = false;
             }
         }
         // Any datapath still holding one of them (the source's copy, cut off) lets go first.
@@ -192,24 +210,61 @@ impl Mux {
         for vdi in doomed {
             match self.local::<()>(Call::VdiDestroy(args::VdiDestroy { vdi: vdi.clone(), sr: r.sr.clone(), dbg: dbg(id) })).await {
                 Ok(()) | Err(StorageError::VdiDoesNotExist(_)) => {}
-                Err(e) => tracing::warn!(mirror = %id, vdi = %vdi, error = %e, "undo: destroying a VDI failed"),
+                Err(e) => {
+                    tracing::warn!(mirror = %id, vdi = %vdi, error = %e, "undo: destroying a VDI failed");
+                    done = false;
+                }
             }
         }
-        if let Err(e) = lock(&self.records.recvs).remove(id) {
-            tracing::error!(mirror = %id, error = %e, "undo: removing the receive record failed");
+        let kept = if done {
+            lock(&self.records.recvs).remove(id)
+        } else {
+            self.update_recv(id, |r| r.stage = RecvStage::Preparing)
+        };
+        if let Err(e) = kept {
+            tracing::error!(mirror = %id, error = %e, "undo: updating the receive record failed");
         }
         self.tasks().changed(Dynamic::Mirror(id.to_owned()));
+        done
+    }
+
+    /// Undoes a receive, and when some of it could not be undone yet, tries again in the
+    /// background (taking the mirror's turn each time) until it is, for up to
+    /// [`RETRY_UNDO_RECEIVE_FOR`]; a restart undoes whatever is left then.
+    async fn undo_receive_fully(&self, id: &str) {
+        if !self.undo_receive(id).await {
+            self.retry_undo_receive(id.to_owned());
+        }
+    }
+
+    fn retry_undo_receive(&self, id: String) {
+        let Ok(me) = self.me() else { return };
+        tokio::spawn(async move {
+            let until = tokio::time::Instant::now() + RETRY_UNDO_RECEIVE_FOR;
+            let mut wait = Duration::from_millis(500);
+            while tokio::time::Instant::now() < until {
+                tokio::time::sleep(wait).await;
+                let _turn = me.receive_turn(&id).await;
+                if me.undo_receive(&id).await {
+                    tracing::info!(mirror = %id, "what was left of the receive is undone");
+                    return;
+                }
+                wait = (wait * 2).min(Duration::from_secs(30));
+            }
+            tracing::error!(mirror = %id, "gave up undoing the receive for now; a restart of this host tries again");
+        });
     }
 
     /// `DATA.MIRROR.receive_cancel`.
     pub(crate) async fn receive_cancel(&self, id: &str) -> Result<(), StorageError> {
+        let _turn = self.receive_turn(id).await;
         if lock(&self.records.recvs).get(id).is_none() {
             // Nothing to undo (never prepared, cancelled or finalized already): done, as in
             // xapi, so a source retrying a cancel whose answer it lost gets its answer.
             tracing::info!(mirror = %id, "receive_cancel of no receive; nothing to undo");
             return Ok(());
         }
-        self.undo_receive(id).await;
+        self.undo_receive_fully(id).await;
         tracing::info!(mirror = %id, "receive cancelled");
         Ok(())
     }
@@ -218,6 +273,7 @@ impl Mux {
     /// compose themselves): the leaf leaves its datapath and, composed onto the copied parent,
     /// becomes the migrated VDI.
     pub(crate) async fn receive_finalize(&self, id: &str, compose: bool) -> Result<(), StorageError> {
+        let _turn = self.receive_turn(id).await;
         crate::fault::point("recv.finalize").await?;
         let r = lock(&self.records.recvs).get(id).cloned().ok_or_else(|| StorageError::DoesNotExist("mirror".into(), id.into()))?;
         let (Some(leaf), Some(dp)) = (r.leaf.clone(), r.leaf_dp.clone()) else {
@@ -270,8 +326,9 @@ impl Mux {
     pub(crate) async fn recover_receives(&self) {
         let preparing: Vec<String> = lock(&self.records.recvs).all().filter(|r| r.stage == RecvStage::Preparing).map(|r| r.id.clone()).collect();
         for id in preparing {
+            let _turn = self.receive_turn(&id).await;
             tracing::warn!(mirror = %id, "a receive was interrupted while preparing; undoing it");
-            self.undo_receive(&id).await;
+            self.undo_receive_fully(&id).await;
         }
     }
 }

@@ -33,6 +33,9 @@ const WATCH_EVERY: Duration = Duration::from_secs(1);
 const RELEASE_COPY_DP_FOR: Duration = Duration::from_secs(60);
 /// How long a failed copy's undo is retried on a destination that cannot be reached.
 const UNDO_COPY_FOR: Duration = Duration::from_secs(3600);
+/// How long the switch-over keeps asking a destination that does not answer to finalize
+/// (a host restart takes seconds); the guest's detach waits for it meanwhile.
+const FINALIZE_RETRY_FOR: Duration = Duration::from_secs(60);
 /// A VDI reset at each boot (non-persistent) does not move live: its reset point would not
 /// travel with it, as xapi refuses (`VDI_ON_BOOT_MODE_INCOMPATIBLE_WITH_OPERATION`).
 pub(crate) fn refuse_non_persistent(info: &VdiInfo) -> Result<(), StorageError> {
@@ -89,7 +92,7 @@ fn stage_error(stage: Failed, e: &StorageError) -> StorageError {
 }
 
 impl Mux {
-    fn me(&self) -> Result<Arc<Mux>, StorageError> {
+    pub(super) fn me(&self) -> Result<Arc<Mux>, StorageError> {
         self.me.upgrade().ok_or_else(|| StorageError::InternalError("the host is shutting down".into()))
     }
 
@@ -121,6 +124,11 @@ impl Mux {
                 return Err(StorageError::InternalError(format!(
                     "VDI {vdi}'s last mirror ({id}) failed and its destination {} has not yet answered the cancel of its side; DATA.MIRROR.stop {id} gives up on it",
                     Remote::new(&old.url).map(|r| r.endpoint.to_string()).unwrap_or_default()
+                )));
+            }
+            if old.failed {
+                return Err(StorageError::InternalError(format!(
+                    "VDI {vdi}'s mirror {id} failed and is still there: DATA.MIRROR.stop {id} (sxm mirror stop) undoes it on both hosts, then start again"
                 )));
             }
             return Err(StorageError::InternalError(format!("VDI {vdi} is already being mirrored (mirror {id})")));
@@ -211,6 +219,10 @@ impl Mux {
             self.send_copy(id, task, cancel).await.map_err(|e| (Failed::Copy, e))?;
             // A cancel that came during the copy's last step still undoes it.
             check(Failed::Copy)?;
+            // The mirror carried every write while the copy ran, or the copy is worth nothing:
+            // a datapath that died meanwhile came back without it, and a target that went away
+            // failed it. Either way the task must not say the mirror is established.
+            self.mirror_sound(id).await.map_err(|e| (Failed::Copy, e))?;
             self.stage(task, "mirror", 1.0);
             Ok(())
         }
@@ -313,6 +325,22 @@ impl Mux {
         }
         self.update_send(id, |r| r.stage = SendStage::Mirroring)?;
         Ok(())
+    }
+
+    /// Whether the source datapath still carries the send's mirror, healthy.
+    async fn mirror_sound(&self, id: &str) -> Result<(), StorageError> {
+        let r = lock(&self.records.sends).get(id).cloned().ok_or_else(|| StorageError::DoesNotExist("mirror".into(), id.into()))?;
+        let entry = self.attached_entry(&r.sr)?;
+        let vdi = r.vdi.clone();
+        let status = self
+            .run(&entry, false, move |b, ctx| b.vdi_mirror_status(ctx, &vdi))
+            .await
+            .map_err(|e| StorageError::MigrationMirrorFailure(format!("the source datapath does not say how its mirror is: {e}")))?;
+        match status.state {
+            MirrorHealth::Ready | MirrorHealth::Syncing => Ok(()),
+            MirrorHealth::Failed => Err(StorageError::MigrationMirrorFailure("the destination stopped taking the mirror while the disk was copied".into())),
+            MirrorHealth::None => Err(StorageError::MigrationMirrorFailure("the source datapath lost the mirror while the disk was copied (its process died and was restarted)".into())),
+        }
     }
 
     async fn send_snapshot(&self, id: &str) -> Result<(), StorageError> {
@@ -692,14 +720,31 @@ impl Mux {
     async fn finalize_remote(&self, r: &SendRecord, again: bool) -> Result<(), StorageError> {
         crate::fault::point("send.finalize").await?;
         let remote = Remote::new(&r.url)?;
-        let finalized = remote.call::<()>(Call::DataMirrorReceiveFinalize2(args::DataMirrorReceiveFinalize2 { id: r.id.clone(), dbg: dbg(&r.id) })).await;
+        // A destination away (restarting) is asked again until it answers, for a while: the
+        // source VDI is deactivated and the destination's receive intact, so giving up would
+        // fail a migration that only has its last step left.
+        let give_up = tokio::time::Instant::now() + FINALIZE_RETRY_FOR;
+        let (mut asked, mut wait) = (again, Duration::from_millis(500));
+        let finalized = loop {
+            let call = Call::DataMirrorReceiveFinalize2(args::DataMirrorReceiveFinalize2 { id: r.id.clone(), dbg: dbg(&r.id) });
+            match remote.call_away::<()>(call).await {
+                Err((e, true)) if tokio::time::Instant::now() + wait < give_up => {
+                    tracing::warn!(mirror = %r.id, error = %e, retry_in = ?wait, "the destination did not answer the finalize; asking again");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(10));
+                    // The call may have been done there without our hearing back.
+                    asked = true;
+                }
+                other => break other.map_err(|(e, _)| e),
+            }
+        };
         crate::fault::point("send.finalized").await?;
         match &finalized {
             Ok(()) => {
                 lock(&self.records.sends).remove(&r.id)?;
                 tracing::info!(mirror = %r.id, "finalized: the destination VDI is the guest's disk");
             }
-            Err(StorageError::DoesNotExist(..)) if again => {
+            Err(StorageError::DoesNotExist(..)) if asked => {
                 lock(&self.records.sends).remove(&r.id)?;
                 tracing::warn!(mirror = %r.id, "the destination no longer knows the receive (finalized or cancelled there); the send ends");
                 self.tasks().changed(Dynamic::Mirror(r.id.clone()));
