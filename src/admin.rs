@@ -74,7 +74,8 @@ pub enum VdiCommand {
         /// Name (default: the file's name).
         #[arg(long)]
         name: Option<String>,
-        /// The image file.
+        /// The image file (raw, VHD or qcow2, by its magic bytes; one with a backing file or
+        /// parent is refused: flatten it first).
         file: PathBuf,
     },
     /// Write a VDI's content to a raw file.
@@ -831,8 +832,10 @@ impl Admin {
         let info = self.create(sr, size, &name).await?;
         let outcome = async {
             let uri = self.attach(sr, &info.vdi, true).await?;
-            // A new VDI reads as zeroes: nothing needs writing where the image has no data.
-            tapmirror_copy(&[file.as_os_str(), uri.as_ref(), "--target-is-zero".as_ref()])
+            // A new VDI reads as zeroes: nothing needs writing where the image has no data. An
+            // image from elsewhere could name any file of this host as its backing file or
+            // parent, and the VDI would then read that file's data: such chains are refused.
+            tapmirror_copy(&[file.as_os_str(), uri.as_ref(), "--target-is-zero".as_ref(), "--no-backing".as_ref()])
         }
         .await;
         let released = self.release(sr, &info.vdi).await;
@@ -860,7 +863,10 @@ impl Admin {
         }
         let dp = export_dp(vdi);
         let uri = self.attach_on(&dp, sr, vdi, false).await?;
-        let outcome = tapmirror_copy(&[uri.as_ref(), file.as_os_str()]);
+        // A new file, or nothing: a file (or a link) that appeared at the path since the check
+        // above is never written, so a folder others may write cannot turn an export into an
+        // overwrite of some file of theirs choosing.
+        let outcome = tapmirror_copy(&[uri.as_ref(), file.as_os_str(), "--dest-new".as_ref()]);
         let released = self.release_on(&dp, sr, vdi).await;
         outcome.with_context(|| format!("export VDI {vdi} to {}", file.display()))?;
         released

@@ -98,6 +98,13 @@ impl MuxBuilder {
     /// logged and left detached in memory; its record is kept for the next try.
     pub async fn open(self, root: &Path) -> std::io::Result<Arc<Mux>> {
         std::fs::create_dir_all(root)?;
+        // The guests' disks, the datapaths' sockets and the migrations' records (which hold
+        // other hosts' secrets) are all under the root: no one else may even look in.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700))
+                .map_err(|e| std::io::Error::new(e.kind(), format!("making {} the host's own (mode 0700): {e}", root.display())))?;
+        }
         let (srs, dps, records) = (SrRegistry::load(root)?, Datapaths::load(root)?, crate::migrate::Records::load(root)?);
         let mux = Arc::new_cyclic(|me| Mux {
             me: me.clone(),

@@ -4,6 +4,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
@@ -27,7 +28,16 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let with = |e: io::Error, what: &str| io::Error::new(e.kind(), format!("{what} {}: {e}", path.display()));
     let tmp = tmp_path(path)?;
     let written = (|| {
-        let mut f = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp).map_err(|e| with(e, "create temporary for"))?;
+        // Records may hold other hosts' secrets (a migration's destination URL): the owner's only.
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(|e| with(e, "create temporary for"))?;
+        // An older temporary left by a crash keeps its mode through `create`.
+        f.set_permissions(fs::Permissions::from_mode(0o600)).map_err(|e| with(e, "restrict"))?;
         f.write_all(bytes).map_err(|e| with(e, "write"))?;
         f.sync_all().map_err(|e| with(e, "fsync"))?;
         drop(f);

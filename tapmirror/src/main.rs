@@ -149,6 +149,14 @@ struct CopyArgs {
     /// The destination file's format, when it exists already (a new one is created raw).
     #[arg(long, value_enum, default_value = "auto")]
     dest_format: FormatArg,
+    /// The destination file must not exist yet: it is created (raw), and never an existing
+    /// file, or one a link leads to, written instead.
+    #[arg(long)]
+    dest_new: bool,
+    /// Refuse a source image that reads through a backing file or parent: for images from
+    /// elsewhere, whose headers could name any file of this host.
+    #[arg(long)]
+    no_backing: bool,
     /// Send only what differs from BASE, a chain (VHD or qcow2, as SRC) the destination
     /// already holds.
     #[arg(long)]
@@ -567,6 +575,16 @@ async fn copy(args: CopyArgs) -> Result<()> {
             }
         }
     };
+    if args.no_backing
+        && let Source::Image(image) | Source::Diff { image, .. } = &source
+        && let [_, backing, ..] = image.chain().as_slice()
+    {
+        bail!(
+            "{} reads through a backing file or parent ({}), which --no-backing refuses: an image from elsewhere may name any file here; flatten it first (qemu-img convert)",
+            args.src,
+            backing.display()
+        );
+    }
     let size = source.size();
     let (dest, connections): (Dest<CopyImage>, usize) = if is_uri(&args.dest) {
         let clients = connect_dest(&NbdUri::parse(&args.dest)?, args.connections).await?;
@@ -577,13 +595,21 @@ async fn copy(args: CopyArgs) -> Result<()> {
         if let Source::Image(image) | Source::Diff { image, .. } = &source {
             refuse_a_file_of_the_source(path, &image.chain())?;
         }
-        let format = if path.exists() {
-            args.dest_format.format()
+        let created = if args.dest_new || !path.exists() {
+            Some(RawImage::create(path, size).with_context(|| format!("creating {}", path.display()))?)
         } else {
-            RawImage::create(path, size).with_context(|| format!("creating {}", path.display()))?;
-            Some(Format::Raw)
+            None
         };
-        (Dest::Image(Arc::new(open_copy_image(path, format, Access::ReadWrite, engine).await?)), 1)
+        let image = match &created {
+            // Through the new file's own descriptor, never its name again: in a folder others
+            // may write, the name could be a link to some other file by now.
+            Some(file) => {
+                let ours = PathBuf::from(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(file)));
+                open_copy_image(&ours, Some(Format::Raw), Access::ReadWrite, engine).await.with_context(|| format!("opening {}", path.display()))?
+            }
+            None => open_copy_image(path, args.dest_format.format(), Access::ReadWrite, engine).await?,
+        };
+        (Dest::Image(Arc::new(image)), 1)
     };
     let opts = CopyOptions {
         requests: args.requests.unwrap_or((8 / connections.max(1)).max(2)),
@@ -724,7 +750,7 @@ async fn info(uri: &str) -> Result<()> {
 async fn create_image(path: &std::path::Path, format: Format, size: Option<u64>, parent: Option<PathBuf>) -> Result<()> {
     match (format, parent) {
         (Format::Raw, Some(_)) => bail!("raw images have no parent"),
-        (Format::Raw, None) => RawImage::create(path, size.unwrap_or(0))?,
+        (Format::Raw, None) => drop(RawImage::create(path, size.unwrap_or(0))?),
         (Format::Vhd, None) => vhd::create_dynamic(path, size.unwrap_or(0), vhd::DEFAULT_BLOCK_SIZE)?,
         (Format::Qcow2, None) => qcow2::create(path, size.unwrap_or(0), None).await?,
         (f, Some(parent)) => {

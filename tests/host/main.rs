@@ -152,6 +152,40 @@ fn the_cli_makes_lists_imports_exports_and_snapshots() {
     assert_eq!(host.cli_json(&["task", "list"]), json!([]));
 }
 
+/// What the host keeps is its own: the root is 0700 (guests' disks, datapath sockets), and a
+/// migration's record, which holds the destination host's secret in its URL, is 0600. Both
+/// were readable by any local user. An imported image that reads through a backing file (any
+/// file of this host, named in an image from elsewhere) is refused, and leaves no VDI.
+#[test]
+fn the_host_keeps_its_files_to_itself_and_imports_no_backing_files() {
+    use std::os::unix::fs::PermissionsExt;
+    require!("qemu-img");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (host, sr) = host_with_sr(&dir);
+    let mode = |p: &std::path::Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o777;
+    assert_eq!(mode(&host.root), 0o700, "the host's root");
+    let mut records = 0;
+    for sub in ["srs", "state"] {
+        for e in std::fs::read_dir(host.root.join(sub)).expect("records").flatten() {
+            if e.path().extension().is_some_and(|x| x == "json") {
+                assert_eq!(mode(&e.path()), 0o600, "{}", e.path().display());
+                records += 1;
+            }
+        }
+    }
+    assert!(records > 0, "no records looked at");
+
+    let secret = dir.path().join("secret.raw");
+    std::fs::write(&secret, vec![0x5a; MIB as usize]).expect("secret");
+    let image = dir.path().join("evil.qcow2");
+    run(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"]).arg(&secret).arg(&image).arg("1M"));
+    let before = vdi_ids(&host, &sr);
+    let out = host.cli_raw(&["vdi", "import", "--sr", &sr, image.to_str().expect("path")]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("backing"), "{err}");
+    assert_eq!(vdi_ids(&host, &sr), before, "a refused import left a VDI");
+}
+
 #[test]
 fn an_attached_vdi_is_read_and_written_through_its_nbd_uri() {
     require!("qemu-io", "nbdcopy", "nbdinfo");

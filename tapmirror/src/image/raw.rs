@@ -88,13 +88,18 @@ impl RawImage {
         })
     }
 
-    /// Creates a sparse raw file of `size` bytes (never over an existing one).
-    pub fn create(path: &Path, size: u64) -> io::Result<()> {
+    /// Creates a sparse raw file of `size` bytes (never over an existing one, nor through a
+    /// symbolic link), and answers it open.
+    pub fn create(path: &Path, size: u64) -> io::Result<File> {
         let f = File::options().write(true).create_new(true).open(path)?;
         // A size the file system refuses (past its largest file) leaves no empty file behind.
-        f.set_len(size).inspect_err(|_| {
-            let _ = std::fs::remove_file(path);
-        })
+        match f.set_len(size) {
+            Ok(()) => Ok(f),
+            Err(e) => {
+                let _ = std::fs::remove_file(path);
+                Err(e)
+            }
+        }
     }
 
     /// The file this image reads.

@@ -538,3 +538,46 @@ fn copy_with_a_qcow2_base_sends_only_the_childs_layer() {
     assert_eq!(expected[MIB as usize], 0x42);
     assert_eq!(expected[20 * MIB as usize], 0x43);
 }
+
+/// `--no-backing` refuses a source that reads through a backing file (here a qcow2 naming a
+/// file of this host, as an image from elsewhere could), and writes nothing; without it the
+/// chain is copied as qemu-img reads it.
+#[test]
+fn no_backing_refuses_a_source_that_names_a_backing_file() {
+    crate::require!("qemu-img");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (secret, image) = (dir.path().join("secret.raw"), dir.path().join("image.qcow2"));
+    std::fs::write(&secret, vec![0x5a; MIB as usize]).expect("secret");
+    crate::harness::run(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"]).arg(&secret).arg(&image).arg("1M"));
+    let tm = crate::harness::tapmirror();
+    let out = dir.path().join("out.raw");
+    let refused = Command::new(tm).arg("copy").arg(&image).arg(&out).arg("--no-backing").output().expect("tapmirror");
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success() && err.contains("backing") && err.contains("secret.raw"), "{err}");
+    assert!(!out.exists(), "a refused copy made its destination");
+    crate::harness::run(Command::new(tm).arg("copy").arg(&image).arg(&out));
+    assert!(std::fs::read(&out).expect("out").iter().all(|&b| b == 0x5a), "the chain was not read through");
+}
+
+/// `--dest-new` writes only a file it creates: not one that exists, nor through a link planted
+/// at the path (in a folder others may write, between a caller's check and the copy).
+#[test]
+fn dest_new_never_writes_an_existing_file_or_through_a_link() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = dir.path().join("src.raw");
+    let content = make_source(&src);
+    let victim = dir.path().join("victim");
+    std::fs::write(&victim, vec![7u8; (64 * MIB) as usize]).expect("victim");
+    let link = dir.path().join("link.raw");
+    std::os::unix::fs::symlink(&victim, &link).expect("symlink");
+    let tm = crate::harness::tapmirror();
+    for dest in [&victim, &link] {
+        let out = Command::new(tm).arg("copy").arg(&src).arg(dest).arg("--dest-new").output().expect("tapmirror");
+        assert!(!out.status.success(), "--dest-new wrote {}", dest.display());
+        assert!(String::from_utf8_lossy(&out.stderr).contains("exists"), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    assert!(std::fs::read(&victim).expect("victim").iter().all(|&b| b == 7), "the existing file was written");
+    let fresh = dir.path().join("fresh.raw");
+    crate::harness::run(Command::new(tm).arg("copy").arg(&src).arg(&fresh).arg("--dest-new"));
+    assert!(std::fs::read(&fresh).expect("fresh") == content);
+}
