@@ -78,6 +78,10 @@ impl Server {
     }
 
     async fn with_head_timeout(head_timeout: Duration) -> Server {
+        Server::with_limits(head_timeout, ServerConfig::new(SECRET).max_connections).await
+    }
+
+    async fn with_limits(head_timeout: Duration, max_connections: usize) -> Server {
         let dir = TempDir::new();
         let sock = dir.0.join("sxm.sock");
         let mut cfg = ServerConfig::new(SECRET);
@@ -85,6 +89,7 @@ impl Server {
         cfg.unix = Some(sock.clone());
         cfg.max_body = MAX_BODY;
         cfg.head_timeout = head_timeout;
+        cfg.max_connections = max_connections;
         let echo = Arc::new(Echo::default());
         let shutdown = CancellationToken::new();
         let running = serve(&cfg, echo.clone(), shutdown.clone()).await.expect("serve");
@@ -628,5 +633,43 @@ async fn a_body_that_stalls_is_answered_408_and_its_connection_closed() {
     tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut raw)).await.expect("reply").expect("read");
     assert_eq!(parse_reply(&raw).status, 200);
     assert_eq!(server.calls(), 1);
+    server.stop().await;
+}
+
+/// Connections beyond `max_connections` are closed as soon as they are accepted, so callers
+/// that never send a request (no secret checked yet) cannot hold every descriptor of the host
+/// for a head timeout at a time; once some end, calls are served again.
+#[tokio::test]
+async fn connections_beyond_the_limit_are_closed_at_once_and_the_server_recovers() {
+    const LIMIT: usize = 8;
+    let server = Server::with_limits(Duration::from_secs(30), LIMIT).await;
+    let mut idle = Vec::new();
+    for _ in 0..LIMIT {
+        idle.push(TcpStream::connect(server.addr).await.expect("connect"));
+    }
+    // Give the server the time to take them all in.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut extra = TcpStream::connect(server.addr).await.expect("connect");
+    let mut buf = [0u8; 16];
+    let closed = tokio::time::timeout(Duration::from_secs(5), extra.read(&mut buf)).await;
+    assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "a connection over the limit was kept: {closed:?}");
+    drop(idle);
+    let mut served = false;
+    for _ in 0..50 {
+        let reply = tokio::time::timeout(Duration::from_secs(5), async {
+            let mut s = TcpStream::connect(server.addr).await.ok()?;
+            s.write_all(&request("POST", &authed_sm(), &[("Content-Type", "text/xml")], &xml_call("SR.list"))).await.ok()?;
+            let mut raw = Vec::new();
+            s.read_to_end(&mut raw).await.ok()?;
+            (!raw.is_empty()).then(|| parse_reply(&raw).status)
+        })
+        .await;
+        if let Ok(Some(200)) = reply {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(served, "no call was served once the idle connections had gone");
     server.stop().await;
 }

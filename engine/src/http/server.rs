@@ -19,7 +19,8 @@
 //! on `/services/SM` the body is an XML-RPC `Failure` with `["Internal_error","unauthorised: …"]`,
 //! on the JSON paths a JSON-RPC 2.0 error object with the same error (the version of a request
 //! that was never read is unknown), elsewhere plain text. Every path on TCP is behind the
-//! check, so an unauthenticated caller cannot even map the routes. The Unix socket is guarded
+//! check, so an unauthenticated caller reaches no route; what it can learn is only what those
+//! answers show (which paths speak RPC, and on a route, that it takes `POST`). The Unix socket is guarded
 //! by its file mode instead: it is created 0600 (before it listens, so there is no window) and
 //! callers on it need no secret.
 //!
@@ -79,6 +80,9 @@ pub const DEFAULT_MAX_BODY: usize = 16 << 20;
 /// once, so ten seconds is only ever reached by a dead or hostile one.
 pub const DEFAULT_HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The default [`ServerConfig::max_connections`].
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+
 /// The XML-RPC path, as xapi calls other hosts.
 pub const XMLRPC_PATH: &str = "/services/SM";
 /// The JSON-RPC path (`/` is served too).
@@ -99,19 +103,31 @@ pub struct ServerConfig {
     /// the accept, and for an NBD `PUT` its whole head), and how long its body may go without
     /// sending anything, before the connection is closed (a stalled body is answered 408 first).
     pub head_timeout: Duration,
+    /// Connections served at once on each listener; more are closed as soon as they are
+    /// accepted. Callers not yet known (no secret checked) each hold a descriptor for up to
+    /// `head_timeout`: unbounded, a flood of them could take every descriptor the host has,
+    /// its datapaths' included.
+    pub max_connections: usize,
 }
 
 impl ServerConfig {
     /// A config with no listeners yet and the default body limit.
     pub fn new(secret: impl Into<String>) -> ServerConfig {
-        ServerConfig { tcp: None, unix: None, secret: secret.into(), max_body: DEFAULT_MAX_BODY, head_timeout: DEFAULT_HEAD_TIMEOUT }
+        ServerConfig {
+            tcp: None,
+            unix: None,
+            secret: secret.into(),
+            max_body: DEFAULT_MAX_BODY,
+            head_timeout: DEFAULT_HEAD_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+        }
     }
 }
 
 impl fmt::Debug for ServerConfig {
     // By hand, so the secret never reaches a log line.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ServerConfig").field("tcp", &self.tcp).field("unix", &self.unix).field("secret", &"<redacted>").field("max_body", &self.max_body).field("head_timeout", &self.head_timeout).finish()
+        f.debug_struct("ServerConfig").field("tcp", &self.tcp).field("unix", &self.unix).field("secret", &"<redacted>").field("max_body", &self.max_body).field("head_timeout", &self.head_timeout).field("max_connections", &self.max_connections).finish()
     }
 }
 
@@ -194,6 +210,7 @@ pub struct Bound {
     unix: Option<BoundUnix>,
     secret: Arc<str>,
     head_timeout: Duration,
+    max_connections: usize,
 }
 
 #[derive(Debug)]
@@ -225,7 +242,7 @@ impl Bound {
             }
             None => None,
         };
-        Ok(Bound { tcp, unix, secret: cfg.secret.as_str().into(), head_timeout: cfg.head_timeout })
+        Ok(Bound { tcp, unix, secret: cfg.secret.as_str().into(), head_timeout: cfg.head_timeout, max_connections: cfg.max_connections.max(1) })
     }
 
     /// The TCP address actually bound (with the port chosen when 0 was asked for).
@@ -257,12 +274,12 @@ impl Bound {
         let nbd_ctx = |transport, secret| handover.clone().map(|handover| NbdContext { handover, transport, secret, head_timeout });
         let tcp = self.tcp.map(|(listener, _)| {
             let app = app.clone().layer(middleware::from_fn_with_state(self.secret.clone(), require_secret)).layer(axum::Extension(Transport::Tcp));
-            serve_listener(listener, app, head_timeout, nbd_ctx(Transport::Tcp, Some(self.secret.clone())), shutdown.clone())
+            serve_listener(listener, app, head_timeout, self.max_connections, nbd_ctx(Transport::Tcp, Some(self.secret.clone())), shutdown.clone())
         });
         let (unix, unix_file) = match self.unix {
             Some(u) => {
                 let app = app.layer(axum::Extension(Transport::Unix));
-                (Some(serve_listener(u.listener, app, head_timeout, nbd_ctx(Transport::Unix, None), shutdown.clone())), Some((u.path, u.id)))
+                (Some(serve_listener(u.listener, app, head_timeout, self.max_connections, nbd_ctx(Transport::Unix, None), shutdown.clone())), Some((u.path, u.id)))
             }
             None => (None, None),
         };
@@ -313,7 +330,16 @@ impl Accept for UnixListener {
 
 /// Accepts and serves connections until `shutdown`, then waits for the connections to finish
 /// (see [`serve_http`] and [`nbd::serve`] for what each waits for).
-async fn serve_listener<L: Accept>(mut listener: L, app: Router, head_timeout: Duration, nbd: Option<NbdContext>, shutdown: CancellationToken) {
+async fn serve_listener<L: Accept>(
+    mut listener: L,
+    app: Router,
+    head_timeout: Duration,
+    max_connections: usize,
+    nbd: Option<NbdContext>,
+    shutdown: CancellationToken,
+) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
+    let mut full = false;
     let connections = TaskTracker::new();
     loop {
         let accepted = tokio::select! {
@@ -321,9 +347,24 @@ async fn serve_listener<L: Accept>(mut listener: L, app: Router, head_timeout: D
             accepted = listener.accept_io() => accepted,
         };
         match accepted {
-            Ok(io) => {
-                connections.spawn(serve_connection(io, app.clone(), head_timeout, nbd.clone(), shutdown.clone()));
-            }
+            Ok(io) => match Arc::clone(&slots).try_acquire_owned() {
+                Ok(slot) => {
+                    full = false;
+                    let served = serve_connection(io, app.clone(), head_timeout, nbd.clone(), shutdown.clone());
+                    connections.spawn(async move {
+                        served.await;
+                        drop(slot);
+                    });
+                }
+                // Closed at once: the callers already served keep their descriptors.
+                Err(_) => {
+                    if !full {
+                        tracing::warn!(max_connections, "as many connections as allowed are open; closing new ones until some end");
+                        full = true;
+                    }
+                    drop(io);
+                }
+            },
             // The caller gave up before we accepted: nothing to serve, nothing wrong here.
             Err(e) if matches!(e.kind(), io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionRefused) => {}
             Err(e) => {
