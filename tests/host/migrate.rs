@@ -1003,6 +1003,42 @@ fn a_destination_restarted_during_the_finalize_is_asked_again() {
     assert!(p.export(&p.dst, &p.dst_sr, &dest_vdi) == seed, "the destination does not hold the guest's disk");
 }
 
+/// The source host is killed while its switch-over asks a destination that is away: started
+/// again, it serves at once (it used to wait out the finalize's retries before it listened,
+/// its other datapaths unsupervised) and finishes the finalize in the background once the
+/// destination is back. Meanwhile the mirror cannot be stopped: undoing the destination's side
+/// then answered the switch-over with no disk there.
+#[test]
+fn a_finalize_whose_destination_is_away_survives_a_source_restart_and_cannot_be_stopped() {
+    let mut p = Pair::with_faults("", "recv.finalize=abort");
+    let seed = pattern((4 * MIB) as usize, 41);
+    let (vdi, _uri) = p.guest_disk(&seed);
+    let id = p.start_mirror(&vdi);
+    let dest_vdi = p.src.call("DATA.MIRROR.stat", json!({"id": id, "dbg": "t"}))["dest_vdi"].as_str().expect("dest").to_owned();
+    let mut detach = Command::new(sxm())
+        .arg("--host")
+        .arg(&p.src.socket)
+        .args(["vdi", "detach", "--sr", &p.src_sr, "--vdi", &vdi])
+        .env("SXM_TAPMIRROR", tapmirror())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("sxm");
+    let listen = p.stop_dst(false);
+    let stop = p.src.jsonrpc("DATA.MIRROR.stop", json!({"id": id, "dbg": "t"}));
+    assert!(stop["error"].to_string().contains("being finalized"), "a stop during the finalize: {stop}");
+    // Killed while it retries; started again, it must listen within the harness's 30 s.
+    p.restart_src(true);
+    let _ = detach.wait();
+    let listed = p.src.call("DATA.MIRROR.list", json!({"dbg": "t"}));
+    assert!(listed.get(&id).is_some(), "the finalizing send was dropped: {listed}");
+    p.start_dst_on(&listen);
+    eventually(60, "the finalize ends once the destination is back", || p.src.call("DATA.MIRROR.list", json!({"dbg": "t"})) == json!({}));
+    let dest = p.dst.call("VDI.stat", json!({"sr": p.dst_sr, "vdi": dest_vdi, "dbg": "t"}));
+    assert!(dest["sm_config"].get("base_mirror").is_none(), "the destination VDI was not finalized: {dest}");
+    assert!(p.export(&p.dst, &p.dst_sr, &dest_vdi) == seed, "the destination does not hold the guest's disk");
+}
+
 /// The source datapath's process dies under a running mirror: the host starts it again for
 /// the guest, but the mirror died with it, so the send is reported failed (it must never be
 /// finalized: writes after the restart never reached the destination), and stop undoes it.

@@ -31,8 +31,16 @@ impl Mux {
     pub(crate) async fn receive_start(&self, sr: String, info: VdiInfo, id: String, similar: Vec<String>, vm: String) -> Result<MirrorReceiveResult, StorageError> {
         let _turn = self.receive_turn(&id).await;
         self.attached_entry(&sr)?;
-        if lock(&self.records.recvs).get(&id).is_some() {
-            return Err(StorageError::MigrationPreparationFailure(format!("mirror {id} is already being received")));
+        // Under the mirror's turn, a record here is never a prepare under way: a receive, or
+        // the leftover of one whose undo is being retried.
+        match lock(&self.records.recvs).get(&id) {
+            Some(r) if r.stage == RecvStage::Preparing => {
+                return Err(StorageError::MigrationPreparationFailure(format!(
+                    "an earlier receive of mirror {id} is still being undone here (it is retried in the background); try again shortly"
+                )));
+            }
+            Some(_) => return Err(StorageError::MigrationPreparationFailure(format!("mirror {id} is already being received"))),
+            None => {}
         }
         let record = RecvRecord {
             id: id.clone(),
@@ -232,19 +240,28 @@ impl Mux {
     /// background (taking the mirror's turn each time) until it is, for up to
     /// [`RETRY_UNDO_RECEIVE_FOR`]; a restart undoes whatever is left then.
     async fn undo_receive_fully(&self, id: &str) {
-        if !self.undo_receive(id).await {
-            self.retry_undo_receive(id.to_owned());
+        if !self.undo_receive(id).await
+            && let Some(kept) = lock(&self.records.recvs).get(id).cloned()
+        {
+            self.retry_undo_receive(kept);
         }
     }
 
-    fn retry_undo_receive(&self, id: String) {
+    /// Retries the undo of `kept`, for as long as the record is still that one: a cancel
+    /// since may have finished it, and a new receive of the same mirror is not its to undo.
+    fn retry_undo_receive(&self, kept: RecvRecord) {
         let Ok(me) = self.me() else { return };
         tokio::spawn(async move {
+            let id = kept.id.clone();
             let until = tokio::time::Instant::now() + RETRY_UNDO_RECEIVE_FOR;
             let mut wait = Duration::from_millis(500);
             while tokio::time::Instant::now() < until {
                 tokio::time::sleep(wait).await;
                 let _turn = me.receive_turn(&id).await;
+                if lock(&me.records.recvs).get(&id) != Some(&kept) {
+                    tracing::info!(mirror = %id, "the receive whose undo was retried is gone; nothing more to do");
+                    return;
+                }
                 if me.undo_receive(&id).await {
                     tracing::info!(mirror = %id, "what was left of the receive is undone");
                     return;

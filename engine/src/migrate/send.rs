@@ -36,6 +36,8 @@ const UNDO_COPY_FOR: Duration = Duration::from_secs(3600);
 /// How long the switch-over keeps asking a destination that does not answer to finalize
 /// (a host restart takes seconds); the guest's detach waits for it meanwhile.
 const FINALIZE_RETRY_FOR: Duration = Duration::from_secs(60);
+/// The same after a restart of this host, in the background (no caller waits).
+const FINALIZE_RECOVER_FOR: Duration = Duration::from_secs(600);
 /// A VDI reset at each boot (non-persistent) does not move live: its reset point would not
 /// travel with it, as xapi refuses (`VDI_ON_BOOT_MODE_INCOMPATIBLE_WITH_OPERATION`).
 pub(crate) fn refuse_non_persistent(info: &VdiInfo) -> Result<(), StorageError> {
@@ -580,6 +582,13 @@ impl Mux {
             self.tasks().changed(Dynamic::Mirror(id.to_owned()));
             return Ok(());
         }
+        if r.stage == SendStage::Finalizing && !r.failed {
+            // Its source VDI is deactivated and the destination is being told to take over:
+            // undoing the destination's side now would leave the switch-over with no disk.
+            return Err(StorageError::InternalError(format!(
+                "mirror {id} is being finalized (the source VDI was detached and the destination is taking over); it cannot be stopped now: wait for the finalize to end"
+            )));
+        }
         if r.stage.is_starting() {
             // Still in its task: cancelling the task rolls it back; the stop answers once it
             // has (as xapi's stop of a mirror still starting kills its task and waits).
@@ -710,29 +719,37 @@ impl Mux {
         // finalize rather than watch a mirror that no longer exists.
         self.update_send(&r.id, |s| s.stage = SendStage::Finalizing)?;
         self.detach_mirror(&r).await;
-        self.finalize_remote(&r, false).await
+        self.finalize_remote(&r, false, FINALIZE_RETRY_FOR).await
     }
 
     /// Tells the destination to finalize `r`'s receive; the send ends when it has. After a
     /// restart here (`again`), a receive the destination no longer knows was finalized by the
     /// call whose answer the restart lost, or cancelled there: either way nothing is left to do
     /// on this side.
-    async fn finalize_remote(&self, r: &SendRecord, again: bool) -> Result<(), StorageError> {
+    async fn finalize_remote(&self, r: &SendRecord, again: bool, retry_for: Duration) -> Result<(), StorageError> {
         crate::fault::point("send.finalize").await?;
         let remote = Remote::new(&r.url)?;
         // A destination away (restarting) is asked again until it answers, for a while: the
         // source VDI is deactivated and the destination's receive intact, so giving up would
         // fail a migration that only has its last step left.
-        let give_up = tokio::time::Instant::now() + FINALIZE_RETRY_FOR;
+        let give_up = tokio::time::Instant::now() + retry_for;
         let (mut asked, mut wait) = (again, Duration::from_millis(500));
         let finalized = loop {
             let call = Call::DataMirrorReceiveFinalize2(args::DataMirrorReceiveFinalize2 { id: r.id.clone(), dbg: dbg(&r.id) });
             match remote.call_away::<()>(call).await {
-                Err((e, true)) if tokio::time::Instant::now() + wait < give_up => {
-                    tracing::warn!(mirror = %r.id, error = %e, retry_in = ?wait, "the destination did not answer the finalize; asking again");
-                    tokio::time::sleep(wait).await;
+                Err((e, true)) => {
+                    // The last try is made at the deadline itself.
+                    let left = give_up.saturating_duration_since(tokio::time::Instant::now());
+                    if left.is_zero() {
+                        break Err(e);
+                    }
+                    let pause = wait.min(left);
+                    tracing::warn!(mirror = %r.id, error = %e, retry_in = ?pause, "the destination did not answer the finalize; asking again");
+                    tokio::time::sleep(pause).await;
                     wait = (wait * 2).min(Duration::from_secs(10));
-                    // The call may have been done there without our hearing back.
+                    // The call may have been done there without our hearing back. (Nothing
+                    // else cancels the receive meanwhile: `mirror_stop` refuses a send that is
+                    // finalizing, so a receive gone there was finalized.)
                     asked = true;
                 }
                 other => break other.map_err(|(e, _)| e),
@@ -989,9 +1006,15 @@ impl Mux {
                 }
                 SendStage::Finalizing if r.failed => continue,
                 SendStage::Finalizing => {
+                    // In the background: the host must listen (and supervise its datapaths)
+                    // while a destination that is away is asked again.
                     tracing::warn!(mirror = %r.id, "a finalize was interrupted; telling the destination again");
-                    if let Err(e) = self.finalize_remote(&r, true).await {
-                        tracing::error!(mirror = %r.id, error = %e, "finalize after a restart failed");
+                    if let Ok(me) = self.me() {
+                        tokio::spawn(async move {
+                            if let Err(e) = me.finalize_remote(&r, true, FINALIZE_RECOVER_FOR).await {
+                                tracing::error!(mirror = %r.id, error = %e, "finalize after a restart failed");
+                            }
+                        });
                     }
                     continue;
                 }
