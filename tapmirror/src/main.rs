@@ -279,7 +279,11 @@ fn main() -> ExitCode {
     if !activated.is_empty() {
         exit_with_starter();
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    // Completions that do not come inline are found by the reactor (`io/uring.rs`), which a
+    // busy worker polls only every `event_interval` tasks: at tokio's 61, queue-depth-1
+    // clients beside deep queues lost 10-20% against the reaper thread that used to find
+    // them; at 15 they gained, for a few percent off the deep queues (benches/README.md).
+    let runtime = match tokio::runtime::Builder::new_multi_thread().event_interval(15).enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("tapmirror: cannot start the runtime: {e}");
