@@ -52,8 +52,9 @@ pub struct Mux {
 /// A VDI's lock for its datapath changes, by (SR, VDI).
 type VdiTurn = Arc<tokio::sync::Mutex<()>>;
 
-/// A VDI's turn, held: when the last holder or waiter lets go, the VDI's lock leaves the map,
-/// which would otherwise keep one for every VDI (or made-up id) ever named in a call.
+/// A turn (a VDI's, or a received mirror's), held: when the last holder or waiter lets go,
+/// its lock leaves the map, which would otherwise keep one for every VDI (or made-up id) ever
+/// named in a call.
 pub(crate) struct HeldTurn<'a> {
     guard: Option<tokio::sync::OwnedMutexGuard<()>>,
     turns: &'a Mutex<HashMap<(String, String), VdiTurn>>,

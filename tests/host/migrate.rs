@@ -143,6 +143,20 @@ impl Pair {
         (vdi, uri)
     }
 
+    /// `sxm vdi detach` of `vdi` on the source, running while the test goes on (its output
+    /// piped, for `wait_with_output`).
+    fn detach_in_background(&self, vdi: &str) -> std::process::Child {
+        Command::new(sxm())
+            .arg("--host")
+            .arg(&self.src.socket)
+            .args(["vdi", "detach", "--sr", &self.src_sr, "--vdi", vdi])
+            .env("SXM_TAPMIRROR", tapmirror())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("sxm")
+    }
+
     fn start_mirror(&self, vdi: &str) -> String {
         self.src.cli(&["mirror", "start", "--sr", &self.src_sr, "--vdi", vdi, "--dest", &self.dest_url(), "--dest-sr", &self.dst_sr, "--wait"])
     }
@@ -989,7 +1003,7 @@ fn a_destination_restarted_during_the_finalize_is_asked_again() {
     let (vdi, _uri) = p.guest_disk(&seed);
     let id = p.start_mirror(&vdi);
     let dest_vdi = p.src.call("DATA.MIRROR.stat", json!({"id": id, "dbg": "t"}))["dest_vdi"].as_str().expect("dest").to_owned();
-    let detach = Command::new(sxm()).arg("--host").arg(&p.src.socket).args(["vdi", "detach", "--sr", &p.src_sr, "--vdi", &vdi]).env("SXM_TAPMIRROR", tapmirror()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().expect("sxm");
+    let detach = p.detach_in_background(&vdi);
     // The destination dies at its finalize, and is back (without the fault) a second later.
     let listen = p.stop_dst(false);
     std::thread::sleep(std::time::Duration::from_secs(1));
@@ -1015,15 +1029,7 @@ fn a_finalize_whose_destination_is_away_survives_a_source_restart_and_cannot_be_
     let (vdi, _uri) = p.guest_disk(&seed);
     let id = p.start_mirror(&vdi);
     let dest_vdi = p.src.call("DATA.MIRROR.stat", json!({"id": id, "dbg": "t"}))["dest_vdi"].as_str().expect("dest").to_owned();
-    let mut detach = Command::new(sxm())
-        .arg("--host")
-        .arg(&p.src.socket)
-        .args(["vdi", "detach", "--sr", &p.src_sr, "--vdi", &vdi])
-        .env("SXM_TAPMIRROR", tapmirror())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("sxm");
+    let mut detach = p.detach_in_background(&vdi);
     let listen = p.stop_dst(false);
     let stop = p.src.jsonrpc("DATA.MIRROR.stop", json!({"id": id, "dbg": "t"}));
     assert!(stop["error"].to_string().contains("being finalized"), "a stop during the finalize: {stop}");

@@ -93,14 +93,7 @@ impl Remote {
     /// hearing back).
     pub async fn call_answered<T: Marshal>(&self, call: Call) -> Result<T, (StorageError, bool)> {
         use crate::http::CallErrorKind as K;
-        let method = call.method();
-        let params = call.params().into_iter().next().unwrap_or(crate::rpc::Value::Null);
-        let v = self.client.call_xml(method, params).await.map_err(|e| match &e.kind {
-            K::Storage(s) => (s.clone(), true),
-            K::Unauthorised | K::Status { .. } | K::Connect(_) => (StorageError::InternalError(format!("{e}: {}", error_chain(&e))), true),
-            _ => (StorageError::InternalError(format!("{e}: {}", error_chain(&e))), false),
-        })?;
-        T::from_value(&v).map_err(|e| (StorageError::InternalError(format!("{method} on the destination answered something unexpected: {e}")), true))
+        self.call_classified(call, |k| matches!(k, Some(K::Storage(_) | K::Unauthorised | K::Status { .. } | K::Connect(_)) | None)).await
     }
 
     /// [`Remote::call`], also saying whether a failure is the host's being away: no connection
@@ -108,14 +101,23 @@ impl Remote {
     /// making again once the host is back (if it is one that may be made twice).
     pub async fn call_away<T: Marshal>(&self, call: Call) -> Result<T, (StorageError, bool)> {
         use crate::http::CallErrorKind as K;
+        self.call_classified(call, |k| matches!(k, Some(K::Connect(_) | K::Http(_) | K::Io(_) | K::Body(_) | K::Timeout(_)))).await
+    }
+
+    /// Makes a call; a failure comes with what `class` says of its kind (`None`: the answer
+    /// came but did not decode).
+    async fn call_classified<T: Marshal>(&self, call: Call, class: impl Fn(Option<&crate::http::CallErrorKind>) -> bool) -> Result<T, (StorageError, bool)> {
+        use crate::http::CallErrorKind as K;
         let method = call.method();
         let params = call.params().into_iter().next().unwrap_or(crate::rpc::Value::Null);
-        let v = self.client.call_xml(method, params).await.map_err(|e| match &e.kind {
-            K::Storage(s) => (s.clone(), false),
-            K::Connect(_) | K::Http(_) | K::Io(_) | K::Body(_) | K::Timeout(_) => (StorageError::InternalError(format!("{e}: {}", error_chain(&e))), true),
-            _ => (StorageError::InternalError(format!("{e}: {}", error_chain(&e))), false),
+        let v = self.client.call_xml(method, params).await.map_err(|e| {
+            let error = match &e.kind {
+                K::Storage(s) => s.clone(),
+                _ => StorageError::InternalError(format!("{e}: {}", error_chain(&e))),
+            };
+            (error, class(Some(&e.kind)))
         })?;
-        T::from_value(&v).map_err(|e| (StorageError::InternalError(format!("{method} on the destination answered something unexpected: {e}")), false))
+        T::from_value(&v).map_err(|e| (StorageError::InternalError(format!("{method} on the destination answered something unexpected: {e}")), class(None)))
     }
 
     /// Opens an NBD connection to a datapath of the remote host through
