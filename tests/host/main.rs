@@ -395,9 +395,16 @@ fn a_datapath_whose_process_dies_is_restarted_in_its_state() {
     for pid in before.values() {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid), nix::sys::signal::Signal::SIGKILL).expect("kill");
     }
+    // A new pid file comes before the new process listens (the host writes it first, then
+    // waits for readiness): restarted means its sockets are there too, the NBD one bound
+    // before the control one.
     eventually(30, "both datapaths restarted", || {
         let now = datapath_pids(&host.root);
-        now.len() == 2 && now.iter().all(|(socket, pid)| before.get(socket).is_some_and(|old| old != pid) && is_alive(*pid))
+        now.len() == 2
+            && now.iter().all(|(socket, pid)| {
+                let control = std::path::Path::new(socket).with_file_name("control.sock");
+                before.get(socket).is_some_and(|old| old != pid) && is_alive(*pid) && control.exists()
+            })
     });
 
     // The active one serves again, on the same URI, with what was written before it died.
