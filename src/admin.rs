@@ -74,8 +74,13 @@ pub enum VdiCommand {
         /// Name (default: the file's name).
         #[arg(long)]
         name: Option<String>,
-        /// The image file (raw, VHD or qcow2, by its magic bytes; one with a backing file or
-        /// parent is refused: flatten it first).
+        /// The image file's format. `auto` goes by its magic bytes, so a guest's raw disk
+        /// whose first bytes the guest made a qcow2 or VHD header would be read as that image:
+        /// name `raw` for such disks.
+        #[arg(long, value_enum, default_value = "auto")]
+        format: ImportFormat,
+        /// The image file (raw, VHD or qcow2; one with a backing file or parent is refused:
+        /// flatten it first).
         file: PathBuf,
     },
     /// Write a VDI's content to a raw file.
@@ -466,7 +471,7 @@ impl Admin {
         let cmd = match cmd {
             Create { sr, size, name } => Create { sr: self.sr_id(&sr).await?, size, name },
             List { sr } => List { sr: self.sr_id(&sr).await? },
-            Import { sr, name, file } => Import { sr: self.sr_id(&sr).await?, name, file },
+            Import { sr, name, format, file } => Import { sr: self.sr_id(&sr).await?, name, format, file },
             Export { sr, vdi, file } => {
                 let (sr, vdi) = self.sr_vdi_ids(&sr, &vdi).await?;
                 Export { sr, vdi, file }
@@ -557,7 +562,7 @@ impl Admin {
                 self.call("VDI.destroy", &[("vdi", s(&vdi)), ("sr", s(&sr))]).await?;
                 Ok(())
             }
-            VdiCommand::Import { sr, name, file } => self.import(&sr, name, &file).await,
+            VdiCommand::Import { sr, name, format, file } => self.import(&sr, name, format, &file).await,
             VdiCommand::Export { sr, vdi, file } => self.export(&sr, &vdi, &file).await,
         }
     }
@@ -826,8 +831,9 @@ impl Admin {
         Ok(())
     }
 
-    async fn import(&self, sr: &str, name: Option<String>, file: &Path) -> Result<()> {
-        let size = image_size(file)?;
+    async fn import(&self, sr: &str, name: Option<String>, format: ImportFormat, file: &Path) -> Result<()> {
+        let format = format.tapmirror_name();
+        let size = image_size(file, format)?;
         let name = name.unwrap_or_else(|| file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "import".into()));
         let info = self.create(sr, size, &name).await?;
         let outcome = async {
@@ -835,7 +841,7 @@ impl Admin {
             // A new VDI reads as zeroes: nothing needs writing where the image has no data. An
             // image from elsewhere could name any file of this host as its backing file or
             // parent, and the VDI would then read that file's data: such chains are refused.
-            tapmirror_copy(&[file.as_os_str(), uri.as_ref(), "--target-is-zero".as_ref(), "--no-backing".as_ref()])
+            tapmirror_copy(&[file.as_os_str(), uri.as_ref(), "--format".as_ref(), format.as_ref(), "--target-is-zero".as_ref(), "--no-backing".as_ref()])
         }
         .await;
         let released = self.release(sr, &info.vdi).await;
@@ -928,9 +934,34 @@ fn dest_url(d: &DestArgs) -> Result<String> {
 }
 
 /// The guest-visible size of an image file (raw, VHD or qcow2), from `tapmirror image info`.
-fn image_size(file: &Path) -> Result<u64> {
+/// What `sxm vdi import` reads its file as.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum ImportFormat {
+    /// VHD and qcow2 by their magic bytes, anything else raw.
+    Auto,
+    /// The file's bytes are the disk's bytes.
+    Raw,
+    /// A dynamic VHD.
+    Vhd,
+    /// A qcow2 image.
+    Qcow2,
+}
+
+impl ImportFormat {
+    /// The name `tapmirror`'s `--format` takes.
+    fn tapmirror_name(self) -> &'static str {
+        match self {
+            ImportFormat::Auto => "auto",
+            ImportFormat::Raw => "raw",
+            ImportFormat::Vhd => "vhd",
+            ImportFormat::Qcow2 => "qcow2",
+        }
+    }
+}
+
+fn image_size(file: &Path, format: &str) -> Result<u64> {
     let tapmirror = crate::serve::find_tapmirror(std::env::var_os("SXM_TAPMIRROR").map(PathBuf::from))?;
-    let out = Command::new(&tapmirror).arg("image").arg("info").arg(file).output().with_context(|| format!("run {}", tapmirror.display()))?;
+    let out = Command::new(&tapmirror).arg("image").arg("info").arg("--format").arg(format).arg(file).output().with_context(|| format!("run {}", tapmirror.display()))?;
     if !out.status.success() {
         bail!("{}: {}", file.display(), String::from_utf8_lossy(&out.stderr).trim());
     }

@@ -61,6 +61,9 @@ enum ImageCommand {
     Info {
         /// The image (the top of its chain).
         path: PathBuf,
+        /// Its format: name it for a guest's raw disk, which could hold any header.
+        #[arg(long, value_enum, default_value = "auto")]
+        format: FormatArg,
     },
     /// Print the allocation map of the whole chain as JSON.
     Map {
@@ -791,8 +794,11 @@ async fn image_command(cmd: ImageCommand) -> Result<()> {
             }
             made.with_context(|| format!("creating {}", path.display()))
         }
-        ImageCommand::Info { path } => {
-            let format = Format::detect(&path)?;
+        ImageCommand::Info { path, format } => {
+            let format = match format.format() {
+                Some(f) => f,
+                None => Format::detect(&path)?,
+            };
             let info = match format {
                 Format::Raw => {
                     use std::os::unix::fs::MetadataExt;

@@ -186,6 +186,33 @@ fn the_host_keeps_its_files_to_itself_and_imports_no_backing_files() {
     assert_eq!(vdi_ids(&host, &sr), before, "a refused import left a VDI");
 }
 
+/// A guest's raw disk is the guest's to write, header and all: one whose first bytes the guest
+/// made a qcow2 header naming a backing file is refused by the magic bytes, and imported byte
+/// for byte with `--format raw`.
+#[test]
+fn a_raw_disk_holding_an_image_header_imports_as_raw_when_named_so() {
+    require!("qemu-img");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (host, sr) = host_with_sr(&dir);
+    let secret = dir.path().join("secret.raw");
+    std::fs::write(&secret, vec![0x5a; MIB as usize]).expect("secret");
+    let header = dir.path().join("header.qcow2");
+    run(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"]).arg(&secret).arg(&header).arg("1M"));
+    let mut disk = pattern((4 * MIB) as usize, 9);
+    let header = std::fs::read(&header).expect("header");
+    disk[..header.len()].copy_from_slice(&header);
+    let file = dir.path().join("guest.raw");
+    std::fs::write(&file, &disk).expect("guest disk");
+
+    let out = host.cli_raw(&["vdi", "import", "--sr", &sr, file.to_str().expect("path")]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("backing"), "{out:?}");
+    let imported = host.cli_json(&["vdi", "import", "--sr", &sr, "--format", "raw", file.to_str().expect("path")]);
+    assert_eq!(imported["virtual_size"], json!(4 * MIB), "{imported}");
+    let exported = dir.path().join("exported.raw");
+    host.cli(&["vdi", "export", "--sr", &sr, "--vdi", imported["vdi"].as_str().expect("vdi"), exported.to_str().expect("path")]);
+    assert!(std::fs::read(&exported).expect("exported") == disk, "the imported disk differs from the guest's raw file");
+}
+
 #[test]
 fn an_attached_vdi_is_read_and_written_through_its_nbd_uri() {
     require!("qemu-io", "nbdcopy", "nbdinfo");
