@@ -49,6 +49,11 @@ impl RawImage {
     /// would overwrite each other's guest data. Refused with `ResourceBusy` while another
     /// holds it; readers are not stopped.
     pub async fn open(path: &Path, access: Access, engine: EngineKind) -> io::Result<RawImage> {
+        // Before the open, which blocks for ever on a FIFO (`--format raw` skips the probe
+        // that would have refused it).
+        if !super::holds_an_image(path).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))? {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{}: not a regular file or block device", path.display())));
+        }
         let mut file = OpenOptions::new()
             .read(true)
             .write(access == Access::ReadWrite)
@@ -284,6 +289,27 @@ mod tests {
             v.push(k);
         }
         v
+    }
+
+    /// A FIFO or a character device named as a raw image is refused, never opened: the open
+    /// of a FIFO would wait for a writer for ever.
+    #[tokio::test]
+    async fn what_cannot_hold_a_disk_is_refused_before_it_is_opened() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).expect("mkfifo");
+        for path in [fifo.as_path(), Path::new("/dev/null")] {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let p = path.to_owned();
+            // On a thread of its own: a blocked open must fail the test, not hang it.
+            std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+                let _ = tx.send(rt.block_on(RawImage::open(&p, Access::ReadOnly, EngineKind::Portable)).map(drop));
+            });
+            let got = rx.recv_timeout(std::time::Duration::from_secs(10)).expect("the open returned");
+            let e = got.expect_err("refused");
+            assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{}: {e}", path.display());
+        }
     }
 
     async fn image(size: u64, kind: EngineKind) -> (tempfile::TempDir, RawImage) {
