@@ -410,6 +410,10 @@ async fn execute<I: Image>(control: &Control<I>, request: &Value, mut fds: Vec<O
             if client.size() != size {
                 return err(format!("mirror target is {} bytes, the image {size}", client.size()));
             }
+            // Read-only, it would be reported in step until the guest's first write.
+            if client.info().has(crate::nbd::proto::tflags::READ_ONLY) {
+                return err("the mirror target is read-only");
+            }
             for key in ["rate", "busy_rate"] {
                 if request.get(key).is_some_and(|v| v.as_u64().is_none()) {
                     return err(format!("\"{key}\" must be a non-negative integer (bytes per second; 0: no cap)"));
@@ -418,6 +422,11 @@ async fn execute<I: Image>(control: &Control<I>, request: &Value, mut fds: Vec<O
             let granularity = request.get("granularity").and_then(Value::as_u64).unwrap_or(crate::mirror::dirty::DEFAULT_GRANULARITY);
             if !granularity.is_power_of_two() || !(512..=64 << 20).contains(&granularity) {
                 return err("\"granularity\" must be a power of two from 512 to 64 MiB");
+            }
+            // The background pass copies whole granules, which the target must take as they are.
+            let unit = u64::from(client.info().block_size.minimum.max(1));
+            if mode == MirrorMode::Full && !granularity.is_multiple_of(unit) {
+                return err(format!("\"granularity\" {granularity} is not whole blocks of the target, which writes in units of {unit} bytes"));
             }
             // Built before the guest is held: a full mirror's bitmap starts all dirty, 64 MiB for
             // a 2 TiB disk.

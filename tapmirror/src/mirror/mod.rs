@@ -23,9 +23,9 @@
 //!   than the pass: it starts with little or nothing dirty.
 //!
 //! In both phases a write whose whole range is still dirty stays local (Storage vMotion's rule):
-//! the pass copies those granules afterwards anyway. A range being copied is locked exclusively
-//! (dirty bits cleared, source read, target written) and guest writes lock their range shared,
-//! so a copy can never overwrite the target with data older than a guest write. A write
+//! the pass copies those granules afterwards anyway. A range being copied is locked (dirty bits
+//! cleared, source read, target written) and so is a guest write's, so a copy can never
+//! overwrite the target with data older than a guest write. A write
 //! deferred in catch-up marks its range under its lock, so a copy that cleared the bits first
 //! copies the range again later; a write to a dirty range does not mark it again
 //! (`Mirror::kept_local` says why).
@@ -45,7 +45,7 @@ use dirty::{DirtyBitmap, RangeGuard, RangeLocks};
 use crate::image::{ExtentState, Image};
 use crate::io::IoBuf;
 use crate::nbd::proto::tflags;
-use crate::nbd::{ClientError, NbdClient, Payload};
+use crate::nbd::{ClientError, NbdClient};
 
 /// How a mirror runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
@@ -88,7 +88,6 @@ pub struct FullSync {
     /// then never queue behind megabytes of copy traffic in the target.
     copier: Option<NbdClient>,
     bitmap: DirtyBitmap,
-    locks: RangeLocks,
     /// Bytes the background pass has copied (data or zeroes).
     copied: AtomicU64,
     /// Of those, bytes sent as data.
@@ -122,12 +121,12 @@ impl FullSync {
     /// Enters the converge phase. Writes deferred before the switch mark their ranges under
     /// their range guards; the barrier waits them out, so the bitmap holds them before the pass
     /// looks at it again.
-    async fn converge(&self, why: &'static str) {
+    async fn converge(&self, locks: &RangeLocks, why: &'static str) {
         if self.converging.swap(true, Ordering::AcqRel) {
             return;
         }
         let _ = self.converge_cause.set(why);
-        drop(self.locks.lock(0, u64::MAX, true).await);
+        drop(locks.lock(0, u64::MAX, true).await);
         tracing::info!(why, dirty = self.bitmap.dirty_bytes(), "full mirror converging: guest writes to copied ranges are mirrored from now on");
     }
 
@@ -226,6 +225,15 @@ pub struct FullProgress {
 /// An attached target.
 pub struct Mirror {
     client: NbdClient,
+    /// The target's write unit (its minimum block size): a guest write that is not whole
+    /// units reaches it as the units around it, read back from the image.
+    unit: u64,
+    /// Guest writes hold their range (in whole units) exclusively from before either side is
+    /// written until both are: two overlapping writes in flight at once would otherwise land
+    /// in one order here and, the target serving requests in parallel as the protocol allows,
+    /// in the other there, and the two disks would differ for good. The background pass holds
+    /// what it copies the same way.
+    locks: RangeLocks,
     mode: MirrorMode,
     timeout: Duration,
     failed: AtomicBool,
@@ -264,7 +272,6 @@ impl Mirror {
             FullSync {
                 copier: None,
                 bitmap,
-                locks: RangeLocks::default(),
                 copied: AtomicU64::new(0),
                 sent: AtomicU64::new(0),
                 in_flight: AtomicU64::new(0),
@@ -283,7 +290,9 @@ impl Mirror {
             }
         });
         Arc::new(Mirror {
+            unit: u64::from(client.info().block_size.minimum.max(1)),
             client,
+            locks: RangeLocks::default(),
             mode,
             timeout,
             failed: AtomicBool::new(false),
@@ -364,7 +373,7 @@ impl Mirror {
     pub async fn converge_now(&self) -> bool {
         match &self.full {
             Some(f) => {
-                f.converge("requested").await;
+                f.converge(&self.locks, "requested").await;
                 true
             }
             None => false,
@@ -379,11 +388,25 @@ impl Mirror {
         }
     }
 
-    /// Holds `[offset, offset + len)` against the background copy for the life of the guard;
-    /// `None` outside full mode. A guest write takes this before writing either side.
-    pub async fn guard(&self, offset: u64, len: u64) -> Option<RangeGuard<'_>> {
-        let f = self.full.as_ref()?;
-        Some(f.locks.lock(offset, offset + len, false).await)
+    /// Holds `[offset, offset + len)`, widened to whole units of the target, against other
+    /// guest writes and the background copy for the life of the guard (see `locks`). A guest
+    /// write takes this before writing either side.
+    pub async fn guard(&self, offset: u64, len: u64) -> RangeGuard<'_> {
+        let (start, end) = self.envelope(offset, len);
+        self.locks.lock(start, end, true).await
+    }
+
+    /// `[offset, offset + len)` widened to whole units of the target.
+    fn envelope(&self, offset: u64, len: u64) -> (u64, u64) {
+        let end = offset.saturating_add(len);
+        (offset / self.unit * self.unit, end.div_ceil(self.unit).saturating_mul(self.unit))
+    }
+
+    /// Whether the target can take a write of `[offset, offset + len)` as it is: whole units.
+    /// Otherwise it is mirrored after the local write, as the units around it read then
+    /// ([`MirrorSlot::write_from_image`]).
+    pub fn takes_as_is(&self, offset: u64, len: u64) -> bool {
+        offset.is_multiple_of(self.unit) && len.is_multiple_of(self.unit)
     }
 
     /// Where a guest write to `[offset, offset + len)` goes; asked under the write's `guard`,
@@ -547,25 +570,68 @@ impl MirrorSlot {
         }
     }
 
-    /// Mirrors a guest write of `buf` at `offset`.
+    /// Mirrors a guest write of `buf` at `offset` (whole units of the target: see
+    /// [`Mirror::takes_as_is`]), split to the target's largest request.
     pub async fn write(&self, m: &Mirror, offset: u64, buf: &Arc<IoBuf>, fua: bool) {
         let len = buf.len() as u64;
-        if self.run(m, "write", m.client.write(offset, Payload::Shared(Arc::clone(buf)), fua)).await {
-            m.writes.fetch_add(1, Ordering::Relaxed);
-            m.bytes.fetch_add(len, Ordering::Relaxed);
-            // Whole granules the guest just wrote are on the target: no need to copy them.
-            m.mark_clean(offset, len);
+        if self.run(m, "write", m.client.write_split(offset, buf, 0..buf.len(), fua)).await {
+            self.mirrored(m, offset, len);
         }
     }
 
     /// Mirrors a guest zeroing (or a trim, which the server turns into zeroing under a mirror
-    /// so both sides keep reading alike).
+    /// so both sides keep reading alike), of whole units of the target.
     pub async fn write_zeroes(&self, m: &Mirror, offset: u64, len: u32) {
         if self.run(m, "write zeroes", m.client.zero(offset, u64::from(len))).await {
-            m.writes.fetch_add(1, Ordering::Relaxed);
-            m.bytes.fetch_add(u64::from(len), Ordering::Relaxed);
-            m.mark_clean(offset, u64::from(len));
+            self.mirrored(m, offset, u64::from(len));
         }
+    }
+
+    /// Mirrors a guest write, zeroing or trim of `[offset, offset + len)` that is not whole
+    /// units of the target, once the local side is done: the units around it go as `image`
+    /// holds them now (read under the write's guard, so no other write is in them), and
+    /// the whole units of a zeroing in between as zeroes.
+    pub async fn write_from_image<I: Image>(&self, m: &Mirror, image: &I, offset: u64, len: u64, zeroes: bool, fua: bool) {
+        let (start, end) = m.envelope(offset, len);
+        let end = end.min(image.size());
+        let (inner_start, inner_end) = (offset.div_ceil(m.unit) * m.unit, (offset + len) / m.unit * m.unit);
+        let ok = if zeroes && inner_start < inner_end {
+            self.copy_from_image(m, image, start, inner_start - start, fua).await
+                && self.run(m, "write zeroes", m.client.zero(inner_start, inner_end - inner_start)).await
+                && self.copy_from_image(m, image, inner_end, end - inner_end, fua).await
+        } else {
+            self.copy_from_image(m, image, start, end - start, fua).await
+        };
+        if ok {
+            self.mirrored(m, start, end - start);
+        }
+    }
+
+    /// Sends `[offset, offset + len)` of `image` to the target as data.
+    async fn copy_from_image<I: Image>(&self, m: &Mirror, image: &I, offset: u64, len: u64, fua: bool) -> bool {
+        if len == 0 {
+            return true;
+        }
+        let (buf, r) = image.read(offset, IoBuf::for_overwrite(len as usize)).await;
+        if let Err(e) = r {
+            self.fail(m, format!("reading the image at {offset} to complete the target's units: {e}"));
+            return false;
+        }
+        let buf = Arc::new(buf);
+        self.run(m, "write", m.client.write_split(offset, &buf, 0..buf.len(), fua)).await
+    }
+
+    fn mirrored(&self, m: &Mirror, offset: u64, len: u64) {
+        m.writes.fetch_add(1, Ordering::Relaxed);
+        m.bytes.fetch_add(len, Ordering::Relaxed);
+        // Whole granules the guest just wrote are on the target: no need to copy them.
+        m.mark_clean(offset, len);
+    }
+
+    /// Fails `m` because the local side of a mirrored guest request failed: the target took
+    /// it (or may have), the image did not, or only in part, and the two may differ.
+    pub fn local_failed(&self, m: &Mirror, what: &str, error: &dyn std::fmt::Display) {
+        self.fail(m, format!("the local {what} failed ({error}) where the target's may not have: the two may differ"));
     }
 
     /// Mirrors a guest flush (a full mirror's target only from the ready flush on).
@@ -573,7 +639,7 @@ impl MirrorSlot {
         if m.full.as_ref().is_some_and(|f| !f.flush_remote.load(Ordering::Acquire)) {
             return;
         }
-        if self.run(m, "flush", m.client.flush()).await {
+        if self.run(m, "flush", m.client.flush_if_offered()).await {
             m.flushes.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -646,7 +712,7 @@ pub async fn run_full_copy<I: Image>(
 ) {
     let Some(f) = m.full.as_ref() else { return };
     if target_is_zero {
-        skip_holes(f, &image, || m.failed.load(Ordering::Acquire) || !slot.is_current(&m)).await;
+        skip_holes(f, &m.locks, &image, || m.failed.load(Ordering::Acquire) || !slot.is_current(&m)).await;
     }
     let image = Arc::new(image);
     let depth = Arc::new(tokio::sync::Semaphore::new(COPY_DEPTH as usize));
@@ -682,15 +748,15 @@ pub async fn run_full_copy<I: Image>(
             }
             if !f.converging.load(Ordering::Acquire) {
                 write_back(&slot, &m, can_flush).await;
-                f.converge("nothing-dirty").await;
+                f.converge(&m.locks, "nothing-dirty").await;
                 continue;
             }
             // Ready means flushed on every connection the pass or the guest wrote through. Guest
             // flushes go to the target from here on; the ones before are covered by this one.
             f.flush_remote.store(true, Ordering::Release);
-            let flushed = slot.run(&m, "flush", m.client.flush()).await
+            let flushed = slot.run(&m, "flush", m.client.flush_if_offered()).await
                 && match &f.copier {
-                    Some(c) => slot.run(&m, "flush", c.flush()).await,
+                    Some(c) => slot.run(&m, "flush", c.flush_if_offered()).await,
                     None => true,
                 };
             if flushed {
@@ -710,7 +776,7 @@ pub async fn run_full_copy<I: Image>(
                 while tasks.join_next().await.is_some() {}
                 while writeback.join_next().await.is_some() {}
                 write_back(&slot, &m, can_flush).await;
-                f.converge("guest-outpaced").await;
+                f.converge(&m.locks, "guest-outpaced").await;
             }
             sweep_start = left;
         }
@@ -739,7 +805,7 @@ pub async fn run_full_copy<I: Image>(
         tasks.spawn(async move {
             let Some(f) = m.full.as_ref() else { return };
             let data = {
-                let _exclusive = f.locks.lock(offset, offset + len, true).await;
+                let _exclusive = m.locks.lock(offset, offset + len, true).await;
                 copy_range(&slot, &m, &*image(), offset, len).await
             };
             f.in_flight.fetch_sub(len, Ordering::Relaxed);
@@ -808,9 +874,9 @@ const WALK_EXTENTS: usize = 64;
 /// Clears the image's holes from the bitmap: a target that reads as zeroes holds them already.
 /// The guest keeps writing meanwhile, and a write may fill a hole just after the walk saw it,
 /// so each hole is cleared under an exclusive lock on its range, as the image shows it then: a
-/// write in flight holds its range shared, so once the lock is taken every write to the range
+/// write in flight holds its range, so once the lock is taken every write to the range
 /// so far is in the image, and every later one finds the range clean and marks it again.
-async fn skip_holes<I: Image>(f: &FullSync, image: &impl Fn() -> Arc<I>, stop: impl Fn() -> bool) {
+async fn skip_holes<I: Image>(f: &FullSync, locks: &RangeLocks, image: &impl Fn() -> Arc<I>, stop: impl Fn() -> bool) {
     let size = image().size();
     let started = Instant::now();
     let (mut holes, mut bytes) = (0u64, 0u64);
@@ -825,7 +891,7 @@ async fn skip_holes<I: Image>(f: &FullSync, image: &impl Fn() -> Arc<I>, stop: i
                 tokio::time::sleep(WALK_PAUSE).await;
                 burst = Instant::now();
             }
-            let _exclusive = f.locks.lock(e.offset, e.offset + e.length, true).await;
+            let _exclusive = locks.lock(e.offset, e.offset + e.length, true).await;
             let mut from = e.offset;
             while from < e.offset + e.length {
                 let Ok(now) = image().allocation(from, e.offset + e.length - from, WALK_EXTENTS).await else { break };
@@ -844,9 +910,13 @@ async fn skip_holes<I: Image>(f: &FullSync, image: &impl Fn() -> Arc<I>, stop: i
 /// Copies `[offset, offset + len)` to the target: data as data, the rest as zeroes. Answers
 /// the bytes it sent as data, or `None` if the mirror failed.
 async fn copy_range<I: Image>(slot: &MirrorSlot, m: &Mirror, image: &I, offset: u64, len: u64) -> Option<u64> {
+    let whole = || vec![crate::image::Extent { offset, length: len, state: ExtentState::Data }];
     let extents = match image.allocation(offset, len, usize::MAX).await {
+        // A target that writes in units larger than the image's extents (a qcow2 of 512-byte
+        // clusters into a 4 KiB target) gets the run as data: holes read as zeroes.
+        Ok(e) if !e.iter().all(|e| m.takes_as_is(e.offset, e.length) || e.offset.is_multiple_of(m.unit) && e.offset + e.length == image.size()) => whole(),
         Ok(e) if !e.is_empty() => e,
-        _ => vec![crate::image::Extent { offset, length: len, state: ExtentState::Data }],
+        _ => whole(),
     };
     let mut at = offset;
     let mut data = 0;
@@ -858,7 +928,8 @@ async fn copy_range<I: Image>(slot: &MirrorSlot, m: &Mirror, image: &I, offset: 
                 slot.fail(m, format!("reading the source at {}: {err}", e.offset));
                 return None;
             }
-            let sent = slot.run(m, "background copy", m.copy_client().write(e.offset, Payload::Shared(Arc::new(buf)), false)).await;
+            let buf = Arc::new(buf);
+            let sent = slot.run(m, "background copy", m.copy_client().write_split(e.offset, &buf, 0..buf.len(), false)).await;
             if sent && let Some(f) = &m.full {
                 f.sent.fetch_add(e.length, Ordering::Relaxed);
                 data += e.length;

@@ -643,15 +643,36 @@ impl NbdClient {
         }
     }
 
-    /// Writes `data` at `offset`; `fua` makes it durable before the reply.
+    /// Writes `data` at `offset`; `fua` makes it durable before the reply. A server without
+    /// FUA gets the write and then a FLUSH (the protocol forbids the flag it did not offer);
+    /// one with neither has no cache a client could flush.
     pub async fn write(&self, offset: u64, data: impl Into<Payload>, fua: bool) -> Result<(), ClientError> {
         let data = data.into();
         let length = self.check_payload(data.bytes().len())?;
         if self.inner.info.has(tflags::READ_ONLY) {
             return Err(ClientError::Unsupported("export is read-only".into()));
         }
-        let flags = if fua { cmd_flags::FUA } else { 0 };
-        self.request(cmd::WRITE, flags, offset, length, Some(data), Expect::Simple).await.map(|_| ())
+        let native_fua = fua && self.inner.info.has(tflags::SEND_FUA);
+        let flags = if native_fua { cmd_flags::FUA } else { 0 };
+        self.request(cmd::WRITE, flags, offset, length, Some(data), Expect::Simple).await?;
+        if fua && !native_fua {
+            self.flush_if_offered().await?;
+        }
+        Ok(())
+    }
+
+    /// Writes `[range]` of `buf` at `offset` in as many requests as the server's maximum
+    /// block size asks for, one after another (`fua` on each).
+    pub async fn write_split(&self, offset: u64, buf: &Arc<IoBuf>, range: std::ops::Range<usize>, fua: bool) -> Result<(), ClientError> {
+        let max = (self.inner.info.block_size.maximum as usize).max(1);
+        let mut at = range.start;
+        while at < range.end {
+            let n = (range.end - at).min(max);
+            let payload = if at == 0 && n == buf.len() { Payload::Shared(Arc::clone(buf)) } else { Payload::Slice(Arc::clone(buf), at..at + n) };
+            self.write(offset + (at - range.start) as u64, payload, fua).await?;
+            at += n;
+        }
+        Ok(())
     }
 
     /// Makes `[offset, offset + len)` read as zeroes. `no_hole` keeps it allocated; `fast`
@@ -707,6 +728,15 @@ impl NbdClient {
             return Err(ClientError::Unsupported("server does not support FLUSH".into()));
         }
         self.request(cmd::FLUSH, 0, 0, 0, None, Expect::Simple).await.map(|_| ())
+    }
+
+    /// As [`NbdClient::flush`] where the server offers FLUSH; nothing where it does not, as
+    /// such a server has no cache to flush (or none a client could reach).
+    pub async fn flush_if_offered(&self) -> Result<(), ClientError> {
+        if !self.inner.info.has(tflags::SEND_FLUSH) {
+            return Ok(());
+        }
+        self.flush().await
     }
 
     /// `base:allocation` for `[offset, offset + len)`: extents starting at `offset`, at least

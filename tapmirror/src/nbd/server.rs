@@ -35,7 +35,7 @@ use tokio_util::sync::CancellationToken;
 use super::proto::{self, BlockSize, Errno, Request, alloc_flags, chunk, cmd, cmd_flags, opt, rep, tflags};
 use crate::image::{ExtentState, Image, ImageError, ZeroAlloc, ZeroSpeed};
 use crate::io::{Durability, IoBuf};
-use crate::mirror::{MirrorSlot, Route};
+use crate::mirror::{Mirror, MirrorSlot, Route};
 
 /// Largest payload (read or write) a request may carry.
 pub const MAX_PAYLOAD: u32 = 32 * 1024 * 1024;
@@ -721,10 +721,20 @@ impl<I: Image> NbdServer<I> {
             None => local.await,
             Some(m) => {
                 let fua = durability == Durability::Stable;
-                // Full mode: hold the range against the background copy across both writes.
+                // Held across both sides: against overlapping writes and the background copy.
                 let _range = m.guard(req.offset, len).await;
                 match m.route(req.offset, len) {
-                    Route::Both => tokio::join!(self.mirror.write(&m, req.offset, &buf, fua), local).1,
+                    Route::Both if m.takes_as_is(req.offset, len) => {
+                        let r = tokio::join!(self.mirror.write(&m, req.offset, &buf, fua), local).1;
+                        self.check_local(&m, "write", r)
+                    }
+                    Route::Both => {
+                        let r = self.check_local(&m, "write", local.await);
+                        if r.is_ok() {
+                            self.mirror.write_from_image(&m, &*image, req.offset, len, false, fua).await;
+                        }
+                        r
+                    }
                     route => {
                         let r = local.await;
                         m.kept_local(req.offset, len, route);
@@ -761,7 +771,7 @@ impl<I: Image> NbdServer<I> {
                 let _range = m.guard(req.offset, u64::from(req.length)).await;
                 let local = image.write_zeroes(req.offset, u64::from(req.length), ZeroAlloc::MayDeallocate, ZeroSpeed::Any, durability);
                 match m.route(req.offset, u64::from(req.length)) {
-                    Route::Both => tokio::join!(local, self.mirror.write_zeroes(m, req.offset, req.length)).0,
+                    Route::Both => self.mirror_zeroes(m, &*image, req.offset, req.length, "trim", local).await,
                     route => {
                         let r = local.await;
                         m.kept_local(req.offset, u64::from(req.length), route);
@@ -773,7 +783,7 @@ impl<I: Image> NbdServer<I> {
                 let alloc = if req.flags & cmd_flags::NO_HOLE != 0 { ZeroAlloc::Keep } else { ZeroAlloc::MayDeallocate };
                 let speed = if req.flags & cmd_flags::FAST_ZERO != 0 { ZeroSpeed::FastOnly } else { ZeroSpeed::Any };
                 let _range = match &mirror {
-                    Some(m) => m.guard(req.offset, u64::from(req.length)).await,
+                    Some(m) => Some(m.guard(req.offset, u64::from(req.length)).await),
                     None => None,
                 };
                 let local = image.write_zeroes(req.offset, u64::from(req.length), alloc, speed, durability);
@@ -783,13 +793,10 @@ impl<I: Image> NbdServer<I> {
                         // A fast zero that fails locally fails before any I/O, so mirroring it
                         // afterwards would zero the target alone: mirror only what succeeded.
                         Route::Both if speed == ZeroSpeed::FastOnly => match local.await {
-                            Ok(()) => {
-                                self.mirror.write_zeroes(m, req.offset, req.length).await;
-                                Ok(())
-                            }
+                            Ok(()) => self.mirror_zeroes(m, &*image, req.offset, req.length, "write zeroes", std::future::ready(Ok(()))).await,
                             e => e,
                         },
-                        Route::Both => tokio::join!(local, self.mirror.write_zeroes(m, req.offset, req.length)).0,
+                        Route::Both => self.mirror_zeroes(m, &*image, req.offset, req.length, "write zeroes", local).await,
                         route => {
                             let r = local.await;
                             m.kept_local(req.offset, u64::from(req.length), route);
@@ -804,6 +811,37 @@ impl<I: Image> NbdServer<I> {
         let errno = result.err().map(|e| errno_of(&e, "request"));
         self.count_reply(errno);
         simple_reply(req.cookie, errno, permits)
+    }
+
+    /// Zeroes `[offset, offset + length)` on the target beside `local`, the image's side: at
+    /// once where the target takes the range as it is, else after it, from the image.
+    async fn mirror_zeroes(
+        &self,
+        m: &Mirror,
+        image: &I,
+        offset: u64,
+        length: u32,
+        what: &str,
+        local: impl Future<Output = Result<(), ImageError>>,
+    ) -> Result<(), ImageError> {
+        if m.takes_as_is(offset, u64::from(length)) {
+            let r = tokio::join!(local, self.mirror.write_zeroes(m, offset, length)).0;
+            return self.check_local(m, what, r);
+        }
+        let r = self.check_local(m, what, local.await);
+        if r.is_ok() {
+            self.mirror.write_from_image(m, image, offset, u64::from(length), true, false).await;
+        }
+        r
+    }
+
+    /// Passes on the local result of a mirrored request, failing the mirror when it is an
+    /// error: the target took the request, or may have.
+    fn check_local(&self, m: &Mirror, what: &str, r: Result<(), ImageError>) -> Result<(), ImageError> {
+        if let Err(e) = &r {
+            self.mirror.local_failed(m, what, e);
+        }
+        r
     }
 
     async fn handle_read(&self, req: Request, session: Session, permits: Permits) -> OutMsg {

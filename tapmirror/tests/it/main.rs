@@ -17,6 +17,7 @@ mod crash;
 mod image_cli;
 mod migrate;
 mod mirror;
+mod mirror_targets;
 mod peers;
 mod process;
 mod qcow2;

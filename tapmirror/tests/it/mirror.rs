@@ -11,7 +11,7 @@ use crate::harness::{Served, run, serve_file, spawn_server, tapmirror};
 const MIB: u64 = 1 << 20;
 
 /// A server with a control socket on a fresh zeroed image of `size` bytes.
-fn serve_controlled(size: u64) -> (Served, PathBuf) {
+pub(crate) fn serve_controlled(size: u64) -> (Served, PathBuf) {
     let dir = tempfile::tempdir().expect("tempdir");
     let image = dir.path().join("source.raw");
     std::fs::File::create(&image).and_then(|f| f.set_len(size)).expect("image");
@@ -30,12 +30,12 @@ fn serve_controlled_logged(size: u64) -> (Served, PathBuf, PathBuf) {
     (crate::harness::serve_file_logging_to(dir, image, &["--control", &ctl_arg], log_file.into()), ctl, log)
 }
 
-fn ctl_output(ctl: &Path, args: &[&str]) -> Output {
+pub(crate) fn ctl_output(ctl: &Path, args: &[&str]) -> Output {
     Command::new(tapmirror()).arg("ctl").arg(ctl).args(args).output().expect("run tapmirror ctl")
 }
 
 /// Runs a control command that must succeed; returns its JSON answer.
-fn ctl(ctl: &Path, args: &[&str]) -> Value {
+pub(crate) fn ctl(ctl: &Path, args: &[&str]) -> Value {
     let out = ctl_output(ctl, args);
     assert!(out.status.success(), "ctl {args:?}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).expect("ctl answer is JSON")
@@ -472,7 +472,7 @@ fn a_target_that_dies_while_the_guest_is_idle_fails_the_mirror_at_once() {
 }
 
 /// Polls `stats` until the mirror is ready (or failed); the deadline only guards against a hang.
-fn wait_ready(ctl_path: &Path) -> Value {
+pub(crate) fn wait_ready(ctl_path: &Path) -> Value {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
     loop {
         let stats = ctl(ctl_path, &["stats"]);
