@@ -13,7 +13,7 @@
 //! | `stats` | | counters, outstanding requests, mirror state and bytes left |
 //! | `pause` | | lets in-flight guest requests finish, holds new ones, flushes the image (its file then holds every write) and lets go of it for writing (tap-ctl pause: the backend may now snapshot or compose it); a failed flush resumes and answers the error |
 //! | `unpause` | `leaf`: path (optional) | reopens the image (or the one at `leaf`) for writing and resumes |
-//! | `mirror-attach` | `mode` (sync, full), `timeout_ms`, `export`, `granularity`, `target_is_zero`, `rate` (full: bytes/s of the background pass, 0 for no cap), `busy_rate` (full: the same while the guest writes; default 64 MiB/s); one descriptor (full: optionally a second, for the background pass) | negotiates NBD on the descriptors and mirrors onto the target (full: and copies the disk in the background) |
+//! | `mirror-attach` | `mode` (sync, full), `timeout_ms`, `export`, `granularity` (full: bytes a bitmap bit; default 4 KiB, coarser past 2 TiB so the bitmap stays within 64 MiB), `target_is_zero`, `rate` (full: bytes/s of the background pass, 0 for no cap), `busy_rate` (full: the same while the guest writes; default 64 MiB/s); one descriptor (full: optionally a second, for the background pass) | negotiates NBD on the descriptors and mirrors onto the target (full: and copies the disk in the background) |
 //! | `mirror-rate` | `bytes_per_s` (0: no cap), `busy` (bool: set the cap that applies while the guest writes) | caps a full mirror's background pass at that many data bytes per second, from its next request |
 //! | `mirror-converge` | | ends a full mirror's catch-up: guest writes to copied ranges are mirrored from now on |
 //! | `mirror-detach` | | stops mirroring (after in-flight writes) |
@@ -419,7 +419,7 @@ async fn execute<I: Image>(control: &Control<I>, request: &Value, mut fds: Vec<O
                     return err(format!("\"{key}\" must be a non-negative integer (bytes per second; 0: no cap)"));
                 }
             }
-            let granularity = request.get("granularity").and_then(Value::as_u64).unwrap_or(crate::mirror::dirty::DEFAULT_GRANULARITY);
+            let granularity = request.get("granularity").and_then(Value::as_u64).unwrap_or(crate::mirror::dirty::default_granularity(size));
             if !granularity.is_power_of_two() || !(512..=64 << 20).contains(&granularity) {
                 return err("\"granularity\" must be a power of two from 512 to 64 MiB");
             }
@@ -430,7 +430,10 @@ async fn execute<I: Image>(control: &Control<I>, request: &Value, mut fds: Vec<O
             }
             // Built before the guest is held: a full mirror's bitmap starts all dirty, 64 MiB for
             // a 2 TiB disk.
-            let mut mirror = Mirror::with_granularity(client, mode, timeout, granularity);
+            let mut mirror = match Mirror::with_granularity(client, mode, timeout, granularity) {
+                Ok(m) => m,
+                Err(e) => return err(e),
+            };
             if let Some(c) = copier {
                 mirror = mirror.with_copier(c);
             }

@@ -222,9 +222,10 @@ enum CtlCommand {
         /// background, the whole disk (no snapshot needed).
         #[arg(long, value_enum, default_value = "sync")]
         mode: tapmirror::mirror::MirrorMode,
-        /// Full mode: bytes per dirty-bitmap bit (power of two, 512 B to 64 MiB).
-        #[arg(long, default_value_t = 4096)]
-        granularity: u64,
+        /// Full mode: bytes per dirty-bitmap bit (power of two, 512 B to 64 MiB) [default:
+        /// 4 KiB, or for a disk over 2 TiB the finest that keeps the bitmap within 64 MiB].
+        #[arg(long)]
+        granularity: Option<u64>,
         /// Full mode: the target reads as zeroes already, so holes are not copied.
         #[arg(long)]
         target_is_zero: bool,

@@ -6,7 +6,23 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// Default granularity: 4 KiB, the smallest that keeps the bitmap of a 2 TiB disk within
 /// 64 MiB (2 TiB / 4 KiB = 512 Mi bits). A fine granularity keeps small random guest writes
 /// from re-copying large blocks (QEMU's 64 KiB default re-copied 14 GB for 6.7 GB written).
+/// Larger disks get a coarser one by default ([`default_granularity`]).
 pub const DEFAULT_GRANULARITY: u64 = 4096;
+
+/// The most a bitmap may take by default: 64 MiB, what a 2 TiB disk takes at 4 KiB.
+pub const DEFAULT_BITMAP_BYTES: u64 = 64 << 20;
+
+/// The most a bitmap may take at any granularity asked for: 1 GiB, a 2 TiB disk at 512 bytes.
+pub const MAX_BITMAP_BYTES: u64 = 1 << 30;
+
+/// The default granularity for a disk of `size` bytes: [`DEFAULT_GRANULARITY`], or for a disk
+/// larger than 2 TiB the smallest power of two that keeps its bitmap within
+/// [`DEFAULT_BITMAP_BYTES`]. At 4 KiB always, a 1000 TiB qcow2 volume's bitmap was 32 GB, and
+/// its allocation aborted the process serving the guest.
+pub fn default_granularity(size: u64) -> u64 {
+    let bits = DEFAULT_BITMAP_BYTES * 8;
+    DEFAULT_GRANULARITY.max(size.div_ceil(bits).next_power_of_two())
+}
 
 /// One bit per granule of the disk; set means "the target may not have this yet". Marking and
 /// clearing are lock-free (`fetch_or`/`fetch_and`), since guest writes clear bits on the hot path.
@@ -20,10 +36,30 @@ pub struct DirtyBitmap {
 impl DirtyBitmap {
     /// A clean bitmap for `size` bytes at `granularity` (a power of two, at least 512).
     pub fn new(size: u64, granularity: u64) -> DirtyBitmap {
+        Self::try_new(size, granularity).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// As [`DirtyBitmap::new`], or an error where its memory cannot be had: a granularity
+    /// asked for that is too fine for the disk must fail the attach, not abort the process
+    /// that serves the guest.
+    pub fn try_new(size: u64, granularity: u64) -> Result<DirtyBitmap, String> {
         let granularity = granularity.max(512).next_power_of_two();
         let bits = size.div_ceil(granularity);
-        let words = (0..bits.div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
-        DirtyBitmap { words, granularity, size, dirty: AtomicU64::new(0) }
+        let n = bits.div_ceil(64);
+        if n * 8 > MAX_BITMAP_BYTES {
+            return Err(format!(
+                "a dirty bitmap of {} MiB ({size} bytes at {granularity} bytes a bit) is more than the {} MiB allowed: ask for a coarser granularity",
+                n * 8 >> 20,
+                MAX_BITMAP_BYTES >> 20
+            ));
+        }
+        let n = usize::try_from(n).map_err(|_| format!("a bitmap of {bits} bits does not fit in memory"))?;
+        let mut words = Vec::new();
+        words
+            .try_reserve_exact(n)
+            .map_err(|_| format!("no memory for a dirty bitmap of {} MiB ({size} bytes at {granularity} bytes a bit): ask for a coarser granularity", n * 8 >> 20))?;
+        words.extend((0..n).map(|_| AtomicU64::new(0)));
+        Ok(DirtyBitmap { words, granularity, size, dirty: AtomicU64::new(0) })
     }
 
     /// Bytes per bit.
@@ -282,6 +318,29 @@ mod tests {
     fn default_granularity_keeps_a_2_tib_bitmap_within_64_mib() {
         let bits = (2u64 << 40) / DEFAULT_GRANULARITY;
         assert!(bits / 8 <= 64 << 20);
+    }
+
+    /// Up to 2 TiB the default is 4 KiB; beyond, the finest that keeps the bitmap within
+    /// 64 MiB, up to the largest disk the protocol can name.
+    #[test]
+    fn default_granularity_scales_with_the_disk_beyond_2_tib() {
+        for size in [0, 1, 1 << 30, 2 << 40] {
+            assert_eq!(default_granularity(size), DEFAULT_GRANULARITY, "{size}");
+        }
+        assert_eq!(default_granularity((2 << 40) + 1), 2 * DEFAULT_GRANULARITY);
+        assert_eq!(default_granularity(1000 << 40), 2 << 20);
+        for size in [3 << 40, 16 << 40, 1000 << 40, 2 << 50, u64::MAX] {
+            let g = default_granularity(size);
+            assert!(g.is_power_of_two() && size.div_ceil(g) / 8 <= DEFAULT_BITMAP_BYTES, "{size}: {g}");
+            assert!(size.div_ceil(g / 2) / 8 > DEFAULT_BITMAP_BYTES, "{size}: {g} is not the finest");
+        }
+    }
+
+    /// A bitmap whose memory cannot be had is an error, not an abort.
+    #[test]
+    fn a_bitmap_too_large_for_memory_is_an_error() {
+        let e = DirtyBitmap::try_new(u64::MAX, 512).err().expect("refused");
+        assert!(e.contains("granularity"), "{e}");
     }
 
     #[tokio::test]

@@ -258,16 +258,15 @@ pub enum Route {
 }
 
 impl Mirror {
-    /// A mirror onto `client`'s export. In full mode the whole disk of `size` bytes starts
-    /// dirty; `run_full_copy` must then be started to copy it.
-    pub fn new(client: NbdClient, mode: MirrorMode, timeout: Duration) -> Arc<Mirror> {
-        Self::with_granularity(client, mode, timeout, dirty::DEFAULT_GRANULARITY)
-    }
-
-    /// As `new`, with the dirty bitmap's granularity.
-    pub fn with_granularity(client: NbdClient, mode: MirrorMode, timeout: Duration, granularity: u64) -> Arc<Mirror> {
-        let full = (mode == MirrorMode::Full).then(|| {
-            let bitmap = DirtyBitmap::new(client.size(), granularity);
+    /// A mirror onto `client`'s export. In full mode the whole disk starts dirty in a bitmap
+    /// of `granularity` bytes a bit (an error where its memory cannot be had), and
+    /// `run_full_copy` must then be started to copy it.
+    pub fn with_granularity(client: NbdClient, mode: MirrorMode, timeout: Duration, granularity: u64) -> Result<Arc<Mirror>, String> {
+        let bitmap = match mode {
+            MirrorMode::Full => Some(DirtyBitmap::try_new(client.size(), granularity)?),
+            MirrorMode::Sync => None,
+        };
+        let full = bitmap.map(|bitmap| {
             bitmap.mark(0, client.size());
             FullSync {
                 copier: None,
@@ -289,7 +288,7 @@ impl Mirror {
                 given_back: tokio::sync::Notify::new(),
             }
         });
-        Arc::new(Mirror {
+        Ok(Arc::new(Mirror {
             unit: u64::from(client.info().block_size.minimum.max(1)),
             client,
             locks: RangeLocks::default(),
@@ -301,7 +300,7 @@ impl Mirror {
             flushes: AtomicU64::new(0),
             guest_writes: AtomicU64::new(0),
             full,
-        })
+        }))
     }
 
     /// Gives the background pass its own connection to the target (full mode; before the pass
