@@ -49,7 +49,7 @@ impl DirtyBitmap {
         if n * 8 > MAX_BITMAP_BYTES {
             return Err(format!(
                 "a dirty bitmap of {} MiB ({size} bytes at {granularity} bytes a bit) is more than the {} MiB allowed: ask for a coarser granularity",
-                n * 8 >> 20,
+                (n * 8) >> 20,
                 MAX_BITMAP_BYTES >> 20
             ));
         }
@@ -57,7 +57,7 @@ impl DirtyBitmap {
         let mut words = Vec::new();
         words
             .try_reserve_exact(n)
-            .map_err(|_| format!("no memory for a dirty bitmap of {} MiB ({size} bytes at {granularity} bytes a bit): ask for a coarser granularity", n * 8 >> 20))?;
+            .map_err(|_| format!("no memory for a dirty bitmap of {} MiB ({size} bytes at {granularity} bytes a bit): ask for a coarser granularity", (n * 8) >> 20))?;
         words.extend((0..n).map(|_| AtomicU64::new(0)));
         Ok(DirtyBitmap { words, granularity, size, dirty: AtomicU64::new(0) })
     }
