@@ -340,7 +340,8 @@ pub trait Backend: Send + Sync + 'static {
     /// Source, pass fds: mirror every guest write on the active VDI's datapath into `target`,
     /// an NBD connection (server side past its HTTP exchange) to export `export`. `Sync` mirrors
     /// new writes only (a snapshot and a copy move the rest); `Full` also copies the whole disk
-    /// in the background (SMAPIv3). A guest write completes only when both sides have it.
+    /// in the background (SMAPIv3), into a target made for it that reads as zeroes (a new
+    /// VDI), so holes need not travel. A guest write completes only when both sides have it.
     /// `rate` caps a full mirror's background copy from its first byte (bytes of data per
     /// second, 0: no cap; see [`Backend::vdi_mirror_rate`]).
     fn vdi_mirror_attach(&self, sr: &SrContext, vdi: &str, target: OwnedFd, export: &str, mode: MirrorMode, rate: u64) -> StorageResult<()> {

@@ -578,7 +578,10 @@ impl Datapaths {
 
     /// Source of a migration: the datapath mirrors guest writes onto `target`, an NBD
     /// connection to `export` (`mirror-attach`). A full mirror also copies the whole image in
-    /// the background, zeroing holes (the target may hold anything).
+    /// the background. Its target is a volume made for it (the destination's
+    /// `DATA.MIRROR.receive_start2` creates one, as xapi's does, and a new VDI reads as
+    /// zeroes), so the image's holes are not sent: zeroing them took a 2 TiB disk holding
+    /// 3 MiB three minutes, and a qcow2 destination 259 MiB of zero-cluster metadata.
     /// `rate` caps a full mirror's background pass from its first byte (0: no cap).
     pub fn mirror_attach(&self, g: Group<'_>, id: &str, target: OwnedFd, export: &str, mode: MirrorMode, rate: u64) -> Result<()> {
         let mode = match mode {
@@ -586,7 +589,7 @@ impl Datapaths {
             MirrorMode::Full => "full",
         };
         let mut request = json!({"cmd": "mirror-attach", "mode": mode, "export": export,
-                                 "timeout_ms": MIRROR_TIMEOUT.as_millis() as u64, "target_is_zero": false, "rate": rate});
+                                 "timeout_ms": MIRROR_TIMEOUT.as_millis() as u64, "target_is_zero": true, "rate": rate});
         if let Some(busy) = self.mirror_busy_rate {
             request["busy_rate"] = json!(busy);
         }
