@@ -397,7 +397,10 @@ impl Datapaths {
         let mut spec = ServeSpec::new(&self.exe, image, dir);
         spec.export_name = id.to_owned();
         spec.read_only = !read_write;
-        spec.extra_args = vec!["--format".into(), self.format.clone().into()];
+        // Paused from its first request: a restarted datapath's clients reconnect to the same
+        // socket at once, and an attached disk that is not active must not take their I/O
+        // (it used to start serving and be paused only once it answered, 60-140 ms later).
+        spec.extra_args = vec!["--format".into(), self.format.clone().into(), "--paused".into()];
         let process = match ServeProcess::spawn(&spec) {
             Ok(p) => p,
             Err(e) => {
@@ -405,12 +408,7 @@ impl Datapaths {
                 return Err(process_error(id, "starting the datapath", e));
             }
         };
-        let dp = Datapath::new(process, read_write, true);
-        if let Err(e) = self.pause(id, &dp) {
-            stop(id, &dp.process);
-            let _ = std::fs::remove_dir_all(dir);
-            return Err(e);
-        }
+        let dp = Datapath::new(process, read_write, false);
         tracing::info!(group = g.name, id, pid = dp.process.pid(), read_write, dir = %dir.display(), "datapath started (attached, paused)");
         Ok(dp)
     }

@@ -135,6 +135,11 @@ struct ServeArgs {
     /// I/O engine (also TAPMIRROR_IO_ENGINE).
     #[arg(long, value_enum)]
     io_engine: Option<EngineChoice>,
+    /// Start paused: requests are held from the first until `unpause` on the control socket.
+    /// A host restarting an attached but inactive disk's server uses it, so that a client
+    /// reconnecting at once is not served meanwhile.
+    #[arg(long, requires = "control")]
+    paused: bool,
 }
 
 #[derive(clap::Args)]
@@ -412,6 +417,10 @@ async fn serve(args: ServeArgs, activated: Vec<std::os::fd::OwnedFd>) -> Result<
     // The server holds the only reference: pause must be able to close the image for writing
     // (so the backend can snapshot it), and unpause --leaf to replace it.
     let server = NbdServer::new(Arc::new(image), export);
+    if args.paused {
+        // Before any listener: no request can come in ahead of it.
+        server.pause().await;
+    }
     let shutdown = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
     let mut ready = Vec::new();

@@ -441,9 +441,13 @@ fn a_datapath_whose_process_dies_is_restarted_in_its_state() {
     // The attached-only one is paused again: its control socket says so.
     let idle_socket = datapath_pids(&host.root).into_keys().find(|s| !uri.contains(s.as_str())).expect("the idle datapath");
     let control = std::path::Path::new(&idle_socket).with_file_name("control.sock");
-    let stats = run(Command::new(tapmirror()).arg("ctl").arg(&control).arg("stats"));
-    let stats: serde_json::Value = serde_json::from_slice(&stats.stdout).expect("stats JSON");
-    assert_eq!(stats["paused"], json!(true), "{stats}");
+    // The host pauses a restarted process after it answers (it starts serving, as any
+    // `tapmirror serve` does): a socket that answers does not mean the pause has come yet.
+    let stats = || {
+        let out = run(Command::new(tapmirror()).arg("ctl").arg(&control).arg("stats"));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("stats JSON")
+    };
+    eventually(30, "the attached-only datapath paused again", || stats()["paused"] == json!(true));
 
     host.cli(&["vdi", "detach", "--sr", &sr, "--vdi", &active]);
     host.call("DP.destroy", json!({"dp": "idle-dp", "allow_leak": false, "dbg": "t"}));

@@ -346,6 +346,12 @@ fn task_error(h: &Host, task: &str) -> String {
     t["state"][1][0].as_str().unwrap_or_else(|| panic!("no error tag in {t}")).to_owned()
 }
 
+/// Waits until `task` is at `stage` (its `debug_info` says so, set as each stage begins),
+/// rather than guessing how long the stages before it take on a loaded machine.
+fn wait_for_stage(h: &Host, task: &str, stage: &str) {
+    eventually(60, &format!("the task at its {stage} stage"), || h.call("TASK.stat", json!({"task": task, "dbg": "t"}))["debug_info"]["stage"] == stage);
+}
+
 /// The task of the mirror that was started last.
 fn last_task(h: &Host) -> String {
     let tasks = h.call("TASK.list", json!({"dbg": "t"}));
@@ -399,7 +405,14 @@ fn cancelling_the_task_during_each_stage_rolls_it_back() {
         let (vdi, _uri) = p.guest_disk(&pattern((4 * MIB) as usize, 10));
         let before = p.state();
         let task = p.src.cli(&["mirror", "start", "--sr", &p.src_sr, "--vdi", &vdi, "--dest", &p.dest_url(), "--dest-sr", &p.dst_sr]);
-        std::thread::sleep(std::time::Duration::from_millis(700));
+        // Cancelled while it sits in the point's 2 s delay, however long the stages before
+        // it took.
+        match point {
+            "send.copied" => eventually(60, "the copy reported what it copied", || {
+                p.src.call("TASK.stat", json!({"task": task, "dbg": "t"}))["debug_info"]["copied_bytes"].is_string()
+            }),
+            _ => wait_for_stage(&p.src, &task, &point["send.".len()..].replace('_', " ")),
+        }
         p.src.cli(&["task", "cancel", &task]);
         eventually(30, &format!("{point}: the task ended"), || p.src.call("TASK.stat", json!({"task": task, "dbg": "t"}))["state"][0] != "Pending");
         // As xapi's: the task that was cancelled, whichever step noticed.
@@ -425,7 +438,9 @@ fn a_vdi_detached_while_its_mirror_starts_fails_the_mirror_and_rolls_it_back() {
         let before = p.state();
         p.src.cli(&["vdi", "attach", "--sr", &p.src_sr, "--vdi", &vdi]);
         let task = p.src.cli(&["mirror", "start", "--sr", &p.src_sr, "--vdi", &vdi, "--dest", &p.dest_url(), "--dest-sr", &p.dst_sr]);
-        std::thread::sleep(std::time::Duration::from_millis(700));
+        // Detached while it sits in the point's delay: a detach that lands earlier, during the
+        // fd stage's mirror attach, fails the mirror with another error.
+        wait_for_stage(&p.src, &task, &point["send.".len()..].replace('_', " "));
         p.src.cli(&["vdi", "detach", "--sr", &p.src_sr, "--vdi", &vdi]);
         eventually(30, &format!("{point}: the task ended"), || p.src.call("TASK.stat", json!({"task": task, "dbg": "t"}))["state"][0] != "Pending");
         let t = p.src.call("TASK.stat", json!({"task": task, "dbg": "t"}));
@@ -783,15 +798,18 @@ while True:
 
 #[test]
 fn a_network_cut_during_the_copy_is_undone_on_both_hosts_once_the_network_is_back() {
-    // The copy waits 2 s before it starts: time to cut the network under it.
-    let p = Pair::with_faults("send.copy=delay", "");
+    // The copy waits 10 s before it starts: time to cut the network under it, however loaded
+    // the machine.
+    let p = Pair::with_faults("send.copy=long", "");
     let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("port").port();
     let mut link = Link::up(port, &p.dst.tcp);
     let (vdi, _uri) = p.guest_disk(&pattern((8 * MIB) as usize, 24));
     let before = p.state();
     let url = format!("http://127.0.0.1:{port}?session_id={}", p.dst.secret);
     let task = p.src.cli(&["mirror", "start", "--sr", &p.src_sr, "--vdi", &vdi, "--dest", &url, "--dest-sr", &p.dst_sr]);
-    std::thread::sleep(std::time::Duration::from_millis(800));
+    // Cut once the copy waits, not after a guess at how long the prepare and the mirror's
+    // connection take: a cut before the fd stage is done fails another stage.
+    wait_for_stage(&p.src, &task, "copy");
     link.cut();
     eventually(30, "the task ended", || p.src.call("TASK.stat", json!({"task": task, "dbg": "t"}))["state"][0] != "Pending");
     assert_eq!(task_error(&p.src, &task), "Migration_mirror_copy_failure");

@@ -682,8 +682,14 @@ const COPY_CHUNK: u64 = 1 << 20;
 /// 1.26-3.61x and 1.31-2.69x. The price is time: a 4 GiB disk ready in 45 s against 1-2 s
 /// unpaced, so hosts may choose (`sxm serve --mirror-busy-rate`).
 pub const DEFAULT_BUSY_RATE: u64 = 64 << 20;
-/// A guest write within this long makes the guest count as busy.
-const BUSY_WINDOW: Duration = Duration::from_millis(20);
+/// A guest write within this long makes the guest count as busy. Long enough that a guest
+/// writing in bursts, or held off the CPU for a moment on a loaded host, is still a busy
+/// guest: at 20 ms, any pause of the guest's longer than that let the pass go at full speed
+/// (a test of the busy rate failed half its runs on a loaded machine, the pass copying megabytes
+/// in the gaps). An idle guest's pass reaches full speed half a second later.
+const BUSY_WINDOW: Duration = Duration::from_millis(500);
+/// How long the pass takes the guest for busy when it starts, before it has seen a write.
+const FIRST_LOOK: Duration = Duration::from_millis(100);
 /// The pass flushes the target after each this many bytes it sent (one flush in flight at a
 /// time), as `tapmirror copy` does. Left to the kernel, a target's page cache holds gigabytes
 /// of the pass's data when the ready flush writes it all back at once. On 2 cores with a 4 GiB
@@ -722,10 +728,13 @@ pub async fn run_full_copy<I: Image>(
     let mut cursor = 0;
     // What was dirty when the current sweep over the bitmap began.
     let mut sweep_start = f.bitmap.dirty_bytes();
-    // The guest counts as busy until it has been seen idle: otherwise, with no hole walk first,
-    // the first requests go out at full depth before its first write is noticed (3.2 MB in the
-    // first second under a 1 MiB/s busy rate, in the test that now keeps this from coming back).
-    let guest = GuestWatch { m: &m, seen: Mutex::new((m.guest_writes.load(Ordering::Relaxed), Instant::now())) };
+    // The guest counts as busy until it has been seen idle for FIRST_LOOK: otherwise, with no
+    // hole walk first, the first requests go out at full depth before its first write is
+    // noticed (3.2 MB in the first second under a 1 MiB/s busy rate, in the test that now keeps
+    // this from coming back). Not for a whole BUSY_WINDOW: an idle guest's pass would start
+    // paced, and flush as often as a busy guest's, for half a second.
+    let first_seen = Instant::now().checked_sub(BUSY_WINDOW.saturating_sub(FIRST_LOOK)).unwrap_or_else(Instant::now);
+    let guest = GuestWatch { m: &m, seen: Mutex::new((m.guest_writes.load(Ordering::Relaxed), first_seen)) };
     loop {
         if m.failed.load(Ordering::Acquire) || !slot.is_current(&m) {
             return;

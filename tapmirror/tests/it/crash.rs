@@ -201,17 +201,25 @@ fn unflushed_vhd_writes_reach_the_file_within_seconds() {
             c.write(off, vec![v; 4096], false).await.expect("write");
         }
     });
-    std::thread::sleep(std::time::Duration::from_millis(2500));
+    // The metadata goes out once a second, after the data's sync: on a busy disk that sync
+    // alone can take longer than a fixed wait. Wait until a reader of the file (a second,
+    // read-only server) finds every write there, however long that takes, up to a bound that
+    // still says "within seconds".
+    let mut model = vec![0u8; SIZE as usize];
+    for &(off, v) in &writes {
+        model[off as usize..off as usize + 4096].fill(v);
+    }
+    let started = std::time::Instant::now();
+    while read_all(&rt, &image, "vhd") != model {
+        assert!(started.elapsed() < std::time::Duration::from_secs(30), "unflushed writes not in the file after {:?}", started.elapsed());
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
     let mut served = served;
     let mut child = served.proc.0.take().expect("server");
     let _ = child.kill(); // SIGKILL: no flush, no close
     let _ = child.wait();
     run(Command::new(tapmirror()).args(["image", "check"]).arg(&image));
     let contents = read_all(&rt, &image, "vhd");
-    let mut model = vec![0u8; SIZE as usize];
-    for &(off, v) in &writes {
-        model[off as usize..off as usize + 4096].fill(v);
-    }
     let lost = writes.iter().filter(|&&(off, v)| contents[off as usize..off as usize + 4096].iter().any(|&b| b != v)).count();
     assert_eq!(lost, 0, "{lost} of {} unflushed writes never reached the file", writes.len());
     assert!(contents == model, "bytes outside the writes changed");
