@@ -406,7 +406,9 @@ async fn rpc_calls_work_before_during_and_after_handovers_on_the_same_listeners(
 
 #[tokio::test]
 async fn slow_loris_connections_are_dropped_after_the_head_timeout_without_blocking_others() {
-    let timeout = Duration::from_millis(1500);
+    // Long enough that a loaded machine serves the other callers well within it: the check
+    // is that the stalled connections do not hold them up until they time out.
+    let timeout = Duration::from_secs(5);
     let server = Server::with_head_timeout(timeout).await;
     let start = Instant::now();
     // An NBD head that never ends, a request line that never decides, a connection that sends

@@ -297,7 +297,7 @@ fn stop_undoes_a_running_mirror_on_both_hosts() {
 /// is rolled back, as xapi's stop does; it used to fail though the stop worked.
 #[test]
 fn stop_of_a_mirror_still_starting_answers_once_it_is_undone() {
-    let p = Pair::with_faults("send.copy=delay", "");
+    let p = Pair::with_faults("send.copy=long", "");
     let (vdi, _uri) = p.guest_disk(&pattern((4 * MIB) as usize, 18));
     let before = p.state();
     let task = p.src.cli(&["mirror", "start", "--sr", &p.src_sr, "--vdi", &vdi, "--dest", &p.dest_url(), "--dest-sr", &p.dst_sr]);
