@@ -555,7 +555,15 @@ async fn connect_dest(uri: &NbdUri, count: usize) -> Result<Vec<NbdClient>> {
     let n = if first.info().flags & tflags::CAN_MULTI_CONN != 0 { count.max(1) } else { 1 };
     let mut clients = vec![first];
     for _ in 1..n {
-        clients.push(NbdClient::connect(uri).await.context("connecting to the destination")?);
+        match NbdClient::connect(uri).await {
+            Ok(c) => clients.push(c),
+            // A server that offers multi-conn may still take fewer connections (a limit in
+            // front of it): the copy goes on over those it has.
+            Err(e) => {
+                tracing::warn!(got = clients.len(), wanted = n, error = %tapmirror::error_chain(&e), "the destination took fewer connections than asked; copying over those");
+                break;
+            }
+        }
     }
     Ok(clients)
 }

@@ -213,6 +213,28 @@ fn a_raw_disk_holding_an_image_header_imports_as_raw_when_named_so() {
     assert!(std::fs::read(&exported).expect("exported") == disk, "the imported disk differs from the guest's raw file");
 }
 
+/// A raw file whose size is no whole number of sectors imports into either SR type: the VDI is
+/// the next whole sector, its bytes the file's and then zeroes. The copy failed with EINVAL at
+/// its last, partial sector.
+#[test]
+fn a_file_of_no_whole_sectors_imports_padded_with_zeroes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (host, ext) = host_with_sr(&dir);
+    let qcow2 = host.cli(&["sr", "create", "--type", "qcow2", "--name", "volumes"]);
+    let file = dir.path().join("odd.raw");
+    let bytes = pattern(1000, 6);
+    std::fs::write(&file, &bytes).expect("file");
+    for sr in [&ext, &qcow2] {
+        let imported = host.cli_json(&["vdi", "import", "--sr", sr, file.to_str().expect("path")]);
+        assert_eq!(imported["virtual_size"], json!(1024), "{imported}");
+        let exported = dir.path().join(format!("out-{sr}.raw"));
+        host.cli(&["vdi", "export", "--sr", sr, "--vdi", imported["vdi"].as_str().expect("vdi"), exported.to_str().expect("path")]);
+        let mut want = bytes.clone();
+        want.resize(1024, 0);
+        assert!(std::fs::read(&exported).expect("exported") == want, "{sr}: the VDI is not the file's bytes then zeroes");
+    }
+}
+
 #[test]
 fn an_attached_vdi_is_read_and_written_through_its_nbd_uri() {
     require!("qemu-io", "nbdcopy", "nbdinfo");

@@ -52,8 +52,15 @@ impl<I: Image> Source<I> {
         matches!(self, Source::Diff { .. })
     }
 
-    /// Extents from `offset`, at least one, within `length`.
+    /// Extents from `offset`, at least one, within `length`. Past its end a source is one
+    /// hole: a copy pads the destination's last unit with zeroes when the source's size does
+    /// not fill it (a 1000-byte raw file into a VDI of 512-byte sectors).
     pub async fn allocation(&self, offset: u64, length: u64) -> Result<Vec<Extent>> {
+        let size = self.size();
+        if offset >= size {
+            return Ok(vec![Extent { offset, length, state: ExtentState::Hole }]);
+        }
+        let length = length.min(size - offset);
         match self {
             Source::Image(i) => Ok(i.allocation(offset, length, usize::MAX).await?),
             Source::Diff { ranges, .. } => {
@@ -79,7 +86,8 @@ impl<I: Image> Source<I> {
                     return Ok(vec![Extent { offset, length: u64::from(len), state: ExtentState::Data }]);
                 }
                 Ok(c.block_status(offset, len)
-                    .await?
+                    .await
+                    .with_context(|| format!("block status of the source at {offset}"))?
                     .into_iter()
                     .map(|e| Extent {
                         offset: e.offset,
@@ -95,15 +103,41 @@ impl<I: Image> Source<I> {
         }
     }
 
-    /// Reads `len` bytes at `offset`.
+    /// Reads `len` bytes at `offset`; what lies past the source's end reads as zeroes (see
+    /// [`Source::allocation`]). An NBD source is read in requests within its maximum block
+    /// size, which may be smaller than a destination's unit.
     pub async fn read(&self, offset: u64, len: usize) -> Result<IoBuf> {
+        let within = usize::try_from(self.size().saturating_sub(offset)).unwrap_or(usize::MAX).min(len);
+        if within < len {
+            let mut buf = IoBuf::new(len);
+            if within > 0 {
+                let part = Box::pin(self.read(offset, within)).await?;
+                buf[..within].copy_from_slice(&part);
+            }
+            return Ok(buf);
+        }
         match self {
             Source::Image(i) | Source::Diff { image: i, .. } => {
                 let (buf, r) = i.read(offset, IoBuf::for_overwrite(len)).await;
                 r.with_context(|| format!("reading source at {offset}"))?;
                 Ok(buf)
             }
-            Source::Nbd(c) => Ok(IoBuf::from_vec(c.read(offset, len).await.with_context(|| format!("reading source at {offset}"))?)),
+            Source::Nbd(c) => {
+                let max = (c.info().block_size.maximum as usize).max(1);
+                if len <= max {
+                    return Ok(IoBuf::from_vec(c.read(offset, len).await.with_context(|| format!("reading source at {offset}"))?));
+                }
+                let mut buf = IoBuf::for_overwrite(len);
+                let mut at = 0;
+                while at < len {
+                    let n = (len - at).min(max);
+                    let off = offset + at as u64;
+                    let part = c.read(off, n).await.with_context(|| format!("reading source at {off}"))?;
+                    buf[at..at + n].copy_from_slice(&part);
+                    at += n;
+                }
+                Ok(buf)
+            }
         }
     }
 }

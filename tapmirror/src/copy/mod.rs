@@ -274,12 +274,22 @@ pub async fn copy<I: Image, J: Image>(
     if dest.size() < size {
         bail!("destination ({} bytes) is smaller than the source ({size} bytes)", dest.size());
     }
-    // At least 4 KiB unless an end takes less in one request (a server may advertise a
-    // maximum block size below that); never more than either end takes.
-    let request_size = opts.request_size.max(4096).min(source.max_read()).min(dest.max_write()).max(1);
+    // At least 4 KiB unless the destination takes less in one request (a server may
+    // advertise a maximum block size below that); never more than it takes. A source that
+    // takes less is read in several requests (`Source::read`).
+    let request_size = opts.request_size.max(4096).min(dest.max_write()).max(1);
     // Every request starts and ends on the destination's unit (a 4 KiB-sector disk behind
     // qemu-nbd, say), whatever the source's granularity (a VHD's is the 512-byte sector).
     let unit = dest.min_write();
+    // The walk covers the destination's last unit whole: the source pads it with zeroes.
+    let walk_end = size.next_multiple_of(unit);
+    if walk_end > dest.size() {
+        bail!(
+            "the destination writes in units of {unit} bytes and ends at {} bytes, within its last unit: the source's last {} bytes cannot be written",
+            dest.size(),
+            size % unit
+        );
+    }
     let request_size = (request_size as u64).max(unit) / unit * unit;
     let request_size = usize::try_from(request_size).unwrap_or(usize::MAX);
     let sparse = (opts.sparse_size.max(512).min(request_size) as u64).next_multiple_of(unit) as usize;
@@ -297,7 +307,7 @@ pub async fn copy<I: Image, J: Image>(
     }
 
     let report = Arc::new(Mutex::new(CopyReport { size, resumed_bytes: start, ..CopyReport::default() }));
-    let progress = Arc::new(Progress::new(opts.progress, size, start).counting_into(opts.done_counter.clone()));
+    let progress = Arc::new(Progress::new(opts.progress, walk_end, start).counting_into(opts.done_counter.clone()));
     let slots = Arc::new(Semaphore::new(connections.max(1) * opts.requests.max(1)));
     let watermark = Arc::new(Mutex::new(Watermark::new(start)));
     let limiter = opts.bwlimit.filter(|&r| r > 0).map(|r| Arc::new(Limiter::new(r)));
@@ -312,12 +322,12 @@ pub async fn copy<I: Image, J: Image>(
     let mut sent_since_writeback = 0u64;
 
     let mut at = start;
-    'walk: while at < size {
-        let extents = source.allocation(at, (size - at).min(1 << 30)).await?;
+    'walk: while at < walk_end {
+        let extents = source.allocation(at, (walk_end - at).min(1 << 30)).await?;
         if extents.is_empty() {
             bail!("source reported no allocation at offset {at}");
         }
-        let extents = if unit > 1 { aligned(extents, unit, size) } else { extents };
+        let extents = if unit > 1 { aligned(extents, unit, walk_end) } else { extents };
         for e in extents {
             let end = e.offset + e.length;
             if e.state != ExtentState::Data {
@@ -406,12 +416,16 @@ pub async fn copy<I: Image, J: Image>(
     while let Some(done) = writeback.join_next().await {
         done??;
     }
-    ticker.abort();
     if let Some(e) = failed.lock().ok().and_then(|mut f| f.take()) {
+        ticker.abort();
         progress.finish(false);
         return Err(e);
     }
-    dest.flush().await?;
+    // The ticker goes on through the flush, which can take long (a target writing back
+    // gigabytes): progress lines that stop would look like a hang.
+    let flushed = dest.flush().await;
+    ticker.abort();
+    flushed?;
     // The copy is done: its checkpoint goes, so that the same command run again (the source
     // changed since) copies again rather than finding everything already done.
     if let Some(path) = &opts.checkpoint {

@@ -118,7 +118,7 @@ pub enum ClientError {
         message: String,
     },
     /// The server answered a request with an error.
-    #[error("server error {errno}{}", message.as_deref().map(|m| format!(": {m}")).unwrap_or_default())]
+    #[error("server error {errno}{}", message.as_deref().filter(|m| !m.is_empty()).map(|m| format!(": {m}")).unwrap_or_default())]
     Server {
         /// The error value.
         errno: Errno,
@@ -558,7 +558,8 @@ impl NbdClient {
         let reader = tokio::spawn(async move {
             let why = match read_replies(&mut r, &reader_shared).await {
                 Ok(()) => "server closed the connection".to_owned(),
-                Err(e) => e.to_string(),
+                // With its cause: "NBD connection" alone said nothing of a reset.
+                Err(e) => crate::error_chain(&e),
             };
             reader_shared.fail_all(&why);
         });

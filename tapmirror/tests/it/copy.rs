@@ -581,3 +581,133 @@ fn dest_new_never_writes_an_existing_file_or_through_a_link() {
     crate::harness::run(Command::new(tm).arg("copy").arg(&src).arg(&fresh).arg("--dest-new"));
     assert!(std::fs::read(&fresh).expect("fresh") == content);
 }
+
+/// nbdkit serving `file` with block size limits it enforces (`blocksize-policy`, refusing
+/// what breaks them), on a Unix socket in `dir`; answers the server and its URI.
+fn limited(dir: &Path, name: &str, file: &Path, minimum: u32, maximum: u32, read_only: bool) -> (crate::harness::Proc, String) {
+    let socket = dir.join(format!("{name}.sock"));
+    let mut cmd = Command::new("nbdkit");
+    cmd.args(["-f", "-U"]).arg(&socket);
+    if read_only {
+        cmd.arg("-r");
+    }
+    cmd.args(["--filter=blocksize-policy", "file"]).arg(file).args([
+        format!("blocksize-minimum={minimum}"),
+        format!("blocksize-preferred={minimum}"),
+        format!("blocksize-maximum={maximum}"),
+        "blocksize-error-policy=error".to_owned(),
+    ]);
+    (spawn_server(&mut cmd, &socket), format!("nbd+unix:///?socket={}", socket.display()))
+}
+
+/// Ends whose block sizes do not fit together, all legal: a source that reads at most 4 KiB at
+/// a time into a destination that writes in 64 KiB units (the source is read in several
+/// requests per unit; the copy failed on its first read), and a 1000-byte source into a
+/// destination of 4 KiB units that is larger (its last unit is padded with zeroes; the copy
+/// failed at its very end). A destination that ends inside its own last unit cannot take the
+/// source's tail: that is said before anything is copied.
+#[test]
+fn copy_fits_requests_to_both_ends_block_sizes() {
+    crate::require!("nbdkit");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let (src, dst) = (d.join("src.raw"), d.join("dst.raw"));
+    let content = make_source(&src);
+    std::fs::write(&dst, vec![0x44u8; content.len()]).expect("target");
+    let (_s, src_uri) = limited(d, "s", &src, 512, 4096, true);
+    let (t, dst_uri) = limited(d, "d", &dst, 65536, 1 << 20, false);
+    run(Command::new(crate::harness::tapmirror()).arg("copy").arg(&src_uri).arg(&dst_uri));
+    drop(t);
+    assert!(std::fs::read(&dst).expect("read") == content, "the destination differs from the source");
+
+    let small = d.join("small.raw");
+    let bytes = pattern(1000, 3);
+    std::fs::write(&small, &bytes).expect("small");
+    let padded = d.join("padded.raw");
+    std::fs::write(&padded, vec![0x44u8; 4096]).expect("padded");
+    let (t, uri) = limited(d, "p", &padded, 4096, 65536, false);
+    run(Command::new(crate::harness::tapmirror()).arg("copy").arg(&small).arg(&uri));
+    drop(t);
+    let mut want = bytes.clone();
+    want.resize(4096, 0);
+    assert!(std::fs::read(&padded).expect("read") == want, "the last unit is not the source's bytes then zeroes");
+
+    let odd = d.join("odd.raw");
+    std::fs::write(&odd, vec![0x44u8; 5000]).expect("odd");
+    std::fs::write(&small, pattern(5000, 4)).expect("small");
+    let (_t, uri) = limited(d, "o", &odd, 4096, 65536, false);
+    let out = Command::new(crate::harness::tapmirror()).arg("copy").arg(&small).arg(&uri).output().expect("copy");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("cannot be written"), "{err}");
+    assert!(std::fs::read(&odd).expect("read") == vec![0x44u8; 5000], "something was written before the refusal");
+}
+
+/// A destination that offers multi-conn but takes one connection (nbdkit's limit filter) gets
+/// the copy over that one; the copy failed when its second connection was refused.
+#[test]
+fn copy_goes_on_over_the_connections_a_destination_takes() {
+    crate::require!("nbdkit");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = dir.path().join("src.raw");
+    let content = make_source(&src);
+    let dst = dir.path().join("dst.raw");
+    std::fs::write(&dst, vec![0x44u8; content.len()]).expect("target");
+    let socket = dir.path().join("k.sock");
+    let target = spawn_server(
+        Command::new("nbdkit").args(["-f", "-U"]).arg(&socket).args(["--filter=limit", "--filter=multi-conn", "file"]).arg(&dst).args(["limit=1", "multi-conn-mode=plugin"]),
+        &socket,
+    );
+    let uri = format!("nbd+unix:///?socket={}", socket.display());
+    let info = run(Command::new("nbdinfo").arg("--json").arg(&uri));
+    assert!(String::from_utf8_lossy(&info.stdout).contains("\"can_multi_conn\": true"), "the target should offer multi-conn");
+    run(Command::new(crate::harness::tapmirror()).arg("copy").arg(&src).arg(&uri).args(["--connections", "4"]));
+    drop(target);
+    assert!(std::fs::read(&dst).expect("read") == content, "the destination differs from the source");
+}
+
+/// Progress lines go on while the destination takes seconds over its final flush (nbdkit
+/// serving a file whose flush sleeps 3 s): they stopped before the flush, which looked like a
+/// hang, and the final line came only after it.
+#[test]
+fn progress_goes_on_through_a_slow_final_flush() {
+    crate::require!("nbdkit");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = dir.path().join("src.raw");
+    std::fs::write(&src, pattern(MIB as usize, 5)).expect("src");
+    let dst = dir.path().join("dst.raw");
+    std::fs::File::create(&dst).and_then(|f| f.set_len(MIB)).expect("dst");
+    let socket = dir.path().join("k.sock");
+    let f = dst.display();
+    let _target = spawn_server(
+        Command::new("nbdkit").args(["-f", "-U"]).arg(&socket).args([
+            "eval".to_owned(),
+            format!("get_size=echo {MIB}"),
+            "can_write=exit 0".to_owned(),
+            format!("pread=dd if='{f}' skip=$4 count=$3 iflag=skip_bytes,count_bytes status=none"),
+            format!("pwrite=dd of='{f}' seek=$4 oflag=seek_bytes conv=notrunc status=none"),
+            "flush=sleep 3".to_owned(),
+        ]),
+        &socket,
+    );
+    let out = run(Command::new(crate::harness::tapmirror()).arg("copy").arg(&src).arg(format!("nbd+unix:///?socket={}", socket.display())).args(["--progress", "json"]));
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).expect("JSON progress line")).collect();
+    let before_the_end = lines.iter().filter(|l| l["finished"] != true).count();
+    assert!(before_the_end >= 2, "{before_the_end} progress lines in a copy that took over 3 s: {lines:?}");
+    assert_eq!(lines.last().expect("a final line")["finished"], true);
+    assert!(std::fs::read(&dst).expect("read") == std::fs::read(&src).expect("src"));
+}
+
+/// A source whose block status fails says where, not just `server error EIO: `.
+#[test]
+fn a_source_block_status_error_says_where() {
+    crate::require!("nbdkit");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("k.sock");
+    let _source = spawn_server(
+        Command::new("nbdkit").env("TZ", "UTC").args(["-f", "-U"]).arg(&socket).args(["--filter=error", "memory", "4M", "error-extents-rate=100%", "error=EIO"]),
+        &socket,
+    );
+    let out = Command::new(crate::harness::tapmirror()).arg("copy").arg(format!("nbd+unix:///?socket={}", socket.display())).arg(dir.path().join("out.raw")).output().expect("copy");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("block status of the source at 0") && err.contains("EIO") && !err.trim_end().ends_with(':'), "{err}");
+}
