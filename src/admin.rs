@@ -911,7 +911,8 @@ fn explain(code: &str, params: &[String]) -> Option<String> {
         "VDI_IN_USE" => format!("VDI {first} is in use (attached, being migrated or being copied): detach it first (or let the copy end), or work on a snapshot of it"),
         "VDI_READONLY" => format!("VDI {first} is read-only (a snapshot): attach it with --read-only, or clone it to write"),
         "VDI_TOO_LARGE" => {
-            let most = params.get(1).and_then(|m| m.parse::<i64>().ok()).map(human).unwrap_or_default();
+            // Exact bytes too: the VHD limit, 2040 GiB, reads "2.0 TiB" rounded.
+            let most = params.get(1).and_then(|m| m.parse::<i64>().ok()).map(|m| format!("{} ({m} bytes)", human(m))).unwrap_or_default();
             format!("too large: this SR type's VDIs hold at most {most}")
         }
         "SR_BACKEND_FAILURE_44" => "the SR is out of space".to_owned(),
@@ -1019,6 +1020,13 @@ mod tests {
         let mut t = table(["NAME"]);
         add_row(&mut t, vec!["x\u{1b}]0;owned\u{7}".into()]);
         assert!(!t.to_string().contains('\u{1b}'), "{t}");
+    }
+
+    /// The VHD limit is 2040 GiB, which rounds to "2.0 TiB": the bytes say which it is.
+    #[test]
+    fn a_size_limit_is_told_in_bytes_too() {
+        let said = explain("VDI_TOO_LARGE", &["v".into(), (2040i64 << 30).to_string()]).expect("explained");
+        assert!(said.contains("2.0 TiB") && said.contains(&(2040i64 << 30).to_string()), "{said}");
     }
 
     #[test]

@@ -99,7 +99,13 @@ fn volume_size(vdi: &str, size: i64) -> StorageResult<u64> {
     let Ok(size) = u64::try_from(size) else {
         return Err(errors::failure("invalid", format!("VDI {vdi}: size {size} is negative")));
     };
-    Ok(size.div_ceil(SECTOR).saturating_mul(SECTOR))
+    let size = size.div_ceil(SECTOR).saturating_mul(SECTOR);
+    let most = qcow2::max_default_size();
+    if size > most {
+        // As the ext SR says it: the caller learns the limit, not a parse of an image error.
+        return Err(StorageError::BackendError("VDI_TOO_LARGE".to_owned(), vec![vdi.to_owned(), most.to_string()]));
+    }
+    Ok(size)
 }
 
 fn to_i64(n: u64) -> i64 {

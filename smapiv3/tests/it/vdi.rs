@@ -171,6 +171,23 @@ fn resize_grows_only() {
     qemu_check(&sr.vol(&v.vdi)).expect("qemu-img check");
 }
 
+/// Beyond what a qcow2 volume of 64 KiB clusters maps (2 PiB), create and resize are
+/// `VDI_TOO_LARGE` with the limit, as on an ext SR; they were an image error to parse
+/// (`SR_BACKEND_FAILURE invalid ... exceeds ...`).
+#[test]
+fn sizes_beyond_the_qcow2_limit_are_too_large() {
+    let sr = TestSr::new();
+    let most = tapmirror::image::qcow2::max_default_size();
+    let mut big = VdiInfo::new("x", "big");
+    big.virtual_size = i64::try_from(most).expect("fits") + 512;
+    let e = sr.backend.vdi_create(&sr.ctx, &big).expect_err("too large");
+    assert!(matches!(&e, StorageError::BackendError(c, p) if c == "VDI_TOO_LARGE" && p.get(1) == Some(&most.to_string())), "{e:?}");
+    let v = sr.create("v", MIB);
+    let e = sr.backend.vdi_resize(&sr.ctx, &v.vdi, big.virtual_size).expect_err("too large");
+    assert!(matches!(&e, StorageError::BackendError(c, _) if c == "VDI_TOO_LARGE"), "{e:?}");
+    assert_eq!(sr.backend.vdi_stat(&sr.ctx, &v.vdi).expect("stat").virtual_size, MIB, "a refused resize changed the size");
+}
+
 #[test]
 fn compose_layers_the_child_onto_the_parent() {
     require!("qemu-img", "qemu-io");

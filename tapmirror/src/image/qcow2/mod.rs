@@ -128,6 +128,11 @@ pub use header::MAGIC;
 /// Default cluster size for new images, as QEMU's.
 pub const DEFAULT_CLUSTER_SIZE: u32 = 65536;
 
+/// The largest virtual size [`create`] makes with [`DEFAULT_CLUSTER_SIZE`] (2 PiB).
+pub fn max_default_size() -> u64 {
+    header::max_size(DEFAULT_CLUSTER_SIZE.trailing_zeros())
+}
+
 /// Why a qcow2 operation failed. Every variant names the file it is about.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
