@@ -419,12 +419,17 @@ async fn execute<I: Image>(control: &Control<I>, request: &Value, mut fds: Vec<O
                     return err(format!("\"{key}\" must be a non-negative integer (bytes per second; 0: no cap)"));
                 }
             }
-            let granularity = request.get("granularity").and_then(Value::as_u64).unwrap_or(crate::mirror::dirty::default_granularity(size));
+            // The target writes in whole units: its size must be some (an export that ends
+            // inside one could never take the disk's last bytes), and so must the background
+            // pass's granules, which it copies as they are.
+            let unit = u64::from(client.info().block_size.minimum.max(1));
+            if !size.is_multiple_of(unit) {
+                return err(format!("the image's {size} bytes are no whole number of the target's {unit}-byte blocks: its last bytes could not be mirrored"));
+            }
+            let granularity = request.get("granularity").and_then(Value::as_u64).unwrap_or(crate::mirror::dirty::default_granularity(size).max(unit));
             if !granularity.is_power_of_two() || !(512..=64 << 20).contains(&granularity) {
                 return err("\"granularity\" must be a power of two from 512 to 64 MiB");
             }
-            // The background pass copies whole granules, which the target must take as they are.
-            let unit = u64::from(client.info().block_size.minimum.max(1));
             if mode == MirrorMode::Full && !granularity.is_multiple_of(unit) {
                 return err(format!("\"granularity\" {granularity} is not whole blocks of the target, which writes in units of {unit} bytes"));
             }
@@ -493,9 +498,14 @@ async fn execute<I: Image>(control: &Control<I>, request: &Value, mut fds: Vec<O
             }
             match detached {
                 Some(m) => {
-                    // Flush what reached the target.
-                    let _ = m.client().flush().await;
-                    let _ = m.client().disconnect().await;
+                    // Flush what reached the target, within the mirror's timeout: a target that
+                    // stopped answering held this (and every pause behind it) for ever.
+                    match tokio::time::timeout(m.timeout(), m.client().flush_if_offered()).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => tracing::warn!(error = %crate::error_chain(&e), "the detached mirror's target did not flush"),
+                        Err(_) => tracing::warn!(timeout = ?m.timeout(), "the detached mirror's target did not flush in time"),
+                    }
+                    let _ = tokio::time::timeout(m.timeout(), m.client().disconnect()).await;
                     json!({"ok": true, "counters": m.counters()})
                 }
                 None => err("no mirror attached"),

@@ -229,7 +229,7 @@ enum CtlCommand {
         mode: tapmirror::mirror::MirrorMode,
         /// Full mode: bytes per dirty-bitmap bit (power of two, 512 B to 64 MiB) [default:
         /// 4 KiB, or for a disk over 2 TiB the finest that keeps the bitmap within 64 MiB].
-        #[arg(long)]
+        #[arg(long, value_parser = parse_size)]
         granularity: Option<u64>,
         /// Full mode: the target reads as zeroes already, so holes are not copied.
         #[arg(long)]

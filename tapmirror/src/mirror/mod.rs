@@ -441,6 +441,12 @@ impl Mirror {
         self.full.as_ref().map(|f| f.bitmap.granularity())
     }
 
+    /// How long the target may take over one request (or one split write) before the mirror
+    /// fails.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// The mode.
     pub fn mode(&self) -> MirrorMode {
         self.mode
@@ -542,6 +548,13 @@ impl MirrorSlot {
         if m.failed.swap(true, Ordering::AcqRel) {
             return;
         }
+        // Every request still waiting on the target fails now, rather than each waiting out a
+        // timeout of its own: guest writes to one busy block queue on its range lock, and behind
+        // a target that stopped answering they took a timeout each (8 writes, 16 s at 2 s).
+        m.client.abort(&format!("the mirror failed: {why}"));
+        if let Some(c) = m.full.as_ref().and_then(|f| f.copier.as_ref()) {
+            c.abort(&format!("the mirror failed: {why}"));
+        }
         let Ok(mut cur) = self.current.write() else { return };
         if !cur.as_ref().is_some_and(|c| std::ptr::eq(Arc::as_ptr(c), m)) {
             // Detached already (by `mirror-detach`): its late failure says nothing of the slot.
@@ -556,6 +569,10 @@ impl MirrorSlot {
     }
 
     async fn run<T>(&self, m: &Mirror, what: &str, op: impl Future<Output = Result<T, ClientError>>) -> bool {
+        // A request that waited (on a range lock) while the mirror failed is not sent.
+        if m.failed.load(Ordering::Acquire) {
+            return false;
+        }
         match tokio::time::timeout(m.timeout, op).await {
             Ok(Ok(_)) => true,
             Ok(Err(e)) => {
@@ -580,8 +597,8 @@ impl MirrorSlot {
 
     /// Mirrors a guest zeroing (or a trim, which the server turns into zeroing under a mirror
     /// so both sides keep reading alike), of whole units of the target.
-    pub async fn write_zeroes(&self, m: &Mirror, offset: u64, len: u32) {
-        if self.run(m, "write zeroes", m.client.zero(offset, u64::from(len))).await {
+    pub async fn write_zeroes(&self, m: &Mirror, offset: u64, len: u32, fua: bool) {
+        if self.run(m, "write zeroes", m.client.zero(offset, u64::from(len), fua)).await {
             self.mirrored(m, offset, u64::from(len));
         }
     }
@@ -596,7 +613,7 @@ impl MirrorSlot {
         let (inner_start, inner_end) = (offset.div_ceil(m.unit) * m.unit, (offset + len) / m.unit * m.unit);
         let ok = if zeroes && inner_start < inner_end {
             self.copy_from_image(m, image, start, inner_start - start, fua).await
-                && self.run(m, "write zeroes", m.client.zero(inner_start, inner_end - inner_start)).await
+                && self.run(m, "write zeroes", m.client.zero(inner_start, inner_end - inner_start, fua)).await
                 && self.copy_from_image(m, image, inner_end, end - inner_end, fua).await
         } else {
             self.copy_from_image(m, image, start, end - start, fua).await
@@ -638,7 +655,7 @@ impl MirrorSlot {
         if m.full.as_ref().is_some_and(|f| !f.flush_remote.load(Ordering::Acquire)) {
             return;
         }
-        if self.run(m, "flush", m.client.flush_if_offered()).await {
+        if self.run(m, "flush", m.client.flush_if_offered()).await && m.client.info().has(tflags::SEND_FLUSH) {
             m.flushes.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -944,7 +961,7 @@ async fn copy_range<I: Image>(slot: &MirrorSlot, m: &Mirror, image: &I, offset: 
             }
             sent
         } else {
-            slot.run(m, "background zeroing", m.copy_client().zero(e.offset, e.length)).await
+            slot.run(m, "background zeroing", m.copy_client().zero(e.offset, e.length, false)).await
         };
         if !ok {
             return None;

@@ -469,6 +469,19 @@ impl Drop for Inner {
     }
 }
 
+/// Waits for every request of `pieces`; the first error, if any (the rest still run to their
+/// end, so none outlives the call).
+async fn all_ok(mut pieces: tokio::task::JoinSet<Result<(), ClientError>>) -> Result<(), ClientError> {
+    let mut first = None;
+    while let Some(done) = pieces.join_next().await {
+        let r = done.unwrap_or_else(|e| Err(ClientError::Closed(format!("a request's task failed: {e}"))));
+        if let Err(e) = r {
+            first.get_or_insert(e);
+        }
+    }
+    first.map_or(Ok(()), Err)
+}
+
 /// A connected NBD client. Clones share the connection.
 #[derive(Clone)]
 pub struct NbdClient {
@@ -663,25 +676,29 @@ impl NbdClient {
     }
 
     /// Writes `[range]` of `buf` at `offset` in as many requests as the server's maximum
-    /// block size asks for, one after another (`fua` on each).
+    /// block size asks for, all in flight at once (`fua` on each), so that the whole takes
+    /// about one request's time rather than the sum of theirs.
     pub async fn write_split(&self, offset: u64, buf: &Arc<IoBuf>, range: std::ops::Range<usize>, fua: bool) -> Result<(), ClientError> {
         let max = (self.inner.info.block_size.maximum as usize).max(1);
+        if range.len() <= max {
+            let payload = if range.start == 0 && range.end == buf.len() { Payload::Shared(Arc::clone(buf)) } else { Payload::Slice(Arc::clone(buf), range) };
+            return self.write(offset, payload, fua).await;
+        }
+        let mut pieces = tokio::task::JoinSet::new();
         let mut at = range.start;
         while at < range.end {
             let n = (range.end - at).min(max);
-            let payload = if at == 0 && n == buf.len() { Payload::Shared(Arc::clone(buf)) } else { Payload::Slice(Arc::clone(buf), at..at + n) };
-            self.write(offset + (at - range.start) as u64, payload, fua).await?;
+            let (c, payload) = (self.clone(), Payload::Slice(Arc::clone(buf), at..at + n));
+            let off = offset + (at - range.start) as u64;
+            pieces.spawn(async move { c.write(off, payload, fua).await });
             at += n;
         }
-        Ok(())
+        all_ok(pieces).await
     }
 
     /// Makes `[offset, offset + len)` read as zeroes. `no_hole` keeps it allocated; `fast`
     /// fails with `ENOTSUP` unless the server can zero faster than it can write.
     pub async fn write_zeroes(&self, offset: u64, len: u32, no_hole: bool, fast: bool) -> Result<(), ClientError> {
-        if !self.inner.info.has(tflags::SEND_WRITE_ZEROES) {
-            return Err(ClientError::Unsupported("server does not support WRITE_ZEROES".into()));
-        }
         if fast && !self.inner.info.has(tflags::SEND_FAST_ZERO) {
             return Err(ClientError::Unsupported("server does not support FAST_ZERO".into()));
         }
@@ -692,27 +709,54 @@ impl NbdClient {
         if fast {
             flags |= cmd_flags::FAST_ZERO;
         }
-        self.request(cmd::WRITE_ZEROES, flags, offset, len, None, Expect::Simple).await.map(|_| ())
+        self.write_zeroes_flags(offset, len, flags).await
     }
 
     /// Makes `[offset, offset + len)` read as zeroes, however long: `WRITE_ZEROES` (up to 1 GiB
     /// a request) where the server takes it, else zero buffers within its maximum block size
     /// (tapdisk's server has no `WRITE_ZEROES`); never `TRIM`, whose content afterwards is
-    /// unspecified.
-    pub async fn zero(&self, offset: u64, len: u64) -> Result<(), ClientError> {
+    /// unspecified. The requests are in flight at once; `fua` makes the zeroes durable before
+    /// this returns (FUA on each request, or a FLUSH after them where the server has no FUA).
+    pub async fn zero(&self, offset: u64, len: u64, fua: bool) -> Result<(), ClientError> {
         let has_zeroes = self.inner.info.has(tflags::SEND_WRITE_ZEROES);
         let chunk = if has_zeroes { 1 << 30 } else { u64::from(self.inner.info.block_size.maximum).min(1 << 20) };
         let zeroes = (!has_zeroes).then(|| Arc::new(IoBuf::new(len.min(chunk) as usize)));
+        let native_fua = fua && self.inner.info.has(tflags::SEND_FUA);
+        let mut pieces = tokio::task::JoinSet::new();
         let mut at = 0;
         while at < len {
             let n = (len - at).min(chunk);
+            let (c, off) = (self.clone(), offset + at);
             match &zeroes {
-                None => self.write_zeroes(offset + at, n as u32, false, false).await?,
-                Some(z) => self.write(offset + at, Payload::Slice(Arc::clone(z), 0..n as usize), false).await?,
-            }
+                None => pieces.spawn(async move { c.write_zeroes_flags(off, n as u32, if native_fua { cmd_flags::FUA } else { 0 }).await }),
+                Some(z) => {
+                    let z = Arc::clone(z);
+                    pieces.spawn(async move { c.write(off, Payload::Slice(z, 0..n as usize), native_fua).await })
+                }
+            };
             at += n;
         }
+        all_ok(pieces).await?;
+        if fua && !native_fua {
+            self.flush_if_offered().await?;
+        }
         Ok(())
+    }
+
+    /// `WRITE_ZEROES` with the flags given (the server must take the command).
+    async fn write_zeroes_flags(&self, offset: u64, len: u32, flags: u16) -> Result<(), ClientError> {
+        if !self.inner.info.has(tflags::SEND_WRITE_ZEROES) {
+            return Err(ClientError::Unsupported("server does not support WRITE_ZEROES".into()));
+        }
+        self.request(cmd::WRITE_ZEROES, flags, offset, len, None, Expect::Simple).await.map(|_| ())
+    }
+
+    /// Fails every request in flight, and every later one, with `why` at once: for a caller
+    /// that gave up on the server (a mirror whose target stopped answering), so that requests
+    /// queued behind the one that timed out do not each wait out a timeout of their own.
+    pub fn abort(&self, why: &str) {
+        self.inner.writer.close(why);
+        self.inner.shared.fail_all(why);
     }
 
     /// Tells the server a range is unused.

@@ -771,7 +771,7 @@ impl<I: Image> NbdServer<I> {
                 let _range = m.guard(req.offset, u64::from(req.length)).await;
                 let local = image.write_zeroes(req.offset, u64::from(req.length), ZeroAlloc::MayDeallocate, ZeroSpeed::Any, durability);
                 match m.route(req.offset, u64::from(req.length)) {
-                    Route::Both => self.mirror_zeroes(m, &*image, req.offset, req.length, "trim", local).await,
+                    Route::Both => self.mirror_zeroes(m, &*image, &req, "trim", local).await,
                     route => {
                         let r = local.await;
                         m.kept_local(req.offset, u64::from(req.length), route);
@@ -793,10 +793,10 @@ impl<I: Image> NbdServer<I> {
                         // A fast zero that fails locally fails before any I/O, so mirroring it
                         // afterwards would zero the target alone: mirror only what succeeded.
                         Route::Both if speed == ZeroSpeed::FastOnly => match local.await {
-                            Ok(()) => self.mirror_zeroes(m, &*image, req.offset, req.length, "write zeroes", std::future::ready(Ok(()))).await,
+                            Ok(()) => self.mirror_zeroes(m, &*image, &req, "write zeroes", std::future::ready(Ok(()))).await,
                             e => e,
                         },
-                        Route::Both => self.mirror_zeroes(m, &*image, req.offset, req.length, "write zeroes", local).await,
+                        Route::Both => self.mirror_zeroes(m, &*image, &req, "write zeroes", local).await,
                         route => {
                             let r = local.await;
                             m.kept_local(req.offset, u64::from(req.length), route);
@@ -813,24 +813,18 @@ impl<I: Image> NbdServer<I> {
         simple_reply(req.cookie, errno, permits)
     }
 
-    /// Zeroes `[offset, offset + length)` on the target beside `local`, the image's side: at
-    /// once where the target takes the range as it is, else after it, from the image.
-    async fn mirror_zeroes(
-        &self,
-        m: &Mirror,
-        image: &I,
-        offset: u64,
-        length: u32,
-        what: &str,
-        local: impl Future<Output = Result<(), ImageError>>,
-    ) -> Result<(), ImageError> {
+    /// Zeroes the range of `req` (a trim or a zeroing) on the target beside `local`, the
+    /// image's side: at once where the target takes the range as it is, else after it, from
+    /// the image.
+    async fn mirror_zeroes(&self, m: &Mirror, image: &I, req: &Request, what: &str, local: impl Future<Output = Result<(), ImageError>>) -> Result<(), ImageError> {
+        let (offset, length, fua) = (req.offset, req.length, req.flags & cmd_flags::FUA != 0);
         if m.takes_as_is(offset, u64::from(length)) {
-            let r = tokio::join!(local, self.mirror.write_zeroes(m, offset, length)).0;
+            let r = tokio::join!(local, self.mirror.write_zeroes(m, offset, length, fua)).0;
             return self.check_local(m, what, r);
         }
         let r = self.check_local(m, what, local.await);
         if r.is_ok() {
-            self.mirror.write_from_image(m, image, offset, u64::from(length), true, false).await;
+            self.mirror.write_from_image(m, image, offset, u64::from(length), true, fua).await;
         }
         r
     }

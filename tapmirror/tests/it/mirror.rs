@@ -768,7 +768,7 @@ fn fill_mib(image: &Path, mib: u64) {
 /// An nbdkit memory export of `size` bytes behind its log filter: the server, the directory
 /// its socket and log are in, its URI, and the log (one line as each request begins, another
 /// as it ends).
-fn logged_target(size: u64) -> (crate::harness::Proc, tempfile::TempDir, String, PathBuf) {
+pub(crate) fn logged_target(size: u64) -> (crate::harness::Proc, tempfile::TempDir, String, PathBuf) {
     let dir = tempfile::tempdir().expect("tempdir");
     let (socket, log) = (dir.path().join("k.sock"), dir.path().join("k.log"));
     let k = spawn_server(

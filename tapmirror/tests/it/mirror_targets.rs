@@ -207,3 +207,146 @@ fn a_local_write_that_fails_where_the_target_succeeds_fails_the_mirror() {
     assert_eq!(stats["mirror"]["state"], "failed", "{stats}");
     assert!(stats["mirror"]["failure"].as_str().unwrap_or("").contains("local"), "{stats}");
 }
+
+/// A target that stops answering (SIGSTOP) while guest writes to one block queue on its range
+/// lock: the first to time out fails the mirror, and every write behind it finishes locally at
+/// once. Each one waited out a timeout of its own (8 writes, 16 s at 2 s). A detach then
+/// returns, within the timeout, and the server takes a pause after it: the detach's flush had
+/// no timeout and held every pause behind it for ever.
+#[test]
+fn writes_queued_behind_a_stalled_target_finish_once_it_fails_and_detach_returns() {
+    crate::require!("nbdkit", "qemu-io");
+    let (source, ctl_path) = serve_controlled(4 * MIB);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("k.sock");
+    let mut target = spawn_server(Command::new("nbdkit").args(["-f", "-U"]).arg(&socket).args(["memory", "4M"]), &socket);
+    let uri = format!("nbd+unix:///?socket={}", socket.display());
+    let stalled = |target: &Proc| {
+        let pid = target.0.as_ref().expect("target").id();
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGSTOP).expect("stop the target");
+    };
+    ctl(&ctl_path, &["mirror-attach", "--timeout-ms", "3000", "--target", &uri]);
+    stalled(&target);
+    let started = std::time::Instant::now();
+    let mut args = vec!["-t".to_owned(), "writeback".to_owned(), "-f".to_owned(), "raw".to_owned()];
+    for i in 1..=8 {
+        args.extend(["-c".to_owned(), format!("aio_write -P {i} 0 4k")]);
+    }
+    args.extend(["-c".to_owned(), "aio_flush".to_owned(), source.uri()]);
+    run(Command::new("qemu-io").args(&args));
+    let took = started.elapsed();
+    // Each waiting out its own 3 s would take 24 s.
+    assert!(took < std::time::Duration::from_secs(12), "8 writes behind a stalled target took {took:?}");
+    let stats = ctl(&ctl_path, &["stats"]);
+    assert_eq!(stats["mirror"]["state"], "failed", "{stats}");
+    assert_eq!(stats["errors"], 0, "the guest saw errors: {stats}");
+
+    // A second mirror onto the same stalled target, detached with nothing in flight.
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(target.0.as_ref().expect("target").id() as i32), nix::sys::signal::Signal::SIGCONT);
+    ctl(&ctl_path, &["mirror-attach", "--timeout-ms", "2000", "--target", &uri]);
+    stalled(&target);
+    let detach = Command::new(crate::harness::tapmirror()).arg("ctl").arg(&ctl_path).arg("mirror-detach").spawn().expect("detach");
+    let out = crate::harness::exits_within(detach, std::time::Duration::from_secs(20), "mirror-detach from a stalled target did not return");
+    assert!(out.status.success(), "{out:?}");
+    ctl(&ctl_path, &["pause"]);
+    ctl(&ctl_path, &["unpause"]);
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(target.0.as_ref().expect("target").id() as i32), nix::sys::signal::Signal::SIGCONT);
+    let _ = target.0.take().map(|mut c| {
+        let _ = c.kill();
+        c.wait()
+    });
+}
+
+/// A guest write larger than the target's maximum block reaches it as many requests at once,
+/// within one timeout: 256 requests of 4 KiB into a target taking 40 ms over each, which one
+/// after another (10 s) failed the mirror at its 5 s timeout.
+#[test]
+fn a_split_write_goes_to_the_target_at_once_within_one_timeout() {
+    crate::require!("nbdkit", "qemu-io", "qemu-img");
+    let (source, ctl_path) = serve_controlled(4 * MIB);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let target = dir.path().join("target.raw");
+    zeroed_file(&target, 4 * MIB);
+    let socket = dir.path().join("k.sock");
+    let _k = spawn_server(
+        Command::new("nbdkit").args(["-f", "-U"]).arg(&socket).args([
+            "--filter=blocksize-policy",
+            "--filter=delay",
+            "file",
+            &target.display().to_string(),
+            "blocksize-minimum=512",
+            "blocksize-preferred=4096",
+            "blocksize-maximum=4096",
+            "blocksize-error-policy=error",
+            "delay-write=40ms",
+        ]),
+        &socket,
+    );
+    ctl(&ctl_path, &["mirror-attach", "--timeout-ms", "5000", "--target", &format!("nbd+unix:///?socket={}", socket.display())]);
+    run(Command::new("qemu-io").args(["-t", "writeback", "-f", "raw", "-c", "write -P 7 1M 1M", &source.uri()]));
+    ctl(&ctl_path, &["drain"]);
+    let stats = ctl(&ctl_path, &["stats"]);
+    assert_eq!(stats["mirror"]["state"], "ready", "{stats}");
+    ctl(&ctl_path, &["mirror-detach"]);
+    same_disk(&source.image, &target);
+}
+
+/// A guest zeroing with FUA is durable on the target before the guest hears back, as a write
+/// with FUA is: the target saw the zeroing without FUA.
+#[test]
+fn zeroes_with_fua_are_durable_on_the_target() {
+    crate::require!("nbdkit", "qemu-io");
+    let (source, ctl_path) = serve_controlled(4 * MIB);
+    let (_k, _dir, uri, log) = crate::mirror::logged_target(4 * MIB);
+    ctl(&ctl_path, &["mirror-attach", "--target", &uri]);
+    run(Command::new("qemu-io").args(["-t", "writeback", "-f", "raw", "-c", "write -z -f 8k 4k", &source.uri()]));
+    ctl(&ctl_path, &["drain"]);
+    let text = std::fs::read_to_string(&log).expect("target log");
+    // A request's first line ends "...", its answer's begins "...Zero".
+    let zero = text.lines().position(|l| l.contains(" Zero id=")).expect("the zeroing reached the target");
+    // The target offers FUA, so the zeroing carries it (qemu-io's flush at its exit follows
+    // in any case, and would hide a missing one).
+    assert!(text.lines().nth(zero).is_some_and(|l| l.contains("fua=1")), "a FUA zeroing reached the target without FUA:\n{text}");
+}
+
+/// A target that writes in 64 KiB units: a full mirror's default granularity is its unit
+/// (4 KiB, refused, was the default); an image that is no whole number of its units is
+/// refused at attach, as its last bytes could never be mirrored.
+#[test]
+fn a_full_mirror_fits_its_granularity_to_the_target_and_refuses_a_size_it_cannot_hold() {
+    crate::require!("nbdkit");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let target = dir.path().join("target.raw");
+    let limited = |size: u64| {
+        zeroed_file(&target, size);
+        let socket = dir.path().join(format!("k{size}.sock"));
+        let k = spawn_server(
+            Command::new("nbdkit").args(["-f", "-U"]).arg(&socket).args([
+                "--filter=blocksize-policy",
+                "file",
+                &target.display().to_string(),
+                "blocksize-minimum=65536",
+                "blocksize-preferred=65536",
+                "blocksize-maximum=1048576",
+                "blocksize-error-policy=error",
+            ]),
+            &socket,
+        );
+        (k, format!("nbd+unix:///?socket={}", socket.display()))
+    };
+    let (source, ctl_path) = serve_controlled(4 * MIB);
+    let (k, uri) = limited(4 * MIB);
+    ctl(&ctl_path, &["mirror-attach", "--mode", "full", "--target", &uri]);
+    let stats = wait_ready(&ctl_path);
+    assert_eq!(stats["mirror"]["progress"]["granularity"], 65536, "{stats}");
+    ctl(&ctl_path, &["mirror-detach"]);
+    drop(k);
+    drop(source);
+
+    let odd = 4 * MIB + 4096;
+    let (_source, ctl_path) = serve_controlled(odd);
+    let (_k, uri) = limited(odd);
+    let out = ctl_output(&ctl_path, &["mirror-attach", "--target", &uri]);
+    let said = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && said.contains("no whole number"), "{said}");
+}
