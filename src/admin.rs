@@ -170,7 +170,7 @@ pub struct DestArgs {
     /// A file holding the destination host's secret (its ROOT/secret), unless the URL has it.
     #[arg(long)]
     dest_secret_file: Option<PathBuf>,
-    /// The destination SR.
+    /// The destination SR: its id, or its name on the destination host.
     #[arg(long)]
     dest_sr: String,
     /// Wait for the task, showing its stage, progress, rate and ETA.
@@ -226,7 +226,7 @@ pub struct MigrateStart {
     /// A file holding the destination host's secret, unless the URL has it.
     #[arg(long)]
     dest_secret_file: Option<PathBuf>,
-    /// The destination SR.
+    /// The destination SR: its id, or its name on the destination host.
     #[arg(long)]
     dest_sr: String,
     /// How many disks copy at once; the others wait their turn.
@@ -424,6 +424,20 @@ impl Admin {
         }
     }
 
+    /// The id of the destination host's SR `sr` names (its id, or the name of exactly one SR
+    /// there), asked of that host at `url`. Names were passed on as they were, and the
+    /// migration's task failed in its prepare stage, saying no plugin served such an SR.
+    async fn dest_sr_id(&self, url: &str, sr: &str) -> Result<String> {
+        let host = url.split('?').next().unwrap_or(url);
+        let remote = Admin { client: RpcClient::new(Endpoint::parse(url).context("--dest")?), json: self.json };
+        let id = remote.sr_id(sr).await.with_context(|| format!("the destination SR {sr:?} (on {host})"))?;
+        let srs: Vec<String> = remote.call_as("SR.list", &[]).await.with_context(|| format!("listing the SRs of {host}"))?;
+        if !srs.contains(&id) {
+            bail!("the destination host {host} has no SR {sr:?} (by id or by name; `sxm --host {host} sr list` shows its SRs)");
+        }
+        Ok(id)
+    }
+
     /// The ids of the SR and VDI `sr` and `vdi` name (each an id, or the name of exactly one
     /// SR, or of one VDI of that SR).
     async fn sr_vdi_ids(&self, sr: &str, vdi: &str) -> Result<(String, String)> {
@@ -447,6 +461,17 @@ impl Admin {
             [one] => Ok((sr, (*one).to_owned())),
             [] => Ok((sr, vdi.to_owned())),
             many => bail!("{} VDIs of SR {sr} are named {vdi:?}: give the id of one ({})", many.len(), many.join(", ")),
+        }
+    }
+
+    /// Refuses, saying so, a job that has ended: the host forgets an ended job's controls and
+    /// answered "does not exist" for a job `task stat` still showed.
+    async fn still_running(&self, job: &str, then: &str) -> Result<()> {
+        let t: Task = self.call_as("TASK.stat", &[("task", s(job))]).await?;
+        match t.state {
+            TaskState::Pending(_) => Ok(()),
+            TaskState::Completed(_) => bail!("job {job} has completed already: {then}"),
+            TaskState::Failed(_) => bail!("job {job} has failed already: {then}"),
         }
     }
 
@@ -601,6 +626,7 @@ impl Admin {
             MirrorCommand::Start(mut d) => {
                 (d.sr, d.vdi) = self.sr_vdi_ids(&d.sr, &d.vdi).await?;
                 let url = dest_url(&d)?;
+                d.dest_sr = self.dest_sr_id(&url, &d.dest_sr).await?;
                 let stat = self.call("DP.stat_vdi", &[("vdi", s(&d.vdi)), ("sr", s(&d.sr))]).await?;
                 let dp = match &stat.get("dps") {
                     Some(Value::Struct(dps)) => dps.iter().find(|(_, st)| matches!(st, Value::Array(a) if a.first().and_then(Value::as_str) == Some("Activated"))).map(|(dp, _)| dp.clone()),
@@ -646,11 +672,13 @@ impl Admin {
     pub async fn migrate(&self, cmd: MigrateCmd) -> Result<()> {
         match (cmd.action, cmd.start) {
             (Some(MigrateAction::Cutover { job }), _) => {
+                self.still_running(&job, "nothing to switch over").await?;
                 self.call("SXM.migrate.cutover", &[("job", s(&job))]).await?;
                 Ok(())
             }
             (Some(MigrateAction::Cancel { job }), _) => self.cancel(&job, "job").await,
             (Some(MigrateAction::SetBwlimit { job, rate }), _) => {
+                self.still_running(&job, "nothing to limit").await?;
                 let rate = i64::try_from(rate).context("rate too large")?;
                 self.call("SXM.migrate.set_bwlimit", &[("bwlimit", Value::Int(rate)), ("job", s(&job))]).await?;
                 Ok(())
@@ -664,6 +692,7 @@ impl Admin {
                 m.vdis = vdis;
                 let d = DestArgs { sr: m.sr.clone(), vdi: String::new(), dest: m.dest.clone(), dest_secret_file: m.dest_secret_file.clone(), dest_sr: m.dest_sr.clone(), wait: m.wait };
                 let url = dest_url(&d)?;
+                m.dest_sr = self.dest_sr_id(&url, &m.dest_sr).await?;
                 let vdis = Value::Array(m.vdis.iter().map(|v| s(v)).collect());
                 let args = [
                     ("bwlimit", Value::Int(i64::try_from(m.bwlimit.unwrap_or(0)).context("--bwlimit too large")?)),
@@ -690,6 +719,8 @@ impl Admin {
     }
 
     async fn follow_job(&self, job: &str) -> Result<()> {
+        // First, so that `migrate cutover`, `cancel` and `set-bwlimit` can be given it.
+        eprintln!("job {job}");
         let mut told_hold = false;
         loop {
             let t: Task = self.call_as("TASK.stat", &[("task", s(job))]).await?;
@@ -735,6 +766,7 @@ impl Admin {
     pub async fn copy(&self, mut d: DestArgs) -> Result<()> {
         (d.sr, d.vdi) = self.sr_vdi_ids(&d.sr, &d.vdi).await?;
         let url = dest_url(&d)?;
+        d.dest_sr = self.dest_sr_id(&url, &d.dest_sr).await?;
         let args = [("verify_dest", Value::Bool(false)), ("dest", s(&d.dest_sr)), ("url", s(&url)), ("vm", s("0")), ("vdi", s(&d.vdi)), ("sr", s(&d.sr))];
         let task: String = self.call_as("DATA.copy", &args).await?;
         self.follow(&task, d.wait).await

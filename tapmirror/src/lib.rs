@@ -1,6 +1,6 @@
 //! tapmirror: the data path of sxm, one process per datapath.
 //!
-//! It knows disks and blocks, never SRs, VDIs or RPC (see `../shared/DESIGN.md`). Modules:
+//! It knows disks and blocks, never SRs, VDIs or RPC. Modules:
 //!
 //! - [`io`]: file I/O on io_uring (registered buffers, fixed files) with a portable fallback
 //!   chosen at run time;

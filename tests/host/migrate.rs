@@ -314,11 +314,18 @@ fn a_failed_prepare_leaves_both_hosts_as_they_were_and_says_so() {
     let p = Pair::new();
     let (vdi, _uri) = p.guest_disk(&pattern((4 * MIB) as usize, 3));
     let before_dst = p.dst_vdis();
-    // A destination SR that does not exist: the destination refuses to prepare.
+    // A destination SR that does not exist: the CLI asks the destination first and says so.
     let out = p.src.cli_raw(&["mirror", "start", "--sr", &p.src_sr, "--vdi", &vdi, "--dest", &p.dest_url(), "--dest-sr", "no-such-sr", "--wait"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("prepare") && err.to_lowercase().contains("preparation"), "{err}");
+    assert!(err.contains("has no SR \"no-such-sr\""), "{err}");
+    // Past the CLI (an orchestrator's call), the destination refuses to prepare.
+    let stat = p.src.call("DP.stat_vdi", json!({"sr": p.src_sr, "vdi": vdi, "dbg": "t"}));
+    let dp = stat["dps"].as_object().expect("dps").keys().next().expect("the guest's datapath").clone();
+    let args = json!({"sr": p.src_sr, "vdi": vdi, "dp": dp, "url": p.dest_url(), "dest": "no-such-sr", "verify_dest": false, "dbg": "t"});
+    let task = p.src.call("DATA.MIRROR.start", args).as_str().expect("task").to_owned();
+    eventually(30, "the task ended", || p.src.call("TASK.stat", json!({"task": task, "dbg": "t"}))["state"][0] != "Pending");
+    assert_eq!(task_error(&p.src, &task), "Migration_preparation_failure");
     assert_eq!(p.dst_vdis(), before_dst);
     assert_eq!(p.src.call("DATA.MIRROR.list", json!({"dbg": "t"})), json!({}));
     // A wrong secret for the destination: refused, nothing made.
@@ -326,8 +333,10 @@ fn a_failed_prepare_leaves_both_hosts_as_they_were_and_says_so() {
     let out = p.src.cli_raw(&["mirror", "start", "--sr", &p.src_sr, "--vdi", &vdi, "--dest", &bad, "--dest-sr", &p.dst_sr, "--wait"]);
     assert!(!out.status.success());
     assert_eq!(p.dst_vdis(), before_dst);
-    // Then a good one succeeds.
-    p.start_mirror(&vdi);
+    // Then a good one succeeds, the destination SR named by its name.
+    let id = p.src.cli(&["mirror", "start", "--sr", &p.src_sr, "--vdi", &vdi, "--dest", &p.dest_url(), "--dest-sr", "destination", "--wait"]);
+    let dest_vdi = p.src.call("DATA.MIRROR.stat", json!({"id": id, "dbg": "t"}))["dest_vdi"].as_str().expect("dest vdi").to_owned();
+    assert!(p.dst_vdis().iter().any(|(v, _)| *v == dest_vdi), "{dest_vdi} is not in the destination SR");
 }
 
 /// Waits (20 s at most) for both hosts to be as they were, then shows any difference.
@@ -1299,6 +1308,12 @@ fn a_held_job_keeps_the_disks_in_sync_under_writes_until_cutover() {
     for (i, (model, seed)) in models.iter().zip(&seeds).enumerate() {
         let dest_vdi = t["debug_info"][format!("disk{i} dest_vdi")].as_str().expect("dest vdi");
         assert_matches_guest(&dest_content(&p, dest_vdi), model, seed, &format!("disk {i}"));
+    }
+    // Ended, the job is told as ended to a late cutover or limit, not as unknown.
+    for args in [&["migrate", "cutover", &job][..], &["migrate", "set-bwlimit", &job, "5M"][..]] {
+        let out = p.src.cli_raw(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains("has completed already"), "{args:?}: {err}");
     }
 }
 
