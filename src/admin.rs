@@ -43,6 +43,12 @@ pub enum SrCommand {
     },
     /// List attached SRs.
     List,
+    /// Destroy an SR that holds no VDIs (its folder and record go).
+    Destroy {
+        /// The SR: its id, or its name.
+        #[arg(long)]
+        sr: String,
+    },
 }
 
 /// `sxm vdi …`.
@@ -303,12 +309,17 @@ fn export_dp(vdi: &str) -> String {
 pub fn nbd_uri(info: &AttachInfo) -> Result<String> {
     for i in &info.implementations {
         if let Implementation::Nbd { uri } = i {
-            let rest = uri.strip_prefix("nbd:unix:").with_context(|| format!("unexpected NBD URI {uri}"))?;
-            let (socket, export) = rest.rsplit_once(":exportname=").with_context(|| format!("no export name in {uri}"))?;
-            return Ok(format!("nbd+unix:///{export}?socket={socket}"));
+            return standard_nbd_uri(uri).with_context(|| format!("unexpected NBD URI {uri}"));
         }
     }
     bail!("the host offers no NBD implementation for this VDI")
+}
+
+/// `nbd:unix:<socket>:exportname=<name>` (xapi's, and QEMU's legacy form) as
+/// `nbd+unix:///<name>?socket=<socket>`, which nbdinfo, nbdcopy and libnbd take.
+fn standard_nbd_uri(uri: &str) -> Option<String> {
+    let (socket, export) = uri.strip_prefix("nbd:unix:")?.rsplit_once(":exportname=")?;
+    Some(format!("nbd+unix:///{export}?socket={socket}"))
 }
 
 impl Admin {
@@ -361,6 +372,16 @@ impl Admin {
     pub async fn sr(&self, cmd: SrCommand) -> Result<()> {
         match cmd {
             SrCommand::Create { ty, name, description } => {
+                // SRs are named to the CLI by name as well as by id, which a second SR of the
+                // same name would make ambiguous for every command after (and there was no CLI
+                // command to remove it).
+                let srs: Vec<String> = self.call_as("SR.list", &[]).await?;
+                for id in &srs {
+                    let stat = self.call("SR.stat", &[("sr", s(id))]).await?;
+                    if stat.get("name_label").and_then(Value::as_str) == Some(name.as_str()) {
+                        bail!("SR {id} is named {name:?} already: give this one another name");
+                    }
+                }
                 let sr = uuid::Uuid::new_v4().to_string();
                 let dc = Value::Struct(vec![("type".into(), s(&ty))]);
                 self.call(
@@ -393,6 +414,11 @@ impl Admin {
                     add_row(&mut t, vec![sr, text("name_label"), text("sr_type"), smapi, human(get("total_space")), human(get("free_space"))]);
                 }
                 println!("{t}");
+                Ok(())
+            }
+            SrCommand::Destroy { sr } => {
+                let sr = self.sr_id(&sr).await?;
+                self.call("SR.destroy", &[("sr", s(&sr))]).await?;
                 Ok(())
             }
         }
@@ -748,7 +774,8 @@ impl Admin {
                         return self.print_json(&t.to_value());
                     }
                     for (k, v) in t.debug_info.iter().filter(|(k, _)| k.contains("dest_") || k.contains("verified")) {
-                        println!("{}: {}", printable(k), printable(v));
+                        let v = standard_nbd_uri(v).unwrap_or_else(|| v.clone());
+                        println!("{}: {}", printable(k), printable(&v));
                     }
                     return Ok(());
                 }
@@ -1066,5 +1093,8 @@ mod tests {
         let info = AttachInfo { implementations: vec![Implementation::nbd_unix("/run/sxm/1/nbd.sock", "v1")] };
         assert_eq!(nbd_uri(&info).expect("uri"), "nbd+unix:///v1?socket=/run/sxm/1/nbd.sock");
         assert!(nbd_uri(&AttachInfo { implementations: vec![] }).is_err());
+        // What a finished job reports as each disk's destination is printed so too.
+        assert_eq!(standard_nbd_uri("nbd:unix:/h2/run/0/v/nbd.sock:exportname=v").as_deref(), Some("nbd+unix:///v?socket=/h2/run/0/v/nbd.sock"));
+        assert_eq!(standard_nbd_uri("8 blocks"), None);
     }
 }

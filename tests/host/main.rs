@@ -152,6 +152,30 @@ fn the_cli_makes_lists_imports_exports_and_snapshots() {
     assert_eq!(host.cli_json(&["task", "list"]), json!([]));
 }
 
+/// SR names are unique to the CLI, which takes them for ids: a second SR of one name is
+/// refused (it made every later `--sr NAME` ambiguous). `sr destroy` removes an empty SR, and
+/// refuses one that holds VDIs, saying so.
+#[test]
+fn sr_names_are_unique_and_an_empty_sr_can_be_destroyed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (host, sr) = host_with_sr(&dir);
+    let name = host.cli_json(&["sr", "list"])[&sr]["name_label"].as_str().expect("name").to_owned();
+    let out = host.cli_raw(&["sr", "create", "--type", "qcow2", "--name", &name]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("already"), "{err}");
+    assert_eq!(host.cli_json(&["sr", "list"]).as_object().expect("srs").len(), 1, "a second SR was made");
+
+    let other = host.cli(&["sr", "create", "--type", "qcow2", "--name", "scratch"]);
+    let vdi = host.cli(&["vdi", "create", "--sr", "scratch", "--size", "1M", "--name", "v"]);
+    let out = host.cli_raw(&["sr", "destroy", "--sr", "scratch"]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("still holds VDIs"), "{out:?}");
+    host.cli(&["vdi", "destroy", "--sr", "scratch", "--vdi", &vdi]);
+    host.cli(&["sr", "destroy", "--sr", "scratch"]);
+    let srs = host.cli_json(&["sr", "list"]);
+    assert!(srs.get(&other).is_none() && srs.get(&sr).is_some(), "{srs}");
+    assert!(!host.root.join("sr").join(&other).exists(), "the destroyed SR's folder is left");
+}
+
 /// What the host keeps is its own: the root is 0700 (guests' disks, datapath sockets), and a
 /// migration's record, which holds the destination host's secret in its URL, is 0600. Both
 /// were readable by any local user. An imported image that reads through a backing file (any
