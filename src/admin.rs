@@ -451,9 +451,14 @@ impl Admin {
     }
 
     /// The id of the destination host's SR `sr` names (its id, or the name of exactly one SR
-    /// there), asked of that host at `url`. Names were passed on as they were, and the
+    /// there, asked of that host at `url`). Names were passed on as they were, and the
     /// migration's task failed in its prepare stage, saying no plugin served such an SR.
     async fn dest_sr_id(&self, url: &str, sr: &str) -> Result<String> {
+        // An id goes as it is (the destination answers for it when it prepares, as it does to
+        // an orchestrator); only a name needs asking about.
+        if uuid::Uuid::parse_str(sr).is_ok() {
+            return Ok(sr.to_owned());
+        }
         let host = url.split('?').next().unwrap_or(url);
         let remote = Admin { client: RpcClient::new(Endpoint::parse(url).context("--dest")?), json: self.json };
         let id = remote.sr_id(sr).await.with_context(|| format!("the destination SR {sr:?} (on {host})"))?;
