@@ -46,6 +46,16 @@ impl<I: Image> Source<I> {
         }
     }
 
+    /// How much of the disk one `allocation` call should ask about. An NBD request says at
+    /// most 4 GiB less a byte; an image's map is looked up in memory, and asking it 1 GiB at a
+    /// time took a 1000 TiB qcow2 volume holding 2 MiB 26 s of calls (a million of them).
+    pub fn allocation_window(&self) -> u64 {
+        match self {
+            Source::Image(_) | Source::Diff { .. } => 1 << 40,
+            Source::Nbd(_) => 1 << 30,
+        }
+    }
+
     /// Whether extents that are not data are to be left alone on the destination (it holds
     /// them already) rather than zeroed.
     pub fn skips_non_data(&self) -> bool {
@@ -62,7 +72,8 @@ impl<I: Image> Source<I> {
         }
         let length = length.min(size - offset);
         match self {
-            Source::Image(i) => Ok(i.allocation(offset, length, usize::MAX).await?),
+            // A bounded answer: a wide window of a fragmented image could hold millions.
+            Source::Image(i) => Ok(i.allocation(offset, length, 1 << 16).await?),
             Source::Diff { ranges, .. } => {
                 let end = offset + length;
                 let mut out = Vec::new();

@@ -323,7 +323,7 @@ pub async fn copy<I: Image, J: Image>(
 
     let mut at = start;
     'walk: while at < walk_end {
-        let extents = source.allocation(at, (walk_end - at).min(1 << 30)).await?;
+        let extents = source.allocation(at, (walk_end - at).min(source.allocation_window())).await?;
         if extents.is_empty() {
             bail!("source reported no allocation at offset {at}");
         }
