@@ -51,6 +51,9 @@ pub enum SrCommand {
     },
 }
 
+/// How long the CLI waits for a destination host to name its SRs.
+const DEST_LOOKUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// `sxm vdi …`.
 #[derive(clap::Subcommand)]
 pub enum VdiCommand {
@@ -401,13 +404,23 @@ impl Admin {
                 let srs: Vec<String> = self.call_as("SR.list", &[]).await?;
                 let mut rows = Vec::new();
                 for sr in &srs {
-                    rows.push((sr.clone(), self.call("SR.stat", &[("sr", s(sr))]).await?));
+                    // One SR that cannot be stat'ed (its folder removed by hand) is listed with
+                    // its error rather than hiding all the others.
+                    let stat = match self.call("SR.stat", &[("sr", s(sr))]).await {
+                        Ok(stat) => stat,
+                        Err(e) => Value::Struct(vec![("error".into(), s(&format!("{e:#}")))]),
+                    };
+                    rows.push((sr.clone(), stat));
                 }
                 if self.json {
                     return self.print_json(&Value::Struct(rows));
                 }
                 let mut t = table(["SR", "NAME", "TYPE", "SMAPI", "SIZE", "FREE"]);
                 for (sr, stat) in rows {
+                    if let Some(e) = stat.get("error").and_then(Value::as_str) {
+                        add_row(&mut t, vec![sr, format!("(unavailable: {e})"), String::new(), String::new(), String::new(), String::new()]);
+                        continue;
+                    }
                     let get = |k: &str| stat.get(k).and_then(Value::as_i64).unwrap_or(0);
                     let text = |k: &str| stat.get(k).and_then(Value::as_str).unwrap_or("").to_owned();
                     let smapi = stat.get("smapi_version").and_then(Value::as_i64).map(|v| format!("v{v}")).unwrap_or_default();
@@ -438,7 +451,9 @@ impl Admin {
         }
         let mut named = Vec::new();
         for id in &srs {
-            let stat = self.call("SR.stat", &[("sr", s(id))]).await?;
+            // An SR that cannot say its name (its folder gone) is not the one named: it must
+            // not keep every other SR from being found by name.
+            let Ok(stat) = self.call("SR.stat", &[("sr", s(id))]).await else { continue };
             if stat.get("name_label").and_then(Value::as_str) == Some(sr) {
                 named.push(id.clone());
             }
@@ -461,12 +476,18 @@ impl Admin {
         }
         let host = url.split('?').next().unwrap_or(url);
         let remote = Admin { client: RpcClient::new(Endpoint::parse(url).context("--dest")?), json: self.json };
-        let id = remote.sr_id(sr).await.with_context(|| format!("the destination SR {sr:?} (on {host})"))?;
-        let srs: Vec<String> = remote.call_as("SR.list", &[]).await.with_context(|| format!("listing the SRs of {host}"))?;
-        if !srs.contains(&id) {
-            bail!("the destination host {host} has no SR {sr:?} (by id or by name; `sxm --host {host} sr list` shows its SRs)");
-        }
-        Ok(id)
+        let lookup = async {
+            let id = remote.sr_id(sr).await.with_context(|| format!("the destination SR {sr:?} (on {host})"))?;
+            let srs: Vec<String> = remote.call_as("SR.list", &[]).await.with_context(|| format!("listing the SRs of {host}"))?;
+            if !srs.contains(&id) {
+                bail!("the destination host {host} has no SR {sr:?} (by id or by name; `sxm --host {host} sr list` shows its SRs)");
+            }
+            Ok(id)
+        };
+        // A destination that takes the connection and never answers must not hold the CLI.
+        tokio::time::timeout(DEST_LOOKUP_TIMEOUT, lookup)
+            .await
+            .unwrap_or_else(|_| bail!("the destination host {host} did not answer within {DEST_LOOKUP_TIMEOUT:?} (looking up SR {sr:?}; check --dest)"))
     }
 
     /// The ids of the SR and VDI `sr` and `vdi` name (each an id, or the name of exactly one
@@ -1034,10 +1055,16 @@ fn image_size(file: &Path, format: &str) -> Result<u64> {
     j.get("virtual_size").or_else(|| j.get("size")).and_then(serde_json::Value::as_u64).with_context(|| format!("no size in {j}"))
 }
 
+/// Runs `tapmirror copy`; its log and report are shown only when it fails, as the error.
 fn tapmirror_copy(args: &[&std::ffi::OsStr]) -> Result<()> {
     let tapmirror = crate::serve::find_tapmirror(std::env::var_os("SXM_TAPMIRROR").map(PathBuf::from))?;
-    let status = Command::new(&tapmirror).arg("copy").args(args).status().with_context(|| format!("run {}", tapmirror.display()))?;
-    anyhow::ensure!(status.success(), "tapmirror copy failed ({status})");
+    let out = Command::new(&tapmirror).arg("copy").args(args).output().with_context(|| format!("run {}", tapmirror.display()))?;
+    if !out.status.success() {
+        let said = String::from_utf8_lossy(&out.stderr);
+        // Its last line is its error (`tapmirror: …`); what came before is its log.
+        let why = said.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim_start_matches("tapmirror: ");
+        bail!("copying failed ({}): {why}", out.status);
+    }
     Ok(())
 }
 

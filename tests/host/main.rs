@@ -174,6 +174,14 @@ fn sr_names_are_unique_and_an_empty_sr_can_be_destroyed() {
     let srs = host.cli_json(&["sr", "list"]);
     assert!(srs.get(&other).is_none() && srs.get(&sr).is_some(), "{srs}");
     assert!(!host.root.join("sr").join(&other).exists(), "the destroyed SR's folder is left");
+
+    // An SR whose folder was removed by hand is listed with its error, and keeps no other SR
+    // from being listed or found by name (both failed on its SR.stat).
+    let broken = host.cli(&["sr", "create", "--type", "qcow2", "--name", "broken"]);
+    std::fs::remove_dir_all(host.root.join("sr").join(&broken)).expect("remove the SR's folder");
+    let table = host.cli(&["sr", "list"]);
+    assert!(table.contains(&sr) && table.contains("unavailable"), "{table}");
+    host.cli(&["vdi", "list", "--sr", &name]);
 }
 
 /// What the host keeps is its own: the root is 0700 (guests' disks, datapath sockets), and a
