@@ -559,13 +559,22 @@ impl Image for Qcow2Image {
         &self,
         offset: u64,
         length: u64,
-        _alloc: super::ZeroAlloc,
+        alloc: super::ZeroAlloc,
         speed: ZeroSpeed,
         durability: Durability,
     ) -> Result<()> {
         self.writable("write zeroes", offset)?;
         check_range(offset, length, self.size)?;
         if length == 0 {
+            return Ok(());
+        }
+        // A range that reads as zeroes already, and may stay unallocated, is left as it is:
+        // zeroing it wrote zero-cluster entries into new L2 tables, 13 GB of them for a copy
+        // of a 100 TiB volume holding 3 MiB into an existing qcow2 file.
+        if alloc == super::ZeroAlloc::MayDeallocate && self.reads_as_zeroes(offset, length).await? {
+            if durability == Durability::Stable {
+                self.flush().await?;
+            }
             return Ok(());
         }
         if self.version < 3 && speed == ZeroSpeed::FastOnly {
@@ -600,6 +609,24 @@ impl Image for Qcow2Image {
             return Ok(Vec::new());
         }
         self.call("map", offset, |reply| Req::Map { offset, length, limit, reply }).await
+    }
+}
+
+impl Qcow2Image {
+    /// Whether `[offset, offset + length)` reads as zeroes by the chain's metadata alone: no
+    /// layer holds data there (holes, zero clusters). Stops at the first data.
+    async fn reads_as_zeroes(&self, offset: u64, length: u64) -> Result<bool> {
+        let end = offset + length;
+        let mut at = offset;
+        while at < end {
+            let extents = self.allocation(at, end - at, 1024).await?;
+            let Some(last) = extents.last() else { return Ok(false) };
+            if extents.iter().any(|e| e.state == crate::image::ExtentState::Data) {
+                return Ok(false);
+            }
+            at = last.offset + last.length;
+        }
+        Ok(true)
     }
 }
 
