@@ -379,11 +379,8 @@ impl Admin {
                 // same name would make ambiguous for every command after (and there was no CLI
                 // command to remove it).
                 let srs: Vec<String> = self.call_as("SR.list", &[]).await?;
-                for id in &srs {
-                    let stat = self.call("SR.stat", &[("sr", s(id))]).await?;
-                    if stat.get("name_label").and_then(Value::as_str) == Some(name.as_str()) {
-                        bail!("SR {id} is named {name:?} already: give this one another name");
-                    }
+                if let Some(id) = self.srs_named(&srs, &name).await?.first() {
+                    bail!("SR {id} is named {name:?} already: give this one another name");
                 }
                 let sr = uuid::Uuid::new_v4().to_string();
                 let dc = Value::Struct(vec![("type".into(), s(&ty))]);
@@ -449,20 +446,24 @@ impl Admin {
         if srs.iter().any(|id| id == sr) || uuid::Uuid::parse_str(sr).is_ok() {
             return Ok(sr.to_owned());
         }
-        let mut named = Vec::new();
-        for id in &srs {
-            // An SR that cannot say its name (its folder gone) is not the one named: it must
-            // not keep every other SR from being found by name.
-            let Ok(stat) = self.call("SR.stat", &[("sr", s(id))]).await else { continue };
-            if stat.get("name_label").and_then(Value::as_str) == Some(sr) {
-                named.push(id.clone());
-            }
-        }
-        match named.as_slice() {
+        match self.srs_named(&srs, sr).await?.as_slice() {
             [one] => Ok(one.clone()),
             [] => Ok(sr.to_owned()),
             many => bail!("{} SRs are named {sr:?}: give the id of one ({})", many.len(), many.join(", ")),
         }
+    }
+
+    /// Which of `srs` (this host's) are named `name`. An SR that cannot say its name (its
+    /// folder gone) is not the one named: it must not keep every other SR from being found.
+    async fn srs_named(&self, srs: &[String], name: &str) -> Result<Vec<String>> {
+        let mut named = Vec::new();
+        for id in srs {
+            let Ok(stat) = self.call("SR.stat", &[("sr", s(id))]).await else { continue };
+            if stat.get("name_label").and_then(Value::as_str) == Some(name) {
+                named.push(id.clone());
+            }
+        }
+        Ok(named)
     }
 
     /// The id of the destination host's SR `sr` names (its id, or the name of exactly one SR
@@ -477,12 +478,15 @@ impl Admin {
         let host = url.split('?').next().unwrap_or(url);
         let remote = Admin { client: RpcClient::new(Endpoint::parse(url).context("--dest")?), json: self.json };
         let lookup = async {
-            let id = remote.sr_id(sr).await.with_context(|| format!("the destination SR {sr:?} (on {host})"))?;
             let srs: Vec<String> = remote.call_as("SR.list", &[]).await.with_context(|| format!("listing the SRs of {host}"))?;
-            if !srs.contains(&id) {
-                bail!("the destination host {host} has no SR {sr:?} (by id or by name; `sxm --host {host} sr list` shows its SRs)");
+            if srs.iter().any(|id| id == sr) {
+                return Ok(sr.to_owned());
             }
-            Ok(id)
+            match remote.srs_named(&srs, sr).await?.as_slice() {
+                [one] => Ok(one.clone()),
+                [] => bail!("the destination host {host} has no SR {sr:?} (by id or by name; `sxm --host {host} sr list` shows its SRs)"),
+                many => bail!("{} SRs of the destination host {host} are named {sr:?}: give the id of one ({})", many.len(), many.join(", ")),
+            }
         };
         // A destination that takes the connection and never answers must not hold the CLI.
         tokio::time::timeout(DEST_LOOKUP_TIMEOUT, lookup)

@@ -92,6 +92,14 @@ enum FormatArg {
 }
 
 impl FormatArg {
+    /// The format named, or for `auto` the one `path`'s magic bytes say.
+    fn resolve(self, path: &Path) -> Result<Format> {
+        Ok(match self.format() {
+            Some(f) => f,
+            None => Format::detect(path)?,
+        })
+    }
+
     /// The format named, `None` for `auto`.
     fn format(self) -> Option<Format> {
         match self {
@@ -580,10 +588,7 @@ async fn copy(args: CopyArgs) -> Result<()> {
         Some(base) => {
             let src = Path::new(&args.src);
             let compared = || format!("comparing {} with {}", src.display(), base.display());
-            let src_format = match args.format.format() {
-                Some(f) => f,
-                None => Format::detect(src)?,
-            };
+            let src_format = args.format.resolve(src)?;
             let ranges = match (src_format, Format::detect(base)?) {
                 (Format::Vhd, Format::Vhd) => Some(vhd::diff_map(src, base).await.with_context(compared)?),
                 (Format::Qcow2, Format::Qcow2) => qcow2::diff_map(src, base).await.with_context(compared)?,
@@ -813,10 +818,7 @@ async fn image_command(cmd: ImageCommand) -> Result<()> {
             made.with_context(|| format!("creating {}", path.display()))
         }
         ImageCommand::Info { path, format } => {
-            let format = match format.format() {
-                Some(f) => f,
-                None => Format::detect(&path)?,
-            };
+            let format = format.resolve(&path)?;
             let info = match format {
                 Format::Raw => {
                     use std::os::unix::fs::MetadataExt;

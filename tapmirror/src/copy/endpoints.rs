@@ -134,7 +134,7 @@ impl<I: Image> Source<I> {
                 Ok(buf)
             }
             Source::Nbd(c) => {
-                let max = (c.info().block_size.maximum as usize).max(1);
+                let max = self.max_read().max(1);
                 if len <= max {
                     return Ok(IoBuf::from_vec(c.read(offset, len).await.with_context(|| format!("reading source at {offset}"))?));
                 }

@@ -19,8 +19,9 @@
 //! its own runtime's reactor ([`Ring::watcher`]), so the thread woken for it is the one that
 //! runs the task: a cold read at queue depth 1 costs one wake-up. It used to go through the
 //! reaper thread, which woke, reaped and then woke the task's thread: 6-7 context switches
-//! per cold read at queue depth 1, against 2 now and qemu-nbd's 2. Earlier still, the reaper found task_work completions only at its next timed sweep, so
-//! a cold read at queue depth 1 waited up to 50 ms (34 reads/s off a disk doing 12 000).
+//! per cold read at queue depth 1, against 2 now and qemu-nbd's 2. Earlier still, the reaper
+//! found task_work completions only at its next timed sweep, so a cold read at queue depth 1
+//! waited up to 50 ms (34 reads/s off a disk doing 12 000).
 //!
 //! The kernel issues a ring's inline work under that ring's `uring_lock`, copy included, so
 //! threads sharing one ring serialise (measured: 13% of server time spinning on it while nbdcopy

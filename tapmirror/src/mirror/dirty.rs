@@ -35,11 +35,13 @@ pub struct DirtyBitmap {
 
 impl DirtyBitmap {
     /// A clean bitmap for `size` bytes at `granularity` (a power of two, at least 512).
+    #[cfg(test)]
     pub fn new(size: u64, granularity: u64) -> DirtyBitmap {
         Self::try_new(size, granularity).unwrap_or_else(|e| panic!("{e}"))
     }
 
-    /// As [`DirtyBitmap::new`], or an error where its memory cannot be had: a granularity
+    /// A clean bitmap for `size` bytes at `granularity` (a power of two, at least 512), or an
+    /// error where its memory cannot be had: a granularity
     /// asked for that is too fine for the disk must fail the attach, not abort the process
     /// that serves the guest.
     pub fn try_new(size: u64, granularity: u64) -> Result<DirtyBitmap, String> {

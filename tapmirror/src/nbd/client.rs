@@ -469,17 +469,43 @@ impl Drop for Inner {
     }
 }
 
-/// Waits for every request of `pieces`; the first error, if any (the rest still run to their
-/// end, so none outlives the call).
-async fn all_ok(mut pieces: tokio::task::JoinSet<Result<(), ClientError>>) -> Result<(), ClientError> {
-    let mut first = None;
-    while let Some(done) = pieces.join_next().await {
-        let r = done.unwrap_or_else(|e| Err(ClientError::Closed(format!("a request's task failed: {e}"))));
-        if let Err(e) = r {
-            first.get_or_insert(e);
+/// Requests one split call keeps in flight at once: enough to overlap the server's round trips,
+/// few enough that a 1 TiB zeroing into a server without WRITE_ZEROES (a million 1 MiB
+/// writes) is not a million tasks at once.
+const PIECES_IN_FLIGHT: usize = 64;
+
+/// The requests of one split call: at most [`PIECES_IN_FLIGHT`] at a time, and the first error.
+#[derive(Default)]
+struct Pieces {
+    set: tokio::task::JoinSet<Result<(), ClientError>>,
+    first: Option<ClientError>,
+}
+
+impl Pieces {
+    /// Starts `piece` once fewer than [`PIECES_IN_FLIGHT`] are in flight.
+    async fn start(&mut self, piece: impl Future<Output = Result<(), ClientError>> + Send + 'static) {
+        if self.set.len() >= PIECES_IN_FLIGHT {
+            self.reap_one().await;
+        }
+        self.set.spawn(piece);
+    }
+
+    async fn reap_one(&mut self) {
+        if let Some(done) = self.set.join_next().await
+            && let Err(e) = done.unwrap_or_else(|e| Err(ClientError::Closed(format!("a request's task failed: {e}"))))
+        {
+            self.first.get_or_insert(e);
         }
     }
-    first.map_or(Ok(()), Err)
+
+    /// Waits for every piece; the first error, if any (the rest still run to their end, so
+    /// none outlives the call).
+    async fn finish(mut self) -> Result<(), ClientError> {
+        while !self.set.is_empty() {
+            self.reap_one().await;
+        }
+        self.first.map_or(Ok(()), Err)
+    }
 }
 
 /// A connected NBD client. Clones share the connection.
@@ -684,16 +710,16 @@ impl NbdClient {
             let payload = if range.start == 0 && range.end == buf.len() { Payload::Shared(Arc::clone(buf)) } else { Payload::Slice(Arc::clone(buf), range) };
             return self.write(offset, payload, fua).await;
         }
-        let mut pieces = tokio::task::JoinSet::new();
+        let mut pieces = Pieces::default();
         let mut at = range.start;
         while at < range.end {
             let n = (range.end - at).min(max);
             let (c, payload) = (self.clone(), Payload::Slice(Arc::clone(buf), at..at + n));
             let off = offset + (at - range.start) as u64;
-            pieces.spawn(async move { c.write(off, payload, fua).await });
+            pieces.start(async move { c.write(off, payload, fua).await }).await;
             at += n;
         }
-        all_ok(pieces).await
+        pieces.finish().await
     }
 
     /// Makes `[offset, offset + len)` read as zeroes. `no_hole` keeps it allocated; `fast`
@@ -722,21 +748,22 @@ impl NbdClient {
         let chunk = if has_zeroes { 1 << 30 } else { u64::from(self.inner.info.block_size.maximum).min(1 << 20) };
         let zeroes = (!has_zeroes).then(|| Arc::new(IoBuf::new(len.min(chunk) as usize)));
         let native_fua = fua && self.inner.info.has(tflags::SEND_FUA);
-        let mut pieces = tokio::task::JoinSet::new();
+        let mut pieces = Pieces::default();
         let mut at = 0;
         while at < len {
             let n = (len - at).min(chunk);
-            let (c, off) = (self.clone(), offset + at);
-            match &zeroes {
-                None => pieces.spawn(async move { c.write_zeroes_flags(off, n as u32, if native_fua { cmd_flags::FUA } else { 0 }).await }),
-                Some(z) => {
-                    let z = Arc::clone(z);
-                    pieces.spawn(async move { c.write(off, Payload::Slice(z, 0..n as usize), native_fua).await })
-                }
-            };
+            let (c, off, z) = (self.clone(), offset + at, zeroes.clone());
+            pieces
+                .start(async move {
+                    match z {
+                        None => c.write_zeroes_flags(off, n as u32, if native_fua { cmd_flags::FUA } else { 0 }).await,
+                        Some(z) => c.write(off, Payload::Slice(z, 0..n as usize), native_fua).await,
+                    }
+                })
+                .await;
             at += n;
         }
-        all_ok(pieces).await?;
+        pieces.finish().await?;
         if fua && !native_fua {
             self.flush_if_offered().await?;
         }
