@@ -291,6 +291,16 @@ fn main() -> ExitCode {
         .log_internal_errors(false)
         .init();
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Image(_)) {
+        // `tapmirror image map … | head` ends quietly when its reader goes, as `ls` does,
+        // rather than panicking in `println!` on EPIPE. Only there: `serve`, `copy`, `ctl` and
+        // `info` write to sockets, where a hung-up peer must be an error, not a silent death.
+        // SAFETY: called before any thread starts; the default action needs no handler.
+        if let Err(e) = unsafe { nix::sys::signal::signal(nix::sys::signal::Signal::SIGPIPE, nix::sys::signal::SigHandler::SigDfl) } {
+            eprintln!("tapmirror: cannot restore SIGPIPE: {e}");
+            return ExitCode::from(2);
+        }
+    }
     // Before the runtime starts any thread: socket activation edits the environment.
     let activated = activated_listeners();
     if !activated.is_empty() {

@@ -215,3 +215,20 @@ fn a_fifo_as_the_image_is_refused_not_waited_on() {
         assert!(!done.status.success() && said.contains("not a regular file"), "{args:?}: {said}");
     }
 }
+
+/// `tapmirror image map IMAGE | head` ends quietly when its reader has gone, as `ls` does: no
+/// panic on the broken pipe. (The map of a new image is short enough to fit a pipe's buffer,
+/// so the reader is gone before the write.)
+#[test]
+fn image_map_whose_reader_has_gone_ends_quietly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("d.qcow2");
+    create("qcow2", &path, "64M");
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    let out = Command::new(tapmirror()).args(["image", "map"]).arg(&path).stdout(writer).output().expect("run tapmirror");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked") && !err.contains("Broken pipe"), "{err}");
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(out.status.signal(), Some(13), "ends by SIGPIPE, as a pipeline expects: {:?}", out.status);
+}
