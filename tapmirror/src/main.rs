@@ -5,13 +5,14 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use tapmirror::image::{Access, AnyImage, ExtentState, Format, Image, RawImage, qcow2, vhd};
 use tapmirror::io::EngineChoice;
 use tapmirror::parse_size;
-use tapmirror::nbd::{ExportConfig, NbdClient, NbdServer, NbdUri, proto::tflags};
+use tapmirror::nbd::{ClientOptions, ExportConfig, NbdClient, NbdServer, NbdUri, proto::tflags};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -204,6 +205,11 @@ struct CopyArgs {
     /// writes back while the copy runs rather than all at the end (0: flush only at the end).
     #[arg(long, value_parser = parse_size, default_value = "64M")]
     writeback_every: u64,
+    /// Fail when an NBD end (source or destination) has answered nothing for this many
+    /// seconds while requests wait on it: stopped, or behind a network that drops everything.
+    /// With --checkpoint, the copy resumes from there when run again (0: wait for ever).
+    #[arg(long, default_value_t = tapmirror::copy::ANSWER_TIMEOUT.as_secs())]
+    timeout: u64,
 }
 
 #[derive(clap::Args)]
@@ -568,12 +574,12 @@ fn refuse_a_file_of_the_source(dest: &Path, chain: &[std::path::PathBuf]) -> Res
 }
 
 /// Opens `count` connections to `uri` (one unless it offers multi-conn).
-async fn connect_dest(uri: &NbdUri, count: usize) -> Result<Vec<NbdClient>> {
-    let first = NbdClient::connect(uri).await.context("connecting to the destination")?;
+async fn connect_dest(uri: &NbdUri, count: usize, opts: &ClientOptions) -> Result<Vec<NbdClient>> {
+    let first = NbdClient::connect_with(&uri.endpoint, opts.clone()).await.context("connecting to the destination")?;
     let n = if first.info().flags & tflags::CAN_MULTI_CONN != 0 { count.max(1) } else { 1 };
     let mut clients = vec![first];
     for _ in 1..n {
-        match NbdClient::connect(uri).await {
+        match NbdClient::connect_with(&uri.endpoint, opts.clone()).await {
             Ok(c) => clients.push(c),
             // A server that offers multi-conn may still take fewer connections (a limit in
             // front of it): the copy goes on over those it has.
@@ -589,10 +595,13 @@ async fn connect_dest(uri: &NbdUri, count: usize) -> Result<Vec<NbdClient>> {
 async fn copy(args: CopyArgs) -> Result<()> {
     use tapmirror::copy::{CopyOptions, Dest, Source};
     let engine = EngineChoice::from_env().resolve()?;
+    let answer_timeout = Some(Duration::from_secs(args.timeout)).filter(|t| !t.is_zero());
+    let nbd_options = |uri: &NbdUri| ClientOptions { export: uri.export.clone(), answer_timeout, ..ClientOptions::default() };
     let source: Source<CopyImage> = match &args.base {
         _ if is_uri(&args.src) && args.base.is_some() => bail!("--base needs an image source, not an NBD export"),
         _ if is_uri(&args.src) => {
-            Source::Nbd(NbdClient::connect(&NbdUri::parse(&args.src)?).await.context("connecting to the source")?)
+            let uri = NbdUri::parse(&args.src)?;
+            Source::Nbd(NbdClient::connect_with(&uri.endpoint, nbd_options(&uri)).await.context("connecting to the source")?)
         }
         None => Source::Image(Arc::new(open_copy_image(Path::new(&args.src), args.format.format(), Access::ReadOnly, engine).await?)),
         Some(base) => {
@@ -627,7 +636,8 @@ async fn copy(args: CopyArgs) -> Result<()> {
     }
     let size = source.size();
     let (dest, connections): (Dest<CopyImage>, usize) = if is_uri(&args.dest) {
-        let clients = connect_dest(&NbdUri::parse(&args.dest)?, args.connections).await?;
+        let uri = NbdUri::parse(&args.dest)?;
+        let clients = connect_dest(&uri, args.connections, &nbd_options(&uri)).await?;
         let n = clients.len();
         (Dest::nbd(clients)?, n)
     } else {

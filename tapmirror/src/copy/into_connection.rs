@@ -116,7 +116,8 @@ async fn run(chain: &Chain<'_>, dest: OwnedFd, export: &str, done: &Arc<AtomicU6
         Some(_) => return Err(format!("{}: a difference map needs VHD or qcow2 chains", image.display())),
     };
     size.store(source.size(), Ordering::Relaxed);
-    let client = NbdClient::from_fd(dest, ClientOptions { export: export.to_owned(), ..ClientOptions::default() })
+    let opts = ClientOptions { export: export.to_owned(), answer_timeout: Some(super::ANSWER_TIMEOUT), ..ClientOptions::default() };
+    let client = NbdClient::from_fd(dest, opts)
         .await
         .map_err(|e| format!("NBD on the destination socket: {e}"))?;
     let goodbye = client.clone();

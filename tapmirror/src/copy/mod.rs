@@ -66,6 +66,12 @@ pub struct CopyOptions {
     pub throttle: Option<Throttle>,
 }
 
+/// How long a copy waits on an NBD end that answers nothing while requests wait on it
+/// ([`crate::nbd::ClientOptions::answer_timeout`]). A server answers a 1 MiB write in
+/// milliseconds; minutes of silence are a stopped process or a dead network, not a busy disk
+/// (a copy flushes every `writeback_every` bytes, so no flush waits on gigabytes).
+pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(120);
+
 /// Answers how long a request of that many data bytes must wait (zero: go at once).
 pub type Throttle = Arc<dyn Fn(u64) -> Duration + Send + Sync>;
 

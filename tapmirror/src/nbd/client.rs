@@ -176,11 +176,17 @@ pub struct ClientOptions {
     pub structured: bool,
     /// Most requests in flight at once.
     pub max_in_flight: usize,
+    /// Give up on a server that has answered nothing for this long while requests wait on it
+    /// (stopped, or behind a network that drops everything, where TCP itself takes a quarter
+    /// of an hour to notice): every request then fails with why. Counted from the last reply,
+    /// or from when a request came to a client that had none in flight, never per request,
+    /// so that a deep queue over a slow link is not mistaken for a stall. `None`: wait for ever.
+    pub answer_timeout: Option<std::time::Duration>,
 }
 
 impl Default for ClientOptions {
     fn default() -> ClientOptions {
-        ClientOptions { export: String::new(), structured: true, max_in_flight: 64 }
+        ClientOptions { export: String::new(), structured: true, max_in_flight: 64, answer_timeout: None }
     }
 }
 
@@ -424,11 +430,50 @@ struct Shared {
     /// Set once the connection is broken, with why: later requests fail with it, and
     /// [`NbdClient::closed`] waits on it.
     broken: tokio::sync::watch::Sender<Option<String>>,
+    /// Milliseconds after `born` of the last sign the server is answering: a reply, or a
+    /// request arriving when none was in flight (the wait starts there).
+    heard: AtomicU64,
+    born: std::time::Instant,
 }
 
 impl Shared {
     fn new() -> Shared {
-        Shared { pending: Mutex::new(HashMap::new()), broken: tokio::sync::watch::Sender::new(None) }
+        Shared {
+            pending: Mutex::new(HashMap::new()),
+            broken: tokio::sync::watch::Sender::new(None),
+            heard: AtomicU64::new(0),
+            born: std::time::Instant::now(),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn heard_now(&self) {
+        self.heard.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    /// Fails the connection once requests have waited `limit` with no answer at all. Ends
+    /// when the connection breaks for any reason.
+    async fn watch_answers(&self, limit: std::time::Duration) {
+        let limit_ms = u64::try_from(limit.as_millis()).unwrap_or(u64::MAX).max(1);
+        let tick = (limit / 4).clamp(std::time::Duration::from_millis(10), std::time::Duration::from_secs(1));
+        loop {
+            tokio::time::sleep(tick).await;
+            if self.broken().is_some() {
+                return;
+            }
+            let waiting = self.pending.lock().map(|p| p.len()).unwrap_or(0);
+            let silent = self.now_ms().saturating_sub(self.heard.load(Ordering::Relaxed));
+            if waiting > 0 && silent >= limit_ms {
+                self.fail_all(&format!(
+                    "the server answered nothing for {:.1} s with {waiting} requests waiting",
+                    silent as f64 / 1000.0
+                ));
+                return;
+            }
+        }
     }
 
     /// Marks the connection broken, unless it is already (the first reason stays).
@@ -460,11 +505,16 @@ struct Inner {
     next_cookie: AtomicU64,
     slots: Semaphore,
     reader: tokio::task::JoinHandle<()>,
+    /// The [`ClientOptions::answer_timeout`] watch, if asked for.
+    watchdog: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
         self.reader.abort();
+        if let Some(w) = &self.watchdog {
+            w.abort();
+        }
         self.writer.close("client dropped");
     }
 }
@@ -602,6 +652,15 @@ impl NbdClient {
             };
             reader_shared.fail_all(&why);
         });
+        let watchdog = opts.answer_timeout.map(|limit| {
+            let shared = Arc::clone(&shared);
+            let writer = Arc::clone(&writer);
+            tokio::spawn(async move {
+                shared.watch_answers(limit).await;
+                // Nothing more goes to a server given up on (a no-op after any other break).
+                writer.close("the server stopped answering");
+            })
+        });
         Ok(NbdClient {
             inner: Arc::new(Inner {
                 info,
@@ -610,6 +669,7 @@ impl NbdClient {
                 next_cookie: AtomicU64::new(1),
                 slots: Semaphore::new(opts.max_in_flight.max(1)),
                 reader,
+                watchdog,
             }),
         })
     }
@@ -642,12 +702,14 @@ impl NbdClient {
         }
         let cookie = self.inner.next_cookie.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        self.inner
-            .shared
-            .pending
-            .lock()
-            .map_err(|_| ClientError::Closed("pending table poisoned".into()))?
-            .insert(cookie, Pending { expect, error: None, tx });
+        {
+            let mut pending = self.inner.shared.pending.lock().map_err(|_| ClientError::Closed("pending table poisoned".into()))?;
+            if pending.is_empty() {
+                // An idle client's wait for an answer starts now, not at the last reply.
+                self.inner.shared.heard_now();
+            }
+            pending.insert(cookie, Pending { expect, error: None, tx });
+        }
         // `fail_all` marks the connection broken and then drains the table. Checking again after
         // registering closes the window in which a request would miss both.
         if let Some(why) = self.inner.shared.broken() {
@@ -883,6 +945,7 @@ async fn read_replies<R: AsyncRead + Unpin>(r: &mut R, shared: &Shared) -> Resul
         let cookie = match header {
             ReplyHeader::Simple { cookie, .. } | ReplyHeader::Chunk { cookie, .. } => cookie,
         };
+        shared.heard_now();
         // Take the entry out while its payload is read, so no lock is held across an await.
         let mut p = shared
             .pending

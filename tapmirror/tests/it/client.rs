@@ -699,3 +699,43 @@ async fn client_rejects_a_read_reply_that_leaves_bytes_uncovered() {
     drop(c);
     let _ = server.join();
 }
+
+/// The answer timeout counts silence while requests wait, not idleness: a client left alone
+/// for twice the limit still works; a server slower than the limit per request, but answering
+/// one request after another inside it, keeps the connection; one that holds a request past it
+/// fails every request, saying why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answer_timeout_counts_silence_not_idleness() {
+    crate::require!("nbdkit");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = sparse_file(dir.path(), 16 * MIB as u64);
+    let limit = Duration::from_millis(1000);
+    let opts = ClientOptions { answer_timeout: Some(limit), ..ClientOptions::default() };
+
+    // Each write held 0.3 s, eight in flight, served by one thread one after another: 2.4 s
+    // in all, far past the limit, but the server is never silent for 1 s.
+    let (_slow, slow_socket) = nbdkit(dir.path(), &["--filter=delay", "--threads=1", "file", &file.display().to_string(), "delay-write=300ms"]);
+    let c = unix_with(&slow_socket, opts.clone()).await;
+    tokio::time::sleep(limit * 2).await;
+    let writes: Vec<_> = (0..8u64)
+        .map(|i| {
+            let c = c.clone();
+            tokio::spawn(async move { c.write(i * 4096, vec![7u8; 4096], false).await })
+        })
+        .collect();
+    for w in writes {
+        bounded("slow write", w).await.expect("join").expect("a slow server that keeps answering must keep the connection");
+    }
+
+    // A write held 10 s: silence past the limit.
+    let dir2 = tempfile::tempdir().expect("tempdir");
+    let file2 = sparse_file(dir2.path(), 16 * MIB as u64);
+    let (_stalled, stalled_socket) = nbdkit(dir2.path(), &["--filter=delay", "file", &file2.display().to_string(), "delay-write=10"]);
+    let c = unix_with(&stalled_socket, opts).await;
+    let started = Instant::now();
+    let err = bounded("stalled write", c.write(0, vec![7u8; 4096], false)).await.expect_err("a silent server's write must fail");
+    assert!(err.to_string().contains("answered nothing for"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(9), "the write waited for the server rather than the limit");
+    let later = bounded("write after the timeout", c.write(0, vec![7u8; 4096], false)).await.expect_err("the connection is given up on");
+    assert!(later.to_string().contains("answered nothing for"), "{later}");
+}

@@ -731,3 +731,45 @@ fn a_sparse_copy_into_an_existing_qcow2_stays_sparse() {
     assert!(used < 16 * MIB, "the destination took {used} bytes for 3 MiB of data");
     run(Command::new("qemu-img").args(["compare", "-q", "-f", "qcow2", "-F", "qcow2"]).arg(&src).arg(&dst));
 }
+
+/// An NBD end that stops answering (here nbdkit's delay filter holds every write, then every
+/// read, for 100 s) fails the copy once it has been silent for `--timeout`, saying so, rather
+/// than hanging until TCP or the user gives up.
+#[test]
+fn copy_gives_up_on_an_end_that_answers_nothing() {
+    crate::require!("nbdkit");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = dir.path().join("src.raw");
+    make_source(&src);
+    let dst = dir.path().join("dst.raw");
+    std::fs::write(&dst, vec![0x22u8; 64 << 20]).expect("target");
+    let stalled = |file: &Path, socket: &Path, delay: &str| {
+        let mut cmd = Command::new("nbdkit");
+        cmd.args(["-f", "-U"]).arg(socket).args(["--filter=delay", "file"]).arg(file).arg(delay).stderr(std::process::Stdio::null());
+        spawn_server(&mut cmd, socket)
+    };
+    let copy_cmd = |from: String, to: String| {
+        let child = Command::new(crate::harness::tapmirror())
+            .args(["copy", &from, &to, "--timeout", "2"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn copy");
+        crate::harness::exits_within(child, std::time::Duration::from_secs(60), "the copy hung on a silent end")
+    };
+    let uri = |socket: &Path| format!("nbd+unix:///?socket={}", socket.display());
+
+    let into = dir.path().join("into.sock");
+    let _target = stalled(&dst, &into, "delay-write=100");
+    let out = copy_cmd(src.display().to_string(), uri(&into));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a copy into a silent destination succeeded: {err}");
+    assert!(err.contains("answered nothing for"), "the error does not say the destination went silent: {err}");
+
+    let from = dir.path().join("from.sock");
+    let _source = stalled(&src, &from, "delay-read=100");
+    let out = copy_cmd(uri(&from), dir.path().join("out.raw").display().to_string());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a copy from a silent source succeeded: {err}");
+    assert!(err.contains("answered nothing for"), "the error does not say the source went silent: {err}");
+}
