@@ -462,6 +462,42 @@ fn a_vdi_detached_while_its_mirror_starts_fails_the_mirror_and_rolls_it_back() {
     }
 }
 
+/// A mirror of a VDI that no guest has attached is refused at once, before the destination
+/// prepares anything: there is no datapath to mirror from, and the fd stage found that out
+/// only after a whole prepare and its undo there.
+#[test]
+fn a_mirror_of_a_vdi_not_attached_is_refused_before_anything_is_made() {
+    let p = Pair::new();
+    let (vdi, _uri) = p.guest_disk(&pattern((4 * MIB) as usize, 14));
+    p.src.cli(&["vdi", "detach", "--sr", &p.src_sr, "--vdi", &vdi]);
+    let tasks_before = p.src.call("TASK.list", json!({"dbg": "t"}));
+    let before = p.state();
+    // An orchestrator's call (the CLI checks for itself first).
+    let args = json!({"sr": p.src_sr, "vdi": vdi, "dp": "vbd/gone", "url": p.dest_url(), "dest": p.dst_sr, "verify_dest": false, "dbg": "t"});
+    let reply = p.src.jsonrpc("DATA.MIRROR.start", args);
+    assert_eq!(reply["error"]["message"], "Migration_preparation_failure", "{reply}");
+    assert!(reply["error"]["data"].to_string().contains("not attached read-write and active"), "{reply}");
+    assert_eq!(p.src.call("TASK.list", json!({"dbg": "t"})), tasks_before, "no task was started");
+    assert_eq!(p.state(), before, "nothing changed on either host");
+}
+
+/// A detach that lands before the copy stops the copy too: the snapshot it would send is of
+/// no use to a mirror that has failed, and a big disk's copy ran to its end before the task
+/// said so.
+#[test]
+fn a_vdi_detached_before_its_copy_stops_the_copy() {
+    let p = Pair::with_faults("send.copy=long", "");
+    let (vdi, _uri) = p.guest_disk(&pattern((4 * MIB) as usize, 13));
+    let task = p.src.cli(&["mirror", "start", "--sr", &p.src_sr, "--vdi", &vdi, "--dest", &p.dest_url(), "--dest-sr", &p.dst_sr]);
+    wait_for_stage(&p.src, &task, "copy");
+    p.src.cli(&["vdi", "detach", "--sr", &p.src_sr, "--vdi", &vdi]);
+    eventually(60, "the task ended", || p.src.call("TASK.stat", json!({"task": task, "dbg": "t"}))["state"][0] != "Pending");
+    let t = p.src.call("TASK.stat", json!({"task": task, "dbg": "t"}));
+    assert_eq!(t["state"][0], "Failed", "{t}");
+    assert!(t["state"][1].to_string().contains("deactivated while its mirror started"), "the failure says why, not that it was cancelled: {t}");
+    assert!(t["debug_info"].get("bytes_done").is_none(), "the copy ran after the detach: {t}");
+}
+
 #[test]
 fn a_source_killed_mid_copy_undoes_the_migration_on_both_hosts_when_it_restarts() {
     let mut p = Pair::with_faults("send.copy=abort", "");

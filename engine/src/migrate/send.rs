@@ -137,6 +137,14 @@ impl Mux {
         }
         Remote::new(&url)?;
         refuse_non_persistent(&self.local::<VdiInfo>(Call::VdiStat(args::VdiStat { vdi: vdi.clone(), sr: sr.clone(), dbg: dbg(&id) })).await?)?;
+        // Checked here, before the destination prepares anything: the mirror is attached to
+        // the datapath that serves the guest, and a VDI with none fails at the fd stage after a
+        // whole prepare and its undo on the destination.
+        if !self.active_writer(&sr, &vdi) {
+            return Err(StorageError::MigrationPreparationFailure(format!(
+                "VDI {vdi} is not attached read-write and active on this host: a live mirror carries a running guest's writes (DATA.copy moves a VDI nobody writes)"
+            )));
+        }
         let full_mirror = self.backend_for_sr(&sr)?.smapi_version() >= 3;
         let (task, cancel) = self.tasks().create(&dbg(&id));
         let record = SendRecord {
@@ -187,13 +195,15 @@ impl Mux {
     }
 
     async fn run_send(&self, id: &str, task: &str, cancel: &CancellationToken) -> Result<(), StorageError> {
+        // Failed meanwhile: its VDI stopped taking I/O (see `before_deactivate`).
+        let deactivated = || lock(&self.records.sends).get(id).is_some_and(|r| r.failed);
+        const DEACTIVATED: &str = "the VDI was deactivated while its mirror started";
         let check = |stage| {
+            if deactivated() {
+                return Err((stage, StorageError::MigrationMirrorFailure(DEACTIVATED.into())));
+            }
             if cancel.is_cancelled() {
                 return Err((stage, StorageError::Cancelled(task.to_owned())));
-            }
-            // Failed meanwhile: its VDI stopped taking I/O (see `before_deactivate`).
-            if lock(&self.records.sends).get(id).is_some_and(|r| r.failed) {
-                return Err((stage, StorageError::MigrationMirrorFailure("the VDI was deactivated while its mirror started".into())));
             }
             Ok(())
         };
@@ -230,6 +240,11 @@ impl Mux {
         }
         .await;
         let Err((stage, e)) = result else { return Ok(()) };
+        // A deactivation cancels the task to stop its copy: the cancel is the deactivation's.
+        let e = match e {
+            StorageError::Cancelled(_) if deactivated() => StorageError::MigrationMirrorFailure(DEACTIVATED.into()),
+            e => e,
+        };
         let e = stage_error(stage, &e);
         self.roll_back_send(id, stage).await;
         Err(e)
@@ -686,11 +701,17 @@ impl Mux {
     pub(crate) async fn before_deactivate(&self, sr: &str, vdi: &str) -> Option<SendRecord> {
         // A mirror still starting cannot be finished once its VDI stops taking I/O (the guest
         // shut down mid-migration): it is failed, and its task rolls it back when it next looks.
-        let starting: Vec<String> =
-            lock(&self.records.sends).all().filter(|r| r.sr == sr && r.vdi == vdi && r.stage.is_starting() && !r.failed).map(|r| r.id.clone()).collect();
-        for id in starting {
+        // Its task is stopped too, so that a copy under way ends now rather than send a
+        // snapshot nobody will use (`run_send` says why it failed, not that it was cancelled).
+        let starting: Vec<(String, String)> = lock(&self.records.sends)
+            .all()
+            .filter(|r| r.sr == sr && r.vdi == vdi && r.stage.is_starting() && !r.failed)
+            .map(|r| (r.id.clone(), r.task.clone()))
+            .collect();
+        for (id, task) in starting {
             tracing::warn!(mirror = %id, "the VDI stops taking I/O while its mirror starts; the mirror fails");
             let _ = self.update_send(&id, |r| r.failed = true);
+            let _ = self.tasks().cancel(&task);
             self.tasks().changed(Dynamic::Mirror(id));
         }
         let r = lock(&self.records.sends).all().find(|r| r.sr == sr && r.vdi == vdi && r.stage == SendStage::Mirroring).cloned()?;
