@@ -93,6 +93,17 @@ fn stage_error(stage: Failed, e: &StorageError) -> StorageError {
     }
 }
 
+/// Why a mirror in `state` is lost while its disk is copied; `None` if it is sound.
+fn lost_mirror(state: MirrorHealth) -> Option<StorageError> {
+    match state {
+        MirrorHealth::Ready | MirrorHealth::Syncing => None,
+        MirrorHealth::Failed => Some(StorageError::MigrationMirrorFailure("the destination stopped taking the mirror while the disk was copied".into())),
+        MirrorHealth::None => Some(StorageError::MigrationMirrorFailure(
+            "the source datapath lost the mirror while the disk was copied (its process died and was restarted)".into(),
+        )),
+    }
+}
+
 impl Mux {
     pub(super) fn me(&self) -> Result<Arc<Mux>, StorageError> {
         self.me.upgrade().ok_or_else(|| StorageError::InternalError("the host is shutting down".into()))
@@ -353,11 +364,17 @@ impl Mux {
             .run(&entry, false, move |b, ctx| b.vdi_mirror_status(ctx, &vdi))
             .await
             .map_err(|e| StorageError::MigrationMirrorFailure(format!("the source datapath does not say how its mirror is: {e}")))?;
-        match status.state {
-            MirrorHealth::Ready | MirrorHealth::Syncing => Ok(()),
-            MirrorHealth::Failed => Err(StorageError::MigrationMirrorFailure("the destination stopped taking the mirror while the disk was copied".into())),
-            MirrorHealth::None => Err(StorageError::MigrationMirrorFailure("the source datapath lost the mirror while the disk was copied (its process died and was restarted)".into())),
-        }
+        lost_mirror(status.state).map_or(Ok(()), Err)
+    }
+
+    /// Why the mirror is lost, if the source datapath says it is; `None` while it says it is
+    /// sound, or says nothing (a datapath restarting answers again in a moment).
+    async fn mirror_lost(&self, id: &str) -> Option<StorageError> {
+        let r = lock(&self.records.sends).get(id).cloned()?;
+        let entry = self.attached_entry(&r.sr).ok()?;
+        let vdi = r.vdi.clone();
+        let status = self.run(&entry, false, move |b, ctx| b.vdi_mirror_status(ctx, &vdi)).await.ok()?;
+        lost_mirror(status.state)
     }
 
     async fn send_snapshot(&self, id: &str) -> Result<(), StorageError> {
@@ -394,8 +411,32 @@ impl Mux {
         self.update_send(id, |r| r.copy_dp = Some(copy_dp.clone()))?;
         // A job's disks share its bandwidth limit.
         let throttle = self.jobs.throttle_for(id);
-        let report =
-            self.copy_to_remote(&r.sr, &snapshot, base.as_deref(), &r.url, &r.dest_sr, &remote_info.parent, &copy_dp, &r.copy_vm, task, cancel, throttle).await?;
+        // The mirror is watched while the copy runs: a copy whose mirror is lost (its target
+        // failed, or the datapath died and came back without it) is worth nothing, and a big
+        // disk's copy would otherwise run to its end before `mirror_sound` said so.
+        let copy_cancel = cancel.child_token();
+        let report = {
+            let copy = self.copy_to_remote(&r.sr, &snapshot, base.as_deref(), &r.url, &r.dest_sr, &remote_info.parent, &copy_dp, &r.copy_vm, task, &copy_cancel, throttle);
+            tokio::pin!(copy);
+            let mut lost = None;
+            let copied = loop {
+                tokio::select! {
+                    copied = &mut copy => break copied,
+                    () = tokio::time::sleep(WATCH_EVERY), if lost.is_none() => {
+                        if let Some(e) = self.mirror_lost(id).await {
+                            tracing::warn!(mirror = %id, error = %e, "the mirror is lost; stopping its copy");
+                            lost = Some(e);
+                            copy_cancel.cancel();
+                        }
+                    }
+                }
+            };
+            match (lost, copied) {
+                // The copy may have finished in the meantime: the mirror is lost all the same.
+                (Some(e), _) => return Err(e),
+                (None, copied) => copied?,
+            }
+        };
         tracing::info!(mirror = %id, data = report.data_bytes, zeroes = report.zero_bytes, size = report.size, "copy done");
         self.tasks().debug_info(task, "copied_bytes", &report.data_bytes.to_string());
         crate::fault::point("send.copied").await?;
