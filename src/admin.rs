@@ -7,7 +7,7 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
 use sxm_engine::http::client::{CallErrorKind, Endpoint, RpcClient};
-use sxm_engine::model::{AttachInfo, DpStatVdi, Implementation, Rw, StorageError, Task, TaskState, VdiInfo, VdiState};
+use sxm_engine::model::{AttachInfo, DpStatVdi, Implementation, Rw, StorageError, Task, TaskState, VdiInfo, VdiState, standard_nbd_uri};
 use sxm_engine::rpc::Value;
 use sxm_engine::rpc::marshal::Marshal;
 
@@ -316,13 +316,6 @@ pub fn nbd_uri(info: &AttachInfo) -> Result<String> {
         }
     }
     bail!("the host offers no NBD implementation for this VDI")
-}
-
-/// `nbd:unix:<socket>:exportname=<name>` (xapi's, and QEMU's legacy form) as
-/// `nbd+unix:///<name>?socket=<socket>`, which nbdinfo, nbdcopy and libnbd take.
-fn standard_nbd_uri(uri: &str) -> Option<String> {
-    let (socket, export) = uri.strip_prefix("nbd:unix:")?.rsplit_once(":exportname=")?;
-    Some(format!("nbd+unix:///{export}?socket={socket}"))
 }
 
 impl Admin {

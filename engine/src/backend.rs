@@ -425,7 +425,7 @@ pub enum MirrorHealth {
 }
 
 /// [`Backend::vdi_mirror_status`]'s answer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MirrorStatus {
     /// The state.
     pub state: MirrorHealth,
@@ -433,6 +433,8 @@ pub struct MirrorStatus {
     pub bytes_left: u64,
     /// Bytes of guest writes mirrored so far.
     pub bytes_mirrored: u64,
+    /// Why the mirror failed (the target's error, its silence), when the datapath says.
+    pub failure: Option<String>,
 }
 
 /// What a copy moved.

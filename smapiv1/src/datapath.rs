@@ -45,5 +45,5 @@ pub(crate) fn mirror_status(r: MirrorReport) -> MirrorStatus {
         MirrorState::Ready => MirrorHealth::Ready,
         MirrorState::Failed => MirrorHealth::Failed,
     };
-    MirrorStatus { state, bytes_left: r.bytes_left, bytes_mirrored: r.bytes_mirrored }
+    MirrorStatus { state, bytes_left: r.bytes_left, bytes_mirrored: r.bytes_mirrored, failure: r.failure }
 }

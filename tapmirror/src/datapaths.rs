@@ -137,7 +137,7 @@ pub struct Endpoint {
 }
 
 /// A mirror's state, from the datapath's `stats`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MirrorReport {
     /// The state.
     pub state: MirrorState,
@@ -145,6 +145,8 @@ pub struct MirrorReport {
     pub bytes_left: u64,
     /// Bytes of guest writes mirrored so far (0 once failed: tapmirror detached it).
     pub bytes_mirrored: u64,
+    /// Why the last mirror failed (the target's error, its silence), if one did.
+    pub failure: Option<String>,
 }
 
 /// What a [`DatapathError`] is, for a caller mapping it onto its own errors.
@@ -839,6 +841,7 @@ fn mirror_report(m: &serde_json::Value) -> Option<MirrorReport> {
         state,
         bytes_left: m["bytes_left"].as_u64().unwrap_or(0),
         bytes_mirrored: m["counters"]["bytes"].as_u64().unwrap_or(0),
+        failure: m["failure"].as_str().map(str::to_owned),
     })
 }
 
@@ -902,7 +905,9 @@ mod tests {
     #[test]
     fn mirror_reports_and_messages() {
         let r = mirror_report(&json!({"state": "syncing", "bytes_left": 7, "counters": {"bytes": 9}})).expect("report");
-        assert_eq!(r, MirrorReport { state: MirrorState::Syncing, bytes_left: 7, bytes_mirrored: 9 });
+        assert_eq!(r, MirrorReport { state: MirrorState::Syncing, bytes_left: 7, bytes_mirrored: 9, failure: None });
+        let r = mirror_report(&json!({"state": "failed", "failure": "writing target: ENOSPC"})).expect("report");
+        assert_eq!(r.failure.as_deref(), Some("writing target: ENOSPC"));
         assert_eq!(mirror_report(&json!({"state": "odd"})), None);
         let e = DatapathError::NotAttached { id: "v".into() };
         assert_eq!(e.message("VDI"), "VDI v is not attached");

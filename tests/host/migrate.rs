@@ -87,12 +87,17 @@ impl Pair {
     /// A pair whose destination keeps its SRs on a 6 MiB file system, with an SR of type
     /// `dst_type` there; `None` where no tmpfs can be mounted (not root).
     fn small_destination(dst_type: &str) -> Option<Pair> {
+        Pair::small_destination_from("ext", dst_type)
+    }
+
+    /// The same, with an SR of type `src_type` on the source.
+    fn small_destination_from(src_type: &str, dst_type: &str) -> Option<Pair> {
         let dir = tempfile::tempdir().expect("tempdir");
         let small = Tmpfs::mount(&dir.path().join("b").join("sr"), "6m")?;
         let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("port").port();
         let src = Host::start(&dir.path().join("a"));
         let dst = Host::start_on(&dir.path().join("b"), &format!("127.0.0.1:{port}"));
-        let src_sr = src.cli(&["sr", "create", "--name", "source"]);
+        let src_sr = src.cli(&["sr", "create", "--type", src_type, "--name", "source"]);
         let dst_sr = dst.cli(&["sr", "create", "--type", dst_type, "--name", "small"]);
         Some(Pair { small: Some(small), _dir: dir, src, dst, src_sr, dst_sr })
     }
@@ -510,6 +515,24 @@ fn a_source_killed_mid_copy_undoes_the_migration_on_both_hosts_when_it_restarts(
     p.start_mirror(&vdi);
 }
 
+/// A source restarting after it died mid-copy undoes its side before it listens, but does not
+/// wait on the destination to undo its own: a destination slow to answer the cancel (here 10 s)
+/// used to keep the restarted host deaf that long. Meanwhile the mirror is listed as failed.
+#[test]
+fn a_restarting_source_listens_while_a_slow_destination_cancels() {
+    let mut p = Pair::with_faults("send.copy=abort", "recv.cancel=long");
+    let (vdi, _uri) = p.guest_disk(&pattern((8 * MIB) as usize, 15));
+    let before = p.state();
+    let out = p.src.cli_raw(&["mirror", "start", "--sr", &p.src_sr, "--vdi", &vdi, "--dest", &p.dest_url(), "--dest-sr", &p.dst_sr, "--wait"]);
+    assert!(!out.status.success(), "the host died, the CLI must say so");
+    p.restart_src(false);
+    // Up, and the destination's cancel still stalled: the mirror is there, failed.
+    let id = format!("{}/{vdi}", p.src_sr);
+    let listed = p.src.call("DATA.MIRROR.list", json!({"dbg": "t"}));
+    assert_eq!(listed[&id]["failed"], json!(true), "the host listened only after the destination's cancel: {listed}");
+    settle(&p, &before, "both hosts back as they were once the destination has cancelled");
+}
+
 /// Waits until `task`'s copy has written everything (its progress says so), while the copy
 /// stalls at an injected delay before its next step.
 fn wait_until_copied(h: &Host, task: &str) {
@@ -737,6 +760,25 @@ fn a_destination_out_of_space_fails_the_copy_and_leaves_both_hosts_as_they_were(
         p.src.cli(&["vdi", "detach", "--sr", &p.src_sr, "--vdi", &vdi]);
         assert_matches_guest(&p.export(&p.dst, &p.dst_sr, &dest_vdi), &model, &seed, "the destination after the retry");
     }
+}
+
+/// A full mirror (SMAPIv3 source) that fills its destination says so: the task's error
+/// carries the target's out-of-space error, which an operator must tell from a network cut. It
+/// used to say only that the destination stopped taking the mirror.
+#[test]
+fn a_full_mirror_that_fills_its_destination_says_it_ran_out_of_space() {
+    let Some(p) = Pair::small_destination_from("qcow2", "ext") else {
+        eprintln!("skipping: cannot mount a tmpfs here (needs root)");
+        return;
+    };
+    let (vdi, _uri) = p.guest_disk(&pattern((12 * MIB) as usize, 22));
+    let before = p.state();
+    let out = p.src.cli_raw(&["mirror", "start", "--sr", &p.src_sr, "--vdi", &vdi, "--dest", &p.dest_url(), "--dest-sr", &p.dst_sr, "--wait"]);
+    assert!(!out.status.success(), "12 MiB fit in 6 MiB?");
+    let t = p.src.call("TASK.stat", json!({"task": last_task(&p.src), "dbg": "t"}));
+    assert_eq!(t["state"][1][0], "Migration_mirror_failure", "{t}");
+    assert!(t["state"][1][1].as_str().is_some_and(|m| m.contains("ENOSPC")), "the error names the cause: {t}");
+    settle(&p, &before, "both hosts back as they were");
 }
 
 #[test]
@@ -1306,6 +1348,9 @@ fn a_three_disk_vm_moves_two_at_a_time_and_each_disk_arrives_exact() {
         assert_eq!(t["debug_info"][format!("disk{i} verified")], "8 blocks", "{t}");
         let dest_vdi = t["debug_info"][format!("disk{i} dest_vdi")].as_str().expect("dest vdi");
         assert!(dest_content(&p, dest_vdi) == *seed, "disk {i} differs on the destination");
+        // Its URI in the form the NBD tools take, as the CLI prints every URI.
+        let uri = t["debug_info"][format!("disk{i} dest_uri")].as_str().expect("dest uri");
+        assert!(uri.starts_with(&format!("nbd+unix:///{dest_vdi}?socket=")), "{uri}");
         // The destination VDI is attached on a datapath named as the source's: the CLI there
         // still detaches it (it used to report success and leave it attached).
         p.dst.cli(&["vdi", "detach", "--sr", &p.dst_sr, "--vdi", dest_vdi]);

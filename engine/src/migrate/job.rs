@@ -446,7 +446,9 @@ impl Mux {
             let info: crate::model::AttachInfo = remote.call(attach).await?;
             remote.call::<()>(Call::VdiActivate3(args::VdiActivate3 { vdi: dest_vdi.clone(), vm: None, sr: a.dest.clone(), dp: d.dp.clone(), dbg: dbg(id) })).await?;
             if let Some(crate::model::Implementation::Nbd { uri }) = info.implementations.first() {
-                self.tasks().debug_info(id, &format!("disk{i} dest_uri"), uri);
+                // In the form the NBD tools take, as the CLI prints every URI.
+                let uri = crate::model::standard_nbd_uri(uri).unwrap_or_else(|| uri.clone());
+                self.tasks().debug_info(id, &format!("disk{i} dest_uri"), &uri);
             }
         }
         Ok(())

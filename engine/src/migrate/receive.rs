@@ -274,6 +274,7 @@ impl Mux {
 
     /// `DATA.MIRROR.receive_cancel`.
     pub(crate) async fn receive_cancel(&self, id: &str) -> Result<(), StorageError> {
+        crate::fault::point("recv.cancel").await?;
         let _turn = self.receive_turn(id).await;
         if lock(&self.records.recvs).get(id).is_none() {
             // Nothing to undo (never prepared, cancelled or finalized already): done, as in

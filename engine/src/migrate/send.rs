@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::{MirrorHealth, MirrorMode};
+use crate::backend::{MirrorHealth, MirrorMode, MirrorStatus};
 use crate::model::call::args;
 use crate::model::{Call, Dynamic, Mirror, MirrorReceiveResult, MirrorState, StorageError, TaskResult, VdiInfo};
 use crate::mux::Mux;
@@ -93,15 +93,24 @@ fn stage_error(stage: Failed, e: &StorageError) -> StorageError {
     }
 }
 
-/// Why a mirror in `state` is lost while its disk is copied; `None` if it is sound.
-fn lost_mirror(state: MirrorHealth) -> Option<StorageError> {
-    match state {
+/// Why a mirror in `status` is lost while its disk is copied; `None` if it is sound.
+fn lost_mirror(status: &MirrorStatus) -> Option<StorageError> {
+    match status.state {
         MirrorHealth::Ready | MirrorHealth::Syncing => None,
-        MirrorHealth::Failed => Some(StorageError::MigrationMirrorFailure("the destination stopped taking the mirror while the disk was copied".into())),
+        MirrorHealth::Failed => Some(StorageError::MigrationMirrorFailure(format!(
+            "the destination stopped taking the mirror while the disk was copied{}",
+            failure_text(status)
+        ))),
         MirrorHealth::None => Some(StorageError::MigrationMirrorFailure(
             "the source datapath lost the mirror while the disk was copied (its process died and was restarted)".into(),
         )),
     }
+}
+
+/// `": WHY"` when the datapath said why its mirror failed (a full destination's ENOSPC, say,
+/// which an operator must tell from a network cut), else nothing.
+fn failure_text(status: &MirrorStatus) -> String {
+    status.failure.as_deref().map(|f| format!(": {f}")).unwrap_or_default()
 }
 
 impl Mux {
@@ -346,7 +355,9 @@ impl Mux {
             self.tasks().progress(task, 0.08 + 0.91 * done as f64 / size as f64);
             match status.state {
                 MirrorHealth::Ready => break,
-                MirrorHealth::Failed => return Err(StorageError::MigrationMirrorFailure("the destination stopped taking the mirror".into())),
+                MirrorHealth::Failed => {
+                    return Err(StorageError::MigrationMirrorFailure(format!("the destination stopped taking the mirror{}", failure_text(&status))));
+                }
                 MirrorHealth::None => return Err(StorageError::MigrationMirrorFailure("the mirror is gone from the datapath".into())),
                 MirrorHealth::Syncing => tokio::time::sleep(Duration::from_millis(200)).await,
             }
@@ -364,7 +375,7 @@ impl Mux {
             .run(&entry, false, move |b, ctx| b.vdi_mirror_status(ctx, &vdi))
             .await
             .map_err(|e| StorageError::MigrationMirrorFailure(format!("the source datapath does not say how its mirror is: {e}")))?;
-        lost_mirror(status.state).map_or(Ok(()), Err)
+        lost_mirror(&status).map_or(Ok(()), Err)
     }
 
     /// Why the mirror is lost, if the source datapath says it is; `None` while it says it is
@@ -374,7 +385,7 @@ impl Mux {
         let entry = self.attached_entry(&r.sr).ok()?;
         let vdi = r.vdi.clone();
         let status = self.run(&entry, false, move |b, ctx| b.vdi_mirror_status(ctx, &vdi)).await.ok()?;
-        lost_mirror(status.state)
+        lost_mirror(&status)
     }
 
     async fn send_snapshot(&self, id: &str) -> Result<(), StorageError> {
@@ -612,6 +623,12 @@ impl Mux {
     /// xapi's `stop`: the mirror stops, every local VDI the send made (the snapshot) goes,
     /// and the destination cancels its receive. True when the destination has.
     async fn stop_send(&self, r: &SendRecord) -> bool {
+        self.undo_send_here(r).await;
+        self.cancel_remote(r).await
+    }
+
+    /// Undoes this host's side of a send: its mirror, and the migration snapshot it made.
+    async fn undo_send_here(&self, r: &SendRecord) {
         self.detach_mirror(r).await;
         if let Ok(vdis) = self.local::<Vec<VdiInfo>>(Call::SrScan(args::SrScan { sr: r.sr.clone(), dbg: dbg(&r.id) })).await {
             for v in vdis.into_iter().filter(|v| v.sm_config.get(BASE_MIRROR) == Some(&r.id) && v.vdi != r.vdi) {
@@ -620,7 +637,6 @@ impl Mux {
                 }
             }
         }
-        self.cancel_remote(r).await
     }
 
     /// `DATA.MIRROR.stop`.
@@ -721,7 +737,7 @@ impl Mux {
                 match me.run(&entry, false, move |b, ctx| b.vdi_mirror_status(ctx, &vdi)).await {
                     // `None`: the datapath's process died and was restarted without it.
                     Ok(s) if s.state == MirrorHealth::Failed || s.state == MirrorHealth::None => {
-                        tracing::error!(mirror = %id, state = ?s.state, "the mirror's target failed, or the datapath lost it; the guest goes on locally");
+                        tracing::error!(mirror = %id, state = ?s.state, failure = ?s.failure, "the mirror's target failed, or the datapath lost it; the guest goes on locally");
                         let _ = me.update_send(&id, |r| r.failed = true);
                         // The task that started it says so too (xapi marks its task `mirror_failed`).
                         me.tasks().debug_info(&r.task, "mirror_failed", "true");
@@ -764,7 +780,7 @@ impl Mux {
         let drained = self.run(&entry, true, move |b, ctx| b.vdi_drain(ctx, &id, DRAIN_TIMEOUT)).await;
         let id = r.vdi.clone();
         let status = self.run(&entry, false, move |b, ctx| b.vdi_mirror_status(ctx, &id)).await;
-        let healthy = drained.is_ok() && matches!(status, Ok(s) if s.state == MirrorHealth::Ready || s.state == MirrorHealth::Syncing);
+        let healthy = drained.is_ok() && matches!(&status, Ok(s) if s.state == MirrorHealth::Ready || s.state == MirrorHealth::Syncing);
         if !healthy {
             tracing::error!(mirror = %r.id, drained = ?drained.err(), status = ?status, "mirror not sound at finalize; not finalizing");
             let _ = self.update_send(&r.id, |r| r.failed = true);
@@ -1087,7 +1103,18 @@ impl Mux {
                 SendStage::FullMirror => Failed::Mirror,
             };
             tracing::warn!(mirror = %r.id, stage = ?r.stage, "a mirror was interrupted while starting; undoing it");
-            self.roll_back_send(&r.id, stage).await;
+            // This host's side now, before it listens; the destination's in the background, as
+            // after a cancel it did not answer: one that is slow or hung must not keep this host
+            // from listening (a tester's slow destination held it 14 s, and a hung one would
+            // hold it for the whole call timeout). Until it answers, the mirror is listed failed.
+            if stage != Failed::PrepareUnknown {
+                self.undo_send_here(&r).await;
+            }
+            let _ = self.update_send(&r.id, |r| {
+                r.cancelling = true;
+                r.failed = true;
+            });
+            self.retry_cancel(r.id.clone());
             self.tasks().changed(Dynamic::Mirror(r.id.clone()));
         }
         let copies: Vec<String> = lock(&self.records.copies).all().map(|r| r.id.clone()).collect();

@@ -163,6 +163,13 @@ pub enum Implementation {
     },
 }
 
+/// `nbd:unix:<socket>:exportname=<name>` (xapi's, and QEMU's legacy form) as
+/// `nbd+unix:///<name>?socket=<socket>`, which nbdinfo, nbdcopy and libnbd take.
+pub fn standard_nbd_uri(uri: &str) -> Option<String> {
+    let (socket, export) = uri.strip_prefix("nbd:unix:")?.rsplit_once(":exportname=")?;
+    Some(format!("nbd+unix:///{export}?socket={socket}"))
+}
+
 record! {
     /// Payload of `XenDisk`.
     pub struct XenDiskArgs {
