@@ -635,6 +635,13 @@ async fn copy(args: CopyArgs) -> Result<()> {
         );
     }
     let size = source.size();
+    // A checkpoint names the source's files as they are: resuming from one made before they
+    // changed would leave the destination with what they held then. (An NBD source has no
+    // such stamp: what its server serves is its own to keep still.)
+    let source_stamp = match &source {
+        Source::Image(image) | Source::Diff { image, .. } if args.checkpoint.is_some() => Some(tapmirror::copy::source_stamp(&image.chain())?),
+        _ => None,
+    };
     let (dest, connections): (Dest<CopyImage>, usize) = if is_uri(&args.dest) {
         let uri = NbdUri::parse(&args.dest)?;
         let clients = connect_dest(&uri, args.connections, &nbd_options(&uri)).await?;
@@ -667,6 +674,7 @@ async fn copy(args: CopyArgs) -> Result<()> {
         target_is_zero: args.target_is_zero,
         bwlimit: args.bwlimit,
         checkpoint: args.checkpoint.clone(),
+        source_stamp,
         writeback_every: args.writeback_every,
         progress: args.progress,
         ..CopyOptions::default()

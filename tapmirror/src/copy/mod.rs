@@ -46,6 +46,10 @@ pub struct CopyOptions {
     pub bwlimit: Option<u64>,
     /// Where to persist progress, to resume an interrupted copy.
     pub checkpoint: Option<PathBuf>,
+    /// What the source was when the copy began (its files' identities, sizes and modification
+    /// times, [`source_stamp`]): a checkpoint made from another is refused, since what it says
+    /// the destination holds came from other content.
+    pub source_stamp: Option<String>,
     /// Persist progress after this many bytes (or every 5 s, whichever comes first). Each
     /// checkpoint costs a flush of the destination.
     pub checkpoint_every: u64,
@@ -97,6 +101,7 @@ impl Default for CopyOptions {
             target_is_zero: false,
             bwlimit: None,
             checkpoint: None,
+            source_stamp: None,
             checkpoint_every: 1 << 30,
             writeback_every: 64 << 20,
             progress: ProgressMode::None,
@@ -154,6 +159,21 @@ pub struct Checkpoint {
     pub size: u64,
     /// Every byte below this is written and flushed on the destination.
     pub done: u64,
+    /// The source as it was ([`CopyOptions::source_stamp`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_stamp: Option<String>,
+}
+
+/// The identity, size and modification time of each of `files` (a source image's chain): two
+/// stamps differ when any file was written, replaced or truncated in between.
+pub fn source_stamp(files: &[PathBuf]) -> Result<String> {
+    use std::os::unix::fs::MetadataExt;
+    let mut parts = Vec::with_capacity(files.len());
+    for f in files {
+        let m = std::fs::metadata(f).with_context(|| format!("looking at {}", f.display()))?;
+        parts.push(format!("{}:{}:{}:{}.{:09}", m.dev(), m.ino(), m.len(), m.mtime(), m.mtime_nsec()));
+    }
+    Ok(parts.join(" "))
 }
 
 impl Checkpoint {
@@ -308,6 +328,13 @@ pub async fn copy<I: Image, J: Image>(
         if cp.source != names.0 || cp.dest != names.1 || cp.size != size {
             bail!("checkpoint {} is for another copy ({} -> {}, {} bytes)", path.display(), cp.source, cp.dest, cp.size);
         }
+        if cp.source_stamp != opts.source_stamp {
+            bail!(
+                "checkpoint {} was made from {} as it was before it changed: what it says the destination holds is stale; remove it to copy from the start",
+                path.display(),
+                cp.source
+            );
+        }
         start = cp.done.min(size);
         tracing::info!(resume_at = start, "resuming from checkpoint");
     }
@@ -320,7 +347,14 @@ pub async fn copy<I: Image, J: Image>(
     let failed: Arc<Mutex<Option<anyhow::Error>>> = Arc::new(Mutex::new(None));
     let mut tasks = tokio::task::JoinSet::new();
     let ticker = progress.spawn_ticker();
-    let mut checkpoints = opts.checkpoint.as_deref().map(|path| Checkpointer { path, every: opts.checkpoint_every, last: (Instant::now(), start), names, size });
+    let mut checkpoints = opts.checkpoint.as_deref().map(|path| Checkpointer {
+        path,
+        every: opts.checkpoint_every,
+        last: (Instant::now(), start),
+        names,
+        size,
+        source_stamp: opts.source_stamp.as_deref(),
+    });
     // Early writeback (see `CopyOptions::writeback_every`): one flush in flight at a time, in a
     // set of its own so that leaving early (an error) aborts it rather than leaving it behind.
     let mut writeback: tokio::task::JoinSet<Result<()>> = tokio::task::JoinSet::new();
@@ -454,6 +488,7 @@ struct Checkpointer<'a> {
     last: (Instant, u64),
     names: (&'a str, &'a str),
     size: u64,
+    source_stamp: Option<&'a str>,
 }
 
 impl Checkpointer<'_> {
@@ -465,7 +500,15 @@ impl Checkpointer<'_> {
         }
         let mark = watermark.lock().map(|w| w.mark).unwrap_or(0);
         dest.flush().await?;
-        Checkpoint { version: 1, source: self.names.0.into(), dest: self.names.1.into(), size: self.size, done: mark }.store(self.path)?;
+        Checkpoint {
+            version: 1,
+            source: self.names.0.into(),
+            dest: self.names.1.into(),
+            size: self.size,
+            done: mark,
+            source_stamp: self.source_stamp.map(str::to_owned),
+        }
+        .store(self.path)?;
         self.last = (Instant::now(), at);
         Ok(())
     }
@@ -614,7 +657,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = dir.path().join("cp.json");
         assert_eq!(Checkpoint::load(&p).expect("load missing"), None);
-        let cp = Checkpoint { version: 1, source: "a".into(), dest: "b".into(), size: 10, done: 5 };
+        let cp = Checkpoint { version: 1, source: "a".into(), dest: "b".into(), size: 10, done: 5, source_stamp: Some("1:2:3:4.5".into()) };
         cp.store(&p).expect("store");
         assert_eq!(Checkpoint::load(&p).expect("load"), Some(cp));
         std::fs::write(&p, b"{not json").expect("corrupt");

@@ -263,7 +263,7 @@ fn interrupted_copy_resumes_from_its_checkpoint() {
     assert_eq!(again.resumed_bytes, 0);
 
     // A checkpoint of another copy is refused, not silently applied.
-    copy::Checkpoint { version: 1, source: "src".into(), dest: "dst".into(), size: 64 * MIB, done: 4 * MIB }.store(&cp).expect("store");
+    copy::Checkpoint { version: 1, source: "src".into(), dest: "dst".into(), size: 64 * MIB, done: 4 * MIB, source_stamp: None }.store(&cp).expect("store");
     let err = rt.block_on(async {
         let (dest, n) = nbd_dest(&target.socket, 1).await;
         copy::copy(source(&src).await, dest, n, &opts, ("other-src", "dst")).await
@@ -772,4 +772,41 @@ fn copy_gives_up_on_an_end_that_answers_nothing() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "a copy from a silent source succeeded: {err}");
     assert!(err.contains("answered nothing for"), "the error does not say the source went silent: {err}");
+}
+
+/// A checkpoint made before the source changed is refused: resuming from it would leave the
+/// destination with the old content below its mark, and the copy used to say it succeeded.
+#[test]
+fn a_checkpoint_from_before_the_source_changed_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = dir.path().join("src.raw");
+    let dst = dir.path().join("dst.raw");
+    std::fs::write(&src, pattern((8 * MIB) as usize, 31)).expect("source");
+    std::fs::write(&dst, vec![0u8; (8 * MIB) as usize]).expect("destination");
+    let cp = dir.path().join("copy.checkpoint");
+    let (src_name, dst_name) = (src.display().to_string(), dst.display().to_string());
+    let stamp = copy::source_stamp(std::slice::from_ref(&src)).expect("stamp");
+    let checkpoint = copy::Checkpoint { version: 1, source: src_name.clone(), dest: dst_name.clone(), size: 8 * MIB, done: 4 * MIB, source_stamp: Some(stamp) };
+    checkpoint.store(&cp).expect("store");
+    let copy_cmd = || Command::new(crate::harness::tapmirror()).args(["copy", "--checkpoint"]).arg(&cp).args([&src_name, &dst_name]).output().expect("run copy");
+
+    // The source changes after the checkpoint was made.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&src).expect("open source");
+        f.write_all_at(&[0xee; 512], 0).expect("change the source");
+    }
+    let out = copy_cmd();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "resumed from a stale checkpoint: {err}");
+    assert!(err.contains("before it changed"), "{err}");
+    assert!(std::fs::read(&dst).expect("read").iter().all(|&b| b == 0), "the refused copy wrote to the destination");
+
+    // Unchanged since, the same checkpoint is taken, and the copy resumes from it.
+    let checkpoint = copy::Checkpoint { source_stamp: Some(copy::source_stamp(std::slice::from_ref(&src)).expect("stamp")), ..checkpoint };
+    checkpoint.store(&cp).expect("store");
+    let out = copy_cmd();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(out.stderr.rsplit(|&b| b == b'\n').find(|l| !l.is_empty()).expect("report")).expect("report JSON");
+    assert_eq!(report["resumed_bytes"], 4 * MIB, "{report}");
 }
