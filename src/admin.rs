@@ -915,7 +915,12 @@ impl Admin {
 
     async fn import(&self, sr: &str, name: Option<String>, format: ImportFormat, file: &Path) -> Result<()> {
         let format = format.tapmirror_name();
-        let size = image_size(file, format)?;
+        let (size, found) = image_size(file, format)?;
+        // An image from elsewhere is checked whole first: a truncated or damaged one would
+        // otherwise be copied with what it lost read as zeroes, as qemu-img convert does.
+        if found != "raw" {
+            check_image(file)?;
+        }
         let name = name.unwrap_or_else(|| file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "import".into()));
         let info = self.create(sr, size, &name).await?;
         let outcome = async {
@@ -1042,14 +1047,30 @@ impl ImportFormat {
     }
 }
 
-fn image_size(file: &Path, format: &str) -> Result<u64> {
+/// `file`'s virtual size, and its format as `tapmirror image info` found it (`format` may be
+/// `auto`).
+fn image_size(file: &Path, format: &str) -> Result<(u64, String)> {
     let tapmirror = crate::serve::find_tapmirror(std::env::var_os("SXM_TAPMIRROR").map(PathBuf::from))?;
     let out = Command::new(&tapmirror).arg("image").arg("info").arg("--format").arg(format).arg(file).output().with_context(|| format!("run {}", tapmirror.display()))?;
     if !out.status.success() {
         bail!("{}: {}", file.display(), String::from_utf8_lossy(&out.stderr).trim());
     }
     let j: serde_json::Value = serde_json::from_slice(&out.stdout).context("tapmirror image info --json")?;
-    j.get("virtual_size").or_else(|| j.get("size")).and_then(serde_json::Value::as_u64).with_context(|| format!("no size in {j}"))
+    let size = j.get("virtual_size").or_else(|| j.get("size")).and_then(serde_json::Value::as_u64).with_context(|| format!("no size in {j}"))?;
+    Ok((size, j["format"].as_str().unwrap_or("raw").to_owned()))
+}
+
+/// `tapmirror image check` of a VHD or qcow2 file: damage is an error; leaked clusters (wasted
+/// space only, its exit status 3) are not.
+fn check_image(file: &Path) -> Result<()> {
+    let tapmirror = crate::serve::find_tapmirror(std::env::var_os("SXM_TAPMIRROR").map(PathBuf::from))?;
+    let out = Command::new(&tapmirror).arg("image").arg("check").arg(file).output().with_context(|| format!("run {}", tapmirror.display()))?;
+    if out.status.success() || out.status.code() == Some(3) {
+        return Ok(());
+    }
+    let said = String::from_utf8_lossy(&out.stderr);
+    let why = said.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim_start_matches("tapmirror: ");
+    bail!("{} is damaged, and is not imported: {why}", file.display())
 }
 
 /// Runs `tapmirror copy`; its log and report are shown only when it fails, as the error.

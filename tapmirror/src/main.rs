@@ -642,6 +642,8 @@ async fn copy(args: CopyArgs) -> Result<()> {
         Source::Image(image) | Source::Diff { image, .. } if args.checkpoint.is_some() => Some(tapmirror::copy::source_stamp(&image.chain())?),
         _ => None,
     };
+    // The file this copy made, if it made one: a failed copy takes it away again.
+    let mut made: Option<(PathBuf, std::fs::Metadata)> = None;
     let (dest, connections): (Dest<CopyImage>, usize) = if is_uri(&args.dest) {
         let uri = NbdUri::parse(&args.dest)?;
         let clients = connect_dest(&uri, args.connections, &nbd_options(&uri)).await?;
@@ -652,6 +654,16 @@ async fn copy(args: CopyArgs) -> Result<()> {
         if let Source::Image(image) | Source::Diff { image, .. } = &source {
             refuse_a_file_of_the_source(path, &image.chain())?;
         }
+        if !path.exists()
+            && let Some(cp) = &args.checkpoint
+            && cp.exists()
+        {
+            bail!(
+                "checkpoint {} is for {}, which no longer exists: what it says is there is not; remove the checkpoint to copy from the start",
+                cp.display(),
+                path.display()
+            );
+        }
         let created = if args.dest_new || !path.exists() {
             Some(RawImage::create(path, size).with_context(|| format!("creating {}", path.display()))?)
         } else {
@@ -661,6 +673,7 @@ async fn copy(args: CopyArgs) -> Result<()> {
             // Through the new file's own descriptor, never its name again: in a folder others
             // may write, the name could be a link to some other file by now.
             Some(file) => {
+                made = file.metadata().ok().map(|m| (path.to_owned(), m));
                 let ours = PathBuf::from(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(file)));
                 open_copy_image(&ours, Some(Format::Raw), Access::ReadWrite, engine).await.with_context(|| format!("opening {}", path.display()))?
             }
@@ -679,7 +692,19 @@ async fn copy(args: CopyArgs) -> Result<()> {
         progress: args.progress,
         ..CopyOptions::default()
     };
-    let report = tapmirror::copy::copy(Arc::new(source), Arc::new(dest), connections, &opts, (&args.src, &args.dest)).await?;
+    let copied = tapmirror::copy::copy(Arc::new(source), Arc::new(dest), connections, &opts, (&args.src, &args.dest)).await;
+    if let (Err(_), Some((path, ours)), None) = (&copied, &made, &args.checkpoint) {
+        // A file of the source's size, partly written, would pass for a whole copy. Only ours
+        // goes: the name must still be the file this copy made (not something put there since).
+        // With a checkpoint it stays, for the resume.
+        use std::os::unix::fs::MetadataExt;
+        if std::fs::symlink_metadata(path).is_ok_and(|m| m.dev() == ours.dev() && m.ino() == ours.ino())
+            && let Err(e) = std::fs::remove_file(path)
+        {
+            tracing::warn!(path = %path.display(), error = %e, "could not remove the failed copy's file");
+        }
+    }
+    let report = copied?;
     tracing::info!(?report, "copy done");
     if args.progress != tapmirror::copy::ProgressMode::Json {
         let _ = writeln!(std::io::stderr(), "{}", serde_json::to_string(&report)?);

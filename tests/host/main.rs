@@ -245,6 +245,34 @@ fn a_raw_disk_holding_an_image_header_imports_as_raw_when_named_so() {
     assert!(std::fs::read(&exported).expect("exported") == disk, "the imported disk differs from the guest's raw file");
 }
 
+/// A damaged image (a qcow2 cut short, its data clusters past the new end) is refused by
+/// `vdi import` and leaves no VDI behind: it used to import, the lost clusters read as zeroes,
+/// though `tapmirror image check` knew. In both SR types.
+#[test]
+fn a_truncated_image_is_not_imported() {
+    require!("qemu-img");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (host, sr) = host_with_sr(&dir);
+    let sr3 = host.cli(&["sr", "create", "--type", "qcow2", "--name", "volumes"]);
+    let raw = dir.path().join("data.raw");
+    std::fs::write(&raw, pattern((4 * MIB) as usize, 23)).expect("data");
+    let good = dir.path().join("good.qcow2");
+    run(Command::new("qemu-img").args(["convert", "-q", "-O", "qcow2"]).arg(&raw).arg(&good));
+    let bytes = std::fs::read(&good).expect("image");
+    let cut = dir.path().join("cut.qcow2");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).expect("truncated image");
+    for sr in [&sr, &sr3] {
+        let before = host.call("SR.scan", json!({"sr": sr, "dbg": "t"}));
+        let out = host.cli_raw(&["vdi", "import", "--sr", sr, cut.to_str().expect("path")]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "a truncated image was imported: {err}");
+        assert!(err.contains("damaged") && err.contains("beyond the end of the file"), "{err}");
+        assert_eq!(host.call("SR.scan", json!({"sr": sr, "dbg": "t"})), before, "the refused import left a VDI");
+        // The intact image imports.
+        host.cli_json(&["vdi", "import", "--sr", sr, good.to_str().expect("path")]);
+    }
+}
+
 /// A raw file whose size is no whole number of sectors imports into either SR type: the VDI is
 /// the next whole sector, its bytes the file's and then zeroes. The copy failed with EINVAL at
 /// its last, partial sector.

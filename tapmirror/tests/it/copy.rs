@@ -810,3 +810,35 @@ fn a_checkpoint_from_before_the_source_changed_is_refused() {
     let report: serde_json::Value = serde_json::from_slice(out.stderr.rsplit(|&b| b == b'\n').find(|l| !l.is_empty()).expect("report")).expect("report JSON");
     assert_eq!(report["resumed_bytes"], 4 * MIB, "{report}");
 }
+
+/// A copy that fails into a file it made takes the file away again: left, it had the source's
+/// size and passed for a whole copy. With a checkpoint the file stays, for the resume; and a
+/// checkpoint whose destination file is gone is refused, not resumed into a new empty file.
+#[test]
+fn a_failed_copy_leaves_no_file_it_made() {
+    crate::require!("nbdkit");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("failing.sock");
+    let mut cmd = Command::new("nbdkit");
+    cmd.args(["-f", "-U"]).arg(&socket).args(["--filter=error", "pattern", "16M", "error-pread=EIO", "error-pread-rate=100%"]).stderr(std::process::Stdio::null());
+    let _failing = spawn_server(&mut cmd, &socket);
+    let uri = format!("nbd+unix:///?socket={}", socket.display());
+    let out_file = dir.path().join("out.raw");
+    let copy_into = |extra: &[&str]| Command::new(crate::harness::tapmirror()).arg("copy").arg(&uri).arg(&out_file).args(extra).output().expect("run copy");
+
+    let out = copy_into(&[]);
+    assert!(!out.status.success(), "a copy from a failing source succeeded");
+    assert!(!out_file.exists(), "the failed copy left the file it made");
+
+    let cp = dir.path().join("copy.checkpoint");
+    let out = copy_into(&["--checkpoint", cp.to_str().expect("path")]);
+    assert!(!out.status.success());
+    assert!(out_file.exists(), "with a checkpoint, the file stays for the resume");
+
+    std::fs::remove_file(&out_file).expect("remove");
+    std::fs::write(&cp, b"{}").expect("a checkpoint");
+    let out = copy_into(&["--checkpoint", cp.to_str().expect("path")]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("no longer exists"), "{err}");
+    assert!(!out_file.exists(), "the refused copy made a file");
+}

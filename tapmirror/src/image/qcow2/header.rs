@@ -306,6 +306,7 @@ impl Header {
             return Err(Problem::Unsupported("encrypted image".into()));
         }
         let inc = self.incompatible;
+        // Refused for reading too: imago, which reads the image after us, refuses it.
         if inc & INCOMPAT_DIRTY != 0 {
             return Err(Problem::Unsupported(
                 "dirty: lazy refcounts were not written back (incompatible bit 0); run `qemu-img check -r all` first".into(),
@@ -319,6 +320,13 @@ impl Header {
         }
         if inc & INCOMPAT_EXTENDED_L2 != 0 {
             return Err(Problem::Unsupported("extended L2 entries / subclusters (incompatible bit 4)".into()));
+        }
+        // Only deflate, which needs no feature bit; anything else must set bit 3 (refused
+        // above), and an image that names another without it is damaged, as QEMU says.
+        if let Some(&kind) = self.raw_fixed.get(104).filter(|_| self.header_length > 104)
+            && kind != 0
+        {
+            return Err(corrupt(format!("compression type {kind} without its incompatible feature bit (3)")));
         }
         // The corrupt bit is known: it only keeps writers out (`Header::writable`).
         let unknown = inc & !INCOMPAT_CORRUPT;
@@ -498,6 +506,19 @@ mod tests {
         let long = "x".repeat(500);
         assert!(matches!(h.with_backing(Some((&long, "qcow2"))), Err(Problem::Unsupported(_))));
         assert!(h.with_backing(Some(("short", "qcow2"))).is_ok());
+    }
+
+    /// A compression type other than deflate without incompatible bit 3 is a damaged header,
+    /// as QEMU says: it used to open, pass `image check`, and fail at its first compressed
+    /// cluster.
+    #[test]
+    fn a_compression_type_without_its_feature_bit_is_refused() {
+        let mut b = sample(16, None);
+        b[100..104].copy_from_slice(&112u32.to_be_bytes());
+        Header::parse(&b).expect("parse").validate(4 << 16).expect("deflate (0) needs no bit");
+        b[104] = 1; // zstd
+        let h = Header::parse(&b).expect("parse");
+        assert!(matches!(h.validate(4 << 16), Err(Problem::Corrupt(m)) if m.contains("compression type 1")));
     }
 
     #[test]
