@@ -412,6 +412,10 @@ impl Mux {
             }
             TaskStat(a) => self.tasks.stat(&a.task).map(|t| t.to_value()),
             TaskList(_) => Ok(self.tasks.list().to_value()),
+            TaskCancel(a) if self.jobs.past_cutover(&a.task) => Err(StorageError::InternalError(format!(
+                "job {} is switching over: its disks are being handed to the destination, which cannot be undone by a cancel; wait for it to end",
+                a.task
+            ))),
             TaskCancel(a) => self.tasks.cancel(&a.task).map(|()| Value::Null),
             TaskDestroy(a) => self.tasks.destroy(&a.task).map(|()| Value::Null),
             UpdatesGet(a) => {

@@ -1597,3 +1597,107 @@ fn a_source_datapath_that_dies_mid_copy_stops_the_copy() {
     assert!(number("bytes_done") < number("bytes_total"), "the copy ran to its end after the mirror was lost: {t}");
     assert_eq!(job_end(&p, &job)["state"][0], "Failed", "the job fails with its disk");
 }
+
+/// Whether the job's disk `i` has its mirror started (its task is named in the job's).
+fn disk_started(p: &Pair, job: &str, i: usize) -> bool {
+    job_stat(p, job)["debug_info"].as_object().is_some_and(|o| o.keys().any(|k| k.starts_with(&format!("disk{i} ")) && k.ends_with(" task")))
+}
+
+/// A disk queued in one job cannot be in another: the second job is refused at once. It used
+/// to be accepted, and the first job failed late, when the disk's turn came, having copied
+/// the disks before it for nothing.
+#[test]
+fn a_disk_queued_in_one_job_is_refused_to_another() {
+    let p = Pair::new();
+    let url = p.dest_url();
+    let (vdis, _uris, _seeds) = vm(&p, 2, 4 * MIB);
+    // One at a time, slowly: the second disk waits in the queue.
+    let first = p.src.cli(&job_args(&p, &url, &vdis, &["--parallel", "1", "--bwlimit", "512K", "--hold"]));
+    let second = vdis[1..].to_vec();
+    let out = p.src.cli_raw(&job_args(&p, &url, &second, &["--hold"]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a second job took a disk queued in the first: {err}");
+    assert!(err.contains(&format!("a disk of job {first}")), "{err}");
+    p.src.cli(&["migrate", "cancel", &first]);
+    assert_eq!(job_end(&p, &first)["state"][0], "Failed");
+    // Its job over, the disk is free for another.
+    let again = p.src.cli(&job_args(&p, &url, &second, &["--hold"]));
+    job_holding(&p, &again);
+    p.src.cli(&["migrate", "cancel", &again]);
+    job_end(&p, &again);
+}
+
+/// A disk that fails stops the job's other disks at once: the rest used to copy on to their
+/// ends first (minutes of a big disk) before the job failed and undid them.
+#[test]
+fn one_disk_failing_stops_the_jobs_other_disks() {
+    let p = Pair::new();
+    let url = p.dest_url();
+    let (big, _uri, _seed) = vm(&p, 1, 16 * MIB);
+    let (small, _uri, _seed) = vm(&p, 1, 4 * MIB);
+    let before = p.state();
+    let vdis = [big[0].clone(), small[0].clone()];
+    // 20 MiB at 1 MiB/s: about 20 s to be in sync.
+    let job = p.src.cli(&job_args(&p, &url, &vdis, &["--parallel", "2", "--bwlimit", "1M", "--hold"]));
+    eventually(60, "both disks copying", || disk_started(&p, &job, 0) && disk_started(&p, &job, 1));
+    p.src.cli(&["vdi", "detach", "--sr", &p.src_sr, "--vdi", &small[0]]);
+    let t = job_end(&p, &job);
+    assert_eq!(t["state"][0], "Failed", "{t}");
+    assert!(!t["state"][1].to_string().contains("Cancelled"), "the job's error is the failed disk's, not the cancel of the others: {t}");
+    let done: f64 = t["debug_info"]["bytes_done"].as_str().and_then(|b| b.parse().ok()).expect("bytes_done");
+    assert!(done < (16 * MIB) as f64, "the big disk copied on to its end after the other failed: {t}");
+    p.src.cli(&["vdi", "attach", "--sr", &p.src_sr, "--vdi", &small[0]]);
+    settle(&p, &before, "both hosts back as they were");
+}
+
+/// A disk detached on its own while its job holds (its mirror then finalizes by itself) fails
+/// the job, and the copy the job made of it goes from the destination with the rest. The job
+/// used to hold for ever, and its cancel left that copy behind.
+#[test]
+fn a_disk_that_leaves_a_held_job_fails_it_and_leaves_nothing_behind() {
+    let p = Pair::new();
+    let url = p.dest_url();
+    let (vdis, _uris, _seeds) = vm(&p, 2, 4 * MIB);
+    let before = p.state();
+    let job = p.src.cli(&job_args(&p, &url, &vdis, &["--hold"]));
+    job_holding(&p, &job);
+    p.src.cli(&["vdi", "detach", "--sr", &p.src_sr, "--vdi", &vdis[1]]);
+    let t = job_end(&p, &job);
+    assert_eq!(t["state"][0], "Failed", "{t}");
+    assert!(t["state"][1].to_string().contains("left the job"), "{t}");
+    p.src.cli(&["vdi", "attach", "--sr", &p.src_sr, "--vdi", &vdis[1]]);
+    settle(&p, &before, "both hosts back as they were, the finalized copy gone too");
+}
+
+/// A cancel during the switch-over is refused, saying why: it used to be answered as done and
+/// ignored, the job then completing with the disks on the destination.
+#[test]
+fn a_cancel_during_the_switch_over_is_refused() {
+    let p = Pair::with_faults("send.finalize=long", "");
+    let url = p.dest_url();
+    let (vdis, _uris, _seeds) = vm(&p, 1, 4 * MIB);
+    let job = p.src.cli(&job_args(&p, &url, &vdis, &[]));
+    eventually(60, "the job switching over", || job_stat(&p, &job)["debug_info"]["stage"] == "cutover");
+    let out = p.src.cli_raw(&["migrate", "cancel", &job]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a cancel during the switch-over was taken: {err}");
+    assert!(err.contains("switching over"), "{err}");
+    assert_eq!(job_end(&p, &job)["state"][0], "Completed");
+}
+
+/// A job's bandwidth limit lifted while a disk waits on it applies at once, on an ext source
+/// too: its copies used to sleep out what the old limit booked (1 MiB at 10 kB/s, 100 s).
+#[test]
+fn a_lifted_limit_applies_to_copies_already_waiting() {
+    let p = Pair::new();
+    let url = p.dest_url();
+    let (vdis, _uris, _seeds) = vm(&p, 1, 8 * MIB);
+    let job = p.src.cli(&job_args(&p, &url, &vdis, &["--bwlimit", "10K", "--hold"]));
+    eventually(60, "the copy under way", || disk_started(&p, &job, 0));
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    p.src.cli(&["migrate", "set-bwlimit", &job, "0"]);
+    // 8 MiB at 10 kB/s would take over 13 minutes; lifted, seconds.
+    eventually(60, "the job in sync after the limit was lifted", || job_stat(&p, &job)["debug_info"]["stage"] == "holding");
+    p.src.cli(&["migrate", "cancel", &job]);
+    job_end(&p, &job);
+}

@@ -38,6 +38,9 @@ pub struct Job {
     cutover: Notify,
     /// Cut over already asked for (so a `cutover` before the hold starts is not lost).
     cutover_asked: std::sync::atomic::AtomicBool,
+    /// The switch-over has begun: from there the disks are handed to the destination, and a
+    /// cancel is refused rather than taken and ignored.
+    switching: std::sync::atomic::AtomicBool,
     hold: bool,
 }
 
@@ -50,9 +53,17 @@ pub struct Jobs {
     /// Each such mirror's job limit and how many disks share it at once (for a full mirror's
     /// first share, set as it attaches, before the job's balancing takes over).
     limits: Mutex<BTreeMap<String, (Arc<RateLimit>, u64)>>,
+    /// The disks (`sr/vdi`) of every running job, queued ones too, with their job: a disk is
+    /// in one job at a time.
+    claimed: Mutex<BTreeMap<String, String>>,
 }
 
 impl Jobs {
+    /// Whether a cancel of `task` must be refused: it is a job that has begun its switch-over.
+    pub(crate) fn past_cutover(&self, task: &str) -> bool {
+        lock(&self.jobs).get(task).is_some_and(|j| j.switching.load(std::sync::atomic::Ordering::SeqCst))
+    }
+
     /// The pace a mirror's copy keeps, if its job has a bandwidth limit.
     pub(crate) fn throttle_for(&self, mirror: &str) -> Option<Throttle> {
         lock(&self.throttles).get(mirror).cloned()
@@ -90,8 +101,12 @@ impl RateLimit {
         self.rate.store(rate, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// Books `bytes` and answers how long they must wait. The bucket holds at most 100 ms of
-    /// credit, so bursts stay short.
+    /// Takes `bytes` if the bucket holds them and answers zero; else takes nothing and
+    /// answers how long until it will at the present rate (the copy asks again then, or
+    /// sooner: [`Throttle`]). Nothing is booked ahead, so a rate raised or lifted applies to
+    /// the next ask: booked at the old rate, a 1 MiB request at 10 KB/s waited 100 s whatever
+    /// the limit became. The bucket holds at most 100 ms of credit (or one request, if more),
+    /// so bursts stay short.
     pub fn grant(&self, bytes: u64) -> Duration {
         let rate = self.rate.load(std::sync::atomic::Ordering::Relaxed);
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -101,10 +116,14 @@ impl RateLimit {
             return Duration::ZERO;
         }
         let rate = rate as f64;
-        let credit = (s.1 + now.duration_since(s.0).as_secs_f64() * rate).min(rate / 10.0);
-        let after = credit - bytes as f64;
-        *s = (now, after);
-        if after >= 0.0 { Duration::ZERO } else { Duration::from_secs_f64(-after / rate) }
+        let cap = (rate / 10.0).max(bytes as f64);
+        let credit = (s.1 + now.duration_since(s.0).as_secs_f64() * rate).min(cap);
+        if credit >= bytes as f64 {
+            *s = (now, credit - bytes as f64);
+            return Duration::ZERO;
+        }
+        *s = (now, credit);
+        Duration::from_secs_f64((bytes as f64 - credit) / rate)
     }
 }
 
@@ -112,6 +131,13 @@ struct Disk {
     vdi: String,
     dp: String,
     size: i64,
+}
+
+/// A disk of the job in sync: its mirror's id, and the VDI it fills on the destination.
+#[derive(Clone)]
+struct JobMirror {
+    id: String,
+    dest_vdi: String,
 }
 
 fn dbg(job: &str) -> String {
@@ -127,8 +153,22 @@ impl Mux {
     pub(crate) async fn migrate_start(&self, a: args::SxmMigrateStart) -> Result<String, StorageError> {
         let disks = self.preflight(&a).await?;
         let (task, cancel) = self.tasks().create(&format!("migrate {} disk(s) of SR {}", disks.len(), a.sr));
+        // Claimed at once, all or none, so that two jobs never share a disk: one queued in a
+        // job has no mirror yet for the preflight to see, and the job it was in failed late.
+        {
+            let mut claimed = lock(&self.jobs.claimed);
+            if let Some((disk, other)) = a.vdis.iter().find_map(|v| claimed.get(&format!("{}/{v}", a.sr)).map(|j| (v, j))) {
+                let e = preflight_error(format!("VDI {disk} is a disk of job {other} already"));
+                drop(claimed);
+                let _ = self.tasks().destroy(&task);
+                return Err(e);
+            }
+            for v in &a.vdis {
+                claimed.insert(format!("{}/{v}", a.sr), task.clone());
+            }
+        }
         let limit = Arc::new(RateLimit::new(u64::try_from(a.bwlimit).unwrap_or(0)));
-        let job = Arc::new(Job { limit: limit.clone(), cutover: Notify::new(), cutover_asked: false.into(), hold: a.hold });
+        let job = Arc::new(Job { limit: limit.clone(), cutover: Notify::new(), cutover_asked: false.into(), switching: false.into(), hold: a.hold });
         // Each disk's copy asks the job's bucket before every request.
         let throttle: Throttle = Arc::new(move |bytes| limit.grant(bytes));
         let sharing = (a.parallel.max(1) as u64).min(a.vdis.len() as u64);
@@ -154,6 +194,7 @@ impl Mux {
             for vdi in &a.vdis {
                 lock(&me.jobs.throttles).remove(&format!("{}/{vdi}", a.sr));
                 lock(&me.jobs.limits).remove(&format!("{}/{vdi}", a.sr));
+                lock(&me.jobs.claimed).remove(&format!("{}/{vdi}", a.sr));
             }
         });
         Ok(task)
@@ -267,41 +308,55 @@ impl Mux {
             }
         };
         self.tasks().debug_info(id, "stage", "mirroring");
+        // The job's cancel, and the first disk's failure: either stops every disk at once (a
+        // queued one never starts), rather than the rest copying on to their ends for nothing.
+        let abort = cancel.child_token();
         // Each disk: wait for a slot, start its mirror, follow its task until in sync.
         let runs = disks.iter().enumerate().map(|(i, d)| {
             let slots = slots.clone();
-            let report = &report;
+            let (report, abort) = (&report, &abort);
             async move {
                 let name = format!("disk{i} {}", d.vdi);
                 self.tasks().subtask(id, &name, TaskState::Pending(0.0));
-                let _slot = tokio::select! {
-                    s = slots.acquire() => s.map_err(|_| StorageError::Cancelled(id.into()))?,
-                    _ = cancel.cancelled() => return Err(StorageError::Cancelled(id.into())),
-                };
-                let task = self.mirror_start(a.sr.clone(), d.vdi.clone(), d.dp.clone(), a.url.clone(), a.dest.clone(), None, None).await?;
-                self.tasks().debug_info(id, &format!("{name} task"), &task);
-                loop {
-                    if cancel.is_cancelled() {
-                        let _ = self.tasks().cancel(&task);
+                let outcome = async {
+                    let _slot = tokio::select! {
+                        s = slots.acquire() => s.map_err(|_| StorageError::Cancelled(id.into()))?,
+                        _ = abort.cancelled() => return Err(StorageError::Cancelled(id.into())),
+                    };
+                    let task = self.mirror_start(a.sr.clone(), d.vdi.clone(), d.dp.clone(), a.url.clone(), a.dest.clone(), None, None).await?;
+                    self.tasks().debug_info(id, &format!("{name} task"), &task);
+                    loop {
+                        if abort.is_cancelled() {
+                            let _ = self.tasks().cancel(&task);
+                        }
+                        let t = self.tasks().stat(&task)?;
+                        match &t.state {
+                            TaskState::Pending(p) => {
+                                self.tasks().subtask(id, &name, TaskState::Pending(*p));
+                                report(i, *p);
+                            }
+                            TaskState::Completed(_) => {
+                                self.tasks().subtask(id, &name, TaskState::Pending(1.0));
+                                report(i, 1.0);
+                                let mirror = format!("{}/{}", a.sr, d.vdi);
+                                // Known now, while the mirror's record holds it: a disk that
+                                // leaves the job later takes its record with it.
+                                let dest_vdi = lock(&self.records.sends).get(&mirror).and_then(|r| r.remote.as_ref().map(|x| x.leaf.clone())).unwrap_or_default();
+                                return Ok(JobMirror { id: mirror, dest_vdi });
+                            }
+                            TaskState::Failed(e) => {
+                                self.tasks().subtask(id, &name, TaskState::Failed(e.clone()));
+                                return Err(StorageError::from_value(e).unwrap_or_else(|_| StorageError::InternalError(format!("{name} failed"))));
+                            }
+                        }
+                        tokio::time::sleep(Duration::from_millis(200)).await;
                     }
-                    let t = self.tasks().stat(&task)?;
-                    match &t.state {
-                        TaskState::Pending(p) => {
-                            self.tasks().subtask(id, &name, TaskState::Pending(*p));
-                            report(i, *p);
-                        }
-                        TaskState::Completed(_) => {
-                            self.tasks().subtask(id, &name, TaskState::Pending(1.0));
-                            report(i, 1.0);
-                            return Ok(format!("{}/{}", a.sr, d.vdi));
-                        }
-                        TaskState::Failed(e) => {
-                            self.tasks().subtask(id, &name, TaskState::Failed(e.clone()));
-                            return Err(StorageError::from_value(e).unwrap_or_else(|_| StorageError::InternalError(format!("{name} failed"))));
-                        }
-                    }
-                    tokio::time::sleep(Duration::from_millis(200)).await;
                 }
+                .await;
+                if outcome.is_err() {
+                    abort.cancel();
+                }
+                outcome
             }
         });
         // Full mirrors (SMAPIv3 disks) copy inside their datapath processes: the job's limit is
@@ -350,18 +405,16 @@ impl Mux {
         } else {
             futures_join_all(runs).await
         };
-        let mirrors: Vec<String> = outcomes.iter().filter_map(|o| o.as_ref().ok().cloned()).collect();
-        if let Some(e) = outcomes.into_iter().find_map(Result::err) {
+        let mirrors: Vec<JobMirror> = outcomes.iter().filter_map(|o| o.as_ref().ok().cloned()).collect();
+        // The error that stopped the job: a disk's own, not the cancel it brought on the others.
+        let first = outcomes.iter().filter_map(|o| o.as_ref().err()).find(|e| !matches!(e, StorageError::Cancelled(_))).cloned();
+        if let Some(e) = first.or_else(|| outcomes.into_iter().find_map(Result::err)) {
             // One disk failed (or the job was cancelled): every disk goes back.
-            self.undo_job(id, &mirrors).await;
+            self.undo_job(id, a, &disks, &mirrors).await;
             return Err(e);
         }
 
-        // The destination VDIs, known once each disk is in sync (their records go at finalize).
-        let dest_vdis: Vec<String> = mirrors
-            .iter()
-            .map(|m| lock(&self.records.sends).get(m.as_str()).and_then(|r| r.remote.as_ref().map(|x| x.leaf.clone())).unwrap_or_default())
-            .collect();
+        let dest_vdis: Vec<String> = mirrors.iter().map(|m| m.dest_vdi.clone()).collect();
         for (i, v) in dest_vdis.iter().enumerate() {
             self.tasks().debug_info(id, &format!("disk{i} dest_vdi"), v);
         }
@@ -373,24 +426,32 @@ impl Mux {
                 tokio::select! {
                     _ = job.cutover.notified() => {}
                     _ = cancel.cancelled() => {
-                        self.undo_job(id, &mirrors).await;
+                        self.undo_job(id, a, &disks, &mirrors).await;
                         return Err(StorageError::Cancelled(id.into()));
                     }
-                    // A mirror that fails while held fails the job.
+                    // A mirror that fails, or a disk that leaves, while held fails the job.
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {
-                        if let Some(m) = mirrors.iter().find(|m| lock(&self.records.sends).get(m.as_str()).is_some_and(|r| r.failed)) {
-                            let e = StorageError::MigrationMirrorFailure(format!("mirror {m} failed while the job held"));
-                            self.undo_job(id, &mirrors).await;
+                        if let Some(e) = self.disk_gone(&mirrors) {
+                            self.undo_job(id, a, &disks, &mirrors).await;
                             return Err(e);
                         }
                     }
                 }
             }
         }
+        // The same just before the switch-over, for a job that did not hold.
+        if let Some(e) = self.disk_gone(&mirrors) {
+            self.undo_job(id, a, &disks, &mirrors).await;
+            return Err(e);
+        }
+        let mirrors: Vec<String> = mirrors.into_iter().map(|m| m.id).collect();
 
         // Switch-over: every guest datapath pauses and drains, then each destination
         // finalizes; the destination VDIs are attached for the guest to resume there. Any
         // failure on the way undoes every disk on both hosts and resumes the guest here.
+        // From here a cancel is refused (`Jobs::past_cutover`): the switch-over either ends
+        // with the disks on the destination or undoes itself on its own failure.
+        job.switching.store(true, std::sync::atomic::Ordering::SeqCst);
         self.tasks().debug_info(id, "stage", "cutover");
         if let Err(e) = self.switch_over(id, a, &disks, &dest_vdis).await {
             let left = self.undo_cutover(id, a, &disks, &mirrors, &dest_vdis).await;
@@ -489,12 +550,55 @@ impl Mux {
         left
     }
 
+    /// Why the job cannot switch over, if a disk in sync is no longer: its mirror failed, or
+    /// the disk left the job (detached on its own, its mirror finalized or being finalized).
+    fn disk_gone(&self, mirrors: &[JobMirror]) -> Option<StorageError> {
+        let sends = lock(&self.records.sends);
+        mirrors.iter().find_map(|m| match sends.get(&m.id) {
+            Some(r) if r.failed => Some(StorageError::MigrationMirrorFailure(format!("mirror {} failed before the switch-over", m.id))),
+            Some(r) if r.stage == super::records::SendStage::Mirroring => None,
+            _ => Some(StorageError::MigrationMirrorFailure(format!(
+                "VDI {} left the job before the switch-over (detached on its own: its mirror was finalized by itself)",
+                m.id.rsplit('/').next().unwrap_or(&m.id)
+            ))),
+        })
+    }
+
     /// Undoes every disk of a job: mirrors in sync are stopped; those still starting are
-    /// cancelled by their tasks (which roll them back).
-    async fn undo_job(&self, id: &str, mirrors: &[String]) {
+    /// cancelled by their tasks (which roll them back); a disk that left the job, its mirror
+    /// finalized on its own, loses the copy the job made of it on the destination (its source
+    /// VDI stays, as for every disk of an undone job).
+    async fn undo_job(&self, id: &str, a: &args::SxmMigrateStart, disks: &[Disk], mirrors: &[JobMirror]) {
         for m in mirrors {
-            if let Err(e) = self.mirror_stop(m).await {
-                tracing::warn!(job = %id, mirror = %m, error = %e, "stopping a mirror of the job failed");
+            if lock(&self.records.sends).get(&m.id).is_some() {
+                if let Err(e) = self.mirror_stop(&m.id).await {
+                    tracing::warn!(job = %id, mirror = %m.id, error = %e, "stopping a mirror of the job failed");
+                }
+                continue;
+            }
+            if m.dest_vdi.is_empty() {
+                continue;
+            }
+            let Ok(remote) = Remote::new(&a.url) else { continue };
+            // A finalize may still be under way there: it is waited for (the destroy refuses a
+            // VDI in use, and is asked again) for a while.
+            let dp = disks.iter().find(|d| m.id.ends_with(&format!("/{}", d.vdi))).map(|d| d.dp.clone()).unwrap_or_default();
+            let detach = Call::DpDestroy2(args::DpDestroy2 { allow_leak: false, vm: None, vdi: m.dest_vdi.clone(), sr: a.dest.clone(), dp, dbg: dbg(id) });
+            let _ = remote.call::<()>(detach).await;
+            let mut tries = 0;
+            loop {
+                let destroy = Call::VdiDestroy(args::VdiDestroy { vdi: m.dest_vdi.clone(), sr: a.dest.clone(), dbg: dbg(id) });
+                match remote.call::<()>(destroy).await {
+                    Ok(()) => break,
+                    Err(e) if tries >= 20 => {
+                        tracing::warn!(job = %id, vdi = %m.dest_vdi, error = %e, "destroying the destination copy of a disk that left the job failed");
+                        break;
+                    }
+                    Err(_) => {
+                        tries += 1;
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                }
             }
         }
     }
@@ -540,14 +644,24 @@ mod tests {
     #[test]
     fn a_rate_limit_paces_bytes_and_follows_a_new_rate() {
         let l = RateLimit::new(1_000_000);
-        // 100 ms of credit at most: 1 MB asks for about 0.9 s of waiting at first.
+        // An empty bucket: 1 MB must wait about a second at 1 MB/s, and nothing is taken.
         let w = l.grant(1_000_000);
-        assert!(w >= Duration::from_millis(850) && w <= Duration::from_millis(1001), "{w:?}");
+        assert!(w >= Duration::from_millis(900) && w <= Duration::from_millis(1001), "{w:?}");
+        // Raised to 10 MB/s: asked again, the same request waits a tenth of that at most.
         l.set_rate(10_000_000);
         let w = l.grant(1_000_000);
-        // The debt of the first request, now paid at the new rate, plus this one.
-        assert!(w <= Duration::from_millis(200), "{w:?}");
+        assert!(w <= Duration::from_millis(101), "{w:?}");
+        // Lowered to 1 kB/s: nothing booked at the old rate is owed, the wait is at the new one.
+        l.set_rate(1_000);
+        let w = l.grant(1_000_000);
+        assert!(w >= Duration::from_secs(900), "{w:?}");
+        // Lifted: goes at once, whatever was waiting.
         l.set_rate(0);
         assert_eq!(l.grant(u64::MAX / 2), Duration::ZERO);
+        // Credit that is there is taken, and then gone.
+        let l = RateLimit::new(1_000_000_000);
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(l.grant(1_000_000), Duration::ZERO);
+        assert!(l.grant(1_000_000_000) > Duration::ZERO);
     }
 }

@@ -76,8 +76,13 @@ pub struct CopyOptions {
 /// (a copy flushes every `writeback_every` bytes, so no flush waits on gigabytes).
 pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// Answers how long a request of that many data bytes must wait (zero: go at once).
+/// Asked before a request of that many data bytes: zero means go now (the bytes are taken from
+/// the pace), anything else how long until they could go at the present pace, after which it
+/// is asked again (at most [`THROTTLE_RECHECK`] later), so a pace that changes applies at once.
 pub type Throttle = Arc<dyn Fn(u64) -> Duration + Send + Sync>;
+
+/// The longest a copy sleeps on its [`Throttle`] before asking it again.
+pub const THROTTLE_RECHECK: Duration = Duration::from_millis(100);
 
 impl std::fmt::Debug for CopyOptions {
     // By hand: the throttle is a closure.
@@ -399,9 +404,14 @@ pub async fn copy<I: Image, J: Image>(
                         l.take(len as u64).await;
                     }
                     if let Some(t) = &opts.throttle {
-                        let wait = t(len as u64);
-                        if !wait.is_zero() {
-                            tokio::time::sleep(wait).await;
+                        // Asked again after a short sleep rather than slept out in one: a pace
+                        // raised meanwhile (a job's limit lifted) applies within 100 ms.
+                        loop {
+                            let wait = t(len as u64);
+                            if wait.is_zero() {
+                                break;
+                            }
+                            tokio::time::sleep(wait.min(THROTTLE_RECHECK)).await;
                         }
                     }
                     let permit = Arc::clone(&slots).acquire_owned().await?;
