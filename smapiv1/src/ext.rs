@@ -280,14 +280,21 @@ impl ExtBackend {
             return;
         }
         let (hidden_path, child_path) = (vhd_path(&sr.dir, hidden), vhd_path(&sr.dir, &child));
-        match vhd::info(&child_path) {
-            Ok(i) if i.allocated_bytes <= LIVE_COALESCE_MAX => {}
-            Ok(i) => {
-                tracing::info!(sr = %sr.sr, vdi = %child, hidden, bytes = i.allocated_bytes, "not coalescing: the VDI holds too much to pause its guest for");
+        // What the pause costs is copying the sectors the VDI wrote, not its blocks: a guest's
+        // scattered small writes (a failed migration's) allocate 2 MiB blocks for 4 KiB each,
+        // and counting blocks left every such VDI a chain level deeper.
+        match tapmirror::datapaths::block_on(vhd::written_bytes(&child_path)) {
+            Ok(Ok(bytes)) if bytes <= LIVE_COALESCE_MAX => {}
+            Ok(Ok(bytes)) => {
+                tracing::info!(sr = %sr.sr, vdi = %child, hidden, bytes, "not coalescing: the VDI holds too much to pause its guest for");
+                return;
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(sr = %sr.sr, vdi = %child, error = %errors::chain(&e), "not coalescing: the VDI's file cannot be read");
                 return;
             }
             Err(e) => {
-                tracing::warn!(sr = %sr.sr, vdi = %child, error = %errors::chain(&e), "not coalescing: the VDI's file cannot be read");
+                tracing::warn!(sr = %sr.sr, vdi = %child, error = %e, "not coalescing: no runtime to read the VDI's file with");
                 return;
             }
         }
@@ -296,6 +303,14 @@ impl ExtBackend {
             &child,
             "coalesce",
             || {
+                // Looked at again with the guest held and its writes in the file: the estimate
+                // above read a file whose newest metadata could still be in the datapath.
+                let written = tapmirror::datapaths::block_on(vhd::written_bytes(&child_path))
+                    .map_err(|e| errors::io("coalesce", &e))?
+                    .map_err(|e| errors::vhd(&child, "read bitmaps", &e))?;
+                if written > LIVE_COALESCE_MAX {
+                    return Err(errors::failure("coalesce", format!("VDI {child} holds {written} bytes of its own, too much to pause its guest for")));
+                }
                 vhd::coalesce(&child_path).map_err(|e| errors::vhd(&child, "coalesce", &e))?;
                 let mut meta = SrMeta::load_existing(&sr.dir)?;
                 meta.fold_into_child(hidden, &child);

@@ -106,7 +106,7 @@ pub use format::{DEFAULT_BLOCK_SIZE, DiskType, MAX_SIZE, SizeSource};
 pub use image::{CrashSafety, VhdImage};
 pub use ops::{
     CheckReport, LayerReport, VhdInfo, check, clone, coalesce, compose, create_differencing, create_dynamic,
-    create_dynamic_reserved, diff_map, info, is_vhd, resize, snapshot,
+    create_dynamic_reserved, diff_map, info, is_vhd, resize, snapshot, written_bytes,
 };
 
 #[cfg(test)]

@@ -523,6 +523,23 @@ pub fn info(path: &Path) -> Result<VhdInfo> {
     })
 }
 
+/// Bytes of the sectors `path`'s own bitmaps mark as written: what [`coalesce`] copies into
+/// its parent. Far less than its allocated blocks when its writes were small and scattered
+/// (each 4 KiB write into a new 2 MiB block allocates the whole block). Read without a lock,
+/// as [`info`] is: of a file in use, an estimate.
+pub async fn written_bytes(path: &Path) -> Result<u64> {
+    let image = VhdImage::open(path, Access::ReadOnly, EngineKind::Portable).await?;
+    let Some(top) = image.layers().first() else { return Ok(0) };
+    let mut total = 0;
+    top.runs(0, image.size(), &mut |_, len, at| {
+        if at.is_some() {
+            total += len;
+        }
+    })
+    .map_err(|e| VhdError::io(path, "read bitmaps", e))?;
+    Ok(total)
+}
+
 /// The ranges of chain `a` that may differ from chain `b`, for a copy whose destination already
 /// holds `b`: the union of what the layers of either chain that the other lacks (by footer
 /// UUID) hold, within `a`'s size; plus, when `a` is larger than `b`, whatever `a` holds past
