@@ -200,12 +200,14 @@ pub struct MigrateCmd {
 /// What to do with a running job.
 #[derive(clap::Subcommand)]
 pub enum MigrateAction {
-    /// Switch a job started with `--hold` over now (its disks are in sync).
+    /// Switch a job started with `--hold` over: now if its disks are in sync, else as soon as
+    /// they are (it says which).
     Cutover {
         /// The job (its task id).
         job: String,
     },
-    /// Cancel a job: every disk goes back, on both hosts.
+    /// Cancel a job: every disk goes back, on both hosts (refused once its switch-over has
+    /// begun).
     Cancel {
         /// The job (its task id).
         job: String,
@@ -723,6 +725,13 @@ impl Admin {
             (Some(MigrateAction::Cutover { job }), _) => {
                 self.still_running(&job, "nothing to switch over").await?;
                 self.call("SXM.migrate.cutover", &[("job", s(&job))]).await?;
+                // Asked before the disks are in sync, the cutover is kept for when they are:
+                // said, so that no one takes the job's silence for a switch-over under way.
+                let t: Task = self.call_as("TASK.stat", &[("task", s(&job))]).await?;
+                match t.debug_info.get("stage").map(String::as_str) {
+                    Some("holding" | "cutover" | "verify" | "done") => eprintln!("job {job}: switching over"),
+                    _ => eprintln!("job {job}: not every disk is in sync yet; it switches over as soon as they are"),
+                }
                 Ok(())
             }
             (Some(MigrateAction::Cancel { job }), _) => self.cancel(&job, "job").await,

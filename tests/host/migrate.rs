@@ -1701,3 +1701,20 @@ fn a_lifted_limit_applies_to_copies_already_waiting() {
     p.src.cli(&["migrate", "cancel", &job]);
     job_end(&p, &job);
 }
+
+/// `migrate cutover` of a held job whose disks are not in sync yet says that the switch-over
+/// waits for them, and it then comes by itself as soon as they are: it used to answer nothing,
+/// which read as a switch-over under way.
+#[test]
+fn a_cutover_asked_early_says_it_waits_and_then_comes_by_itself() {
+    let p = Pair::new();
+    let url = p.dest_url();
+    let (vdis, _uris, _seeds) = vm(&p, 1, 4 * MIB);
+    let job = p.src.cli(&job_args(&p, &url, &vdis, &["--bwlimit", "64K", "--hold"]));
+    let out = p.src.cli_raw(&["migrate", "cutover", &job]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("not every disk is in sync yet"), "{said}");
+    p.src.cli(&["migrate", "set-bwlimit", &job, "0"]);
+    assert_eq!(job_end(&p, &job)["state"][0], "Completed", "the early cutover was kept for when the disks were in sync");
+}
