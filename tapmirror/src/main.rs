@@ -573,6 +573,18 @@ fn refuse_a_file_of_the_source(dest: &Path, chain: &[std::path::PathBuf]) -> Res
     Ok(())
 }
 
+/// Resolves when SIGTERM or SIGINT arrives, with its name; never, if neither can be watched.
+async fn stop_signal() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut term), Ok(mut int)) => tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        },
+        _ => std::future::pending().await,
+    }
+}
+
 /// Opens `count` connections to `uri` (one unless it offers multi-conn).
 async fn connect_dest(uri: &NbdUri, count: usize, opts: &ClientOptions) -> Result<Vec<NbdClient>> {
     let first = NbdClient::connect_with(&uri.endpoint, opts.clone()).await.context("connecting to the destination")?;
@@ -635,13 +647,6 @@ async fn copy(args: CopyArgs) -> Result<()> {
         );
     }
     let size = source.size();
-    // A checkpoint names the source's files as they are: resuming from one made before they
-    // changed would leave the destination with what they held then. (An NBD source has no
-    // such stamp: what its server serves is its own to keep still.)
-    let source_stamp = match &source {
-        Source::Image(image) | Source::Diff { image, .. } if args.checkpoint.is_some() => Some(tapmirror::copy::source_stamp(&image.chain())?),
-        _ => None,
-    };
     // The file this copy made, if it made one: a failed copy takes it away again.
     let mut made: Option<(PathBuf, std::fs::Metadata)> = None;
     let (dest, connections): (Dest<CopyImage>, usize) = if is_uri(&args.dest) {
@@ -681,18 +686,38 @@ async fn copy(args: CopyArgs) -> Result<()> {
         };
         (Dest::Image(Arc::new(image)), 1)
     };
+    // A checkpoint names the copy's files as they are: resuming from one made before the
+    // source changed, or into another destination file of the same name, would leave the
+    // destination without what it says is there. (An NBD end has no such stamp: what its
+    // server serves is its own to keep.)
+    let files_stamp = match &args.checkpoint {
+        None => None,
+        Some(_) => {
+            let dest_file = if is_uri(&args.dest) { None } else { made.as_ref().map(|(_, m)| m.clone()).or_else(|| std::fs::metadata(&args.dest).ok()) };
+            let chain = match &source {
+                Source::Image(image) | Source::Diff { image, .. } => image.chain(),
+                Source::Nbd(_) => Vec::new(),
+            };
+            Some(tapmirror::copy::files_stamp(&chain, dest_file.as_ref())?)
+        }
+    };
     let opts = CopyOptions {
         requests: args.requests.unwrap_or((8 / connections.max(1)).max(2)),
         request_size: usize::try_from(args.request_size).unwrap_or(usize::MAX),
         target_is_zero: args.target_is_zero,
         bwlimit: args.bwlimit,
         checkpoint: args.checkpoint.clone(),
-        source_stamp,
+        files_stamp,
         writeback_every: args.writeback_every,
         progress: args.progress,
         ..CopyOptions::default()
     };
-    let copied = tapmirror::copy::copy(Arc::new(source), Arc::new(dest), connections, &opts, (&args.src, &args.dest)).await;
+    // A copy stopped by SIGTERM or SIGINT ends as one that failed, so that it too takes away
+    // the file it made (killed, it left one of the source's size, looking whole).
+    let copied = tokio::select! {
+        copied = tapmirror::copy::copy(Arc::new(source), Arc::new(dest), connections, &opts, (&args.src, &args.dest)) => copied,
+        signal = stop_signal() => Err(anyhow::anyhow!("stopped by {signal}")),
+    };
     if let (Err(_), Some((path, ours)), None) = (&copied, &made, &args.checkpoint) {
         // A file of the source's size, partly written, would pass for a whole copy. Only ours
         // goes: the name must still be the file this copy made (not something put there since).

@@ -46,10 +46,9 @@ pub struct CopyOptions {
     pub bwlimit: Option<u64>,
     /// Where to persist progress, to resume an interrupted copy.
     pub checkpoint: Option<PathBuf>,
-    /// What the source was when the copy began (its files' identities, sizes and modification
-    /// times, [`source_stamp`]): a checkpoint made from another is refused, since what it says
-    /// the destination holds came from other content.
-    pub source_stamp: Option<String>,
+    /// What the files of the copy were when it began ([`files_stamp`]): a checkpoint made
+    /// for others is refused, since what it says the destination holds is not there.
+    pub files_stamp: Option<String>,
     /// Persist progress after this many bytes (or every 5 s, whichever comes first). Each
     /// checkpoint costs a flush of the destination.
     pub checkpoint_every: u64,
@@ -106,7 +105,7 @@ impl Default for CopyOptions {
             target_is_zero: false,
             bwlimit: None,
             checkpoint: None,
-            source_stamp: None,
+            files_stamp: None,
             checkpoint_every: 1 << 30,
             writeback_every: 64 << 20,
             progress: ProgressMode::None,
@@ -164,19 +163,34 @@ pub struct Checkpoint {
     pub size: u64,
     /// Every byte below this is written and flushed on the destination.
     pub done: u64,
-    /// The source as it was ([`CopyOptions::source_stamp`]).
+    /// The files as they were ([`CopyOptions::files_stamp`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub source_stamp: Option<String>,
+    pub files_stamp: Option<String>,
 }
 
-/// The identity, size and modification time of each of `files` (a source image's chain): two
-/// stamps differ when any file was written, replaced or truncated in between.
-pub fn source_stamp(files: &[PathBuf]) -> Result<String> {
-    use std::os::unix::fs::MetadataExt;
-    let mut parts = Vec::with_capacity(files.len());
-    for f in files {
+/// The identity, size and modification time of each of `source` (an image's chain), and the
+/// identity of the destination file if there is one: two stamps differ when a source file was
+/// written, replaced or truncated in between, or the destination is another file under the
+/// same name (one put back empty). A block device's writes leave no trace in its metadata, so
+/// a source on one is refused: a checkpoint could not tell it changed.
+pub fn files_stamp(source: &[PathBuf], dest: Option<&std::fs::Metadata>) -> Result<String> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let mut parts = Vec::with_capacity(source.len() + 1);
+    for f in source {
         let m = std::fs::metadata(f).with_context(|| format!("looking at {}", f.display()))?;
+        if m.file_type().is_block_device() {
+            bail!(
+                "{} is a block device, whose writes change nothing a checkpoint can record: a resume could not tell that it changed; copy it without --checkpoint",
+                f.display()
+            );
+        }
         parts.push(format!("{}:{}:{}:{}.{:09}", m.dev(), m.ino(), m.len(), m.mtime(), m.mtime_nsec()));
+    }
+    if let Some(m) = dest {
+        // With its birth time where the file system keeps one: a file removed and made again
+        // at once often gets the inode number back.
+        let born = m.created().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos());
+        parts.push(format!("-> {}:{}:{born}", m.dev(), m.ino()));
     }
     Ok(parts.join(" "))
 }
@@ -333,11 +347,12 @@ pub async fn copy<I: Image, J: Image>(
         if cp.source != names.0 || cp.dest != names.1 || cp.size != size {
             bail!("checkpoint {} is for another copy ({} -> {}, {} bytes)", path.display(), cp.source, cp.dest, cp.size);
         }
-        if cp.source_stamp != opts.source_stamp {
+        if cp.files_stamp != opts.files_stamp {
             bail!(
-                "checkpoint {} was made from {} as it was before it changed: what it says the destination holds is stale; remove it to copy from the start",
+                "checkpoint {} was made for files that have changed since (the source {} written, or another destination file put under the name {}): what it says the destination holds is not there; remove it to copy from the start",
                 path.display(),
-                cp.source
+                cp.source,
+                cp.dest
             );
         }
         start = cp.done.min(size);
@@ -358,7 +373,7 @@ pub async fn copy<I: Image, J: Image>(
         last: (Instant::now(), start),
         names,
         size,
-        source_stamp: opts.source_stamp.as_deref(),
+        files_stamp: opts.files_stamp.as_deref(),
     });
     // Early writeback (see `CopyOptions::writeback_every`): one flush in flight at a time, in a
     // set of its own so that leaving early (an error) aborts it rather than leaving it behind.
@@ -498,7 +513,7 @@ struct Checkpointer<'a> {
     last: (Instant, u64),
     names: (&'a str, &'a str),
     size: u64,
-    source_stamp: Option<&'a str>,
+    files_stamp: Option<&'a str>,
 }
 
 impl Checkpointer<'_> {
@@ -516,7 +531,7 @@ impl Checkpointer<'_> {
             dest: self.names.1.into(),
             size: self.size,
             done: mark,
-            source_stamp: self.source_stamp.map(str::to_owned),
+            files_stamp: self.files_stamp.map(str::to_owned),
         }
         .store(self.path)?;
         self.last = (Instant::now(), at);
@@ -662,12 +677,23 @@ mod tests {
         assert!((9.8..=10.1).contains(&elapsed), "10 MB at 1 MB/s took {elapsed} virtual seconds");
     }
 
+    /// A block device's writes leave its metadata as it was: a checkpoint of one is refused.
+    #[test]
+    fn a_block_device_source_gets_no_stamp() {
+        use std::os::unix::fs::FileTypeExt;
+        let Some(dev) = std::fs::read_dir("/dev").into_iter().flatten().flatten().map(|e| e.path()).find(|p| std::fs::metadata(p).is_ok_and(|m| m.file_type().is_block_device())) else {
+            return; // no block device here to try
+        };
+        let e = files_stamp(&[dev], None).expect_err("a block device stamped");
+        assert!(e.to_string().contains("block device"), "{e}");
+    }
+
     #[test]
     fn checkpoint_round_trips_atomically() {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = dir.path().join("cp.json");
         assert_eq!(Checkpoint::load(&p).expect("load missing"), None);
-        let cp = Checkpoint { version: 1, source: "a".into(), dest: "b".into(), size: 10, done: 5, source_stamp: Some("1:2:3:4.5".into()) };
+        let cp = Checkpoint { version: 1, source: "a".into(), dest: "b".into(), size: 10, done: 5, files_stamp: Some("1:2:3:4.5".into()) };
         cp.store(&p).expect("store");
         assert_eq!(Checkpoint::load(&p).expect("load"), Some(cp));
         std::fs::write(&p, b"{not json").expect("corrupt");

@@ -263,7 +263,7 @@ fn interrupted_copy_resumes_from_its_checkpoint() {
     assert_eq!(again.resumed_bytes, 0);
 
     // A checkpoint of another copy is refused, not silently applied.
-    copy::Checkpoint { version: 1, source: "src".into(), dest: "dst".into(), size: 64 * MIB, done: 4 * MIB, source_stamp: None }.store(&cp).expect("store");
+    copy::Checkpoint { version: 1, source: "src".into(), dest: "dst".into(), size: 64 * MIB, done: 4 * MIB, files_stamp: None }.store(&cp).expect("store");
     let err = rt.block_on(async {
         let (dest, n) = nbd_dest(&target.socket, 1).await;
         copy::copy(source(&src).await, dest, n, &opts, ("other-src", "dst")).await
@@ -785,8 +785,8 @@ fn a_checkpoint_from_before_the_source_changed_is_refused() {
     std::fs::write(&dst, vec![0u8; (8 * MIB) as usize]).expect("destination");
     let cp = dir.path().join("copy.checkpoint");
     let (src_name, dst_name) = (src.display().to_string(), dst.display().to_string());
-    let stamp = copy::source_stamp(std::slice::from_ref(&src)).expect("stamp");
-    let checkpoint = copy::Checkpoint { version: 1, source: src_name.clone(), dest: dst_name.clone(), size: 8 * MIB, done: 4 * MIB, source_stamp: Some(stamp) };
+    let stamp = || copy::files_stamp(std::slice::from_ref(&src), Some(&std::fs::metadata(&dst).expect("destination"))).expect("stamp");
+    let checkpoint = copy::Checkpoint { version: 1, source: src_name.clone(), dest: dst_name.clone(), size: 8 * MIB, done: 4 * MIB, files_stamp: Some(stamp()) };
     checkpoint.store(&cp).expect("store");
     let copy_cmd = || Command::new(crate::harness::tapmirror()).args(["copy", "--checkpoint"]).arg(&cp).args([&src_name, &dst_name]).output().expect("run copy");
 
@@ -799,16 +799,26 @@ fn a_checkpoint_from_before_the_source_changed_is_refused() {
     let out = copy_cmd();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "resumed from a stale checkpoint: {err}");
-    assert!(err.contains("before it changed"), "{err}");
+    assert!(err.contains("changed since"), "{err}");
     assert!(std::fs::read(&dst).expect("read").iter().all(|&b| b == 0), "the refused copy wrote to the destination");
 
     // Unchanged since, the same checkpoint is taken, and the copy resumes from it.
-    let checkpoint = copy::Checkpoint { source_stamp: Some(copy::source_stamp(std::slice::from_ref(&src)).expect("stamp")), ..checkpoint };
+    let checkpoint = copy::Checkpoint { files_stamp: Some(stamp()), ..checkpoint };
     checkpoint.store(&cp).expect("store");
     let out = copy_cmd();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let report: serde_json::Value = serde_json::from_slice(out.stderr.rsplit(|&b| b == b'\n').find(|l| !l.is_empty()).expect("report")).expect("report JSON");
     assert_eq!(report["resumed_bytes"], 4 * MIB, "{report}");
+
+    // A destination put back under its name (a new, empty file) is another file: what the
+    // checkpoint says is there is not, and it is refused.
+    let checkpoint = copy::Checkpoint { files_stamp: Some(stamp()), ..checkpoint };
+    checkpoint.store(&cp).expect("store");
+    std::fs::remove_file(&dst).expect("remove the destination");
+    std::fs::write(&dst, vec![0u8; (8 * MIB) as usize]).expect("a new destination");
+    let out = copy_cmd();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("changed since"), "resumed into another file: {err}");
 }
 
 /// A copy that fails into a file it made takes the file away again: left, it had the source's
@@ -841,4 +851,26 @@ fn a_failed_copy_leaves_no_file_it_made() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("no longer exists"), "{err}");
     assert!(!out_file.exists(), "the refused copy made a file");
+
+    // Stopped by SIGTERM mid-copy (a source that takes 10 s a read), the same.
+    let slow_socket = dir.path().join("slow.sock");
+    let mut cmd = Command::new("nbdkit");
+    cmd.args(["-f", "-U"]).arg(&slow_socket).args(["--filter=delay", "pattern", "16M", "delay-read=10"]).stderr(std::process::Stdio::null());
+    let _slow = spawn_server(&mut cmd, &slow_socket);
+    let child = Command::new(crate::harness::tapmirror())
+        .arg("copy")
+        .arg(format!("nbd+unix:///?socket={}", slow_socket.display()))
+        .arg(&out_file)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn copy");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !out_file.exists() {
+        assert!(std::time::Instant::now() < deadline, "the copy never made its file");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    let out = crate::harness::exits_within(child, std::time::Duration::from_secs(20), "the copy did not stop on SIGTERM");
+    assert!(!out.status.success(), "a stopped copy said it succeeded");
+    assert!(!out_file.exists(), "the copy stopped by SIGTERM left the file it made");
 }
