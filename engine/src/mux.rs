@@ -447,6 +447,10 @@ impl Mux {
             Query(_) => Ok(self.query().to_value()),
             QueryDiagnostics(_) => Ok(Value::String(self.diagnostics())),
             DataCopy(a) => self.data_copy(a.sr, a.vdi, a.url, a.dest).await.map(Value::String),
+            // A disk of a job is mirrored by its job only (it may still wait in its queue).
+            DataMirrorStart(a) if let Some(job) = self.jobs.job_of(&a.sr, &a.vdi) => {
+                Err(StorageError::InternalError(format!("VDI {} is a disk of migration job {job}, which mirrors it", a.vdi)))
+            }
             DataMirrorStart(a) => self.mirror_start(a.sr, a.vdi, a.dp, a.url, a.dest, a.mirror_vm, a.copy_vm).await.map(Value::String),
             DataMirrorStop(a) => self.mirror_stop(&a.id).await.map(|()| Value::Null),
             DataMirrorStat(a) => self.mirror_stat(&a.id).map(|m| m.to_value()),

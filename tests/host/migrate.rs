@@ -1618,6 +1618,10 @@ fn a_disk_queued_in_one_job_is_refused_to_another() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "a second job took a disk queued in the first: {err}");
     assert!(err.contains(&format!("a disk of job {first}")), "{err}");
+    // Nor may a mirror of its own take it from the queue.
+    let out = p.src.cli_raw(&["mirror", "start", "--sr", &p.src_sr, "--vdi", &vdis[1], "--dest", &url, "--dest-sr", &p.dst_sr]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains(&format!("a disk of migration job {first}")), "a mirror took a disk queued in a job: {err}");
     p.src.cli(&["migrate", "cancel", &first]);
     assert_eq!(job_end(&p, &first)["state"][0], "Failed");
     // Its job over, the disk is free for another.

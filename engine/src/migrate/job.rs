@@ -59,6 +59,11 @@ pub struct Jobs {
 }
 
 impl Jobs {
+    /// The job `sr`'s VDI `vdi` is a disk of, if any.
+    pub(crate) fn job_of(&self, sr: &str, vdi: &str) -> Option<String> {
+        lock(&self.claimed).get(&format!("{sr}/{vdi}")).cloned()
+    }
+
     /// Whether a cancel of `task` must be refused: it is a job that has begun its switch-over.
     pub(crate) fn past_cutover(&self, task: &str) -> bool {
         lock(&self.jobs).get(task).is_some_and(|j| j.switching.load(std::sync::atomic::Ordering::SeqCst))
@@ -81,14 +86,23 @@ impl Jobs {
 /// limit a job's disks share. A rate of 0 means no limit.
 pub struct RateLimit {
     rate: std::sync::atomic::AtomicU64,
-    /// When the bucket was last looked at, and the credit (in bytes) it held then.
-    state: Mutex<(std::time::Instant, f64)>,
+    state: Mutex<Bucket>,
+}
+
+struct Bucket {
+    /// When the bucket was last looked at.
+    at: std::time::Instant,
+    /// The credit (bytes) it held then.
+    credit: f64,
+    /// The largest request refused since one that large went: the credit is kept for it, so
+    /// that smaller requests taking each byte as it comes cannot starve it.
+    reserved: f64,
 }
 
 impl RateLimit {
     /// A limit of `rate` bytes per second (0: none).
     pub fn new(rate: u64) -> RateLimit {
-        RateLimit { rate: rate.into(), state: Mutex::new((std::time::Instant::now(), 0.0)) }
+        RateLimit { rate: rate.into(), state: Mutex::new(Bucket { at: std::time::Instant::now(), credit: 0.0, reserved: 0.0 }) }
     }
 
     /// The rate (bytes per second, 0: none).
@@ -105,25 +119,34 @@ impl RateLimit {
     /// answers how long until it will at the present rate (the copy asks again then, or
     /// sooner: [`Throttle`]). Nothing is booked ahead, so a rate raised or lifted applies to
     /// the next ask: booked at the old rate, a 1 MiB request at 10 KB/s waited 100 s whatever
-    /// the limit became. The bucket holds at most 100 ms of credit (or one request, if more),
-    /// so bursts stay short.
+    /// the limit became. The bucket holds at most 100 ms of credit (or the largest request
+    /// waiting, if more), so bursts stay short. A request refused reserves the credit up to
+    /// its size: later, smaller ones take only what lies beyond it (a disk of 1 MiB requests
+    /// beside one of 4 KiB writes got nothing until the other had finished).
     pub fn grant(&self, bytes: u64) -> Duration {
         let rate = self.rate.load(std::sync::atomic::Ordering::Relaxed);
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let now = std::time::Instant::now();
         if rate == 0 {
-            *s = (now, 0.0);
+            *s = Bucket { at: now, credit: 0.0, reserved: 0.0 };
             return Duration::ZERO;
         }
-        let rate = rate as f64;
-        let cap = (rate / 10.0).max(bytes as f64);
-        let credit = (s.1 + now.duration_since(s.0).as_secs_f64() * rate).min(cap);
-        if credit >= bytes as f64 {
-            *s = (now, credit - bytes as f64);
+        let (rate, bytes) = (rate as f64, bytes as f64);
+        let cap = (rate / 10.0).max(bytes).max(s.reserved);
+        s.credit = (s.credit + now.duration_since(s.at).as_secs_f64() * rate).min(cap);
+        s.at = now;
+        // What this request may use: all of it if it is the one reserved for (or larger),
+        // else what lies beyond the reservation.
+        let free = if bytes >= s.reserved { s.credit } else { s.credit - s.reserved };
+        if free >= bytes {
+            s.credit -= bytes;
+            if bytes >= s.reserved {
+                s.reserved = 0.0;
+            }
             return Duration::ZERO;
         }
-        *s = (now, credit);
-        Duration::from_secs_f64((bytes as f64 - credit) / rate)
+        s.reserved = s.reserved.max(bytes);
+        Duration::from_secs_f64((bytes - free).max(0.0) / rate)
     }
 }
 
@@ -663,5 +686,23 @@ mod tests {
         std::thread::sleep(Duration::from_millis(20));
         assert_eq!(l.grant(1_000_000), Duration::ZERO);
         assert!(l.grant(1_000_000_000) > Duration::ZERO);
+    }
+
+    /// A large request refused keeps the credit for itself: small ones asking as each byte
+    /// comes in cannot take it first, for ever.
+    #[test]
+    fn small_requests_do_not_starve_a_large_one() {
+        let l = RateLimit::new(1_000_000);
+        assert!(l.grant(500_000) > Duration::ZERO, "an empty bucket");
+        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        loop {
+            // A small request before every look of the large one, as a disk of 4 KiB writes does.
+            let _ = l.grant(4096);
+            if l.grant(500_000).is_zero() {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "the large request never got its turn");
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 }
