@@ -958,13 +958,13 @@ async fn read_replies<R: AsyncRead + Unpin>(r: &mut R, shared: &Shared) -> Resul
                 if error != 0 {
                     p.error = Some(ClientError::Server { errno: Errno::from_wire(error), message: None });
                 } else if let Expect::Read { buf, covered, .. } = &mut p.expect {
-                    r.read_exact(buf).await?;
+                    read_payload(r, buf, shared).await?;
                     covered.push((0, buf.len()));
                 }
                 true
             }
             ReplyHeader::Chunk { flags, kind, length, .. } => {
-                read_chunk(r, &mut p, kind, length).await?;
+                read_chunk(r, &mut p, kind, length, shared).await?;
                 flags & chunk::FLAG_DONE != 0
             }
         };
@@ -990,7 +990,22 @@ async fn read_replies<R: AsyncRead + Unpin>(r: &mut R, shared: &Shared) -> Resul
     }
 }
 
-async fn read_chunk<R: AsyncRead + Unpin>(r: &mut R, p: &mut Pending, kind: u16, length: u32) -> Result<(), ClientError> {
+/// Reads a reply's payload into `buf`, each piece that arrives a sign the server is answering
+/// ([`ClientOptions::answer_timeout`]): a large reply over a slow link streams for longer than
+/// the timeout, and is no silence.
+async fn read_payload<R: AsyncRead + Unpin>(r: &mut R, buf: &mut [u8], shared: &Shared) -> io::Result<()> {
+    let mut at = 0;
+    while at < buf.len() {
+        match r.read(&mut buf[at..]).await? {
+            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+            n => at += n,
+        }
+        shared.heard_now();
+    }
+    Ok(())
+}
+
+async fn read_chunk<R: AsyncRead + Unpin>(r: &mut R, p: &mut Pending, kind: u16, length: u32, shared: &Shared) -> Result<(), ClientError> {
     match kind {
         chunk::OFFSET_DATA => {
             let Expect::Read { buf, offset, covered } = &mut p.expect else {
@@ -1006,7 +1021,7 @@ async fn read_chunk<R: AsyncRead + Unpin>(r: &mut R, p: &mut Pending, kind: u16,
                 return Err(ClientError::Protocol(format!("data chunk {at}+{n} outside the request")));
             };
             let start = start as usize;
-            r.read_exact(&mut buf[start..start + n as usize]).await?;
+            read_payload(r, &mut buf[start..start + n as usize], shared).await?;
             covered.push((start, start + n as usize));
         }
         chunk::OFFSET_HOLE => {

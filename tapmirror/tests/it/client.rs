@@ -739,3 +739,40 @@ async fn answer_timeout_counts_silence_not_idleness() {
     let later = bounded("write after the timeout", c.write(0, vec![7u8; 4096], false)).await.expect_err("the connection is given up on");
     assert!(later.to_string().contains("answered nothing for"), "{later}");
 }
+
+/// A reply whose payload streams in slowly (here 1 MiB at about 200 kB/s, five seconds) is
+/// the server answering, not silence: the answer timeout (1 s) must not give up on the read
+/// waiting behind it. The client used to count only reply headers, and failed such reads over
+/// a slow link.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slowly_streaming_reply_is_no_silence() {
+    let served = harness::serve(4 * MIB as u64, &[]);
+    std::fs::write(&served.image, pattern(4 * MIB, 41)).expect("image content");
+    // A proxy that passes requests at once and replies 4 KiB every 20 ms.
+    let proxy_socket = served.dir.path().join("slow.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&proxy_socket).expect("bind");
+    let upstream = served.socket.clone();
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let Ok((client, _)) = listener.accept() else { return };
+        let Ok(server) = std::os::unix::net::UnixStream::connect(&upstream) else { return };
+        let (mut c_in, mut s_out) = (client.try_clone().expect("clone"), server.try_clone().expect("clone"));
+        std::thread::spawn(move || std::io::copy(&mut c_in, &mut s_out));
+        let (mut s_in, mut c_out) = (server, client);
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = s_in.read(&mut buf) {
+            if n == 0 || c_out.write_all(&buf[..n]).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+    // Simple replies: the whole 1 MiB after one header (structured ones may come in chunks).
+    let opts = ClientOptions { answer_timeout: Some(Duration::from_secs(1)), structured: false, ..ClientOptions::default() };
+    let c = unix_with(&proxy_socket, opts).await;
+    // Two in flight: the second waits while the first one's payload streams.
+    let (first, second) = tokio::time::timeout(Duration::from_secs(60), async { tokio::join!(c.read(0, MIB), c.read(MIB as u64, MIB)) }).await.expect("the reads hung");
+    let content = pattern(4 * MIB, 41);
+    assert!(first.expect("a slowly streaming read must succeed") == content[..MIB], "the first read returned other data");
+    assert!(second.expect("the read behind it too") == content[MIB..2 * MIB], "the second read returned other data");
+}
