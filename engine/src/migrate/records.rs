@@ -96,6 +96,10 @@ pub struct SendRecord {
     /// stays, and `receive_cancel` is retried until the destination has undone its side.
     #[serde(default)]
     pub cancelling: bool,
+    /// A `stop` is taking it down: its mirror going away is that, not a failure. Never
+    /// persisted: after a restart no stop is under way.
+    #[serde(skip)]
+    pub stopping: bool,
 }
 
 /// Where a receive stands.

@@ -185,6 +185,7 @@ impl Mux {
             failed: false,
             full_mirror,
             cancelling: false,
+            stopping: false,
         };
         // Written before the destination hears of it (xapi's CA-244573).
         lock(&self.records.sends).put(record)?;
@@ -679,6 +680,8 @@ impl Mux {
             tracing::info!(mirror = %id, "mirror stopped while starting");
             return Ok(());
         }
+        // Said first, so that the watch does not take the mirror's going for a failure.
+        let r = self.update_send(id, |r| r.stopping = true)?;
         let remote_done = self.stop_send(&r).await;
         self.end_send(id, remote_done);
         self.tasks().changed(Dynamic::Mirror(id.to_owned()));
@@ -729,13 +732,15 @@ impl Mux {
             loop {
                 tokio::time::sleep(WATCH_EVERY).await;
                 let Some(r) = lock(&me.records.sends).get(&id).cloned() else { return };
-                if r.failed || r.stage != SendStage::Mirroring {
+                if r.failed || r.stopping || r.stage != SendStage::Mirroring {
                     return;
                 }
                 let Ok(entry) = me.attached_entry(&r.sr) else { continue };
                 let vdi = r.vdi.clone();
                 match me.run(&entry, false, move |b, ctx| b.vdi_mirror_status(ctx, &vdi)).await {
                     // `None`: the datapath's process died and was restarted without it.
+                    // A stop that began while the datapath was asked is the mirror's going.
+                    Ok(_) if lock(&me.records.sends).get(&id).is_none_or(|r| r.stopping) => return,
                     Ok(s) if s.state == MirrorHealth::Failed || s.state == MirrorHealth::None => {
                         tracing::error!(mirror = %id, state = ?s.state, failure = ?s.failure, "the mirror's target failed, or the datapath lost it; the guest goes on locally");
                         let _ = me.update_send(&id, |r| r.failed = true);
