@@ -573,13 +573,15 @@ fn refuse_a_file_of_the_source(dest: &Path, chain: &[std::path::PathBuf]) -> Res
     Ok(())
 }
 
-/// Resolves when SIGTERM or SIGINT arrives, with its name; never, if neither can be watched.
+/// Resolves when SIGTERM, SIGINT or SIGHUP (a terminal or ssh session gone) arrives, with its
+/// name; never, if they cannot be watched.
 async fn stop_signal() -> &'static str {
     use tokio::signal::unix::{SignalKind, signal};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
-        (Ok(mut term), Ok(mut int)) => tokio::select! {
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::hangup())) {
+        (Ok(mut term), Ok(mut int), Ok(mut hup)) => tokio::select! {
             _ = term.recv() => "SIGTERM",
             _ = int.recv() => "SIGINT",
+            _ = hup.recv() => "SIGHUP",
         },
         _ => std::future::pending().await,
     }
@@ -647,6 +649,15 @@ async fn copy(args: CopyArgs) -> Result<()> {
         );
     }
     let size = source.size();
+    // A source a checkpoint cannot stamp (a block device) is refused before any destination
+    // file is made: refused after, it left one of the source's size, looking whole.
+    let source_chain = match &source {
+        Source::Image(image) | Source::Diff { image, .. } => image.chain(),
+        Source::Nbd(_) => Vec::new(),
+    };
+    if args.checkpoint.is_some() {
+        tapmirror::copy::files_stamp(&source_chain, None)?;
+    }
     // The file this copy made, if it made one: a failed copy takes it away again.
     let mut made: Option<(PathBuf, std::fs::Metadata)> = None;
     let (dest, connections): (Dest<CopyImage>, usize) = if is_uri(&args.dest) {
@@ -694,11 +705,7 @@ async fn copy(args: CopyArgs) -> Result<()> {
         None => None,
         Some(_) => {
             let dest_file = if is_uri(&args.dest) { None } else { made.as_ref().map(|(_, m)| m.clone()).or_else(|| std::fs::metadata(&args.dest).ok()) };
-            let chain = match &source {
-                Source::Image(image) | Source::Diff { image, .. } => image.chain(),
-                Source::Nbd(_) => Vec::new(),
-            };
-            Some(tapmirror::copy::files_stamp(&chain, dest_file.as_ref())?)
+            Some(tapmirror::copy::files_stamp(&source_chain, dest_file.as_ref())?)
         }
     };
     let opts = CopyOptions {

@@ -852,25 +852,43 @@ fn a_failed_copy_leaves_no_file_it_made() {
     assert!(!out.status.success() && err.contains("no longer exists"), "{err}");
     assert!(!out_file.exists(), "the refused copy made a file");
 
-    // Stopped by SIGTERM mid-copy (a source that takes 10 s a read), the same.
+    // Stopped by SIGTERM, or SIGHUP (its session gone), mid-copy (a source that takes 10 s a
+    // read), the same.
     let slow_socket = dir.path().join("slow.sock");
     let mut cmd = Command::new("nbdkit");
     cmd.args(["-f", "-U"]).arg(&slow_socket).args(["--filter=delay", "pattern", "16M", "delay-read=10"]).stderr(std::process::Stdio::null());
     let _slow = spawn_server(&mut cmd, &slow_socket);
-    let child = Command::new(crate::harness::tapmirror())
-        .arg("copy")
-        .arg(format!("nbd+unix:///?socket={}", slow_socket.display()))
-        .arg(&out_file)
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn copy");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while !out_file.exists() {
-        assert!(std::time::Instant::now() < deadline, "the copy never made its file");
-        std::thread::sleep(std::time::Duration::from_millis(20));
+    for signal in [nix::sys::signal::Signal::SIGTERM, nix::sys::signal::Signal::SIGHUP] {
+        let child = Command::new(crate::harness::tapmirror())
+            .arg("copy")
+            .arg(format!("nbd+unix:///?socket={}", slow_socket.display()))
+            .arg(&out_file)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn copy");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !out_file.exists() {
+            assert!(std::time::Instant::now() < deadline, "the copy never made its file");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal).expect("signal");
+        let out = crate::harness::exits_within(child, std::time::Duration::from_secs(20), "the copy did not stop on its signal");
+        assert!(!out.status.success(), "a stopped copy said it succeeded");
+        assert!(!out_file.exists(), "the copy stopped by {signal} left the file it made");
     }
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
-    let out = crate::harness::exits_within(child, std::time::Duration::from_secs(20), "the copy did not stop on SIGTERM");
-    assert!(!out.status.success(), "a stopped copy said it succeeded");
-    assert!(!out_file.exists(), "the copy stopped by SIGTERM left the file it made");
+
+    // A block-device source is refused a checkpoint before any destination file is made
+    // (where loop devices can be set up here).
+    let backing = dir.path().join("backing.raw");
+    std::fs::write(&backing, vec![7u8; MIB as usize]).expect("backing file");
+    let Ok(setup) = Command::new("losetup").args(["-f", "--show"]).arg(&backing).output() else { return };
+    let device = String::from_utf8_lossy(&setup.stdout).trim().to_owned();
+    if !setup.status.success() || device.is_empty() {
+        return;
+    }
+    let out = Command::new(crate::harness::tapmirror()).args(["copy", "--format", "raw", &device]).arg(&out_file).arg("--checkpoint").arg(&cp).output().expect("run copy");
+    let _ = Command::new("losetup").args(["-d", &device]).status();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("block device"), "{err}");
+    assert!(!out_file.exists(), "the refused copy left a destination file");
 }
