@@ -280,6 +280,15 @@ enum Sink {
 }
 
 impl Sink {
+    /// Bytes handed to the kernel that the peer has not yet taken, where the socket says.
+    fn unsent(&self) -> Option<u64> {
+        match self {
+            Sink::Unix(w) => w.unsent(),
+            Sink::Tcp(w) => super::unix::unsent(w.as_ref().as_raw_fd()),
+            Sink::Other(_) => None,
+        }
+    }
+
     fn try_write(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
         match self {
             Sink::Unix(w) => w.try_write_vectored(bufs),
@@ -288,7 +297,8 @@ impl Sink {
         }
     }
 
-    async fn write_all(&self, mut rest: &mut [IoSlice<'_>]) -> io::Result<()> {
+    /// Writes every byte of `rest`, calling `taken` each time the stream takes some.
+    async fn write_all(&self, mut rest: &mut [IoSlice<'_>], taken: &(dyn Fn() + Sync)) -> io::Result<()> {
         if let Sink::Other(m) = self {
             let mut w = m.lock().await;
             while !rest.is_empty() {
@@ -296,6 +306,7 @@ impl Sink {
                 if n == 0 {
                     return Err(io::ErrorKind::WriteZero.into());
                 }
+                taken();
                 IoSlice::advance_slices(&mut rest, n);
             }
             return w.flush().await;
@@ -305,7 +316,10 @@ impl Sink {
         while !rest.is_empty() {
             match self.try_write(rest) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => IoSlice::advance_slices(&mut rest, n),
+                Ok(n) => {
+                    taken();
+                    IoSlice::advance_slices(&mut rest, n);
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => match self {
                     Sink::Unix(w) => w.writable().await?,
                     Sink::Tcp(w) => w.writable().await?,
@@ -327,6 +341,9 @@ struct Writer {
     sink: Sink,
     state: Mutex<WriterState>,
     wake: tokio::sync::Notify,
+    /// Told of every byte the server takes: a large write trickling out to a slow server is
+    /// the server at work, not silence ([`ClientOptions::answer_timeout`]).
+    shared: Arc<Shared>,
 }
 
 #[derive(Default)]
@@ -349,12 +366,18 @@ impl Writer {
             let total = out.len();
             match self.sink.try_write(&out.slices()) {
                 Ok(n) if n == total => {
+                    self.shared.heard_now();
                     if disc {
                         st.closed = Some("disconnected by the client".into());
                     }
                     return Ok(());
                 }
-                Ok(n) => out.sent = n,
+                Ok(n) => {
+                    if n > 0 {
+                        self.shared.heard_now();
+                    }
+                    out.sent = n;
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => {
                     st.closed = Some(format!("write failed: {e}"));
@@ -399,7 +422,7 @@ impl Writer {
                     st.queue.drain(..n).collect()
                 };
                 let mut slices: Vec<IoSlice<'_>> = batch.iter().flat_map(|o| o.slices()).collect();
-                self.sink.write_all(&mut slices).await?;
+                self.sink.write_all(&mut slices, &|| self.shared.heard_now()).await?;
             }
         }
     }
@@ -455,15 +478,25 @@ impl Shared {
     }
 
     /// Fails the connection once requests have waited `limit` with no answer at all. Ends
-    /// when the connection breaks for any reason.
-    async fn watch_answers(&self, limit: std::time::Duration) {
+    /// when the connection breaks for any reason. `unsent` is what the socket still holds of
+    /// what was written: while it shrinks, the server is taking our bytes (a large write over
+    /// a slow link sits in the kernel's send buffer long after the writer handed it over).
+    async fn watch_answers(&self, limit: std::time::Duration, unsent: impl Fn() -> Option<u64>) {
         let limit_ms = u64::try_from(limit.as_millis()).unwrap_or(u64::MAX).max(1);
         let tick = (limit / 4).clamp(std::time::Duration::from_millis(10), std::time::Duration::from_secs(1));
+        let mut last_unsent = None;
         loop {
             tokio::time::sleep(tick).await;
             if self.broken().is_some() {
                 return;
             }
+            let now_unsent = unsent();
+            if let (Some(before), Some(now)) = (last_unsent, now_unsent)
+                && now < before
+            {
+                self.heard_now();
+            }
+            last_unsent = now_unsent;
             let waiting = self.pending.lock().map(|p| p.len()).unwrap_or(0);
             let silent = self.now_ms().saturating_sub(self.heard.load(Ordering::Relaxed));
             if waiting > 0 && silent >= limit_ms {
@@ -633,8 +666,9 @@ impl NbdClient {
     {
         let mut r = BufReader::with_capacity(256 * 1024, r);
         let info = negotiate(&mut r, &mut w, &opts).await?;
-        let writer = Arc::new(Writer { sink: sink(w), state: Mutex::new(WriterState::default()), wake: tokio::sync::Notify::new() });
         let shared = Arc::new(Shared::new());
+        let writer =
+            Arc::new(Writer { sink: sink(w), state: Mutex::new(WriterState::default()), wake: tokio::sync::Notify::new(), shared: Arc::clone(&shared) });
         let reader_shared = Arc::clone(&shared);
         let writer_shared = Arc::clone(&shared);
         let writer_task = Arc::clone(&writer);
@@ -656,7 +690,7 @@ impl NbdClient {
             let shared = Arc::clone(&shared);
             let writer = Arc::clone(&writer);
             tokio::spawn(async move {
-                shared.watch_answers(limit).await;
+                shared.watch_answers(limit, || writer.sink.unsent()).await;
                 // Nothing more goes to a server given up on (a no-op after any other break).
                 writer.close("the server stopped answering");
             })

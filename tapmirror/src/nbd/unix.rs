@@ -96,7 +96,20 @@ pub struct WriteHalf {
     stream: UnixStream,
 }
 
+/// Bytes written to socket `fd` that its peer has not yet taken (`TIOCOUTQ`), if it says.
+pub(crate) fn unsent(fd: RawFd) -> Option<u64> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: TIOCOUTQ writes one int through the pointer, which points at `n` for the call.
+    let r = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut n as *mut libc::c_int) };
+    if r == 0 { u64::try_from(n).ok() } else { None }
+}
+
 impl WriteHalf {
+    /// Bytes written that the peer has not yet taken ([`unsent`]).
+    pub fn unsent(&self) -> Option<u64> {
+        unsent(self.stream.as_raw_fd())
+    }
+
     /// Writes what the socket takes now, without waiting: `WouldBlock` when it takes nothing.
     pub fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
         loop {

@@ -740,39 +740,70 @@ async fn answer_timeout_counts_silence_not_idleness() {
     assert!(later.to_string().contains("answered nothing for"), "{later}");
 }
 
-/// A reply whose payload streams in slowly (here 1 MiB at about 200 kB/s, five seconds) is
-/// the server answering, not silence: the answer timeout (1 s) must not give up on the read
-/// waiting behind it. The client used to count only reply headers, and failed such reads over
-/// a slow link.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_slowly_streaming_reply_is_no_silence() {
-    let served = harness::serve(4 * MIB as u64, &[]);
-    std::fs::write(&served.image, pattern(4 * MIB, 41)).expect("image content");
-    // A proxy that passes requests at once and replies 4 KiB every 20 ms.
-    let proxy_socket = served.dir.path().join("slow.sock");
-    let listener = std::os::unix::net::UnixListener::bind(&proxy_socket).expect("bind");
-    let upstream = served.socket.clone();
+/// A TCP proxy in front of the Unix socket `upstream` that passes one direction at once and
+/// the other 4 KiB every 20 ms (about 200 kB/s): the replies if `slow_replies`, else the
+/// requests. TCP, as a slow link is: its send buffer frees as the far end reads.
+fn slow_proxy(upstream: &Path, slow_replies: bool) -> Endpoint {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("address").port();
+    let upstream = upstream.to_owned();
     std::thread::spawn(move || {
         use std::io::{Read, Write};
         let Ok((client, _)) = listener.accept() else { return };
         let Ok(server) = std::os::unix::net::UnixStream::connect(&upstream) else { return };
-        let (mut c_in, mut s_out) = (client.try_clone().expect("clone"), server.try_clone().expect("clone"));
-        std::thread::spawn(move || std::io::copy(&mut c_in, &mut s_out));
-        let (mut s_in, mut c_out) = (server, client);
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = s_in.read(&mut buf) {
-            if n == 0 || c_out.write_all(&buf[..n]).is_err() {
-                return;
+        let (mut client_in, mut client_out) = (client.try_clone().expect("clone"), client);
+        let (mut server_in, mut server_out) = (server.try_clone().expect("clone"), server);
+        let trickle = |from: &mut dyn Read, to: &mut dyn Write| {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = from.read(&mut buf) {
+                if n == 0 || to.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
             }
-            std::thread::sleep(Duration::from_millis(20));
+        };
+        if slow_replies {
+            std::thread::spawn(move || std::io::copy(&mut client_in, &mut server_out));
+            trickle(&mut server_in, &mut client_out);
+        } else {
+            std::thread::spawn(move || std::io::copy(&mut server_in, &mut client_out));
+            trickle(&mut client_in, &mut server_out);
         }
     });
+    Endpoint::Tcp("127.0.0.1".into(), port)
+}
+
+/// A reply whose payload streams in slowly (here 1 MiB at about 200 kB/s, five seconds) is
+/// the server answering, not silence: the answer timeout (1 s) must not give up on the read
+/// waiting behind it. Nor is a write whose payload goes out that slowly: the server is taking
+/// it. The client used to count only reply headers, and failed both over a slow link.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slowly_streaming_payload_is_no_silence() {
+    let served = harness::serve(4 * MIB as u64, &[]);
+    let content = pattern(4 * MIB, 41);
+    std::fs::write(&served.image, &content).expect("image content");
     // Simple replies: the whole 1 MiB after one header (structured ones may come in chunks).
     let opts = ClientOptions { answer_timeout: Some(Duration::from_secs(1)), structured: false, ..ClientOptions::default() };
-    let c = unix_with(&proxy_socket, opts).await;
+
+    let connect = |slow_replies| {
+        let opts = opts.clone();
+        let endpoint = slow_proxy(&served.socket, slow_replies);
+        async move { bounded("connect", NbdClient::connect_with(&endpoint, opts)).await.expect("connect") }
+    };
+    let c = connect(true).await;
     // Two in flight: the second waits while the first one's payload streams.
     let (first, second) = tokio::time::timeout(Duration::from_secs(60), async { tokio::join!(c.read(0, MIB), c.read(MIB as u64, MIB)) }).await.expect("the reads hung");
-    let content = pattern(4 * MIB, 41);
     assert!(first.expect("a slowly streaming read must succeed") == content[..MIB], "the first read returned other data");
     assert!(second.expect("the read behind it too") == content[MIB..2 * MIB], "the second read returned other data");
+
+    let c = connect(false).await;
+    let data = pattern(2 * MIB, 42);
+    let (first, second) = tokio::time::timeout(Duration::from_secs(60), async {
+        tokio::join!(c.write(2 * MIB as u64, data[..MIB].to_vec(), false), c.write(3 * MIB as u64, data[MIB..].to_vec(), false))
+    })
+    .await
+    .expect("the writes hung");
+    first.expect("a slowly sent write must succeed");
+    second.expect("the write behind it too");
+    assert!(served.contents()[2 * MIB..] == data[..], "the writes did not land");
 }
