@@ -217,6 +217,21 @@ impl<J: Image> Dest<J> {
         }
     }
 
+    /// Reads `len` bytes at `offset` back (to check what a checkpoint says is there).
+    pub async fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
+        match self {
+            Dest::Nbd { .. } => {
+                let c = self.client().context("no destination connection")?;
+                c.read(offset, len).await.with_context(|| format!("reading destination at {offset}"))
+            }
+            Dest::Image(i) => {
+                let (buf, r) = i.read(offset, IoBuf::for_overwrite(len)).await;
+                r.with_context(|| format!("reading destination at {offset}"))?;
+                Ok(buf.to_vec())
+            }
+        }
+    }
+
     /// Writes `buf[range]` at `offset`.
     pub async fn write(&self, offset: u64, buf: &Arc<IoBuf>, range: std::ops::Range<usize>) -> Result<()> {
         match self {

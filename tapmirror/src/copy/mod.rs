@@ -356,6 +356,7 @@ pub async fn copy<I: Image, J: Image>(
             );
         }
         start = cp.done.min(size);
+        check_resume(&source, &dest, start, unit, path).await?;
         tracing::info!(resume_at = start, "resuming from checkpoint");
     }
 
@@ -503,6 +504,34 @@ pub async fn copy<I: Image, J: Image>(
     progress.finish(true);
     let report = report.lock().map(|r| r.clone()).unwrap_or_default();
     Ok(report)
+}
+
+/// Places below a checkpoint's mark read from both ends: spread evenly, and where the source's
+/// first runs of data begin.
+const RESUME_CHECKS: u64 = 16;
+
+/// Reads a few places below a checkpoint's `mark` from both ends: the destination must hold
+/// there what the source does, or the checkpoint speaks of another file. Its stamp cannot see
+/// a destination made again in place (`qemu-img create` over it, zeroed with `dd`): the same
+/// file, and what the checkpoint says it holds gone.
+async fn check_resume<I: Image, J: Image>(source: &Source<I>, dest: &Dest<J>, mark: u64, unit: u64, checkpoint: &Path) -> Result<()> {
+    let len = unit.max(4096);
+    let mut places: Vec<u64> = (0..RESUME_CHECKS).map(|i| mark / RESUME_CHECKS * i / unit * unit).collect();
+    let extents = source.allocation(0, mark.min(source.allocation_window())).await?;
+    places.extend(extents.iter().filter(|e| e.state == ExtentState::Data).take(RESUME_CHECKS as usize).map(|e| e.offset / unit * unit));
+    places.sort_unstable();
+    places.dedup();
+    for at in places.into_iter().filter(|&at| at + len <= mark) {
+        let n = usize::try_from(len).unwrap_or(4096);
+        let (theirs, ours) = (dest.read(at, n).await?, source.read(at, n).await?);
+        if theirs[..] != ours[..] {
+            bail!(
+                "checkpoint {} says the destination holds the source up to byte {mark}, but at {at} it does not (the destination was made again, or written, since): remove the checkpoint to copy from the start",
+                checkpoint.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Writes a copy's checkpoint every 5 s or `every` bytes walked.

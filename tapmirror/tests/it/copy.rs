@@ -802,7 +802,13 @@ fn a_checkpoint_from_before_the_source_changed_is_refused() {
     assert!(err.contains("changed since"), "{err}");
     assert!(std::fs::read(&dst).expect("read").iter().all(|&b| b == 0), "the refused copy wrote to the destination");
 
-    // Unchanged since, the same checkpoint is taken, and the copy resumes from it.
+    // Unchanged since, and the destination holding what the checkpoint says (the source's
+    // first 4 MiB), the same checkpoint is taken, and the copy resumes from it.
+    {
+        use std::os::unix::fs::FileExt;
+        let first = std::fs::read(&src).expect("source")[..(4 * MIB) as usize].to_vec();
+        std::fs::OpenOptions::new().write(true).open(&dst).expect("open the destination").write_all_at(&first, 0).expect("the copied part");
+    }
     let checkpoint = copy::Checkpoint { files_stamp: Some(stamp()), ..checkpoint };
     checkpoint.store(&cp).expect("store");
     let out = copy_cmd();
@@ -819,6 +825,19 @@ fn a_checkpoint_from_before_the_source_changed_is_refused() {
     let out = copy_cmd();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("changed since"), "resumed into another file: {err}");
+
+    // The same file made again in place (zeroed, as `qemu-img create` or `dd` over it leave
+    // it): its stamp is the same, but what the checkpoint says it holds is gone. Refused.
+    let checkpoint = copy::Checkpoint { files_stamp: Some(stamp()), ..checkpoint };
+    checkpoint.store(&cp).expect("store");
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&dst).expect("open the destination");
+        f.write_all_at(&vec![0u8; (8 * MIB) as usize], 0).expect("zero it in place");
+    }
+    let out = copy_cmd();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("it does not"), "resumed into a destination zeroed in place: {err}");
 }
 
 /// A copy that fails into a file it made takes the file away again: left, it had the source's
