@@ -878,15 +878,19 @@ fn a_failed_copy_leaves_no_file_it_made() {
     cmd.args(["-f", "-U"]).arg(&slow_socket).args(["--filter=delay", "pattern", "16M", "delay-read=10"]).stderr(std::process::Stdio::null());
     let _slow = spawn_server(&mut cmd, &slow_socket);
     for signal in [nix::sys::signal::Signal::SIGTERM, nix::sys::signal::Signal::SIGHUP] {
-        let child = Command::new(crate::harness::tapmirror())
+        let mut child = Command::new(crate::harness::tapmirror())
             .arg("copy")
             .arg(format!("nbd+unix:///?socket={}", slow_socket.display()))
             .arg(&out_file)
             .stderr(std::process::Stdio::piped())
             .spawn()
             .expect("spawn copy");
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
         while !out_file.exists() {
+            if child.try_wait().expect("try_wait").is_some() {
+                let out = child.wait_with_output().expect("output");
+                panic!("the copy ended before it made its file: {}", String::from_utf8_lossy(&out.stderr));
+            }
             assert!(std::time::Instant::now() < deadline, "the copy never made its file");
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
