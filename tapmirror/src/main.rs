@@ -573,17 +573,30 @@ fn refuse_a_file_of_the_source(dest: &Path, chain: &[std::path::PathBuf]) -> Res
     Ok(())
 }
 
-/// Resolves when SIGTERM, SIGINT or SIGHUP (a terminal or ssh session gone) arrives, with its
-/// name; never, if they cannot be watched.
-async fn stop_signal() -> &'static str {
-    use tokio::signal::unix::{SignalKind, signal};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::hangup())) {
-        (Ok(mut term), Ok(mut int), Ok(mut hup)) => tokio::select! {
-            _ = term.recv() => "SIGTERM",
-            _ = int.recv() => "SIGINT",
-            _ = hup.recv() => "SIGHUP",
-        },
-        _ => std::future::pending().await,
+/// SIGTERM, SIGINT and SIGHUP (a terminal or ssh session gone), caught from the moment this
+/// is made: made before a copy makes its file, so that no stop can end the process with the
+/// file left behind.
+struct StopSignals(Option<[tokio::signal::unix::Signal; 3]>);
+
+impl StopSignals {
+    fn new() -> StopSignals {
+        use tokio::signal::unix::{SignalKind, signal};
+        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::hangup())) {
+            (Ok(term), Ok(int), Ok(hup)) => StopSignals(Some([term, int, hup])),
+            _ => StopSignals(None),
+        }
+    }
+
+    /// Resolves when one arrives, with its name; never, if they could not be caught.
+    async fn recv(&mut self) -> &'static str {
+        match &mut self.0 {
+            Some([term, int, hup]) => tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+                _ = hup.recv() => "SIGHUP",
+            },
+            None => std::future::pending().await,
+        }
     }
 }
 
@@ -608,6 +621,7 @@ async fn connect_dest(uri: &NbdUri, count: usize, opts: &ClientOptions) -> Resul
 
 async fn copy(args: CopyArgs) -> Result<()> {
     use tapmirror::copy::{CopyOptions, Dest, Source};
+    let mut stops = StopSignals::new();
     let engine = EngineChoice::from_env().resolve()?;
     let answer_timeout = Some(Duration::from_secs(args.timeout)).filter(|t| !t.is_zero());
     let nbd_options = |uri: &NbdUri| ClientOptions { export: uri.export.clone(), answer_timeout, ..ClientOptions::default() };
@@ -723,7 +737,7 @@ async fn copy(args: CopyArgs) -> Result<()> {
     // the file it made (killed, it left one of the source's size, looking whole).
     let copied = tokio::select! {
         copied = tapmirror::copy::copy(Arc::new(source), Arc::new(dest), connections, &opts, (&args.src, &args.dest)) => copied,
-        signal = stop_signal() => Err(anyhow::anyhow!("stopped by {signal}")),
+        signal = stops.recv() => Err(anyhow::anyhow!("stopped by {signal}")),
     };
     if let (Err(_), Some((path, ours)), None) = (&copied, &made, &args.checkpoint) {
         // A file of the source's size, partly written, would pass for a whole copy. Only ours
