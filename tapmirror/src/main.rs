@@ -673,7 +673,7 @@ async fn copy(args: CopyArgs) -> Result<()> {
         tapmirror::copy::files_stamp(&source_chain, None)?;
     }
     // The file this copy made, if it made one: a failed copy takes it away again.
-    let mut made: Option<(PathBuf, std::fs::Metadata)> = None;
+    let mut made: Option<std::fs::Metadata> = None;
     let (dest, connections): (Dest<CopyImage>, usize) = if is_uri(&args.dest) {
         let uri = NbdUri::parse(&args.dest)?;
         let clients = connect_dest(&uri, args.connections, &nbd_options(&uri)).await?;
@@ -703,7 +703,7 @@ async fn copy(args: CopyArgs) -> Result<()> {
             // Through the new file's own descriptor, never its name again: in a folder others
             // may write, the name could be a link to some other file by now.
             Some(file) => {
-                made = file.metadata().ok().map(|m| (path.to_owned(), m));
+                made = file.metadata().ok();
                 let ours = PathBuf::from(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(file)));
                 open_copy_image(&ours, Some(Format::Raw), Access::ReadWrite, engine).await.with_context(|| format!("opening {}", path.display()))?
             }
@@ -718,7 +718,7 @@ async fn copy(args: CopyArgs) -> Result<()> {
     let files_stamp = match &args.checkpoint {
         None => None,
         Some(_) => {
-            let dest_file = if is_uri(&args.dest) { None } else { made.as_ref().map(|(_, m)| m.clone()).or_else(|| std::fs::metadata(&args.dest).ok()) };
+            let dest_file = if is_uri(&args.dest) { None } else { made.clone().or_else(|| std::fs::metadata(&args.dest).ok()) };
             Some(tapmirror::copy::files_stamp(&source_chain, dest_file.as_ref())?)
         }
     };
@@ -733,13 +733,14 @@ async fn copy(args: CopyArgs) -> Result<()> {
         progress: args.progress,
         ..CopyOptions::default()
     };
-    // A copy stopped by SIGTERM or SIGINT ends as one that failed, so that it too takes away
-    // the file it made (killed, it left one of the source's size, looking whole).
+    // A copy stopped by a signal (`StopSignals`) ends as one that failed, so that it too takes
+    // away the file it made (killed, it left one of the source's size, looking whole).
     let copied = tokio::select! {
         copied = tapmirror::copy::copy(Arc::new(source), Arc::new(dest), connections, &opts, (&args.src, &args.dest)) => copied,
         signal = stops.recv() => Err(anyhow::anyhow!("stopped by {signal}")),
     };
-    if let (Err(_), Some((path, ours)), None) = (&copied, &made, &args.checkpoint) {
+    if let (Err(_), Some(ours), None) = (&copied, &made, &args.checkpoint) {
+        let path = Path::new(&args.dest);
         // A file of the source's size, partly written, would pass for a whole copy. Only ours
         // goes: the name must still be the file this copy made (not something put there since).
         // With a checkpoint it stays, for the resume.

@@ -156,10 +156,13 @@ struct Disk {
     size: i64,
 }
 
-/// A disk of the job in sync: its mirror's id, and the VDI it fills on the destination.
+/// A disk of the job in sync: its mirror's id, its VDI and datapath here, and the VDI it
+/// fills on the destination.
 #[derive(Clone)]
 struct JobMirror {
     id: String,
+    vdi: String,
+    dp: String,
     dest_vdi: String,
 }
 
@@ -365,7 +368,7 @@ impl Mux {
                                 // Known now, while the mirror's record holds it: a disk that
                                 // leaves the job later takes its record with it.
                                 let dest_vdi = lock(&self.records.sends).get(&mirror).and_then(|r| r.remote.as_ref().map(|x| x.leaf.clone())).unwrap_or_default();
-                                return Ok(JobMirror { id: mirror, dest_vdi });
+                                return Ok(JobMirror { id: mirror, vdi: d.vdi.clone(), dp: d.dp.clone(), dest_vdi });
                             }
                             TaskState::Failed(e) => {
                                 self.tasks().subtask(id, &name, TaskState::Failed(e.clone()));
@@ -433,7 +436,7 @@ impl Mux {
         let first = outcomes.iter().filter_map(|o| o.as_ref().err()).find(|e| !matches!(e, StorageError::Cancelled(_))).cloned();
         if let Some(e) = first.or_else(|| outcomes.into_iter().find_map(Result::err)) {
             // One disk failed (or the job was cancelled): every disk goes back.
-            self.undo_job(id, a, &disks, &mirrors).await;
+            self.undo_job(id, a, &mirrors).await;
             return Err(e);
         }
 
@@ -449,13 +452,13 @@ impl Mux {
                 tokio::select! {
                     _ = job.cutover.notified() => {}
                     _ = cancel.cancelled() => {
-                        self.undo_job(id, a, &disks, &mirrors).await;
+                        self.undo_job(id, a, &mirrors).await;
                         return Err(StorageError::Cancelled(id.into()));
                     }
                     // A mirror that fails, or a disk that leaves, while held fails the job.
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {
                         if let Some(e) = self.disk_gone(&mirrors) {
-                            self.undo_job(id, a, &disks, &mirrors).await;
+                            self.undo_job(id, a, &mirrors).await;
                             return Err(e);
                         }
                     }
@@ -464,7 +467,7 @@ impl Mux {
         }
         // The same just before the switch-over, for a job that did not hold.
         if let Some(e) = self.disk_gone(&mirrors) {
-            self.undo_job(id, a, &disks, &mirrors).await;
+            self.undo_job(id, a, &mirrors).await;
             return Err(e);
         }
         let mirrors: Vec<String> = mirrors.into_iter().map(|m| m.id).collect();
@@ -557,10 +560,7 @@ impl Mux {
                 continue;
             };
             // The job may have attached it for the guest already.
-            let detach = Call::DpDestroy2(args::DpDestroy2 { allow_leak: false, vm: None, vdi: dest_vdi.clone(), sr: a.dest.clone(), dp: d.dp.clone(), dbg: dbg(id) });
-            let _ = remote.call::<()>(detach).await;
-            let destroy = Call::VdiDestroy(args::VdiDestroy { vdi: dest_vdi.clone(), sr: a.dest.clone(), dbg: dbg(id) });
-            if let Err(e) = remote.call::<()>(destroy).await {
+            if let Err(e) = drop_dest_copy(remote, id, a, &d.dp, dest_vdi).await {
                 left.push(format!("destroying VDI {dest_vdi} on the destination: {e}"));
             }
         }
@@ -582,7 +582,7 @@ impl Mux {
             Some(r) if r.stage == super::records::SendStage::Mirroring => None,
             _ => Some(StorageError::MigrationMirrorFailure(format!(
                 "VDI {} left the job before the switch-over (detached on its own: its mirror was finalized by itself)",
-                m.id.rsplit('/').next().unwrap_or(&m.id)
+                m.vdi
             ))),
         })
     }
@@ -591,7 +591,7 @@ impl Mux {
     /// cancelled by their tasks (which roll them back); a disk that left the job, its mirror
     /// finalized on its own, loses the copy the job made of it on the destination (its source
     /// VDI stays, as for every disk of an undone job).
-    async fn undo_job(&self, id: &str, a: &args::SxmMigrateStart, disks: &[Disk], mirrors: &[JobMirror]) {
+    async fn undo_job(&self, id: &str, a: &args::SxmMigrateStart, mirrors: &[JobMirror]) {
         for m in mirrors {
             if lock(&self.records.sends).get(&m.id).is_some() {
                 if let Err(e) = self.mirror_stop(&m.id).await {
@@ -605,13 +605,9 @@ impl Mux {
             let Ok(remote) = Remote::new(&a.url) else { continue };
             // A finalize may still be under way there: it is waited for (the destroy refuses a
             // VDI in use, and is asked again) for a while.
-            let dp = disks.iter().find(|d| m.id.ends_with(&format!("/{}", d.vdi))).map(|d| d.dp.clone()).unwrap_or_default();
-            let detach = Call::DpDestroy2(args::DpDestroy2 { allow_leak: false, vm: None, vdi: m.dest_vdi.clone(), sr: a.dest.clone(), dp, dbg: dbg(id) });
-            let _ = remote.call::<()>(detach).await;
             let mut tries = 0;
             loop {
-                let destroy = Call::VdiDestroy(args::VdiDestroy { vdi: m.dest_vdi.clone(), sr: a.dest.clone(), dbg: dbg(id) });
-                match remote.call::<()>(destroy).await {
+                match drop_dest_copy(&remote, id, a, &m.dp, &m.dest_vdi).await {
                     Ok(()) => break,
                     Err(e) if tries >= 20 => {
                         tracing::warn!(job = %id, vdi = %m.dest_vdi, error = %e, "destroying the destination copy of a disk that left the job failed");
@@ -636,6 +632,14 @@ impl Mux {
         let sums = self.run(&entry, false, move |b, ctx| b.vdi_checksums(ctx, &vdi, block as u64)).await?;
         Ok(Value::Array(sums.into_iter().map(|c| Value::Int(i64::from(c))).collect()))
     }
+}
+
+/// Detaches a destination copy from the guest's datapath name there (where the job may have
+/// attached it) and destroys it.
+async fn drop_dest_copy(remote: &Remote, job: &str, a: &args::SxmMigrateStart, dp: &str, dest_vdi: &str) -> Result<(), StorageError> {
+    let detach = Call::DpDestroy2(args::DpDestroy2 { allow_leak: false, vm: None, vdi: dest_vdi.into(), sr: a.dest.clone(), dp: dp.into(), dbg: dbg(job) });
+    let _ = remote.call::<()>(detach).await;
+    remote.call::<()>(Call::VdiDestroy(args::VdiDestroy { vdi: dest_vdi.into(), sr: a.dest.clone(), dbg: dbg(job) })).await
 }
 
 /// Runs futures concurrently on this task and collects their outputs in order (a small

@@ -369,11 +369,8 @@ impl Mux {
 
     /// Whether the source datapath still carries the send's mirror, healthy.
     async fn mirror_sound(&self, id: &str) -> Result<(), StorageError> {
-        let r = lock(&self.records.sends).get(id).cloned().ok_or_else(|| StorageError::DoesNotExist("mirror".into(), id.into()))?;
-        let entry = self.attached_entry(&r.sr)?;
-        let vdi = r.vdi.clone();
         let status = self
-            .run(&entry, false, move |b, ctx| b.vdi_mirror_status(ctx, &vdi))
+            .send_mirror_status(id)
             .await
             .map_err(|e| StorageError::MigrationMirrorFailure(format!("the source datapath does not say how its mirror is: {e}")))?;
         lost_mirror(&status).map_or(Ok(()), Err)
@@ -382,11 +379,14 @@ impl Mux {
     /// Why the mirror is lost, if the source datapath says it is; `None` while it says it is
     /// sound, or says nothing (a datapath restarting answers again in a moment).
     async fn mirror_lost(&self, id: &str) -> Option<StorageError> {
-        let r = lock(&self.records.sends).get(id).cloned()?;
-        let entry = self.attached_entry(&r.sr).ok()?;
-        let vdi = r.vdi.clone();
-        let status = self.run(&entry, false, move |b, ctx| b.vdi_mirror_status(ctx, &vdi)).await.ok()?;
-        lost_mirror(&status)
+        lost_mirror(&self.send_mirror_status(id).await.ok()?)
+    }
+
+    /// What the source datapath of send `id` says of its mirror.
+    async fn send_mirror_status(&self, id: &str) -> Result<MirrorStatus, StorageError> {
+        let r = lock(&self.records.sends).get(id).cloned().ok_or_else(|| StorageError::DoesNotExist("mirror".into(), id.into()))?;
+        let entry = self.attached_entry(&r.sr)?;
+        self.run(&entry, false, move |b, ctx| b.vdi_mirror_status(ctx, &r.vdi)).await
     }
 
     async fn send_snapshot(&self, id: &str) -> Result<(), StorageError> {

@@ -457,15 +457,19 @@ struct Shared {
     /// request arriving when none was in flight (the wait starts there).
     heard: AtomicU64,
     born: std::time::Instant,
+    /// Whether anything watches `heard` ([`ClientOptions::answer_timeout`]): if not, no clock
+    /// is read for it on the request path (the mirror's guest writes go through here).
+    watched: bool,
 }
 
 impl Shared {
-    fn new() -> Shared {
+    fn new(watched: bool) -> Shared {
         Shared {
             pending: Mutex::new(HashMap::new()),
             broken: tokio::sync::watch::Sender::new(None),
             heard: AtomicU64::new(0),
             born: std::time::Instant::now(),
+            watched,
         }
     }
 
@@ -474,7 +478,9 @@ impl Shared {
     }
 
     fn heard_now(&self) {
-        self.heard.store(self.now_ms(), Ordering::Relaxed);
+        if self.watched {
+            self.heard.store(self.now_ms(), Ordering::Relaxed);
+        }
     }
 
     /// Fails the connection once requests have waited `limit` with no answer at all. Ends
@@ -666,7 +672,7 @@ impl NbdClient {
     {
         let mut r = BufReader::with_capacity(256 * 1024, r);
         let info = negotiate(&mut r, &mut w, &opts).await?;
-        let shared = Arc::new(Shared::new());
+        let shared = Arc::new(Shared::new(opts.answer_timeout.is_some()));
         let writer =
             Arc::new(Writer { sink: sink(w), state: Mutex::new(WriterState::default()), wake: tokio::sync::Notify::new(), shared: Arc::clone(&shared) });
         let reader_shared = Arc::clone(&shared);
