@@ -282,6 +282,9 @@ pub enum MirrorCommand {
 pub struct Admin {
     client: RpcClient,
     json: bool,
+    /// The option that named this host (`--host`, or `--dest` for a migration's destination),
+    /// for the hint when it cannot be reached.
+    named_by: &'static str,
 }
 
 fn named(args: &[(&str, Value)]) -> Value {
@@ -332,16 +335,17 @@ impl Admin {
             };
             endpoint = endpoint.with_secret(secret);
         }
-        Ok(Admin { client: RpcClient::new(endpoint), json: host.json })
+        Ok(Admin { client: RpcClient::new(endpoint), json: host.json, named_by: "--host" })
     }
 
     async fn call(&self, method: &str, args: &[(&str, Value)]) -> Result<Value> {
         match self.client.call_json(method, named(args)).await {
             Ok(v) => Ok(v),
             // No host there: say where the CLI looked and how to point it elsewhere.
-            Err(e) if matches!(e.kind, CallErrorKind::Connect(_)) => Err(anyhow::Error::new(e).context(
-                "cannot reach the host: start one (sxm serve --root ROOT), or point --host or $SXM_HOST at it (a socket path, or http://ADDR:PORT)",
-            )),
+            Err(e) if matches!(e.kind, CallErrorKind::Connect(_)) => Err(anyhow::Error::new(e).context(match self.named_by {
+                "--host" => "cannot reach the host: start one (sxm serve --root ROOT), or point --host or $SXM_HOST at it (a socket path, or http://ADDR:PORT)",
+                _ => "cannot reach the destination host: is it running, and does --dest name it (http://ADDR:PORT, or its socket path on this machine)?",
+            })),
             Err(e) => {
                 let hint = match &e.kind {
                     CallErrorKind::Storage(StorageError::BackendError(code, params)) => explain(code, params),
@@ -471,7 +475,7 @@ impl Admin {
             return Ok(sr.to_owned());
         }
         let host = url.split('?').next().unwrap_or(url);
-        let remote = Admin { client: RpcClient::new(Endpoint::parse(url).context("--dest")?), json: self.json };
+        let remote = Admin { client: RpcClient::new(Endpoint::parse(url).context("--dest")?), json: self.json, named_by: "--dest" };
         let lookup = async {
             let srs: Vec<String> = remote.call_as("SR.list", &[]).await.with_context(|| format!("listing the SRs of {host}"))?;
             if srs.iter().any(|id| id == sr) {
@@ -1019,7 +1023,8 @@ fn explain(code: &str, params: &[String]) -> Option<String> {
 }
 
 fn dest_url(d: &DestArgs) -> Result<String> {
-    if d.dest.contains("session_id=") {
+    // A host on this machine reached by its socket needs no secret (the socket is 0600).
+    if d.dest.contains("session_id=") || matches!(Endpoint::parse(&d.dest), Ok(Endpoint::Unix(_))) {
         return Ok(d.dest.clone());
     }
     let Some(f) = &d.dest_secret_file else {

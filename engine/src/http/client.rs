@@ -71,11 +71,20 @@ impl Endpoint {
         if s.starts_with("https://") {
             return Err(EndpointError("https is not supported: use http:// or a Unix socket".into()));
         }
-        // `ADDR:PORT` alone is a TCP host, not a socket file named so.
-        if s.parse::<std::net::SocketAddr>().is_ok() {
+        // `ADDR:PORT` or `NAME:PORT` alone (with the secret in a query, as in xapi's URLs) is a
+        // TCP host, not a socket file named so: otherwise the secret became part of a path,
+        // and so of every error that named it.
+        let (before_query, query) = s.split_once('?').unwrap_or((s, ""));
+        if is_host_port(before_query) {
             return parse_http(s);
         }
         let path = s.strip_prefix("unix:").unwrap_or(s);
+        // A socket needs no secret: a `?session_id=` given out of habit is dropped, never
+        // taken for part of the file's name.
+        let path = match path.split_once('?') {
+            Some((p, _)) if query.split('&').all(|pair| pair.starts_with("session_id=")) => p,
+            _ => path,
+        };
         if let Some((scheme, _)) = path.split_once("://") {
             return Err(EndpointError(format!("unsupported scheme {scheme:?}: use http:// or a Unix socket path")));
         }
@@ -92,6 +101,17 @@ impl Endpoint {
             unix => unix,
         }
     }
+}
+
+/// `ADDR:PORT`, `[V6]:PORT` or `NAME:PORT`: a host, where a socket's path would hold a `/`.
+fn is_host_port(s: &str) -> bool {
+    if s.parse::<std::net::SocketAddr>().is_ok() {
+        return true;
+    }
+    let Some((name, port)) = s.rsplit_once(':') else { return false };
+    !name.is_empty()
+        && port.parse::<u16>().is_ok()
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
 }
 
 fn parse_http(rest: &str) -> Result<Endpoint, EndpointError> {
@@ -548,6 +568,18 @@ mod tests {
     fn paths_are_unix_sockets() {
         assert_eq!(Endpoint::parse("/run/sxm.sock"), Ok(Endpoint::Unix("/run/sxm.sock".into())));
         assert_eq!(Endpoint::parse("unix:rel.sock"), Ok(Endpoint::Unix("rel.sock".into())));
+    }
+
+    #[test]
+    fn a_host_without_scheme_keeps_its_secret_out_of_the_path() {
+        // Once parsed as a socket path, the secret was in every error that named the endpoint.
+        assert_eq!(Endpoint::parse("127.0.0.1:8302?session_id=topsecret"), Ok(tcp("127.0.0.1:8302", "", Some("topsecret"))));
+        assert_eq!(Endpoint::parse("localhost:8302"), Ok(tcp("localhost:8302", "", None)));
+        assert_eq!(Endpoint::parse("[::1]:9?session_id=s"), Ok(tcp("[::1]:9", "", Some("s"))));
+        let socket = Endpoint::parse("/run/sxm.sock?session_id=topsecret").expect("a socket path");
+        assert_eq!(socket, Endpoint::Unix("/run/sxm.sock".into()), "a socket needs no secret");
+        assert!(!socket.to_string().contains("topsecret"));
+        assert_eq!(Endpoint::parse("/run/odd?name"), Ok(Endpoint::Unix("/run/odd?name".into())), "a ? in a file name stays");
     }
 
     #[test]

@@ -985,6 +985,9 @@ impl Mux {
             Ok(theirs) => doomed.extend(
                 theirs.into_iter().filter(|v| v.sm_config.get(BASE_MIRROR) == Some(&mark) && r.dest_vdi.as_ref() != Some(&v.vdi)).map(|v| v.vdi),
             ),
+            // No such SR there: a copy makes no SR, so it made nothing there either (retrying
+            // this for an hour kept the record and its secret for nothing).
+            Err(StorageError::NoStoragePluginForSr(_)) => {}
             Err(_) => done = false,
         }
         for vdi in doomed {
