@@ -1713,6 +1713,32 @@ fn a_disk_that_leaves_a_held_job_fails_it_and_leaves_nothing_behind() {
     settle(&p, &before, "both hosts back as they were, the finalized copy gone too");
 }
 
+/// A job cancelled while one of its disks, detached as the cancel came, is being finalized:
+/// that finalize cannot be stopped, and the copy it left on the destination was kept.
+#[test]
+fn a_cancel_racing_a_disks_finalize_still_undoes_that_disks_copy() {
+    let p = Pair::with_faults("", "recv.finalize=long");
+    let url = p.dest_url();
+    let (vdis, _uris, _seeds) = vm(&p, 2, 4 * MIB);
+    let before = p.state();
+    let job = p.src.cli(&job_args(&p, &url, &vdis, &["--hold"]));
+    job_holding(&p, &job);
+    let detach = p.detach_in_background(&vdis[1]);
+    // The detach has reached the finalize (the destination holds it 10 s) once the send's
+    // record says so.
+    let sends = p.src.root.join("state").join("send");
+    eventually(30, "the disk's mirror finalizing", || {
+        std::fs::read_dir(&sends).into_iter().flatten().flatten().any(|f| std::fs::read_to_string(f.path()).unwrap_or_default().contains("\"finalizing\""))
+    });
+    p.src.cli(&["migrate", "cancel", &job]);
+    let t = job_end(&p, &job);
+    assert_eq!(t["state"][0], "Failed", "{t}");
+    let out = detach.wait_with_output().expect("detach");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    p.src.cli(&["vdi", "attach", "--sr", &p.src_sr, "--vdi", &vdis[1]]);
+    settle(&p, &before, "both hosts back as they were, the copy finalized during the cancel gone too");
+}
+
 /// A cancel during the switch-over is refused, saying why: it used to be answered as done and
 /// ignored, the job then completing with the disks on the destination.
 #[test]

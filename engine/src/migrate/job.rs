@@ -21,6 +21,7 @@ use crate::model::{Call, SrInfo, StorageError, TaskState, VdiInfo};
 use crate::mux::Mux;
 use crate::rpc::Value;
 
+use super::records::SendStage;
 use super::{Remote, lock};
 
 /// The largest disk a VHD holds (2040 GiB), for the preflight of an `ext` destination.
@@ -29,6 +30,10 @@ const VHD_MAX: i64 = 2040 << 30;
 /// Room a destination needs beyond the data: VHD/qcow2 metadata, the migration's dummy and
 /// parent headers.
 const SLACK_PER_DISK: i64 = 16 << 20;
+
+/// How long a job's undo waits for a disk's finalize it cannot stop to end (the source asks a
+/// destination that does not answer again for a minute).
+const FINALIZE_WAIT: Duration = Duration::from_secs(90);
 
 /// One running job.
 pub struct Job {
@@ -593,10 +598,7 @@ impl Mux {
     /// VDI stays, as for every disk of an undone job).
     async fn undo_job(&self, id: &str, a: &args::SxmMigrateStart, mirrors: &[JobMirror]) {
         for m in mirrors {
-            if lock(&self.records.sends).get(&m.id).is_some() {
-                if let Err(e) = self.mirror_stop(&m.id).await {
-                    tracing::warn!(job = %id, mirror = %m.id, error = %e, "stopping a mirror of the job failed");
-                }
+            if self.stop_job_mirror(id, m).await {
                 continue;
             }
             if m.dest_vdi.is_empty() {
@@ -617,6 +619,28 @@ impl Mux {
                         tries += 1;
                         tokio::time::sleep(Duration::from_millis(500)).await;
                     }
+                }
+            }
+        }
+    }
+
+    /// Stops a job's mirror. True when that undid it (or nothing more can be done); false when
+    /// the mirror is gone without a stop, finalized, so that its destination copy is the
+    /// undo's to destroy. A mirror whose VDI was detached as the job was cancelled is being
+    /// finalized and cannot be stopped: its finalize is waited for (the source asks the
+    /// destination again for up to a minute), and its copy left behind then went unnoticed.
+    async fn stop_job_mirror(&self, job: &str, m: &JobMirror) -> bool {
+        let deadline = tokio::time::Instant::now() + FINALIZE_WAIT;
+        loop {
+            let Some(r) = lock(&self.records.sends).get(&m.id).cloned() else { return false };
+            match self.mirror_stop(&m.id).await {
+                Ok(()) => return true,
+                Err(_) if r.stage == SendStage::Finalizing && !r.failed && tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => {
+                    tracing::warn!(job = %job, mirror = %m.id, error = %e, "stopping a mirror of the job failed");
+                    return true;
                 }
             }
         }
