@@ -278,6 +278,24 @@ pub enum MirrorCommand {
     },
 }
 
+impl HostArgs {
+    /// Whether output is JSON (`--json`).
+    pub fn json(&self) -> bool {
+        self.json
+    }
+}
+
+/// An error as one JSON object: `{"error": TEXT}`, with `"storage_error": [TAG, PARAMS…]` when
+/// the host answered with one (xapi's marshalling, as `TASK.stat` shows a task's failure).
+pub fn error_json(e: &anyhow::Error) -> String {
+    let mut j = serde_json::json!({ "error": format!("{e:#}") });
+    let storage = e.chain().find_map(|c| c.downcast_ref::<StorageError>().or_else(|| c.downcast_ref::<sxm_engine::http::client::CallError>().and_then(|c| c.storage())));
+    if let Some(se) = storage {
+        j["storage_error"] = serde_json::Value::from(&se.to_value());
+    }
+    j.to_string()
+}
+
 /// A connected CLI.
 pub struct Admin {
     client: RpcClient,
@@ -511,11 +529,18 @@ impl Admin {
         if vdis.iter().any(|v| v.vdi == vdi) {
             return Ok((sr, vdi.to_owned()));
         }
-        let named: Vec<&str> = vdis.iter().filter(|v| v.name_label == vdi).map(|v| v.vdi.as_str()).collect();
-        match named.as_slice() {
-            [one] => Ok((sr, (*one).to_owned())),
-            [] => Ok((sr, vdi.to_owned())),
-            many => bail!("{} VDIs of SR {sr} are named {vdi:?}: give the id of one ({})", many.len(), many.join(", ")),
+        let named: Vec<&VdiInfo> = vdis.iter().filter(|v| v.name_label == vdi).collect();
+        // A snapshot takes its VDI's name (as in xapi), which must not make the VDI itself
+        // unreachable by that name: among several, the one VDI that is no snapshot is meant.
+        let live: Vec<&VdiInfo> = named.iter().copied().filter(|v| !v.is_a_snapshot).collect();
+        match (named.as_slice(), live.as_slice()) {
+            ([one], _) | (_, [one]) => Ok((sr, one.vdi.clone())),
+            ([], _) => bail!("SR {sr} has no VDI {vdi:?} (by id or by name; `sxm vdi list --sr {sr}` shows them)"),
+            (many, _) => bail!(
+                "{} VDIs of SR {sr} are named {vdi:?}: give the id of one ({})",
+                many.len(),
+                many.iter().map(|v| v.vdi.as_str()).collect::<Vec<_>>().join(", ")
+            ),
         }
     }
 
@@ -523,6 +548,7 @@ impl Admin {
     /// answered "does not exist" for a job `task stat` still showed.
     async fn still_running(&self, job: &str, then: &str) -> Result<()> {
         let t: Task = self.call_as("TASK.stat", &[("task", s(job))]).await?;
+        refuse_non_job(&t)?;
         match t.state {
             TaskState::Pending(_) => Ok(()),
             TaskState::Completed(_) => bail!("job {job} has completed already: {then}"),
@@ -669,7 +695,34 @@ impl Admin {
             }
             TaskCommand::Stat { task } => {
                 let v = self.call("TASK.stat", &[("task", s(&task))]).await?;
-                self.print_json(&v)
+                if self.json {
+                    return self.print_json(&v);
+                }
+                let t = Task::from_value(&v).context("TASK.stat answered something unexpected")?;
+                let state = match &t.state {
+                    TaskState::Pending(p) => format!("pending, {:.1}%", p * 100.0),
+                    TaskState::Completed(c) => match &c.result {
+                        Some(sxm_engine::model::TaskResult::MirrorId(id)) => format!("completed in {:.1}s: mirror {id}", c.duration),
+                        Some(sxm_engine::model::TaskResult::VdiInfo(v)) => format!("completed in {:.1}s: VDI {}", c.duration, v.vdi),
+                        None => format!("completed in {:.1}s", c.duration),
+                    },
+                    TaskState::Failed(e) => format!("failed: {}", failure(e)),
+                };
+                let mut rows = vec![("task".to_owned(), t.id.clone()), ("state".to_owned(), state), ("dbg".to_owned(), t.dbg.clone())];
+                rows.extend(t.debug_info.iter().map(|(k, v)| (k.clone(), standard_nbd_uri(v).unwrap_or_else(|| v.clone()))));
+                rows.extend(t.subtasks.iter().map(|(name, st)| {
+                    let st = match st {
+                        TaskState::Pending(p) => format!("pending, {:.1}%", p * 100.0),
+                        TaskState::Completed(_) => "completed".to_owned(),
+                        TaskState::Failed(e) => format!("failed: {}", failure(e)),
+                    };
+                    (format!("subtask {name}"), st)
+                }));
+                let width = rows.iter().map(|(k, _)| k.chars().count()).max().unwrap_or(0);
+                for (k, v) in rows {
+                    println!("{:width$}  {}", printable(&k), printable(&v));
+                }
+                Ok(())
             }
             TaskCommand::Cancel { task } => self.cancel(&task, "task").await,
         }
@@ -738,7 +791,12 @@ impl Admin {
                 }
                 Ok(())
             }
-            (Some(MigrateAction::Cancel { job }), _) => self.cancel(&job, "job").await,
+            (Some(MigrateAction::Cancel { job }), _) => {
+                // A mirror's or a copy's task is cancelled with `sxm task cancel`; here it was
+                // cancelled too, and then called a job.
+                refuse_non_job(&self.call_as::<Task>("TASK.stat", &[("task", s(&job))]).await?)?;
+                self.cancel(&job, "job").await
+            }
             (Some(MigrateAction::SetBwlimit { job, rate }), _) => {
                 self.still_running(&job, "nothing to limit").await?;
                 let rate = i64::try_from(rate).context("rate too large")?;
@@ -817,8 +875,12 @@ impl Admin {
                 }
                 TaskState::Failed(e) => {
                     eprintln!();
-                    let why = sxm_engine::model::StorageError::from_value(e).map(|e| e.to_string()).unwrap_or_else(|_| format!("{e:?}"));
-                    bail!("job {job} failed in stage {stage:?}: {why}");
+                    let what = if stage.is_empty() { format!("job {job} failed") } else { format!("job {job} failed in stage {stage:?}") };
+                    // The storage error stays in the chain, for `--json`'s `storage_error`.
+                    return Err(match StorageError::from_value(e) {
+                        Ok(se) => anyhow::Error::new(se).context(what),
+                        Err(_) => anyhow::anyhow!("{what}: {e:?}"),
+                    });
                 }
             }
             tokio::time::sleep(std::time::Duration::from_millis(300)).await;
@@ -873,8 +935,12 @@ impl Admin {
                 }
                 TaskState::Failed(e) => {
                     eprintln!();
-                    let why = sxm_engine::model::StorageError::from_value(e).map(|e| e.to_string()).unwrap_or_else(|_| format!("{e:?}"));
-                    bail!("task {task} failed in stage {stage:?}: {why}");
+                    let what = if stage.is_empty() { format!("task {task} failed") } else { format!("task {task} failed in stage {stage:?}") };
+                    // The storage error stays in the chain, for `--json`'s `storage_error`.
+                    return Err(match StorageError::from_value(e) {
+                        Ok(se) => anyhow::Error::new(se).context(what),
+                        Err(_) => anyhow::anyhow!("{what}: {e:?}"),
+                    });
                 }
             }
             tokio::time::sleep(std::time::Duration::from_millis(200)).await;
@@ -1012,7 +1078,7 @@ fn explain(code: &str, params: &[String]) -> Option<String> {
         "VDI_READONLY" => format!("VDI {first} is read-only (a snapshot): attach it with --read-only, or clone it to write"),
         "VDI_TOO_LARGE" => {
             // Exact bytes too: the VHD limit, 2040 GiB, reads "2.0 TiB" rounded.
-            let most = params.get(1).and_then(|m| m.parse::<i64>().ok()).map(|m| format!("{} ({m} bytes)", human(m))).unwrap_or_default();
+            let most = params.get(1).and_then(|m| m.parse::<i64>().ok()).map(|m| format!("{} ({m} bytes)", human_exact(m))).unwrap_or_default();
             format!("too large: this SR type's VDIs hold at most {most}")
         }
         "SR_BACKEND_FAILURE_44" => "the SR is out of space".to_owned(),
@@ -1020,6 +1086,19 @@ fn explain(code: &str, params: &[String]) -> Option<String> {
         "SR_NOT_EMPTY" => format!("SR {first} still holds VDIs: destroy them first"),
         _ => return None,
     })
+}
+
+/// A failed task's error, as a sentence.
+fn failure(e: &Value) -> String {
+    StorageError::from_value(e).map(|e| e.to_string()).unwrap_or_else(|_| format!("{e:?}"))
+}
+
+/// Refuses a task that is not a migrate job (`sxm migrate` marks its tasks so).
+fn refuse_non_job(t: &Task) -> Result<()> {
+    if t.debug_info.get(sxm_engine::migrate::JOB_KIND.0).map(String::as_str) != Some(sxm_engine::migrate::JOB_KIND.1) {
+        bail!("task {} is not a migrate job (`sxm task list` shows the tasks; `sxm task cancel` cancels any)", t.id);
+    }
+    Ok(())
 }
 
 fn dest_url(d: &DestArgs) -> Result<String> {
@@ -1067,7 +1146,9 @@ fn image_size(file: &Path, format: &str) -> Result<(u64, String)> {
     let tapmirror = crate::serve::find_tapmirror(std::env::var_os("SXM_TAPMIRROR").map(PathBuf::from))?;
     let out = Command::new(&tapmirror).arg("image").arg("info").arg("--format").arg(format).arg(file).output().with_context(|| format!("run {}", tapmirror.display()))?;
     if !out.status.success() {
-        bail!("{}: {}", file.display(), String::from_utf8_lossy(&out.stderr).trim());
+        // Its last line is its error, which names the file already (`tapmirror: PATH: why`).
+        let said = String::from_utf8_lossy(&out.stderr);
+        bail!("{}", said.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim_start_matches("tapmirror: "));
     }
     let j: serde_json::Value = serde_json::from_slice(&out.stdout).context("tapmirror image info --json")?;
     let size = j.get("virtual_size").or_else(|| j.get("size")).and_then(serde_json::Value::as_u64).with_context(|| format!("no size in {j}"))?;
@@ -1098,6 +1179,17 @@ fn tapmirror_copy(args: &[&std::ffi::OsStr]) -> Result<()> {
         bail!("copying failed ({}): {why}", out.status);
     }
     Ok(())
+}
+
+/// `bytes` in the largest unit that holds it whole (a limit of 2040 GiB rounded to "2.0 TiB"
+/// read as if 2 TiB fitted).
+fn human_exact(bytes: i64) -> String {
+    for (shift, unit) in [(40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB")] {
+        if bytes > 0 && bytes % (1i64 << shift) == 0 {
+            return format!("{} {unit}", bytes >> shift);
+        }
+    }
+    human(bytes)
 }
 
 /// Adds a row whose cells may hold what a caller named (a VDI's name): control characters are

@@ -43,8 +43,16 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
-    match run(Cli::parse()) {
+    let cli = Cli::parse();
+    let json = cli.host.json() && !matches!(cli.command, Command::Serve(_) | Command::Demo(_));
+    match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) if json => {
+            // For scripts: one JSON object on stderr, with the host's storage error as xapi
+            // marshals it (its tag and parameters) when that is what failed.
+            eprintln!("{}", admin::error_json(&e));
+            std::process::ExitCode::FAILURE
+        }
         Err(e) => {
             // The whole chain on one line: what was being done, and why it failed.
             eprintln!("sxm: {e:#}");

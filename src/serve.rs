@@ -21,7 +21,7 @@ pub struct ServeArgs {
     #[arg(long)]
     root: PathBuf,
     /// TCP address for other hosts and remote callers (they must present the host secret).
-    #[arg(long, value_name = "ADDR:PORT")]
+    #[arg(long, value_name = "ADDR:PORT", value_parser = parse_listen)]
     listen: Option<std::net::SocketAddr>,
     /// Unix socket for local callers (mode 0600; no secret needed). Default: ROOT/sxm.sock.
     #[arg(long, value_name = "PATH")]
@@ -34,6 +34,18 @@ pub struct ServeArgs {
     /// it is, and the guest's writes wait less for the CPU the lower it is. [default: 64M]
     #[arg(long, value_parser = crate::admin::parse_size, value_name = "BYTES_PER_S")]
     mirror_busy_rate: Option<u64>,
+}
+
+/// `ADDR:PORT`, or `NAME:PORT` resolved to its first address (`localhost:8001`).
+fn parse_listen(s: &str) -> Result<std::net::SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    if let Ok(a) = s.parse() {
+        return Ok(a);
+    }
+    match s.to_socket_addrs() {
+        Ok(mut addrs) => addrs.next().ok_or_else(|| format!("{s} resolves to no address")),
+        Err(e) => Err(format!("{s}: not ADDR:PORT or NAME:PORT ({e})")),
+    }
 }
 
 /// The host secret TCP callers must present: read from `ROOT/secret`, created (mode 0600) on

@@ -957,6 +957,56 @@ fn the_cli_takes_names_for_srs_and_vdis() {
     let out = host.cli_raw(&["vdi", "destroy", "--sr", "local", "--vdi", ""]);
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("empty"));
     assert_eq!(vdi_ids(&host, &sr).len(), 3);
+    // A snapshot keeps its VDI's name by default (as in xapi): the name still means the VDI,
+    // the one of them that is no snapshot.
+    let disk = host.cli(&["vdi", "create", "--sr", "local", "--size", "1M", "--name", "data"]);
+    host.cli(&["vdi", "snapshot", "--sr", "local", "--vdi", "data"]);
+    let uri = host.cli(&["vdi", "attach", "--sr", "local", "--vdi", "data"]);
+    assert!(uri.contains(&disk), "{uri}");
+    host.cli(&["vdi", "detach", "--sr", "local", "--vdi", "data"]);
+    // A name nothing has is said so, not passed on as an id for the host to puzzle over.
+    let out = host.cli_raw(&["vdi", "attach", "--sr", "local", "--vdi", "no-such-disk"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("has no VDI \"no-such-disk\""), "{err}");
+}
+
+/// `--json` errors are one JSON object carrying the host's storage error, `task stat` reads
+/// as text without it, and the job commands refuse a task that is no job.
+#[test]
+fn the_cli_says_errors_in_json_and_job_commands_take_only_jobs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (host, _sr) = host_with_sr(&dir);
+    let out = host.cli_raw(&["--json", "task", "stat", "no-such-task"]);
+    assert!(!out.status.success());
+    let err: serde_json::Value = serde_json::from_slice(&out.stderr).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    assert_eq!(err["storage_error"], json!(["Does_not_exist", ["task", "no-such-task"]]), "{err}");
+    assert!(err["error"].as_str().is_some_and(|e| e.contains("no-such-task")), "{err}");
+    let out = host.cli_raw(&["--json", "vdi", "create", "--sr", "local", "--size", "3T", "--name", "big"]);
+    let err: serde_json::Value = serde_json::from_slice(&out.stderr).expect("one JSON object");
+    assert_eq!(err["storage_error"][1][0], json!("VDI_TOO_LARGE"), "{err}");
+    // The limit in the unit that holds it whole: "2.0 TiB" read as if 2 TiB fitted.
+    assert!(err["error"].as_str().is_some_and(|e| e.contains("2040 GiB")), "{err}");
+    // A task that is not a job: the job commands refuse it and cancel nothing.
+    let vdi = host.cli(&["vdi", "create", "--sr", "local", "--size", "1M", "--name", "d"]);
+    let snap = host.cli_json(&["vdi", "snapshot", "--sr", "local", "--vdi", "d"])["vdi"].as_str().expect("snapshot").to_owned();
+    assert_ne!(snap, vdi);
+    let unreachable = "http://127.0.0.1:9?session_id=x";
+    let sr = host.cli(&["--json", "sr", "list"]);
+    let sr: serde_json::Value = serde_json::from_str(&sr).expect("json");
+    let sr = sr.as_object().and_then(|o| o.keys().next()).expect("an SR").to_owned();
+    let task = host.call("DATA.copy", json!({"sr": sr, "vdi": snap, "url": unreachable, "dest": sr, "verify_dest": false, "dbg": "t"}));
+    let task = task.as_str().expect("task");
+    for args in [vec!["migrate", "cancel", task], vec!["migrate", "cutover", task], vec!["migrate", "set-bwlimit", task, "1M"]] {
+        let out = host.cli_raw(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains("is not a migrate job"), "{args:?}: {err}");
+    }
+    // `task stat` without --json: lines of text naming the task and its state.
+    let shown = host.cli(&["task", "stat", task]);
+    let first = |key: &str| shown.lines().find(|l| l.split_whitespace().next() == Some(key)).map(|l| l.trim_start_matches(key).trim().to_owned());
+    assert_eq!(first("task").as_deref(), Some(task), "{shown}");
+    assert!(first("state").is_some_and(|s| s.starts_with("pending") || s.starts_with("failed")), "{shown}");
+    assert!(serde_json::from_str::<serde_json::Value>(&shown).is_err(), "{shown}");
 }
 
 /// Making a VDI non-persistent and persistent again, many times over, keeps its chain short

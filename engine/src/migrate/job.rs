@@ -31,6 +31,10 @@ const VHD_MAX: i64 = 2040 << 30;
 /// parent headers.
 const SLACK_PER_DISK: i64 = 16 << 20;
 
+/// The `debug_info` entry that marks a job's task, for callers that must tell jobs from the
+/// other tasks (the CLI's `migrate cutover|cancel|set-bwlimit`).
+pub const JOB_KIND: (&str, &str) = ("kind", "migrate job");
+
 /// How long a job's undo waits for a disk's finalize it cannot stop to end (the source asks a
 /// destination that does not answer again for a minute).
 const FINALIZE_WAIT: Duration = Duration::from_secs(90);
@@ -208,6 +212,7 @@ impl Mux {
             lock(&self.jobs.limits).insert(format!("{}/{vdi}", a.sr), (job.limit.clone(), sharing));
         }
         lock(&self.jobs.jobs).insert(task.clone(), job.clone());
+        self.tasks().debug_info(&task, JOB_KIND.0, JOB_KIND.1);
         self.tasks().debug_info(&task, "stage", "queued");
         let me = self.me.upgrade().ok_or_else(|| StorageError::InternalError("the host is shutting down".into()))?;
         let id = task.clone();

@@ -27,6 +27,7 @@ use crate::http::client::{Endpoint, RpcClient};
 use crate::model::{Call, StorageError};
 use crate::rpc::marshal::Marshal;
 
+pub use job::JOB_KIND;
 pub use records::{CopyRecord, RecvRecord, SendRecord, Table};
 
 /// The sm_config key that marks every VDI a migration made, with the mirror's id as value:
