@@ -2,7 +2,7 @@
 //! then the source datapath is finalized and the destination VDI must read exactly what the
 //! guest wrote. Failures are injected at each stage; both hosts must end as they began.
 
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 use serde_json::json;
 
@@ -1471,6 +1471,49 @@ fn verify_catches_a_destination_block_changed_behind_sxms_back() {
 fn guest_writes_through(uri: &str) {
     let out = Command::new("timeout").args(["20", "qemu-io", "-f", "raw", "-c", "write -P 0x42 0 4k", uri]).output().expect("qemu-io");
     assert!(out.status.success(), "the guest's write did not complete: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A mirror whose target stops answering as the switch-over drains its disk fails there, and
+/// was then not finalized, yet the job attached its destination VDI for the guest and
+/// completed: that VDI read the copy and none of the mirrored writes. The switch-over now
+/// fails and is undone, and the guest goes on on the source.
+#[test]
+fn a_mirror_that_fails_as_the_switch_over_drains_it_fails_the_switch_over() {
+    require!("qemu-io");
+    let p = Pair::new();
+    let url = p.dest_url();
+    let (vdis, uris, _seeds) = vm(&p, 1, 4 * MIB);
+    let before = p.state();
+    let job = p.src.cli(&job_args(&p, &url, &vdis, &["--hold"]));
+    job_holding(&p, &job);
+    // The destination's datapaths stop answering, with a guest write waiting on its mirror.
+    let out = Command::new("pgrep").args(["-f", &format!("{}/run/", p.dst.root.display())]).output().expect("pgrep");
+    let dest_pids: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned).collect();
+    assert!(!dest_pids.is_empty(), "no datapath on the destination");
+    let signal = |sig: &str| {
+        for pid in &dest_pids {
+            let _ = Command::new("kill").args([sig, pid]).status();
+        }
+    };
+    signal("-STOP");
+    let mut write = Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x42 0 4k", &uris[0]]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("qemu-io");
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    assert!(write.try_wait().expect("wait").is_none(), "the write did not wait on the mirror");
+    p.src.cli(&["migrate", "cutover", &job]);
+    // The drain waits out the mirror's timeout (30 s); once the mirror is failed, the
+    // destination may answer again (the undo cancels its receive).
+    let sends = p.src.root.join("state").join("send");
+    eventually(90, "the mirror failed", || {
+        std::fs::read_dir(&sends).into_iter().flatten().flatten().any(|f| std::fs::read_to_string(f.path()).unwrap_or_default().contains("\"failed\": true"))
+    });
+    signal("-CONT");
+    let t = job_end(&p, &job);
+    assert_eq!(t["state"][0], "Failed", "the job completed with a destination that missed writes: {t}");
+    let why = serde_json::to_string(&t["state"][1]).expect("error");
+    assert!(why.contains("not finalized") && why.contains("undone: the guest's disks are active on the source again"), "{why}");
+    assert!(write.wait().expect("wait").success(), "the guest's write failed");
+    settle(&p, &before, "both hosts as before the job");
+    guest_writes_through(&uris[0]);
 }
 
 /// A switch-over whose finalize fails on the destination undoes every disk on both hosts, and

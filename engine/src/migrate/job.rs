@@ -489,7 +489,7 @@ impl Mux {
         // with the disks on the destination or undoes itself on its own failure.
         job.switching.store(true, std::sync::atomic::Ordering::SeqCst);
         self.tasks().debug_info(id, "stage", "cutover");
-        if let Err(e) = self.switch_over(id, a, &disks, &dest_vdis).await {
+        if let Err(e) = self.switch_over(id, a, &disks, &mirrors, &dest_vdis).await {
             let left = self.undo_cutover(id, a, &disks, &mirrors, &dest_vdis).await;
             let e = match e {
                 StorageError::MigrationMirrorFailure(m) => m,
@@ -510,11 +510,18 @@ impl Mux {
 
     /// The switch-over proper (see `run_job`): deactivate every source disk (each mirror drains and
     /// the destination finalizes it), verify if asked, attach the destination VDIs.
-    async fn switch_over(&self, id: &str, a: &args::SxmMigrateStart, disks: &[Disk], dest_vdis: &[String]) -> Result<(), StorageError> {
+    async fn switch_over(&self, id: &str, a: &args::SxmMigrateStart, disks: &[Disk], mirrors: &[String], dest_vdis: &[String]) -> Result<(), StorageError> {
         let cut = disks.iter().map(|d| self.deactivate(d.dp.clone(), a.sr.clone(), d.vdi.clone()));
         let cut: Vec<Result<(), StorageError>> = futures_join_all(cut).await;
         if let Some(e) = cut.into_iter().find_map(Result::err) {
             return Err(StorageError::MigrationMirrorFailure(format!("switch-over: {e}")));
+        }
+        // A deactivate succeeds without a finalize when the disk's mirror is found unsound as
+        // it drains (its target stopped answering as the guest paused): its send stays, failed,
+        // and its destination VDI never took the mirrored writes. Attached for the guest, it
+        // read what the copy sent and nothing after.
+        if let Some(m) = mirrors.iter().find(|m| lock(&self.records.sends).get(m.as_str()).is_some()) {
+            return Err(StorageError::MigrationMirrorFailure(format!("switch-over: mirror {m} failed as its disk drained, and was not finalized")));
         }
         let remote = Remote::new(&a.url)?;
         // Verified before the destination VDIs are attached (and could be written).
