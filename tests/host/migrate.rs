@@ -1516,6 +1516,34 @@ fn a_mirror_that_fails_as_the_switch_over_drains_it_fails_the_switch_over() {
     guest_writes_through(&uris[0]);
 }
 
+/// A destination host that stops answering (hung, or behind a network that drops everything
+/// and closes nothing) while the source waits on a call: the call fails once a check of the
+/// host goes unanswered (about 30 s), not at the call's own limit of 300 s, and the
+/// migration is undone on both hosts once the destination answers again.
+#[test]
+fn a_destination_that_stops_answering_mid_call_fails_the_call_without_waiting_out_its_limit() {
+    let p = Pair::new();
+    let (vdi, _uri) = p.guest_disk(&pattern((4 * MIB) as usize, 8));
+    let before = p.state();
+    let dst_pid = p.dst.proc.0.as_ref().expect("destination").id().to_string();
+    run(Command::new("kill").args(["-STOP", &dst_pid]));
+    let stat = p.src.call("DP.stat_vdi", json!({"sr": p.src_sr, "vdi": vdi, "dbg": "t"}));
+    let dp = stat["dps"].as_object().expect("dps").keys().next().expect("the guest's datapath").clone();
+    let args = json!({"sr": p.src_sr, "vdi": vdi, "dp": dp, "url": p.dest_url(), "dest": p.dst_sr, "verify_dest": false, "dbg": "t"});
+    let task = p.src.call("DATA.MIRROR.start", args).as_str().expect("task").to_owned();
+    // Within the call's own limit (300 s), well past the checks' (10 s, then 20 s for an answer).
+    let ended = (0..1200).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        p.src.call("TASK.stat", json!({"task": task, "dbg": "t"}))["state"][0] != "Pending"
+    });
+    run(Command::new("kill").args(["-CONT", &dst_pid]));
+    assert!(ended, "the prepare still waits on a destination that answers nothing");
+    let t = p.src.call("TASK.stat", json!({"task": task, "dbg": "t"}));
+    assert_eq!(t["state"][1][0], "Migration_preparation_failure", "{t}");
+    assert!(t.to_string().contains("stopped answering"), "{t}");
+    settle(&p, &before, "both hosts as before the migration once the destination answers again");
+}
+
 /// A switch-over whose finalize fails on the destination undoes every disk on both hosts, and
 /// the guest goes on writing on the source.
 #[test]

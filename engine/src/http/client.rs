@@ -272,6 +272,10 @@ pub enum CallErrorKind {
     /// No reply in time.
     #[error("No reply within {0:?}")]
     Timeout(Duration),
+    /// The server stopped answering while the call waited: a question asked of it meanwhile,
+    /// on a connection of its own, got no answer in this time.
+    #[error("The host stopped answering (a check made while the call waited got no answer within {0:?})")]
+    Unresponsive(Duration),
 }
 
 /// Calls one server.

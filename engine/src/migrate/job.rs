@@ -558,12 +558,21 @@ impl Mux {
         Ok(())
     }
 
-    /// Undoes a failed switch-over, disk by disk, and answers what it could not undo. A mirror
-    /// not yet finalized is stopped (the destination drops what it received); a disk the
-    /// destination finalized already loses its copy there (the source stays the guest's
-    /// disk); then every source disk is activated again, so the guest resumes where it ran.
+    /// Undoes a failed switch-over and answers what it could not undo. Every source disk is
+    /// activated again, so the guest resumes where it ran; then, disk by disk, a mirror not
+    /// yet finalized is stopped (the destination drops what it received), and a disk the
+    /// destination finalized already loses its copy there (the source stays the guest's disk).
     async fn undo_cutover(&self, id: &str, a: &args::SxmMigrateStart, disks: &[Disk], mirrors: &[String], dest_vdis: &[String]) -> Vec<String> {
         let mut left = Vec::new();
+        // The guest first: it waits, paused, for this, and nothing below needs it to: a disk
+        // not finalized has its mirror detached already, and one finalized there loses that
+        // copy, which the source's new writes make stale anyway. (Done last, a destination
+        // that had stopped answering held the guest for every call made of it below.)
+        for d in disks {
+            if let Err(e) = self.activate(d.dp.clone(), a.sr.clone(), d.vdi.clone()).await {
+                left.push(format!("activating VDI {} on datapath {} again: {e}", d.vdi, d.dp));
+            }
+        }
         let remote = Remote::new(&a.url).ok();
         for ((d, m), dest_vdi) in disks.iter().zip(mirrors).zip(dest_vdis) {
             if lock(&self.records.sends).get(m.as_str()).is_some() {
@@ -579,11 +588,6 @@ impl Mux {
             // The job may have attached it for the guest already.
             if let Err(e) = drop_dest_copy(remote, id, a, &d.dp, dest_vdi).await {
                 left.push(format!("destroying VDI {dest_vdi} on the destination: {e}"));
-            }
-        }
-        for d in disks {
-            if let Err(e) = self.activate(d.dp.clone(), a.sr.clone(), d.vdi.clone()).await {
-                left.push(format!("activating VDI {} on datapath {} again: {e}", d.vdi, d.dp));
             }
         }
         tracing::warn!(job = %id, left = left.len(), "switch-over failed; undone");

@@ -22,8 +22,9 @@ pub mod send;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Mutex;
+use std::time::Duration;
 
-use crate::http::client::{Endpoint, RpcClient};
+use crate::http::client::{CallError, Endpoint, RpcClient};
 use crate::model::{Call, StorageError};
 use crate::rpc::marshal::Marshal;
 
@@ -73,14 +74,54 @@ pub struct Remote {
     /// The endpoint (with the host's secret).
     pub endpoint: Endpoint,
     client: RpcClient,
+    /// For the checks that the host is there while a call waits ([`Remote::watched`]).
+    checks: RpcClient,
 }
+
+/// How long a call to another host waits before that host is first asked whether it is
+/// there, and then between such checks.
+const ALIVE_EVERY: Duration = Duration::from_secs(10);
+/// How long such a check may take before the host counts as stopped.
+pub const ALIVE_WITHIN: Duration = Duration::from_secs(20);
 
 impl Remote {
     /// The host at `url` (`http://host:port[/services/SM]?session_id=SECRET`).
     pub fn new(url: &str) -> Result<Remote, StorageError> {
         let endpoint = Endpoint::parse(url).map_err(|e| StorageError::InternalError(format!("destination URL: {e}")))?;
-        let client = RpcClient::new(endpoint.clone()).with_timeout(std::time::Duration::from_secs(300));
-        Ok(Remote { endpoint, client })
+        let client = RpcClient::new(endpoint.clone()).with_timeout(Duration::from_secs(300));
+        let checks = RpcClient::new(endpoint.clone()).with_timeout(ALIVE_WITHIN);
+        Ok(Remote { endpoint, client, checks })
+    }
+
+    /// Runs `call` to this host, asking the host a trivial question (`Query.query`, on a
+    /// connection of its own) whenever the call has waited [`ALIVE_EVERY`] more; a check
+    /// unanswered within [`ALIVE_WITHIN`] fails the call. A host that is slow at a long call
+    /// (a finalize composing gigabytes) answers its checks and is waited for; one that has
+    /// stopped (hung, or behind a network that drops everything and closes nothing) is given
+    /// up on, where TCP takes a quarter of an hour to notice, and a paused guest, a detach or a
+    /// rollback waited as long.
+    async fn watched<T>(&self, method: &str, call: impl Future<Output = Result<T, CallError>>) -> Result<T, CallError> {
+        tokio::pin!(call);
+        let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + ALIVE_EVERY, ALIVE_EVERY);
+        loop {
+            tokio::select! {
+                outcome = &mut call => return outcome,
+                _ = ticks.tick() => {
+                    let check = self.checks.call_xml("Query.query", crate::rpc::Value::Struct(vec![("dbg".into(), crate::rpc::Value::String("sxm-alive".into()))]));
+                    tokio::select! {
+                        outcome = &mut call => return outcome,
+                        answer = check => {
+                            // Any answer, an error included, is the host at work.
+                            use crate::http::CallErrorKind as K;
+                            if let Err(e) = answer && !matches!(e.kind, K::Storage(_) | K::Unauthorised | K::Status { .. } | K::Protocol(_)) {
+                                tracing::warn!(host = %self.endpoint, method, check = %e, "the host stopped answering while a call waited; giving up on the call");
+                                return Err(CallError { endpoint: self.endpoint.to_string(), method: method.to_owned(), kind: K::Unresponsive(ALIVE_WITHIN) });
+                            }
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// Makes a call and decodes its answer.
@@ -102,7 +143,7 @@ impl Remote {
     /// making again once the host is back (if it is one that may be made twice).
     pub async fn call_away<T: Marshal>(&self, call: Call) -> Result<T, (StorageError, bool)> {
         use crate::http::CallErrorKind as K;
-        self.call_classified(call, |k| matches!(k, Some(K::Connect(_) | K::Http(_) | K::Io(_) | K::Body(_) | K::Timeout(_)))).await
+        self.call_classified(call, |k| matches!(k, Some(K::Connect(_) | K::Http(_) | K::Io(_) | K::Body(_) | K::Timeout(_) | K::Unresponsive(_)))).await
     }
 
     /// Makes a call; a failure comes with what `class` says of its kind (`None`: the answer
@@ -111,7 +152,7 @@ impl Remote {
         use crate::http::CallErrorKind as K;
         let method = call.method();
         let params = call.params().into_iter().next().unwrap_or(crate::rpc::Value::Null);
-        let v = self.client.call_xml(method, params).await.map_err(|e| {
+        let v = self.watched(method, self.client.call_xml(method, params)).await.map_err(|e| {
             let error = match &e.kind {
                 K::Storage(s) => s.clone(),
                 _ => StorageError::InternalError(format!("{e}: {}", error_chain(&e))),
@@ -127,7 +168,7 @@ impl Remote {
     pub async fn connect_nbd(&self, vm: &str, sr: &str, vdi: &str, dp: &str, copy: bool) -> Result<std::os::fd::OwnedFd, StorageError> {
         let route = if copy { "nbdproxy/import" } else { "nbd" };
         let path = format!("/services/SM/{route}/{}/{}/{}/{}", enc(vm), enc(sr), enc(vdi), enc(dp));
-        crate::http::client::connect_nbd(&self.endpoint, &path)
+        self.watched(&format!("PUT /services/SM/{route}/…"), crate::http::client::connect_nbd(&self.endpoint, &path))
             .await
             .map_err(|e| StorageError::InternalError(format!("{e}: {}", error_chain(&e))))
     }
