@@ -662,6 +662,14 @@ impl Admin {
                 for dp in ours {
                     self.release_on(&dp, &sr, &vdi).await?;
                 }
+                // A mirror whose finalize failed stays, failed, for the caller to undo: a
+                // detach repeated after that failure succeeds, and must not read as a finalize.
+                let id = format!("{sr}/{vdi}");
+                if let Ok(m) = self.call("DATA.MIRROR.stat", &[("id", s(&id))]).await
+                    && m.get("failed").and_then(Value::as_bool) == Some(true)
+                {
+                    eprintln!("VDI {vdi}'s mirror {id} failed and was not finalized: the VDI here is the guest's disk; `sxm mirror stop {id}` undoes the migration on both hosts");
+                }
                 Ok(())
             }
             VdiCommand::Destroy { sr, vdi } => {

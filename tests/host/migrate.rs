@@ -840,8 +840,13 @@ fn a_failed_finalize_leaves_the_mirror_failed_and_stop_undoes_it() {
     let id = p.start_mirror(&vdi);
     let out = p.src.cli_raw(&["vdi", "detach", "--sr", &p.src_sr, "--vdi", &vdi]);
     assert!(!out.status.success(), "a detach whose finalize failed must say so");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("finalize"), "{}", String::from_utf8_lossy(&out.stderr));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("finalize") && err.contains(&format!("sxm mirror stop {id}")), "{err}");
     assert_eq!(p.src.call("DATA.MIRROR.stat", json!({"id": id, "dbg": "t"}))["failed"], true);
+    // The detach repeated succeeds (the VDI is inactive), and says the mirror was not finalized.
+    let out = p.src.cli_raw(&["vdi", "detach", "--sr", &p.src_sr, "--vdi", &vdi]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && err.contains("was not finalized"), "{err}");
     p.src.cli(&["mirror", "stop", &id]);
     p.src.cli(&["vdi", "attach", "--sr", &p.src_sr, "--vdi", &vdi]);
     settle(&p, &before, "both hosts back as they were");
@@ -850,6 +855,28 @@ fn a_failed_finalize_leaves_the_mirror_failed_and_stop_undoes_it() {
     p.start_mirror(&vdi);
     p.src.cli(&["vdi", "detach", "--sr", &p.src_sr, "--vdi", &vdi]);
     assert_eq!(p.src.call("DATA.MIRROR.list", json!({"dbg": "t"})), json!({}));
+}
+
+/// A finalize that fails here before it reaches the destination is a failed mirror like any
+/// other: it stayed "being finalized", could not be stopped, and a restart finalized it, with
+/// what the source's guest had written since it was activated again left out.
+#[test]
+fn a_finalize_that_fails_before_reaching_the_destination_can_be_stopped_and_is_never_resumed() {
+    let mut p = Pair::with_faults("send.finalize=error", "");
+    let (vdi, uri) = p.guest_disk(&pattern((4 * MIB) as usize, 24));
+    let before = p.state();
+    let id = p.start_mirror(&vdi);
+    let out = p.src.cli_raw(&["vdi", "detach", "--sr", &p.src_sr, "--vdi", &vdi]);
+    assert!(!out.status.success(), "a detach whose finalize failed must say so");
+    assert_eq!(p.src.call("DATA.MIRROR.stat", json!({"id": id, "dbg": "t"}))["failed"], true);
+    // The source goes on as the guest's disk, then its host restarts: nothing is finalized.
+    let uri2 = p.src.cli(&["vdi", "attach", "--sr", &p.src_sr, "--vdi", &vdi]);
+    assert_eq!(uri2, uri);
+    p.restart_src(true);
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    assert_eq!(p.src.call("DATA.MIRROR.stat", json!({"id": id, "dbg": "t"}))["failed"], true, "the failed finalize was taken up again");
+    p.src.cli(&["mirror", "stop", &id]);
+    settle(&p, &before, "both hosts back as they were");
 }
 
 /// A `receive_start2` whose `image-format` names no format is refused before the destination

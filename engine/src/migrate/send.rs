@@ -38,6 +38,10 @@ const UNDO_COPY_FOR: Duration = Duration::from_secs(3600);
 const FINALIZE_RETRY_FOR: Duration = Duration::from_secs(60);
 /// The same after a restart of this host, in the background (no caller waits).
 const FINALIZE_RECOVER_FOR: Duration = Duration::from_secs(600);
+/// What a failed finalize leaves, said with its error (`{id}`: the mirror). The caller
+/// decides, as xapi's orchestrator does after a failed migration; the source VDI still holds
+/// the guest's disk.
+const FINALIZE_FAILED_HINT: &str = "; the mirror is marked failed and the source VDI is the guest's disk: DATA.MIRROR.stop {id} (sxm mirror stop {id}) undoes the migration on both hosts";
 /// A VDI reset at each boot (non-persistent) does not move live: its reset point would not
 /// travel with it, as xapi refuses (`VDI_ON_BOOT_MODE_INCOMPATIBLE_WITH_OPERATION`).
 pub(crate) fn refuse_non_persistent(info: &VdiInfo) -> Result<(), StorageError> {
@@ -810,8 +814,22 @@ impl Mux {
     /// call whose answer the restart lost, or cancelled there: either way nothing is left to do
     /// on this side.
     async fn finalize_remote(&self, r: &SendRecord, again: bool, retry_for: Duration) -> Result<(), StorageError> {
-        crate::fault::point("send.finalize").await?;
-        let remote = Remote::new(&r.url)?;
+        let ready = async {
+            crate::fault::point("send.finalize").await?;
+            Remote::new(&r.url)
+        };
+        let remote = match ready.await {
+            Ok(remote) => remote,
+            Err(e) => {
+                // Failed as any finalize that fails: left unmarked, it could be neither
+                // stopped ("being finalized") nor left alone by a restart, which finalized it
+                // then, though its VDI had been activated and written here since.
+                tracing::error!(mirror = %r.id, error = %e, "the finalize could not be made");
+                let _ = self.update_send(&r.id, |s| s.failed = true);
+                self.tasks().changed(Dynamic::Mirror(r.id.clone()));
+                return Err(StorageError::MigrationMirrorFailure(format!("finalize: {e}{}", FINALIZE_FAILED_HINT.replace("{id}", &r.id))));
+            }
+        };
         // A destination away (restarting) is asked again until it answers, for a while: the
         // source VDI is deactivated and the destination's receive intact, so giving up would
         // fail a migration that only has its last step left.
@@ -838,7 +856,9 @@ impl Mux {
                 other => break other.map_err(|(e, _)| e),
             }
         };
-        crate::fault::point("send.finalized").await?;
+        // Past the destination's answer nothing can fail the finalize: a fault here can only
+        // stall or kill the host (whose restart then finishes it).
+        let _ = crate::fault::point("send.finalized").await;
         match &finalized {
             Ok(()) => {
                 lock(&self.records.sends).remove(&r.id)?;
@@ -856,7 +876,7 @@ impl Mux {
             }
         }
         self.tasks().changed(Dynamic::Mirror(r.id.clone()));
-        finalized.map_err(|e| StorageError::MigrationMirrorFailure(format!("finalize on the destination failed: {e}")))
+        finalized.map_err(|e| StorageError::MigrationMirrorFailure(format!("finalize on the destination failed: {e}{}", FINALIZE_FAILED_HINT.replace("{id}", &r.id))))
     }
 
     /// `DATA.copy`: copies a VDI that is not being written into a new VDI of `dest_sr` on the
