@@ -393,6 +393,24 @@ impl ExtBackend {
     }
 }
 
+impl ExtBackend {
+    /// At attach: every hidden node left with one child is folded as a destroy folds it. A
+    /// host killed between a destroy (or a snapshot) and its coalesce leaves such a pair, which
+    /// no later destroy looks at again: each such crash cost the VDI a level of its chain for
+    /// good, up to the 30 that refuse its next snapshot. A pair that stays as it is (too much
+    /// data to pause a guest for, a reset point) is tried once.
+    fn coalesce_leftovers(&self, sr: &SrContext) {
+        let mut tried = std::collections::BTreeSet::new();
+        loop {
+            let Ok(meta) = SrMeta::load_existing(&sr.dir) else { return };
+            let Some(hidden) = meta.hidden_with_one_child().into_iter().find(|h| !tried.contains(h)) else { return };
+            tried.insert(hidden.clone());
+            self.coalesce_lone_child(sr, &hidden);
+            self.coalesce_hidden_pair(sr, &hidden);
+        }
+    }
+}
+
 impl Backend for ExtBackend {
     fn vdi_checksums(&self, sr: &SrContext, vdi: &str, block: u64) -> StorageResult<Vec<u32>> {
         let id = vdi_id(vdi)?;
@@ -416,7 +434,7 @@ impl Backend for ExtBackend {
         tracing::info!(sr = %sr.sr, recovery = ?r, "attached an ext SR");
         state::ensure_reserve(&sr.dir);
         let meta = SrMeta::load_existing(&sr.dir)?;
-        self.datapaths.recover(
+        let recovered = self.datapaths.recover(
             group(sr),
             &datapath::wanted(datapaths),
             &|vdi: &str| {
@@ -425,7 +443,10 @@ impl Backend for ExtBackend {
                 Ok(vhd_path(&sr.dir, id))
             },
             &errors::datapath,
-        )
+        );
+        drop(meta);
+        self.coalesce_leftovers(sr);
+        recovered
     }
 
     fn sr_dead_datapaths(&self, sr: &SrContext) -> Vec<String> {

@@ -6,7 +6,7 @@
 //! | call | steps | a crash between steps leaves |
 //! | --- | --- | --- |
 //! | create | new `<id>.qcow2` (synced) → record | an orphan file: deleted at attach |
-//! | snapshot, clone | pause the datapath → link the VDI's file as `<base>.qcow2` → new overlay `.tmp-<id>` on it → rename it over the VDI's name → unpause → (clone: another overlay on the base) → record | before the rename: an orphan link and a temporary, deleted; after: the VDI on an unrecorded base, adopted as a hidden one. The VDI reads the same in every case |
+//! | snapshot, clone | pause the datapath → link the VDI's file as `<base>.qcow2` → new overlay `.tmp-<id>` on it → rename it over the VDI's name → unpause → (clone: another overlay on the base) → record | before the rename: an orphan link and a temporary, deleted; after: the VDI on an unrecorded base, adopted as a hidden one and folded into the VDI (`coalesce_leftovers`). The VDI reads the same in every case |
 //! | destroy | record without the VDI (and unused hidden bases) → delete files | orphans: deleted at attach |
 //! | coalesce (after a destroy leaves a hidden base one VDI child) | pause the child's datapath → `qcow2::commit` (the child's clusters into the base) → record (the child on the base's parent, the base gone) → rename the base's file over the child's → unpause | before the rename: the child's file is still backed by the base, so attach takes the file's parent and adopts the base as hidden again; the chain reads the same in every case |
 //! | compose | pause the child's datapath → rebase its header onto the parent → unpause → record | the child on its new parent with the old record: attach takes the file's parent |
@@ -320,6 +320,21 @@ impl Qcow2Backend {
             Err(e) => tracing::warn!(sr = %sr.sr, vdi = %child, hidden, error = %e, "coalescing a VDI with its hidden base failed; the chain stays"),
         }
     }
+
+    /// At attach: every hidden volume left with one child is folded as a destroy folds it. A
+    /// host killed between a destroy (or a snapshot) and its coalesce leaves such a pair, which
+    /// no later destroy looks at again: each such crash cost the VDI a level of its chain for
+    /// good, up to the 30 that refuse its next snapshot. A pair that stays as it is (too much
+    /// data to pause a guest for, a reset point) is tried once.
+    fn coalesce_leftovers(&self, sr: &SrContext) {
+        let mut tried = std::collections::BTreeSet::new();
+        loop {
+            let Ok(meta) = SrMeta::load_existing(&sr.dir) else { return };
+            let Some(hidden) = meta.hidden_with_one_child().into_iter().find(|h| !tried.contains(h)) else { return };
+            tried.insert(hidden.clone());
+            self.coalesce_lone_child(sr, &hidden);
+        }
+    }
 }
 
 impl Backend for Qcow2Backend {
@@ -353,7 +368,7 @@ impl Backend for Qcow2Backend {
         tracing::info!(sr = %sr.sr, recovery = ?r, "attached a qcow2 SR");
         state::ensure_reserve(&sr.dir);
         let meta = SrMeta::load_existing(&sr.dir)?;
-        self.datapaths.recover(
+        let recovered = self.datapaths.recover(
             group(sr),
             &datapath::wanted(datapaths),
             &|vdi: &str| {
@@ -362,7 +377,10 @@ impl Backend for Qcow2Backend {
                 Ok(volume_path(&sr.dir, id))
             },
             &errors::datapath,
-        )
+        );
+        drop(meta);
+        self.coalesce_leftovers(sr);
+        recovered
     }
 
     fn sr_dead_datapaths(&self, sr: &SrContext) -> Vec<String> {

@@ -97,6 +97,11 @@ impl<T> Forest<T> {
         Some(child.to_owned())
     }
 
+    /// Every hidden image with exactly one child, in id order: the pairs a coalesce may fold.
+    pub fn hidden_with_one_child(&self) -> Vec<String> {
+        self.nodes.keys().filter(|id| self.only_child(id).is_some()).cloned().collect()
+    }
+
     /// `hidden`'s one child, if `hidden` is hidden, has exactly one child, and that child is
     /// hidden too: a pair whose child's data can be folded into `hidden` and the child's own
     /// children put on `hidden` (see [`Forest::fold_into_parent`]).
