@@ -327,13 +327,7 @@ impl Qcow2Backend {
     /// good, up to the 30 that refuse its next snapshot. A pair that stays as it is (too much
     /// data to pause a guest for, a reset point) is tried once.
     fn coalesce_leftovers(&self, sr: &SrContext) {
-        let mut tried = std::collections::BTreeSet::new();
-        loop {
-            let Ok(meta) = SrMeta::load_existing(&sr.dir) else { return };
-            let Some(hidden) = meta.hidden_with_one_child().into_iter().find(|h| !tried.contains(h)) else { return };
-            tried.insert(hidden.clone());
-            self.coalesce_lone_child(sr, &hidden);
-        }
+        tapmirror::forest::fold_lone_pairs(|| SrMeta::load_existing(&sr.dir).ok(), |hidden| self.coalesce_lone_child(sr, hidden));
     }
 }
 

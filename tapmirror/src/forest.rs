@@ -188,6 +188,21 @@ impl Stamp {
     }
 }
 
+
+/// Calls `fold` on each hidden image with exactly one child, reading the forest again (`load`)
+/// after each fold, which changes it, until every such image left has been tried once (a
+/// pair the fold leaves as it is, too big or a reset point, must not loop).
+pub fn fold_lone_pairs<T, F: std::ops::Deref<Target = Forest<T>>>(mut load: impl FnMut() -> Option<F>, mut fold: impl FnMut(&str)) {
+    let mut tried = BTreeSet::new();
+    loop {
+        let Some(forest) = load() else { return };
+        let Some(hidden) = forest.hidden_with_one_child().into_iter().find(|h| !tried.contains(h)) else { return };
+        drop(forest);
+        tried.insert(hidden.clone());
+        fold(&hidden);
+    }
+}
+
 /// The last parse of each record file, by path, valid while the file's stamp (device, inode,
 /// size, modification time) is the same. For a `static`: [`RecordCache::new`] is `const`.
 pub struct RecordCache<T> {
