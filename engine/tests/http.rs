@@ -673,3 +673,43 @@ async fn connections_beyond_the_limit_are_closed_at_once_and_the_server_recovers
     assert!(served, "no call was served once the idle connections had gone");
     server.stop().await;
 }
+
+/// Answers every call with xapi's `Redirect` to `0` (a pool member sending its caller to the
+/// SR master).
+struct Redirector(String);
+
+impl Dispatch for Redirector {
+    async fn dispatch(&self, _method: String, _params: Vec<Value>) -> Result<Value, StorageError> {
+        Err(StorageError::Redirect(Some(self.0.clone())))
+    }
+}
+
+/// A host-to-host call answered `Redirect ip` is made again at `ip` (same port, path and
+/// secret), as xapi's `redirectable_rpc` does; a redirect that never ends is given up on.
+#[tokio::test]
+async fn a_host_to_host_call_follows_a_redirect() {
+    use sxm_engine::migrate::Remote;
+    use sxm_engine::model::call::{Call, args};
+    // The host redirected to: an echo on 127.0.0.2, on the port the first host has on 127.0.0.1.
+    let mut cfg = ServerConfig::new(SECRET);
+    cfg.tcp = Some("127.0.0.2:0".parse().expect("addr"));
+    let echo = Arc::new(Echo::default());
+    let shutdown = CancellationToken::new();
+    let target = serve(&cfg, echo.clone(), shutdown.clone()).await.expect("serve the target");
+    let port = target.tcp_addr().expect("bound").port();
+    let mut cfg = ServerConfig::new(SECRET);
+    cfg.tcp = Some(format!("127.0.0.1:{port}").parse().expect("addr"));
+    let _member = serve(&cfg, Arc::new(Redirector("127.0.0.2".into())), shutdown.clone()).await.expect("serve the member");
+    let remote = Remote::new(&format!("http://127.0.0.1:{port}/services/SM?session_id={SECRET}")).expect("url");
+    let answer: Value = remote.call(Call::Query(args::Query { dbg: "t".into() })).await.expect("answered at the host redirected to");
+    assert_eq!(answer.get("method").and_then(Value::as_str), Some("Query.query"), "{answer:?}");
+    assert_eq!(echo.calls.load(Ordering::SeqCst), 1);
+    // A host that redirects to itself: given up after a few hops, the redirect the answer.
+    let mut cfg = ServerConfig::new(SECRET);
+    cfg.tcp = Some("127.0.0.1:0".parse().expect("addr"));
+    let looping = serve(&cfg, Arc::new(Redirector("127.0.0.1".into())), shutdown.clone()).await.expect("serve");
+    let remote = Remote::new(&format!("http://{}?session_id={SECRET}", looping.tcp_addr().expect("bound"))).expect("url");
+    let e = remote.call::<Value>(Call::Query(args::Query { dbg: "t".into() })).await.expect_err("a loop");
+    assert_eq!(e, StorageError::Redirect(Some("127.0.0.1".into())));
+    shutdown.cancel();
+}

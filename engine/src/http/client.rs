@@ -94,6 +94,24 @@ impl Endpoint {
         Ok(Endpoint::Unix(PathBuf::from(path)))
     }
 
+    /// Where a `Redirect ip` answer from this endpoint points: the same URL with `ip` (an
+    /// address, or `ADDR:PORT`) for its host, keeping the port, path and secret, as xapi
+    /// follows it. `None` for a Unix socket, which names no host.
+    pub fn redirected(&self, ip: &str) -> Option<Endpoint> {
+        let Endpoint::Tcp { authority, path_prefix, secret } = self else { return None };
+        let port = authority.rsplit_once(':').map(|(_, p)| p).unwrap_or("80");
+        let authority = if ip.parse::<std::net::SocketAddr>().is_ok() {
+            ip.to_owned()
+        } else if ip.parse::<std::net::Ipv6Addr>().is_ok() {
+            format!("[{ip}]:{port}")
+        } else if !ip.is_empty() && ip.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-') {
+            format!("{ip}:{port}")
+        } else {
+            return None;
+        };
+        Some(Endpoint::Tcp { authority, path_prefix: path_prefix.clone(), secret: secret.clone() })
+    }
+
     /// The same endpoint presenting `secret` (TCP only; a Unix socket needs none).
     pub fn with_secret(self, secret: impl Into<String>) -> Endpoint {
         match self {
@@ -593,6 +611,16 @@ mod tests {
         }
         let e = Endpoint::parse("http://h/?session_id=topsecret&x=1").expect_err("unknown parameter");
         assert!(!e.to_string().contains("topsecret"), "{e}");
+    }
+
+    #[test]
+    fn a_redirect_keeps_the_port_path_and_secret() {
+        let e = tcp("10.0.0.1:8001", "/p", Some("s"));
+        assert_eq!(e.redirected("10.0.0.2"), Some(tcp("10.0.0.2:8001", "/p", Some("s"))));
+        assert_eq!(e.redirected("10.0.0.3:9"), Some(tcp("10.0.0.3:9", "/p", Some("s"))));
+        assert_eq!(e.redirected("fe80::1"), Some(tcp("[fe80::1]:8001", "/p", Some("s"))));
+        assert_eq!(e.redirected("a/b"), None, "not a host");
+        assert_eq!(Endpoint::Unix("/s".into()).redirected("10.0.0.2"), None);
     }
 
     #[test]

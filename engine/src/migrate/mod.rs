@@ -81,6 +81,8 @@ pub struct Remote {
 /// How long a call to another host waits before that host is first asked whether it is
 /// there, and then between such checks.
 const ALIVE_EVERY: Duration = Duration::from_secs(10);
+/// How many `Redirect`s one call follows.
+const MAX_REDIRECTS: usize = 3;
 /// How long such a check may take before the host counts as stopped.
 pub const ALIVE_WITHIN: Duration = Duration::from_secs(20);
 
@@ -88,9 +90,13 @@ impl Remote {
     /// The host at `url` (`http://host:port[/services/SM]?session_id=SECRET`).
     pub fn new(url: &str) -> Result<Remote, StorageError> {
         let endpoint = Endpoint::parse(url).map_err(|e| StorageError::InternalError(format!("destination URL: {e}")))?;
+        Ok(Remote::on(endpoint))
+    }
+
+    fn on(endpoint: Endpoint) -> Remote {
         let client = RpcClient::new(endpoint.clone()).with_timeout(Duration::from_secs(300));
         let checks = RpcClient::new(endpoint.clone()).with_timeout(ALIVE_WITHIN);
-        Ok(Remote { endpoint, client, checks })
+        Remote { endpoint, client, checks }
     }
 
     /// Runs `call` to this host, asking the host a trivial question (`Query.query`, on a
@@ -152,7 +158,23 @@ impl Remote {
         use crate::http::CallErrorKind as K;
         let method = call.method();
         let params = call.params().into_iter().next().unwrap_or(crate::rpc::Value::Null);
-        let v = self.watched(method, self.client.call_xml(method, params)).await.map_err(|e| {
+        // A host that is not the one to answer (in xapi, a pool member for its SR's master)
+        // fails the call with `Redirect ip`, and the caller makes the same call there
+        // (`Storage_utils.redirectable_rpc`), a few hops at most.
+        let mut redirected: Option<Remote> = None;
+        let mut hops = 0;
+        let v = loop {
+            let to = redirected.as_ref().unwrap_or(self);
+            match to.watched(method, to.client.call_xml(method, params.clone())).await {
+                Err(e) if hops < MAX_REDIRECTS && let K::Storage(StorageError::Redirect(Some(ip))) = &e.kind && let Some(there) = to.endpoint.redirected(ip) => {
+                    tracing::info!(from = %to.endpoint, to = %there, method, "redirected");
+                    hops += 1;
+                    redirected = Some(Remote::on(there));
+                }
+                other => break other,
+            }
+        };
+        let v = v.map_err(|e| {
             let error = match &e.kind {
                 K::Storage(s) => s.clone(),
                 _ => StorageError::InternalError(format!("{e}: {}", error_chain(&e))),
