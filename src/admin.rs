@@ -1245,11 +1245,14 @@ mod tests {
         assert!(!t.to_string().contains('\u{1b}'), "{t}");
     }
 
-    /// The VHD limit is 2040 GiB, which rounds to "2.0 TiB": the bytes say which it is.
+    /// The VHD limit is 2040 GiB, which rounded to "2.0 TiB" read as if 2 TiB fitted: it is
+    /// told in the unit that holds it whole, and in bytes.
     #[test]
-    fn a_size_limit_is_told_in_bytes_too() {
+    fn a_size_limit_is_told_exactly_and_in_bytes_too() {
         let said = explain("VDI_TOO_LARGE", &["v".into(), (2040i64 << 30).to_string()]).expect("explained");
-        assert!(said.contains("2.0 TiB") && said.contains(&(2040i64 << 30).to_string()), "{said}");
+        assert!(said.contains("2040 GiB") && said.contains(&(2040i64 << 30).to_string()), "{said}");
+        assert_eq!(human_exact(2 << 40), "2 TiB");
+        assert_eq!(human_exact(1536), "1.5 KiB");
     }
 
     #[test]
