@@ -92,8 +92,13 @@ impl Pair {
 
     /// The same, with an SR of type `src_type` on the source.
     fn small_destination_from(src_type: &str, dst_type: &str) -> Option<Pair> {
+        Pair::destination_of(src_type, dst_type, "6m")
+    }
+
+    /// A pair whose destination keeps its SRs on a file system of `size` (tmpfs's `size=`).
+    fn destination_of(src_type: &str, dst_type: &str, size: &str) -> Option<Pair> {
         let dir = tempfile::tempdir().expect("tempdir");
-        let small = Tmpfs::mount(&dir.path().join("b").join("sr"), "6m")?;
+        let small = Tmpfs::mount(&dir.path().join("b").join("sr"), size)?;
         let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("port").port();
         let src = Host::start(&dir.path().join("a"));
         let dst = Host::start_on(&dir.path().join("b"), &format!("127.0.0.1:{port}"));
@@ -1626,6 +1631,28 @@ fn a_preflight_that_must_refuse_refuses_and_makes_nothing() {
     p.src.cli(&["vdi", "detach", "--sr", &p.src_sr, "--vdi", &vdis[0]]);
     let out = p.src.cli_raw(&job_args(&p, &url, &vdis[..1], &[]));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not active"), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Two jobs into one destination SR that each fit it, but not together: the second is refused
+/// while the first still has its room to write (both were accepted, and one failed late, out
+/// of space), and accepted once the first is gone.
+#[test]
+fn a_job_is_refused_the_room_another_job_under_way_will_write() {
+    let Some(p) = Pair::destination_of("ext", "ext", "40m") else {
+        eprintln!("skipping: cannot mount a tmpfs here (needs root)");
+        return;
+    };
+    let url = p.dest_url();
+    let (vdis, _uris, _seeds) = vm(&p, 2, 8 * MIB);
+    // The first job copies slowly (1 MiB/s), so most of its room is still to be written.
+    let first = p.src.cli(&job_args(&p, &url, &vdis[..1], &["--bwlimit", "1M"]));
+    let out = p.src.cli_raw(&job_args(&p, &url, &vdis[1..], &[]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("booked by jobs under way"), "{err}");
+    p.src.cli(&["migrate", "cancel", &first]);
+    assert_eq!(job_end(&p, &first)["state"][0], "Failed");
+    let second = p.src.cli(&job_args(&p, &url, &vdis[1..], &[]));
+    assert_eq!(job_end(&p, &second)["state"][0], "Completed", "the room is free again");
 }
 
 #[test]

@@ -51,6 +51,10 @@ pub struct Job {
     /// cancel is refused rather than taken and ignored.
     switching: std::sync::atomic::AtomicBool,
     hold: bool,
+    /// Where its disks go (the destination host, without its secret, and SR) and the room
+    /// they need there at most: what another job's preflight must not count as free.
+    dest: (String, String),
+    need: i64,
 }
 
 /// The jobs of a host.
@@ -186,14 +190,39 @@ fn preflight_error(why: impl Into<String>) -> StorageError {
 impl Mux {
     /// `SXM.migrate.start`: preflight, then the job in a task whose id is answered.
     pub(crate) async fn migrate_start(&self, a: args::SxmMigrateStart) -> Result<String, StorageError> {
-        let disks = self.preflight(&a).await?;
+        let (disks, room) = self.preflight(&a).await?;
         let (task, cancel) = self.tasks().create(&format!("migrate {} disk(s) of SR {}", disks.len(), a.sr));
+        let dest = (Remote::new(&a.url)?.endpoint.to_string(), a.dest.clone());
+        let need: i64 = disks.iter().map(|d| d.size + SLACK_PER_DISK).sum();
+        let limit = Arc::new(RateLimit::new(u64::try_from(a.bwlimit).unwrap_or(0)));
+        let job = Arc::new(Job {
+            limit: limit.clone(),
+            cutover: Notify::new(),
+            cutover_asked: false.into(),
+            switching: false.into(),
+            hold: a.hold,
+            dest,
+            need,
+        });
         // Claimed at once, all or none, so that two jobs never share a disk: one queued in a
         // job has no mirror yet for the preflight to see, and the job it was in failed late.
+        // The room is booked under the same lock: two jobs that each fit the destination SR,
+        // but not together, were both accepted, and one failed late, out of space.
         {
             let mut claimed = lock(&self.jobs.claimed);
-            if let Some((disk, other)) = a.vdis.iter().find_map(|v| claimed.get(&format!("{}/{v}", a.sr)).map(|j| (v, j))) {
-                let e = preflight_error(format!("VDI {disk} is a disk of job {other} already"));
+            let refused = match a.vdis.iter().find_map(|v| claimed.get(&format!("{}/{v}", a.sr)).map(|j| (v, j))) {
+                Some((disk, other)) => Some(preflight_error(format!("VDI {disk} is a disk of job {other} already"))),
+                None => {
+                    let booked = self.room_booked(&job.dest);
+                    (room - booked < need).then(|| {
+                        preflight_error(format!(
+                            "destination SR {} has {room} bytes free, {booked} of them booked by jobs under way; the disks need up to {need}",
+                            a.dest
+                        ))
+                    })
+                }
+            };
+            if let Some(e) = refused {
                 drop(claimed);
                 let _ = self.tasks().destroy(&task);
                 return Err(e);
@@ -201,9 +230,8 @@ impl Mux {
             for v in &a.vdis {
                 claimed.insert(format!("{}/{v}", a.sr), task.clone());
             }
+            lock(&self.jobs.jobs).insert(task.clone(), job.clone());
         }
-        let limit = Arc::new(RateLimit::new(u64::try_from(a.bwlimit).unwrap_or(0)));
-        let job = Arc::new(Job { limit: limit.clone(), cutover: Notify::new(), cutover_asked: false.into(), switching: false.into(), hold: a.hold });
         // Each disk's copy asks the job's bucket before every request.
         let throttle: Throttle = Arc::new(move |bytes| limit.grant(bytes));
         let sharing = (a.parallel.max(1) as u64).min(a.vdis.len() as u64);
@@ -211,7 +239,6 @@ impl Mux {
             lock(&self.jobs.throttles).insert(format!("{}/{vdi}", a.sr), throttle.clone());
             lock(&self.jobs.limits).insert(format!("{}/{vdi}", a.sr), (job.limit.clone(), sharing));
         }
-        lock(&self.jobs.jobs).insert(task.clone(), job.clone());
         self.tasks().debug_info(&task, JOB_KIND.0, JOB_KIND.1);
         self.tasks().debug_info(&task, "stage", "queued");
         let me = self.me.upgrade().ok_or_else(|| StorageError::InternalError("the host is shutting down".into()))?;
@@ -258,8 +285,24 @@ impl Mux {
         Ok(())
     }
 
-    /// Checks everything that can be checked before anything is made.
-    async fn preflight(&self, a: &args::SxmMigrateStart) -> Result<Vec<Disk>, StorageError> {
+    /// The room on `dest` that jobs under way may still write: each job's need, less the part
+    /// of it done (its progress), which the destination's free space counts already.
+    fn room_booked(&self, dest: &(String, String)) -> i64 {
+        let jobs: Vec<(String, i64)> = lock(&self.jobs.jobs).iter().filter(|(_, j)| &j.dest == dest).map(|(id, j)| (id.clone(), j.need)).collect();
+        jobs.into_iter()
+            .map(|(id, need)| {
+                let done = match self.tasks().stat(&id).map(|t| t.state) {
+                    Ok(TaskState::Pending(p)) => p.clamp(0.0, 1.0),
+                    _ => 1.0,
+                };
+                (need as f64 * (1.0 - done)) as i64
+            })
+            .sum()
+    }
+
+    /// Checks everything that can be checked before anything is made; answers the disks and
+    /// the destination SR's free space.
+    async fn preflight(&self, a: &args::SxmMigrateStart) -> Result<(Vec<Disk>, i64), StorageError> {
         if a.vdis.is_empty() {
             return Err(preflight_error("no VDI to move"));
         }
@@ -307,7 +350,7 @@ impl Mux {
         if sr.free_space < need {
             return Err(preflight_error(format!("destination SR {} has {} bytes free, the disks need up to {need}", a.dest, sr.free_space)));
         }
-        Ok(disks)
+        Ok((disks, sr.free_space))
     }
 
     async fn run_job(
