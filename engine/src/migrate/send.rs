@@ -600,6 +600,11 @@ impl Mux {
     }
 
     async fn detach_mirror(&self, r: &SendRecord) {
+        // A VDI no datapath holds (detached while its mirror started) has no mirror to detach:
+        // asking logged a warning for what is expected there.
+        if self.datapath_records(&r.sr, &r.vdi).is_empty() {
+            return;
+        }
         if let Ok(entry) = self.attached_entry(&r.sr) {
             let vdi = r.vdi.clone();
             match self.run(&entry, true, move |b, ctx| b.vdi_mirror_detach(ctx, &vdi)).await {
