@@ -862,6 +862,28 @@ fn a_failed_finalize_leaves_the_mirror_failed_and_stop_undoes_it() {
     assert_eq!(p.src.call("DATA.MIRROR.list", json!({"dbg": "t"})), json!({}));
 }
 
+/// A finalize the destination did without the source hearing back (it stopped answering,
+/// then went on): the stop that undoes the failed mirror found no receive to cancel there,
+/// and the finished destination VDI stayed with nothing referring to it.
+#[test]
+fn a_finalize_done_after_the_source_gave_up_on_it_is_undone_by_the_stop() {
+    let p = Pair::new();
+    let (vdi, _uri) = p.guest_disk(&pattern((4 * MIB) as usize, 25));
+    let before = p.state();
+    let id = p.start_mirror(&vdi);
+    let dst_pid = p.dst.proc.0.as_ref().expect("destination").id().to_string();
+    run(Command::new("kill").args(["-STOP", &dst_pid]));
+    let out = p.src.cli_raw(&["vdi", "detach", "--sr", &p.src_sr, "--vdi", &vdi]);
+    run(Command::new("kill").args(["-CONT", &dst_pid]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("stopped answering"), "{err}");
+    // The destination takes up the finalize it was sent, and finishes it.
+    eventually(60, "the destination finalized", || p.dst.call("DATA.MIRROR.list", json!({"dbg": "t"})) == json!({}));
+    p.src.cli(&["mirror", "stop", &id]);
+    p.src.cli(&["vdi", "attach", "--sr", &p.src_sr, "--vdi", &vdi]);
+    settle(&p, &before, "both hosts back as they were, the copy finalized unheard gone too");
+}
+
 /// A finalize that fails here before it reaches the destination is a failed mirror like any
 /// other: it stayed "being finalized", could not be stopped, and a restart finalized it, with
 /// what the source's guest had written since it was activated again left out.

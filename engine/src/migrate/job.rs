@@ -557,7 +557,13 @@ impl Mux {
         let cut = disks.iter().map(|d| self.deactivate(d.dp.clone(), a.sr.clone(), d.vdi.clone()));
         let cut: Vec<Result<(), StorageError>> = futures_join_all(cut).await;
         if let Some(e) = cut.into_iter().find_map(Result::err) {
-            return Err(StorageError::MigrationMirrorFailure(format!("switch-over: {e}")));
+            // A failed finalize's hint (stop the mirror to undo it) is the job's to follow, and
+            // it does: not said to the caller.
+            let mut said = e.to_string();
+            for m in mirrors {
+                said = said.replace(&super::send::finalize_failed_hint(m), "");
+            }
+            return Err(StorageError::MigrationMirrorFailure(format!("switch-over: {said}")));
         }
         // A deactivate succeeds without a finalize when the disk's mirror is found unsound as
         // it drains (its target stopped answering as the guest paused): its send stays, failed,

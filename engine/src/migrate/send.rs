@@ -42,6 +42,11 @@ const FINALIZE_RECOVER_FOR: Duration = Duration::from_secs(600);
 /// decides, as xapi's orchestrator does after a failed migration; the source VDI still holds
 /// the guest's disk.
 const FINALIZE_FAILED_HINT: &str = "; the mirror is marked failed and the source VDI is the guest's disk: DATA.MIRROR.stop {id} (sxm mirror stop {id}) undoes the migration on both hosts";
+
+/// [`FINALIZE_FAILED_HINT`] for mirror `id`.
+pub(super) fn finalize_failed_hint(id: &str) -> String {
+    FINALIZE_FAILED_HINT.replace("{id}", id)
+}
 /// A VDI reset at each boot (non-persistent) does not move live: its reset point would not
 /// travel with it, as xapi refuses (`VDI_ON_BOOT_MODE_INCOMPATIBLE_WITH_OPERATION`).
 pub(crate) fn refuse_non_persistent(info: &VdiInfo) -> Result<(), StorageError> {
@@ -622,12 +627,28 @@ impl Mux {
             let _ = remote.call::<()>(Call::DpDestroy(args::DpDestroy { allow_leak: true, dp: dp.clone(), dbg: dbg(&r.id) })).await;
         }
         match remote.call::<()>(Call::DataMirrorReceiveCancel(args::DataMirrorReceiveCancel { id: r.id.clone(), dbg: dbg(&r.id) })).await {
-            Ok(()) | Err(StorageError::DoesNotExist(..)) => true,
+            Ok(()) | Err(StorageError::DoesNotExist(..)) => {}
             Err(e) => {
                 tracing::warn!(mirror = %r.id, error = %e, "receive_cancel on the destination failed");
-                false
+                return false;
             }
         }
+        // A finalize whose answer never came (the destination stopped answering, then did it)
+        // left the leaf there as a finished VDI, which the cancel no longer knows: it goes too.
+        // (Cancelled instead, the leaf is gone already.)
+        if r.stage == SendStage::Finalizing
+            && let Some(m) = &r.remote
+        {
+            match remote.call::<()>(Call::VdiDestroy(args::VdiDestroy { vdi: m.leaf.clone(), sr: r.dest_sr.clone(), dbg: dbg(&r.id) })).await {
+                Ok(()) => tracing::warn!(mirror = %r.id, vdi = %m.leaf, "destroyed the destination VDI a finalize made without our hearing of it"),
+                Err(StorageError::VdiDoesNotExist(_)) => {}
+                Err(e) => {
+                    tracing::warn!(mirror = %r.id, vdi = %m.leaf, error = %e, "destroying the destination VDI of an unanswered finalize failed");
+                    return false;
+                }
+            }
+        }
+        true
     }
 
     /// xapi's `stop`: the mirror stops, every local VDI the send made (the snapshot) goes,
@@ -832,7 +853,7 @@ impl Mux {
                 tracing::error!(mirror = %r.id, error = %e, "the finalize could not be made");
                 let _ = self.update_send(&r.id, |s| s.failed = true);
                 self.tasks().changed(Dynamic::Mirror(r.id.clone()));
-                return Err(StorageError::MigrationMirrorFailure(format!("finalize: {e}{}", FINALIZE_FAILED_HINT.replace("{id}", &r.id))));
+                return Err(StorageError::MigrationMirrorFailure(format!("finalize: {e}{}", finalize_failed_hint(&r.id))));
             }
         };
         // A destination away (restarting) is asked again until it answers, for a while: the
@@ -842,7 +863,11 @@ impl Mux {
         let (mut asked, mut wait) = (again, Duration::from_millis(500));
         let finalized = loop {
             let call = Call::DataMirrorReceiveFinalize2(args::DataMirrorReceiveFinalize2 { id: r.id.clone(), dbg: dbg(&r.id) });
-            match remote.call_away::<()>(call).await {
+            // Asked again when the host is away (restarting: refused or reset connections),
+            // not when it stopped answering: that call waited its check out already, with a
+            // job's guests paused meanwhile.
+            use crate::http::CallErrorKind as K;
+            match remote.call_classified::<()>(call, |k| matches!(k, Some(K::Connect(_) | K::Http(_) | K::Io(_) | K::Body(_) | K::Timeout(_)))).await {
                 Err((e, true)) => {
                     // The last try is made at the deadline itself.
                     let left = give_up.saturating_duration_since(tokio::time::Instant::now());
@@ -881,7 +906,7 @@ impl Mux {
             }
         }
         self.tasks().changed(Dynamic::Mirror(r.id.clone()));
-        finalized.map_err(|e| StorageError::MigrationMirrorFailure(format!("finalize on the destination failed: {e}{}", FINALIZE_FAILED_HINT.replace("{id}", &r.id))))
+        finalized.map_err(|e| StorageError::MigrationMirrorFailure(format!("finalize on the destination failed: {e}{}", finalize_failed_hint(&r.id))))
     }
 
     /// `DATA.copy`: copies a VDI that is not being written into a new VDI of `dest_sr` on the
