@@ -78,6 +78,12 @@ fn run(cli: Cli) -> Result<()> {
         // SAFETY: called before any thread starts; the default action needs no handler.
         unsafe { nix::sys::signal::signal(nix::sys::signal::Signal::SIGPIPE, nix::sys::signal::SigHandler::SigDfl) }?;
     }
+    if !matches!(cli.command, Command::Serve(_)) {
+        // The CLI calls hosts over https (`--host`, `--dest`) trusting the CAs in
+        // $SXM_TLS_CA, or any certificate without it (`sxm serve` takes --tls-ca).
+        let ca = std::env::var_os("SXM_TLS_CA").map(std::path::PathBuf::from);
+        sxm_engine::http::tls::set_trust(ca.as_deref())?;
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
         match cli.command {

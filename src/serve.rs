@@ -23,6 +23,22 @@ pub struct ServeArgs {
     /// TCP address for other hosts and remote callers (they must present the host secret).
     #[arg(long, value_name = "ADDR:PORT", value_parser = parse_listen)]
     listen: Option<std::net::SocketAddr>,
+    /// HTTPS address for other hosts and remote callers (with the secret, as on --listen):
+    /// xapi calls hosts over https by default. Needs --tls-cert and --tls-key.
+    #[arg(long, value_name = "ADDR:PORT", value_parser = parse_listen, requires_all = ["tls_cert", "tls_key"])]
+    listen_tls: Option<std::net::SocketAddr>,
+    /// The certificate chain --listen-tls presents (PEM).
+    #[arg(long, value_name = "PEM")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "PEM")]
+    tls_key: Option<PathBuf>,
+    /// CA certificates (PEM) that destinations called over https must chain to, their
+    /// certificate naming the host the URL names. Without it, any certificate is taken: the
+    /// link is encrypted, the destination not authenticated (xapi's verify_dest=false), and a
+    /// migration asking verify_dest=true is refused.
+    #[arg(long, env = "SXM_TLS_CA", value_name = "PEM")]
+    tls_ca: Option<PathBuf>,
     /// Unix socket for local callers (mode 0600; no secret needed). Default: ROOT/sxm.sock.
     #[arg(long, value_name = "PATH")]
     socket: Option<PathBuf>,
@@ -126,23 +142,28 @@ pub async fn run(args: ServeArgs) -> Result<()> {
 
     let mut cfg = ServerConfig::new(secret);
     cfg.tcp = args.listen;
+    sxm_engine::http::tls::set_trust(args.tls_ca.as_deref()).context("--tls-ca")?;
+    if let (Some(addr), Some(cert), Some(key)) = (args.listen_tls, &args.tls_cert, &args.tls_key) {
+        cfg.tls = Some((addr, sxm_engine::http::tls::server_config(cert, key).context("--tls-cert, --tls-key")?));
+    }
     cfg.unix = Some(args.socket.unwrap_or_else(|| root.join("sxm.sock")));
     let shutdown = CancellationToken::new();
     let handover = Arc::new(Handover(mux.clone()));
     let running = serve_with(&cfg, mux, handover, shutdown.clone()).await.context("start the RPC server")?;
     // One line on stdout saying where the host listens: scripts and tests wait for it.
     let tcp = running.tcp_addr().map(|a| format!("http://{a}")).unwrap_or_else(|| "-".into());
+    let tls = running.tls_addr().map(|a| format!("https://{a}")).unwrap_or_else(|| "-".into());
     let unix = running.unix_path().map(|p| p.display().to_string()).unwrap_or_else(|| "-".into());
     // Best effort: a host whose stdout is gone (a full file system) goes on, where `println!`
     // would panic.
     {
         use std::io::Write;
         let mut out = std::io::stdout().lock();
-        if let Err(e) = writeln!(out, "sxm serve: listening tcp={tcp} unix={unix} root={}", root.display()).and_then(|()| out.flush()) {
+        if let Err(e) = writeln!(out, "sxm serve: listening tcp={tcp} unix={unix} root={} tls={tls}", root.display()).and_then(|()| out.flush()) {
             tracing::warn!(error = %e, "could not write the listening line to stdout");
         }
     }
-    tracing::info!(%tcp, %unix, root = %root.display(), tapmirror = %tapmirror.display(), "host up");
+    tracing::info!(%tcp, %tls, %unix, root = %root.display(), tapmirror = %tapmirror.display(), "host up");
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).context("SIGTERM handler")?;
     tokio::select! {

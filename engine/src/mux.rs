@@ -137,6 +137,17 @@ impl MuxBuilder {
     }
 }
 
+/// A migration asking `verify_dest` of an https destination on a host that has no CA bundle
+/// to verify with (`sxm serve --tls-ca`) is refused rather than run unverified. (Over http
+/// there is nothing to verify, as in xapi, whose check is stunnel's.)
+fn unverifiable(verify_dest: bool, url: &str) -> Option<StorageError> {
+    (verify_dest && url.starts_with("https://") && !crate::http::tls::verifies()).then(|| {
+        StorageError::MigrationPreparationFailure(
+            "verify_dest asks that the destination's certificate be checked, and this host has no CA bundle to check it with (sxm serve --tls-ca)".into(),
+        )
+    })
+}
+
 impl Mux {
     /// A builder with no backends.
     pub fn builder() -> MuxBuilder {
@@ -446,7 +457,9 @@ impl Mux {
             }
             Query(_) => Ok(self.query().to_value()),
             QueryDiagnostics(_) => Ok(Value::String(self.diagnostics())),
+            DataCopy(a) if let Some(e) = unverifiable(a.verify_dest, &a.url) => Err(e),
             DataCopy(a) => self.data_copy(a.sr, a.vdi, a.url, a.dest).await.map(Value::String),
+            DataMirrorStart(a) if let Some(e) = unverifiable(a.verify_dest, &a.url) => Err(e),
             // A disk of a job is mirrored by its job only (it may still wait in its queue).
             DataMirrorStart(a) if let Some(job) = self.jobs.job_of(&a.sr, &a.vdi) => {
                 Err(StorageError::InternalError(format!("VDI {} is a disk of migration job {job}, which mirrors it", a.vdi)))

@@ -2,6 +2,7 @@
 //! then the source datapath is finalized and the destination VDI must read exactly what the
 //! guest wrote. Failures are injected at each stage; both hosts must end as they began.
 
+use std::ffi::OsStr;
 use std::process::{Command, Stdio};
 
 use serde_json::json;
@@ -1568,6 +1569,97 @@ fn a_mirror_that_fails_as_the_switch_over_drains_it_fails_the_switch_over() {
     assert!(write.wait().expect("wait").success(), "the guest's write failed");
     settle(&p, &before, "both hosts as before the job");
     guest_writes_through(&uris[0]);
+}
+
+/// A CA, and a certificate for 127.0.0.1 it signed with its key, made with openssl: answers
+/// (the CA's certificate, the host's certificate, the host's key).
+fn certificate(dir: &std::path::Path, name: &str) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let p = |ext: &str| dir.join(format!("{name}.{ext}"));
+    let subj = format!("/CN={name} test CA");
+    run(Command::new("openssl").args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", &subj, "-keyout"]).arg(p("ca.key")).arg("-out").arg(p("ca.pem")));
+    run(Command::new("openssl").args(["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout"]).arg(p("key")).arg("-out").arg(p("csr")));
+    std::fs::write(p("ext"), "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n").expect("extensions");
+    run(Command::new("openssl")
+        .args(["x509", "-req", "-days", "2", "-in"])
+        .arg(p("csr"))
+        .arg("-CA")
+        .arg(p("ca.pem"))
+        .arg("-CAkey")
+        .arg(p("ca.key"))
+        .args(["-CAcreateserial", "-extfile"])
+        .arg(p("ext"))
+        .arg("-out")
+        .arg(p("pem")));
+    (p("ca.pem"), p("pem"), p("key"))
+}
+
+/// xapi calls hosts over https by default. A destination listening on TLS takes a live
+/// migration over it, the NBD mirror and copy included (relayed to the datapaths), byte for
+/// byte; `verify_dest` checks its certificate against the source's CA bundle, is refused by a
+/// source that has none, and a certificate the bundle does not vouch for fails the handshake.
+#[test]
+fn a_vdi_moves_live_over_https_and_verify_dest_checks_the_destination() {
+    require!("openssl");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (ca, cert, key) = certificate(dir.path(), "dest");
+    let (other, _, _) = certificate(dir.path(), "other");
+    let tls_args = [OsStr::new("--listen-tls"), OsStr::new("127.0.0.1:0"), OsStr::new("--tls-cert"), cert.as_os_str(), OsStr::new("--tls-key"), key.as_os_str()];
+    let (dst, line) = Host::start_args(&dir.path().join("b"), "127.0.0.1:0", &[], &tls_args);
+    let https = line.split_whitespace().find_map(|w| w.strip_prefix("tls=")).expect("tls= in the listening line").to_owned();
+    assert!(https.starts_with("https://127.0.0.1:"), "{line}");
+    let dst_sr = dst.cli(&["sr", "create", "--type", "qcow2", "--name", "destination"]);
+    let url = format!("{https}/services/SM?session_id={}", dst.secret);
+    let seed = pattern((8 * MIB) as usize, 71);
+    let source = |name: &str, args: &[&OsStr]| {
+        let (h, _) = Host::start_args(&dir.path().join(name), "127.0.0.1:0", &[], args);
+        let sr = h.cli(&["sr", "create", "--name", "source"]);
+        let file = dir.path().join(format!("seed-{name}.raw"));
+        std::fs::write(&file, &seed).expect("seed");
+        let vdi = h.cli_json(&["vdi", "import", "--sr", &sr, "--format", "raw", file.to_str().expect("path")])["vdi"].as_str().expect("vdi").to_owned();
+        h.cli(&["vdi", "attach", "--sr", &sr, "--vdi", &vdi]);
+        let stat = h.call("DP.stat_vdi", json!({"sr": sr, "vdi": vdi, "dbg": "t"}));
+        let dp = stat["dps"].as_object().expect("dps").keys().next().expect("datapath").clone();
+        (h, sr, vdi, dp)
+    };
+    let before = host_state(&dst, &dst_sr);
+    // A source trusting the destination's CA: verified, moved, byte for byte.
+    let (src, sr, vdi, dp) = source("a", &[OsStr::new("--tls-ca"), ca.as_os_str()]);
+    let task = src.call("DATA.MIRROR.start", json!({"sr": sr, "vdi": vdi, "dp": dp, "url": url, "dest": dst_sr, "verify_dest": true, "dbg": "t"}));
+    let task = task.as_str().expect("task").to_owned();
+    eventually(120, "the mirror started", || src.call("TASK.stat", json!({"task": task, "dbg": "t"}))["state"][0] != "Pending");
+    let t = src.call("TASK.stat", json!({"task": task, "dbg": "t"}));
+    assert_eq!(t["state"][0], "Completed", "{t}");
+    let id = format!("{sr}/{vdi}");
+    let dest_vdi = src.call("DATA.MIRROR.stat", json!({"id": id, "dbg": "t"}))["dest_vdi"].as_str().expect("dest").to_owned();
+    src.cli(&["vdi", "detach", "--sr", &sr, "--vdi", &vdi]);
+    let out = dir.path().join("moved.raw");
+    dst.cli(&["vdi", "export", "--sr", &dst_sr, "--vdi", &dest_vdi, out.to_str().expect("path")]);
+    assert!(std::fs::read(&out).expect("export") == seed, "the destination differs from the source");
+    dst.cli(&["vdi", "destroy", "--sr", &dst_sr, "--vdi", &dest_vdi]);
+    // A source with no CA bundle refuses verify_dest, making nothing; without it the link is
+    // encrypted and the destination taken unverified.
+    let (src, sr, vdi, dp) = source("c", &[]);
+    let refused = src.jsonrpc("DATA.MIRROR.start", json!({"sr": sr, "vdi": vdi, "dp": dp, "url": url, "dest": dst_sr, "verify_dest": true, "dbg": "t"}));
+    assert!(refused["error"].to_string().contains("--tls-ca"), "{refused}");
+    assert_eq!(host_state(&dst, &dst_sr), before, "a refused start made something");
+    let id = src.cli(&["mirror", "start", "--sr", &sr, "--vdi", &vdi, "--dest", &url, "--dest-sr", &dst_sr, "--wait"]);
+    src.cli(&["mirror", "stop", &id]);
+    // A source whose bundle does not vouch for the destination's certificate: the handshake
+    // fails, and says so.
+    let (src, sr, vdi, _dp) = source("d", &[OsStr::new("--tls-ca"), other.as_os_str()]);
+    let out = src.cli_raw(&["mirror", "start", "--sr", &sr, "--vdi", &vdi, "--dest", &url, "--dest-sr", &dst_sr, "--wait"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("TLS"), "{err}");
+    settle_host(&dst, &dst_sr, &before);
+}
+
+/// Waits (20 s at most) for one host to be as it was.
+fn settle_host(h: &Host, sr: &str, before: &HostState) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while host_state(h, sr) != *before && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(host_state(h, sr), *before);
 }
 
 /// A destination host that stops answering (hung, or behind a network that drops everything

@@ -73,10 +73,17 @@ impl Host {
     }
 
     fn start_with(root: &Path, listen: &str, env: &[(&str, &str)]) -> Host {
+        Host::start_args(root, listen, env, &[]).0
+    }
+
+    /// Starts a host with more `sxm serve` arguments; answers it and the rest of the line it
+    /// printed once listening (`tls=` and the like).
+    pub fn start_args(root: &Path, listen: &str, env: &[(&str, &str)], args: &[&std::ffi::OsStr]) -> (Host, String) {
         let socket = root.join("sxm.sock");
         let mut child = Command::new(sxm())
             .args(["serve", "--root"])
             .arg(root)
+            .args(args)
             .args(["--listen", listen, "--socket"])
             .arg(&socket)
             .arg("--tapmirror")
@@ -102,7 +109,7 @@ impl Host {
         let line = rx.recv_timeout(Duration::from_secs(30)).expect("sxm serve did not say where it listens within 30 s");
         let tcp = line.split_whitespace().find_map(|w| w.strip_prefix("tcp=")).expect("tcp= in the listening line").to_owned();
         let secret = std::fs::read_to_string(root.join("secret")).expect("host secret").trim().to_owned();
-        Host { root: root.to_owned(), socket, tcp, secret, proc: Proc(Some(child)) }
+        (Host { root: root.to_owned(), socket, tcp, secret, proc: Proc(Some(child)) }, line)
     }
 
     /// Waits for the host to exit on its own (an injected abort); fails after 30 s.

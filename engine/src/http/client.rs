@@ -51,6 +51,8 @@ pub enum Endpoint {
         path_prefix: String,
         /// The host secret to present.
         secret: Option<String>,
+        /// Over TLS (`https://`; port 443 when the URL gave none).
+        tls: bool,
     },
 }
 
@@ -66,17 +68,17 @@ impl Endpoint {
     /// (`http://<ip>/services/SM?session_id=…`) works for both encodings.
     pub fn parse(s: &str) -> Result<Endpoint, EndpointError> {
         if let Some(rest) = s.strip_prefix("http://") {
-            return parse_http(rest);
+            return parse_http(rest, false);
         }
-        if s.starts_with("https://") {
-            return Err(EndpointError("https is not supported: use http:// or a Unix socket".into()));
+        if let Some(rest) = s.strip_prefix("https://") {
+            return parse_http(rest, true);
         }
         // `ADDR:PORT` or `NAME:PORT` alone (with the secret in a query, as in xapi's URLs) is a
         // TCP host, not a socket file named so: otherwise the secret became part of a path,
         // and so of every error that named it.
         let (before_query, query) = s.split_once('?').unwrap_or((s, ""));
         if is_host_port(before_query) {
-            return parse_http(s);
+            return parse_http(s, false);
         }
         let path = s.strip_prefix("unix:").unwrap_or(s);
         // A socket needs no secret: a `?session_id=` given out of habit is dropped, never
@@ -86,7 +88,7 @@ impl Endpoint {
             _ => path,
         };
         if let Some((scheme, _)) = path.split_once("://") {
-            return Err(EndpointError(format!("unsupported scheme {scheme:?}: use http:// or a Unix socket path")));
+            return Err(EndpointError(format!("unsupported scheme {scheme:?}: use http://, https:// or a Unix socket path")));
         }
         if path.is_empty() {
             return Err(EndpointError("empty socket path".into()));
@@ -98,7 +100,7 @@ impl Endpoint {
     /// address, or `ADDR:PORT`) for its host, keeping the port, path and secret, as xapi
     /// follows it. `None` for a Unix socket, which names no host.
     pub fn redirected(&self, ip: &str) -> Option<Endpoint> {
-        let Endpoint::Tcp { authority, path_prefix, secret } = self else { return None };
+        let Endpoint::Tcp { authority, path_prefix, secret, tls } = self else { return None };
         let port = authority.rsplit_once(':').map(|(_, p)| p).unwrap_or("80");
         let authority = if ip.parse::<std::net::SocketAddr>().is_ok() {
             ip.to_owned()
@@ -109,13 +111,13 @@ impl Endpoint {
         } else {
             return None;
         };
-        Some(Endpoint::Tcp { authority, path_prefix: path_prefix.clone(), secret: secret.clone() })
+        Some(Endpoint::Tcp { authority, path_prefix: path_prefix.clone(), secret: secret.clone(), tls: *tls })
     }
 
     /// The same endpoint presenting `secret` (TCP only; a Unix socket needs none).
     pub fn with_secret(self, secret: impl Into<String>) -> Endpoint {
         match self {
-            Endpoint::Tcp { authority, path_prefix, .. } => Endpoint::Tcp { authority, path_prefix, secret: Some(secret.into()) },
+            Endpoint::Tcp { authority, path_prefix, tls, .. } => Endpoint::Tcp { authority, path_prefix, secret: Some(secret.into()), tls },
             unix => unix,
         }
     }
@@ -132,7 +134,7 @@ fn is_host_port(s: &str) -> bool {
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
 }
 
-fn parse_http(rest: &str) -> Result<Endpoint, EndpointError> {
+fn parse_http(rest: &str, tls: bool) -> Result<Endpoint, EndpointError> {
     let (before_query, query) = match rest.split_once('?') {
         Some((b, q)) => (b, Some(q)),
         None => (rest, None),
@@ -152,7 +154,7 @@ fn parse_http(rest: &str) -> Result<Endpoint, EndpointError> {
         Some(close) => authority[close..].contains(':'),
         None => authority.contains(':'),
     };
-    let authority = if has_port { authority.to_owned() } else { format!("{authority}:80") };
+    let authority = if has_port { authority.to_owned() } else { format!("{authority}:{}", if tls { 443 } else { 80 }) };
     let mut prefix = path.trim_end_matches('/');
     for rpc_path in [XMLRPC_PATH, JSONRPC_PATH] {
         if let Some(p) = prefix.strip_suffix(rpc_path) {
@@ -168,7 +170,7 @@ fn parse_http(rest: &str) -> Result<Endpoint, EndpointError> {
             other => return Err(EndpointError(format!("unsupported query parameter {other:?}: only session_id is understood"))),
         }
     }
-    Ok(Endpoint::Tcp { authority, path_prefix: prefix.to_owned(), secret })
+    Ok(Endpoint::Tcp { authority, path_prefix: prefix.to_owned(), secret, tls })
 }
 
 fn percent_decode(s: &str) -> Option<String> {
@@ -215,7 +217,7 @@ impl fmt::Display for Endpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Endpoint::Unix(p) => write!(f, "unix:{}", p.display()),
-            Endpoint::Tcp { authority, path_prefix, .. } => write!(f, "http://{authority}{path_prefix}"),
+            Endpoint::Tcp { authority, path_prefix, tls, .. } => write!(f, "http{}://{authority}{path_prefix}", if *tls { "s" } else { "" }),
         }
     }
 }
@@ -224,7 +226,13 @@ impl fmt::Debug for Endpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Endpoint::Unix(p) => f.debug_tuple("Unix").field(p).finish(),
-            Endpoint::Tcp { authority, path_prefix, secret } => f.debug_struct("Tcp").field("authority", authority).field("path_prefix", path_prefix).field("secret", &secret.as_ref().map(|_| "<redacted>")).finish(),
+            Endpoint::Tcp { authority, path_prefix, secret, tls } => f
+                .debug_struct("Tcp")
+                .field("authority", authority)
+                .field("path_prefix", path_prefix)
+                .field("secret", &secret.as_ref().map(|_| "<redacted>"))
+                .field("tls", tls)
+                .finish(),
         }
     }
 }
@@ -290,6 +298,9 @@ pub enum CallErrorKind {
     /// No reply in time.
     #[error("No reply within {0:?}")]
     Timeout(Duration),
+    /// The TLS handshake failed (the server's certificate not trusted, no common protocol).
+    #[error("TLS handshake failed")]
+    Tls(#[source] io::Error),
     /// The server stopped answering while the call waited: a question asked of it meanwhile,
     /// on a connection of its own, got no answer in this time.
     #[error("The host stopped answering (a check made while the call waited got no answer within {0:?})")]
@@ -401,7 +412,7 @@ impl RpcClient {
                     req = req.header(header::HOST, "localhost");
                     handshake(UnixStream::connect(path).await.map_err(CallErrorKind::Connect)?).await?
                 }
-                Endpoint::Tcp { authority, secret, .. } => {
+                Endpoint::Tcp { authority, secret, tls, .. } => {
                     req = req.header(header::HOST, authority.as_str());
                     if let (Some(s), Credential::Bearer) = (secret, credential) {
                         let mut v = HeaderValue::from_str(&format!("Bearer {s}")).map_err(|_| CallErrorKind::Protocol("the secret cannot travel in an HTTP header".into()))?;
@@ -411,7 +422,11 @@ impl RpcClient {
                     let stream = TcpStream::connect(authority.as_str()).await.map_err(CallErrorKind::Connect)?;
                     // The request is written in one go; Nagle would only delay its last segment.
                     let _ = stream.set_nodelay(true);
-                    handshake(stream).await?
+                    if *tls {
+                        handshake(tls_connect(authority, stream).await?).await?
+                    } else {
+                        handshake(stream).await?
+                    }
                 }
             };
             let req = req.body(Full::new(Bytes::from(body))).map_err(|e| CallErrorKind::Protocol(format!("cannot build the request: {e}")))?;
@@ -470,7 +485,7 @@ async fn nbd_put(endpoint: &Endpoint, path: &str) -> Result<OwnedFd, CallErrorKi
             nbd_exchange(&mut s, path, "localhost").await?;
             s.into_blocking_fd().map_err(CallErrorKind::Io)
         }
-        Endpoint::Tcp { authority, path_prefix, secret } => {
+        Endpoint::Tcp { authority, path_prefix, secret, tls } => {
             let mut target = format!("{path_prefix}{path}");
             if let Some(secret) = secret {
                 target.push(if target.contains('?') { '&' } else { '?' });
@@ -480,10 +495,23 @@ async fn nbd_put(endpoint: &Endpoint, path: &str) -> Result<OwnedFd, CallErrorKi
             let mut s = TcpStream::connect(authority.as_str()).await.map_err(CallErrorKind::Connect)?;
             // NBD requests and replies are small messages; Nagle would only delay them.
             let _ = s.set_nodelay(true);
+            if *tls {
+                // The datapath speaks plain NBD: it gets a socket whose other end this process
+                // relays to the TLS stream (xapi hands tapdisk stunnel's socket the same way).
+                let mut t = tls_connect(authority, s).await?;
+                nbd_exchange(&mut t, &target, authority).await?;
+                return t.into_blocking_fd().map_err(CallErrorKind::Io);
+            }
             nbd_exchange(&mut s, &target, authority).await?;
             s.into_blocking_fd().map_err(CallErrorKind::Io)
         }
     }
+}
+
+/// The TLS handshake with the server at `authority`, trusting what [`super::tls`] was told to.
+async fn tls_connect(authority: &str, stream: TcpStream) -> Result<tokio_rustls::client::TlsStream<TcpStream>, CallErrorKind> {
+    let name = super::tls::server_name(authority).map_err(CallErrorKind::Connect)?;
+    tokio_rustls::TlsConnector::from(super::tls::client()).connect(name, stream).await.map_err(CallErrorKind::Tls)
 }
 
 /// Sends the `PUT` and reads the answer's head, and on a refusal the start of its body.
@@ -567,7 +595,7 @@ mod tests {
     use super::*;
 
     fn tcp(authority: &str, prefix: &str, secret: Option<&str>) -> Endpoint {
-        Endpoint::Tcp { authority: authority.into(), path_prefix: prefix.into(), secret: secret.map(Into::into) }
+        Endpoint::Tcp { authority: authority.into(), path_prefix: prefix.into(), secret: secret.map(Into::into), tls: false }
     }
 
     #[test]
@@ -584,6 +612,15 @@ mod tests {
         assert_eq!(Endpoint::parse("http://h/proxy/sxm/jsonrpc"), Ok(tcp("h:80", "/proxy/sxm", None)));
         assert_eq!(Endpoint::parse("http://[::1]:9/"), Ok(tcp("[::1]:9", "", None)));
         assert_eq!(Endpoint::parse("http://[::1]"), Ok(tcp("[::1]:80", "", None)));
+    }
+
+    #[test]
+    fn https_urls_are_tls_on_port_443_by_default() {
+        let e = Endpoint::parse("https://10.0.0.7/services/SM?session_id=s").expect("https");
+        assert_eq!(e, Endpoint::Tcp { authority: "10.0.0.7:443".into(), path_prefix: String::new(), secret: Some("s".into()), tls: true });
+        assert_eq!(e.to_string(), "https://10.0.0.7:443");
+        let Some(Endpoint::Tcp { tls: true, authority, .. }) = e.redirected("10.0.0.8") else { panic!("a redirect keeps TLS") };
+        assert_eq!(authority, "10.0.0.8:443");
     }
 
     #[test]
@@ -606,7 +643,7 @@ mod tests {
 
     #[test]
     fn unsupported_forms_are_refused_without_echoing_secrets() {
-        for bad in ["https://h/", "ftp://h/", "http://", "http:///x", "", "http://u:p@h/", "http://h/?token=x", "http://h/?session_id=%zz"] {
+        for bad in ["ftp://h/", "http://", "http:///x", "", "http://u:p@h/", "http://h/?token=x", "http://h/?session_id=%zz"] {
             assert!(Endpoint::parse(bad).is_err(), "{bad:?} parsed");
         }
         let e = Endpoint::parse("http://h/?session_id=topsecret&x=1").expect_err("unknown parameter");

@@ -8,6 +8,8 @@
 //!   [`connect_nbd`], which opens an NBD connection with such a `PUT`.
 //! - [`envelope`]: the call and reply envelopes both share, including the JSON-RPC 2.0 error
 //!   object xapi writes.
+//! - [`tls`]: HTTPS (xapi's default between hosts): the server's certificate, the client's
+//!   trust, and the relay that hands a TLS connection's plaintext to a datapath.
 
 use std::future::Future;
 
@@ -18,6 +20,7 @@ pub mod client;
 pub mod envelope;
 pub mod nbd;
 pub mod server;
+pub mod tls;
 
 pub use client::{CallError, CallErrorKind, Endpoint, EndpointError, RpcClient, connect_nbd};
 pub use envelope::JsonVersion;

@@ -262,6 +262,18 @@ impl IntoBlockingFd for TcpStream {
     }
 }
 
+impl IntoBlockingFd for tokio_rustls::server::TlsStream<TcpStream> {
+    fn into_blocking_fd(self) -> io::Result<OwnedFd> {
+        super::tls::relay(self)
+    }
+}
+
+impl IntoBlockingFd for tokio_rustls::client::TlsStream<TcpStream> {
+    fn into_blocking_fd(self) -> io::Result<OwnedFd> {
+        super::tls::relay(self)
+    }
+}
+
 impl IntoBlockingFd for UnixStream {
     fn into_blocking_fd(self) -> io::Result<OwnedFd> {
         let s = self.into_std()?;

@@ -108,6 +108,9 @@ pub struct ServerConfig {
     /// `head_timeout`: unbounded, a flood of them could take every descriptor the host has,
     /// its datapaths' included.
     pub max_connections: usize,
+    /// An HTTPS listener: the address and the server's TLS configuration ([`super::tls`]).
+    /// Callers there present the secret as on `tcp`.
+    pub tls: Option<(SocketAddr, Arc<rustls::ServerConfig>)>,
 }
 
 impl ServerConfig {
@@ -120,6 +123,7 @@ impl ServerConfig {
             max_body: DEFAULT_MAX_BODY,
             head_timeout: DEFAULT_HEAD_TIMEOUT,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            tls: None,
         }
     }
 }
@@ -207,6 +211,7 @@ impl fmt::Display for Transport {
 #[derive(Debug)]
 pub struct Bound {
     tcp: Option<(TcpListener, SocketAddr)>,
+    tls: Option<(TcpListener, SocketAddr, Arc<rustls::ServerConfig>)>,
     unix: Option<BoundUnix>,
     secret: Arc<str>,
     head_timeout: Duration,
@@ -224,10 +229,10 @@ struct BoundUnix {
 impl Bound {
     /// Binds the configured listeners.
     pub async fn bind(cfg: &ServerConfig) -> Result<Bound, ServeError> {
-        if cfg.tcp.is_none() && cfg.unix.is_none() {
+        if cfg.tcp.is_none() && cfg.unix.is_none() && cfg.tls.is_none() {
             return Err(ServeError::NoListener);
         }
-        if cfg.tcp.is_some() && cfg.secret.is_empty() {
+        if (cfg.tcp.is_some() || cfg.tls.is_some()) && cfg.secret.is_empty() {
             return Err(ServeError::EmptySecret);
         }
         let unix = match &cfg.unix {
@@ -242,12 +247,26 @@ impl Bound {
             }
             None => None,
         };
-        Ok(Bound { tcp, unix, secret: cfg.secret.as_str().into(), head_timeout: cfg.head_timeout, max_connections: cfg.max_connections.max(1) })
+        let tls = match &cfg.tls {
+            Some((addr, config)) => {
+                let addr = *addr;
+                let l = TcpListener::bind(addr).await.map_err(|source| ServeError::Tcp { addr, source })?;
+                let local = l.local_addr().map_err(|source| ServeError::Tcp { addr, source })?;
+                Some((l, local, config.clone()))
+            }
+            None => None,
+        };
+        Ok(Bound { tcp, tls, unix, secret: cfg.secret.as_str().into(), head_timeout: cfg.head_timeout, max_connections: cfg.max_connections.max(1) })
     }
 
     /// The TCP address actually bound (with the port chosen when 0 was asked for).
     pub fn tcp_addr(&self) -> Option<SocketAddr> {
         self.tcp.as_ref().map(|(_, a)| *a)
+    }
+
+    /// The HTTPS address actually bound.
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls.as_ref().map(|(_, a, _)| *a)
     }
 
     /// The Unix socket path.
@@ -276,6 +295,12 @@ impl Bound {
             let app = app.clone().layer(middleware::from_fn_with_state(self.secret.clone(), require_secret)).layer(axum::Extension(Transport::Tcp));
             serve_listener(listener, app, head_timeout, self.max_connections, nbd_ctx(Transport::Tcp, Some(self.secret.clone())), shutdown.clone())
         });
+        let tls = self.tls.map(|(listener, _, config)| {
+            let acceptor = tokio_rustls::TlsAcceptor::from(config);
+            let app = app.clone().layer(middleware::from_fn_with_state(self.secret.clone(), require_secret)).layer(axum::Extension(Transport::Tcp));
+            let listener = TlsListener::new(listener, acceptor, head_timeout, self.max_connections, shutdown.clone());
+            serve_listener(listener, app, head_timeout, self.max_connections, nbd_ctx(Transport::Tcp, Some(self.secret.clone())), shutdown.clone())
+        });
         let (unix, unix_file) = match self.unix {
             Some(u) => {
                 let app = app.layer(axum::Extension(Transport::Unix));
@@ -286,6 +311,11 @@ impl Bound {
         tokio::join!(
             async move {
                 if let Some(s) = tcp {
+                    s.await;
+                }
+            },
+            async move {
+                if let Some(s) = tls {
                     s.await;
                 }
             },
@@ -325,6 +355,59 @@ impl Accept for UnixListener {
 
     async fn accept_io(&mut self) -> io::Result<UnixStream> {
         Ok(self.accept().await?.0)
+    }
+}
+
+/// The HTTPS listener: accepts TCP connections and runs their TLS handshakes in tasks of their
+/// own (each within the head timeout, a bounded number at once), so that a slow or silent
+/// handshake never holds up the next accept; [`Accept::accept_io`] takes the connections whose
+/// handshake is done.
+struct TlsListener {
+    done: tokio::sync::mpsc::Receiver<tokio_rustls::server::TlsStream<TcpStream>>,
+}
+
+impl TlsListener {
+    fn new(listener: TcpListener, acceptor: tokio_rustls::TlsAcceptor, head_timeout: Duration, max_connections: usize, shutdown: CancellationToken) -> TlsListener {
+        let (tx, done) = tokio::sync::mpsc::channel(16);
+        let handshakes = Arc::new(tokio::sync::Semaphore::new(max_connections));
+        tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    accepted = listener.accept() => accepted,
+                };
+                let s = match accepted {
+                    Ok((s, _)) => s,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accepting an HTTPS connection failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let Ok(slot) = Arc::clone(&handshakes).try_acquire_owned() else { continue };
+                let _ = s.set_nodelay(true);
+                let (acceptor, tx) = (acceptor.clone(), tx.clone());
+                tokio::spawn(async move {
+                    match tokio::time::timeout(head_timeout, acceptor.accept(s)).await {
+                        Ok(Ok(tls)) => {
+                            let _ = tx.send(tls).await;
+                        }
+                        Ok(Err(e)) => tracing::debug!(error = %e, "a TLS handshake failed"),
+                        Err(_) => tracing::debug!("a TLS handshake took too long"),
+                    }
+                    drop(slot);
+                });
+            }
+        });
+        TlsListener { done }
+    }
+}
+
+impl Accept for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<TcpStream>;
+
+    async fn accept_io(&mut self) -> io::Result<Self::Io> {
+        self.done.recv().await.ok_or_else(|| io::Error::other("the HTTPS listener stopped"))
     }
 }
 
@@ -443,25 +526,26 @@ where
 /// Binds and starts serving [`router`] in a task: the short way when no routes are added.
 pub async fn serve<D: Dispatch>(cfg: &ServerConfig, dispatch: Arc<D>, shutdown: CancellationToken) -> Result<Running, ServeError> {
     let bound = Bound::bind(cfg).await?;
-    let tcp_addr = bound.tcp_addr();
+    let (tcp_addr, tls_addr) = (bound.tcp_addr(), bound.tls_addr());
     let unix_path = bound.unix_path().map(Path::to_path_buf);
     let task = tokio::spawn(bound.run(router(dispatch, cfg.max_body), shutdown));
-    Ok(Running { tcp_addr, unix_path, task })
+    Ok(Running { tcp_addr, tls_addr, unix_path, task })
 }
 
 /// As [`serve`], and serves xapi's NBD `PUT`s with `handover` (see [`Bound::run_with`]).
 pub async fn serve_with<D: Dispatch, H: NbdHandover>(cfg: &ServerConfig, dispatch: Arc<D>, handover: Arc<H>, shutdown: CancellationToken) -> Result<Running, ServeError> {
     let bound = Bound::bind(cfg).await?;
-    let tcp_addr = bound.tcp_addr();
+    let (tcp_addr, tls_addr) = (bound.tcp_addr(), bound.tls_addr());
     let unix_path = bound.unix_path().map(Path::to_path_buf);
     let task = tokio::spawn(bound.run_with(router(dispatch, cfg.max_body), handover, shutdown));
-    Ok(Running { tcp_addr, unix_path, task })
+    Ok(Running { tcp_addr, tls_addr, unix_path, task })
 }
 
 /// A server serving in its own task.
 #[derive(Debug)]
 pub struct Running {
     tcp_addr: Option<SocketAddr>,
+    tls_addr: Option<SocketAddr>,
     unix_path: Option<PathBuf>,
     task: JoinHandle<Result<(), ServeError>>,
 }
@@ -470,6 +554,11 @@ impl Running {
     /// The TCP address bound.
     pub fn tcp_addr(&self) -> Option<SocketAddr> {
         self.tcp_addr
+    }
+
+    /// The HTTPS address bound.
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls_addr
     }
 
     /// The Unix socket path.

@@ -141,7 +141,7 @@ impl Remote {
     /// hearing back).
     pub async fn call_answered<T: Marshal>(&self, call: Call) -> Result<T, (StorageError, bool)> {
         use crate::http::CallErrorKind as K;
-        self.call_classified(call, |k| matches!(k, Some(K::Storage(_) | K::Unauthorised | K::Status { .. } | K::Connect(_)) | None)).await
+        self.call_classified(call, |k| matches!(k, Some(K::Storage(_) | K::Unauthorised | K::Status { .. } | K::Connect(_) | K::Tls(_)) | None)).await
     }
 
     /// [`Remote::call`], also saying whether a failure is the host's being away: no connection
