@@ -43,7 +43,15 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // A usage error under --json is one JSON object too (help and version print as asked).
+        Err(e) if std::env::args().any(|a| a == "--json") && e.use_stderr() => {
+            eprintln!("{}", serde_json::json!({ "error": e.to_string().trim_end() }));
+            return std::process::ExitCode::from(2);
+        }
+        Err(e) => e.exit(),
+    };
     let json = cli.host.json() && !matches!(cli.command, Command::Serve(_) | Command::Demo(_));
     match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1012,6 +1012,10 @@ fn the_cli_says_errors_in_json_and_job_commands_take_only_jobs() {
     let err: serde_json::Value = serde_json::from_slice(&out.stderr).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
     assert_eq!(err["storage_error"], json!(["Does_not_exist", ["task", "no-such-task"]]), "{err}");
     assert!(err["error"].as_str().is_some_and(|e| e.contains("no-such-task")), "{err}");
+    // A usage error too.
+    let out = host.cli_raw(&["--json", "vdi", "bogus"]);
+    let err: serde_json::Value = serde_json::from_slice(&out.stderr).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    assert!(out.status.code() == Some(2) && err["error"].as_str().is_some_and(|e| e.contains("bogus")), "{err}");
     let out = host.cli_raw(&["--json", "vdi", "create", "--sr", "local", "--size", "3T", "--name", "big"]);
     let err: serde_json::Value = serde_json::from_slice(&out.stderr).expect("one JSON object");
     assert_eq!(err["storage_error"][1][0], json!("VDI_TOO_LARGE"), "{err}");

@@ -77,7 +77,7 @@ impl Endpoint {
         // TCP host, not a socket file named so: otherwise the secret became part of a path,
         // and so of every error that named it.
         let (before_query, query) = s.split_once('?').unwrap_or((s, ""));
-        if is_host_port(before_query) {
+        if is_host_port(before_query.split('/').next().unwrap_or_default()) {
             return parse_http(s, false);
         }
         let path = s.strip_prefix("unix:").unwrap_or(s);
@@ -634,6 +634,8 @@ mod tests {
         // Once parsed as a socket path, the secret was in every error that named the endpoint.
         assert_eq!(Endpoint::parse("127.0.0.1:8302?session_id=topsecret"), Ok(tcp("127.0.0.1:8302", "", Some("topsecret"))));
         assert_eq!(Endpoint::parse("localhost:8302"), Ok(tcp("localhost:8302", "", None)));
+        assert_eq!(Endpoint::parse("127.0.0.1:8302/?session_id=s"), Ok(tcp("127.0.0.1:8302", "", Some("s"))), "a path after the port");
+        assert_eq!(Endpoint::parse("10.0.0.1:80/services/SM"), Ok(tcp("10.0.0.1:80", "", None)));
         assert_eq!(Endpoint::parse("[::1]:9?session_id=s"), Ok(tcp("[::1]:9", "", Some("s"))));
         let socket = Endpoint::parse("/run/sxm.sock?session_id=topsecret").expect("a socket path");
         assert_eq!(socket, Endpoint::Unix("/run/sxm.sock".into()), "a socket needs no secret");

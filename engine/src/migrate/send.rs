@@ -41,7 +41,7 @@ const FINALIZE_RECOVER_FOR: Duration = Duration::from_secs(600);
 /// What a failed finalize leaves, said with its error (`{id}`: the mirror). The caller
 /// decides, as xapi's orchestrator does after a failed migration; the source VDI still holds
 /// the guest's disk.
-const FINALIZE_FAILED_HINT: &str = "; the mirror is marked failed and the source VDI is the guest's disk: DATA.MIRROR.stop {id} (sxm mirror stop {id}) undoes the migration on both hosts";
+const FINALIZE_FAILED_HINT: &str = "; the mirror is marked failed and the source VDI is the guest's disk, deactivated (activate it again, sxm vdi attach, for its guest to go on here): DATA.MIRROR.stop {id} (sxm mirror stop {id}) undoes the migration on both hosts";
 
 /// [`FINALIZE_FAILED_HINT`] for mirror `id`.
 pub(super) fn finalize_failed_hint(id: &str) -> String {
