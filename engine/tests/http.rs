@@ -713,3 +713,51 @@ async fn a_host_to_host_call_follows_a_redirect() {
     assert_eq!(e, StorageError::Redirect(Some("127.0.0.1".into())));
     shutdown.cancel();
 }
+
+/// The HTTPS listener: a caller over TLS is served while many others sit in unfinished
+/// handshakes (each runs in a task of its own, so none holds up the accept) and another speaks
+/// plain HTTP to it (closed, nothing run).
+#[tokio::test]
+async fn https_serves_callers_past_stalled_handshakes_and_plain_http() {
+    let dir = TempDir::new();
+    let (cert, key) = (dir.0.join("host.pem"), dir.0.join("host.key"));
+    let made = std::process::Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output();
+    match made {
+        Ok(o) if o.status.success() => {}
+        _ if std::env::var_os("CI").is_none() => {
+            eprintln!("skipping: openssl not installed");
+            return;
+        }
+        other => panic!("openssl is required under CI: {other:?}"),
+    }
+    let mut cfg = ServerConfig::new(SECRET);
+    // Long enough that a handshake held in the accept loop would show.
+    cfg.head_timeout = Duration::from_secs(60);
+    let tls = sxm_engine::http::tls::server_config(&cert, &key).expect("tls config");
+    cfg.tls = Some(("127.0.0.1:0".parse().expect("addr"), tls));
+    let echo = Arc::new(Echo::default());
+    let shutdown = CancellationToken::new();
+    let running = serve(&cfg, echo.clone(), shutdown.clone()).await.expect("serve");
+    let addr = running.tls_addr().expect("tls bound");
+    let mut stalled = Vec::new();
+    for _ in 0..50 {
+        stalled.push(TcpStream::connect(addr).await.expect("connect"));
+    }
+    let mut plain = TcpStream::connect(addr).await.expect("connect");
+    plain.write_all(&xml_call("fail")).await.expect("write");
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), plain.read_to_end(&mut answer)).await.expect("plain HTTP is closed, not served");
+    assert!(!String::from_utf8_lossy(&answer).contains("200 OK"), "plain HTTP was served on the TLS port");
+    // Any certificate is taken by this process's client (no CA bundle set): encrypted only.
+    let client = RpcClient::new(Endpoint::parse(&format!("https://{addr}")).expect("url").with_secret(SECRET));
+    let v = tokio::time::timeout(Duration::from_secs(10), client.call_xml("ping", args())).await.expect("answered past the stalled handshakes").expect("call");
+    assert_eq!(v.get("method").and_then(Value::as_str), Some("ping"));
+    assert_eq!(echo.calls.load(Ordering::SeqCst), 1, "only the TLS caller's call ran");
+    drop(stalled);
+    shutdown.cancel();
+}

@@ -407,7 +407,11 @@ impl Accept for TlsListener {
     type Io = tokio_rustls::server::TlsStream<TcpStream>;
 
     async fn accept_io(&mut self) -> io::Result<Self::Io> {
-        self.done.recv().await.ok_or_else(|| io::Error::other("the HTTPS listener stopped"))
+        match self.done.recv().await {
+            Some(tls) => Ok(tls),
+            // The accepting task ends only at shutdown, which the serving loop sees itself.
+            None => std::future::pending().await,
+        }
     }
 }
 
