@@ -11,6 +11,7 @@ use crate::require;
 use crate::support::*;
 
 const MIB: u64 = 1 << 20;
+const KIB: u64 = 1 << 10;
 
 /// Every pairing of source and destination SR types.
 const PAIRINGS: [(&str, &str); 4] = [("ext", "ext"), ("ext", "qcow2"), ("qcow2", "ext"), ("qcow2", "qcow2")];
@@ -1043,6 +1044,32 @@ fn every_pairing_of_sr_types_moves_live_and_byte_exact() {
             let kind = if from == "ext" { "Differential" } else { "Dynamic" };
             assert!(text.contains(kind), "{what}: {text}");
         }
+    }
+}
+
+/// A guest's zeroing (`WRITE_ZEROES`, and a trim, which a mirror sends as zeroing) after the
+/// mirror started, over data the copy carries: the destination leaf left the zeroes to the
+/// stand-in beneath it, which read as zeroes, and once composed onto the copied disk that
+/// range read the disk's old data again.
+#[test]
+fn a_guests_zeroing_during_the_mirror_arrives_in_every_pairing() {
+    require!("qemu-io");
+    for (from, to) in PAIRINGS {
+        let what = format!("{from} -> {to}");
+        let p = Pair::typed(from, to);
+        let mut expected = pattern((8 * MIB) as usize, 41);
+        let (vdi, uri) = p.guest_disk(&expected);
+        let id = p.start_mirror(&vdi);
+        let dest_vdi = p.src.call("DATA.MIRROR.stat", json!({"id": id, "dbg": "t"}))["dest_vdi"].as_str().expect("dest vdi").to_owned();
+        // A 64 KiB run, and sectors at an odd offset.
+        for (offset, len) in [(2 * MIB, 64 * KIB), (5 * MIB + 3 * 512, 7 * 512)] {
+            run(Command::new("qemu-io").args(["-f", "raw", "-c", &format!("write -z {offset} {len}"), &uri]));
+            expected[offset as usize..(offset + len) as usize].fill(0);
+        }
+        p.src.cli(&["vdi", "detach", "--sr", &p.src_sr, "--vdi", &vdi]);
+        let moved = p.export(&p.dst, &p.dst_sr, &dest_vdi);
+        let first = moved.iter().zip(&expected).position(|(a, b)| a != b);
+        assert!(first.is_none(), "{what}: the destination differs first at byte {first:?}");
     }
 }
 

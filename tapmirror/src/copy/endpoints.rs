@@ -262,7 +262,7 @@ impl<J: Image> Dest<J> {
         match self {
             Dest::Nbd { .. } => {
                 let c = self.client().context("no destination connection")?;
-                c.zero(offset, len, false).await.with_context(|| format!("zeroing destination at {offset}"))
+                c.zero(offset, len, false, false).await.with_context(|| format!("zeroing destination at {offset}"))
             }
             Dest::Image(i) => i
                 .write_zeroes(offset, len, ZeroAlloc::MayDeallocate, ZeroSpeed::Any, Durability::Cached)

@@ -596,9 +596,12 @@ impl MirrorSlot {
     }
 
     /// Mirrors a guest zeroing (or a trim, which the server turns into zeroing under a mirror
-    /// so both sides keep reading alike), of whole units of the target.
+    /// so both sides keep reading alike), of whole units of the target. The target keeps the
+    /// zeroes allocated (`NO_HOLE`): a migration's leaf reads through a stand-in that it is later
+    /// composed off of, onto the copied disk, so zeroes it left to the stand-in (which read as
+    /// zeroes) came back as the disk's old data once composed.
     pub async fn write_zeroes(&self, m: &Mirror, offset: u64, len: u32, fua: bool) {
-        if self.run(m, "write zeroes", m.client.zero(offset, u64::from(len), fua)).await {
+        if self.run(m, "write zeroes", m.client.zero(offset, u64::from(len), fua, true)).await {
             self.mirrored(m, offset, u64::from(len));
         }
     }
@@ -613,7 +616,7 @@ impl MirrorSlot {
         let (inner_start, inner_end) = (offset.div_ceil(m.unit) * m.unit, (offset + len) / m.unit * m.unit);
         let ok = if zeroes && inner_start < inner_end {
             self.copy_from_image(m, image, start, inner_start - start, fua).await
-                && self.run(m, "write zeroes", m.client.zero(inner_start, inner_end - inner_start, fua)).await
+                && self.run(m, "write zeroes", m.client.zero(inner_start, inner_end - inner_start, fua, true)).await
                 && self.copy_from_image(m, image, inner_end, end - inner_end, fua).await
         } else {
             self.copy_from_image(m, image, start, end - start, fua).await
@@ -961,7 +964,7 @@ async fn copy_range<I: Image>(slot: &MirrorSlot, m: &Mirror, image: &I, offset: 
             }
             sent
         } else {
-            slot.run(m, "background zeroing", m.copy_client().zero(e.offset, e.length, false)).await
+            slot.run(m, "background zeroing", m.copy_client().zero(e.offset, e.length, false, false)).await
         };
         if !ok {
             return None;

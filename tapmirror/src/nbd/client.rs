@@ -845,7 +845,9 @@ impl NbdClient {
     /// (tapdisk's server has no `WRITE_ZEROES`); never `TRIM`, whose content afterwards is
     /// unspecified. The requests are in flight at once; `fua` makes the zeroes durable before
     /// this returns (FUA on each request, or a FLUSH after them where the server has no FUA).
-    pub async fn zero(&self, offset: u64, len: u64, fua: bool) -> Result<(), ClientError> {
+    /// `no_hole` asks the server to keep the range allocated (`NO_HOLE`): zeroes it must hold
+    /// itself, not leave to whatever lies beneath it now.
+    pub async fn zero(&self, offset: u64, len: u64, fua: bool, no_hole: bool) -> Result<(), ClientError> {
         let has_zeroes = self.inner.info.has(tflags::SEND_WRITE_ZEROES);
         let chunk = if has_zeroes { 1 << 30 } else { u64::from(self.inner.info.block_size.maximum).min(1 << 20) };
         let zeroes = (!has_zeroes).then(|| Arc::new(IoBuf::new(len.min(chunk) as usize)));
@@ -858,7 +860,10 @@ impl NbdClient {
             pieces
                 .start(async move {
                     match z {
-                        None => c.write_zeroes_flags(off, n as u32, if native_fua { cmd_flags::FUA } else { 0 }).await,
+                        None => {
+                            let flags = if native_fua { cmd_flags::FUA } else { 0 } | if no_hole { cmd_flags::NO_HOLE } else { 0 };
+                            c.write_zeroes_flags(off, n as u32, flags).await
+                        }
                         Some(z) => c.write(off, Payload::Slice(z, 0..n as usize), native_fua).await,
                     }
                 })
