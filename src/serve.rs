@@ -28,10 +28,10 @@ pub struct ServeArgs {
     #[arg(long, value_name = "ADDR:PORT", value_parser = parse_listen, requires_all = ["tls_cert", "tls_key"])]
     listen_tls: Option<std::net::SocketAddr>,
     /// The certificate chain --listen-tls presents (PEM).
-    #[arg(long, value_name = "PEM")]
+    #[arg(long, value_name = "PEM", requires = "listen_tls")]
     tls_cert: Option<PathBuf>,
-    /// The private key of --tls-cert (PEM).
-    #[arg(long, value_name = "PEM")]
+    /// The private key of --tls-cert (PEM, not encrypted).
+    #[arg(long, value_name = "PEM", requires = "listen_tls")]
     tls_key: Option<PathBuf>,
     /// CA certificates (PEM) that destinations called over https must chain to, their
     /// certificate naming the host the URL names. Without it, any certificate is taken: the

@@ -1678,6 +1678,14 @@ fn a_vdi_moves_live_over_https_and_verify_dest_checks_the_destination() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("TLS"), "{err}");
     settle_host(&dst, &dst_sr, &before);
+    // Bad TLS settings stop the host at its start, saying what is wrong.
+    let garbage = dir.path().join("garbage.key");
+    std::fs::write(&garbage, "not a key\n").expect("garbage");
+    let serve = |args: &[&OsStr]| Command::new(sxm()).args(["serve", "--root"]).arg(dir.path().join("e")).args(args).output().expect("sxm serve");
+    let out = serve(&[OsStr::new("--tls-cert"), cert.as_os_str(), OsStr::new("--tls-key"), key.as_os_str()]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--listen-tls"), "a certificate without a TLS listener was taken");
+    let out = serve(&[OsStr::new("--listen-tls"), OsStr::new("127.0.0.1:0"), OsStr::new("--tls-cert"), cert.as_os_str(), OsStr::new("--tls-key"), garbage.as_os_str()]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("no private key"), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
 /// Waits (20 s at most) for one host to be as it was.

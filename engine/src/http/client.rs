@@ -511,7 +511,13 @@ async fn nbd_put(endpoint: &Endpoint, path: &str) -> Result<OwnedFd, CallErrorKi
 /// The TLS handshake with the server at `authority`, trusting what [`super::tls`] was told to.
 async fn tls_connect(authority: &str, stream: TcpStream) -> Result<tokio_rustls::client::TlsStream<TcpStream>, CallErrorKind> {
     let name = super::tls::server_name(authority).map_err(CallErrorKind::Connect)?;
-    tokio_rustls::TlsConnector::from(super::tls::client()).connect(name, stream).await.map_err(CallErrorKind::Tls)
+    tokio_rustls::TlsConnector::from(super::tls::client()).connect(name, stream).await.map_err(|e| {
+        // webpki's words for a self-signed certificate offered by a host whose CA it is.
+        if e.to_string().contains("CaUsedAsEndEntity") {
+            return CallErrorKind::Tls(io::Error::new(e.kind(), format!("{e} (the server presents a CA's certificate as its own, a self-signed one: give it a certificate that CA signed)")));
+        }
+        CallErrorKind::Tls(e)
+    })
 }
 
 /// Sends the `PUT` and reads the answer's head, and on a refusal the start of its body.

@@ -42,7 +42,12 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig
     if chain.is_empty() {
         return Err(TlsError(format!("{}: no certificate in it", cert.display())));
     }
-    let private = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError(format!("{}: {e}", key.display())))?;
+    let private = PrivateKeyDer::from_pem_file(key).map_err(|e| match e {
+        rustls::pki_types::pem::Error::NoItemsFound => {
+            TlsError(format!("{}: no private key in it (an encrypted key is not taken: `openssl pkey -in KEY -out PLAIN` decrypts it)", key.display()))
+        }
+        e => TlsError(format!("{}: {e}", key.display())),
+    })?;
     let config = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError(e.to_string()))?
