@@ -1154,13 +1154,19 @@ fn image_size(file: &Path, format: &str) -> Result<(u64, String)> {
     let tapmirror = crate::serve::find_tapmirror(std::env::var_os("SXM_TAPMIRROR").map(PathBuf::from))?;
     let out = Command::new(&tapmirror).arg("image").arg("info").arg("--format").arg(format).arg(file).output().with_context(|| format!("run {}", tapmirror.display()))?;
     if !out.status.success() {
-        // Its last line is its error, which names the file already (`tapmirror: PATH: why`).
-        let said = String::from_utf8_lossy(&out.stderr);
-        bail!("{}", said.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim_start_matches("tapmirror: "));
+        // Its error names the file already (`tapmirror: PATH: why`).
+        bail!("{}", tapmirror_error(&out.stderr));
     }
     let j: serde_json::Value = serde_json::from_slice(&out.stdout).context("tapmirror image info --json")?;
     let size = j.get("virtual_size").or_else(|| j.get("size")).and_then(serde_json::Value::as_u64).with_context(|| format!("no size in {j}"))?;
     Ok((size, j["format"].as_str().unwrap_or("raw").to_owned()))
+}
+
+/// What a failed tapmirror command said: the last line of its stderr (`tapmirror: …`), what
+/// came before being its log.
+fn tapmirror_error(stderr: &[u8]) -> String {
+    let said = String::from_utf8_lossy(stderr);
+    said.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim_start_matches("tapmirror: ").to_owned()
 }
 
 /// `tapmirror image check` of a VHD or qcow2 file: damage is an error; leaked clusters (wasted
@@ -1171,8 +1177,7 @@ fn check_image(file: &Path) -> Result<()> {
     if out.status.success() || out.status.code() == Some(3) {
         return Ok(());
     }
-    let said = String::from_utf8_lossy(&out.stderr);
-    let why = said.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim_start_matches("tapmirror: ");
+    let why = tapmirror_error(&out.stderr);
     bail!("{} is damaged, and is not imported: {why}", file.display())
 }
 
@@ -1181,9 +1186,7 @@ fn tapmirror_copy(args: &[&std::ffi::OsStr]) -> Result<()> {
     let tapmirror = crate::serve::find_tapmirror(std::env::var_os("SXM_TAPMIRROR").map(PathBuf::from))?;
     let out = Command::new(&tapmirror).arg("copy").args(args).output().with_context(|| format!("run {}", tapmirror.display()))?;
     if !out.status.success() {
-        let said = String::from_utf8_lossy(&out.stderr);
-        // Its last line is its error (`tapmirror: …`); what came before is its log.
-        let why = said.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim_start_matches("tapmirror: ");
+        let why = tapmirror_error(&out.stderr);
         bail!("copying failed ({}): {why}", out.status);
     }
     Ok(())

@@ -291,15 +291,14 @@ impl Bound {
         let head_timeout = self.head_timeout;
         let app = app.fallback(not_found).layer(axum::Extension(BodyStall(head_timeout)));
         let nbd_ctx = |transport, secret| handover.clone().map(|handover| NbdContext { handover, transport, secret, head_timeout });
+        // TCP callers, over TLS or not, present the secret.
+        let secured = app.clone().layer(middleware::from_fn_with_state(self.secret.clone(), require_secret)).layer(axum::Extension(Transport::Tcp));
         let tcp = self.tcp.map(|(listener, _)| {
-            let app = app.clone().layer(middleware::from_fn_with_state(self.secret.clone(), require_secret)).layer(axum::Extension(Transport::Tcp));
-            serve_listener(listener, app, head_timeout, self.max_connections, nbd_ctx(Transport::Tcp, Some(self.secret.clone())), shutdown.clone())
+            serve_listener(listener, secured.clone(), head_timeout, self.max_connections, nbd_ctx(Transport::Tcp, Some(self.secret.clone())), shutdown.clone())
         });
         let tls = self.tls.map(|(listener, _, config)| {
-            let acceptor = tokio_rustls::TlsAcceptor::from(config);
-            let app = app.clone().layer(middleware::from_fn_with_state(self.secret.clone(), require_secret)).layer(axum::Extension(Transport::Tcp));
-            let listener = TlsListener::new(listener, acceptor, head_timeout, self.max_connections, shutdown.clone());
-            serve_listener(listener, app, head_timeout, self.max_connections, nbd_ctx(Transport::Tcp, Some(self.secret.clone())), shutdown.clone())
+            let listener = TlsListener::new(listener, tokio_rustls::TlsAcceptor::from(config), head_timeout, self.max_connections, shutdown.clone());
+            serve_listener(listener, secured, head_timeout, self.max_connections, nbd_ctx(Transport::Tcp, Some(self.secret.clone())), shutdown.clone())
         });
         let (unix, unix_file) = match self.unix {
             Some(u) => {

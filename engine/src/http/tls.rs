@@ -74,39 +74,32 @@ pub fn verifies() -> bool {
 }
 
 fn client_config(ca: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, TlsError> {
-    let builder = rustls::ClientConfig::builder_with_provider(provider()).with_safe_default_protocol_versions().map_err(|e| TlsError(e.to_string()))?;
-    let config = match ca {
-        Some(ca) => {
-            let mut roots = rustls::RootCertStore::empty();
-            for cert in CertificateDer::pem_file_iter(ca).map_err(|e| TlsError(format!("{}: {e}", ca.display())))? {
-                let cert = cert.map_err(|e| TlsError(format!("{}: {e}", ca.display())))?;
-                roots.add(cert).map_err(|e| TlsError(format!("{}: {e}", ca.display())))?;
-            }
-            if roots.is_empty() {
-                return Err(TlsError(format!("{}: no certificate in it", ca.display())));
-            }
-            builder.with_root_certificates(roots).with_no_client_auth()
-        }
-        None => builder.dangerous().with_custom_certificate_verifier(Arc::new(AnyServer(provider()))).with_no_client_auth(),
-    };
-    Ok(Arc::new(config))
+    let Some(ca) = ca else { return Ok(any_server()) };
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).map_err(|e| TlsError(format!("{}: {e}", ca.display())))? {
+        let cert = cert.map_err(|e| TlsError(format!("{}: {e}", ca.display())))?;
+        roots.add(cert).map_err(|e| TlsError(format!("{}: {e}", ca.display())))?;
+    }
+    if roots.is_empty() {
+        return Err(TlsError(format!("{}: no certificate in it", ca.display())));
+    }
+    Ok(Arc::new(client_builder().with_root_certificates(roots).with_no_client_auth()))
+}
+
+/// A client taking any server's certificate (still checking that it holds the key).
+fn any_server() -> Arc<rustls::ClientConfig> {
+    Arc::new(client_builder().dangerous().with_custom_certificate_verifier(Arc::new(AnyServer(provider()))).with_no_client_auth())
+}
+
+fn client_builder() -> rustls::ConfigBuilder<rustls::ClientConfig, rustls::WantsVerifier> {
+    // ring offers every default protocol version, so this does not fail; were it to, the
+    // process's default provider (ring too, the only one built) would serve.
+    rustls::ClientConfig::builder_with_provider(provider()).with_safe_default_protocol_versions().unwrap_or_else(|_| rustls::ClientConfig::builder())
 }
 
 /// The client configuration calls use: what [`set_trust`] set, or trust in any server.
 pub(super) fn client() -> Arc<rustls::ClientConfig> {
-    TRUST.get_or_init(|| (client_config(None).unwrap_or_else(|_| unreachable_config()), false)).0.clone()
-}
-
-// `client_config(None)` reads no file and cannot fail; this keeps `unwrap` out of the code.
-fn unreachable_config() -> Arc<rustls::ClientConfig> {
-    Arc::new(
-        rustls::ClientConfig::builder_with_provider(provider())
-            .with_protocol_versions(rustls::DEFAULT_VERSIONS)
-            .unwrap_or_else(|_| rustls::ClientConfig::builder())
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AnyServer(provider())))
-            .with_no_client_auth(),
-    )
+    TRUST.get_or_init(|| (any_server(), false)).0.clone()
 }
 
 /// The name a server's certificate must carry for `authority` (`host:port`, `[v6]:port`).

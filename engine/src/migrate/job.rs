@@ -191,8 +191,8 @@ impl Mux {
     /// `SXM.migrate.start`: preflight, then the job in a task whose id is answered.
     pub(crate) async fn migrate_start(&self, a: args::SxmMigrateStart) -> Result<String, StorageError> {
         let (disks, room) = self.preflight(&a).await?;
-        let (task, cancel) = self.tasks().create(&format!("migrate {} disk(s) of SR {}", disks.len(), a.sr));
         let dest = (Remote::new(&a.url)?.endpoint.to_string(), a.dest.clone());
+        let (task, cancel) = self.tasks().create(&format!("migrate {} disk(s) of SR {}", disks.len(), a.sr));
         let need: i64 = disks.iter().map(|d| d.size + SLACK_PER_DISK).sum();
         let limit = Arc::new(RateLimit::new(u64::try_from(a.bwlimit).unwrap_or(0)));
         let job = Arc::new(Job {
