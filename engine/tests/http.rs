@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use sxm_engine::http::envelope::{self, INVALID_REQUEST, PARSE_ERROR};
-use sxm_engine::http::{Bound, CallErrorKind, Dispatch, Endpoint, JsonVersion, RpcClient, Running, ServeError, ServerConfig, router, serve};
+use sxm_engine::http::{Bound, CallErrorKind, Dispatch, Endpoint, JsonVersion, RpcClient, Running, ServeError, ServerConfig, Transport, router, serve};
 use sxm_engine::model::StorageError;
 use sxm_engine::rpc::{Value, xmlrpc};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -714,13 +714,10 @@ async fn a_host_to_host_call_follows_a_redirect() {
     shutdown.cancel();
 }
 
-/// The HTTPS listener: a caller over TLS is served while many others sit in unfinished
-/// handshakes (each runs in a task of its own, so none holds up the accept) and another speaks
-/// plain HTTP to it (closed, nothing run).
-#[tokio::test]
-async fn https_serves_callers_past_stalled_handshakes_and_plain_http() {
-    let dir = TempDir::new();
-    let (cert, key) = (dir.0.join("host.pem"), dir.0.join("host.key"));
+/// A self-signed certificate and key for 127.0.0.1 in `dir`, made with openssl; None (the test
+/// skips) where openssl is missing outside CI.
+fn self_signed(dir: &Path) -> Option<(PathBuf, PathBuf)> {
+    let (cert, key) = (dir.join("host.pem"), dir.join("host.key"));
     let made = std::process::Command::new("openssl")
         .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1", "-keyout"])
         .arg(&key)
@@ -728,13 +725,61 @@ async fn https_serves_callers_past_stalled_handshakes_and_plain_http() {
         .arg(&cert)
         .output();
     match made {
-        Ok(o) if o.status.success() => {}
+        Ok(o) if o.status.success() => Some((cert, key)),
         _ if std::env::var_os("CI").is_none() => {
             eprintln!("skipping: openssl not installed");
-            return;
+            None
         }
         other => panic!("openssl is required under CI: {other:?}"),
     }
+}
+
+/// Each listener tells the routes (and the call log) which one a request came in on: a
+/// caller over TLS is `tls`, not `tcp`.
+#[tokio::test]
+async fn each_listener_names_its_transport() {
+    let dir = TempDir::new();
+    let Some((cert, key)) = self_signed(&dir.0) else { return };
+    let curl = Path::new("/usr/bin/curl");
+    if !curl.exists() {
+        assert!(std::env::var_os("CI").is_none(), "curl is required under CI");
+        eprintln!("skipping: /usr/bin/curl not found");
+        return;
+    }
+    let socket = dir.0.join("sxm.sock");
+    let mut cfg = ServerConfig::new(SECRET);
+    cfg.unix = Some(socket.clone());
+    cfg.tcp = Some("127.0.0.1:0".parse().expect("addr"));
+    cfg.tls = Some(("127.0.0.1:0".parse().expect("addr"), sxm_engine::http::tls::server_config(&cert, &key).expect("tls config")));
+    let bound = Bound::bind(&cfg).await.expect("bind");
+    let (tcp, tls) = (bound.tcp_addr().expect("tcp"), bound.tls_addr().expect("tls"));
+    let which = axum::Router::new().route("/which", axum::routing::get(|axum::Extension(t): axum::Extension<Transport>| async move { t.to_string() }));
+    let token = CancellationToken::new();
+    let task = tokio::spawn(bound.run(router(Arc::new(Echo::default()), cfg.max_body).merge(which), token.clone()));
+
+    let r = tcp_raw(tcp, &request("GET", &format!("/which?session_id={SECRET}"), &[], b"")).await;
+    assert_eq!((r.status, r.text()), (200, "tcp".to_owned()));
+    let r = unix_raw(&socket, &request("GET", "/which", &[], b"")).await;
+    assert_eq!((r.status, r.text()), (200, "unix".to_owned()));
+    let url = format!("https://{tls}/which?session_id={SECRET}");
+    let out = tokio::task::spawn_blocking(move || std::process::Command::new("/usr/bin/curl").args(["-sS", "--insecure", "--max-time", "10", &url]).output())
+        .await
+        .expect("no panic")
+        .expect("run curl");
+    assert!(out.status.success(), "curl: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "tls");
+
+    token.cancel();
+    tokio::time::timeout(Duration::from_secs(10), task).await.expect("stops in time").expect("no panic").expect("stops cleanly");
+}
+
+/// The HTTPS listener: a caller over TLS is served while many others sit in unfinished
+/// handshakes (each runs in a task of its own, so none holds up the accept) and another speaks
+/// plain HTTP to it (closed, nothing run).
+#[tokio::test]
+async fn https_serves_callers_past_stalled_handshakes_and_plain_http() {
+    let dir = TempDir::new();
+    let Some((cert, key)) = self_signed(&dir.0) else { return };
     let mut cfg = ServerConfig::new(SECRET);
     // Long enough that a handshake held in the accept loop would show.
     cfg.head_timeout = Duration::from_secs(60);

@@ -149,6 +149,7 @@ impl Server {
         match via {
             Transport::Tcp => Box::new(TcpStream::connect(self.addr).await.expect("connect")),
             Transport::Unix => Box::new(UnixStream::connect(&self.sock).await.expect("connect")),
+            Transport::Tls => unreachable!("this server has no TLS listener"),
         }
     }
 

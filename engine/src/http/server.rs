@@ -177,7 +177,7 @@ pub enum ServeError {
     /// A listener failed while serving.
     #[error("Serving on {listener} failed")]
     Serve {
-        /// Which listener (`tcp` or `unix`).
+        /// Which listener (`tcp`, `tls` or `unix`).
         listener: Transport,
         /// Why.
         #[source]
@@ -193,16 +193,26 @@ pub enum ServeError {
 pub enum Transport {
     /// TCP: the caller presented the host secret.
     Tcp,
+    /// TLS over TCP (`--listen-tls`): the caller presented the host secret.
+    Tls,
     /// The Unix socket: the file mode let the caller in.
     Unix,
 }
 
+impl Transport {
+    /// The listener's name in logs and errors.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Tcp => "tcp",
+            Transport::Tls => "tls",
+            Transport::Unix => "unix",
+        }
+    }
+}
+
 impl fmt::Display for Transport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Transport::Tcp => "tcp",
-            Transport::Unix => "unix",
-        })
+        f.write_str(self.as_str())
     }
 }
 
@@ -292,13 +302,15 @@ impl Bound {
         let app = app.fallback(not_found).layer(axum::Extension(BodyStall(head_timeout)));
         let nbd_ctx = |transport, secret| handover.clone().map(|handover| NbdContext { handover, transport, secret, head_timeout });
         // TCP callers, over TLS or not, present the secret.
-        let secured = app.clone().layer(middleware::from_fn_with_state(self.secret.clone(), require_secret)).layer(axum::Extension(Transport::Tcp));
+        let secured = app.clone().layer(middleware::from_fn_with_state(self.secret.clone(), require_secret));
         let tcp = self.tcp.map(|(listener, _)| {
-            serve_listener(listener, secured.clone(), head_timeout, self.max_connections, nbd_ctx(Transport::Tcp, Some(self.secret.clone())), shutdown.clone())
+            let app = secured.clone().layer(axum::Extension(Transport::Tcp));
+            serve_listener(listener, app, head_timeout, self.max_connections, nbd_ctx(Transport::Tcp, Some(self.secret.clone())), shutdown.clone())
         });
         let tls = self.tls.map(|(listener, _, config)| {
             let listener = TlsListener::new(listener, tokio_rustls::TlsAcceptor::from(config), head_timeout, self.max_connections, shutdown.clone());
-            serve_listener(listener, secured, head_timeout, self.max_connections, nbd_ctx(Transport::Tcp, Some(self.secret.clone())), shutdown.clone())
+            let app = secured.layer(axum::Extension(Transport::Tls));
+            serve_listener(listener, app, head_timeout, self.max_connections, nbd_ctx(Transport::Tls, Some(self.secret.clone())), shutdown.clone())
         });
         let (unix, unix_file) = match self.unix {
             Some(u) => {
@@ -652,7 +664,7 @@ impl<D: Dispatch> Rpc<D> {
             Err(_) => Err(StorageError::InternalError(format!("{method} was cancelled: the server is shutting down"))),
         };
         let elapsed_us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
-        let transport = transport.map_or("other", |t| if t == Transport::Tcp { "tcp" } else { "unix" });
+        let transport = transport.map_or("other", Transport::as_str);
         match &outcome {
             Ok(_) => tracing::info!(%method, transport, encoding, elapsed_us, outcome = "success", "rpc call"),
             Err(e) => tracing::info!(%method, transport, encoding, elapsed_us, outcome = "failure", error = %e, "rpc call"),
