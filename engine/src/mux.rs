@@ -137,6 +137,12 @@ impl MuxBuilder {
     }
 }
 
+/// A write (a read-write attach or activate) of a VDI that `DATA.copy` is reading, refused:
+/// the copy would hold some of the writes and not others.
+fn copy_under_way(vdi: &str, operation: &str) -> StorageError {
+    crate::backend::errors::in_use(vdi, &format!("{operation}: a copy of it (DATA.copy) is under way; cancel it or wait for it to end"))
+}
+
 /// A migration asking `verify_dest` of an https destination on a host that has no CA bundle
 /// to verify with (`sxm serve --tls-ca`) is refused rather than run unverified. (Over http
 /// there is nothing to verify, as in xapi, whose check is stunnel's.)
@@ -177,7 +183,7 @@ impl Mux {
     /// and then act on the backend and record: two of them on one VDI interleaved (two VMs
     /// sharing a read-only disk, starting and stopping at once) could stop the process another
     /// had just found running, or pause one another had just unpaused. They take turns.
-    async fn vdi_turn(&self, sr: &str, vdi: &str) -> HeldTurn<'_> {
+    pub(crate) async fn vdi_turn(&self, sr: &str, vdi: &str) -> HeldTurn<'_> {
         take_turn(&self.vdi_turns, sr, vdi).await
     }
 
@@ -765,6 +771,9 @@ impl Mux {
     async fn attach(&self, dp: String, sr: String, vdi: String, read_write: bool, vm: Option<String>) -> StorageResult<AttachInfo> {
         let _turn = self.vdi_turn(&sr, &vdi).await;
         let entry = self.attached_entry(&sr)?;
+        if read_write && self.being_copied(&sr, &vdi) {
+            return Err(copy_under_way(&vdi, "VDI.attach read-write"));
+        }
         let (before, mine) = {
             let dps = self.datapaths();
             (superstate(dps.of_vdi(&sr, &vdi)), dps.get(&dp, &sr, &vdi).cloned())
@@ -815,6 +824,9 @@ impl Mux {
         let mut record = self.dp_record(&dp, &sr, &vdi, VdiState::Activated(crate::model::Rw::Rw))?;
         if record.active {
             return Ok(());
+        }
+        if record.read_write && self.being_copied(&sr, &vdi) {
+            return Err(copy_under_way(&vdi, "VDI.activate"));
         }
         let already = matches!(superstate(self.datapaths().of_vdi(&sr, &vdi)), VdiState::Activated(_));
         if !already {

@@ -529,6 +529,11 @@ impl Mux {
         loop {
             match remote.call::<()>(Call::DpDestroy(args::DpDestroy { allow_leak: false, dp: dp.into(), dbg: dbg(vdi) })).await {
                 Ok(()) => break,
+                // Cancelled while waiting: the undo lets go of the datapath (and the copy) anyway.
+                Err(e) if copied.is_ok() && cancel.is_cancelled() => {
+                    tracing::info!(dp = %dp, error = %e, "cancelled while the destination had yet to let go of the copy's datapath");
+                    return Err(StorageError::Cancelled(task.to_owned()));
+                }
                 Err(e) if copied.is_err() || std::time::Instant::now() >= deadline => {
                     tracing::warn!(dp = %dp, error = %e, "destroying the copy's destination datapath failed");
                     if copied.is_ok() {
@@ -538,7 +543,10 @@ impl Mux {
                 }
                 Err(e) => {
                     tracing::warn!(dp = %dp, error = %e, "destroying the copy's destination datapath failed; retrying");
-                    tokio::time::sleep(wait).await;
+                    tokio::select! {
+                        () = tokio::time::sleep(wait) => {}
+                        () = cancel.cancelled() => {}
+                    }
                     wait = (wait * 2).min(Duration::from_secs(5));
                 }
             }
@@ -914,6 +922,10 @@ impl Mux {
     pub(crate) async fn data_copy(&self, sr: String, vdi: String, url: String, dest_sr: String) -> Result<String, StorageError> {
         let id = format!("copy/{sr}/{vdi}");
         self.attached_entry(&sr)?;
+        // Held until the copy is recorded: an activate for a writer checks for the record, and
+        // the copy checks for active writers, each in the VDI's turn, so one of them sees the
+        // other.
+        let turn = self.vdi_turn(&sr, &vdi).await;
         let earlier = lock(&self.records.copies).get(&id).cloned();
         match earlier {
             // A pending undo kept under the copy's own id (its re-keying failed): it moves
@@ -939,6 +951,7 @@ impl Mux {
         let (task, cancel) = self.tasks().create(&format!("copy {id}"));
         let record = CopyRecord { id: id.clone(), sr, vdi, url, dest_sr, stage: CopyStage::Prepare, dest_vdi: None, dest_dp: None, task: task.clone() };
         lock(&self.records.copies).put(record)?;
+        drop(turn);
         let me = self.me()?;
         let task_id = task.clone();
         tokio::spawn(async move {
@@ -1005,11 +1018,17 @@ impl Mux {
             return Err(StorageError::Cancelled(task.to_owned()));
         }
         self.stage(task, "copy", 0.10);
+        // A cancel is taken up to the last step: until the copy's mark is off the destination
+        // VDI, its undo destroys that VDI, and the task ends cancelled, not completed.
+        let go_on = || if cancel.is_cancelled() { Err(StorageError::Cancelled(task.to_owned())) } else { Ok(()) };
         let report = self.copy_to_remote(&r.sr, &r.vdi, base.as_deref(), &r.url, &r.dest_sr, &made.vdi, &dp, "0", task, cancel, None).await?;
         tracing::info!(copy = %id, data = report.data_bytes, base = ?base, "copy done");
         self.tasks().debug_info(task, "copied_bytes", &report.data_bytes.to_string());
+        go_on()?;
         crate::fault::point("copy.copied").await?;
+        go_on()?;
         remote.call::<()>(Call::VdiSetContentId(args::VdiSetContentId { content_id: info.content_id.clone(), vdi: made.vdi.clone(), sr: r.dest_sr.clone(), dbg: dbg(id) })).await?;
+        go_on()?;
         remote.call::<()>(Call::VdiRemoveFromSmConfig(args::VdiRemoveFromSmConfig { key: BASE_MIRROR.into(), vdi: made.vdi.clone(), sr: r.dest_sr.clone(), dbg: dbg(id) })).await?;
         let done: VdiInfo = remote.call(Call::VdiStat(args::VdiStat { vdi: made.vdi, sr: r.dest_sr.clone(), dbg: dbg(id) })).await?;
         self.stage(task, "done", 1.0);
