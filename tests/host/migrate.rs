@@ -648,10 +648,12 @@ fn a_copy_cut_short_by_its_destination_is_undone_there_once_it_is_back() {
 }
 
 /// While a `DATA.copy` reads a VDI, the VDI can be neither destroyed nor resized, nor copied
-/// again: each is `VDI_IN_USE`, as for a VDI a datapath holds. (They used to succeed, and the
-/// copy then failed, or on qcow2 completed a copy of a VDI that no longer existed.)
+/// again, nor written (a read-write attach, or the activate of a read-write datapath made
+/// before the copy): each is `VDI_IN_USE`, as for a VDI a datapath holds. (They used to
+/// succeed, and the copy then failed, or on qcow2 completed a copy of a VDI that no longer
+/// existed, or held some of the guest's writes and not others.) A reader may attach.
 #[test]
-fn a_vdi_being_copied_is_neither_destroyed_nor_resized_nor_copied_again() {
+fn a_vdi_being_copied_is_neither_destroyed_nor_resized_nor_copied_again_nor_written() {
     let p = Pair::with_faults("copy.copied=long", "");
     let file = p._dir.path().join("seed.raw");
     let seed = pattern((8 * MIB) as usize, 18);
@@ -660,6 +662,8 @@ fn a_vdi_being_copied_is_neither_destroyed_nor_resized_nor_copied_again() {
     let copy = |h: &Host| {
         h.jsonrpc("DATA.copy", json!({"dbg": "t", "sr": p.src_sr, "vdi": vdi, "vm": "vm", "url": p.dest_url(), "dest": p.dst_sr, "verify_dest": false}))
     };
+    // A writer's datapath attached before the copy, not yet active.
+    p.src.call("VDI.attach3", json!({"dbg": "t", "dp": "early", "sr": p.src_sr, "vdi": vdi, "vm": "vm", "read_write": true}));
     let first = copy(&p.src);
     let task = first["result"].as_str().unwrap_or_else(|| panic!("DATA.copy: {first}")).to_owned();
     // Its data is written: it sits at copy.copied for ten seconds.
@@ -669,18 +673,49 @@ fn a_vdi_being_copied_is_neither_destroyed_nor_resized_nor_copied_again() {
     for (method, params) in [
         ("VDI.destroy", json!({"dbg": "t", "sr": p.src_sr, "vdi": vdi})),
         ("VDI.resize", json!({"dbg": "t", "sr": p.src_sr, "vdi": vdi, "new_size": 16 * MIB})),
+        ("VDI.attach3", json!({"dbg": "t", "dp": "writer", "sr": p.src_sr, "vdi": vdi, "vm": "vm", "read_write": true})),
+        ("VDI.activate3", json!({"dbg": "t", "dp": "early", "sr": p.src_sr, "vdi": vdi, "vm": "vm"})),
     ] {
         let e = p.src.jsonrpc(method, params);
         assert!(e["error"].to_string().contains("VDI_IN_USE"), "{method} during a copy: {e}");
     }
     let again = copy(&p.src);
     assert!(again["error"].to_string().contains("VDI_IN_USE"), "a second DATA.copy: {again}");
+    let reader = p.src.jsonrpc("VDI.attach3", json!({"dbg": "t", "dp": "reader", "sr": p.src_sr, "vdi": vdi, "vm": "vm", "read_write": false}));
+    assert!(reader.get("error").is_none(), "a reader's attach during a copy: {reader}");
     eventually(60, "the copy completed", || p.src.call("TASK.stat", json!({"task": task, "dbg": "t"}))["state"][0] == "Completed");
+    for dp in ["early", "reader"] {
+        p.src.call("DP.destroy", json!({"dbg": "t", "dp": dp, "allow_leak": false}));
+    }
     let stat = p.src.call("VDI.stat", json!({"dbg": "t", "sr": p.src_sr, "vdi": vdi}));
     assert_eq!(stat["virtual_size"], json!(8 * MIB), "{stat}");
     assert!(p.export(&p.src, &p.src_sr, &vdi) == seed, "the source changed");
     // Once the copy is done, the VDI is the caller's again.
     p.src.call("VDI.destroy", json!({"dbg": "t", "sr": p.src_sr, "vdi": vdi}));
+}
+
+/// A cancel that comes once a `DATA.copy`'s data is written, before its last steps on the
+/// destination, still undoes it: the task ends cancelled and the destination keeps no copy.
+/// (Nothing looked at the cancel after the data was written: the copy completed, and its VDI
+/// stayed, after `TASK.cancel` had answered.)
+#[test]
+fn a_copy_cancelled_after_its_data_is_written_is_undone() {
+    let p = Pair::with_faults("copy.copied=long", "");
+    let file = p._dir.path().join("seed.raw");
+    std::fs::write(&file, pattern((8 * MIB) as usize, 19)).expect("seed");
+    let vdi = p.src.cli_json(&["vdi", "import", "--sr", &p.src_sr, "--name", "data", file.to_str().expect("path")])["vdi"].as_str().expect("vdi").to_owned();
+    let before = p.dst_vdis();
+    let task = p.src.cli(&["copy", "--sr", &p.src_sr, "--vdi", &vdi, "--dest", &p.dest_url(), "--dest-sr", &p.dst_sr]);
+    // Its data is written: it sits at copy.copied for ten seconds.
+    eventually(60, "the copy reported what it copied", || {
+        p.src.call("TASK.stat", json!({"task": task, "dbg": "t"}))["debug_info"]["copied_bytes"].is_string()
+    });
+    p.src.call("TASK.cancel", json!({"task": task, "dbg": "t"}));
+    eventually(60, "the copy ended", || p.src.call("TASK.stat", json!({"task": task, "dbg": "t"}))["state"][0] != "Pending");
+    let state = p.src.call("TASK.stat", json!({"task": task, "dbg": "t"}))["state"].clone();
+    assert!(state[0] == "Failed" && state.to_string().contains("Cancelled"), "{state}");
+    assert_eq!(p.dst_vdis(), before, "the cancelled copy's VDI stayed on the destination");
+    assert_eq!(p.src.call("DATA.MIRROR.list", json!({"dbg": "t"})), json!({}));
 }
 
 #[test]
