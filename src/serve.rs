@@ -132,6 +132,14 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     let _one_host = lock_root(&root)?;
     let tapmirror = find_tapmirror(args.tapmirror)?;
     let secret = host_secret(&root)?;
+    // Before the state is opened: opening it takes up migrations a crash interrupted, whose
+    // calls to https destinations must verify them as `--tls-ca` says (the first call fixes
+    // whom the process trusts).
+    sxm_engine::http::tls::set_trust(args.tls_ca.as_deref()).context("--tls-ca")?;
+    let tls = match (args.listen_tls, &args.tls_cert, &args.tls_key) {
+        (Some(addr), Some(cert), Some(key)) => Some((addr, sxm_engine::http::tls::server_config(cert, key).context("--tls-cert, --tls-key")?)),
+        _ => None,
+    };
 
     let mux = Mux::builder()
         .backend("ext", Arc::new(sxm_smapiv1::ExtBackend::new(tapmirror.clone()).with_mirror_busy_rate(args.mirror_busy_rate)))
@@ -142,10 +150,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
 
     let mut cfg = ServerConfig::new(secret);
     cfg.tcp = args.listen;
-    sxm_engine::http::tls::set_trust(args.tls_ca.as_deref()).context("--tls-ca")?;
-    if let (Some(addr), Some(cert), Some(key)) = (args.listen_tls, &args.tls_cert, &args.tls_key) {
-        cfg.tls = Some((addr, sxm_engine::http::tls::server_config(cert, key).context("--tls-cert, --tls-key")?));
-    }
+    cfg.tls = tls;
     cfg.unix = Some(args.socket.unwrap_or_else(|| root.join("sxm.sock")));
     let shutdown = CancellationToken::new();
     let handover = Arc::new(Handover(mux.clone()));

@@ -1728,6 +1728,38 @@ fn a_vdi_moves_live_over_https_and_verify_dest_checks_the_destination() {
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("no private key"), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
+/// A source host killed during a `DATA.copy` over https undoes the copy on the destination
+/// when it starts, and starts with its `--tls-ca`: the trust is set before the state is
+/// opened. (Opening it undid the copy there first, and that call fixed the process's trust to
+/// "any server" before `--tls-ca` was read: the host refused to start, every time.)
+#[test]
+fn a_source_killed_during_an_https_copy_starts_with_its_ca_and_undoes_the_copy() {
+    require!("openssl");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (ca, cert, key) = certificate(dir.path(), "dest");
+    let tls_args = [OsStr::new("--listen-tls"), OsStr::new("127.0.0.1:0"), OsStr::new("--tls-cert"), cert.as_os_str(), OsStr::new("--tls-key"), key.as_os_str()];
+    let (dst, line) = Host::start_args(&dir.path().join("b"), "127.0.0.1:0", &[], &tls_args);
+    let https = line.split_whitespace().find_map(|w| w.strip_prefix("tls=")).expect("tls= in the listening line").to_owned();
+    let dst_sr = dst.cli(&["sr", "create", "--type", "qcow2", "--name", "destination"]);
+    let url = format!("{https}/services/SM?session_id={}", dst.secret);
+    let before = host_state(&dst, &dst_sr);
+    let trust = [OsStr::new("--tls-ca"), ca.as_os_str()];
+    let src_root = dir.path().join("a");
+    let (src, _) = Host::start_args(&src_root, "127.0.0.1:0", &[("SXM_FAULTS", "copy.copied=long")], &trust);
+    let sr = src.cli(&["sr", "create", "--name", "source"]);
+    let file = dir.path().join("seed.raw");
+    std::fs::write(&file, pattern((8 * MIB) as usize, 72)).expect("seed");
+    let vdi = src.cli_json(&["vdi", "import", "--sr", &sr, "--format", "raw", file.to_str().expect("path")])["vdi"].as_str().expect("vdi").to_owned();
+    let task = src.cli(&["copy", "--sr", &sr, "--vdi", &vdi, "--dest", &url, "--dest-sr", &dst_sr]);
+    // Its data is written: it sits at copy.copied for ten seconds, and the host dies there.
+    eventually(60, "the copy reported what it copied", || src.call("TASK.stat", json!({"task": task, "dbg": "t"}))["debug_info"]["copied_bytes"].is_string());
+    assert_ne!(host_state(&dst, &dst_sr), before, "the copy made nothing on the destination");
+    src.kill();
+    let (src, _) = Host::start_args(&src_root, "127.0.0.1:0", &[], &trust);
+    settle_host(&dst, &dst_sr, &before);
+    eventually(30, "the copy's record went", || src.call("DATA.MIRROR.list", json!({"dbg": "t"})) == json!({}));
+}
+
 /// Waits (20 s at most) for one host to be as it was.
 fn settle_host(h: &Host, sr: &str, before: &HostState) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
