@@ -1729,19 +1729,23 @@ fn a_vdi_moves_live_over_https_and_verify_dest_checks_the_destination() {
 }
 
 /// A source host killed during a `DATA.copy` over https undoes the copy on the destination
-/// when it starts, and starts with its `--tls-ca`: the trust is set before the state is
+/// once it runs again, and starts with its `--tls-ca`: the trust is set before the state is
 /// opened. (Opening it undid the copy there first, and that call fixed the process's trust to
-/// "any server" before `--tls-ca` was read: the host refused to start, every time.)
+/// "any server" before `--tls-ca` was read: the host refused to start, every time.) The undo
+/// runs in the background, so a destination that takes connections and never answers does not
+/// keep the host from listening (it held the start for a minute, three calls' checks).
 #[test]
 fn a_source_killed_during_an_https_copy_starts_with_its_ca_and_undoes_the_copy() {
     require!("openssl");
     let dir = tempfile::tempdir().expect("tempdir");
     let (ca, cert, key) = certificate(dir.path(), "dest");
-    let tls_args = [OsStr::new("--listen-tls"), OsStr::new("127.0.0.1:0"), OsStr::new("--tls-cert"), cert.as_os_str(), OsStr::new("--tls-key"), key.as_os_str()];
-    let (dst, line) = Host::start_args(&dir.path().join("b"), "127.0.0.1:0", &[], &tls_args);
-    let https = line.split_whitespace().find_map(|w| w.strip_prefix("tls=")).expect("tls= in the listening line").to_owned();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port").local_addr().expect("addr").port();
+    let tls_listen = format!("127.0.0.1:{port}");
+    let tls_args = [OsStr::new("--listen-tls"), OsStr::new(&tls_listen), OsStr::new("--tls-cert"), cert.as_os_str(), OsStr::new("--tls-key"), key.as_os_str()];
+    let dst_root = dir.path().join("b");
+    let (dst, _) = Host::start_args(&dst_root, "127.0.0.1:0", &[], &tls_args);
     let dst_sr = dst.cli(&["sr", "create", "--type", "qcow2", "--name", "destination"]);
-    let url = format!("{https}/services/SM?session_id={}", dst.secret);
+    let url = format!("https://{tls_listen}/services/SM?session_id={}", dst.secret);
     let before = host_state(&dst, &dst_sr);
     let trust = [OsStr::new("--tls-ca"), ca.as_os_str()];
     let src_root = dir.path().join("a");
@@ -1755,9 +1759,16 @@ fn a_source_killed_during_an_https_copy_starts_with_its_ca_and_undoes_the_copy()
     eventually(60, "the copy reported what it copied", || src.call("TASK.stat", json!({"task": task, "dbg": "t"}))["debug_info"]["copied_bytes"].is_string());
     assert_ne!(host_state(&dst, &dst_sr), before, "the copy made nothing on the destination");
     src.kill();
+    // The destination goes; its TLS port takes connections and never answers.
+    dst.kill();
+    let hole = std::net::TcpListener::bind(&tls_listen).expect("hold the destination's TLS port");
     let (src, _) = Host::start_args(&src_root, "127.0.0.1:0", &[], &trust);
+    assert_eq!(src.call("SR.list", json!({"dbg": "t"})), json!([sr]));
+    // Back: the undo, retried, reaches it.
+    drop(hole);
+    let (dst, _) = Host::start_args(&dst_root, "127.0.0.1:0", &[], &tls_args);
+    eventually(60, "the copy's record went", || src.call("DATA.MIRROR.list", json!({"dbg": "t"})) == json!({}));
     settle_host(&dst, &dst_sr, &before);
-    eventually(30, "the copy's record went", || src.call("DATA.MIRROR.list", json!({"dbg": "t"})) == json!({}));
 }
 
 /// Waits (20 s at most) for one host to be as it was.

@@ -1194,10 +1194,15 @@ impl Mux {
             self.retry_cancel(r.id.clone());
             self.tasks().changed(Dynamic::Mirror(r.id.clone()));
         }
+        // In the background too: the undo is all on the destination, which may be away or
+        // hung (three calls to a destination that took connections and never answered held
+        // this host's start for a minute). Until it is done, the VDI counts as being copied.
         let copies: Vec<String> = lock(&self.records.copies).all().map(|r| r.id.clone()).collect();
         for id in copies {
             tracing::warn!(copy = %id, "a copy was interrupted; undoing it");
-            self.end_copy(&id).await;
+            if let Ok(me) = self.me() {
+                tokio::spawn(async move { me.end_copy(&id).await });
+            }
         }
     }
 
