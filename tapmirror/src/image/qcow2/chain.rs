@@ -150,7 +150,7 @@ fn layer(path: &Path, format: Option<&str>) -> Result<Layer, Qcow2Error> {
     };
     if qcow2 {
         let (h, file_len) = read_header(path)?;
-        Ok(Layer { path: path.to_owned(), size: h.size, file_len, format: LayerFormat::Qcow2(Box::new(h)) })
+        Ok(Layer { path: path.to_owned(), size: h.disk_size(), file_len, format: LayerFormat::Qcow2(Box::new(h)) })
     } else {
         let file = File::open(path).map_err(|e| io_error(path, "open", e))?;
         let file_len = crate::image::byte_len(&file).map_err(|e| io_error(path, "stat", e))?;

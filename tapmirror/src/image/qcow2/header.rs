@@ -146,6 +146,13 @@ pub fn wanted_len(first: &[u8]) -> Option<usize> {
 }
 
 impl Header {
+    /// The disk's size as served: the header's, in whole 512-byte sectors. QEMU counts a disk in
+    /// sectors and drops a partial last one, and an export whose smallest request is a sector
+    /// cannot end inside one (NBD clients refuse to read such a tail).
+    pub fn disk_size(&self) -> u64 {
+        self.size / 512 * 512
+    }
+
     /// Cluster size in bytes.
     pub fn cluster_size(&self) -> u64 {
         1 << self.cluster_bits

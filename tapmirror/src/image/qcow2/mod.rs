@@ -942,7 +942,7 @@ pub async fn info(path: &Path) -> std::result::Result<Qcow2Info, Qcow2Error> {
         Ok(Qcow2Info {
             format: "qcow2",
             version: h.version,
-            virtual_size: h.size,
+            virtual_size: h.disk_size(),
             cluster_size: h.cluster_size(),
             backing_file: h.backing_file.clone(),
             backing_format: h.backing_format(),

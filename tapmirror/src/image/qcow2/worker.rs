@@ -229,7 +229,8 @@ pub(super) async fn start(
                 };
                 let h = chain[0].header();
                 let state = Rc::new(State {
-                    size: top.size(),
+                    // Whole sectors (`Header::disk_size`); imago takes the header's as it is.
+                    size: h.map_or(top.size(), |h| top.size().min(h.disk_size())),
                     cluster: h.map(|h| h.cluster_size()).unwrap_or(65536),
                     version: h.map(|h| h.version).unwrap_or(3),
                     writable: access == Access::ReadWrite,
