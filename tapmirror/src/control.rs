@@ -73,13 +73,25 @@ pub struct Control<I: Image> {
 /// Longest request line accepted.
 const MAX_LINE: usize = 64 * 1024;
 
+/// Most control connections served at once. Each holds a thread of the blocking pool (512
+/// threads, which the portable I/O engine shares): idle clients beyond this are told so and
+/// closed, rather than stalling every later command (`pause`, `drain`, `shutdown`) unanswered.
+pub const MAX_CONNECTIONS: usize = 64;
+
 /// Serves the control socket until `shutdown`.
 pub async fn serve<I: Image>(listener: tokio::net::UnixListener, control: Arc<Control<I>>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         tokio::select! {
             _ = control.shutdown.cancelled() => return,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
+                    let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+                        tracing::warn!(max = MAX_CONNECTIONS, "control connection refused: as many as allowed are open");
+                        let refusal = json!({"ok": false, "error": format!("too many control connections (at most {MAX_CONNECTIONS} at once)")});
+                        let _ = stream.try_write(format!("{refusal}\n").as_bytes());
+                        continue;
+                    };
                     let control = Arc::clone(&control);
                     let handle = tokio::runtime::Handle::current();
                     let Ok(std) = stream.into_std() else { continue };
@@ -89,6 +101,7 @@ pub async fn serve<I: Image>(listener: tokio::net::UnixListener, control: Arc<Co
                         if std.set_nonblocking(false).is_ok() {
                             connection(std, &control, &handle);
                         }
+                        drop(slot);
                     });
                 }
                 Err(e) => {

@@ -242,6 +242,36 @@ fn stalled_or_killed_targets_fail_the_mirror_not_the_guest() {
     assert_eq!(stats["errors"], 0, "{stats}");
 }
 
+/// Idle control clients beyond the limit are told so and closed: each connection holds a thread
+/// of the blocking pool, and about 512 idle ones used to leave every later command (`pause`,
+/// `drain`, `shutdown`) unanswered until they went. Once they go, commands are answered again.
+#[test]
+fn idle_control_clients_beyond_the_limit_are_refused_not_left_to_stall_commands() {
+    use std::io::{BufRead, BufReader, Write};
+    let (_source, ctl_path) = serve_controlled(16 * MIB);
+    let idle: Vec<_> = (0..520).map(|_| std::os::unix::net::UnixStream::connect(&ctl_path).expect("connect control")).collect();
+    let mut s = std::os::unix::net::UnixStream::connect(&ctl_path).expect("connect control");
+    s.set_read_timeout(Some(std::time::Duration::from_secs(20))).expect("timeout");
+    // Written whether or not the server reads it: a refused connection may be closed first.
+    let _ = s.write_all(b"{\"cmd\":\"stats\"}\n");
+    let mut answer = String::new();
+    BufReader::new(&s).read_line(&mut answer).expect("an answer, not a stall");
+    let a: Value = serde_json::from_str(&answer).expect("answer is JSON");
+    assert_eq!(a["ok"], false, "{a}");
+    assert!(a["error"].as_str().unwrap_or("").contains("too many control connections"), "{a}");
+    drop(idle);
+    let mut stats = Value::Null;
+    for _ in 0..100 {
+        let out = ctl_output(&ctl_path, &["stats"]);
+        if out.status.success() {
+            stats = serde_json::from_slice(&out.stdout).expect("ctl answer is JSON");
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(stats.get("mirror").is_some(), "no stats once the idle clients went: {stats}");
+}
+
 #[test]
 fn bad_control_input_gets_an_error_and_changes_nothing() {
     use std::io::{BufRead, BufReader, Write};
