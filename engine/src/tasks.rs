@@ -191,6 +191,10 @@ impl Tasks {
         };
         self.update(id, |e| {
             let failed = TaskState::Failed(error.to_value());
+            // A failed task goes no further: no rate, no time left.
+            for going in ["rate", "eta_s"] {
+                e.task.debug_info.shift_remove(going);
+            }
             end_subtasks(&mut e.task, &failed);
             e.task.state = failed;
             e.ended = Some(std::time::Instant::now());
@@ -307,12 +311,17 @@ mod tests {
         assert!(matches!(t.stat(&ok).expect("stat").subtasks.get("copy"), Some(TaskState::Completed(_))));
         let (failed, _) = t.create("failed");
         t.subtask(&failed, "copy", TaskState::Pending(0.4));
+        t.debug_info(&failed, "rate", "1000");
+        t.debug_info(&failed, "eta_s", "14.8");
+        t.debug_info(&failed, "bytes_done", "4000");
         // The copy noticed the cancel and named what it copied: the task says itself.
         t.fail(&failed, &StorageError::Cancelled("some-vdi".into()));
         let task = t.stat(&failed).expect("stat");
         let expected = TaskState::Failed(StorageError::Cancelled(failed.clone()).to_value());
         assert_eq!(task.state, expected);
         assert_eq!(task.subtasks.get("copy"), Some(&expected));
+        // How far it got stays; a rate and a time left, which it no longer has, go.
+        assert_eq!(task.debug_info.keys().collect::<Vec<_>>(), ["bytes_done"]);
     }
 
     #[tokio::test]

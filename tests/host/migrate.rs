@@ -860,6 +860,9 @@ fn a_full_mirror_that_fills_its_destination_says_it_ran_out_of_space() {
     let t = p.src.call("TASK.stat", json!({"task": last_task(&p.src), "dbg": "t"}));
     assert_eq!(t["state"][1][0], "Migration_mirror_failure", "{t}");
     assert!(t["state"][1][1].as_str().is_some_and(|m| m.contains("ENOSPC")), "the error names the cause: {t}");
+    // Its progress says how far it got, not done (a failed mirror has no bytes left to copy).
+    let done = t["debug_info"]["bytes_done"].as_str().map(|d| d.parse::<u64>().expect("bytes_done"));
+    assert!(done.is_none_or(|d| d < 12 * MIB), "a failed mirror reported as all copied: {t}");
     settle(&p, &before, "both hosts back as they were");
 }
 

@@ -359,10 +359,14 @@ impl Mux {
             }
             let vdi = r.vdi.clone();
             let status = self.run(&entry, false, move |b, ctx| b.vdi_mirror_status(ctx, &vdi)).await?;
-            let done = size.saturating_sub(status.bytes_left);
-            self.tasks().debug_info(task, "bytes_done", &done.to_string());
-            self.tasks().debug_info(task, "bytes_total", &size.to_string());
-            self.tasks().progress(task, 0.08 + 0.91 * done as f64 / size as f64);
+            // A failed mirror has nothing left to copy, and has not copied it: its progress stays
+            // where the last healthy answer put it.
+            if matches!(status.state, MirrorHealth::Syncing | MirrorHealth::Ready) {
+                let done = size.saturating_sub(status.bytes_left);
+                self.tasks().debug_info(task, "bytes_done", &done.to_string());
+                self.tasks().debug_info(task, "bytes_total", &size.to_string());
+                self.tasks().progress(task, 0.08 + 0.91 * done as f64 / size as f64);
+            }
             match status.state {
                 MirrorHealth::Ready => break,
                 MirrorHealth::Failed => {
