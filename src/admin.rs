@@ -942,7 +942,8 @@ impl Admin {
                     };
                 }
                 TaskState::Failed(e) => {
-                    eprintln!();
+                    // Over the last progress line, which may name a stage the task has left.
+                    eprintln!("\r{stage:<9} failed{:40}", "");
                     let what = if stage.is_empty() { format!("task {task} failed") } else { format!("task {task} failed in stage {stage:?}") };
                     // The storage error stays in the chain, for `--json`'s `storage_error`.
                     return Err(match StorageError::from_value(e) {

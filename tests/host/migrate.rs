@@ -647,6 +647,24 @@ fn a_copy_cut_short_by_its_destination_is_undone_there_once_it_is_back() {
     assert_eq!(p.dst_vdis().len(), before.len() + 1, "{again}");
 }
 
+/// A copy that fails after its data is written is undone on the destination, and `--wait`
+/// ends its progress line with the stage it failed in (the last line drawn could name an
+/// earlier one: "prepare 2.0%" above "failed in stage copy").
+#[test]
+fn a_copy_failing_at_its_end_is_undone_and_its_progress_line_says_where() {
+    let p = Pair::with_faults("copy.copied=error", "");
+    let file = p._dir.path().join("seed.raw");
+    std::fs::write(&file, pattern((8 * MIB) as usize, 20)).expect("seed");
+    let vdi = p.src.cli_json(&["vdi", "import", "--sr", &p.src_sr, "--name", "data", file.to_str().expect("path")])["vdi"].as_str().expect("vdi").to_owned();
+    let before = p.dst_vdis();
+    let out = p.src.cli_raw(&["copy", "--sr", &p.src_sr, "--vdi", &vdi, "--dest", &p.dest_url(), "--dest-sr", &p.dst_sr, "--wait"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("failed in stage \"copy\""), "{err}");
+    let drawn = err.lines().find(|l| l.contains('\r')).and_then(|l| l.rsplit('\r').next()).unwrap_or("");
+    assert!(drawn.starts_with("copy") && drawn.contains("failed"), "the last progress line: {drawn:?} in {err:?}");
+    eventually(30, "the destination's copy went", || p.dst_vdis() == before);
+}
+
 /// While a `DATA.copy` reads a VDI, the VDI can be neither destroyed nor resized, nor copied
 /// again, nor written (a read-write attach, or the activate of a read-write datapath made
 /// before the copy): each is `VDI_IN_USE`, as for a VDI a datapath holds. (They used to
