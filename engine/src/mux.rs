@@ -140,7 +140,7 @@ impl MuxBuilder {
 /// A write (a read-write attach or activate) of a VDI that `DATA.copy` is reading, refused:
 /// the copy would hold some of the writes and not others.
 fn copy_under_way(vdi: &str, operation: &str) -> StorageError {
-    crate::backend::errors::in_use(vdi, &format!("{operation}: a copy of it (DATA.copy) is under way; cancel it or wait for it to end"))
+    crate::backend::errors::in_use(vdi, &format!("{operation}: a copy of it (DATA.copy) is under way; cancel its task or wait for it to end"))
 }
 
 /// A migration asking `verify_dest` of an https destination on a host that has no CA bundle
@@ -378,8 +378,19 @@ impl Mux {
             }
             VdiCompose(a) => {
                 let entry = self.attached_entry(&a.sr)?;
+                for vdi in [&a.vdi1, &a.vdi2] {
+                    if self.being_copied(&a.sr, vdi) {
+                        return Err(copy_under_way(vdi, "VDI.compose"));
+                    }
+                }
                 let child = a.vdi2.clone();
                 self.run(&entry, true, move |b, ctx| b.vdi_compose(ctx, &a.vdi1, &a.vdi2)).await?;
+                // The child now reads its parent's data under its own: it no longer holds what
+                // its content_id names, and a copy must not take an earlier copy of it as one
+                // of what it holds now (a copy after a compose sent nothing and kept the old
+                // content). A migration's finalize, which composes, sets it afterwards.
+                let (id, fresh) = (child.clone(), uuid::Uuid::new_v4().to_string());
+                self.run(&entry, true, move |b, ctx| b.vdi_update(ctx, &id, &VdiChange::ContentId(fresh))).await?;
                 self.tasks.changed(Dynamic::Vdi(child));
                 Ok(Value::Null)
             }
@@ -570,6 +581,9 @@ impl Mux {
         let entry = self.attached_entry(sr)?;
         if let Some(r) = self.datapaths().of_sr(sr).next() {
             return Err(StorageError::BackendError("SR_IN_USE".into(), vec![sr.into(), format!("VDI {} is attached on datapath {}", r.vdi, r.dp)]));
+        }
+        if let Some(vdi) = self.copied_in(sr) {
+            return Err(StorageError::BackendError("SR_IN_USE".into(), vec![sr.into(), format!("VDI {vdi} is being copied (DATA.copy)")]));
         }
         self.run(&entry, true, |b, ctx| b.sr_detach(ctx)).await?;
         let mut record = entry.record;

@@ -677,6 +677,7 @@ fn a_vdi_being_copied_is_neither_destroyed_nor_resized_nor_copied_again_nor_writ
     let seed = pattern((8 * MIB) as usize, 18);
     std::fs::write(&file, &seed).expect("seed");
     let vdi = p.src.cli_json(&["vdi", "import", "--sr", &p.src_sr, "--name", "data", file.to_str().expect("path")])["vdi"].as_str().expect("vdi").to_owned();
+    let other = p.src.cli(&["vdi", "create", "--sr", &p.src_sr, "--size", "8M", "--name", "other"]);
     let copy = |h: &Host| {
         h.jsonrpc("DATA.copy", json!({"dbg": "t", "sr": p.src_sr, "vdi": vdi, "vm": "vm", "url": p.dest_url(), "dest": p.dst_sr, "verify_dest": false}))
     };
@@ -697,19 +698,51 @@ fn a_vdi_being_copied_is_neither_destroyed_nor_resized_nor_copied_again_nor_writ
         let e = p.src.jsonrpc(method, params);
         assert!(e["error"].to_string().contains("VDI_IN_USE"), "{method} during a copy: {e}");
     }
+    // With no datapath on it (which keeps a compose and an SR detach out by itself): composed
+    // onto another, or another onto it (gone from the SR, or changed), or its SR detached.
+    p.src.call("DP.destroy", json!({"dbg": "t", "dp": "early", "allow_leak": false}));
+    for (vdi1, vdi2) in [(&vdi, &other), (&other, &vdi)] {
+        let e = p.src.jsonrpc("VDI.compose", json!({"dbg": "t", "sr": p.src_sr, "vdi1": vdi1, "vdi2": vdi2}));
+        assert!(e["error"].to_string().contains("VDI_IN_USE"), "VDI.compose during a copy: {e}");
+    }
+    let e = p.src.jsonrpc("SR.detach", json!({"dbg": "t", "sr": p.src_sr}));
+    assert!(e["error"].to_string().contains("SR_IN_USE"), "SR.detach during a copy: {e}");
     let again = copy(&p.src);
     assert!(again["error"].to_string().contains("VDI_IN_USE"), "a second DATA.copy: {again}");
+    // The CLI's attach is refused, and leaves no datapath.
+    let out = p.src.cli_raw(&["vdi", "attach", "--sr", &p.src_sr, "--vdi", &vdi]);
+    assert!(!out.status.success(), "a read-write attach by the CLI during a copy");
+    let dps = p.src.call("DP.stat_vdi", json!({"dbg": "t", "sr": p.src_sr, "vdi": vdi}))["dps"].clone();
+    assert_eq!(dps, json!({}), "a refused attach left a datapath");
     let reader = p.src.jsonrpc("VDI.attach3", json!({"dbg": "t", "dp": "reader", "sr": p.src_sr, "vdi": vdi, "vm": "vm", "read_write": false}));
     assert!(reader.get("error").is_none(), "a reader's attach during a copy: {reader}");
     eventually(60, "the copy completed", || p.src.call("TASK.stat", json!({"task": task, "dbg": "t"}))["state"][0] == "Completed");
-    for dp in ["early", "reader"] {
-        p.src.call("DP.destroy", json!({"dbg": "t", "dp": dp, "allow_leak": false}));
-    }
+    p.src.call("DP.destroy", json!({"dbg": "t", "dp": "reader", "allow_leak": false}));
     let stat = p.src.call("VDI.stat", json!({"dbg": "t", "sr": p.src_sr, "vdi": vdi}));
     assert_eq!(stat["virtual_size"], json!(8 * MIB), "{stat}");
     assert!(p.export(&p.src, &p.src_sr, &vdi) == seed, "the source changed");
     // Once the copy is done, the VDI is the caller's again.
     p.src.call("VDI.destroy", json!({"dbg": "t", "sr": p.src_sr, "vdi": vdi}));
+}
+
+/// A VDI composed onto another reads that other's data under its own: a copy of it afterwards
+/// holds that. (The compose kept the VDI's content_id, and the copy, taking an earlier copy of
+/// it on the destination as the same content, sent nothing and kept the old data.)
+#[test]
+fn a_copy_after_a_compose_holds_what_the_compose_made() {
+    let p = Pair::new();
+    let file = p._dir.path().join("seed.raw");
+    let under = pattern((8 * MIB) as usize, 21);
+    std::fs::write(&file, &under).expect("seed");
+    let parent = p.src.cli_json(&["vdi", "import", "--sr", &p.src_sr, "--name", "under", file.to_str().expect("path")])["vdi"].as_str().expect("vdi").to_owned();
+    let child = p.src.cli(&["vdi", "create", "--sr", &p.src_sr, "--size", "8M", "--name", "child"]);
+    let copy = || p.src.cli(&["copy", "--sr", &p.src_sr, "--vdi", &child, "--dest", &p.dest_url(), "--dest-sr", &p.dst_sr, "--wait"]);
+    let empty = copy();
+    assert!(p.export(&p.dst, &p.dst_sr, &empty) == vec![0u8; (8 * MIB) as usize], "the first copy");
+    p.src.call("VDI.compose", json!({"dbg": "t", "sr": p.src_sr, "vdi1": parent, "vdi2": child}));
+    assert!(p.export(&p.src, &p.src_sr, &child) == under, "the compose");
+    let composed = copy();
+    assert!(p.export(&p.dst, &p.dst_sr, &composed) == under, "the copy after the compose holds the old content");
 }
 
 /// A cancel that comes once a `DATA.copy`'s data is written, before its last steps on the
@@ -1785,6 +1818,9 @@ fn a_source_killed_during_an_https_copy_starts_with_its_ca_and_undoes_the_copy()
     let hole = std::net::TcpListener::bind(&tls_listen).expect("hold the destination's TLS port");
     let (src, _) = Host::start_args(&src_root, "127.0.0.1:0", &[], &trust);
     assert_eq!(src.call("SR.list", json!({"dbg": "t"})), json!([sr]));
+    // The copy reads the VDI no more: it is the caller's while the undo waits.
+    src.cli(&["vdi", "attach", "--sr", &sr, "--vdi", &vdi]);
+    src.cli(&["vdi", "detach", "--sr", &sr, "--vdi", &vdi]);
     // Back: the undo, retried, reaches it.
     drop(hole);
     let (dst, _) = Host::start_args(&dst_root, "127.0.0.1:0", &[], &tls_args);
