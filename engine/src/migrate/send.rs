@@ -1084,35 +1084,36 @@ impl Mux {
             let _ = lock(&self.records.copies).remove(id);
             return;
         }
-        let Some((id, task)) = ({
-            let mut copies = lock(&self.records.copies);
-            match copies.get(id).cloned() {
-                Some(mut r) => {
-                    let task = r.task.clone();
-                    r.stage = CopyStage::Undoing;
-                    r.id = format!("undo/{task}");
-                    let undo_id = r.id.clone();
-                    // The pending undo is written before the copy's record goes.
-                    match copies.put(r) {
-                        Ok(()) => {
-                            if undo_id != id {
-                                let _ = copies.remove(id);
-                            }
-                            Some((undo_id, task))
-                        }
-                        Err(e) => {
-                            tracing::error!(copy = %id, error = %e, "recording the pending undo failed; it is retried from the copy's record");
-                            Some((id.to_owned(), task))
-                        }
-                    }
-                }
-                None => None,
-            }
-        }) else {
+        let Some((id, task)) = self.set_aside_for_undo(id) else {
             return;
         };
         tracing::warn!(copy = %id, "the destination could not undo the copy's side; retrying");
         self.retry_undo_copy(id, task);
+    }
+
+    /// Moves the record of copy `id` aside for its undo: `Undoing`, under `undo/<task>`, so that
+    /// it no longer keeps its VDI from writers and a new copy of the VDI never takes it over.
+    /// Answers the record's new id and its task.
+    fn set_aside_for_undo(&self, id: &str) -> Option<(String, String)> {
+        let mut copies = lock(&self.records.copies);
+        let mut r = copies.get(id).cloned()?;
+        let task = r.task.clone();
+        r.stage = CopyStage::Undoing;
+        r.id = format!("undo/{task}");
+        let undo_id = r.id.clone();
+        // The pending undo is written before the copy's record goes.
+        match copies.put(r) {
+            Ok(()) => {
+                if undo_id != id {
+                    let _ = copies.remove(id);
+                }
+                Some((undo_id, task))
+            }
+            Err(e) => {
+                tracing::error!(copy = %id, error = %e, "recording the pending undo failed; it is retried from the copy's record");
+                Some((id.to_owned(), task))
+            }
+        }
     }
 
     /// Retries the undo of the failed copy recorded as `id` (of task `task`) with backoff,
@@ -1201,10 +1202,13 @@ impl Mux {
         // In the background too: the undo is all on the destination, which may be away or
         // hung (three calls to a destination that took connections and never answered held
         // this host's start for a minute). Until it is done, the VDI counts as being copied.
+        // Set aside first: the copy reads its VDI no more, so writers may have it while the
+        // destination is away (it was kept from them, and a cancel advised that no task could
+        // take, until the undo had failed once: a minute against a hung destination).
         let copies: Vec<String> = lock(&self.records.copies).all().map(|r| r.id.clone()).collect();
         for id in copies {
             tracing::warn!(copy = %id, "a copy was interrupted; undoing it");
-            if let Ok(me) = self.me() {
+            if let (Some((id, _)), Ok(me)) = (self.set_aside_for_undo(&id), self.me()) {
                 tokio::spawn(async move { me.end_copy(&id).await });
             }
         }
@@ -1214,6 +1218,11 @@ impl Mux {
     /// the VDI's image chain, which must neither go nor change size under it.
     pub(crate) fn being_copied(&self, sr: &str, vdi: &str) -> bool {
         lock(&self.records.copies).get(&format!("copy/{sr}/{vdi}")).is_some_and(|r| r.stage != CopyStage::Undoing)
+    }
+
+    /// A VDI of `sr` that a `DATA.copy` reads, if any.
+    pub(crate) fn copied_in(&self, sr: &str) -> Option<String> {
+        lock(&self.records.copies).all().find(|r| r.sr == sr && r.stage != CopyStage::Undoing).map(|r| r.vdi.clone())
     }
 
     /// Whether a datapath holds the VDI read-write and active.
