@@ -987,8 +987,15 @@ impl Admin {
             bail!("VDI {vdi} is attached read-only elsewhere ({}): it cannot be attached read-write too", stat.dps.keys().cloned().collect::<Vec<_>>().join(", "));
         }
         let args = [("read_write", Value::Bool(read_write)), ("vdi", s(vdi)), ("vm", s("0")), ("sr", s(sr)), ("dp", s(dp))];
+        let ours = !stat.dps.contains_key(dp);
         let info: AttachInfo = self.call_as("VDI.attach3", &args).await?;
-        self.call("VDI.activate3", &[("vdi", s(vdi)), ("vm", s("0")), ("sr", s(sr)), ("dp", s(dp))]).await?;
+        if let Err(e) = self.call("VDI.activate3", &[("vdi", s(vdi)), ("vm", s("0")), ("sr", s(sr)), ("dp", s(dp))]).await {
+            // A refused activate (a copy reading the VDI) leaves no datapath this call made.
+            if ours && let Err(undo) = self.release_on(dp, sr, vdi).await {
+                eprintln!("datapath {dp} that the failed attach made is still there ({undo:#}): `sxm vdi detach --sr {sr} --vdi {vdi}` lets go of it");
+            }
+            return Err(e);
+        }
         nbd_uri(&info)
     }
 
