@@ -602,6 +602,12 @@ impl Backend for ExtBackend {
         if parent == child {
             return Err(errors::failure("invalid", format!("VDI {child} cannot be composed onto itself")));
         }
+        // The child's content changes under the parent's data: a snapshot (read-only), or a
+        // VDI others read through (their content would change with it, under content_ids that
+        // say it did not, and a later copy would take a stale copy of them as theirs).
+        if !meta.children(child).is_empty() || meta.vdi(child)?.read_only {
+            return Err(errors::failure("invalid", format!("VDI {child} is read-only or others read through it: nothing is composed under it")));
+        }
         // The parent's file becomes a hidden, read-only layer under the child: nothing may be
         // writing it or reading it as a VDI.
         if self.datapaths.is_attached(group(sr), parent) {

@@ -533,6 +533,12 @@ impl Backend for Qcow2Backend {
         if parent == child || meta.ancestors(parent).iter().any(|a| a == child) {
             return Err(errors::failure("invalid", format!("VDI {child} cannot be composed onto {parent}, which reads through it")));
         }
+        // The child's content changes under the parent's data: a snapshot (read-only), or a
+        // VDI others read through (their content would change with it, under content_ids that
+        // say it did not, and a later copy would take a stale copy of them as theirs).
+        if !meta.children(child).is_empty() || meta.vdi(child)?.read_only {
+            return Err(errors::failure("invalid", format!("VDI {child} is read-only or others read through it: nothing is composed under it")));
+        }
         if self.datapaths.is_attached(group(sr), parent) {
             return Err(errors::in_use(parent, "VDI.compose"));
         }

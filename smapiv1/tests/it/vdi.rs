@@ -251,6 +251,13 @@ fn compose_layers_the_child_on_the_parent_and_hides_the_parent() {
     assert!(matches!(&e, StorageError::BackendError(c, p) if c == "SR_BACKEND_FAILURE" && p[0] == "invalid"), "{e:?}");
     assert!(sr.backend.vdi_stat(&sr.ctx, &big.vdi).is_ok());
     assert!(sr.read_all(&leaf.vdi) == expect, "content differs");
+    // Nothing is composed under a snapshot (read-only): its content would change.
+    let snap = sr.backend.vdi_snapshot(&sr.ctx, &leaf).expect("snapshot");
+    let p = sr.create("p", 4 * MIB);
+    qemu_write(&sr.vhd(&p.vdi), 0, 0x33, 4096);
+    let e = sr.backend.vdi_compose(&sr.ctx, &p.vdi, &snap.vdi).expect_err("under a snapshot");
+    assert!(matches!(&e, StorageError::BackendError(c, p) if c == "SR_BACKEND_FAILURE" && p[0] == "invalid"), "{e:?}");
+    assert!(sr.read_all(&snap.vdi) == expect, "the snapshot changed");
 }
 
 #[test]

@@ -214,6 +214,14 @@ fn compose_layers_the_child_onto_the_parent() {
     qemu_check(&sr.vol(&child.vdi)).expect("qemu-img check");
     let e = sr.backend.vdi_compose(&sr.ctx, &child.vdi, &child.vdi).expect_err("onto itself");
     assert_eq!(failure_kind(&e), "SR_BACKEND_FAILURE:invalid");
+    // Nothing is composed under a snapshot: its volume is what its VDI reads through, and the
+    // VDI's content would change under a content_id that says it did not.
+    let p = sr.create("p", 2 * MIB);
+    let under = sr.read_all(&other.vdi);
+    let e = sr.backend.vdi_compose(&sr.ctx, &p.vdi, &s.vdi).expect_err("under a snapshot others read through");
+    assert_eq!(failure_kind(&e), "SR_BACKEND_FAILURE:invalid");
+    assert!(sr.read_all(&other.vdi) == under, "the VDI over the snapshot changed");
+    assert!(sr.scan_ids().contains(&p.vdi), "a refused compose hid the parent");
 }
 
 #[test]
