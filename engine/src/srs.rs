@@ -64,6 +64,14 @@ impl SrRegistry {
                 continue;
             }
             match state::read_json::<SrRecord>(&path) {
+                // The id names the SR's folder under `sr/`: one that could name another place,
+                // or that is not the one the record was written under, is not taken (a record
+                // edited to `../../x` had this host fill, scan and destroy a folder outside it).
+                Ok(Some(record))
+                    if safe_component("SR", &record.sr).is_err() || path.file_stem().is_none_or(|stem| *stem != *record.sr) =>
+                {
+                    tracing::error!(path = %path.display(), sr = %record.sr, "SR record names an SR other than its file's; SR ignored");
+                }
                 Ok(Some(record)) => {
                     srs.insert(record.sr.clone(), SrEntry { record, lock: Arc::default() });
                 }

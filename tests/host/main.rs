@@ -218,6 +218,34 @@ fn the_host_keeps_its_files_to_itself_and_imports_no_backing_files() {
     assert_eq!(vdi_ids(&host, &sr), before, "a refused import left a VDI");
 }
 
+/// An SR record whose id could name a place outside the root, or another SR than its file's,
+/// is not taken at start: one edited to `../../evil` had the host write its metadata into that
+/// folder, delete a file there it took for an unused image, and destroy the whole folder on
+/// `sr destroy`. The other SRs come up as they were.
+#[test]
+fn an_sr_record_naming_a_place_outside_the_root_is_not_taken() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (host, sr) = host_with_sr(&dir);
+    let other = host.cli(&["sr", "create", "--type", "qcow2", "--name", "other"]);
+    let root = host.root.clone();
+    host.kill();
+    let evil = dir.path().join("evil");
+    std::fs::create_dir_all(&evil).expect("evil");
+    let planted = evil.join("12345678-1234-1234-1234-123456789abc.vhd");
+    std::fs::write(&planted, b"precious").expect("plant");
+    let record = root.join("srs").join(format!("{sr}.json"));
+    let text = std::fs::read_to_string(&record).expect("record");
+    let escaped = text.replace(&format!("\"{sr}\""), "\"../../evil\"");
+    assert_ne!(escaped, text, "the record names its SR");
+    std::fs::write(&record, escaped).expect("edit record");
+    let host = Host::start(&root);
+    let listed = host.call("SR.list", serde_json::json!({"dbg": "t"}));
+    assert_eq!(listed, serde_json::json!([other]), "{listed}");
+    assert_eq!(std::fs::read(&planted).expect("the planted file"), b"precious");
+    let names: Vec<_> = std::fs::read_dir(&evil).expect("evil").flatten().map(|e| e.file_name()).collect();
+    assert_eq!(names.len(), 1, "the host wrote into a folder outside its root: {names:?}");
+}
+
 /// A guest's raw disk is the guest's to write, header and all: one whose first bytes the guest
 /// made a qcow2 header naming a backing file is refused by the magic bytes, and imported byte
 /// for byte with `--format raw`.
