@@ -271,10 +271,15 @@ pub enum MirrorCommand {
         /// The mirror's id, `<sr>/<vdi>`.
         id: String,
     },
-    /// Stop a mirror and undo it on both hosts.
+    /// Stop a mirror and undo it on both hosts (on its source host; with --receive, the
+    /// receive on this, its destination host).
     Stop {
         /// The mirror's id, `<sr>/<vdi>`.
         id: String,
+        /// Cancel this host's receive of the mirror and destroy what it made here, for a
+        /// receive whose source no longer knows it (a source still mirroring sees it fail).
+        #[arg(long)]
+        receive: bool,
     },
 }
 
@@ -777,7 +782,23 @@ impl Admin {
                 println!("{t}");
                 Ok(())
             }
-            MirrorCommand::Stop { id } => {
+            MirrorCommand::Stop { id, receive } => {
+                let receiving = match self.call_as::<sxm_engine::model::Mirror>("DATA.MIRROR.stat", &[("id", s(&id))]).await {
+                    Ok(m) => m.state == [sxm_engine::model::MirrorState::Receiving],
+                    Err(_) => false,
+                };
+                if receive {
+                    if !receiving {
+                        bail!("this host receives no mirror {id}");
+                    }
+                    self.call("DATA.MIRROR.receive_cancel", &[("id", s(&id))]).await?;
+                    return Ok(());
+                }
+                if receiving {
+                    bail!(
+                        "mirror {id} is received here: stop it on its source host, which undoes it on both; if the source no longer knows it, `sxm mirror stop --receive {id}` undoes it here"
+                    );
+                }
                 self.call("DATA.MIRROR.stop", &[("id", s(&id))]).await?;
                 Ok(())
             }

@@ -769,6 +769,30 @@ fn a_copy_cancelled_after_its_data_is_written_is_undone() {
     assert_eq!(p.src.call("DATA.MIRROR.list", json!({"dbg": "t"})), json!({}));
 }
 
+/// `sxm mirror stop` on the destination host names the way: the source stops a mirror on both
+/// hosts, and `--receive` undoes the receive here, for a receive whose source no longer knows
+/// it (the CLI said the mirror did not exist, though `mirror list` showed it receiving, and
+/// only a raw `DATA.MIRROR.receive_cancel` undid it). The source's mirror then fails, and its
+/// stop undoes its side.
+#[test]
+fn a_receive_is_stopped_on_the_destination_with_receive() {
+    let p = Pair::new();
+    let (vdi, _uri) = p.guest_disk(&pattern((4 * MIB) as usize, 24));
+    let before = p.state();
+    let id = p.start_mirror(&vdi);
+    let dst_before_stop = p.dst_vdis();
+    let out = p.dst.cli_raw(&["mirror", "stop", &id]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--receive"), "{err}");
+    assert_eq!(p.dst_vdis(), dst_before_stop, "a refused stop changed the destination");
+    let out = p.src.cli_raw(&["mirror", "stop", "--receive", &id]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("receives no mirror"), "the source took --receive");
+    p.dst.cli(&["mirror", "stop", "--receive", &id]);
+    assert_eq!(p.dst.call("DATA.MIRROR.list", json!({"dbg": "t"})), json!({}), "the receive is still listed");
+    p.src.cli(&["mirror", "stop", &id]);
+    settle(&p, &before, "both hosts as before the mirror");
+}
+
 #[test]
 fn a_destination_killed_while_preparing_is_cleaned_up_on_both_hosts() {
     let mut p = Pair::with_faults("", "recv.prepare=abort");
