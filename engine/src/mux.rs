@@ -902,26 +902,39 @@ impl Mux {
     async fn dp_destroy(&self, dp: &str, allow_leak: bool) -> StorageResult<()> {
         let records: Vec<DpRecord> = self.datapaths().of_dp(dp).cloned().collect();
         for r in records {
-            if r.active
-                && let Err(e) = self.deactivate(r.dp.clone(), r.sr.clone(), r.vdi.clone()).await
-            {
-                if !allow_leak {
-                    return Err(e);
+            // Deactivate and detach each take the VDI's turn, so an activate of the same
+            // datapath can come in between: the detach then finds it active, and it is
+            // deactivated again (a leak was recorded as let go of, its process left serving).
+            for attempt in 1..=3 {
+                let Some(r) = self.datapaths().get(&r.dp, &r.sr, &r.vdi).cloned() else { break };
+                if r.active
+                    && let Err(e) = self.deactivate(r.dp.clone(), r.sr.clone(), r.vdi.clone()).await
+                {
+                    if !allow_leak {
+                        return Err(e);
+                    }
+                    // The caller accepts a leak (the datapath's process may be dead): go on to
+                    // detach, which lets go of whatever is left.
+                    tracing::warn!(dp = %r.dp, vdi = %r.vdi, error = %e, "deactivate failed; detaching anyway");
+                    let mut inactive = r.clone();
+                    inactive.active = false;
+                    self.datapaths().put(inactive)?;
                 }
-                // The caller accepts a leak (the datapath's process may be dead): go on to
-                // detach, which lets go of whatever is left.
-                tracing::warn!(dp = %r.dp, vdi = %r.vdi, error = %e, "deactivate failed; detaching anyway");
-                let mut inactive = r.clone();
-                inactive.active = false;
-                self.datapaths().put(inactive)?;
-            }
-            if let Err(e) = self.detach(r.dp.clone(), r.sr.clone(), r.vdi.clone()).await {
-                if !allow_leak {
-                    return Err(e);
+                match self.detach(r.dp.clone(), r.sr.clone(), r.vdi.clone()).await {
+                    Ok(()) => break,
+                    Err(StorageError::IllegalTransition(VdiState::Activated(_), VdiState::Detached)) if attempt < 3 => {
+                        tracing::info!(dp = %r.dp, vdi = %r.vdi, "activated while being destroyed; deactivating again");
+                    }
+                    Err(e) => {
+                        if !allow_leak {
+                            return Err(e);
+                        }
+                        // Forget the datapath even though the backend could not let go of the VDI.
+                        tracing::warn!(dp = %r.dp, vdi = %r.vdi, error = %e, "datapath destroyed with a leak");
+                        self.datapaths().remove(&r.dp, &r.sr, &r.vdi)?;
+                        break;
+                    }
                 }
-                // Forget the datapath even though the backend could not let go of the VDI.
-                tracing::warn!(dp = %r.dp, vdi = %r.vdi, error = %e, "datapath destroyed with a leak");
-                self.datapaths().remove(&r.dp, &r.sr, &r.vdi)?;
             }
         }
         Ok(())

@@ -246,6 +246,44 @@ fn an_sr_record_naming_a_place_outside_the_root_is_not_taken() {
     assert_eq!(names.len(), 1, "the host wrote into a folder outside its root: {names:?}");
 }
 
+/// `DP.destroy` racing an activate of the same datapath lets go of it whoever wins: the
+/// datapath's record and its process go together. (The activate could come in between the
+/// destroy's deactivate and detach; with `allow_leak` the record went and the process stayed,
+/// activated, keeping the VDI from `VDI.destroy`, and without it the destroy failed with a
+/// transition it is allowed to make.)
+#[test]
+fn a_datapath_destroyed_while_it_is_activated_goes_whole() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (host, sr) = host_with_sr(&dir);
+    let vdi = host.cli(&["vdi", "create", "--sr", &sr, "--size", "8M", "--name", "raced"]);
+    let dp = json!({"dbg": "t", "dp": "d", "sr": sr, "vdi": vdi, "vm": "vm"});
+    let serving = || {
+        let out = Command::new("pgrep").args(["-f", &format!("tapmirror serve .*{vdi}")]).output().expect("pgrep");
+        !out.stdout.is_empty()
+    };
+    for allow_leak in [true, false] {
+        for i in 0..25 {
+            let mut attach = dp.clone();
+            attach["read_write"] = json!(true);
+            host.call("VDI.attach3", attach);
+            // The activate may win or lose (refused once the datapath is gone): either is fine.
+            std::thread::scope(|scope| {
+                let activating = scope.spawn(|| host.jsonrpc("VDI.activate3", dp.clone()));
+                let destroyed = host.jsonrpc("DP.destroy", json!({"dbg": "t", "dp": "d", "allow_leak": allow_leak}));
+                assert!(destroyed.get("error").is_none(), "round {i}: DP.destroy failed: {destroyed}");
+                activating.join().expect("activate");
+            });
+            // No process may serve a datapath that has no record.
+            let dps = host.call("DP.stat_vdi", json!({"dbg": "t", "sr": sr, "vdi": vdi}))["dps"].clone();
+            if dps == json!({}) {
+                eventually(10, "the destroyed datapath's process went", || !serving());
+            }
+            host.call("DP.destroy", json!({"dbg": "t", "dp": "d", "allow_leak": false}));
+        }
+    }
+    host.call("VDI.destroy", json!({"dbg": "t", "sr": sr, "vdi": vdi}));
+}
+
 /// A guest's raw disk is the guest's to write, header and all: one whose first bytes the guest
 /// made a qcow2 header naming a backing file is refused by the magic bytes, and imported byte
 /// for byte with `--format raw`.
