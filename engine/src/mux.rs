@@ -137,8 +137,8 @@ impl MuxBuilder {
     }
 }
 
-/// A write (a read-write attach or activate) of a VDI that `DATA.copy` is reading, refused:
-/// the copy would hold some of the writes and not others.
+/// A change (a read-write attach or activate, a compose) of a VDI that `DATA.copy` is reading,
+/// refused: the copy would hold some of it and not the rest.
 fn copy_under_way(vdi: &str, operation: &str) -> StorageError {
     crate::backend::errors::in_use(vdi, &format!("{operation}: a copy of it (DATA.copy) is under way; cancel its task or wait for it to end"))
 }
@@ -388,7 +388,8 @@ impl Mux {
                 // The child now reads its parent's data under its own: it no longer holds what
                 // its content_id names, and a copy must not take an earlier copy of it as one
                 // of what it holds now (a copy after a compose sent nothing and kept the old
-                // content). A migration's finalize, which composes, sets it afterwards.
+                // content). A migration's finalize composes too: its VDI's id is fresh anyway,
+                // from the read-write attach of its leaf.
                 let (id, fresh) = (child.clone(), uuid::Uuid::new_v4().to_string());
                 self.run(&entry, true, move |b, ctx| b.vdi_update(ctx, &id, &VdiChange::ContentId(fresh))).await?;
                 self.tasks.changed(Dynamic::Vdi(child));
