@@ -70,6 +70,27 @@ pub struct Control<I: Image> {
     pub changing: tokio::sync::Mutex<()>,
 }
 
+/// As tap-ctl pause does, lets go of a paused server's image for writing, so that the backend
+/// can snapshot or compose its files: the image is flushed (a VHD's metadata may lag in memory
+/// until then, and the file must hold every write first), then a read-only instance of the
+/// image at `path`, which takes no lock, is served in its place. No request runs until
+/// `unpause` reopens it for writing. Fails only when the flush fails; an image that cannot be
+/// put read-only in its place stays open for writing (logged), which `unpause` copes with.
+pub async fn let_go_for_writing<I: Image>(server: &NbdServer<I>, open: &OpenImage<I>, path: PathBuf) -> Result<(), String> {
+    if let Err(e) = server.image().flush().await {
+        return Err(format!("flushing the image before the pause: {e}"));
+    }
+    match open(path.clone(), Access::ReadOnly).await {
+        Ok(ro) => {
+            if let Err(e) = server.replace_image(Arc::new(ro)) {
+                tracing::warn!(error = %e, "kept the image open for writing while paused");
+            }
+        }
+        Err(e) => tracing::warn!(error = %format!("{e:#}"), path = %path.display(), "kept the image open while paused"),
+    }
+    Ok(())
+}
+
 /// Longest request line accepted.
 const MAX_LINE: usize = 64 * 1024;
 
@@ -309,23 +330,10 @@ async fn execute<I: Image>(control: &Control<I>, request: &Value, mut fds: Vec<O
                 return err("already paused");
             }
             server.pause().await;
-            // The file must hold every write before the backend snapshots or composes it: a
-            // VHD's metadata may lag in memory until a flush. If that fails, nothing is paused.
-            if let Err(e) = server.image().flush().await {
-                server.unpause();
-                return err(format!("flushing the image before the pause: {e}"));
-            }
-            // As tap-ctl pause does, let go of the image for writing, so the backend can
-            // snapshot or compose it: hold a read-only instance (which takes no lock) while
-            // paused. No request runs until unpause reopens it for writing.
             let path = control.path.lock().map(|p| p.clone()).unwrap_or_default();
-            match (control.open)(path.clone(), Access::ReadOnly).await {
-                Ok(ro) => {
-                    if let Err(e) = server.replace_image(Arc::new(ro)) {
-                        tracing::warn!(error = %e, "kept the image open for writing while paused");
-                    }
-                }
-                Err(e) => tracing::warn!(error = %format!("{e:#}"), path = %path.display(), "kept the image open while paused"),
+            if let Err(e) = let_go_for_writing(server, &control.open, path).await {
+                server.unpause();
+                return err(e);
             }
             json!({"ok": true})
         }

@@ -144,9 +144,11 @@ struct ServeArgs {
     /// I/O engine (also TAPMIRROR_IO_ENGINE).
     #[arg(long, value_enum)]
     io_engine: Option<EngineChoice>,
-    /// Start paused: requests are held from the first until `unpause` on the control socket.
-    /// A host restarting an attached but inactive disk's server uses it, so that a client
-    /// reconnecting at once is not served meanwhile.
+    /// Start paused: requests are held from the first until `unpause` on the control socket,
+    /// and the image is held as after `pause`, read-only and unlocked (it is opened for writing
+    /// first, so an image another writer holds fails the start). A host attaching a disk that
+    /// is not active yet starts it so: the disk can be snapshotted meanwhile, and a client
+    /// reconnecting at once to a restarted server is not served.
     #[arg(long, requires = "control")]
     paused: bool,
 }
@@ -441,9 +443,23 @@ async fn serve(args: ServeArgs, activated: Vec<std::os::fd::OwnedFd>) -> Result<
     // The server holds the only reference: pause must be able to close the image for writing
     // (so the backend can snapshot it), and unpause --leaf to replace it.
     let server = NbdServer::new(Arc::new(image), export);
+    // The served format, never probed again: a raw disk whose guest wrote a qcow2 header must
+    // not come back from a pause as a qcow2.
+    let open: tapmirror::control::OpenImage<AnyImage> =
+        Box::new(move |path: PathBuf, access| Box::pin(async move { open_leaf(&path, format, access, engine).await }));
     if args.paused {
         // Before any listener: no request can come in ahead of it.
         server.pause().await;
+        // Attached but not yet active (xapi attaches a VM's disks before it starts the VM):
+        // held as after a `pause`, read-only and unlocked, so the disk can be snapshotted,
+        // cloned or coalesced meanwhile. Opened for writing first all the same, so that an
+        // image another writer holds fails the start rather than the activate.
+        if access == Access::ReadWrite {
+            tapmirror::control::let_go_for_writing(&server, &open, args.image.clone())
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))
+                .with_context(|| format!("holding {} read-only while paused", args.image.display()))?;
+        }
     }
     let shutdown = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
@@ -484,9 +500,7 @@ async fn serve(args: ServeArgs, activated: Vec<std::os::fd::OwnedFd>) -> Result<
         let listener = bind_unix(path)?;
         let control = Arc::new(tapmirror::control::Control {
             server: Arc::clone(&server),
-            // The served format, never probed again: a raw disk whose guest wrote a qcow2
-            // header must not come back from a pause as a qcow2.
-            open: Box::new(move |path: PathBuf, access| Box::pin(async move { open_leaf(&path, format, access, engine).await })),
+            open,
             path: std::sync::Mutex::new(args.image.clone()),
             access,
             shutdown: shutdown.clone(),

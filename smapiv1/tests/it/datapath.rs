@@ -457,6 +457,45 @@ fn clone_of_an_active_vdi_and_snapshot_of_an_attached_one() {
     assert!(sr.read_all(&v.vdi) == now);
 }
 
+/// A VDI attached read-write and not yet activated (xapi attaches a VM's disks before it
+/// starts the VM) holds no lock on its file: it can be snapshotted, cloned and, once a
+/// snapshot goes, coalesced at once, and activate then serves the new leaf.
+#[test]
+fn snapshot_clone_and_coalesce_of_a_vdi_attached_but_never_activated() {
+    require!("qemu-io");
+    let sr = TestSr::new();
+    let v = sr.create("v", 4 * MIB);
+    let w = sr.backend.vdi_attach(&sr.ctx, &v.vdi, true).expect("attach writer");
+    sr.backend.vdi_activate(&sr.ctx, &v.vdi).expect("activate writer");
+    qemu_io(&nbd_uri(&w), "write -P 0x31 0 64k").expect("write");
+    sr.backend.vdi_deactivate(&sr.ctx, &v.vdi).expect("deactivate");
+    sr.backend.vdi_detach(&sr.ctx, &v.vdi).expect("detach");
+
+    let info = sr.backend.vdi_attach(&sr.ctx, &v.vdi, true).expect("attach, not activated");
+    let started = Instant::now();
+    let s = sr.backend.vdi_snapshot(&sr.ctx, &v).expect("snapshot of an attached, never activated VDI");
+    let c = sr.backend.vdi_clone(&sr.ctx, &v).expect("clone of it");
+    // The hidden base under `s` and `v` has `v` for its lone VDI child once `s` (and the clone's
+    // base under the clone and `v`) goes: the coalesce runs with the datapath still inactive.
+    sr.backend.vdi_destroy(&sr.ctx, &c.vdi).expect("destroy the clone");
+    sr.backend.vdi_destroy(&sr.ctx, &s.vdi).expect("destroy the snapshot");
+    let chain = vhd::info(&sr.vhd(&v.vdi)).expect("info").chain;
+    assert_eq!(chain.len(), 1, "the snapshot's and the clone's bases were folded back into the VDI: {chain:?}");
+    assert!(started.elapsed() < Duration::from_secs(30), "no call waited out a lock");
+
+    sr.backend.vdi_activate(&sr.ctx, &v.vdi).expect("activate on the new leaf");
+    let uri = nbd_uri(&info);
+    qemu_io(&uri, "read -P 0x31 0 64k").expect("the data written before");
+    qemu_io(&uri, "write -P 0x32 64k 4k").expect("write after activate");
+    sr.backend.vdi_deactivate(&sr.ctx, &v.vdi).expect("deactivate");
+    sr.backend.vdi_detach(&sr.ctx, &v.vdi).expect("detach");
+    let mut now = vec![0u8; 4 << 20];
+    now[..64 << 10].fill(0x31);
+    now[64 << 10..(64 << 10) + 4096].fill(0x32);
+    assert!(sr.read_all(&v.vdi) == now);
+    vhd_check(&sr.vhd(&v.vdi)).expect("sound chain");
+}
+
 #[test]
 fn a_restarted_daemon_readopts_running_datapaths_and_reaps_the_rest() {
     require!("qemu-io");

@@ -389,6 +389,8 @@ fn pause_holds_requests_and_unpause_switches_the_leaf() {
 /// `serve --paused` holds requests from the first: the server says it is paused as soon as it
 /// is ready, a write sent then reaches the file only after `unpause`. A host restarting an
 /// attached disk that is not active starts it so; it used to serve until paused after start.
+/// Meanwhile it holds the image as a `pause` does, without its lock (a backend snapshots an
+/// attached disk that is not active), and takes the lock again at `unpause`.
 #[test]
 fn a_server_started_paused_holds_requests_until_unpause() {
     crate::require!("qemu-io");
@@ -399,6 +401,13 @@ fn a_server_started_paused_holds_requests_until_unpause() {
     let ctl_arg = ctl_path.display().to_string();
     let source = serve_file(dir, image, &["--control", &ctl_arg, "--paused"]);
     assert_eq!(ctl(&ctl_path, &["stats"])["paused"], true);
+    let lock_is_free = || {
+        use std::os::fd::AsRawFd;
+        let f = std::fs::File::open(&source.image).expect("open");
+        // SAFETY: flock on a descriptor `f` keeps open; the lock goes with it.
+        unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+    };
+    assert!(lock_is_free(), "a server started paused holds the image's lock");
     let mut held = Command::new("qemu-io")
         .args(["-f", "raw", "-c", "write -P 0x0c 0 64k", &source.uri()])
         .stdout(std::process::Stdio::null())
@@ -409,6 +418,7 @@ fn a_server_started_paused_holds_requests_until_unpause() {
     ctl(&ctl_path, &["unpause"]);
     assert!(held.wait().expect("held writer").success());
     assert_eq!(std::fs::read(&source.image).expect("read")[0], 0x0c);
+    assert!(!lock_is_free(), "unpause opens the image for writing under its lock");
 }
 
 /// Two `pause` commands on two control connections while a guest write is in flight (held by a
