@@ -294,11 +294,15 @@ impl HostArgs {
 /// the host answered with one (xapi's marshalling, as `TASK.stat` shows a task's failure).
 pub fn error_json(e: &anyhow::Error) -> String {
     let mut j = serde_json::json!({ "error": format!("{e:#}") });
-    let storage = e.chain().find_map(|c| c.downcast_ref::<StorageError>().or_else(|| c.downcast_ref::<sxm_engine::http::client::CallError>().and_then(|c| c.storage())));
-    if let Some(se) = storage {
+    if let Some(se) = storage_error(e) {
         j["storage_error"] = serde_json::Value::from(&se.to_value());
     }
     j.to_string()
+}
+
+/// The storage error the host answered with, if that is what `e` is.
+fn storage_error(e: &anyhow::Error) -> Option<&StorageError> {
+    e.chain().find_map(|c| c.downcast_ref::<StorageError>().or_else(|| c.downcast_ref::<sxm_engine::http::client::CallError>().and_then(|c| c.storage())))
 }
 
 /// A connected CLI.
@@ -785,7 +789,9 @@ impl Admin {
             MirrorCommand::Stop { id, receive } => {
                 let receiving = match self.call_as::<sxm_engine::model::Mirror>("DATA.MIRROR.stat", &[("id", s(&id))]).await {
                     Ok(m) => m.state == [sxm_engine::model::MirrorState::Receiving],
-                    Err(_) => false,
+                    // Unknown here: the stop below says so in the host's words.
+                    Err(e) if matches!(storage_error(&e), Some(StorageError::DoesNotExist(..))) => false,
+                    Err(e) => return Err(e.context(format!("looking up mirror {id}"))),
                 };
                 if receive {
                     if !receiving {

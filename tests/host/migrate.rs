@@ -787,6 +787,14 @@ fn a_receive_is_stopped_on_the_destination_with_receive() {
     assert_eq!(p.dst_vdis(), dst_before_stop, "a refused stop changed the destination");
     let out = p.src.cli_raw(&["mirror", "stop", "--receive", &id]);
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("receives no mirror"), "the source took --receive");
+    // A lookup that fails for another reason says that reason, not that there is no such receive.
+    let out = Command::new(sxm())
+        .args(["--host", &p.dst.tcp, "mirror", "stop", "--receive", &id])
+        .env("SXM_SECRET", "not-the-secret")
+        .output()
+        .expect("run sxm");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && !err.contains("receives no mirror") && err.contains("looking up mirror"), "{err}");
     p.dst.cli(&["mirror", "stop", "--receive", &id]);
     assert_eq!(p.dst.call("DATA.MIRROR.list", json!({"dbg": "t"})), json!({}), "the receive is still listed");
     p.src.cli(&["mirror", "stop", &id]);
