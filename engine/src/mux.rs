@@ -483,6 +483,11 @@ impl Mux {
                 Err(StorageError::InternalError(format!("VDI {} is a disk of migration job {job}, which mirrors it", a.vdi)))
             }
             DataMirrorStart(a) => self.mirror_start(a.sr, a.vdi, a.dp, a.url, a.dest, a.mirror_vm, a.copy_vm).await.map(Value::String),
+            // A job's disk is stopped by its job, whose cancel undoes every disk: stopped alone,
+            // the job failed later, saying the disk had left it by a finalize.
+            DataMirrorStop(a) if let Some(job) = a.id.split_once('/').and_then(|(sr, vdi)| self.jobs.job_of(sr, vdi)) => Err(StorageError::InternalError(
+                format!("mirror {} is a disk of migration job {job}: cancel the job, which undoes every disk of it (sxm migrate cancel {job})", a.id),
+            )),
             DataMirrorStop(a) => self.mirror_stop(&a.id).await.map(|()| Value::Null),
             DataMirrorStat(a) => self.mirror_stat(&a.id).map(|m| m.to_value()),
             DataMirrorList(_) => Ok(self.mirror_list().to_value()),

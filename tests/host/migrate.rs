@@ -1956,7 +1956,9 @@ fn a_preflight_that_must_refuse_refuses_and_makes_nothing() {
 
 /// Two jobs into one destination SR that each fit it, but not together: the second is refused
 /// while the first still has its room to write (both were accepted, and one failed late, out
-/// of space), and accepted once the first is gone.
+/// of space), and accepted once the first is gone. The first copies slowly (most of its room
+/// still to be written), then holds in sync: its guest may still fill its disk, though the
+/// job's progress (0.9) once booked only a tenth of it, and the second was accepted.
 #[test]
 fn a_job_is_refused_the_room_another_job_under_way_will_write() {
     let Some(p) = Pair::destination_of("ext", "ext", "40m") else {
@@ -1965,13 +1967,17 @@ fn a_job_is_refused_the_room_another_job_under_way_will_write() {
     };
     let url = p.dest_url();
     let (vdis, _uris, _seeds) = vm(&p, 2, 8 * MIB);
-    // The first job copies slowly (1 MiB/s), so most of its room is still to be written.
-    let first = p.src.cli(&job_args(&p, &url, &vdis[..1], &["--bwlimit", "1M"]));
-    let out = p.src.cli_raw(&job_args(&p, &url, &vdis[1..], &[]));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("booked by jobs under way"), "{err}");
-    p.src.cli(&["migrate", "cancel", &first]);
-    assert_eq!(job_end(&p, &first)["state"][0], "Failed");
+    for first_args in [&["--bwlimit", "1M"][..], &["--hold"]] {
+        let first = p.src.cli(&job_args(&p, &url, &vdis[..1], first_args));
+        if first_args == ["--hold"] {
+            job_holding(&p, &first);
+        }
+        let out = p.src.cli_raw(&job_args(&p, &url, &vdis[1..], &[]));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains("booked by jobs under way"), "first job {first_args:?}: {err}");
+        p.src.cli(&["migrate", "cancel", &first]);
+        assert_eq!(job_end(&p, &first)["state"][0], "Failed");
+    }
     let second = p.src.cli(&job_args(&p, &url, &vdis[1..], &[]));
     assert_eq!(job_end(&p, &second)["state"][0], "Completed", "the room is free again");
 }
@@ -2151,12 +2157,41 @@ fn a_disk_that_leaves_a_held_job_fails_it_and_leaves_nothing_behind() {
     let before = p.state();
     let job = p.src.cli(&job_args(&p, &url, &vdis, &["--hold"]));
     job_holding(&p, &job);
+    // Its mirror is the job's to stop: `mirror stop` names the job's cancel instead (it used to
+    // stop it, and the job failed later saying the disk had been finalized on its own).
+    let out = p.src.cli_raw(&["mirror", "stop", &format!("{}/{}", p.src_sr, vdis[1])]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains(&format!("sxm migrate cancel {job}")), "{err}");
+    assert_eq!(job_stat(&p, &job)["debug_info"]["stage"], "holding", "the refused stop touched the job");
     p.src.cli(&["vdi", "detach", "--sr", &p.src_sr, "--vdi", &vdis[1]]);
     let t = job_end(&p, &job);
     assert_eq!(t["state"][0], "Failed", "{t}");
     assert!(t["state"][1].to_string().contains("left the job"), "{t}");
     p.src.cli(&["vdi", "attach", "--sr", &p.src_sr, "--vdi", &vdis[1]]);
     settle(&p, &before, "both hosts back as they were, the finalized copy gone too");
+}
+
+/// A held job whose disk's mirror fails says why in its error: it said only that the mirror
+/// failed, and the reason (here the source datapath killed and started again without its
+/// mirror; a full destination is another) was in the host's log alone.
+#[test]
+fn a_held_job_whose_mirror_fails_says_why() {
+    let p = Pair::new();
+    let url = p.dest_url();
+    let (vdis, _uris, _seeds) = vm(&p, 1, 4 * MIB);
+    let before = p.state();
+    let job = p.src.cli(&job_args(&p, &url, &vdis, &["--hold"]));
+    job_holding(&p, &job);
+    let pids = super::datapath_pids(&p.src.root);
+    assert_eq!(pids.len(), 1, "{pids:?}");
+    for pid in pids.values() {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid), nix::sys::signal::Signal::SIGKILL).expect("kill");
+    }
+    let t = job_end(&p, &job);
+    assert_eq!(t["state"][0], "Failed", "{t}");
+    let why = t["state"][1].to_string();
+    assert!(why.contains("failed before the switch-over: the datapath process died"), "{t}");
+    settle(&p, &before, "both hosts back as they were");
 }
 
 /// A job cancelled while one of its disks, detached as the cancel came, is being finalized:

@@ -55,6 +55,8 @@ pub struct Job {
     /// they need there at most: what another job's preflight must not count as free.
     dest: (String, String),
     need: i64,
+    /// Its disks' mirror ids (`sr/vdi`), by which their destination VDIs are found.
+    mirrors: Vec<String>,
 }
 
 /// The jobs of a host.
@@ -191,7 +193,9 @@ impl Mux {
     /// `SXM.migrate.start`: preflight, then the job in a task whose id is answered.
     pub(crate) async fn migrate_start(&self, a: args::SxmMigrateStart) -> Result<String, StorageError> {
         let (disks, room) = self.preflight(&a).await?;
-        let dest = (Remote::new(&a.url)?.endpoint.to_string(), a.dest.clone());
+        let remote = Remote::new(&a.url)?;
+        let dest = (remote.endpoint.to_string(), a.dest.clone());
+        let written = self.room_written_by_jobs(&remote, &dest).await;
         let (task, cancel) = self.tasks().create(&format!("migrate {} disk(s) of SR {}", disks.len(), a.sr));
         let need: i64 = disks.iter().map(|d| d.size + SLACK_PER_DISK).sum();
         let limit = Arc::new(RateLimit::new(u64::try_from(a.bwlimit).unwrap_or(0)));
@@ -203,6 +207,7 @@ impl Mux {
             hold: a.hold,
             dest,
             need,
+            mirrors: a.vdis.iter().map(|v| format!("{}/{v}", a.sr)).collect(),
         });
         // Claimed at once, all or none, so that two jobs never share a disk: one queued in a
         // job has no mirror yet for the preflight to see, and the job it was in failed late.
@@ -213,7 +218,7 @@ impl Mux {
             let refused = match a.vdis.iter().find_map(|v| claimed.get(&format!("{}/{v}", a.sr)).map(|j| (v, j))) {
                 Some((disk, other)) => Some(preflight_error(format!("VDI {disk} is a disk of job {other} already"))),
                 None => {
-                    let booked = self.room_booked(&job.dest);
+                    let booked = self.room_booked(&job.dest, &written);
                     (room - booked < need).then(|| {
                         preflight_error(format!(
                             "destination SR {} has {room} bytes free, {booked} of them booked by jobs under way; the disks need up to {need}",
@@ -285,19 +290,47 @@ impl Mux {
         Ok(())
     }
 
-    /// The room on `dest` that jobs under way may still write: each job's need, less the part
-    /// of it done (its progress), which the destination's free space counts already.
-    fn room_booked(&self, dest: &(String, String)) -> i64 {
-        let jobs: Vec<(String, i64)> = lock(&self.jobs.jobs).iter().filter(|(_, j)| &j.dest == dest).map(|(id, j)| (id.clone(), j.need)).collect();
-        jobs.into_iter()
-            .map(|(id, need)| {
-                let done = match self.tasks().stat(&id).map(|t| t.state) {
-                    Ok(TaskState::Pending(p)) => p.clamp(0.0, 1.0),
-                    _ => 1.0,
-                };
-                (need as f64 * (1.0 - done)) as i64
-            })
+    /// The room on `dest` that jobs under way may still write: each job's need, less what its
+    /// destination VDIs hold already (`written`, by job), which the destination's free space
+    /// counts already. Not less the job's progress: a job holding in sync (progress 0.9) has
+    /// written only its disks' data, and its guests may still fill them whole.
+    fn room_booked(&self, dest: &(String, String), written: &BTreeMap<String, i64>) -> i64 {
+        lock(&self.jobs.jobs)
+            .iter()
+            .filter(|(_, j)| &j.dest == dest)
+            .map(|(id, j)| (j.need - written.get(id).copied().unwrap_or(0)).max(0))
             .sum()
+    }
+
+    /// What the destination VDIs of each job under way to `dest` occupy there now (the
+    /// destination's `SR.scan`): the mirrored leaf, the copy's parent and the dummy of each
+    /// disk whose receive began. A job missing here (its disks not started yet, or the scan
+    /// failed) is booked its whole need.
+    async fn room_written_by_jobs(&self, remote: &Remote, dest: &(String, String)) -> BTreeMap<String, i64> {
+        let jobs: Vec<(String, Vec<String>)> =
+            lock(&self.jobs.jobs).iter().filter(|(_, j)| &j.dest == dest).map(|(id, j)| (id.clone(), j.mirrors.clone())).collect();
+        let vdis_of = |mirrors: &[String]| -> Vec<String> {
+            let sends = lock(&self.records.sends);
+            mirrors
+                .iter()
+                .filter_map(|m| sends.get(m).and_then(|r| r.remote.clone()))
+                .flat_map(|r| [r.leaf, r.parent, r.dummy])
+                .filter(|v| !v.is_empty())
+                .collect()
+        };
+        let jobs: Vec<(String, Vec<String>)> = jobs.into_iter().map(|(id, mirrors)| (id, vdis_of(&mirrors))).filter(|(_, v)| !v.is_empty()).collect();
+        if jobs.is_empty() {
+            return BTreeMap::new();
+        }
+        let scan: Vec<VdiInfo> = match remote.call(Call::SrScan(args::SrScan { sr: dest.1.clone(), dbg: dbg("preflight") })).await {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(sr = %dest.1, error = %e, "preflight: cannot see what jobs under way wrote on the destination; booking their whole need");
+                return BTreeMap::new();
+            }
+        };
+        let used: BTreeMap<&str, i64> = scan.iter().map(|v| (v.vdi.as_str(), v.physical_utilisation.max(0))).collect();
+        jobs.into_iter().map(|(id, vdis)| (id, vdis.iter().filter_map(|v| used.get(v.as_str())).sum())).collect()
     }
 
     /// Checks everything that can be checked before anything is made; answers the disks and
@@ -648,7 +681,10 @@ impl Mux {
     fn disk_gone(&self, mirrors: &[JobMirror]) -> Option<StorageError> {
         let sends = lock(&self.records.sends);
         mirrors.iter().find_map(|m| match sends.get(&m.id) {
-            Some(r) if r.failed => Some(StorageError::MigrationMirrorFailure(format!("mirror {} failed before the switch-over", m.id))),
+            Some(r) if r.failed => Some(StorageError::MigrationMirrorFailure(match &r.failure {
+                Some(why) => format!("mirror {} failed before the switch-over: {why}", m.id),
+                None => format!("mirror {} failed before the switch-over", m.id),
+            })),
             Some(r) if r.stage == super::records::SendStage::Mirroring => None,
             _ => Some(StorageError::MigrationMirrorFailure(format!(
                 "VDI {} left the job before the switch-over (detached on its own: its mirror was finalized by itself)",

@@ -88,6 +88,9 @@ pub struct SendRecord {
     pub task: String,
     /// The mirror's target failed.
     pub failed: bool,
+    /// Why, when the datapath said (the target's error, its silence, the process's death).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<String>,
     /// The SMAPIv3 procedure: one full mirror into a single destination volume (no
     /// snapshot, copy or compose).
     #[serde(default)]

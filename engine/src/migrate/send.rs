@@ -192,6 +192,7 @@ impl Mux {
             copy_dp: None,
             task: task.clone(),
             failed: false,
+            failure: None,
             full_mirror,
             cancelling: false,
             stopping: false,
@@ -785,9 +786,18 @@ impl Mux {
                     Ok(_) if lock(&me.records.sends).get(&id).is_none_or(|r| r.stopping) => return,
                     Ok(s) if s.state == MirrorHealth::Failed || s.state == MirrorHealth::None => {
                         tracing::error!(mirror = %id, state = ?s.state, failure = ?s.failure, "the mirror's target failed, or the datapath lost it; the guest goes on locally");
-                        let _ = me.update_send(&id, |r| r.failed = true);
+                        let why = match (s.state, s.failure) {
+                            (MirrorHealth::None, _) => "the datapath process died, and was started again without its mirror".to_owned(),
+                            (_, Some(f)) => f,
+                            (_, None) => "the datapath gave no reason".to_owned(),
+                        };
+                        let _ = me.update_send(&id, |r| {
+                            r.failed = true;
+                            r.failure = Some(why.clone());
+                        });
                         // The task that started it says so too (xapi marks its task `mirror_failed`).
                         me.tasks().debug_info(&r.task, "mirror_failed", "true");
+                        me.tasks().debug_info(&r.task, "mirror_failure", &why);
                         me.tasks().changed(Dynamic::Mirror(id.clone()));
                         return;
                     }
