@@ -176,6 +176,11 @@ struct CopyArgs {
     /// elsewhere, whose headers could name any file of this host.
     #[arg(long)]
     no_backing: bool,
+    /// Read a source image file even while another process writes it (a running `serve`, a
+    /// VM, qemu-nbd), as `qemu-img -U` does; without it such a source is refused. What is read
+    /// may then mix old and new data: for a writer known to be idle.
+    #[arg(long, short = 'U')]
+    force_share: bool,
     /// Send only what differs from BASE, a chain (VHD or qcow2, as SRC) the destination
     /// already holds.
     #[arg(long)]
@@ -559,8 +564,10 @@ async fn serve(args: ServeArgs, activated: Vec<std::os::fd::OwnedFd>) -> Result<
     Ok(())
 }
 
+/// Whether `s` names an NBD export rather than a file: any `nbd` scheme, so that one not
+/// supported (`nbds://`) is refused as such, not taken for a file path and created.
 fn is_uri(s: &str) -> bool {
-    s.starts_with("nbd://") || s.starts_with("nbd+unix://")
+    s.split_once("://").is_some_and(|(scheme, _)| scheme == "nbd" || scheme == "nbds" || scheme.starts_with("nbd+") || scheme.starts_with("nbds+"))
 }
 
 /// Refuses a destination that is one of the source's files: its top, or a backing or parent
@@ -585,6 +592,23 @@ fn refuse_a_file_of_the_source(dest: &Path, chain: &[std::path::PathBuf]) -> Res
         }
     }
     Ok(())
+}
+
+/// Refuses a source image whose top file another process has open for writing: a running
+/// `tapmirror serve` (its `flock`), or QEMU (its write lock byte: a VM, qemu-nbd, qemu-io).
+/// Read under a writer, a qcow2's or VHD's metadata is whatever the writer last wrote back,
+/// and the copy mixed old and new data (a served qcow2 copied as all zeroes), reporting
+/// success; `qemu-img convert` refuses such a file too. Answers the file with a shared `flock`
+/// held, so that no `tapmirror serve` starts writing it while the copy reads it.
+fn refuse_a_source_being_written(top: &Path) -> Result<std::fs::File> {
+    let file = std::fs::File::open(top).with_context(|| format!("opening {}", top.display()))?;
+    if !tapmirror::image::lock_shared(&file).with_context(|| format!("locking {}", top.display()))? {
+        bail!(
+            "{} is open for writing by another process (a running `tapmirror serve`, a VM, qemu-nbd): a copy of it would mix old and new data; copy it through that process's NBD export instead, or stop it first",
+            top.display()
+        );
+    }
+    Ok(file)
 }
 
 /// SIGTERM, SIGINT and SIGHUP (a terminal or ssh session gone), caught from the moment this
@@ -614,23 +638,51 @@ impl StopSignals {
     }
 }
 
+/// How long a further connection to a destination that answered the first may take to greet
+/// us: a server that offers multi-conn but serves a few clients at a time (`qemu-nbd -e 2`)
+/// accepts more and never speaks to them.
+const MORE_CONNECTIONS_WITHIN: Duration = Duration::from_secs(5);
+
+/// Connects and negotiates with an NBD end, within `within` (a server that accepts and never
+/// speaks held the copy for ever, past --timeout and SIGTERM alike).
+async fn connect_nbd(uri: &NbdUri, opts: &ClientOptions, within: Option<Duration>) -> Result<NbdClient> {
+    let connect = NbdClient::connect_with(&uri.endpoint, opts.clone());
+    match within {
+        Some(limit) => match tokio::time::timeout(limit, connect).await {
+            Ok(r) => Ok(r?),
+            Err(_) => bail!("no NBD greeting and negotiation within {} s (--timeout)", limit.as_secs_f64()),
+        },
+        None => Ok(connect.await?),
+    }
+}
+
 /// Opens `count` connections to `uri` (one unless it offers multi-conn).
 async fn connect_dest(uri: &NbdUri, count: usize, opts: &ClientOptions) -> Result<Vec<NbdClient>> {
-    let first = NbdClient::connect_with(&uri.endpoint, opts.clone()).await.context("connecting to the destination")?;
+    let first = connect_nbd(uri, opts, opts.answer_timeout).await.context("connecting to the destination")?;
     let n = if first.info().flags & tflags::CAN_MULTI_CONN != 0 { count.max(1) } else { 1 };
     let mut clients = vec![first];
+    let within = opts.answer_timeout.map_or(MORE_CONNECTIONS_WITHIN, |t| t.min(MORE_CONNECTIONS_WITHIN));
     for _ in 1..n {
-        match NbdClient::connect_with(&uri.endpoint, opts.clone()).await {
+        match connect_nbd(uri, opts, Some(within)).await {
             Ok(c) => clients.push(c),
             // A server that offers multi-conn may still take fewer connections (a limit in
             // front of it): the copy goes on over those it has.
             Err(e) => {
-                tracing::warn!(got = clients.len(), wanted = n, error = %tapmirror::error_chain(&e), "the destination took fewer connections than asked; copying over those");
+                tracing::warn!(got = clients.len(), wanted = n, error = %format!("{e:#}"), "the destination took fewer connections than asked; copying over those");
                 break;
             }
         }
     }
     Ok(clients)
+}
+
+/// Runs a step of the copy's setup (connecting, opening) until a stop signal: the copy proper
+/// watches for them itself.
+async fn or_stopped<T>(stops: &mut StopSignals, what: &str, step: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    tokio::select! {
+        r = step => r,
+        signal = stops.recv() => bail!("stopped by {signal} while {what}"),
+    }
 }
 
 async fn copy(args: CopyArgs) -> Result<()> {
@@ -643,7 +695,9 @@ async fn copy(args: CopyArgs) -> Result<()> {
         _ if is_uri(&args.src) && args.base.is_some() => bail!("--base needs an image source, not an NBD export"),
         _ if is_uri(&args.src) => {
             let uri = NbdUri::parse(&args.src)?;
-            Source::Nbd(NbdClient::connect_with(&uri.endpoint, nbd_options(&uri)).await.context("connecting to the source")?)
+            let opts = nbd_options(&uri);
+            let connect = connect_nbd(&uri, &opts, answer_timeout);
+            Source::Nbd(or_stopped(&mut stops, "connecting to the source", connect).await.context("connecting to the source")?)
         }
         None => Source::Image(Arc::new(open_copy_image(Path::new(&args.src), args.format.format(), Access::ReadOnly, engine).await?)),
         Some(base) => {
@@ -665,6 +719,14 @@ async fn copy(args: CopyArgs) -> Result<()> {
                 }
             }
         }
+    };
+    let _reading = match &source {
+        _ if args.force_share => None,
+        Source::Image(image) | Source::Diff { image, .. } => match image.chain().first() {
+            Some(top) => Some(refuse_a_source_being_written(top)?),
+            None => None,
+        },
+        Source::Nbd(_) => None,
     };
     if args.no_backing
         && let Source::Image(image) | Source::Diff { image, .. } = &source
@@ -690,7 +752,7 @@ async fn copy(args: CopyArgs) -> Result<()> {
     let mut made: Option<std::fs::Metadata> = None;
     let (dest, connections): (Dest<CopyImage>, usize) = if is_uri(&args.dest) {
         let uri = NbdUri::parse(&args.dest)?;
-        let clients = connect_dest(&uri, args.connections, &nbd_options(&uri)).await?;
+        let clients = or_stopped(&mut stops, "connecting to the destination", connect_dest(&uri, args.connections, &nbd_options(&uri))).await?;
         let n = clients.len();
         (Dest::nbd(clients)?, n)
     } else {
@@ -702,6 +764,8 @@ async fn copy(args: CopyArgs) -> Result<()> {
             && let Some(cp) = &args.checkpoint
             && cp.exists()
         {
+            // One that is not a checkpoint at all says so first: it names no destination.
+            tapmirror::copy::Checkpoint::load(cp)?;
             bail!(
                 "checkpoint {} is for {}, which no longer exists: what it says is there is not; remove the checkpoint to copy from the start",
                 cp.display(),

@@ -118,7 +118,9 @@ impl TestSr {
     pub fn read_all(&self, id: &str) -> Vec<u8> {
         let out = self._tmp.path().join(format!("read-{id}.raw"));
         let _ = std::fs::remove_file(&out);
-        run(Command::new(tapmirror()).arg("copy").arg(self.vhd(id)).arg(&out));
+        // The file itself, also while a datapath writes it: tests read it at moments of
+        // their choosing, when no write is in flight.
+        run(Command::new(tapmirror()).args(["copy", "--force-share"]).arg(self.vhd(id)).arg(&out));
         let bytes = std::fs::read(&out).expect("read the copy");
         std::fs::remove_file(&out).expect("remove the copy");
         bytes

@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use tokio::sync::Semaphore;
 
 pub use endpoints::{Dest, Source};
@@ -151,7 +151,7 @@ impl Watermark {
 }
 
 /// The persisted state of a resumable copy.
-#[derive(Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Checkpoint {
     /// Format version.
     pub version: u32,
@@ -199,7 +199,13 @@ impl Checkpoint {
     /// Loads a checkpoint; `None` when the file does not exist.
     pub fn load(path: &Path) -> Result<Option<Checkpoint>> {
         match std::fs::read(path) {
-            Ok(b) => Ok(Some(serde_json::from_slice(&b).with_context(|| format!("corrupt checkpoint {}", path.display()))?)),
+            Ok(b) => {
+                let cp: Checkpoint = serde_json::from_slice(&b).with_context(|| format!("corrupt checkpoint {}", path.display()))?;
+                if cp.version != 1 {
+                    bail!("checkpoint {} is of version {}, which this tapmirror does not know: remove it to copy from the start", path.display(), cp.version);
+                }
+                Ok(Some(cp))
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e).with_context(|| format!("reading checkpoint {}", path.display())),
         }
@@ -510,6 +516,11 @@ pub async fn copy<I: Image, J: Image>(
 /// first runs of data begin.
 const RESUME_CHECKS: u64 = 16;
 
+/// How much of the source below a checkpoint's mark a resume reads, at most, looking for a
+/// block that holds something when every place it compared reads as zeroes, and in what reads.
+const RESUME_SCAN_BYTES: u64 = 64 << 20;
+const RESUME_SCAN_CHUNK: u64 = 1 << 20;
+
 /// Reads a few places below a checkpoint's `mark` from both ends: the destination must hold
 /// there what the source does, or the checkpoint speaks of another file. Its stamp cannot see
 /// a destination made again in place (`qemu-img create` over it, zeroed with `dd`): the same
@@ -521,14 +532,42 @@ async fn check_resume<I: Image, J: Image>(source: &Source<I>, dest: &Dest<J>, ma
     places.extend(extents.iter().filter(|e| e.state == ExtentState::Data).take(RESUME_CHECKS as usize).map(|e| e.offset / unit * unit));
     places.sort_unstable();
     places.dedup();
+    let n = usize::try_from(len).unwrap_or(4096);
+    let differs = |at: u64| {
+        anyhow!(
+            "checkpoint {} says the destination holds the source up to byte {mark}, but at {at} it does not (the destination was made again, or written, since): remove the checkpoint to copy from the start",
+            checkpoint.display()
+        )
+    };
+    let mut saw_data = false;
     for at in places.into_iter().filter(|&at| at + len <= mark) {
-        let n = usize::try_from(len).unwrap_or(4096);
         let (theirs, ours) = (dest.read(at, n).await?, source.read(at, n).await?);
         if theirs[..] != ours[..] {
-            bail!(
-                "checkpoint {} says the destination holds the source up to byte {mark}, but at {at} it does not (the destination was made again, or written, since): remove the checkpoint to copy from the start",
-                checkpoint.display()
-            );
+            return Err(differs(at));
+        }
+        saw_data |= !is_zero(&ours);
+    }
+    if saw_data {
+        return Ok(());
+    }
+    // Every place looked at reads as zeroes in the source, as a destination emptied in place
+    // reads everywhere (a disk whose blocks each begin with zeroes hid one): look on, through
+    // the data below the mark, for the first block that holds something, and compare that.
+    let mut budget = RESUME_SCAN_BYTES;
+    for e in extents.iter().filter(|e| e.state == ExtentState::Data) {
+        let mut at = e.offset / unit * unit;
+        let end = (e.offset + e.length).min(mark);
+        while at + len <= end && budget > 0 {
+            let chunk = (RESUME_SCAN_CHUNK / len).max(1) * len;
+            let take = chunk.min((end - at) / len * len);
+            let ours = source.read(at, usize::try_from(take).unwrap_or(n)).await?;
+            budget = budget.saturating_sub(take);
+            if let Some(i) = ours.chunks(n).position(|b| !is_zero(b)) {
+                let found = at + i as u64 * len;
+                let theirs = dest.read(found, n).await?;
+                return if theirs[..] == ours[i * n..(i + 1) * n] { Ok(()) } else { Err(differs(found)) };
+            }
+            at += take;
         }
     }
     Ok(())
@@ -724,8 +763,12 @@ mod tests {
         assert_eq!(Checkpoint::load(&p).expect("load missing"), None);
         let cp = Checkpoint { version: 1, source: "a".into(), dest: "b".into(), size: 10, done: 5, files_stamp: Some("1:2:3:4.5".into()) };
         cp.store(&p).expect("store");
-        assert_eq!(Checkpoint::load(&p).expect("load"), Some(cp));
+        assert_eq!(Checkpoint::load(&p).expect("load"), Some(cp.clone()));
         std::fs::write(&p, b"{not json").expect("corrupt");
         assert!(Checkpoint::load(&p).is_err());
+        // A version this build does not know is not taken for its own.
+        Checkpoint { version: 7, ..cp }.store(&p).expect("store");
+        let e = Checkpoint::load(&p).expect_err("version 7");
+        assert!(e.to_string().contains("version 7"), "{e}");
     }
 }

@@ -259,11 +259,23 @@ pub const LOCK_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 /// out with [`QemuLock`].) Retries for [`LOCK_GRACE`]; `Ok(false)` when the file is still
 /// another's then.
 pub fn lock_exclusive(file: &std::fs::File) -> io::Result<bool> {
+    take_flock(file, libc::LOCK_EX)
+}
+
+/// Takes a shared `flock` on `file`, held until the file is closed, for a reader that must not
+/// read the image while anyone writes it (`copy` of an image file): no writer of ours can
+/// open it meanwhile, and [`qemu_writes`] says no QEMU process writes it. Retries for
+/// [`LOCK_GRACE`], as [`lock_exclusive`] does; `Ok(false)` when a writer still holds it then.
+pub fn lock_shared(file: &std::fs::File) -> io::Result<bool> {
+    take_flock(file, libc::LOCK_SH)
+}
+
+fn take_flock(file: &std::fs::File, kind: libc::c_int) -> io::Result<bool> {
     use std::os::fd::AsRawFd;
     let deadline = std::time::Instant::now() + LOCK_GRACE;
     loop {
         // SAFETY: flock on a descriptor `file` keeps open; no memory is passed.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        let rc = unsafe { libc::flock(file.as_raw_fd(), kind | libc::LOCK_NB) };
         if rc == 0 && !qemu_writes(file)? {
             return Ok(true);
         }

@@ -47,15 +47,27 @@ impl NbdUri {
     /// Parses the subset of the NBD URI scheme that local and TCP peers use.
     pub fn parse(s: &str) -> Result<NbdUri, ClientError> {
         let bad = |why: &str| ClientError::BadUri(format!("{s}: {why}"));
+        // What the URI asks beyond where to connect (TLS, say) must not be dropped unseen, nor
+        // taken into the export's name.
+        let unknown = |query: &str, known: &[&str]| {
+            query.split('&').filter(|kv| !kv.is_empty()).map(|kv| kv.split_once('=').map_or(kv, |(k, _)| k)).find(|k| !known.contains(k)).map(str::to_owned)
+        };
         if let Some(rest) = s.strip_prefix("nbd+unix://") {
             let (path, query) = rest.split_once('?').ok_or_else(|| bad("missing ?socket="))?;
             let path = path.strip_prefix('/').unwrap_or(path);
+            if let Some(k) = unknown(query, &["socket"]) {
+                return Err(bad(&format!("unsupported parameter {k:?} (only socket= is)")));
+            }
             let socket = query
                 .split('&')
                 .find_map(|kv| kv.strip_prefix("socket="))
                 .ok_or_else(|| bad("missing socket= parameter"))?;
             Ok(NbdUri { endpoint: Endpoint::Unix(PathBuf::from(percent_decode(socket))), export: percent_decode(path) })
         } else if let Some(rest) = s.strip_prefix("nbd://") {
+            let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
+            if let Some(k) = unknown(query, &[]) {
+                return Err(bad(&format!("unsupported parameter {k:?} (nbd:// takes none)")));
+            }
             let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
             let (host, port) = match authority.rsplit_once(':') {
                 Some((h, p)) if !h.ends_with(']') || authority.starts_with('[') => {
@@ -67,6 +79,8 @@ impl NbdUri {
                 return Err(bad("missing host"));
             }
             Ok(NbdUri { endpoint: Endpoint::Tcp(host, port), export: percent_decode(path) })
+        } else if s.starts_with("nbds://") || s.starts_with("nbds+unix://") {
+            Err(bad("NBD over TLS is not supported: use nbd:// or nbd+unix:// (over a tunnel, for TLS)"))
         } else {
             Err(bad("expected nbd:// or nbd+unix://"))
         }
@@ -1278,6 +1292,19 @@ mod tests {
     fn rejects_other_uris() {
         for bad in ["http://x", "nbd+unix:///e", "nbd://:80/x", "nbd://h:notaport/x", "/tmp/file"] {
             assert!(matches!(NbdUri::parse(bad), Err(ClientError::BadUri(_))), "{bad}");
+        }
+        // What a URI asks beyond the endpoint is refused, not dropped or taken into the export
+        // name (`nbd://h:1/foo?tls=1` asked for export "foo?tls=1").
+        for (bad, says) in [
+            ("nbd://127.0.0.1:10900/foo?tls=1", "\"tls\""),
+            ("nbd+unix:///e?socket=/s&tls-certificates=/c", "\"tls-certificates\""),
+            ("nbds://127.0.0.1:10900/foo", "TLS"),
+            ("nbds+unix:///e?socket=/s", "TLS"),
+        ] {
+            match NbdUri::parse(bad) {
+                Err(ClientError::BadUri(m)) => assert!(m.contains(says), "{bad}: {m}"),
+                other => panic!("{bad}: {other:?}"),
+            }
         }
     }
 }

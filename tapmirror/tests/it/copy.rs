@@ -840,6 +840,33 @@ fn a_checkpoint_from_before_the_source_changed_is_refused() {
     assert!(!out.status.success() && err.contains("it does not"), "resumed into a destination zeroed in place: {err}");
 }
 
+/// A destination zeroed in place is caught even when the source reads as zeroes at every
+/// place the resume compares first: a fully allocated disk whose 64 KiB blocks each hold data
+/// only in their second half. Such a resume used to succeed and leave the destination's first
+/// half zeroes where the source had data.
+#[test]
+fn a_resume_into_a_destination_zeroed_in_place_is_refused_though_the_source_starts_its_blocks_with_zeroes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = dir.path().join("src.raw");
+    let dst = dir.path().join("dst.raw");
+    let mut content = vec![0u8; (8 * MIB) as usize];
+    for (i, block) in content.chunks_mut(64 << 10).enumerate() {
+        block[32 << 10..].copy_from_slice(&pattern(32 << 10, 40 + i as u64));
+    }
+    std::fs::write(&src, &content).expect("source");
+    std::fs::write(&dst, vec![0u8; (8 * MIB) as usize]).expect("destination, zeroed in place");
+    let cp = dir.path().join("copy.checkpoint");
+    let (src_name, dst_name) = (src.display().to_string(), dst.display().to_string());
+    let stamp = copy::files_stamp(std::slice::from_ref(&src), Some(&std::fs::metadata(&dst).expect("destination"))).expect("stamp");
+    copy::Checkpoint { version: 1, source: src_name.clone(), dest: dst_name.clone(), size: 8 * MIB, done: 4 * MIB, files_stamp: Some(stamp) }
+        .store(&cp)
+        .expect("store");
+    let out = Command::new(crate::harness::tapmirror()).args(["copy", "--checkpoint"]).arg(&cp).args([&src_name, &dst_name]).output().expect("run copy");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("it does not"), "resumed into a destination zeroed in place: {err}");
+    assert!(std::fs::read(&dst).expect("read").iter().all(|&b| b == 0), "the refused copy wrote to the destination");
+}
+
 /// A copy that fails into a file it made takes the file away again: left, it had the source's
 /// size and passed for a whole copy. With a checkpoint the file stays, for the resume; and a
 /// checkpoint whose destination file is gone is refused, not resumed into a new empty file.
@@ -865,10 +892,18 @@ fn a_failed_copy_leaves_no_file_it_made() {
     assert!(out_file.exists(), "with a checkpoint, the file stays for the resume");
 
     std::fs::remove_file(&out_file).expect("remove");
-    std::fs::write(&cp, b"{}").expect("a checkpoint");
+    copy::Checkpoint { version: 1, source: uri.clone(), dest: out_file.display().to_string(), size: 4 * MIB, done: MIB, files_stamp: None }
+        .store(&cp)
+        .expect("a checkpoint");
     let out = copy_into(&["--checkpoint", cp.to_str().expect("path")]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("no longer exists"), "{err}");
+    assert!(!out_file.exists(), "the refused copy made a file");
+    // A file that is no checkpoint says so, rather than name a destination it does not.
+    std::fs::write(&cp, b"{}").expect("no checkpoint");
+    let out = copy_into(&["--checkpoint", cp.to_str().expect("path")]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("corrupt checkpoint"), "{err}");
     assert!(!out_file.exists(), "the refused copy made a file");
 
     // Stopped by SIGTERM, or SIGHUP (its session gone), mid-copy (a source that takes 10 s a
@@ -914,4 +949,99 @@ fn a_failed_copy_leaves_no_file_it_made() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("block device"), "{err}");
     assert!(!out_file.exists(), "the refused copy left a destination file");
+}
+
+/// A destination that accepts the connection and never greets it (a server busy with as many
+/// clients as it takes, a wrong port) fails the copy within `--timeout`, and a stop signal
+/// ends it before that: both used to wait for ever, SIGTERM caught and never acted on.
+#[test]
+fn a_destination_that_never_greets_fails_the_copy_or_lets_it_stop() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = dir.path().join("src.raw");
+    std::fs::write(&src, pattern((4 * MIB) as usize, 61)).expect("source");
+    let socket = dir.path().join("silent.sock");
+    // Connections wait in its backlog, accepted by the kernel, never answered.
+    let _silent = std::os::unix::net::UnixListener::bind(&socket).expect("listen");
+    let uri = format!("nbd+unix:///?socket={}", socket.display());
+    let copy = |timeout: &str| {
+        Command::new(crate::harness::tapmirror())
+            .args(["copy", "--timeout", timeout])
+            .arg(&src)
+            .arg(&uri)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn copy")
+    };
+    let out = crate::harness::exits_within(copy("1"), std::time::Duration::from_secs(60), "the copy waited for a greeting past --timeout");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("no NBD greeting"), "{err}");
+
+    let waiting = copy("0");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(waiting.id() as i32), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    let out = crate::harness::exits_within(waiting, std::time::Duration::from_secs(60), "SIGTERM did not stop a copy waiting for a greeting");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("stopped by SIGTERM"), "{err}");
+}
+
+/// A destination that offers multi-conn but serves two clients at a time (`qemu-nbd -e 2`)
+/// never greets a third connection: the copy goes on over the two it has (it hung).
+#[test]
+fn a_copy_goes_on_over_the_connections_a_destination_greets() {
+    crate::require!("qemu-nbd");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = dir.path().join("src.raw");
+    let content = pattern((4 * MIB) as usize, 62);
+    std::fs::write(&src, &content).expect("source");
+    let dst = dir.path().join("dst.raw");
+    std::fs::File::create(&dst).and_then(|f| f.set_len(4 * MIB)).expect("destination");
+    let socket = dir.path().join("two.sock");
+    let _server = spawn_server(Command::new("qemu-nbd").args(["-t", "-e", "2", "-f", "raw", "-k"]).arg(&socket).arg(&dst), &socket);
+    let child = Command::new(crate::harness::tapmirror())
+        .args(["copy", "--connections", "4"])
+        .arg(&src)
+        .arg(format!("nbd+unix:///?socket={}", socket.display()))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn copy");
+    let out = crate::harness::exits_within(child, std::time::Duration::from_secs(120), "the copy waited for a third connection's greeting");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("took fewer connections"), "{err}");
+    assert!(std::fs::read(&dst).expect("read") == content, "the copy differs from its source");
+}
+
+/// A source another process has open for writing is refused, as `qemu-img convert` refuses
+/// it: a qcow2 that `tapmirror serve` writes (its metadata held in the server's memory) was
+/// copied as all zeroes, and the copy reported success. QEMU's writers (qemu-nbd) alike.
+#[test]
+fn a_source_another_process_writes_is_refused() {
+    crate::require!("qemu-img", "qemu-nbd", "qemu-io");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = dir.path().join("served.qcow2");
+    run(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&image).arg("4M"));
+    let copy = |src: &Path| {
+        Command::new(crate::harness::tapmirror()).arg("copy").arg(src).arg(dir.path().join("out.raw")).arg("--dest-new").output().expect("run copy")
+    };
+    {
+        let served = crate::harness::serve_file(tempfile::tempdir().expect("tempdir"), image.clone(), &[]);
+        run(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x5c 0 1M", &served.uri()]));
+        let out = copy(&image);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains("open for writing by another process"), "{err}");
+        assert!(!dir.path().join("out.raw").exists(), "the refused copy made its destination");
+    }
+    let raw = dir.path().join("qemu.raw");
+    std::fs::write(&raw, pattern(MIB as usize, 63)).expect("raw");
+    let socket = dir.path().join("q.sock");
+    let server = spawn_server(Command::new("qemu-nbd").args(["-t", "-f", "raw", "-k"]).arg(&socket).arg(&raw), &socket);
+    let out = copy(&raw);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("open for writing by another process"), "qemu-nbd's file: {err}");
+    drop(server);
+    // With no writer left, the same copy goes through.
+    let out = copy(&image);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
