@@ -531,6 +531,11 @@ impl Mux {
         // just then is waited for (a failed copy's undo lets go of it anyway).
         let deadline = std::time::Instant::now() + RELEASE_COPY_DP_FOR;
         let mut wait = Duration::from_millis(250);
+        // Cancelled, the undo lets go of the datapath (and the copy) anyway: asked here too, a
+        // destination that hangs held the cancel for one more wait of the call's check.
+        if copied.is_err() && cancel.is_cancelled() {
+            return copied;
+        }
         loop {
             match remote.call::<()>(Call::DpDestroy(args::DpDestroy { allow_leak: false, dp: dp.into(), dbg: dbg(vdi) })).await {
                 Ok(()) => break,
@@ -636,8 +641,14 @@ impl Mux {
     async fn cancel_remote(&self, r: &SendRecord) -> bool {
         let Ok(remote) = Remote::new(&r.url) else { return true };
         if let Some(dp) = &r.copy_dp {
-            // The copy's datapath holds the parent: it goes first.
-            let _ = remote.call::<()>(Call::DpDestroy(args::DpDestroy { allow_leak: true, dp: dp.clone(), dbg: dbg(&r.id) })).await;
+            // The copy's datapath holds the parent: it goes first. A destination away (down, or
+            // hung: the call waited out its check) is not asked the rest now, each call waiting
+            // out its own check in turn (a cancel then took a minute and a half); the caller
+            // asks again later, from here.
+            if let Err((e, true)) = remote.call_away::<()>(Call::DpDestroy(args::DpDestroy { allow_leak: true, dp: dp.clone(), dbg: dbg(&r.id) })).await {
+                tracing::warn!(mirror = %r.id, error = %e, "the destination is away; its side is undone once it answers");
+                return false;
+            }
         }
         match remote.call::<()>(Call::DataMirrorReceiveCancel(args::DataMirrorReceiveCancel { id: r.id.clone(), dbg: dbg(&r.id) })).await {
             Ok(()) | Err(StorageError::DoesNotExist(..)) => {}
@@ -1055,11 +1066,20 @@ impl Mux {
         let Some(r) = lock(&self.records.copies).get(id).cloned() else { return true };
         let Ok(remote) = Remote::new(&r.url) else { return true };
         let mut done = true;
-        if let Some(dp) = &r.dest_dp
-            && let Err(e) = remote.call::<()>(Call::DpDestroy(args::DpDestroy { allow_leak: true, dp: dp.clone(), dbg: dbg(id) })).await
-        {
-            tracing::warn!(copy = %id, dp = %dp, error = %e, "destroying the copy's destination datapath failed");
-            done = false;
+        if let Some(dp) = &r.dest_dp {
+            match remote.call_away::<()>(Call::DpDestroy(args::DpDestroy { allow_leak: true, dp: dp.clone(), dbg: dbg(id) })).await {
+                Ok(()) => {}
+                // Away (down, or hung): the rest is asked when it answers again, rather than
+                // each call waiting out its own check in turn now.
+                Err((e, true)) => {
+                    tracing::warn!(copy = %id, dp = %dp, error = %e, "the destination is away; the copy is undone there once it answers");
+                    return false;
+                }
+                Err((e, false)) => {
+                    tracing::warn!(copy = %id, dp = %dp, error = %e, "destroying the copy's destination datapath failed");
+                    done = false;
+                }
+            }
         }
         // The recorded VDI, and any the copy made before it could record it (all carry its mark).
         let mut doomed: Vec<String> = r.dest_vdi.iter().cloned().collect();
