@@ -556,12 +556,24 @@ impl Admin {
     /// Refuses, saying so, a job that has ended: the host forgets an ended job's controls and
     /// answered "does not exist" for a job `task stat` still showed.
     async fn still_running(&self, job: &str, then: &str) -> Result<()> {
-        let t: Task = self.call_as("TASK.stat", &[("task", s(job))]).await?;
+        let t = self.job_task(job).await?;
         refuse_non_job(&t)?;
         match t.state {
             TaskState::Pending(_) => Ok(()),
             TaskState::Completed(_) => bail!("job {job} has completed already: {then}"),
             TaskState::Failed(_) => bail!("job {job} has failed already: {then}"),
+        }
+    }
+
+    /// A job's task. One this host does not know may have been lost with a restart of the
+    /// host (a job lives in its memory), while its disks' mirrors, which are recorded, run on:
+    /// said, with how to undo them.
+    async fn job_task(&self, job: &str) -> Result<Task> {
+        match self.call_as::<Task>("TASK.stat", &[("task", s(job))]).await {
+            Err(e) if matches!(storage_error(&e), Some(StorageError::DoesNotExist(..))) => Err(e.context(format!(
+                "job {job} is not known to this host: a job lives in its source host's memory, and a restart of that host ends it; its disks' mirrors may still run there (`sxm mirror list`), each undone by `sxm mirror stop ID`"
+            ))),
+            other => other,
         }
     }
 
@@ -829,7 +841,7 @@ impl Admin {
             (Some(MigrateAction::Cancel { job }), _) => {
                 // A mirror's or a copy's task is cancelled with `sxm task cancel`; here it was
                 // cancelled too, and then called a job.
-                refuse_non_job(&self.call_as::<Task>("TASK.stat", &[("task", s(&job))]).await?)?;
+                refuse_non_job(&self.job_task(&job).await?)?;
                 self.cancel(&job, "job").await
             }
             (Some(MigrateAction::SetBwlimit { job, rate }), _) => {

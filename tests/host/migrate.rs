@@ -1952,6 +1952,13 @@ fn a_preflight_that_must_refuse_refuses_and_makes_nothing() {
     p.src.cli(&["vdi", "detach", "--sr", &p.src_sr, "--vdi", &vdis[0]]);
     let out = p.src.cli_raw(&job_args(&p, &url, &vdis[..1], &[]));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not active"), "{}", String::from_utf8_lossy(&out.stderr));
+    // A job this host does not know (a restart of it ends its jobs, not their mirrors): the
+    // CLI says so and how to undo what may be left, rather than only "does not exist".
+    for action in ["cutover", "cancel"] {
+        let out = p.src.cli_raw(&["migrate", action, "00000000-0000-0000-0000-000000000000"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains("restart of that host ends it") && err.contains("sxm mirror stop"), "{action}: {err}");
+    }
 }
 
 /// Two jobs into one destination SR that each fit it, but not together: the second is refused
