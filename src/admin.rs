@@ -661,15 +661,12 @@ impl Admin {
                 Ok(())
             }
             VdiCommand::Detach { sr, vdi } => {
-                // The CLI's own datapath for the VDI; failing that, any CLI datapath holding it
-                // (a migration attaches the destination VDI on one named as the source's).
+                // Every CLI datapath holding the VDI: its own, and one named as another VDI's (a
+                // migration attaches the destination VDI on one named as the source's). Letting
+                // go of its own alone left a migrated VDI attached after `vdi attach` of it,
+                // with no word, and a mirror of it was never finalized.
                 let stat: DpStatVdi = self.call_as("DP.stat_vdi", &[("vdi", s(&vdi)), ("sr", s(&sr))]).await?;
-                let mine = cli_dp(&vdi);
-                let ours: Vec<String> = if stat.dps.contains_key(&mine) {
-                    vec![mine]
-                } else {
-                    stat.dps.keys().filter(|dp| dp.starts_with(CLI_DP_PREFIX)).cloned().collect()
-                };
+                let ours: Vec<String> = stat.dps.keys().filter(|dp| dp.starts_with(CLI_DP_PREFIX)).cloned().collect();
                 if ours.is_empty() {
                     if stat.dps.is_empty() {
                         eprintln!("VDI {vdi} is not attached");

@@ -143,6 +143,15 @@ fn copy_under_way(vdi: &str, operation: &str) -> StorageError {
     crate::backend::errors::in_use(vdi, &format!("{operation}: a copy of it (DATA.copy) is under way; cancel its task or wait for it to end"))
 }
 
+/// A change of a VDI that a migration receives into (its leaf or parent), refused until the
+/// receive is finalized or cancelled.
+fn receive_under_way(vdi: &str, operation: &str, mirror: &str, part: &str) -> StorageError {
+    crate::backend::errors::in_use(
+        vdi,
+        &format!("{operation}: it is the {part} of mirror {mirror}, still receiving; it is the migrated disk once the mirror is finalized (or gone once it is cancelled)"),
+    )
+}
+
 /// A migration asking `verify_dest` of an https destination on a host that has no CA bundle
 /// to verify with (`sxm serve --tls-ca`) is refused rather than run unverified. (Over http
 /// there is nothing to verify, as in xapi, whose check is stunnel's.)
@@ -360,6 +369,12 @@ impl Mux {
             VdiStat(a) => {
                 let entry = self.attached_entry(&a.sr)?;
                 self.run(&entry, false, move |b, ctx| b.vdi_stat(ctx, &a.vdi)).await.map(|i| i.to_value())
+            }
+            VdiSnapshot(a) if let Some((mirror, part)) = self.receiving_into(&a.sr, &a.vdi_info.vdi) => {
+                Err(receive_under_way(&a.vdi_info.vdi, "VDI.snapshot", &mirror, part))
+            }
+            VdiClone(a) if let Some((mirror, part)) = self.receiving_into(&a.sr, &a.vdi_info.vdi) => {
+                Err(receive_under_way(&a.vdi_info.vdi, "VDI.clone", &mirror, part))
             }
             VdiSnapshot(a) => self.vdi_copy(a.sr, a.vdi_info, true).await.map(|i| i.to_value()),
             VdiClone(a) => self.vdi_copy(a.sr, a.vdi_info, false).await.map(|i| i.to_value()),
@@ -798,6 +813,15 @@ impl Mux {
             let dps = self.datapaths();
             (superstate(dps.of_vdi(&sr, &vdi)), dps.get(&dp, &sr, &vdi).cloned())
         };
+        // A receive's leaf has its own datapath, made before the receive is under way (asked
+        // again, it is no new writer); its parent is written by the source's copy, through a
+        // datapath of the source's making.
+        if read_write
+            && mine.is_none()
+            && let Some((mirror, "leaf")) = self.receiving_into(&sr, &vdi)
+        {
+            return Err(receive_under_way(&vdi, "VDI.attach read-write", &mirror, "leaf"));
+        }
         if let Some(r) = &mine {
             // Attaching again on the same datapath answers the same thing; asking for less
             // (read-only on a read-write datapath) keeps what it has, as xapi's automaton does.

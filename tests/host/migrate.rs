@@ -769,6 +769,47 @@ fn a_copy_cancelled_after_its_data_is_written_is_undone() {
     assert_eq!(p.src.call("DATA.MIRROR.list", json!({"dbg": "t"})), json!({}));
 }
 
+/// The VDIs a receive writes into (the leaf the mirrored writes reach, the parent the copy
+/// fills) are not the disk until the finalize: a snapshot or clone of either, or another
+/// read-write attach of the leaf, is refused. A snapshot of the leaf used to succeed, and every
+/// mirrored write was lost at the finalize; a read-write attach gave a guest a disk without
+/// its copied data. Reading it is not refused.
+#[test]
+fn a_receives_vdis_are_not_snapshotted_cloned_or_attached_for_writing_until_finalized() {
+    let p = Pair::new();
+    let (vdi, _uri) = p.guest_disk(&pattern((4 * MIB) as usize, 25));
+    let before = p.state();
+    let id = p.start_mirror(&vdi);
+    let recv = p.dst.call("DATA.MIRROR.list", json!({"dbg": "t"}))[&id].clone();
+    let leaf = recv["dest_vdi"].as_str().expect("the receive's leaf").to_owned();
+    // The parent: the receive's other VDI that is no snapshot (the dummy is one).
+    let parent = p
+        .dst
+        .call("SR.scan", json!({"sr": p.dst_sr, "dbg": "t"}))
+        .as_array()
+        .expect("list")
+        .iter()
+        .find(|v| v["sm_config"]["base_mirror"] == id.as_str() && v["vdi"] != leaf.as_str() && v["is_a_snapshot"] == false)
+        .and_then(|v| v["vdi"].as_str())
+        .expect("the receive's parent")
+        .to_owned();
+    let targets = [leaf.clone(), parent];
+    for target in &targets {
+        for method in ["VDI.snapshot", "VDI.clone"] {
+            let reply = p.dst.jsonrpc(method, json!({"dbg": "t", "sr": p.dst_sr, "vdi_info": {"vdi": target, "name_label": "x"}}));
+            let error = reply["error"].to_string();
+            assert!(error.contains("VDI_IN_USE") && error.contains("still receiving"), "{method} of {target}: {reply}");
+        }
+    }
+    let out = p.dst.cli_raw(&["vdi", "attach", "--sr", &p.dst_sr, "--vdi", &leaf]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("still receiving"), "{err}");
+    p.dst.cli(&["vdi", "attach", "--read-only", "--sr", &p.dst_sr, "--vdi", &leaf]);
+    p.dst.cli(&["vdi", "detach", "--sr", &p.dst_sr, "--vdi", &leaf]);
+    p.src.cli(&["mirror", "stop", &id]);
+    settle(&p, &before, "both hosts as before the mirror");
+}
+
 /// `sxm mirror stop` on the destination host names the way: the source stops a mirror on both
 /// hosts, and `--receive` undoes the receive here, for a receive whose source no longer knows
 /// it (the CLI said the mirror did not exist, though `mirror list` showed it receiving, and
@@ -1644,6 +1685,13 @@ fn a_held_job_keeps_the_disks_in_sync_under_writes_until_cutover() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success() && err.contains("has completed already"), "{args:?}: {err}");
     }
+    // On the destination, `vdi attach` of a migrated disk then `vdi detach` of it lets it go
+    // whole: the job's datapath too, named as the source's (one used to stay, with no word).
+    let dest_vdi = t["debug_info"]["disk0 dest_vdi"].as_str().expect("dest vdi");
+    p.dst.cli(&["vdi", "attach", "--sr", &p.dst_sr, "--vdi", dest_vdi]);
+    p.dst.cli(&["vdi", "detach", "--sr", &p.dst_sr, "--vdi", dest_vdi]);
+    let stat = p.dst.call("DP.stat_vdi", json!({"sr": p.dst_sr, "vdi": dest_vdi, "dbg": "t"}));
+    assert_eq!(stat["dps"], json!({}), "a datapath still holds the detached VDI: {stat}");
 }
 
 #[test]

@@ -290,6 +290,23 @@ impl Mux {
     /// `DATA.MIRROR.receive_finalize2` (with `compose`) and `receive_finalize` (G1 sources
     /// compose themselves): the leaf leaves its datapath and, composed onto the copied parent,
     /// becomes the migrated VDI.
+    /// The receive, made and under way, whose leaf (which takes the mirrored writes) or parent
+    /// (which takes the copy) `vdi` of `sr` is, with which of the two it is. Until its finalize
+    /// neither is the disk yet: the leaf lacks the copy and the parent the guest's writes, and
+    /// a snapshot, a clone or another read-write attach of either would split them apart (a
+    /// snapshot of the leaf lost every mirrored write at the finalize).
+    pub(crate) fn receiving_into(&self, sr: &str, vdi: &str) -> Option<(String, &'static str)> {
+        lock(&self.records.recvs).all().filter(|r| r.sr == sr && r.stage == RecvStage::Receiving).find_map(|r| {
+            if r.leaf.as_deref() == Some(vdi) {
+                Some((r.id.clone(), "leaf"))
+            } else if r.parent.as_deref() == Some(vdi) {
+                Some((r.id.clone(), "parent"))
+            } else {
+                None
+            }
+        })
+    }
+
     pub(crate) async fn receive_finalize(&self, id: &str, compose: bool) -> Result<(), StorageError> {
         let _turn = self.receive_turn(id).await;
         crate::fault::point("recv.finalize").await?;
