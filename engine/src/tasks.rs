@@ -204,11 +204,14 @@ impl Tasks {
 
     /// `TASK.stat`.
     pub fn stat(&self, id: &str) -> Result<Task, StorageError> {
+        self.forget_old();
         self.lock().get(id).map(|e| e.task.clone()).ok_or_else(|| no_task(id))
     }
 
-    /// `TASK.list`.
+    /// `TASK.list`. Ended tasks past their time are forgotten on a look as on a new task: a
+    /// host left idle listed them for ever.
     pub fn list(&self) -> Vec<Task> {
+        self.forget_old();
         self.lock().values().map(|e| e.task.clone()).collect()
     }
 
@@ -332,8 +335,8 @@ mod tests {
         let (running, _) = t.create("running");
         t.complete(&done, None);
         t.fail(&failed, &StorageError::InternalError("x".into()));
-        assert!(t.stat(&done).is_ok(), "kept until the next task is made");
-        let (_next, _) = t.create("next");
+        // No new task needed: a look forgets them (an idle host listed them for ever).
+        assert_eq!(t.list().len(), 1, "ended tasks listed past their time");
         assert!(t.stat(&done).is_err() && t.stat(&failed).is_err(), "ended tasks kept");
         assert!(t.stat(&running).is_ok(), "a pending task was forgotten");
         let kept = Tasks::new();
