@@ -839,12 +839,19 @@ impl Admin {
                 // A mirror's or a copy's task is cancelled with `sxm task cancel`; here it was
                 // cancelled too, and then called a job.
                 refuse_non_job(&self.job_task(&job).await?)?;
-                self.cancel(&job, "job").await
+                self.cancel(&job, "job").await?;
+                // Said, as the cutover is: the undo goes on after the answer.
+                eprintln!("job {job}: cancelled; its disks are being undone on both hosts (`sxm task list` shows it end)");
+                Ok(())
             }
             (Some(MigrateAction::SetBwlimit { job, rate }), _) => {
                 self.still_running(&job, "nothing to limit").await?;
                 let rate = i64::try_from(rate).context("rate too large")?;
                 self.call("SXM.migrate.set_bwlimit", &[("bwlimit", Value::Int(rate)), ("job", s(&job))]).await?;
+                match rate {
+                    0 => eprintln!("job {job}: no bandwidth limit from now on"),
+                    r => eprintln!("job {job}: its copies share at most {}/s from now on", human_exact(r)),
+                }
                 Ok(())
             }
             (None, Some(mut m)) => {

@@ -2030,7 +2030,9 @@ fn a_job_is_refused_the_room_another_job_under_way_will_write() {
         let out = p.src.cli_raw(&job_args(&p, &url, &vdis[1..], &[]));
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success() && err.contains("booked by jobs under way"), "first job {first_args:?}: {err}");
-        p.src.cli(&["migrate", "cancel", &first]);
+        let out = p.src.cli_raw(&["migrate", "cancel", &first]);
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success() && said.contains(&format!("job {first}: cancelled")), "the cancel said nothing: {said}");
         assert_eq!(job_end(&p, &first)["state"][0], "Failed");
     }
     let second = p.src.cli(&job_args(&p, &url, &vdis[1..], &[]));
@@ -2301,7 +2303,9 @@ fn a_lifted_limit_applies_to_copies_already_waiting() {
     let job = p.src.cli(&job_args(&p, &url, &vdis, &["--bwlimit", "10K", "--hold"]));
     eventually(60, "the copy under way", || disk_started(&p, &job, 0));
     std::thread::sleep(std::time::Duration::from_secs(1));
-    p.src.cli(&["migrate", "set-bwlimit", &job, "0"]);
+    let out = p.src.cli_raw(&["migrate", "set-bwlimit", &job, "0"]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && said.contains("no bandwidth limit from now on"), "set-bwlimit said nothing: {said}");
     // 8 MiB at 10 kB/s would take over 13 minutes; lifted, seconds.
     eventually(60, "the job in sync after the limit was lifted", || job_stat(&p, &job)["debug_info"]["stage"] == "holding");
     p.src.cli(&["migrate", "cancel", &job]);
