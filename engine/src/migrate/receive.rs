@@ -287,9 +287,6 @@ impl Mux {
         Ok(())
     }
 
-    /// `DATA.MIRROR.receive_finalize2` (with `compose`) and `receive_finalize` (G1 sources
-    /// compose themselves): the leaf leaves its datapath and, composed onto the copied parent,
-    /// becomes the migrated VDI.
     /// The receive, made and under way, whose leaf (which takes the mirrored writes) or parent
     /// (which takes the copy) `vdi` of `sr` is, with which of the two it is. Until its finalize
     /// neither is the disk yet: the leaf lacks the copy and the parent the guest's writes, and
@@ -307,6 +304,9 @@ impl Mux {
         })
     }
 
+    /// `DATA.MIRROR.receive_finalize2` (with `compose`) and `receive_finalize` (G1 sources
+    /// compose themselves): the leaf leaves its datapath and, composed onto the copied parent,
+    /// becomes the migrated VDI.
     pub(crate) async fn receive_finalize(&self, id: &str, compose: bool) -> Result<(), StorageError> {
         let _turn = self.receive_turn(id).await;
         crate::fault::point("recv.finalize").await?;
