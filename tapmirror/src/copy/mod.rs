@@ -386,7 +386,11 @@ pub async fn copy<I: Image, J: Image>(
     // set of its own so that leaving early (an error) aborts it rather than leaving it behind.
     let mut writeback: tokio::task::JoinSet<Result<()>> = tokio::task::JoinSet::new();
     let target = Arc::clone(&dest);
-    let mut sent_since_writeback = 0u64;
+    // Data bytes written (zero blocks found in data sent as zeroing are not) when the last
+    // early flush was sent: the flush is for what sits dirty in the target's cache.
+    let mut data_at_writeback = 0u64;
+    let has_failed = || failed.lock().map(|f| f.is_some()).unwrap_or(true);
+    let data_written = || report.lock().map(|r| r.data_bytes).unwrap_or(0);
 
     let mut at = start;
     'walk: while at < walk_end {
@@ -417,6 +421,11 @@ pub async fn copy<I: Image, J: Image>(
             } else {
                 let mut off = e.offset;
                 while off < end {
+                    // A request failed: send no more. A connection sent to now, with nothing
+                    // in flight, would wait out a whole answer timeout of its own.
+                    if has_failed() {
+                        break 'walk;
+                    }
                     // Inside a long data extent too (a whole raw disk is one).
                     if let Some(c) = &mut checkpoints {
                         c.record_if_due(off, &watermark, &dest).await?;
@@ -437,6 +446,10 @@ pub async fn copy<I: Image, J: Image>(
                         }
                     }
                     let permit = Arc::clone(&slots).acquire_owned().await?;
+                    // The slot may have come free by a request failing.
+                    if has_failed() {
+                        break 'walk;
+                    }
                     let (source, dest, report, watermark, failed, progress) = (
                         Arc::clone(&source),
                         Arc::clone(&dest),
@@ -456,15 +469,15 @@ pub async fn copy<I: Image, J: Image>(
                         drop(permit);
                     });
                     off += len as u64;
-                    sent_since_writeback += len as u64;
-                    if opts.writeback_every > 0 && sent_since_writeback >= opts.writeback_every {
+                    let written = data_written();
+                    if opts.writeback_every > 0 && written.saturating_sub(data_at_writeback) >= opts.writeback_every {
                         if let Some(done) = writeback.try_join_next() {
                             done??;
                         }
                         if writeback.is_empty() {
                             let target = Arc::clone(&target);
                             writeback.spawn(async move { target.flush().await });
-                            sent_since_writeback = 0;
+                            data_at_writeback = written;
                         }
                     }
                 }
@@ -474,13 +487,20 @@ pub async fn copy<I: Image, J: Image>(
             while let Some(r) = tasks.try_join_next() {
                 r?;
             }
-            if failed.lock().map(|f| f.is_some()).unwrap_or(true) {
+            if has_failed() {
                 break 'walk;
             }
             if let Some(c) = &mut checkpoints {
                 c.record_if_due(at, &watermark, &dest).await?;
             }
         }
+    }
+    if has_failed() {
+        // The first failure ends the copy. What is still in flight is not waited for: on
+        // other connections to a server that stopped, each would wait out its own timeout.
+        // A request dropped unanswered is not acknowledged, so a checkpoint never counts it.
+        tasks.shutdown().await;
+        writeback.shutdown().await;
     }
     while let Some(r) = tasks.join_next().await {
         r?;

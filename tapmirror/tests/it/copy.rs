@@ -500,6 +500,78 @@ fn copy_flushes_while_it_writes_and_once_after_the_last_write() {
     assert!(flushes[0] > last_write);
 }
 
+/// `--writeback-every` counts data bytes written: allocated zeroes that the copy finds in what
+/// it reads (a preallocated disk's) and sends as zeroing do not count, since they leave the
+/// target's cache nothing to write back. 2 MiB of data ahead of 30 MiB of allocated zeroes,
+/// writeback every 4 MiB: one flush, at the end (it used to flush five times).
+#[test]
+fn early_writeback_counts_data_not_allocated_zeroes() {
+    crate::require!("nbdkit");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = dir.path().join("src.raw");
+    let mut content = pattern(2 * MIB as usize, 7);
+    content.resize(32 * MIB as usize, 0);
+    std::fs::write(&src, &content).expect("source, all of it allocated");
+    let dst = dir.path().join("dst.raw");
+    std::fs::write(&dst, vec![0x33u8; 32 << 20]).expect("target");
+    let (socket, log) = (dir.path().join("log.sock"), dir.path().join("requests.log"));
+    let target = spawn_server(
+        Command::new("nbdkit").args(["-f", "-U"]).arg(&socket).args(["--filter=log", "file"]).arg(&dst).arg(format!("logfile={}", log.display())),
+        &socket,
+    );
+    let uri = format!("nbd+unix:///?socket={}", socket.display());
+    crate::harness::run(Command::new(crate::harness::tapmirror()).arg("copy").arg(&src).arg(&uri).args(["--connections", "1", "--writeback-every", "4M"]));
+    drop(target);
+    assert!(std::fs::read(&dst).expect("read") == content, "target differs");
+    let text = std::fs::read_to_string(&log).expect("request log");
+    let flushes = text.lines().filter(|l| l.contains(" Flush ")).count();
+    let zeroings = text.lines().filter(|l| l.contains(" Zero ")).count();
+    assert!(zeroings > 0, "the allocated zeroes were not sent as zeroing:\n{text}");
+    assert_eq!(flushes, 1, "2 MiB of data with writeback every 4 MiB: {flushes} flushes");
+}
+
+/// The first request that fails ends the copy: nothing more is sent. Here the destination
+/// (nbdkit's error filter) fails every write with EIO, and the source is one 64 MiB run of
+/// data; four requests are in flight at most. The copy used to go on sending the rest of that
+/// run (64 writes) before it stopped; a connection sent to after the failure could also wait
+/// out an answer timeout of its own (`--timeout 3` took 7 s into a stopped qemu-nbd).
+#[test]
+fn a_copy_sends_nothing_after_its_first_failed_request() {
+    crate::require!("nbdkit");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = dir.path().join("src.raw");
+    std::fs::write(&src, pattern(64 * MIB as usize, 3)).expect("source");
+    let dst = dir.path().join("dst.raw");
+    std::fs::write(&dst, vec![0u8; 64 << 20]).expect("target");
+    let (socket, log) = (dir.path().join("err.sock"), dir.path().join("requests.log"));
+    let target = spawn_server(
+        Command::new("nbdkit")
+            .args(["-f", "-U"])
+            .arg(&socket)
+            .args(["--filter=log", "--filter=error", "file"])
+            .arg(&dst)
+            .arg(format!("logfile={}", log.display()))
+            .args(["error-pwrite=EIO", "error-pwrite-rate=1"])
+            .stderr(std::process::Stdio::null()),
+        &socket,
+    );
+    let uri = format!("nbd+unix:///?socket={}", socket.display());
+    let out = Command::new(crate::harness::tapmirror())
+        .arg("copy")
+        .arg(&src)
+        .arg(&uri)
+        .args(["--connections", "1", "--request-size", "1M", "--requests", "4"])
+        .output()
+        .expect("run copy");
+    drop(target);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a copy whose every write failed succeeded: {err}");
+    let text = std::fs::read_to_string(&log).expect("request log");
+    let writes = text.lines().filter(|l| l.contains(" Write ") && !l.contains("...Write")).count();
+    assert!(writes > 0, "no write reached the destination:\n{text}");
+    assert!(writes <= 4, "{writes} writes reached the destination, more than the 4 in flight when the first failed");
+}
+
 /// `tapmirror copy --base BASE CHILD URI`; its closing JSON report (the last JSON line of stderr).
 fn copy_with_base(base: &Path, child: &Path, uri: &str) -> serde_json::Value {
     let out = crate::harness::run(Command::new(crate::harness::tapmirror()).arg("copy").arg("--base").arg(base).arg(child).arg(uri));
