@@ -188,13 +188,13 @@ struct CopyArgs {
     /// The destination reads as zeroes: skip zero runs entirely.
     #[arg(long)]
     target_is_zero: bool,
-    /// Connections to the destination (used only if it offers multi-conn).
-    #[arg(long, default_value_t = 4, value_parser = at_least_one)]
+    /// Connections to the destination (used only if it offers multi-conn), 1 to 64.
+    #[arg(long, default_value_t = 4, value_parser = connection_count)]
     connections: usize,
-    /// Requests in flight per connection [default: 8 in all, at least 2 per connection]. A
+    /// Requests in flight per connection, 1 to 256 [default: 8 in all, at least 2 per connection]. A
     /// few large requests in flight keep a target busy; more only spill the buffers out of
     /// the CPU cache on both ends (measured in benches/copy-vs-peers.sh).
-    #[arg(long, value_parser = at_least_one)]
+    #[arg(long, value_parser = request_count)]
     requests: Option<usize>,
     /// Largest request, in bytes (clamped to what both ends accept).
     #[arg(long, value_parser = parse_size, default_value = "1M")]
@@ -377,10 +377,27 @@ const LEAKS_EXIT: u8 = 3;
 
 
 /// A count of at least one (`--connections`, `--requests`).
-fn at_least_one(s: &str) -> std::result::Result<usize, String> {
+/// Most connections a copy opens: more than any server's worker pool takes to good use, and
+/// each is a descriptor and two tasks on both ends (100 000 asked for opened 1 900 before the
+/// server stopped answering).
+const MAX_CONNECTIONS: usize = 64;
+
+/// Most requests a copy keeps in flight per connection: each holds a buffer of up to the
+/// request size (1 MiB by default), so the cap bounds its memory to 256 MiB a connection.
+const MAX_REQUESTS: usize = 256;
+
+fn connection_count(s: &str) -> std::result::Result<usize, String> {
+    count_within(s, MAX_CONNECTIONS)
+}
+
+fn request_count(s: &str) -> std::result::Result<usize, String> {
+    count_within(s, MAX_REQUESTS)
+}
+
+fn count_within(s: &str, max: usize) -> std::result::Result<usize, String> {
     match s.trim().parse::<usize>() {
-        Ok(0) => Err("must be at least 1".into()),
-        Ok(n) => Ok(n),
+        Ok(n) if (1..=max).contains(&n) => Ok(n),
+        Ok(_) => Err(format!("must be from 1 to {max}")),
         Err(_) => Err(format!("not a count: {s:?}")),
     }
 }

@@ -509,15 +509,12 @@ pub async fn copy<I: Image, J: Image>(
         done??;
     }
     if let Some(e) = failed.lock().ok().and_then(|mut f| f.take()) {
-        ticker.abort();
-        progress.finish(false);
+        ticker.finish(false);
         return Err(e);
     }
     // The ticker goes on through the flush, which can take long (a target writing back
     // gigabytes): progress lines that stop would look like a hang.
-    let flushed = dest.flush().await;
-    ticker.abort();
-    flushed?;
+    dest.flush().await?;
     // The copy is done: its checkpoint goes, so that the same command run again (the source
     // changed since) copies again rather than finding everything already done.
     if let Some(path) = &opts.checkpoint {
@@ -527,7 +524,7 @@ pub async fn copy<I: Image, J: Image>(
             Err(e) => return Err(e).with_context(|| format!("removing the finished copy's checkpoint {}", path.display())),
         }
     }
-    progress.finish(true);
+    ticker.finish(true);
     let report = report.lock().map(|r| r.clone()).unwrap_or_default();
     Ok(report)
 }

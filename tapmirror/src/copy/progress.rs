@@ -93,22 +93,50 @@ impl Progress {
         }
     }
 
-    /// Reports once a second until aborted.
-    pub fn spawn_ticker(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+    /// Reports once a second until the returned [`Ticker`] finishes or is dropped.
+    pub fn spawn_ticker(self: &Arc<Self>) -> Ticker {
         let this = Arc::clone(self);
-        tokio::spawn(async move {
+        let handle = tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             tick.tick().await;
             loop {
                 tick.tick().await;
                 this.emit(None);
             }
-        })
+        });
+        Ticker { handle, progress: Arc::clone(self), finished: false }
     }
 
-    /// The last report.
-    pub fn finish(&self, ok: bool) {
+    fn finish(&self, ok: bool) {
         self.emit(Some(ok));
+    }
+}
+
+/// The once-a-second report of a copy under way. Dropped unfinished (the copy failed on the
+/// way, or was stopped by a signal and its future dropped), it makes the last report, an
+/// unfinished one: the human line ends before any error is printed after it, and a JSON reader
+/// learns the copy ended.
+pub struct Ticker {
+    handle: tokio::task::JoinHandle<()>,
+    progress: Arc<Progress>,
+    finished: bool,
+}
+
+impl Ticker {
+    /// Stops the reports and makes the last one.
+    pub fn finish(mut self, ok: bool) {
+        self.handle.abort();
+        self.progress.finish(ok);
+        self.finished = true;
+    }
+}
+
+impl Drop for Ticker {
+    fn drop(&mut self) {
+        self.handle.abort();
+        if !self.finished {
+            self.progress.finish(false);
+        }
     }
 }
 

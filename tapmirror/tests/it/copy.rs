@@ -1023,6 +1023,65 @@ fn a_failed_copy_leaves_no_file_it_made() {
     assert!(!out_file.exists(), "the refused copy left a destination file");
 }
 
+/// Connection and request counts are bounded (each connection is a descriptor and tasks on
+/// both ends, each request a buffer): out of range they are refused before anything is opened
+/// or made. 100 000 connections used to be tried, and opened 1 900.
+#[test]
+fn copy_counts_out_of_range_are_refused_before_anything_is_made() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = dir.path().join("src.raw");
+    std::fs::write(&src, vec![1u8; 4096]).expect("source");
+    let dst = dir.path().join("dst.raw");
+    for (flag, value, range) in [("--connections", "65", "1 to 64"), ("--connections", "0", "1 to 64"), ("--requests", "257", "1 to 256"), ("--requests", "x", "not a count")] {
+        let out = Command::new(crate::harness::tapmirror()).arg("copy").arg(&src).arg(&dst).args([flag, value]).output().expect("run copy");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flag} {value}: {err}");
+        assert!(err.contains(flag) && err.contains(range), "{flag} {value}: {err}");
+        assert!(!dst.exists(), "{flag} {value} made the destination");
+    }
+    run(Command::new(crate::harness::tapmirror()).arg("copy").arg(&src).arg(&dst).args(["--connections", "64", "--requests", "256"]));
+    assert_eq!(std::fs::read(&dst).expect("copied"), vec![1u8; 4096]);
+}
+
+/// A copy stopped by a signal ends its progress first: the human line is ended before the
+/// error is printed (it used to run on into "…ETA ?   tapmirror: stopped by SIGTERM"), and
+/// the JSON lines end with an unfinished report.
+#[test]
+fn a_stopped_copy_ends_its_progress_before_saying_why() {
+    crate::require!("nbdkit");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let slow_socket = dir.path().join("slow.sock");
+    let mut cmd = Command::new("nbdkit");
+    cmd.args(["-f", "-U"]).arg(&slow_socket).args(["--filter=delay", "pattern", "16M", "delay-read=10"]).stderr(std::process::Stdio::null());
+    let _slow = spawn_server(&mut cmd, &slow_socket);
+    for mode in ["human", "json"] {
+        let out_file = dir.path().join(format!("out-{mode}.raw"));
+        let child = Command::new(crate::harness::tapmirror())
+            .arg("copy")
+            .arg(format!("nbd+unix:///?socket={}", slow_socket.display()))
+            .arg(&out_file)
+            .args(["--progress", mode])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn copy");
+        // Progress is reported once a second: let a report or two out first.
+        std::thread::sleep(std::time::Duration::from_millis(2500));
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).expect("signal");
+        let out = crate::harness::exits_within(child, std::time::Duration::from_secs(20), "the copy did not stop on SIGTERM");
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(!out.status.success(), "a stopped copy said it succeeded");
+        if mode == "human" {
+            assert!(stderr.contains("(0.0%)"), "no progress line: {stderr:?}");
+            assert!(stderr.lines().any(|l| l == "tapmirror: stopped by SIGTERM"), "the error is not on a line of its own: {stderr:?}");
+        } else {
+            let last: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap_or("")).expect("a JSON progress line last");
+            assert_eq!(last["finished"], false, "{stdout}");
+            assert!(stdout.lines().count() >= 2, "no progress line before the last: {stdout}");
+        }
+    }
+}
+
 /// A destination that accepts the connection and never greets it (a server busy with as many
 /// clients as it takes, a wrong port) fails the copy within `--timeout`, and a stop signal
 /// ends it before that: both used to wait for ever, SIGTERM caught and never acted on.
