@@ -577,6 +577,17 @@ impl Admin {
         }
     }
 
+    /// Says what an action on a job did: `said` on stderr, or with `--json` the job's task as
+    /// it is now (as `sxm task stat` prints it), for a script to read.
+    async fn job_now(&self, job: &str, said: &str) -> Result<()> {
+        if self.json {
+            let t: Task = self.call_as("TASK.stat", &[("task", s(job))]).await?;
+            return self.print_json(&t.to_value());
+        }
+        eprintln!("job {job}: {said}");
+        Ok(())
+    }
+
     /// Cancels a task (a job is one), or says it has ended already: a cancel then undoes
     /// nothing, which an admin must not take for a rollback.
     async fn cancel(&self, task: &str, what: &str) -> Result<()> {
@@ -829,6 +840,9 @@ impl Admin {
                 // Asked before the disks are in sync, the cutover is kept for when they are:
                 // said, so that no one takes the job's silence for a switch-over under way.
                 let t: Task = self.call_as("TASK.stat", &[("task", s(&job))]).await?;
+                if self.json {
+                    return self.print_json(&t.to_value());
+                }
                 match t.debug_info.get("stage").map(String::as_str) {
                     Some("holding" | "cutover" | "verify" | "done") => eprintln!("job {job}: switching over"),
                     _ => eprintln!("job {job}: not every disk is in sync yet; it switches over as soon as they are"),
@@ -841,18 +855,17 @@ impl Admin {
                 refuse_non_job(&self.job_task(&job).await?)?;
                 self.cancel(&job, "job").await?;
                 // Said, as the cutover is: the undo goes on after the answer.
-                eprintln!("job {job}: cancelled; its disks are being undone on both hosts (`sxm task list` shows it end)");
-                Ok(())
+                self.job_now(&job, "cancelled; its disks are being undone on both hosts (`sxm task list` shows it end)").await
             }
             (Some(MigrateAction::SetBwlimit { job, rate }), _) => {
                 self.still_running(&job, "nothing to limit").await?;
                 let rate = i64::try_from(rate).context("rate too large")?;
                 self.call("SXM.migrate.set_bwlimit", &[("bwlimit", Value::Int(rate)), ("job", s(&job))]).await?;
-                match rate {
-                    0 => eprintln!("job {job}: no bandwidth limit from now on"),
-                    r => eprintln!("job {job}: its copies share at most {}/s from now on", human_exact(r)),
-                }
-                Ok(())
+                let said = match rate {
+                    0 => "no bandwidth limit from now on".to_owned(),
+                    r => format!("its copies share at most {}/s from now on", human_exact(r)),
+                };
+                self.job_now(&job, &said).await
             }
             (None, Some(mut m)) => {
                 m.sr = self.sr_id(&m.sr).await?;

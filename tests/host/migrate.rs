@@ -2306,6 +2306,12 @@ fn a_lifted_limit_applies_to_copies_already_waiting() {
     let out = p.src.cli_raw(&["migrate", "set-bwlimit", &job, "0"]);
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success() && said.contains("no bandwidth limit from now on"), "set-bwlimit said nothing: {said}");
+    // With --json, the job as it is now, as `task stat --json` prints it (it used to print the
+    // text above, on stderr, and nothing on stdout).
+    let out = p.src.cli_raw(&["--json", "migrate", "set-bwlimit", &job, "0"]);
+    let shown: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("set-bwlimit --json printed no JSON ({e}): {}", String::from_utf8_lossy(&out.stderr)));
+    assert_eq!(shown["id"], job.as_str(), "{shown}");
+    assert_eq!(shown["state"][0], "Pending", "{shown}");
     // 8 MiB at 10 kB/s would take over 13 minutes; lifted, seconds.
     eventually(60, "the job in sync after the limit was lifted", || job_stat(&p, &job)["debug_info"]["stage"] == "holding");
     p.src.cli(&["migrate", "cancel", &job]);
