@@ -830,8 +830,9 @@ async fn copy(args: CopyArgs) -> Result<()> {
     };
     // A copy stopped by a signal (`StopSignals`) ends as one that failed, so that it too takes
     // away the file it made (killed, it left one of the source's size, looking whole).
+    let names = (copy_end_name(&args.src), copy_end_name(&args.dest));
     let copied = tokio::select! {
-        copied = tapmirror::copy::copy(Arc::new(source), Arc::new(dest), connections, &opts, (&args.src, &args.dest)) => copied,
+        copied = tapmirror::copy::copy(Arc::new(source), Arc::new(dest), connections, &opts, (&names.0, &names.1)) => copied,
         signal = stops.recv() => Err(anyhow::anyhow!("stopped by {signal}")),
     };
     if let (Err(_), Some(ours), None) = (&copied, &made, &args.checkpoint) {
@@ -852,6 +853,16 @@ async fn copy(args: CopyArgs) -> Result<()> {
         let _ = writeln!(std::io::stderr(), "{}", serde_json::to_string(&report)?);
     }
     Ok(())
+}
+
+/// How a checkpoint names an end of a copy: a file by its canonical path, so that the same
+/// copy named another way (a relative path, a link) is still the same copy, and an NBD URI as
+/// given.
+fn copy_end_name(end: &str) -> String {
+    if is_uri(end) {
+        return end.to_owned();
+    }
+    std::fs::canonicalize(end).map_or_else(|_| end.to_owned(), |p| p.display().to_string())
 }
 
 /// The image type copies read and write.
