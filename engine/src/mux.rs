@@ -495,13 +495,14 @@ impl Mux {
             DataMirrorStart(a) if let Some(e) = unverifiable(a.verify_dest, &a.url) => Err(e),
             // A disk of a job is mirrored by its job only (it may still wait in its queue).
             DataMirrorStart(a) if let Some(job) = self.jobs.job_of(&a.sr, &a.vdi) => {
-                Err(StorageError::InternalError(format!("VDI {} is a disk of migration job {job}, which mirrors it", a.vdi)))
+                Err(crate::backend::errors::in_use(&a.vdi, &format!("a disk of migration job {job}, which mirrors it")))
             }
             DataMirrorStart(a) => self.mirror_start(a.sr, a.vdi, a.dp, a.url, a.dest, a.mirror_vm, a.copy_vm).await.map(Value::String),
             // A job's disk is stopped by its job, whose cancel undoes every disk: stopped alone,
             // the job failed later, saying the disk had left it by a finalize.
-            DataMirrorStop(a) if let Some(job) = a.id.split_once('/').and_then(|(sr, vdi)| self.jobs.job_of(sr, vdi)) => Err(StorageError::InternalError(
-                format!("mirror {} is a disk of migration job {job}: cancel the job, which undoes every disk of it (sxm migrate cancel {job})", a.id),
+            DataMirrorStop(a) if let Some((vdi, job)) = a.id.split_once('/').and_then(|(sr, vdi)| Some((vdi.to_owned(), self.jobs.job_of(sr, vdi)?))) => Err(crate::backend::errors::in_use(
+                &vdi,
+                &format!("mirror {} is a disk of migration job {job}: cancel the job, which undoes every disk of it (sxm migrate cancel {job})", a.id),
             )),
             DataMirrorStop(a) => self.mirror_stop(&a.id).await.map(|()| Value::Null),
             DataMirrorStat(a) => self.mirror_stat(&a.id).map(|m| m.to_value()),

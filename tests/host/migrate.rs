@@ -2219,6 +2219,10 @@ fn a_disk_that_leaves_a_held_job_fails_it_and_leaves_nothing_behind() {
     let out = p.src.cli_raw(&["mirror", "stop", &format!("{}/{}", p.src_sr, vdis[1])]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains(&format!("sxm migrate cancel {job}")), "{err}");
+    // As xapi's callers know it, VDI_IN_USE (it was an Internal_error).
+    let stop = p.src.jsonrpc("DATA.MIRROR.stop", json!({"id": format!("{}/{}", p.src_sr, vdis[1]), "dbg": "t"}));
+    assert_eq!(stop["error"]["data"][0][0], "VDI_IN_USE", "{stop}");
+    assert_eq!(stop["error"]["data"][0][1][0], vdis[1].as_str(), "{stop}");
     assert_eq!(job_stat(&p, &job)["debug_info"]["stage"], "holding", "the refused stop touched the job");
     p.src.cli(&["vdi", "detach", "--sr", &p.src_sr, "--vdi", &vdis[1]]);
     let t = job_end(&p, &job);
