@@ -528,7 +528,15 @@ impl Admin {
         }
         let sr = self.sr_id(sr).await?;
         if uuid::Uuid::parse_str(vdi).is_ok() {
-            return Ok((sr, vdi.to_owned()));
+            // Checked here, so that the error names the SR ("VDI … does not exist" alone did
+            // not), and so that no command takes a VDI that is not there for one with nothing
+            // to do (`vdi detach` said "not attached"). Any other failure is the call's to say.
+            return match self.call("VDI.stat", &[("vdi", s(vdi)), ("sr", s(&sr))]).await {
+                Err(e) if matches!(storage_error(&e), Some(StorageError::VdiDoesNotExist(_))) => {
+                    Err(e.context(format!("SR {sr} has no VDI {vdi} (`sxm vdi list --sr {sr}` shows them)")))
+                }
+                _ => Ok((sr, vdi.to_owned())),
+            };
         }
         let vdis: Vec<VdiInfo> = match self.call_as("SR.scan", &[("sr", s(&sr))]).await {
             Ok(v) => v,

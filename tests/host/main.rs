@@ -1065,6 +1065,14 @@ fn the_cli_takes_names_for_srs_and_vdis() {
     let out = host.cli_raw(&["vdi", "attach", "--sr", "local", "--vdi", "no-such-disk"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("has no VDI \"no-such-disk\""), "{err}");
+    // A VDI id the SR does not hold: the error names the SR, and no command takes it for one
+    // with nothing to do (`vdi detach` said "not attached" and succeeded).
+    let missing = "0f0e0d0c-0b0a-4909-8807-060504030201";
+    for cmd in ["detach", "attach", "destroy"] {
+        let out = host.cli_raw(&["vdi", cmd, "--sr", "local", "--vdi", missing]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(&format!("has no VDI {missing}")), "vdi {cmd}: {err}");
+    }
 }
 
 /// `--json` errors are one JSON object carrying the host's storage error, `task stat` reads
