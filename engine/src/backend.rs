@@ -353,6 +353,12 @@ pub trait Backend: Send + Sync + 'static {
         unimplemented("mirror status")
     }
 
+    /// How many NBD connections the VDI's datapath serves now (a receive's leaf is finalized
+    /// only once the source's mirror connection has gone).
+    fn vdi_open_connections(&self, sr: &SrContext, vdi: &str) -> StorageResult<u64> {
+        unimplemented("connection count")
+    }
+
     /// Source: caps a full mirror's background copy at `bytes_per_s` bytes of data per second
     /// (0: no cap), from its next request (a job's share of its bandwidth limit).
     fn vdi_mirror_rate(&self, sr: &SrContext, vdi: &str, bytes_per_s: u64) -> StorageResult<()> {

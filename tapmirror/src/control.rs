@@ -306,6 +306,7 @@ async fn execute<I: Image>(control: &Control<I>, request: &Value, mut fds: Vec<O
                 "paused": server.is_paused(),
                 "outstanding": server.outstanding(),
                 "connections": s.connections.load(Relaxed),
+                "open_connections": s.open_connections.load(Relaxed),
                 "requests": s.requests.load(Relaxed),
                 "errors": s.errors.load(Relaxed),
                 "bytes_read": s.bytes_read.load(Relaxed),

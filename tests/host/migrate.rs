@@ -1053,6 +1053,33 @@ fn a_finalize_done_after_the_source_gave_up_on_it_is_undone_by_the_stop() {
     settle(&p, &before, "both hosts back as they were, the copy finalized unheard gone too");
 }
 
+/// A destination asked to finalize while its source still mirrors into the leaf refuses
+/// (VDI_IN_USE) and changes nothing. It used to finalize: the leaf became an ordinary VDI that
+/// lacked every write mirrored after, and the source's stop, finding no receive to cancel,
+/// left it behind. The migration then goes on and ends as any does.
+#[test]
+fn a_finalize_while_the_source_still_mirrors_is_refused_and_changes_nothing() {
+    let p = Pair::new();
+    let seed = pattern((4 * MIB) as usize, 27);
+    let (vdi, uri) = p.guest_disk(&seed);
+    let id = p.start_mirror(&vdi);
+    let fin = p.dst.jsonrpc("DATA.MIRROR.receive_finalize2", json!({"id": id, "dbg": "t"}));
+    assert_eq!(fin["error"]["data"][0][0], "VDI_IN_USE", "a finalize under a live mirror: {fin}");
+    assert!(fin["error"].to_string().contains("still mirrors"), "{fin}");
+    let recv = p.dst.call("DATA.MIRROR.stat", json!({"id": id, "dbg": "t"}));
+    assert_eq!(recv["state"], json!(["Receiving"]), "{recv}");
+    let stat = p.src.call("DATA.MIRROR.stat", json!({"id": id, "dbg": "t"}));
+    assert_eq!(stat["failed"], false, "the refused finalize broke the mirror: {stat}");
+    // Written after the refusal, mirrored, and there after the real finalize.
+    run(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x5a 1M 64k", &uri]));
+    let dest_vdi = stat["dest_vdi"].as_str().expect("dest vdi").to_owned();
+    p.src.cli(&["vdi", "detach", "--sr", &p.src_sr, "--vdi", &vdi]);
+    assert_eq!(p.dst.call("DATA.MIRROR.list", json!({"dbg": "t"})), json!({}), "the receive is over");
+    let mut expected = seed.clone();
+    expected[MIB as usize..(MIB + 64 * 1024) as usize].fill(0x5a);
+    assert!(p.export(&p.dst, &p.dst_sr, &dest_vdi) == expected, "the destination VDI differs from the source");
+}
+
 /// A finalize that fails here before it reaches the destination is a failed mirror like any
 /// other: it stayed "being finalized", could not be stopped, and a restart finalized it, with
 /// what the source's guest had written since it was activated again left out.

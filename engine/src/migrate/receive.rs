@@ -20,6 +20,12 @@ use super::{BASE_MIRROR, lock};
 /// How long the undo of a receive that could not all be undone is tried again.
 const RETRY_UNDO_RECEIVE_FOR: Duration = Duration::from_secs(600);
 
+/// How long a finalize waits for the source's mirror connection to the leaf to close: it
+/// closes as the source deactivates, just before the source asks for the finalize, and the
+/// leaf's datapath may learn of it a moment after the call arrives (over TLS, through two
+/// relays).
+const MIRROR_GONE_WAIT: Duration = Duration::from_secs(10);
+
 fn dbg(id: &str) -> String {
     format!("receive {id}")
 }
@@ -314,6 +320,7 @@ impl Mux {
         let (Some(leaf), Some(dp)) = (r.leaf.clone(), r.leaf_dp.clone()) else {
             return Err(StorageError::InternalError(format!("mirror {id} was never fully prepared")));
         };
+        self.wait_for_the_mirror_to_end(&r.sr, &leaf).await?;
         self.local::<()>(Call::DpDestroy2(args::DpDestroy2 { allow_leak: false, vm: Some(r.mirror_vm.clone()), vdi: leaf.clone(), sr: r.sr.clone(), dp, dbg: dbg(id) }))
             .await?;
         // A full mirror's volume is the VDI already; a SMAPIv1 leaf goes onto its parent.
@@ -333,6 +340,39 @@ impl Mux {
         self.tasks().changed(Dynamic::Mirror(id.to_owned()));
         tracing::info!(mirror = %id, vdi = %leaf, "receive finalized");
         Ok(())
+    }
+
+    /// A finalize waits (up to [`MIRROR_GONE_WAIT`]) for the source's mirror connection to the
+    /// leaf to close, as it does once the source's VDI is deactivated, and is refused while it
+    /// stays open: finalized under a source still mirroring, the leaf lost every write made
+    /// after, and was left behind as a VDI when the source then undid its mirror. A datapath
+    /// that cannot be asked (gone) has no connection to wait for.
+    async fn wait_for_the_mirror_to_end(&self, sr: &str, leaf: &str) -> Result<(), StorageError> {
+        let Ok(entry) = self.attached_entry(sr) else { return Ok(()) };
+        let deadline = tokio::time::Instant::now() + MIRROR_GONE_WAIT;
+        loop {
+            let vdi = leaf.to_owned();
+            let open = match self.run(&entry, false, move |b, ctx| b.vdi_open_connections(ctx, &vdi)).await {
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::debug!(vdi = %leaf, error = %e, "finalize: the leaf's connections could not be counted");
+                    0
+                }
+            };
+            if open == 0 {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(crate::backend::errors::in_use(
+                    leaf,
+                    &format!(
+                        "its receive cannot be finalized while the source still mirrors into it ({open} NBD connections open after {} s): the source finalizes once its VDI is deactivated",
+                        MIRROR_GONE_WAIT.as_secs()
+                    ),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// `PUT /services/SM/nbd/<vm>/<sr>/<vdi>/<dp>`, before the `200`: the datapath must hold

@@ -93,6 +93,9 @@ pub struct Stats {
     pub started: std::time::Instant,
     /// Connections accepted.
     pub connections: AtomicU64,
+    /// Connections open now (a migration's destination is finalized only once its source's
+    /// mirror connection has gone).
+    pub open_connections: AtomicU64,
     /// Requests answered.
     pub requests: AtomicU64,
     /// Requests answered with an error.
@@ -108,11 +111,28 @@ impl Default for Stats {
         Stats {
             started: std::time::Instant::now(),
             connections: AtomicU64::new(0),
+            open_connections: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             bytes_read: AtomicU64::new(0),
             bytes_written: AtomicU64::new(0),
         }
+    }
+}
+
+/// One connection counted in [`Stats::open_connections`] while it lives, however it ends.
+struct OpenConnection<I: Image>(Arc<NbdServer<I>>);
+
+impl<I: Image> OpenConnection<I> {
+    fn count(server: &Arc<NbdServer<I>>) -> OpenConnection<I> {
+        server.stats.open_connections.fetch_add(1, Ordering::Relaxed);
+        OpenConnection(Arc::clone(server))
+    }
+}
+
+impl<I: Image> Drop for OpenConnection<I> {
+    fn drop(&mut self) {
+        self.0.stats.open_connections.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -390,6 +410,7 @@ impl<I: Image> NbdServer<I> {
         W: AsyncWrite + Unpin + Send + 'static,
     {
         self.stats.connections.fetch_add(1, Ordering::Relaxed);
+        let _open = OpenConnection::count(&self);
         let mut r = BufReader::with_capacity(256 * 1024, r);
         let negotiation = tokio::time::timeout(self.limits.handshake_timeout, async {
             if how.oldstyle { self.greet_oldstyle(&mut w).await } else { self.negotiate(&mut r, &mut w, how.any_export).await }
