@@ -1536,6 +1536,25 @@ fn a_cancel_during_the_prepare_waits_for_it_and_undoes_all_of_it() {
     }
 }
 
+/// A copy that fails before it asked the destination to make anything (here the destination
+/// refuses the secret) has nothing there to undo, and keeps no record: the record, holding the
+/// URL and its secret, used to be kept and its undo retried for an hour.
+#[test]
+fn a_copy_refused_by_its_destination_keeps_no_record_to_undo() {
+    let p = Pair::new();
+    let (vdi, _uri) = p.guest_disk(&pattern((2 * MIB) as usize, 39));
+    let snap = p.src.call("VDI.snapshot", json!({"sr": p.src_sr, "vdi_info": p.src.call("VDI.stat", json!({"sr": p.src_sr, "vdi": vdi, "dbg": "t"})), "dbg": "t"}));
+    let snap = snap["vdi"].as_str().expect("snapshot").to_owned();
+    let wrong = p.dest_url().replace(p.dst.secret.as_str(), "not-the-secret");
+    assert_ne!(wrong, p.dest_url());
+    let task = p.src.call("DATA.copy", json!({"sr": p.src_sr, "vdi": snap, "url": wrong, "dest": p.dst_sr, "verify_dest": false, "dbg": "t"}));
+    let task = task.as_str().expect("task").to_owned();
+    eventually(30, "the copy's task ended", || p.src.call("TASK.stat", json!({"task": task, "dbg": "t"}))["state"][0] != "Pending");
+    assert_eq!(p.src.call("TASK.stat", json!({"task": task, "dbg": "t"}))["state"][0], "Failed");
+    let copies = p.src.root.join("state").join("copy");
+    eventually(10, "the failed copy's record gone", || std::fs::read_dir(&copies).map(|d| d.count() == 0).unwrap_or(true));
+}
+
 /// A start whose destination cannot be reached never blocks the VDI: one that no connection
 /// reaches (a wrong port) leaves nothing, since the destination cannot have prepared; one whose
 /// destination took the call and hung up keeps its record while the destination is told to

@@ -174,6 +174,16 @@ pub struct CopyRecord {
     pub dest_dp: Option<String>,
     /// The task following the copy.
     pub task: String,
+    /// Whether the destination may hold something of the copy's: set before the copy first
+    /// asks it to make a VDI. A copy that failed before (the destination unreachable, or
+    /// refusing the secret) has nothing there to undo; its record, which holds the secret, used
+    /// to be kept and retried for an hour. Records from before the field was kept say yes.
+    #[serde(default = "may_have_made")]
+    pub may_have_made: bool,
+}
+
+fn may_have_made() -> bool {
+    true
 }
 
 /// One kind of record, in its folder.

@@ -974,7 +974,7 @@ impl Mux {
         }
         Remote::new(&url)?;
         let (task, cancel) = self.tasks().create(&format!("copy {id}"));
-        let record = CopyRecord { id: id.clone(), sr, vdi, url, dest_sr, stage: CopyStage::Prepare, dest_vdi: None, dest_dp: None, task: task.clone() };
+        let record = CopyRecord { id: id.clone(), sr, vdi, url, dest_sr, stage: CopyStage::Prepare, dest_vdi: None, dest_dp: None, task: task.clone(), may_have_made: false };
         lock(&self.records.copies).put(record)?;
         drop(turn);
         let me = self.me()?;
@@ -1015,6 +1015,12 @@ impl Mux {
                 .find(|t| t.content_id == mine.content_id && t.virtual_size <= info.virtual_size && t.sm_config.get(BASE_MIRROR).is_none())
                 .map(|t| (mine.vdi.clone(), t.clone()))
         });
+        {
+            let mut copies = lock(&self.records.copies);
+            let mut rec = r.clone();
+            rec.may_have_made = true;
+            copies.put(rec)?;
+        }
         let (made, base): (VdiInfo, Option<String>) = match nearest {
             Some((local_base, their_base)) => {
                 let mut clone_info = their_base.clone();
@@ -1037,6 +1043,7 @@ impl Mux {
             rec.dest_vdi = Some(made.vdi.clone());
             rec.dest_dp = Some(dp.clone());
             rec.stage = CopyStage::Copy;
+            rec.may_have_made = true;
             copies.put(rec)?;
         }
         if cancel.is_cancelled() {
@@ -1064,6 +1071,9 @@ impl Mux {
     /// made there. True when the destination did all of it (or had nothing left).
     async fn undo_copy(&self, id: &str) -> bool {
         let Some(r) = lock(&self.records.copies).get(id).cloned() else { return true };
+        if !r.may_have_made {
+            return true;
+        }
         let Ok(remote) = Remote::new(&r.url) else { return true };
         let mut done = true;
         if let Some(dp) = &r.dest_dp {
