@@ -223,6 +223,11 @@ fn a_vdi_moves_live_and_the_destination_reads_what_the_guest_wrote() {
     let dest_vdi = stat["dest_vdi"].as_str().expect("dest vdi").to_owned();
     let recv = p.dst.call("DATA.MIRROR.stat", json!({"id": id, "dbg": "t"}));
     assert_eq!(recv["state"], json!(["Receiving"]), "{recv}");
+    // A second mirror of the VDI is refused as xapi's callers know it (it was Internal_error).
+    let dps = p.src.call("DP.stat_vdi", json!({"sr": p.src_sr, "vdi": vdi, "dbg": "t"}));
+    let dp = dps["dps"].as_object().and_then(|d| d.keys().next()).expect("the guest's datapath").clone();
+    let again = p.src.jsonrpc("DATA.MIRROR.start", json!({"sr": p.src_sr, "vdi": vdi, "dp": dp, "url": p.dest_url(), "dest": p.dst_sr, "verify_dest": false, "dbg": "t"}));
+    assert_eq!(again["error"]["data"][0][0], "VDI_IN_USE", "{again}");
     // The CLI shows the same: a row, or with --json the record.
     let shown = p.src.cli(&["mirror", "stat", &id]);
     assert!(shown.contains("Sending") && shown.contains(&dest_vdi), "{shown}");

@@ -151,18 +151,20 @@ impl Mux {
         let id = format!("{sr}/{vdi}");
         self.attached_entry(&sr)?;
         if let Some(old) = lock(&self.records.sends).get(&id) {
+            // VDI_IN_USE, as xapi's callers know a disk another operation holds.
+            let in_use = |why: String| crate::backend::errors::in_use(&vdi, &why);
             if old.cancelling {
-                return Err(StorageError::InternalError(format!(
+                return Err(in_use(format!(
                     "VDI {vdi}'s last mirror ({id}) failed and its destination {} has not yet answered the cancel of its side; DATA.MIRROR.stop {id} gives up on it",
                     Remote::new(&old.url).map(|r| r.endpoint.to_string()).unwrap_or_default()
                 )));
             }
             if old.failed {
-                return Err(StorageError::InternalError(format!(
+                return Err(in_use(format!(
                     "VDI {vdi}'s mirror {id} failed and is still there: DATA.MIRROR.stop {id} (sxm mirror stop) undoes it on both hosts, then start again"
                 )));
             }
-            return Err(StorageError::InternalError(format!("VDI {vdi} is already being mirrored (mirror {id})")));
+            return Err(in_use(format!("VDI {vdi} is already being mirrored (mirror {id})")));
         }
         Remote::new(&url)?;
         refuse_non_persistent(&self.local::<VdiInfo>(Call::VdiStat(args::VdiStat { vdi: vdi.clone(), sr: sr.clone(), dbg: dbg(&id) })).await?)?;
