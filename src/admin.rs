@@ -1182,8 +1182,13 @@ fn refuse_non_job(t: &Task) -> Result<()> {
 }
 
 fn dest_url(d: &DestArgs) -> Result<String> {
-    // A host on this machine reached by its socket needs no secret (the socket is 0600).
-    if d.dest.contains("session_id=") || matches!(Endpoint::parse(&d.dest), Ok(Endpoint::Unix(_))) {
+    // A host on this machine reached by its socket needs no secret (the socket is 0600). Its
+    // path goes absolute: the host that calls it runs elsewhere, and takes no relative one.
+    if let Ok(Endpoint::Unix(path)) = Endpoint::parse(&d.dest) {
+        let path = std::path::absolute(&path).with_context(|| format!("--dest {}", path.display()))?;
+        return Ok(path.display().to_string());
+    }
+    if d.dest.contains("session_id=") {
         return Ok(d.dest.clone());
     }
     let Some(f) = &d.dest_secret_file else {

@@ -388,9 +388,18 @@ fn a_destination_named_without_a_scheme_or_by_its_socket_works_and_no_error_show
     eventually(30, "the task ended", || p.src.call("TASK.stat", json!({"task": task, "dbg": "t"}))["state"][0] != "Pending");
     let t = p.src.call("TASK.stat", json!({"task": task, "dbg": "t"})).to_string();
     assert!(t.contains(&format!("http://{closed}")) && !t.contains(secret.as_str()), "{t}");
-    // The destination's socket on this machine needs no secret, and the migration runs.
-    let socket = p.dst.socket.to_str().expect("path");
-    let id = p.src.cli(&["mirror", "start", "--sr", &p.src_sr, "--vdi", &vdi, "--dest", socket, "--dest-sr", "destination", "--wait"]);
+    // A URL that is none is refused, not taken for a socket path relative to the host's
+    // working directory.
+    let refused = p.src.jsonrpc("DATA.MIRROR.start", json!({"sr": p.src_sr, "vdi": vdi, "dp": dp, "url": "not a url", "dest": p.dst_sr, "verify_dest": false, "dbg": "t"}));
+    assert!(refused["error"].to_string().contains("absolute path of its Unix socket"), "{refused}");
+    // The destination's socket on this machine needs no secret, and the migration runs; named
+    // by a relative path, the CLI makes it absolute.
+    let above = p.dst.socket.parent().and_then(std::path::Path::parent).expect("a folder above the socket's");
+    let relative = p.dst.socket.strip_prefix(above).expect("relative").to_str().expect("path").to_owned();
+    let out = run(Command::new(sxm()).current_dir(above).arg("--host").arg(&p.src.socket).env("SXM_TAPMIRROR", tapmirror()).args([
+        "mirror", "start", "--sr", &p.src_sr, "--vdi", &vdi, "--dest", &relative, "--dest-sr", "destination", "--wait",
+    ]));
+    let id = String::from_utf8(out.stdout).expect("utf-8").trim().to_owned();
     let dest_vdi = p.src.call("DATA.MIRROR.stat", json!({"id": id, "dbg": "t"}))["dest_vdi"].as_str().expect("dest vdi").to_owned();
     p.src.cli(&["vdi", "detach", "--sr", &p.src_sr, "--vdi", &vdi]);
     assert!(p.export(&p.dst, &p.dst_sr, &dest_vdi) == seed, "the destination differs from the source");

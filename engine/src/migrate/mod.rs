@@ -90,6 +90,16 @@ impl Remote {
     /// The host at `url` (`http://host:port[/services/SM]?session_id=SECRET`).
     pub fn new(url: &str) -> Result<Remote, StorageError> {
         let endpoint = Endpoint::parse(url).map_err(|e| StorageError::InternalError(format!("destination URL: {e}")))?;
+        // A host on this machine is named by its socket's absolute path: anything else that is
+        // no http(s) URL ("not a url") was taken for a socket path relative to wherever this
+        // host runs.
+        if let Endpoint::Unix(path) = &endpoint
+            && !path.is_absolute()
+        {
+            return Err(StorageError::InternalError(format!(
+                "destination URL {url:?}: name another host by http://, https:// or the absolute path of its Unix socket"
+            )));
+        }
         Ok(Remote::on(endpoint))
     }
 
