@@ -510,10 +510,14 @@ pub fn check(file: &File, h: &Header, file_len: u64) -> Result<u64, CheckError> 
             let guest = (l1_index * h.l2_entries() + j as u64) * cs;
             match decode_l2(h, e, guest)? {
                 L2Ref::None => {}
-                L2Ref::Cluster { offset, .. } => {
-                    if offset >= file_len {
+                L2Ref::Cluster { offset, zero } => {
+                    // A data cluster lies in the file whole: QEMU and this crate grow a file
+                    // by whole clusters, so one cut short is a truncated file, whose lost
+                    // bytes would read as zeroes.
+                    let end = if zero { offset.saturating_add(1) } else { offset.saturating_add(cs) };
+                    if end > file_len {
                         return Err(corrupt(format!(
-                            "cluster for guest {guest:#x} at host {offset:#x} lies beyond the end of the file"
+                            "cluster for guest {guest:#x} at host {offset:#x} lies beyond the end of the file ({file_len} bytes; truncated?)"
                         )));
                     }
                     refs.add(offset, cs, "data cluster")?;

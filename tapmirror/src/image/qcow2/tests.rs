@@ -381,6 +381,26 @@ async fn broken_chains_and_files_give_named_errors_and_stay_untouched() {
     assert_eq!(std::fs::read(d.join("t.qcow2")).expect("read"), before);
 }
 
+/// A file cut short inside its last data cluster is truncated, and `check` says so: its
+/// lost bytes would read as zeroes (a 512-byte cut used to pass, and an import then carried
+/// zeroes in their place). A 4 KiB write into a fresh cluster grows the file by the whole
+/// cluster, as QEMU's do, so an intact image passes.
+#[tokio::test]
+async fn check_refuses_a_file_cut_inside_its_last_data_cluster() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = dir.path().join("cut.qcow2");
+    create(&p, 1 << 20, None).await.expect("create");
+    {
+        let t = Qcow2Image::open(&p, Access::ReadWrite, EngineKind::Portable).await.expect("open");
+        put(&t, 3 * K64, &pat(4096, 5)).await;
+    }
+    check(&p).await.expect("an intact image passes");
+    let len = std::fs::metadata(&p).expect("stat").len();
+    std::fs::OpenOptions::new().write(true).open(&p).expect("open").set_len(len - 512).expect("cut");
+    let e = check(&p).await.err();
+    assert!(matches!(e, Some(Qcow2Error::Corrupt { ref reason, .. }) if reason.contains("beyond the end of the file")), "{e:?}");
+}
+
 #[tokio::test]
 async fn check_finds_leaks_and_refcounts_that_are_too_small() {
     use std::os::unix::fs::FileExt;
