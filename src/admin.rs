@@ -337,8 +337,10 @@ fn cli_dp(vdi: &str) -> String {
 /// The datapath id `vdi export` reads through: its own, so that letting go of it never
 /// detaches a VDI the user attached.
 fn export_dp(vdi: &str) -> String {
-    format!("sxm-cli-export/{vdi}")
+    format!("{EXPORT_DP_PREFIX}{vdi}")
 }
+
+const EXPORT_DP_PREFIX: &str = "sxm-cli-export/";
 
 /// xapi's `nbd:unix:<socket>:exportname=<name>` as a standard NBD URI.
 pub fn nbd_uri(info: &AttachInfo) -> Result<String> {
@@ -685,7 +687,9 @@ impl Admin {
                 // go of its own alone left a migrated VDI attached after `vdi attach` of it,
                 // with no word, and a mirror of it was never finalized.
                 let stat: DpStatVdi = self.call_as("DP.stat_vdi", &[("vdi", s(&vdi)), ("sr", s(&sr))]).await?;
-                let ours: Vec<String> = stat.dps.keys().filter(|dp| dp.starts_with(CLI_DP_PREFIX)).cloned().collect();
+                // An export's own too: one whose CLI was killed left it, and nothing else
+                // lets go of it.
+                let ours: Vec<String> = stat.dps.keys().filter(|dp| dp.starts_with(CLI_DP_PREFIX) || dp.starts_with(EXPORT_DP_PREFIX)).cloned().collect();
                 if ours.is_empty() {
                     if stat.dps.is_empty() {
                         eprintln!("VDI {vdi} is not attached");
@@ -1073,6 +1077,8 @@ impl Admin {
     }
 
     async fn import(&self, sr: &str, name: Option<String>, format: ImportFormat, file: &Path) -> Result<()> {
+        // Caught from here: an import stopped on the way undoes itself like one that failed.
+        let mut stops = StopSignals::catch()?;
         let format = format.tapmirror_name();
         let (size, found) = image_size(file, format)?;
         // An image from elsewhere is checked whole first: a truncated or damaged one would
@@ -1087,7 +1093,7 @@ impl Admin {
             // A new VDI reads as zeroes: nothing needs writing where the image has no data. An
             // image from elsewhere could name any file of this host as its backing file or
             // parent, and the VDI would then read that file's data: such chains are refused.
-            tapmirror_copy(&[file.as_os_str(), uri.as_ref(), "--format".as_ref(), format.as_ref(), "--target-is-zero".as_ref(), "--no-backing".as_ref()])
+            tapmirror_copy(&[file.as_os_str(), uri.as_ref(), "--format".as_ref(), format.as_ref(), "--target-is-zero".as_ref(), "--no-backing".as_ref()], &mut stops).await
         }
         .await;
         let released = self.release(sr, &info.vdi).await;
@@ -1113,12 +1119,13 @@ impl Admin {
                 stat.dps.keys().cloned().collect::<Vec<_>>().join(", ")
             );
         }
+        let mut stops = StopSignals::catch()?;
         let dp = export_dp(vdi);
         let uri = self.attach_on(&dp, sr, vdi, false).await?;
         // A new file, or nothing: a file (or a link) that appeared at the path since the check
         // above is never written, so a folder others may write cannot turn an export into an
         // overwrite of some file of theirs choosing.
-        let outcome = tapmirror_copy(&[uri.as_ref(), file.as_os_str(), "--dest-new".as_ref()]);
+        let outcome = tapmirror_copy(&[uri.as_ref(), file.as_os_str(), "--dest-new".as_ref()], &mut stops).await;
         let released = self.release_on(&dp, sr, vdi).await;
         outcome.with_context(|| format!("export VDI {vdi} to {}", file.display()))?;
         released
@@ -1258,13 +1265,69 @@ fn check_image(file: &Path) -> Result<()> {
     bail!("{} is damaged, and is not imported: {why}", file.display())
 }
 
-/// Runs `tapmirror copy`; its log and report are shown only when it fails, as the error.
-fn tapmirror_copy(args: &[&std::ffi::OsStr]) -> Result<()> {
+/// SIGINT, SIGTERM and SIGHUP (a terminal or ssh session gone), caught from the moment this
+/// is made: a command that made something on a host (an import's VDI, an export's datapath)
+/// undoes it when stopped, rather than dying with it left there.
+struct StopSignals {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn catch() -> Result<StopSignals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let catch = |kind: SignalKind| signal(kind).context("catching stop signals");
+        Ok(StopSignals { int: catch(SignalKind::interrupt())?, term: catch(SignalKind::terminate())?, hup: catch(SignalKind::hangup())? })
+    }
+
+    /// The next stop signal's name (at once for one that came already).
+    async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.int.recv() => "SIGINT",
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.hup.recv() => "SIGHUP",
+        }
+    }
+}
+
+/// Runs `tapmirror copy`; its log and report are shown only when it fails, as the error. A stop
+/// signal stops it (it takes away a file it made) and fails the copy, and the copy ends with
+/// this process however that ends (SIGKILL too), rather than go on writing under init.
+async fn tapmirror_copy(args: &[&std::ffi::OsStr], stops: &mut StopSignals) -> Result<()> {
+    use tokio::io::AsyncReadExt;
     let tapmirror = crate::serve::find_tapmirror(std::env::var_os("SXM_TAPMIRROR").map(PathBuf::from))?;
-    let out = Command::new(&tapmirror).arg("copy").args(args).output().with_context(|| format!("run {}", tapmirror.display()))?;
-    if !out.status.success() {
-        let why = tapmirror_error(&out.stderr);
-        bail!("copying failed ({}): {why}", out.status);
+    let mut cmd = tokio::process::Command::new(&tapmirror);
+    cmd.arg("copy").args(args).stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).kill_on_drop(true);
+    // SAFETY: runs in the child between fork and exec; prctl takes no pointers and is
+    // async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM).map_err(std::io::Error::from));
+    }
+    let mut child = cmd.spawn().with_context(|| format!("run {}", tapmirror.display()))?;
+    let mut stderr = child.stderr.take().context("the copy's stderr")?;
+    let log = tokio::spawn(async move {
+        let mut text = Vec::new();
+        let _ = stderr.read_to_end(&mut text).await;
+        text
+    });
+    let (status, stopped) = tokio::select! {
+        status = child.wait() => (status.context("waiting for the copy")?, None),
+        signal = stops.recv() => {
+            // The copy's own stop: it ends its requests and removes a file it made.
+            if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
+            }
+            (child.wait().await.context("waiting for the stopped copy")?, Some(signal))
+        }
+    };
+    let text = log.await.unwrap_or_default();
+    if let Some(signal) = stopped {
+        bail!("stopped by {signal}");
+    }
+    if !status.success() {
+        let why = tapmirror_error(&text);
+        bail!("copying failed ({status}): {why}");
     }
     Ok(())
 }

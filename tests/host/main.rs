@@ -327,16 +327,80 @@ fn a_truncated_image_is_not_imported() {
     let bytes = std::fs::read(&good).expect("image");
     let cut = dir.path().join("cut.qcow2");
     std::fs::write(&cut, &bytes[..bytes.len() / 2]).expect("truncated image");
+    // Cut inside its last data cluster only: that passed, and its last 512 bytes arrived as
+    // zeroes.
+    let cut_tail = dir.path().join("cut-tail.qcow2");
+    std::fs::write(&cut_tail, &bytes[..bytes.len() - 512]).expect("truncated image");
     for sr in [&sr, &sr3] {
         let before = host.call("SR.scan", json!({"sr": sr, "dbg": "t"}));
-        let out = host.cli_raw(&["vdi", "import", "--sr", sr, cut.to_str().expect("path")]);
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "a truncated image was imported: {err}");
-        assert!(err.contains("damaged") && err.contains("beyond the end of the file"), "{err}");
+        for cut in [&cut, &cut_tail] {
+            let out = host.cli_raw(&["vdi", "import", "--sr", sr, cut.to_str().expect("path")]);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success(), "a truncated image was imported: {err}");
+            assert!(err.contains("damaged") && err.contains("beyond the end of the file"), "{err}");
+        }
         assert_eq!(host.call("SR.scan", json!({"sr": sr, "dbg": "t"})), before, "the refused import left a VDI");
         // The intact image imports.
         host.cli_json(&["vdi", "import", "--sr", sr, good.to_str().expect("path")]);
     }
+}
+
+/// An import or export stopped by a signal undoes itself: the import's VDI goes, the export's
+/// file and datapath go, and no copy goes on writing. An import stopped with SIGINT or SIGTERM
+/// used to leave a half-written VDI, attached, with its copy still writing into it under init;
+/// an export left its datapath, which no CLI command let go of. (The copies are slowed by a
+/// `tapmirror` that caps them at 1 MiB/s, so that the signals land in them.)
+#[test]
+fn an_import_or_export_stopped_by_a_signal_undoes_itself() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (host, sr) = host_with_sr(&dir);
+    let slow = dir.path().join("slow-tapmirror");
+    std::fs::write(&slow, format!("#!/bin/sh\nif [ \"$1\" = copy ]; then exec {} \"$@\" --bwlimit 1M; fi\nexec {} \"$@\"\n", tapmirror().display(), tapmirror().display())).expect("wrapper");
+    run(Command::new("chmod").arg("755").arg(&slow));
+    let file = dir.path().join("data.raw");
+    std::fs::write(&file, pattern((16 * MIB) as usize, 41)).expect("data");
+    let copies_running = |path: &std::path::Path| {
+        let out = Command::new("pgrep").arg("-f").arg(format!("copy .*{}", path.display())).output().expect("pgrep");
+        !String::from_utf8_lossy(&out.stdout).trim().is_empty()
+    };
+    let stop_mid_copy = |args: &[&str], watched: &std::path::Path, signal: nix::sys::signal::Signal| {
+        let child = Command::new(sxm())
+            .arg("--host")
+            .arg(&host.socket)
+            .args(args)
+            .env("SXM_TAPMIRROR", &slow)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn sxm");
+        eventually(30, "the copy under way", || copies_running(watched));
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal).expect("signal");
+        let out = child.wait_with_output().expect("wait");
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!out.status.success(), "a stopped {args:?} succeeded: {err}");
+        assert!(err.contains(&format!("stopped by {signal}")), "{err}");
+        assert!(!copies_running(watched), "the copy goes on after its CLI was stopped");
+    };
+
+    let before = vdi_ids(&host, &sr);
+    for signal in [nix::sys::signal::Signal::SIGINT, nix::sys::signal::Signal::SIGTERM] {
+        stop_mid_copy(&["vdi", "import", "--sr", &sr, file.to_str().expect("path")], &file, signal);
+        assert_eq!(vdi_ids(&host, &sr), before, "the stopped import left its VDI");
+    }
+
+    let vdi = host.cli(&["vdi", "import", "--sr", &sr, "--format", "raw", file.to_str().expect("path")]);
+    let out_file = dir.path().join("out.raw");
+    stop_mid_copy(&["vdi", "export", "--sr", &sr, "--vdi", &vdi, out_file.to_str().expect("path")], &out_file, nix::sys::signal::Signal::SIGINT);
+    assert!(!out_file.exists(), "the stopped export left its file");
+    let dps = host.call("DP.stat_vdi", json!({"sr": sr, "vdi": vdi, "dbg": "t"}));
+    assert_eq!(dps["dps"], json!({}), "the stopped export left its datapath");
+    // A datapath an export left (its CLI killed outright) is let go of by `vdi detach`.
+    let uri = host.call("VDI.attach3", json!({"sr": sr, "vdi": vdi, "dp": format!("sxm-cli-export/{vdi}"), "vm": "0", "read_write": false, "dbg": "t"}));
+    assert!(uri.is_object(), "{uri}");
+    host.cli(&["vdi", "detach", "--sr", &sr, "--vdi", &vdi]);
+    let dps = host.call("DP.stat_vdi", json!({"sr": sr, "vdi": vdi, "dbg": "t"}));
+    assert_eq!(dps["dps"], json!({}), "vdi detach kept the export's datapath");
 }
 
 /// A raw file whose size is no whole number of sectors imports into either SR type: the VDI is
