@@ -969,7 +969,7 @@ fn a_failed_copy_leaves_no_file_it_made() {
     let cp = dir.path().join("copy.checkpoint");
     let out = copy_into(&["--checkpoint", cp.to_str().expect("path")]);
     assert!(!out.status.success());
-    assert!(out_file.exists(), "with a checkpoint, the file stays for the resume");
+    assert!(out_file.exists(), "with a checkpoint, the file stays for the resume: {}", String::from_utf8_lossy(&out.stderr));
 
     std::fs::remove_file(&out_file).expect("remove");
     copy::Checkpoint { version: 1, source: uri.clone(), dest: out_file.display().to_string(), size: 4 * MIB, done: MIB, files_stamp: None }
