@@ -69,6 +69,22 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// SIGPIPE in an admin command: the process ends by it, as a pipeline expects, when it was
+/// its output (stdout or stderr, whose reader has gone) that broke; a write to a host's socket
+/// that broke returns EPIPE instead, and the call fails saying so.
+extern "C" fn on_sigpipe(_: libc::c_int) {
+    let mut fds = [libc::pollfd { fd: 1, events: 0, revents: 0 }, libc::pollfd { fd: 2, events: 0, revents: 0 }];
+    // SAFETY: poll, signal and raise are async-signal-safe; `fds` outlives the call. Raised
+    // from inside the handler, SIGPIPE waits until the handler returns, and then ends the
+    // process with the default action.
+    unsafe {
+        if libc::poll(fds.as_mut_ptr(), 2, 0) > 0 && fds.iter().any(|p| p.revents & (libc::POLLERR | libc::POLLHUP) != 0) {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+            libc::raise(libc::SIGPIPE);
+        }
+    }
+}
+
 fn run(cli: Cli) -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
@@ -81,10 +97,13 @@ fn run(cli: Cli) -> Result<()> {
         .init();
     if !matches!(cli.command, Command::Serve(_) | Command::Demo(_)) {
         // An admin command whose output is piped into `head` or `true` ends quietly when the
-        // reader goes, as `ls` does, rather than panicking in `println!` on EPIPE. (The daemon
-        // keeps Rust's ignored SIGPIPE: a caller that hangs up must not kill the host.)
-        // SAFETY: called before any thread starts; the default action needs no handler.
-        unsafe { nix::sys::signal::signal(nix::sys::signal::Signal::SIGPIPE, nix::sys::signal::SigHandler::SigDfl) }?;
+        // reader goes, as `ls` does, rather than panicking in `println!` on EPIPE; but a host
+        // that hangs up on it (an https:// URL naming a plain port) is an error to report,
+        // not a silent death. (The daemon keeps Rust's ignored SIGPIPE: a caller that hangs
+        // up must not kill the host.)
+        // SAFETY: called before any thread starts; the handler only makes async-signal-safe
+        // calls.
+        unsafe { nix::sys::signal::signal(nix::sys::signal::Signal::SIGPIPE, nix::sys::signal::SigHandler::Handler(on_sigpipe)) }?;
     }
     if !matches!(cli.command, Command::Serve(_)) {
         // The CLI calls hosts over https (`--host`, `--dest`) trusting the CAs in

@@ -848,6 +848,13 @@ fn a_cli_whose_reader_has_gone_ends_quietly() {
     assert!(!err.contains("panicked") && !err.contains("Broken pipe"), "{err}");
     use std::os::unix::process::ExitStatusExt;
     assert_eq!(out.status.signal(), Some(13), "ends by SIGPIPE, as a pipeline expects: {:?}", out.status);
+    // A host that hangs up on it is another matter: an https:// URL naming the plain port
+    // (whose answer to the TLS greeting is to close) is an error said, not a silent death by
+    // SIGPIPE (exit 141, nothing printed).
+    let out = Command::new(sxm()).args(["--host", &host.tcp.replace("http://", "https://"), "--secret-file"]).arg(host.root.join("secret")).args(["sr", "list"]).output().expect("run sxm");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!((out.status.code(), out.status.signal()), (Some(1), None), "{err}");
+    assert!(err.contains("TLS"), "{err}");
 }
 
 /// `Query.query` advertises only what the host answers: `SR.probe` is unimplemented, so
