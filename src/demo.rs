@@ -60,7 +60,13 @@ impl DemoHost {
         let mut line = String::new();
         let stdout = child.stdout.take().context("host stdout")?;
         std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)?;
-        let tcp = line.split_whitespace().find_map(|w| w.strip_prefix("tcp=")).with_context(|| format!("{name} did not start: {line:?} (see {}/serve.log)", root.display()))?;
+        let Some(tcp) = line.split_whitespace().find_map(|w| w.strip_prefix("tcp=")) else {
+            // Said here: the log is in the demo's folder, which goes when the demo ends.
+            let _ = child.wait();
+            let log = std::fs::read_to_string(root.join("serve.log")).unwrap_or_default();
+            let last: Vec<&str> = log.lines().rev().take(3).collect::<Vec<_>>().into_iter().rev().collect();
+            bail!("the {name} host did not start: {}", if last.is_empty() { "it printed nothing".to_owned() } else { last.join(" / ") });
+        };
         let secret = std::fs::read_to_string(root.join("secret"))?.trim().to_owned();
         let client = RpcClient::new(Endpoint::Unix(root.join("sxm.sock")));
         Ok(DemoHost { name, root: root.to_owned(), child, client, url: format!("{tcp}?session_id={secret}") })
