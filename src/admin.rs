@@ -1190,7 +1190,8 @@ fn refuse_non_job(t: &Task) -> Result<()> {
 
 fn dest_url(d: &DestArgs) -> Result<String> {
     // A host on this machine reached by its socket needs no secret (the socket is 0600). Its
-    // path goes absolute: the host that calls it runs elsewhere, and takes no relative one.
+    // path goes absolute: the host that calls it has a working directory of its own, and
+    // takes no relative one.
     if let Ok(Endpoint::Unix(path)) = Endpoint::parse(&d.dest) {
         let path = std::path::absolute(&path).with_context(|| format!("--dest {}", path.display()))?;
         return Ok(path.display().to_string());
