@@ -14,8 +14,8 @@ use sxm_engine::rpc::marshal::Marshal;
 /// Which host to talk to, and how to print.
 #[derive(clap::Args, Clone)]
 pub struct HostArgs {
-    /// The host: `http://ADDR:PORT` (with the host secret from --secret-file, $SXM_SECRET or
-    /// `?session_id=`) or the path of its Unix socket.
+    /// The host: `http://ADDR:PORT` or `https://ADDR:PORT` (with the host secret from
+    /// --secret-file, $SXM_SECRET or `?session_id=`) or the path of its Unix socket.
     #[arg(long, env = "SXM_HOST", global = true, default_value = "/var/lib/sxm/sxm.sock")]
     host: String,
     /// A file holding the host secret (a host keeps it in ROOT/secret).
@@ -173,7 +173,7 @@ pub struct DestArgs {
     /// The VDI: its id, or its name in the SR.
     #[arg(long)]
     vdi: String,
-    /// The destination host: `http://ADDR:PORT[?session_id=SECRET]`.
+    /// The destination host: `http(s)://ADDR:PORT[?session_id=SECRET]`, or its socket's path.
     #[arg(long)]
     dest: String,
     /// A file holding the destination host's secret (its ROOT/secret), unless the URL has it.
@@ -231,7 +231,7 @@ pub struct MigrateStart {
     /// A VDI of the VM, by id or name (repeat for each disk); each must be active on its guest's datapath.
     #[arg(long = "vdi", required = true)]
     vdis: Vec<String>,
-    /// The destination host: `http://ADDR:PORT[?session_id=SECRET]`.
+    /// The destination host: `http(s)://ADDR:PORT[?session_id=SECRET]`, or its socket's path.
     #[arg(long)]
     dest: String,
     /// A file holding the destination host's secret, unless the URL has it.
@@ -372,8 +372,8 @@ impl Admin {
             Ok(v) => Ok(v),
             // No host there: say where the CLI looked and how to point it elsewhere.
             Err(e) if matches!(e.kind, CallErrorKind::Connect(_)) => Err(anyhow::Error::new(e).context(match self.named_by {
-                "--host" => "cannot reach the host: start one (sxm serve --root ROOT), or point --host or $SXM_HOST at it (a socket path, or http://ADDR:PORT)",
-                _ => "cannot reach the destination host: is it running, and does --dest name it (http://ADDR:PORT, or its socket path on this machine)?",
+                "--host" => "cannot reach the host: start one (sxm serve --root ROOT), or point --host or $SXM_HOST at it (a socket path, or http(s)://ADDR:PORT)",
+                _ => "cannot reach the destination host: is it running, and does --dest name it (http(s)://ADDR:PORT, or its socket path on this machine)?",
             })),
             Err(e) => {
                 let hint = match &e.kind {

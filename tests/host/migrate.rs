@@ -1870,6 +1870,11 @@ fn a_vdi_moves_live_over_https_and_verify_dest_checks_the_destination() {
     assert!(https.starts_with("https://127.0.0.1:"), "{line}");
     let dst_sr = dst.cli(&["sr", "create", "--type", "qcow2", "--name", "destination"]);
     let url = format!("{https}/services/SM?session_id={}", dst.secret);
+    // The TLS port named http:// says what is likely wrong (it said "invalid HTTP version").
+    let plain = https.replace("https://", "http://");
+    let out = Command::new(sxm()).args(["--host", &plain, "--secret-file"]).arg(dst.root.join("secret")).args(["sr", "list"]).output().expect("run sxm");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("name it https://"), "{err}");
     let seed = pattern((8 * MIB) as usize, 71);
     let source = |name: &str, args: &[&OsStr]| {
         let (h, _) = Host::start_args(&dir.path().join(name), "127.0.0.1:0", &[], args);

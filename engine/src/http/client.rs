@@ -430,7 +430,16 @@ impl RpcClient {
                 }
             };
             let req = req.body(Full::new(Bytes::from(body))).map_err(|e| CallErrorKind::Protocol(format!("cannot build the request: {e}")))?;
-            let resp = sender.send_request(req).await.map_err(CallErrorKind::Http)?;
+            let tls = matches!(&self.endpoint, Endpoint::Tcp { tls: true, .. });
+            let resp = sender.send_request(req).await.map_err(|e| {
+                // A TLS port answers plain HTTP with a TLS alert, which hyper reads as a bad
+                // HTTP version: said so, the likely cause named.
+                if e.is_parse() && !tls && matches!(&self.endpoint, Endpoint::Tcp { .. }) {
+                    CallErrorKind::Protocol(format!("the answer is not HTTP ({e}): if this port serves HTTPS, name it https://"))
+                } else {
+                    CallErrorKind::Http(e)
+                }
+            })?;
             let status = resp.status();
             let bytes = Limited::new(resp.into_body(), MAX_REPLY).collect().await.map_err(CallErrorKind::Body)?.to_bytes();
             match status {
