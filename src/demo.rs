@@ -25,8 +25,9 @@ pub struct DemoArgs {
     /// Size of the VM's first disk (the second is half of it).
     #[arg(long, default_value = "256M", value_parser = crate::admin::parse_size)]
     size: u64,
-    /// The guest's writes per second on each disk (4 KiB each).
-    #[arg(long, default_value_t = 500)]
+    /// The guest's writes per second on each disk (4 KiB each), at least 1: the demo moves
+    /// disks a guest is writing.
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..))]
     rate: u32,
     /// Keep the demo's folder (hosts' roots, logs) instead of removing it.
     #[arg(long)]

@@ -90,6 +90,9 @@ fn an_interrupted_demo_leaves_nothing_behind() {
     let out = Command::new(env!("CARGO_BIN_EXE_sxm")).args(["demo", "--size", "100G"]).output().expect("run");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && stderr.contains("at most"), "{stderr}");
+    // No guest writing is no demo of a live move (it said "0 per second" and wrote 1).
+    let out = Command::new(env!("CARGO_BIN_EXE_sxm")).args(["demo", "--rate", "0"]).output().expect("run");
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
     // A host that cannot start says why in the demo's own error: it gave an empty reason and
     // pointed at a log in the folder the demo had just removed.
     let out = Command::new(env!("CARGO_BIN_EXE_sxm")).arg("demo").env("SXM_TAPMIRROR", "/nonexistent/tapmirror").output().expect("run");
