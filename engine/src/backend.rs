@@ -353,9 +353,10 @@ pub trait Backend: Send + Sync + 'static {
         unimplemented("mirror status")
     }
 
-    /// How many NBD connections the VDI's datapath serves now (a receive's leaf is finalized
-    /// only once the source's mirror connection has gone).
-    fn vdi_open_connections(&self, sr: &SrContext, vdi: &str) -> StorageResult<u64> {
+    /// How many NBD connections handed to the VDI's datapath ([`Backend::vdi_serve_nbd`]) it
+    /// serves now: a receive's leaf is finalized only once the source's mirror connection has
+    /// gone (readers on the datapath's own socket do not count).
+    fn vdi_passed_connections(&self, sr: &SrContext, vdi: &str) -> StorageResult<u64> {
         unimplemented("connection count")
     }
 

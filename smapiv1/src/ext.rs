@@ -747,8 +747,8 @@ impl Backend for ExtBackend {
         self.datapaths.mirror_status(group(sr), known(sr, vdi)?).map(datapath::mirror_status).map_err(errors::datapath)
     }
 
-    fn vdi_open_connections(&self, sr: &SrContext, vdi: &str) -> StorageResult<u64> {
-        self.datapaths.open_connections(group(sr), known(sr, vdi)?).map_err(errors::datapath)
+    fn vdi_passed_connections(&self, sr: &SrContext, vdi: &str) -> StorageResult<u64> {
+        self.datapaths.passed_connections(group(sr), known(sr, vdi)?).map_err(errors::datapath)
     }
 
     fn vdi_mirror_detach(&self, sr: &SrContext, vdi: &str) -> StorageResult<()> {

@@ -17,7 +17,7 @@
 //! | `mirror-rate` | `bytes_per_s` (0: no cap), `busy` (bool: set the cap that applies while the guest writes) | caps a full mirror's background pass at that many data bytes per second, from its next request |
 //! | `mirror-converge` | | ends a full mirror's catch-up: guest writes to copied ranges are mirrored from now on |
 //! | `mirror-detach` | | stops mirroring (after in-flight writes) |
-//! | `nbd-accept` | one descriptor: a connected stream socket (TCP or Unix); `handshake`: `newstyle` (default) or `oldstyle` | serves the export on it as on any accepted connection (the server speaks first; same image, pause and drain gating, counted in `connections`) until the peer closes it or shutdown. Fixed newstyle opens the export under any name (the caller chose it when it passed the socket; tapdisk asks for `tapdisk_client`); `oldstyle` greets as tapdisk's server does, which tapdisk's mirror client on xapi's `/services/SM/nbd/` expects |
+//! | `nbd-accept` | one descriptor: a connected stream socket (TCP or Unix); `handshake`: `newstyle` (default) or `oldstyle` | serves the export on it as on any accepted connection (the server speaks first; same image, pause and drain gating, counted in `connections`, and while open in `stats`' `passed_connections`) until the peer closes it or shutdown. Fixed newstyle opens the export under any name (the caller chose it when it passed the socket; tapdisk asks for `tapdisk_client`); `oldstyle` greets as tapdisk's server does, which tapdisk's mirror client on xapi's `/services/SM/nbd/` expects |
 //! | `drain` | `timeout_s` (default 30) | waits until no request is outstanding on either side |
 //! | `shutdown` | | stops serving, flushes, exits |
 //!
@@ -307,6 +307,9 @@ async fn execute<I: Image>(control: &Control<I>, request: &Value, mut fds: Vec<O
                 "outstanding": server.outstanding(),
                 "connections": s.connections.load(Relaxed),
                 "open_connections": s.open_connections.load(Relaxed),
+                // Of those, the ones passed by `nbd-accept` (a migration's mirror, handed over
+                // as xapi hands tapdisk its connection), not readers on the server's socket.
+                "passed_connections": control.accepted.len(),
                 "requests": s.requests.load(Relaxed),
                 "errors": s.errors.load(Relaxed),
                 "bytes_read": s.bytes_read.load(Relaxed),

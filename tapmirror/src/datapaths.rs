@@ -609,13 +609,14 @@ impl Datapaths {
             .ok_or_else(|| DatapathError::Unexpected { id: id.to_owned(), what: format!("stats without a mirror state: {stats}") })
     }
 
-    /// How many NBD connections the datapath serves now.
-    pub fn open_connections(&self, g: Group<'_>, id: &str) -> Result<u64> {
+    /// How many NBD connections passed to the datapath (`serve_nbd`) it serves now: a
+    /// migration's mirror, not the readers on its socket.
+    pub fn passed_connections(&self, g: Group<'_>, id: &str) -> Result<u64> {
         let stats =
             self.command_with(g, id, json!({"cmd": "stats"}), Vec::new(), CONTROL_TIMEOUT)?.map_err(|e| process_error(id, "stats", e))?;
-        stats["open_connections"]
+        stats["passed_connections"]
             .as_u64()
-            .ok_or_else(|| DatapathError::Unexpected { id: id.to_owned(), what: format!("stats without open_connections: {stats}") })
+            .ok_or_else(|| DatapathError::Unexpected { id: id.to_owned(), what: format!("stats without passed_connections: {stats}") })
     }
 
     /// Caps a full mirror's background pass at `bytes_per_s` data bytes per second (0: none).

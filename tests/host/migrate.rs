@@ -1087,7 +1087,20 @@ fn a_finalize_while_the_source_still_mirrors_is_refused_and_changes_nothing() {
     // Written after the refusal, mirrored, and there after the real finalize.
     run(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x5a 1M 64k", &uri]));
     let dest_vdi = stat["dest_vdi"].as_str().expect("dest vdi").to_owned();
+    // A reader of the leaf on the destination (a read-only attach, a connection held open)
+    // is no mirror: the finalize goes ahead (it was refused after 10 s, failing the migration).
+    let reading = p.dst.cli(&["vdi", "attach", "--read-only", "--sr", &p.dst_sr, "--vdi", &dest_vdi]);
+    let mut reader = Command::new("qemu-io").args(["-f", "raw", "-r", &reading]).stdin(Stdio::piped()).stdout(Stdio::null()).spawn().expect("qemu-io");
+    let socket = reading.split("socket=").nth(1).expect("a socket in the URI");
+    let control = std::path::Path::new(socket).with_file_name("control.sock");
+    eventually(30, "the reader connected", || {
+        let out = Command::new(tapmirror()).arg("ctl").arg(&control).arg("stats").output().expect("tapmirror ctl");
+        let stats: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        stats["open_connections"].as_u64().unwrap_or(0) > stats["passed_connections"].as_u64().unwrap_or(u64::MAX)
+    });
     p.src.cli(&["vdi", "detach", "--sr", &p.src_sr, "--vdi", &vdi]);
+    let _ = reader.kill();
+    let _ = reader.wait();
     assert_eq!(p.dst.call("DATA.MIRROR.list", json!({"dbg": "t"})), json!({}), "the receive is over");
     let mut expected = seed.clone();
     expected[MIB as usize..(MIB + 64 * 1024) as usize].fill(0x5a);

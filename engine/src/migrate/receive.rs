@@ -343,16 +343,18 @@ impl Mux {
     }
 
     /// A finalize waits (up to [`MIRROR_GONE_WAIT`]) for the source's mirror connection to the
-    /// leaf to close, as it does once the source's VDI is deactivated, and is refused while it
-    /// stays open: finalized under a source still mirroring, the leaf lost every write made
-    /// after, and was left behind as a VDI when the source then undid its mirror. A datapath
-    /// that cannot be asked (gone) has no connection to wait for.
+    /// leaf (handed to its datapath by `PUT /services/SM/nbd/…`) to close, as it does once the
+    /// source's VDI is deactivated, and is refused while it stays open: finalized under a
+    /// source still mirroring, the leaf lost every write made after, and was left behind as a
+    /// VDI when the source then undid its mirror. Readers of the leaf (a read-only attach)
+    /// connect to the datapath's own socket and do not count. A datapath that cannot be asked
+    /// (gone) has no connection to wait for.
     async fn wait_for_the_mirror_to_end(&self, sr: &str, leaf: &str) -> Result<(), StorageError> {
         let Ok(entry) = self.attached_entry(sr) else { return Ok(()) };
         let deadline = tokio::time::Instant::now() + MIRROR_GONE_WAIT;
         loop {
             let vdi = leaf.to_owned();
-            let open = match self.run(&entry, false, move |b, ctx| b.vdi_open_connections(ctx, &vdi)).await {
+            let open = match self.run(&entry, false, move |b, ctx| b.vdi_passed_connections(ctx, &vdi)).await {
                 Ok(n) => n,
                 Err(e) => {
                     tracing::debug!(vdi = %leaf, error = %e, "finalize: the leaf's connections could not be counted");
@@ -366,7 +368,7 @@ impl Mux {
                 return Err(crate::backend::errors::in_use(
                     leaf,
                     &format!(
-                        "its receive cannot be finalized while the source still mirrors into it ({open} NBD connections open after {} s): the source finalizes once its VDI is deactivated",
+                        "its receive cannot be finalized while the source still mirrors into it ({open} mirror connections open after {} s): the source finalizes once its VDI is deactivated",
                         MIRROR_GONE_WAIT.as_secs()
                     ),
                 ));
