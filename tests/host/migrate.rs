@@ -1512,8 +1512,12 @@ fn a_source_datapath_that_dies_under_its_mirror_fails_the_mirror() {
     let again = p.src.cli_raw(&["mirror", "start", "--sr", &p.src_sr, "--vdi", &vdi, "--dest", &p.dest_url(), "--dest-sr", &p.dst_sr, "--wait"]);
     let err = String::from_utf8_lossy(&again.stderr);
     assert!(!again.status.success() && err.contains("failed") && err.contains("mirror stop"), "{err}");
+    // A caller out of step finalizes the destination now (its mirror connection is gone, so
+    // nothing refuses it): the leaf becomes a VDI lacking what the guest writes from here.
+    eventually(20, "the destination finalized", || p.dst.jsonrpc("DATA.MIRROR.receive_finalize2", json!({"id": id, "dbg": "t"})).get("error").is_none());
+    // The stop undoes it on both hosts, that VDI too (it was left behind).
     p.src.cli(&["mirror", "stop", &id]);
-    settle(&p, &before, "both hosts back as they were");
+    settle(&p, &before, "both hosts back as they were, the out-of-step finalize's VDI gone too");
 }
 
 /// The source datapath's process dies while the disk is copied: the host starts it again for

@@ -659,17 +659,18 @@ impl Mux {
                 return false;
             }
         }
-        // A finalize whose answer never came (the destination stopped answering, then did it)
-        // left the leaf there as a finished VDI, which the cancel no longer knows: it goes too.
-        // (Cancelled instead, the leaf is gone already.)
-        if r.stage == SendStage::Finalizing
-            && let Some(m) = &r.remote
-        {
+        // The cancel destroys the leaf of a receive the destination still knows. One it no
+        // longer knows, while this send still stands, was finalized by another than this
+        // send: a finalize whose answer never came (the destination stopped answering, then
+        // did it), or one a caller sent out of step after the mirror failed. Either left the
+        // leaf there as a finished VDI lacking what the guest wrote since, which the cancel
+        // (answering a receive it does not know as done) no longer knows: it goes too.
+        if let Some(m) = &r.remote {
             match remote.call::<()>(Call::VdiDestroy(args::VdiDestroy { vdi: m.leaf.clone(), sr: r.dest_sr.clone(), dbg: dbg(&r.id) })).await {
-                Ok(()) => tracing::warn!(mirror = %r.id, vdi = %m.leaf, "destroyed the destination VDI a finalize made without our hearing of it"),
+                Ok(()) => tracing::warn!(mirror = %r.id, vdi = %m.leaf, "destroyed the destination VDI a finalize this send did not make (or never heard of) left"),
                 Err(StorageError::VdiDoesNotExist(_)) => {}
                 Err(e) => {
-                    tracing::warn!(mirror = %r.id, vdi = %m.leaf, error = %e, "destroying the destination VDI of an unanswered finalize failed");
+                    tracing::warn!(mirror = %r.id, vdi = %m.leaf, error = %e, "destroying the destination VDI a finalize this send did not make left failed");
                     return false;
                 }
             }
