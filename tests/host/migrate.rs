@@ -1800,6 +1800,43 @@ fn verify_catches_a_destination_block_changed_behind_sxms_back() {
     guest_writes_through(&_uris[0]);
 }
 
+/// A switch-over that fails after the destination finalized a disk destroys that copy there;
+/// a destination away at that moment (here killed while the job waits at its undo, then
+/// started again) is asked again once it answers, across a restart of the source too. The
+/// copy used to be left there for good, with no record of it.
+#[test]
+fn a_failed_switch_overs_copies_are_destroyed_once_the_destination_is_back() {
+    require!("qemu-io");
+    let mut p = Pair::with_faults("job.undo=long", "");
+    let url = p.dest_url();
+    let (vdis, uris, _seeds) = vm(&p, 1, 4 * MIB);
+    let job = p.src.cli(&job_args(&p, &url, &vdis, &["--hold", "--verify"]));
+    job_holding(&p, &job);
+    // The verify fails: a block of the destination leaf changed behind the mirror's back.
+    let dest_vdi = job_stat(&p, &job)["debug_info"]["disk0 dest_vdi"].as_str().expect("dest").to_owned();
+    let stat = p.dst.call("DP.stat_vdi", json!({"sr": p.dst_sr, "vdi": dest_vdi, "dbg": "t"}));
+    let dp = stat["dps"].as_object().expect("dps").keys().next().expect("leaf datapath").clone();
+    let attach = p.dst.call("DP.attach_info", json!({"sr": p.dst_sr, "vdi": dest_vdi, "dp": dp, "dbg": "t"}));
+    let uri = attach["implementations"][0][1]["uri"].as_str().expect("uri");
+    let (sock, export) = uri.trim_start_matches("nbd:unix:").rsplit_once(":exportname=").expect("nbd uri");
+    run(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x77 0 4096", &format!("nbd+unix:///{export}?socket={sock}")]));
+    p.src.cli(&["migrate", "cutover", &job]);
+    eventually(60, "the job undoing its switch-over", || job_stat(&p, &job)["debug_info"]["stage"] == "undoing");
+    let listen = p.stop_dst(true);
+    let t = job_end(&p, &job);
+    let why = serde_json::to_string(&t["state"][1]).expect("error");
+    assert!(why.contains("asked again until it answers"), "{why}");
+    guest_writes_through(&uris[0]);
+    // The source is killed and started again meanwhile: the pending undo is kept.
+    p.restart_src(true);
+    p.start_dst_on(&listen);
+    eventually(60, "the copy destroyed on the destination", || {
+        p.dst.call("SR.scan", json!({"sr": p.dst_sr, "dbg": "t"})).as_array().is_some_and(|l| l.iter().all(|v| v["vdi"] != dest_vdi.as_str()))
+    });
+    let copies = p.src.root.join("state").join("copy");
+    eventually(30, "the pending undo's record gone", || std::fs::read_dir(&copies).map(|d| d.count() == 0).unwrap_or(true));
+}
+
 /// A guest write through `uri` completes (within 20 s: a paused datapath would hold it).
 fn guest_writes_through(uri: &str) {
     let out = Command::new("timeout").args(["20", "qemu-io", "-f", "raw", "-c", "write -P 0x42 0 4k", uri]).output().expect("qemu-io");

@@ -566,6 +566,9 @@ impl Mux {
         job.switching.store(true, std::sync::atomic::Ordering::SeqCst);
         self.tasks().debug_info(id, "stage", "cutover");
         if let Err(e) = self.switch_over(id, a, &disks, &mirrors, &dest_vdis).await {
+            self.tasks().debug_info(id, "stage", "undoing");
+            // A point for tests to take the destination away before its copies are destroyed.
+            let _ = crate::fault::point("job.undo").await;
             let left = self.undo_cutover(id, a, &disks, &mirrors, &dest_vdis).await;
             let e = match e {
                 StorageError::MigrationMirrorFailure(m) => m,
@@ -668,8 +671,14 @@ impl Mux {
                 continue;
             };
             // The job may have attached it for the guest already.
-            if let Err(e) = drop_dest_copy(remote, id, a, &d.dp, dest_vdi).await {
-                left.push(format!("destroying VDI {dest_vdi} on the destination: {e}"));
+            match drop_dest_copy(remote, id, a, &d.dp, dest_vdi).await {
+                Ok(()) | Err(StorageError::VdiDoesNotExist(_)) => {}
+                Err(e) => {
+                    // Asked again once the destination answers (it restarted, say): the VDI
+                    // was left there for good.
+                    self.undo_on_destination_later((&a.sr, &d.vdi), &a.url, &a.dest, dest_vdi, &d.dp, format!("{id}/{}", d.vdi));
+                    left.push(format!("destroying VDI {dest_vdi} on the destination: {e} (asked again until it answers)"));
+                }
             }
         }
         tracing::warn!(job = %id, left = left.len(), "switch-over failed; undone");

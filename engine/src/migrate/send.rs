@@ -1159,6 +1159,31 @@ impl Mux {
         }
     }
 
+    /// Has the destination at `url` let go of `dest_vdi` of `dest_sr` (and of datapath
+    /// `dest_dp` there) once it answers: a job's disk finalized there before its switch-over
+    /// failed, which the job could not destroy at once (the destination away). Recorded as a
+    /// failed copy's pending undo, so that it is retried with backoff, across a restart of this
+    /// host too, as those are; it left the VDI there for good.
+    pub(super) fn undo_on_destination_later(&self, from: (&str, &str), url: &str, dest_sr: &str, dest_vdi: &str, dest_dp: &str, task: String) {
+        let record = CopyRecord {
+            id: format!("undo/{task}"),
+            sr: from.0.to_owned(),
+            vdi: from.1.to_owned(),
+            url: url.to_owned(),
+            dest_sr: dest_sr.to_owned(),
+            stage: CopyStage::Undoing,
+            dest_vdi: Some(dest_vdi.to_owned()),
+            dest_dp: Some(dest_dp.to_owned()),
+            task: task.clone(),
+            may_have_made: true,
+        };
+        let id = record.id.clone();
+        if let Err(e) = lock(&self.records.copies).put(record) {
+            tracing::error!(vdi = %dest_vdi, error = %e, "recording the destination VDI's pending undo failed; it is retried until this host stops");
+        }
+        self.retry_undo_copy(id, task);
+    }
+
     /// Retries the undo of the failed copy recorded as `id` (of task `task`) with backoff,
     /// until it works or [`UNDO_COPY_FOR`] has passed; then its record goes.
     fn retry_undo_copy(&self, id: String, task: String) {
