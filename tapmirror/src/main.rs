@@ -790,6 +790,12 @@ async fn copy(args: CopyArgs) -> Result<()> {
             );
         }
         let created = if args.dest_new || !path.exists() {
+            // A link to a missing file is never followed to make it (a link planted in a folder
+            // others may write would aim the copy at a file of their choosing): said so, not
+            // as the bare "File exists" that creating through it answers.
+            if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) && !path.exists() {
+                bail!("{} is a symbolic link to a file that does not exist: the copy makes no file through a link; name the file itself", path.display());
+            }
             Some(RawImage::create(path, size).with_context(|| format!("creating {}", path.display()))?)
         } else {
             None

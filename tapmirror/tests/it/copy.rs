@@ -1051,6 +1051,21 @@ fn copy_counts_out_of_range_are_refused_before_anything_is_made() {
     assert_eq!(std::fs::read(&dst).expect("copied"), vec![1u8; 4096]);
 }
 
+/// A destination that is a link to a missing file is refused, saying so: creating through it
+/// answered a bare "File exists".
+#[test]
+fn a_copy_into_a_link_to_a_missing_file_says_so() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = dir.path().join("src.raw");
+    std::fs::write(&src, vec![1u8; 4096]).expect("source");
+    let link = dir.path().join("link.raw");
+    std::os::unix::fs::symlink(dir.path().join("missing.raw"), &link).expect("link");
+    let out = Command::new(crate::harness::tapmirror()).arg("copy").arg(&src).arg(&link).output().expect("run copy");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("symbolic link to a file that does not exist"), "{err}");
+    assert!(!dir.path().join("missing.raw").exists(), "the copy made the file the link names");
+}
+
 /// A copy stopped by a signal ends its progress first: the human line is ended before the
 /// error is printed (it used to run on into "…ETA ?   tapmirror: stopped by SIGTERM"), and
 /// the JSON lines end with an unfinished report.
