@@ -982,10 +982,13 @@ impl Admin {
             println!("{task}");
             return Ok(());
         }
+        // First, as a job's is: a CLI stopped while it follows leaves the task running, which
+        // `sxm task cancel TASK` stops.
+        eprintln!("task {task}");
         let started = std::time::Instant::now();
         loop {
             let t: Task = self.call_as("TASK.stat", &[("task", s(task))]).await?;
-            let stage = t.debug_info.get("stage").cloned().unwrap_or_default();
+            let stage = t.debug_info.get("stage").cloned().unwrap_or_else(|| "starting".to_owned());
             match &t.state {
                 TaskState::Pending(p) => {
                     let done: u64 = t.debug_info.get("bytes_done").and_then(|x| x.parse().ok()).unwrap_or(0);

@@ -265,9 +265,15 @@ fn only_differences_travel_when_the_destination_has_a_similar_vdi() {
     p.src.cli(&["vdi", "detach", "--sr", &p.src_sr, "--vdi", &vdi]);
     // A snapshot of the disk as it is now, copied to the destination ahead of time.
     let snap = p.src.cli_json(&["vdi", "snapshot", "--sr", &p.src_sr, "--vdi", &vdi, "--name", "golden"])["vdi"].as_str().expect("snap").to_owned();
-    let copied = p.src.cli(&[
+    let out = p.src.cli_raw(&[
         "copy", "--sr", &p.src_sr, "--vdi", &snap, "--dest", &p.dest_url(), "--dest-sr", &p.dst_sr, "--wait",
     ]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    // The task first, for a cancel should the CLI be stopped while it follows the copy.
+    let task = said.lines().next().and_then(|l| l.strip_prefix("task ")).unwrap_or_else(|| panic!("the task's id does not come first: {said}"));
+    assert_eq!(p.src.call("TASK.stat", json!({"task": task, "dbg": "t"}))["state"][0], "Completed");
+    let copied = String::from_utf8_lossy(&out.stdout).trim().to_owned();
     let golden = p.export(&p.dst, &p.dst_sr, &copied);
     assert!(golden == seed, "DATA.copy did not copy the snapshot exactly");
 
