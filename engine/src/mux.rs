@@ -460,7 +460,15 @@ impl Mux {
                 "job {} is switching over: its disks are being handed to the destination, which cannot be undone by a cancel; wait for it to end",
                 a.task
             ))),
-            TaskCancel(a) => self.tasks.cancel(&a.task).map(|()| Value::Null),
+            TaskCancel(a) => {
+                self.tasks.cancel(&a.task)?;
+                // Its stage says so at once: a job's undo takes a while, and its last stage
+                // read as if the cancel had not been taken.
+                if self.jobs.is_running(&a.task) {
+                    self.tasks.debug_info(&a.task, "stage", "cancelling");
+                }
+                Ok(Value::Null)
+            }
             TaskDestroy(a) => self.tasks.destroy(&a.task).map(|()| Value::Null),
             UpdatesGet(a) => {
                 // No timeout waits for a change, as xapi's does, up to the longest wait a call

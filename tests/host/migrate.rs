@@ -2443,7 +2443,9 @@ fn a_lifted_limit_applies_to_copies_already_waiting() {
     assert_eq!(shown["state"][0], "Pending", "{shown}");
     // 8 MiB at 10 kB/s would take over 13 minutes; lifted, seconds.
     eventually(60, "the job in sync after the limit was lifted", || job_stat(&p, &job)["debug_info"]["stage"] == "holding");
-    p.src.cli(&["migrate", "cancel", &job]);
+    // The cancel's --json shows it taken (it showed the job as it was, "holding").
+    let shown = p.src.cli_json(&["migrate", "cancel", &job]);
+    assert_eq!(shown["debug_info"]["stage"], "cancelling", "{shown}");
     job_end(&p, &job);
 }
 

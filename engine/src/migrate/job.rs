@@ -79,6 +79,11 @@ impl Jobs {
         lock(&self.claimed).get(&format!("{sr}/{vdi}")).cloned()
     }
 
+    /// Whether `task` is a job under way.
+    pub(crate) fn is_running(&self, task: &str) -> bool {
+        lock(&self.jobs).contains_key(task)
+    }
+
     /// Whether a cancel of `task` must be refused: it is a job that has begun its switch-over.
     pub(crate) fn past_cutover(&self, task: &str) -> bool {
         lock(&self.jobs).get(task).is_some_and(|j| j.switching.load(std::sync::atomic::Ordering::SeqCst))
