@@ -1326,7 +1326,11 @@ async fn tapmirror_copy(args: &[&std::ffi::OsStr], stops: &mut StopSignals) -> R
         }
     };
     let text = log.await.unwrap_or_default();
-    if let Some(signal) = stopped {
+    // A signal that came as the copy ended found it done: it succeeded, and its file (an
+    // export's) is whole and kept. Failing it then left that file with the stop reported.
+    if let Some(signal) = stopped
+        && !status.success()
+    {
         bail!("stopped by {signal}");
     }
     if !status.success() {

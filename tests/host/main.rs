@@ -401,6 +401,28 @@ fn an_import_or_export_stopped_by_a_signal_undoes_itself() {
     host.cli(&["vdi", "detach", "--sr", &sr, "--vdi", &vdi]);
     let dps = host.call("DP.stat_vdi", json!({"sr": sr, "vdi": vdi, "dbg": "t"}));
     assert_eq!(dps["dps"], json!({}), "vdi detach kept the export's datapath");
+
+    // A signal that comes as the copy ends finds it done: the export succeeds, its file whole.
+    // (It said "stopped by SIGTERM" and kept the file.) Here the copy's process lingers 2 s
+    // after the copy, ignoring the stop, and says when the copy is done.
+    let done = dir.path().join("copied");
+    let lingering = dir.path().join("lingering-tapmirror");
+    std::fs::write(&lingering, format!("#!/bin/sh\nif [ \"$1\" = copy ]; then trap '' TERM; {} \"$@\"; rc=$?; touch {}; sleep 2; exit $rc; fi\nexec {} \"$@\"\n", tapmirror().display(), done.display(), tapmirror().display())).expect("wrapper");
+    run(Command::new("chmod").arg("755").arg(&lingering));
+    let out_file = dir.path().join("whole.raw");
+    let child = Command::new(sxm())
+        .arg("--host")
+        .arg(&host.socket)
+        .args(["vdi", "export", "--sr", &sr, "--vdi", &vdi, out_file.to_str().expect("path")])
+        .env("SXM_TAPMIRROR", &lingering)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn sxm");
+    eventually(60, "the export's copy done", || done.exists());
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).expect("signal");
+    let out = child.wait_with_output().expect("wait");
+    assert!(out.status.success(), "an export whose copy was done failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(std::fs::read(&out_file).expect("the export's file") == std::fs::read(&file).expect("source"), "the export differs");
 }
 
 /// A raw file whose size is no whole number of sectors imports into either SR type: the VDI is
