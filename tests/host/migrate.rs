@@ -1113,6 +1113,35 @@ fn a_finalize_while_the_source_still_mirrors_is_refused_and_changes_nothing() {
     assert!(p.export(&p.dst, &p.dst_sr, &dest_vdi) == expected, "the destination VDI differs from the source");
 }
 
+/// A finalize sent to the destination by another caller while the source mirrors waits for
+/// the source's deactivate, then finalizes: the source's own finalize, finding the receive
+/// gone and its leaf finished, is done too. It used to fail the migration ("mirror … does not
+/// exist") whose last step had just been made.
+#[test]
+fn a_finalize_made_by_another_caller_during_the_source_s_own_completes_the_migration() {
+    let p = Pair::new();
+    let seed = pattern((4 * MIB) as usize, 29);
+    let (vdi, _uri) = p.guest_disk(&seed);
+    let id = p.start_mirror(&vdi);
+    let dest_vdi = p.src.call("DATA.MIRROR.stat", json!({"id": id, "dbg": "t"}))["dest_vdi"].as_str().expect("dest vdi").to_owned();
+    let hand = {
+        let (socket, id) = (p.dst.socket.clone(), id.clone());
+        std::thread::spawn(move || {
+            let body = json!({"jsonrpc": "2.0", "method": "DATA.MIRROR.receive_finalize2", "params": [{"id": id, "dbg": "t"}], "id": 1}).to_string();
+            let out = Command::new("curl").args(["-s", "--unix-socket"]).arg(&socket).args(["-d", &body, "http://localhost/jsonrpc"]).output().expect("curl");
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        })
+    };
+    // The hand finalize waits on the source's mirror connection meanwhile.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let out = p.src.cli_raw(&["vdi", "detach", "--sr", &p.src_sr, "--vdi", &vdi]);
+    assert!(out.status.success(), "the source's finalize failed: {}", String::from_utf8_lossy(&out.stderr));
+    let answer = hand.join().expect("join");
+    assert!(answer.contains("\"result\":null"), "the hand finalize: {answer}");
+    assert_eq!(p.src.call("DATA.MIRROR.list", json!({"dbg": "t"})), json!({}), "the send is over");
+    assert!(p.export(&p.dst, &p.dst_sr, &dest_vdi) == seed, "the destination differs from the source");
+}
+
 /// A finalize that fails here before it reaches the destination is a failed mirror like any
 /// other: it stayed "being finalized", could not be stopped, and a restart finalized it, with
 /// what the source's guest had written since it was activated again left out.

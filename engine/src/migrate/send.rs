@@ -925,12 +925,16 @@ impl Mux {
         // Past the destination's answer nothing can fail the finalize: a fault here can only
         // stall or kill the host (whose restart then finishes it).
         let _ = crate::fault::point("send.finalized").await;
+        // Asked once, a receive the destination no longer knows was finalized there by another
+        // caller's call (which waited for this source's mirror connection to close, as it did
+        // at the deactivate) when its leaf stands finished: the migration's last step is done.
+        let done_there = matches!(finalized, Err(StorageError::DoesNotExist(..))) && (asked || finished_there(&remote, r).await);
         match &finalized {
             Ok(()) => {
                 lock(&self.records.sends).remove(&r.id)?;
                 tracing::info!(mirror = %r.id, "finalized: the destination VDI is the guest's disk");
             }
-            Err(StorageError::DoesNotExist(..)) if asked => {
+            Err(StorageError::DoesNotExist(..)) if done_there => {
                 lock(&self.records.sends).remove(&r.id)?;
                 tracing::warn!(mirror = %r.id, "the destination no longer knows the receive (finalized or cancelled there); the send ends");
                 self.tasks().changed(Dynamic::Mirror(r.id.clone()));
@@ -1296,5 +1300,15 @@ impl Mux {
     /// Whether a datapath holds the VDI read-write and active.
     fn active_writer(&self, sr: &str, vdi: &str) -> bool {
         self.datapath_records(sr, vdi).iter().any(|r| r.active && r.read_write)
+    }
+}
+
+/// Whether `r`'s leaf stands on its destination finished: there, and no longer marked as a
+/// migration's (a finalize takes the mark off; a cancel destroys the leaf).
+async fn finished_there(remote: &Remote, r: &SendRecord) -> bool {
+    let Some(m) = &r.remote else { return false };
+    match remote.call::<VdiInfo>(Call::VdiStat(args::VdiStat { vdi: m.leaf.clone(), sr: r.dest_sr.clone(), dbg: dbg(&r.id) })).await {
+        Ok(v) => !v.sm_config.contains_key(BASE_MIRROR),
+        Err(_) => false,
     }
 }
