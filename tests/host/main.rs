@@ -876,7 +876,7 @@ fn a_cli_whose_reader_has_gone_ends_quietly() {
     let out = Command::new(sxm()).args(["--host", &host.tcp.replace("http://", "https://"), "--secret-file"]).arg(host.root.join("secret")).args(["sr", "list"]).output().expect("run sxm");
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!((out.status.code(), out.status.signal()), (Some(1), None), "{err}");
-    assert!(err.contains("TLS"), "{err}");
+    assert!(err.contains("TLS") && err.contains("name it http://"), "{err}");
 }
 
 /// `Query.query` advertises only what the host answers: `SR.probe` is unimplemented, so

@@ -525,6 +525,11 @@ async fn tls_connect(authority: &str, stream: TcpStream) -> Result<tokio_rustls:
         if e.to_string().contains("CaUsedAsEndEntity") {
             return CallErrorKind::Tls(io::Error::new(e.kind(), format!("{e} (the server presents a CA's certificate as its own, a self-signed one: give it a certificate that CA signed)")));
         }
+        // A plain HTTP port answers the TLS greeting with an HTTP error, which rustls reads as
+        // a record of no TLS type: the likely cause named, as the other way round.
+        if e.to_string().contains("InvalidContentType") {
+            return CallErrorKind::Tls(io::Error::new(e.kind(), format!("{e} (the answer is not TLS: if this port serves plain HTTP, name it http://)")));
+        }
         CallErrorKind::Tls(e)
     })
 }
