@@ -5,6 +5,8 @@ mod admin;
 mod demo;
 mod serve;
 
+use std::io::Write;
+
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
@@ -104,6 +106,18 @@ fn run(cli: Cli) -> Result<()> {
         // SAFETY: called before any thread starts; the handler only makes async-signal-safe
         // calls.
         unsafe { nix::sys::signal::signal(nix::sys::signal::Signal::SIGPIPE, nix::sys::signal::SigHandler::Handler(on_sigpipe)) }?;
+        // Output that cannot be written (a full disk) is an error said, as any other, not a
+        // panic: `println!` panics on it, and the message it panics with is taken up here.
+        let default_hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let payload = info.payload();
+            let message = payload.downcast_ref::<String>().map(String::as_str).or_else(|| payload.downcast_ref::<&str>().copied()).unwrap_or_default();
+            if let Some(why) = message.strip_prefix("failed printing to stdout: ") {
+                let _ = writeln!(std::io::stderr(), "sxm: writing the output: {why}");
+                std::process::exit(1);
+            }
+            default_hook(info);
+        }));
     }
     if !matches!(cli.command, Command::Serve(_)) {
         // The CLI calls hosts over https (`--host`, `--dest`) trusting the CAs in

@@ -877,6 +877,12 @@ fn a_cli_whose_reader_has_gone_ends_quietly() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!((out.status.code(), out.status.signal()), (Some(1), None), "{err}");
     assert!(err.contains("TLS") && err.contains("name it http://"), "{err}");
+    // Output that cannot be written (a full disk) is an error said, exit 1, not a panic.
+    let full = std::fs::OpenOptions::new().write(true).open("/dev/full").expect("/dev/full");
+    let out = Command::new(sxm()).arg("--host").arg(&host.socket).args(["sr", "list"]).stdout(full).output().expect("run sxm");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("writing the output") && !err.contains("panicked"), "{err}");
 }
 
 /// `Query.query` advertises only what the host answers: `SR.probe` is unimplemented, so
