@@ -1079,7 +1079,7 @@ fn a_stopped_copy_ends_its_progress_before_saying_why() {
     let _slow = spawn_server(&mut cmd, &slow_socket);
     for mode in ["human", "json"] {
         let out_file = dir.path().join(format!("out-{mode}.raw"));
-        let child = Command::new(crate::harness::tapmirror())
+        let mut child = Command::new(crate::harness::tapmirror())
             .arg("copy")
             .arg(format!("nbd+unix:///?socket={}", slow_socket.display()))
             .arg(&out_file)
@@ -1088,11 +1088,36 @@ fn a_stopped_copy_ends_its_progress_before_saying_why() {
             .stderr(std::process::Stdio::piped())
             .spawn()
             .expect("spawn copy");
-        // Progress is reported once a second: let a report or two out first.
-        std::thread::sleep(std::time::Duration::from_millis(2500));
+        // The reports are read as they come, and the stop sent once one is out (a loaded
+        // machine can take seconds to get the copy under way).
+        let collect = |pipe: Box<dyn std::io::Read + Send>| {
+            let seen = Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+            let into = Arc::clone(&seen);
+            let reader = std::thread::spawn(move || {
+                let mut pipe = pipe;
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = std::io::Read::read(&mut pipe, &mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    into.lock().expect("lock").extend_from_slice(&buf[..n]);
+                }
+            });
+            (seen, reader)
+        };
+        let (stdout, out_reader) = collect(Box::new(child.stdout.take().expect("stdout")));
+        let (stderr, err_reader) = collect(Box::new(child.stderr.take().expect("stderr")));
+        let reported = if mode == "human" { &stderr } else { &stdout };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !reported.lock().expect("lock").iter().any(|&b| b == b'%' || b == b'}') {
+            assert!(std::time::Instant::now() < deadline, "{mode}: no progress report within 60 s");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).expect("signal");
         let out = crate::harness::exits_within(child, std::time::Duration::from_secs(20), "the copy did not stop on SIGTERM");
-        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        out_reader.join().expect("stdout reader");
+        err_reader.join().expect("stderr reader");
+        let (stdout, stderr) = (String::from_utf8_lossy(&stdout.lock().expect("lock")).into_owned(), String::from_utf8_lossy(&stderr.lock().expect("lock")).into_owned());
         assert!(!out.status.success(), "a stopped copy said it succeeded");
         if mode == "human" {
             assert!(stderr.contains("(0.0%)"), "no progress line: {stderr:?}");
