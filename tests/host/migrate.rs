@@ -1815,13 +1815,7 @@ fn verify_catches_a_destination_block_changed_behind_sxms_back() {
     let job = p.src.cli(&job_args(&p, &url, &vdis, &["--hold", "--verify"]));
     job_holding(&p, &job);
     // Someone writes to the destination leaf directly, not through the mirror.
-    let dest_vdi = job_stat(&p, &job)["debug_info"]["disk0 dest_vdi"].as_str().expect("dest").to_owned();
-    let stat = p.dst.call("DP.stat_vdi", json!({"sr": p.dst_sr, "vdi": dest_vdi, "dbg": "t"}));
-    let dp = stat["dps"].as_object().expect("dps").keys().next().expect("leaf datapath").clone();
-    let attach = p.dst.call("DP.attach_info", json!({"sr": p.dst_sr, "vdi": dest_vdi, "dp": dp, "dbg": "t"}));
-    let uri = attach["implementations"][0][1]["uri"].as_str().expect("uri");
-    let (sock, export) = uri.trim_start_matches("nbd:unix:").rsplit_once(":exportname=").expect("nbd uri");
-    run(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x77 3145728 4096", &format!("nbd+unix:///{export}?socket={sock}")]));
+    let dest_vdi = change_a_destination_block(&p, &job, 3 * MIB);
     p.src.cli(&["migrate", "cutover", &job]);
     let t = job_end(&p, &job);
     assert_eq!(t["state"][0], "Failed", "{t}");
@@ -1833,6 +1827,19 @@ fn verify_catches_a_destination_block_changed_behind_sxms_back() {
     let left: Vec<serde_json::Value> = p.dst.call("SR.scan", json!({"sr": p.dst_sr, "dbg": "t"})).as_array().expect("list").clone();
     assert!(left.iter().all(|v| v["vdi"] != dest_vdi.as_str()), "the destination kept the copy: {left:?}");
     guest_writes_through(&_uris[0]);
+}
+
+/// Writes 4 KiB at `offset` straight into the destination leaf of a held job's first disk,
+/// not through the mirror, so that its verify fails; answers that leaf.
+fn change_a_destination_block(p: &Pair, job: &str, offset: u64) -> String {
+    let dest_vdi = job_stat(p, job)["debug_info"]["disk0 dest_vdi"].as_str().expect("dest").to_owned();
+    let stat = p.dst.call("DP.stat_vdi", json!({"sr": p.dst_sr, "vdi": dest_vdi, "dbg": "t"}));
+    let dp = stat["dps"].as_object().expect("dps").keys().next().expect("leaf datapath").clone();
+    let attach = p.dst.call("DP.attach_info", json!({"sr": p.dst_sr, "vdi": dest_vdi, "dp": dp, "dbg": "t"}));
+    let uri = attach["implementations"][0][1]["uri"].as_str().expect("uri");
+    let (sock, export) = uri.trim_start_matches("nbd:unix:").rsplit_once(":exportname=").expect("nbd uri");
+    run(Command::new("qemu-io").args(["-f", "raw", "-c", &format!("write -P 0x77 {offset} 4096"), &format!("nbd+unix:///{export}?socket={sock}")]));
+    dest_vdi
 }
 
 /// A switch-over that fails after the destination finalized a disk destroys that copy there;
@@ -1848,13 +1855,7 @@ fn a_failed_switch_overs_copies_are_destroyed_once_the_destination_is_back() {
     let job = p.src.cli(&job_args(&p, &url, &vdis, &["--hold", "--verify"]));
     job_holding(&p, &job);
     // The verify fails: a block of the destination leaf changed behind the mirror's back.
-    let dest_vdi = job_stat(&p, &job)["debug_info"]["disk0 dest_vdi"].as_str().expect("dest").to_owned();
-    let stat = p.dst.call("DP.stat_vdi", json!({"sr": p.dst_sr, "vdi": dest_vdi, "dbg": "t"}));
-    let dp = stat["dps"].as_object().expect("dps").keys().next().expect("leaf datapath").clone();
-    let attach = p.dst.call("DP.attach_info", json!({"sr": p.dst_sr, "vdi": dest_vdi, "dp": dp, "dbg": "t"}));
-    let uri = attach["implementations"][0][1]["uri"].as_str().expect("uri");
-    let (sock, export) = uri.trim_start_matches("nbd:unix:").rsplit_once(":exportname=").expect("nbd uri");
-    run(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x77 0 4096", &format!("nbd+unix:///{export}?socket={sock}")]));
+    let dest_vdi = change_a_destination_block(&p, &job, 0);
     p.src.cli(&["migrate", "cutover", &job]);
     eventually(60, "the job undoing its switch-over", || job_stat(&p, &job)["debug_info"]["stage"] == "undoing");
     let listen = p.stop_dst(true);
