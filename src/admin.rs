@@ -314,6 +314,17 @@ pub struct Admin {
     named_by: &'static str,
 }
 
+/// How long `sxm migrate --wait` waits for a host that stopped answering (it may be restarting).
+const HOST_AWAY_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Whether a call failed because the host was not there to answer (no connection, or one that
+/// broke): a host restarting, rather than one that answered.
+fn host_away(e: &anyhow::Error) -> bool {
+    e.chain()
+        .filter_map(|c| c.downcast_ref::<sxm_engine::http::client::CallError>())
+        .any(|c| matches!(c.kind, CallErrorKind::Connect(_) | CallErrorKind::Http(_) | CallErrorKind::Io(_) | CallErrorKind::Body(_)))
+}
+
 fn named(args: &[(&str, Value)]) -> Value {
     let mut members: Vec<(String, Value)> = args.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect();
     members.push(("dbg".to_owned(), Value::String("sxm-cli".to_owned())));
@@ -918,8 +929,9 @@ impl Admin {
         // First, so that `migrate cutover`, `cancel` and `set-bwlimit` can be given it.
         eprintln!("job {job}");
         let mut told_hold = false;
+        let mut away_since = None;
         loop {
-            let t: Task = self.call_as("TASK.stat", &[("task", s(job))]).await?;
+            let t = self.job_stat(job, &mut away_since).await?;
             let stage = t.debug_info.get("stage").cloned().unwrap_or_default();
             let disks: Vec<String> = t
                 .subtasks
@@ -960,6 +972,31 @@ impl Admin {
                 }
             }
             tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        }
+    }
+
+    /// A job's task, riding out a restart of the host: a restarted host takes the job up
+    /// again under its id (to undo it) and tells in its task how it ended, which the CLI
+    /// following it used to miss (it ended on "connection refused").
+    async fn job_stat(&self, job: &str, away_since: &mut Option<std::time::Instant>) -> Result<Task> {
+        loop {
+            match self.call_as::<Task>("TASK.stat", &[("task", s(job))]).await {
+                Ok(t) => {
+                    *away_since = None;
+                    return Ok(t);
+                }
+                Err(e) if host_away(&e) => {
+                    let since = *away_since.get_or_insert_with(|| {
+                        eprintln!("\nthe host does not answer (restarting?); waiting for it, {} s at most", HOST_AWAY_WAIT.as_secs());
+                        std::time::Instant::now()
+                    });
+                    if since.elapsed() >= HOST_AWAY_WAIT {
+                        return Err(e.context(format!("following job {job}: the host did not answer for {} s", HOST_AWAY_WAIT.as_secs())));
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                }
+                Err(e) => return Err(e),
+            }
         }
     }
 

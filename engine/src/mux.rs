@@ -132,6 +132,7 @@ impl MuxBuilder {
         // Then what migrations were doing: finish or undo each.
         mux.recover_receives().await;
         mux.recover_sends().await;
+        mux.recover_jobs();
         Mux::supervise_datapaths(&mux);
         Ok(mux)
     }

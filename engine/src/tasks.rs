@@ -120,6 +120,18 @@ impl Tasks {
     pub fn create(&self, dbg: &str) -> (String, CancellationToken) {
         self.forget_old();
         let id = uuid::Uuid::new_v4().to_string();
+        let cancel = self.insert(&id, dbg);
+        (id, cancel)
+    }
+
+    /// A pending task under an id it had before this host restarted (a job's, which a
+    /// restarted host finishes), so that a caller who holds only the id learns how it ended.
+    pub fn adopt(&self, id: &str, dbg: &str) {
+        self.insert(id, dbg);
+    }
+
+    fn insert(&self, id: &str, dbg: &str) -> CancellationToken {
+        let id = id.to_owned();
         let cancel = CancellationToken::new();
         let task = Task {
             backtrace: String::new(),
@@ -131,8 +143,8 @@ impl Tasks {
             id: id.clone(),
         };
         self.lock().insert(id.clone(), Entry { task, cancel: cancel.clone(), started: std::time::Instant::now(), ended: None });
-        self.changed(Dynamic::Task(id.clone()));
-        (id, cancel)
+        self.changed(Dynamic::Task(id));
+        cancel
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Entry>> {

@@ -115,10 +115,20 @@ impl Pair {
 
     /// Starts the source host again on its root, without faults.
     fn restart_src(&mut self, kill: bool) {
+        self.stop_src(kill);
+        self.start_src();
+    }
+
+    /// Stops the source host (its datapaths run on).
+    fn stop_src(&mut self, kill: bool) {
         let root = self.src.root.clone();
         let old = std::mem::replace(&mut self.src, Host { root: root.clone(), socket: root.join("none"), tcp: String::new(), secret: String::new(), proc: Proc(None) });
         if kill { old.kill() } else { old.wait_exit() }
-        self.src = Host::start(&root);
+    }
+
+    /// Starts the source host again on its root, without faults.
+    fn start_src(&mut self) {
+        self.src = Host::start(&self.src.root.clone());
     }
 
     /// Starts the destination host again on its root and its port (the source's records name
@@ -1877,6 +1887,89 @@ fn a_failed_switch_overs_copies_are_destroyed_once_the_destination_is_back() {
 fn guest_writes_through(uri: &str) {
     let out = Command::new("timeout").args(["20", "qemu-io", "-f", "raw", "-c", "write -P 0x42 0 4k", uri]).output().expect("qemu-io");
     assert!(out.status.success(), "the guest's write did not complete: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A source host killed in the middle of a job used to lose it: mirrors held in sync ran on
+/// for good, and one killed in the switch-over left the guest's disks deactivated (paused) and
+/// the finalized copies on the destination. Restarted, the host now undoes the job as a
+/// failure would, and the job's task, under its id, says so.
+#[test]
+fn a_job_a_source_restart_interrupts_is_undone_and_its_task_says_so() {
+    require!("qemu-io");
+    // (faults, flags, the stage the job is killed in, what its task then says it was doing)
+    for (faults, flags, stage, was) in [
+        ("", &["--hold"][..], "holding", "bringing its disks in sync"),
+        // Killed as the destination has just finalized a disk, the send's record still there.
+        ("send.finalized=long", &[][..], "cutover", "switching over"),
+        // Killed with every disk finalized there, and the guest's disks deactivated here.
+        ("job.verify=long", &["--verify"][..], "verify", "switching over"),
+    ] {
+        let mut p = Pair::with_faults(faults, "");
+        let url = p.dest_url();
+        let (vdis, uris, _seeds) = vm(&p, 2, 4 * MIB);
+        let before = p.state();
+        // The held job is followed by the CLI (`--wait`), which must ride out the restart and
+        // tell how the job ended.
+        let (job, mut follower) = if stage == "holding" {
+            let mut child = Command::new(sxm())
+                .arg("--host")
+                .arg(&p.src.socket)
+                .env("SXM_TAPMIRROR", tapmirror())
+                .args(job_args(&p, &url, &vdis, &[flags, &["--wait"]].concat()))
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("sxm");
+            let mut err = std::io::BufReader::new(child.stderr.take().expect("stderr"));
+            let mut first = String::new();
+            std::io::BufRead::read_line(&mut err, &mut first).expect("the CLI's first line");
+            let job = first.trim().strip_prefix("job ").unwrap_or_else(|| panic!("no job id first: {first:?}")).to_owned();
+            (job, Some((child, err)))
+        } else {
+            (p.src.cli(&job_args(&p, &url, &vdis, flags)), None)
+        };
+        eventually(60, &format!("the job at stage {stage}"), || job_stat(&p, &job)["debug_info"]["stage"] == stage);
+        if faults.starts_with("send.finalized") {
+            // Killed once the destination has finalized a disk (its leaf's mark is off).
+            let dest = job_stat(&p, &job)["debug_info"]["disk0 dest_vdi"].as_str().expect("dest vdi").to_owned();
+            eventually(20, "the destination finalizes a disk", || {
+                let v = p.dst.call("VDI.stat", json!({"sr": p.dst_sr, "vdi": dest, "dbg": "t"}));
+                v["sm_config"].get("base_mirror").is_none()
+            });
+        }
+        p.stop_src(true);
+        if let Some((_, err)) = &mut follower {
+            // The CLI sees the host gone (and, before, ended there), then waits for it.
+            let mut line = String::new();
+            while std::io::BufRead::read_line(err, &mut line).expect("the CLI's output") > 0 && !line.contains("does not answer") {
+                line.clear();
+            }
+            assert!(line.contains("the host does not answer (restarting?)"), "the CLI did not wait for the host: {line:?}");
+        }
+        p.start_src();
+        let t = job_end(&p, &job);
+        assert_eq!(t["state"][0], "Failed", "{stage}: {t}");
+        let why = serde_json::to_string(&t["state"][1]).expect("error");
+        assert!(
+            why.contains(&format!("the source host restarted while the job was {was}; undone: the guest's disks are active on the source")),
+            "{stage}: {why}"
+        );
+        if let Some((mut child, mut err)) = follower {
+            let mut said = String::new();
+            std::io::Read::read_to_string(&mut err, &mut said).expect("the CLI's output");
+            let status = child.wait().expect("the CLI ends");
+            assert!(!status.success() && said.contains(&format!("the source host restarted while the job was {was}")), "{status}: {said}");
+        }
+        settle(&p, &before, &format!("killed at {stage}: both hosts as they were"));
+        for (vdi, uri) in vdis.iter().zip(&uris) {
+            let stat = p.src.call("DP.stat_vdi", json!({"sr": p.src_sr, "vdi": vdi, "dbg": "t"}));
+            assert_eq!(stat["superstate"], json!(["Activated", "RW"]), "{stage}: {stat}");
+            guest_writes_through(uri);
+        }
+        // The disks are the host's to move again.
+        let again = p.src.cli(&job_args(&p, &url, &vdis, &[]));
+        assert_eq!(job_end(&p, &again)["state"][0], "Completed", "{stage}: moved after the undo");
+    }
 }
 
 /// A mirror whose target stops answering as the switch-over drains its disk fails there, and

@@ -5,8 +5,9 @@
 //! attached, an optional block-by-block checksum comparison, and cancel rolling every disk back.
 //!
 //! Each disk is an ordinary mirror (`DATA.MIRROR.start`, see [`super::send`]) with its own
-//! task, records and recovery; the job only orders them. A host restart loses the job (its
-//! disks' sends are finished or undone as any send is).
+//! task, records and recovery; the job only orders them. A job has a record of its own too
+//! ([`JobRecord`]): a restart of this host undoes the job it interrupted, as a failure would,
+//! and answers its task (under the same id) with what happened.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -21,7 +22,7 @@ use crate::model::{Call, SrInfo, StorageError, TaskState, VdiInfo};
 use crate::mux::Mux;
 use crate::rpc::Value;
 
-use super::records::SendStage;
+use super::records::{JobDisk, JobRecord, JobStage, SendStage};
 use super::{Remote, lock};
 
 /// The largest disk a VHD holds (2040 GiB), for the preflight of an `ext` destination.
@@ -237,6 +238,21 @@ impl Mux {
                 let _ = self.tasks().destroy(&task);
                 return Err(e);
             }
+            // Before anything is made: a restart from here on undoes the job.
+            let record = JobRecord {
+                id: task.clone(),
+                dbg: format!("migrate {} disk(s) of SR {}", disks.len(), a.sr),
+                sr: a.sr.clone(),
+                url: a.url.clone(),
+                dest_sr: a.dest.clone(),
+                stage: JobStage::Mirroring,
+                disks: disks.iter().map(|d| JobDisk { vdi: d.vdi.clone(), dp: d.dp.clone(), dest_vdi: None }).collect(),
+            };
+            if let Err(e) = lock(&self.records.jobs).put(record) {
+                drop(claimed);
+                let _ = self.tasks().destroy(&task);
+                return Err(e);
+            }
             for v in &a.vdis {
                 claimed.insert(format!("{}/{v}", a.sr), task.clone());
             }
@@ -256,6 +272,11 @@ impl Mux {
         tokio::spawn(async move {
             let parallel = usize::try_from(a.parallel.max(1)).unwrap_or(1);
             let outcome = me.run_job(&id, &a, disks, parallel, &job, &cancel).await;
+            // Ended, done or undone: nothing is left for a restart to undo. (Gone before the
+            // task says so, so that a job seen completed is never undone.)
+            if let Err(e) = lock(&me.records.jobs).remove(&id) {
+                tracing::error!(job = %id, error = %e, "removing the job's record failed; a restart would undo the job again");
+            }
             match outcome {
                 Ok(()) => me.tasks().complete(&id, None),
                 Err(e) => {
@@ -459,6 +480,13 @@ impl Mux {
                                 // Known now, while the mirror's record holds it: a disk that
                                 // leaves the job later takes its record with it.
                                 let dest_vdi = lock(&self.records.sends).get(&mirror).and_then(|r| r.remote.as_ref().map(|x| x.leaf.clone())).unwrap_or_default();
+                                // Recorded too: once finalized there, the copy is found by
+                                // nothing else after a restart.
+                                self.update_job_record(id, |r| {
+                                    if let Some(disk) = r.disks.iter_mut().find(|x| x.vdi == d.vdi) {
+                                        disk.dest_vdi = Some(dest_vdi.clone());
+                                    }
+                                })?;
                                 return Ok(JobMirror { id: mirror, vdi: d.vdi.clone(), dp: d.dp.clone(), dest_vdi });
                             }
                             TaskState::Failed(e) => {
@@ -561,6 +589,12 @@ impl Mux {
             self.undo_job(id, a, &mirrors).await;
             return Err(e);
         }
+        // Recorded before the switch-over: a restart from there gives the guest its disks
+        // back here.
+        if let Err(e) = self.update_job_record(id, |r| r.stage = JobStage::Switching) {
+            self.undo_job(id, a, &mirrors).await;
+            return Err(e);
+        }
         let mirrors: Vec<String> = mirrors.into_iter().map(|m| m.id).collect();
 
         // Switch-over: every guest datapath pauses and drains, then each destination
@@ -617,6 +651,7 @@ impl Mux {
         // Verified before the destination VDIs are attached (and could be written).
         if a.verify {
             self.tasks().debug_info(id, "stage", "verify");
+            crate::fault::point("job.verify").await?;
             for (i, (d, dest_vdi)) in disks.iter().zip(dest_vdis).enumerate() {
                 let entry = self.attached_entry(&a.sr)?;
                 let vdi = d.vdi.clone();
@@ -675,18 +710,108 @@ impl Mux {
                 left.push(format!("VDI {dest_vdi} on the destination"));
                 continue;
             };
-            // The job may have attached it for the guest already.
-            match drop_dest_copy(remote, id, a, &d.dp, dest_vdi).await {
-                Ok(()) | Err(StorageError::VdiDoesNotExist(_)) => {}
-                Err(e) => {
-                    // Asked again once the destination answers (it restarted, say): the VDI
-                    // was left there for good.
-                    self.undo_on_destination_later((&a.sr, &d.vdi), &a.url, &a.dest, dest_vdi, &d.dp, format!("{id}/{}", d.vdi));
-                    left.push(format!("destroying VDI {dest_vdi} on the destination: {e} (asked again until it answers)"));
+            left.extend(self.drop_finalized_copy(remote, id, (&a.sr, &d.vdi, &d.dp), (&a.url, &a.dest), dest_vdi).await);
+        }
+        tracing::warn!(job = %id, left = left.len(), "switch-over failed; undone");
+        left
+    }
+
+    /// Takes a disk's copy that the destination finalized off it (the job may have attached
+    /// it there for the guest already); a destination that cannot do it now is asked again
+    /// until it answers (it restarted, say: the VDI was left there for good). Answers what is
+    /// left meanwhile.
+    async fn drop_finalized_copy(&self, remote: &Remote, job: &str, (sr, vdi, dp): (&str, &str, &str), (url, dest_sr): (&str, &str), dest_vdi: &str) -> Option<String> {
+        match drop_dest_copy(remote, job, dest_sr, dp, dest_vdi).await {
+            Ok(()) | Err(StorageError::VdiDoesNotExist(_)) => None,
+            Err(e) => {
+                self.undo_on_destination_later((sr, vdi), url, dest_sr, dest_vdi, dp, format!("{job}/{vdi}"));
+                Some(format!("destroying VDI {dest_vdi} on the destination: {e} (asked again until it answers)"))
+            }
+        }
+    }
+
+    fn update_job_record(&self, id: &str, f: impl FnOnce(&mut JobRecord)) -> Result<(), StorageError> {
+        let mut table = lock(&self.records.jobs);
+        let mut r = table.get(id).cloned().ok_or_else(|| StorageError::InternalError(format!("job {id} has no record")))?;
+        f(&mut r);
+        table.put(r)
+    }
+
+    /// After a restart: each job the old process ran is undone, as a failed one is (its waits
+    /// and its switch-over died with that process), and its task, taken up again under its
+    /// id, fails saying so. In the background: the undo is mostly the destination's, which
+    /// may be away.
+    pub(crate) fn recover_jobs(&self) {
+        let Ok(me) = self.me() else { return };
+        let records: Vec<JobRecord> = lock(&self.records.jobs).all().cloned().collect();
+        for r in records {
+            tracing::warn!(job = %r.id, stage = ?r.stage, "a migration job was interrupted by a restart; undoing it");
+            self.tasks().adopt(&r.id, &r.dbg);
+            self.tasks().debug_info(&r.id, JOB_KIND.0, JOB_KIND.1);
+            self.tasks().debug_info(&r.id, "stage", "undoing");
+            {
+                // Its disks stay the job's until it is undone: no other job or mirror takes them.
+                let mut claimed = lock(&self.jobs.claimed);
+                for d in &r.disks {
+                    claimed.insert(format!("{}/{}", r.sr, d.vdi), r.id.clone());
+                }
+            }
+            let me = me.clone();
+            tokio::spawn(async move {
+                let left = me.undo_after_restart(&r).await;
+                let was = match r.stage {
+                    JobStage::Mirroring => "bringing its disks in sync",
+                    JobStage::Switching => "switching over",
+                };
+                let e = StorageError::MigrationMirrorFailure(if left.is_empty() {
+                    format!("the source host restarted while the job was {was}; undone: the guest's disks are active on the source")
+                } else {
+                    format!("the source host restarted while the job was {was}; undone, but not all of it: {}", left.join("; "))
+                });
+                tracing::warn!(job = %r.id, left = left.len(), "the interrupted job is undone");
+                if let Err(e) = lock(&me.records.jobs).remove(&r.id) {
+                    tracing::error!(job = %r.id, error = %e, "removing the job's record failed; the next restart undoes the job again");
+                }
+                for d in &r.disks {
+                    lock(&me.jobs.claimed).remove(&format!("{}/{}", r.sr, d.vdi));
+                }
+                me.tasks().fail(&r.id, &e);
+            });
+        }
+    }
+
+    /// Undoes a job a restart interrupted; answers what it could not undo. As a failed
+    /// switch-over's undo ([`Mux::undo_cutover`]): the guest's disks first (a switch-over may
+    /// have deactivated them), then each disk's mirror is stopped, or, finalized already, its
+    /// copy is taken off the destination. A finalize the restart interrupted is being finished
+    /// by the send's own recovery: it is waited for, then its copy goes too.
+    async fn undo_after_restart(&self, r: &JobRecord) -> Vec<String> {
+        let mut left = Vec::new();
+        // While the disks were being brought in sync the guest ran here: a disk deactivated
+        // then was deactivated by someone else, on purpose.
+        if r.stage == JobStage::Switching {
+            for d in &r.disks {
+                if let Err(e) = self.activate(d.dp.clone(), r.sr.clone(), d.vdi.clone()).await {
+                    left.push(format!("activating VDI {} on datapath {} again: {e}", d.vdi, d.dp));
                 }
             }
         }
-        tracing::warn!(job = %id, left = left.len(), "switch-over failed; undone");
+        let remote = Remote::new(&r.url).ok();
+        for d in &r.disks {
+            let m = JobMirror { id: format!("{}/{}", r.sr, d.vdi), vdi: d.vdi.clone(), dp: d.dp.clone(), dest_vdi: d.dest_vdi.clone().unwrap_or_default() };
+            // A mirror that was still starting is undone by the send's recovery, which asks
+            // the destination until it answers.
+            if lock(&self.records.sends).get(&m.id).is_some_and(|s| s.cancelling) {
+                continue;
+            }
+            if self.stop_job_mirror(&r.id, &m).await || m.dest_vdi.is_empty() {
+                continue;
+            }
+            match &remote {
+                Some(remote) => left.extend(self.drop_finalized_copy(remote, &r.id, (&r.sr, &d.vdi, &d.dp), (&r.url, &r.dest_sr), &m.dest_vdi).await),
+                None => left.push(format!("VDI {} on the destination", m.dest_vdi)),
+            }
+        }
         left
     }
 
@@ -724,7 +849,7 @@ impl Mux {
             // VDI in use, and is asked again) for a while.
             let mut tries = 0;
             loop {
-                match drop_dest_copy(&remote, id, a, &m.dp, &m.dest_vdi).await {
+                match drop_dest_copy(&remote, id, &a.dest, &m.dp, &m.dest_vdi).await {
                     Ok(()) => break,
                     Err(e) if tries >= 20 => {
                         tracing::warn!(job = %id, vdi = %m.dest_vdi, error = %e, "destroying the destination copy of a disk that left the job failed");
@@ -775,10 +900,10 @@ impl Mux {
 
 /// Detaches a destination copy from the guest's datapath name there (where the job may have
 /// attached it) and destroys it.
-async fn drop_dest_copy(remote: &Remote, job: &str, a: &args::SxmMigrateStart, dp: &str, dest_vdi: &str) -> Result<(), StorageError> {
-    let detach = Call::DpDestroy2(args::DpDestroy2 { allow_leak: false, vm: None, vdi: dest_vdi.into(), sr: a.dest.clone(), dp: dp.into(), dbg: dbg(job) });
+async fn drop_dest_copy(remote: &Remote, job: &str, dest_sr: &str, dp: &str, dest_vdi: &str) -> Result<(), StorageError> {
+    let detach = Call::DpDestroy2(args::DpDestroy2 { allow_leak: false, vm: None, vdi: dest_vdi.into(), sr: dest_sr.into(), dp: dp.into(), dbg: dbg(job) });
     let _ = remote.call::<()>(detach).await;
-    remote.call::<()>(Call::VdiDestroy(args::VdiDestroy { vdi: dest_vdi.into(), sr: a.dest.clone(), dbg: dbg(job) })).await
+    remote.call::<()>(Call::VdiDestroy(args::VdiDestroy { vdi: dest_vdi.into(), sr: dest_sr.into(), dbg: dbg(job) })).await
 }
 
 /// Runs futures concurrently on this task and collects their outputs in order (a small

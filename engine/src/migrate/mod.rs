@@ -29,7 +29,7 @@ use crate::model::{Call, StorageError};
 use crate::rpc::marshal::Marshal;
 
 pub use job::JOB_KIND;
-pub use records::{CopyRecord, RecvRecord, SendRecord, Table};
+pub use records::{CopyRecord, JobRecord, RecvRecord, SendRecord, Table};
 
 /// The sm_config key that marks every VDI a migration made, with the mirror's id as value:
 /// whatever carries it can be found and destroyed when the migration is undone.
@@ -50,6 +50,8 @@ pub struct Records {
     pub recvs: Mutex<Table<RecvRecord>>,
     /// Copies (source side).
     pub copies: Mutex<Table<CopyRecord>>,
+    /// Jobs (source side).
+    pub jobs: Mutex<Table<JobRecord>>,
 }
 
 impl Records {
@@ -60,6 +62,7 @@ impl Records {
             sends: Mutex::new(Table::load(&dir.join("send"))?),
             recvs: Mutex::new(Table::load(&dir.join("recv"))?),
             copies: Mutex::new(Table::load(&dir.join("copy"))?),
+            jobs: Mutex::new(Table::load(&dir.join("job"))?),
         })
     }
 }

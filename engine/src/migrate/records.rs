@@ -1,5 +1,5 @@
 //! The persisted record of every send (source), receive (destination) and copy, one JSON file
-//! each under `<root>/state/{send,recv,copy}/`. A record is written before the side effect it
+//! each under `<root>/state/{send,recv,copy,job}/`. A record is written before the side effect it
 //! announces, and updated after each stage, so a restarted host knows what exists and can
 //! finish or undo it (`../shared/DESIGN.md`, "State and recovery"; xapi's `Send_state`,
 //! `Receive_state`, `Copy_state`).
@@ -186,6 +186,51 @@ fn may_have_made() -> bool {
     true
 }
 
+/// Where a job (`SXM.migrate.start`) stands, for a restarted host to undo what it was doing.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum JobStage {
+    /// Its disks are being brought in sync, or held there: the guest runs on the source.
+    Mirroring,
+    /// The switch-over has begun: the source disks may be deactivated (the guest paused) and
+    /// the destination copies finalized.
+    Switching,
+}
+
+/// One disk of a job.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct JobDisk {
+    /// The source VDI.
+    pub vdi: String,
+    /// The guest's datapath holding it here.
+    pub dp: String,
+    /// The destination VDI that becomes the disk, once the disk is in sync: kept here because
+    /// the mirror's own record goes when the destination finalizes it.
+    pub dest_vdi: Option<String>,
+}
+
+/// One migration job (source side): what a restart must undo. The job itself (its waits, its
+/// switch-over) dies with the process; its record lets the restarted host give the guest its
+/// disks back here and take the copies off the destination, and answer the job's task with
+/// what happened.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct JobRecord {
+    /// The job's task.
+    pub id: String,
+    /// The task's description.
+    pub dbg: String,
+    /// The source SR.
+    pub sr: String,
+    /// The destination host's URL (with its secret).
+    pub url: String,
+    /// The destination SR.
+    pub dest_sr: String,
+    /// Where it stands.
+    pub stage: JobStage,
+    /// Its disks, in the job's order.
+    pub disks: Vec<JobDisk>,
+}
+
 /// One kind of record, in its folder.
 pub struct Table<T> {
     dir: PathBuf,
@@ -220,6 +265,11 @@ impl Keyed for RecvRecord {
     }
 }
 impl Keyed for CopyRecord {
+    fn key(&self) -> &str {
+        &self.id
+    }
+}
+impl Keyed for JobRecord {
     fn key(&self) -> &str {
         &self.id
     }
