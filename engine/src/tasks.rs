@@ -126,8 +126,8 @@ impl Tasks {
 
     /// A pending task under an id it had before this host restarted (a job's, which a
     /// restarted host finishes), so that a caller who holds only the id learns how it ended.
-    pub fn adopt(&self, id: &str, dbg: &str) {
-        self.insert(id, dbg);
+    pub fn adopt(&self, id: &str, dbg: &str) -> CancellationToken {
+        self.insert(id, dbg)
     }
 
     fn insert(&self, id: &str, dbg: &str) -> CancellationToken {

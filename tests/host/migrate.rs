@@ -1889,47 +1889,126 @@ fn guest_writes_through(uri: &str) {
     assert!(out.status.success(), "the guest's write did not complete: {}", String::from_utf8_lossy(&out.stderr));
 }
 
-/// A source host killed in the middle of a job used to lose it: mirrors held in sync ran on
-/// for good, and one killed in the switch-over left the guest's disks deactivated (paused) and
-/// the finalized copies on the destination. Restarted, the host now undoes the job as a
-/// failure would, and the job's task, under its id, says so.
+/// `sxm migrate --wait` of `vdis` with `flags`, started in the background; answers the job's
+/// id (the CLI's first line), the CLI and its stderr.
+fn follow_job(p: &Pair, url: &str, vdis: &[String], flags: &[&str]) -> (String, std::process::Child, std::io::BufReader<std::process::ChildStderr>) {
+    let mut child = Command::new(sxm())
+        .arg("--host")
+        .arg(&p.src.socket)
+        .env("SXM_TAPMIRROR", tapmirror())
+        .args(job_args(p, url, vdis, &[flags, &["--wait"]].concat()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("sxm");
+    let mut err = std::io::BufReader::new(child.stderr.take().expect("stderr"));
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut err, &mut first).expect("the CLI's first line");
+    let job = first.trim().strip_prefix("job ").unwrap_or_else(|| panic!("no job id first: {first:?}")).to_owned();
+    (job, child, err)
+}
+
+/// Reads a CLI's stderr until it says it waits for a host that does not answer.
+fn cli_waits_for_the_host(err: &mut std::io::BufReader<std::process::ChildStderr>) {
+    let mut line = String::new();
+    while std::io::BufRead::read_line(err, &mut line).expect("the CLI's output") > 0 && !line.contains("does not answer") {
+        line.clear();
+    }
+    assert!(line.contains("the host does not answer (restarting?)"), "the CLI did not wait for the host: {line:?}");
+}
+
+/// A source host killed in the middle of a job used to lose it: the mirrors of a job holding
+/// in sync ran on for good, with no job to switch them over or stop them. Restarted, the host
+/// now takes the job up again under its id: disks in sync stay so (their mirrors live in the
+/// datapaths), and the job ends as it would have. `sxm migrate --wait` rides out the restart.
 #[test]
-fn a_job_a_source_restart_interrupts_is_undone_and_its_task_says_so() {
+fn a_held_job_a_source_restart_interrupts_resumes() {
+    require!("nbdcopy");
+    // Each procedure: an ext source mirrors after a copy, a qcow2 one runs full mirrors.
+    for (from, to) in [("ext", "ext"), ("qcow2", "qcow2")] {
+        held_job_resumes_after_a_restart(Pair::typed(from, to), &format!("{from} -> {to}"));
+    }
+}
+
+/// A held job, its guests writing and the CLI following it, resumes after its source host is
+/// killed and started again, and switches over when told.
+fn held_job_resumes_after_a_restart(mut p: Pair, what: &str) {
+    let url = p.dest_url();
+    let (vdis, uris, seeds) = vm(&p, 2, 8 * MIB);
+    let guests: Vec<Guest> = uris.iter().enumerate().map(|(i, u)| Guest::start(u.clone(), 8 * MIB, 80 + i as u64)).collect();
+    let (job, mut cli, mut err) = follow_job(&p, &url, &vdis, &["--hold"]);
+    job_holding(&p, &job);
+    p.stop_src(true);
+    cli_waits_for_the_host(&mut err);
+    p.start_src();
+    job_holding(&p, &job);
+    let t = job_stat(&p, &job);
+    assert_eq!(t["debug_info"]["resumed"], "after a restart of the source host", "{what}: {t}");
+    for v in &vdis {
+        let m = p.src.call("DATA.MIRROR.stat", json!({"id": format!("{}/{v}", p.src_sr), "dbg": "t"}));
+        assert_eq!(m["failed"], false, "{what}: {m}");
+    }
+    let models: Vec<Vec<u8>> = guests.into_iter().map(|g| g.stop().0).collect();
+    p.src.cli(&["migrate", "cutover", &job]);
+    let t = job_end(&p, &job);
+    assert_eq!(t["state"][0], "Completed", "{what}: {t}");
+    for (i, (model, seed)) in models.iter().zip(&seeds).enumerate() {
+        let dest_vdi = t["debug_info"][format!("disk{i} dest_vdi")].as_str().expect("dest vdi");
+        assert_matches_guest(&dest_content(&p, dest_vdi), model, seed, &format!("{what}: disk {i}"));
+    }
+    let status = cli.wait().expect("the CLI ends");
+    let mut said = String::new();
+    std::io::Read::read_to_string(&mut err, &mut said).expect("the CLI's output");
+    assert!(status.success() && said.contains("job done"), "{what}: {status}: {said}");
+}
+
+/// One disk at a time, the source restarted in the first disk's copy: that mirror is undone by
+/// the restart, then the resumed job starts it afresh, and the second, queued, after it.
+#[test]
+fn a_job_restarted_in_a_disks_copy_starts_that_disk_afresh() {
+    require!("nbdcopy");
+    let mut p = Pair::with_faults("send.copy=long", "");
+    let url = p.dest_url();
+    let (vdis, _uris, seeds) = vm(&p, 2, 4 * MIB);
+    let before = p.state();
+    let job = p.src.cli(&job_args(&p, &url, &vdis, &["--parallel", "1"]));
+    eventually(60, "the first disk copying", || {
+        let t = job_stat(&p, &job);
+        let disk = t["debug_info"].as_object().and_then(|i| i.iter().find(|(k, _)| k.starts_with("disk0 ") && k.ends_with(" task")).map(|(_, v)| v.clone()));
+        disk.and_then(|d| d.as_str().map(|d| job_stat(&p, d)["debug_info"]["stage"] == "copy")).unwrap_or(false)
+    });
+    p.restart_src(true);
+    let t = job_end(&p, &job);
+    assert_eq!(t["state"][0], "Completed", "{t}");
+    for (i, seed) in seeds.iter().enumerate() {
+        let dest_vdi = t["debug_info"][format!("disk{i} dest_vdi")].as_str().expect("dest vdi");
+        assert!(dest_content(&p, dest_vdi) == *seed, "disk {i} differs on the destination");
+    }
+    // Nothing of the interrupted first try is left: the source holds its VDIs, the
+    // destination the two disks.
+    assert_eq!(host_state(&p.src, &p.src_sr).vdis, before.0.vdis);
+    assert_eq!(p.dst_vdis().len(), 2, "{:?}", p.dst_vdis());
+}
+
+/// A source host killed in a job's switch-over left the guest's disks deactivated (paused)
+/// and the finalized copies on the destination. Restarted, the host now undoes the job as a
+/// failed switch-over is undone, and the job's task, under its id, says so.
+#[test]
+fn a_job_a_source_restart_interrupts_in_its_switch_over_is_undone_and_its_task_says_so() {
     require!("qemu-io");
-    // (faults, flags, the stage the job is killed in, what its task then says it was doing)
-    for (faults, flags, stage, was) in [
-        ("", &["--hold"][..], "holding", "bringing its disks in sync"),
+    for (faults, flags, stage) in [
         // Killed as the destination has just finalized a disk, the send's record still there.
-        ("send.finalized=long", &[][..], "cutover", "switching over"),
+        ("send.finalized=long", &[][..], "cutover"),
         // Killed with every disk finalized there, and the guest's disks deactivated here.
-        ("job.verify=long", &["--verify"][..], "verify", "switching over"),
+        ("job.verify=long", &["--verify"][..], "verify"),
     ] {
         let mut p = Pair::with_faults(faults, "");
         let url = p.dest_url();
         let (vdis, uris, _seeds) = vm(&p, 2, 4 * MIB);
         let before = p.state();
-        // The held job is followed by the CLI (`--wait`), which must ride out the restart and
-        // tell how the job ended.
-        let (job, mut follower) = if stage == "holding" {
-            let mut child = Command::new(sxm())
-                .arg("--host")
-                .arg(&p.src.socket)
-                .env("SXM_TAPMIRROR", tapmirror())
-                .args(job_args(&p, &url, &vdis, &[flags, &["--wait"]].concat()))
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()
-                .expect("sxm");
-            let mut err = std::io::BufReader::new(child.stderr.take().expect("stderr"));
-            let mut first = String::new();
-            std::io::BufRead::read_line(&mut err, &mut first).expect("the CLI's first line");
-            let job = first.trim().strip_prefix("job ").unwrap_or_else(|| panic!("no job id first: {first:?}")).to_owned();
-            (job, Some((child, err)))
-        } else {
-            (p.src.cli(&job_args(&p, &url, &vdis, flags)), None)
-        };
+        let (job, mut cli, mut err) = follow_job(&p, &url, &vdis, flags);
         eventually(60, &format!("the job at stage {stage}"), || job_stat(&p, &job)["debug_info"]["stage"] == stage);
-        if faults.starts_with("send.finalized") {
+        if stage == "cutover" {
             // Killed once the destination has finalized a disk (its leaf's mark is off).
             let dest = job_stat(&p, &job)["debug_info"]["disk0 dest_vdi"].as_str().expect("dest vdi").to_owned();
             eventually(20, "the destination finalizes a disk", || {
@@ -1938,28 +2017,17 @@ fn a_job_a_source_restart_interrupts_is_undone_and_its_task_says_so() {
             });
         }
         p.stop_src(true);
-        if let Some((_, err)) = &mut follower {
-            // The CLI sees the host gone (and, before, ended there), then waits for it.
-            let mut line = String::new();
-            while std::io::BufRead::read_line(err, &mut line).expect("the CLI's output") > 0 && !line.contains("does not answer") {
-                line.clear();
-            }
-            assert!(line.contains("the host does not answer (restarting?)"), "the CLI did not wait for the host: {line:?}");
-        }
+        cli_waits_for_the_host(&mut err);
         p.start_src();
         let t = job_end(&p, &job);
         assert_eq!(t["state"][0], "Failed", "{stage}: {t}");
         let why = serde_json::to_string(&t["state"][1]).expect("error");
-        assert!(
-            why.contains(&format!("the source host restarted while the job was {was}; undone: the guest's disks are active on the source")),
-            "{stage}: {why}"
-        );
-        if let Some((mut child, mut err)) = follower {
-            let mut said = String::new();
-            std::io::Read::read_to_string(&mut err, &mut said).expect("the CLI's output");
-            let status = child.wait().expect("the CLI ends");
-            assert!(!status.success() && said.contains(&format!("the source host restarted while the job was {was}")), "{status}: {said}");
-        }
+        let said = "the source host restarted while the job was switching over; undone: the guest's disks are active on the source";
+        assert!(why.contains(said), "{stage}: {why}");
+        let status = cli.wait().expect("the CLI ends");
+        let mut shown = String::new();
+        std::io::Read::read_to_string(&mut err, &mut shown).expect("the CLI's output");
+        assert!(!status.success() && shown.contains(said), "{status}: {shown}");
         settle(&p, &before, &format!("killed at {stage}: both hosts as they were"));
         for (vdi, uri) in vdis.iter().zip(&uris) {
             let stat = p.src.call("DP.stat_vdi", json!({"sr": p.src_sr, "vdi": vdi, "dbg": "t"}));

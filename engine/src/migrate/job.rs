@@ -6,10 +6,11 @@
 //!
 //! Each disk is an ordinary mirror (`DATA.MIRROR.start`, see [`super::send`]) with its own
 //! task, records and recovery; the job only orders them. A job has a record of its own too
-//! ([`JobRecord`]): a restart of this host undoes the job it interrupted, as a failure would,
-//! and answers its task (under the same id) with what happened.
+//! ([`JobRecord`]): a restart of this host resumes a job it interrupted before the switch-over
+//! (under the same task id), and undoes one it interrupted in the switch-over, as a failure
+//! would.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -40,6 +41,10 @@ pub const JOB_KIND: (&str, &str) = ("kind", "migrate job");
 /// destination that does not answer again for a minute).
 const FINALIZE_WAIT: Duration = Duration::from_secs(90);
 
+/// How long a job resumed after a restart waits for a disk's mirror that the restart
+/// interrupted while it started to be undone, before it starts the disk afresh.
+const UNDONE_WAIT: Duration = Duration::from_secs(60);
+
 /// One running job.
 pub struct Job {
     /// The bandwidth limit its disks' copies share.
@@ -58,6 +63,23 @@ pub struct Job {
     need: i64,
     /// Its disks' mirror ids (`sr/vdi`), by which their destination VDIs are found.
     mirrors: Vec<String>,
+}
+
+impl Job {
+    /// A job of `a`'s disks (`disks`, checked), going to `dest` (the destination host without
+    /// its secret, and SR).
+    fn new(a: &args::SxmMigrateStart, disks: &[Disk], dest: (String, String)) -> Arc<Job> {
+        Arc::new(Job {
+            limit: Arc::new(RateLimit::new(u64::try_from(a.bwlimit).unwrap_or(0))),
+            cutover: Notify::new(),
+            cutover_asked: false.into(),
+            switching: false.into(),
+            hold: a.hold,
+            dest,
+            need: disks.iter().map(|d| d.size + SLACK_PER_DISK).sum(),
+            mirrors: a.vdis.iter().map(|v| format!("{}/{v}", a.sr)).collect(),
+        })
+    }
 }
 
 /// The jobs of a host.
@@ -203,18 +225,8 @@ impl Mux {
         let dest = (remote.endpoint.to_string(), a.dest.clone());
         let written = self.room_written_by_jobs(&remote, &dest).await;
         let (task, cancel) = self.tasks().create(&format!("migrate {} disk(s) of SR {}", disks.len(), a.sr));
-        let need: i64 = disks.iter().map(|d| d.size + SLACK_PER_DISK).sum();
-        let limit = Arc::new(RateLimit::new(u64::try_from(a.bwlimit).unwrap_or(0)));
-        let job = Arc::new(Job {
-            limit: limit.clone(),
-            cutover: Notify::new(),
-            cutover_asked: false.into(),
-            switching: false.into(),
-            hold: a.hold,
-            dest,
-            need,
-            mirrors: a.vdis.iter().map(|v| format!("{}/{v}", a.sr)).collect(),
-        });
+        let job = Job::new(&a, &disks, dest);
+        let need = job.need;
         // Claimed at once, all or none, so that two jobs never share a disk: one queued in a
         // job has no mirror yet for the preflight to see, and the job it was in failed late.
         // The room is booked under the same lock: two jobs that each fit the destination SR,
@@ -247,6 +259,10 @@ impl Mux {
                 dest_sr: a.dest.clone(),
                 stage: JobStage::Mirroring,
                 disks: disks.iter().map(|d| JobDisk { vdi: d.vdi.clone(), dp: d.dp.clone(), dest_vdi: None }).collect(),
+                parallel: a.parallel,
+                bwlimit: a.bwlimit,
+                hold: a.hold,
+                verify: a.verify,
             };
             if let Err(e) = lock(&self.records.jobs).put(record) {
                 drop(claimed);
@@ -258,7 +274,15 @@ impl Mux {
             }
             lock(&self.jobs.jobs).insert(task.clone(), job.clone());
         }
+        self.launch_job(task.clone(), cancel, a, disks, job, BTreeSet::new())?;
+        Ok(task)
+    }
+
+    /// Runs a registered job (its disks claimed, its record written) in the background;
+    /// `in_sync`: disks whose mirrors run already (a job resumed after a restart).
+    fn launch_job(&self, task: String, cancel: CancellationToken, a: args::SxmMigrateStart, disks: Vec<Disk>, job: Arc<Job>, in_sync: BTreeSet<String>) -> Result<(), StorageError> {
         // Each disk's copy asks the job's bucket before every request.
+        let limit = job.limit.clone();
         let throttle: Throttle = Arc::new(move |bytes| limit.grant(bytes));
         let sharing = (a.parallel.max(1) as u64).min(a.vdis.len() as u64);
         for vdi in &a.vdis {
@@ -270,8 +294,7 @@ impl Mux {
         let me = self.me.upgrade().ok_or_else(|| StorageError::InternalError("the host is shutting down".into()))?;
         let id = task.clone();
         tokio::spawn(async move {
-            let parallel = usize::try_from(a.parallel.max(1)).unwrap_or(1);
-            let outcome = me.run_job(&id, &a, disks, parallel, &job, &cancel).await;
+            let outcome = me.run_job(&id, &a, disks, &job, &cancel, &in_sync).await;
             // Ended, done or undone: nothing is left for a restart to undo. (Gone before the
             // task says so, so that a job seen completed is never undone.)
             if let Err(e) = lock(&me.records.jobs).remove(&id) {
@@ -291,7 +314,7 @@ impl Mux {
                 lock(&me.jobs.claimed).remove(&format!("{}/{vdi}", a.sr));
             }
         });
-        Ok(task)
+        Ok(())
     }
 
     /// `SXM.migrate.cutover`.
@@ -312,6 +335,10 @@ impl Mux {
             return Err(StorageError::InternalError(format!("bwlimit {bwlimit} is negative (0 is no limit)")));
         };
         j.limit.set_rate(rate);
+        // Kept for a resume after a restart; the limit holds here meanwhile whatever comes.
+        if let Err(e) = self.update_job_record(job, |r| r.bwlimit = bwlimit) {
+            tracing::warn!(job, error = %e, "recording the new bandwidth limit failed; a restart would take up the old one");
+        }
         tracing::info!(job, bwlimit, "bandwidth limit changed");
         Ok(())
     }
@@ -417,11 +444,11 @@ impl Mux {
         id: &str,
         a: &args::SxmMigrateStart,
         disks: Vec<Disk>,
-        parallel: usize,
         job: &Job,
         cancel: &CancellationToken,
+        in_sync: &BTreeSet<String>,
     ) -> Result<(), StorageError> {
-        let slots = Arc::new(Semaphore::new(parallel));
+        let slots = Arc::new(Semaphore::new(usize::try_from(a.parallel.max(1)).unwrap_or(1)));
         let sizes: Vec<i64> = disks.iter().map(|d| d.size).collect();
         let total: f64 = sizes.iter().map(|s| *s as f64).sum::<f64>().max(1.0);
         let progress = Mutex::new(vec![0.0f64; disks.len()]);
@@ -457,10 +484,34 @@ impl Mux {
                 let name = format!("disk{i} {}", d.vdi);
                 self.tasks().subtask(id, &name, TaskState::Pending(0.0));
                 let outcome = async {
+                    let mirror = format!("{}/{}", a.sr, d.vdi);
+                    // Resumed after a restart: its mirror ran on in its datapath, in sync.
+                    if in_sync.contains(&d.vdi) && let Some(dest_vdi) = lock(&self.records.sends).get(&mirror).and_then(|r| r.remote.as_ref().map(|x| x.leaf.clone())) {
+                        self.tasks().subtask(id, &name, TaskState::Pending(1.0));
+                        report(i, 1.0);
+                        // Recorded already, unless the restart came as it got in sync.
+                        self.record_dest_vdi(id, &d.vdi, &dest_vdi)?;
+                        return Ok(JobMirror { id: mirror, vdi: d.vdi.clone(), dp: d.dp.clone(), dest_vdi });
+                    }
                     let _slot = tokio::select! {
                         s = slots.acquire() => s.map_err(|_| StorageError::Cancelled(id.into()))?,
                         _ = abort.cancelled() => return Err(StorageError::Cancelled(id.into())),
                     };
+                    // A mirror a restart interrupted while it started is being undone (the
+                    // destination told in the background): the disk starts afresh once it is.
+                    let until = tokio::time::Instant::now() + UNDONE_WAIT;
+                    while lock(&self.records.sends).get(&mirror).is_some_and(|r| r.cancelling) {
+                        if tokio::time::Instant::now() >= until {
+                            return Err(StorageError::MigrationMirrorFailure(format!(
+                                "disk {}: its mirror, interrupted by a restart of this host, is still being undone on the destination",
+                                d.vdi
+                            )));
+                        }
+                        tokio::select! {
+                            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                            _ = abort.cancelled() => return Err(StorageError::Cancelled(id.into())),
+                        }
+                    }
                     let task = self.mirror_start(a.sr.clone(), d.vdi.clone(), d.dp.clone(), a.url.clone(), a.dest.clone(), None, None).await?;
                     self.tasks().debug_info(id, &format!("{name} task"), &task);
                     loop {
@@ -476,17 +527,10 @@ impl Mux {
                             TaskState::Completed(_) => {
                                 self.tasks().subtask(id, &name, TaskState::Pending(1.0));
                                 report(i, 1.0);
-                                let mirror = format!("{}/{}", a.sr, d.vdi);
                                 // Known now, while the mirror's record holds it: a disk that
                                 // leaves the job later takes its record with it.
                                 let dest_vdi = lock(&self.records.sends).get(&mirror).and_then(|r| r.remote.as_ref().map(|x| x.leaf.clone())).unwrap_or_default();
-                                // Recorded too: once finalized there, the copy is found by
-                                // nothing else after a restart.
-                                self.update_job_record(id, |r| {
-                                    if let Some(disk) = r.disks.iter_mut().find(|x| x.vdi == d.vdi) {
-                                        disk.dest_vdi = Some(dest_vdi.clone());
-                                    }
-                                })?;
+                                self.record_dest_vdi(id, &d.vdi, &dest_vdi)?;
                                 return Ok(JobMirror { id: mirror, vdi: d.vdi.clone(), dp: d.dp.clone(), dest_vdi });
                             }
                             TaskState::Failed(e) => {
@@ -730,6 +774,16 @@ impl Mux {
         }
     }
 
+    /// Records the destination VDI of a job's disk in sync: once finalized there, nothing else
+    /// names it after a restart.
+    fn record_dest_vdi(&self, job: &str, vdi: &str, dest_vdi: &str) -> Result<(), StorageError> {
+        self.update_job_record(job, |r| {
+            if let Some(disk) = r.disks.iter_mut().find(|x| x.vdi == vdi) {
+                disk.dest_vdi = Some(dest_vdi.to_owned());
+            }
+        })
+    }
+
     fn update_job_record(&self, id: &str, f: impl FnOnce(&mut JobRecord)) -> Result<(), StorageError> {
         let mut table = lock(&self.records.jobs);
         let mut r = table.get(id).cloned().ok_or_else(|| StorageError::InternalError(format!("job {id} has no record")))?;
@@ -737,47 +791,92 @@ impl Mux {
         table.put(r)
     }
 
-    /// After a restart: each job the old process ran is undone, as a failed one is (its waits
-    /// and its switch-over died with that process), and its task, taken up again under its
-    /// id, fails saying so. In the background: the undo is mostly the destination's, which
-    /// may be away.
+    /// After a restart: each job the old process ran is taken up again under its task's id.
+    /// One whose disks were still being brought in sync (or held there) resumes: their
+    /// mirrors ran on in their datapaths, and a disk whose mirror was still starting starts
+    /// afresh once the restart's undo of it is done. One whose switch-over had begun is undone,
+    /// as a failed switch-over is (the waits and calls it was in died with the old process),
+    /// and its task fails saying so. In the background: both are mostly the destination's
+    /// doing, and it may be away.
     pub(crate) fn recover_jobs(&self) {
         let Ok(me) = self.me() else { return };
         let records: Vec<JobRecord> = lock(&self.records.jobs).all().cloned().collect();
         for r in records {
-            tracing::warn!(job = %r.id, stage = ?r.stage, "a migration job was interrupted by a restart; undoing it");
-            self.tasks().adopt(&r.id, &r.dbg);
+            let cancel = self.tasks().adopt(&r.id, &r.dbg);
             self.tasks().debug_info(&r.id, JOB_KIND.0, JOB_KIND.1);
-            self.tasks().debug_info(&r.id, "stage", "undoing");
             {
-                // Its disks stay the job's until it is undone: no other job or mirror takes them.
+                // Its disks stay the job's: no other job or mirror takes them meanwhile.
                 let mut claimed = lock(&self.jobs.claimed);
                 for d in &r.disks {
                     claimed.insert(format!("{}/{}", r.sr, d.vdi), r.id.clone());
                 }
             }
             let me = me.clone();
-            tokio::spawn(async move {
-                let left = me.undo_after_restart(&r).await;
-                let was = match r.stage {
-                    JobStage::Mirroring => "bringing its disks in sync",
-                    JobStage::Switching => "switching over",
-                };
-                let e = StorageError::MigrationMirrorFailure(if left.is_empty() {
-                    format!("the source host restarted while the job was {was}; undone: the guest's disks are active on the source")
-                } else {
-                    format!("the source host restarted while the job was {was}; undone, but not all of it: {}", left.join("; "))
+            if r.stage == JobStage::Mirroring {
+                tracing::warn!(job = %r.id, "a migration job was interrupted by a restart; resuming it");
+                self.tasks().debug_info(&r.id, "resumed", "after a restart of the source host");
+                tokio::spawn(async move {
+                    if let Err(e) = me.resume_job(&r, cancel).await {
+                        tracing::warn!(job = %r.id, error = %e, "the interrupted job cannot resume; undoing it");
+                        me.end_recovered_job(&r, &format!("during the job, which could not resume ({e})")).await;
+                    }
                 });
-                tracing::warn!(job = %r.id, left = left.len(), "the interrupted job is undone");
-                if let Err(e) = lock(&me.records.jobs).remove(&r.id) {
-                    tracing::error!(job = %r.id, error = %e, "removing the job's record failed; the next restart undoes the job again");
-                }
-                for d in &r.disks {
-                    lock(&me.jobs.claimed).remove(&format!("{}/{}", r.sr, d.vdi));
-                }
-                me.tasks().fail(&r.id, &e);
-            });
+            } else {
+                tracing::warn!(job = %r.id, "a migration job was interrupted in its switch-over by a restart; undoing it");
+                tokio::spawn(async move { me.end_recovered_job(&r, "while the job was switching over").await });
+            }
         }
+    }
+
+    /// Resumes a job the restart interrupted while its disks were brought in sync.
+    async fn resume_job(&self, r: &JobRecord, cancel: CancellationToken) -> Result<(), StorageError> {
+        let a = args::SxmMigrateStart {
+            bwlimit: r.bwlimit,
+            verify: r.verify,
+            hold: r.hold,
+            parallel: r.parallel,
+            dest: r.dest_sr.clone(),
+            url: r.url.clone(),
+            vdis: r.disks.iter().map(|d| d.vdi.clone()).collect(),
+            sr: r.sr.clone(),
+            dbg: r.dbg.clone(),
+        };
+        let mut disks = Vec::new();
+        for d in &r.disks {
+            let info: VdiInfo = self.local(Call::VdiStat(args::VdiStat { vdi: d.vdi.clone(), sr: r.sr.clone(), dbg: dbg(&r.id) })).await?;
+            disks.push(Disk { vdi: d.vdi.clone(), dp: d.dp.clone(), size: info.virtual_size.max(0) });
+        }
+        let remote = Remote::new(&r.url)?;
+        let job = Job::new(&a, &disks, (remote.endpoint.to_string(), r.dest_sr.clone()));
+        let in_sync: BTreeSet<String> = {
+            let sends = lock(&self.records.sends);
+            r.disks.iter().filter(|d| sends.get(&format!("{}/{}", r.sr, d.vdi)).is_some_and(|s| s.stage == SendStage::Mirroring)).map(|d| d.vdi.clone()).collect()
+        };
+        tracing::info!(job = %r.id, in_sync = in_sync.len(), disks = r.disks.len(), "job resumed");
+        lock(&self.jobs.jobs).insert(r.id.clone(), job.clone());
+        self.launch_job(r.id.clone(), cancel, a, disks, job, in_sync).inspect_err(|_| {
+            lock(&self.jobs.jobs).remove(&r.id);
+        })
+    }
+
+    /// Undoes a job the restart interrupted (`when`: what it was doing), then ends its record,
+    /// its claims and its task, which fails saying what was undone.
+    async fn end_recovered_job(&self, r: &JobRecord, when: &str) {
+        self.tasks().debug_info(&r.id, "stage", "undoing");
+        let left = self.undo_after_restart(r).await;
+        let said = if left.is_empty() {
+            format!("the source host restarted {when}; undone: the guest's disks are active on the source")
+        } else {
+            format!("the source host restarted {when}; undone, but not all of it: {}", left.join("; "))
+        };
+        tracing::warn!(job = %r.id, left = left.len(), "the interrupted job is undone");
+        if let Err(e) = lock(&self.records.jobs).remove(&r.id) {
+            tracing::error!(job = %r.id, error = %e, "removing the job's record failed; the next restart undoes the job again");
+        }
+        for d in &r.disks {
+            lock(&self.jobs.claimed).remove(&format!("{}/{}", r.sr, d.vdi));
+        }
+        self.tasks().fail(&r.id, &StorageError::MigrationMirrorFailure(said));
     }
 
     /// Undoes a job a restart interrupted; answers what it could not undo. As a failed

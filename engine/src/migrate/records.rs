@@ -209,10 +209,11 @@ pub struct JobDisk {
     pub dest_vdi: Option<String>,
 }
 
-/// One migration job (source side): what a restart must undo. The job itself (its waits, its
-/// switch-over) dies with the process; its record lets the restarted host give the guest its
-/// disks back here and take the copies off the destination, and answer the job's task with
-/// what happened.
+/// One migration job (source side), for a restarted host to take up again. The job itself
+/// (its waits, its switch-over) dies with the process; from its record the restarted host
+/// resumes a job whose disks were still being brought in sync (their mirrors ran on in their
+/// datapaths), or undoes one whose switch-over had begun (the guest's disks back here, the
+/// copies off the destination), and answers the job's task with what happened.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct JobRecord {
     /// The job's task.
@@ -229,6 +230,14 @@ pub struct JobRecord {
     pub stage: JobStage,
     /// Its disks, in the job's order.
     pub disks: Vec<JobDisk>,
+    /// How many disks mirror at once.
+    pub parallel: i64,
+    /// The bandwidth limit its disks' copies share (bytes per second, 0: none), as last set.
+    pub bwlimit: i64,
+    /// Held in sync until `SXM.migrate.cutover`.
+    pub hold: bool,
+    /// Checksums compared before the switch-over ends.
+    pub verify: bool,
 }
 
 /// One kind of record, in its folder.
