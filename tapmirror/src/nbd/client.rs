@@ -142,8 +142,9 @@ pub enum ClientError {
     /// The request is not possible on this export (too long, unsupported command).
     #[error("request not possible: {0}")]
     Unsupported(String),
-    /// The connection is gone.
-    #[error("NBD connection closed: {0}")]
+    /// The connection is gone, or given up on (the server silent past the timeout): said
+    /// "ended", not "closed", since a silent server closed nothing.
+    #[error("NBD connection ended: {0}")]
     Closed(String),
 }
 
