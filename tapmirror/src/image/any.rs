@@ -55,9 +55,15 @@ impl Format {
         let len = super::byte_len(&f)?;
         if len >= 512 {
             use std::os::unix::fs::FileExt;
-            let mut tail = [0u8; 8];
+            let mut tail = [0u8; 64];
             f.read_exact_at(&mut tail, len - 512)?;
-            if &tail == b"conectix" {
+            // A VHD footer at the end and none at the start: a fixed disk, or (its disk type,
+            // at 60, says) a dynamic one whose first sector is damaged, which the VHD reader
+            // says so of.
+            if &tail[..8] == b"conectix" && matches!(u32::from_be_bytes([tail[60], tail[61], tail[62], tail[63]]), 3 | 4) {
+                return Ok(Format::Vhd);
+            }
+            if &tail[..8] == b"conectix" {
                 return Err(io::Error::new(
                     io::ErrorKind::Unsupported,
                     format!("{} is a fixed VHD; only dynamic and differencing VHDs are supported", path.display()),

@@ -15,7 +15,7 @@ use super::Qcow2Error;
 use super::header::{self, Header, MAGIC, Problem};
 
 /// Longest chain we follow; deeper ones are refused as a probable loop through odd paths.
-const MAX_DEPTH: usize = 256;
+pub const MAX_DEPTH: usize = 256;
 
 /// What a layer is.
 #[derive(Clone, Debug)]

@@ -31,6 +31,10 @@ pub const MAX_CLUSTER_BITS: u32 = 21;
 /// QEMU refuses an active L1 table larger than 32 MiB (`QCOW_MAX_L1_SIZE`), which bounds the
 /// virtual size per cluster size (128 GiB at 512 B clusters, 2 TiB at 2 KiB, 8 TiB at 4 KiB).
 pub const MAX_L1_BYTES: u64 = 32 << 20;
+/// QEMU refuses a refcount table larger than 8 MiB (`QCOW_MAX_REFTABLE_SIZE`): a million refcount
+/// blocks, which count 2 PiB of 64 KiB clusters. A larger one named by a crafted header, sparse in
+/// its file, made every open read it whole (4 GiB of memory for a 4 MiB file).
+pub const MAX_REFCOUNT_TABLE_BYTES: u64 = 8 << 20;
 /// Longest backing file name QEMU accepts.
 pub const MAX_BACKING_NAME: usize = 1023;
 
@@ -364,6 +368,9 @@ impl Header {
         if self.refcount_table_clusters == 0 || self.refcount_table_offset == 0 {
             return Err(corrupt("no refcount table"));
         }
+        if u64::from(self.refcount_table_clusters) * cs > MAX_REFCOUNT_TABLE_BYTES {
+            return Err(corrupt(format!("refcount table of {} clusters is larger than 8 MiB", self.refcount_table_clusters)));
+        }
         within("refcount table", self.refcount_table_offset, u64::from(self.refcount_table_clusters) * cs)?;
         if self.nb_snapshots > 0 {
             within("snapshot table", self.snapshots_offset, 1)?;
@@ -541,6 +548,13 @@ mod tests {
         d.incompatible = INCOMPAT_EXTENDED_L2;
         assert!(matches!(d.validate(4 << 16), Err(Problem::Unsupported(m)) if m.contains("subclusters")));
         assert!(matches!(Header::parse(&b"QFI\xfb\0\0\0\x03"[..]), Err(Problem::Corrupt(m)) if m.contains("too short")));
+        // A refcount table over 8 MiB (128 clusters of 64 KiB), sparse in a file long enough
+        // to hold it, is refused before anything reads it; 8 MiB passes.
+        let mut r = h.clone();
+        r.refcount_table_clusters = 129;
+        assert!(matches!(r.validate(1 << 30), Err(Problem::Corrupt(m)) if m.contains("refcount table of 129 clusters")));
+        r.refcount_table_clusters = 128;
+        r.validate(1 << 30).expect("an 8 MiB refcount table");
     }
 
     /// Old writers put a version 2 image's backing name straight after the 72-byte header,

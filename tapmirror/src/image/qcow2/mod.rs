@@ -815,6 +815,11 @@ pub async fn create_overlay_with(path: &Path, backing: &Path, kind: OverlayKind)
     let (p, b) = (path.to_owned(), backing.to_owned());
     let (name, format, size, base_bits) = blocking(path, move || {
         let chain = chain::resolve(&b, None)?;
+        // The overlay must open too: a chain one deeper than the deepest that opens was made,
+        // and nothing could open it (or make another overlay on it) after.
+        if chain.len() >= chain::MAX_DEPTH {
+            return Err(Qcow2Error::Unsupported { path: p.clone(), what: format!("an overlay on {} would make a backing chain deeper than {}", b.display(), chain::MAX_DEPTH) });
+        }
         let name = chain::backing_reference(&p, &b)?;
         let base = &chain[0];
         Ok((name, base.format_name().to_owned(), base.size, base.header().map(|h| h.cluster_bits)))

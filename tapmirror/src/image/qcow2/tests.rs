@@ -843,3 +843,52 @@ async fn writes_into_clusters_a_moved_refcount_table_left_are_not_refused() {
     let (h, _) = chain::read_header(&p).expect("header");
     assert_ne!(h.refcount_table_offset, first.refcount_table_offset, "the refcount table never moved");
 }
+
+/// A crafted image whose L1 entries all name one L2 table: every walk (`image info`'s
+/// allocation count, `image check`) used to read that table once per entry and count its
+/// references again each time, until memory ran out on a 2 PiB image. Two entries of one L1
+/// table naming one L2 table is refused as corruption, by both.
+#[tokio::test]
+async fn l1_entries_naming_one_l2_table_are_refused_by_check_and_info() {
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = dir.path().join("shared-l2.qcow2");
+    // 2 GiB of 64 KiB clusters: four L1 entries of 512 MiB each.
+    create(&p, 2 << 30, None).await.expect("create");
+    {
+        let t = Qcow2Image::open(&p, Access::ReadWrite, EngineKind::Portable).await.expect("open");
+        put(&t, 0, &pat(4096, 1)).await;
+        t.close().await.expect("close");
+    }
+    info(&p).await.expect("a sound image");
+    let (h, _) = chain::read_header(&p).expect("header");
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(&p).expect("open");
+    let first = be64_at(&f, h.l1_table_offset);
+    for i in 1..4u64 {
+        f.write_all_at(&first.to_be_bytes(), h.l1_table_offset + i * 8).expect("L1 entry");
+    }
+    for (what, e) in [("info", info(&p).await.err()), ("check", check(&p).await.err())] {
+        let e = e.unwrap_or_else(|| panic!("{what} took an L2 table named four times"));
+        assert!(e.to_string().contains("L1 entries 0 and 1 name the same L2 table"), "{what}: {e}");
+    }
+}
+
+/// An overlay on a backing chain as deep as opens (256) was made, and then nothing opened it,
+/// nor could make another overlay on it: the create refuses it instead, naming the limit.
+#[tokio::test]
+async fn an_overlay_that_would_make_the_chain_too_deep_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut backing = dir.path().join("0.qcow2");
+    create(&backing, 1 << 20, None).await.expect("create");
+    for i in 1..chain::MAX_DEPTH {
+        let overlay = dir.path().join(format!("{i}.qcow2"));
+        create_overlay(&overlay, &backing).await.unwrap_or_else(|e| panic!("overlay {i}: {e}"));
+        backing = overlay;
+    }
+    // The deepest chain that opens: 256 files.
+    info(&backing).await.expect("256 files open");
+    let too_deep = dir.path().join("too-deep.qcow2");
+    let e = create_overlay(&too_deep, &backing).await.expect_err("a 257th file");
+    assert!(e.to_string().contains("deeper than 256"), "{e}");
+    assert!(!too_deep.exists());
+}

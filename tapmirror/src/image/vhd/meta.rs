@@ -112,8 +112,12 @@ impl Meta {
                 }
                 (end, true)
             }
-            (Ok(_), Err(ParseError::NoCookie)) => {
-                return Err(corrupt("no footer copy at offset 0 (a fixed VHD? those are not supported)".into()));
+            (Ok(end), Err(ParseError::NoCookie)) => {
+                return Err(corrupt(match end.disk_type() {
+                    Some(DiskType::Fixed) => "no footer copy at offset 0: a fixed VHD (those are not supported)".into(),
+                    // Not a fixed disk: a dynamic one whose first sector is damaged.
+                    _ => format!("no footer copy at offset 0, though the footer at the end says a disk of type {} (dynamic or differencing): its start is damaged", end.disk_type_code),
+                }));
             }
             // No VHD cookie at either end: wholly damaged, or some other kind of file.
             (Err(ParseError::NoCookie), Err(ParseError::NoCookie)) => {
@@ -142,7 +146,10 @@ impl Meta {
 
         // Header.
         let hoff = footer.data_offset;
-        if hoff < SECTOR || hoff.checked_add(HEADER_LEN as u64).is_none_or(|e| e > data_end) {
+        if hoff < SECTOR {
+            return Err(corrupt(format!("dynamic header offset {hoff} overlaps the footer copy (the first 512 bytes)")));
+        }
+        if hoff.checked_add(HEADER_LEN as u64).is_none_or(|e| e > data_end) {
             return Err(corrupt(format!("dynamic header offset {hoff} lies outside the file ({file_len} bytes)")));
         }
         let header = Header::parse(&read_at(file, path, hoff, HEADER_LEN, "dynamic header")?)
@@ -163,9 +170,20 @@ impl Meta {
                 "BAT too small: {entries} entries of {block_size} bytes cannot map {size} bytes"
             )));
         }
+        // A BAT may be made for a disk larger than this one (blktap's `vhd-util create -S`
+        // leaves room to grow), never past the largest VHD: a crafted header naming 2^29
+        // entries, sparse in a 1 MB file, made every open read 2 GiB of table.
+        if entries > size.div_ceil(block_size).max(MAX_SIZE.div_ceil(block_size)) {
+            return Err(corrupt(format!(
+                "BAT of {entries} entries of {block_size} bytes maps more than the largest VHD (2040 GiB)"
+            )));
+        }
         let toff = header.table_offset;
         let bat_len = format::sector_align(entries * 4);
-        if toff < SECTOR || toff.checked_add(bat_len).is_none_or(|e| e > data_end) {
+        if toff < SECTOR {
+            return Err(corrupt(format!("BAT at {toff} overlaps the footer copy (the first 512 bytes)")));
+        }
+        if toff.checked_add(bat_len).is_none_or(|e| e > data_end) {
             return Err(corrupt(format!("BAT at {toff} ({bat_len} bytes) lies outside the file ({file_len} bytes)")));
         }
         let raw = read_at(file, path, toff, bat_len as usize, "BAT")?;

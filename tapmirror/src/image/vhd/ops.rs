@@ -175,6 +175,11 @@ pub fn create_dynamic_reserved(path: &Path, size: u64, block_size: u32, max_size
 /// locators, `W2ru` relative to `path`'s folder and `W2ku` absolute.
 pub fn create_differencing(path: &Path, parent: &Path) -> Result<()> {
     let chain = open_chain(parent, LeafMode::ReadOnly)?;
+    // The child must open too: a chain one deeper than the deepest that opens was made, and
+    // nothing could open it (or make another child on it) after.
+    if chain.len() >= super::chain::MAX_DEPTH {
+        return Err(VhdError::unsupported(path, format!("a child of {} would make a chain deeper than {}", parent.display(), super::chain::MAX_DEPTH)));
+    }
     let meta = &chain[0].meta;
     let p = parent_ref(path, parent, meta)?;
     create_disk(path, meta.size, meta.header.block_size, meta.size, Some(&p))

@@ -371,6 +371,41 @@ async fn checksums_and_fields_are_validated() {
     assert!(check(&p).expect("check").warnings().is_empty());
 }
 
+/// A dynamic VHD whose first sector is damaged was called "a fixed VHD" by the format
+/// detection (the footer at its end was taken for a fixed disk's); it is a VHD, and the VHD
+/// reader says what is wrong with it.
+#[test]
+fn a_dynamic_vhd_with_its_start_damaged_is_not_called_fixed() {
+    let d = tmp();
+    let p = d.path().join("d.vhd");
+    create_dynamic(&p, 1 << 20, KIB64).expect("create");
+    patch(&p, 0, b"xxxxxxxx");
+    assert!(matches!(crate::image::Format::detect(&p), Ok(crate::image::Format::Vhd)));
+    let e = meta_err(&p);
+    assert!(e.contains("no footer copy at offset 0") && e.contains("its start is damaged") && !e.contains("fixed"), "{e}");
+}
+
+/// A BAT named larger than the largest VHD could need is refused before it is read: a
+/// crafted header of 2^29 entries, sparse in a 1 MB file, made every open read 2 GiB.
+#[test]
+fn a_bat_larger_than_the_largest_vhd_needs_is_refused_unread() {
+    let d = tmp();
+    let p = d.path().join("d.vhd");
+    create_dynamic(&p, 1 << 20, KIB64).expect("create");
+    let m = read_meta(&p);
+    let most = MAX_SIZE.div_ceil(KIB64 as u64) as u32;
+    for (entries, refused) in [(most + 1, true), (1 << 29, true), (most, false)] {
+        let mut h = m.header.clone();
+        h.max_table_entries = entries;
+        patch(&p, 512, &h.encode());
+        let e = meta_err(&p);
+        // One as large as the largest VHD needs passes this check, and fails the next: its
+        // table does not lie in the file.
+        assert_eq!(e.contains("maps more than the largest VHD"), refused, "{entries}: {e}");
+        assert!(refused || e.contains("lies outside the file"), "{entries}: {e}");
+    }
+}
+
 #[tokio::test]
 async fn qemu_style_chs_sizes_are_honoured() {
     let d = tmp();
@@ -620,4 +655,23 @@ fn a_file_without_any_footer_is_said_not_to_be_a_vhd() {
     std::fs::write(&p, vec![0u8; 1 << 20]).expect("write");
     let e = info(&p).expect_err("not a VHD");
     assert!(e.to_string().contains("not a VHD"), "{e}");
+}
+
+/// A child on a chain as deep as opens (256) was made, and then nothing opened it, nor could
+/// make another child of it: the create refuses it instead, naming the limit.
+#[tokio::test]
+async fn a_child_that_would_make_the_chain_too_deep_is_refused() {
+    let d = tmp();
+    let mut parent = d.path().join("0.vhd");
+    create_dynamic(&parent, 1 << 20, KIB64).expect("create");
+    for i in 1..super::chain::MAX_DEPTH {
+        let child = d.path().join(format!("{i}.vhd"));
+        create_differencing(&child, &parent).unwrap_or_else(|e| panic!("child {i}: {e}"));
+        parent = child;
+    }
+    // The deepest chain that opens: 256 files.
+    assert_eq!(open_ro(&parent).await.size(), 1 << 20);
+    let e = create_differencing(&d.path().join("too-deep.vhd"), &parent).expect_err("a 257th file");
+    assert!(e.to_string().contains("deeper than 256"), "{e}");
+    assert!(!d.path().join("too-deep.vhd").exists());
 }
