@@ -1280,18 +1280,25 @@ fn image_size(file: &Path, format: &str) -> Result<(u64, String)> {
     let out = Command::new(&tapmirror).arg("image").arg("info").arg("--format").arg(format).arg(file).output().with_context(|| format!("run {}", tapmirror.display()))?;
     if !out.status.success() {
         // Its error names the file already (`tapmirror: PATH: why`).
-        bail!("{}", tapmirror_error(&out.stderr));
+        bail!("{}", tapmirror_error(&out.stderr, "image info", out.status));
     }
     let j: serde_json::Value = serde_json::from_slice(&out.stdout).context("tapmirror image info --json")?;
     let size = j.get("virtual_size").or_else(|| j.get("size")).and_then(serde_json::Value::as_u64).with_context(|| format!("no size in {j}"))?;
     Ok((size, j["format"].as_str().unwrap_or("raw").to_owned()))
 }
 
-/// What a failed tapmirror command said: the last line of its stderr (`tapmirror: …`), what
-/// came before being its log.
-fn tapmirror_error(stderr: &[u8]) -> String {
+/// What a failed tapmirror command (`tapmirror WHAT`) said: the last line of its stderr
+/// (`tapmirror: …`), what came before being its log; or, when it said nothing (a signal
+/// stopped it: a Ctrl-C reaches the whole process group), how it ended.
+fn tapmirror_error(stderr: &[u8], what: &str, status: std::process::ExitStatus) -> String {
     let said = String::from_utf8_lossy(stderr);
-    said.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim_start_matches("tapmirror: ").to_owned()
+    match said.lines().rev().find(|l| !l.trim().is_empty()) {
+        Some(line) => line.trim_start_matches("tapmirror: ").to_owned(),
+        None => match std::os::unix::process::ExitStatusExt::signal(&status) {
+            Some(sig) => format!("`tapmirror {what}` was stopped by signal {sig} ({})", nix::sys::signal::Signal::try_from(sig).map(|s| s.as_str()).unwrap_or("?")),
+            None => format!("`tapmirror {what}` failed ({status}) and said nothing"),
+        },
+    }
 }
 
 /// `tapmirror image check` of a VHD or qcow2 file: damage is an error; leaked clusters (wasted
@@ -1302,7 +1309,11 @@ fn check_image(file: &Path) -> Result<()> {
     if out.status.success() || out.status.code() == Some(3) {
         return Ok(());
     }
-    let why = tapmirror_error(&out.stderr);
+    if out.stderr.iter().all(u8::is_ascii_whitespace) {
+        // Not a verdict on the file: the check did not end by itself.
+        bail!("{} was not imported: {}", file.display(), tapmirror_error(&out.stderr, "image check", out.status));
+    }
+    let why = tapmirror_error(&out.stderr, "image check", out.status);
     bail!("{} is damaged, and is not imported: {why}", file.display())
 }
 
@@ -1371,7 +1382,7 @@ async fn tapmirror_copy(args: &[&std::ffi::OsStr], stops: &mut StopSignals) -> R
         bail!("stopped by {signal}");
     }
     if !status.success() {
-        let why = tapmirror_error(&text);
+        let why = tapmirror_error(&text, "copy", status);
         bail!("copying failed ({status}): {why}");
     }
     Ok(())
@@ -1431,6 +1442,18 @@ mod tests {
         let mut t = table(["NAME"]);
         add_row(&mut t, vec!["x\u{1b}]0;owned\u{7}".into()]);
         assert!(!t.to_string().contains('\u{1b}'), "{t}");
+    }
+
+    /// A tapmirror child stopped by a signal says nothing: an import stopped in its check
+    /// said "is damaged, and is not imported: " and no more.
+    #[test]
+    fn a_tapmirror_child_that_said_nothing_is_told_by_how_it_ended() {
+        use std::os::unix::process::ExitStatusExt;
+        let killed = std::process::ExitStatus::from_raw(15);
+        assert_eq!(tapmirror_error(b"", "image check", killed), "`tapmirror image check` was stopped by signal 15 (SIGTERM)");
+        let failed = std::process::ExitStatus::from_raw(2 << 8);
+        assert!(tapmirror_error(b"\n", "copy", failed).contains("failed (exit status: 2) and said nothing"));
+        assert_eq!(tapmirror_error(b"log line\ntapmirror: f.vhd: bad\n", "copy", failed), "f.vhd: bad");
     }
 
     /// The VHD limit is 2040 GiB, which rounded to "2.0 TiB" read as if 2 TiB fitted: it is
