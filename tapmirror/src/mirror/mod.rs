@@ -22,13 +22,14 @@
 //!   mirror converges under any guest write rate. This phase is short when the guest is slower
 //!   than the pass: it starts with little or nothing dirty.
 //!
-//! In both phases a write whose whole range is still dirty stays local (Storage vMotion's rule):
-//! the pass copies those granules afterwards anyway. A range being copied is locked (dirty bits
-//! cleared, source read, target written) and so is a guest write's, so a copy can never
-//! overwrite the target with data older than a guest write. A write
-//! deferred in catch-up marks its range under its lock, so a copy that cleared the bits first
-//! copies the range again later; a write to a dirty range does not mark it again
-//! (`Mirror::kept_local` says why).
+//! A range being copied is locked (dirty bits cleared, source read, target written). In
+//! catch-up a guest write takes no lock: it marks its range once its local write is done, so a
+//! copy that cleared the bits and read the range before the write landed copies it again
+//! later, and a write never waits for a copy of its range held up by the target (a stopped
+//! target held guest writes for the whole timeout). The switch to converge waits such writes
+//! out. In converge a guest write locks its range, so a copy can never overwrite the target
+//! with data older than a guest write; a write whose whole range is still dirty stays local
+//! (Storage vMotion's rule) and does not mark it again (`Mirror::kept_local` says why).
 //!
 //! Ready means converging, nothing dirty, nothing in flight and the target flushed. Guest
 //! flushes reach the target from the ready flush on: before it the target is not a consistent
@@ -115,6 +116,24 @@ pub struct FullSync {
     bucket: std::sync::Mutex<(Instant, f64)>,
     /// Signalled when a copy gives back credit it took for holes.
     given_back: tokio::sync::Notify,
+    /// Guest writes under way in catch-up, which hold no range lock ([`Deferral`]), and the
+    /// signal that the last of them ended.
+    unlocked: AtomicU64,
+    unlocked_done: tokio::sync::Notify,
+}
+
+/// A guest write kept local in a full mirror's catch-up, holding no range lock (see
+/// [`Mirror::unlocked_deferral`]): the switch to converge waits until none is under way.
+pub struct Deferral<'a> {
+    f: &'a FullSync,
+}
+
+impl Drop for Deferral<'_> {
+    fn drop(&mut self) {
+        if self.f.unlocked.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.f.unlocked_done.notify_waiters();
+        }
+    }
 }
 
 impl FullSync {
@@ -122,10 +141,21 @@ impl FullSync {
     /// their range guards; the barrier waits them out, so the bitmap holds them before the pass
     /// looks at it again.
     async fn converge(&self, locks: &RangeLocks, why: &'static str) {
-        if self.converging.swap(true, Ordering::AcqRel) {
+        // SeqCst, against `Mirror::unlocked_deferral`: either a write sees the switch and
+        // takes its lock, or the switch sees the write under way and waits for it.
+        if self.converging.swap(true, Ordering::SeqCst) {
             return;
         }
         let _ = self.converge_cause.set(why);
+        loop {
+            let done = self.unlocked_done.notified();
+            tokio::pin!(done);
+            done.as_mut().enable();
+            if self.unlocked.load(Ordering::SeqCst) == 0 {
+                break;
+            }
+            done.await;
+        }
         drop(locks.lock(0, u64::MAX, true).await);
         tracing::info!(why, dirty = self.bitmap.dirty_bytes(), "full mirror converging: guest writes to copied ranges are mirrored from now on");
     }
@@ -286,6 +316,8 @@ impl Mirror {
                 guest_busy: AtomicBool::new(false),
                 bucket: std::sync::Mutex::new((Instant::now(), 0.0)),
                 given_back: tokio::sync::Notify::new(),
+                unlocked: AtomicU64::new(0),
+                unlocked_done: tokio::sync::Notify::new(),
             }
         });
         Ok(Arc::new(Mirror {
@@ -406,6 +438,21 @@ impl Mirror {
     /// ([`MirrorSlot::write_from_image`]).
     pub fn takes_as_is(&self, offset: u64, len: u64) -> bool {
         offset.is_multiple_of(self.unit) && len.is_multiple_of(self.unit)
+    }
+
+    /// A guest write in a full mirror's catch-up: it goes to the local image only, takes no
+    /// range lock, and marks its range when its local write is done ([`Mirror::kept_local`]
+    /// with [`Route::Deferred`]), holding the answer until then. `None` otherwise: the write
+    /// takes its `guard` and asks its `route`.
+    pub fn unlocked_deferral(&self) -> Option<Deferral<'_>> {
+        let f = self.full.as_ref()?;
+        f.unlocked.fetch_add(1, Ordering::SeqCst);
+        let deferral = Deferral { f };
+        if f.converging.load(Ordering::SeqCst) {
+            return None;
+        }
+        self.guest_writes.fetch_add(1, Ordering::Relaxed);
+        Some(deferral)
     }
 
     /// Where a guest write to `[offset, offset + len)` goes; asked under the write's `guard`,

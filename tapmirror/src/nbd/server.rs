@@ -738,8 +738,15 @@ impl<I: Image> NbdServer<I> {
         // both are done, and only the local result decides its answer. The remote request is
         // polled first, so it is on the wire before the local submission (which costs a few
         // microseconds in io_uring_enter) and the target works while the local write runs.
-        let r = match self.mirror.get() {
+        let mirror = self.mirror.get();
+        let r = match &mirror {
             None => local.await,
+            Some(m) if let Some(_deferral) = m.unlocked_deferral() => {
+                // A full mirror catching up: local only, marked once written.
+                let r = local.await;
+                m.kept_local(req.offset, len, Route::Deferred);
+                r
+            }
             Some(m) => {
                 let fua = durability == Durability::Stable;
                 // Held across both sides: against overlapping writes and the background copy.
@@ -788,6 +795,11 @@ impl<I: Image> NbdServer<I> {
             },
             // Under a mirror a trim zeroes both sides: what a trim leaves is up to each image,
             // and the two must keep reading alike. Zeroes are a valid result of a trim.
+            (cmd::TRIM, Some(m)) if let Some(_deferral) = m.unlocked_deferral() => {
+                let r = image.write_zeroes(req.offset, u64::from(req.length), ZeroAlloc::MayDeallocate, ZeroSpeed::Any, durability).await;
+                m.kept_local(req.offset, u64::from(req.length), Route::Deferred);
+                r
+            }
             (cmd::TRIM, Some(m)) => {
                 let _range = m.guard(req.offset, u64::from(req.length)).await;
                 let local = image.write_zeroes(req.offset, u64::from(req.length), ZeroAlloc::MayDeallocate, ZeroSpeed::Any, durability);
@@ -800,9 +812,14 @@ impl<I: Image> NbdServer<I> {
                     }
                 }
             }
+            (cmd::WRITE_ZEROES, Some(m)) if let Some(_deferral) = m.unlocked_deferral() => {
+                let (alloc, speed) = zeroing_of(&req);
+                let r = image.write_zeroes(req.offset, u64::from(req.length), alloc, speed, durability).await;
+                m.kept_local(req.offset, u64::from(req.length), Route::Deferred);
+                r
+            }
             (cmd::WRITE_ZEROES, _) => {
-                let alloc = if req.flags & cmd_flags::NO_HOLE != 0 { ZeroAlloc::Keep } else { ZeroAlloc::MayDeallocate };
-                let speed = if req.flags & cmd_flags::FAST_ZERO != 0 { ZeroSpeed::FastOnly } else { ZeroSpeed::Any };
+                let (alloc, speed) = zeroing_of(&req);
                 let _range = match &mirror {
                     Some(m) => Some(m.guard(req.offset, u64::from(req.length)).await),
                     None => None,
@@ -1027,6 +1044,14 @@ pub fn validate(req: &Request, session: &Session, size: u64, read_only: bool, mi
         _ => {}
     }
     Ok(())
+}
+
+/// What a `WRITE_ZEROES` asks of the image: keep the zeroes allocated (`NO_HOLE`), and fail
+/// rather than write slowly (`FAST_ZERO`).
+fn zeroing_of(req: &Request) -> (ZeroAlloc, ZeroSpeed) {
+    let alloc = if req.flags & cmd_flags::NO_HOLE != 0 { ZeroAlloc::Keep } else { ZeroAlloc::MayDeallocate };
+    let speed = if req.flags & cmd_flags::FAST_ZERO != 0 { ZeroSpeed::FastOnly } else { ZeroSpeed::Any };
+    (alloc, speed)
 }
 
 fn errno_of(e: &ImageError, what: &str) -> Errno {

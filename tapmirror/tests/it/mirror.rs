@@ -1283,3 +1283,49 @@ fn a_full_mirror_of_a_1000_tib_disk_keeps_its_bitmap_small() {
     assert_eq!(stats["mirror"]["progress"]["granularity"], 2 << 20, "{stats}");
     run(Command::new("qemu-io").args(["-f", "raw", "-c", "read -P 0x11 0 1M", "-c", &format!("read -P 0x22 {far} 1M"), "-c", "read -P 0 1M 1M", &target]));
 }
+
+/// In a full mirror's catch-up a guest write stays local: it must not wait for a copy of its
+/// range that the target holds up. It used to queue on the copy's range lock, and behind a
+/// stopped target the guest's writes stalled for the whole mirror timeout (a tester's fio at
+/// queue depth 16 wrote nothing for 8 s). Here the target takes 30 s over each write and the
+/// timeout is a minute: the guest's write into the range being copied completes while the
+/// copy still waits, and the mirror is still syncing, unfailed.
+#[test]
+fn a_guest_write_in_catch_up_does_not_wait_for_a_copy_the_target_holds_up() {
+    crate::require!("nbdkit", "qemu-io");
+    let (source, ctl_path) = serve_controlled(16 * MIB);
+    {
+        // Data in the first MiB only: the pass's one copy is of the range the guest writes.
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&source.image).expect("open");
+        f.write_all_at(&crate::harness::pattern(MIB as usize, 3), 0).expect("write");
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (socket, log) = (dir.path().join("slow.sock"), dir.path().join("target.log"));
+    let _slow = spawn_server(
+        Command::new("nbdkit")
+            .args(["-f", "-U"])
+            .arg(&socket)
+            .args(["--filter=log", "--filter=delay", "memory", "16M", "delay-write=30"])
+            .arg(format!("logfile={}", log.display())),
+        &socket,
+    );
+    let target = format!("nbd+unix:///?socket={}", socket.display());
+    ctl(&ctl_path, &["mirror-attach", "--mode", "full", "--timeout-ms", "60000", "--target", &target]);
+    // The copy's write has reached the target, which sits on it: its range is held.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !std::fs::read_to_string(&log).unwrap_or_default().contains("Write") {
+        assert!(std::time::Instant::now() < deadline, "the pass never wrote to the target");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // The guest's write into that range, given 20 s (the target's delay is 30 s, the timeout 60).
+    let out = Command::new("timeout")
+        .args(["20", "qemu-io", "-f", "raw", "-c", "write -P 0x7e 4096 4096", "-c", "read -P 0x7e 4096 4096", &source.uri()])
+        .output()
+        .expect("qemu-io");
+    assert!(out.status.success(), "the guest's write waited on the target: {}", String::from_utf8_lossy(&out.stderr));
+    let stats = ctl(&ctl_path, &["stats"]);
+    assert_eq!(stats["mirror"]["state"], "syncing", "{stats}");
+    assert_eq!(stats["mirror"]["progress"]["phase"], "catch-up", "{stats}");
+    ctl(&ctl_path, &["mirror-detach"]);
+}
