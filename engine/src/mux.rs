@@ -457,10 +457,7 @@ impl Mux {
             }
             TaskStat(a) => self.tasks.stat(&a.task).map(|t| t.to_value()),
             TaskList(_) => Ok(self.tasks.list().to_value()),
-            TaskCancel(a) if self.jobs.past_cutover(&a.task) => Err(StorageError::InternalError(format!(
-                "job {} is switching over: its disks are being handed to the destination, which cannot be undone by a cancel; wait for it to end",
-                a.task
-            ))),
+            TaskCancel(a) if let Some(why) = self.jobs.past_cutover(&a.task) => Err(StorageError::InternalError(why)),
             TaskCancel(a) => {
                 self.tasks.cancel(&a.task)?;
                 // Its stage says so at once: a job's undo takes a while, and its last stage
@@ -470,7 +467,11 @@ impl Mux {
                 }
                 Ok(Value::Null)
             }
-            TaskDestroy(a) => self.tasks.destroy(&a.task).map(|()| Value::Null),
+            TaskDestroy(a) => {
+                self.tasks.destroy(&a.task)?;
+                self.forget_ended_job(&a.task);
+                Ok(Value::Null)
+            }
             UpdatesGet(a) => {
                 // No timeout waits for a change, as xapi's does, up to the longest wait a call
                 // may take here.

@@ -52,7 +52,8 @@ fn host_state(h: &Host, sr: &str) -> HostState {
         .files()
         .into_iter()
         .map(|(n, _)| n)
-        .filter(|n| !n.ends_with(".vhd") && !n.ends_with(".sxm-ext.json") && !n.contains("serve.log"))
+        // An ended job's record stays for an hour, for its task to outlive a restart.
+        .filter(|n| !n.ends_with(".vhd") && !n.ends_with(".sxm-ext.json") && !n.contains("serve.log") && !n.starts_with("state/job/"))
         .collect();
     let root = h.root.display().to_string();
     let out = Command::new("pgrep").args(["-f", &format!("{root}/run/")]).output().expect("pgrep");
@@ -128,7 +129,12 @@ impl Pair {
 
     /// Starts the source host again on its root, without faults.
     fn start_src(&mut self) {
-        self.src = Host::start(&self.src.root.clone());
+        self.start_src_with_faults("");
+    }
+
+    /// Starts the source host again on its root, injecting `faults` (`SXM_FAULTS`).
+    fn start_src_with_faults(&mut self, faults: &str) {
+        self.src = Host::start_env(&self.src.root.clone(), &[("SXM_FAULTS", faults)]);
     }
 
     /// Starts the destination host again on its root and its port (the source's records name
@@ -1941,6 +1947,9 @@ fn held_job_resumes_after_a_restart(mut p: Pair, what: &str) {
     p.stop_src(true);
     cli_waits_for_the_host(&mut err);
     p.start_src();
+    // Taken up where it was: its progress did not go back to nothing.
+    let t = job_stat(&p, &job);
+    assert!(t["state"][1].as_f64().is_some_and(|f| f >= 0.9), "{what}: {t}");
     job_holding(&p, &job);
     let t = job_stat(&p, &job);
     assert_eq!(t["debug_info"]["resumed"], "after a restart of the source host", "{what}: {t}");
@@ -1960,6 +1969,15 @@ fn held_job_resumes_after_a_restart(mut p: Pair, what: &str) {
     let mut said = String::new();
     std::io::Read::read_to_string(&mut err, &mut said).expect("the CLI's output");
     assert!(status.success() && said.contains("job done"), "{what}: {status}: {said}");
+    // Ended, its task outlives another restart (as long as an ended task is kept), saying
+    // what it said; destroyed, it is gone for good, its record with it.
+    p.restart_src(true);
+    let again = job_stat(&p, &job);
+    assert_eq!(again["state"][0], "Completed", "{what}: {again}");
+    assert_eq!(again["debug_info"]["disk1 dest_vdi"], t["debug_info"]["disk1 dest_vdi"], "{what}: {again}");
+    p.src.call("TASK.destroy", json!({"task": job, "dbg": "t"}));
+    let records = std::fs::read_dir(p.src.root.join("state").join("job")).expect("job records").count();
+    assert_eq!(records, 0, "{what}: the destroyed job's record stays");
 }
 
 /// One disk at a time, the source restarted in the first disk's copy: that mirror is undone by
@@ -2018,9 +2036,21 @@ fn a_job_a_source_restart_interrupts_in_its_switch_over_is_undone_and_its_task_s
         }
         p.stop_src(true);
         cli_waits_for_the_host(&mut err);
-        p.start_src();
+        // Held in its undo for 10 s: meanwhile its figure stands where it was, and a cancel,
+        // a cutover or a new limit is refused, saying why (they were taken as done, or the
+        // job said not to exist, while its task was there).
+        p.start_src_with_faults("job.undo=long");
+        let t = job_stat(&p, &job);
+        assert!(t["state"][1].as_f64().is_some_and(|f| f >= 0.9), "{stage}: {t}");
+        for args in [&["migrate", "cancel", &job][..], &["migrate", "cutover", &job][..], &["migrate", "set-bwlimit", &job, "1M"][..]] {
+            let out = p.src.cli_raw(args);
+            let e = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success() && e.contains("is being undone: the source host restarted during its switch-over"), "{args:?}: {e}");
+        }
         let t = job_end(&p, &job);
         assert_eq!(t["state"][0], "Failed", "{stage}: {t}");
+        // It reads the stage it was interrupted in, not "undoing".
+        assert_eq!(t["debug_info"]["stage"], "cutover", "{t}");
         let why = serde_json::to_string(&t["state"][1]).expect("error");
         let said = "the source host restarted while the job was switching over; undone: the guest's disks are active on the source";
         assert!(why.contains(said), "{stage}: {why}");
@@ -2034,7 +2064,11 @@ fn a_job_a_source_restart_interrupts_in_its_switch_over_is_undone_and_its_task_s
             assert_eq!(stat["superstate"], json!(["Activated", "RW"]), "{stage}: {stat}");
             guest_writes_through(uri);
         }
-        // The disks are the host's to move again.
+        // The disks are the host's to move again (without the fault). The task, ended, is
+        // still told after that restart.
+        p.restart_src(true);
+        let t = job_stat(&p, &job);
+        assert!(t["state"][0] == "Failed" && serde_json::to_string(&t["state"][1]).expect("error").contains(said), "{stage}: {t}");
         let again = p.src.cli(&job_args(&p, &url, &vdis, &[]));
         assert_eq!(job_end(&p, &again)["state"][0], "Completed", "{stage}: moved after the undo");
     }

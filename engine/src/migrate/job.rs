@@ -23,7 +23,7 @@ use crate::model::{Call, SrInfo, StorageError, TaskState, VdiInfo};
 use crate::mux::Mux;
 use crate::rpc::Value;
 
-use super::records::{JobDisk, JobRecord, JobStage, SendStage};
+use super::records::{JobDisk, JobOutcome, JobRecord, JobStage, SendStage};
 use super::{Remote, lock};
 
 /// The largest disk a VHD holds (2040 GiB), for the preflight of an `ext` destination.
@@ -40,6 +40,10 @@ pub const JOB_KIND: (&str, &str) = ("kind", "migrate job");
 /// How long a job's undo waits for a disk's finalize it cannot stop to end (the source asks a
 /// destination that does not answer again for a minute).
 const FINALIZE_WAIT: Duration = Duration::from_secs(90);
+
+/// How long an ended job's record is kept, for its task to say how it ended after a restart
+/// (as long as the task itself is kept).
+const ENDED_KEPT: Duration = Duration::from_secs(3600);
 
 /// How long a job resumed after a restart waits for a disk's mirror that the restart
 /// interrupted while it started to be undone, before it starts the disk afresh.
@@ -94,6 +98,9 @@ pub struct Jobs {
     /// The disks (`sr/vdi`) of every running job, queued ones too, with their job: a disk is
     /// in one job at a time.
     claimed: Mutex<BTreeMap<String, String>>,
+    /// Jobs a restart interrupted in their switch-over, being undone: nothing more may be
+    /// asked of them.
+    undoing: Mutex<BTreeSet<String>>,
 }
 
 impl Jobs {
@@ -107,9 +114,15 @@ impl Jobs {
         lock(&self.jobs).contains_key(task)
     }
 
-    /// Whether a cancel of `task` must be refused: it is a job that has begun its switch-over.
-    pub(crate) fn past_cutover(&self, task: &str) -> bool {
-        lock(&self.jobs).get(task).is_some_and(|j| j.switching.load(std::sync::atomic::Ordering::SeqCst))
+    /// Why nothing more may be asked of job `task` (a cancel, a cutover, a new limit), if so:
+    /// it has begun its switch-over, or a restart interrupted that and it is being undone.
+    pub(crate) fn past_cutover(&self, task: &str) -> Option<String> {
+        if lock(&self.undoing).contains(task) {
+            return Some(format!("job {task} is being undone: the source host restarted during its switch-over; wait for it to end"));
+        }
+        lock(&self.jobs).get(task).filter(|j| j.switching.load(std::sync::atomic::Ordering::SeqCst)).map(|_| {
+            format!("job {task} is switching over: its disks are being handed to the destination (a cancel cannot undo that, and their copies are done); wait for it to end")
+        })
     }
 
     /// The pace a mirror's copy keeps, if its job has a bandwidth limit.
@@ -220,6 +233,7 @@ fn preflight_error(why: impl Into<String>) -> StorageError {
 impl Mux {
     /// `SXM.migrate.start`: preflight, then the job in a task whose id is answered.
     pub(crate) async fn migrate_start(&self, a: args::SxmMigrateStart) -> Result<String, StorageError> {
+        self.forget_old_jobs();
         let (disks, room) = self.preflight(&a).await?;
         let remote = Remote::new(&a.url)?;
         let dest = (remote.endpoint.to_string(), a.dest.clone());
@@ -263,6 +277,8 @@ impl Mux {
                 bwlimit: a.bwlimit,
                 hold: a.hold,
                 verify: a.verify,
+                progress: 0.0,
+                outcome: None,
             };
             if let Err(e) = lock(&self.records.jobs).put(record) {
                 drop(claimed);
@@ -295,11 +311,9 @@ impl Mux {
         let id = task.clone();
         tokio::spawn(async move {
             let outcome = me.run_job(&id, &a, disks, &job, &cancel, &in_sync).await;
-            // Ended, done or undone: nothing is left for a restart to undo. (Gone before the
+            // Ended, done or undone: nothing is left for a restart to undo. (Recorded before the
             // task says so, so that a job seen completed is never undone.)
-            if let Err(e) = lock(&me.records.jobs).remove(&id) {
-                tracing::error!(job = %id, error = %e, "removing the job's record failed; a restart would undo the job again");
-            }
+            me.record_end(&id, outcome.as_ref().err());
             match outcome {
                 Ok(()) => me.tasks().complete(&id, None),
                 Err(e) => {
@@ -319,6 +333,9 @@ impl Mux {
 
     /// `SXM.migrate.cutover`.
     pub(crate) fn migrate_cutover(&self, job: &str) -> Result<(), StorageError> {
+        if lock(&self.jobs.undoing).contains(job) {
+            return Err(StorageError::InternalError(self.jobs.past_cutover(job).unwrap_or_default()));
+        }
         let j = lock(&self.jobs.jobs).get(job).cloned().ok_or_else(|| StorageError::DoesNotExist("job".into(), job.into()))?;
         if !j.hold {
             return Err(StorageError::InternalError(format!("job {job} does not hold: it switches over by itself")));
@@ -330,6 +347,10 @@ impl Mux {
 
     /// `SXM.migrate.set_bwlimit`: the job's disks share the new limit from their next request.
     pub(crate) fn migrate_set_bwlimit(&self, job: &str, bwlimit: i64) -> Result<(), StorageError> {
+        if let Some(why) = self.jobs.past_cutover(job) {
+            // Its copies are done (or undone): a limit would limit nothing.
+            return Err(StorageError::InternalError(why));
+        }
         let j = lock(&self.jobs.jobs).get(job).cloned().ok_or_else(|| StorageError::DoesNotExist("job".into(), job.into()))?;
         let Ok(rate) = u64::try_from(bwlimit) else {
             return Err(StorageError::InternalError(format!("bwlimit {bwlimit} is negative (0 is no limit)")));
@@ -453,6 +474,7 @@ impl Mux {
         let total: f64 = sizes.iter().map(|s| *s as f64).sum::<f64>().max(1.0);
         let progress = Mutex::new(vec![0.0f64; disks.len()]);
         let reported = Mutex::new(0.0f64);
+        let persisted = Mutex::new(0.0f64);
         let started = std::time::Instant::now();
         let report = |i: usize, p: f64| {
             let mut v = progress.lock().unwrap_or_else(|e| e.into_inner());
@@ -462,6 +484,15 @@ impl Mux {
             // The job's figure never goes backwards; 0.9 is reached when every disk is in sync.
             *r = r.max(weighted * 0.9);
             self.tasks().progress(id, *r);
+            // Recorded every hundredth, for a restart to start from.
+            let mut kept = persisted.lock().unwrap_or_else(|e| e.into_inner());
+            if *r >= *kept + 0.01 || (*r >= 0.9 && *kept < 0.9) {
+                *kept = *r;
+                let figure = *r;
+                if let Err(e) = self.update_job_record(id, |rec| rec.progress = rec.progress.max(figure)) {
+                    tracing::warn!(job = id, error = %e, "recording the job's progress failed");
+                }
+            }
             // Bytes of the disks brought in sync, done and left, the rate and what is left in time.
             let done = weighted * total;
             let rate = done / started.elapsed().as_secs_f64().max(0.001);
@@ -649,10 +680,13 @@ impl Mux {
         job.switching.store(true, std::sync::atomic::Ordering::SeqCst);
         self.tasks().debug_info(id, "stage", "cutover");
         if let Err(e) = self.switch_over(id, a, &disks, &mirrors, &dest_vdis).await {
+            let failed_in = self.tasks().stat(id).ok().and_then(|t| t.debug_info.get("stage").cloned()).unwrap_or_else(|| "cutover".into());
             self.tasks().debug_info(id, "stage", "undoing");
             // A point for tests to take the destination away before its copies are destroyed.
             let _ = crate::fault::point("job.undo").await;
             let left = self.undo_cutover(id, a, &disks, &mirrors, &dest_vdis).await;
+            // Undone: the job reads the stage it failed in, as a job failing elsewhere does.
+            self.tasks().debug_info(id, "stage", &failed_in);
             let e = match e {
                 StorageError::MigrationMirrorFailure(m) => m,
                 other => format!("switch-over: {other}"),
@@ -800,9 +834,16 @@ impl Mux {
     /// doing, and it may be away.
     pub(crate) fn recover_jobs(&self) {
         let Ok(me) = self.me() else { return };
+        self.forget_old_jobs();
         let records: Vec<JobRecord> = lock(&self.records.jobs).all().cloned().collect();
         for r in records {
+            if r.stage == JobStage::Ended {
+                self.restore_ended_job(&r);
+                continue;
+            }
             let cancel = self.tasks().adopt(&r.id, &r.dbg);
+            // Where it had got to: its figure never goes backwards, a restart included.
+            self.tasks().progress(&r.id, r.progress);
             self.tasks().debug_info(&r.id, JOB_KIND.0, JOB_KIND.1);
             {
                 // Its disks stay the job's: no other job or mirror takes them meanwhile.
@@ -823,6 +864,7 @@ impl Mux {
                 });
             } else {
                 tracing::warn!(job = %r.id, "a migration job was interrupted in its switch-over by a restart; undoing it");
+                lock(&self.jobs.undoing).insert(r.id.clone());
                 tokio::spawn(async move { me.end_recovered_job(&r, "while the job was switching over").await });
             }
         }
@@ -862,7 +904,10 @@ impl Mux {
     /// Undoes a job the restart interrupted (`when`: what it was doing), then ends its record,
     /// its claims and its task, which fails saying what was undone.
     async fn end_recovered_job(&self, r: &JobRecord, when: &str) {
+        lock(&self.jobs.undoing).insert(r.id.clone());
         self.tasks().debug_info(&r.id, "stage", "undoing");
+        // A point for tests to ask things of the job while it is being undone.
+        let _ = crate::fault::point("job.undo").await;
         let left = self.undo_after_restart(r).await;
         let said = if left.is_empty() {
             format!("the source host restarted {when}; undone: the guest's disks are active on the source")
@@ -870,13 +915,69 @@ impl Mux {
             format!("the source host restarted {when}; undone, but not all of it: {}", left.join("; "))
         };
         tracing::warn!(job = %r.id, left = left.len(), "the interrupted job is undone");
-        if let Err(e) = lock(&self.records.jobs).remove(&r.id) {
-            tracing::error!(job = %r.id, error = %e, "removing the job's record failed; the next restart undoes the job again");
-        }
+        // The stage it was interrupted in, as a failed job's reads the stage it failed in.
+        self.tasks().debug_info(&r.id, "stage", if r.stage == JobStage::Switching { "cutover" } else { "mirroring" });
+        let e = StorageError::MigrationMirrorFailure(said);
+        self.record_end(&r.id, Some(&e));
         for d in &r.disks {
             lock(&self.jobs.claimed).remove(&format!("{}/{}", r.sr, d.vdi));
         }
-        self.tasks().fail(&r.id, &StorageError::MigrationMirrorFailure(said));
+        lock(&self.jobs.undoing).remove(&r.id);
+        self.tasks().fail(&r.id, &e);
+    }
+
+    /// Records that job `id` ended (failed with `error`, or completed), with what its task
+    /// says now, for a restart within the hour to tell it again.
+    fn record_end(&self, id: &str, error: Option<&StorageError>) {
+        let info = self.tasks().stat(id).map(|t| t.debug_info.iter().map(|(k, v)| (k.clone(), v.clone())).collect()).unwrap_or_default();
+        let ended = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let outcome = JobOutcome { error: error.map(|e| serde_json::Value::from(&e.to_value())), info, ended };
+        if let Err(e) = self.update_job_record(id, |r| {
+            r.stage = JobStage::Ended;
+            r.outcome = Some(outcome);
+        }) {
+            tracing::error!(job = %id, error = %e, "recording the job's end failed; a restart would take it up again");
+        }
+    }
+
+    /// Forgets the record of an ended job (its task destroyed, or ended over an hour ago).
+    pub(crate) fn forget_ended_job(&self, id: &str) {
+        let mut jobs = lock(&self.records.jobs);
+        if jobs.get(id).is_some_and(|r| r.stage == JobStage::Ended)
+            && let Err(e) = jobs.remove(id)
+        {
+            tracing::warn!(job = %id, error = %e, "removing an ended job's record failed");
+        }
+    }
+
+    /// Forgets the records of jobs that ended over an hour ago (as their tasks are).
+    fn forget_old_jobs(&self) {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let old: Vec<String> = lock(&self.records.jobs)
+            .all()
+            .filter(|r| r.outcome.as_ref().is_some_and(|o| now.saturating_sub(o.ended) >= ENDED_KEPT.as_secs()))
+            .map(|r| r.id.clone())
+            .collect();
+        for id in old {
+            self.forget_ended_job(&id);
+        }
+    }
+
+    /// An ended job's task, told again after a restart.
+    fn restore_ended_job(&self, r: &JobRecord) {
+        let Some(o) = &r.outcome else { return };
+        self.tasks().adopt(&r.id, &r.dbg);
+        self.tasks().progress(&r.id, r.progress);
+        for (k, v) in &o.info {
+            self.tasks().debug_info(&r.id, k, v);
+        }
+        match &o.error {
+            None => self.tasks().complete(&r.id, None),
+            Some(e) => {
+                let e = StorageError::from_value(&Value::from(e)).unwrap_or_else(|_| StorageError::InternalError(e.to_string()));
+                self.tasks().fail(&r.id, &e);
+            }
+        }
     }
 
     /// Undoes a job a restart interrupted; answers what it could not undo. As a failed

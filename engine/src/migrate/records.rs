@@ -195,6 +195,9 @@ pub enum JobStage {
     /// The switch-over has begun: the source disks may be deactivated (the guest paused) and
     /// the destination copies finalized.
     Switching,
+    /// Done or undone ([`JobRecord::outcome`] says which): kept for an hour, so that its task
+    /// says how it ended after a restart too.
+    Ended,
 }
 
 /// One disk of a job.
@@ -214,7 +217,7 @@ pub struct JobDisk {
 /// resumes a job whose disks were still being brought in sync (their mirrors ran on in their
 /// datapaths), or undoes one whose switch-over had begun (the guest's disks back here, the
 /// copies off the destination), and answers the job's task with what happened.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct JobRecord {
     /// The job's task.
     pub id: String,
@@ -238,6 +241,25 @@ pub struct JobRecord {
     pub hold: bool,
     /// Checksums compared before the switch-over ends.
     pub verify: bool,
+    /// The job's progress as last recorded (every hundredth), which its task takes up again
+    /// after a restart.
+    #[serde(default)]
+    pub progress: f64,
+    /// How it ended, once it has.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<JobOutcome>,
+}
+
+/// How a job ended.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct JobOutcome {
+    /// The storage error it failed with, as the interface marshals it; `None`: it completed.
+    pub error: Option<serde_json::Value>,
+    /// Its task's `debug_info` as it ended (the destination VDIs and their URIs, what was
+    /// verified, the stage).
+    pub info: BTreeMap<String, String>,
+    /// When (seconds since the epoch).
+    pub ended: u64,
 }
 
 /// One kind of record, in its folder.
