@@ -57,6 +57,10 @@ pub struct Control<I: Image> {
     pub path: std::sync::Mutex<PathBuf>,
     /// The access the server serves with.
     pub access: Access,
+    /// The file (device, inode) served when the server was last paused: `unpause --leaf`
+    /// takes only a leaf that reads through it (a snapshot's). Any image of the right size
+    /// and format was taken, and the guest's disk swapped for it.
+    pub paused_file: std::sync::Mutex<Option<(u64, u64)>>,
     /// Cancelled by `shutdown`.
     pub shutdown: CancellationToken,
     /// Connections taken by `nbd-accept`; the owner waits for them (they end at `shutdown`)
@@ -68,6 +72,12 @@ pub struct Control<I: Image> {
     /// the first waits out a guest request would otherwise take the gate after the `unpause`
     /// that followed, and hold the guest.
     pub changing: tokio::sync::Mutex<()>,
+}
+
+/// A file's (device, inode), by which it is known whatever it is named.
+fn file_identity(path: &std::path::Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
 }
 
 /// As tap-ctl pause does, lets go of a paused server's image for writing, so that the backend
@@ -335,6 +345,9 @@ async fn execute<I: Image>(control: &Control<I>, request: &Value, mut fds: Vec<O
             }
             server.pause().await;
             let path = control.path.lock().map(|p| p.clone()).unwrap_or_default();
+            if let Ok(mut f) = control.paused_file.lock() {
+                *f = file_identity(&path);
+            }
             if let Err(e) = let_go_for_writing(server, &control.open, path).await {
                 server.unpause();
                 return err(e);
@@ -366,6 +379,21 @@ async fn execute<I: Image>(control: &Control<I>, request: &Value, mut fds: Vec<O
                 Ok(i) => i,
                 Err(e) => return err(format!("opening {}: {e:#}", path.display())),
             };
+            // A new leaf is a snapshot's: it reads through the image it replaces.
+            let served = control.paused_file.lock().ok().and_then(|f| *f);
+            let files = image.files();
+            if leaf.is_some()
+                && let Some(served) = served
+                && !files.is_empty()
+                && !files.iter().any(|f| file_identity(f) == Some(served))
+            {
+                let chain: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+                return err(format!(
+                    "{} does not read through the image served when paused (its chain: {}): a new leaf must be a snapshot's, on the image it replaces",
+                    path.display(),
+                    chain.join(" -> ")
+                ));
+            }
             if let Err(e) = server.replace_image(Arc::new(image)) {
                 return err(e);
             }
@@ -392,7 +420,15 @@ async fn execute<I: Image>(control: &Control<I>, request: &Value, mut fds: Vec<O
             if server.mirror().get().is_some() {
                 return err("a mirror is already attached");
             }
-            let timeout = Duration::from_millis(request.get("timeout_ms").and_then(Value::as_u64).unwrap_or(30_000).max(1));
+            // A mirror always times out: a target that stops answering must not hold the guest
+            // for ever (0 was taken as 1 ms, and failed the mirror at the first write).
+            let timeout = match request.get("timeout_ms") {
+                None => Duration::from_millis(30_000),
+                Some(v) => match v.as_u64() {
+                    Some(ms) if ms > 0 => Duration::from_millis(ms),
+                    _ => return err("\"timeout_ms\" must be a whole number of milliseconds, at least 1: a mirror always times out, so that a target that stops answering never holds the guest"),
+                },
+            };
             if let Some(e) = fds.iter().find_map(|fd| connected_stream(fd).err()) {
                 return err(format!("mirror-attach: the target descriptor is no NBD connection: {e}"));
             }

@@ -525,6 +525,7 @@ async fn serve(args: ServeArgs, activated: Vec<std::os::fd::OwnedFd>) -> Result<
             open,
             path: std::sync::Mutex::new(args.image.clone()),
             access,
+            paused_file: std::sync::Mutex::new(None),
             shutdown: shutdown.clone(),
             accepted: accepted.clone(),
             changing: tokio::sync::Mutex::new(()),
@@ -721,7 +722,7 @@ async fn copy(args: CopyArgs) -> Result<()> {
             let src = Path::new(&args.src);
             let compared = || format!("comparing {} with {}", src.display(), base.display());
             let src_format = args.format.resolve(src)?;
-            let ranges = match (src_format, Format::detect(base)?) {
+            let ranges = match (src_format, Format::detect(base).with_context(|| format!("--base {}", base.display()))?) {
                 (Format::Vhd, Format::Vhd) => Some(vhd::diff_map(src, base).await.with_context(compared)?),
                 (Format::Qcow2, Format::Qcow2) => qcow2::diff_map(src, base).await.with_context(compared)?,
                 _ => bail!("--base works on VHD or qcow2 chains of one format (a source and a base that share ancestors)"),
@@ -895,6 +896,9 @@ async fn ctl(args: CtlArgs) -> Result<()> {
             // a full mirror gets a second one for its background pass.
             if (rate.is_some() || busy_rate.is_some()) && mode != tapmirror::mirror::MirrorMode::Full {
                 bail!("--rate and --busy-rate pace a full mirror's background copy; a sync mirror has none");
+            }
+            if granularity.is_some() && mode != tapmirror::mirror::MirrorMode::Full {
+                bail!("--granularity is a full mirror's dirty bitmap's; a sync mirror has none");
             }
             let uri = NbdUri::parse(&target)?;
             let connect = || -> Result<std::os::fd::OwnedFd> {

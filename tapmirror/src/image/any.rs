@@ -132,6 +132,14 @@ impl Image for AnyImage {
         forward!(self, i => i.size())
     }
 
+    fn files(&self) -> Vec<PathBuf> {
+        match self {
+            // A raw image has no chain to tell where it came from: a copy is its snapshot.
+            AnyImage::Raw(_) => Vec::new(),
+            _ => self.chain(),
+        }
+    }
+
     fn features(&self) -> Features {
         forward!(self, i => i.features())
     }

@@ -186,6 +186,12 @@ pub trait Image: Send + Sync + 'static {
         std::future::ready(Ok(()))
     }
 
+    /// The files the image reads, its own first, then its backing chain's; empty where it
+    /// cannot tell (a raw image, which has no chain to say where it came from).
+    fn files(&self) -> Vec<std::path::PathBuf> {
+        Vec::new()
+    }
+
     /// The allocation of `[offset, offset + length)`: at most `limit` (at least 1) consecutive
     /// extents that start at `offset` and cover at least one byte, never past
     /// `offset + length`. May stop early (callers ask again from where it ended); a caller that

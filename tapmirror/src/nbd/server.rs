@@ -753,13 +753,13 @@ impl<I: Image> NbdServer<I> {
                 let _range = m.guard(req.offset, len).await;
                 match m.route(req.offset, len) {
                     Route::Both if m.takes_as_is(req.offset, len) => {
-                        let r = tokio::join!(self.mirror.write(&m, req.offset, &buf, fua), local).1;
-                        self.check_local(&m, "write", r)
+                        let r = tokio::join!(self.mirror.write(m, req.offset, &buf, fua), local).1;
+                        self.check_local(m, "write", r)
                     }
                     Route::Both => {
-                        let r = self.check_local(&m, "write", local.await);
+                        let r = self.check_local(m, "write", local.await);
                         if r.is_ok() {
-                            self.mirror.write_from_image(&m, &*image, req.offset, len, false, fua).await;
+                            self.mirror.write_from_image(m, &*image, req.offset, len, false, fua).await;
                         }
                         r
                     }

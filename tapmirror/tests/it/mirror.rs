@@ -336,6 +336,14 @@ fn bad_control_input_gets_an_error_and_changes_nothing() {
     assert!(!capped.status.success());
     assert!(String::from_utf8_lossy(&capped.stderr).contains("full mirror"), "{capped:?}");
     assert_eq!(ctl(&ctl_path, &["stats"])["mirror"]["state"], "none");
+    // A bitmap's granularity on a sync mirror, which has none; a timeout of 0, which was taken
+    // as 1 ms and failed the mirror at the guest's first write: refused, nothing attached.
+    for (args, why) in [(&["--granularity", "4096"][..], "a sync mirror has none"), (&["--timeout-ms", "0"][..], "at least 1")] {
+        let out = ctl_output(&ctl_path, &[&["mirror-attach", "--target", &target.uri()][..], args].concat());
+        let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(!out.status.success() && said.contains(why), "{args:?}: {said}");
+        assert_eq!(ctl(&ctl_path, &["stats"])["mirror"]["state"], "none", "{args:?}");
+    }
     // Attach twice: the second is refused and the first keeps working.
     ctl(&ctl_path, &["mirror-attach", "--target", &target.uri()]);
     let paced = ctl_output(&ctl_path, &["mirror-rate", "1M"]);
@@ -384,6 +392,32 @@ fn pause_holds_requests_and_unpause_switches_the_leaf() {
     assert!(!refused.status.success());
     ctl(&ctl_path, &["unpause"]);
     run(Command::new("qemu-io").args(["-f", "raw", "-c", "read -P 0x0b 0 1M", &source.uri()]));
+}
+
+/// `unpause --leaf` takes a leaf that reads through the image served when paused (a
+/// snapshot's overlay on it), and refuses an unrelated image of the same size and format: it
+/// was taken, and the guest's disk silently became that image.
+#[test]
+fn unpause_takes_only_a_leaf_on_the_image_it_replaces() {
+    crate::require!("qemu-img", "qemu-io");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (image, ctl_path) = (dir.path().join("disk.qcow2"), dir.path().join("ctl.sock"));
+    run(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&image).arg("16M"));
+    let ctl_arg = ctl_path.display().to_string();
+    let source = serve_file(tempfile::tempdir().expect("tempdir"), image.clone(), &["--format", "qcow2", "--control", &ctl_arg]);
+    run(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x61 0 64k", &source.uri()]));
+    ctl(&ctl_path, &["pause"]);
+    let unrelated = dir.path().join("unrelated.qcow2");
+    run(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&unrelated).arg("16M"));
+    let refused = ctl_output(&ctl_path, &["unpause", "--leaf", unrelated.to_str().expect("utf-8")]);
+    let said = String::from_utf8_lossy(&refused.stdout);
+    assert!(!refused.status.success() && said.contains("does not read through the image served when paused"), "{said}");
+    assert_eq!(ctl(&ctl_path, &["stats"])["paused"], true, "a refused unpause changes nothing");
+    // An overlay on it, as a snapshot makes, is taken, and reads what the guest wrote.
+    let overlay = dir.path().join("overlay.qcow2");
+    run(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"]).arg(&image).arg(&overlay));
+    ctl(&ctl_path, &["unpause", "--leaf", overlay.to_str().expect("utf-8")]);
+    run(Command::new("qemu-io").args(["-f", "raw", "-r", "-c", "read -P 0x61 0 64k", &source.uri()]));
 }
 
 /// `serve --paused` holds requests from the first: the server says it is paused as soon as it
