@@ -867,6 +867,8 @@ impl Mux {
         // Recorded first: from here the mirror is gone on purpose, and a restart finishes the
         // finalize rather than watch a mirror that no longer exists.
         self.update_send(&r.id, |s| s.stage = SendStage::Finalizing)?;
+        // A point for tests to kill the host with the stage recorded and the mirror attached.
+        let _ = crate::fault::point("send.finalizing").await;
         self.detach_mirror(&r).await;
         self.finalize_remote(&r, false, FINALIZE_RETRY_FOR).await
     }
@@ -1243,6 +1245,19 @@ impl Mux {
                     tracing::warn!(mirror = %r.id, "a finalize was interrupted; telling the destination again");
                     if let Ok(me) = self.me() {
                         tokio::spawn(async move {
+                            // The stage is recorded before the mirror is detached: a restart
+                            // in between left it attached in its datapath (which outlived this
+                            // host), and the destination refuses a finalize while the mirror's
+                            // connection stays open (a job's disks failed so, 10 s late). The
+                            // VDI is deactivated and drained: nothing is left to mirror.
+                            if let Ok(entry) = me.attached_entry(&r.sr)
+                                && !me.datapath_records(&r.sr, &r.vdi).is_empty()
+                            {
+                                let vdi = r.vdi.clone();
+                                if let Err(e) = me.run(&entry, true, move |b, ctx| b.vdi_mirror_detach(ctx, &vdi)).await {
+                                    tracing::debug!(mirror = %r.id, error = %e, "no mirror left to detach");
+                                }
+                            }
                             if let Err(e) = me.finalize_remote(&r, true, FINALIZE_RECOVER_FOR).await {
                                 tracing::error!(mirror = %r.id, error = %e, "finalize after a restart failed");
                             }
