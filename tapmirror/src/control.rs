@@ -239,6 +239,13 @@ fn connected_stream(fd: &OwnedFd) -> Result<Option<nix::sys::socket::AddressFami
     Ok(getsockname::<SockaddrStorage>(fd.as_raw_fd()).map_err(|e| format!("the socket has no address ({e})"))?.family())
 }
 
+/// Whether the Unix connection `fd` leads to this process (its peer is a socket this process
+/// accepted). Not knowable for TCP: false there.
+fn served_here(fd: &OwnedFd) -> bool {
+    use nix::sys::socket::{getsockopt, sockopt};
+    getsockopt(fd, sockopt::PeerCredentials).is_ok_and(|c| u32::try_from(c.pid()).is_ok_and(|pid| pid == std::process::id()))
+}
+
 async fn serve_accepted<I, R, W>(server: Arc<NbdServer<I>>, r: R, w: W, stop: CancellationToken, how: Handshake)
 where
     I: Image,
@@ -431,6 +438,11 @@ async fn execute<I: Image>(control: &Control<I>, request: &Value, mut fds: Vec<O
             };
             if let Some(e) = fds.iter().find_map(|fd| connected_stream(fd).err()) {
                 return err(format!("mirror-attach: the target descriptor is no NBD connection: {e}"));
+            }
+            // A connection to this very server (its own socket named as the target) would have
+            // each mirrored write wait on itself until the mirror timed out.
+            if fds.iter().any(served_here) {
+                return err("mirror-attach: the target is this server's own export");
             }
             let fd = fds.remove(0);
             let export = request.get("export").and_then(Value::as_str).unwrap_or("").to_owned();

@@ -344,6 +344,12 @@ fn bad_control_input_gets_an_error_and_changes_nothing() {
         assert!(!out.status.success() && said.contains(why), "{args:?}: {said}");
         assert_eq!(ctl(&ctl_path, &["stats"])["mirror"]["state"], "none", "{args:?}");
     }
+    // Its own export as the target: each mirrored write waited on itself until the mirror
+    // timed out. Refused, nothing attached.
+    let own = ctl_output(&ctl_path, &["mirror-attach", "--target", &source.uri()]);
+    let said = String::from_utf8_lossy(&own.stdout);
+    assert!(!own.status.success() && said.contains("this server's own export"), "{said}");
+    assert_eq!(ctl(&ctl_path, &["stats"])["mirror"]["state"], "none");
     // Attach twice: the second is refused and the first keeps working.
     ctl(&ctl_path, &["mirror-attach", "--target", &target.uri()]);
     let paced = ctl_output(&ctl_path, &["mirror-rate", "1M"]);
