@@ -126,8 +126,15 @@ impl Tasks {
 
     /// A pending task under an id it had before this host restarted (a job's, which a
     /// restarted host finishes), so that a caller who holds only the id learns how it ended.
-    pub fn adopt(&self, id: &str, dbg: &str) -> CancellationToken {
-        self.insert(id, dbg)
+    /// It keeps its creation time `ctime` (seconds since the epoch), and counts its duration
+    /// from `ran_for` ago.
+    pub fn adopt(&self, id: &str, dbg: &str, ctime: f64, ran_for: Duration) -> CancellationToken {
+        let cancel = self.insert(id, dbg);
+        if let Some(e) = self.lock().get_mut(id) {
+            e.task.ctime = ctime;
+            e.started = std::time::Instant::now().checked_sub(ran_for).unwrap_or(e.started);
+        }
+        cancel
     }
 
     fn insert(&self, id: &str, dbg: &str) -> CancellationToken {

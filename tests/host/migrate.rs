@@ -1947,12 +1947,14 @@ fn held_job_resumes_after_a_restart(mut p: Pair, what: &str) {
     let guests: Vec<Guest> = uris.iter().enumerate().map(|(i, u)| Guest::start(u.clone(), 8 * MIB, 80 + i as u64)).collect();
     let (job, mut cli, mut err) = follow_job(&p, &url, &vdis, &["--hold"]);
     job_holding(&p, &job);
+    let before = job_stat(&p, &job);
     p.stop_src(true);
     cli_waits_for_the_host(&mut err);
     p.start_src();
-    // Taken up where it was: its progress did not go back to nothing.
+    // Taken up where it was: its progress not below what was shown, its creation time kept.
     let t = job_stat(&p, &job);
-    assert!(t["state"][1].as_f64().is_some_and(|f| f >= 0.9), "{what}: {t}");
+    assert!(t["state"][1].as_f64() >= before["state"][1].as_f64(), "{what}: {t} after {before}");
+    assert_eq!(t["ctime"], before["ctime"], "{what}: {t}");
     job_holding(&p, &job);
     let t = job_stat(&p, &job);
     assert_eq!(t["debug_info"]["resumed"], "after a restart of the source host", "{what}: {t}");
@@ -1978,6 +1980,11 @@ fn held_job_resumes_after_a_restart(mut p: Pair, what: &str) {
     let again = job_stat(&p, &job);
     assert_eq!(again["state"][0], "Completed", "{what}: {again}");
     assert_eq!(again["debug_info"]["disk1 dest_vdi"], t["debug_info"]["disk1 dest_vdi"], "{what}: {again}");
+    // Its creation time and how long it ran are as they were (they read as the restart's
+    // time and 0 s).
+    assert_eq!(again["ctime"], t["ctime"], "{what}: {again}");
+    let (ran, told) = (t["state"][1]["duration"].as_f64().expect("duration"), again["state"][1]["duration"].as_f64().expect("duration"));
+    assert!((ran - told).abs() < 1.0, "{what}: ran {ran} s, told {told} s");
     p.src.call("TASK.destroy", json!({"task": job, "dbg": "t"}));
     let records = std::fs::read_dir(p.src.root.join("state").join("job")).expect("job records").count();
     assert_eq!(records, 0, "{what}: the destroyed job's record stays");

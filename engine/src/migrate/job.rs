@@ -279,6 +279,7 @@ impl Mux {
                 verify: a.verify,
                 progress: 0.0,
                 outcome: None,
+                ctime: self.tasks().stat(&task).map(|t| t.ctime).unwrap_or(0.0),
             };
             if let Err(e) = lock(&self.records.jobs).put(record) {
                 drop(claimed);
@@ -483,15 +484,12 @@ impl Mux {
             let mut r = reported.lock().unwrap_or_else(|e| e.into_inner());
             // The job's figure never goes backwards; 0.9 is reached when every disk is in sync.
             *r = r.max(weighted * 0.9);
-            self.tasks().progress(id, *r);
-            // Recorded every hundredth, for a restart to start from.
+            // Shown once recorded, every hundredth, so that a restart, which takes up the
+            // recorded figure, never shows less than was shown.
             let mut kept = persisted.lock().unwrap_or_else(|e| e.into_inner());
             if *r >= *kept + 0.01 || (*r >= 0.9 && *kept < 0.9) {
                 *kept = *r;
-                let figure = *r;
-                if let Err(e) = self.update_job_record(id, |rec| rec.progress = rec.progress.max(figure)) {
-                    tracing::warn!(job = id, error = %e, "recording the job's progress failed");
-                }
+                self.show_progress(id, *r);
             }
             // Bytes of the disks brought in sync, done and left, the rate and what is left in time.
             let done = weighted * total;
@@ -697,7 +695,7 @@ impl Mux {
                 format!("{e}; undone, but not all of it: {}", left.join("; "))
             }));
         }
-        self.tasks().progress(id, 0.95);
+        self.show_progress(id, 0.95);
 
         self.tasks().debug_info(id, "stage", "done");
         self.tasks().progress(id, 1.0);
@@ -808,6 +806,15 @@ impl Mux {
         }
     }
 
+    /// Records job `id`'s progress, then shows it: its task never shows more than a restart
+    /// takes up again.
+    fn show_progress(&self, id: &str, figure: f64) {
+        if let Err(e) = self.update_job_record(id, |rec| rec.progress = rec.progress.max(figure)) {
+            tracing::warn!(job = id, error = %e, "recording the job's progress failed");
+        }
+        self.tasks().progress(id, figure);
+    }
+
     /// Records the destination VDI of a job's disk in sync: once finalized there, nothing else
     /// names it after a restart.
     fn record_dest_vdi(&self, job: &str, vdi: &str, dest_vdi: &str) -> Result<(), StorageError> {
@@ -841,7 +848,8 @@ impl Mux {
                 self.restore_ended_job(&r);
                 continue;
             }
-            let cancel = self.tasks().adopt(&r.id, &r.dbg);
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+            let cancel = self.tasks().adopt(&r.id, &r.dbg, r.ctime, Duration::from_secs_f64((now - r.ctime).max(0.0)));
             // Where it had got to: its figure never goes backwards, a restart included.
             self.tasks().progress(&r.id, r.progress);
             self.tasks().debug_info(&r.id, JOB_KIND.0, JOB_KIND.1);
@@ -966,7 +974,8 @@ impl Mux {
     /// An ended job's task, told again after a restart.
     fn restore_ended_job(&self, r: &JobRecord) {
         let Some(o) = &r.outcome else { return };
-        self.tasks().adopt(&r.id, &r.dbg);
+        let ran_for = Duration::from_secs_f64((o.ended as f64 - r.ctime).max(0.0));
+        self.tasks().adopt(&r.id, &r.dbg, r.ctime, ran_for);
         self.tasks().progress(&r.id, r.progress);
         for (k, v) in &o.info {
             self.tasks().debug_info(&r.id, k, v);
@@ -1005,6 +1014,11 @@ impl Mux {
                 continue;
             }
             if self.stop_job_mirror(&r.id, &m).await || m.dest_vdi.is_empty() {
+                // Stopped here, but the destination could not be told yet: its side is undone
+                // when it answers (the send's record stays until then).
+                if lock(&self.records.sends).get(&m.id).is_some_and(|s| s.cancelling) {
+                    left.push(format!("mirror {}: the destination's side, undone once it answers", m.id));
+                }
                 continue;
             }
             match &remote {

@@ -248,6 +248,9 @@ pub struct JobRecord {
     /// How it ended, once it has.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outcome: Option<JobOutcome>,
+    /// When its task was made (seconds since the epoch), which the task keeps after a restart.
+    #[serde(default)]
+    pub ctime: f64,
 }
 
 /// How a job ended.
