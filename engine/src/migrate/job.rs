@@ -264,7 +264,7 @@ impl Mux {
                 let _ = self.tasks().destroy(&task);
                 return Err(e);
             }
-            // Before anything is made: a restart from here on undoes the job.
+            // Before anything is made: a restart from here on takes the job up again.
             let record = JobRecord {
                 id: task.clone(),
                 dbg: format!("migrate {} disk(s) of SR {}", disks.len(), a.sr),
