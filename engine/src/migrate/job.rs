@@ -280,6 +280,7 @@ impl Mux {
                 progress: 0.0,
                 outcome: None,
                 ctime: self.tasks().stat(&task).map(|t| t.ctime).unwrap_or(0.0),
+                verifying: false,
             };
             if let Err(e) = lock(&self.records.jobs).put(record) {
                 drop(claimed);
@@ -727,6 +728,10 @@ impl Mux {
         // Verified before the destination VDIs are attached (and could be written).
         if a.verify {
             self.tasks().debug_info(id, "stage", "verify");
+            // For a restart's undo to say where the job was.
+            if let Err(e) = self.update_job_record(id, |r| r.verifying = true) {
+                tracing::warn!(job = id, error = %e, "recording the job's verify stage failed");
+            }
             crate::fault::point("job.verify").await?;
             for (i, (d, dest_vdi)) in disks.iter().zip(dest_vdis).enumerate() {
                 let entry = self.attached_entry(&a.sr)?;
@@ -924,7 +929,12 @@ impl Mux {
         };
         tracing::warn!(job = %r.id, left = left.len(), "the interrupted job is undone");
         // The stage it was interrupted in, as a failed job's reads the stage it failed in.
-        self.tasks().debug_info(&r.id, "stage", if r.stage == JobStage::Switching { "cutover" } else { "mirroring" });
+        let stage = match r.stage {
+            JobStage::Switching if r.verifying => "verify",
+            JobStage::Switching => "cutover",
+            _ => "mirroring",
+        };
+        self.tasks().debug_info(&r.id, "stage", stage);
         let e = StorageError::MigrationMirrorFailure(said);
         self.record_end(&r.id, Some(&e));
         for d in &r.disks {

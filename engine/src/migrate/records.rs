@@ -251,6 +251,9 @@ pub struct JobRecord {
     /// When its task was made (seconds since the epoch), which the task keeps after a restart.
     #[serde(default)]
     pub ctime: f64,
+    /// Its switch-over had reached the verification (the stage a restart's undo names).
+    #[serde(default)]
+    pub verifying: bool,
 }
 
 /// How a job ended.
