@@ -475,7 +475,12 @@ impl Mux {
         let sizes: Vec<i64> = disks.iter().map(|d| d.size).collect();
         let total: f64 = sizes.iter().map(|s| *s as f64).sum::<f64>().max(1.0);
         let progress = Mutex::new(vec![0.0f64; disks.len()]);
-        let reported = Mutex::new(0.0f64);
+        // A job resumed after a restart goes on from the figure its task was taken up with.
+        let floor = match self.tasks().stat(id).map(|t| t.state) {
+            Ok(TaskState::Pending(p)) => p.min(0.9),
+            _ => 0.0,
+        };
+        let reported = Mutex::new(floor);
         let persisted = Mutex::new(0.0f64);
         let started = std::time::Instant::now();
         let report = |i: usize, p: f64| {
@@ -492,9 +497,11 @@ impl Mux {
                 *kept = *r;
                 self.show_progress(id, *r);
             }
-            // Bytes of the disks brought in sync, done and left, the rate and what is left in time.
-            let done = weighted * total;
-            let rate = done / started.elapsed().as_secs_f64().max(0.001);
+            // Bytes of the disks brought in sync, done and left, the rate and what is left in
+            // time: as the figure says, so that they never go back either, and the rate of
+            // what this run did.
+            let done = (*r / 0.9).min(1.0) * total;
+            let rate = (done - floor / 0.9 * total).max(0.0) / started.elapsed().as_secs_f64().max(0.001);
             self.tasks().debug_info(id, "bytes_done", &format!("{done:.0}"));
             self.tasks().debug_info(id, "bytes_left", &format!("{:.0}", total - done));
             self.tasks().debug_info(id, "rate", &format!("{rate:.0}"));
