@@ -2727,7 +2727,7 @@ fn a_jobs_figures_do_not_go_back_across_a_restart() {
     let (vdis, _uris, _seeds) = vm(&p, 2, 8 * MIB);
     let job = p.src.cli(&job_args(&p, &url, &vdis, &["--parallel", "1", "--bwlimit", "2M"]));
     let second = |t: &serde_json::Value| t["subtasks"].as_object().and_then(|s| s.iter().find(|(k, _)| k.starts_with("disk1 ")).and_then(|(_, v)| v[1].as_f64()));
-    eventually(60, "the second disk a quarter copied", || second(&job_stat(&p, &job)).is_some_and(|f| f >= 0.25 && f < 1.0));
+    eventually(60, "the second disk a quarter copied", || second(&job_stat(&p, &job)).is_some_and(|f| (0.25..1.0).contains(&f)));
     let before = job_stat(&p, &job);
     let bytes = |t: &serde_json::Value| t["debug_info"]["bytes_done"].as_str().and_then(|b| b.parse::<u64>().ok());
     p.restart_src(true);
