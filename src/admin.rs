@@ -162,6 +162,12 @@ pub enum TaskCommand {
         /// The task.
         task: String,
     },
+    /// Forget an ended task (ended ones are kept an hour otherwise; a migration job's across
+    /// restarts of the host too).
+    Destroy {
+        /// The task.
+        task: String,
+    },
 }
 
 /// Where a VDI goes: another host and one of its SRs.
@@ -785,6 +791,20 @@ impl Admin {
                 Ok(())
             }
             TaskCommand::Cancel { task } => self.cancel(&task, "task").await,
+            TaskCommand::Destroy { task } => {
+                // TASK.destroy of a running task cancels it too: a job's undo would then run
+                // with no task left to tell how it ended. Only ended tasks are the CLI's to forget.
+                let t: Task = self.call_as("TASK.stat", &[("task", s(&task))]).await?;
+                if matches!(t.state, TaskState::Pending(_)) {
+                    bail!("task {task} is still running: cancel it (sxm task cancel {task}) and destroy it once it has ended");
+                }
+                self.call("TASK.destroy", &[("task", s(&task))]).await?;
+                if self.json {
+                    return self.print_json(&Value::Null);
+                }
+                println!("task {task}: forgotten");
+                Ok(())
+            }
         }
     }
 

@@ -1958,6 +1958,10 @@ fn held_job_resumes_after_a_restart(mut p: Pair, what: &str) {
     job_holding(&p, &job);
     let t = job_stat(&p, &job);
     assert_eq!(t["debug_info"]["resumed"], "after a restart of the source host", "{what}: {t}");
+    // A running job's task is not the CLI's to forget (TASK.destroy would cancel it).
+    let out = p.src.cli_raw(&["task", "destroy", &job]);
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && e.contains("is still running"), "{what}: {e}");
     for v in &vdis {
         let m = p.src.call("DATA.MIRROR.stat", json!({"id": format!("{}/{v}", p.src_sr), "dbg": "t"}));
         assert_eq!(m["failed"], false, "{what}: {m}");
@@ -1985,9 +1989,12 @@ fn held_job_resumes_after_a_restart(mut p: Pair, what: &str) {
     assert_eq!(again["ctime"], t["ctime"], "{what}: {again}");
     let (ran, told) = (t["state"][1]["duration"].as_f64().expect("duration"), again["state"][1]["duration"].as_f64().expect("duration"));
     assert!((ran - told).abs() < 1.0, "{what}: ran {ran} s, told {told} s");
-    p.src.call("TASK.destroy", json!({"task": job, "dbg": "t"}));
+    p.src.cli(&["task", "destroy", &job]);
     let records = std::fs::read_dir(p.src.root.join("state").join("job")).expect("job records").count();
     assert_eq!(records, 0, "{what}: the destroyed job's record stays");
+    p.restart_src(true);
+    let gone = p.src.cli_raw(&["task", "stat", &job]);
+    assert!(!gone.status.success(), "{what}: the destroyed task came back after a restart");
 }
 
 /// One disk at a time, the source restarted in the first disk's copy: that mirror is undone by
