@@ -2745,3 +2745,23 @@ fn a_jobs_figures_do_not_go_back_across_a_restart() {
     p.src.cli(&["migrate", "cancel", &job]);
     assert_eq!(job_end(&p, &job)["state"][0], "Failed");
 }
+
+/// A held job told to switch over, its source restarted before the switch-over began: the
+/// cutover stands, and the resumed job switches over by itself (it held again, the operator's
+/// word lost with the process).
+#[test]
+fn a_cutover_asked_before_a_restart_stands_after_it() {
+    require!("nbdcopy");
+    let mut p = Pair::with_faults("job.cutover=long", "");
+    let url = p.dest_url();
+    let (vdis, _uris, seeds) = vm(&p, 1, 4 * MIB);
+    let job = p.src.cli(&job_args(&p, &url, &vdis, &["--hold"]));
+    job_holding(&p, &job);
+    p.src.cli(&["migrate", "cutover", &job]);
+    p.restart_src(true);
+    eventually(60, "the resumed job switches over by itself", || job_stat(&p, &job)["state"][0] != "Pending");
+    let t = job_stat(&p, &job);
+    assert_eq!(t["state"][0], "Completed", "{t}");
+    let dest_vdi = t["debug_info"]["disk0 dest_vdi"].as_str().expect("dest vdi");
+    assert!(dest_content(&p, dest_vdi) == seeds[0], "the disk differs on the destination");
+}

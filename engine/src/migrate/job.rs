@@ -281,6 +281,7 @@ impl Mux {
                 outcome: None,
                 ctime: self.tasks().stat(&task).map(|t| t.ctime).unwrap_or(0.0),
                 verifying: false,
+                cutover_asked: false,
             };
             if let Err(e) = lock(&self.records.jobs).put(record) {
                 drop(claimed);
@@ -342,6 +343,9 @@ impl Mux {
         if !j.hold {
             return Err(StorageError::InternalError(format!("job {job} does not hold: it switches over by itself")));
         }
+        // Recorded first: a restart before the switch-over begins resumes the job held, and
+        // the operator's word must not be lost with the process (it had to be given again).
+        self.update_job_record(job, |r| r.cutover_asked = true)?;
         j.cutover_asked.store(true, std::sync::atomic::Ordering::SeqCst);
         j.cutover.notify_one();
         Ok(())
@@ -664,6 +668,8 @@ impl Mux {
                     }
                 }
             }
+            // A point for tests to restart the host between a cutover and its switch-over.
+            let _ = crate::fault::point("job.cutover").await;
         }
         // The same just before the switch-over, for a job that did not hold.
         if let Some(e) = self.disk_gone(&mirrors) {
@@ -910,6 +916,8 @@ impl Mux {
         }
         let remote = Remote::new(&r.url)?;
         let job = Job::new(&a, &disks, (remote.endpoint.to_string(), r.dest_sr.clone()));
+        // A cutover asked before the restart stands.
+        job.cutover_asked.store(r.cutover_asked, std::sync::atomic::Ordering::SeqCst);
         let in_sync: BTreeSet<String> = {
             let sends = lock(&self.records.sends);
             r.disks.iter().filter(|d| sends.get(&format!("{}/{}", r.sr, d.vdi)).is_some_and(|s| s.stage == SendStage::Mirroring)).map(|d| d.vdi.clone()).collect()

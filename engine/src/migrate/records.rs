@@ -254,6 +254,9 @@ pub struct JobRecord {
     /// Its switch-over had reached the verification (the stage a restart's undo names).
     #[serde(default)]
     pub verifying: bool,
+    /// A held job was told to switch over (`SXM.migrate.cutover`).
+    #[serde(default)]
+    pub cutover_asked: bool,
 }
 
 /// How a job ended.
