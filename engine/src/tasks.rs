@@ -51,7 +51,8 @@ impl Default for Tasks {
     }
 }
 
-fn now() -> f64 {
+/// Seconds since the epoch: a task's `ctime`, and the clock a job's record keeps.
+pub(crate) fn now() -> f64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
 }
 

@@ -117,12 +117,20 @@ impl Jobs {
     /// Why nothing more may be asked of job `task` (a cancel, a cutover, a new limit), if so:
     /// it has begun its switch-over, or a restart interrupted that and it is being undone.
     pub(crate) fn past_cutover(&self, task: &str) -> Option<String> {
-        if lock(&self.undoing).contains(task) {
-            return Some(format!("job {task} is being undone: the source host restarted during its switch-over; wait for it to end"));
+        if let Some(why) = self.being_undone(task) {
+            return Some(why);
         }
         lock(&self.jobs).get(task).filter(|j| j.switching.load(std::sync::atomic::Ordering::SeqCst)).map(|_| {
             format!("job {task} is switching over: its disks are being handed to the destination (a cancel cannot undo that, and their copies are done); wait for it to end")
         })
+    }
+
+    /// Why nothing may be asked of job `task`, if a restart interrupted its switch-over and it
+    /// is being undone.
+    fn being_undone(&self, task: &str) -> Option<String> {
+        lock(&self.undoing)
+            .contains(task)
+            .then(|| format!("job {task} is being undone: the source host restarted during its switch-over; wait for it to end"))
     }
 
     /// The pace a mirror's copy keeps, if its job has a bandwidth limit.
@@ -238,7 +246,8 @@ impl Mux {
         let remote = Remote::new(&a.url)?;
         let dest = (remote.endpoint.to_string(), a.dest.clone());
         let written = self.room_written_by_jobs(&remote, &dest).await;
-        let (task, cancel) = self.tasks().create(&format!("migrate {} disk(s) of SR {}", disks.len(), a.sr));
+        let title = format!("migrate {} disk(s) of SR {}", disks.len(), a.sr);
+        let (task, cancel) = self.tasks().create(&title);
         let job = Job::new(&a, &disks, dest);
         let need = job.need;
         // Claimed at once, all or none, so that two jobs never share a disk: one queued in a
@@ -267,7 +276,7 @@ impl Mux {
             // Before anything is made: a restart from here on takes the job up again.
             let record = JobRecord {
                 id: task.clone(),
-                dbg: format!("migrate {} disk(s) of SR {}", disks.len(), a.sr),
+                dbg: title,
                 sr: a.sr.clone(),
                 url: a.url.clone(),
                 dest_sr: a.dest.clone(),
@@ -336,8 +345,8 @@ impl Mux {
 
     /// `SXM.migrate.cutover`.
     pub(crate) fn migrate_cutover(&self, job: &str) -> Result<(), StorageError> {
-        if lock(&self.jobs.undoing).contains(job) {
-            return Err(StorageError::InternalError(self.jobs.past_cutover(job).unwrap_or_default()));
+        if let Some(why) = self.jobs.being_undone(job) {
+            return Err(StorageError::InternalError(why));
         }
         let j = lock(&self.jobs.jobs).get(job).cloned().ok_or_else(|| StorageError::DoesNotExist("job".into(), job.into()))?;
         if !j.hold {
@@ -866,8 +875,7 @@ impl Mux {
                 self.restore_ended_job(&r);
                 continue;
             }
-            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
-            let cancel = self.tasks().adopt(&r.id, &r.dbg, r.ctime, Duration::from_secs_f64((now - r.ctime).max(0.0)));
+            let cancel = self.tasks().adopt(&r.id, &r.dbg, r.ctime, Duration::from_secs_f64((crate::tasks::now() - r.ctime).max(0.0)));
             // Where it had got to: its figure never goes backwards, a restart included.
             self.tasks().progress(&r.id, r.progress);
             self.tasks().debug_info(&r.id, JOB_KIND.0, JOB_KIND.1);
@@ -963,7 +971,7 @@ impl Mux {
     /// says now, for a restart within the hour to tell it again.
     fn record_end(&self, id: &str, error: Option<&StorageError>) {
         let info = self.tasks().stat(id).map(|t| t.debug_info.iter().map(|(k, v)| (k.clone(), v.clone())).collect()).unwrap_or_default();
-        let ended = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let ended = crate::tasks::now() as u64;
         let outcome = JobOutcome { error: error.map(|e| serde_json::Value::from(&e.to_value())), info, ended };
         if let Err(e) = self.update_job_record(id, |r| {
             r.stage = JobStage::Ended;
@@ -985,7 +993,7 @@ impl Mux {
 
     /// Forgets the records of jobs that ended over an hour ago (as their tasks are).
     fn forget_old_jobs(&self) {
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let now = crate::tasks::now() as u64;
         let old: Vec<String> = lock(&self.records.jobs)
             .all()
             .filter(|r| r.outcome.as_ref().is_some_and(|o| now.saturating_sub(o.ended) >= ENDED_KEPT.as_secs()))
