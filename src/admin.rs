@@ -1,6 +1,7 @@
 //! The admin CLI: SRs, VDIs, datapaths and tasks of one host, over JSON-RPC. Human tables by
 //! default, JSON (the interface's own values) with `--json` for scripts.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -228,12 +229,13 @@ pub enum MigrateAction {
     },
 }
 
-/// `sxm migrate --sr SR --vdi V [--vdi V …] --dest URL --dest-sr SR …`.
+/// `sxm migrate --sr SR [--sr SR …] --vdi V [--vdi V …] --dest URL --dest-sr SR [--map V=SR …] …`.
 #[derive(clap::Args)]
 pub struct MigrateStart {
-    /// The source SR: its id, or its name.
-    #[arg(long)]
-    sr: String,
+    /// The source SR: its id, or its name. Repeat it for a VM whose disks lie on several SRs:
+    /// each --vdi is then looked up in all of them.
+    #[arg(long = "sr", required = true)]
+    srs: Vec<String>,
     /// A VDI of the VM, by id or name (repeat for each disk); each must be active on its guest's datapath.
     #[arg(long = "vdi", required = true)]
     vdis: Vec<String>,
@@ -243,9 +245,14 @@ pub struct MigrateStart {
     /// A file holding the destination host's secret, unless the URL has it.
     #[arg(long)]
     dest_secret_file: Option<PathBuf>,
-    /// The destination SR: its id, or its name on the destination host.
+    /// The destination SR: its id, or its name on the destination host. Every disk not sent
+    /// elsewhere with --map goes there (it may be left out when every disk is mapped).
     #[arg(long)]
-    dest_sr: String,
+    dest_sr: Option<String>,
+    /// Send one disk to another destination SR: VDI=SR, the VDI as given to --vdi, the SR by
+    /// id or by name on the destination host. Repeat for each such disk.
+    #[arg(long = "map", value_name = "VDI=SR")]
+    maps: Vec<String>,
     /// How many disks copy at once; the others wait their turn.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
     parallel: u32,
@@ -307,6 +314,12 @@ pub fn error_json(e: &anyhow::Error) -> String {
 }
 
 /// The storage error the host answered with, if that is what `e` is.
+/// Whether an SR holds the VDI a name or id names: its id, or why not.
+enum Found {
+    Here(String),
+    Not(anyhow::Error),
+}
+
 fn storage_error(e: &anyhow::Error) -> Option<&StorageError> {
     e.chain().find_map(|c| c.downcast_ref::<StorageError>().or_else(|| c.downcast_ref::<sxm_engine::http::client::CallError>().and_then(|c| c.storage())))
 }
@@ -542,40 +555,71 @@ impl Admin {
     /// The ids of the SR and VDI `sr` and `vdi` name (each an id, or the name of exactly one
     /// SR, or of one VDI of that SR).
     async fn sr_vdi_ids(&self, sr: &str, vdi: &str) -> Result<(String, String)> {
+        let sr = self.sr_id(sr).await?;
+        match self.vdi_in(&sr, vdi).await? {
+            Found::Here(id) => Ok((sr, id)),
+            Found::Not(e) => Err(e),
+        }
+    }
+
+    /// The id of the VDI `vdi` names in SR `sr` (an id given), or why it is not there. Any
+    /// other failure (several VDIs of that name, say) is an error.
+    async fn vdi_in(&self, sr: &str, vdi: &str) -> Result<Found> {
         if vdi.trim().is_empty() {
             bail!("--vdi is empty (an unset variable?)");
         }
-        let sr = self.sr_id(sr).await?;
         if uuid::Uuid::parse_str(vdi).is_ok() {
             // Checked here, so that the error names the SR ("VDI … does not exist" alone did
             // not), and so that no command takes a VDI that is not there for one with nothing
             // to do (`vdi detach` said "not attached"). Any other failure is the call's to say.
-            return match self.call("VDI.stat", &[("vdi", s(vdi)), ("sr", s(&sr))]).await {
+            return match self.call("VDI.stat", &[("vdi", s(vdi)), ("sr", s(sr))]).await {
                 Err(e) if matches!(storage_error(&e), Some(StorageError::VdiDoesNotExist(_))) => {
-                    Err(e.context(format!("SR {sr} has no VDI {vdi} (`sxm vdi list --sr {sr}` shows them)")))
+                    Ok(Found::Not(e.context(format!("SR {sr} has no VDI {vdi} (`sxm vdi list --sr {sr}` shows them)"))))
                 }
-                _ => Ok((sr, vdi.to_owned())),
+                _ => Ok(Found::Here(vdi.to_owned())),
             };
         }
-        let vdis: Vec<VdiInfo> = match self.call_as("SR.scan", &[("sr", s(&sr))]).await {
+        let vdis: Vec<VdiInfo> = match self.call_as("SR.scan", &[("sr", s(sr))]).await {
             Ok(v) => v,
             // The host says what is wrong with the SR when the call itself is made.
-            Err(_) => return Ok((sr, vdi.to_owned())),
+            Err(_) => return Ok(Found::Here(vdi.to_owned())),
         };
         if vdis.iter().any(|v| v.vdi == vdi) {
-            return Ok((sr, vdi.to_owned()));
+            return Ok(Found::Here(vdi.to_owned()));
         }
         let named: Vec<&VdiInfo> = vdis.iter().filter(|v| v.name_label == vdi).collect();
         // A snapshot takes its VDI's name (as in xapi), which must not make the VDI itself
         // unreachable by that name: among several, the one VDI that is no snapshot is meant.
         let live: Vec<&VdiInfo> = named.iter().copied().filter(|v| !v.is_a_snapshot).collect();
         match (named.as_slice(), live.as_slice()) {
-            ([one], _) | (_, [one]) => Ok((sr, one.vdi.clone())),
-            ([], _) => bail!("SR {sr} has no VDI {vdi:?} (by id or by name; `sxm vdi list --sr {sr}` shows them)"),
+            ([one], _) | (_, [one]) => Ok(Found::Here(one.vdi.clone())),
+            ([], _) => Ok(Found::Not(anyhow::anyhow!("SR {sr} has no VDI {vdi:?} (by id or by name; `sxm vdi list --sr {sr}` shows them)"))),
             (many, _) => bail!(
                 "{} VDIs of SR {sr} are named {vdi:?}: give the id of one ({})",
                 many.len(),
                 many.iter().map(|v| v.vdi.as_str()).collect::<Vec<_>>().join(", ")
+            ),
+        }
+    }
+
+    /// The SR among `srs` (ids) that holds the VDI `vdi` names, and its id: in exactly one.
+    async fn vdi_among(&self, srs: &[String], vdi: &str) -> Result<(String, String)> {
+        let mut found = Vec::new();
+        let mut not = None;
+        for sr in srs {
+            match self.vdi_in(sr, vdi).await? {
+                Found::Here(id) => found.push((sr.clone(), id)),
+                Found::Not(e) => not = Some(e),
+            }
+        }
+        match (found.as_slice(), not) {
+            ([one], _) => Ok(one.clone()),
+            ([], Some(e)) if srs.len() == 1 => Err(e),
+            ([], _) => bail!("none of the SRs given with --sr ({}) has a VDI {vdi:?} (by id or by name)", srs.join(", ")),
+            (many, _) => bail!(
+                "VDIs named {vdi:?} are in {} of the SRs given ({}): give the id of one",
+                many.len(),
+                many.iter().map(|(sr, id)| format!("{id} in {sr}")).collect::<Vec<_>>().join(", ")
             ),
         }
     }
@@ -910,26 +954,67 @@ impl Admin {
                 };
                 self.job_now(&job, &said).await
             }
-            (None, Some(mut m)) => {
-                m.sr = self.sr_id(&m.sr).await?;
-                let mut vdis = Vec::with_capacity(m.vdis.len());
-                for v in &m.vdis {
-                    vdis.push(self.sr_vdi_ids(&m.sr, v).await?.1);
+            (None, Some(m)) => {
+                let mut srs = Vec::with_capacity(m.srs.len());
+                for sr in &m.srs {
+                    let id = self.sr_id(sr).await?;
+                    if !srs.contains(&id) {
+                        srs.push(id);
+                    }
                 }
-                m.vdis = vdis;
-                let d = DestArgs { sr: m.sr.clone(), vdi: String::new(), dest: m.dest.clone(), dest_secret_file: m.dest_secret_file.clone(), dest_sr: m.dest_sr.clone(), wait: m.wait };
+                // Each disk's SR and VDI ids, and the name it was given by (for --map).
+                let mut disks: Vec<(String, String, &str)> = Vec::with_capacity(m.vdis.len());
+                for v in &m.vdis {
+                    let (sr, id) = self.vdi_among(&srs, v).await?;
+                    disks.push((sr, id, v.as_str()));
+                }
+                let mut maps: Vec<(String, &str)> = Vec::with_capacity(m.maps.len());
+                for entry in &m.maps {
+                    // At the last '=': a VDI's name may hold one; an SR with one in its name is
+                    // given by id.
+                    let Some((vdi, sr)) = entry.rsplit_once('=').filter(|(v, s)| !v.is_empty() && !s.is_empty()) else {
+                        bail!("--map {entry:?}: give VDI=SR, the VDI as given to --vdi and its destination SR");
+                    };
+                    let Some((_, id, _)) = disks.iter().find(|(_, id, given)| *given == vdi || id == vdi) else {
+                        bail!("--map {entry:?}: {vdi:?} is not one of the disks given with --vdi");
+                    };
+                    if maps.iter().any(|(m, _)| m == id) {
+                        bail!("--map {entry:?}: VDI {vdi:?} is mapped twice");
+                    }
+                    maps.push((id.clone(), sr));
+                }
+                let unmapped = disks.iter().filter(|(_, id, _)| !maps.iter().any(|(m, _)| m == id)).count();
+                let dest_sr = match (&m.dest_sr, unmapped) {
+                    (Some(sr), _) => sr.clone(),
+                    (None, 0) => String::new(),
+                    (None, n) => bail!("--dest-sr is missing: {n} disk(s) have no --map to say where they go"),
+                };
+                let d = DestArgs { sr: srs[0].clone(), vdi: String::new(), dest: m.dest.clone(), dest_secret_file: m.dest_secret_file.clone(), dest_sr: dest_sr.clone(), wait: m.wait };
                 let url = dest_url(&d)?;
-                m.dest_sr = self.dest_sr_id(&url, &m.dest_sr).await?;
-                let vdis = Value::Array(m.vdis.iter().map(|v| s(v)).collect());
+                // Looked up once each, however many disks go there.
+                let mut dest_ids: BTreeMap<&str, String> = BTreeMap::new();
+                for sr in maps.iter().map(|(_, sr)| *sr).chain((!dest_sr.is_empty()).then_some(dest_sr.as_str())) {
+                    if !dest_ids.contains_key(sr) {
+                        dest_ids.insert(sr, self.dest_sr_id(&url, sr).await?);
+                    }
+                }
+                let id_of = |sr: &str| dest_ids.get(sr).cloned().unwrap_or_else(|| sr.to_owned());
+                // The job's destination: --dest-sr, or with every disk mapped, the first's.
+                let dest = if dest_sr.is_empty() { maps.first().map(|(_, sr)| id_of(sr)).unwrap_or_default() } else { id_of(&dest_sr) };
+                let vdis = Value::Array(disks.iter().map(|(_, id, _)| s(id)).collect());
+                let vdi_srs = Value::Struct(disks.iter().filter(|(sr, _, _)| *sr != srs[0]).map(|(sr, id, _)| (id.clone(), s(sr))).collect());
+                let vdi_map = Value::Struct(maps.iter().map(|(id, sr)| (id.clone(), s(&id_of(sr)))).collect());
                 let args = [
+                    ("vdi_map", vdi_map),
+                    ("vdi_srs", vdi_srs),
                     ("bwlimit", Value::Int(i64::try_from(m.bwlimit.unwrap_or(0)).context("--bwlimit too large")?)),
                     ("verify", Value::Bool(m.verify)),
                     ("hold", Value::Bool(m.hold)),
                     ("parallel", Value::Int(i64::from(m.parallel))),
-                    ("dest", s(&m.dest_sr)),
+                    ("dest", s(&dest)),
                     ("url", s(&url)),
                     ("vdis", vdis),
-                    ("sr", s(&m.sr)),
+                    ("sr", s(&srs[0])),
                 ];
                 let job: String = self.call_as("SXM.migrate.start", &args).await?;
                 if !m.wait {

@@ -1736,10 +1736,15 @@ fn job_holding(p: &Pair, job: &str) {
 
 /// The content of a destination VDI the job attached there, read through its datapath.
 fn dest_content(p: &Pair, dest_vdi: &str) -> Vec<u8> {
-    let stat = p.dst.call("DP.stat_vdi", json!({"sr": p.dst_sr, "vdi": dest_vdi, "dbg": "t"}));
+    dest_content_in(p, &p.dst_sr, dest_vdi)
+}
+
+/// The same, of a VDI of the destination's SR `sr`.
+fn dest_content_in(p: &Pair, sr: &str, dest_vdi: &str) -> Vec<u8> {
+    let stat = p.dst.call("DP.stat_vdi", json!({"sr": sr, "vdi": dest_vdi, "dbg": "t"}));
     assert_eq!(stat["superstate"], json!(["Activated", "RW"]), "the job attached the destination VDI: {stat}");
     let dp = stat["dps"].as_object().expect("dps").keys().next().expect("a datapath").clone();
-    let attach = p.dst.call("DP.attach_info", json!({"sr": p.dst_sr, "vdi": dest_vdi, "dp": dp, "dbg": "t"}));
+    let attach = p.dst.call("DP.attach_info", json!({"sr": sr, "vdi": dest_vdi, "dp": dp, "dbg": "t"}));
     let uri = attach["implementations"][0][1]["uri"].as_str().expect("uri");
     let (sock, export) = uri.trim_start_matches("nbd:unix:").rsplit_once(":exportname=").expect("nbd uri");
     read_export(&format!("nbd+unix:///{export}?socket={sock}"), p._dir.path())
@@ -1783,6 +1788,86 @@ fn a_three_disk_vm_moves_two_at_a_time_and_each_disk_arrives_exact() {
     let out = p.dst.cli_raw(&["vdi", "detach", "--sr", &p.dst_sr, "--vdi", dest_vdi]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("vm-guest"), "{err}");
+}
+
+/// A VM whose disks lie on two SRs (`ext` and `qcow2`) moves as one job, each disk to the
+/// destination SR it is mapped to (crossing the types), all named by name; held, the job
+/// survives a restart of the source with each disk's SRs, and switches over exact.
+#[test]
+fn a_vm_on_two_srs_moves_as_one_job_each_disk_to_the_sr_it_is_mapped_to() {
+    require!("nbdcopy");
+    let mut p = Pair::typed("ext", "ext");
+    let url = p.dest_url();
+    let fast = p.src.cli(&["sr", "create", "--type", "qcow2", "--name", "fast"]);
+    let fast_dest = p.dst.cli(&["sr", "create", "--type", "qcow2", "--name", "fast-dest"]);
+    let seeds = [pattern(8 * MIB as usize, 90), pattern(8 * MIB as usize, 91)];
+    let (system, system_uri) = p.guest_disk(&seeds[0]);
+    let file = p._dir.path().join("data.raw");
+    std::fs::write(&file, &seeds[1]).expect("seed");
+    let data = p.src.cli_json(&["vdi", "import", "--sr", "fast", "--name", "data", "--format", "raw", file.to_str().expect("path")])["vdi"]
+        .as_str()
+        .expect("vdi")
+        .to_owned();
+    let data_uri = p.src.cli(&["vdi", "attach", "--sr", "fast", "--vdi", "data"]);
+    let guests = [Guest::start(system_uri, 8 * MIB, 92), Guest::start(data_uri, 8 * MIB, 93)];
+    // The system disk (ext) goes to the qcow2 SR it is mapped to; the data disk (qcow2) to
+    // --dest-sr (ext).
+    let map = format!("{system}=fast-dest");
+    let args = ["migrate", "--sr", "source", "--sr", "fast", "--vdi", &system, "--vdi", "data", "--dest", &url, "--dest-sr", "destination", "--map", &map, "--hold", "--verify"];
+    let job = p.src.cli(&args);
+    job_holding(&p, &job);
+    let title = p.src.call("TASK.list", json!({"dbg": "t"}));
+    assert!(title.to_string().contains(&format!("of SRs {}", [p.src_sr.as_str(), fast.as_str()].iter().copied().collect::<std::collections::BTreeSet<_>>().into_iter().collect::<Vec<_>>().join(", "))), "{title}");
+    // Each disk's mirror is its own SR's.
+    for (sr, vdi) in [(&p.src_sr, &system), (&fast, &data)] {
+        let m = p.src.call("DATA.MIRROR.stat", json!({"id": format!("{sr}/{vdi}"), "dbg": "t"}));
+        assert_eq!(m["failed"], false, "{m}");
+    }
+    // A restart takes the job up again with each disk where it is.
+    p.restart_src(true);
+    job_holding(&p, &job);
+    assert_eq!(job_stat(&p, &job)["debug_info"]["resumed"], "after a restart of the source host");
+    let models: Vec<Vec<u8>> = guests.into_iter().map(|g| g.stop().0).collect();
+    p.src.cli(&["migrate", "cutover", &job]);
+    let t = job_end(&p, &job);
+    assert_eq!(t["state"][0], "Completed", "{t}");
+    for (i, (sr, what)) in [(&fast_dest, "the system disk, in fast-dest"), (&p.dst_sr, "the data disk, in destination")].into_iter().enumerate() {
+        assert_eq!(t["debug_info"][format!("disk{i} verified")], "8 blocks", "{what}: {t}");
+        let dest_vdi = t["debug_info"][format!("disk{i} dest_vdi")].as_str().expect("dest vdi");
+        assert_matches_guest(&dest_content_in(&p, sr, dest_vdi), &models[i], &seeds[i], what);
+    }
+    // Nothing of the job is left on the destination SR the data disk did not go to.
+    let other: Vec<String> = p.dst.call("SR.scan", json!({"sr": fast_dest, "dbg": "t"})).as_array().expect("list").iter().map(|v| v["vdi"].to_string()).collect();
+    assert_eq!(other.len(), 1, "fast-dest holds the system disk only: {other:?}");
+}
+
+/// What a job's disks and maps must say, refused before anything is made.
+#[test]
+fn a_job_whose_disks_or_maps_do_not_add_up_is_refused_saying_why() {
+    let p = Pair::typed("ext", "ext");
+    let url = p.dest_url();
+    p.src.cli(&["sr", "create", "--type", "ext", "--name", "other"]);
+    let (vdi, _uri) = p.guest_disk(&pattern(MIB as usize, 95));
+    let before = p.state();
+    let refused = |args: &[&str], says: &str| {
+        let out = p.src.cli_raw(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(says), "{args:?}: {err}");
+    };
+    let base = ["migrate", "--sr", "source", "--sr", "other", "--vdi", &vdi, "--dest", &url];
+    refused(&base, "--dest-sr is missing: 1 disk(s) have no --map");
+    refused(&[&base[..], &["--dest-sr", "destination", "--map", "nope=destination"]].concat(), "\"nope\" is not one of the disks given with --vdi");
+    refused(&[&base[..], &["--dest-sr", "destination", "--map", &vdi]].concat(), "give VDI=SR");
+    refused(&[&base[..], &["--map", &format!("{vdi}=elsewhere")]].concat(), "has no SR \"elsewhere\"");
+    refused(&["migrate", "--sr", "source", "--sr", "other", "--vdi", "ghost", "--dest", &url, "--dest-sr", "destination"], "none of the SRs given with --sr");
+    // Over RPC, a map naming a VDI the job does not move is refused too.
+    let e = p.src.jsonrpc("SXM.migrate.start", json!({"dbg": "t", "sr": p.src_sr, "vdis": [vdi], "url": url, "dest": p.dst_sr, "vdi_map": {"0000": p.dst_sr}}));
+    assert!(e["error"].to_string().contains("vdi_map names VDI 0000, which is not one of the job's disks"), "{e}");
+    settle(&p, &before, "the refused jobs");
+    // Every disk mapped: no --dest-sr needed, and the job runs.
+    let job = p.src.cli(&[&base[..], &["--map", &format!("{vdi}=destination")]].concat());
+    let t = job_end(&p, &job);
+    assert_eq!(t["state"][0], "Completed", "{t}");
 }
 
 #[test]

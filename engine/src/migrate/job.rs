@@ -61,29 +61,38 @@ pub struct Job {
     /// cancel is refused rather than taken and ignored.
     switching: std::sync::atomic::AtomicBool,
     hold: bool,
-    /// Where its disks go (the destination host, without its secret, and SR) and the room
-    /// they need there at most: what another job's preflight must not count as free.
-    dest: (String, String),
-    need: i64,
+    /// The destination host (without its secret), and the room its disks need at most on
+    /// each of its SRs: what another job's preflight must not count as free.
+    dest_host: String,
+    need: BTreeMap<String, i64>,
     /// Its disks' mirror ids (`sr/vdi`), by which their destination VDIs are found.
     mirrors: Vec<String>,
 }
 
 impl Job {
-    /// A job of `a`'s disks (`disks`, checked), going to `dest` (the destination host without
-    /// its secret, and SR).
-    fn new(a: &args::SxmMigrateStart, disks: &[Disk], dest: (String, String)) -> Arc<Job> {
+    /// A job of `a`'s disks (`disks`, checked), going to `dest_host` (without its secret).
+    fn new(a: &args::SxmMigrateStart, disks: &[Disk], dest_host: String) -> Arc<Job> {
         Arc::new(Job {
             limit: Arc::new(RateLimit::new(u64::try_from(a.bwlimit).unwrap_or(0))),
             cutover: Notify::new(),
             cutover_asked: false.into(),
             switching: false.into(),
             hold: a.hold,
-            dest,
-            need: disks.iter().map(|d| d.size + SLACK_PER_DISK).sum(),
-            mirrors: a.vdis.iter().map(|v| format!("{}/{v}", a.sr)).collect(),
+            dest_host,
+            need: need_by_sr(disks),
+            mirrors: disks.iter().map(Disk::mirror).collect(),
         })
     }
+}
+
+/// What `disks` need at most on each destination SR: every disk's whole size (the copy and
+/// the mirrored writes never exceed it), plus metadata.
+fn need_by_sr(disks: &[Disk]) -> BTreeMap<String, i64> {
+    let mut need = BTreeMap::new();
+    for d in disks {
+        *need.entry(d.dest_sr.clone()).or_insert(0) += d.size + SLACK_PER_DISK;
+    }
+    need
 }
 
 /// The jobs of a host.
@@ -214,10 +223,21 @@ impl RateLimit {
     }
 }
 
+/// A disk of a job: its SR and VDI here, the guest's datapath holding it, its size, and the
+/// SR it goes to on the destination.
 struct Disk {
+    sr: String,
     vdi: String,
     dp: String,
     size: i64,
+    dest_sr: String,
+}
+
+impl Disk {
+    /// Its mirror's id (`sr/vdi`), which also keys its claim, pace and share of the limit.
+    fn mirror(&self) -> String {
+        format!("{}/{}", self.sr, self.vdi)
+    }
 }
 
 /// A disk of the job in sync: its mirror's id, its VDI and datapath here, and the VDI it
@@ -227,6 +247,7 @@ struct JobMirror {
     id: String,
     vdi: String,
     dp: String,
+    dest_sr: String,
     dest_vdi: String,
 }
 
@@ -244,29 +265,32 @@ impl Mux {
         self.forget_old_jobs();
         let (disks, room) = self.preflight(&a).await?;
         let remote = Remote::new(&a.url)?;
-        let dest = (remote.endpoint.to_string(), a.dest.clone());
-        let written = self.room_written_by_jobs(&remote, &dest).await;
-        let title = format!("migrate {} disk(s) of SR {}", disks.len(), a.sr);
+        let dest_host = remote.endpoint.to_string();
+        let written = self.room_written_by_jobs(&remote, &dest_host, room.keys()).await;
+        let srs: BTreeSet<&str> = disks.iter().map(|d| d.sr.as_str()).collect();
+        let title = match srs.len() {
+            1 => format!("migrate {} disk(s) of SR {}", disks.len(), a.sr),
+            _ => format!("migrate {} disk(s) of SRs {}", disks.len(), srs.into_iter().collect::<Vec<_>>().join(", ")),
+        };
         let (task, cancel) = self.tasks().create(&title);
-        let job = Job::new(&a, &disks, dest);
-        let need = job.need;
+        let job = Job::new(&a, &disks, dest_host);
         // Claimed at once, all or none, so that two jobs never share a disk: one queued in a
         // job has no mirror yet for the preflight to see, and the job it was in failed late.
         // The room is booked under the same lock: two jobs that each fit the destination SR,
         // but not together, were both accepted, and one failed late, out of space.
         {
             let mut claimed = lock(&self.jobs.claimed);
-            let refused = match a.vdis.iter().find_map(|v| claimed.get(&format!("{}/{v}", a.sr)).map(|j| (v, j))) {
+            let refused = match disks.iter().find_map(|d| claimed.get(&d.mirror()).map(|j| (&d.vdi, j))) {
                 Some((disk, other)) => Some(preflight_error(format!("VDI {disk} is a disk of job {other} already"))),
-                None => {
-                    let booked = self.room_booked(&job.dest, &written);
-                    (room - booked < need).then(|| {
+                None => job.need.iter().find_map(|(sr, need)| {
+                    let room = room.get(sr).copied().unwrap_or(0);
+                    let booked = self.room_booked(&job.dest_host, sr, &written);
+                    (room - booked < *need).then(|| {
                         preflight_error(format!(
-                            "destination SR {} has {room} bytes free, {booked} of them booked by jobs under way; the disks need up to {need}",
-                            a.dest
+                            "destination SR {sr} has {room} bytes free, {booked} of them booked by jobs under way; the disks going there need up to {need}"
                         ))
                     })
-                }
+                }),
             };
             if let Some(e) = refused {
                 drop(claimed);
@@ -281,7 +305,10 @@ impl Mux {
                 url: a.url.clone(),
                 dest_sr: a.dest.clone(),
                 stage: JobStage::Mirroring,
-                disks: disks.iter().map(|d| JobDisk { vdi: d.vdi.clone(), dp: d.dp.clone(), dest_vdi: None }).collect(),
+                disks: disks
+                    .iter()
+                    .map(|d| JobDisk { vdi: d.vdi.clone(), dp: d.dp.clone(), dest_vdi: None, sr: d.sr.clone(), dest_sr: d.dest_sr.clone() })
+                    .collect(),
                 parallel: a.parallel,
                 bwlimit: a.bwlimit,
                 hold: a.hold,
@@ -297,8 +324,8 @@ impl Mux {
                 let _ = self.tasks().destroy(&task);
                 return Err(e);
             }
-            for v in &a.vdis {
-                claimed.insert(format!("{}/{v}", a.sr), task.clone());
+            for d in &disks {
+                claimed.insert(d.mirror(), task.clone());
             }
             lock(&self.jobs.jobs).insert(task.clone(), job.clone());
         }
@@ -312,10 +339,11 @@ impl Mux {
         // Each disk's copy asks the job's bucket before every request.
         let limit = job.limit.clone();
         let throttle: Throttle = Arc::new(move |bytes| limit.grant(bytes));
-        let sharing = (a.parallel.max(1) as u64).min(a.vdis.len() as u64);
-        for vdi in &a.vdis {
-            lock(&self.jobs.throttles).insert(format!("{}/{vdi}", a.sr), throttle.clone());
-            lock(&self.jobs.limits).insert(format!("{}/{vdi}", a.sr), (job.limit.clone(), sharing));
+        let sharing = (a.parallel.max(1) as u64).min(disks.len() as u64);
+        let mirrors: Vec<String> = disks.iter().map(Disk::mirror).collect();
+        for m in &mirrors {
+            lock(&self.jobs.throttles).insert(m.clone(), throttle.clone());
+            lock(&self.jobs.limits).insert(m.clone(), (job.limit.clone(), sharing));
         }
         self.tasks().debug_info(&task, JOB_KIND.0, JOB_KIND.1);
         self.tasks().debug_info(&task, "stage", "queued");
@@ -334,10 +362,10 @@ impl Mux {
                 }
             }
             lock(&me.jobs.jobs).remove(&id);
-            for vdi in &a.vdis {
-                lock(&me.jobs.throttles).remove(&format!("{}/{vdi}", a.sr));
-                lock(&me.jobs.limits).remove(&format!("{}/{vdi}", a.sr));
-                lock(&me.jobs.claimed).remove(&format!("{}/{vdi}", a.sr));
+            for m in &mirrors {
+                lock(&me.jobs.throttles).remove(m);
+                lock(&me.jobs.limits).remove(m);
+                lock(&me.jobs.claimed).remove(m);
             }
         });
         Ok(())
@@ -383,21 +411,21 @@ impl Mux {
     /// destination VDIs hold already (`written`, by job), which the destination's free space
     /// counts already. Not less the job's progress: a job holding in sync (progress 0.9) has
     /// written only its disks' data, and its guests may still fill them whole.
-    fn room_booked(&self, dest: &(String, String), written: &BTreeMap<String, i64>) -> i64 {
+    fn room_booked(&self, dest_host: &str, sr: &str, written: &BTreeMap<(String, String), i64>) -> i64 {
         lock(&self.jobs.jobs)
             .iter()
-            .filter(|(_, j)| &j.dest == dest)
-            .map(|(id, j)| (j.need - written.get(id).copied().unwrap_or(0)).max(0))
+            .filter(|(_, j)| j.dest_host == dest_host)
+            .filter_map(|(id, j)| Some((j.need.get(sr)? - written.get(&(id.clone(), sr.to_owned())).copied().unwrap_or(0)).max(0)))
             .sum()
     }
 
-    /// What the destination VDIs of each job under way to `dest` occupy there now (the
-    /// destination's `SR.scan`): the mirrored leaf, the copy's parent and the dummy of each
-    /// disk whose receive began. A job missing here (its disks not started yet, or the scan
-    /// failed) is booked its whole need.
-    async fn room_written_by_jobs(&self, remote: &Remote, dest: &(String, String)) -> BTreeMap<String, i64> {
+    /// What the destination VDIs of each job under way to `dest_host` occupy now on each of
+    /// `srs` there (by job and SR, from the destination's `SR.scan`): the mirrored leaf, the
+    /// copy's parent and the dummy of each disk whose receive began. A job missing here (its
+    /// disks not started yet, or the scan failed) is booked its whole need.
+    async fn room_written_by_jobs(&self, remote: &Remote, dest_host: &str, srs: impl Iterator<Item = &String>) -> BTreeMap<(String, String), i64> {
         let jobs: Vec<(String, Vec<String>)> =
-            lock(&self.jobs.jobs).iter().filter(|(_, j)| &j.dest == dest).map(|(id, j)| (id.clone(), j.mirrors.clone())).collect();
+            lock(&self.jobs.jobs).iter().filter(|(_, j)| j.dest_host == dest_host).map(|(id, j)| (id.clone(), j.mirrors.clone())).collect();
         let vdis_of = |mirrors: &[String]| -> Vec<String> {
             let sends = lock(&self.records.sends);
             mirrors
@@ -408,23 +436,29 @@ impl Mux {
                 .collect()
         };
         let jobs: Vec<(String, Vec<String>)> = jobs.into_iter().map(|(id, mirrors)| (id, vdis_of(&mirrors))).filter(|(_, v)| !v.is_empty()).collect();
+        let mut written = BTreeMap::new();
         if jobs.is_empty() {
-            return BTreeMap::new();
+            return written;
         }
-        let scan: Vec<VdiInfo> = match remote.call(Call::SrScan(args::SrScan { sr: dest.1.clone(), dbg: dbg("preflight") })).await {
-            Ok(v) => v,
-            Err(e) => {
-                tracing::warn!(sr = %dest.1, error = %e, "preflight: cannot see what jobs under way wrote on the destination; booking their whole need");
-                return BTreeMap::new();
+        for sr in srs {
+            let scan: Vec<VdiInfo> = match remote.call(Call::SrScan(args::SrScan { sr: sr.clone(), dbg: dbg("preflight") })).await {
+                Ok(v) => v,
+                Err(e) => {
+                    tracing::warn!(%sr, error = %e, "preflight: cannot see what jobs under way wrote on the destination; booking their whole need");
+                    continue;
+                }
+            };
+            let used: BTreeMap<&str, i64> = scan.iter().map(|v| (v.vdi.as_str(), v.physical_utilisation.max(0))).collect();
+            for (id, vdis) in &jobs {
+                written.insert((id.clone(), sr.clone()), vdis.iter().filter_map(|v| used.get(v.as_str())).sum());
             }
-        };
-        let used: BTreeMap<&str, i64> = scan.iter().map(|v| (v.vdi.as_str(), v.physical_utilisation.max(0))).collect();
-        jobs.into_iter().map(|(id, vdis)| (id, vdis.iter().filter_map(|v| used.get(v.as_str())).sum())).collect()
+        }
+        written
     }
 
     /// Checks everything that can be checked before anything is made; answers the disks and
-    /// the destination SR's free space.
-    async fn preflight(&self, a: &args::SxmMigrateStart) -> Result<(Vec<Disk>, i64), StorageError> {
+    /// the free space of each destination SR they go to.
+    async fn preflight(&self, a: &args::SxmMigrateStart) -> Result<(Vec<Disk>, BTreeMap<String, i64>), StorageError> {
         if a.vdis.is_empty() {
             return Err(preflight_error("no VDI to move"));
         }
@@ -434,45 +468,55 @@ impl Mux {
         if a.bwlimit < 0 {
             return Err(preflight_error(format!("bwlimit {} is negative (0 is no limit)", a.bwlimit)));
         }
-        self.attached_entry(&a.sr).map_err(|e| preflight_error(e.to_string()))?;
+        // Each map names disks of the job, so that a misspelt VDI is not silently left to go
+        // where the job's defaults take it.
+        for (what, map) in [("vdi_srs", &a.vdi_srs), ("vdi_map", &a.vdi_map)] {
+            if let Some((vdi, _)) = map.iter().find(|(v, _)| !a.vdis.contains(v)) {
+                return Err(preflight_error(format!("{what} names VDI {vdi}, which is not one of the job's disks")));
+            }
+        }
         let mut disks = Vec::new();
         for vdi in &a.vdis {
             if disks.iter().any(|d: &Disk| &d.vdi == vdi) {
                 return Err(preflight_error(format!("VDI {vdi} is named twice")));
             }
+            let sr = a.vdi_srs.get(vdi).unwrap_or(&a.sr).clone();
+            self.attached_entry(&sr).map_err(|e| preflight_error(e.to_string()))?;
             let info: VdiInfo = self
-                .local(Call::VdiStat(args::VdiStat { vdi: vdi.clone(), sr: a.sr.clone(), dbg: dbg("preflight") }))
+                .local(Call::VdiStat(args::VdiStat { vdi: vdi.clone(), sr: sr.clone(), dbg: dbg("preflight") }))
                 .await
                 .map_err(|e| preflight_error(e.to_string()))?;
             super::send::refuse_non_persistent(&info).map_err(|e| preflight_error(e.to_string()))?;
             let dp = self
-                .datapath_records(&a.sr, vdi)
+                .datapath_records(&sr, vdi)
                 .into_iter()
                 .find(|r| r.active && r.read_write)
                 .ok_or_else(|| preflight_error(format!("VDI {vdi} is not active read-write on any datapath here: only a running guest's disk moves live")))?
                 .dp;
-            if lock(&self.records.sends).get(&format!("{}/{vdi}", a.sr)).is_some() {
+            if lock(&self.records.sends).get(&format!("{sr}/{vdi}")).is_some() {
                 return Err(preflight_error(format!("VDI {vdi} is already being mirrored")));
             }
-            disks.push(Disk { vdi: vdi.clone(), dp, size: info.virtual_size.max(0) });
+            let dest_sr = a.vdi_map.get(vdi).unwrap_or(&a.dest).clone();
+            disks.push(Disk { sr, vdi: vdi.clone(), dp, size: info.virtual_size.max(0), dest_sr });
         }
         let remote = Remote::new(&a.url).map_err(|e| preflight_error(e.to_string()))?;
-        let sr: SrInfo = remote
-            .call(Call::SrStat(args::SrStat { sr: a.dest.clone(), dbg: dbg("preflight") }))
-            .await
-            .map_err(|e| preflight_error(format!("destination SR {}: {e}", a.dest)))?;
-        if sr.sr_type.as_deref() == Some("ext")
-            && let Some(d) = disks.iter().find(|d| d.size > VHD_MAX)
-        {
-            return Err(preflight_error(format!("VDI {} ({} bytes) is larger than a VHD on the destination can be", d.vdi, d.size)));
+        let mut free = BTreeMap::new();
+        for (dest_sr, need) in need_by_sr(&disks) {
+            let sr: SrInfo = remote
+                .call(Call::SrStat(args::SrStat { sr: dest_sr.clone(), dbg: dbg("preflight") }))
+                .await
+                .map_err(|e| preflight_error(format!("destination SR {dest_sr}: {e}")))?;
+            if sr.sr_type.as_deref() == Some("ext")
+                && let Some(d) = disks.iter().find(|d| d.dest_sr == dest_sr && d.size > VHD_MAX)
+            {
+                return Err(preflight_error(format!("VDI {} ({} bytes) is larger than a VHD on destination SR {dest_sr} can be", d.vdi, d.size)));
+            }
+            if sr.free_space < need {
+                return Err(preflight_error(format!("destination SR {dest_sr} has {} bytes free, the disks going there need up to {need}", sr.free_space)));
+            }
+            free.insert(dest_sr, sr.free_space);
         }
-        // What will be written there at most: every disk's whole size (the copy and the
-        // mirrored writes never exceed it), plus metadata.
-        let need: i64 = disks.iter().map(|d| d.size + SLACK_PER_DISK).sum();
-        if sr.free_space < need {
-            return Err(preflight_error(format!("destination SR {} has {} bytes free, the disks need up to {need}", a.dest, sr.free_space)));
-        }
-        Ok((disks, sr.free_space))
+        Ok((disks, free))
     }
 
     async fn run_job(
@@ -534,14 +578,14 @@ impl Mux {
                 let name = format!("disk{i} {}", d.vdi);
                 self.tasks().subtask(id, &name, TaskState::Pending(0.0));
                 let outcome = async {
-                    let mirror = format!("{}/{}", a.sr, d.vdi);
+                    let mirror = d.mirror();
                     // Resumed after a restart: its mirror ran on in its datapath, in sync.
                     if in_sync.contains(&d.vdi) && let Some(dest_vdi) = lock(&self.records.sends).get(&mirror).and_then(|r| r.remote.as_ref().map(|x| x.leaf.clone())) {
                         self.tasks().subtask(id, &name, TaskState::Pending(1.0));
                         report(i, 1.0);
                         // Recorded already, unless the restart came as it got in sync.
                         self.record_dest_vdi(id, &d.vdi, &dest_vdi)?;
-                        return Ok(JobMirror { id: mirror, vdi: d.vdi.clone(), dp: d.dp.clone(), dest_vdi });
+                        return Ok(JobMirror { id: mirror, vdi: d.vdi.clone(), dp: d.dp.clone(), dest_sr: d.dest_sr.clone(), dest_vdi });
                     }
                     let _slot = tokio::select! {
                         s = slots.acquire() => s.map_err(|_| StorageError::Cancelled(id.into()))?,
@@ -562,7 +606,7 @@ impl Mux {
                             _ = abort.cancelled() => return Err(StorageError::Cancelled(id.into())),
                         }
                     }
-                    let task = self.mirror_start(a.sr.clone(), d.vdi.clone(), d.dp.clone(), a.url.clone(), a.dest.clone(), None, None).await?;
+                    let task = self.mirror_start(d.sr.clone(), d.vdi.clone(), d.dp.clone(), a.url.clone(), d.dest_sr.clone(), None, None).await?;
                     self.tasks().debug_info(id, &format!("{name} task"), &task);
                     loop {
                         if abort.is_cancelled() {
@@ -581,7 +625,7 @@ impl Mux {
                                 // leaves the job later takes its record with it.
                                 let dest_vdi = lock(&self.records.sends).get(&mirror).and_then(|r| r.remote.as_ref().map(|x| x.leaf.clone())).unwrap_or_default();
                                 self.record_dest_vdi(id, &d.vdi, &dest_vdi)?;
-                                return Ok(JobMirror { id: mirror, vdi: d.vdi.clone(), dp: d.dp.clone(), dest_vdi });
+                                return Ok(JobMirror { id: mirror, vdi: d.vdi.clone(), dp: d.dp.clone(), dest_sr: d.dest_sr.clone(), dest_vdi });
                             }
                             TaskState::Failed(e) => {
                                 self.tasks().subtask(id, &name, TaskState::Failed(e.clone()));
@@ -600,31 +644,29 @@ impl Mux {
         });
         // Full mirrors (SMAPIv3 disks) copy inside their datapath processes: the job's limit is
         // shared out among those copying, again as they start and finish.
-        let full = self.backend_for_sr(&a.sr)?.smapi_version() >= 3;
+        let mut full = false;
+        for d in &disks {
+            full |= self.backend_for_sr(&d.sr)?.smapi_version() >= 3;
+        }
         let balancing = async {
             let mut shares: BTreeMap<String, u64> = BTreeMap::new();
             loop {
                 tokio::time::sleep(Duration::from_millis(100)).await;
-                let copying: Vec<String> = disks
+                let copying: Vec<&Disk> = disks
                     .iter()
-                    .filter(|d| {
-                        lock(&self.records.sends)
-                            .get(&format!("{}/{}", a.sr, d.vdi))
-                            .is_some_and(|r| r.stage == super::records::SendStage::FullMirror)
-                    })
-                    .map(|d| d.vdi.clone())
+                    .filter(|d| lock(&self.records.sends).get(&d.mirror()).is_some_and(|r| r.stage == super::records::SendStage::FullMirror))
                     .collect();
                 let limit = job.limit.rate();
-                for vdi in &copying {
+                for d in &copying {
                     let share = if limit == 0 { 0 } else { (limit / copying.len() as u64).max(1) };
-                    if shares.get(vdi) != Some(&share) {
-                        let (entry, v) = (self.attached_entry(&a.sr)?, vdi.clone());
+                    if shares.get(&d.mirror()) != Some(&share) {
+                        let (entry, v) = (self.attached_entry(&d.sr)?, d.vdi.clone());
                         match self.run(&entry, false, move |b, ctx| b.vdi_mirror_rate(ctx, &v, share)).await {
                             Ok(()) => {
-                                shares.insert(vdi.clone(), share);
+                                shares.insert(d.mirror(), share);
                             }
                             // Not attached yet, or gone already: the next round sees.
-                            Err(e) => tracing::debug!(job = id, vdi, error = %e, "could not pace a full mirror yet"),
+                            Err(e) => tracing::debug!(job = id, vdi = %d.vdi, error = %e, "could not pace a full mirror yet"),
                         }
                     }
                 }
@@ -728,7 +770,7 @@ impl Mux {
     /// The switch-over proper (see `run_job`): deactivate every source disk (each mirror drains and
     /// the destination finalizes it), verify if asked, attach the destination VDIs.
     async fn switch_over(&self, id: &str, a: &args::SxmMigrateStart, disks: &[Disk], mirrors: &[String], dest_vdis: &[String]) -> Result<(), StorageError> {
-        let cut = disks.iter().map(|d| self.deactivate(d.dp.clone(), a.sr.clone(), d.vdi.clone()));
+        let cut = disks.iter().map(|d| self.deactivate(d.dp.clone(), d.sr.clone(), d.vdi.clone()));
         let cut: Vec<Result<(), StorageError>> = futures_join_all(cut).await;
         if let Some(e) = cut.into_iter().find_map(Result::err) {
             // A failed finalize's hint (stop the mirror to undo it) is the job's to follow, and
@@ -756,11 +798,11 @@ impl Mux {
             }
             crate::fault::point("job.verify").await?;
             for (i, (d, dest_vdi)) in disks.iter().zip(dest_vdis).enumerate() {
-                let entry = self.attached_entry(&a.sr)?;
+                let entry = self.attached_entry(&d.sr)?;
                 let vdi = d.vdi.clone();
                 let mine = self.run(&entry, false, move |b, ctx| b.vdi_checksums(ctx, &vdi, 1 << 20)).await?;
                 let theirs: Vec<i64> = remote
-                    .call(Call::SxmVdiChecksums(args::SxmVdiChecksums { block: 1 << 20, vdi: dest_vdi.clone(), sr: a.dest.clone(), dbg: dbg(id) }))
+                    .call(Call::SxmVdiChecksums(args::SxmVdiChecksums { block: 1 << 20, vdi: dest_vdi.clone(), sr: d.dest_sr.clone(), dbg: dbg(id) }))
                     .await?;
                 let theirs: Vec<u32> = theirs.into_iter().map(|c| c as u32).collect();
                 if let Some(block) = mine.iter().zip(&theirs).position(|(x, y)| x != y).or((mine.len() != theirs.len()).then_some(mine.len().min(theirs.len()))) {
@@ -774,9 +816,9 @@ impl Mux {
         }
         for (i, (d, dest_vdi)) in disks.iter().zip(dest_vdis).enumerate() {
             // On the destination, the guest's disk is attached on a datapath of the same name.
-            let attach = Call::VdiAttach3(args::VdiAttach3 { read_write: true, vdi: dest_vdi.clone(), vm: None, sr: a.dest.clone(), dp: d.dp.clone(), dbg: dbg(id) });
+            let attach = Call::VdiAttach3(args::VdiAttach3 { read_write: true, vdi: dest_vdi.clone(), vm: None, sr: d.dest_sr.clone(), dp: d.dp.clone(), dbg: dbg(id) });
             let info: crate::model::AttachInfo = remote.call(attach).await?;
-            remote.call::<()>(Call::VdiActivate3(args::VdiActivate3 { vdi: dest_vdi.clone(), vm: None, sr: a.dest.clone(), dp: d.dp.clone(), dbg: dbg(id) })).await?;
+            remote.call::<()>(Call::VdiActivate3(args::VdiActivate3 { vdi: dest_vdi.clone(), vm: None, sr: d.dest_sr.clone(), dp: d.dp.clone(), dbg: dbg(id) })).await?;
             if let Some(crate::model::Implementation::Nbd { uri }) = info.implementations.first() {
                 // In the form the NBD tools take, as the CLI prints every URI.
                 let uri = crate::model::standard_nbd_uri(uri).unwrap_or_else(|| uri.clone());
@@ -797,7 +839,7 @@ impl Mux {
         // copy, which the source's new writes make stale anyway. (Done last, a destination
         // that had stopped answering held the guest for every call made of it below.)
         for d in disks {
-            if let Err(e) = self.activate(d.dp.clone(), a.sr.clone(), d.vdi.clone()).await {
+            if let Err(e) = self.activate(d.dp.clone(), d.sr.clone(), d.vdi.clone()).await {
                 left.push(format!("activating VDI {} on datapath {} again: {e}", d.vdi, d.dp));
             }
         }
@@ -813,7 +855,7 @@ impl Mux {
                 left.push(format!("VDI {dest_vdi} on the destination"));
                 continue;
             };
-            left.extend(self.drop_finalized_copy(remote, id, (&a.sr, &d.vdi, &d.dp), (&a.url, &a.dest), dest_vdi).await);
+            left.extend(self.drop_finalized_copy(remote, id, (&d.sr, &d.vdi, &d.dp), (&a.url, &d.dest_sr), dest_vdi).await);
         }
         tracing::warn!(job = %id, left = left.len(), "switch-over failed; undone");
         left
@@ -871,6 +913,7 @@ impl Mux {
         self.forget_old_jobs();
         let records: Vec<JobRecord> = lock(&self.records.jobs).all().cloned().collect();
         for r in records {
+            let r = r.placed();
             if r.stage == JobStage::Ended {
                 self.restore_ended_job(&r);
                 continue;
@@ -883,7 +926,7 @@ impl Mux {
                 // Its disks stay the job's: no other job or mirror takes them meanwhile.
                 let mut claimed = lock(&self.jobs.claimed);
                 for d in &r.disks {
-                    claimed.insert(format!("{}/{}", r.sr, d.vdi), r.id.clone());
+                    claimed.insert(format!("{}/{}", d.sr, d.vdi), r.id.clone());
                 }
             }
             let me = me.clone();
@@ -915,20 +958,22 @@ impl Mux {
             url: r.url.clone(),
             vdis: r.disks.iter().map(|d| d.vdi.clone()).collect(),
             sr: r.sr.clone(),
+            vdi_srs: r.disks.iter().map(|d| (d.vdi.clone(), d.sr.clone())).collect(),
+            vdi_map: r.disks.iter().map(|d| (d.vdi.clone(), d.dest_sr.clone())).collect(),
             dbg: r.dbg.clone(),
         };
         let mut disks = Vec::new();
         for d in &r.disks {
-            let info: VdiInfo = self.local(Call::VdiStat(args::VdiStat { vdi: d.vdi.clone(), sr: r.sr.clone(), dbg: dbg(&r.id) })).await?;
-            disks.push(Disk { vdi: d.vdi.clone(), dp: d.dp.clone(), size: info.virtual_size.max(0) });
+            let info: VdiInfo = self.local(Call::VdiStat(args::VdiStat { vdi: d.vdi.clone(), sr: d.sr.clone(), dbg: dbg(&r.id) })).await?;
+            disks.push(Disk { sr: d.sr.clone(), vdi: d.vdi.clone(), dp: d.dp.clone(), size: info.virtual_size.max(0), dest_sr: d.dest_sr.clone() });
         }
         let remote = Remote::new(&r.url)?;
-        let job = Job::new(&a, &disks, (remote.endpoint.to_string(), r.dest_sr.clone()));
+        let job = Job::new(&a, &disks, remote.endpoint.to_string());
         // A cutover asked before the restart stands.
         job.cutover_asked.store(r.cutover_asked, std::sync::atomic::Ordering::SeqCst);
         let in_sync: BTreeSet<String> = {
             let sends = lock(&self.records.sends);
-            r.disks.iter().filter(|d| sends.get(&format!("{}/{}", r.sr, d.vdi)).is_some_and(|s| s.stage == SendStage::Mirroring)).map(|d| d.vdi.clone()).collect()
+            r.disks.iter().filter(|d| sends.get(&format!("{}/{}", d.sr, d.vdi)).is_some_and(|s| s.stage == SendStage::Mirroring)).map(|d| d.vdi.clone()).collect()
         };
         tracing::info!(job = %r.id, in_sync = in_sync.len(), disks = r.disks.len(), "job resumed");
         lock(&self.jobs.jobs).insert(r.id.clone(), job.clone());
@@ -961,7 +1006,7 @@ impl Mux {
         let e = StorageError::MigrationMirrorFailure(said);
         self.record_end(&r.id, Some(&e));
         for d in &r.disks {
-            lock(&self.jobs.claimed).remove(&format!("{}/{}", r.sr, d.vdi));
+            lock(&self.jobs.claimed).remove(&format!("{}/{}", d.sr, d.vdi));
         }
         lock(&self.jobs.undoing).remove(&r.id);
         self.tasks().fail(&r.id, &e);
@@ -1033,14 +1078,20 @@ impl Mux {
         // then was deactivated by someone else, on purpose.
         if r.stage == JobStage::Switching {
             for d in &r.disks {
-                if let Err(e) = self.activate(d.dp.clone(), r.sr.clone(), d.vdi.clone()).await {
+                if let Err(e) = self.activate(d.dp.clone(), d.sr.clone(), d.vdi.clone()).await {
                     left.push(format!("activating VDI {} on datapath {} again: {e}", d.vdi, d.dp));
                 }
             }
         }
         let remote = Remote::new(&r.url).ok();
         for d in &r.disks {
-            let m = JobMirror { id: format!("{}/{}", r.sr, d.vdi), vdi: d.vdi.clone(), dp: d.dp.clone(), dest_vdi: d.dest_vdi.clone().unwrap_or_default() };
+            let m = JobMirror {
+                id: format!("{}/{}", d.sr, d.vdi),
+                vdi: d.vdi.clone(),
+                dp: d.dp.clone(),
+                dest_sr: d.dest_sr.clone(),
+                dest_vdi: d.dest_vdi.clone().unwrap_or_default(),
+            };
             // A mirror that was still starting is undone by the send's recovery, which asks
             // the destination until it answers.
             if lock(&self.records.sends).get(&m.id).is_some_and(|s| s.cancelling) {
@@ -1055,7 +1106,7 @@ impl Mux {
                 continue;
             }
             match &remote {
-                Some(remote) => left.extend(self.drop_finalized_copy(remote, &r.id, (&r.sr, &d.vdi, &d.dp), (&r.url, &r.dest_sr), &m.dest_vdi).await),
+                Some(remote) => left.extend(self.drop_finalized_copy(remote, &r.id, (&d.sr, &d.vdi, &d.dp), (&r.url, &d.dest_sr), &m.dest_vdi).await),
                 None => left.push(format!("VDI {} on the destination", m.dest_vdi)),
             }
         }
@@ -1096,7 +1147,7 @@ impl Mux {
             // VDI in use, and is asked again) for a while.
             let mut tries = 0;
             loop {
-                match drop_dest_copy(&remote, id, &a.dest, &m.dp, &m.dest_vdi).await {
+                match drop_dest_copy(&remote, id, &m.dest_sr, &m.dp, &m.dest_vdi).await {
                     Ok(()) => break,
                     Err(e) if tries >= 20 => {
                         tracing::warn!(job = %id, vdi = %m.dest_vdi, error = %e, "destroying the destination copy of a disk that left the job failed");

@@ -210,6 +210,12 @@ pub struct JobDisk {
     /// The destination VDI that becomes the disk, once the disk is in sync: kept here because
     /// the mirror's own record goes when the destination finalizes it.
     pub dest_vdi: Option<String>,
+    /// Its SR here and its SR on the destination; empty in records written before a job's
+    /// disks could lie on several SRs, which [`JobRecord::placed`] fills with the job's.
+    #[serde(default)]
+    pub sr: String,
+    #[serde(default)]
+    pub dest_sr: String,
 }
 
 /// One migration job (source side), for a restarted host to take up again. The job itself
@@ -223,11 +229,11 @@ pub struct JobRecord {
     pub id: String,
     /// The task's description.
     pub dbg: String,
-    /// The source SR.
+    /// The job's source SR (`sr`); each disk's own is in its [`JobDisk`].
     pub sr: String,
     /// The destination host's URL (with its secret).
     pub url: String,
-    /// The destination SR.
+    /// The job's destination SR (`dest`); each disk's own is in its [`JobDisk`].
     pub dest_sr: String,
     /// Where it stands.
     pub stage: JobStage,
@@ -257,6 +263,23 @@ pub struct JobRecord {
     /// A held job was told to switch over (`SXM.migrate.cutover`).
     #[serde(default)]
     pub cutover_asked: bool,
+}
+
+impl JobRecord {
+    /// The record with each disk's SRs filled in: a disk without them (a record written
+    /// before disks could lie on several SRs) is on the job's source SR, going to its
+    /// destination SR.
+    pub fn placed(mut self) -> JobRecord {
+        for d in &mut self.disks {
+            if d.sr.is_empty() {
+                d.sr = self.sr.clone();
+            }
+            if d.dest_sr.is_empty() {
+                d.dest_sr = self.dest_sr.clone();
+            }
+        }
+        self
+    }
 }
 
 /// How a job ended.
@@ -400,5 +423,17 @@ mod tests {
         let mut t2 = t2;
         t2.remove("a/b").expect("remove");
         assert!(Table::<RecvRecord>::load(dir.path()).expect("reload").get("a/b").is_none());
+    }
+
+    /// A job recorded before its disks could lie on several SRs loads, each disk on the job's
+    /// SRs; a disk that names its own keeps them.
+    #[test]
+    fn a_job_record_without_disk_srs_places_its_disks_on_the_jobs() {
+        let old = r#"{"id":"j","dbg":"d","sr":"s1","url":"u","dest_sr":"d1","stage":"mirroring",
+            "disks":[{"vdi":"a","dp":"p","dest_vdi":null},{"vdi":"b","dp":"q","dest_vdi":"x","sr":"s2","dest_sr":"d2"}],
+            "parallel":2,"bwlimit":0,"hold":false,"verify":false}"#;
+        let r: JobRecord = serde_json::from_str(old).expect("an old record loads");
+        let placed: Vec<(String, String)> = r.placed().disks.into_iter().map(|d| (d.sr, d.dest_sr)).collect();
+        assert_eq!(placed, [("s1".to_owned(), "d1".to_owned()), ("s2".to_owned(), "d2".to_owned())]);
     }
 }

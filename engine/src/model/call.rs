@@ -257,6 +257,11 @@ calls! {
     /// sxm's own: move several VDIs of one VM as one job (`sxm migrate`); answers the job's
     /// task. Preflight errors come back at once and nothing is made.
     SxmMigrateStart = "SXM.migrate.start" {
+        /// The destination SR of each disk not going to `dest` (VDI → SR, as xapi's
+        /// `VM.migrate_send` takes it).
+        vdi_map: Map<String> [def = Map::new()],
+        /// The SR of each disk not on `sr` (VDI → SR): a VM's disks may lie on several.
+        vdi_srs: Map<String> [def = Map::new()],
         /// Bytes per second the disks' copies share at most; 0 for no limit.
         bwlimit: i64 [def = 0],
         verify: bool [def = false],
