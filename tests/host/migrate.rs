@@ -2069,6 +2069,12 @@ fn held_job_resumes_after_a_restart(mut p: Pair, what: &str) {
     let again = job_stat(&p, &job);
     assert_eq!(again["state"][0], "Completed", "{what}: {again}");
     assert_eq!(again["debug_info"]["disk1 dest_vdi"], t["debug_info"]["disk1 dest_vdi"], "{what}: {again}");
+    // Its disks' subtasks too, as they ended (they were lost).
+    let ends = |t: &serde_json::Value| -> Vec<(String, serde_json::Value)> {
+        t["subtasks"].as_object().expect("subtasks").iter().map(|(k, v)| (k.clone(), v[0].clone())).collect()
+    };
+    assert_eq!(ends(&again), ends(&t), "{what}: {again}");
+    assert_eq!(ends(&t).len(), 2, "{what}: {t}");
     // Its creation time and how long it ran are as they were (they read as the restart's
     // time and 0 s).
     assert_eq!(again["ctime"], t["ctime"], "{what}: {again}");

@@ -22,6 +22,7 @@ use crate::model::call::args;
 use crate::model::{Call, SrInfo, StorageError, TaskState, VdiInfo};
 use crate::mux::Mux;
 use crate::rpc::Value;
+use crate::rpc::marshal::Marshal;
 
 use super::records::{JobDisk, JobOutcome, JobRecord, JobStage, SendStage};
 use super::{Remote, lock};
@@ -1015,9 +1016,11 @@ impl Mux {
     /// Records that job `id` ended (failed with `error`, or completed), with what its task
     /// says now, for a restart within the hour to tell it again.
     fn record_end(&self, id: &str, error: Option<&StorageError>) {
-        let info = self.tasks().stat(id).map(|t| t.debug_info.iter().map(|(k, v)| (k.clone(), v.clone())).collect()).unwrap_or_default();
+        let task = self.tasks().stat(id).ok();
+        let info = task.as_ref().map(|t| t.debug_info.iter().map(|(k, v)| (k.clone(), v.clone())).collect()).unwrap_or_default();
+        let subtasks = task.map(|t| t.subtasks.iter().map(|(k, v)| (k.clone(), serde_json::Value::from(&v.to_value()))).collect()).unwrap_or_default();
         let ended = crate::tasks::now() as u64;
-        let outcome = JobOutcome { error: error.map(|e| serde_json::Value::from(&e.to_value())), info, ended };
+        let outcome = JobOutcome { error: error.map(|e| serde_json::Value::from(&e.to_value())), info, subtasks, ended };
         if let Err(e) = self.update_job_record(id, |r| {
             r.stage = JobStage::Ended;
             r.outcome = Some(outcome);
@@ -1057,6 +1060,12 @@ impl Mux {
         self.tasks().progress(&r.id, r.progress);
         for (k, v) in &o.info {
             self.tasks().debug_info(&r.id, k, v);
+        }
+        for (name, state) in &o.subtasks {
+            match TaskState::from_value(&Value::from(state)) {
+                Ok(state) => self.tasks().subtask(&r.id, name, state),
+                Err(e) => tracing::warn!(job = %r.id, subtask = %name, error = %e, "an ended job's subtask was recorded unreadable; left out"),
+            }
         }
         match &o.error {
             None => self.tasks().complete(&r.id, None),

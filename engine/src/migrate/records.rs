@@ -290,6 +290,9 @@ pub struct JobOutcome {
     /// Its task's `debug_info` as it ended (the destination VDIs and their URIs, what was
     /// verified, the stage).
     pub info: BTreeMap<String, String>,
+    /// Its disks' subtasks as it ended (name, state as the interface marshals it).
+    #[serde(default)]
+    pub subtasks: Vec<(String, serde_json::Value)>,
     /// When (seconds since the epoch).
     pub ended: u64,
 }
