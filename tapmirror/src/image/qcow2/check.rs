@@ -505,6 +505,58 @@ pub fn stored_refcount(file: &File, cluster_bits: u32, refcount_order: u32, clus
 /// that a crash during allocation can leave, as in QEMU) are counted and returned.
 pub fn check(file: &File, h: &Header, file_len: u64) -> Result<u64, CheckError> {
     let cs = h.cluster_size();
+    let Counted { counts, table, active_l1, active_l2 } = count_references(file, h, file_len)?;
+    let mut stored = Stored { file, table, order: h.refcount_order, per_block: (cs * 8) >> h.refcount_order, cached: None, cs };
+    for (c, &want) in counts.iter().enumerate() {
+        let have = stored.get(c as u64)?;
+        if have < u64::from(want) {
+            return Err(corrupt(format!(
+                "cluster {c} (host {:#x}) has refcount {have} but is referenced {want} times",
+                c as u64 * cs
+            )));
+        }
+    }
+    for (i, off, copied) in active_l1 {
+        let rc = stored.get(off / cs)?;
+        if (rc == 1) != copied {
+            return Err(corrupt(format!("L1 entry {i}: COPIED is {copied} but the L2 table's refcount is {rc}")));
+        }
+    }
+    for (guest, off, copied) in active_l2 {
+        let rc = stored.get(off / cs)?;
+        if (rc == 1) != copied {
+            return Err(corrupt(format!("L2 entry for guest {guest:#x}: COPIED is {copied} but the refcount is {rc}")));
+        }
+    }
+    let mut leaked = 0;
+    for (c, &want) in counts.iter().enumerate() {
+        let have = stored.get(c as u64)?;
+        if have > u64::from(want) {
+            tracing::debug!(cluster = c, host = c as u64 * cs, have, want, "leaked cluster");
+            leaked += 1;
+        }
+    }
+    // Counts can agree while two pieces of metadata share a cluster (the L1 table named as an
+    // L2 table, with a refcount of 2): what a writable open refuses, check refuses too.
+    for_writing(file, h, file_len)?;
+    Ok(leaked)
+}
+
+/// What [`count_references`] finds: references per host cluster, the refcount table, and the
+/// active L1 entries (index, L2 offset, COPIED) and L2 entries (guest offset, host offset,
+/// COPIED).
+struct Counted {
+    counts: Vec<u16>,
+    table: Vec<u64>,
+    active_l1: Vec<(u64, u64, bool)>,
+    active_l2: Vec<(u64, u64, bool)>,
+}
+
+/// Counts the references to each host cluster of the qcow2 file `file`, as `qemu-img check`
+/// does: everything the header, the active and the snapshots' L1 tables, the refcount table
+/// and the bitmap directory reach.
+fn count_references(file: &File, h: &Header, file_len: u64) -> Result<Counted, CheckError> {
+    let cs = h.cluster_size();
     let mut refs = Refs { counts: vec![0; usize::try_from(file_len.div_ceil(cs)).unwrap_or(usize::MAX)], cs };
     refs.add(0, cs, "header")?;
 
@@ -593,39 +645,76 @@ pub fn check(file: &File, h: &Header, file_len: u64) -> Result<u64, CheckError> 
         }
     }
 
-    let mut stored = Stored { file, table, order: h.refcount_order, per_block: (cs * 8) >> h.refcount_order, cached: None, cs };
-    let counts = std::mem::take(&mut refs.counts);
-    for (c, &want) in counts.iter().enumerate() {
-        let have = stored.get(c as u64)?;
-        if have < u64::from(want) {
-            return Err(corrupt(format!(
-                "cluster {c} (host {:#x}) has refcount {have} but is referenced {want} times",
-                c as u64 * cs
-            )));
+    Ok(Counted { counts: refs.counts, table, active_l1, active_l2 })
+}
+
+/// Repairs what a crash can leave in an image imago 0.2.6 was writing, before a writable open
+/// checks it ([`for_writing`]), and answers the host offsets it repaired (none, nearly always).
+///
+/// imago allocates a new L2 table (or refcount block, or a grown L1 or refcount table) in its
+/// refcount cache, then writes the table and the entry (or header) pointing at it straight to
+/// the file; the refcount block that counts it follows only when the cache is written back. QEMU writes the refcount first ("the ref count
+/// of the L2 table may have changed", `l2_allocate`), so that a crash can only leak the cluster.
+/// Killed in between, the file has a table its refcounts call free: [`for_writing`] refuses it
+/// (the next allocation would overwrite the table), and the disk would not open again.
+///
+/// Each such cluster is counted in here, as `qemu-img check -r all` does, but only when nothing
+/// else is wrong with it: it is referenced exactly once in the whole image (by that L1 entry or
+/// the header) and its refcount block exists. Anything else is left for the open to refuse.
+pub fn repair_uncounted_tables(file: &File, h: &Header, file_len: u64) -> Result<Vec<u64>, CheckError> {
+    let cs = h.cluster_size();
+    let (l1, table) = quick_tables(file, h, file_len)?;
+    let per_block = (cs * 8) >> h.refcount_order;
+    let mut stored = Stored { file, table: table.clone(), order: h.refcount_order, per_block, cached: None, cs };
+    let clusters_of = |offset: u64, len: u64| (offset / cs..(offset + len).div_ceil(cs)).filter(move |_| len > 0);
+    let l1_clusters = clusters_of(h.l1_table_offset, u64::from(h.l1_size) * 8);
+    let table_clusters = clusters_of(h.refcount_table_offset, table.len() as u64 * 8);
+    let blocks = table.iter().map(|e| e & !0x1ff).filter(|&off| off != 0).map(|off| off / cs);
+    let l2_clusters = l1.iter().map(|e| e & OFFSET_MASK).filter(|&off| off != 0).map(|off| off / cs);
+    let mut uncounted = Vec::new();
+    for c in l1_clusters.chain(table_clusters).chain(blocks).chain(l2_clusters) {
+        if stored.get(c)? == 0 && !uncounted.contains(&c) {
+            uncounted.push(c);
         }
     }
-    for (i, off, copied) in active_l1 {
-        let rc = stored.get(off / cs)?;
-        if (rc == 1) != copied {
-            return Err(corrupt(format!("L1 entry {i}: COPIED is {copied} but the L2 table's refcount is {rc}")));
+    if uncounted.is_empty() {
+        return Ok(uncounted);
+    }
+    // The whole count, to be sure nothing else claims those clusters.
+    let counted = count_references(file, h, file_len)?;
+    for &c in &uncounted {
+        let refs = usize::try_from(c).ok().and_then(|i| counted.counts.get(i)).copied().unwrap_or(0);
+        let block = table.get(usize::try_from(c / per_block).unwrap_or(usize::MAX)).map_or(0, |e| e & !0x1ff);
+        if refs != 1 || block == 0 {
+            return Ok(Vec::new());
         }
     }
-    for (guest, off, copied) in active_l2 {
-        let rc = stored.get(off / cs)?;
-        if (rc == 1) != copied {
-            return Err(corrupt(format!("L2 entry for guest {guest:#x}: COPIED is {copied} but the refcount is {rc}")));
-        }
+    for &c in &uncounted {
+        let block = table[usize::try_from(c / per_block).unwrap_or(0)] & !0x1ff;
+        set_refcount_in_block(file, block, c % per_block, h.refcount_order, 1)?;
     }
-    let mut leaked = 0;
-    for (c, &want) in counts.iter().enumerate() {
-        let have = stored.get(c as u64)?;
-        if have > u64::from(want) {
-            tracing::debug!(cluster = c, host = c as u64 * cs, have, want, "leaked cluster");
-            leaked += 1;
-        }
+    file.sync_data()?;
+    Ok(uncounted.into_iter().map(|c| c * cs).collect())
+}
+
+/// Stores `value` as entry `index` of the refcount block at `block` (entries `1 << order` bits
+/// wide; sub-byte ones packed least significant bits first, as QEMU does).
+fn set_refcount_in_block(file: &File, block: u64, index: u64, order: u32, value: u64) -> io::Result<()> {
+    let width = 1u64 << order;
+    if width >= 8 {
+        let bytes = (width / 8) as usize;
+        let be = value.to_be_bytes();
+        let mut entry = vec![0u8; bytes];
+        let n = bytes.min(8);
+        entry[bytes - n..].copy_from_slice(&be[8 - n..]);
+        file.write_all_at(&entry, block + index * bytes as u64)
+    } else {
+        let bit = index * width;
+        let at = block + bit / 8;
+        let mut byte = [0u8; 1];
+        file.read_exact_at(&mut byte, at)?;
+        let mask = ((1u8 << width) - 1) << (bit % 8);
+        byte[0] = (byte[0] & !mask) | ((value as u8) << (bit % 8) & mask);
+        file.write_all_at(&byte, at)
     }
-    // Counts can agree while two pieces of metadata share a cluster (the L1 table named as an
-    // L2 table, with a refcount of 2): what a writable open refuses, check refuses too.
-    for_writing(file, h, file_len)?;
-    Ok(leaked)
 }

@@ -684,6 +684,17 @@ async fn resolve_for_open(
                 .map_err(|e| io_error(&layer.path, "open", e))?;
             if writing {
                 h.writable().map_err(|e| problem(&layer.path, e))?;
+                // A crash while a table was allocated leaves it uncounted: counted in here, the
+                // image opens as QEMU's would (whatever else is wrong, `for_writing` refuses).
+                match check::repair_uncounted_tables(&f, h, layer.file_len) {
+                    Ok(fixed) if !fixed.is_empty() => tracing::warn!(
+                        path = %layer.path.display(),
+                        offsets = ?fixed,
+                        "repaired the refcounts of tables a crash left uncounted (written before their refcounts were)"
+                    ),
+                    Ok(_) => {}
+                    Err(e) => tracing::debug!(path = %layer.path.display(), error = ?e, "no repair of uncounted tables"),
+                }
                 let regions = check::for_writing(&f, h, layer.file_len).map_err(|e| check_error(&layer.path, e))?;
                 guard = Some(guard::Guard::new(f, h, &regions));
             } else {

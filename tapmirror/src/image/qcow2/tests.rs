@@ -446,14 +446,29 @@ async fn a_writable_open_refuses_metadata_counted_free_and_leaves_the_file_untou
     let l2 = entry(h.l1_table_offset) & 0x00ff_ffff_ffff_fe00;
     assert!(block != 0 && l2 != 0, "the image has a refcount block and an L2 table");
 
-    // The L2 table's cluster counted free: the next allocation could hand it out as data.
+    // The L2 table's cluster counted free, as a crash before imago wrote its refcount leaves
+    // it: counted in again by the open, as `qemu-img check -r all` would.
     let l2_refcount = block + (l2 / 512) * 2;
+    let refcount = |f: &std::fs::File| {
+        let mut b = [0u8; 2];
+        f.read_exact_at(&mut b, l2_refcount).expect("refcount");
+        u16::from_be_bytes(b)
+    };
+    f.write_all_at(&0u16.to_be_bytes(), l2_refcount).expect("refcount 0");
+    Qcow2Image::open(&p, Access::ReadWrite, EngineKind::Portable).await.expect("repaired").close().await.expect("close");
+    assert_eq!(refcount(&f), 1, "the L2 table is counted again");
+    // The same, but with a second L1 entry naming that table: not a crash's doing, nothing is
+    // repaired, and the next allocation could hand the table out as data.
+    let l1_1 = h.l1_table_offset + 8;
+    let old_l1_1 = entry(l1_1);
+    f.write_all_at(&entry(h.l1_table_offset).to_be_bytes(), l1_1).expect("second L1 entry");
     f.write_all_at(&0u16.to_be_bytes(), l2_refcount).expect("refcount 0");
     let before = std::fs::read(&p).expect("read");
     let e = Qcow2Image::open(&p, Access::ReadWrite, EngineKind::Portable).await.err();
     assert!(matches!(e, Some(Qcow2Error::Corrupt { ref reason, .. }) if reason.contains("L2 table") && reason.contains("refcount is 0")), "{e:?}");
     assert_eq!(std::fs::read(&p).expect("read"), before);
     f.write_all_at(&1u16.to_be_bytes(), l2_refcount).expect("refcount back");
+    f.write_all_at(&old_l1_1.to_be_bytes(), l1_1).expect("L1 entry back");
 
     // No refcount block for the first clusters at all (the fuzzer's find: imago's allocator
     // then recursed until the image thread's stack overflowed, killing the process).
@@ -891,4 +906,35 @@ async fn an_overlay_that_would_make_the_chain_too_deep_is_refused() {
     let e = create_overlay(&too_deep, &backing).await.expect_err("a 257th file");
     assert!(e.to_string().contains("deeper than 256"), "{e}");
     assert!(!too_deep.exists());
+}
+
+/// A process killed after its first write into a new region, before any flush (a datapath's
+/// crash), leaves the file as a copy taken then: imago wrote the new L2 table and its L1 entry,
+/// not the refcount that counts it. Opened for writing, it used to be refused for good ("the
+/// next allocation would overwrite it"); now the table is counted in, the image checks clean
+/// (at most leaked clusters), and what was flushed before is there.
+#[tokio::test]
+async fn an_image_copied_before_its_first_flush_after_new_tables_opens_and_checks_clean() {
+    for (engine, cluster) in engines().into_iter().flat_map(|e| [(e, None), (e, Some(512))]) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("disk.qcow2");
+        create(&p, 64 << 20, cluster).await.expect("create");
+        let img = Qcow2Image::open(&p, Access::ReadWrite, engine).await.expect("open");
+        let flushed = pat(4096, 5);
+        put(&img, 0, &flushed).await;
+        img.flush().await.expect("flush");
+        // New L2 tables (and, with 512-byte clusters, new refcount blocks), never flushed.
+        for i in 1..40u64 {
+            put(&img, i * (1 << 20) + 512, &pat(512, i as u8)).await;
+        }
+        let crashed = dir.path().join("crashed.qcow2");
+        std::fs::copy(&p, &crashed).expect("copy the file as a kill would leave it");
+        img.close().await.expect("close");
+        let again = Qcow2Image::open(&crashed, Access::ReadWrite, engine).await.expect("the crashed image opens for writing");
+        assert_eq!(get(&again, 0, 4096).await, flushed, "{cluster:?}: the flushed write");
+        put(&again, 50 << 20, &pat(4096, 9)).await;
+        again.close().await.expect("close");
+        let report = check(&crashed).await.expect("the repaired image checks clean");
+        assert!(report.leaked_clusters < 1000, "{cluster:?}: {report:?}");
+    }
 }
