@@ -553,6 +553,43 @@ fn a_vdi_detached_while_its_mirror_starts_fails_the_mirror_and_rolls_it_back() {
 /// A mirror of a VDI that no guest has attached is refused at once, before the destination
 /// prepares anything: there is no datapath to mirror from, and the fd stage found that out
 /// only after a whole prepare and its undo there.
+/// Orchestrators racing to mirror one VDI: one mirror starts, the others are refused
+/// `VDI_IN_USE` at once. (All of them failed, sharing one record, and the destination kept
+/// the prepared receive of one for good, refusing every later mirror of the VDI.)
+#[test]
+fn racing_starts_of_one_vdi_make_one_mirror_and_refuse_the_others() {
+    require!("nbdcopy");
+    let p = Pair::new();
+    let (vdi, _uri) = p.guest_disk(&pattern((4 * MIB) as usize, 16));
+    let dps = p.src.call("DP.stat_vdi", json!({"sr": p.src_sr, "vdi": vdi, "dbg": "t"}));
+    let dp = dps["dps"].as_object().and_then(|d| d.keys().next()).expect("the guest's datapath").clone();
+    let args = json!({"sr": p.src_sr, "vdi": vdi, "dp": dp, "url": p.dest_url(), "dest": p.dst_sr, "verify_dest": false, "dbg": "t"});
+    let start = std::sync::Barrier::new(3);
+    let replies: Vec<serde_json::Value> = std::thread::scope(|s| {
+        let racers: Vec<_> = (0..3)
+            .map(|_| {
+                s.spawn(|| {
+                    start.wait();
+                    p.src.jsonrpc("DATA.MIRROR.start", args.clone())
+                })
+            })
+            .collect();
+        racers.into_iter().map(|r| r.join().expect("racer")).collect()
+    });
+    let tasks: Vec<&str> = replies.iter().filter_map(|r| r["result"].as_str()).collect();
+    assert_eq!(tasks.len(), 1, "one mirror starts: {replies:?}");
+    for r in replies.iter().filter(|r| r.get("error").is_some()) {
+        assert_eq!(r["error"]["data"][0][0], "VDI_IN_USE", "{r}");
+    }
+    eventually(60, "the mirror is established", || p.src.call("TASK.stat", json!({"task": tasks[0], "dbg": "t"}))["state"][0] != "Pending");
+    let t = p.src.call("TASK.stat", json!({"task": tasks[0], "dbg": "t"}));
+    assert_eq!(t["state"][0], "Completed", "{t}");
+    // Switched over, nothing is left on either side, and the VDI mirrors again.
+    p.src.cli(&["vdi", "detach", "--sr", &p.src_sr, "--vdi", &vdi]);
+    assert_eq!(p.src.call("DATA.MIRROR.list", json!({"dbg": "t"})), json!({}));
+    assert_eq!(p.dst.call("DATA.MIRROR.list", json!({"dbg": "t"})), json!({}), "the destination keeps a receive");
+}
+
 #[test]
 fn a_mirror_of_a_vdi_not_attached_is_refused_before_anything_is_made() {
     let p = Pair::new();

@@ -62,6 +62,25 @@ pub(crate) fn refuse_non_persistent(info: &VdiInfo) -> Result<(), StorageError> 
 /// How long `DATA.MIRROR.stop` of a mirror still starting waits for its rollback.
 const STOP_WAITS_FOR: Duration = Duration::from_secs(60);
 
+/// Why a mirror of `vdi` cannot start while the send `old` of it is there: `VDI_IN_USE`, as
+/// xapi's callers know a disk another operation holds.
+fn mirrored_already(old: &SendRecord, vdi: &str) -> StorageError {
+    let id = &old.id;
+    let in_use = |why: String| crate::backend::errors::in_use(vdi, &why);
+    if old.cancelling {
+        return in_use(format!(
+            "VDI {vdi}'s last mirror ({id}) failed and its destination {} has not yet answered the cancel of its side; DATA.MIRROR.stop {id} gives up on it",
+            Remote::new(&old.url).map(|r| r.endpoint.to_string()).unwrap_or_default()
+        ));
+    }
+    if old.failed {
+        return in_use(format!(
+            "VDI {vdi}'s mirror {id} failed and is still there: DATA.MIRROR.stop {id} (sxm mirror stop) undoes it on both hosts, then start again"
+        ));
+    }
+    in_use(format!("VDI {vdi} is already being mirrored (mirror {id})"))
+}
+
 fn dbg(id: &str) -> String {
     format!("mirror {id}")
 }
@@ -151,20 +170,7 @@ impl Mux {
         let id = format!("{sr}/{vdi}");
         self.attached_entry(&sr)?;
         if let Some(old) = lock(&self.records.sends).get(&id) {
-            // VDI_IN_USE, as xapi's callers know a disk another operation holds.
-            let in_use = |why: String| crate::backend::errors::in_use(&vdi, &why);
-            if old.cancelling {
-                return Err(in_use(format!(
-                    "VDI {vdi}'s last mirror ({id}) failed and its destination {} has not yet answered the cancel of its side; DATA.MIRROR.stop {id} gives up on it",
-                    Remote::new(&old.url).map(|r| r.endpoint.to_string()).unwrap_or_default()
-                )));
-            }
-            if old.failed {
-                return Err(in_use(format!(
-                    "VDI {vdi}'s mirror {id} failed and is still there: DATA.MIRROR.stop {id} (sxm mirror stop) undoes it on both hosts, then start again"
-                )));
-            }
-            return Err(in_use(format!("VDI {vdi} is already being mirrored (mirror {id})")));
+            return Err(mirrored_already(old, &vdi));
         }
         Remote::new(&url)?;
         refuse_non_persistent(&self.local::<VdiInfo>(Call::VdiStat(args::VdiStat { vdi: vdi.clone(), sr: sr.clone(), dbg: dbg(&id) })).await?)?;
@@ -199,8 +205,22 @@ impl Mux {
             cancelling: false,
             stopping: false,
         };
-        // Written before the destination hears of it (xapi's CA-244573).
-        lock(&self.records.sends).put(record)?;
+        // Written before the destination hears of it (xapi's CA-244573); looked for again under
+        // the same lock, for a start of the same VDI made meanwhile: two racing starts both
+        // passed the look above, shared one record, and failed both, the destination keeping
+        // the prepared receive of one for good.
+        {
+            let mut sends = lock(&self.records.sends);
+            let refused = match sends.get(&id) {
+                Some(old) => Err(mirrored_already(old, &record.vdi)),
+                None => sends.put(record),
+            };
+            if let Err(e) = refused {
+                drop(sends);
+                let _ = self.tasks().destroy(&task);
+                return Err(e);
+            }
+        }
         self.tasks().debug_info(&task, "mirror", &id);
         let me = self.me()?;
         let task_id = task.clone();
