@@ -1166,6 +1166,35 @@ fn a_finalize_while_the_source_still_mirrors_is_refused_and_changes_nothing() {
     assert!(p.export(&p.dst, &p.dst_sr, &dest_vdi) == expected, "the destination VDI differs from the source");
 }
 
+/// A finalize sent before the source's mirror has reached the leaf (the source still at its
+/// fd stage) is refused and changes nothing: it used to take the leaf's datapath away, be
+/// refused at the compose, and fail the migration.
+#[test]
+fn a_finalize_before_the_mirror_connects_is_refused_and_changes_nothing() {
+    require!("nbdcopy");
+    let p = Pair::with_faults("send.pass_fds=long", "");
+    let seed = pattern((4 * MIB) as usize, 28);
+    let (vdi, _uri) = p.guest_disk(&seed);
+    let dps = p.src.call("DP.stat_vdi", json!({"sr": p.src_sr, "vdi": vdi, "dbg": "t"}));
+    let dp = dps["dps"].as_object().and_then(|d| d.keys().next()).expect("the guest's datapath").clone();
+    let args = json!({"sr": p.src_sr, "vdi": vdi, "dp": dp, "url": p.dest_url(), "dest": p.dst_sr, "verify_dest": false, "dbg": "t"});
+    let task = p.src.call("DATA.MIRROR.start", args).as_str().expect("task").to_owned();
+    let id = format!("{}/{vdi}", p.src_sr);
+    eventually(30, "the destination prepared", || p.dst.call("DATA.MIRROR.list", json!({"dbg": "t"})).get(&id).is_some_and(|r| r["dest_vdi"].is_string()));
+    let leaf = p.dst.call("DATA.MIRROR.stat", json!({"id": id, "dbg": "t"}))["dest_vdi"].as_str().expect("leaf").to_owned();
+    let fin = p.dst.jsonrpc("DATA.MIRROR.receive_finalize2", json!({"id": id, "dbg": "t"}));
+    assert_eq!(fin["error"]["data"][0][0], "VDI_IN_USE", "{fin}");
+    assert!(fin["error"].to_string().contains("before the source's mirror has connected"), "{fin}");
+    let leaf_dp = p.dst.call("DP.stat_vdi", json!({"sr": p.dst_sr, "vdi": leaf, "dbg": "t"}));
+    assert_eq!(leaf_dp["superstate"], json!(["Activated", "RW"]), "the leaf keeps its datapath: {leaf_dp}");
+    eventually(60, "the mirror is established", || p.src.call("TASK.stat", json!({"task": task, "dbg": "t"}))["state"][0] != "Pending");
+    let t = p.src.call("TASK.stat", json!({"task": task, "dbg": "t"}));
+    assert_eq!(t["state"][0], "Completed", "the refused finalize broke the migration: {t}");
+    p.src.cli(&["vdi", "detach", "--sr", &p.src_sr, "--vdi", &vdi]);
+    assert_eq!(p.dst.call("DATA.MIRROR.list", json!({"dbg": "t"})), json!({}), "the receive is over");
+    assert!(p.export(&p.dst, &p.dst_sr, &leaf) == seed, "the destination VDI differs from the source");
+}
+
 /// A finalize sent to the destination by another caller while the source mirrors waits for
 /// the source's deactivate, then finalizes: the source's own finalize, finding the receive
 /// gone and its leaf finished, is done too. It used to fail the migration ("mirror … does not

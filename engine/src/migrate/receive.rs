@@ -58,6 +58,7 @@ impl Mux {
             leaf_dp: None,
             dummy: None,
             parent: None,
+            mirrored: Some(false),
         };
         // Written before anything is made: a restart finds it and undoes the prepare.
         lock(&self.records.recvs).put(record).map_err(|e| StorageError::MigrationPreparationFailure(e.to_string()))?;
@@ -320,6 +321,21 @@ impl Mux {
         let (Some(leaf), Some(dp)) = (r.leaf.clone(), r.leaf_dp.clone()) else {
             return Err(StorageError::InternalError(format!("mirror {id} was never fully prepared")));
         };
+        // Refused before anything is undone: a refused finalize must leave the receive as it was
+        // (one sent while the source still prepared took the leaf's datapath away, then was
+        // refused at the compose, and the source's mirror failed).
+        if r.mirrored == Some(false) {
+            return Err(crate::backend::errors::in_use(
+                &leaf,
+                "its receive cannot be finalized before the source's mirror has connected to it: the source finalizes once its VDI is deactivated",
+            ));
+        }
+        if compose
+            && let Some(parent) = &r.parent
+            && self.being_copied(&r.sr, parent)
+        {
+            return Err(crate::backend::errors::in_use(parent, "its receive cannot be finalized while the source's copy still fills it"));
+        }
         self.wait_for_the_mirror_to_end(&r.sr, &leaf).await?;
         self.local::<()>(Call::DpDestroy2(args::DpDestroy2 { allow_leak: false, vm: Some(r.mirror_vm.clone()), vdi: leaf.clone(), sr: r.sr.clone(), dp, dbg: dbg(id) }))
             .await?;
@@ -391,6 +407,16 @@ impl Mux {
     /// After the `200`: the connection goes to the VDI's datapath process.
     async fn nbd_take_over(&self, req: NbdRequest, conn: OwnedFd) {
         let Ok(entry) = self.attached_entry(&req.sr) else { return };
+        // The source's mirror reaches a receive's leaf: from here on it may be finalized.
+        if let Some((id, "leaf")) = self.receiving_into(&req.sr, &req.vdi) {
+            let mut recvs = lock(&self.records.recvs);
+            if let Some(mut r) = recvs.get(&id).cloned().filter(|r| r.mirrored == Some(false)) {
+                r.mirrored = Some(true);
+                if let Err(e) = recvs.put(r) {
+                    tracing::warn!(mirror = %id, error = %e, "recording that the mirror reached the leaf failed");
+                }
+            }
+        }
         let vdi = req.vdi.clone();
         if let Err(e) = self.run(&entry, false, move |b, ctx| b.vdi_serve_nbd(ctx, &vdi, conn)).await {
             // The caller learns it from the NBD handshake that never comes.

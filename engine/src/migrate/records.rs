@@ -136,6 +136,11 @@ pub struct RecvRecord {
     pub dummy: Option<String>,
     /// The parent, once made.
     pub parent: Option<String>,
+    /// Whether the source's mirror connection has reached the leaf (`PUT /services/SM/nbd/…`):
+    /// until it has, a finalize would make a VDI of a leaf nothing was mirrored into. `None`
+    /// in records written before it was kept (taken as reached).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirrored: Option<bool>,
 }
 
 /// Where a copy stands.
@@ -419,6 +424,7 @@ mod tests {
             leaf_dp: None,
             dummy: None,
             parent: None,
+            mirrored: Some(false),
         };
         t.put(r.clone()).expect("put");
         let t2: Table<RecvRecord> = Table::load(dir.path()).expect("reload");
