@@ -738,13 +738,12 @@ async fn copy(args: CopyArgs) -> Result<()> {
             }
         }
     };
+    // Every file of the chain, as `qemu-img convert` asks a shared lock of each: a backing
+    // written by another process changes under the copy as much as the top does.
     let _reading = match &source {
-        _ if args.force_share => None,
-        Source::Image(image) | Source::Diff { image, .. } => match image.chain().first() {
-            Some(top) => Some(refuse_a_source_being_written(top)?),
-            None => None,
-        },
-        Source::Nbd(_) => None,
+        _ if args.force_share => Vec::new(),
+        Source::Image(image) | Source::Diff { image, .. } => image.chain().iter().map(|f| refuse_a_source_being_written(f)).collect::<Result<Vec<_>>>()?,
+        Source::Nbd(_) => Vec::new(),
     };
     if args.no_backing
         && let Source::Image(image) | Source::Diff { image, .. } = &source
@@ -763,8 +762,26 @@ async fn copy(args: CopyArgs) -> Result<()> {
         Source::Image(image) | Source::Diff { image, .. } => image.chain(),
         Source::Nbd(_) => Vec::new(),
     };
-    if args.checkpoint.is_some() {
+    if let Some(cp) = &args.checkpoint {
         tapmirror::copy::files_stamp(&source_chain, None)?;
+        // Before any data is sent: a checkpoint that cannot be written failed the copy at its
+        // first one, seconds in, leaving a destination file with nothing to resume it.
+        tapmirror::copy::Checkpoint::check_writable(cp)?;
+        if !is_uri(&args.dest) && std::path::absolute(cp).ok() == std::path::absolute(&args.dest).ok() {
+            bail!("--checkpoint {} names the destination itself: give the checkpoint a file of its own", cp.display());
+        }
+        if source_chain.iter().any(|f| std::fs::canonicalize(f).ok() == std::fs::canonicalize(cp).ok()) {
+            bail!("--checkpoint {} names a file of the source: give the checkpoint a file of its own", cp.display());
+        }
+        if args.dest_new && cp.exists() {
+            bail!("checkpoint {} is there to resume a copy into an existing destination, and --dest-new makes a new one: resume without --dest-new", cp.display());
+        }
+        if matches!(source, Source::Nbd(_)) && cp.exists() {
+            tracing::warn!(
+                source = %args.src,
+                "resuming from an NBD export, which a checkpoint cannot stamp: if what it serves changed since, the destination will not equal it"
+            );
+        }
     }
     // The file this copy made, if it made one: a failed copy takes it away again.
     let mut made: Option<std::fs::Metadata> = None;

@@ -184,7 +184,9 @@ pub fn files_stamp(source: &[PathBuf], dest: Option<&std::fs::Metadata>) -> Resu
                 f.display()
             );
         }
-        parts.push(format!("{}:{}:{}:{}.{:09}", m.dev(), m.ino(), m.len(), m.mtime(), m.mtime_nsec()));
+        // With the change time, which no one can set back: a write followed by `touch -r`
+        // restores the modification time, and the resume took the changed source for the same.
+        parts.push(format!("{}:{}:{}:{}.{:09}:{}.{:09}", m.dev(), m.ino(), m.len(), m.mtime(), m.mtime_nsec(), m.ctime(), m.ctime_nsec()));
     }
     if let Some(m) = dest {
         // With its birth time where the file system keeps one: a file removed and made again
@@ -211,11 +213,24 @@ impl Checkpoint {
         }
     }
 
+    /// Whether a checkpoint can be stored at `path`: its temporary file made and removed again.
+    pub fn check_writable(path: &Path) -> Result<()> {
+        let tmp = Checkpoint::temporary(path);
+        std::fs::File::create(&tmp).with_context(|| format!("--checkpoint {}: cannot write beside it ({})", path.display(), tmp.display()))?;
+        std::fs::remove_file(&tmp).with_context(|| format!("removing {}", tmp.display()))
+    }
+
+    /// The file a checkpoint is written to before it is renamed onto `path`.
+    fn temporary(path: &Path) -> PathBuf {
+        let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        dir.join(format!(".{}.tmp", path.file_name().and_then(|n| n.to_str()).unwrap_or("checkpoint")))
+    }
+
     /// Writes it atomically: temporary file, fsync, rename, fsync of the folder.
     pub fn store(&self, path: &Path) -> Result<()> {
         use std::io::Write;
         let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        let tmp = dir.join(format!(".{}.tmp", path.file_name().and_then(|n| n.to_str()).unwrap_or("checkpoint")));
+        let tmp = Checkpoint::temporary(path);
         let mut f = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
         f.write_all(&serde_json::to_vec(self)?)?;
         f.sync_all()?;

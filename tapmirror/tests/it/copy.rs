@@ -920,6 +920,47 @@ fn a_checkpoint_from_before_the_source_changed_is_refused() {
     assert!(!out.status.success() && err.contains("it does not"), "resumed into a destination zeroed in place: {err}");
 }
 
+/// A source written and its modification time set back (`touch -r`) is still a changed
+/// source (the resume took it for the same, and left the destination differing), and a
+/// checkpoint that could never be used is refused before any data is sent or any file made.
+#[test]
+fn a_checkpoint_sees_a_restored_mtime_and_one_that_cannot_serve_is_refused_before_any_data() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = dir.path().join("src.raw");
+    let dst = dir.path().join("dst.raw");
+    std::fs::write(&src, pattern((8 * MIB) as usize, 33)).expect("source");
+    std::fs::write(&dst, vec![0u8; (8 * MIB) as usize]).expect("destination");
+    let cp = dir.path().join("copy.checkpoint");
+    let stamp = copy::files_stamp(std::slice::from_ref(&src), Some(&std::fs::metadata(&dst).expect("destination"))).expect("stamp");
+    let checkpoint = copy::Checkpoint { version: 1, source: src.display().to_string(), dest: dst.display().to_string(), size: 8 * MIB, done: 4 * MIB, files_stamp: Some(stamp) };
+    checkpoint.store(&cp).expect("store");
+    {
+        use std::os::unix::fs::FileExt;
+        let modified = std::fs::metadata(&src).and_then(|m| m.modified()).expect("mtime");
+        let f = std::fs::OpenOptions::new().write(true).open(&src).expect("open source");
+        f.write_all_at(&[0xee; 512], 4096).expect("change the source");
+        f.set_modified(modified).expect("set the mtime back");
+    }
+    let copy = |args: &[&std::ffi::OsStr]| Command::new(crate::harness::tapmirror()).arg("copy").args(args).output().expect("run copy");
+    let out = copy(&["--checkpoint".as_ref(), cp.as_os_str(), src.as_os_str(), dst.as_os_str()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("changed since"), "resumed from a source changed behind its mtime: {err}");
+
+    let new = dir.path().join("new.raw");
+    let missing = dir.path().join("no-such-folder").join("ck");
+    for (args, says) in [
+        (vec!["--checkpoint".as_ref(), missing.as_os_str(), src.as_os_str(), new.as_os_str()], "cannot write beside it"),
+        (vec!["--checkpoint".as_ref(), new.as_os_str(), src.as_os_str(), new.as_os_str()], "names the destination itself"),
+        (vec!["--checkpoint".as_ref(), src.as_os_str(), src.as_os_str(), new.as_os_str()], "names a file of the source"),
+        (vec!["--dest-new".as_ref(), "--checkpoint".as_ref(), cp.as_os_str(), src.as_os_str(), new.as_os_str()], "resume without --dest-new"),
+    ] {
+        let out = copy(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(says), "{args:?}: {err}");
+        assert!(!new.exists(), "{args:?}: the refused copy made its destination");
+    }
+}
+
 /// A destination zeroed in place is caught even when the source reads as zeroes at every
 /// place the resume compares first: a fully allocated disk whose 64 KiB blocks each hold data
 /// only in their second half. Such a resume used to succeed and leave the destination's first
@@ -1219,6 +1260,12 @@ fn a_source_another_process_writes_is_refused() {
     let out = copy(&raw);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("open for writing by another process"), "qemu-nbd's file: {err}");
+    // Its writer's file as the backing of the source: refused too (it was copied).
+    let overlay = dir.path().join("over.qcow2");
+    run(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"]).arg(&raw).arg(&overlay));
+    let out = copy(&overlay);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("qemu.raw is open for writing by another process"), "qemu-nbd's file as a backing: {err}");
     drop(server);
     // With no writer left, the same copy goes through.
     let out = copy(&image);
