@@ -1212,6 +1212,29 @@ impl Admin {
         nbd_uri(&info)
     }
 
+    /// `call()`, made again while the host does not answer (restarting), for up to
+    /// [`HOST_AWAY_WAIT`]; `what` says what waits, once.
+    async fn while_host_away<T, F, Fut>(&self, what: &str, mut call: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        let since = std::time::Instant::now();
+        let mut told = false;
+        loop {
+            match call().await {
+                Err(e) if host_away(&e) && since.elapsed() < HOST_AWAY_WAIT => {
+                    if !told {
+                        eprintln!("the host does not answer (restarting?); {what} waits for it, {} s at most", HOST_AWAY_WAIT.as_secs());
+                        told = true;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
     async fn release(&self, sr: &str, vdi: &str) -> Result<()> {
         self.release_on(&cli_dp(vdi), sr, vdi).await
     }
@@ -1241,13 +1264,21 @@ impl Admin {
             tapmirror_copy(&[file.as_os_str(), uri.as_ref(), "--format".as_ref(), format.as_ref(), "--target-is-zero".as_ref(), "--no-backing".as_ref()], &mut stops).await
         }
         .await;
-        let released = self.release(sr, &info.vdi).await;
+        // A host restarting meanwhile is waited for: given up on at once, the import left its
+        // VDI behind, empty or whole, and often still attached (a tester restarted the host
+        // under 16 imports; all 16 left one).
+        let vdi = info.vdi.clone();
+        let released = self.while_host_away("detaching the imported VDI", || self.release(sr, &vdi)).await;
         if let Err(e) = outcome {
             // Take the half-made VDI away again; the import failed as a whole.
-            let _ = self.call("VDI.destroy", &[("vdi", s(&info.vdi)), ("sr", s(sr))]).await;
-            return Err(e.context(format!("import {} into SR {sr}", file.display())));
+            let destroyed = self.while_host_away("destroying the half-made VDI", || async { self.call("VDI.destroy", &[("vdi", s(&vdi)), ("sr", s(sr))]).await.map(|_| ()) }).await;
+            let e = e.context(format!("import {} into SR {sr}", file.display()));
+            return Err(match destroyed {
+                Ok(()) => e,
+                Err(why) => e.context(format!("the half-made VDI {vdi} is left ({why:#}): `sxm vdi detach --sr {sr} --vdi {vdi}`, then `sxm vdi destroy`, take it away")),
+            });
         }
-        released?;
+        released.with_context(|| format!("VDI {vdi} is imported whole, but still attached: `sxm vdi detach --sr {sr} --vdi {vdi}` lets it go"))?;
         let info: VdiInfo = self.call_as("VDI.stat", &[("vdi", s(&info.vdi)), ("sr", s(sr))]).await?;
         self.show_vdi(&info)
     }

@@ -425,6 +425,53 @@ fn an_import_or_export_stopped_by_a_signal_undoes_itself() {
     assert!(std::fs::read(&out_file).expect("the export's file") == std::fs::read(&file).expect("source"), "the export differs");
 }
 
+/// An import whose host is killed and started again under it waits for the host and ends as
+/// an import should: whole and let go of, or failed and taken away. It gave up at once, leaving
+/// its VDI behind, empty or whole, and often still attached.
+#[test]
+fn an_import_rides_out_a_restart_of_its_host() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut host, sr) = host_with_sr(&dir);
+    let root = dir.path().join("host");
+    let slow = dir.path().join("slow-tapmirror");
+    std::fs::write(&slow, format!("#!/bin/sh\nif [ \"$1\" = copy ]; then exec {} \"$@\" --bwlimit 2M; fi\nexec {} \"$@\"\n", tapmirror().display(), tapmirror().display())).expect("wrapper");
+    run(Command::new("chmod").arg("755").arg(&slow));
+    let file = dir.path().join("data.raw");
+    let data = pattern((8 * MIB) as usize, 43);
+    std::fs::write(&file, &data).expect("data");
+    let child = Command::new(sxm())
+        .arg("--host")
+        .arg(&host.socket)
+        .args(["vdi", "import", "--sr", &sr, "--name", "riding", file.to_str().expect("path")])
+        .env("SXM_TAPMIRROR", &slow)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn sxm");
+    let copying = || {
+        let out = Command::new("pgrep").arg("-f").arg(format!("copy .*{}", file.display())).output().expect("pgrep");
+        !String::from_utf8_lossy(&out.stdout).trim().is_empty()
+    };
+    eventually(30, "the copy under way", copying);
+    host.kill();
+    // The copy goes on into the datapath, which outlives its host; the host is still away
+    // when it ends and the CLI lets the VDI go.
+    eventually(60, "the copy ended", || !copying());
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    host = Host::start(&root);
+    let out = child.wait_with_output().expect("wait");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "the import failed: {err}");
+    assert!(err.contains("waits for it"), "{err}");
+    let vdi = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert_eq!(vdi_ids(&host, &sr), vec![vdi.clone()], "one VDI, the import's");
+    let dps = host.call("DP.stat_vdi", json!({"sr": sr, "vdi": vdi, "dbg": "t"}));
+    assert_eq!(dps["dps"], json!({}), "the import left its VDI attached");
+    let out_file = dir.path().join("out.raw");
+    host.cli(&["vdi", "export", "--sr", &sr, "--vdi", &vdi, out_file.to_str().expect("path")]);
+    assert!(std::fs::read(&out_file).expect("export") == data, "the imported VDI differs from the file");
+}
+
 /// A raw file whose size is no whole number of sectors imports into either SR type: the VDI is
 /// the next whole sector, its bytes the file's and then zeroes. The copy failed with EINVAL at
 /// its last, partial sector.
