@@ -425,6 +425,29 @@ fn an_import_or_export_stopped_by_a_signal_undoes_itself() {
     assert!(std::fs::read(&out_file).expect("the export's file") == std::fs::read(&file).expect("source"), "the export differs");
 }
 
+/// A name or description longer than 64 KiB is refused, saying so, and changes nothing: one of
+/// 15 MiB was taken, made every `SR.scan` answer twice that, and kept the VDI from migrating.
+#[test]
+fn names_longer_than_64_kib_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (host, sr) = host_with_sr(&dir);
+    let vdi = host.cli(&["vdi", "create", "--sr", &sr, "--size", "1M", "--name", "short"]);
+    let long = "n".repeat((64 << 10) + 1);
+    let scan = host.call("SR.scan", json!({"sr": sr, "dbg": "t"}));
+    for (method, params) in [
+        ("VDI.set_name_label", json!({"sr": sr, "vdi": vdi, "new_name_label": long, "dbg": "t"})),
+        ("VDI.set_name_description", json!({"sr": sr, "vdi": vdi, "new_name_description": long, "dbg": "t"})),
+        ("SR.set_name_label", json!({"sr": sr, "new_name_label": long, "dbg": "t"})),
+        ("VDI.create", json!({"sr": sr, "vdi_info": {"vdi": "", "name_label": long, "virtual_size": 1048576}, "dbg": "t"})),
+    ] {
+        let reply = host.jsonrpc(method, params);
+        assert!(reply["error"].to_string().contains("longer than the 65536 bytes an SR or VDI keeps"), "{method}: {reply}");
+    }
+    assert_eq!(host.call("SR.scan", json!({"sr": sr, "dbg": "t"})), scan, "a refused name changed the SR");
+    // 64 KiB itself is taken.
+    host.call("VDI.set_name_label", json!({"sr": sr, "vdi": vdi, "new_name_label": "n".repeat(64 << 10), "dbg": "t"}));
+}
+
 /// An import whose host is killed and started again under it waits for the host and ends as
 /// an import should: whole and let go of, or failed and taken away. It gave up at once, leaving
 /// its VDI behind, empty or whole, and often still attached.
