@@ -458,12 +458,12 @@ fn last_task(h: &Host) -> String {
 
 #[test]
 fn a_failure_at_each_source_stage_is_that_stages_error_and_leaves_nothing_behind() {
-    for (point, tag) in [
-        ("send.prepare", "Migration_preparation_failure"),
-        ("send.pass_fds", "Migration_mirror_fd_failure"),
-        ("send.snapshot", "Migration_mirror_snapshot_failure"),
-        ("send.copy", "Migration_mirror_copy_failure"),
-        ("send.copied", "Migration_mirror_copy_failure"),
+    for (point, tag, stage) in [
+        ("send.prepare", "Migration_preparation_failure", "prepare"),
+        ("send.pass_fds", "Migration_mirror_fd_failure", "pass fds"),
+        ("send.snapshot", "Migration_mirror_snapshot_failure", "snapshot"),
+        ("send.copy", "Migration_mirror_copy_failure", "copy"),
+        ("send.copied", "Migration_mirror_copy_failure", "copy"),
     ] {
         let mut p = Pair::with_faults(&format!("{point}=error"), "");
         let seed = pattern((4 * MIB) as usize, 8);
@@ -473,7 +473,10 @@ fn a_failure_at_each_source_stage_is_that_stages_error_and_leaves_nothing_behind
         let guest = Guest::start(uri.clone(), 4 * MIB, 19);
         let out = p.src.cli_raw(&["mirror", "start", "--sr", &p.src_sr, "--vdi", &vdi, "--dest", &p.dest_url(), "--dest-sr", &p.dst_sr, "--wait"]);
         assert!(!out.status.success(), "{point}: the migration did not fail");
-        assert_eq!(task_error(&p.src, &last_task(&p.src)), tag, "{point}");
+        let task = last_task(&p.src);
+        assert_eq!(task_error(&p.src, &task), tag, "{point}");
+        // The task says the stage its error names.
+        assert_eq!(p.src.call("TASK.stat", json!({"task": task, "dbg": "t"}))["debug_info"]["stage"], stage, "{point}");
         settle(&p, &before, &format!("{point}: both hosts back as they were"));
         let (model, _) = guest.stop();
         assert_matches_guest(&p.export_live(&uri), &model, &seed, point);

@@ -264,23 +264,24 @@ impl Mux {
             check(Failed::Prepare)?;
             self.stage(task, "prepare", 0.02);
             self.send_prepare(id).await.map_err(|(e, answered)| (if answered { Failed::Prepare } else { Failed::PrepareUnknown }, e))?;
-            check(Failed::PassFds)?;
+            // The stage first: a check that fails names it, and the task should too.
             self.stage(task, "pass fds", 0.05);
+            check(Failed::PassFds)?;
             self.send_pass_fds(id).await.map_err(|e| (Failed::PassFds, e))?;
             if lock(&self.records.sends).get(id).is_some_and(|r| r.full_mirror) {
                 // SMAPIv3: one stage copies everything and mirrors new writes until ready.
-                check(Failed::Mirror)?;
                 self.stage(task, "mirror", 0.08);
+                check(Failed::Mirror)?;
                 self.send_full_mirror(id, task, cancel).await.map_err(|e| (Failed::Mirror, e))?;
                 check(Failed::Mirror)?;
                 self.stage(task, "mirror", 1.0);
                 return Ok(());
             }
-            check(Failed::Snapshot)?;
             self.stage(task, "snapshot", 0.08);
+            check(Failed::Snapshot)?;
             self.send_snapshot(id).await.map_err(|e| (Failed::Snapshot, e))?;
-            check(Failed::Copy)?;
             self.stage(task, "copy", 0.10);
+            check(Failed::Copy)?;
             self.send_copy(id, task, cancel).await.map_err(|e| (Failed::Copy, e))?;
             // A cancel that came during the copy's last step still undoes it.
             check(Failed::Copy)?;
