@@ -667,7 +667,9 @@ impl<D: Dispatch> Rpc<D> {
         let transport = transport.map_or("other", Transport::as_str);
         match &outcome {
             Ok(_) => tracing::info!(%method, transport, encoding, elapsed_us, outcome = "success", "rpc call"),
-            Err(e) => tracing::info!(%method, transport, encoding, elapsed_us, outcome = "failure", error = %e, "rpc call"),
+            // Clipped: an error quotes the caller's arguments, and one 5 MiB id put 10 MB into
+            // the log.
+            Err(e) => tracing::info!(%method, transport, encoding, elapsed_us, outcome = "failure", error = %clipped(&e.to_string(), 2048), "rpc call"),
         }
         outcome
     }
@@ -867,9 +869,24 @@ fn secret_eq(presented: &[u8], ours: &[u8]) -> bool {
     std::hint::black_box(diff) == 0
 }
 
+/// `text`, cut to at most `max` bytes (at a character boundary), saying how much was cut.
+fn clipped(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if text.len() <= max {
+        return text.into();
+    }
+    let cut = (0..=max).rev().find(|&i| text.is_char_boundary(i)).unwrap_or(0);
+    format!("{}… ({} bytes more)", &text[..cut], text.len() - cut).into()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_texts_are_clipped_at_a_character_boundary() {
+        assert_eq!(clipped("short", 10), "short");
+        assert_eq!(clipped("ééé", 3), "é… (4 bytes more)");
+    }
 
     #[test]
     fn secrets_compare_equal_only_when_identical() {
@@ -887,3 +904,4 @@ mod tests {
         assert!(!text.contains("hunter2"), "{text}");
     }
 }
+
