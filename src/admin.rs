@@ -1249,6 +1249,11 @@ impl Admin {
         let mut stops = StopSignals::catch()?;
         let format = format.tapmirror_name();
         let (size, found) = image_size(file, format)?;
+        // A disk of no bytes is none: the SR types disagreed on what to make of it (an `ext`
+        // SR made a 2 MiB VDI, a `qcow2` one an empty one).
+        if size == 0 {
+            bail!("{} holds a disk of 0 bytes: there is nothing to import", file.display());
+        }
         // An image from elsewhere is checked whole first: a truncated or damaged one would
         // otherwise be copied with what it lost read as zeroes, as qemu-img convert does.
         if found != "raw" {

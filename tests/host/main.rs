@@ -515,6 +515,16 @@ fn a_file_of_no_whole_sectors_imports_padded_with_zeroes() {
         want.resize(1024, 0);
         assert!(std::fs::read(&exported).expect("exported") == want, "{sr}: the VDI is not the file's bytes then zeroes");
     }
+    // An empty file is no disk: refused on either SR type, which made 2 MiB and 0 B of it.
+    let empty = dir.path().join("empty.raw");
+    std::fs::write(&empty, b"").expect("file");
+    for sr in [&ext, &qcow2] {
+        let before = vdi_ids(&host, sr);
+        let out = host.cli_raw(&["vdi", "import", "--sr", sr, empty.to_str().expect("path")]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains("nothing to import"), "{sr}: {err}");
+        assert_eq!(vdi_ids(&host, sr), before, "{sr}: the refused import made a VDI");
+    }
 }
 
 #[test]
