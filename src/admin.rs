@@ -556,15 +556,17 @@ impl Admin {
     /// SR, or of one VDI of that SR).
     async fn sr_vdi_ids(&self, sr: &str, vdi: &str) -> Result<(String, String)> {
         let sr = self.sr_id(sr).await?;
-        match self.vdi_in(&sr, vdi).await? {
+        match self.vdi_in(&sr, vdi, false).await? {
             Found::Here(id) => Ok((sr, id)),
             Found::Not(e) => Err(e),
         }
     }
 
     /// The id of the VDI `vdi` names in SR `sr` (an id given), or why it is not there. Any
-    /// other failure (several VDIs of that name, say) is an error.
-    async fn vdi_in(&self, sr: &str, vdi: &str) -> Result<Found> {
+    /// other failure (several VDIs of that name, say) is an error. Not `strict`, a failure to
+    /// look is left for the call made with the VDI to say; `strict`, it is an error here (among
+    /// several SRs, an SR that could not be looked at must not count as holding the VDI).
+    async fn vdi_in(&self, sr: &str, vdi: &str, strict: bool) -> Result<Found> {
         if vdi.trim().is_empty() {
             bail!("--vdi is empty (an unset variable?)");
         }
@@ -576,11 +578,13 @@ impl Admin {
                 Err(e) if matches!(storage_error(&e), Some(StorageError::VdiDoesNotExist(_))) => {
                     Ok(Found::Not(e.context(format!("SR {sr} has no VDI {vdi} (`sxm vdi list --sr {sr}` shows them)"))))
                 }
+                Err(e) if strict => Err(e.context(format!("SR {sr}"))),
                 _ => Ok(Found::Here(vdi.to_owned())),
             };
         }
         let vdis: Vec<VdiInfo> = match self.call_as("SR.scan", &[("sr", s(sr))]).await {
             Ok(v) => v,
+            Err(e) if strict => return Err(e.context(format!("SR {sr}"))),
             // The host says what is wrong with the SR when the call itself is made.
             Err(_) => return Ok(Found::Here(vdi.to_owned())),
         };
@@ -607,7 +611,7 @@ impl Admin {
         let mut found = Vec::new();
         let mut not = None;
         for sr in srs {
-            match self.vdi_in(sr, vdi).await? {
+            match self.vdi_in(sr, vdi, srs.len() > 1).await? {
                 Found::Here(id) => found.push((sr.clone(), id)),
                 Found::Not(e) => not = Some(e),
             }
@@ -970,16 +974,19 @@ impl Admin {
                 }
                 let mut maps: Vec<(String, &str)> = Vec::with_capacity(m.maps.len());
                 for entry in &m.maps {
-                    // At the last '=': a VDI's name may hold one; an SR with one in its name is
-                    // given by id.
-                    let Some((vdi, sr)) = entry.rsplit_once('=').filter(|(v, s)| !v.is_empty() && !s.is_empty()) else {
+                    // At the '=' whose left names a disk: a VDI's name and an SR's may hold one.
+                    let splits: Vec<(&str, &str)> = entry.match_indices('=').map(|(i, _)| (&entry[..i], &entry[i + 1..])).filter(|(v, s)| !v.is_empty() && !s.is_empty()).collect();
+                    let Some(&(last_vdi, _)) = splits.last() else {
                         bail!("--map {entry:?}: give VDI=SR, the VDI as given to --vdi and its destination SR");
                     };
-                    let Some((_, id, _)) = disks.iter().find(|(_, id, given)| *given == vdi || id == vdi) else {
-                        bail!("--map {entry:?}: {vdi:?} is not one of the disks given with --vdi");
+                    let named = |vdi: &str| disks.iter().find(|(_, id, given)| *given == vdi || id == vdi);
+                    let (id, sr) = match splits.iter().filter_map(|&(v, sr)| named(v).map(|d| (&d.1, sr))).collect::<Vec<_>>().as_slice() {
+                        [one] => *one,
+                        [] => bail!("--map {entry:?}: {last_vdi:?} is not one of the disks given with --vdi"),
+                        _ => bail!("--map {entry:?} can be read more than one way (a VDI and an SR named with '='): give the VDI's id"),
                     };
                     if maps.iter().any(|(m, _)| m == id) {
-                        bail!("--map {entry:?}: VDI {vdi:?} is mapped twice");
+                        bail!("--map {entry:?}: VDI {id} is mapped twice");
                     }
                     maps.push((id.clone(), sr));
                 }

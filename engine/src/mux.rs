@@ -489,7 +489,7 @@ impl Mux {
             }
             TaskStat(a) => self.tasks.stat(&a.task).map(|t| t.to_value()),
             TaskList(_) => Ok(self.tasks.list().to_value()),
-            TaskCancel(a) if let Some(why) = self.jobs.past_cutover(&a.task) => Err(StorageError::InternalError(why)),
+            TaskCancel(a) if let Some(why) = self.jobs.past_cutover(&a.task, crate::migrate::job::Asked::Cancel) => Err(StorageError::InternalError(why)),
             TaskCancel(a) => {
                 self.tasks.cancel(&a.task)?;
                 // Its stage says so at once: a job's undo takes a while, and its last stage

@@ -1910,6 +1910,19 @@ fn a_vm_on_two_srs_moves_as_one_job_each_disk_to_the_sr_it_is_mapped_to() {
     assert_eq!(other.len(), 1, "fast-dest holds the system disk only: {other:?}");
 }
 
+/// A job whose disk fails says which disk failed, and where it was going.
+#[test]
+fn a_job_whose_disk_fails_names_the_disk_and_its_srs() {
+    let p = Pair::with_faults("send.copy=error", "");
+    let url = p.dest_url();
+    let (vdis, _uris, _seeds) = vm(&p, 1, MIB);
+    let job = p.src.cli(&job_args(&p, &url, &vdis, &[]));
+    let t = job_end(&p, &job);
+    assert_eq!(t["state"][0], "Failed", "{t}");
+    let said = format!("disk0 (VDI {} of SR {} to SR {})", vdis[0], p.src_sr, p.dst_sr);
+    assert!(t["state"][1].to_string().contains(&said), "{t}");
+}
+
 /// What a job's disks and maps must say, refused before anything is made.
 #[test]
 fn a_job_whose_disks_or_maps_do_not_add_up_is_refused_saying_why() {
@@ -1929,12 +1942,16 @@ fn a_job_whose_disks_or_maps_do_not_add_up_is_refused_saying_why() {
     refused(&[&base[..], &["--dest-sr", "destination", "--map", &vdi]].concat(), "give VDI=SR");
     refused(&[&base[..], &["--map", &format!("{vdi}=elsewhere")]].concat(), "has no SR \"elsewhere\"");
     refused(&["migrate", "--sr", "source", "--sr", "other", "--vdi", "ghost", "--dest", &url, "--dest-sr", "destination"], "none of the SRs given with --sr");
+    // An SR that is not there, among several, is said to be so (it counted as holding every
+    // VDI, which then read as named in two SRs).
+    refused(&["migrate", "--sr", "source", "--sr", "nosuch", "--vdi", &vdi, "--dest", &url, "--dest-sr", "destination"], "SR nosuch");
     // Over RPC, a map naming a VDI the job does not move is refused too.
     let e = p.src.jsonrpc("SXM.migrate.start", json!({"dbg": "t", "sr": p.src_sr, "vdis": [vdi], "url": url, "dest": p.dst_sr, "vdi_map": {"0000": p.dst_sr}}));
     assert!(e["error"].to_string().contains("vdi_map names VDI 0000, which is not one of the job's disks"), "{e}");
     settle(&p, &before, "the refused jobs");
-    // Every disk mapped: no --dest-sr needed, and the job runs.
-    let job = p.src.cli(&[&base[..], &["--map", &format!("{vdi}=destination")]].concat());
+    // Every disk mapped: no --dest-sr needed, and the job runs; to an SR with '=' in its name.
+    p.dst.cli(&["sr", "create", "--type", "ext", "--name", "x=y"]);
+    let job = p.src.cli(&[&base[..], &["--map", &format!("{vdi}=x=y")]].concat());
     let t = job_end(&p, &job);
     assert_eq!(t["state"][0], "Completed", "{t}");
 }

@@ -124,15 +124,20 @@ impl Jobs {
         lock(&self.jobs).contains_key(task)
     }
 
-    /// Why nothing more may be asked of job `task` (a cancel, a cutover, a new limit), if so:
-    /// it has begun its switch-over, or a restart interrupted that and it is being undone.
-    pub(crate) fn past_cutover(&self, task: &str) -> Option<String> {
+    /// Why `asked` (a cancel, a new limit) may no longer be asked of job `task`, if so: it has
+    /// begun its switch-over, or a restart interrupted that and it is being undone.
+    pub(crate) fn past_cutover(&self, task: &str, asked: Asked) -> Option<String> {
         if let Some(why) = self.being_undone(task) {
             return Some(why);
         }
-        lock(&self.jobs).get(task).filter(|j| j.switching.load(std::sync::atomic::Ordering::SeqCst)).map(|_| {
-            format!("job {task} is switching over: its disks are being handed to the destination (a cancel cannot undo that, and their copies are done); wait for it to end")
-        })
+        let because = match asked {
+            Asked::Cancel => "a cancel cannot undo that, and their copies are done",
+            Asked::Limit => "their copies are done: a bandwidth limit would limit nothing",
+        };
+        lock(&self.jobs)
+            .get(task)
+            .filter(|j| j.switching.load(std::sync::atomic::Ordering::SeqCst))
+            .map(|_| format!("job {task} is switching over: its disks are being handed to the destination ({because}); wait for it to end"))
     }
 
     /// Why nothing may be asked of job `task`, if a restart interrupted its switch-over and it
@@ -154,6 +159,13 @@ impl Jobs {
         let rate = limit.rate();
         (rate > 0).then(|| (rate / parallel.max(1)).max(1))
     }
+}
+
+/// What is asked of a job that [`Jobs::past_cutover`] may refuse.
+#[derive(Clone, Copy)]
+pub(crate) enum Asked {
+    Cancel,
+    Limit,
 }
 
 /// A token bucket over data bytes whose rate may change while copies use it: the bandwidth
@@ -391,7 +403,7 @@ impl Mux {
 
     /// `SXM.migrate.set_bwlimit`: the job's disks share the new limit from their next request.
     pub(crate) fn migrate_set_bwlimit(&self, job: &str, bwlimit: i64) -> Result<(), StorageError> {
-        if let Some(why) = self.jobs.past_cutover(job) {
+        if let Some(why) = self.jobs.past_cutover(job, Asked::Limit) {
             // Its copies are done (or undone): a limit would limit nothing.
             return Err(StorageError::InternalError(why));
         }
@@ -630,7 +642,10 @@ impl Mux {
                             }
                             TaskState::Failed(e) => {
                                 self.tasks().subtask(id, &name, TaskState::Failed(e.clone()));
-                                return Err(StorageError::from_value(e).unwrap_or_else(|_| StorageError::InternalError(format!("{name} failed"))));
+                                // Which disk, and where it went: with several destination SRs,
+                                // "ENOSPC" alone left the user to work out which one filled.
+                                let e = StorageError::from_value(e).unwrap_or_else(|_| StorageError::InternalError(format!("{name} failed")));
+                                return Err(e.about(&format!("disk{i} (VDI {} of SR {} to SR {})", d.vdi, d.sr, d.dest_sr)));
                             }
                         }
                         tokio::time::sleep(Duration::from_millis(200)).await;

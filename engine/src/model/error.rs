@@ -186,6 +186,20 @@ fn string_list(v: &Value) -> Result<Vec<String>, NotAnError> {
 }
 
 impl StorageError {
+    /// The same error with `what` said before its message, for a migration failure (whose
+    /// message is free text); any other error as it is (its parameters are xapi's codes).
+    pub fn about(self, what: &str) -> StorageError {
+        use StorageError::*;
+        match self {
+            MigrationPreparationFailure(m) => MigrationPreparationFailure(format!("{what}: {m}")),
+            MigrationMirrorFdFailure(m) => MigrationMirrorFdFailure(format!("{what}: {m}")),
+            MigrationMirrorSnapshotFailure(m) => MigrationMirrorSnapshotFailure(format!("{what}: {m}")),
+            MigrationMirrorCopyFailure(m) => MigrationMirrorCopyFailure(format!("{what}: {m}")),
+            MigrationMirrorFailure(m) => MigrationMirrorFailure(format!("{what}: {m}")),
+            other => other,
+        }
+    }
+
     /// The error as xapi encodes it.
     pub fn to_value(&self) -> Value {
         use StorageError::*;
