@@ -295,6 +295,10 @@ struct Datapath {
     read_write: bool,
     /// Activated (serving) rather than only attached (paused).
     active: Mutex<bool>,
+    /// Paused for a change of its files (`with_quiesced`), though active: a process that dies
+    /// meanwhile is restarted paused, and taken up active once the change is done (it stayed
+    /// paused for good, its guest frozen, when the pause was taken for the state to restore).
+    quiesced: Mutex<bool>,
     /// After a failed restart of its dead process, when to try again.
     retry_restart_at: Mutex<Option<Instant>>,
 }
@@ -308,8 +312,16 @@ impl Datapath {
         *self.active.lock().unwrap_or_else(PoisonError::into_inner) = active;
     }
 
+    fn is_quiesced(&self) -> bool {
+        *self.quiesced.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn set_quiesced(&self, quiesced: bool) {
+        *self.quiesced.lock().unwrap_or_else(PoisonError::into_inner) = quiesced;
+    }
+
     fn new(process: ServeProcess, read_write: bool, active: bool) -> Datapath {
-        Datapath { process, read_write, active: Mutex::new(active), retry_restart_at: Mutex::new(None) }
+        Datapath { process, read_write, active: Mutex::new(active), quiesced: Mutex::new(false), retry_restart_at: Mutex::new(None) }
     }
 
     /// Its process has died and a restart may be tried now.
@@ -535,10 +547,14 @@ impl Datapaths {
         lift: impl Fn(DatapathError) -> E,
     ) -> Result<T, E> {
         let Some(dp) = self.get(g, id).filter(|dp| dp.is_active()) else { return f() };
-        self.pause(id, &dp).map_err(&lift)?;
+        dp.set_quiesced(true);
+        if let Err(e) = self.to_state(id, &dp, "pause", "already paused") {
+            dp.set_quiesced(false);
+            return Err(lift(e));
+        }
         tracing::info!(group = g.name, id, op, "datapath paused for a change of its files");
         let r = f();
-        let resumed = self.unpause(id, &dp).map_err(&lift);
+        let resumed = self.resume_after_change(g, id, dp).map_err(&lift);
         match (&r, resumed) {
             (_, Ok(())) => tracing::info!(group = g.name, id, op, ok = r.is_ok(), "datapath resumed"),
             (Ok(_), Err(e)) => {
@@ -548,6 +564,46 @@ impl Datapaths {
             (Err(_), Err(e)) => tracing::error!(group = g.name, id, op, error = %e, "datapath could not resume after a failed change"),
         }
         r
+    }
+
+    /// Ends `with_quiesced`'s pause of `dp`: unpauses the datapath now serving `id`. One that
+    /// died during the change, or as it ends, is restarted by its host (paused while the
+    /// change was under way): the restart, or this, unpauses the new process, whichever
+    /// comes second.
+    fn resume_after_change(&self, g: Group<'_>, id: &str, dp: Arc<Datapath>) -> Result<()> {
+        let deadline = Instant::now() + RESTART_RETRY;
+        // The one serving now: a restart during the change put another in its place.
+        let mut current = self.get(g, id).unwrap_or(dp);
+        current.set_quiesced(false);
+        loop {
+            let e = match self.to_state(id, &current, "unpause", "not paused") {
+                Ok(()) => return Ok(()),
+                Err(e) => e,
+            };
+            if current.process.is_running() {
+                return Err(e);
+            }
+            // Dead. A restart that looks from now on takes it up active; one that looked while
+            // it was quiesced puts a paused process in its place, unpaused here.
+            loop {
+                std::thread::sleep(Duration::from_millis(100));
+                match self.get(g, id) {
+                    Some(next) if Arc::ptr_eq(&next, &current) => {
+                        if Instant::now() >= deadline {
+                            tracing::warn!(group = g.name, id, "datapath died during a change of its files; its restart resumes it");
+                            return Ok(());
+                        }
+                    }
+                    Some(next) if next.is_quiesced() => {
+                        next.set_quiesced(false);
+                        current = next;
+                        break;
+                    }
+                    // Restarted active already, or detached meanwhile.
+                    _ => return Ok(()),
+                }
+            }
+        }
     }
 
     /// Sends `request` with `fds` to `id`'s datapath, which must exist.
@@ -675,10 +731,14 @@ impl Datapaths {
         if old.process.is_running() {
             return Ok(false);
         }
-        let (active, dir) = (old.is_active(), old.process.dir().to_path_buf());
-        tracing::error!(group = g.name, id, pid = old.process.pid(), active, log = %old.process.log_tail(), "datapath process died; restarting it");
+        let (active, quiesced, dir) = (old.is_active(), old.is_quiesced(), old.process.dir().to_path_buf());
+        tracing::error!(group = g.name, id, pid = old.process.pid(), active, quiesced, log = %old.process.log_tail(), "datapath process died; restarting it");
         let restarted = self.start(g, id, image, old.read_write, &dir).and_then(|dp| {
-            if active && let Err(e) = self.unpause(id, &dp) {
+            if active && quiesced {
+                // Its files are being changed: it stays paused until the change is done.
+                dp.set_active(true);
+                dp.set_quiesced(true);
+            } else if active && let Err(e) = self.unpause(id, &dp) {
                 stop(id, &dp.process);
                 return Err(e);
             }

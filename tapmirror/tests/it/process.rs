@@ -527,3 +527,57 @@ os._exit(1)
     let _server = KillOnDrop(pid);
     wait_until("the server went with its starter", || gone(pid));
 }
+
+/// A datapath that dies while it is paused for a change of its files (a snapshot) is taken up
+/// active again once the change is done, whether its host restarts it during the change or
+/// after: its guest's writes complete. It used to be restarted paused, for good (a tester's
+/// guest froze for 14 minutes, until a detach and attach).
+#[test]
+fn a_datapath_that_dies_during_a_change_of_its_files_comes_back_active() {
+    require!("qemu-io");
+    use tapmirror::datapaths::{Datapaths, Group};
+    for restart_during_the_change in [true, false] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let image = raw_image(dir.path());
+        let run_dir = dir.path().join("run");
+        std::fs::create_dir_all(&run_dir).expect("run dir");
+        let dps = Datapaths::new(PathBuf::from(tapmirror()), "raw");
+        let g = Group { name: "t", run_dir: &run_dir };
+        let endpoint = dps.attach(g, "v", &image, true).expect("attach");
+        dps.activate(g, "v").expect("activate");
+        let pid_file = std::fs::read_dir(&run_dir).expect("run dir").flatten().next().expect("the datapath's folder").path().join(PID_FILE);
+        let pid: serde_json::Value = serde_json::from_slice(&std::fs::read(&pid_file).expect("pid file")).expect("pid json");
+        let pid = Pid::from_raw(pid["pid"].as_i64().expect("pid") as i32);
+        std::thread::scope(|s| {
+            let changed = dps.with_quiesced(
+                g,
+                "v",
+                "test",
+                || {
+                    kill(pid, Signal::SIGKILL).expect("kill the datapath");
+                    let deadline = Instant::now() + Duration::from_secs(10);
+                    while !dps.dead(g).contains(&"v".to_owned()) {
+                        assert!(Instant::now() < deadline, "the datapath did not die");
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    if restart_during_the_change {
+                        assert!(dps.restart_dead(g, "v", &image).expect("restart"), "restarted");
+                    } else {
+                        // The host's watch restarts it as the change ends.
+                        s.spawn(|| {
+                            std::thread::sleep(Duration::from_millis(300));
+                            dps.restart_dead(g, "v", &image).expect("restart");
+                        });
+                    }
+                    Ok::<(), String>(())
+                },
+                |e| e.to_string(),
+            );
+            assert_eq!(changed, Ok(()), "restart during the change: {restart_during_the_change}");
+        });
+        let uri = format!("nbd+unix:///v?socket={}", endpoint.socket.display());
+        let out = Command::new("timeout").args(["10", "qemu-io", "-f", "raw", "-c", "write -P 0x33 0 4k", &uri]).output().expect("qemu-io");
+        assert!(out.status.success(), "restart during the change: {restart_during_the_change}: the guest's write did not complete: {}", String::from_utf8_lossy(&out.stderr));
+        dps.detach(g, "v").expect("detach");
+    }
+}
