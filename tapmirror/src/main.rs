@@ -696,6 +696,9 @@ async fn connect_dest(uri: &NbdUri, count: usize, opts: &ClientOptions) -> Resul
 
 /// Runs a step of the copy's setup (connecting, opening) until a stop signal: the copy proper
 /// watches for them itself.
+/// How long a copy with a checkpoint, stopped by a signal, may take to record where it got to.
+const STOP_GRACE: Duration = Duration::from_secs(20);
+
 async fn or_stopped<T>(stops: &mut StopSignals, what: &str, step: impl std::future::Future<Output = Result<T>>) -> Result<T> {
     tokio::select! {
         r = step => r,
@@ -855,9 +858,29 @@ async fn copy(args: CopyArgs) -> Result<()> {
     // A copy stopped by a signal (`StopSignals`) ends as one that failed, so that it too takes
     // away the file it made (killed, it left one of the source's size, looking whole).
     let names = (copy_end_name(&args.src), copy_end_name(&args.dest));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let opts = CopyOptions { stop: Some(Arc::clone(&stop)), ..opts };
+    let copying = tapmirror::copy::copy(Arc::new(source), Arc::new(dest), connections, &opts, (&names.0, &names.1));
+    tokio::pin!(copying);
     let copied = tokio::select! {
-        copied = tapmirror::copy::copy(Arc::new(source), Arc::new(dest), connections, &opts, (&names.0, &names.1)) => copied,
-        signal = stops.recv() => Err(anyhow::anyhow!("stopped by {signal}")),
+        copied = &mut copying => copied,
+        signal = stops.recv() => {
+            // With a checkpoint, the copy stops sending and records where it got to, so that
+            // the resume sends nothing twice (a copy dropped at once resent up to 5 s of data);
+            // a second signal, or STOP_GRACE, ends it at once.
+            let stopped = || Err(anyhow::anyhow!("stopped by {signal}"));
+            if args.checkpoint.is_some() {
+                stop.store(true, std::sync::atomic::Ordering::SeqCst);
+                tokio::select! {
+                    // Done meanwhile (the signal came as it ended): it is done.
+                    copied = &mut copying => copied.or_else(|_| stopped()),
+                    _ = stops.recv() => stopped(),
+                    _ = tokio::time::sleep(STOP_GRACE) => stopped(),
+                }
+            } else {
+                stopped()
+            }
+        }
     };
     if let (Err(_), Some(ours), None) = (&copied, &made, &args.checkpoint) {
         let path = Path::new(&args.dest);

@@ -67,7 +67,27 @@ pub struct CopyOptions {
     /// A pace shared with other copies: asked before each data request how long its bytes
     /// must wait (several copies under one bandwidth limit that can change while they run).
     pub throttle: Option<Throttle>,
+    /// Set to stop the copy early: nothing more is sent, what is in flight completes, and with
+    /// a checkpoint the destination is flushed and the checkpoint written where the copy got
+    /// to; the copy then ends with [`Stopped`]. (A copy stopped by dropping its future resent
+    /// up to 5 s of data on the resume.)
+    pub stop: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
+
+/// What a copy stopped through [`CopyOptions::stop`] ends with.
+#[derive(Debug)]
+pub struct Stopped {
+    /// Bytes below this the destination holds, flushed (the checkpoint's mark, if there is one).
+    pub done: u64,
+}
+
+impl std::fmt::Display for Stopped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "stopped with the first {} bytes copied", self.done)
+    }
+}
+
+impl std::error::Error for Stopped {}
 
 /// How long a copy waits on an NBD end that answers nothing while requests wait on it
 /// ([`crate::nbd::ClientOptions::answer_timeout`]). A server answers a 1 MiB write in
@@ -112,6 +132,7 @@ impl Default for CopyOptions {
             sparse_size: 4096,
             done_counter: None,
             throttle: None,
+            stop: None,
         }
     }
 }
@@ -404,7 +425,9 @@ pub async fn copy<I: Image, J: Image>(
     // Data bytes written (zero blocks found in data sent as zeroing are not) when the last
     // early flush was sent: the flush is for what sits dirty in the target's cache.
     let mut data_at_writeback = 0u64;
-    let has_failed = || failed.lock().map(|f| f.is_some()).unwrap_or(true);
+    let stopping = || opts.stop.as_ref().is_some_and(|s| s.load(std::sync::atomic::Ordering::SeqCst));
+    // Failed, or asked to stop: either way nothing more is sent.
+    let has_failed = || stopping() || failed.lock().map(|f| f.is_some()).unwrap_or(true);
     let data_written = || report.lock().map(|r| r.data_bytes).unwrap_or(0);
 
     let mut at = start;
@@ -510,7 +533,7 @@ pub async fn copy<I: Image, J: Image>(
             }
         }
     }
-    if has_failed() {
+    if failed.lock().map(|f| f.is_some()).unwrap_or(true) {
         // The first failure ends the copy. What is still in flight is not waited for: on
         // other connections to a server that stopped, each would wait out its own timeout.
         // A request dropped unanswered is not acknowledged, so a checkpoint never counts it.
@@ -526,6 +549,15 @@ pub async fn copy<I: Image, J: Image>(
     if let Some(e) = failed.lock().ok().and_then(|mut f| f.take()) {
         ticker.finish(false);
         return Err(e);
+    }
+    if stopping() && at < walk_end {
+        // What was sent is done: made durable and recorded, so the resume starts there.
+        let done = watermark.lock().map(|w| w.mark).unwrap_or(0);
+        if let Some(c) = &mut checkpoints {
+            c.record(&watermark, &dest).await?;
+        }
+        ticker.finish(false);
+        return Err(Stopped { done }.into());
     }
     // The ticker goes on through the flush, which can take long (a target writing back
     // gigabytes): progress lines that stop would look like a hang.
@@ -623,6 +655,13 @@ impl Checkpointer<'_> {
         if self.last.0.elapsed() <= Duration::from_secs(5) && at.saturating_sub(self.last.1) < self.every {
             return Ok(());
         }
+        self.record(watermark, dest).await?;
+        self.last = (Instant::now(), at);
+        Ok(())
+    }
+
+    /// Flushes the destination and records the watermark.
+    async fn record<J: Image>(&mut self, watermark: &Mutex<Watermark>, dest: &Dest<J>) -> Result<()> {
         let mark = watermark.lock().map(|w| w.mark).unwrap_or(0);
         dest.flush().await?;
         Checkpoint {
@@ -633,9 +672,7 @@ impl Checkpointer<'_> {
             done: mark,
             files_stamp: self.files_stamp.map(str::to_owned),
         }
-        .store(self.path)?;
-        self.last = (Instant::now(), at);
-        Ok(())
+        .store(self.path)
     }
 }
 

@@ -961,6 +961,40 @@ fn a_checkpoint_sees_a_restored_mtime_and_one_that_cannot_serve_is_refused_befor
     }
 }
 
+/// A copy with a checkpoint stopped by SIGTERM records where it got to before it ends, so
+/// that the resume sends none of it again (it kept only the last periodic checkpoint, up to
+/// 5 s behind, and none at all when stopped in its first 5 s).
+#[test]
+fn a_copy_stopped_by_a_signal_checkpoints_where_it_got_to() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = dir.path().join("src.raw");
+    let dst = dir.path().join("dst.raw");
+    let data = pattern((32 * MIB) as usize, 35);
+    std::fs::write(&src, &data).expect("source");
+    let cp = dir.path().join("copy.checkpoint");
+    let child = Command::new(crate::harness::tapmirror())
+        .args(["copy", "--bwlimit", "8M", "--checkpoint"])
+        .arg(&cp)
+        .arg(&src)
+        .arg(&dst)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn copy");
+    // About 2 s in: before the first periodic checkpoint (5 s).
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).expect("signal");
+    let out = crate::harness::exits_within(child, std::time::Duration::from_secs(30), "the copy did not stop on SIGTERM");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("stopped by SIGTERM"), "{err}");
+    let checkpoint = copy::Checkpoint::load(&cp).expect("load").expect("a checkpoint written as the copy stopped");
+    assert!(checkpoint.done > 0 && checkpoint.done < 32 * MIB, "{checkpoint:?}");
+    let out = Command::new(crate::harness::tapmirror()).args(["copy", "--checkpoint"]).arg(&cp).arg(&src).arg(&dst).output().expect("resume");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(out.stderr.rsplit(|&b| b == b'\n').find(|l| !l.is_empty()).expect("report")).expect("report JSON");
+    assert_eq!(report["resumed_bytes"], checkpoint.done, "{report}");
+    assert!(std::fs::read(&dst).expect("destination") == data, "the resumed copy differs from its source");
+}
+
 /// A destination zeroed in place is caught even when the source reads as zeroes at every
 /// place the resume compares first: a fully allocated disk whose 64 KiB blocks each hold data
 /// only in their second half. Such a resume used to succeed and leave the destination's first
