@@ -1198,6 +1198,39 @@ fn a_finalize_before_the_mirror_connects_is_refused_and_changes_nothing() {
     assert!(p.export(&p.dst, &p.dst_sr, &leaf) == seed, "the destination VDI differs from the source");
 }
 
+/// Finalizes hammered at the destination from the moment a mirror starts are all refused
+/// until the source lets go: one landing just after the mirror's connection was handed over
+/// found none open yet, finalized under the live mirror, and failed the migration (a tester's
+/// find, 2 runs in 4).
+#[test]
+fn finalizes_hammered_as_the_mirror_starts_are_refused_until_the_source_lets_go() {
+    require!("nbdcopy");
+    let p = Pair::typed("qcow2", "qcow2");
+    let (vdi, _uri) = p.guest_disk(&pattern((8 * MIB) as usize, 29));
+    let dps = p.src.call("DP.stat_vdi", json!({"sr": p.src_sr, "vdi": vdi, "dbg": "t"}));
+    let dp = dps["dps"].as_object().and_then(|d| d.keys().next()).expect("the guest's datapath").clone();
+    let id = format!("{}/{vdi}", p.src_sr);
+    let args = json!({"sr": p.src_sr, "vdi": vdi, "dp": dp, "url": p.dest_url(), "dest": p.dst_sr, "verify_dest": false, "dbg": "t"});
+    let task = p.src.call("DATA.MIRROR.start", args).as_str().expect("task").to_owned();
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        for _ in 0..3 {
+            s.spawn(|| {
+                while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                    let fin = p.dst.jsonrpc("DATA.MIRROR.receive_finalize2", json!({"id": id, "dbg": "t"}));
+                    assert!(fin.get("error").is_some(), "a finalize was accepted while the source mirrored: {fin}");
+                }
+            });
+        }
+        eventually(120, "the mirror is established", || p.src.call("TASK.stat", json!({"task": task, "dbg": "t"}))["state"][0] != "Pending");
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+    });
+    let t = p.src.call("TASK.stat", json!({"task": task, "dbg": "t"}));
+    assert_eq!(t["state"][0], "Completed", "{t}");
+    p.src.cli(&["vdi", "detach", "--sr", &p.src_sr, "--vdi", &vdi]);
+    assert_eq!(p.dst.call("DATA.MIRROR.list", json!({"dbg": "t"})), json!({}), "the receive is over");
+}
+
 /// A finalize sent to the destination by another caller while the source mirrors waits for
 /// the source's deactivate, then finalizes: the source's own finalize, finding the receive
 /// gone and its leaf finished, is done too. It used to fail the migration ("mirror … does not

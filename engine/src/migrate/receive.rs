@@ -407,7 +407,16 @@ impl Mux {
     /// After the `200`: the connection goes to the VDI's datapath process.
     async fn nbd_take_over(&self, req: NbdRequest, conn: OwnedFd) {
         let Ok(entry) = self.attached_entry(&req.sr) else { return };
-        // The source's mirror reaches a receive's leaf: from here on it may be finalized.
+        let vdi = req.vdi.clone();
+        if let Err(e) = self.run(&entry, false, move |b, ctx| b.vdi_serve_nbd(ctx, &vdi, conn)).await {
+            // The caller learns it from the NBD handshake that never comes.
+            tracing::error!(sr = %req.sr, vdi = %req.vdi, dp = %req.dp, error = %e, "handing an NBD connection to the datapath failed");
+            return;
+        }
+        // The source's mirror reaches a receive's leaf: from here on it may be finalized, once
+        // that connection closes. Recorded only now that the datapath counts it: recorded as
+        // it was handed over, a finalize in between found no connection open, took it for one
+        // that had ended, and finalized under a live mirror (a tester's find).
         if let Some((id, "leaf")) = self.receiving_into(&req.sr, &req.vdi) {
             let mut recvs = lock(&self.records.recvs);
             if let Some(mut r) = recvs.get(&id).cloned().filter(|r| r.mirrored == Some(false)) {
@@ -416,11 +425,6 @@ impl Mux {
                     tracing::warn!(mirror = %id, error = %e, "recording that the mirror reached the leaf failed");
                 }
             }
-        }
-        let vdi = req.vdi.clone();
-        if let Err(e) = self.run(&entry, false, move |b, ctx| b.vdi_serve_nbd(ctx, &vdi, conn)).await {
-            // The caller learns it from the NBD handshake that never comes.
-            tracing::error!(sr = %req.sr, vdi = %req.vdi, dp = %req.dp, error = %e, "handing an NBD connection to the datapath failed");
         }
     }
 
