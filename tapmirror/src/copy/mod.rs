@@ -426,8 +426,9 @@ pub async fn copy<I: Image, J: Image>(
     // early flush was sent: the flush is for what sits dirty in the target's cache.
     let mut data_at_writeback = 0u64;
     let stopping = || opts.stop.as_ref().is_some_and(|s| s.load(std::sync::atomic::Ordering::SeqCst));
+    let a_request_failed = || failed.lock().map(|f| f.is_some()).unwrap_or(true);
     // Failed, or asked to stop: either way nothing more is sent.
-    let has_failed = || stopping() || failed.lock().map(|f| f.is_some()).unwrap_or(true);
+    let has_failed = || stopping() || a_request_failed();
     let data_written = || report.lock().map(|r| r.data_bytes).unwrap_or(0);
 
     let mut at = start;
@@ -533,7 +534,7 @@ pub async fn copy<I: Image, J: Image>(
             }
         }
     }
-    if failed.lock().map(|f| f.is_some()).unwrap_or(true) {
+    if a_request_failed() {
         // The first failure ends the copy. What is still in flight is not waited for: on
         // other connections to a server that stopped, each would wait out its own timeout.
         // A request dropped unanswered is not acknowledged, so a checkpoint never counts it.

@@ -682,15 +682,16 @@ pub fn repair_uncounted_tables(file: &File, h: &Header, file_len: u64) -> Result
     }
     // The whole count, to be sure nothing else claims those clusters.
     let counted = count_references(file, h, file_len)?;
+    let mut blocks = Vec::with_capacity(uncounted.len());
     for &c in &uncounted {
         let refs = usize::try_from(c).ok().and_then(|i| counted.counts.get(i)).copied().unwrap_or(0);
         let block = table.get(usize::try_from(c / per_block).unwrap_or(usize::MAX)).map_or(0, |e| e & !0x1ff);
         if refs != 1 || block == 0 {
             return Ok(Vec::new());
         }
+        blocks.push(block);
     }
-    for &c in &uncounted {
-        let block = table[usize::try_from(c / per_block).unwrap_or(0)] & !0x1ff;
+    for (&c, &block) in uncounted.iter().zip(&blocks) {
         set_refcount_in_block(file, block, c % per_block, h.refcount_order, 1)?;
     }
     file.sync_data()?;
