@@ -1041,10 +1041,24 @@ impl Admin {
         // First, so that `migrate cutover`, `cancel` and `set-bwlimit` can be given it.
         eprintln!("job {job}");
         let mut told_hold = false;
+        let mut told_disks = std::collections::BTreeSet::new();
+        let mut drawn = false;
         let mut away_since = None;
         loop {
             let t = self.job_stat(job, &mut away_since).await?;
             let stage = t.debug_info.get("stage").cloned().unwrap_or_default();
+            // The progress line names disks by their index, to stay one line; which VDI each
+            // is gets said once, as it first shows.
+            for name in t.subtasks.keys() {
+                if let Some((disk, vdi)) = name.split_once(' ')
+                    && told_disks.insert(name.clone())
+                {
+                    // Below a progress line already drawn, not over it.
+                    let after = if drawn { "\n" } else { "" };
+                    drawn = false;
+                    eprintln!("{after}{} is VDI {}", printable(disk), printable(vdi));
+                }
+            }
             let disks: Vec<String> = t
                 .subtasks
                 .iter()
@@ -1057,9 +1071,11 @@ impl Admin {
             match &t.state {
                 TaskState::Pending(p) => {
                     eprint!("\rjob {:>5.1}%  {stage:<9} {}        ", p * 100.0, disks.join("  "));
+                    drawn = true;
                     if stage == "holding" && !told_hold {
                         eprintln!("\nevery disk is in sync and mirrored; switch over with: sxm migrate cutover {job}");
                         told_hold = true;
+                        drawn = false;
                     }
                 }
                 TaskState::Completed(c) => {

@@ -2152,6 +2152,15 @@ fn held_job_resumes_after_a_restart(mut p: Pair, what: &str) {
     let (job, mut cli, mut err) = follow_job(&p, &url, &vdis, &["--hold"]);
     job_holding(&p, &job);
     let before = job_stat(&p, &job);
+    // The progress line names the disks disk0, disk1; which VDI each is, it says before the
+    // disks are in sync.
+    let mut said = String::new();
+    while !said.contains("every disk is in sync") {
+        assert!(std::io::BufRead::read_line(&mut err, &mut said).expect("the CLI's output") > 0, "{what}: the CLI ended: {said:?}");
+    }
+    for (i, vdi) in vdis.iter().enumerate() {
+        assert!(said.contains(&format!("disk{i} is VDI {vdi}")), "{what}: the CLI did not say which VDI disk{i} is: {said:?}");
+    }
     p.stop_src(true);
     cli_waits_for_the_host(&mut err);
     p.start_src();
