@@ -869,13 +869,26 @@ async fn copy(args: CopyArgs) -> Result<()> {
             // the resume sends nothing twice (a copy dropped at once resent up to 5 s of data);
             // a second signal, or STOP_GRACE, ends it at once.
             let stopped = || Err(anyhow::anyhow!("stopped by {signal}"));
-            if args.checkpoint.is_some() {
+            if let Some(cp) = &args.checkpoint {
                 stop.store(true, std::sync::atomic::Ordering::SeqCst);
+                // Cut short before the checkpoint was written: say which point a resume
+                // starts from, rather than let the user think it is where the copy got to.
+                let cut_short = |why: &str| {
+                    let kept = match tapmirror::copy::Checkpoint::load(cp) {
+                        Ok(Some(c)) => format!("the checkpoint keeps its last mark, {} bytes, from which a resume starts", c.done),
+                        Ok(None) => "no checkpoint was written: a resume starts from the beginning".to_owned(),
+                        Err(e) => format!("the checkpoint cannot be read ({e:#})"),
+                    };
+                    Err(anyhow::anyhow!("stopped by {signal}, {why} before it recorded where it got to; {kept}"))
+                };
                 tokio::select! {
                     // Done meanwhile (the signal came as it ended): it is done.
-                    copied = &mut copying => copied.or_else(|_| stopped()),
-                    _ = stops.recv() => stopped(),
-                    _ = tokio::time::sleep(STOP_GRACE) => stopped(),
+                    copied = &mut copying => copied.or_else(|e| match e.downcast_ref::<tapmirror::copy::Stopped>() {
+                        Some(s) => Err(anyhow::anyhow!("stopped by {signal}; the checkpoint records {} bytes copied, from which a resume starts", s.done)),
+                        None => stopped(),
+                    }),
+                    _ = stops.recv() => cut_short("then by a second signal"),
+                    _ = tokio::time::sleep(STOP_GRACE) => cut_short(&format!("and its in-flight requests and flush took over {} s", STOP_GRACE.as_secs())),
                 }
             } else {
                 stopped()

@@ -961,6 +961,41 @@ fn a_checkpoint_sees_a_restored_mtime_and_one_that_cannot_serve_is_refused_befor
     }
 }
 
+/// A copy with a checkpoint stopped while its destination answers nothing cannot record where
+/// it got to (nothing it sent is known flushed); ended by a second signal, it says so and says
+/// where a resume starts, where it used to say only "stopped by SIGTERM".
+#[test]
+fn a_copy_stopped_while_its_destination_stalls_says_its_checkpoint_was_not_written() {
+    crate::require!("nbdkit");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = dir.path().join("src.raw");
+    std::fs::write(&src, pattern((8 * MIB) as usize, 36)).expect("source");
+    let socket = dir.path().join("stalled.sock");
+    let mut cmd = Command::new("nbdkit");
+    cmd.args(["-f", "-U"]).arg(&socket).args(["--filter=delay", "memory", "8M", "delay-write=60"]).stderr(std::process::Stdio::null());
+    let _stalled = spawn_server(&mut cmd, &socket);
+    let cp = dir.path().join("copy.checkpoint");
+    let child = Command::new(crate::harness::tapmirror())
+        .args(["copy", "--checkpoint"])
+        .arg(&cp)
+        .arg(&src)
+        .arg(format!("nbd+unix:///?socket={}", socket.display()))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn copy");
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    // Its first writes are out, and wait on the stalled destination.
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("signal");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("second signal");
+    let out = crate::harness::exits_within(child, std::time::Duration::from_secs(10), "the copy did not end on a second SIGTERM");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a stopped copy said it succeeded: {err}");
+    assert!(err.contains("before it recorded where it got to") && err.contains("a resume starts from the beginning"), "{err}");
+    assert!(copy::Checkpoint::load(&cp).expect("load").is_none(), "a checkpoint was written though nothing was flushed");
+}
+
 /// A copy with a checkpoint stopped by SIGTERM records where it got to before it ends, so
 /// that the resume sends none of it again (it kept only the last periodic checkpoint, up to
 /// 5 s behind, and none at all when stopped in its first 5 s).
