@@ -447,8 +447,11 @@ async fn execute<I: Image>(control: &Control<I>, request: &Value, mut fds: Vec<O
             let fd = fds.remove(0);
             let export = request.get("export").and_then(Value::as_str).unwrap_or("").to_owned();
             // A peer that never answers the handshake must not hold this connection forever.
+            // Once connected, the client's answer watch is the mirror's timeout: a target that
+            // answers nothing for it while requests wait fails the mirror (a timer per request
+            // failed a slow link whose queue waited longer, though replies kept coming).
             let connect = |fd, within| {
-                tokio::time::timeout(within, NbdClient::from_fd(fd, ClientOptions { export: export.clone(), ..ClientOptions::default() }))
+                tokio::time::timeout(within, NbdClient::from_fd(fd, ClientOptions { export: export.clone(), answer_timeout: Some(timeout), ..ClientOptions::default() }))
             };
             let client = match connect(fd, timeout).await {
                 Ok(Ok(c)) => c,

@@ -521,10 +521,8 @@ impl Shared {
             let waiting = self.pending.lock().map(|p| p.len()).unwrap_or(0);
             let silent = self.now_ms().saturating_sub(self.heard.load(Ordering::Relaxed));
             if waiting > 0 && silent >= limit_ms {
-                self.fail_all(&format!(
-                    "the server answered nothing for {:.1} s with {waiting} requests waiting",
-                    silent as f64 / 1000.0
-                ));
+                let requests = if waiting == 1 { "request" } else { "requests" };
+                self.fail_all(&format!("the server answered nothing for {:.1} s with {waiting} {requests} waiting", silent as f64 / 1000.0));
                 return;
             }
         }

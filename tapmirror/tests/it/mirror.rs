@@ -226,7 +226,7 @@ fn stalled_or_killed_targets_fail_the_mirror_not_the_guest() {
     run(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x61 0 4k", "-c", "read -P 0x61 0 4k", &source.uri()]));
     let stats = ctl(&ctl_path, &["stats"]);
     assert_eq!(stats["mirror"]["state"], "failed", "{stats}");
-    assert!(stats["mirror"]["failure"].as_str().unwrap_or("").contains("no answer"), "{stats}");
+    assert!(stats["mirror"]["failure"].as_str().unwrap_or("").contains("answered nothing for"), "{stats}");
     drop(slow);
 
     let target = crate::harness::serve(64 * MIB, &[]);
@@ -239,6 +239,24 @@ fn stalled_or_killed_targets_fail_the_mirror_not_the_guest() {
     guest_writes(&source.uri());
     let stats = ctl(&ctl_path, &["stats"]);
     assert_eq!(stats["mirror"]["state"], "failed", "{stats}");
+    assert_eq!(stats["errors"], 0, "{stats}");
+}
+
+/// A full mirror over a slow link whose target answers steadily is no stalled target, however
+/// long its queued requests wait: nbdkit's rate filter lets 2 MB/s through, so the pass's four
+/// 1 MiB requests in flight take 2 s to all come back, longer than the mirror's 1.5 s timeout,
+/// while a reply comes every half second. Each request used to be timed from when it was
+/// queued, and the mirror failed ("no answer within 1.5s") on a target that never went silent.
+#[test]
+fn a_slow_target_that_keeps_answering_does_not_fail_a_full_mirror() {
+    crate::require!("nbdkit");
+    let (source, ctl_path) = serve_controlled(12 * MIB);
+    std::fs::write(&source.image, crate::harness::pattern(12 * MIB as usize, 7)).expect("source data");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("slow-link.sock");
+    let _k = spawn_server(Command::new("nbdkit").args(["-f", "-U"]).arg(&socket).args(["--filter=rate", "memory", "12M", "rate=16M"]), &socket);
+    ctl(&ctl_path, &["mirror-attach", "--mode", "full", "--timeout-ms", "1500", "--target", &format!("nbd+unix:///?socket={}", socket.display())]);
+    let stats = wait_ready(&ctl_path);
     assert_eq!(stats["errors"], 0, "{stats}");
 }
 
