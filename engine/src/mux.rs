@@ -491,6 +491,13 @@ impl Mux {
             TaskList(_) => Ok(self.tasks.list().to_value()),
             TaskCancel(a) if let Some(why) = self.jobs.past_cutover(&a.task, crate::migrate::job::Asked::Cancel) => Err(StorageError::InternalError(why)),
             TaskCancel(a) => {
+                // Recorded before the job is told, so that a restart in its undo does not
+                // take the cancelled job up again; unrecorded, the cancel still goes ahead.
+                if self.jobs.is_running(&a.task)
+                    && let Err(e) = self.record_job_cancel(&a.task)
+                {
+                    tracing::error!(job = %a.task, error = %e, "recording the job's cancel failed; a restart in its undo would resume it");
+                }
                 self.tasks.cancel(&a.task)?;
                 // Its stage says so at once: a job's undo takes a while, and its last stage
                 // read as if the cancel had not been taken.

@@ -2310,6 +2310,38 @@ fn a_job_a_source_restart_interrupts_in_its_switch_over_is_undone_and_its_task_s
     }
 }
 
+/// A job cancelled, its source host killed in the cancel's undo, used to be taken up again by
+/// the restarted host and switched over: the operator's cancel was lost. The cancel is now
+/// recorded before the job is told, and a restart finishes its undo; the job ends cancelled.
+#[test]
+fn a_cancelled_job_stays_cancelled_when_the_source_restarts_in_its_undo() {
+    require!("qemu-io");
+    let mut p = Pair::with_faults("job.undoing=abort", "");
+    let url = p.dest_url();
+    let (vdis, uris, _seeds) = vm(&p, 2, 4 * MIB);
+    let before = p.state();
+    let job = p.src.cli(&job_args(&p, &url, &vdis, &["--hold"]));
+    job_holding(&p, &job);
+    // The undo that follows kills the host, which may go before it answers.
+    let _ = p.src.cli_raw(&["migrate", "cancel", &job]);
+    p.stop_src(true);
+    p.start_src();
+    let t = job_end(&p, &job);
+    assert_eq!(t["state"][0], "Failed", "{t}");
+    assert_eq!(t["state"][1][0], "Cancelled", "the job ended other than cancelled: {t}");
+    settle(&p, &before, "cancelled, undone after the restart: both hosts as they were");
+    for (vdi, uri) in vdis.iter().zip(&uris) {
+        let stat = p.src.call("DP.stat_vdi", json!({"sr": p.src_sr, "vdi": vdi, "dbg": "t"}));
+        assert_eq!(stat["superstate"], json!(["Activated", "RW"]), "{stat}");
+        guest_writes_through(uri);
+    }
+    // Told again after another restart, still cancelled; the disks are the host's to move.
+    p.restart_src(true);
+    assert_eq!(job_stat(&p, &job)["state"][1][0], "Cancelled");
+    let again = p.src.cli(&job_args(&p, &url, &vdis, &[]));
+    assert_eq!(job_end(&p, &again)["state"][0], "Completed", "moved after the undo");
+}
+
 /// A mirror whose target stops answering as the switch-over drains its disk fails there, and
 /// was then not finalized, yet the job attached its destination VDI for the guest and
 /// completed: that VDI read the copy and none of the mirrored writes. The switch-over now

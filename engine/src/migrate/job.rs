@@ -331,6 +331,7 @@ impl Mux {
                 ctime: self.tasks().stat(&task).map(|t| t.ctime).unwrap_or(0.0),
                 verifying: false,
                 cutover_asked: false,
+                cancel_asked: false,
             };
             if let Err(e) = lock(&self.records.jobs).put(record) {
                 drop(claimed);
@@ -382,6 +383,15 @@ impl Mux {
             }
         });
         Ok(())
+    }
+
+    /// Records that job `task` was cancelled, before its task is told: a restart in the
+    /// cancel's undo then finishes the undo (the job used to resume, and switch over).
+    pub(crate) fn record_job_cancel(&self, task: &str) -> Result<(), StorageError> {
+        if !lock(&self.records.jobs).get(task).is_some_and(|r| r.stage == JobStage::Mirroring) {
+            return Ok(());
+        }
+        self.update_job_record(task, |r| r.cancel_asked = true)
     }
 
     /// `SXM.migrate.cutover`.
@@ -946,7 +956,11 @@ impl Mux {
                 }
             }
             let me = me.clone();
-            if r.stage == JobStage::Mirroring {
+            if r.stage == JobStage::Mirroring && r.cancel_asked {
+                tracing::warn!(job = %r.id, "a cancelled migration job's undo was interrupted by a restart; finishing it");
+                lock(&self.jobs.undoing).insert(r.id.clone());
+                tokio::spawn(async move { me.end_recovered_job(&r, "during the undo of the job's cancel").await });
+            } else if r.stage == JobStage::Mirroring {
                 tracing::warn!(job = %r.id, "a migration job was interrupted by a restart; resuming it");
                 self.tasks().debug_info(&r.id, "resumed", "after a restart of the source host");
                 tokio::spawn(async move {
@@ -1019,7 +1033,14 @@ impl Mux {
             _ => "mirroring",
         };
         self.tasks().debug_info(&r.id, "stage", stage);
-        let e = StorageError::MigrationMirrorFailure(said);
+        // Cancelled, it ends as a cancelled job does, whatever the restart.
+        let e = if r.cancel_asked && r.stage == JobStage::Mirroring {
+            self.tasks().debug_info(&r.id, "stage", "cancelling");
+            self.tasks().debug_info(&r.id, "cancel", &said);
+            StorageError::Cancelled(r.id.clone())
+        } else {
+            StorageError::MigrationMirrorFailure(said)
+        };
         self.record_end(&r.id, Some(&e));
         for d in &r.disks {
             lock(&self.jobs.claimed).remove(&format!("{}/{}", d.sr, d.vdi));
@@ -1159,6 +1180,8 @@ impl Mux {
     /// finalized on its own, loses the copy the job made of it on the destination (its source
     /// VDI stays, as for every disk of an undone job).
     async fn undo_job(&self, id: &str, a: &args::SxmMigrateStart, mirrors: &[JobMirror]) {
+        // A point for tests to kill the host in a cancel's undo.
+        let _ = crate::fault::point("job.undoing").await;
         for m in mirrors {
             if self.stop_job_mirror(id, m).await {
                 continue;

@@ -268,6 +268,10 @@ pub struct JobRecord {
     /// A held job was told to switch over (`SXM.migrate.cutover`).
     #[serde(default)]
     pub cutover_asked: bool,
+    /// The job was cancelled (`TASK.cancel`): a restart during the cancel's undo finishes the
+    /// undo, rather than resume the job the operator cancelled.
+    #[serde(default)]
+    pub cancel_asked: bool,
 }
 
 impl JobRecord {
