@@ -1649,6 +1649,33 @@ fn a_finalize_whose_destination_is_away_survives_a_source_restart_and_cannot_be_
     assert!(p.export(&p.dst, &p.dst_sr, &dest_vdi) == seed, "the destination does not hold the guest's disk");
 }
 
+/// A guest's detach (its VDI deactivated, which finalizes the mirror) racing a
+/// `DATA.MIRROR.stop` that got in first: the deactivate used to finalize anyway, and the stop
+/// then destroyed the VDI the finalize had just handed the guest (both answering success).
+/// The stop now wins outright: the deactivate finalizes nothing (the destination's finalize
+/// fails here, so a finalize tried would fail the detach), and the migration is undone.
+#[test]
+fn a_deactivate_after_a_stop_got_in_finalizes_nothing() {
+    let p = Pair::with_faults("send.stopping=delay", "recv.finalize=error");
+    let seed = pattern((4 * MIB) as usize, 43);
+    let (vdi, _uri) = p.guest_disk(&seed);
+    let before_dst = p.dst_vdis();
+    let id = p.start_mirror(&vdi);
+    std::thread::scope(|scope| {
+        // The stop marks the send and waits 2 s before it undoes it.
+        let stop = scope.spawn(|| p.src.jsonrpc("DATA.MIRROR.stop", json!({"id": id, "dbg": "t"})));
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let out = p.detach_in_background(&vdi).wait_with_output().expect("detach");
+        assert!(out.status.success(), "the detach tried to finalize a mirror being stopped: {}", String::from_utf8_lossy(&out.stderr));
+        let stop = stop.join().expect("stop");
+        assert!(stop.get("error").is_none_or(serde_json::Value::is_null), "the stop that got in first failed: {stop}");
+    });
+    assert_eq!(p.src.call("DATA.MIRROR.list", json!({"dbg": "t"})), json!({}), "the send did not end");
+    assert_eq!(p.dst.call("DATA.MIRROR.list", json!({"dbg": "t"})), json!({}), "the destination still receives");
+    assert_eq!(p.dst_vdis(), before_dst, "the stopped migration left VDIs on the destination");
+    assert!(p.export(&p.src, &p.src_sr, &vdi) == seed, "the source VDI does not hold the guest's disk");
+}
+
 /// The source datapath's process dies under a running mirror: the host starts it again for
 /// the guest, but the mirror died with it, so the send is reported failed (it must never be
 /// finalized: writes after the restart never reached the destination), and stop undoes it.

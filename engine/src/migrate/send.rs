@@ -43,6 +43,13 @@ const FINALIZE_RECOVER_FOR: Duration = Duration::from_secs(600);
 /// the guest's disk.
 const FINALIZE_FAILED_HINT: &str = "; the mirror is marked failed and the source VDI is the guest's disk, deactivated (activate it again, sxm vdi attach, for its guest to go on here): DATA.MIRROR.stop {id} (sxm mirror stop {id}) undoes the migration on both hosts";
 
+/// Why a mirror being finalized cannot be stopped.
+fn being_finalized(id: &str) -> StorageError {
+    StorageError::InternalError(format!(
+        "mirror {id} is being finalized (the source VDI was detached and the destination is taking over); it cannot be stopped now: wait for the finalize to end"
+    ))
+}
+
 /// [`FINALIZE_FAILED_HINT`] for mirror `id`.
 pub(super) fn finalize_failed_hint(id: &str) -> String {
     FINALIZE_FAILED_HINT.replace("{id}", id)
@@ -736,9 +743,7 @@ impl Mux {
         if r.stage == SendStage::Finalizing && !r.failed {
             // Its source VDI is deactivated and the destination is being told to take over:
             // undoing the destination's side now would leave the switch-over with no disk.
-            return Err(StorageError::InternalError(format!(
-                "mirror {id} is being finalized (the source VDI was detached and the destination is taking over); it cannot be stopped now: wait for the finalize to end"
-            )));
+            return Err(being_finalized(id));
         }
         if r.stage.is_starting() {
             // Still in its task: cancelling the task rolls it back; the stop answers once it
@@ -758,8 +763,22 @@ impl Mux {
             tracing::info!(mirror = %id, "mirror stopped while starting");
             return Ok(());
         }
-        // Said first, so that the watch does not take the mirror's going for a failure.
-        let r = self.update_send(id, |r| r.stopping = true)?;
+        // Said first, so that the watch does not take the mirror's going for a failure; and
+        // under the lock the finalize claims the send under (`after_deactivate`), so that one
+        // of the two wins: a stop that got in as the VDI was being deactivated went on to
+        // destroy the destination VDI that deactivate had just finalized.
+        let r = {
+            let mut table = lock(&self.records.sends);
+            let mut r = table.get(id).cloned().ok_or_else(|| StorageError::DoesNotExist("mirror".into(), id.into()))?;
+            if r.stage == SendStage::Finalizing && !r.failed {
+                return Err(being_finalized(id));
+            }
+            r.stopping = true;
+            table.put(r.clone())?;
+            r
+        };
+        // A point for tests to race a deactivate against a stop under way.
+        let _ = crate::fault::point("send.stopping").await;
         let remote_done = self.stop_send(&r).await;
         self.end_send(id, remote_done);
         self.tasks().changed(Dynamic::Mirror(id.to_owned()));
@@ -886,8 +905,22 @@ impl Mux {
     /// parent, synchronously (the VDI must not be used there before), and the send ends.
     pub(crate) async fn after_deactivate(&self, r: SendRecord) -> Result<(), StorageError> {
         // Recorded first: from here the mirror is gone on purpose, and a restart finishes the
-        // finalize rather than watch a mirror that no longer exists.
-        self.update_send(&r.id, |s| s.stage = SendStage::Finalizing)?;
+        // finalize rather than watch a mirror that no longer exists. Unless a stop got in
+        // first (`mirror_stop` sets `stopping` under the same lock): the mirror is then being
+        // undone, the VDI is merely deactivated, and nothing is finalized.
+        {
+            let mut table = lock(&self.records.sends);
+            match table.get(&r.id).cloned() {
+                Some(mut s) if !s.stopping => {
+                    s.stage = SendStage::Finalizing;
+                    table.put(s)?;
+                }
+                _ => {
+                    tracing::warn!(mirror = %r.id, "the mirror was stopped as its VDI was deactivated; not finalized");
+                    return Ok(());
+                }
+            }
+        }
         // A point for tests to kill the host with the stage recorded and the mirror attached.
         let _ = crate::fault::point("send.finalizing").await;
         self.detach_mirror(&r).await;
