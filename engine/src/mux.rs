@@ -280,7 +280,7 @@ impl Mux {
         self.datapaths().of_vdi(sr, vdi).cloned().collect()
     }
 
-    fn entry(&self, sr: &str) -> StorageResult<SrEntry> {
+    pub(crate) fn entry(&self, sr: &str) -> StorageResult<SrEntry> {
         self.registry().get(sr).cloned()
     }
 

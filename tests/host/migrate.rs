@@ -2369,6 +2369,31 @@ fn a_cancelled_job_stays_cancelled_when_the_source_restarts_in_its_undo() {
     assert_eq!(job_end(&p, &again)["state"][0], "Completed", "moved after the undo");
 }
 
+/// A job to another SR of the same host attached the destination VDI on the source's own
+/// datapath (named as the source's), so the guest's detach of its source disk, as the README
+/// says to do after a switch-over, took the destination VDI's datapath with it: the guest lost
+/// its new disk. On this host the destination VDI gets a datapath of its own.
+#[test]
+fn a_job_to_another_sr_of_the_same_host_leaves_the_moved_disk_attached_when_the_source_is_detached() {
+    require!("qemu-io");
+    let p = Pair::new();
+    p.src.cli(&["sr", "create", "--type", "qcow2", "--name", "other"]);
+    let seed = pattern((4 * MIB) as usize, 44);
+    let (vdi, _uri) = p.guest_disk(&seed);
+    let here = format!("{}?session_id={}", p.src.tcp, p.src.secret);
+    let job = p.src.cli(&["migrate", "--sr", &p.src_sr, "--vdi", &vdi, "--dest", &here, "--dest-sr", "other"]);
+    let t = job_end(&p, &job);
+    assert_eq!(t["state"][0], "Completed", "{t}");
+    let dest_uri = t["debug_info"]["disk0 dest_uri"].as_str().expect("dest uri").to_owned();
+    p.src.cli(&["vdi", "detach", "--sr", &p.src_sr, "--vdi", &vdi]);
+    guest_writes_through(&dest_uri);
+    let mut moved = seed.clone();
+    moved[..4096].fill(0x42);
+    assert!(read_export(&dest_uri, p._dir.path()) == moved, "the moved disk does not read as the guest's");
+    // The job says which datapath that is, for the guest to detach it by.
+    assert!(t["debug_info"]["disk0 dest_dp"].is_string(), "{t}");
+}
+
 /// A mirror whose target stops answering as the switch-over drains its disk fails there, and
 /// was then not finalized, yet the job attached its destination VDI for the guest and
 /// completed: that VDI read the copy and none of the mirrored writes. The switch-over now

@@ -841,10 +841,15 @@ impl Mux {
             }
         }
         for (i, (d, dest_vdi)) in disks.iter().zip(dest_vdis).enumerate() {
-            // On the destination, the guest's disk is attached on a datapath of the same name.
-            let attach = Call::VdiAttach3(args::VdiAttach3 { read_write: true, vdi: dest_vdi.clone(), vm: None, sr: d.dest_sr.clone(), dp: d.dp.clone(), dbg: dbg(id) });
+            // On the destination, the guest's disk is attached on a datapath of the same name
+            // (on this same host, one of its own: see `dest_dp`).
+            let dp = self.dest_dp(&d.dp, &d.dest_sr, dest_vdi);
+            if dp != d.dp {
+                self.tasks().debug_info(id, &format!("disk{i} dest_dp"), &dp);
+            }
+            let attach = Call::VdiAttach3(args::VdiAttach3 { read_write: true, vdi: dest_vdi.clone(), vm: None, sr: d.dest_sr.clone(), dp: dp.clone(), dbg: dbg(id) });
             let info: crate::model::AttachInfo = remote.call(attach).await?;
-            remote.call::<()>(Call::VdiActivate3(args::VdiActivate3 { vdi: dest_vdi.clone(), vm: None, sr: d.dest_sr.clone(), dp: d.dp.clone(), dbg: dbg(id) })).await?;
+            remote.call::<()>(Call::VdiActivate3(args::VdiActivate3 { vdi: dest_vdi.clone(), vm: None, sr: d.dest_sr.clone(), dp, dbg: dbg(id) })).await?;
             if let Some(crate::model::Implementation::Nbd { uri }) = info.implementations.first() {
                 // In the form the NBD tools take, as the CLI prints every URI.
                 let uri = crate::model::standard_nbd_uri(uri).unwrap_or_else(|| uri.clone());
@@ -892,6 +897,7 @@ impl Mux {
     /// until it answers (it restarted, say: the VDI was left there for good). Answers what is
     /// left meanwhile.
     async fn drop_finalized_copy(&self, remote: &Remote, job: &str, (sr, vdi, dp): (&str, &str, &str), (url, dest_sr): (&str, &str), dest_vdi: &str) -> Option<String> {
+        let dp = &self.dest_dp(dp, dest_sr, dest_vdi);
         match drop_dest_copy(remote, job, dest_sr, dp, dest_vdi).await {
             Ok(()) | Err(StorageError::VdiDoesNotExist(_)) => None,
             Err(e) => {
@@ -899,6 +905,14 @@ impl Mux {
                 Some(format!("destroying VDI {dest_vdi} on the destination: {e} (asked again until it answers)"))
             }
         }
+    }
+
+    /// The datapath a disk's destination VDI is attached on: named as the source's (`dp`),
+    /// unless the destination SR is this host's. A datapath goes whole (`DP.destroy`), and the
+    /// guest's detach of its source disks then took the destination's with it, and an undo's
+    /// detach of a destination copy the guest's source disk.
+    fn dest_dp(&self, dp: &str, dest_sr: &str, dest_vdi: &str) -> String {
+        if self.entry(dest_sr).is_ok() { format!("{dp}/{dest_vdi}") } else { dp.to_owned() }
     }
 
     /// Records job `id`'s progress, then shows it: its task never shows more than a restart
@@ -1194,7 +1208,7 @@ impl Mux {
             // VDI in use, and is asked again) for a while.
             let mut tries = 0;
             loop {
-                match drop_dest_copy(&remote, id, &m.dest_sr, &m.dp, &m.dest_vdi).await {
+                match drop_dest_copy(&remote, id, &m.dest_sr, &self.dest_dp(&m.dp, &m.dest_sr, &m.dest_vdi), &m.dest_vdi).await {
                     Ok(()) => break,
                     Err(e) if tries >= 20 => {
                         tracing::warn!(job = %id, vdi = %m.dest_vdi, error = %e, "destroying the destination copy of a disk that left the job failed");
