@@ -185,8 +185,9 @@ struct CopyArgs {
     /// already holds.
     #[arg(long)]
     base: Option<PathBuf>,
-    /// The destination reads as zeroes: skip zero runs entirely.
-    #[arg(long)]
+    /// The destination reads as zeroes: skip zero runs entirely. Not with --base: that
+    /// destination holds the base, so a range the source zeroes over it must be written.
+    #[arg(long, conflicts_with = "base")]
     target_is_zero: bool,
     /// Connections to the destination (used only if it offers multi-conn), 1 to 64.
     #[arg(long, default_value_t = 4, value_parser = connection_count)]

@@ -961,6 +961,27 @@ fn a_checkpoint_sees_a_restored_mtime_and_one_that_cannot_serve_is_refused_befor
     }
 }
 
+/// `--target-is-zero` with `--base` is refused: a destination holding the base does not read
+/// as zeroes, and the copy skipped the ranges the source had zeroed over the base, leaving the
+/// base's data there (exit 0).
+#[test]
+fn target_is_zero_with_a_base_is_refused() {
+    crate::require!("qemu-img", "qemu-io");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (base, child, dst) = (dir.path().join("b.qcow2"), dir.path().join("c.qcow2"), dir.path().join("d.raw"));
+    run(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&base).arg("1M"));
+    run(Command::new("qemu-io").args(["-f", "qcow2", "-c", "write -P 0xdd 0 1M"]).arg(&base));
+    run(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"]).arg(&base).arg(&child));
+    run(Command::new("qemu-io").args(["-f", "qcow2", "-c", "write -z 0 512k"]).arg(&child));
+    // The destination holds the base.
+    std::fs::write(&dst, vec![0xddu8; MIB as usize]).expect("destination");
+    let out = Command::new(crate::harness::tapmirror()).arg("copy").arg("--base").arg(&base).arg("--target-is-zero").arg(&child).arg(&dst).output().expect("run copy");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the copy ran, leaving the base's data where the source has zeroes: {err}");
+    assert!(err.contains("--target-is-zero") && err.contains("--base"), "{err}");
+    assert!(std::fs::read(&dst).expect("read").iter().all(|&b| b == 0xdd), "the refused copy wrote to the destination");
+}
+
 /// A copy with a checkpoint stopped while its destination answers nothing cannot record where
 /// it got to (nothing it sent is known flushed); ended by a second signal, it says so and says
 /// where a resume starts, where it used to say only "stopped by SIGTERM".
