@@ -239,8 +239,16 @@ fn connected_stream(fd: &OwnedFd) -> Result<Option<nix::sys::socket::AddressFami
     Ok(getsockname::<SockaddrStorage>(fd.as_raw_fd()).map_err(|e| format!("the socket has no address ({e})"))?.family())
 }
 
+/// A TCP connection's two ends, (its own address, its peer's); `None` for any other socket.
+fn tcp_ends(fd: &OwnedFd) -> Option<(std::net::SocketAddr, std::net::SocketAddr)> {
+    // A duplicate, to ask std (closing it leaves the connection open through `fd`); a Unix
+    // socket has no IP address, so this is `None` there.
+    let stream = std::net::TcpStream::from(fd.try_clone().ok()?);
+    Some((stream.local_addr().ok()?, stream.peer_addr().ok()?))
+}
+
 /// Whether the Unix connection `fd` leads to this process (its peer is a socket this process
-/// accepted). Not knowable for TCP: false there.
+/// accepted). TCP is told apart once connected (`NbdServer::is_own_tcp`): false there.
 fn served_here(fd: &OwnedFd) -> bool {
     use nix::sys::socket::{getsockopt, sockopt};
     getsockopt(fd, sockopt::PeerCredentials).is_ok_and(|c| u32::try_from(c.pid()).is_ok_and(|pid| pid == std::process::id()))
@@ -445,6 +453,7 @@ async fn execute<I: Image>(control: &Control<I>, request: &Value, mut fds: Vec<O
                 return err("mirror-attach: the target is this server's own export");
             }
             let fd = fds.remove(0);
+            let ends = tcp_ends(&fd);
             let export = request.get("export").and_then(Value::as_str).unwrap_or("").to_owned();
             // A peer that never answers the handshake must not hold this connection forever.
             // Once connected, the client's answer watch is the mirror's timeout: a target that
@@ -458,6 +467,13 @@ async fn execute<I: Image>(control: &Control<I>, request: &Value, mut fds: Vec<O
                 Ok(Err(e)) => return err(format!("NBD on the mirror socket: {}", crate::error_chain(&e))),
                 Err(_) => return err(format!("NBD on the mirror socket: no handshake within {timeout:?}")),
             };
+            // Over TCP the same, told once the handshake shows this server accepted it (a
+            // loop over TCP held every guest write for the whole timeout).
+            if let Some((local, peer)) = ends
+                && server.is_own_tcp(local, peer)
+            {
+                return err("mirror-attach: the target is this server's own export");
+            }
             // The background pass's own connection runs on the pass's runtime, with the pass.
             // The second connection gets less time: a target that answers the first at once
             // and not the second within seconds serves one connection at a time.

@@ -184,6 +184,40 @@ pub struct NbdServer<I: Image> {
     /// Requests dispatched and not yet answered, for `drain`.
     outstanding: AtomicU64,
     idle: tokio::sync::Notify,
+    /// The TCP connections this server holds, as (its address, the client's), so that a
+    /// mirror target that is this very server over TCP can be told (`is_own_tcp`).
+    tcp_connections: TcpConnections,
+}
+
+/// (the server's address, the client's) of each TCP connection a server holds.
+type TcpConnections = Arc<std::sync::Mutex<std::collections::HashSet<(std::net::SocketAddr, std::net::SocketAddr)>>>;
+
+/// A TCP connection's read half, which keeps the connection in its server's
+/// [`TcpConnections`] for as long as it lives (the connection's task holds it to the end).
+struct TrackedTcp {
+    inner: tokio::net::tcp::OwnedReadHalf,
+    set: TcpConnections,
+    key: (std::net::SocketAddr, std::net::SocketAddr),
+}
+
+impl AsyncRead for TrackedTcp {
+    fn poll_read(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &mut tokio::io::ReadBuf<'_>) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl Drop for TrackedTcp {
+    fn drop(&mut self) {
+        if let Ok(mut set) = self.set.lock() {
+            set.remove(&self.key);
+        }
+    }
+}
+
+/// An address as a socket of the other family would see it: an IPv4 client of a server
+/// listening on `[::]` shows as `::ffff:a.b.c.d`.
+fn canonical(a: std::net::SocketAddr) -> std::net::SocketAddr {
+    std::net::SocketAddr::new(a.ip().to_canonical(), a.port())
 }
 
 /// Counts a request as outstanding for as long as it lives.
@@ -217,7 +251,14 @@ impl<I: Image> NbdServer<I> {
             paused: std::sync::Mutex::new(None),
             outstanding: AtomicU64::new(0),
             idle: tokio::sync::Notify::new(),
+            tcp_connections: TcpConnections::default(),
         })
+    }
+
+    /// Whether the TCP connection from `local` to `peer` (a client's view) is one this server
+    /// accepted: a client in this process connected to this server.
+    pub fn is_own_tcp(&self, local: std::net::SocketAddr, peer: std::net::SocketAddr) -> bool {
+        self.tcp_connections.lock().is_ok_and(|set| set.contains(&(canonical(peer), canonical(local))))
     }
 
     /// The image served now.
@@ -341,11 +382,17 @@ impl<I: Image> NbdServer<I> {
 
     /// As `serve_unix`, for TCP (with `TCP_NODELAY`: replies are small and latency matters).
     pub async fn serve_tcp(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken) {
+        let set = Arc::clone(&self.tcp_connections);
         self.accept_loop(shutdown, || async {
             let (stream, peer) = listener.accept().await?;
             stream.set_nodelay(true)?;
             tracing::debug!(%peer, "tcp connection");
-            Ok(stream.into_split())
+            let key = (canonical(stream.local_addr()?), canonical(peer));
+            if let Ok(mut s) = set.lock() {
+                s.insert(key);
+            }
+            let (r, w) = stream.into_split();
+            Ok((TrackedTcp { inner: r, set: Arc::clone(&set), key }, w))
         })
         .await
     }

@@ -242,6 +242,24 @@ fn stalled_or_killed_targets_fail_the_mirror_not_the_guest() {
     assert_eq!(stats["errors"], 0, "{stats}");
 }
 
+/// Its own export over TCP as the target is refused as over its Unix socket: accepted, each
+/// guest write waited on itself for the whole timeout (30 s). Another server over TCP is taken.
+#[test]
+fn its_own_export_over_tcp_is_no_mirror_target() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = dir.path().join("source.raw");
+    std::fs::File::create(&image).and_then(|f| f.set_len(16 * MIB)).expect("image");
+    let ctl_path = dir.path().join("ctl.sock");
+    let ctl_arg = ctl_path.display().to_string();
+    let source = serve_file(dir, image, &["--listen", "127.0.0.1:0", "--control", &ctl_arg]);
+    let own = ctl_output(&ctl_path, &["mirror-attach", "--target", &source.tcp_uri()]);
+    let said = String::from_utf8_lossy(&own.stdout);
+    assert!(!own.status.success() && said.contains("this server's own export"), "{said}");
+    assert_eq!(ctl(&ctl_path, &["stats"])["mirror"]["state"], "none");
+    let target = crate::harness::serve(16 * MIB, &["--listen", "127.0.0.1:0"]);
+    assert_eq!(ctl(&ctl_path, &["mirror-attach", "--target", &target.tcp_uri()])["state"], "ready");
+}
+
 /// A full mirror over a slow link whose target answers steadily is no stalled target, however
 /// long its queued requests wait: nbdkit's rate filter lets 2 MB/s through, so the pass's four
 /// 1 MiB requests in flight take 2 s to all come back, longer than the mirror's 1.5 s timeout,
