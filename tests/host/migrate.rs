@@ -2765,6 +2765,32 @@ fn a_jobs_bandwidth_limit_holds_within_ten_percent_and_can_change_while_it_runs(
     }
 }
 
+/// A job of an ext disk (copied by the host, under the job's bucket) and a qcow2 disk (a full
+/// mirror, paced in its datapath at its share) keeps to its limit in all: each took the whole
+/// limit, twice the limit together (a tester: 8 MB/s under 4M).
+#[test]
+fn a_job_mixing_sr_types_keeps_to_its_bandwidth_limit_in_all() {
+    let p = Pair::typed("ext", "ext");
+    let url = p.dest_url();
+    p.src.cli(&["sr", "create", "--type", "qcow2", "--name", "fast"]);
+    let seed = pattern((24 * MIB) as usize, 94);
+    let (system, _uri) = p.guest_disk(&seed);
+    let file = p._dir.path().join("data.raw");
+    std::fs::write(&file, pattern((24 * MIB) as usize, 95)).expect("seed");
+    let data = p.src.cli_json(&["vdi", "import", "--sr", "fast", "--name", "data", "--format", "raw", file.to_str().expect("path")])["vdi"].as_str().expect("vdi").to_owned();
+    p.src.cli(&["vdi", "attach", "--sr", "fast", "--vdi", "data"]);
+    let limit = 12 * MIB;
+    let started = std::time::Instant::now();
+    let args = ["migrate", "--sr", "source", "--sr", "fast", "--vdi", &system, "--vdi", &data, "--dest", &url, "--dest-sr", "destination", "--bwlimit", "12M", "--parallel", "2", "--hold"];
+    let job = p.src.cli(&args);
+    job_holding(&p, &job);
+    let rate = (48 * MIB) as f64 / started.elapsed().as_secs_f64();
+    // A ceiling, not a speed, as in the test above.
+    assert!(rate <= limit as f64 * 1.10, "{:.1} MiB/s under a 12 MiB/s limit", rate / MIB as f64);
+    p.src.cli(&["migrate", "cancel", &job]);
+    job_end(&p, &job);
+}
+
 /// A full mirror fills a volume made for it, which reads as zeroes: the source's holes do not
 /// travel, and the destination stays as sparse as the source. Every hole went as zeroes: a
 /// 2 TiB disk holding 3 MiB took three minutes, and its qcow2 destination 259 MiB of zero

@@ -52,8 +52,11 @@ const UNDONE_WAIT: Duration = Duration::from_secs(60);
 
 /// One running job.
 pub struct Job {
-    /// The bandwidth limit its disks' copies share.
+    /// The bandwidth limit its disks' copies share (only its rate is read: see `copies`).
     limit: Arc<RateLimit>,
+    /// The bucket the copies made here (SMAPIv1 disks) take from: the whole limit, or, while
+    /// full mirrors (SMAPIv3 disks, paced in their datapaths) copy too, their part of it.
+    copies: Arc<RateLimit>,
     /// Switch over (a held job waits for it).
     cutover: Notify,
     /// Cut over already asked for (so a `cutover` before the hold starts is not lost).
@@ -75,6 +78,7 @@ impl Job {
     fn new(a: &args::SxmMigrateStart, disks: &[Disk], dest_host: String) -> Arc<Job> {
         Arc::new(Job {
             limit: Arc::new(RateLimit::new(u64::try_from(a.bwlimit).unwrap_or(0))),
+            copies: Arc::new(RateLimit::new(u64::try_from(a.bwlimit).unwrap_or(0))),
             cutover: Notify::new(),
             cutover_asked: false.into(),
             switching: false.into(),
@@ -351,8 +355,8 @@ impl Mux {
     /// `in_sync`: disks whose mirrors run already (a job resumed after a restart).
     fn launch_job(&self, task: String, cancel: CancellationToken, a: args::SxmMigrateStart, disks: Vec<Disk>, job: Arc<Job>, in_sync: BTreeSet<String>) -> Result<(), StorageError> {
         // Each disk's copy asks the job's bucket before every request.
-        let limit = job.limit.clone();
-        let throttle: Throttle = Arc::new(move |bytes| limit.grant(bytes));
+        let copies = job.copies.clone();
+        let throttle: Throttle = Arc::new(move |bytes| copies.grant(bytes));
         let sharing = (a.parallel.max(1) as u64).min(disks.len() as u64);
         let mirrors: Vec<String> = disks.iter().map(Disk::mirror).collect();
         for m in &mirrors {
@@ -422,6 +426,8 @@ impl Mux {
             return Err(StorageError::InternalError(format!("bwlimit {bwlimit} is negative (0 is no limit)")));
         };
         j.limit.set_rate(rate);
+        // The copies' part, until the balancing of a job with full mirrors shares it out.
+        j.copies.set_rate(rate);
         // Kept for a resume after a restart; the limit holds here meanwhile whatever comes.
         if let Err(e) = self.update_job_record(job, |r| r.bwlimit = bwlimit) {
             tracing::warn!(job, error = %e, "recording the new bandwidth limit failed; a restart would take up the old one");
@@ -669,7 +675,9 @@ impl Mux {
             }
         });
         // Full mirrors (SMAPIv3 disks) copy inside their datapath processes: the job's limit is
-        // shared out among those copying, again as they start and finish.
+        // shared out among those copying, again as they start and finish, and the copies made
+        // here (SMAPIv1 disks) get the share of those of them copying, out of one bucket (they
+        // took the whole limit beside the full mirrors' shares: twice the limit in all).
         let mut full = false;
         for d in &disks {
             full |= self.backend_for_sr(&d.sr)?.smapi_version() >= 3;
@@ -678,13 +686,17 @@ impl Mux {
             let mut shares: BTreeMap<String, u64> = BTreeMap::new();
             loop {
                 tokio::time::sleep(Duration::from_millis(100)).await;
-                let copying: Vec<&Disk> = disks
-                    .iter()
-                    .filter(|d| lock(&self.records.sends).get(&d.mirror()).is_some_and(|r| r.stage == super::records::SendStage::FullMirror))
-                    .collect();
+                let (copying, here): (Vec<&Disk>, usize) = {
+                    let sends = lock(&self.records.sends);
+                    let stage = |d: &Disk| sends.get(&d.mirror()).map(|r| r.stage);
+                    let full: Vec<&Disk> = disks.iter().filter(|d| stage(d) == Some(super::records::SendStage::FullMirror)).collect();
+                    (full, disks.iter().filter(|d| stage(d) == Some(super::records::SendStage::Copy)).count())
+                };
                 let limit = job.limit.rate();
+                let sharing = (copying.len() + here).max(1) as u64;
+                job.copies.set_rate(if limit == 0 || copying.is_empty() { limit } else { (limit * here as u64 / sharing).max(1) });
                 for d in &copying {
-                    let share = if limit == 0 { 0 } else { (limit / copying.len() as u64).max(1) };
+                    let share = if limit == 0 { 0 } else { (limit / sharing).max(1) };
                     if shares.get(&d.mirror()) != Some(&share) {
                         let (entry, v) = (self.attached_entry(&d.sr)?, d.vdi.clone());
                         match self.run(&entry, false, move |b, ctx| b.vdi_mirror_rate(ctx, &v, share)).await {
