@@ -640,13 +640,12 @@ impl Admin {
         }
     }
 
-    /// A job's task. One this host does not know may have been lost with a restart of the
-    /// host (a job lives in its memory), while its disks' mirrors, which are recorded, run on:
-    /// said, with how to undo them.
+    /// A job's task. One this host does not know is no job of its, or one that ended over an
+    /// hour ago or was forgotten (`task destroy`): a job is recorded, and told after restarts.
     async fn job_task(&self, job: &str) -> Result<Task> {
         match self.call_as::<Task>("TASK.stat", &[("task", s(job))]).await {
             Err(e) if matches!(storage_error(&e), Some(StorageError::DoesNotExist(..))) => Err(e.context(format!(
-                "job {job} is not known to this host: a job lives in its source host's memory, and a restart of that host ends it; its disks' mirrors may still run there (`sxm mirror list`), each undone by `sxm mirror stop ID`"
+                "job {job} is not known to this host: a job is known to its source host (--host), while it runs and for an hour after it ends (unless `sxm task destroy` forgot it)"
             ))),
             other => other,
         }
@@ -774,7 +773,17 @@ impl Admin {
                 if let Ok(m) = self.call("DATA.MIRROR.stat", &[("id", s(&id))]).await
                     && m.get("failed").and_then(Value::as_bool) == Some(true)
                 {
-                    eprintln!("VDI {vdi}'s mirror {id} failed and was not finalized: the VDI here is the guest's disk; `sxm mirror stop {id}` undoes the migration on both hosts");
+                    // A job's disk is the job's to undo (and a stop of it is refused).
+                    let job = self.call_as::<Vec<Task>>("TASK.list", &[]).await.ok().and_then(|tasks| {
+                        tasks
+                            .into_iter()
+                            .find(|t| matches!(t.state, TaskState::Pending(_)) && t.debug_info.get("kind").is_some_and(|k| k == "migrate job") && t.subtasks.keys().any(|k| k.ends_with(&format!(" {vdi}"))))
+                            .map(|t| t.id)
+                    });
+                    match job {
+                        Some(job) => eprintln!("VDI {vdi} left migration job {job} before its switch-over: its mirror {id} was not finalized, the VDI here is the guest's disk, and the job fails and undoes the migration on both hosts"),
+                        None => eprintln!("VDI {vdi}'s mirror {id} failed and was not finalized: the VDI here is the guest's disk; `sxm mirror stop {id}` undoes the migration on both hosts"),
+                    }
                 }
                 Ok(())
             }

@@ -2675,7 +2675,8 @@ fn a_preflight_that_must_refuse_refuses_and_makes_nothing() {
     for action in ["cutover", "cancel"] {
         let out = p.src.cli_raw(&["migrate", action, "00000000-0000-0000-0000-000000000000"]);
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success() && err.contains("restart of that host ends it") && err.contains("sxm mirror stop"), "{action}: {err}");
+        // Not the old word that a restart ends a job: jobs are recorded and taken up again.
+        assert!(!out.status.success() && err.contains("is not known to this host") && err.contains("for an hour after it ends") && !err.contains("restart"), "{action}: {err}");
     }
 }
 
@@ -2926,6 +2927,26 @@ fn a_disk_that_leaves_a_held_job_fails_it_and_leaves_nothing_behind() {
     assert!(t["state"][1].to_string().contains("left the job"), "{t}");
     p.src.cli(&["vdi", "attach", "--sr", &p.src_sr, "--vdi", &vdis[1]]);
     settle(&p, &before, "both hosts back as they were, the finalized copy gone too");
+}
+
+/// A job's disk detached while its copy runs: its mirror fails, and the detach said to undo it
+/// with `sxm mirror stop`, which is refused for a job's disk (the job undoes it). It now names
+/// the job.
+#[test]
+fn a_job_disk_detached_mid_copy_names_the_job_not_a_stop() {
+    let p = Pair::new();
+    let url = p.dest_url();
+    let (vdis, _uris, _seeds) = vm(&p, 1, 8 * MIB);
+    let before = p.state();
+    let job = p.src.cli(&job_args(&p, &url, &vdis, &["--bwlimit", "1M"]));
+    eventually(30, "the disk copying", || job_stat(&p, &job)["debug_info"].as_object().is_some_and(|i| i.keys().any(|k| k.ends_with(" task"))));
+    let out = p.src.cli_raw(&["vdi", "detach", "--sr", &p.src_sr, "--vdi", &vdis[0]]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains(&format!("left migration job {job}")) && !err.contains("sxm mirror stop"), "{err}");
+    assert_eq!(job_end(&p, &job)["state"][0], "Failed");
+    p.src.cli(&["vdi", "attach", "--sr", &p.src_sr, "--vdi", &vdis[0]]);
+    settle(&p, &before, "both hosts back as they were");
 }
 
 /// A held job whose disk's mirror fails says why in its error: it said only that the mirror
