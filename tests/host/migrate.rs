@@ -2972,6 +2972,30 @@ fn a_held_job_whose_mirror_fails_says_why() {
     settle(&p, &before, "both hosts back as they were");
 }
 
+/// A disk in sync whose mirror fails while another disk of the job still copies fails the job
+/// then, not once the other disk is in sync too (a tester's https job, its mirrors gone with a
+/// restart of the source host, copied on for 30 s before it failed).
+#[test]
+fn a_disk_whose_mirror_fails_while_another_copies_fails_the_job_at_once() {
+    let p = Pair::new();
+    let url = p.dest_url();
+    let (vdis, _uris, _seeds) = vm(&p, 2, 16 * MIB);
+    let before = p.state();
+    // One disk at a time, 8 s each.
+    let job = p.src.cli(&job_args(&p, &url, &vdis, &["--parallel", "1", "--bwlimit", "2M"]));
+    let first = format!("disk0 {}", vdis[0]);
+    eventually(60, "the first disk in sync", || job_stat(&p, &job)["subtasks"][&first] == json!(["Pending", 1.0]));
+    let pids = super::datapath_pids(&p.src.root);
+    let pid = pids.iter().find(|(socket, _)| socket.contains(&vdis[0][..8])).map(|(_, pid)| *pid).expect("the first disk's datapath");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).expect("kill");
+    let t = job_end(&p, &job);
+    assert_eq!(t["state"][0], "Failed", "{t}");
+    assert!(t["state"][1].to_string().contains("failed before the switch-over: the datapath process died"), "{t}");
+    let left: u64 = t["debug_info"]["bytes_left"].as_str().and_then(|b| b.parse().ok()).expect("bytes_left");
+    assert!(left > 0, "the job failed only once the other disk had copied: {t}");
+    settle(&p, &before, "both hosts back as they were");
+}
+
 /// A job cancelled while one of its disks, detached as the cancel came, is being finalized:
 /// that finalize cannot be stopped, and the copy it left on the destination was kept.
 #[test]

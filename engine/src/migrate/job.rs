@@ -599,10 +599,15 @@ impl Mux {
         // The job's cancel, and the first disk's failure: either stops every disk at once (a
         // queued one never starts), rather than the rest copying on to their ends for nothing.
         let abort = cancel.child_token();
+        // The disks in sync so far: one whose mirror fails (or that leaves) while the others
+        // still copy fails the job at once, as a disk that fails in its copy does (a disk's
+        // mirror failed by a restart of this host was noticed only once every disk was in
+        // sync, up to the whole copy of the others later).
+        let synced: Mutex<Vec<JobMirror>> = Mutex::new(Vec::new());
         // Each disk: wait for a slot, start its mirror, follow its task until in sync.
         let runs = disks.iter().enumerate().map(|(i, d)| {
             let slots = slots.clone();
-            let (report, abort) = (&report, &abort);
+            let (report, abort, synced) = (&report, &abort, &synced);
             async move {
                 let name = format!("disk{i} {}", d.vdi);
                 self.tasks().subtask(id, &name, TaskState::Pending(0.0));
@@ -668,12 +673,30 @@ impl Mux {
                     }
                 }
                 .await;
-                if outcome.is_err() {
-                    abort.cancel();
+                match &outcome {
+                    Ok(m) => lock(synced).push(m.clone()),
+                    Err(_) => abort.cancel(),
                 }
                 outcome
             }
         });
+        let failed_in_sync: Mutex<Option<StorageError>> = Mutex::new(None);
+        let runs = async {
+            let all = futures_join_all(runs);
+            tokio::pin!(all);
+            loop {
+                tokio::select! {
+                    o = &mut all => break o,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {
+                        let gone = self.disk_gone(&lock(&synced));
+                        if let Some(e) = gone.filter(|_| !abort.is_cancelled()) {
+                            *lock(&failed_in_sync) = Some(e);
+                            abort.cancel();
+                        }
+                    }
+                }
+            }
+        };
         // Full mirrors (SMAPIv3 disks) copy inside their datapath processes: the job's limit is
         // shared out among those copying, again as they start and finish, and the copies made
         // here (SMAPIv1 disks) get the share of those of them copying, out of one bucket (they
@@ -714,7 +737,7 @@ impl Mux {
         };
         let outcomes = if full {
             tokio::select! {
-                o = futures_join_all(runs) => o,
+                o = runs => o,
                 r = balancing => {
                     // Only an SR that disappeared ends the balancing: the job cannot go on.
                     r?;
@@ -722,11 +745,11 @@ impl Mux {
                 }
             }
         } else {
-            futures_join_all(runs).await
+            runs.await
         };
         let mirrors: Vec<JobMirror> = outcomes.iter().filter_map(|o| o.as_ref().ok().cloned()).collect();
         // The error that stopped the job: a disk's own, not the cancel it brought on the others.
-        let first = outcomes.iter().filter_map(|o| o.as_ref().err()).find(|e| !matches!(e, StorageError::Cancelled(_))).cloned();
+        let first = lock(&failed_in_sync).take().or_else(|| outcomes.iter().filter_map(|o| o.as_ref().err()).find(|e| !matches!(e, StorageError::Cancelled(_))).cloned());
         if let Some(e) = first.or_else(|| outcomes.into_iter().find_map(Result::err)) {
             // One disk failed (or the job was cancelled): every disk goes back.
             self.undo_job(id, a, &mirrors).await;
