@@ -122,8 +122,9 @@ fn run(cli: Cli) -> Result<()> {
     if !matches!(cli.command, Command::Serve(_)) {
         // The CLI calls hosts over https (`--host`, `--dest`) trusting the CAs in
         // $SXM_TLS_CA, or any certificate without it (`sxm serve` takes --tls-ca).
-        let ca = std::env::var_os("SXM_TLS_CA").map(std::path::PathBuf::from);
-        sxm_engine::http::tls::set_trust(ca.as_deref())?;
+        // Set empty, it is unset (as a shell's `SXM_TLS_CA= sxm …` means).
+        let ca = std::env::var_os("SXM_TLS_CA").filter(|v| !v.is_empty()).map(std::path::PathBuf::from);
+        sxm_engine::http::tls::set_trust(ca.as_deref()).map_err(|e| anyhow::anyhow!("SXM_TLS_CA: {e:#}"))?;
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {

@@ -155,6 +155,20 @@ fn the_cli_makes_lists_imports_exports_and_snapshots() {
 /// SR names are unique to the CLI, which takes them for ids: a second SR of one name is
 /// refused (it made every later `--sr NAME` ambiguous). `sr destroy` removes an empty SR, and
 /// refuses one that holds VDIs, saying so.
+/// `SXM_TLS_CA` set empty is unset (the CLI failed with "TLS: : I/O error", naming neither
+/// the variable nor a file); one naming a missing file says which variable named it.
+#[test]
+fn an_empty_sxm_tls_ca_is_unset_and_a_wrong_one_is_named() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (host, _sr) = host_with_sr(&dir);
+    let with_ca = |ca: &str| Command::new(sxm()).arg("--host").arg(&host.socket).args(["sr", "list"]).env("SXM_TLS_CA", ca).output().expect("run sxm");
+    let out = with_ca("");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = with_ca("/nonexistent/ca.pem");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("SXM_TLS_CA") && err.contains("/nonexistent/ca.pem"), "{err}");
+}
+
 #[test]
 fn sr_names_are_unique_and_an_empty_sr_can_be_destroyed() {
     let dir = tempfile::tempdir().expect("tempdir");
