@@ -122,8 +122,10 @@ pub fn parent_candidates(child: &Layer) -> Vec<PathBuf> {
                 continue;
             };
             if let Some(name) = decode_locator(code, &data) {
-                let p = Path::new(&name);
-                push(if p.is_absolute() { p.to_path_buf() } else { dir.join(p) });
+                // Without its `.` parts: `./a.vhd` beside `./b.vhd` was tried, and named in
+                // errors, as `././a.vhd`, and counted apart from `a.vhd` found by name.
+                let p: PathBuf = Path::new(&name).components().filter(|c| !matches!(c, std::path::Component::CurDir)).collect();
+                push(if p.is_absolute() { p } else { dir.join(p) });
             }
         }
     }

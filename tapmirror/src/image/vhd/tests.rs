@@ -675,3 +675,14 @@ async fn a_child_that_would_make_the_chain_too_deep_is_refused() {
     assert!(e.to_string().contains("deeper than 256"), "{e}");
     assert!(!d.path().join("too-deep.vhd").exists());
 }
+
+/// A parent's candidates carry no `.` parts: the `./base.vhd` locator beside the child was
+/// tried, and named in errors, as `DIR/./base.vhd`, and counted apart from `DIR/base.vhd`.
+#[tokio::test]
+async fn parent_candidates_have_no_dot_parts() {
+    let (_d, base, child, _model) = chain_fixture(2 << 20).await;
+    let layer = super::chain::open_file(&child, super::chain::LeafMode::ReadOnly).expect("open");
+    let candidates = super::chain::parent_candidates(&layer);
+    assert!(candidates.iter().all(|c| !c.components().any(|p| p == std::path::Component::CurDir)), "{candidates:?}");
+    assert_eq!(candidates.first(), Some(&base), "{candidates:?}");
+}
