@@ -122,8 +122,8 @@ pub fn parent_candidates(child: &Layer) -> Vec<PathBuf> {
                 continue;
             };
             if let Some(name) = decode_locator(code, &data) {
-                // Without its `.` parts: `./a.vhd` beside `./b.vhd` was tried, and named in
-                // errors, as `././a.vhd`, and counted apart from `a.vhd` found by name.
+                // Without its `.` parts: `./a.vhd` beside `./b.vhd` was named in errors as
+                // `././a.vhd`.
                 let p: PathBuf = Path::new(&name).components().filter(|c| !matches!(c, std::path::Component::CurDir)).collect();
                 push(if p.is_absolute() { p } else { dir.join(p) });
             }
