@@ -186,10 +186,20 @@ impl Host {
     pub fn files(&self) -> Vec<(String, u64)> {
         let mut out = Vec::new();
         let mut stack = vec![self.root.clone()];
+        // A file the host takes away while this walks (a temporary pid file renamed, a
+        // folder removed) was there or not: gone by the time it is looked at, it is not.
+        let gone = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound;
         while let Some(dir) = stack.pop() {
-            for e in std::fs::read_dir(&dir).expect("read dir") {
+            let entries = match std::fs::read_dir(&dir) {
+                Err(e) if gone(&e) => continue,
+                other => other.expect("read dir"),
+            };
+            for e in entries {
                 let e = e.expect("entry");
-                let meta = e.metadata().expect("metadata");
+                let meta = match e.metadata() {
+                    Err(e) if gone(&e) => continue,
+                    other => other.expect("metadata"),
+                };
                 if meta.is_dir() {
                     stack.push(e.path());
                 } else {
