@@ -1637,6 +1637,8 @@ fn a_finalize_whose_destination_is_away_survives_a_source_restart_and_cannot_be_
     let listen = p.stop_dst(false);
     let stop = p.src.jsonrpc("DATA.MIRROR.stop", json!({"id": id, "dbg": "t"}));
     assert!(stop["error"].to_string().contains("being finalized"), "a stop during the finalize: {stop}");
+    // As xapi's callers know a disk another operation holds (it was an Internal_error).
+    assert_eq!(stop["error"]["data"][0][0], "VDI_IN_USE", "{stop}");
     // Killed while it retries; started again, it must listen within the harness's 30 s.
     p.restart_src(true);
     let _ = detach.wait();

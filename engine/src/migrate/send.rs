@@ -43,11 +43,13 @@ const FINALIZE_RECOVER_FOR: Duration = Duration::from_secs(600);
 /// the guest's disk.
 const FINALIZE_FAILED_HINT: &str = "; the mirror is marked failed and the source VDI is the guest's disk, deactivated (activate it again, sxm vdi attach, for its guest to go on here): DATA.MIRROR.stop {id} (sxm mirror stop {id}) undoes the migration on both hosts";
 
-/// Why a mirror being finalized cannot be stopped.
-fn being_finalized(id: &str) -> StorageError {
-    StorageError::InternalError(format!(
-        "mirror {id} is being finalized (the source VDI was detached and the destination is taking over); it cannot be stopped now: wait for the finalize to end"
-    ))
+/// Why a mirror of `vdi` being finalized cannot be stopped: `VDI_IN_USE`, as xapi's callers
+/// know a disk another operation holds (it was an `Internal_error`, which reads as a fault).
+fn being_finalized(id: &str, vdi: &str) -> StorageError {
+    crate::backend::errors::in_use(
+        vdi,
+        &format!("mirror {id} is being finalized (the source VDI was detached and the destination is taking over); it cannot be stopped now: wait for the finalize to end"),
+    )
 }
 
 /// [`FINALIZE_FAILED_HINT`] for mirror `id`.
@@ -743,7 +745,7 @@ impl Mux {
         if r.stage == SendStage::Finalizing && !r.failed {
             // Its source VDI is deactivated and the destination is being told to take over:
             // undoing the destination's side now would leave the switch-over with no disk.
-            return Err(being_finalized(id));
+            return Err(being_finalized(id, &r.vdi));
         }
         if r.stage.is_starting() {
             // Still in its task: cancelling the task rolls it back; the stop answers once it
@@ -771,7 +773,7 @@ impl Mux {
             let mut table = lock(&self.records.sends);
             let mut r = table.get(id).cloned().ok_or_else(|| StorageError::DoesNotExist("mirror".into(), id.into()))?;
             if r.stage == SendStage::Finalizing && !r.failed {
-                return Err(being_finalized(id));
+                return Err(being_finalized(id, &r.vdi));
             }
             r.stopping = true;
             table.put(r.clone())?;
