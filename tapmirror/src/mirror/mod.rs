@@ -224,13 +224,15 @@ impl FullSync {
 /// Progress of a full mirror.
 #[derive(Debug, serde::Serialize)]
 pub struct FullProgress {
-    /// Bytes the background pass has copied.
+    /// Bytes the background pass has copied, ranges the guest dirtied again and the pass
+    /// copied again counted each time: it may pass the disk's size, and the pass's progress
+    /// is `bytes_done / (bytes_done + bytes_left)`, as QEMU's job offset against its length.
     pub bytes_done: u64,
     /// Bytes still to copy.
     pub bytes_left: u64,
     /// Bytes the background pass sent as data (zeroes travel as WRITE_ZEROES).
     pub bytes_sent: u64,
-    /// Background copy rate, bytes per second.
+    /// Background copy rate, bytes per second, averaged since the mirror started.
     pub rate: f64,
     /// Seconds to ready at that rate.
     pub eta_s: Option<f64>,
