@@ -717,7 +717,9 @@ impl Mux {
                 };
                 let limit = job.limit.rate();
                 let sharing = (copying.len() + here).max(1) as u64;
-                job.copies.set_rate(if limit == 0 || copying.is_empty() { limit } else { (limit * here as u64 / sharing).max(1) });
+                // In u128: a limit near u64's end times the disks would wrap.
+                let copies_share = (u128::from(limit) * here as u128 / u128::from(sharing)) as u64;
+                job.copies.set_rate(if limit == 0 || copying.is_empty() { limit } else { copies_share.max(1) });
                 for d in &copying {
                     let share = if limit == 0 { 0 } else { (limit / sharing).max(1) };
                     if shares.get(&d.mirror()) != Some(&share) {
