@@ -289,6 +289,15 @@ fn io_error(what: impl Display, source: io::Error) -> DatapathError {
     DatapathError::Io { what: what.to_string(), source }
 }
 
+/// Whether `dp`'s process has exited, or does within `limit`.
+fn gone_within(dp: &Datapath, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while dp.process.is_running() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    !dp.process.is_running()
+}
+
 /// One running datapath.
 struct Datapath {
     process: ServeProcess,
@@ -484,7 +493,17 @@ impl Datapaths {
     /// The datapath takes I/O.
     pub fn activate(&self, g: Group<'_>, id: &str) -> Result<()> {
         let dp = self.attached_dp(g, id)?;
-        self.unpause(id, &dp)?;
+        if let Err(e) = self.unpause(id, &dp) {
+            // Dead (killed, crashed), or dying: recorded active, so that its restart takes
+            // I/O (a failed switch-over's undo could not give the guest its disk back here,
+            // and the restart then served it paused, or not as recorded).
+            if !gone_within(&dp, Duration::from_secs(2)) {
+                return Err(e);
+            }
+            dp.set_active(true);
+            tracing::warn!(group = g.name, id, pid = dp.process.pid(), "datapath process is gone; recorded active, its restart takes I/O");
+            return Ok(());
+        }
         tracing::info!(group = g.name, id, pid = dp.process.pid(), "datapath activated");
         Ok(())
     }
@@ -498,13 +517,13 @@ impl Datapaths {
             // that is gone, and its image holds what a crash leaves, which every format here
             // survives. Refusing would leave the VDI impossible to detach until the host
             // restarts.
-            let deadline = std::time::Instant::now() + Duration::from_secs(2);
-            while dp.process.is_running() && std::time::Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            if dp.process.is_running() {
+            if !gone_within(&dp, Duration::from_secs(2)) {
                 return Err(process_error(id, "draining", e));
             }
+            // Recorded inactive, so that its restart serves it paused: it came back taking
+            // the guest's writes though the VDI was deactivated (and, after a restart of the
+            // host, which goes by its record, paused with the guest's I/O hung).
+            dp.set_active(false);
             tracing::warn!(group = g.name, id, pid = dp.process.pid(), "datapath process is gone; deactivated with nothing to drain");
             return Ok(());
         }

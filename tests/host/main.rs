@@ -813,6 +813,48 @@ fn a_datapath_whose_process_dies_is_restarted_in_its_state() {
     assert!(datapath_pids(&host.root).is_empty(), "datapaths left after detach");
 }
 
+/// A VDI deactivated (or activated) just as its datapath's process died: the call succeeds,
+/// and the restarted process is in the state the call asked for. Deactivated, it came back
+/// taking the guest's writes though recorded inactive (after a restart of the host, which
+/// goes by the record, the guest's I/O hung); activated, the call failed (a failed
+/// switch-over's undo could not give the guest its disk back).
+#[test]
+fn a_datapath_that_dies_as_it_is_deactivated_or_activated_comes_back_as_asked() {
+    require!("qemu-io");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (host, sr) = host_with_sr(&dir);
+    let vdi = host.cli(&["vdi", "create", "--sr", &sr, "--size", "8M", "--name", "disk"]);
+    let uri = host.cli(&["vdi", "attach", "--sr", &sr, "--vdi", &vdi]);
+    let dp = format!("sxm-cli/{vdi}");
+    let control = || {
+        let socket = datapath_pids(&host.root).into_keys().next().expect("a datapath");
+        std::path::Path::new(&socket).with_file_name("control.sock")
+    };
+    let paused = || {
+        let out = Command::new(tapmirror()).arg("ctl").arg(control()).arg("stats").output().expect("ctl");
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).ok().map(|s| s["paused"] == json!(true))
+    };
+    // Kills the datapath, makes `call` at once, and waits for the host to restart it.
+    let kill_then = |call: &str| {
+        let before = datapath_pids(&host.root);
+        let pid = *before.values().next().expect("a datapath");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).expect("kill");
+        host.call(call, json!({"dp": dp, "sr": sr, "vdi": vdi, "dbg": "t"}));
+        eventually(30, "the datapath restarted", || datapath_pids(&host.root).values().next().is_some_and(|p| *p != pid && is_alive(*p)));
+    };
+    kill_then("VDI.deactivate");
+    eventually(30, "the restarted datapath answers", || paused().is_some());
+    // Give the host the time it took to unpause it wrongly, then look again.
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    assert_eq!(paused(), Some(true), "a deactivated VDI's restarted datapath takes I/O");
+    kill_then("VDI.activate");
+    eventually(30, "the restarted datapath takes I/O", || paused() == Some(false));
+    run(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x5e 0 4096", "-c", "read -P 0x5e 0 4096", &uri]));
+    let stat = host.call("DP.stat_vdi", json!({"sr": sr, "vdi": vdi, "dbg": "t"}));
+    assert_eq!(stat["superstate"], json!(["Activated", "RW"]), "{stat}");
+    host.cli(&["vdi", "detach", "--sr", &sr, "--vdi", &vdi]);
+}
+
 /// A host whose stdout and log cannot be written (their file system full: here `/dev/full`)
 /// runs on and answers, its datapaths too: a log line that fails is lost, nothing else (the
 /// default report of a failed log write, `eprintln!`, panicked on the first line).
