@@ -1189,8 +1189,17 @@ impl Mux {
                 dest_vdi: d.dest_vdi.clone().unwrap_or_default(),
             };
             // A mirror that was still starting is undone by the send's recovery, which asks
-            // the destination until it answers.
+            // the destination until it answers: waited for a while, so that the job says it
+            // is undone once it is (it said so half a second early, and a new job of the disk
+            // was refused meanwhile as already mirrored).
             if lock(&self.records.sends).get(&m.id).is_some_and(|s| s.cancelling) {
+                let until = tokio::time::Instant::now() + UNDONE_WAIT;
+                while lock(&self.records.sends).get(&m.id).is_some_and(|s| s.cancelling) && tokio::time::Instant::now() < until {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                if lock(&self.records.sends).get(&m.id).is_some() {
+                    left.push(format!("mirror {}: the destination's side, undone once it answers", m.id));
+                }
                 continue;
             }
             if self.stop_job_mirror(&r.id, &m).await || m.dest_vdi.is_empty() {
