@@ -92,8 +92,8 @@ const CONTROL_TIMEOUT: Duration = Duration::from_secs(30);
 const RESTART_RETRY: Duration = Duration::from_secs(5);
 /// How long `detach` waits for the process to flush and exit before killing it.
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long the mirror target may take to answer one request (and its NBD handshake) before
-/// the mirror is failed and the guest goes on locally. tapdisk has no such bound of its own
+/// How long the mirror target may answer nothing while requests wait on it (or take over its
+/// NBD handshake) before the mirror is failed and the guest goes on locally. tapdisk has no such bound of its own
 /// (its guest requests time out after 120 s); a shorter one fails a dead target sooner
 /// without holding guest writes for long.
 pub const MIRROR_TIMEOUT: Duration = Duration::from_secs(30);

@@ -256,7 +256,8 @@ enum CtlCommand {
         /// Full mode: the target reads as zeroes already, so holes are not copied.
         #[arg(long)]
         target_is_zero: bool,
-        /// How long the target may take to answer one request before the mirror is failed.
+        /// How long the target may answer nothing while requests wait on it (and take over its
+        /// NBD handshake) before the mirror is failed: its silence, not one request's wait.
         #[arg(long, default_value_t = 30_000)]
         timeout_ms: u64,
         /// Full mode: bytes per second at most for the background copy (e.g. 64M), which
