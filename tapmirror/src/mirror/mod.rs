@@ -994,6 +994,9 @@ async fn skip_holes<I: Image>(f: &FullSync, locks: &RangeLocks, image: &impl Fn(
                 let Ok(now) = image().allocation(from, e.offset + e.length - from, WALK_EXTENTS).await else { break };
                 let Some(last) = now.last() else { break };
                 from = last.offset + last.length;
+                if let Some(pause) = hole_walk_test_pause() {
+                    tokio::time::sleep(pause).await;
+                }
                 for hole in now.iter().filter(|n| n.state == ExtentState::Hole) {
                     f.bitmap.clear_covered(hole.offset, hole.length);
                     (holes, bytes) = (holes + 1, bytes + hole.length);
@@ -1018,6 +1021,14 @@ async fn skip_holes<I: Image>(f: &FullSync, locks: &RangeLocks, image: &impl Fn(
         }
     }
     tracing::info!(holes, bytes, ms = started.elapsed().as_millis() as u64, "holes skipped: the target reads as zeroes there");
+}
+
+/// For tests only: a pause between the hole walk's look at a hole and its clear
+/// (`TAPMIRROR_TEST_HOLE_WALK_PAUSE_MS`), widening the window a guest write can land in to
+/// where a test sees what happens then. Unset (always, outside tests), none.
+fn hole_walk_test_pause() -> Option<Duration> {
+    static PAUSE: std::sync::OnceLock<Option<Duration>> = std::sync::OnceLock::new();
+    *PAUSE.get_or_init(|| std::env::var("TAPMIRROR_TEST_HOLE_WALK_PAUSE_MS").ok().and_then(|v| v.parse().ok()).map(Duration::from_millis))
 }
 
 /// Copies `[offset, offset + len)` to the target: data as data, the rest as zeroes. Answers

@@ -59,8 +59,14 @@ pub fn serve_file(dir: tempfile::TempDir, image: PathBuf, extra: &[&str]) -> Ser
 
 /// [`serve_file`] with the server's log (its stderr) sent to `log`.
 pub fn serve_file_logging_to(dir: tempfile::TempDir, image: PathBuf, extra: &[&str], log: Stdio) -> Served {
+    serve_file_with(dir, image, extra, log, &[])
+}
+
+/// [`serve_file_logging_to`] with environment variables `envs` set for the server.
+pub fn serve_file_with(dir: tempfile::TempDir, image: PathBuf, extra: &[&str], log: Stdio, envs: &[(&str, &str)]) -> Served {
     let socket = dir.path().join("nbd.sock");
     let mut child = Command::new(tapmirror())
+        .envs(envs.iter().copied())
         .arg("serve")
         .arg(&image)
         .arg("--socket")
