@@ -892,8 +892,9 @@ pub async fn run_full_copy<I: Image>(
         // A busy guest gets the whole depth taken: one copy at a time.
         let Ok(permit) = Arc::clone(&depth).acquire_many_owned(if guest.busy() { COPY_DEPTH } else { 1 }).await else { return };
         // Clear first: a guest write that lands after this is mirrored synchronously or marks
-        // the range again, and the exclusive lock below orders this copy after any write still
-        // in flight.
+        // the range again. The exclusive lock below orders this copy after any converge write
+        // still in flight; a catch-up write still landing (it holds no lock) marks the range
+        // once written, after this clear, so the range is copied again.
         f.bitmap.clear_covered(offset, len);
         f.in_flight.fetch_add(len, Ordering::Relaxed);
         cursor = offset + len;
