@@ -777,7 +777,7 @@ impl Admin {
                     let job = self.call_as::<Vec<Task>>("TASK.list", &[]).await.ok().and_then(|tasks| {
                         tasks
                             .into_iter()
-                            .find(|t| matches!(t.state, TaskState::Pending(_)) && t.debug_info.get("kind").is_some_and(|k| k == "migrate job") && t.subtasks.keys().any(|k| k.ends_with(&format!(" {vdi}"))))
+                            .find(|t| matches!(t.state, TaskState::Pending(_)) && refuse_non_job(t).is_ok() && t.subtasks.keys().any(|k| k.ends_with(&format!(" {vdi}"))))
                             .map(|t| t.id)
                     });
                     match job {

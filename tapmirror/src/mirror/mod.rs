@@ -148,17 +148,23 @@ impl FullSync {
             return;
         }
         let _ = self.converge_cause.set(why);
-        loop {
+        self.unlocked_drained().await;
+        drop(locks.lock(0, u64::MAX, true).await);
+        tracing::info!(why, dirty = self.bitmap.dirty_bytes(), "full mirror converging: guest writes to copied ranges are mirrored from now on");
+    }
+
+    /// Waits until no catch-up write is under way ([`Deferral`]). At once when none is, with
+    /// no waiter registered: a converge write asks this before every guard.
+    async fn unlocked_drained(&self) {
+        while self.unlocked.load(Ordering::SeqCst) != 0 {
             let done = self.unlocked_done.notified();
             tokio::pin!(done);
             done.as_mut().enable();
             if self.unlocked.load(Ordering::SeqCst) == 0 {
-                break;
+                return;
             }
             done.await;
         }
-        drop(locks.lock(0, u64::MAX, true).await);
-        tracing::info!(why, dirty = self.bitmap.dirty_bytes(), "full mirror converging: guest writes to copied ranges are mirrored from now on");
     }
 
     /// The cap on the pass now, bytes per second (0: none): the operator's cap, and while the
@@ -463,20 +469,13 @@ impl Mirror {
     }
 
     /// Waits until no catch-up write is under way (they hold no range lock): a guest write
-    /// in converge waits for them before it takes its guard (`guard` does). Otherwise a converge write that
-    /// overlaps one still landing could be mirrored and clear the range after that one marked
-    /// it, though the image ended with the other's data. Only writes begun before the switch
-    /// to converge are waited for, which are in their local write: microseconds.
+    /// in converge waits for them before it takes its guard (`guard` does). Otherwise a
+    /// converge write that overlaps one still landing could be mirrored and clear the range
+    /// after that one marked it, though the image ended with the other's data. Only writes
+    /// begun before the switch to converge are waited for, which are in their local write.
     pub async fn unlocked_drained(&self) {
-        let Some(f) = &self.full else { return };
-        loop {
-            let done = f.unlocked_done.notified();
-            tokio::pin!(done);
-            done.as_mut().enable();
-            if f.unlocked.load(Ordering::SeqCst) == 0 {
-                return;
-            }
-            done.await;
+        if let Some(f) = &self.full {
+            f.unlocked_drained().await;
         }
     }
 
